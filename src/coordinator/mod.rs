@@ -1,0 +1,751 @@
+//! The coordinator: pauses a whole cluster and releases it, never leaving a node paused.
+//!
+//! Protocol steps 3 and 5 (PRODUCT.md): **pause** every node, tier by tier, in parallel
+//! within a tier, with a lease and a pause id (rolling back every node that paused if
+//! any node fails), then **unpause** in reverse tier order and check that every node
+//! stayed paused the whole window (same pause id, same boot id, same pause sequence).
+//!
+//! [`PausedCluster`] is the only way to hold a paused cluster: it renews the lease,
+//! `release()` consumes it, `detach()` hands it over to a state file on purpose, and
+//! dropping it any other way releases the nodes too. `report.rs` turns the outcome into
+//! the window JSON.
+
+mod report;
+
+pub use report::{NodeOutcome, NodeReport, PauseReport};
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use futures::future::join_all;
+use tokio::time::Instant;
+
+use crate::grpc::client::{CallError, ConnectOptions, NodeClient, Protocol};
+use crate::node::{Holder, MAX_LEASE, NodeStatus};
+use crate::resolve::{AddressError, NodeAddress, ensure_unique};
+use crate::time::unix_ms;
+
+/// Added to twice the clock-skew bound: the shortest window that still proves an order
+/// between the coordinator's clock and every node's.
+pub const SKEW_MARGIN: Duration = Duration::from_millis(10);
+const UNPAUSE_ATTEMPTS: u32 = 3;
+const CLOCK_SAMPLES: usize = 3;
+
+/// What to pause and how.
+#[derive(Debug, Clone)]
+pub struct PausePlan {
+    /// Paused in order, each only after the previous one drained; released in reverse.
+    pub tiers: Vec<Vec<NodeAddress>>,
+    pub connect: ConnectOptions,
+    pub max_wait: Duration,
+    pub wait_outstanding: bool,
+    pub lease: Duration,
+    pub pause_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("no nodes to pause")]
+    NoNodes,
+    #[error("tier {0} has no nodes")]
+    EmptyTier(usize),
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    #[error("lease must be between 1ms and 24h, got {}ms", .0.as_millis())]
+    BadLease(Duration),
+    #[error(
+        "max pause wait ({}ms) must be shorter than the lease ({}ms), or the lease could \
+         expire while nodes are still draining",
+        .max_wait.as_millis(), .lease.as_millis()
+    )]
+    WaitLongerThanLease { max_wait: Duration, lease: Duration },
+}
+
+impl PausePlan {
+    /// A plan with a fresh random pause id.
+    pub fn new(tiers: Vec<Vec<NodeAddress>>, lease: Duration, max_wait: Duration) -> Self {
+        Self {
+            tiers,
+            connect: ConnectOptions::default(),
+            max_wait,
+            wait_outstanding: true,
+            lease,
+            pause_id: new_pause_id(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), PlanError> {
+        if self.tiers.is_empty() {
+            return Err(PlanError::NoNodes);
+        }
+        if let Some(empty) = self.tiers.iter().position(Vec::is_empty) {
+            return Err(PlanError::EmptyTier(empty + 1));
+        }
+        ensure_unique(self.tiers.iter().flatten())?;
+        if self.lease.is_zero() || self.lease > MAX_LEASE {
+            return Err(PlanError::BadLease(self.lease));
+        }
+        if self.max_wait >= self.lease {
+            return Err(PlanError::WaitLongerThanLease {
+                max_wait: self.max_wait,
+                lease: self.lease,
+            });
+        }
+        Ok(())
+    }
+
+    fn node_deadline(&self) -> Duration {
+        // Connect, sample the clock, then drain: the drain may use all of max_wait.
+        self.connect.connect_timeout * 2 + self.max_wait + Duration::from_secs(2)
+    }
+}
+
+pub fn new_pause_id() -> String {
+    format!("sp-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Everything needed to release a pause later, possibly from another process: this is
+/// what `stillpoint pause` writes to its state file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PauseRecord {
+    pub pause_id: String,
+    pub lease_ms: u64,
+    /// Coordinator clock, when every node of every tier had drained and paused.
+    pub paused_at_ms: i64,
+    /// `None` when no node could report its clock (upstream-only nodes).
+    pub skew_bound_ms: Option<u64>,
+    pub tiers: Vec<Vec<PausedNode>>,
+}
+
+/// One node as it was when it paused.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PausedNode {
+    pub address: NodeAddress,
+    pub protocol: Protocol,
+    pub boot_id: Option<String>,
+    pub pause_seq: Option<u64>,
+    pub drained_in_flight: Option<u64>,
+    pub in_flight_at_pause: Option<u64>,
+    pub clock_offset_ms: Option<i64>,
+    pub rtt_ms: Option<u64>,
+}
+
+impl PauseRecord {
+    pub fn nodes(&self) -> impl Iterator<Item = &PausedNode> {
+        self.tiers.iter().flatten()
+    }
+
+    /// When the nodes reopen by themselves if nobody renews (coordinator clock).
+    pub fn lease_expires_at_ms(&self, renewed_at: SystemTime) -> i64 {
+        unix_ms(renewed_at) + self.lease_ms as i64
+    }
+}
+
+/// The pause could not be completed; every node that paused was released again.
+#[derive(Debug, thiserror::Error)]
+#[error("{summary}")]
+pub struct PauseFailed {
+    pub summary: String,
+    pub nodes: Vec<NodeReport>,
+    /// False when some node that paused could not be released; those nodes reopen when
+    /// their lease expires (`nodes` says which and when).
+    pub rolled_back: bool,
+    pub pause_id: String,
+}
+
+/// A cluster that is paused right now. Release it, detach it, or drop it (which
+/// releases it, blocking): there is no way to forget it.
+#[derive(Debug)]
+pub struct PausedCluster {
+    record: PauseRecord,
+    clients: HashMap<NodeAddress, NodeClient>,
+    connect: ConnectOptions,
+    lease: Duration,
+    last_renewal: SystemTime,
+    lost: Vec<(NodeAddress, String)>,
+    finished: bool,
+}
+
+/// What releasing found out.
+#[derive(Debug, Clone)]
+pub struct Released {
+    pub record: PauseRecord,
+    /// Coordinator clock, just before the first node was released.
+    pub window_end_ms: i64,
+    pub nodes: Vec<NodeRelease>,
+    /// Reasons the window cannot be a restore point; empty when it can.
+    pub invalid_reasons: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeRelease {
+    pub address: NodeAddress,
+    /// `Ok(stayed_paused)`: `None` when the node cannot tell (upstream-only).
+    pub result: Result<Option<bool>, String>,
+}
+
+impl Released {
+    pub fn window_valid(&self) -> bool {
+        self.invalid_reasons.is_empty() && self.all_released()
+    }
+
+    pub fn all_released(&self) -> bool {
+        self.nodes.iter().all(|node| node.result.is_ok())
+    }
+
+    /// Nodes that may still be paused: they reopen when their lease expires.
+    pub fn still_paused(&self) -> Vec<&NodeAddress> {
+        self.nodes
+            .iter()
+            .filter(|node| node.result.is_err())
+            .map(|node| &node.address)
+            .collect()
+    }
+}
+
+/// Pauses every node of `plan`, tier by tier. On any failure, releases every node that
+/// paused (or may have) before returning the error.
+pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
+    if let Err(error) = plan.validate() {
+        return Err(PauseFailed {
+            summary: error.to_string(),
+            nodes: Vec::new(),
+            rolled_back: true,
+            pause_id: plan.pause_id.clone(),
+        });
+    }
+    let mut clients = HashMap::new();
+    let mut tiers: Vec<Vec<PausedNode>> = Vec::new();
+    let mut failures: Vec<NodeReport> = Vec::new();
+    // Nodes whose pause timed out on our side may still pause afterwards.
+    let mut maybe_paused: Vec<NodeAddress> = Vec::new();
+
+    for (index, tier) in plan.tiers.iter().enumerate() {
+        let attempts = join_all(tier.iter().map(|address| pause_node(plan, address))).await;
+        let mut paused = Vec::new();
+        for attempt in attempts {
+            if let Some(client) = attempt.client {
+                clients.insert(attempt.address.clone(), client);
+            }
+            match attempt.result {
+                Ok(node) => paused.push(node),
+                Err(error) => {
+                    if matches!(error, CallError::TimedOut(_)) {
+                        maybe_paused.push(attempt.address.clone());
+                    }
+                    failures.push(NodeReport::failed(
+                        &attempt.address,
+                        index,
+                        attempt.protocol,
+                        &error,
+                    ));
+                }
+            }
+        }
+        tiers.push(paused);
+        if !failures.is_empty() {
+            return Err(roll_back(plan, tiers, clients, failures, maybe_paused).await);
+        }
+    }
+
+    let now = SystemTime::now();
+    let skew_bound_ms = tiers
+        .iter()
+        .flatten()
+        .filter_map(|node| Some(node.clock_offset_ms?.unsigned_abs() + node.rtt_ms?.div_ceil(2)))
+        .max();
+    Ok(PausedCluster {
+        record: PauseRecord {
+            pause_id: plan.pause_id.clone(),
+            lease_ms: plan.lease.as_millis() as u64,
+            paused_at_ms: unix_ms(now),
+            skew_bound_ms,
+            tiers,
+        },
+        clients,
+        connect: plan.connect.clone(),
+        lease: plan.lease,
+        last_renewal: now,
+        lost: Vec::new(),
+        finished: false,
+    })
+}
+
+struct NodeAttempt {
+    address: NodeAddress,
+    protocol: Option<Protocol>,
+    client: Option<NodeClient>,
+    result: Result<PausedNode, CallError>,
+}
+
+async fn pause_node(plan: &PausePlan, address: &NodeAddress) -> NodeAttempt {
+    let mut attempt = NodeAttempt {
+        address: address.clone(),
+        protocol: None,
+        client: None,
+        result: Err(CallError::TimedOut(plan.node_deadline())),
+    };
+    let deadline = Instant::now() + plan.node_deadline();
+    let client = match tokio::time::timeout_at(
+        deadline,
+        NodeClient::connect(address, &plan.connect),
+    )
+    .await
+    {
+        Ok(Ok(client)) => client,
+        Ok(Err(error)) => {
+            attempt.result = Err(error);
+            return attempt;
+        }
+        Err(_) => return attempt,
+    };
+    attempt.protocol = Some(client.protocol());
+    attempt.client = Some(client.clone());
+    let mut client = client;
+    let steps = async {
+        match client.protocol() {
+            Protocol::Lease => {
+                let (clock_offset_ms, rtt_ms) = sample_clock(&mut client).await?;
+                let status = client
+                    .pause_leased(
+                        &plan.pause_id,
+                        plan.lease,
+                        plan.max_wait,
+                        plan.wait_outstanding,
+                    )
+                    .await?;
+                Ok(PausedNode {
+                    address: address.clone(),
+                    protocol: Protocol::Lease,
+                    boot_id: Some(status.boot_id),
+                    pause_seq: Some(status.pause_seq),
+                    drained_in_flight: Some(status.drained_in_flight),
+                    in_flight_at_pause: Some(status.in_flight),
+                    clock_offset_ms: Some(clock_offset_ms),
+                    rtt_ms: Some(rtt_ms),
+                })
+            }
+            Protocol::Upstream => {
+                client
+                    .pause_upstream(plan.max_wait, plan.wait_outstanding)
+                    .await?;
+                Ok(PausedNode {
+                    address: address.clone(),
+                    protocol: Protocol::Upstream,
+                    boot_id: None,
+                    pause_seq: None,
+                    drained_in_flight: None,
+                    in_flight_at_pause: None,
+                    clock_offset_ms: None,
+                    rtt_ms: None,
+                })
+            }
+        }
+    };
+    if let Ok(result) = tokio::time::timeout_at(deadline, steps).await {
+        attempt.result = result;
+    }
+    attempt
+}
+
+/// Estimates the node's clock offset from the coordinator's as node_time minus the
+/// midpoint of the call, keeping the sample with the shortest round trip (the offset is
+/// then known to within rtt/2).
+async fn sample_clock(client: &mut NodeClient) -> Result<(i64, u64), CallError> {
+    let mut best: Option<(i64, u64)> = None;
+    for _ in 0..CLOCK_SAMPLES {
+        let sent_at = SystemTime::now();
+        let started = std::time::Instant::now();
+        let status = client.status().await?;
+        let rtt_ms = started.elapsed().as_millis() as u64;
+        let midpoint_ms = unix_ms(sent_at) + (rtt_ms / 2) as i64;
+        let offset_ms = status.node_time_ms - midpoint_ms;
+        if best.is_none_or(|(_, best_rtt)| rtt_ms < best_rtt) {
+            best = Some((offset_ms, rtt_ms));
+        }
+    }
+    Ok(best.expect("CLOCK_SAMPLES > 0"))
+}
+
+async fn roll_back(
+    plan: &PausePlan,
+    tiers: Vec<Vec<PausedNode>>,
+    mut clients: HashMap<NodeAddress, NodeClient>,
+    failures: Vec<NodeReport>,
+    maybe_paused: Vec<NodeAddress>,
+) -> PauseFailed {
+    let attempted_tiers = tiers.len();
+    let record = PauseRecord {
+        pause_id: plan.pause_id.clone(),
+        lease_ms: plan.lease.as_millis() as u64,
+        paused_at_ms: unix_ms(SystemTime::now()),
+        skew_bound_ms: None,
+        tiers,
+    };
+    let mut to_release: Vec<Vec<PausedNode>> = record.tiers.clone();
+    if let Some(last) = to_release.last_mut() {
+        for address in &maybe_paused {
+            last.push(PausedNode {
+                address: address.clone(),
+                protocol: Protocol::Lease,
+                boot_id: None,
+                pause_seq: None,
+                drained_in_flight: None,
+                in_flight_at_pause: None,
+                clock_offset_ms: None,
+                rtt_ms: None,
+            });
+        }
+    }
+    let releases = release_tiers(&plan.pause_id, &to_release, &mut clients, &plan.connect).await;
+    let lease_expiry = unix_ms(SystemTime::now()) + record.lease_ms as i64;
+
+    let mut nodes = Vec::new();
+    let mut rolled_back = true;
+    for (index, tier) in record.tiers.iter().enumerate() {
+        for node in tier {
+            let release = releases
+                .iter()
+                .find(|release| release.address == node.address);
+            let mut report = NodeReport::paused(node, index);
+            match release.map(|release| &release.result) {
+                Some(Ok(_)) | None => report.outcome = NodeOutcome::RolledBack,
+                Some(Err(error)) => {
+                    rolled_back = false;
+                    report.outcome = NodeOutcome::RollbackFailed;
+                    report.error = Some(error.clone());
+                    report.lease_expires_at_ms = Some(lease_expiry);
+                }
+            }
+            nodes.push(report);
+        }
+    }
+    nodes.extend(failures.iter().cloned());
+    for (index, tier) in plan.tiers.iter().enumerate().skip(attempted_tiers) {
+        nodes.extend(
+            tier.iter()
+                .map(|address| NodeReport::not_attempted(address, index)),
+        );
+    }
+
+    let failed: Vec<String> = failures
+        .iter()
+        .map(|node| {
+            format!(
+                "{}: {}",
+                node.address,
+                node.error.as_deref().unwrap_or("failed")
+            )
+        })
+        .collect();
+    let paused_count = record.nodes().count();
+    let rollback = if rolled_back {
+        format!("the pause was rolled back on all {paused_count} node(s) that had paused")
+    } else {
+        "ROLLBACK INCOMPLETE: some nodes may stay paused until their lease expires (see nodes)"
+            .to_owned()
+    };
+    PauseFailed {
+        summary: format!(
+            "pause failed on {} of {} node(s) ({}); {rollback}",
+            failures.len(),
+            plan.tiers.iter().map(Vec::len).sum::<usize>(),
+            failed.join("; "),
+        ),
+        nodes,
+        rolled_back,
+        pause_id: plan.pause_id.clone(),
+    }
+}
+
+impl PausedCluster {
+    pub fn record(&self) -> &PauseRecord {
+        &self.record
+    }
+
+    pub fn pause_id(&self) -> &str {
+        &self.record.pause_id
+    }
+
+    pub fn last_renewal(&self) -> SystemTime {
+        self.last_renewal
+    }
+
+    /// Renews the lease on every node that has one. A node that no longer holds our
+    /// pause (lease expired, restarted) is remembered: the window is then invalid.
+    pub async fn renew(&mut self) -> Result<(), String> {
+        let renewed_at = SystemTime::now();
+        let renewals = self
+            .record
+            .nodes()
+            .filter(|node| node.protocol == Protocol::Lease)
+            .map(|node| {
+                let client = self.clients.get(&node.address).cloned();
+                renew_node(
+                    &self.record.pause_id,
+                    self.lease,
+                    node,
+                    client,
+                    &self.connect,
+                )
+            });
+        let mut failed = Vec::new();
+        for (address, result) in join_all(renewals).await {
+            if let Err(reason) = result {
+                failed.push(format!("{address}: {reason}"));
+                self.lost.push((address, reason));
+            }
+        }
+        if failed.is_empty() {
+            self.last_renewal = renewed_at;
+            Ok(())
+        } else {
+            Err(format!("lease renewal failed: {}", failed.join("; ")))
+        }
+    }
+
+    /// Keeps the cluster paused until `until`, renewing the lease every third of it.
+    pub async fn hold_until(&mut self, until: Instant) {
+        let every = self.lease / 3;
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            tokio::time::sleep_until(until.min(now + every)).await;
+            if Instant::now() < until
+                && let Err(reason) = self.renew().await
+            {
+                tracing::warn!(%reason, "lease renewal failed while holding the pause");
+            }
+        }
+    }
+
+    /// Releases every node (reverse tier order, retrying) and checks the window.
+    pub async fn release(mut self) -> Released {
+        self.finished = true;
+        let lost = std::mem::take(&mut self.lost);
+        let mut released =
+            release_record(self.record.clone(), &mut self.clients, &self.connect).await;
+        for (address, reason) in lost {
+            released.invalid_reasons.push(format!(
+                "{address} lost the pause during the window ({reason})"
+            ));
+        }
+        released
+    }
+
+    /// Leaves the cluster paused on purpose, under its lease, and returns what a later
+    /// `release_record` needs.
+    pub fn detach(mut self) -> PauseRecord {
+        self.finished = true;
+        self.record.clone()
+    }
+}
+
+async fn renew_node(
+    pause_id: &str,
+    lease: Duration,
+    node: &PausedNode,
+    client: Option<NodeClient>,
+    connect: &ConnectOptions,
+) -> (NodeAddress, Result<(), String>) {
+    let result = async {
+        let mut client = match client {
+            Some(client) => client,
+            None => NodeClient::connect(&node.address, connect).await?,
+        };
+        client.renew(pause_id, lease).await
+    }
+    .await
+    .map_err(|error| error.to_string())
+    .and_then(|status| same_pause(node, &status));
+    (node.address.clone(), result)
+}
+
+/// The node still holds the pause it took for us: same process, same pause.
+fn same_pause(node: &PausedNode, status: &NodeStatus) -> Result<(), String> {
+    if node.boot_id.as_deref() != Some(status.boot_id.as_str()) {
+        return Err(format!(
+            "the node restarted during the window (boot id {} is now {})",
+            node.boot_id.as_deref().unwrap_or("?"),
+            status.boot_id
+        ));
+    }
+    if node.pause_seq != Some(status.pause_seq) {
+        return Err("the node was released and paused again during the window".to_owned());
+    }
+    Ok(())
+}
+
+/// Releases a recorded pause: from a [`PausedCluster`], or from a state file written
+/// by an earlier process. Connects to nodes it has no client for.
+pub async fn release_record(
+    record: PauseRecord,
+    clients: &mut HashMap<NodeAddress, NodeClient>,
+    connect: &ConnectOptions,
+) -> Released {
+    let window_end_ms = unix_ms(SystemTime::now());
+    let nodes = release_tiers(&record.pause_id, &record.tiers, clients, connect).await;
+    let mut invalid_reasons = Vec::new();
+    let mut warnings = Vec::new();
+    for node in &nodes {
+        match &node.result {
+            Ok(Some(true)) => {}
+            Ok(Some(false)) => invalid_reasons.push(format!(
+                "{} did not stay paused under pause id {} for the whole window",
+                node.address, record.pause_id
+            )),
+            Ok(None) => warnings.push(format!(
+                "{} speaks only the upstream admin API: it has no lease, no pause id and no \
+                 boot id, so a restart inside the window cannot be ruled out",
+                node.address
+            )),
+            Err(error) => {
+                invalid_reasons.push(format!("{} could not be released: {error}", node.address))
+            }
+        }
+    }
+    let window_ms = window_end_ms - record.paused_at_ms;
+    match record.skew_bound_ms {
+        Some(bound) => {
+            let needed = 2 * bound as i64 + SKEW_MARGIN.as_millis() as i64;
+            if window_ms <= needed {
+                invalid_reasons.push(format!(
+                    "the window ({window_ms}ms) is not longer than twice the clock-skew bound \
+                     plus margin ({needed}ms); hold the pause longer (--min-window)"
+                ));
+            }
+        }
+        None => warnings
+            .push("no node reported its clock, so the clock-skew bound is unknown".to_owned()),
+    }
+    Released {
+        record,
+        window_end_ms,
+        nodes,
+        invalid_reasons,
+        warnings,
+    }
+}
+
+/// The smallest hold that makes a window valid for this skew bound, or `min_window`.
+pub fn required_window(skew_bound_ms: Option<u64>, min_window: Duration) -> Duration {
+    let for_skew = skew_bound_ms
+        .map(|bound| Duration::from_millis(2 * bound + 1) + SKEW_MARGIN)
+        .unwrap_or_default();
+    for_skew.max(min_window)
+}
+
+/// Releases tiers last to first, nodes of a tier in parallel.
+async fn release_tiers(
+    pause_id: &str,
+    tiers: &[Vec<PausedNode>],
+    clients: &mut HashMap<NodeAddress, NodeClient>,
+    connect: &ConnectOptions,
+) -> Vec<NodeRelease> {
+    let mut releases = Vec::new();
+    for tier in tiers.iter().rev() {
+        let tier_releases = join_all(tier.iter().map(|node| {
+            let client = clients.get(&node.address).cloned();
+            release_node(pause_id, node, client, connect)
+        }))
+        .await;
+        releases.extend(tier_releases);
+    }
+    releases
+}
+
+async fn release_node(
+    pause_id: &str,
+    node: &PausedNode,
+    client: Option<NodeClient>,
+    connect: &ConnectOptions,
+) -> NodeRelease {
+    let mut last_error = String::new();
+    let mut client = client;
+    for attempt in 0..UNPAUSE_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+        }
+        let mut connected = match client.take() {
+            Some(client) => client,
+            None => match NodeClient::connect(&node.address, connect).await {
+                Ok(client) => client,
+                Err(error) => {
+                    last_error = error.to_string();
+                    continue;
+                }
+            },
+        };
+        let result = match node.protocol {
+            Protocol::Lease => connected.unpause_leased(pause_id).await.map(|released| {
+                let ours = released.was_paused
+                    && released.status.holder == Some(Holder::PauseId(pause_id.to_owned()))
+                    && same_pause(node, &released.status).is_ok();
+                Some(ours)
+            }),
+            Protocol::Upstream => release_upstream(&mut connected).await,
+        };
+        match result {
+            Ok(stayed_paused) => {
+                return NodeRelease {
+                    address: node.address.clone(),
+                    result: Ok(stayed_paused),
+                };
+            }
+            // Another holder owns it now: retrying cannot help, and the node is not
+            // ours to open. Our pause is gone, so the window is invalid.
+            Err(CallError::Conflict(message)) => {
+                tracing::warn!(address = %node.address, %message, "node is held by another pause; leaving it");
+                return NodeRelease {
+                    address: node.address.clone(),
+                    result: Ok(Some(false)),
+                };
+            }
+            Err(error) => last_error = error.to_string(),
+        }
+    }
+    NodeRelease {
+        address: node.address.clone(),
+        result: Err(format!("{last_error} (after {UNPAUSE_ATTEMPTS} attempts)")),
+    }
+}
+
+/// Upstream nodes cannot prove they stayed paused; an open gate at release time does
+/// prove they did not.
+async fn release_upstream(client: &mut NodeClient) -> Result<Option<bool>, CallError> {
+    let still_paused = client.check_paused_upstream().await?;
+    client.unpause_upstream().await?;
+    Ok(if still_paused { None } else { Some(false) })
+}
+
+impl Drop for PausedCluster {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // Last resort (an early return or a panic): release on a thread of its own,
+        // with fresh connections, because the caller's runtime may be the one that is
+        // blocked in this drop. Bounded, so a dead network cannot hang the process;
+        // the lease covers whatever this does not reach.
+        tracing::error!(pause_id = %self.record.pause_id, "paused cluster dropped without release; releasing now");
+        let record = self.record.clone();
+        let connect = self.connect.clone();
+        let releasing = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(runtime) = runtime {
+                runtime
+                    .block_on(tokio::time::timeout(
+                        Duration::from_secs(10),
+                        release_record(record, &mut HashMap::new(), &connect),
+                    ))
+                    .ok();
+            }
+        });
+        releasing.join().ok();
+    }
+}

@@ -1,0 +1,194 @@
+//! Serves a node's [`NodeAdmin`] over gRPC: the upstream-compatible `rpc.Admin`, our
+//! `stillpoint.admin.v1.LeaseAdmin` extension, gRPC health and reflection.
+//!
+//! Errors become `tonic::Status` in exactly one place, [`to_status`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::UPSTREAM_DEFAULT_MAX_WAIT;
+use super::wire::lease::lease_admin_server::{LeaseAdmin, LeaseAdminServer};
+use super::wire::rpc::admin_server::{Admin, AdminServer};
+use super::wire::{FILE_DESCRIPTOR_SET, lease, rpc};
+use crate::node::{AdminError, ErrorKind, Holder, NodeAdmin, NodeStatus, PauseCommand};
+
+/// Every admin service of a node, ready to add to a tonic server (or to merge with the
+/// application's own services when they share a port).
+pub async fn admin_routes(admin: Arc<NodeAdmin>) -> tonic::service::Routes {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AdminServer<UpstreamAdmin>>().await;
+    health
+        .set_serving::<LeaseAdminServer<LeaseAdminService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the descriptor sets compiled into this binary are valid");
+    tonic::service::Routes::new(AdminServer::new(UpstreamAdmin {
+        admin: admin.clone(),
+    }))
+    .add_service(LeaseAdminServer::new(LeaseAdminService { admin }))
+    .add_service(health_service)
+    .add_service(reflection)
+}
+
+/// `rpc.Admin`, exactly as upstream clients expect it.
+#[derive(Debug, Clone)]
+pub struct UpstreamAdmin {
+    admin: Arc<NodeAdmin>,
+}
+
+#[tonic::async_trait]
+impl Admin for UpstreamAdmin {
+    async fn pause(&self, request: Request<rpc::PauseRequest>) -> Result<Response<()>, Status> {
+        let peer = request.remote_addr();
+        let request = request.into_inner();
+        let max_wait = match request.max_pause_wait_time {
+            None => UPSTREAM_DEFAULT_MAX_WAIT,
+            Some(ms) if ms >= 0 => Duration::from_millis(ms as u64),
+            Some(ms) => {
+                return Err(Status::invalid_argument(format!(
+                    "max_pause_wait_time must not be negative, got {ms}"
+                )));
+            }
+        };
+        tracing::info!(
+            ?peer,
+            max_wait_ms = max_wait.as_millis() as u64,
+            "upstream pause"
+        );
+        self.admin
+            .pause(PauseCommand {
+                holder: Holder::Upstream,
+                lease: self.admin.upstream_lease(),
+                max_wait,
+                wait_outstanding: request.wait_outstanding,
+            })
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn unpause(&self, request: Request<()>) -> Result<Response<()>, Status> {
+        tracing::info!(peer = ?request.remote_addr(), "upstream unpause");
+        self.admin.unpause(None).map_err(to_status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn check_paused(
+        &self,
+        _: Request<()>,
+    ) -> Result<Response<rpc::CheckPausedResponse>, Status> {
+        Ok(Response::new(rpc::CheckPausedResponse {
+            paused: self.admin.status().paused,
+        }))
+    }
+
+    async fn stats(&self, _: Request<()>) -> Result<Response<rpc::StatsResponse>, Status> {
+        let stats = serde_json::json!({
+            "node": self.admin.status(),
+            "gate": self.admin.gate().stats(),
+        });
+        Ok(Response::new(rpc::StatsResponse {
+            stats: stats.to_string(),
+        }))
+    }
+}
+
+/// `stillpoint.admin.v1.LeaseAdmin`: pauses with a lease and a pause id.
+#[derive(Debug, Clone)]
+pub struct LeaseAdminService {
+    admin: Arc<NodeAdmin>,
+}
+
+#[tonic::async_trait]
+impl LeaseAdmin for LeaseAdminService {
+    async fn pause(
+        &self,
+        request: Request<lease::LeasedPauseRequest>,
+    ) -> Result<Response<lease::NodeStatus>, Status> {
+        let peer = request.remote_addr();
+        let request = request.into_inner();
+        tracing::info!(?peer, pause_id = %request.pause_id, lease_ms = request.lease_ms, "pause");
+        let status = self
+            .admin
+            .pause(PauseCommand {
+                holder: Holder::PauseId(request.pause_id),
+                lease: Some(Duration::from_millis(request.lease_ms)),
+                max_wait: Duration::from_millis(request.max_pause_wait_ms),
+                wait_outstanding: request.wait_outstanding,
+            })
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(status.into()))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<lease::RenewRequest>,
+    ) -> Result<Response<lease::NodeStatus>, Status> {
+        let request = request.into_inner();
+        let status = self
+            .admin
+            .renew(&request.pause_id, Duration::from_millis(request.lease_ms))
+            .map_err(to_status)?;
+        Ok(Response::new(status.into()))
+    }
+
+    async fn unpause(
+        &self,
+        request: Request<lease::UnpauseRequest>,
+    ) -> Result<Response<lease::UnpauseResponse>, Status> {
+        let peer = request.remote_addr();
+        let request = request.into_inner();
+        tracing::info!(?peer, pause_id = %request.pause_id, "unpause");
+        let pause_id = Some(request.pause_id.as_str()).filter(|id| !id.is_empty());
+        let released = self.admin.unpause(pause_id).map_err(to_status)?;
+        Ok(Response::new(lease::UnpauseResponse {
+            was_paused: released.was_paused,
+            released: Some(released.status.into()),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _: Request<lease::StatusRequest>,
+    ) -> Result<Response<lease::NodeStatus>, Status> {
+        Ok(Response::new(self.admin.status().into()))
+    }
+}
+
+/// The one place where admin errors become gRPC statuses. A drain timeout stays
+/// FAILED_PRECONDITION, which upstream clients already understand.
+fn to_status(error: AdminError) -> Status {
+    let message = error.to_string();
+    match error.kind() {
+        ErrorKind::Retryable => Status::failed_precondition(message),
+        ErrorKind::Conflict => Status::aborted(message),
+        ErrorKind::Invalid => Status::invalid_argument(message),
+    }
+}
+
+impl From<NodeStatus> for lease::NodeStatus {
+    fn from(status: NodeStatus) -> Self {
+        let pause_id = match status.holder {
+            Some(Holder::PauseId(id)) => id,
+            Some(Holder::Upstream) | None => String::new(),
+        };
+        lease::NodeStatus {
+            paused: status.paused,
+            pause_id,
+            boot_id: status.boot_id,
+            node_time_ms: status.node_time_ms,
+            paused_since_ms: status.paused_since_ms.unwrap_or(0),
+            pause_seq: status.pause_seq,
+            in_flight: status.in_flight,
+            drained_in_flight: status.drained_in_flight,
+            lease_remaining_ms: status.lease_remaining.map_or(0, |d| d.as_millis() as u64),
+            held_now: status.held_now,
+        }
+    }
+}

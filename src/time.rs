@@ -1,0 +1,151 @@
+//! Time helpers shared by nodes, coordinator and CLI: Unix milliseconds, human
+//! durations (`500ms`, `10s`, `2m`), and formatting a timestamp in a chosen zone.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chrono::{DateTime, TimeZone, Utc};
+
+pub fn unix_ms(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => after.as_millis() as i64,
+        Err(before) => -(before.duration().as_millis() as i64),
+    }
+}
+
+pub fn from_unix_ms(ms: i64) -> SystemTime {
+    if ms >= 0 {
+        UNIX_EPOCH + Duration::from_millis(ms as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid duration {input:?}: {reason} (examples: 500ms, 10s, 2m, 1h)")]
+pub struct DurationError {
+    pub input: String,
+    pub reason: &'static str,
+}
+
+/// Parses `500ms`, `10s`, `2m`, `1h` (a whole number and a unit). A bare number is
+/// refused: whether `500` means milliseconds or seconds is exactly the mistake to avoid.
+pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
+    let error = |reason| DurationError {
+        input: input.to_owned(),
+        reason,
+    };
+    let text = input.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| error("missing unit"))?;
+    let (number, unit) = text.split_at(split);
+    if number.is_empty() {
+        return Err(error("missing number"));
+    }
+    let value: u64 = number.parse().map_err(|_| error("number too large"))?;
+    let millis_per_unit = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(error("unknown unit; use ms, s, m or h")),
+    };
+    value
+        .checked_mul(millis_per_unit)
+        .map(Duration::from_millis)
+        .ok_or_else(|| error("number too large"))
+}
+
+/// The inverse of [`parse_duration`] for display: the largest unit that is exact.
+pub fn format_duration(duration: Duration) -> String {
+    let ms = duration.as_millis();
+    match ms {
+        0 => "0ms".to_owned(),
+        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        _ if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        _ => format!("{ms}ms"),
+    }
+}
+
+/// A time zone for printing: an IANA name, or UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Zone(chrono_tz::Tz);
+
+impl Zone {
+    pub const UTC: Zone = Zone(chrono_tz::UTC);
+
+    pub fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    /// `2026-11-21T10:15:00.123+09:00`: RFC 3339 with milliseconds, in this zone.
+    pub fn format_ms(&self, unix_ms: i64) -> String {
+        let utc: DateTime<Utc> = DateTime::from_timestamp_millis(unix_ms).unwrap_or_default();
+        self.0
+            .from_utc_datetime(&utc.naive_utc())
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, false)
+    }
+}
+
+impl std::str::FromStr for Zone {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        name.parse::<chrono_tz::Tz>().map(Zone).map_err(|_| {
+            format!("unknown time zone {name:?}; use an IANA name such as UTC or Asia/Tokyo")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in [
+            "",
+            "500",
+            "ms",
+            "-1s",
+            "1.5s",
+            "3d",
+            "99999999999999999999s",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
+        }
+        assert!(
+            parse_duration("10x")
+                .unwrap_err()
+                .to_string()
+                .contains("10x")
+        );
+    }
+
+    #[test]
+    fn durations_round_trip_for_display() {
+        for text in ["0ms", "250ms", "10s", "2m", "3h", "1500ms"] {
+            assert_eq!(format_duration(parse_duration(text).unwrap()), text);
+        }
+    }
+
+    #[test]
+    fn zones_format_with_offsets() {
+        let tokyo: Zone = "Asia/Tokyo".parse().unwrap();
+        assert_eq!(tokyo.format_ms(0), "1970-01-01T09:00:00.000+09:00");
+        assert_eq!(Zone::UTC.format_ms(1_500), "1970-01-01T00:00:01.500+00:00");
+        assert!("Mars/Olympus".parse::<Zone>().is_err());
+    }
+
+    #[test]
+    fn unix_ms_round_trips() {
+        for ms in [-5_000, 0, 1_732_000_000_123] {
+            assert_eq!(unix_ms(from_unix_ms(ms)), ms);
+        }
+    }
+}
