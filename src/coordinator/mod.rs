@@ -41,6 +41,10 @@ pub struct PausePlan {
     pub wait_outstanding: bool,
     pub lease: Duration,
     pub pause_id: String,
+    /// Speak only upstream `rpc.Admin`, even to nodes that offer leases (the
+    /// `scalar-admin` binary): the pause then outlives this process, bounded only by
+    /// each node's own upstream lease.
+    pub upstream_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,6 +75,7 @@ impl PausePlan {
             wait_outstanding: true,
             lease,
             pause_id: new_pause_id(),
+            upstream_only: false,
         }
     }
 
@@ -82,6 +87,9 @@ impl PausePlan {
             return Err(PlanError::EmptyTier(empty + 1));
         }
         ensure_unique(self.tiers.iter().flatten())?;
+        if self.upstream_only {
+            return Ok(());
+        }
         if self.lease.is_zero() || self.lease > MAX_LEASE {
             return Err(PlanError::BadLease(self.lease));
         }
@@ -303,8 +311,13 @@ async fn pause_node(plan: &PausePlan, address: &NodeAddress) -> NodeAttempt {
     attempt.protocol = Some(client.protocol());
     attempt.client = Some(client.clone());
     let mut client = client;
+    let protocol = if plan.upstream_only {
+        Protocol::Upstream
+    } else {
+        client.protocol()
+    };
     let steps = async {
-        match client.protocol() {
+        match protocol {
             Protocol::Lease => {
                 let (clock_offset_ms, rtt_ms) = sample_clock(&mut client).await?;
                 let status = client
@@ -605,6 +618,14 @@ pub async fn release_record(
             Err(error) => {
                 invalid_reasons.push(format!("{} could not be released: {error}", node.address))
             }
+        }
+    }
+    for node in record.nodes() {
+        if let Some(inside @ 1..) = node.in_flight_at_pause {
+            invalid_reasons.push(format!(
+                "{} still had {inside} request(s) in flight when it paused (--no-wait)",
+                node.address
+            ));
         }
     }
     let window_ms = window_end_ms - record.paused_at_ms;

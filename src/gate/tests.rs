@@ -230,7 +230,10 @@ fn stress_held_requests_are_admitted_exactly_once() {
             gate.close();
             gate.wait_drained(Duration::from_secs(10)).await.unwrap();
             paused.store(true, SeqCst);
-            tokio::task::yield_now().await;
+            // Give the other worker thread time to try (and fail) to get in.
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
             paused.store(false, SeqCst);
             gate.open();
             pauses += 1;

@@ -1,0 +1,64 @@
+//! The `stillpoint` command tree and its dispatch.
+
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+
+use crate::exit::{self, Failure};
+use crate::pause::{self, InspectArgs, PauseArgs, UnpauseArgs};
+
+const ABOUT: &str = "Transactionally-consistent backups of a paused application cluster.";
+
+const LONG_ABOUT: &str = "\
+Transactionally-consistent backups of a paused application cluster.
+
+stillpoint pauses every node of a cluster through its gRPC admin service (the
+ScalarDL/ScalarDB `rpc.Admin` API, plus stillpoint's lease extension), so that no
+transaction is in flight anywhere, and reports the paused window and its mid-time:
+the point-in-time-restore target for every database of the cluster.
+
+Typical runbook, ledger nodes first, auditors second (each -a is one tier):
+
+  stillpoint pause -a ledger-1:50051,ledger-2:50051 -a auditor-1:50051 --output json
+  # ... create restore points / snapshots in every database ...
+  stillpoint unpause --output json       # prints the window and the restore point
+
+or in one command, holding the pause for 200 ms:
+
+  stillpoint pause --hold-for 200ms -a ledger-1:50051,ledger-2:50051 -a auditor-1:50051
+
+Nodes reopen by themselves when the lease runs out, so a coordinator that dies never
+leaves the cluster paused.";
+
+#[derive(Debug, Parser)]
+#[command(name = "stillpoint", version, about = ABOUT, long_about = LONG_ABOUT, after_help = exit::HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Drain and pause every node; leave it paused (recording the window for
+    /// `unpause`), or hold for a while and unpause (--hold-for).
+    #[command(after_help = exit::HELP)]
+    Pause(PauseArgs),
+    /// Close the window opened by `pause`: release every node (last tier first), check
+    /// that each stayed paused the whole time, print the window and restore point.
+    #[command(after_help = exit::HELP)]
+    Unpause(UnpauseArgs),
+    /// Show whether each node is paused, by whom, and how long its lease has left.
+    CheckPaused(InspectArgs),
+    /// Print each node's Stats JSON (gate counters, pause state).
+    Stats(InspectArgs),
+}
+
+pub async fn run() -> Result<u8, Failure> {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).map_err(|error| error.exit())?;
+    let (_, sub) = matches.subcommand().expect("clap requires a subcommand");
+    match cli.command {
+        Command::Pause(args) => pause::pause(args, sub).await,
+        Command::Unpause(args) => pause::unpause(args, sub).await,
+        Command::CheckPaused(args) => pause::check_paused(args, sub).await,
+        Command::Stats(args) => pause::stats(args, sub).await,
+    }
+}

@@ -1,0 +1,39 @@
+//! The `stillpoint` and `scalar-admin` command lines. Clap structs live here and only
+//! here; they are validated and turned into `stillpoint` library calls.
+//!
+//! - `args.rs`: flags shared by every cluster command (targets, TLS, output).
+//! - `pause.rs`: `pause`, `unpause`, `check-paused`, `stats`.
+//! - `scalar_admin.rs`: the upstream-compatible `scalar-admin` flags.
+//! - `state.rs`: the state file that carries a pause from `pause` to `unpause`.
+//! - `output.rs`: JSON for machines, text for people.
+//! - `exit.rs`: exit codes.
+
+pub mod args;
+pub mod cli;
+pub mod exit;
+pub mod output;
+pub mod pause;
+pub mod scalar_admin;
+pub mod state;
+
+/// Logs go to stderr so that stdout carries only the report.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STILLPOINT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs a command future on a runtime and turns its outcome into an exit code,
+/// printing the error chain for people on stderr.
+pub fn finish(result: Result<u8, exit::Failure>) -> std::process::ExitCode {
+    match result {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(failure) => {
+            eprintln!("error: {:#}", failure.error);
+            std::process::ExitCode::from(failure.code)
+        }
+    }
+}

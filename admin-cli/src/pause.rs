@@ -1,0 +1,519 @@
+//! `stillpoint pause`, `unpause`, `check-paused` and `stats`: validate the flags, make
+//! one library call, print the report, choose the exit code.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use clap::Args;
+use futures::future::join_all;
+use stillpoint::coordinator::{
+    self, PausePlan, PauseReport, PausedCluster, Released, required_window,
+};
+use stillpoint::grpc::client::{ConnectOptions, NodeClient, Protocol};
+use stillpoint::resolve::NodeAddress;
+use stillpoint::time::unix_ms;
+use tokio::time::Instant;
+
+use crate::args::{
+    ConnectArgs, OutputArgs, OutputFormat, TargetArgs, duration, resolve_tiers, tier_sources,
+};
+use crate::exit::{self, Failure};
+use crate::output::{print_json, print_report};
+use crate::state::{self, PauseState};
+
+#[derive(Debug, Clone, Args)]
+pub struct PauseArgs {
+    #[command(flatten)]
+    pub targets: TargetArgs,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+
+    /// How long each node may take to drain its in-flight requests. A node that cannot
+    /// drain in time fails the pause, and every node that did pause is released again.
+    #[arg(long, default_value = "30s", value_parser = duration, value_name = "DURATION")]
+    pub max_pause_wait: Duration,
+
+    /// Close the gates without waiting for in-flight requests to finish. The window is
+    /// then valid only if no node reports a request still inside when it paused.
+    #[arg(long)]
+    pub no_wait: bool,
+
+    /// Nodes reopen by themselves if the pause is neither renewed nor released within
+    /// this long, so a lost coordinator cannot leave the cluster paused. Must be longer
+    /// than --max-pause-wait.
+    #[arg(long, default_value = "60s", value_parser = duration, value_name = "DURATION")]
+    pub lease: Duration,
+
+    /// Pause, hold the cluster paused this long (renewing the lease), unpause, and print
+    /// the closed window: the whole cycle in one command.
+    #[arg(long, value_parser = duration, value_name = "DURATION", conflicts_with = "keep_alive")]
+    pub hold_for: Option<Duration>,
+
+    /// The shortest acceptable window. With --hold-for the hold is extended to reach
+    /// it, and also to twice the measured clock-skew bound plus a margin.
+    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    pub min_window: Option<Duration>,
+
+    /// Stay in the foreground renewing the lease. Ends when `stillpoint unpause` closes
+    /// the window elsewhere, or on Ctrl-C / SIGTERM, which unpauses and prints it.
+    #[arg(long)]
+    pub keep_alive: bool,
+
+    /// Where a plain pause records its open window for `unpause`
+    /// [default: $XDG_STATE_HOME/stillpoint/pause.json]
+    #[arg(long, value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
+
+    /// Use this pause id instead of a random one (1 to 128 characters).
+    #[arg(long, value_name = "ID")]
+    pub pause_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UnpauseArgs {
+    /// Without -a/-s, the nodes come from the state file written by `pause`.
+    #[command(flatten)]
+    pub targets: TargetArgs,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+
+    /// The state file written by `pause` [default: $XDG_STATE_HOME/stillpoint/pause.json]
+    #[arg(long, value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub targets: TargetArgs,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Failure> {
+    let sources = tier_sources(matches, &args.targets);
+    if sources.is_empty() {
+        return Err(usage(
+            "give the nodes to pause with -a HOST:PORT,… or -s SRV-NAME",
+        ));
+    }
+    let state_file = args.state_file.clone().unwrap_or_else(state::default_path);
+    let plain = args.hold_for.is_none();
+    if plain && let Some(existing) = state::load(&state_file)? {
+        return Err(usage(format!(
+            "a pause is already recorded in {} (pause id {}, started at {}ms); run \
+             `stillpoint unpause` first, or pass another --state-file",
+            state_file.display(),
+            existing.record.pause_id,
+            existing.record.paused_at_ms
+        )));
+    }
+    let tiers = resolve_tiers(&sources, args.targets.dns_server).await?;
+    let mut plan = PausePlan::new(tiers, args.lease, args.max_pause_wait);
+    plan.connect = args.connect.options()?;
+    plan.wait_outstanding = !args.no_wait;
+    if let Some(id) = &args.pause_id {
+        plan.pause_id = id.clone();
+    }
+    plan.validate()
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
+
+    let zone = args.output.time_zone;
+    let paused = match coordinator::pause(&plan).await {
+        Ok(paused) => paused,
+        Err(failure) => {
+            print_report(
+                &PauseReport::failed(&failure, plan.lease.as_millis() as u64, zone),
+                args.output.output,
+            );
+            let code = if failure.rolled_back {
+                exit::PAUSE_FAILED
+            } else {
+                exit::UNPAUSE_FAILED
+            };
+            return Err(Failure::new(code, failure));
+        }
+    };
+
+    if let Some(hold_for) = args.hold_for {
+        let wanted = hold_for.max(required_window(
+            paused.record().skew_bound_ms,
+            args.min_window.unwrap_or_default(),
+        ));
+        return hold_then_release(paused, wanted, &args).await;
+    }
+
+    // Record before leaving the cluster paused: if the record cannot be written, an
+    // operator could not unpause by pause id later, so release now instead.
+    let record = paused.record().clone();
+    if let Err(error) = state::save(
+        &state_file,
+        &PauseState::new(record.clone(), unix_ms(SystemTime::now())),
+    ) {
+        let released = paused.release().await;
+        print_report(&PauseReport::closed(&released, zone), args.output.output);
+        return Err(Failure::new(
+            exit::PAUSE_FAILED,
+            error.context("the pause was released"),
+        ));
+    }
+    if args.keep_alive {
+        return keep_alive(paused, &state_file, &args).await;
+    }
+    let renewed_at = paused.last_renewal();
+    let record = paused.detach();
+    print_report(
+        &PauseReport::open(&record, renewed_at, zone),
+        args.output.output,
+    );
+    if args.output.output == OutputFormat::Text {
+        println!(
+            "  recorded in {}; close the window with `stillpoint unpause`",
+            state_file.display()
+        );
+    }
+    Ok(exit::OK)
+}
+
+async fn hold_then_release(
+    mut paused: PausedCluster,
+    hold: Duration,
+    args: &PauseArgs,
+) -> Result<u8, Failure> {
+    let until = Instant::now() + hold;
+    tokio::select! {
+        () = paused.hold_until(until) => {}
+        () = shutdown_signal() => tracing::warn!("interrupted: releasing the pause early"),
+    }
+    let released = paused.release().await;
+    finish_window(&released, args.min_window, &args.output)
+}
+
+async fn keep_alive(
+    mut paused: PausedCluster,
+    state_file: &std::path::Path,
+    args: &PauseArgs,
+) -> Result<u8, Failure> {
+    print_report(
+        &PauseReport::open(
+            paused.record(),
+            paused.last_renewal(),
+            args.output.time_zone,
+        ),
+        args.output.output,
+    );
+    let every = args.lease / 3;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown_signal() => break,
+        }
+        if let Err(reason) = paused.renew().await {
+            // `unpause` elsewhere removes the state file once it has released every node:
+            // then a failed renewal is the expected end of this process, not an error.
+            if !state_file.exists() {
+                let record = paused.detach();
+                tracing::info!(pause_id = %record.pause_id, "the pause was closed by `stillpoint unpause`");
+                return Ok(exit::OK);
+            }
+            tracing::warn!(%reason, "keep-alive renewal failed");
+        }
+    }
+    let released = paused.release().await;
+    if released.all_released() {
+        state::remove(state_file)?;
+    }
+    finish_window(&released, args.min_window, &args.output)
+}
+
+pub async fn unpause(args: UnpauseArgs, matches: &clap::ArgMatches) -> Result<u8, Failure> {
+    let state_file = args.state_file.clone().unwrap_or_else(state::default_path);
+    let connect = args.connect.options()?;
+    let sources = tier_sources(matches, &args.targets);
+    match state::load(&state_file)? {
+        Some(state) => {
+            let released =
+                coordinator::release_record(state.record, &mut HashMap::new(), &connect).await;
+            if released.all_released() {
+                state::remove(&state_file)?;
+            }
+            finish_window(&released, None, &args.output)
+        }
+        None if !sources.is_empty() => {
+            let tiers = resolve_tiers(&sources, args.targets.dns_server).await?;
+            unpause_without_record(tiers, &connect, args.output.output).await
+        }
+        None => Err(usage(format!(
+            "no pause is recorded in {}; give the nodes with -a/-s to unpause them anyway",
+            state_file.display()
+        ))),
+    }
+}
+
+/// Closes a window: prints it and picks the exit code.
+fn finish_window(
+    released: &Released,
+    min_window: Option<Duration>,
+    output: &OutputArgs,
+) -> Result<u8, Failure> {
+    let mut report = PauseReport::closed(released, output.time_zone);
+    if let (Some(min), Some(window_ms)) = (min_window, report.window_ms)
+        && window_ms < min.as_millis() as i64
+    {
+        report.window_valid = false;
+        report.invalid_reasons.push(format!(
+            "the window ({window_ms}ms) is shorter than --min-window ({}ms)",
+            min.as_millis()
+        ));
+    }
+    print_report(&report, output.output);
+    if !released.all_released() {
+        let nodes: Vec<String> = released
+            .still_paused()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        return Err(Failure::new(
+            exit::UNPAUSE_FAILED,
+            anyhow::anyhow!(
+                "could not release {}; they reopen by themselves when their lease expires \
+                 (within {}ms)",
+                nodes.join(", "),
+                released.record.lease_ms
+            ),
+        ));
+    }
+    if !report.window_valid {
+        return Err(Failure::new(
+            exit::WINDOW_INVALID,
+            anyhow::anyhow!(
+                "this window must not be used as a restore point: {}",
+                report.invalid_reasons.join("; ")
+            ),
+        ));
+    }
+    Ok(exit::OK)
+}
+
+#[derive(Debug, serde::Serialize)]
+struct NodeUnpause {
+    address: NodeAddress,
+    was_paused: Option<bool>,
+    error: Option<String>,
+}
+
+/// Unpauses nodes that no state file describes (e.g. paused by `scalar-admin`): no
+/// pause id, so no window either.
+pub async fn unpause_without_record(
+    tiers: Vec<Vec<NodeAddress>>,
+    connect: &ConnectOptions,
+    format: OutputFormat,
+) -> Result<u8, Failure> {
+    let mut results = Vec::new();
+    for tier in tiers.iter().rev() {
+        results.extend(join_all(tier.iter().map(|address| unpause_one(address, connect))).await);
+    }
+    match format {
+        OutputFormat::Json => print_json(&serde_json::json!({ "nodes": results })),
+        OutputFormat::Text => {
+            for node in &results {
+                match (&node.error, node.was_paused) {
+                    (Some(error), _) => {
+                        println!("{:<22} FAILED: {error}", node.address.to_string())
+                    }
+                    (None, Some(false)) => {
+                        println!("{:<22} was not paused", node.address.to_string())
+                    }
+                    (None, _) => println!("{:<22} unpaused", node.address.to_string()),
+                }
+            }
+        }
+    }
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|node| node.error.is_some())
+        .map(|node| node.address.to_string())
+        .collect();
+    if failed.is_empty() {
+        Ok(exit::OK)
+    } else {
+        Err(Failure::new(
+            exit::UNPAUSE_FAILED,
+            anyhow::anyhow!("could not unpause {}", failed.join(", ")),
+        ))
+    }
+}
+
+async fn unpause_one(address: &NodeAddress, connect: &ConnectOptions) -> NodeUnpause {
+    let result = async {
+        let mut client = NodeClient::connect(address, connect).await?;
+        match client.protocol() {
+            Protocol::Lease => Ok(Some(client.unpause_leased("").await?.was_paused)),
+            Protocol::Upstream => client.unpause_upstream().await.map(|()| None),
+        }
+    }
+    .await;
+    NodeUnpause {
+        address: address.clone(),
+        was_paused: result.as_ref().ok().copied().flatten(),
+        error: result.err().map(|error| error.to_string()),
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+struct NodeState {
+    address: NodeAddress,
+    protocol: Option<Protocol>,
+    paused: Option<bool>,
+    holder: Option<String>,
+    lease_remaining_ms: Option<u64>,
+    in_flight: Option<u64>,
+    held_now: Option<u64>,
+    boot_id: Option<String>,
+    error: Option<String>,
+}
+
+pub async fn check_paused(args: InspectArgs, matches: &clap::ArgMatches) -> Result<u8, Failure> {
+    let (nodes, connect) = inspect_targets(&args, matches).await?;
+    let states = join_all(nodes.iter().map(|address| check_one(address, &connect))).await;
+    let all_paused = states.iter().all(|state| state.paused == Some(true));
+    match args.output.output {
+        OutputFormat::Json => {
+            print_json(&serde_json::json!({ "paused": all_paused, "nodes": states }))
+        }
+        OutputFormat::Text => {
+            for state in &states {
+                let text = match (&state.error, state.paused) {
+                    (Some(error), _) => format!("ERROR: {error}"),
+                    (None, Some(true)) => match (&state.holder, state.lease_remaining_ms) {
+                        (Some(holder), Some(ms)) => {
+                            format!("paused by {holder}, lease {ms}ms left")
+                        }
+                        (Some(holder), None) => format!("paused by {holder}"),
+                        _ => "paused".to_owned(),
+                    },
+                    (None, _) => "not paused".to_owned(),
+                };
+                println!("{:<22} {text}", state.address.to_string());
+            }
+        }
+    }
+    if states.iter().any(|state| state.error.is_some()) {
+        return Err(Failure::new(
+            exit::ERROR,
+            anyhow::anyhow!("some nodes could not be checked"),
+        ));
+    }
+    Ok(exit::OK)
+}
+
+async fn check_one(address: &NodeAddress, connect: &ConnectOptions) -> NodeState {
+    let mut state = NodeState {
+        address: address.clone(),
+        protocol: None,
+        paused: None,
+        holder: None,
+        lease_remaining_ms: None,
+        in_flight: None,
+        held_now: None,
+        boot_id: None,
+        error: None,
+    };
+    let result = async {
+        let mut client = NodeClient::connect(address, connect).await?;
+        state.protocol = Some(client.protocol());
+        match client.protocol() {
+            Protocol::Lease => {
+                let status = client.status().await?;
+                state.paused = Some(status.paused);
+                state.holder = status.holder.map(|holder| holder.to_string());
+                state.lease_remaining_ms =
+                    status.lease_remaining.map(|lease| lease.as_millis() as u64);
+                state.in_flight = Some(status.in_flight);
+                state.held_now = Some(status.held_now);
+                state.boot_id = Some(status.boot_id);
+            }
+            Protocol::Upstream => state.paused = Some(client.check_paused_upstream().await?),
+        }
+        Ok::<(), stillpoint::grpc::client::CallError>(())
+    }
+    .await;
+    if let Err(error) = result {
+        state.error = Some(error.to_string());
+    }
+    state
+}
+
+pub async fn stats(args: InspectArgs, matches: &clap::ArgMatches) -> Result<u8, Failure> {
+    let (nodes, connect) = inspect_targets(&args, matches).await?;
+    let stats = join_all(nodes.iter().map(|address| {
+        let connect = connect.clone();
+        async move {
+            let result =
+                async { NodeClient::connect(address, &connect).await?.stats().await }.await;
+            match result {
+                Ok(stats) => serde_json::json!({ "address": address, "stats": stats }),
+                Err(error) => serde_json::json!({ "address": address, "error": error.to_string() }),
+            }
+        }
+    }))
+    .await;
+    let failed = stats.iter().any(|node| node.get("error").is_some());
+    match args.output.output {
+        OutputFormat::Json => print_json(&serde_json::json!({ "nodes": stats })),
+        OutputFormat::Text => {
+            for node in &stats {
+                println!("{}", serde_json::to_string(node).expect("json"));
+            }
+        }
+    }
+    if failed {
+        return Err(Failure::new(
+            exit::ERROR,
+            anyhow::anyhow!("some nodes did not answer"),
+        ));
+    }
+    Ok(exit::OK)
+}
+
+async fn inspect_targets(
+    args: &InspectArgs,
+    matches: &clap::ArgMatches,
+) -> Result<(Vec<NodeAddress>, ConnectOptions), Failure> {
+    let sources = tier_sources(matches, &args.targets);
+    if sources.is_empty() {
+        return Err(usage("give the nodes with -a HOST:PORT,… or -s SRV-NAME"));
+    }
+    let tiers = resolve_tiers(&sources, args.targets.dns_server).await?;
+    Ok((
+        tiers.into_iter().flatten().collect(),
+        args.connect.options()?,
+    ))
+}
+
+fn usage(message: impl std::fmt::Display) -> Failure {
+    Failure::new(exit::USAGE, anyhow::anyhow!("{message}"))
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
