@@ -62,8 +62,11 @@ pub struct NodeStatus {
     pub node_time_ms: i64,
     pub paused_since_ms: Option<i64>,
     pub pause_seq: u64,
+    /// Live count; while closed it may include a request bouncing off the gate.
     pub in_flight: u64,
     pub drained_in_flight: u64,
+    /// Exact: admitted requests inside when the node declared itself paused.
+    pub in_flight_at_pause: u64,
     pub lease_remaining: Option<Duration>,
     pub held_now: u64,
 }
@@ -138,6 +141,7 @@ enum Phase {
         holder: Holder,
         since: SystemTime,
         drained_in_flight: u64,
+        in_flight_at_pause: u64,
         lease_deadline: Option<Instant>,
     },
 }
@@ -263,6 +267,13 @@ impl NodeAdmin {
                     holder: command.holder,
                     since: SystemTime::now(),
                     drained_in_flight: in_flight_at_close,
+                    // A completed drain observed zero admitted requests; without a
+                    // drain, whatever was inside at close is still (maybe) inside.
+                    in_flight_at_pause: if command.wait_outstanding {
+                        0
+                    } else {
+                        in_flight_at_close
+                    },
                     lease_deadline: command.lease.map(|lease| Instant::now() + lease),
                 };
                 self.changed.notify_waiters();
@@ -402,19 +413,21 @@ impl NodeAdmin {
 
     fn status_of(&self, state: &State) -> NodeStatus {
         let gate = self.gate.stats();
-        let (paused, holder, since, drained, lease_remaining) = match &state.phase {
-            Phase::Open => (false, None, None, 0, None),
-            Phase::Draining { holder, .. } => (false, Some(holder.clone()), None, 0, None),
+        let (paused, holder, since, drained, at_pause, lease_remaining) = match &state.phase {
+            Phase::Open => (false, None, None, 0, 0, None),
+            Phase::Draining { holder, .. } => (false, Some(holder.clone()), None, 0, 0, None),
             Phase::Paused {
                 holder,
                 since,
                 drained_in_flight,
+                in_flight_at_pause,
                 lease_deadline,
             } => (
                 true,
                 Some(holder.clone()),
                 Some(unix_ms(*since)),
                 *drained_in_flight,
+                *in_flight_at_pause,
                 lease_deadline.map(|d| d.saturating_duration_since(Instant::now())),
             ),
         };
@@ -427,6 +440,7 @@ impl NodeAdmin {
             pause_seq: state.pause_seq,
             in_flight: gate.in_flight,
             drained_in_flight: drained,
+            in_flight_at_pause: at_pause,
             lease_remaining,
             held_now: gate.held_now,
         }

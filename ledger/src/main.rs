@@ -1,1 +1,318 @@
-fn main() {}
+//! `ledger-node`: serve a node of the reference ledger cluster, drive it with load, or
+//! check a ledger and an auditor database against each other.
+//!
+//! Thin by design: parse arguments, set up tracing on stderr, bind, and call the
+//! library. stdout carries only machine-readable lines (listening addresses, reports).
+//!
+//! Exit status: 0 success; 1 the load saw failed transfers or the check found a broken
+//! invariant; 2 the command could not run (bad arguments, database, address, …).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use stillpoint::gate::ClosedPolicy;
+use stillpoint::time::parse_duration;
+use stillpoint_ledger::check::{self, Window};
+use stillpoint_ledger::load::{self, Bound, LoadConfig};
+use stillpoint_ledger::node::{DEFAULT_RECORD_RETRY_FOR, LedgerOptions};
+use stillpoint_ledger::serve::{self, Role, ServeConfig};
+use stillpoint_ledger::signal::cancel_on_signal;
+use stillpoint_ledger::store::{self, DbUrl, Seed};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "ledger-node",
+    version,
+    about = "Reference ledger + auditor cluster for stillpoint"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve one ledger or auditor node until SIGINT/SIGTERM.
+    Serve(ServeArgs),
+    /// Send random transfers to ledger nodes and report how they ended.
+    Load(LoadArgs),
+    /// Check a ledger database and an auditor database against each other.
+    Check(CheckArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Ledger,
+    Auditor,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PolicyArg {
+    /// Hold requests that arrive during a pause until it ends (up to --hold-timeout).
+    Hold,
+    /// Refuse them at once with UNAVAILABLE.
+    Reject,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long, value_enum)]
+    role: RoleArg,
+    /// Address for the application service (and the admin services, unless
+    /// --admin-listen is given). Port 0 picks a free port; the chosen address is printed
+    /// as `listening on ADDR`.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The node's database: sqlite:PATH. Ledger nodes of one cluster share one file.
+    #[arg(long, value_parser = parse_db_url)]
+    db: DbUrl,
+    /// The auditor node a ledger node records every transfer with (host:port).
+    #[arg(long, required_if_eq("role", "ledger"))]
+    auditor: Option<String>,
+    /// Serve the admin services on their own address, printed as `admin listening on ADDR`.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    #[arg(long, value_enum, default_value = "hold")]
+    closed_policy: PolicyArg,
+    /// How long a held request waits for a pause to end before it is refused.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    hold_timeout: Duration,
+    /// Lease on pauses from upstream rpc.Admin clients. They cannot renew, so without a
+    /// bound a client that dies mid-backup would leave the node paused until someone
+    /// notices; a pause that ends by itself after 10 minutes is the safer failure.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    upstream_pause_lease: Duration,
+    /// Accounts to seed an empty ledger database with (numbered 1..=N).
+    #[arg(long, default_value_t = Seed::default().accounts)]
+    accounts: u32,
+    /// Balance of each seeded account.
+    #[arg(long, default_value_t = Seed::default().initial_balance)]
+    initial_balance: i64,
+    /// Honour the test-only hold_inside_gate_ms field of Transfer.
+    #[arg(long)]
+    allow_slow_transfers: bool,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("bound").required(true).args(["duration", "count"])))]
+struct LoadArgs {
+    /// Ledger nodes, comma-separated host:port; workers go round-robin across them.
+    #[arg(long, value_delimiter = ',', required = true)]
+    targets: Vec<String>,
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Run this long (e.g. 3s).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Send this many transfers in all.
+    #[arg(long)]
+    count: Option<u64>,
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
+    /// Seed of the random transfers; printed in the report so a run can be repeated.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Accounts on the ledger (1..=N), as it was seeded.
+    #[arg(long, default_value_t = Seed::default().accounts)]
+    accounts: u32,
+    /// Largest amount of one transfer.
+    #[arg(long, default_value_t = 10)]
+    max_amount: i64,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[arg(long, value_parser = parse_db_url)]
+    ledger_db: DbUrl,
+    #[arg(long, value_parser = parse_db_url)]
+    auditor_db: DbUrl,
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
+    /// Also check that nothing was committed or recorded in [start, end] (Unix ms).
+    #[arg(long, requires = "window_end_ms", allow_negative_numbers = true)]
+    window_start_ms: Option<i64>,
+    #[arg(long, requires = "window_start_ms", allow_negative_numbers = true)]
+    window_end_ms: Option<i64>,
+}
+
+fn parse_db_url(url: &str) -> Result<DbUrl, String> {
+    url.parse()
+        .map_err(|error: store::StoreError| error.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Harnesses capture stderr into files; colour codes would only clutter them.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Load(args) => load(args).await,
+            Command::Check(args) => check(args).await,
+        }
+    });
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let role = match (args.role, args.auditor) {
+        (RoleArg::Auditor, _) => Role::Auditor,
+        (RoleArg::Ledger, Some(auditor)) => Role::Ledger {
+            auditor,
+            seed: Seed {
+                accounts: args.accounts,
+                initial_balance: args.initial_balance,
+            },
+            options: LedgerOptions {
+                allow_slow_transfers: args.allow_slow_transfers,
+                record_retry_for: DEFAULT_RECORD_RETRY_FOR,
+            },
+        },
+        (RoleArg::Ledger, None) => anyhow::bail!("a ledger node needs --auditor HOST:PORT"),
+    };
+    let closed_policy = match args.closed_policy {
+        PolicyArg::Hold => ClosedPolicy::Hold {
+            timeout: args.hold_timeout,
+        },
+        PolicyArg::Reject => ClosedPolicy::Reject,
+    };
+    let node = serve::Node::open(ServeConfig {
+        role,
+        db: args.db,
+        closed_policy,
+        upstream_pause_lease: Some(args.upstream_pause_lease),
+    })
+    .await?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let admin_listener = match args.admin_listen {
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address}"))?,
+        ),
+        None => None,
+    };
+    // Test harnesses read these lines to learn ports chosen by the OS.
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on {}", listener.local_addr()?)?;
+    if let Some(admin_listener) = &admin_listener {
+        writeln!(
+            stdout,
+            "admin listening on {}",
+            admin_listener.local_addr()?
+        )?;
+    }
+    stdout.flush()?;
+    drop(stdout);
+    tracing::info!(boot_id = node.boot_id(), "serving");
+
+    let shutdown = CancellationToken::new();
+    let (served, ()) = tokio::join!(
+        serve::run(node, listener, admin_listener, shutdown.clone()),
+        cancel_on_signal(shutdown.clone()),
+    );
+    served?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
+    let bound = match (args.duration, args.count) {
+        (Some(duration), _) => Bound::For(duration),
+        (None, Some(count)) => Bound::Count(count),
+        (None, None) => anyhow::bail!("give --duration or --count"),
+    };
+    let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
+    let config = LoadConfig {
+        targets: args.targets,
+        concurrency: args.concurrency,
+        bound,
+        seed,
+        accounts: args.accounts,
+        max_amount: args.max_amount,
+    };
+    let shutdown = CancellationToken::new();
+    let (report, ()) = tokio::join!(
+        async {
+            let report = load::run(config, shutdown.clone()).await;
+            // Ends the signal listener too.
+            shutdown.cancel();
+            report
+        },
+        cancel_on_signal(shutdown.clone()),
+    );
+    let report = report?;
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string(&report)?),
+        Output::Text => print!("{report}"),
+    }
+    Ok(if report.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let window = match (args.window_start_ms, args.window_end_ms) {
+        (Some(start_ms), Some(end_ms)) => {
+            anyhow::ensure!(
+                start_ms <= end_ms,
+                "--window-start-ms {start_ms} is after --window-end-ms {end_ms}"
+            );
+            Some(Window { start_ms, end_ms })
+        }
+        _ => None,
+    };
+    let (ledger_db, auditor_db) = (args.ledger_db, args.auditor_db);
+    let (ledger, audit) = tokio::task::spawn_blocking(move || {
+        anyhow::Ok((
+            store::read_ledger(&ledger_db)?,
+            store::read_auditor(&auditor_db)?,
+        ))
+    })
+    .await??;
+    let report = check::check(&ledger, &audit, window);
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string(&report)?),
+        Output::Text => print!("{report}"),
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -334,7 +334,7 @@ async fn pause_node(plan: &PausePlan, address: &NodeAddress) -> NodeAttempt {
                     boot_id: Some(status.boot_id),
                     pause_seq: Some(status.pause_seq),
                     drained_in_flight: Some(status.drained_in_flight),
-                    in_flight_at_pause: Some(status.in_flight),
+                    in_flight_at_pause: Some(status.in_flight_at_pause),
                     clock_offset_ms: Some(clock_offset_ms),
                     rtt_ms: Some(rtt_ms),
                 })

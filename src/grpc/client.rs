@@ -265,6 +265,7 @@ impl From<lease::NodeStatus> for NodeStatus {
             pause_seq: wire.pause_seq,
             in_flight: wire.in_flight,
             drained_in_flight: wire.drained_in_flight,
+            in_flight_at_pause: wire.in_flight_at_pause,
             lease_remaining: (wire.lease_remaining_ms != 0)
                 .then(|| Duration::from_millis(wire.lease_remaining_ms)),
             held_now: wire.held_now,

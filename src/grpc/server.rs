@@ -187,6 +187,7 @@ impl From<NodeStatus> for lease::NodeStatus {
             pause_seq: status.pause_seq,
             in_flight: status.in_flight,
             drained_in_flight: status.drained_in_flight,
+            in_flight_at_pause: status.in_flight_at_pause,
             lease_remaining_ms: status.lease_remaining.map_or(0, |d| d.as_millis() as u64),
             held_now: status.held_now,
         }

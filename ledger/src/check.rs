@@ -1,0 +1,266 @@
+//! The consistency check of a ledger database and an auditor database, live or
+//! restored from a backup. Pure functions over snapshots, so each invariant can be
+//! tested against a tampered copy:
+//!
+//! - `balances`: money is neither created nor destroyed (sum == initial total, and no
+//!   account is negative);
+//! - `hash_chain`: every link points at the previous one and recomputes;
+//! - `ledger_matches_auditor`: both tiers know exactly the same (tx_id, hash) pairs —
+//!   the property a backup taken outside one pause breaks;
+//! - `quiet_window` (optional): nothing was committed or recorded inside a window, e.g.
+//!   a pause.
+
+use std::collections::BTreeMap;
+
+use crate::chain::{GENESIS_HASH, link_hash};
+use crate::store::{AuditRow, LedgerSnapshot};
+
+/// How many tx ids a failed check names before it says "and N more".
+const NAMED: usize = 10;
+
+/// An inclusive range of Unix milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start_ms: i64,
+    pub end_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CheckReport {
+    pub ok: bool,
+    pub checks: Vec<Check>,
+    /// Rows in the ledger.
+    pub transactions: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+pub fn check(ledger: &LedgerSnapshot, audit: &[AuditRow], window: Option<Window>) -> CheckReport {
+    let mut checks = vec![
+        balances(ledger),
+        hash_chain(ledger),
+        ledger_matches_auditor(ledger, audit),
+    ];
+    if let Some(window) = window {
+        checks.push(quiet_window(ledger, audit, window));
+    }
+    CheckReport {
+        ok: checks.iter().all(|check| check.ok),
+        checks,
+        transactions: ledger.rows.len(),
+    }
+}
+
+fn passed(name: &'static str, detail: String) -> Check {
+    Check {
+        name,
+        ok: true,
+        detail,
+    }
+}
+
+fn failed(name: &'static str, detail: String) -> Check {
+    Check {
+        name,
+        ok: false,
+        detail,
+    }
+}
+
+fn balances(ledger: &LedgerSnapshot) -> Check {
+    const NAME: &str = "balances";
+    // i128: a tampered balance must produce a message, not an overflow.
+    let sum: i128 = ledger.balances.iter().map(|&(_, b)| i128::from(b)).sum();
+    let negative: Vec<String> = ledger
+        .balances
+        .iter()
+        .filter(|&&(_, balance)| balance < 0)
+        .map(|(id, balance)| format!("account {id} holds {balance}"))
+        .collect();
+    let mut problems = Vec::new();
+    if sum != i128::from(ledger.initial_total) {
+        problems.push(format!(
+            "balances sum to {sum}, expected {}",
+            ledger.initial_total
+        ));
+    }
+    if !negative.is_empty() {
+        problems.push(format!("negative balances: {}", name_some(&negative)));
+    }
+    if problems.is_empty() {
+        passed(
+            NAME,
+            format!(
+                "{} accounts sum to {}",
+                ledger.balances.len(),
+                ledger.initial_total
+            ),
+        )
+    } else {
+        failed(NAME, problems.join("; "))
+    }
+}
+
+/// Reports the first broken link only: every later link depends on it.
+fn hash_chain(ledger: &LedgerSnapshot) -> Check {
+    const NAME: &str = "hash_chain";
+    let mut expected_prev = GENESIS_HASH;
+    for row in &ledger.rows {
+        if row.prev_hash != expected_prev {
+            return failed(
+                NAME,
+                format!(
+                    "hash chain broken at seq {} (tx {}): prev_hash {} is not the previous link's hash {}",
+                    row.seq, row.tx_id, row.prev_hash, expected_prev
+                ),
+            );
+        }
+        let recomputed = link_hash(&row.prev_hash, &row.tx_id, row.from, row.to, row.amount);
+        if row.hash != recomputed {
+            return failed(
+                NAME,
+                format!(
+                    "hash chain broken at seq {} (tx {}): stored hash {} does not match its contents (recomputed {})",
+                    row.seq, row.tx_id, row.hash, recomputed
+                ),
+            );
+        }
+        expected_prev = &row.hash;
+    }
+    passed(NAME, format!("{} links verified", ledger.rows.len()))
+}
+
+fn ledger_matches_auditor(ledger: &LedgerSnapshot, audit: &[AuditRow]) -> Check {
+    const NAME: &str = "ledger_matches_auditor";
+    let in_ledger: BTreeMap<&str, &str> = ledger
+        .rows
+        .iter()
+        .map(|row| (row.tx_id.as_str(), row.hash.as_str()))
+        .collect();
+    let in_audit: BTreeMap<&str, &str> = audit
+        .iter()
+        .map(|row| (row.tx_id.as_str(), row.hash.as_str()))
+        .collect();
+    let missing_from_audit: Vec<String> = in_ledger
+        .keys()
+        .filter(|tx| !in_audit.contains_key(*tx))
+        .map(|tx| tx.to_string())
+        .collect();
+    let missing_from_ledger: Vec<String> = in_audit
+        .keys()
+        .filter(|tx| !in_ledger.contains_key(*tx))
+        .map(|tx| tx.to_string())
+        .collect();
+    let differing: Vec<String> = in_ledger
+        .iter()
+        .filter_map(|(tx, ledger_hash)| {
+            let audit_hash = in_audit.get(tx)?;
+            (audit_hash != ledger_hash)
+                .then(|| format!("{tx} (ledger {ledger_hash}, auditor {audit_hash})"))
+        })
+        .collect();
+    let mut problems = Vec::new();
+    if !missing_from_audit.is_empty() {
+        problems.push(format!(
+            "{} transaction(s) in the ledger are missing from the auditor: {}",
+            missing_from_audit.len(),
+            name_some(&missing_from_audit)
+        ));
+    }
+    if !missing_from_ledger.is_empty() {
+        problems.push(format!(
+            "{} transaction(s) in the auditor are missing from the ledger: {}",
+            missing_from_ledger.len(),
+            name_some(&missing_from_ledger)
+        ));
+    }
+    if !differing.is_empty() {
+        problems.push(format!(
+            "{} transaction(s) have different hashes in the ledger and the auditor: {}",
+            differing.len(),
+            name_some(&differing)
+        ));
+    }
+    if problems.is_empty() {
+        passed(
+            NAME,
+            format!("both hold the same {} transactions", in_ledger.len()),
+        )
+    } else {
+        failed(NAME, problems.join("; "))
+    }
+}
+
+fn quiet_window(ledger: &LedgerSnapshot, audit: &[AuditRow], window: Window) -> Check {
+    const NAME: &str = "quiet_window";
+    let inside = |ms: i64| window.start_ms <= ms && ms <= window.end_ms;
+    let committed: Vec<String> = ledger
+        .rows
+        .iter()
+        .filter(|row| inside(row.committed_at_ms))
+        .map(|row| format!("{} at {}", row.tx_id, row.committed_at_ms))
+        .collect();
+    let recorded: Vec<String> = audit
+        .iter()
+        .filter(|row| inside(row.recorded_at_ms))
+        .map(|row| format!("{} at {}", row.tx_id, row.recorded_at_ms))
+        .collect();
+    let span = format!("[{}, {}]", window.start_ms, window.end_ms);
+    let mut problems = Vec::new();
+    if !committed.is_empty() {
+        problems.push(format!(
+            "{} ledger transaction(s) committed inside {span}: {}",
+            committed.len(),
+            name_some(&committed)
+        ));
+    }
+    if !recorded.is_empty() {
+        problems.push(format!(
+            "{} auditor record(s) written inside {span}: {}",
+            recorded.len(),
+            name_some(&recorded)
+        ));
+    }
+    if problems.is_empty() {
+        passed(NAME, format!("nothing committed or recorded inside {span}"))
+    } else {
+        failed(NAME, problems.join("; "))
+    }
+}
+
+/// The first few items, then how many more.
+fn name_some(items: &[String]) -> String {
+    let mut text = items
+        .iter()
+        .take(NAMED)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > NAMED {
+        text.push_str(&format!(", and {} more", items.len() - NAMED));
+    }
+    text
+}
+
+impl std::fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for check in &self.checks {
+            let verdict = if check.ok { "ok  " } else { "FAIL" };
+            writeln!(f, "{verdict} {}: {}", check.name, check.detail)?;
+        }
+        let verdict = if self.ok {
+            "consistent"
+        } else {
+            "INCONSISTENT"
+        };
+        writeln!(f, "{verdict} ({} transactions)", self.transactions)
+    }
+}
+
+#[cfg(test)]
+mod tests;

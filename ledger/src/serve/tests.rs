@@ -1,0 +1,261 @@
+//! In-process nodes on port 0: the application service really is behind the gate, the
+//! admin service is not, and a call runs to completion inside the gate even when its
+//! client goes away.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use stillpoint::grpc::client::{ConnectOptions, NodeClient};
+use stillpoint::resolve::NodeAddress;
+use tonic::Code;
+
+use super::*;
+use crate::check::check;
+use crate::grpc::client::LedgerClient;
+use crate::grpc::wire;
+use crate::load::TransferOutcome;
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    ledger_db: DbUrl,
+    auditor_db: DbUrl,
+    ledger: SocketAddr,
+    ledger_admin: NodeAddress,
+    auditor_admin: NodeAddress,
+    shutdown: CancellationToken,
+}
+
+/// Starts an auditor and a ledger node (admin on its own port); the returned future
+/// serves both until `cluster.shutdown` is cancelled.
+async fn start(
+    policy: ClosedPolicy,
+    options: LedgerOptions,
+) -> (Cluster, impl Future<Output = ()>) {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger_db = DbUrl::Sqlite(dir.path().join("ledger.db"));
+    let auditor_db = DbUrl::Sqlite(dir.path().join("auditor.db"));
+    let bind = || TcpListener::bind("127.0.0.1:0");
+    let auditor_listener = bind().await.unwrap();
+    let ledger_listener = bind().await.unwrap();
+    let admin_listener = bind().await.unwrap();
+    let auditor = Node::open(ServeConfig {
+        role: Role::Auditor,
+        db: auditor_db.clone(),
+        closed_policy: ClosedPolicy::Reject,
+        upstream_pause_lease: None,
+    })
+    .await
+    .unwrap();
+    let ledger = Node::open(ServeConfig {
+        role: Role::Ledger {
+            auditor: auditor_listener.local_addr().unwrap().to_string(),
+            seed: Seed::default(),
+            options,
+        },
+        db: ledger_db.clone(),
+        closed_policy: policy,
+        upstream_pause_lease: None,
+    })
+    .await
+    .unwrap();
+    let admin_port = admin_listener.local_addr().unwrap().port();
+    let auditor_port = auditor_listener.local_addr().unwrap().port();
+    let cluster = Cluster {
+        _dir: dir,
+        ledger_db,
+        auditor_db,
+        ledger: ledger_listener.local_addr().unwrap(),
+        ledger_admin: NodeAddress::new("127.0.0.1", admin_port),
+        // The auditor serves its admin services on its application port.
+        auditor_admin: NodeAddress::new("127.0.0.1", auditor_port),
+        shutdown: CancellationToken::new(),
+    };
+    let shutdown = cluster.shutdown.clone();
+    let servers = async move {
+        let (auditor, ledger) = tokio::join!(
+            run(auditor, auditor_listener, None, shutdown.clone()),
+            run(ledger, ledger_listener, Some(admin_listener), shutdown),
+        );
+        auditor.unwrap();
+        ledger.unwrap();
+    };
+    (cluster, servers)
+}
+
+impl Cluster {
+    async fn admin(&self) -> NodeClient {
+        NodeClient::connect(&self.ledger_admin, &ConnectOptions::default())
+            .await
+            .unwrap()
+    }
+
+    async fn auditor_admin(&self) -> NodeClient {
+        NodeClient::connect(&self.auditor_admin, &ConnectOptions::default())
+            .await
+            .unwrap()
+    }
+
+    fn check(&self) -> crate::check::CheckReport {
+        let ledger = store::read_ledger(&self.ledger_db).unwrap();
+        let audit = store::read_auditor(&self.auditor_db).unwrap();
+        check(&ledger, &audit, None)
+    }
+}
+
+/// Polls `probe` until it holds, failing after a deadline.
+async fn wait_for(what: &str, mut probe: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !probe().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_ledger_rejects_transfers_and_serves_again_after_unpause() {
+    let (cluster, servers) = start(ClosedPolicy::Reject, LedgerOptions::default()).await;
+    let test = async {
+        let client = LedgerClient::connect(&cluster.ledger.to_string())
+            .await
+            .unwrap();
+        assert_eq!(client.transfer(1, 2, 5).await, TransferOutcome::Committed);
+        assert_eq!(
+            client.transfer(3, 4, 1_000_000).await,
+            TransferOutcome::Declined
+        );
+
+        let mut admin = cluster.admin().await;
+        let lease = Duration::from_secs(30);
+        admin
+            .pause_leased("test", lease, Duration::from_secs(5), true)
+            .await
+            .unwrap();
+        assert!(
+            matches!(client.transfer(1, 2, 5).await, TransferOutcome::Rejected(_)),
+            "a paused node must refuse"
+        );
+        // The admin service is not behind the gate.
+        assert!(admin.status().await.unwrap().paused);
+        admin.unpause_leased("test").await.unwrap();
+        assert_eq!(client.transfer(2, 1, 5).await, TransferOutcome::Committed);
+
+        // The test-only hold is refused unless the node allows it.
+        let mut wire_client =
+            wire::ledger_client::LedgerClient::connect(format!("http://{}", cluster.ledger))
+                .await
+                .unwrap();
+        let slow = wire::TransferRequest {
+            from_account: 1,
+            to_account: 2,
+            amount: 1,
+            hold_inside_gate_ms: 10,
+        };
+        let refused = wire_client.transfer(slow).await.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition);
+
+        let report = cluster.check();
+        assert!(report.ok, "{report}");
+        assert_eq!(report.transactions, 2);
+        cluster.shutdown.cancel();
+    };
+    tokio::join!(servers, test);
+}
+
+/// The negative control is built in: if a call stopped when its client left, the pause
+/// would find the gate empty at once and the transfer would not be in either database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_waits_for_a_transfer_whose_client_went_away() {
+    let options = LedgerOptions {
+        allow_slow_transfers: true,
+        ..LedgerOptions::default()
+    };
+    let (cluster, servers) = start(ClosedPolicy::Reject, options).await;
+    let test = async {
+        let mut admin = cluster.admin().await;
+        let mut client =
+            wire::ledger_client::LedgerClient::connect(format!("http://{}", cluster.ledger))
+                .await
+                .unwrap();
+        let slow = client.transfer(wire::TransferRequest {
+            from_account: 1,
+            to_account: 2,
+            amount: 7,
+            hold_inside_gate_ms: 500,
+        });
+        // Drive the call until the node has it inside the gate, then drop it.
+        tokio::select! {
+            reply = slow => panic!("the slow transfer answered before it was abandoned: {reply:?}"),
+            () = wait_for("the transfer to enter the gate", async || {
+                admin.status().await.unwrap().in_flight == 1
+            }) => {}
+        }
+        let mut admin = cluster.admin().await;
+        let paused = admin
+            .pause_leased(
+                "test",
+                Duration::from_secs(30),
+                Duration::from_secs(10),
+                true,
+            )
+            .await
+            .unwrap();
+        assert_eq!(paused.drained_in_flight, 1, "{paused:?}");
+
+        let ledger = store::read_ledger(&cluster.ledger_db).unwrap();
+        assert_eq!(
+            ledger.rows.len(),
+            1,
+            "the abandoned transfer must commit before the pause"
+        );
+        assert!(ledger.rows[0].committed_at_ms <= paused.paused_since_ms.unwrap());
+        let report = cluster.check();
+        assert!(report.ok, "{report}");
+
+        admin.unpause_leased("test").await.unwrap();
+        cluster.shutdown.cancel();
+    };
+    tokio::join!(servers, test);
+}
+
+/// The ledger row is committed before the auditor is called, so a ledger node must ride
+/// out a paused auditor instead of giving up on the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_node_retries_a_paused_auditor() {
+    let (cluster, servers) = start(ClosedPolicy::Reject, LedgerOptions::default()).await;
+    let test = async {
+        let client = LedgerClient::connect(&cluster.ledger.to_string())
+            .await
+            .unwrap();
+        let mut auditor = cluster.auditor_admin().await;
+        auditor
+            .pause_leased(
+                "test",
+                Duration::from_secs(30),
+                Duration::from_secs(5),
+                true,
+            )
+            .await
+            .unwrap();
+        let transfer = client.transfer(1, 2, 3);
+        tokio::pin!(transfer);
+        // Unpause only after the auditor has refused the ledger node at least once.
+        tokio::select! {
+            outcome = &mut transfer => panic!("answered while the auditor was paused: {outcome:?}"),
+            () = wait_for("the auditor to refuse a Record", async || {
+                let stats = auditor.stats().await.unwrap();
+                stats["gate"]["rejected_total"].as_u64().unwrap() >= 1
+            }) => {}
+        }
+        auditor.unpause_leased("test").await.unwrap();
+        assert_eq!(transfer.await, TransferOutcome::Committed);
+        let report = cluster.check();
+        assert!(report.ok, "{report}");
+        assert_eq!(report.transactions, 1);
+        cluster.shutdown.cancel();
+    };
+    tokio::join!(servers, test);
+}

@@ -1,0 +1,151 @@
+//! The harness: starts real `ledger-node` processes on free ports, runs our binaries,
+//! waits for states by polling with a deadline, and tears everything down on drop.
+//!
+//! The binaries come from the same target directory as this test; the test command
+//! (`scripts/test`) builds the whole workspace first.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of one of the workspace's binaries, next to this test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let mut directory = std::env::current_exe().expect("test executable path");
+    directory.pop();
+    if directory.ends_with("deps") {
+        directory.pop();
+    }
+    let path = directory.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `condition` every 20ms until it holds or `within` passes.
+pub fn wait_until(within: Duration, what: &str, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        if condition() {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Process {
+    child: Option<Child>,
+    pub name: String,
+}
+
+impl Process {
+    pub fn new(child: Child, name: String) -> Self {
+        Self {
+            child: Some(child),
+            name,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} {} failed", self.name);
+    }
+
+    pub fn has_exited(&mut self) -> bool {
+        let child = self.child.as_mut().expect("running");
+        child.try_wait().unwrap().is_some()
+    }
+
+    /// Waits (bounded) for the process to exit by itself; returns what it printed.
+    pub fn wait_output(mut self, within: Duration) -> Output {
+        wait_until(within, &format!("{} to exit", self.name), || self.has_exited());
+        self.child.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts a binary and waits for it to print `… listening on ADDR` lines on stdout;
+/// returns the process and the addresses in the order printed.
+pub fn spawn_listening(program: &Path, args: &[String], expected_lines: usize) -> (Process, Vec<String>) {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|error| panic!("starting {}: {error}", program.display()));
+    let stdout = child.stdout.take().unwrap();
+    let (sender, receiver) = mpsc::channel();
+    // The reader thread ends when the child closes its stdout (at exit).
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let process = Process::new(child, format!("{} {}", program.display(), args.join(" ")));
+    let mut addresses = Vec::new();
+    while addresses.len() < expected_lines {
+        let line = receiver
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{} never said it was listening", process.name));
+        if let Some((_, address)) = line.split_once("listening on ") {
+            addresses.push(address.trim().to_owned());
+        }
+    }
+    (process, addresses)
+}
+
+/// Runs one of our binaries to completion (bounded) and returns its output.
+pub fn run(program: &str, args: &[&str]) -> Output {
+    let child = Command::new(bin(program))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let process = Process::new(child, format!("{program} {}", args.join(" ")));
+    process.wait_output(Duration::from_secs(120))
+}
+
+/// Runs a binary that prints one JSON object; returns its exit code and the object.
+pub fn run_json(program: &str, args: &[&str]) -> (i32, Value) {
+    let output = run(program, args);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let value = serde_json::from_str(&stdout).unwrap_or_else(|error| {
+        panic!(
+            "{program} {} printed no JSON ({error}):\nstdout: {stdout}\nstderr: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status.code().unwrap_or(-1), value)
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
