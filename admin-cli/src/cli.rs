@@ -2,6 +2,7 @@
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
+use crate::demo::{self, DemoArgs};
 use crate::exit::{self, Failure};
 use crate::pause::{self, InspectArgs, PauseArgs, UnpauseArgs};
 
@@ -49,6 +50,9 @@ pub enum Command {
     CheckPaused(InspectArgs),
     /// Print each node's Stats JSON (gate counters, pause state).
     Stats(InspectArgs),
+    /// Start a local reference cluster (3 ledger nodes + 1 auditor on SQLite) under
+    /// load, pause it, check both databases, print a report and clean up.
+    Demo(DemoArgs),
 }
 
 pub async fn run() -> Result<u8, Failure> {
@@ -60,5 +64,6 @@ pub async fn run() -> Result<u8, Failure> {
         Command::Unpause(args) => pause::unpause(args, sub).await,
         Command::CheckPaused(args) => pause::check_paused(args, sub).await,
         Command::Stats(args) => pause::stats(args, sub).await,
+        Command::Demo(args) => demo::demo(args).await,
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! - `args.rs`: flags shared by every cluster command (targets, TLS, output).
 //! - `pause.rs`: `pause`, `unpause`, `check-paused`, `stats`.
+//! - `demo.rs`: `demo`, a local reference cluster paused and checked.
 //! - `scalar_admin.rs`: the upstream-compatible `scalar-admin` flags.
 //! - `state.rs`: the state file that carries a pause from `pause` to `unpause`.
 //! - `output.rs`: JSON for machines, text for people.
@@ -10,6 +11,7 @@
 
 pub mod args;
 pub mod cli;
+pub mod demo;
 pub mod exit;
 pub mod output;
 pub mod pause;

@@ -42,6 +42,9 @@ pub struct LoadConfig {
     pub accounts: u32,
     /// Amounts are drawn from 1..=max_amount.
     pub max_amount: i64,
+    /// Test-only: ask each ledger node to hold the transfer this long inside its gate
+    /// (nodes refuse unless started with --allow-slow-transfers).
+    pub hold_inside_gate: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -102,6 +105,7 @@ struct Plan {
     shutdown: CancellationToken,
     accounts: i64,
     max_amount: i64,
+    hold_inside_gate_ms: u64,
 }
 
 impl Plan {
@@ -187,6 +191,7 @@ pub async fn run(config: LoadConfig, shutdown: CancellationToken) -> Result<Load
         shutdown: shutdown.clone(),
         accounts: i64::from(config.accounts),
         max_amount: config.max_amount,
+        hold_inside_gate_ms: config.hold_inside_gate.as_millis() as u64,
     });
     // Workers are tasks so that they spread over all cores; the set is joined below.
     let mut workers = JoinSet::new();
@@ -218,7 +223,9 @@ async fn worker(index: usize, seed: u64, clients: Arc<[LedgerClient]>, plan: Arc
         let to = (from - 1 + rng.i64(1..plan.accounts)) % plan.accounts + 1;
         let amount = rng.i64(1..=plan.max_amount);
         let started = Instant::now();
-        let outcome = clients[target].transfer(from, to, amount).await;
+        let outcome = clients[target]
+            .transfer(from, to, amount, plan.hold_inside_gate_ms)
+            .await;
         tally.add(outcome, started.elapsed());
         target = (target + 1) % clients.len();
     }

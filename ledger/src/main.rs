@@ -130,6 +130,11 @@ struct LoadArgs {
     /// Largest amount of one transfer.
     #[arg(long, default_value_t = 10)]
     max_amount: i64,
+    /// Test-only: each transfer stays this long inside the ledger node's gate, to make
+    /// a transaction that outlives a pause's max wait. Nodes refuse it unless started
+    /// with --allow-slow-transfers.
+    #[arg(long, value_parser = parse_duration, default_value = "0ms", value_name = "DURATION")]
+    hold_inside_gate: Duration,
 }
 
 #[derive(Args)]
@@ -263,6 +268,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         seed,
         accounts: args.accounts,
         max_amount: args.max_amount,
+        hold_inside_gate: args.hold_inside_gate,
     };
     let shutdown = CancellationToken::new();
     let (report, ()) = tokio::join!(

@@ -158,6 +158,17 @@ fn stress_no_request_escapes_the_drain() {
     let mut drained_with_work_inside = 0;
     runtime.block_on(async {
         for _ in 0..PAUSES {
+            // Race live traffic: wait until the workers got in again since the last
+            // pause (threads may start late on a busy machine).
+            let seen = admitted.load(SeqCst);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while admitted.load(SeqCst) == seen {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "workers stopped entering"
+                );
+                std::thread::yield_now();
+            }
             gate.close();
             gate.wait_drained(Duration::from_secs(10))
                 .await

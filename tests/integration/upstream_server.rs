@@ -25,7 +25,10 @@ struct UpstreamOnly {
 #[tonic::async_trait]
 impl Admin for UpstreamOnly {
     async fn pause(&self, request: Request<PauseRequest>) -> Result<Response<()>, Status> {
-        assert!(request.into_inner().wait_outstanding, "the CLI waits by default");
+        assert!(
+            request.into_inner().wait_outstanding,
+            "the CLI waits by default"
+        );
         self.calls.pauses.fetch_add(1, SeqCst);
         self.calls.paused.store(true, SeqCst);
         Ok(Response::new(()))

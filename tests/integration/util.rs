@@ -35,7 +35,10 @@ pub fn wait_until(within: Duration, what: &str, mut condition: impl FnMut() -> b
         if condition() {
             return started.elapsed();
         }
-        assert!(started.elapsed() < within, "timed out after {within:?} waiting for {what}");
+        assert!(
+            started.elapsed() < within,
+            "timed out after {within:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -73,7 +76,9 @@ impl Process {
 
     /// Waits (bounded) for the process to exit by itself; returns what it printed.
     pub fn wait_output(mut self, within: Duration) -> Output {
-        wait_until(within, &format!("{} to exit", self.name), || self.has_exited());
+        wait_until(within, &format!("{} to exit", self.name), || {
+            self.has_exited()
+        });
         self.child.take().unwrap().wait_with_output().unwrap()
     }
 }
@@ -89,9 +94,18 @@ impl Drop for Process {
 
 /// Starts a binary and waits for it to print `… listening on ADDR` lines on stdout;
 /// returns the process and the addresses in the order printed.
-pub fn spawn_listening(program: &Path, args: &[String], expected_lines: usize) -> (Process, Vec<String>) {
+pub fn spawn_listening(
+    program: &Path,
+    args: &[String],
+    expected_lines: usize,
+) -> (Process, Vec<String>) {
     let mut child = Command::new(program)
         .args(args)
+        // Node logs go to the test's stderr; warnings (lease expiries…) are enough.
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

@@ -113,12 +113,19 @@ impl LedgerClient {
         &self.target
     }
 
-    pub async fn transfer(&self, from: i64, to: i64, amount: i64) -> TransferOutcome {
+    /// `hold_inside_gate_ms` is test-only (see `TransferRequest`); pass 0.
+    pub async fn transfer(
+        &self,
+        from: i64,
+        to: i64,
+        amount: i64,
+        hold_inside_gate_ms: u64,
+    ) -> TransferOutcome {
         let request = TransferRequest {
             from_account: from,
             to_account: to,
             amount,
-            hold_inside_gate_ms: 0,
+            hold_inside_gate_ms,
         };
         let status = match self.inner.clone().transfer(request).await {
             Ok(_) => return TransferOutcome::Committed,

@@ -122,9 +122,12 @@ async fn a_paused_ledger_rejects_transfers_and_serves_again_after_unpause() {
         let client = LedgerClient::connect(&cluster.ledger.to_string())
             .await
             .unwrap();
-        assert_eq!(client.transfer(1, 2, 5).await, TransferOutcome::Committed);
         assert_eq!(
-            client.transfer(3, 4, 1_000_000).await,
+            client.transfer(1, 2, 5, 0).await,
+            TransferOutcome::Committed
+        );
+        assert_eq!(
+            client.transfer(3, 4, 1_000_000, 0).await,
             TransferOutcome::Declined
         );
 
@@ -135,13 +138,19 @@ async fn a_paused_ledger_rejects_transfers_and_serves_again_after_unpause() {
             .await
             .unwrap();
         assert!(
-            matches!(client.transfer(1, 2, 5).await, TransferOutcome::Rejected(_)),
+            matches!(
+                client.transfer(1, 2, 5, 0).await,
+                TransferOutcome::Rejected(_)
+            ),
             "a paused node must refuse"
         );
         // The admin service is not behind the gate.
         assert!(admin.status().await.unwrap().paused);
         admin.unpause_leased("test").await.unwrap();
-        assert_eq!(client.transfer(2, 1, 5).await, TransferOutcome::Committed);
+        assert_eq!(
+            client.transfer(2, 1, 5, 0).await,
+            TransferOutcome::Committed
+        );
 
         // The test-only hold is refused unless the node allows it.
         let mut wire_client =
@@ -240,7 +249,7 @@ async fn a_ledger_node_retries_a_paused_auditor() {
             )
             .await
             .unwrap();
-        let transfer = client.transfer(1, 2, 3);
+        let transfer = client.transfer(1, 2, 3, 0);
         tokio::pin!(transfer);
         // Unpause only after the auditor has refused the ledger node at least once.
         tokio::select! {

@@ -1,0 +1,132 @@
+//! The command line itself: help that teaches, and bad input refused with exit code 2
+//! and a message naming the value, before anything is contacted.
+
+use crate::util::{run, stderr};
+
+#[test]
+fn help_explains_commands_tiers_and_exit_codes() {
+    let top = run("stillpoint", &["--help"]);
+    assert!(top.status.success());
+    let text = String::from_utf8_lossy(&top.stdout);
+    for needle in [
+        "pause",
+        "unpause",
+        "check-paused",
+        "restore point",
+        "Exit codes",
+        "lease",
+    ] {
+        assert!(
+            text.contains(needle),
+            "stillpoint --help lacks {needle:?}:\n{text}"
+        );
+    }
+    let pause = run("stillpoint", &["pause", "--help"]);
+    let text = String::from_utf8_lossy(&pause.stdout);
+    for needle in [
+        "--hold-for",
+        "--lease",
+        "--keep-alive",
+        "tier",
+        "--time-zone",
+        "--min-window",
+    ] {
+        assert!(
+            text.contains(needle),
+            "stillpoint pause --help lacks {needle:?}:\n{text}"
+        );
+    }
+    let scalar = run("scalar-admin", &["--help"]);
+    let text = String::from_utf8_lossy(&scalar.stdout);
+    for needle in [
+        "PAUSE",
+        "CHECK_PAUSED",
+        "--max-pause-wait-time",
+        "--srv-service-url",
+    ] {
+        assert!(
+            text.contains(needle),
+            "scalar-admin --help lacks {needle:?}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn bad_input_is_a_usage_error_that_names_the_value() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["pause", "-a", "127.0.0.1:1,,127.0.0.1:2"], "empty entry"),
+        (
+            &["pause", "-a", "127.0.0.1:1", "-a", "127.0.0.1:1"],
+            "127.0.0.1:1 is listed twice",
+        ),
+        (&["pause", "-a", "node-without-port"], "node-without-port"),
+        (
+            &[
+                "pause",
+                "-a",
+                "127.0.0.1:1",
+                "--lease",
+                "1s",
+                "--max-pause-wait",
+                "5s",
+            ],
+            "shorter than the lease",
+        ),
+        (&["pause", "-a", "127.0.0.1:1", "--lease", "10"], "\"10\""),
+        (
+            &["pause", "-a", "127.0.0.1:1", "--time-zone", "Mars/Olympus"],
+            "Mars/Olympus",
+        ),
+        (&["pause"], "-a HOST:PORT"),
+    ];
+    for (args, needle) in cases {
+        let output = run("stillpoint", args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(needle),
+            "{args:?}: expected {needle:?} in {}",
+            stderr(&output)
+        );
+    }
+}
+
+#[test]
+fn unreachable_node_fails_the_pause_cleanly() {
+    // Nothing listens on port 1.
+    let output = run(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "10ms",
+            "-a",
+            "127.0.0.1:1",
+            "--connect-timeout",
+            "500ms",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["nodes"][0]["outcome"], "failed");
+    assert!(stderr(&output).contains("127.0.0.1:1"));
+}
+
+/// The README's first command, run as a user would (JSON, to read the verdict).
+#[test]
+fn demo_pauses_a_local_cluster_and_its_checks_pass() {
+    let (code, report) = crate::util::run_json("stillpoint", &["demo", "--output", "json"]);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["window"]["window_valid"], true);
+    assert_eq!(report["load"]["failed"], 0);
+    assert!(report["load"]["ok"].as_u64().unwrap() > 0);
+    let checks = report["check"]["checks"].as_array().unwrap();
+    assert!(checks.len() >= 4 && checks.iter().all(|check| check["ok"] == true), "{checks:#?}");
+}

@@ -1,0 +1,11 @@
+//! stillpoint's integration tests: one test binary, real processes, real ports. Each
+//! test reads like a runbook; `util.rs` and `cluster.rs` hold the harness.
+
+mod cluster;
+mod dns;
+mod upstream_server;
+mod util;
+
+mod cli;
+mod pause;
+mod protocols;

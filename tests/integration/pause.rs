@@ -1,0 +1,396 @@
+//! Pausing and releasing a real ledger + auditor cluster under load.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::cluster::{Cluster, Load};
+use crate::util::{Process, bin, run, run_json, stderr, wait_until};
+
+fn paused_flags(addresses: &str) -> Vec<bool> {
+    let (_, report) = run_json(
+        "stillpoint",
+        &["check-paused", "-a", addresses, "--output", "json"],
+    );
+    report["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|node| node["paused"].as_bool().expect("node answered"))
+        .collect()
+}
+
+fn all_nodes(cluster: &Cluster) -> String {
+    format!("{},{}", cluster.ledger_tier(), cluster.auditor.address)
+}
+
+fn node_stats(address: &str) -> Value {
+    let (code, report) = run_json("stillpoint", &["stats", "-a", address, "--output", "json"]);
+    assert_eq!(code, 0, "{report}");
+    report["nodes"][0]["stats"].clone()
+}
+
+/// The main scenario: 3 ledger nodes + 1 auditor under load, one command that
+/// pauses (ledgers first, then the auditor), holds 200ms and releases.
+#[test]
+fn hold_for_under_load_gives_a_valid_window_with_nothing_committed_inside() {
+    let cluster = Cluster::start(3);
+    let load = Load::start(&cluster.ledger_tier(), 8, &[]);
+    wait_until(
+        Duration::from_secs(30),
+        "the load to commit transfers",
+        || cluster.transactions() >= 20,
+    );
+
+    let (code, window) = run_json(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "200ms",
+            "-a",
+            &cluster.ledger_tier(),
+            "-a",
+            &cluster.auditor.address,
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{window:#}");
+    let committed_during_run = cluster.transactions();
+    wait_until(
+        Duration::from_secs(30),
+        "the load to go on after the pause",
+        || cluster.transactions() > committed_during_run + 20,
+    );
+    let report = load.stop();
+
+    // The fields runbook parsers read, and ours.
+    for field in [
+        "pause_start_timestamp_ms",
+        "pause_end_timestamp_ms",
+        "pause_start_date_time",
+        "pause_end_date_time",
+        "timezone",
+        "restore_point_timestamp_ms",
+        "restore_point_date_time",
+        "skew_bound_ms",
+        "window_valid",
+        "pause_id",
+        "nodes",
+    ] {
+        assert!(!window[field].is_null(), "missing {field} in {window:#}");
+    }
+    assert_eq!(window["window_valid"], true, "{window:#}");
+    let start = window["pause_start_timestamp_ms"].as_i64().unwrap();
+    let end = window["pause_end_timestamp_ms"].as_i64().unwrap();
+    assert!(
+        end - start >= 200,
+        "held {}ms, asked for 200ms",
+        end - start
+    );
+    assert_eq!(
+        window["restore_point_timestamp_ms"].as_i64().unwrap(),
+        start + (end - start) / 2
+    );
+
+    let nodes = window["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 4);
+    for node in nodes {
+        assert_eq!(node["outcome"], "released", "{node}");
+        assert_eq!(
+            node["in_flight_at_pause"], 0,
+            "nodes report zero in flight: {node}"
+        );
+        assert_eq!(node["stayed_paused"], true, "{node}");
+        assert!(node["clock_offset_ms"].is_i64(), "{node}");
+    }
+    assert_eq!(nodes[3]["tier"], 2, "the auditor is the second tier");
+
+    // Held, not failed: clients saw latency, not errors.
+    assert_eq!(report["failed"], 0, "{report:#}");
+    assert_eq!(report["rejected"], 0, "{report:#}");
+    let held: u64 = cluster
+        .ledgers
+        .iter()
+        .map(|node| {
+            node_stats(&node.address)["gate"]["held_total"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert!(
+        held > 0,
+        "no request arrived during the 200ms pause: the test proved nothing"
+    );
+
+    // Nothing committed inside the window, and the invariants hold.
+    let (code, check) = cluster.check(Some((start, end)));
+    assert_eq!(code, 0, "{check:#}");
+    // The same check over the whole run must fail, or it could not have failed above.
+    let (code, check) = cluster.check(Some((0, i64::MAX)));
+    assert_eq!(code, 1, "window check cannot fail: {check:#}");
+}
+
+#[test]
+fn text_output_is_for_people() {
+    let cluster = Cluster::start(1);
+    let output = run(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "50ms",
+            "-a",
+            &cluster.ledger_tier(),
+            "-a",
+            &cluster.auditor.address,
+        ],
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}{}", stderr(&output));
+    assert!(text.contains("valid restore point"), "{text}");
+    assert!(text.contains("restore point"), "{text}");
+    assert!(text.contains(&cluster.auditor.address), "{text}");
+}
+
+/// A coordinator killed with SIGKILL while it holds a pause cannot unpause; the nodes'
+/// lease must.
+#[test]
+fn sigkill_of_the_cli_leaves_every_node_unpaused_within_the_lease() {
+    let cluster = Cluster::start(2);
+    let nodes = all_nodes(&cluster);
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let child = std::process::Command::new(bin("stillpoint"))
+        .args([
+            "pause",
+            "--keep-alive",
+            "--lease",
+            "2s",
+            "--max-pause-wait",
+            "1s",
+            "-a",
+            &cluster.ledger_tier(),
+            "-a",
+            &cluster.auditor.address,
+            "--state-file",
+            state_file.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let coordinator = Process::new(child, "stillpoint pause --keep-alive".to_owned());
+    wait_until(Duration::from_secs(20), "every node to pause", || {
+        paused_flags(&nodes).iter().all(|paused| *paused)
+    });
+    // The keep-alive renews: one and a half leases later the cluster is still paused.
+    std::thread::sleep(Duration::from_millis(3_000));
+    assert!(
+        paused_flags(&nodes).iter().all(|paused| *paused),
+        "keep-alive did not renew"
+    );
+
+    coordinator.signal("KILL");
+    let killed_at = Instant::now();
+    drop(coordinator);
+    let took = wait_until(
+        Duration::from_secs(10),
+        "the lease to reopen every node",
+        || paused_flags(&nodes).iter().all(|paused| !paused),
+    );
+    assert!(
+        killed_at.elapsed() <= Duration::from_secs(3),
+        "nodes reopened {took:?} after the kill; lease 2s + 1s allowed"
+    );
+}
+
+/// A transfer that stays inside its gate longer than the max wait: that node's pause
+/// fails with FAILED_PRECONDITION, every other node is released, the cluster serves.
+#[test]
+fn a_node_that_cannot_drain_fails_the_pause_and_everyone_is_released() {
+    let cluster = Cluster::start_with(3, &["--allow-slow-transfers"]);
+    let slow_node = cluster.ledgers[1].address.clone();
+    let slow = Load::start(&slow_node, 1, &["--hold-inside-gate", "4s"]);
+    wait_until(
+        Duration::from_secs(20),
+        "the slow transfer to be inside the gate",
+        || node_stats(&slow_node)["gate"]["in_flight"].as_u64() == Some(1),
+    );
+
+    let output = run(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "100ms",
+            "--max-pause-wait",
+            "500ms",
+            "-a",
+            &cluster.ledger_tier(),
+            "-a",
+            &cluster.auditor.address,
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "exit code for a rolled-back pause; {}",
+        stderr(&output)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let outcome = |address: &str| -> Value {
+        report["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|node| node["address"] == address)
+            .unwrap_or_else(|| panic!("{address} missing from {report:#}"))
+            .clone()
+    };
+    let failed = outcome(&slow_node);
+    assert_eq!(failed["outcome"], "failed");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("1 request(s) still in flight"),
+        "{failed}"
+    );
+    for other in [&cluster.ledgers[0].address, &cluster.ledgers[2].address] {
+        assert_eq!(outcome(other)["outcome"], "rolled_back", "{report:#}");
+    }
+    assert_eq!(
+        outcome(&cluster.auditor.address)["outcome"],
+        "not_attempted"
+    );
+    assert!(
+        paused_flags(&all_nodes(&cluster))
+            .iter()
+            .all(|paused| !paused)
+    );
+
+    // The gate reopened: the slow transfer and new ones complete.
+    let report = slow.stop();
+    assert_eq!(report["failed"], 0, "{report:#}");
+    let load = Load::start(&cluster.ledger_tier(), 2, &[]);
+    let before = cluster.transactions();
+    wait_until(
+        Duration::from_secs(20),
+        "the cluster to keep serving",
+        || cluster.transactions() > before + 5,
+    );
+    assert_eq!(load.stop()["failed"], 0);
+}
+
+/// A plain `pause` leaves the cluster paused and records the window; `unpause` closes it.
+/// A second coordinator with another pause id is refused instead of merging.
+#[test]
+fn plain_pause_then_unpause_and_a_second_pause_is_refused() {
+    let cluster = Cluster::start(1);
+    let nodes = all_nodes(&cluster);
+    let state = tempfile::tempdir().unwrap();
+    let first = state.path().join("first.json");
+    let second = state.path().join("second.json");
+    let pause = |state_file: &std::path::Path| {
+        run_json(
+            "stillpoint",
+            &[
+                "pause",
+                "-a",
+                &cluster.ledger_tier(),
+                "-a",
+                &cluster.auditor.address,
+                "--state-file",
+                state_file.to_str().unwrap(),
+                "--output",
+                "json",
+            ],
+        )
+    };
+
+    let (code, opened) = pause(&first);
+    assert_eq!(code, 0, "{opened:#}");
+    assert!(opened["pause_end_timestamp_ms"].is_null());
+    assert!(opened["lease_expires_at_ms"].is_i64());
+    assert!(first.exists(), "the window must be recorded for unpause");
+
+    let (code, refused) = pause(&second);
+    assert_eq!(code, 3, "{refused:#}");
+    let reason = refused["invalid_reasons"][0].as_str().unwrap();
+    assert!(reason.contains("already paused by pause id"), "{reason}");
+    assert!(
+        paused_flags(&nodes).iter().all(|paused| *paused),
+        "the refused pause released ours"
+    );
+
+    let (code, closed) = run_json(
+        "stillpoint",
+        &[
+            "unpause",
+            "--state-file",
+            first.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{closed:#}");
+    assert_eq!(closed["window_valid"], true);
+    assert_eq!(closed["pause_id"], opened["pause_id"]);
+    assert!(!first.exists(), "a closed window leaves no state behind");
+    assert!(paused_flags(&nodes).iter().all(|paused| !paused));
+}
+
+/// A node that restarts inside the window silently drops its pause; the window must be
+/// reported as unusable (exit 5).
+#[test]
+fn a_node_restarted_inside_the_window_invalidates_it() {
+    let mut cluster = Cluster::start(2);
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let (code, opened) = run_json(
+        "stillpoint",
+        &[
+            "pause",
+            "-a",
+            &cluster.ledger_tier(),
+            "-a",
+            &cluster.auditor.address,
+            "--lease",
+            "60s",
+            "--state-file",
+            state_file.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{opened:#}");
+    cluster.ledgers[0].restart();
+
+    let output = run(
+        "stillpoint",
+        &[
+            "unpause",
+            "--state-file",
+            state_file.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(5), "{}", stderr(&output));
+    let closed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(closed["window_valid"], false);
+    let reasons = closed["invalid_reasons"].to_string();
+    assert!(reasons.contains(&cluster.ledgers[0].address), "{reasons}");
+    assert!(stderr(&output).contains("must not be used as a restore point"));
+    // Every node was still released.
+    assert!(
+        paused_flags(&all_nodes(&cluster))
+            .iter()
+            .all(|paused| !paused)
+    );
+}

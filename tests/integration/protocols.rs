@@ -1,0 +1,167 @@
+//! Talking to other kinds of node and other callers: a node that only implements the
+//! upstream API, DNS SRV discovery, and the `scalar-admin` drop-in binary.
+
+use std::sync::atomic::Ordering::SeqCst;
+
+use crate::cluster::Cluster;
+use crate::dns::SrvServer;
+use crate::upstream_server::UpstreamOnlyServer;
+use crate::util::{run, run_json, stderr};
+
+/// A node with only Pause/Unpause/CheckPaused: the CLI still pauses and releases it,
+/// and says what it cannot prove.
+#[test]
+fn pauses_a_node_that_implements_only_the_upstream_methods() {
+    let node = UpstreamOnlyServer::start();
+    let address = node.address.to_string();
+    let (code, window) = run_json(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "50ms",
+            "-a",
+            &address,
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{window:#}");
+    assert_eq!(window["nodes"][0]["protocol"], "upstream");
+    assert_eq!(window["nodes"][0]["outcome"], "released");
+    assert!(window["skew_bound_ms"].is_null());
+    let warnings = window["warnings"].to_string();
+    assert!(
+        warnings.contains("only the upstream admin API"),
+        "{warnings}"
+    );
+    assert_eq!(node.calls.pauses.load(SeqCst), 1);
+    assert_eq!(node.calls.unpauses.load(SeqCst), 1);
+    assert!(!node.calls.paused.load(SeqCst));
+
+    let (code, checked) = run_json(
+        "stillpoint",
+        &["check-paused", "-a", &address, "--output", "json"],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(checked["nodes"][0]["paused"], false);
+    // Stats is not implemented there: a clear error, not a crash.
+    let output = run("stillpoint", &["stats", "-a", &address]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("predates Stats"));
+}
+
+/// `-s` resolves a real SRV record from a DNS server on loopback; SRV and address tiers
+/// mix in the order given.
+#[test]
+fn resolves_nodes_from_a_dns_srv_record() {
+    let cluster = Cluster::start(2);
+    let ports: Vec<u16> = cluster
+        .ledgers
+        .iter()
+        .map(|node| node.address.rsplit_once(':').unwrap().1.parse().unwrap())
+        .collect();
+    let dns = SrvServer::start("_admin._tcp.ledger.test.", &ports);
+    let dns_server = dns.address.to_string();
+
+    let (code, checked) = run_json(
+        "stillpoint",
+        &[
+            "check-paused",
+            "-s",
+            "_admin._tcp.ledger.test.",
+            "--dns-server",
+            &dns_server,
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{checked:#}");
+    let found: Vec<String> = checked["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|node| node["address"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: Vec<String> = ports
+        .iter()
+        .map(|port| format!("localhost:{port}"))
+        .collect();
+    assert_eq!(found, expected);
+
+    let (code, window) = run_json(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "50ms",
+            "-s",
+            "_admin._tcp.ledger.test.",
+            "--dns-server",
+            &dns_server,
+            "-a",
+            &cluster.auditor.address,
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{window:#}");
+    let tiers: Vec<u64> = window["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|node| node["tier"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        tiers,
+        [1, 1, 2],
+        "the SRV tier came first on the command line"
+    );
+
+    let output = run(
+        "stillpoint",
+        &[
+            "check-paused",
+            "-s",
+            "_nothing._tcp.ledger.test.",
+            "--dns-server",
+            &dns_server,
+        ],
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("_nothing._tcp.ledger.test."),
+        "{}",
+        stderr(&output)
+    );
+}
+
+/// Existing runbooks call `scalar-admin -c PAUSE …`: the flags and the case-insensitive
+/// command work against our nodes.
+#[test]
+fn scalar_admin_binary_pauses_checks_and_unpauses() {
+    let cluster = Cluster::start(1);
+    let nodes = format!("{},{}", cluster.ledger_tier(), cluster.auditor.address);
+
+    let (code, paused) = run_json("scalar-admin", &["-c", "pause", "-a", &nodes, "-m", "5000"]);
+    assert_eq!(code, 0, "{paused:#}");
+    assert!(paused["pause_start_timestamp_ms"].is_i64());
+    let (code, checked) = run_json("scalar-admin", &["-c", "CHECK_PAUSED", "-a", &nodes]);
+    assert_eq!(code, 0);
+    assert_eq!(checked["paused"], true, "{checked:#}");
+    // Paused through the upstream API, so no pause id holds it.
+    let holder = checked["nodes"][0]["holder"].as_str().unwrap();
+    assert!(holder.contains("upstream"), "{holder}");
+
+    let (code, _) = run_json(
+        "scalar-admin",
+        &["--command", "Unpause", "--addresses", &nodes],
+    );
+    assert_eq!(code, 0);
+    let (_, checked) = run_json("scalar-admin", &["-c", "check_paused", "-a", &nodes]);
+    assert_eq!(checked["paused"], false);
+
+    let output = run("scalar-admin", &["-c", "STOP", "-a", &nodes]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("PAUSE, UNPAUSE or CHECK_PAUSED"));
+}
