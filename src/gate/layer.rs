@@ -96,3 +96,79 @@ fn refusal<ReqBody, ResBody: Default>(
     );
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+
+    use tower::{Layer as _, ServiceExt as _};
+
+    use super::GateLayer;
+    use crate::gate::{ClosedPolicy, Gate};
+
+    fn echo() -> impl tower::Service<
+        http::Request<String>,
+        Response = http::Response<String>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(|request: http::Request<String>| async move {
+            Ok::<_, Infallible>(http::Response::new(request.into_body()))
+        })
+    }
+
+    fn request(content_type: &str) -> http::Request<String> {
+        http::Request::builder()
+            .header(http::header::CONTENT_TYPE, content_type)
+            .body("hello".to_owned())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn open_gate_passes_requests_through() {
+        let gate = Arc::new(Gate::new(ClosedPolicy::Reject));
+        let service = GateLayer::new(gate.clone()).layer(echo());
+        let response = service.oneshot(request("text/plain")).await.unwrap();
+        assert_eq!(response.into_body(), "hello");
+        assert_eq!(
+            gate.in_flight(),
+            0,
+            "the permit is released with the response"
+        );
+    }
+
+    #[tokio::test]
+    async fn closed_gate_answers_grpc_unavailable_and_http_503() {
+        let gate = Arc::new(Gate::new(ClosedPolicy::Reject));
+        gate.close();
+        let layer = GateLayer::new(gate);
+
+        let grpc = layer
+            .layer(echo())
+            .oneshot(request("application/grpc"))
+            .await
+            .unwrap();
+        let status = tonic::Status::from_header_map(grpc.headers()).expect("grpc-status header");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().contains("paused for a backup"),
+            "{}",
+            status.message()
+        );
+
+        let plain = layer
+            .layer(echo())
+            .oneshot(request("text/plain"))
+            .await
+            .unwrap();
+        assert_eq!(plain.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(plain.headers()[http::header::RETRY_AFTER], "1");
+        assert!(
+            plain.into_body().is_empty(),
+            "the inner service must not have run"
+        );
+    }
+}

@@ -128,5 +128,8 @@ fn demo_pauses_a_local_cluster_and_its_checks_pass() {
     assert_eq!(report["load"]["failed"], 0);
     assert!(report["load"]["ok"].as_u64().unwrap() > 0);
     let checks = report["check"]["checks"].as_array().unwrap();
-    assert!(checks.len() >= 4 && checks.iter().all(|check| check["ok"] == true), "{checks:#?}");
+    assert!(
+        checks.len() >= 4 && checks.iter().all(|check| check["ok"] == true),
+        "{checks:#?}"
+    );
 }

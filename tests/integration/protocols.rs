@@ -165,3 +165,68 @@ fn scalar_admin_binary_pauses_checks_and_unpauses() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("PAUSE, UNPAUSE or CHECK_PAUSED"));
 }
+
+/// Every node serves gRPC health for both admin services and reflection that lists
+/// them, so standard tools (grpcurl, grpc-health-probe, Kubernetes probes) work.
+#[test]
+fn nodes_serve_health_and_reflection() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let cluster = Cluster::start(1);
+    let url = format!("http://{}", cluster.auditor.address);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel.clone());
+        for service in ["rpc.Admin", "stillpoint.admin.v1.LeaseAdmin"] {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: service.to_owned(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status;
+            assert_eq!(status, ServingStatus::Serving as i32, "{service}");
+        }
+
+        let mut reflection = ServerReflectionClient::new(channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = reflection
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = answers.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+            panic!("unexpected reflection answer {answer:?}");
+        };
+        let names: Vec<String> = list
+            .service
+            .into_iter()
+            .map(|service| service.name)
+            .collect();
+        for expected in [
+            "rpc.Admin",
+            "stillpoint.admin.v1.LeaseAdmin",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(
+                names.iter().any(|name| name == expected),
+                "{expected} not in {names:?}"
+            );
+        }
+    });
+}
