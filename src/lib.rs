@@ -3,6 +3,10 @@
 //! Layout, in the direction data flows (see docs/ARCHITECTURE.md):
 //!
 //! - [`resolve`]: node addresses from lists and DNS SRV records.
+//! - [`adapters`]: prepare, cut, copy and restore each kind of database.
+//! - [`pipeline`]: compression, encryption and checksums between a copy and storage.
+//! - [`storage`]: local directories and S3-compatible object storage.
+//! - [`manifest`]: the JSON record whose presence commits a backup.
 //! - [`coordinator`]: pauses a cluster tier by tier, holds it under a lease, releases
 //!   it and proves the window (the only caller of Unpause).
 //! - [`grpc`]: the wire edge — admin services a node serves, and the client the
@@ -11,9 +15,13 @@
 //! - [`gate`]: per-node admission control every transaction passes through.
 //! - [`time`]: Unix milliseconds, human durations, time zones.
 
+pub mod adapters;
 pub mod coordinator;
 pub mod gate;
 pub mod grpc;
+pub mod manifest;
 pub mod node;
+pub mod pipeline;
 pub mod resolve;
+pub mod storage;
 pub mod time;

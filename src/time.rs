@@ -149,3 +149,11 @@ mod tests {
         }
     }
 }
+
+/// Serde helper: a duration written as `"10s"` in a runbook.
+pub fn deserialize_duration<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Duration, D::Error> {
+    let text = <String as serde::Deserialize>::deserialize(deserializer)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}

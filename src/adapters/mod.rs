@@ -1,0 +1,158 @@
+//! Database adapters: how each kind of database is prepared before the pause, cut
+//! inside it, copied after it, and restored. Built from runbook config through one
+//! closed enum ([`AdapterConfig`] → [`build`]).
+//!
+//! The lifecycle is a type: [`Adapter::prepare`] (before anything is paused: connect,
+//! check settings) returns a [`Prepared`], whose [`Prepared::cut`] runs inside the pause
+//! and must not copy data, and whose [`Prepared::copy`] (after unpause) streams the
+//! state the cut fixed.
+//!
+//! - `sqlite.rs`: a read snapshot of a WAL-mode database, copied page-consistently.
+//! - `postgres.rs`: exported snapshot + WAL LSN (+ named restore point when archiving),
+//!   copied with `pg_dump --snapshot`.
+//! - `mariadb.rs`: `START TRANSACTION WITH CONSISTENT SNAPSHOT` + binlog/GTID position,
+//!   copied as a logical SQL dump over that same transaction.
+//! - `exec.rs`: user commands for the cut and, optionally, the copy.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+
+use futures::future::BoxFuture;
+use tokio::io::AsyncRead;
+
+/// Bytes flowing out of a database (a copy) or into one (a restore).
+pub type ByteStream = Pin<Box<dyn AsyncRead + Send + 'static>>;
+
+/// A copy in progress. Read `stream` to its end, then await `finished`: it says
+/// whether the producer (pg_dump, a dump loop, a user command) succeeded.
+pub struct Copy {
+    pub stream: ByteStream,
+    pub finished: BoxFuture<'static, Result<CopySummary, AdapterError>>,
+}
+
+/// What a finished copy learned, read from the same snapshot as the copy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CopySummary {
+    /// Rows per table at the cut, where the adapter can count them.
+    pub row_counts: Option<BTreeMap<String, u64>>,
+}
+
+/// The per-database marker that fixes the consistent state: snapshot id, restore
+/// point name, LSN, binlog/GTID position, a command's output.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CutMarker {
+    /// e.g. "postgres-snapshot", "mariadb-snapshot", "sqlite-snapshot", "exec".
+    pub kind: String,
+    /// Adapter-specific facts, e.g. {"lsn": "0/16B3748", "restore_point": "…"}.
+    pub details: BTreeMap<String, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// Connecting or a setting check failed (before any pause).
+    #[error("database {database}: {message}")]
+    Prepare { database: String, message: String },
+    /// The cut failed inside the pause.
+    #[error("database {database}: cut failed: {message}")]
+    Cut { database: String, message: String },
+    #[error("database {database}: copy failed: {message}")]
+    Copy { database: String, message: String },
+    #[error("database {database}: restore failed: {message}")]
+    Restore { database: String, message: String },
+}
+
+/// A database as configured in the runbook. Send + Sync so the backup can prepare,
+/// cut and copy every database in parallel.
+#[async_trait::async_trait]
+pub trait Adapter: Send + Sync + 'static {
+    /// The database's name in the runbook.
+    fn name(&self) -> &str;
+
+    /// "sqlite", "postgres", "mariadb", "exec".
+    fn kind(&self) -> &'static str;
+
+    /// File extension of a raw copy ("sqlite", "pgdump", "sql", "bin").
+    fn artifact_extension(&self) -> &'static str;
+
+    /// Before anything is paused: connect, check settings, hold what the cut needs.
+    async fn prepare(&self) -> Result<Box<dyn Prepared>, AdapterError>;
+
+    /// Restores a copy this adapter made into `target` (a file path for SQLite, a URL
+    /// of an empty database for PostgreSQL and MariaDB).
+    async fn restore(&self, copy: ByteStream, target: &str) -> Result<(), AdapterError>;
+}
+
+#[async_trait::async_trait]
+pub trait Prepared: Send {
+    /// Inside the pause. Fixes the consistent state and returns its marker; its cost
+    /// must not grow with the size of the database.
+    async fn cut(&mut self, backup_id: &str) -> Result<CutMarker, AdapterError>;
+
+    /// After unpause: streams exactly the state the cut fixed.
+    async fn copy(self: Box<Self>) -> Result<Copy, AdapterError>;
+}
+
+/// How a database is reached and cut, as written in the runbook. One closed enum:
+/// adding an adapter means adding a variant here and a case in `build`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(tag = "adapter", rename_all = "lowercase")]
+pub enum AdapterConfig {
+    Sqlite(SqliteConfig),
+    Postgres(PostgresConfig),
+    Mariadb(MariadbConfig),
+    Exec(ExecConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqliteConfig {
+    /// The database file (in WAL mode).
+    pub path: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user[:password]@host:port/dbname`
+    pub url: String,
+    /// Fail `prepare` unless the server archives WAL (needed for point-in-time restore
+    /// to the backup's named restore point).
+    #[serde(default)]
+    pub require_archiving: bool,
+    /// Where pg_dump / pg_restore live, when not on PATH.
+    #[serde(default)]
+    pub bin_dir: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MariadbConfig {
+    /// `mysql://user[:password]@host:port/dbname`
+    pub url: String,
+    /// Where the `mariadb` client lives (for restore), when not on PATH.
+    #[serde(default)]
+    pub bin_dir: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecConfig {
+    /// Run by `sh -c` inside the pause; its stdout becomes the cut marker.
+    pub cut: String,
+    /// Kill the cut command (and fail the backup) after this long.
+    #[serde(
+        default = "default_cut_timeout",
+        deserialize_with = "crate::time::deserialize_duration"
+    )]
+    pub cut_timeout: std::time::Duration,
+    /// Run by `sh -c` after unpause; its stdout is the copy. None: no artifact.
+    #[serde(default)]
+    pub copy: Option<String>,
+    /// Run by `sh -c` with the copy on stdin and STILLPOINT_RESTORE_TARGET set.
+    #[serde(default)]
+    pub restore: Option<String>,
+}
+
+fn default_cut_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}

@@ -1,0 +1,2 @@
+//! Where backups live: a local directory or S3-compatible object storage, through
+//! object_store. (Being written.)
