@@ -3,6 +3,7 @@
 //! Layout, in the direction data flows (see docs/ARCHITECTURE.md):
 //!
 //! - [`resolve`]: node addresses from lists and DNS SRV records.
+//! - [`runbook`]: the TOML file a scheduled backup runs from.
 //! - [`adapters`]: prepare, cut, copy and restore each kind of database.
 //! - [`pipeline`]: compression, encryption and checksums between a copy and storage.
 //! - [`storage`]: local directories and S3-compatible object storage.
@@ -23,5 +24,6 @@ pub mod manifest;
 pub mod node;
 pub mod pipeline;
 pub mod resolve;
+pub mod runbook;
 pub mod storage;
 pub mod time;

@@ -1,0 +1,322 @@
+//! The runbook file (TOML): which cluster to pause and how, which databases to cut,
+//! how to process copies, where to store them and how long to keep them. Parsed and
+//! validated here, before anything is contacted; every unknown key is an error that
+//! names it. docs/runbook.md documents the format with a commented example.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::adapters::AdapterConfig;
+use crate::resolve::{AddressError, NodeAddress};
+use crate::time::deserialize_duration;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Runbook {
+    /// Recorded in every manifest, to tell clusters apart in one storage.
+    pub cluster: String,
+    pub pause: PauseConfig,
+    pub databases: Vec<DatabaseConfig>,
+    pub pipeline: PipelineConfig,
+    pub storage: StorageConfig,
+    pub retention: RetentionConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PauseConfig {
+    /// Paused in order, released in reverse (callers before the services they call).
+    pub tiers: Vec<TierConfig>,
+    #[serde(default = "default_lease", deserialize_with = "deserialize_duration")]
+    pub lease: Duration,
+    #[serde(
+        default = "default_max_wait",
+        deserialize_with = "deserialize_duration"
+    )]
+    pub max_wait: Duration,
+    /// Every database's cut must finish within this, or the backup fails (and the
+    /// cluster is released at once).
+    #[serde(
+        default = "default_cut_deadline",
+        deserialize_with = "deserialize_duration"
+    )]
+    pub cut_deadline: Duration,
+    /// The shortest acceptable window; the pause is held at least this long.
+    #[serde(default, deserialize_with = "deserialize_duration_opt")]
+    pub min_window: Option<Duration>,
+    #[serde(default)]
+    pub dns_server: Option<SocketAddr>,
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "deserialize_duration"
+    )]
+    pub connect_timeout: Duration,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// One tier: either a list of addresses or a DNS SRV name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub srv: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA that signed the nodes' certificates; system roots if absent.
+    #[serde(default)]
+    pub ca_root_cert_path: Option<PathBuf>,
+    #[serde(default)]
+    pub override_authority: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseConfig {
+    pub name: String,
+    /// Free text such as "ledger" or "auditor", recorded in the manifest.
+    pub role: Option<String>,
+    pub adapter: AdapterConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// zstd level 1–22; absent: no compression.
+    #[serde(default)]
+    pub zstd_level: Option<i32>,
+    /// age X25519 recipients (`age1…`) to encrypt to.
+    #[serde(default)]
+    pub age_recipients: Vec<String>,
+    /// A file holding an age passphrase to encrypt with (instead of recipients).
+    #[serde(default)]
+    pub age_passphrase_file: Option<PathBuf>,
+    /// A file of age identities (`AGE-SECRET-KEY-1…`), for verify, restore and drill.
+    #[serde(default)]
+    pub age_identity_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `file:///var/backups/stillpoint` or `s3://bucket/prefix`.
+    pub url: String,
+    /// Passed to object_store, e.g. endpoint, region, allow_http. Credentials come
+    /// from the environment (AWS_ACCESS_KEY_ID, …), never from the runbook.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    #[serde(default)]
+    pub keep_last: Option<u32>,
+    #[serde(default)]
+    pub keep_daily: Option<u32>,
+    #[serde(default)]
+    pub keep_weekly: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunbookError {
+    #[error("cannot read runbook {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("runbook {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The file's shape before the databases are split into name/role and adapter.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRunbook {
+    cluster: String,
+    pause: PauseConfig,
+    databases: Vec<toml::Table>,
+    #[serde(default)]
+    pipeline: PipelineConfig,
+    storage: StorageConfig,
+    #[serde(default)]
+    retention: RetentionConfig,
+}
+
+impl Runbook {
+    pub fn load(path: &Path) -> Result<Runbook, RunbookError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RunbookError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Runbook::parse(&text, base).map_err(|message| RunbookError::Invalid {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses and validates; relative file paths are taken from `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Runbook, String> {
+        let raw: RawRunbook = toml::from_str(text).map_err(|error| error.to_string())?;
+        let mut databases = Vec::new();
+        for (index, table) in raw.databases.into_iter().enumerate() {
+            databases.push(database(index, table, base)?);
+        }
+        let mut pipeline = raw.pipeline;
+        for path in [
+            &mut pipeline.age_passphrase_file,
+            &mut pipeline.age_identity_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *path = base.join(&*path);
+        }
+        let mut pause = raw.pause;
+        if let Some(path) = pause
+            .tls
+            .as_mut()
+            .and_then(|tls| tls.ca_root_cert_path.as_mut())
+        {
+            *path = base.join(&*path);
+        }
+        let runbook = Runbook {
+            cluster: raw.cluster,
+            pause,
+            databases,
+            pipeline,
+            storage: raw.storage,
+            retention: raw.retention,
+        };
+        runbook.validate()?;
+        Ok(runbook)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.pause.tiers.is_empty() {
+            return Err("[pause] tiers is empty: list at least one tier of nodes".to_owned());
+        }
+        for (index, tier) in self.pause.tiers.iter().enumerate() {
+            match (tier.addresses.is_empty(), &tier.srv) {
+                (true, None) => {
+                    return Err(format!(
+                        "[pause] tiers[{index}] has neither addresses nor srv"
+                    ));
+                }
+                (false, Some(_)) => {
+                    return Err(format!(
+                        "[pause] tiers[{index}] has both addresses and srv; give one per tier"
+                    ));
+                }
+                _ => {}
+            }
+            for address in &tier.addresses {
+                address
+                    .parse::<NodeAddress>()
+                    .map_err(|error: AddressError| format!("[pause] tiers[{index}]: {error}"))?;
+            }
+        }
+        if self.pause.max_wait >= self.pause.lease {
+            return Err(format!(
+                "[pause] max_wait ({}ms) must be shorter than lease ({}ms)",
+                self.pause.max_wait.as_millis(),
+                self.pause.lease.as_millis()
+            ));
+        }
+        if self.pause.cut_deadline >= self.pause.lease {
+            return Err(format!(
+                "[pause] cut_deadline ({}ms) must be shorter than lease ({}ms)",
+                self.pause.cut_deadline.as_millis(),
+                self.pause.lease.as_millis()
+            ));
+        }
+        if self.databases.is_empty() {
+            return Err("no [[databases]]: list every database of the cluster".to_owned());
+        }
+        let mut names = HashSet::new();
+        for database in &self.databases {
+            if !names.insert(database.name.as_str()) {
+                return Err(format!(
+                    "two databases are named {:?}; names must be unique",
+                    database.name
+                ));
+            }
+        }
+        if let Some(level) = self.pipeline.zstd_level
+            && !(1..=22).contains(&level)
+        {
+            return Err(format!(
+                "[pipeline] zstd_level {level} is out of range; use 1 to 22"
+            ));
+        }
+        if !self.pipeline.age_recipients.is_empty() && self.pipeline.age_passphrase_file.is_some() {
+            return Err(
+                "[pipeline] give age_recipients or age_passphrase_file, not both".to_owned(),
+            );
+        }
+        let scheme = self.storage.url.split_once("://").map(|(scheme, _)| scheme);
+        if !matches!(scheme, Some("file" | "s3")) {
+            return Err(format!(
+                "[storage] url {:?} is not supported; use file:///absolute/dir or s3://bucket/prefix",
+                self.storage.url
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn database(index: usize, mut table: toml::Table, base: &Path) -> Result<DatabaseConfig, String> {
+    let name = match table.remove("name") {
+        Some(toml::Value::String(name)) if !name.is_empty() => name,
+        _ => return Err(format!("databases[{index}] needs a name = \"…\"")),
+    };
+    let role = match table.remove("role") {
+        None => None,
+        Some(toml::Value::String(role)) => Some(role),
+        Some(_) => return Err(format!("database {name:?}: role must be a string")),
+    };
+    let mut adapter: AdapterConfig = toml::Value::Table(table)
+        .try_into()
+        .map_err(|error: toml::de::Error| format!("database {name:?}: {}", error.message()))?;
+    if let AdapterConfig::Sqlite(sqlite) = &mut adapter {
+        sqlite.path = base.join(&sqlite.path);
+    }
+    Ok(DatabaseConfig {
+        name,
+        role,
+        adapter,
+    })
+}
+
+fn default_lease() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_max_wait() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_cut_deadline() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn deserialize_duration_opt<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(deserializer).map(Some)
+}
+
+#[cfg(test)]
+mod tests;
