@@ -58,7 +58,7 @@ pub struct OutputArgs {
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
     /// IANA time zone for the *_date_time fields, e.g. Asia/Tokyo.
-    #[arg(long, default_value = "UTC", value_parser = zone, value_name = "ZONE")]
+    #[arg(long, default_value = "UTC", value_parser = zone_arg, value_name = "ZONE")]
     pub time_zone: Zone,
 }
 
@@ -73,7 +73,7 @@ pub fn duration(text: &str) -> Result<Duration, String> {
     parse_duration(text).map_err(|error| error.to_string())
 }
 
-fn zone(text: &str) -> Result<Zone, String> {
+pub fn zone_arg(text: &str) -> Result<Zone, String> {
     text.parse()
 }
 

@@ -14,6 +14,9 @@ pub const PAUSE_FAILED: u8 = 3;
 pub const UNPAUSE_FAILED: u8 = 4;
 /// Every node was released, but the window must not be used as a restore point.
 pub const WINDOW_INVALID: u8 = 5;
+/// A backup, verify or restore failed (a database, the storage, an artifact); the
+/// cluster is not paused and no incomplete backup is listed.
+pub const BACKUP_FAILED: u8 = 6;
 
 pub const HELP: &str = "\
 Exit codes:
@@ -23,7 +26,9 @@ Exit codes:
   3  pause failed and was rolled back on every node
   4  unpause failed: some node may still be paused until its lease expires
   5  window not valid as a restore point (a node restarted or lost the pause,
-     or the window was too short for the clock-skew bound)";
+     or the window was too short for the clock-skew bound)
+  6  backup, verify or restore failed (database, storage or artifact); the cluster
+     is not paused and nothing incomplete is listed";
 
 /// An error carrying the exit code it should end the process with.
 #[derive(Debug)]

@@ -1,0 +1,157 @@
+//! `stillpoint backup`: runs a runbook's backup, with progress bars on a terminal and
+//! quiet JSON otherwise, and picks the exit code from how it ended.
+
+use std::collections::HashMap;
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use stillpoint::backup::{self, BackupError, Progress};
+use stillpoint::manifest::Manifest;
+use stillpoint::runbook::Runbook;
+
+use crate::args::{OutputFormat, zone_arg};
+use crate::exit::{self, Failure};
+use crate::output::{print_json, render_text};
+
+#[derive(Debug, Clone, Args)]
+pub struct BackupArgs {
+    /// The runbook (TOML) naming the cluster, its databases and the storage.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// `text` for people (with progress bars on a terminal), `json` for scripts.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// IANA time zone for printed times.
+    #[arg(long, default_value = "UTC", value_parser = zone_arg, value_name = "ZONE")]
+    pub time_zone: stillpoint::time::Zone,
+}
+
+pub fn load_runbook(path: &std::path::Path) -> Result<Runbook, Failure> {
+    Runbook::load(path).map_err(|error| Failure::new(exit::USAGE, error))
+}
+
+pub async fn backup(args: BackupArgs) -> Result<u8, Failure> {
+    let runbook = load_runbook(&args.config)?;
+    let bars = (args.output == OutputFormat::Text && std::io::stderr().is_terminal()).then(Bars::default);
+    let progress: backup::ProgressSink = match &bars {
+        Some(bars) => {
+            let bars = bars.clone();
+            Arc::new(move |event| bars.show(event))
+        }
+        None => Arc::new(|event| tracing::info!(?event, "backup progress")),
+    };
+    let result = backup::run(&runbook, progress).await;
+    if let Some(bars) = bars {
+        bars.clear();
+    }
+    match result {
+        Ok(manifest) => {
+            print_manifest(&manifest, &runbook, args.output);
+            Ok(exit::OK)
+        }
+        Err(error) => {
+            if let Some(window) = error.window() {
+                match args.output {
+                    OutputFormat::Json => print_json(&serde_json::json!({ "error": error.to_string(), "window": window })),
+                    OutputFormat::Text => eprint!("{}", render_text(window)),
+                }
+            } else if args.output == OutputFormat::Json {
+                print_json(&serde_json::json!({ "error": error.to_string() }));
+            }
+            Err(Failure::new(exit_code(&error), error))
+        }
+    }
+}
+
+fn exit_code(error: &BackupError) -> u8 {
+    match error {
+        BackupError::Setup(_) => exit::USAGE,
+        BackupError::Pause(failure) if !failure.rolled_back => exit::UNPAUSE_FAILED,
+        BackupError::Pause(_) => exit::PAUSE_FAILED,
+        BackupError::Unpause { .. } => exit::UNPAUSE_FAILED,
+        BackupError::WindowInvalid { .. } => exit::WINDOW_INVALID,
+        BackupError::Prepare(_) | BackupError::Cut { .. } | BackupError::Copy { .. } | BackupError::Commit { .. } => {
+            exit::BACKUP_FAILED
+        }
+    }
+}
+
+fn print_manifest(manifest: &Manifest, runbook: &Runbook, format: OutputFormat) {
+    match format {
+        OutputFormat::Json => print_json(&serde_json::json!({
+            "backup_id": manifest.backup_id,
+            "storage": runbook.storage.url,
+            "manifest": manifest,
+        })),
+        OutputFormat::Text => {
+            println!("backup {} committed to {}", manifest.backup_id, runbook.storage.url);
+            print!("{}", render_text(&manifest.window));
+            for database in &manifest.databases {
+                let size = database.artifact.as_ref().map_or("no artifact".to_owned(), |artifact| {
+                    format!("{} → {} stored", human_bytes(artifact.size), human_bytes(artifact.stored_size))
+                });
+                let cut: Vec<String> = database.cut.details.iter().map(|(key, value)| format!("{key}={value}")).collect();
+                println!("  {:<12} {:<9} {size}; cut {}", database.name, database.adapter, cut.join(" "));
+            }
+            let timings = &manifest.timings;
+            println!(
+                "  timings: prepare {}ms, paused {}ms (cut {}ms), copy {}ms, total {}ms",
+                timings.prepare_ms, timings.pause_ms, timings.cut_ms, timings.copy_ms, timings.total_ms
+            );
+        }
+    }
+}
+
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+/// One spinner per database while copying, on stderr.
+#[derive(Clone, Default)]
+struct Bars {
+    multi: MultiProgress,
+    bars: Arc<Mutex<HashMap<String, ProgressBar>>>,
+}
+
+impl Bars {
+    fn show(&self, event: Progress) {
+        match event {
+            Progress::Phase(phase) => {
+                let _ = self.multi.println(format!("… {phase}"));
+            }
+            Progress::Copied { database, bytes } => {
+                let mut bars = self.bars.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let bar = bars.entry(database.clone()).or_insert_with(|| {
+                    let bar = self.multi.add(ProgressBar::new_spinner());
+                    bar.set_style(
+                        ProgressStyle::with_template("{spinner} {prefix:<12} {bytes} ({bytes_per_sec})")
+                            .expect("valid template"),
+                    );
+                    bar.set_prefix(database);
+                    bar
+                });
+                bar.set_position(bytes);
+                bar.tick();
+            }
+            Progress::CopyDone { database } => {
+                if let Some(bar) = self.bars.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&database) {
+                    bar.finish();
+                }
+            }
+        }
+    }
+
+    fn clear(&self) {
+        let _ = self.multi.clear();
+    }
+}

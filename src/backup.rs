@@ -1,0 +1,344 @@
+//! `backup`: protocol steps 2–7 for one runbook. Prepare every database (nothing is
+//! paused yet) → pause the cluster → cut every database in parallel under the cut
+//! deadline while the lease is renewed → release and check the window → copy every
+//! database through the pipeline in parallel → commit the manifest, last.
+//!
+//! The pause covers only the cuts, so its length does not grow with the data. Every
+//! failure before the commit releases the cluster (if paused) and deletes what was
+//! written, so no backup is listed that is not whole.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use futures::future::join_all;
+
+use crate::adapters::{self, AdapterConfig, AdapterError, CutMarker, Prepared};
+use crate::coordinator::{self, PauseFailed, PausePlan, PauseReport, PausedCluster, required_window};
+use crate::grpc::client::{ConnectOptions, TlsOptions};
+use crate::manifest::{self, DatabaseEntry, Manifest, Timings};
+use crate::pipeline::{self, PipelineSettings};
+use crate::resolve::{NodeAddress, parse_address_list, resolve_srv};
+use crate::runbook::{PauseConfig, Runbook};
+use crate::storage::Storage;
+use crate::time::{Zone, unix_ms};
+
+/// What a running backup reports, for progress bars or logs.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    Phase(&'static str),
+    Copied { database: String, bytes: u64 },
+    CopyDone { database: String },
+}
+
+pub type ProgressSink = Arc<dyn Fn(Progress) + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// The runbook or the environment is wrong; nothing was contacted or paused.
+    #[error("{0}")]
+    Setup(String),
+    #[error("preparing the databases failed, nothing was paused: {0}")]
+    Prepare(String),
+    #[error(transparent)]
+    Pause(#[from] PauseFailed),
+    #[error("cut failed: {reason}; the cluster was released and nothing was written")]
+    Cut { reason: String, window: Box<PauseReport> },
+    #[error("some nodes could not be released ({nodes}); they reopen when their lease expires; nothing was written")]
+    Unpause { nodes: String, window: Box<PauseReport> },
+    #[error("the pause window is not a valid restore point ({reasons}); nothing was copied")]
+    WindowInvalid { reasons: String, window: Box<PauseReport> },
+    #[error("copy failed: {reason}; the partial backup {backup_id} was deleted and is not listed")]
+    Copy { backup_id: String, reason: String, window: Box<PauseReport> },
+    #[error("writing the manifest of {backup_id} failed: {reason}; the backup is not listed")]
+    Commit { backup_id: String, reason: String, window: Box<PauseReport> },
+}
+
+impl BackupError {
+    /// The window, when the failure came after the pause.
+    pub fn window(&self) -> Option<&PauseReport> {
+        match self {
+            BackupError::Cut { window, .. }
+            | BackupError::Unpause { window, .. }
+            | BackupError::WindowInvalid { window, .. }
+            | BackupError::Copy { window, .. }
+            | BackupError::Commit { window, .. } => Some(window),
+            _ => None,
+        }
+    }
+}
+
+/// Runs one backup to its commit point and returns the committed manifest.
+pub async fn run(runbook: &Runbook, progress: ProgressSink) -> Result<Manifest, BackupError> {
+    let started = Instant::now();
+    let storage = Storage::from_url(&runbook.storage.url, &runbook.storage.options)
+        .map_err(|error| BackupError::Setup(error.to_string()))?;
+    let settings = pipeline_settings(runbook)?;
+    let plan = pause_plan(&runbook.pause).await?;
+    let adapters: Vec<_> = runbook
+        .databases
+        .iter()
+        .map(|database| adapters::build(&database.name, &database.adapter))
+        .collect();
+
+    // 2. Prepare: connect and check every database before anything is paused.
+    progress(Progress::Phase("prepare"));
+    let prepared = join_all(adapters.iter().map(|adapter| adapter.prepare())).await;
+    let mut prepared: Vec<Box<dyn Prepared>> = collect(prepared).map_err(BackupError::Prepare)?;
+    let prepare_ms = elapsed_ms(started);
+
+    // 3–4. Pause, then cut every database inside the pause.
+    let backup_id = manifest::new_backup_id();
+    progress(Progress::Phase("pause"));
+    let paused_at = Instant::now();
+    let mut paused = coordinator::pause(&plan).await?;
+    progress(Progress::Phase("cut"));
+    let cut_started = Instant::now();
+    let cuts = cut_all(&mut prepared, &backup_id, &mut paused, &runbook.pause).await;
+    let cut_ms = elapsed_ms(cut_started);
+    if cuts.is_ok() {
+        let hold = required_window(paused.record().skew_bound_ms, runbook.pause.min_window.unwrap_or_default());
+        paused.hold_until(tokio::time::Instant::from_std(paused_at) + hold).await;
+    }
+
+    // 5. Unpause, and prove the window.
+    progress(Progress::Phase("unpause"));
+    let released = paused.release().await;
+    let pause_ms = elapsed_ms(paused_at);
+    let window = PauseReport::closed(&released, Zone::UTC);
+    let markers = match cuts {
+        Ok(markers) => markers,
+        Err(reason) => return Err(BackupError::Cut { reason, window: Box::new(window) }),
+    };
+    if !released.all_released() {
+        let nodes = released.still_paused().iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        return Err(BackupError::Unpause { nodes, window: Box::new(window) });
+    }
+    if !window.window_valid {
+        return Err(BackupError::WindowInvalid {
+            reasons: window.invalid_reasons.join("; "),
+            window: Box::new(window),
+        });
+    }
+
+    // 6. Copy every database, streamed through the pipeline, in parallel.
+    progress(Progress::Phase("copy"));
+    let copy_started = Instant::now();
+    let copies = join_all(prepared.into_iter().zip(&runbook.databases).map(|(prepared, database)| {
+        let path = manifest::artifact_path(&backup_id, &database.name, adapter_extension(&database.adapter), &settings);
+        copy_one(prepared, database.name.clone(), has_copy(&database.adapter), path, &storage, &settings, progress.clone())
+    }))
+    .await;
+    let copies = match collect(copies) {
+        Ok(copies) => copies,
+        Err(reason) => {
+            discard(&storage, &backup_id).await;
+            return Err(BackupError::Copy { backup_id, reason, window: Box::new(window) });
+        }
+    };
+    let copy_ms = elapsed_ms(copy_started);
+
+    // 7. Commit: the manifest is written last; its presence is the backup.
+    progress(Progress::Phase("commit"));
+    let databases = runbook
+        .databases
+        .iter()
+        .zip(markers)
+        .zip(copies)
+        .map(|((database, cut), (artifact, summary))| DatabaseEntry {
+            name: database.name.clone(),
+            role: database.role.clone(),
+            adapter: adapter_kind(&database.adapter).to_owned(),
+            cut,
+            artifact,
+            row_counts: summary.row_counts,
+        })
+        .collect();
+    let manifest = Manifest {
+        manifest_version: manifest::MANIFEST_VERSION,
+        backup_id: backup_id.clone(),
+        cluster: runbook.cluster.clone(),
+        pause_id: window.pause_id.clone(),
+        created_at_ms: unix_ms(SystemTime::now()),
+        window: window.clone(),
+        databases,
+        tool_version: env!("CARGO_PKG_VERSION").to_owned(),
+        status: "committed".to_owned(),
+        timings: Timings {
+            prepare_ms,
+            pause_ms,
+            cut_ms,
+            copy_ms,
+            total_ms: elapsed_ms(started),
+        },
+    };
+    if let Err(error) = manifest::write(&storage, &manifest).await {
+        discard(&storage, &backup_id).await;
+        return Err(BackupError::Commit { backup_id, reason: error.to_string(), window: Box::new(window) });
+    }
+    Ok(manifest)
+}
+
+/// Cuts every database in parallel under the cut deadline, renewing the lease while
+/// they run. Returns the markers in database order, or why the cut failed.
+async fn cut_all(
+    prepared: &mut [Box<dyn Prepared>],
+    backup_id: &str,
+    paused: &mut PausedCluster,
+    pause: &PauseConfig,
+) -> Result<Vec<CutMarker>, String> {
+    let cuts = join_all(prepared.iter_mut().map(|database| database.cut(backup_id)));
+    let deadline = tokio::time::timeout(pause.cut_deadline, cuts);
+    let renew_every = pause.lease / 3;
+    let renewing = async {
+        loop {
+            tokio::time::sleep(renew_every).await;
+            if let Err(reason) = paused.renew().await {
+                tracing::warn!(%reason, "lease renewal failed during the cut");
+            }
+        }
+    };
+    let results = tokio::select! {
+        results = deadline => results.map_err(|_| format!(
+            "the cuts did not finish within the cut deadline of {}ms",
+            pause.cut_deadline.as_millis()
+        ))?,
+        never = renewing => never,
+    };
+    collect(results)
+}
+
+async fn copy_one(
+    prepared: Box<dyn Prepared>,
+    database: String,
+    has_copy: bool,
+    path: String,
+    storage: &Storage,
+    settings: &PipelineSettings,
+    progress: ProgressSink,
+) -> Result<(Option<pipeline::ArtifactInfo>, adapters::CopySummary), AdapterError> {
+    let copy = prepared.copy().await?;
+    if !has_copy {
+        return Ok((None, copy.finished.await?));
+    }
+    let reporter = {
+        let (progress, database) = (progress.clone(), database.clone());
+        move |bytes| progress(Progress::Copied { database: database.clone(), bytes })
+    };
+    let stored = pipeline::store(copy.stream, settings, storage, &path, reporter).await;
+    // The producer's verdict matters even when storing succeeded: a truncated dump
+    // streams happily to its end.
+    let finished = copy.finished.await;
+    let artifact = stored.map_err(|error| AdapterError::Copy { database: database.clone(), message: error.to_string() })?;
+    let summary = finished?;
+    progress(Progress::CopyDone { database });
+    Ok((Some(artifact), summary))
+}
+
+/// Best-effort removal of a backup that will not be committed. It is not listed
+/// either way (no manifest); this keeps the storage clean.
+async fn discard(storage: &Storage, backup_id: &str) {
+    if let Err(error) = storage.delete_prefix(&manifest::backup_prefix(backup_id)).await {
+        tracing::warn!(%backup_id, %error, "could not delete the artifacts of a failed backup");
+    }
+}
+
+fn collect<T, E: std::fmt::Display>(results: Vec<Result<T, E>>) -> Result<Vec<T>, String> {
+    let mut values = Vec::new();
+    let mut errors = Vec::new();
+    for result in results {
+        match result {
+            Ok(value) => values.push(value),
+            Err(error) => errors.push(error.to_string()),
+        }
+    }
+    if errors.is_empty() { Ok(values) } else { Err(errors.join("; ")) }
+}
+
+async fn pause_plan(pause: &PauseConfig) -> Result<PausePlan, BackupError> {
+    let mut tiers: Vec<Vec<NodeAddress>> = Vec::new();
+    for tier in &pause.tiers {
+        let nodes = match &tier.srv {
+            Some(name) => resolve_srv(name, pause.dns_server).await.map_err(|error| BackupError::Setup(error.to_string()))?,
+            None => parse_address_list(&tier.addresses.join(",")).map_err(|error| BackupError::Setup(error.to_string()))?,
+        };
+        tiers.push(nodes);
+    }
+    let mut plan = PausePlan::new(tiers, pause.lease, pause.max_wait);
+    let tls = match &pause.tls {
+        None => None,
+        Some(tls) => Some(TlsOptions {
+            ca_pem: match &tls.ca_root_cert_path {
+                Some(path) => Some(std::fs::read_to_string(path).map_err(|error| {
+                    BackupError::Setup(format!("reading CA certificate {}: {error}", path.display()))
+                })?),
+                None => None,
+            },
+            override_authority: tls.override_authority.clone(),
+        }),
+    };
+    plan.connect = ConnectOptions { tls, connect_timeout: pause.connect_timeout };
+    plan.validate().map_err(|error| BackupError::Setup(error.to_string()))?;
+    Ok(plan)
+}
+
+fn pipeline_settings(runbook: &Runbook) -> Result<PipelineSettings, BackupError> {
+    let config = &runbook.pipeline;
+    let encryption = match (&config.age_recipients[..], &config.age_passphrase_file) {
+        ([], None) => pipeline::Encryption::None,
+        (recipients, None) => pipeline::Encryption::Recipients(recipients.to_vec()),
+        (_, Some(path)) => pipeline::Encryption::Passphrase(read_secret(path)?),
+    };
+    Ok(PipelineSettings { zstd_level: config.zstd_level, encryption })
+}
+
+/// The decryption side of the runbook's pipeline, for verify, restore and drill.
+pub fn decryption(runbook: &Runbook) -> Result<pipeline::Decryption, BackupError> {
+    let config = &runbook.pipeline;
+    if let Some(path) = &config.age_identity_file {
+        let text = read_secret(path)?;
+        let identities = text
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .map(str::to_owned)
+            .collect();
+        return Ok(pipeline::Decryption::Identities(identities));
+    }
+    if let Some(path) = &config.age_passphrase_file {
+        return Ok(pipeline::Decryption::Passphrase(read_secret(path)?));
+    }
+    Ok(pipeline::Decryption::None)
+}
+
+fn read_secret(path: &std::path::Path) -> Result<String, BackupError> {
+    std::fs::read_to_string(path)
+        .map(|text| text.trim_end_matches(['\r', '\n']).to_owned())
+        .map_err(|error| BackupError::Setup(format!("reading {}: {error}", path.display())))
+}
+
+fn adapter_kind(config: &AdapterConfig) -> &'static str {
+    match config {
+        AdapterConfig::Sqlite(_) => "sqlite",
+        AdapterConfig::Postgres(_) => "postgres",
+        AdapterConfig::Mariadb(_) => "mariadb",
+        AdapterConfig::Exec(_) => "exec",
+    }
+}
+
+fn adapter_extension(config: &AdapterConfig) -> &'static str {
+    match config {
+        AdapterConfig::Sqlite(_) => "sqlite",
+        AdapterConfig::Postgres(_) => "pgdump",
+        AdapterConfig::Mariadb(_) => "sql",
+        AdapterConfig::Exec(_) => "bin",
+    }
+}
+
+/// An exec database without a copy command has a cut marker but no artifact.
+fn has_copy(config: &AdapterConfig) -> bool {
+    !matches!(config, AdapterConfig::Exec(exec) if exec.copy.is_none())
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
