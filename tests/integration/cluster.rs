@@ -54,6 +54,17 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ledger_db = format!("sqlite:{}", dir.path().join("ledger.db").display());
         let auditor_db = format!("sqlite:{}", dir.path().join("auditor.db").display());
+        Cluster::start_on(ledgers, ledger_db, auditor_db, extra_ledger_args, dir)
+    }
+
+    /// A cluster on given databases (`sqlite:PATH`, `postgres://…`, `mysql://…`).
+    pub fn start_on(
+        ledgers: usize,
+        ledger_db: String,
+        auditor_db: String,
+        extra_ledger_args: &[&str],
+        dir: tempfile::TempDir,
+    ) -> Cluster {
         let auditor = Node::start(strings(&[
             "serve",
             "--role",
