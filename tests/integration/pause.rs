@@ -394,3 +394,95 @@ fn a_node_restarted_inside_the_window_invalidates_it() {
             .all(|paused| !paused)
     );
 }
+
+/// `--keep-alive` renews in the foreground; `unpause` from another shell closes the
+/// window from the state file, and the keep-alive process then ends by itself.
+#[test]
+fn keep_alive_ends_when_unpause_closes_the_window_elsewhere() {
+    let cluster = Cluster::start(1);
+    let nodes = all_nodes(&cluster);
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let child = std::process::Command::new(bin("stillpoint"))
+        .args([
+            "pause",
+            "--keep-alive",
+            "--lease",
+            "1500ms",
+            "--max-pause-wait",
+            "1s",
+            "-a",
+            &cluster.ledger_tier(),
+            "-a",
+            &cluster.auditor.address,
+            "--state-file",
+            state_file.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut keep_alive = Process::new(child, "stillpoint pause --keep-alive".to_owned());
+    wait_until(Duration::from_secs(20), "the pause to be recorded", || {
+        state_file.exists()
+    });
+
+    let (code, closed) = run_json(
+        "stillpoint",
+        &[
+            "unpause",
+            "--state-file",
+            state_file.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{closed:#}");
+    assert_eq!(closed["window_valid"], true, "{closed:#}");
+    assert!(paused_flags(&nodes).iter().all(|paused| !paused));
+    wait_until(
+        Duration::from_secs(10),
+        "the keep-alive process to end",
+        || keep_alive.has_exited(),
+    );
+    let output = keep_alive.wait_output(Duration::from_secs(1));
+    assert!(
+        output.status.success(),
+        "keep-alive exit: {:?}",
+        output.status
+    );
+}
+
+/// `--min-window` extends a short hold; `--time-zone` shows the window in that zone.
+#[test]
+fn min_window_extends_the_hold_and_times_use_the_zone() {
+    let cluster = Cluster::start(1);
+    let (code, window) = run_json(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "10ms",
+            "--min-window",
+            "300ms",
+            "--time-zone",
+            "Asia/Tokyo",
+            "-a",
+            &cluster.ledger_tier(),
+            "-a",
+            &cluster.auditor.address,
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{window:#}");
+    assert!(window["window_ms"].as_i64().unwrap() >= 300, "{window:#}");
+    assert_eq!(window["timezone"], "Asia/Tokyo");
+    assert!(
+        window["restore_point_date_time"]
+            .as_str()
+            .unwrap()
+            .ends_with("+09:00")
+    );
+}
