@@ -13,12 +13,18 @@
 //! - `mariadb.rs`: `START TRANSACTION WITH CONSISTENT SNAPSHOT` + binlog/GTID position,
 //!   copied as a logical SQL dump over that same transaction.
 //! - `exec.rs`: user commands for the cut and, optionally, the copy.
+//! - `process.rs`: how every adapter runs child processes (killed on drop, reaped,
+//!   stderr drained).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
 
 use futures::future::BoxFuture;
 use tokio::io::AsyncRead;
+
+pub mod exec;
+mod process;
+pub mod sqlite;
 
 /// Bytes flowing out of a database (a copy) or into one (a restore).
 pub type ByteStream = Pin<Box<dyn AsyncRead + Send + 'static>>;
