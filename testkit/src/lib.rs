@@ -2,4 +2,30 @@
 //! system's binaries in temporary directories on free ports, torn down on drop.
 //! Installs nothing: `scripts/test` installs the packages first.
 //!
-//! (Being written; see the API in the helper brief.)
+//! Layout:
+//! - [`Postgres`] (`postgres.rs`): `initdb` + `postgres` in a temp dir, trust auth, TCP on
+//!   127.0.0.1 and a unix socket inside the temp dir; optional WAL archiving for PITR.
+//! - [`MariaDb`] (`mariadb.rs`): `mariadb-install-db` + `mariadbd` with the binlog (and so
+//!   GTIDs) on, root without a password over TCP.
+//! - `process.rs`: what both share: finding binaries, free ports, running a command and
+//!   failing loudly, polling for readiness with a deadline.
+//!
+//! Everything here is synchronous and panics on failure: it is test scaffolding, and a
+//! panic that carries the server log is the most useful thing a broken setup can give.
+//! The servers never touch the machine's own PostgreSQL (5432) or MariaDB (3306): each
+//! gets its own data directory, port and socket.
+//!
+//! A server is stopped and its directory removed when its value is dropped, including
+//! while a failing test unwinds. A test process killed outright (SIGKILL) leaves its
+//! servers running; they hold nothing but their temp dir.
+
+mod mariadb;
+mod postgres;
+mod process;
+
+pub use mariadb::MariaDb;
+pub use postgres::{Postgres, PostgresOptions};
+pub use process::free_port;
+
+#[cfg(test)]
+mod tests;
