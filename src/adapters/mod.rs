@@ -23,8 +23,11 @@ use futures::future::BoxFuture;
 use tokio::io::AsyncRead;
 
 pub mod exec;
+pub mod postgres;
 mod process;
 pub mod sqlite;
+#[cfg(test)]
+mod testing;
 
 /// Bytes flowing out of a database (a copy) or into one (a restore).
 pub type ByteStream = Pin<Box<dyn AsyncRead + Send + 'static>>;
