@@ -18,16 +18,30 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use tokio::io::AsyncRead;
 
 pub mod exec;
+pub mod mariadb;
 pub mod postgres;
 mod process;
 pub mod sqlite;
 #[cfg(test)]
 mod testing;
+#[cfg(test)]
+mod tests;
+
+/// The one place runbook config becomes an adapter.
+pub fn build(name: &str, config: &AdapterConfig) -> Arc<dyn Adapter> {
+    match config {
+        AdapterConfig::Sqlite(c) => Arc::new(sqlite::Sqlite::new(name, c.clone())),
+        AdapterConfig::Postgres(c) => Arc::new(postgres::Postgres::new(name, c.clone())),
+        AdapterConfig::Mariadb(c) => Arc::new(mariadb::Mariadb::new(name, c.clone())),
+        AdapterConfig::Exec(c) => Arc::new(exec::Exec::new(name, c.clone())),
+    }
+}
 
 /// Bytes flowing out of a database (a copy) or into one (a restore).
 pub type ByteStream = Pin<Box<dyn AsyncRead + Send + 'static>>;
