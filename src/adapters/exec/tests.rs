@@ -3,9 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
-
 use super::*;
+use crate::adapters::testing::read_to_end;
 
 fn exec(cut: &str, copy: Option<&str>, restore: Option<&str>) -> std::sync::Arc<dyn Adapter> {
     std::sync::Arc::new(Exec::new(
@@ -17,12 +16,6 @@ fn exec(cut: &str, copy: Option<&str>, restore: Option<&str>) -> std::sync::Arc<
             restore: restore.map(str::to_owned),
         },
     ))
-}
-
-async fn read_all(copy: &mut Copy) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    copy.stream.read_to_end(&mut bytes).await.unwrap();
-    bytes
 }
 
 #[tokio::test]
@@ -128,7 +121,7 @@ async fn copy_streams_stdout_and_restore_feeds_it_back() {
     let mut prepared = adapter.prepare().await.unwrap();
     prepared.cut("b-7").await.unwrap();
     let mut copy = prepared.copy().await.unwrap();
-    let bytes = read_all(&mut copy).await;
+    let bytes = read_to_end(&mut copy).await;
     let summary = copy.finished.await.unwrap();
     assert_eq!(summary.row_counts, None);
     let text = String::from_utf8(bytes.clone()).unwrap();
@@ -155,7 +148,7 @@ async fn failing_copy_fails_finished_naming_the_database() {
     let mut prepared = adapter.prepare().await.unwrap();
     prepared.cut("b-1").await.unwrap();
     let mut copy = prepared.copy().await.unwrap();
-    assert_eq!(read_all(&mut copy).await, b"partial\n");
+    assert_eq!(read_to_end(&mut copy).await, b"partial\n");
     let err = copy.finished.await.unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, AdapterError::Copy { .. }), "{msg}");
@@ -170,7 +163,7 @@ async fn without_a_copy_command_the_copy_is_empty() {
     let mut prepared = adapter.prepare().await.unwrap();
     prepared.cut("b-1").await.unwrap();
     let mut copy = prepared.copy().await.unwrap();
-    assert!(read_all(&mut copy).await.is_empty());
+    assert!(read_to_end(&mut copy).await.is_empty());
     assert_eq!(copy.finished.await.unwrap(), CopySummary::default());
 }
 

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rusqlite::Connection;
-use tokio::io::AsyncReadExt;
 
 use super::*;
+use crate::adapters::testing::read_to_end;
 
 /// A WAL database with `accounts` rows and 10 `audit` rows, and the application's own
 /// connection to keep writing to it.
@@ -63,12 +63,6 @@ fn write_after_cut(app: &Connection) {
         .unwrap();
 }
 
-async fn read_copy(copy: &mut Copy) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    copy.stream.read_to_end(&mut bytes).await.unwrap();
-    bytes
-}
-
 #[tokio::test]
 async fn copy_holds_the_cut_snapshot_not_later_writes() {
     let dir = tempfile::tempdir().unwrap();
@@ -85,7 +79,7 @@ async fn copy_holds_the_cut_snapshot_not_later_writes() {
     assert_eq!(count(&app, "SELECT count(*) FROM accounts"), 1500);
 
     let mut copy = prepared.copy().await.unwrap();
-    let bytes = read_copy(&mut copy).await;
+    let bytes = read_to_end(&mut copy).await;
     let summary = copy.finished.await.unwrap();
     assert_eq!(
         summary.row_counts,
@@ -162,7 +156,7 @@ async fn cut_time_does_not_grow_with_size() {
             marker.details["page_count"]
         ));
         let mut copy = prepared.copy().await.unwrap();
-        read_copy(&mut copy).await;
+        read_to_end(&mut copy).await;
         assert_eq!(
             copy.finished.await.unwrap().row_counts.unwrap()["accounts"],
             rows as u64
@@ -239,7 +233,7 @@ async fn restore_into_an_empty_file_works_and_garbage_fails_the_check() {
     let mut prepared = adapter.prepare().await.unwrap();
     prepared.cut("b-1").await.unwrap();
     let mut copy = prepared.copy().await.unwrap();
-    let bytes = read_copy(&mut copy).await;
+    let bytes = read_to_end(&mut copy).await;
     copy.finished.await.unwrap();
 
     // An existing empty file (e.g. made by `touch` or mktemp) is an empty target.
