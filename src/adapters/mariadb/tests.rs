@@ -301,7 +301,7 @@ async fn a_failing_client_fails_the_restore_with_its_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prepare_needs_a_database_in_the_url() {
+async fn prepare_needs_a_database_and_keeps_passwords_out_of_messages() {
     let db = server();
     let url = db.url("");
     let msg = Mariadb::new("ledger-maria", MariadbConfig { url, bin_dir: None })
@@ -311,6 +311,18 @@ async fn prepare_needs_a_database_in_the_url() {
         .unwrap()
         .to_string();
     assert!(msg.contains("names no database"), "{msg}");
+
+    // A refused login names the server, never the password.
+    let url = format!("mysql://root:hunter2@127.0.0.1:{}/mysql", db.port());
+    let msg = Mariadb::new("ledger-maria", MariadbConfig { url, bin_dir: None })
+        .prepare()
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("database ledger-maria"), "{msg}");
+    assert!(msg.contains(&format!("127.0.0.1:{}", db.port())), "{msg}");
+    assert!(!msg.contains("hunter2"), "{msg}");
 }
 
 #[test]
