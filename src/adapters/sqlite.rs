@@ -132,9 +132,8 @@ impl Prepared for SqlitePrepared {
         .await
         .map_err(err)?;
         self.conn = Some(conn);
-        let details = result.map_err(err)?;
+        let mut details = result.map_err(err)?;
         self.cut = true;
-        let mut details = details;
         details.insert("path".to_owned(), self.path.display().to_string());
         Ok(CutMarker {
             kind: "sqlite-snapshot".to_owned(),
