@@ -13,12 +13,35 @@
 //! - `mariadb.rs`: `START TRANSACTION WITH CONSISTENT SNAPSHOT` + binlog/GTID position,
 //!   copied as a logical SQL dump over that same transaction.
 //! - `exec.rs`: user commands for the cut and, optionally, the copy.
+//! - `process.rs`: how every adapter runs child processes (killed on drop, reaped,
+//!   stderr drained).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use tokio::io::AsyncRead;
+
+pub mod exec;
+pub mod mariadb;
+pub mod postgres;
+mod process;
+pub mod sqlite;
+#[cfg(test)]
+mod testing;
+#[cfg(test)]
+mod tests;
+
+/// The one place runbook config becomes an adapter.
+pub fn build(name: &str, config: &AdapterConfig) -> Arc<dyn Adapter> {
+    match config {
+        AdapterConfig::Sqlite(c) => Arc::new(sqlite::Sqlite::new(name, c.clone())),
+        AdapterConfig::Postgres(c) => Arc::new(postgres::Postgres::new(name, c.clone())),
+        AdapterConfig::Mariadb(c) => Arc::new(mariadb::Mariadb::new(name, c.clone())),
+        AdapterConfig::Exec(c) => Arc::new(exec::Exec::new(name, c.clone())),
+    }
+}
 
 /// Bytes flowing out of a database (a copy) or into one (a restore).
 pub type ByteStream = Pin<Box<dyn AsyncRead + Send + 'static>>;

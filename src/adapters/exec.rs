@@ -1,0 +1,213 @@
+//! Exec adapter: the operator's own commands, for databases stillpoint has no adapter
+//! for (or a storage snapshot, or a "flush and note the position" script).
+//!
+//! - prepare: nothing to connect; the commands run later.
+//! - cut: `sh -c <cut>` inside the pause with `STILLPOINT_BACKUP_ID` and
+//!   `STILLPOINT_DATABASE` set, killed (with everything it started) after
+//!   `cut_timeout`. Exit 0 is required; its trimmed stdout (at most 64 KiB) becomes the
+//!   marker's `output`.
+//! - copy: `sh -c <copy>` after unpause with the same variables; its stdout is the
+//!   copy and `finished` is its exit status. Without a copy command the stream is
+//!   empty and the summary has no row counts: the cut alone is the backup (e.g. the
+//!   hook took a storage snapshot), and the caller may record no artifact.
+//! - restore: `sh -c <restore>` with the copy on stdin and `STILLPOINT_RESTORE_TARGET`
+//!   set.
+
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::process::Command;
+
+use super::process::{self, GroupKiller, OUTPUT_LIMIT};
+use super::{
+    Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, ExecConfig, Prepared,
+};
+
+pub struct Exec {
+    name: String,
+    config: ExecConfig,
+}
+
+impl Exec {
+    pub fn new(name: &str, config: ExecConfig) -> Self {
+        Exec {
+            name: name.to_owned(),
+            config,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Adapter for Exec {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "exec"
+    }
+
+    fn artifact_extension(&self) -> &'static str {
+        "bin"
+    }
+
+    async fn prepare(&self) -> Result<Box<dyn Prepared>, AdapterError> {
+        if self.config.cut.trim().is_empty() {
+            return Err(AdapterError::Prepare {
+                database: self.name.clone(),
+                message: "the exec adapter's `cut` command is empty".to_owned(),
+            });
+        }
+        Ok(Box::new(ExecPrepared {
+            name: self.name.clone(),
+            config: self.config.clone(),
+            backup_id: None,
+        }))
+    }
+
+    async fn restore(&self, copy: ByteStream, target: &str) -> Result<(), AdapterError> {
+        let err = |message: String| AdapterError::Restore {
+            database: self.name.clone(),
+            message,
+        };
+        let Some(restore) = &self.config.restore else {
+            return Err(err(
+                "no restore command is configured (set `restore` for this database in the runbook)"
+                    .to_owned(),
+            ));
+        };
+        let mut cmd = shell(restore);
+        cmd.env("STILLPOINT_DATABASE", &self.name)
+            .env("STILLPOINT_RESTORE_TARGET", target);
+        process::run_with_stdin(cmd, "the restore command", copy, true)
+            .await
+            .map_err(err)
+    }
+}
+
+struct ExecPrepared {
+    name: String,
+    config: ExecConfig,
+    /// Set by the cut; the copy command gets the same id.
+    backup_id: Option<String>,
+}
+
+#[async_trait::async_trait]
+impl Prepared for ExecPrepared {
+    async fn cut(&mut self, backup_id: &str) -> Result<CutMarker, AdapterError> {
+        let err = |message: String| AdapterError::Cut {
+            database: self.name.clone(),
+            message,
+        };
+        let mut cmd = shell(&self.config.cut);
+        cmd.env("STILLPOINT_BACKUP_ID", backup_id)
+            .env("STILLPOINT_DATABASE", &self.name)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| err(format!("starting the cut command: {e}")))?;
+        let mut group = GroupKiller::new(&child);
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+
+        let run = async {
+            let (out, errout) = tokio::join!(
+                process::read_bounded(stdout, OUTPUT_LIMIT),
+                process::read_bounded(stderr, OUTPUT_LIMIT)
+            );
+            (out, errout, child.wait().await)
+        };
+        let Ok((out, errout, status)) = tokio::time::timeout(self.config.cut_timeout, run).await
+        else {
+            // Inside the pause every second counts: kill the whole group (sh and
+            // anything it started), reap sh, and fail the cut.
+            group.kill().await;
+            let _ = child.wait().await;
+            return Err(err(format!(
+                "the cut command timed out after {} and was killed (raise cut_timeout if it \
+                 legitimately needs longer)",
+                human(self.config.cut_timeout)
+            )));
+        };
+        let status = status.map_err(|e| err(format!("waiting for the cut command: {e}")))?;
+        group.disarm();
+        let stderr = errout.map(|b| b.text()).unwrap_or_default();
+        if !status.success() {
+            return Err(err(process::describe_failure(
+                "the cut command",
+                status,
+                &stderr,
+            )));
+        }
+        let out = out.map_err(|e| err(format!("reading the cut command's stdout: {e}")))?;
+        let mut details = std::collections::BTreeMap::new();
+        details.insert("output".to_owned(), out.text());
+        if out.truncated {
+            // The marker must not pretend to be the whole output.
+            details.insert(
+                "output_truncated_at_bytes".to_owned(),
+                OUTPUT_LIMIT.to_string(),
+            );
+        }
+        self.backup_id = Some(backup_id.to_owned());
+        Ok(CutMarker {
+            kind: "exec".to_owned(),
+            details,
+        })
+    }
+
+    async fn copy(self: Box<Self>) -> Result<Copy, AdapterError> {
+        let name = self.name.clone();
+        let err = |message: String| AdapterError::Copy {
+            database: name.clone(),
+            message,
+        };
+        let Some(backup_id) = self.backup_id else {
+            return Err(err("copy was called before a successful cut".to_owned()));
+        };
+        let Some(copy) = &self.config.copy else {
+            return Ok(Copy {
+                stream: Box::pin(tokio::io::empty()),
+                finished: futures::future::ready(Ok(CopySummary::default())).boxed(),
+            });
+        };
+        let mut cmd = shell(copy);
+        cmd.env("STILLPOINT_BACKUP_ID", &backup_id)
+            .env("STILLPOINT_DATABASE", &self.name);
+        let (stream, producer) = process::spawn_producer(cmd, "the copy command", true)
+            .map_err(|e| err(format!("starting the copy command: {e}")))?;
+        let finished = async move {
+            producer
+                .wait()
+                .await
+                .map_err(|message| AdapterError::Copy {
+                    database: name,
+                    message,
+                })?;
+            Ok(CopySummary::default())
+        }
+        .boxed();
+        Ok(Copy { stream, finished })
+    }
+}
+
+fn shell(script: &str) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script);
+    cmd
+}
+
+fn human(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,216 @@
+//! Exec adapter tests: real `sh` commands for the cut, copy and restore, including a
+//! cut that hangs (killed with its children) and a copy that fails.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::adapters::testing::read_to_end;
+
+fn exec(cut: &str, copy: Option<&str>, restore: Option<&str>) -> std::sync::Arc<dyn Adapter> {
+    std::sync::Arc::new(Exec::new(
+        "ledger-files",
+        ExecConfig {
+            cut: cut.to_owned(),
+            cut_timeout: Duration::from_secs(10),
+            copy: copy.map(str::to_owned),
+            restore: restore.map(str::to_owned),
+        },
+    ))
+}
+
+#[tokio::test]
+async fn cut_sees_backup_id_and_database_and_its_stdout_is_the_marker() {
+    let adapter = exec(
+        "echo \"  id=$STILLPOINT_BACKUP_ID db=$STILLPOINT_DATABASE  \"",
+        None,
+        None,
+    );
+    let mut prepared = adapter.prepare().await.unwrap();
+    let marker = prepared.cut("b-42").await.unwrap();
+    assert_eq!(marker.kind, "exec");
+    assert_eq!(marker.details["output"], "id=b-42 db=ledger-files");
+    assert!(!marker.details.contains_key("output_truncated_at_bytes"));
+}
+
+#[tokio::test]
+async fn failing_cut_reports_status_and_stderr() {
+    let adapter = exec("echo 'replica is not in sync' >&2; exit 3", None, None);
+    let mut prepared = adapter.prepare().await.unwrap();
+    let err = prepared.cut("b-1").await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, AdapterError::Cut { .. }), "{msg}");
+    assert!(msg.contains("database ledger-files"), "{msg}");
+    assert!(msg.contains("status 3"), "{msg}");
+    assert!(msg.contains("replica is not in sync"), "{msg}");
+}
+
+#[tokio::test]
+async fn hanging_cut_is_killed_with_its_children_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("child.pid");
+    // `sleep` runs as a grandchild of our process: killing only `sh` would leave it.
+    let adapter = Exec::new(
+        "ledger-files",
+        ExecConfig {
+            cut: format!("sleep 60 & echo $! > {}; wait", pidfile.display()),
+            cut_timeout: Duration::from_millis(500),
+            copy: None,
+            restore: None,
+        },
+    );
+    let mut prepared = adapter.prepare().await.unwrap();
+    let started = Instant::now();
+    let err = prepared.cut("b-1").await.unwrap_err();
+    let took = started.elapsed();
+    let msg = err.to_string();
+    assert!(matches!(err, AdapterError::Cut { .. }), "{msg}");
+    assert!(msg.contains("timed out after 500ms"), "{msg}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+
+    // The grandchild existed (so the check below can fail) and is now gone.
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match process_state(pid) {
+            None | Some('Z') => break,
+            Some(state) => assert!(
+                Instant::now() < deadline,
+                "grandchild {pid} still alive (state {state}) after the cut timed out"
+            ),
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The state letter from /proc/<pid>/stat, or None if there is no such process.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces; the state follows.
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+#[tokio::test]
+async fn chatty_cut_keeps_a_bounded_marker_and_does_not_block() {
+    // 1 MiB of output: far more than a pipe holds, so this only finishes if we keep
+    // reading past the marker's limit.
+    let adapter = exec("head -c 1048576 /dev/zero | tr '\\0' x", None, None);
+    let mut prepared = adapter.prepare().await.unwrap();
+    let marker = prepared.cut("b-1").await.unwrap();
+    assert_eq!(marker.details["output"].len(), OUTPUT_LIMIT);
+    assert_eq!(
+        marker.details["output_truncated_at_bytes"],
+        OUTPUT_LIMIT.to_string()
+    );
+}
+
+#[tokio::test]
+async fn copy_streams_stdout_and_restore_feeds_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("restored");
+    let adapter = exec(
+        "true",
+        Some(
+            "printf 'backup %s of %s\\n' \"$STILLPOINT_BACKUP_ID\" \"$STILLPOINT_DATABASE\"; seq 1 100000",
+        ),
+        Some("cat > \"$STILLPOINT_RESTORE_TARGET\""),
+    );
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-7").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    let bytes = read_to_end(&mut copy).await;
+    let summary = copy.finished.await.unwrap();
+    assert_eq!(summary.row_counts, None);
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    assert!(text.starts_with("backup b-7 of ledger-files\n1\n2\n"));
+    assert!(text.ends_with("\n100000\n"));
+
+    adapter
+        .restore(
+            Box::pin(std::io::Cursor::new(bytes.clone())),
+            target.to_str().unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn failing_copy_fails_finished_naming_the_database() {
+    let adapter = exec(
+        "true",
+        Some("echo partial; echo 'disk snapshot vanished' >&2; exit 1"),
+        None,
+    );
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    assert_eq!(read_to_end(&mut copy).await, b"partial\n");
+    let err = copy.finished.await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, AdapterError::Copy { .. }), "{msg}");
+    assert!(msg.contains("database ledger-files"), "{msg}");
+    assert!(msg.contains("status 1"), "{msg}");
+    assert!(msg.contains("disk snapshot vanished"), "{msg}");
+}
+
+#[tokio::test]
+async fn without_a_copy_command_the_copy_is_empty() {
+    let adapter = exec("true", None, None);
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    assert!(read_to_end(&mut copy).await.is_empty());
+    assert_eq!(copy.finished.await.unwrap(), CopySummary::default());
+}
+
+#[tokio::test]
+async fn copy_before_cut_is_refused() {
+    let adapter = exec("true", Some("echo hi"), None);
+    let prepared = adapter.prepare().await.unwrap();
+    let err = prepared.copy().await.err().unwrap().to_string();
+    assert!(err.contains("before a successful cut"), "{err}");
+}
+
+#[tokio::test]
+async fn restore_needs_a_command_and_reports_its_failure() {
+    let none = exec("true", None, None);
+    let err = none
+        .restore(Box::pin(tokio::io::empty()), "/nowhere")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no restore command"), "{err}");
+
+    // A command that quits without reading: the large input must not hang us, and the
+    // error is the command's, not a broken pipe.
+    let failing = exec(
+        "true",
+        None,
+        Some("echo \"cannot reach $STILLPOINT_RESTORE_TARGET\" >&2; exit 4"),
+    );
+    let input = vec![7u8; 4 * 1024 * 1024];
+    let err = failing
+        .restore(Box::pin(std::io::Cursor::new(input)), "scratch-1")
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, AdapterError::Restore { .. }), "{msg}");
+    assert!(msg.contains("status 4"), "{msg}");
+    assert!(msg.contains("cannot reach scratch-1"), "{msg}");
+
+    // Exit 0 without reading everything is not a successful restore either.
+    let lazy = exec("true", None, Some("head -c 10 > /dev/null"));
+    let err = lazy
+        .restore(
+            Box::pin(std::io::Cursor::new(vec![0u8; 4 * 1024 * 1024])),
+            "scratch-2",
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("stopped reading its input early"), "{err}");
+}

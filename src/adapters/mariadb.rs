@@ -1,0 +1,687 @@
+//! MariaDB adapter: a consistent-snapshot transaction opened inside the pause, dumped
+//! as SQL over that same transaction after it.
+//!
+//! - prepare: connects (mysql_async, no TLS), requires the URL to name a database,
+//!   records whether the binlog is on (not required) and sets the session up for a
+//!   long, slow-consumer dump (UTC, utf8mb4, generous network timeouts).
+//! - cut: `START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY` at REPEATABLE READ,
+//!   then `binlog_snapshot_file`/`_position` (MariaDB reports the binlog position that
+//!   matches this very snapshot), `@@gtid_binlog_pos`, and the list of tables and views.
+//!   Metadata only: nothing here grows with the data.
+//! - copy: a logical dump produced over that connection, inside that transaction:
+//!   `SHOW CREATE TABLE` for each base table, then its rows as batched `INSERT`s with
+//!   every value written according to its column type, then views. It is produced by
+//!   one task into a bounded pipe as it is read, so memory stays flat whatever the
+//!   size. Each table's dumped rows are checked against `COUNT(*)` in the same
+//!   snapshot, and those counts are the summary.
+//! - restore: pipes the dump into the `mariadb` client (password in `MYSQL_PWD`) for an
+//!   empty target database, and checks the dump's end marker went through.
+//!
+//! Not in the dump: triggers, stored routines, events, sequences, users and grants.
+//! Tables on non-transactional engines (MyISAM, Aria, …) are dumped but are not covered
+//! by the snapshot; the marker lists them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use futures::{FutureExt, TryStreamExt};
+use mysql_async::consts::ColumnType;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Column, Conn, Opts, Row, Value};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::process::Command;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::process;
+use super::{
+    Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, MariadbConfig, Prepared,
+};
+
+/// The dump's last line. A restore that does not see it was fed a truncated copy.
+const END_MARKER: &str = "-- stillpoint: dump complete";
+
+/// An INSERT statement is flushed once it holds this much SQL: well under the default
+/// `max_allowed_packet` (16 MiB) of the server that will replay it, and big enough
+/// that the restore is not dominated by per-statement cost.
+const INSERT_BATCH_BYTES: usize = 512 * 1024;
+
+/// Bytes the dump may run ahead of its reader.
+const PIPE_BYTES: usize = 256 * 1024;
+
+pub struct Mariadb {
+    name: String,
+    config: MariadbConfig,
+}
+
+impl Mariadb {
+    pub fn new(name: &str, config: MariadbConfig) -> Self {
+        Mariadb {
+            name: name.to_owned(),
+            config,
+        }
+    }
+}
+
+/// A URL for messages: everything but the password.
+fn shown(opts: &Opts) -> String {
+    format!(
+        "mysql://{}@{}:{}/{}",
+        opts.user().unwrap_or(""),
+        opts.ip_or_hostname(),
+        opts.tcp_port(),
+        opts.db_name().unwrap_or("")
+    )
+}
+
+fn parse_url(url: &str) -> Result<Opts, String> {
+    // The parser's error may quote the URL, password and all; say only what is wrong.
+    Opts::from_url(url).map_err(|e| match e {
+        mysql_async::UrlError::Invalid => "the URL is not a valid mysql:// URL".to_owned(),
+        mysql_async::UrlError::UnsupportedScheme { scheme } => {
+            format!("the URL's scheme is {scheme:?}, expected mysql://")
+        }
+        other => format!("the URL is not usable: {}", kind_of(&other)),
+    })
+}
+
+fn kind_of(e: &mysql_async::UrlError) -> &'static str {
+    match e {
+        mysql_async::UrlError::FeatureRequired { .. } => "it needs a feature this build lacks",
+        mysql_async::UrlError::InvalidParamValue { .. } => "a parameter has an invalid value",
+        mysql_async::UrlError::UnknownParameter { .. } => "it has an unknown parameter",
+        _ => "it could not be parsed",
+    }
+}
+
+async fn connect(opts: &Opts) -> Result<Conn, String> {
+    Conn::new(opts.clone())
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", shown(opts)))
+}
+
+#[async_trait::async_trait]
+impl Adapter for Mariadb {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "mariadb"
+    }
+
+    fn artifact_extension(&self) -> &'static str {
+        "sql"
+    }
+
+    async fn prepare(&self) -> Result<Box<dyn Prepared>, AdapterError> {
+        let err = |message: String| AdapterError::Prepare {
+            database: self.name.clone(),
+            message,
+        };
+        let opts = parse_url(&self.config.url).map_err(err)?;
+        let url = shown(&opts);
+        if opts.db_name().is_none_or(str::is_empty) {
+            return Err(err(format!(
+                "{url} names no database: put the database after the port, e.g. mysql://user@host:3306/ledger"
+            )));
+        }
+        let mut conn = connect(&opts).await.map_err(err)?;
+        let facts: Option<(String, String, String, String)> = conn
+            .query_first("SELECT VERSION(), DATABASE(), @@log_bin, @@gtid_binlog_pos")
+            .await
+            .map_err(|e| {
+                err(format!(
+                    "reading server settings of {url}: {e} (is this a MariaDB server? the \
+                     adapter relies on MariaDB's GTID and binlog snapshot variables)"
+                ))
+            })?;
+        let (server_version, database, log_bin, _) =
+            facts.ok_or_else(|| err(format!("reading server settings of {url}: no row")))?;
+        // A dump session must see plain backtick-quoted DDL (sql_mode could hold
+        // ANSI_QUOTES), UTC timestamps that replay identically anywhere, and must not
+        // be cut off while a slow consumer (an upload) holds up its reads.
+        for setup in [
+            "SET NAMES utf8mb4",
+            "SET SESSION sql_mode = '', time_zone = '+00:00', net_write_timeout = 3600, \
+             net_read_timeout = 3600, wait_timeout = 86400",
+        ] {
+            conn.query_drop(setup)
+                .await
+                .map_err(|e| err(format!("configuring the session on {url}: {e}")))?;
+        }
+        Ok(Box::new(MariadbPrepared {
+            name: self.name.clone(),
+            conn: Some(conn),
+            server_version,
+            database,
+            binlog_on: log_bin == "1" || log_bin.eq_ignore_ascii_case("on"),
+            objects: None,
+        }))
+    }
+
+    async fn restore(&self, copy: ByteStream, target: &str) -> Result<(), AdapterError> {
+        let err = |message: String| AdapterError::Restore {
+            database: self.name.clone(),
+            message,
+        };
+        let opts = parse_url(target).map_err(err)?;
+        let url = shown(&opts);
+        let Some(db) = opts.db_name().filter(|d| !d.is_empty()) else {
+            return Err(err(format!("the target {url} names no database")));
+        };
+        let mut conn = connect(&opts).await.map_err(err)?;
+        let existing: Vec<String> = conn
+            .query(
+                "SELECT TABLE_NAME FROM information_schema.TABLES \
+                 WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME LIMIT 5",
+            )
+            .await
+            .map_err(|e| err(format!("inspecting {url}: {e}")))?;
+        let _ = conn.disconnect().await;
+        if !existing.is_empty() {
+            return Err(err(format!(
+                "refusing to restore into {url}: the database is not empty (it has {}{}); \
+                 restore into a new, empty database",
+                existing.join(", "),
+                if existing.len() == 5 { ", …" } else { "" }
+            )));
+        }
+
+        let client = match &self.config.bin_dir {
+            Some(dir) => dir.join("mariadb"),
+            None => PathBuf::from("mariadb"),
+        };
+        let mut cmd = Command::new(&client);
+        // --no-defaults: the target URL says everything, so an option file (a
+        // developer's ~/.my.cnf, /etc/mysql) cannot redirect the restore elsewhere.
+        cmd.arg("--no-defaults")
+            .arg("--batch")
+            .arg("--default-character-set=utf8mb4");
+        match opts.socket() {
+            Some(socket) => cmd
+                .arg("--protocol=SOCKET")
+                .arg(format!("--socket={socket}")),
+            None => cmd
+                .arg("--protocol=TCP")
+                .arg(format!("--host={}", opts.ip_or_hostname()))
+                .arg(format!("--port={}", opts.tcp_port())),
+        };
+        if let Some(user) = opts.user() {
+            cmd.arg(format!("--user={user}"));
+        }
+        cmd.arg(format!("--database={db}"));
+        if let Some(password) = opts.pass() {
+            cmd.env("MYSQL_PWD", password);
+        }
+
+        let tail = Arc::new(Mutex::new(Vec::new()));
+        let input = Box::pin(TailKeeper {
+            inner: copy,
+            tail: tail.clone(),
+        });
+        process::run_with_stdin(cmd, "the mariadb client", input, false)
+            .await
+            .map_err(err)?;
+        let tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+        if !String::from_utf8_lossy(&tail)
+            .trim_end()
+            .ends_with(END_MARKER)
+        {
+            return Err(err(format!(
+                "the copy ended without stillpoint's end marker: it is truncated (or not a \
+                 stillpoint MariaDB dump), so {url} holds only part of it"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What the cut found in the database, in dump order.
+struct Objects {
+    /// Base tables.
+    tables: Vec<String>,
+    views: Vec<String>,
+}
+
+struct MariadbPrepared {
+    name: String,
+    /// Moved into the dump task by `copy`.
+    conn: Option<Conn>,
+    server_version: String,
+    database: String,
+    binlog_on: bool,
+    /// Set by the cut.
+    objects: Option<Objects>,
+}
+
+#[async_trait::async_trait]
+impl Prepared for MariadbPrepared {
+    async fn cut(&mut self, _backup_id: &str) -> Result<CutMarker, AdapterError> {
+        let err = |message: String| AdapterError::Cut {
+            database: self.name.clone(),
+            message,
+        };
+        if self.objects.is_some() {
+            return Err(err("the snapshot was already cut".to_owned()));
+        }
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| err("the connection was lost by an earlier failure".to_owned()))?;
+        conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .await
+            .map_err(|e| err(format!("setting the isolation level: {e}")))?;
+        // WITH CONSISTENT SNAPSHOT takes the InnoDB read view now, not at the first read.
+        conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+            .await
+            .map_err(|e| err(format!("starting the snapshot transaction: {e}")))?;
+        let status: Vec<(String, String)> = conn
+            .query("SHOW STATUS LIKE 'binlog_snapshot_%'")
+            .await
+            .map_err(|e| err(format!("reading the binlog position: {e}")))?;
+        let gtid: Option<String> = conn
+            .query_first("SELECT @@gtid_binlog_pos")
+            .await
+            .map_err(|e| err(format!("reading the GTID position: {e}")))?;
+        let listed: Vec<(String, String, Option<String>)> = conn
+            .query(
+                "SELECT TABLE_NAME, TABLE_TYPE, ENGINE FROM information_schema.TABLES \
+                 WHERE TABLE_SCHEMA = DATABASE() ORDER BY TABLE_NAME",
+            )
+            .await
+            .map_err(|e| err(format!("listing tables: {e}")))?;
+
+        let mut details = BTreeMap::from([
+            ("database".to_owned(), self.database.clone()),
+            ("server_version".to_owned(), self.server_version.clone()),
+            (
+                "log_bin".to_owned(),
+                if self.binlog_on { "ON" } else { "OFF" }.to_owned(),
+            ),
+        ]);
+        if self.binlog_on {
+            for (name, value) in status {
+                // binlog_snapshot_file / binlog_snapshot_position: the binlog
+                // coordinates of exactly this snapshot, even if writes raced the cut.
+                if let Some(key) = name.to_ascii_lowercase().strip_prefix("binlog_snapshot_") {
+                    details.insert(format!("binlog_{key}"), value);
+                }
+            }
+            // The GTID state read right after the snapshot; inside the pause no
+            // application writes can fall between the two.
+            details.insert("gtid_binlog_pos".to_owned(), gtid.unwrap_or_default());
+        }
+
+        let mut objects = Objects {
+            tables: Vec::new(),
+            views: Vec::new(),
+        };
+        let mut outside_snapshot = Vec::new();
+        let mut not_copied = Vec::new();
+        for (table, kind, engine) in listed {
+            match kind.as_str() {
+                "BASE TABLE" | "SYSTEM VERSIONED" => {
+                    if !engine.as_deref().is_some_and(is_transactional) {
+                        outside_snapshot.push(table.clone());
+                    }
+                    objects.tables.push(table);
+                }
+                "VIEW" => objects.views.push(table),
+                _ => not_copied.push(format!("{table} ({kind})")),
+            }
+        }
+        details.insert("tables".to_owned(), objects.tables.len().to_string());
+        details.insert("views".to_owned(), objects.views.len().to_string());
+        if !outside_snapshot.is_empty() {
+            details.insert(
+                "non_transactional_tables".to_owned(),
+                outside_snapshot.join(","),
+            );
+        }
+        if !not_copied.is_empty() {
+            details.insert("not_copied".to_owned(), not_copied.join(","));
+        }
+        self.objects = Some(objects);
+        Ok(CutMarker {
+            kind: "mariadb-snapshot".to_owned(),
+            details,
+        })
+    }
+
+    async fn copy(mut self: Box<Self>) -> Result<Copy, AdapterError> {
+        let name = self.name.clone();
+        let (Some(objects), Some(conn)) = (self.objects.take(), self.conn.take()) else {
+            return Err(AdapterError::Copy {
+                database: name,
+                message: "copy was called before a successful cut".to_owned(),
+            });
+        };
+        let (reader, writer) = tokio::io::duplex(PIPE_BYTES);
+        let header = format!(
+            "-- stillpoint logical dump of `{}` (MariaDB {}), one consistent snapshot\n",
+            self.database, self.server_version
+        );
+        // The dump must run while the caller reads the stream, so it cannot live in
+        // `finished` (not polled until the stream is done): it is a task, awaited by
+        // `finished` and aborted if the copy is dropped.
+        let task = AbortOnDropHandle::new(tokio::spawn(dump(conn, objects, writer, header)));
+        let finished = async move {
+            let result = match task.await {
+                Ok(result) => result,
+                Err(e) => Err(format!("the dump task failed: {e}")),
+            };
+            result
+                .map(|counts| CopySummary {
+                    row_counts: Some(counts),
+                })
+                .map_err(|message| AdapterError::Copy {
+                    database: name,
+                    message,
+                })
+        }
+        .boxed();
+        Ok(Copy {
+            stream: Box::pin(reader),
+            finished,
+        })
+    }
+}
+
+fn is_transactional(engine: &str) -> bool {
+    // The engines whose reads honour a consistent snapshot.
+    ["InnoDB", "XtraDB", "RocksDB", "TokuDB"]
+        .iter()
+        .any(|e| e.eq_ignore_ascii_case(engine))
+}
+
+/// Writes the whole dump into `out` and returns rows per table. Dropping `out` on any
+/// error ends the stream early; `finished` reports the error.
+async fn dump<W: AsyncWrite + Unpin>(
+    mut conn: Conn,
+    objects: Objects,
+    mut out: W,
+    header: String,
+) -> Result<BTreeMap<String, u64>, String> {
+    let write = |e: std::io::Error| format!("the copy's reader went away: {e}");
+    out.write_all(header.as_bytes()).await.map_err(write)?;
+    // Replayed by the client before anything else: the same quoting and time zone as
+    // the dump session, and no checks that table order could trip.
+    out.write_all(
+        b"SET NAMES utf8mb4;\n\
+          SET TIME_ZONE = '+00:00';\n\
+          SET SQL_MODE = 'NO_AUTO_VALUE_ON_ZERO';\n\
+          SET FOREIGN_KEY_CHECKS = 0;\n\
+          SET UNIQUE_CHECKS = 0;\n\n",
+    )
+    .await
+    .map_err(write)?;
+
+    let mut counts = BTreeMap::new();
+    for table in &objects.tables {
+        let dumped = dump_table(&mut conn, table, &mut out).await?;
+        // An independent count in the same snapshot: a dump that lost or invented
+        // rows fails here rather than in a drill.
+        let counted: Option<u64> = conn
+            .query_first(format!("SELECT COUNT(*) FROM {}", quote_ident(table)))
+            .await
+            .map_err(|e| format!("counting rows of {table}: {e}"))?;
+        let counted = counted.unwrap_or(0);
+        if counted != dumped {
+            return Err(format!(
+                "table {table}: dumped {dumped} rows but COUNT(*) in the same snapshot is {counted}"
+            ));
+        }
+        counts.insert(table.clone(), counted);
+    }
+    for view in &objects.views {
+        let row: Option<(String, String, String, String)> = conn
+            .query_first(format!("SHOW CREATE VIEW {}", quote_ident(view)))
+            .await
+            .map_err(|e| format!("reading the definition of view {view}: {e}"))?;
+        let (_, create, _, _) = row.ok_or_else(|| format!("view {view} has no definition"))?;
+        let sql = format!("{};\n\n", without_definer(&create));
+        out.write_all(sql.as_bytes()).await.map_err(write)?;
+    }
+    conn.query_drop("COMMIT")
+        .await
+        .map_err(|e| format!("ending the snapshot transaction: {e}"))?;
+    let _ = conn.disconnect().await;
+    out.write_all(
+        format!("SET FOREIGN_KEY_CHECKS = 1;\nSET UNIQUE_CHECKS = 1;\n{END_MARKER}\n").as_bytes(),
+    )
+    .await
+    .map_err(write)?;
+    out.shutdown().await.map_err(write)?;
+    Ok(counts)
+}
+
+/// `CREATE TABLE` and the rows of one table; returns how many rows were written.
+async fn dump_table<W: AsyncWrite + Unpin>(
+    conn: &mut Conn,
+    table: &str,
+    out: &mut W,
+) -> Result<u64, String> {
+    let write = |e: std::io::Error| format!("the copy's reader went away: {e}");
+    let quoted = quote_ident(table);
+    let create: Option<(String, String)> = conn
+        .query_first(format!("SHOW CREATE TABLE {quoted}"))
+        .await
+        .map_err(|e| format!("reading the definition of {table}: {e}"))?;
+    let (_, create) = create.ok_or_else(|| format!("table {table} has no definition"))?;
+    out.write_all(format!("{create};\n\n").as_bytes())
+        .await
+        .map_err(write)?;
+
+    // Generated columns are computed on restore; inserting into them is an error.
+    let columns: Vec<String> = conn
+        .exec(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND IS_GENERATED = 'NEVER' \
+             ORDER BY ORDINAL_POSITION",
+            (table,),
+        )
+        .await
+        .map_err(|e| format!("listing the columns of {table}: {e}"))?;
+    if columns.is_empty() {
+        return Ok(0);
+    }
+    let column_list = columns
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let insert_prefix = format!("INSERT INTO {quoted} ({column_list}) VALUES\n").into_bytes();
+
+    let mut result = conn
+        .query_iter(format!("SELECT {column_list} FROM {quoted}"))
+        .await
+        .map_err(|e| format!("reading {table}: {e}"))?;
+    let mut rows = result
+        .stream::<Row>()
+        .await
+        .map_err(|e| format!("reading {table}: {e}"))?;
+    // Bytes, not a String: values are escaped byte for byte, whatever their encoding.
+    let mut batch = Vec::new();
+    let mut dumped = 0u64;
+    if let Some(rows) = rows.as_mut() {
+        while let Some(row) = rows
+            .try_next()
+            .await
+            .map_err(|e| format!("reading {table}: {e}"))?
+        {
+            batch.extend_from_slice(if batch.is_empty() {
+                &insert_prefix
+            } else {
+                b",\n"
+            });
+            let cols = row.columns();
+            push_row(&mut batch, &cols, row.unwrap_raw());
+            dumped += 1;
+            if batch.len() >= INSERT_BATCH_BYTES {
+                batch.extend_from_slice(b";\n");
+                out.write_all(&batch).await.map_err(write)?;
+                batch.clear();
+            }
+        }
+    }
+    drop(rows);
+    drop(result);
+    if !batch.is_empty() {
+        batch.extend_from_slice(b";\n");
+        out.write_all(&batch).await.map_err(write)?;
+    }
+    out.write_all(b"\n").await.map_err(write)?;
+    Ok(dumped)
+}
+
+/// `(v1, v2, …)` for one row.
+fn push_row(sql: &mut Vec<u8>, columns: &[Column], values: Vec<Option<Value>>) {
+    sql.push(b'(');
+    for (i, (column, value)) in columns.iter().zip(values).enumerate() {
+        if i > 0 {
+            sql.extend_from_slice(b", ");
+        }
+        push_value(sql, column.column_type(), column.character_set(), value);
+    }
+    sql.push(b')');
+}
+
+/// The character set id MariaDB reports for binary data (and for numbers and dates,
+/// which is why the column type is looked at first).
+const BINARY_CHARSET: u16 = 63;
+
+/// One value as an SQL literal that reads back as the same value. Over the text
+/// protocol every non-NULL value arrives as the server's text for it; the column's
+/// type decides how to write that text down.
+fn push_value(sql: &mut Vec<u8>, ty: ColumnType, charset: u16, value: Option<Value>) {
+    let bytes = match value {
+        None | Some(Value::NULL) => {
+            sql.extend_from_slice(b"NULL");
+            return;
+        }
+        Some(Value::Bytes(bytes)) => bytes,
+        // The text protocol only yields bytes; anything else would be a driver change,
+        // written with the driver's own SQL rendering rather than guessed at.
+        Some(other) => {
+            sql.extend_from_slice(other.as_sql(false).as_bytes());
+            return;
+        }
+    };
+    use ColumnType::*;
+    match ty {
+        MYSQL_TYPE_TINY
+        | MYSQL_TYPE_SHORT
+        | MYSQL_TYPE_INT24
+        | MYSQL_TYPE_LONG
+        | MYSQL_TYPE_LONGLONG
+        | MYSQL_TYPE_FLOAT
+        | MYSQL_TYPE_DOUBLE
+        | MYSQL_TYPE_DECIMAL
+        | MYSQL_TYPE_NEWDECIMAL
+        | MYSQL_TYPE_YEAR
+            if !bytes.is_empty()
+                && bytes
+                    .iter()
+                    .all(|b| b.is_ascii_digit() || b"+-.eE".contains(b)) =>
+        {
+            // Numbers as the server printed them: exact for DECIMAL, and the shortest
+            // text that reads back as the same FLOAT/DOUBLE.
+            sql.extend_from_slice(&bytes);
+        }
+        MYSQL_TYPE_BIT | MYSQL_TYPE_GEOMETRY => push_hex(sql, &bytes),
+        MYSQL_TYPE_VARCHAR
+        | MYSQL_TYPE_VAR_STRING
+        | MYSQL_TYPE_STRING
+        | MYSQL_TYPE_TINY_BLOB
+        | MYSQL_TYPE_MEDIUM_BLOB
+        | MYSQL_TYPE_LONG_BLOB
+        | MYSQL_TYPE_BLOB
+            if charset == BINARY_CHARSET =>
+        {
+            push_hex(sql, &bytes)
+        }
+        _ => push_quoted(sql, &bytes),
+    }
+}
+
+/// `X'…'`: exact for any bytes, and valid for zero of them (unlike `0x`).
+fn push_hex(sql: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    sql.extend_from_slice(b"X'");
+    for b in bytes {
+        sql.push(HEX[usize::from(b >> 4)]);
+        sql.push(HEX[usize::from(b & 0xf)]);
+    }
+    sql.push(b'\'');
+}
+
+/// A quoted string with the escapes `mysql_real_escape_string` uses, byte for byte,
+/// so the literal survives the client's and the server's parsers unchanged. (The dump
+/// sets a sql_mode without NO_BACKSLASH_ESCAPES, which these escapes need.)
+fn push_quoted(sql: &mut Vec<u8>, bytes: &[u8]) {
+    sql.push(b'\'');
+    for &b in bytes {
+        match b {
+            0 => sql.extend_from_slice(b"\\0"),
+            b'\'' => sql.extend_from_slice(b"\\'"),
+            b'"' => sql.extend_from_slice(b"\\\""),
+            b'\\' => sql.extend_from_slice(b"\\\\"),
+            b'\n' => sql.extend_from_slice(b"\\n"),
+            b'\r' => sql.extend_from_slice(b"\\r"),
+            0x1a => sql.extend_from_slice(b"\\Z"),
+            b => sql.push(b),
+        }
+    }
+    sql.push(b'\'');
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
+/// `CREATE … DEFINER=`u`@`h` SQL SECURITY …` without the DEFINER clause: the definer
+/// account rarely exists on a restore target, and naming another account needs SUPER.
+fn without_definer(create: &str) -> String {
+    let Some(start) = create.find(" DEFINER=") else {
+        return create.to_owned();
+    };
+    match create[start + 1..].find(" SQL SECURITY") {
+        Some(end) => format!("{}{}", &create[..start], &create[start + 1 + end..]),
+        None => create.to_owned(),
+    }
+}
+
+/// Passes a stream through and keeps its last bytes, to check the dump's end marker
+/// after the client has consumed everything.
+struct TailKeeper {
+    inner: ByteStream,
+    tail: Arc<Mutex<Vec<u8>>>,
+}
+
+impl AsyncRead for TailKeeper {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = self.inner.as_mut().poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &poll {
+            let new = &buf.filled()[before..];
+            let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+            tail.extend_from_slice(new);
+            let keep = END_MARKER.len() + 64;
+            if tail.len() > keep {
+                let cut = tail.len() - keep;
+                tail.drain(..cut);
+            }
+        }
+        poll
+    }
+}
+
+#[cfg(test)]
+mod tests;

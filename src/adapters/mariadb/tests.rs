@@ -1,0 +1,397 @@
+//! MariaDB adapter tests against a real server (stillpoint-testkit): writes after the
+//! cut stay out of the dump, awkward values round-trip through the `mariadb` client,
+//! a non-empty target is refused, and a dump that breaks fails the copy.
+
+use std::sync::{Mutex, Weak};
+use std::time::Instant;
+
+use stillpoint_testkit::MariaDb as Server;
+
+use super::*;
+use crate::adapters::testing::{read_to_end, shared, unique_name};
+
+static SERVER: Mutex<Weak<Server>> = Mutex::new(Weak::new());
+
+fn server() -> Arc<Server> {
+    shared(&SERVER, Server::start)
+}
+
+fn adapter(db: &Server, name: &str) -> Mariadb {
+    Mariadb::new(
+        "ledger-maria",
+        MariadbConfig {
+            url: db.url(name),
+            bin_dir: Some(db.bin_dir().to_owned()),
+        },
+    )
+}
+
+/// A database with owners, 1000 accounts of 100 (one with every awkward value we
+/// know of), a generated column, a foreign key, 10 audit rows and a view.
+fn ledger_db(db: &Server, prefix: &str) -> String {
+    let name = unique_name(prefix);
+    db.create_database(&name);
+    db.sql(
+        &name,
+        r#"
+        SET NAMES utf8mb4;
+        CREATE TABLE owners (id INT PRIMARY KEY, name VARCHAR(100) NOT NULL) ENGINE=InnoDB;
+        CREATE TABLE accounts (
+          id INT AUTO_INCREMENT PRIMARY KEY,
+          owner INT NOT NULL,
+          balance BIGINT NOT NULL,
+          note TEXT,
+          data VARBINARY(16),
+          amount DECIMAL(20,6),
+          ratio DOUBLE,
+          flag BIT(3),
+          created DATETIME(6),
+          ts TIMESTAMP NULL,
+          doc JSON,
+          kind ENUM('a','b'),
+          legacy VARCHAR(20) CHARACTER SET latin1,
+          twice BIGINT AS (balance * 2) VIRTUAL,
+          FOREIGN KEY (owner) REFERENCES owners (id)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+        CREATE TABLE audit (id INT PRIMARY KEY, note VARCHAR(100)) ENGINE=InnoDB;
+        CREATE VIEW per_owner AS SELECT owner, SUM(balance) AS total FROM accounts GROUP BY owner;
+        INSERT INTO owners SELECT seq, CONCAT('owner ', seq) FROM seq_1_to_100;
+        INSERT INTO accounts (owner, balance, note, data, amount, ratio, flag, created, ts, doc, kind, legacy)
+          VALUES (1, 100, 'it\'s "q" \\ back\nslash\r\0 nul \Z ctrl-z ünïcödé 😀',
+                  X'00FF275C0A', -12345.678901, 0.1, b'101', '2024-02-29 12:34:56.789012',
+                  '2024-01-01 00:00:00', '{"a": [1, "x\\"y"]}', 'b', 'café'),
+                 (2, 100, '', X'', 0, -1.5e-300, b'000', NULL, NULL, NULL, NULL, NULL);
+        INSERT INTO accounts (owner, balance, note, amount, ratio)
+          SELECT 1 + seq % 100, 100, CONCAT('row ', seq), seq / 7, seq / 3 FROM seq_3_to_1000;
+        INSERT INTO audit SELECT seq, CONCAT('note ', seq) FROM seq_1_to_10;
+        "#,
+    );
+    name
+}
+
+/// What the application does after the cut, on its own connection.
+fn write_after_cut(db: &Server, name: &str) {
+    db.sql(
+        name,
+        "INSERT INTO accounts (owner, balance) SELECT 1, 1 FROM seq_1_to_500;
+         UPDATE accounts SET balance = 0 WHERE id = 1;
+         DELETE FROM audit WHERE id <= 5;
+         CREATE TABLE late (x INT) ENGINE=InnoDB;
+         INSERT INTO late VALUES (1);",
+    );
+}
+
+/// Rows, balance sum, a checksum over every column of every account, audit rows,
+/// whether `late` exists, and the view's total for owner 1.
+fn ledger_facts(db: &Server, name: &str) -> String {
+    db.sql(
+        name,
+        "SELECT (SELECT COUNT(*) FROM accounts), (SELECT SUM(balance) FROM accounts),
+                (SELECT SUM(CRC32(CONCAT_WS('|', id, owner, balance, IFNULL(HEX(note), 'N'),
+                   IFNULL(HEX(data), 'N'), IFNULL(amount, 'N'), IFNULL(ratio, 'N'),
+                   IFNULL(flag + 0, 'N'), IFNULL(created, 'N'), IFNULL(ts, 'N'),
+                   IFNULL(doc, 'N'), IFNULL(kind, 'N'), IFNULL(HEX(legacy), 'N'), twice))) FROM accounts),
+                (SELECT COUNT(*) FROM audit),
+                (SELECT COUNT(*) FROM information_schema.TABLES
+                   WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'late'),
+                (SELECT total FROM per_owner WHERE owner = 1)",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_holds_the_cut_snapshot_not_later_writes() {
+    let db = server();
+    let name = ledger_db(&db, "consistency");
+    let before = ledger_facts(&db, &name);
+    let adapter = adapter(&db, &name);
+
+    let mut prepared = adapter.prepare().await.unwrap();
+    let marker = prepared.cut("b-1").await.unwrap();
+    assert_eq!(marker.kind, "mariadb-snapshot");
+    assert_eq!(marker.details["database"], name);
+    assert_eq!(marker.details["log_bin"], "ON");
+    assert!(
+        marker.details["binlog_file"].starts_with("binlog."),
+        "{marker:?}"
+    );
+    assert!(marker.details["binlog_position"].parse::<u64>().unwrap() > 0);
+    assert!(
+        marker.details["gtid_binlog_pos"].starts_with("0-1-"),
+        "{marker:?}"
+    );
+    assert_eq!(marker.details["tables"], "3");
+    assert_eq!(marker.details["views"], "1");
+    assert!(!marker.details.contains_key("non_transactional_tables"));
+
+    write_after_cut(&db, &name);
+    let after = ledger_facts(&db, &name);
+    assert_ne!(before, after, "the later writes happened");
+
+    let mut copy = prepared.copy().await.unwrap();
+    let bytes = read_to_end(&mut copy).await;
+    let summary = copy.finished.await.unwrap();
+    assert_eq!(
+        summary.row_counts,
+        Some(BTreeMap::from([
+            ("accounts".to_owned(), 1000),
+            ("audit".to_owned(), 10),
+            ("owners".to_owned(), 100),
+        ]))
+    );
+
+    let restored = unique_name("restored");
+    db.create_database(&restored);
+    adapter
+        .restore(Box::pin(std::io::Cursor::new(bytes)), &db.url(&restored))
+        .await
+        .unwrap();
+    assert_eq!(ledger_facts(&db, &restored), before);
+    // The awkward row, read back column by column.
+    assert_eq!(
+        db.sql(
+            &restored,
+            "SELECT HEX(note), HEX(data), amount, ratio, flag + 0, created, doc, kind, HEX(legacy), twice
+             FROM accounts WHERE id = 1"
+        ),
+        db.sql(
+            &name,
+            "SELECT HEX(note), HEX(data), amount, ratio, flag + 0, created, doc, kind, HEX(legacy), 200
+             FROM accounts WHERE id = 1"
+        )
+    );
+}
+
+/// Negative control for the test above: the same dump code on a connection without the
+/// cut's snapshot transaction sees the later writes, so the comparison above can fail
+/// and what keeps them out is the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dump_outside_the_snapshot_has_the_later_writes() {
+    let db = server();
+    let name = ledger_db(&db, "control");
+    let before = ledger_facts(&db, &name);
+    let adapter = adapter(&db, &name);
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    write_after_cut(&db, &name);
+    let after = ledger_facts(&db, &name);
+
+    let conn = Conn::new(Opts::from_url(&db.url(&name)).unwrap())
+        .await
+        .unwrap();
+    let objects = Objects {
+        tables: vec!["accounts".into(), "audit".into(), "owners".into()],
+        views: vec!["per_owner".into()],
+    };
+    let mut unbound = Vec::new();
+    dump(conn, objects, &mut unbound, String::new())
+        .await
+        .unwrap();
+    let restored = unique_name("control_restored");
+    db.create_database(&restored);
+    adapter
+        .restore(Box::pin(std::io::Cursor::new(unbound)), &db.url(&restored))
+        .await
+        .unwrap();
+    // Rows, balance, checksum and audit rows show the later writes (`late` itself is
+    // not in the hand-made table list).
+    let first_four = |facts: &str| facts.split('\t').take(4).collect::<Vec<_>>().join("\t");
+    let facts = ledger_facts(&db, &restored);
+    assert_eq!(first_four(&facts), first_four(&after));
+    assert_ne!(first_four(&facts), first_four(&before));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_time_does_not_grow_with_size() {
+    let db = server();
+    let mut report = Vec::new();
+    for rows in [50_000u64, 500_000] {
+        let name = unique_name("size");
+        db.create_database(&name);
+        db.sql(
+            &name,
+            &format!(
+                "CREATE TABLE t (id INT PRIMARY KEY, payload VARCHAR(200)) ENGINE=InnoDB;
+                 INSERT INTO t SELECT seq, REPEAT(MD5(seq), 3) FROM seq_1_to_{rows};"
+            ),
+        );
+        let adapter = adapter(&db, &name);
+        let mut prepared = adapter.prepare().await.unwrap();
+        let started = Instant::now();
+        prepared.cut("b-1").await.unwrap();
+        let took = started.elapsed();
+        let mut copy = prepared.copy().await.unwrap();
+        let bytes = read_to_end(&mut copy).await;
+        let counts = copy.finished.await.unwrap().row_counts.unwrap();
+        assert_eq!(counts["t"], rows);
+        report.push(format!(
+            "{rows} rows ({} MiB dumped): {took:?}",
+            bytes.len() / (1024 * 1024)
+        ));
+    }
+    println!("mariadb cut time: {}", report.join("; "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_refuses_a_non_empty_target() {
+    let db = server();
+    let name = ledger_db(&db, "nonempty");
+    let err = adapter(&db, &name)
+        .restore(Box::pin(tokio::io::empty()), &db.url(&name))
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, AdapterError::Restore { .. }), "{msg}");
+    assert!(msg.contains("not empty"), "{msg}");
+    assert!(msg.contains("accounts"), "{msg}");
+    assert_eq!(db.sql(&name, "SELECT COUNT(*) FROM accounts"), "1000");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_dump_fails_finished_and_its_truncated_copy_is_refused() {
+    let db = server();
+    let name = ledger_db(&db, "broken");
+    let adapter = adapter(&db, &name);
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    // DDL after the cut: the snapshot cannot show a table that no longer exists.
+    db.sql(&name, "DROP TABLE audit");
+
+    let mut copy = prepared.copy().await.unwrap();
+    let partial = read_to_end(&mut copy).await;
+    let err = copy.finished.await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, AdapterError::Copy { .. }), "{msg}");
+    assert!(msg.contains("database ledger-maria"), "{msg}");
+    assert!(msg.contains("audit"), "{msg}");
+
+    // The stream ended early; restoring it is refused as truncated, not taken as whole.
+    assert!(!partial.is_empty());
+    let restored = unique_name("partial");
+    db.create_database(&restored);
+    let msg = adapter
+        .restore(Box::pin(std::io::Cursor::new(partial)), &db.url(&restored))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("truncated"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_client_fails_the_restore_with_its_message() {
+    let db = server();
+    let adapter = adapter(&db, "mysql");
+    let restored = unique_name("bad_sql");
+    db.create_database(&restored);
+    let err = adapter
+        .restore(
+            Box::pin(std::io::Cursor::new(
+                b"CREATE TABLE t (x INT);\nNOT SQL;\n".to_vec(),
+            )),
+            &db.url(&restored),
+        )
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, AdapterError::Restore { .. }), "{msg}");
+    assert!(
+        msg.contains("the mariadb client exited with status 1"),
+        "{msg}"
+    );
+    assert!(msg.contains("ERROR 1064"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_needs_a_database_and_keeps_passwords_out_of_messages() {
+    let db = server();
+    let url = db.url("");
+    let msg = Mariadb::new("ledger-maria", MariadbConfig { url, bin_dir: None })
+        .prepare()
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("names no database"), "{msg}");
+
+    // A refused login names the server, never the password.
+    let url = format!("mysql://root:hunter2@127.0.0.1:{}/mysql", db.port());
+    let msg = Mariadb::new("ledger-maria", MariadbConfig { url, bin_dir: None })
+        .prepare()
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("database ledger-maria"), "{msg}");
+    assert!(msg.contains(&format!("127.0.0.1:{}", db.port())), "{msg}");
+    assert!(!msg.contains("hunter2"), "{msg}");
+}
+
+#[test]
+fn values_are_written_as_literals_that_read_back_the_same() {
+    let mut sql = Vec::new();
+    push_value(
+        &mut sql,
+        ColumnType::MYSQL_TYPE_VAR_STRING,
+        45,
+        Some(Value::Bytes(b"a'b\"c\\d\ne\rf\0g\x1ah".to_vec())),
+    );
+    assert_eq!(sql, br#"'a\'b\"c\\d\ne\rf\0g\Zh'"#);
+
+    let cases: [(ColumnType, u16, Option<Value>, &str); 7] = [
+        (
+            ColumnType::MYSQL_TYPE_LONGLONG,
+            63,
+            Some(Value::Bytes(b"-42".to_vec())),
+            "-42",
+        ),
+        (
+            ColumnType::MYSQL_TYPE_DOUBLE,
+            63,
+            Some(Value::Bytes(b"1.5e-300".to_vec())),
+            "1.5e-300",
+        ),
+        (
+            ColumnType::MYSQL_TYPE_BLOB,
+            63,
+            Some(Value::Bytes(vec![0, 0xff])),
+            "X'00FF'",
+        ),
+        (
+            ColumnType::MYSQL_TYPE_VAR_STRING,
+            63,
+            Some(Value::Bytes(vec![])),
+            "X''",
+        ),
+        (
+            ColumnType::MYSQL_TYPE_BIT,
+            63,
+            Some(Value::Bytes(vec![5])),
+            "X'05'",
+        ),
+        (
+            ColumnType::MYSQL_TYPE_DATETIME,
+            63,
+            Some(Value::Bytes(b"2024-02-29 12:00:00".to_vec())),
+            "'2024-02-29 12:00:00'",
+        ),
+        (ColumnType::MYSQL_TYPE_LONG, 63, None, "NULL"),
+    ];
+    for (ty, charset, value, want) in cases {
+        let mut sql = Vec::new();
+        push_value(&mut sql, ty, charset, value);
+        assert_eq!(String::from_utf8(sql).unwrap(), want, "{ty:?}");
+    }
+}
+
+#[test]
+fn view_definitions_lose_their_definer() {
+    assert_eq!(
+        without_definer(
+            "CREATE ALGORITHM=UNDEFINED DEFINER=`root`@`localhost` SQL SECURITY DEFINER VIEW `v` AS select 1"
+        ),
+        "CREATE ALGORITHM=UNDEFINED SQL SECURITY DEFINER VIEW `v` AS select 1"
+    );
+    assert_eq!(
+        without_definer("CREATE VIEW `v` AS select 1"),
+        "CREATE VIEW `v` AS select 1"
+    );
+}

@@ -1,0 +1,584 @@
+//! PostgreSQL adapter: an exported snapshot fixed inside the pause, dumped after it.
+//!
+//! - prepare: connects (tokio-postgres, no TLS), refuses a standby or a server older
+//!   than 10, reads `wal_level`, `archive_mode` and the archive command/library, and
+//!   fails if `require_archiving` is set but WAL is not archived. It also checks that
+//!   `pg_dump` exists and is not older than the server, so the copy cannot fail for
+//!   that reason after the cluster was paused.
+//! - cut: on the held connection, `BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY`,
+//!   then `pg_export_snapshot()` and the WAL insert position; with archiving on, also
+//!   `pg_create_restore_point('stillpoint-<backup id>')`. All constant-time. (Both WAL
+//!   functions are allowed in a read-only transaction; the tests run them there.)
+//! - copy: `pg_dump --snapshot=<id> --format=custom --compress=0` streams the snapshot
+//!   while our transaction keeps it alive; `finished` waits for pg_dump, then counts
+//!   rows per table in the same snapshot and only then ends the transaction.
+//! - restore: `pg_restore --no-owner --exit-on-error --single-transaction` from the
+//!   stream into a target database that must have no user relations.
+//!
+//! Passwords never reach a command line (where `ps` shows them): they are taken out of
+//! the URL and passed in `PGPASSWORD`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use futures::FutureExt;
+use tokio::process::Command;
+use tokio_postgres::{Client, NoTls};
+use tokio_util::task::AbortOnDropHandle;
+
+use super::process;
+use super::{
+    Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, PostgresConfig, Prepared,
+};
+
+/// pg_current_wal_insert_lsn, pg_export_snapshot on REPEATABLE READ and pg_dump's
+/// --snapshot all exist from PostgreSQL 10 on.
+const MIN_SERVER_VERSION: i32 = 100_000;
+
+pub struct Postgres {
+    name: String,
+    config: PostgresConfig,
+}
+
+impl Postgres {
+    pub fn new(name: &str, config: PostgresConfig) -> Self {
+        Postgres {
+            name: name.to_owned(),
+            config,
+        }
+    }
+
+    fn tool(&self, name: &str) -> PathBuf {
+        match &self.config.bin_dir {
+            Some(dir) => dir.join(name),
+            None => PathBuf::from(name),
+        }
+    }
+}
+
+/// A connection and the task that drives it. Dropping this aborts the task, which
+/// closes the connection (and with it any open transaction).
+struct Connection {
+    client: Client,
+    driver: AbortOnDropHandle<Result<(), tokio_postgres::Error>>,
+}
+
+async fn connect(url: &str) -> Result<Connection, String> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| format!("connecting to {}: {}", redact(url).url, error_text(&e)))?;
+    Ok(Connection {
+        client,
+        driver: AbortOnDropHandle::new(tokio::spawn(connection)),
+    })
+}
+
+impl Connection {
+    /// Ends the session cleanly and waits for the driver task.
+    async fn close(self) {
+        drop(self.client);
+        let _ = self.driver.await;
+    }
+}
+
+/// What prepare learned about the server's WAL settings.
+#[derive(Debug, Clone)]
+struct WalSettings {
+    wal_level: String,
+    archive_mode: String,
+    /// Why WAL is not archived, if it is not.
+    not_archived_because: Option<String>,
+}
+
+#[async_trait::async_trait]
+impl Adapter for Postgres {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn artifact_extension(&self) -> &'static str {
+        "pgdump"
+    }
+
+    async fn prepare(&self) -> Result<Box<dyn Prepared>, AdapterError> {
+        let err = |message: String| AdapterError::Prepare {
+            database: self.name.clone(),
+            message,
+        };
+        let secret = redact(&self.config.url);
+        if secret.unsupported_password {
+            return Err(err(
+                "the connection string carries a password stillpoint cannot keep off pg_dump's \
+                 command line; use a postgres:// URL, or PGPASSWORD / ~/.pgpass"
+                    .to_owned(),
+            ));
+        }
+        let conn = connect(&self.config.url).await.map_err(err)?;
+        let shown = &secret.url;
+        let facts = conn
+            .client
+            .query_one(
+                "SELECT current_setting('server_version_num')::int, current_setting('server_version'), \
+                        current_database(), pg_is_in_recovery(), current_setting('wal_level'), \
+                        current_setting('archive_mode'), current_setting('archive_command'), \
+                        coalesce(current_setting('archive_library', true), '')",
+                &[],
+            )
+            .await
+            .map_err(|e| err(format!("reading settings of {shown}: {}", error_text(&e))))?;
+        let version_num: i32 = facts.get(0);
+        let server_version: String = facts.get(1);
+        let database: String = facts.get(2);
+        let in_recovery: bool = facts.get(3);
+        if version_num < MIN_SERVER_VERSION {
+            return Err(err(format!(
+                "{shown} runs PostgreSQL {server_version}; stillpoint needs 10 or newer"
+            )));
+        }
+        if in_recovery {
+            return Err(err(format!(
+                "{shown} is a standby (in recovery): a restore point and the WAL position can only \
+                 be taken on the primary; point this database at the primary"
+            )));
+        }
+        let wal = wal_settings(facts.get(4), facts.get(5), facts.get(6), facts.get(7));
+        if self.config.require_archiving
+            && let Some(why) = &wal.not_archived_because
+        {
+            return Err(err(format!(
+                "{shown} does not archive WAL ({why}), but require_archiving is set: without \
+                 archived WAL the backup's restore point cannot be replayed to. Set wal_level = \
+                 replica, archive_mode = on and archive_command (or archive_library) in \
+                 postgresql.conf and restart the server, or drop require_archiving"
+            )));
+        }
+        // Our session sits idle in its snapshot transaction between the cut and the
+        // end of the copy: a server-wide idle or statement timeout must not end it.
+        conn.client
+            .batch_execute("SET idle_in_transaction_session_timeout = 0; SET statement_timeout = 0")
+            .await
+            .map_err(|e| err(format!("configuring the session: {}", error_text(&e))))?;
+
+        check_pg_dump(&self.tool("pg_dump"), version_num)
+            .await
+            .map_err(err)?;
+
+        Ok(Box::new(PostgresPrepared {
+            name: self.name.clone(),
+            config: self.config.clone(),
+            pg_dump: self.tool("pg_dump"),
+            conn,
+            server_version,
+            database,
+            wal,
+            snapshot: None,
+        }))
+    }
+
+    async fn restore(&self, copy: ByteStream, target: &str) -> Result<(), AdapterError> {
+        let err = |message: String| AdapterError::Restore {
+            database: self.name.clone(),
+            message,
+        };
+        let secret = redact(target);
+        if secret.unsupported_password {
+            return Err(err(
+                "the target connection string carries a password stillpoint cannot keep off \
+                 pg_restore's command line; use a postgres:// URL"
+                    .to_owned(),
+            ));
+        }
+        let conn = connect(target).await.map_err(err)?;
+        let existing = conn
+            .client
+            .query(
+                "SELECT n.nspname || '.' || c.relname FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') \
+                   AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                   AND n.nspname NOT LIKE 'pg\\_%' \
+                 ORDER BY 1 LIMIT 5",
+                &[],
+            )
+            .await
+            .map_err(|e| err(format!("inspecting {}: {}", secret.url, error_text(&e))))?;
+        conn.close().await;
+        if !existing.is_empty() {
+            let names: Vec<String> = existing.iter().map(|r| r.get(0)).collect();
+            return Err(err(format!(
+                "refusing to restore into {}: the database is not empty (it has {}{}); restore \
+                 into a new, empty database",
+                secret.url,
+                names.join(", "),
+                if names.len() == 5 { ", …" } else { "" }
+            )));
+        }
+
+        let mut cmd = Command::new(self.tool("pg_restore"));
+        // One transaction: a restore that fails half-way leaves the target as empty as
+        // it was, so it can simply be retried.
+        cmd.args([
+            "--no-owner",
+            "--exit-on-error",
+            "--single-transaction",
+            "--no-password",
+        ])
+        .arg(format!("--dbname={}", secret.url));
+        if let Some(password) = &secret.password {
+            cmd.env("PGPASSWORD", password);
+        }
+        process::run_with_stdin(cmd, "pg_restore", copy, false)
+            .await
+            .map_err(err)
+    }
+}
+
+fn wal_settings(
+    wal_level: String,
+    archive_mode: String,
+    archive_command: String,
+    archive_library: String,
+) -> WalSettings {
+    let not_archived_because = if archive_mode == "off" {
+        Some("archive_mode = off".to_owned())
+    } else if wal_level == "minimal" {
+        Some("wal_level = minimal".to_owned())
+    } else if archive_command.trim().is_empty() && archive_library.trim().is_empty() {
+        // archive_mode = on with nothing to run keeps segments waiting forever.
+        Some("archive_mode is on but archive_command and archive_library are empty".to_owned())
+    } else {
+        None
+    };
+    WalSettings {
+        wal_level,
+        archive_mode,
+        not_archived_because,
+    }
+}
+
+/// pg_dump refuses to dump a server of a newer major version; find that out before
+/// the pause rather than after it.
+async fn check_pg_dump(pg_dump: &std::path::Path, server_version_num: i32) -> Result<(), String> {
+    let out = Command::new(pg_dump)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot run {}: {e} (install the PostgreSQL client tools or set bin_dir)",
+                pg_dump.display()
+            )
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "pg_dump (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)"
+    let major = text
+        .split(") ")
+        .nth(1)
+        .and_then(|v| v.split(['.', ' ']).next())
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .ok_or_else(|| format!("cannot read {}'s version from {text:?}", pg_dump.display()))?;
+    let server_major = server_version_num / 10_000;
+    if major < server_major {
+        return Err(format!(
+            "{} is version {major} but the server is {server_major}: pg_dump must be at least \
+             as new as the server (set bin_dir to a newer PostgreSQL's bin directory)",
+            pg_dump.display()
+        ));
+    }
+    Ok(())
+}
+
+struct PostgresPrepared {
+    name: String,
+    config: PostgresConfig,
+    pg_dump: PathBuf,
+    conn: Connection,
+    server_version: String,
+    database: String,
+    wal: WalSettings,
+    /// The exported snapshot id, once cut.
+    snapshot: Option<String>,
+}
+
+#[async_trait::async_trait]
+impl Prepared for PostgresPrepared {
+    async fn cut(&mut self, backup_id: &str) -> Result<CutMarker, AdapterError> {
+        let err = |message: String| AdapterError::Cut {
+            database: self.name.clone(),
+            message,
+        };
+        if self.snapshot.is_some() {
+            return Err(err("the snapshot was already cut".to_owned()));
+        }
+        let client = &self.conn.client;
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(|e| err(format!("BEGIN: {}", error_text(&e))))?;
+        // The insert position, not pg_current_wal_lsn (the write position): with
+        // synchronous_commit = off a commit can be inserted but not yet written, and the
+        // marker must lie after every commit the snapshot sees.
+        let row = client
+            .query_one(
+                "SELECT pg_export_snapshot(), pg_current_wal_insert_lsn()::text",
+                &[],
+            )
+            .await
+            .map_err(|e| err(format!("exporting the snapshot: {}", error_text(&e))))?;
+        let snapshot: String = row.get(0);
+        let lsn: String = row.get(1);
+
+        let mut details = BTreeMap::from([
+            ("snapshot".to_owned(), snapshot.clone()),
+            ("lsn".to_owned(), lsn),
+            ("server_version".to_owned(), self.server_version.clone()),
+            ("database".to_owned(), self.database.clone()),
+            ("wal_level".to_owned(), self.wal.wal_level.clone()),
+            ("archive_mode".to_owned(), self.wal.archive_mode.clone()),
+        ]);
+        if self.wal.not_archived_because.is_none() {
+            let point = restore_point_name(backup_id);
+            // In a savepoint, so that a refusal (the function is superuser-only unless
+            // granted) does not abort the transaction holding the snapshot.
+            let created = async {
+                client.batch_execute("SAVEPOINT restore_point").await?;
+                match client
+                    .query_one("SELECT pg_create_restore_point($1)::text", &[&point])
+                    .await
+                {
+                    Ok(row) => {
+                        client
+                            .batch_execute("RELEASE SAVEPOINT restore_point")
+                            .await?;
+                        Ok(Ok(row.get::<_, String>(0)))
+                    }
+                    Err(e) => {
+                        client
+                            .batch_execute("ROLLBACK TO SAVEPOINT restore_point")
+                            .await?;
+                        Ok(Err(e))
+                    }
+                }
+            }
+            .await
+            .map_err(|e: tokio_postgres::Error| {
+                err(format!("creating a restore point: {}", error_text(&e)))
+            })?;
+            match created {
+                Ok(lsn) => {
+                    details.insert("restore_point".to_owned(), point);
+                    details.insert("restore_point_lsn".to_owned(), lsn);
+                }
+                Err(e) => {
+                    let why = format!(
+                        "pg_create_restore_point was refused: {} (run stillpoint as a superuser, \
+                         or GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO the \
+                         backup user)",
+                        error_text(&e)
+                    );
+                    if self.config.require_archiving {
+                        return Err(err(why));
+                    }
+                    // Not required: the snapshot is still a good backup; say why the
+                    // marker has no restore point.
+                    details.insert("restore_point_error".to_owned(), why);
+                }
+            }
+        }
+        self.snapshot = Some(snapshot);
+        Ok(CutMarker {
+            kind: "postgres-snapshot".to_owned(),
+            details,
+        })
+    }
+
+    async fn copy(self: Box<Self>) -> Result<Copy, AdapterError> {
+        let this = *self;
+        let name = this.name.clone();
+        let err = |message: String| AdapterError::Copy {
+            database: name.clone(),
+            message,
+        };
+        let Some(snapshot) = &this.snapshot else {
+            return Err(err("copy was called before a successful cut".to_owned()));
+        };
+        let secret = redact(&this.config.url);
+        let mut cmd = Command::new(&this.pg_dump);
+        cmd.arg(format!("--snapshot={snapshot}"))
+            .args(["--format=custom", "--compress=0", "--no-password"])
+            .arg(format!("--dbname={}", secret.url));
+        if let Some(password) = &secret.password {
+            cmd.env("PGPASSWORD", password);
+        }
+        let (stream, producer) = process::spawn_producer(cmd, "pg_dump", false)
+            .map_err(|e| err(format!("starting {}: {e}", this.pg_dump.display())))?;
+
+        let finished = async move {
+            let err = |message: String| AdapterError::Copy {
+                database: this.name.clone(),
+                message,
+            };
+            // The snapshot transaction stays open (this future owns the connection)
+            // until pg_dump has exited: pg_dump imports the snapshot at its start, but
+            // an early end would fail it with "invalid snapshot identifier".
+            producer.wait().await.map_err(err)?;
+            let counts = row_counts(&this.conn.client)
+                .await
+                .map_err(|e| err(format!("counting rows in the snapshot: {}", error_text(&e))))?;
+            this.conn
+                .client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(|e| {
+                    err(format!(
+                        "ending the snapshot transaction: {}",
+                        error_text(&e)
+                    ))
+                })?;
+            this.conn.close().await;
+            Ok(CopySummary {
+                row_counts: Some(counts),
+            })
+        }
+        .boxed();
+        Ok(Copy { stream, finished })
+    }
+}
+
+/// The restore point's name: recognisable in the server log and in
+/// `recovery_target_name`. PostgreSQL limits it to 63 bytes.
+fn restore_point_name(backup_id: &str) -> String {
+    let mut name = format!("stillpoint-{backup_id}");
+    while name.len() > 63 {
+        name.pop();
+    }
+    name
+}
+
+/// Rows per ordinary table, counted in the connection's current transaction (the
+/// snapshot), as `schema.table`. Partitioned parents are skipped: their rows are
+/// counted in their partitions.
+async fn row_counts(client: &Client) -> Result<BTreeMap<String, u64>, tokio_postgres::Error> {
+    let tables = client
+        .query(
+            "SELECT n.nspname, c.relname FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_%' \
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    let mut counts = BTreeMap::new();
+    for table in tables {
+        let schema: String = table.get(0);
+        let relname: String = table.get(1);
+        let n: i64 = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {}.{}",
+                    quote_ident(&schema),
+                    quote_ident(&relname)
+                ),
+                &[],
+            )
+            .await?
+            .get(0);
+        counts.insert(format!("{schema}.{relname}"), n as u64);
+    }
+    Ok(counts)
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// The server's message for a database error (tokio-postgres's Display says only "db
+/// error"), else the error itself.
+fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{} ({detail})", db.message()),
+            None => db.message().to_owned(),
+        },
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+/// A connection URL with its password taken out, for command lines and messages.
+#[derive(Debug, PartialEq, Eq)]
+struct Redacted {
+    url: String,
+    password: Option<String>,
+    /// A `key=value` connection string with a password: we do not rewrite those.
+    unsupported_password: bool,
+}
+
+/// Takes the password out of `postgres://user:password@host/db?…&password=…`. The
+/// password is percent-decoded by tokio-postgres's own parser, so PGPASSWORD gets
+/// exactly what the URL meant.
+fn redact(url: &str) -> Redacted {
+    let password = tokio_postgres::Config::from_str(url).ok().and_then(|c| {
+        c.get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+    });
+    let Some(rest) = url
+        .strip_prefix("postgres://")
+        .map(|r| ("postgres://", r))
+        .or_else(|| {
+            url.strip_prefix("postgresql://")
+                .map(|r| ("postgresql://", r))
+        })
+    else {
+        return Redacted {
+            url: url.to_owned(),
+            unsupported_password: password.is_some(),
+            password: None,
+        };
+    };
+    let (scheme, rest) = rest;
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{user}@{hosts}")
+        }
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let kept: Vec<&str> = query
+                .split('&')
+                .filter(|kv| !kv.starts_with("password="))
+                .collect();
+            if kept.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}?{}", kept.join("&"))
+            }
+        }
+        None => tail.to_owned(),
+    };
+    Redacted {
+        url: format!("{scheme}{authority}{tail}"),
+        password,
+        unsupported_password: false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,359 @@
+//! PostgreSQL adapter tests against real servers (stillpoint-testkit): writes after the
+//! cut stay out of the copy, the restore point lands in the WAL, a non-empty target is
+//! refused, and a failing pg_dump fails the copy.
+
+use std::sync::{Mutex, Weak};
+use std::time::Instant;
+
+use stillpoint_testkit::{Postgres as Server, PostgresOptions};
+
+use super::*;
+use crate::adapters::testing::{read_to_end, shared, unique_name};
+
+static PLAIN: Mutex<Weak<Server>> = Mutex::new(Weak::new());
+static ARCHIVING: Mutex<Weak<Server>> = Mutex::new(Weak::new());
+
+fn plain() -> std::sync::Arc<Server> {
+    shared(&PLAIN, Server::start)
+}
+
+fn archiving() -> std::sync::Arc<Server> {
+    shared(&ARCHIVING, || {
+        Server::start_with(PostgresOptions { wal_archive: true })
+    })
+}
+
+fn adapter(pg: &Server, db: &str, require_archiving: bool) -> Postgres {
+    Postgres::new(
+        "ledger-pg",
+        PostgresConfig {
+            url: pg.url(db),
+            require_archiving,
+            bin_dir: Some(pg.bin_dir().to_owned()),
+        },
+    )
+}
+
+/// A database with owners, accounts (1000 rows of 100, with quoting and bytes to
+/// round-trip) and 10 audit rows.
+fn ledger_db(pg: &Server, prefix: &str) -> String {
+    let db = unique_name(prefix);
+    pg.create_database(&db);
+    pg.psql(
+        &db,
+        "CREATE TABLE owners (id int PRIMARY KEY, name text NOT NULL);
+         CREATE TABLE accounts (id serial PRIMARY KEY, owner int NOT NULL REFERENCES owners,
+                                balance bigint NOT NULL, note text, data bytea);
+         CREATE TABLE audit (id int PRIMARY KEY, note text);
+         INSERT INTO owners SELECT g, 'owner ' || g FROM generate_series(1, 100) g;
+         INSERT INTO accounts (owner, balance, note, data)
+           SELECT 1 + g % 100, 100, 'it''s row ' || g, '\\x00ff'::bytea FROM generate_series(1, 1000) g;
+         INSERT INTO audit SELECT g, 'note ' || g FROM generate_series(1, 10) g;",
+    );
+    db
+}
+
+/// What the application does after the cut, from its own connection.
+fn write_after_cut(pg: &Server, db: &str) {
+    pg.psql(
+        db,
+        "INSERT INTO accounts (owner, balance) SELECT 1, 1 FROM generate_series(1, 500);
+         UPDATE accounts SET balance = 0 WHERE id = 1;
+         DELETE FROM audit WHERE id <= 5;
+         CREATE TABLE late (x int);
+         INSERT INTO late VALUES (1);",
+    );
+}
+
+/// The facts the consistency tests compare: accounts, their balance sum, audit rows,
+/// and whether the table created after the cut exists.
+fn ledger_facts(pg: &Server, db: &str) -> String {
+    pg.psql(
+        db,
+        "SELECT (SELECT count(*) FROM accounts), (SELECT sum(balance) FROM accounts),
+                (SELECT count(*) FROM audit), to_regclass('public.late') IS NOT NULL,
+                (SELECT note FROM accounts WHERE id = 2), (SELECT encode(data, 'hex') FROM accounts WHERE id = 2)",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_holds_the_cut_snapshot_not_later_writes() {
+    let pg = plain();
+    let db = ledger_db(&pg, "consistency");
+    let adapter = adapter(&pg, &db, false);
+
+    let mut prepared = adapter.prepare().await.unwrap();
+    let marker = prepared.cut("b-1").await.unwrap();
+    assert_eq!(marker.kind, "postgres-snapshot");
+    assert_eq!(marker.details["database"], db);
+    assert!(!marker.details["snapshot"].is_empty());
+    assert!(marker.details["lsn"].contains('/'), "{marker:?}");
+    assert!(marker.details["server_version"].starts_with(char::is_numeric));
+    // No archiving on this server, so no restore point is attempted.
+    assert!(!marker.details.contains_key("restore_point"));
+
+    write_after_cut(&pg, &db);
+    assert_eq!(
+        ledger_facts(&pg, &db),
+        "1500|100400|5|t|it's row 2|00ff",
+        "the later writes happened"
+    );
+
+    let mut copy = prepared.copy().await.unwrap();
+    let bytes = read_to_end(&mut copy).await;
+    let summary = copy.finished.await.unwrap();
+    assert_eq!(
+        summary.row_counts,
+        Some(BTreeMap::from([
+            ("public.accounts".to_owned(), 1000),
+            ("public.audit".to_owned(), 10),
+            ("public.owners".to_owned(), 100),
+        ]))
+    );
+
+    let restored = unique_name("restored");
+    pg.create_database(&restored);
+    adapter
+        .restore(Box::pin(std::io::Cursor::new(bytes)), &pg.url(&restored))
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger_facts(&pg, &restored),
+        "1000|100000|10|f|it's row 2|00ff"
+    );
+}
+
+/// Negative control for the test above: a dump of the same database that is not bound
+/// to the cut's snapshot, restored the same way, has the later writes. So the checks
+/// above can fail, and what keeps them out is the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dump_without_the_snapshot_has_the_later_writes() {
+    let pg = plain();
+    let db = ledger_db(&pg, "control");
+    let adapter = adapter(&pg, &db, false);
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    write_after_cut(&pg, &db);
+
+    let unbound = std::process::Command::new(pg.bin_dir().join("pg_dump"))
+        .args(["--format=custom", "--dbname"])
+        .arg(pg.url(&db))
+        .output()
+        .unwrap();
+    assert!(unbound.status.success(), "{unbound:?}");
+    let restored = unique_name("control_restored");
+    pg.create_database(&restored);
+    adapter
+        .restore(
+            Box::pin(std::io::Cursor::new(unbound.stdout)),
+            &pg.url(&restored),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger_facts(&pg, &restored),
+        "1500|100400|5|t|it's row 2|00ff"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_time_does_not_grow_with_size() {
+    let pg = plain();
+    let mut report = Vec::new();
+    for rows in [50_000, 500_000] {
+        let db = unique_name("size");
+        pg.create_database(&db);
+        pg.psql(
+            &db,
+            &format!(
+                "CREATE TABLE t (id int PRIMARY KEY, payload text);
+                 INSERT INTO t SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, {rows}) g;"
+            ),
+        );
+        let size = pg.psql(
+            &db,
+            "SELECT pg_size_pretty(pg_database_size(current_database()))",
+        );
+        let adapter = adapter(&pg, &db, false);
+        let mut prepared = adapter.prepare().await.unwrap();
+        let started = Instant::now();
+        prepared.cut("b-1").await.unwrap();
+        let took = started.elapsed();
+        report.push(format!("{rows} rows ({size}): {took:?}"));
+        let mut copy = prepared.copy().await.unwrap();
+        read_to_end(&mut copy).await;
+        let counts = copy.finished.await.unwrap().row_counts.unwrap();
+        assert_eq!(counts["public.t"], rows);
+    }
+    println!("postgres cut time: {}", report.join("; "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_refuses_a_non_empty_target() {
+    let pg = plain();
+    let db = ledger_db(&pg, "nonempty");
+    let adapter = adapter(&pg, &db, false);
+    let err = adapter
+        .restore(Box::pin(tokio::io::empty()), &pg.url(&db))
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, AdapterError::Restore { .. }), "{msg}");
+    assert!(msg.contains("not empty"), "{msg}");
+    assert!(msg.contains("public.accounts"), "{msg}");
+    assert_eq!(pg.psql(&db, "SELECT count(*) FROM accounts"), "1000");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_pg_dump_fails_finished_naming_the_database() {
+    let pg = plain();
+    let db = ledger_db(&pg, "dropped");
+    let adapter = adapter(&pg, &db, false);
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    // FORCE also ends our snapshot session: pg_dump then has nothing to connect to.
+    pg.psql("postgres", &format!("DROP DATABASE \"{db}\" WITH (FORCE)"));
+
+    let mut copy = prepared.copy().await.unwrap();
+    let bytes = read_to_end(&mut copy).await;
+    assert!(bytes.is_empty());
+    let err = copy.finished.await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, AdapterError::Copy { .. }), "{msg}");
+    assert!(msg.contains("database ledger-pg"), "{msg}");
+    assert!(msg.contains("pg_dump exited with status 1"), "{msg}");
+    assert!(msg.contains("does not exist"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_archiving_refuses_a_server_without_it() {
+    let pg = plain();
+    let err = adapter(&pg, "postgres", true)
+        .prepare()
+        .await
+        .err()
+        .unwrap();
+    let msg = err.to_string();
+    assert!(matches!(err, AdapterError::Prepare { .. }), "{msg}");
+    assert!(msg.contains("archive_mode = off"), "{msg}");
+    assert!(msg.contains("archive_command"), "{msg}");
+    // The message names the server but never a password.
+    assert!(msg.contains(&pg.url("postgres")), "{msg}");
+
+    // Control: the same database is fine when archiving is not required.
+    adapter(&pg, "postgres", false).prepare().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_with_archiving_creates_a_named_restore_point_in_the_wal() {
+    let pg = archiving();
+    let db = ledger_db(&pg, "pitr");
+    let adapter = adapter(&pg, &db, true);
+    let mut prepared = adapter.prepare().await.unwrap();
+    let marker = prepared.cut("b-rp-1").await.unwrap();
+    assert_eq!(marker.details["restore_point"], "stillpoint-b-rp-1");
+    assert_eq!(marker.details["archive_mode"], "on");
+
+    // The restore point is a WAL record that reaches the archive. The cut does not
+    // flush it (the next commit or the WAL writer does); switching segments here makes
+    // the server flush and archive the segment holding it.
+    let segment = pg.psql(&db, "SELECT pg_walfile_name(pg_switch_wal())");
+    let archive = pg.wal_archive_dir().unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while !archive.join(&segment).is_file() {
+        assert!(
+            Instant::now() < deadline,
+            "{segment} was not archived within 30s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // In the archived WAL, between the cut's position and the restore point's end, is
+    // the named record.
+    let waldump = std::process::Command::new(pg.bin_dir().join("pg_waldump"))
+        .arg("--path")
+        .arg(archive)
+        .arg("--start")
+        .arg(&marker.details["lsn"])
+        .arg("--end")
+        .arg(&marker.details["restore_point_lsn"])
+        .output()
+        .unwrap();
+    let records = String::from_utf8_lossy(&waldump.stdout);
+    assert!(
+        records.contains("desc: RESTORE_POINT stillpoint-b-rp-1"),
+        "pg_waldump found no restore point: {records}\n{}",
+        String::from_utf8_lossy(&waldump.stderr)
+    );
+
+    let mut copy = prepared.copy().await.unwrap();
+    read_to_end(&mut copy).await;
+    copy.finished.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_restore_point_fails_the_cut_only_when_archiving_is_required() {
+    let pg = archiving();
+    let db = ledger_db(&pg, "norp");
+    let role = unique_name("backup");
+    pg.psql(&db, &format!("CREATE ROLE {role} LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}; GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"));
+    let url = format!("postgres://{role}@127.0.0.1:{}/{db}", pg.port());
+    let config = |require_archiving| PostgresConfig {
+        url: url.clone(),
+        require_archiving,
+        bin_dir: Some(pg.bin_dir().to_owned()),
+    };
+
+    let required = Postgres::new("ledger-pg", config(true));
+    let mut prepared = required.prepare().await.unwrap();
+    let err = prepared.cut("b-1").await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, AdapterError::Cut { .. }), "{msg}");
+    assert!(msg.contains("pg_create_restore_point was refused"), "{msg}");
+    assert!(msg.contains("GRANT EXECUTE"), "{msg}");
+
+    // Not required: the refusal is recorded and the snapshot still copies.
+    let optional = Postgres::new("ledger-pg", config(false));
+    let mut prepared = optional.prepare().await.unwrap();
+    let marker = prepared.cut("b-2").await.unwrap();
+    assert!(!marker.details.contains_key("restore_point"));
+    assert!(
+        marker.details["restore_point_error"].contains("permission denied"),
+        "{marker:?}"
+    );
+    let mut copy = prepared.copy().await.unwrap();
+    assert!(!read_to_end(&mut copy).await.is_empty());
+    assert_eq!(
+        copy.finished.await.unwrap().row_counts.unwrap()["public.accounts"],
+        1000
+    );
+}
+
+#[test]
+fn passwords_are_taken_out_of_urls() {
+    let r = redact("postgres://app:s%40cret@db.example:5433/ledger?sslmode=disable&password=x");
+    assert_eq!(
+        r.url,
+        "postgres://app@db.example:5433/ledger?sslmode=disable"
+    );
+    assert_eq!(r.password.as_deref(), Some("x"));
+    assert!(!r.unsupported_password);
+
+    let r = redact("postgresql://app:s%40cret@db.example/ledger");
+    assert_eq!(r.url, "postgresql://app@db.example/ledger");
+    assert_eq!(r.password.as_deref(), Some("s@cret"));
+
+    let r = redact("postgres://app@db.example/ledger");
+    assert_eq!(r.url, "postgres://app@db.example/ledger");
+    assert_eq!(r.password, None);
+
+    let r = redact("host=db user=app password=secret dbname=ledger");
+    assert!(r.unsupported_password);
+    let r = redact("host=db user=app dbname=ledger");
+    assert!(!r.unsupported_password);
+}
+
+#[test]
+fn restore_point_names_fit_postgres_limit() {
+    assert_eq!(restore_point_name("b-1"), "stillpoint-b-1");
+    assert_eq!(restore_point_name(&"x".repeat(100)).len(), 63);
+}

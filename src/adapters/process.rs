@@ -1,0 +1,267 @@
+//! Child processes the adapters run — `pg_dump`, `pg_restore`, the `mariadb` client and
+//! exec hooks — and the rules they all keep: no child outlives the value that owns it
+//! (`kill_on_drop`, and for `sh -c` hooks the whole process group), every child is
+//! reaped, and stderr is always drained (bounded) so a chatty child can never block on
+//! a full pipe while we read its stdout or feed its stdin.
+
+use std::io;
+use std::process::{ExitStatus, Stdio};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio_util::task::AbortOnDropHandle;
+
+use super::ByteStream;
+
+/// How much of a child's stderr (or of an exec cut's stdout) is kept for error
+/// messages and markers. The rest is read and discarded.
+pub(crate) const OUTPUT_LIMIT: usize = 64 * 1024;
+
+/// Bytes read from a pipe, at most `limit` of them kept.
+pub(crate) struct Bounded {
+    pub bytes: Vec<u8>,
+    pub truncated: bool,
+}
+
+impl Bounded {
+    /// Lossy UTF-8, trimmed: what goes into messages and markers.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).trim().to_owned()
+    }
+}
+
+/// Reads `r` to its end, keeping the first `limit` bytes. Reading on past the limit
+/// (rather than stopping) matters: a child that writes more than a pipe holds would
+/// otherwise block forever and never exit.
+pub(crate) async fn read_bounded<R: AsyncRead + Unpin>(
+    mut r: R,
+    limit: usize,
+) -> io::Result<Bounded> {
+    let mut bytes = Vec::new();
+    let mut truncated = false;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(Bounded { bytes, truncated });
+        }
+        let room = limit.saturating_sub(bytes.len());
+        if n > room {
+            truncated = true;
+        }
+        bytes.extend_from_slice(&buf[..n.min(room)]);
+    }
+}
+
+/// Describes how a child ended, with its stderr, for an error message.
+pub(crate) fn describe_failure(what: &str, status: ExitStatus, stderr: &str) -> String {
+    let status = match status.code() {
+        Some(code) => format!("exited with status {code}"),
+        None => format!("was killed ({status})"),
+    };
+    if stderr.is_empty() {
+        format!("{what} {status} (no stderr)")
+    } else {
+        format!("{what} {status}: {stderr}")
+    }
+}
+
+/// Kills a child's whole process group when dropped, unless the child was reaped first.
+///
+/// `sh -c` hooks start grandchildren (pipelines, `sleep`, a backgrounded helper);
+/// killing only `sh` would orphan them, and they would keep our pipes open. The child
+/// must have been spawned with `process_group(0)` so that its pid is its group id.
+pub(crate) struct GroupKiller {
+    pgid: Option<u32>,
+}
+
+impl GroupKiller {
+    pub fn new(child: &Child) -> Self {
+        GroupKiller { pgid: child.id() }
+    }
+
+    /// The leader was reaped normally: leave whatever is left of the group alone
+    /// (a hook may deliberately start a long-lived helper).
+    pub fn disarm(&mut self) {
+        self.pgid = None;
+    }
+
+    /// Kills the group now.
+    pub async fn kill(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            let _ = Command::new("sh")
+                .args(kill_group_args(pgid))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .await;
+        }
+    }
+}
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            // Drop cannot await; `kill` is a shell builtin that returns at once, so
+            // blocking this thread for the fork is brief.
+            let _ = std::process::Command::new("sh")
+                .args(kill_group_args(pgid))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// `sh` arguments that SIGKILL process group `pgid` with the shell's `kill` builtin,
+/// because signalling a group from Rust needs libc and this crate forbids `unsafe`.
+fn kill_group_args(pgid: u32) -> [String; 4] {
+    [
+        "-c".to_owned(),
+        "kill -s KILL -- \"-$1\" 2>/dev/null".to_owned(),
+        "sh".to_owned(),
+        pgid.to_string(),
+    ]
+}
+
+/// A running child whose stdout has been handed out as a copy stream.
+pub(crate) struct Producer {
+    what: String,
+    child: Child,
+    stderr: AbortOnDropHandle<io::Result<Bounded>>,
+    group: Option<GroupKiller>,
+}
+
+/// Spawns `cmd` with stdout as the returned stream. `cmd` is set to be killed when the
+/// [`Producer`] is dropped, so a copy abandoned half-way leaves no child behind. With
+/// `own_group` the child gets its own process group and the whole group is killed.
+pub(crate) fn spawn_producer(
+    mut cmd: Command,
+    what: &str,
+    own_group: bool,
+) -> io::Result<(ByteStream, Producer)> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if own_group {
+        cmd.process_group(0);
+    }
+    let mut child = cmd.spawn()?;
+    let group = own_group.then(|| GroupKiller::new(&child));
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    // The stream's reader polls stdout only, so stderr needs its own task; the handle
+    // is awaited in `wait` and the task is aborted if the Producer is dropped.
+    let stderr = AbortOnDropHandle::new(tokio::spawn(read_bounded(stderr, OUTPUT_LIMIT)));
+    Ok((
+        Box::pin(stdout),
+        Producer {
+            what: what.to_owned(),
+            child,
+            stderr,
+            group,
+        },
+    ))
+}
+
+impl Producer {
+    /// Waits for the child to exit; `Err` carries its exit status and stderr.
+    pub async fn wait(mut self) -> Result<(), String> {
+        let status = self
+            .child
+            .wait()
+            .await
+            .map_err(|e| format!("waiting for {}: {e}", self.what))?;
+        if let Some(group) = self.group.as_mut() {
+            group.disarm();
+        }
+        let stderr = match (&mut self.stderr).await {
+            Ok(Ok(b)) => b.text(),
+            Ok(Err(e)) => format!("(reading its stderr failed: {e})"),
+            Err(e) => format!("(reading its stderr failed: {e})"),
+        };
+        if status.success() {
+            Ok(())
+        } else {
+            Err(describe_failure(&self.what, status, &stderr))
+        }
+    }
+}
+
+/// Runs `cmd` with `input` on its stdin until it exits. `Err` says whether the child
+/// failed (status + stderr), or reading `input` failed, or the child stopped reading
+/// early although it exited 0.
+pub(crate) async fn run_with_stdin(
+    mut cmd: Command,
+    what: &str,
+    input: ByteStream,
+    own_group: bool,
+) -> Result<(), String> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if own_group {
+        cmd.process_group(0);
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("starting {what}: {e}"))?;
+    let mut group = own_group.then(|| GroupKiller::new(&child));
+    let stdin = child.stdin.take().expect("stdin is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+
+    let (fed, stderr) = tokio::join!(feed(input, stdin), read_bounded(stderr, OUTPUT_LIMIT));
+    if let Err(Feed::Source(e)) = &fed {
+        // Our input broke: the child must not commit a partial restore as if it
+        // were whole, so it is killed rather than left to see a clean EOF.
+        if let Some(group) = group.as_mut() {
+            group.kill().await;
+        }
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return Err(format!("reading the copy to feed {what} failed: {e}"));
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| format!("waiting for {what}: {e}"))?;
+    if let Some(group) = group.as_mut() {
+        group.disarm();
+    }
+    let stderr = stderr.map(|b| b.text()).unwrap_or_default();
+    if !status.success() {
+        return Err(describe_failure(what, status, &stderr));
+    }
+    match fed {
+        Ok(()) => Ok(()),
+        Err(Feed::Source(_)) => unreachable!("handled above"),
+        Err(Feed::Sink(e)) => Err(format!(
+            "{what} exited 0 but stopped reading its input early ({e}); the restore is incomplete"
+        )),
+    }
+}
+
+enum Feed {
+    /// Reading the copy failed.
+    Source(io::Error),
+    /// Writing to the child failed (it exited or closed stdin).
+    Sink(io::Error),
+}
+
+/// Copies `input` into the child's stdin and closes it. Read and write errors are kept
+/// apart because they mean different things: a broken source vs a child that quit.
+async fn feed(mut input: ByteStream, mut stdin: ChildStdin) -> Result<(), Feed> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = input.read(&mut buf).await.map_err(Feed::Source)?;
+        if n == 0 {
+            break;
+        }
+        stdin.write_all(&buf[..n]).await.map_err(Feed::Sink)?;
+    }
+    stdin.shutdown().await.map_err(Feed::Sink)?;
+    drop(stdin);
+    Ok(())
+}

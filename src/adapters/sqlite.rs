@@ -1,0 +1,347 @@
+//! SQLite adapter: a live WAL-mode database file that other processes keep writing.
+//!
+//! - prepare: opens the file read-only and requires `journal_mode=wal`; in rollback-
+//!   journal mode a reader holding a snapshot would block every writer for the whole
+//!   copy, which is exactly what a backup after unpause must not do.
+//! - cut: `BEGIN` and one read, on the prepared connection. That pins a WAL snapshot:
+//!   writers go on appending to the WAL, and checkpoints stop short of the frames this
+//!   reader still needs, so the snapshot survives until the copy ends. Its cost is one
+//!   page read, whatever the database's size.
+//! - copy: the online backup API run *from that same connection*, which reuses its
+//!   open read transaction, so the copy is the cut's snapshot page for page (the tests
+//!   prove later writes are absent). SQLite has no way to stream pages out of a pinned
+//!   snapshot in this build (`sqlite3_serialize` needs a rusqlite feature we do not
+//!   enable and holds the whole database in memory; `VACUUM INTO` refuses to run inside
+//!   a transaction), so the backup goes to an unlinked temporary file that is then
+//!   streamed. Row counts come from the same read transaction.
+//! - restore: writes the stream to the target path (refusing a non-empty file or a
+//!   leftover `-wal` beside it) and runs `PRAGMA integrity_check`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::FutureExt;
+use rusqlite::backup::{Backup, StepResult};
+use rusqlite::{Connection, OpenFlags};
+use tokio::io::AsyncWriteExt;
+
+use super::{
+    Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, Prepared, SqliteConfig,
+};
+
+pub struct Sqlite {
+    name: String,
+    config: SqliteConfig,
+}
+
+impl Sqlite {
+    pub fn new(name: &str, config: SqliteConfig) -> Self {
+        Sqlite {
+            name: name.to_owned(),
+            config,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Adapter for Sqlite {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn artifact_extension(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn prepare(&self) -> Result<Box<dyn Prepared>, AdapterError> {
+        let path = self.config.path.clone();
+        let conn = blocking(move || open_checked(&path))
+            .await
+            .map_err(|message| AdapterError::Prepare {
+                database: self.name.clone(),
+                message,
+            })?;
+        Ok(Box::new(SqlitePrepared {
+            name: self.name.clone(),
+            path: self.config.path.clone(),
+            conn: Some(conn),
+            cut: false,
+        }))
+    }
+
+    async fn restore(&self, mut copy: ByteStream, target: &str) -> Result<(), AdapterError> {
+        let err = |message: String| AdapterError::Restore {
+            database: self.name.clone(),
+            message,
+        };
+        let path = PathBuf::from(target);
+        refuse_non_empty(&path).await.map_err(err)?;
+
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .await
+            .map_err(|e| err(format!("creating {target}: {e}")))?;
+        tokio::io::copy(&mut copy, &mut file)
+            .await
+            .map_err(|e| err(format!("writing {target}: {e}")))?;
+        file.flush()
+            .await
+            .and(file.sync_all().await)
+            .map_err(|e| err(format!("writing {target}: {e}")))?;
+        drop(file);
+
+        blocking(move || integrity_check(&path)).await.map_err(err)
+    }
+}
+
+struct SqlitePrepared {
+    name: String,
+    path: PathBuf,
+    /// Taken out while blocking work runs on a blocking thread; the read transaction
+    /// that pins the snapshot lives on this connection from the cut to the copy's end.
+    conn: Option<Connection>,
+    cut: bool,
+}
+
+#[async_trait::async_trait]
+impl Prepared for SqlitePrepared {
+    async fn cut(&mut self, _backup_id: &str) -> Result<CutMarker, AdapterError> {
+        let err = |message: String| AdapterError::Cut {
+            database: self.name.clone(),
+            message,
+        };
+        if self.cut {
+            return Err(err("the snapshot was already cut".to_owned()));
+        }
+        let conn = self
+            .conn
+            .take()
+            .ok_or_else(|| err("the connection was lost by an earlier failure".to_owned()))?;
+        let (conn, result) = blocking(move || {
+            let result = pin_snapshot(&conn);
+            Ok((conn, result))
+        })
+        .await
+        .map_err(err)?;
+        self.conn = Some(conn);
+        let mut details = result.map_err(err)?;
+        self.cut = true;
+        details.insert("path".to_owned(), self.path.display().to_string());
+        Ok(CutMarker {
+            kind: "sqlite-snapshot".to_owned(),
+            details,
+        })
+    }
+
+    async fn copy(mut self: Box<Self>) -> Result<Copy, AdapterError> {
+        let name = self.name.clone();
+        let err = |message: String| AdapterError::Copy {
+            database: name.clone(),
+            message,
+        };
+        let conn = match (self.cut, self.conn.take()) {
+            (true, Some(conn)) => conn,
+            _ => return Err(err("copy was called before a successful cut".to_owned())),
+        };
+        let temp = std::env::temp_dir().join(format!("stillpoint-{}.sqlite", uuid::Uuid::new_v4()));
+        let (file, row_counts) = blocking(move || copy_snapshot(conn, &temp))
+            .await
+            .map_err(err)?;
+        Ok(Copy {
+            stream: Box::pin(tokio::fs::File::from_std(file)),
+            finished: futures::future::ready(Ok(CopySummary {
+                row_counts: Some(row_counts),
+            }))
+            .boxed(),
+        })
+    }
+}
+
+/// Runs SQLite work on a blocking thread; errors are messages for an [`AdapterError`].
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("the SQLite worker thread failed: {e}"))?
+}
+
+fn open_checked(path: &Path) -> Result<Connection, String> {
+    let shown = path.display();
+    if !path.is_file() {
+        return Err(format!("{shown} does not exist or is not a file"));
+    }
+    // Read-only: a backup must never write to the application's database. SQLite
+    // (3.22+) reads a WAL database read-only as long as it can use the -shm file.
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| format!("opening {shown}: {e}"))?;
+    // Starting a read transaction can meet SQLITE_BUSY briefly while a writer
+    // recovers or restarts the WAL; wait a little rather than fail the cut.
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| format!("opening {shown}: {e}"))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .map_err(|e| format!("reading {shown}: {e}"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(format!(
+            "{shown} is in journal_mode={mode}, not WAL: a consistent copy would block the \
+             application's writers until it finished. Switch the database to WAL once with \
+             `sqlite3 '{shown}' 'PRAGMA journal_mode=WAL'` (the setting persists in the file)"
+        ));
+    }
+    Ok(conn)
+}
+
+/// Opens a read transaction and reads from it, which is what makes SQLite take the
+/// snapshot (`BEGIN` alone is deferred). Returns facts for the marker.
+fn pin_snapshot(conn: &Connection) -> Result<BTreeMap<String, String>, String> {
+    let read = || -> rusqlite::Result<(i64, i64, i64)> {
+        conn.execute_batch("BEGIN DEFERRED")?;
+        let objects: i64 =
+            conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?;
+        let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        Ok((objects, pages, page_size))
+    };
+    match read() {
+        Ok((objects, pages, page_size)) => Ok(BTreeMap::from([
+            ("schema_objects".to_owned(), objects.to_string()),
+            ("page_count".to_owned(), pages.to_string()),
+            ("page_size".to_owned(), page_size.to_string()),
+        ])),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(format!("pinning a read snapshot: {e}"))
+        }
+    }
+}
+
+/// Backs the pinned snapshot up into `temp`, counts rows in the same snapshot, ends the
+/// read transaction, and returns `temp` opened for reading and already unlinked (so
+/// nothing is left behind however the stream ends).
+fn copy_snapshot(
+    conn: Connection,
+    temp: &Path,
+) -> Result<(std::fs::File, BTreeMap<String, u64>), String> {
+    let result = (|| {
+        backup_into(&conn, temp)?;
+        let counts = row_counts(&conn).map_err(|e| format!("counting rows: {e}"))?;
+        conn.execute_batch("COMMIT")
+            .map_err(|e| format!("ending the read transaction: {e}"))?;
+        let file = std::fs::File::open(temp)
+            .map_err(|e| format!("reopening the copy {}: {e}", temp.display()))?;
+        Ok((file, counts))
+    })();
+    // Unlinked whether or not the copy succeeded: an open handle keeps the bytes
+    // readable on Unix, and a failed copy must not leave a file in the temp directory.
+    let _ = std::fs::remove_file(temp);
+    let _ = std::fs::remove_file(with_suffix(temp, "-journal"));
+    result
+}
+
+/// The backup API from `src` into a new file. When `src` has an open read transaction
+/// the backup reads through it (it only starts its own when none is open), so it
+/// copies exactly that snapshot.
+fn backup_into(src: &Connection, dest: &Path) -> Result<(), String> {
+    let mut dst = Connection::open(dest)
+        .map_err(|e| format!("creating the temporary copy {}: {e}", dest.display()))?;
+    let backup = Backup::new(src, &mut dst).map_err(|e| format!("starting the backup: {e}"))?;
+    // One step of all pages: nothing is gained by stepping, since our read transaction
+    // keeps the source stable for as long as we take.
+    match backup.step(-1) {
+        Ok(StepResult::Done) => {}
+        Ok(other) => return Err(format!("the backup did not finish in one step ({other:?})")),
+        Err(e) => return Err(format!("backing up the snapshot: {e}")),
+    }
+    drop(backup);
+    dst.close()
+        .map_err(|(_, e)| format!("closing the temporary copy: {e}"))
+}
+
+/// Rows in every ordinary table, read in `conn`'s current transaction. Virtual tables
+/// are skipped: their modules may not be loaded here, and their shadow tables (which
+/// hold the data) are counted anyway.
+fn row_counts(conn: &Connection) -> rusqlite::Result<BTreeMap<String, u64>> {
+    let mut stmt = conn.prepare(
+        "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' \
+         ESCAPE '\\' AND sql NOT LIKE 'CREATE VIRTUAL%' ORDER BY name",
+    )?;
+    let names = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut counts = BTreeMap::new();
+    for name in names {
+        let n: i64 = conn.query_row(
+            &format!("SELECT count(*) FROM \"{}\"", name.replace('"', "\"\"")),
+            [],
+            |r| r.get(0),
+        )?;
+        counts.insert(name, n as u64);
+    }
+    Ok(counts)
+}
+
+/// Restoring over a live database would destroy it, and a stale `-wal` beside an
+/// otherwise empty target would be replayed into the restored file.
+async fn refuse_non_empty(path: &Path) -> Result<(), String> {
+    for candidate in [path.to_path_buf(), with_suffix(path, "-wal")] {
+        match tokio::fs::metadata(&candidate).await {
+            Ok(m) if m.len() > 0 => {
+                return Err(format!(
+                    "refusing to restore over {}: it exists and is not empty",
+                    candidate.display()
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("checking {}: {e}", candidate.display())),
+        }
+    }
+    Ok(())
+}
+
+fn integrity_check(path: &Path) -> Result<(), String> {
+    let shown = path.display();
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .map_err(|e| format!("opening the restored {shown}: {e}"))?;
+    let mut stmt = conn
+        .prepare("PRAGMA integrity_check")
+        .map_err(|e| format!("checking the restored {shown}: {e}"))?;
+    let lines = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(|e| format!("checking the restored {shown}: {e}"))?;
+    if lines == ["ok"] {
+        Ok(())
+    } else {
+        Err(format!(
+            "the restored {shown} fails PRAGMA integrity_check (left in place for inspection): {}",
+            lines
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))
+    }
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests;
