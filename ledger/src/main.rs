@@ -75,8 +75,11 @@ struct ServeArgs {
     /// as `listening on ADDR`.
     #[arg(long)]
     listen: SocketAddr,
-    /// The node's database: sqlite:PATH. Ledger nodes of one cluster share one file.
-    #[arg(long, value_parser = parse_db_url)]
+    /// The node's database: sqlite:PATH, postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE
+    /// or mysql://USER[:PASSWORD]@HOST[:PORT]/DATABASE (MySQL or MariaDB). A missing
+    /// database is created. Ledger nodes of one cluster share one database; the auditor
+    /// may use another kind than the ledger.
+    #[arg(long, value_parser = parse_db_url, value_name = "URL")]
     db: DbUrl,
     /// The auditor node a ledger node records every transfer with (host:port).
     #[arg(long, required_if_eq("role", "ledger"))]
@@ -139,9 +142,13 @@ struct LoadArgs {
 
 #[derive(Args)]
 struct CheckArgs {
-    #[arg(long, value_parser = parse_db_url)]
+    /// The ledger database: sqlite:PATH, postgres://USER@HOST:PORT/DATABASE or
+    /// mysql://USER@HOST:PORT/DATABASE. Read in one snapshot; nothing is created or
+    /// changed.
+    #[arg(long, value_parser = parse_db_url, value_name = "URL")]
     ledger_db: DbUrl,
-    #[arg(long, value_parser = parse_db_url)]
+    /// The auditor database, in the same URL forms (it need not be the same kind).
+    #[arg(long, value_parser = parse_db_url, value_name = "URL")]
     auditor_db: DbUrl,
     #[arg(long, value_enum, default_value = "text")]
     output: Output,
@@ -303,14 +310,10 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         }
         _ => None,
     };
-    let (ledger_db, auditor_db) = (args.ledger_db, args.auditor_db);
-    let (ledger, audit) = tokio::task::spawn_blocking(move || {
-        anyhow::Ok((
-            store::read_ledger(&ledger_db)?,
-            store::read_auditor(&auditor_db)?,
-        ))
-    })
-    .await??;
+    let (ledger, audit) = tokio::try_join!(
+        store::read_ledger(&args.ledger_db),
+        store::read_auditor(&args.auditor_db),
+    )?;
     let report = check::check(&ledger, &audit, window);
     match args.output {
         Output::Json => println!("{}", serde_json::to_string(&report)?),

@@ -6,7 +6,8 @@
 //! - [`AuditorNode`]: records links, idempotently.
 //!
 //! Both run as the inside of a gated request: a pause waits for everything here to
-//! finish, including the call to the auditor.
+//! finish, including the call to the auditor. Each request runs as a task the server
+//! waits for (see `grpc::GatedApp`), so none of this is cut short when a client leaves.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,8 +66,6 @@ pub enum TransferError {
         elapsed: Duration,
         reason: String,
     },
-    #[error("internal error: {0}")]
-    Internal(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,8 +74,6 @@ pub enum RecordError {
     Invalid(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("internal error: {0}")]
-    Internal(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,9 +135,7 @@ impl LedgerNode {
             to: request.to,
             amount: request.amount,
         };
-        let store = self.store.clone();
-        let committed = blocking(move || store.transfer(&order).map(|c| (order, c))).await;
-        let (order, committed) = committed.map_err(TransferError::Internal)??;
+        let committed = self.store.transfer(&order).await?;
         self.record(&order.tx_id, &committed.hash).await?;
         Ok(Receipt {
             tx_id: order.tx_id,
@@ -219,18 +214,6 @@ impl AuditorNode {
                 "hash must be 64 hex digits, got {hash:?}"
             )));
         }
-        let store = self.store.clone();
-        let recorded = blocking(move || store.record(&tx_id, &hash)).await;
-        Ok(recorded.map_err(RecordError::Internal)??)
+        Ok(self.store.record(&tx_id, &hash).await?)
     }
-}
-
-/// Runs blocking storage work off the async threads. The task is awaited, and it runs to
-/// completion even if this future is dropped, so a transaction is never cut in half.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|error| format!("storage task failed: {error}"))
 }

@@ -51,8 +51,6 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("opening the database failed: {0}")]
-    Open(String),
     #[error("the gRPC server stopped: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -82,9 +80,7 @@ impl Node {
                 options,
             } => {
                 let auditor = AuditorClient::lazy(&auditor)?;
-                let store = tokio::task::spawn_blocking(move || store::open_ledger(&db, seed))
-                    .await
-                    .map_err(|error| ServeError::Open(error.to_string()))??;
+                let store = store::open_ledger(&db, seed).await?;
                 App::Ledger(Arc::new(LedgerNode::new(
                     store,
                     auditor,
@@ -93,9 +89,7 @@ impl Node {
                 )))
             }
             Role::Auditor => {
-                let store = tokio::task::spawn_blocking(move || store::open_auditor(&db))
-                    .await
-                    .map_err(|error| ServeError::Open(error.to_string()))??;
+                let store = store::open_auditor(&db).await?;
                 App::Auditor(Arc::new(AuditorNode::new(store)))
             }
         };

@@ -79,6 +79,10 @@ impl MariaDb {
                 // password; the default (`socket`) would only let the OS root in.
                 .arg("--auth-root-authentication-method=normal")
                 .arg("--skip-test-db")
+                // The bootstrap server's temporary tables otherwise go to /tmp, where
+                // other MariaDB processes (parallel tests, the system server) can
+                // remove them mid-install.
+                .arg(format!("--tmpdir={}", tmp_dir.display()))
                 .args(user_args)
                 .args(SPEED_OPTIONS)
                 .current_dir(dir.path()),

@@ -1,68 +1,157 @@
-//! Each invariant is shown passing on a real SQLite ledger + auditor, then failing, with
-//! a message that names the culprit, after one targeted tamper (the negative controls).
+//! Each invariant is shown passing on a real ledger + auditor, then failing, with a
+//! message that names the culprit, after one targeted tamper (the negative controls).
+//!
+//! Every test runs on SQLite, PostgreSQL and MariaDB (see `on_every_backend!` at the
+//! end): the check must read all three the same way, and each backend's store must keep
+//! the same rules. The servers are throwaway ones from `stillpoint-testkit`, one per
+//! test; tampering goes through each database's own client (rusqlite, psql, mariadb), as
+//! an operator's mistake or an attacker's edit would.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rusqlite::Connection;
+use stillpoint_testkit::{MariaDb, Postgres};
 
 use super::*;
 use crate::store::{self, AuditorStore, DbUrl, LedgerStore, Seed, StoreError, TransferOrder};
 
-struct Cluster {
-    _dir: tempfile::TempDir,
-    ledger_path: PathBuf,
-    auditor_path: PathBuf,
-    ledger: Arc<dyn LedgerStore>,
-    auditor: Arc<dyn AuditorStore>,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+    MariaDb,
 }
 
+/// Where a backend's databases live: a directory of SQLite files or a server of its own.
+enum Server {
+    Sqlite(tempfile::TempDir),
+    Postgres(Postgres),
+    MariaDb(MariaDb),
+}
+
+impl Server {
+    fn start(backend: Backend) -> Server {
+        match backend {
+            Backend::Sqlite => Server::Sqlite(tempfile::tempdir().unwrap()),
+            Backend::Postgres => Server::Postgres(Postgres::start()),
+            Backend::MariaDb => Server::MariaDb(MariaDb::start()),
+        }
+    }
+
+    /// The URL of `database`, which need not exist yet.
+    fn url(&self, database: &str) -> DbUrl {
+        let url = match self {
+            Server::Sqlite(dir) => format!(
+                "sqlite:{}",
+                dir.path().join(format!("{database}.db")).display()
+            ),
+            Server::Postgres(pg) => pg.url(database),
+            Server::MariaDb(db) => db.url(database),
+        };
+        url.parse().unwrap()
+    }
+
+    fn database_exists(&self, database: &str) -> bool {
+        match self {
+            Server::Sqlite(dir) => dir.path().join(format!("{database}.db")).exists(),
+            Server::Postgres(pg) => {
+                pg.psql(
+                    "postgres",
+                    &format!("SELECT count(*) FROM pg_database WHERE datname = '{database}'"),
+                ) == "1"
+            }
+            Server::MariaDb(db) => {
+                db.sql(
+                    "",
+                    &format!(
+                        "SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name = '{database}'"
+                    ),
+                ) == "1"
+            }
+        }
+    }
+
+    /// Runs one UPDATE or DELETE behind the stores' backs and checks that it changed
+    /// exactly one row, so that a tamper that missed cannot pass for a check that missed.
+    fn tamper(&self, database: &str, sql: &str) {
+        let changed = match self {
+            Server::Sqlite(dir) => Connection::open(dir.path().join(format!("{database}.db")))
+                .unwrap()
+                .execute(sql, [])
+                .unwrap()
+                .to_string(),
+            Server::Postgres(pg) => pg.psql(
+                database,
+                &format!("WITH changed AS ({sql} RETURNING 1) SELECT count(*) FROM changed"),
+            ),
+            Server::MariaDb(db) => db.sql(database, &format!("{sql}; SELECT ROW_COUNT();")),
+        };
+        assert_eq!(
+            changed, "1",
+            "the tamper {sql:?} must change exactly one row"
+        );
+    }
+}
+
+/// A seeded ledger and an auditor on one backend. Fields drop in order: the stores
+/// disconnect before their server stops.
+struct Cluster {
+    ledger: Arc<dyn LedgerStore>,
+    auditor: Arc<dyn AuditorStore>,
+    ledger_url: DbUrl,
+    auditor_url: DbUrl,
+    server: Server,
+}
+
+const LEDGER: &str = "ledger";
+const AUDITOR: &str = "auditor";
+
 impl Cluster {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger_path = dir.path().join("ledger.db");
-        let auditor_path = dir.path().join("auditor.db");
+    async fn new(backend: Backend) -> Self {
+        let server = Server::start(backend);
+        let ledger_url = server.url(LEDGER);
+        let auditor_url = server.url(AUDITOR);
         let seed = Seed {
             accounts: 10,
             initial_balance: 1000,
         };
         Cluster {
-            ledger: store::open_ledger(&DbUrl::Sqlite(ledger_path.clone()), seed).unwrap(),
-            auditor: store::open_auditor(&DbUrl::Sqlite(auditor_path.clone())).unwrap(),
-            ledger_path,
-            auditor_path,
-            _dir: dir,
+            ledger: store::open_ledger(&ledger_url, seed).await.unwrap(),
+            auditor: store::open_auditor(&auditor_url).await.unwrap(),
+            ledger_url,
+            auditor_url,
+            server,
         }
     }
 
     /// Commits and audits `count` transfers, as a ledger node would.
-    fn transfers(&self, prefix: &str, count: i64) {
+    async fn transfers(&self, prefix: &str, count: i64) {
         for n in 0..count {
-            transfer_and_record(&*self.ledger, &*self.auditor, &format!("{prefix}-{n}"), n);
+            transfer_and_record(&*self.ledger, &*self.auditor, &format!("{prefix}-{n}"), n).await;
         }
     }
 
-    fn report(&self, window: Option<Window>) -> CheckReport {
-        let ledger = store::read_ledger(&DbUrl::Sqlite(self.ledger_path.clone())).unwrap();
-        let audit = store::read_auditor(&DbUrl::Sqlite(self.auditor_path.clone())).unwrap();
+    async fn report(&self, window: Option<Window>) -> CheckReport {
+        let ledger = store::read_ledger(&self.ledger_url).await.unwrap();
+        let audit = store::read_auditor(&self.auditor_url).await.unwrap();
         check(&ledger, &audit, window)
-    }
-
-    fn tamper(path: &Path, sql: &str) {
-        let changed = Connection::open(path).unwrap().execute(sql, []).unwrap();
-        assert_eq!(changed, 1, "the tamper {sql:?} must change exactly one row");
     }
 }
 
-fn transfer_and_record(ledger: &dyn LedgerStore, auditor: &dyn AuditorStore, tx_id: &str, n: i64) {
+async fn transfer_and_record(
+    ledger: &dyn LedgerStore,
+    auditor: &dyn AuditorStore,
+    tx_id: &str,
+    n: i64,
+) {
     let order = TransferOrder {
         tx_id: tx_id.to_owned(),
         from: n % 10 + 1,
         to: (n + 3) % 10 + 1,
         amount: 1 + n % 5,
     };
-    let committed = ledger.transfer(&order).unwrap();
-    auditor.record(tx_id, &committed.hash).unwrap();
+    let committed = ledger.transfer(&order).await.unwrap();
+    auditor.record(tx_id, &committed.hash).await.unwrap();
 }
 
 fn failing<'a>(report: &'a CheckReport, name: &str) -> &'a Check {
@@ -76,26 +165,33 @@ fn failing<'a>(report: &'a CheckReport, name: &str) -> &'a Check {
     check
 }
 
-#[test]
-fn a_consistent_cluster_passes_every_check() {
-    let cluster = Cluster::new();
-    cluster.transfers("tx", 25);
-    let report = cluster.report(None);
+async fn a_consistent_cluster_passes_every_check(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
+    cluster.transfers("tx", 25).await;
+    let report = cluster.report(None).await;
     assert!(report.ok, "{report}");
     assert_eq!(report.transactions, 25);
     let names: Vec<_> = report.checks.iter().map(|check| check.name).collect();
     assert_eq!(names, ["balances", "hash_chain", "ledger_matches_auditor"]);
+    // The chain is numbered from 1 without gaps on every backend.
+    let seqs: Vec<i64> = store::read_ledger(&cluster.ledger_url)
+        .await
+        .unwrap()
+        .rows
+        .iter()
+        .map(|row| row.seq)
+        .collect();
+    assert_eq!(seqs, (1..=25).collect::<Vec<_>>());
 }
 
-#[test]
-fn a_tampered_balance_fails_with_the_sum() {
-    let cluster = Cluster::new();
-    cluster.transfers("tx", 5);
-    Cluster::tamper(
-        &cluster.ledger_path,
+async fn a_tampered_balance_fails_with_the_sum(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
+    cluster.transfers("tx", 5).await;
+    cluster.server.tamper(
+        LEDGER,
         "UPDATE accounts SET balance = balance - 50 WHERE id = 4",
     );
-    let report = cluster.report(None);
+    let report = cluster.report(None).await;
     let check = failing(&report, "balances");
     assert!(
         check
@@ -108,31 +204,31 @@ fn a_tampered_balance_fails_with_the_sum() {
     assert_eq!(report.checks.iter().filter(|check| !check.ok).count(), 1);
 }
 
-#[test]
-fn a_negative_balance_is_named() {
-    let cluster = Cluster::new();
-    cluster.transfers("tx", 3);
+async fn a_negative_balance_is_named(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
+    cluster.transfers("tx", 3).await;
     // Moves money without changing the sum: only the sign rule can catch it.
-    let conn = Connection::open(&cluster.ledger_path).unwrap();
-    conn.execute_batch(
-        "UPDATE accounts SET balance = balance - 5000 WHERE id = 7;
-         UPDATE accounts SET balance = balance + 5000 WHERE id = 8;",
-    )
-    .unwrap();
-    let check = failing(&cluster.report(None), "balances").clone();
+    cluster.server.tamper(
+        LEDGER,
+        "UPDATE accounts SET balance = balance - 5000 WHERE id = 7",
+    );
+    cluster.server.tamper(
+        LEDGER,
+        "UPDATE accounts SET balance = balance + 5000 WHERE id = 8",
+    );
+    let check = failing(&cluster.report(None).await, "balances").clone();
     assert!(check.detail.contains("account 7 holds"), "{}", check.detail);
     assert!(!check.detail.contains("sum to"), "{}", check.detail);
 }
 
-#[test]
-fn an_edited_transfer_breaks_the_chain_at_its_seq() {
-    let cluster = Cluster::new();
-    cluster.transfers("tx", 10);
-    Cluster::tamper(
-        &cluster.ledger_path,
+async fn an_edited_transfer_breaks_the_chain_at_its_seq(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
+    cluster.transfers("tx", 10).await;
+    cluster.server.tamper(
+        LEDGER,
         "UPDATE ledger SET amount = amount + 1 WHERE seq = 6",
     );
-    let check = failing(&cluster.report(None), "hash_chain").clone();
+    let check = failing(&cluster.report(None).await, "hash_chain").clone();
     assert!(
         check
             .detail
@@ -142,26 +238,18 @@ fn an_edited_transfer_breaks_the_chain_at_its_seq() {
     );
 }
 
-#[test]
-fn a_relinked_row_breaks_the_chain_at_the_next_seq() {
-    let cluster = Cluster::new();
-    cluster.transfers("tx", 10);
+async fn a_relinked_row_breaks_the_chain_at_the_next_seq(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
+    cluster.transfers("tx", 10).await;
     // A forger who recomputes row 4's hash after editing it still breaks row 5's link.
-    let conn = Connection::open(&cluster.ledger_path).unwrap();
-    let (prev, tx_id, from, to): (String, String, i64, i64) = conn
-        .query_row(
-            "SELECT prev_hash, tx_id, from_account, to_account FROM ledger WHERE seq = 4",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
-        )
-        .unwrap();
-    let forged = crate::chain::link_hash(&prev, &tx_id, from, to, 99);
-    conn.execute(
-        "UPDATE ledger SET amount = 99, hash = ?1 WHERE seq = 4",
-        [&forged],
-    )
-    .unwrap();
-    let check = failing(&cluster.report(None), "hash_chain").clone();
+    let snapshot = store::read_ledger(&cluster.ledger_url).await.unwrap();
+    let row = snapshot.rows.iter().find(|row| row.seq == 4).unwrap();
+    let forged = crate::chain::link_hash(&row.prev_hash, &row.tx_id, row.from, row.to, 99);
+    cluster.server.tamper(
+        LEDGER,
+        &format!("UPDATE ledger SET amount = 99, hash = '{forged}' WHERE seq = 4"),
+    );
+    let check = failing(&cluster.report(None).await, "hash_chain").clone();
     assert!(
         check
             .detail
@@ -171,15 +259,13 @@ fn a_relinked_row_breaks_the_chain_at_the_next_seq() {
     );
 }
 
-#[test]
-fn a_missing_audit_row_is_named() {
-    let cluster = Cluster::new();
-    cluster.transfers("tx", 8);
-    Cluster::tamper(
-        &cluster.auditor_path,
-        "DELETE FROM audit WHERE tx_id = 'tx-3'",
-    );
-    let report = cluster.report(None);
+async fn a_missing_audit_row_is_named(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
+    cluster.transfers("tx", 8).await;
+    cluster
+        .server
+        .tamper(AUDITOR, "DELETE FROM audit WHERE tx_id = 'tx-3'");
+    let report = cluster.report(None).await;
     let check = failing(&report, "ledger_matches_auditor");
     assert_eq!(
         check.detail,
@@ -188,30 +274,32 @@ fn a_missing_audit_row_is_named() {
     assert_eq!(report.checks.iter().filter(|check| !check.ok).count(), 1);
 }
 
-#[test]
-fn an_audit_row_unknown_to_the_ledger_is_named() {
-    let cluster = Cluster::new();
-    cluster.transfers("tx", 3);
-    cluster.auditor.record("ghost", &"ab".repeat(32)).unwrap();
-    let check = failing(&cluster.report(None), "ledger_matches_auditor").clone();
+async fn an_audit_row_unknown_to_the_ledger_is_named(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
+    cluster.transfers("tx", 3).await;
+    cluster
+        .auditor
+        .record("ghost", &"ab".repeat(32))
+        .await
+        .unwrap();
+    let check = failing(&cluster.report(None).await, "ledger_matches_auditor").clone();
     assert_eq!(
         check.detail,
         "1 transaction(s) in the auditor are missing from the ledger: ghost"
     );
 }
 
-#[test]
-fn a_different_audited_hash_is_named() {
-    let cluster = Cluster::new();
-    cluster.transfers("tx", 3);
-    Cluster::tamper(
-        &cluster.auditor_path,
+async fn a_different_audited_hash_is_named(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
+    cluster.transfers("tx", 3).await;
+    cluster.server.tamper(
+        AUDITOR,
         &format!(
             "UPDATE audit SET hash = '{}' WHERE tx_id = 'tx-1'",
             "cd".repeat(32)
         ),
     );
-    let check = failing(&cluster.report(None), "ledger_matches_auditor").clone();
+    let check = failing(&cluster.report(None).await, "ledger_matches_auditor").clone();
     assert!(
         check.detail.contains("different hashes") && check.detail.contains("tx-1 (ledger "),
         "{}",
@@ -219,31 +307,30 @@ fn a_different_audited_hash_is_named() {
     );
 }
 
-#[test]
-fn a_commit_inside_the_window_is_named() {
-    let cluster = Cluster::new();
-    cluster.transfers("before", 3);
-    cluster.transfers("inside", 1);
+async fn a_commit_inside_the_window_is_named(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
+    cluster.transfers("before", 3).await;
+    cluster.transfers("inside", 1).await;
     // A window after every write so far: the check passes.
     let now = stillpoint::time::unix_ms(std::time::SystemTime::now());
     let window = Window {
         start_ms: now + 60_000,
         end_ms: now + 120_000,
     };
-    let quiet = cluster.report(Some(window));
+    let quiet = cluster.report(Some(window)).await;
     assert!(quiet.ok, "{quiet}");
     // Move one transfer's commit and record into the window (as if the node had
     // written it while paused): the check fails and names it.
     let inside_ms = window.start_ms + 10;
-    Cluster::tamper(
-        &cluster.ledger_path,
+    cluster.server.tamper(
+        LEDGER,
         &format!("UPDATE ledger SET committed_at_ms = {inside_ms} WHERE tx_id = 'inside-0'"),
     );
-    Cluster::tamper(
-        &cluster.auditor_path,
+    cluster.server.tamper(
+        AUDITOR,
         &format!("UPDATE audit SET recorded_at_ms = {inside_ms} WHERE tx_id = 'inside-0'"),
     );
-    let report = cluster.report(Some(window));
+    let report = cluster.report(Some(window)).await;
     let check = failing(&report, "quiet_window");
     let span = format!("[{}, {}]", window.start_ms, window.end_ms);
     assert_eq!(
@@ -258,19 +345,18 @@ fn a_commit_inside_the_window_is_named() {
         start_ms: inside_ms,
         end_ms: inside_ms,
     };
-    failing(&cluster.report(Some(edge)), "quiet_window");
+    failing(&cluster.report(Some(edge)).await, "quiet_window");
 }
 
-#[test]
-fn insufficient_funds_write_nothing() {
-    let cluster = Cluster::new();
+async fn insufficient_funds_write_nothing(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
     let order = TransferOrder {
         tx_id: "too-much".to_owned(),
         from: 1,
         to: 2,
         amount: 1001,
     };
-    let error = cluster.ledger.transfer(&order).unwrap_err();
+    let error = cluster.ledger.transfer(&order).await.unwrap_err();
     assert!(
         matches!(
             error,
@@ -288,85 +374,182 @@ fn insufficient_funds_write_nothing() {
         ..order
     };
     assert!(matches!(
-        cluster.ledger.transfer(&unknown).unwrap_err(),
+        cluster.ledger.transfer(&unknown).await.unwrap_err(),
         StoreError::UnknownAccount(11)
     ));
-    let report = cluster.report(None);
+    let report = cluster.report(None).await;
     assert!(report.ok, "{report}");
     assert_eq!(report.transactions, 0);
+    // The refusals released the chain head: the same store, and a second one on the
+    // same database, can still transfer.
+    let second = store::open_ledger(&cluster.ledger_url, Seed::default())
+        .await
+        .unwrap();
+    transfer_and_record(&*second, &*cluster.auditor, "after", 1).await;
+    transfer_and_record(&*cluster.ledger, &*cluster.auditor, "after-2", 2).await;
+    assert!(cluster.report(None).await.ok);
 }
 
-#[test]
-fn recording_is_idempotent_but_refuses_a_second_hash() {
-    let cluster = Cluster::new();
+async fn recording_is_idempotent_but_refuses_a_second_hash(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
     let hash = "ef".repeat(32);
-    let first = cluster.auditor.record("tx-1", &hash).unwrap();
-    assert_eq!(cluster.auditor.record("tx-1", &hash).unwrap(), first);
+    let first = cluster.auditor.record("tx-1", &hash).await.unwrap();
+    assert_eq!(cluster.auditor.record("tx-1", &hash).await.unwrap(), first);
     assert!(matches!(
-        cluster.auditor.record("tx-1", &"01".repeat(32)),
+        cluster.auditor.record("tx-1", &"01".repeat(32)).await,
         Err(StoreError::HashConflict { .. })
     ));
+    // tx ids compare byte for byte on every backend, as in SQLite.
+    cluster.auditor.record("TX-1", &hash).await.unwrap();
+    assert_eq!(cluster.auditor.snapshot().await.unwrap().len(), 2);
 }
 
-#[test]
-fn a_second_node_does_not_seed_again() {
-    let cluster = Cluster::new();
-    cluster.transfers("tx", 4);
+async fn a_second_node_does_not_seed_again(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
+    cluster.transfers("tx", 4).await;
     let again = store::open_ledger(
-        &DbUrl::Sqlite(cluster.ledger_path.clone()),
+        &cluster.ledger_url,
         Seed {
             accounts: 50,
             initial_balance: 7,
         },
     )
+    .await
     .unwrap();
-    let snapshot = again.snapshot().unwrap();
+    let snapshot = again.snapshot().await.unwrap();
     assert_eq!(snapshot.initial_total, 10_000);
     assert_eq!(snapshot.balances.len(), 10);
-    assert!(cluster.report(None).ok);
+    assert!(cluster.report(None).await.ok);
 }
 
-#[test]
-fn reading_a_missing_or_foreign_database_creates_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let missing = dir.path().join("missing.db");
-    let error = store::read_ledger(&DbUrl::Sqlite(missing.clone())).unwrap_err();
+/// Nodes of a new cluster start at the same moment on an empty database: exactly one of
+/// them seeds. Each offers a different seed, so two seeders would show.
+async fn nodes_starting_at_once_seed_exactly_once(backend: Backend) {
+    let server = Server::start(backend);
+    let url = server.url(LEDGER);
+    let opened = futures::future::join_all((0..4).map(|node| {
+        store::open_ledger(
+            &url,
+            Seed {
+                accounts: 10 + node,
+                initial_balance: 1000,
+            },
+        )
+    }))
+    .await;
+    let stores: Vec<_> = opened.into_iter().map(Result::unwrap).collect();
+    let snapshot = stores[0].snapshot().await.unwrap();
+    let accounts = snapshot.balances.len() as i64;
+    assert!((10..14).contains(&accounts), "{accounts} accounts");
+    assert_eq!(snapshot.initial_total, accounts * 1000);
+    for other in &stores[1..] {
+        assert_eq!(other.snapshot().await.unwrap(), snapshot);
+    }
+}
+
+async fn reading_a_missing_or_foreign_database_creates_nothing(backend: Backend) {
+    let server = Server::start(backend);
+    let error = store::read_ledger(&server.url("missing"))
+        .await
+        .unwrap_err();
     assert!(matches!(error, StoreError::NotFound { .. }), "{error}");
-    assert!(!missing.exists());
-    let auditor_only = dir.path().join("auditor.db");
-    store::open_auditor(&DbUrl::Sqlite(auditor_only.clone())).unwrap();
-    let error = store::read_ledger(&DbUrl::Sqlite(auditor_only)).unwrap_err();
+    assert!(!server.database_exists("missing"));
+    let error = store::read_auditor(&server.url("missing"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, StoreError::NotFound { .. }), "{error}");
+
+    let auditor_only = server.url("auditor_only");
+    store::open_auditor(&auditor_only).await.unwrap();
+    let error = store::read_ledger(&auditor_only).await.unwrap_err();
     assert!(
-        matches!(error, StoreError::NotInitialized { .. }),
+        matches!(
+            error,
+            StoreError::NotInitialized {
+                table: "ledger",
+                ..
+            }
+        ),
         "{error}"
     );
 }
 
-/// Two ledger nodes share one SQLite file: their transfers serialize through
-/// BEGIN IMMEDIATE and the busy timeout instead of failing, and the chain stays whole.
-#[test]
-fn two_store_handles_on_one_file_transfer_concurrently() {
-    let cluster = Cluster::new();
-    let url = DbUrl::Sqlite(cluster.ledger_path.clone());
-    let second = store::open_ledger(&url, Seed::default()).unwrap();
+/// Two ledger nodes share one database: their transfers serialize on the chain head
+/// instead of failing, and the chain stays whole.
+async fn two_store_handles_on_one_database_transfer_concurrently(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
+    let second = store::open_ledger(&cluster.ledger_url, Seed::default())
+        .await
+        .unwrap();
     let handles = [cluster.ledger.clone(), second];
     let per_handle = 150;
-    std::thread::scope(|scope| {
-        for (index, ledger) in handles.iter().enumerate() {
-            let auditor = &*cluster.auditor;
-            scope.spawn(move || {
-                for n in 0..per_handle {
-                    transfer_and_record(&**ledger, auditor, &format!("node{index}-{n}"), n);
-                }
-            });
+    let run = async |index: usize| {
+        for n in 0..per_handle {
+            transfer_and_record(
+                &*handles[index],
+                &*cluster.auditor,
+                &format!("node{index}-{n}"),
+                n,
+            )
+            .await;
         }
-    });
-    let report = cluster.report(None);
+    };
+    tokio::join!(run(0), run(1));
+    let report = cluster.report(None).await;
     assert!(report.ok, "{report}");
     assert_eq!(report.transactions, 2 * per_handle as usize);
-    let mode: String = Connection::open(&cluster.ledger_path)
-        .unwrap()
-        .query_row("PRAGMA journal_mode", [], |row| row.get(0))
-        .unwrap();
-    assert_eq!(mode, "wal");
+    // Interleaved, not one handle after the other: the lock was really contended.
+    let snapshot = store::read_ledger(&cluster.ledger_url).await.unwrap();
+    let switches = snapshot
+        .rows
+        .windows(2)
+        .filter(|pair| pair[0].tx_id[..5] != pair[1].tx_id[..5])
+        .count();
+    assert!(switches > 1, "the two handles never interleaved");
+    if let Server::Sqlite(dir) = &cluster.server {
+        let mode: String = Connection::open(dir.path().join(format!("{LEDGER}.db")))
+            .unwrap()
+            .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
 }
+
+/// Declares each test once per backend, as `check::tests::{sqlite,postgres,mariadb}::NAME`.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        on_every_backend!(@backend sqlite, Sqlite, $($name),*);
+        on_every_backend!(@backend postgres, Postgres, $($name),*);
+        on_every_backend!(@backend mariadb, MariaDb, $($name),*);
+    };
+    (@backend $module:ident, $backend:ident, $($name:ident),*) => {
+        mod $module {
+            $(
+                // Two workers, so that server start-up (blocking) and SQLite's blocking
+                // tasks never starve the other side of a concurrent test.
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::$backend).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    a_consistent_cluster_passes_every_check,
+    a_tampered_balance_fails_with_the_sum,
+    a_negative_balance_is_named,
+    an_edited_transfer_breaks_the_chain_at_its_seq,
+    a_relinked_row_breaks_the_chain_at_the_next_seq,
+    a_missing_audit_row_is_named,
+    an_audit_row_unknown_to_the_ledger_is_named,
+    a_different_audited_hash_is_named,
+    a_commit_inside_the_window_is_named,
+    insufficient_funds_write_nothing,
+    recording_is_idempotent_but_refuses_a_second_hash,
+    a_second_node_does_not_seed_again,
+    nodes_starting_at_once_seed_exactly_once,
+    reading_a_missing_or_foreign_database_creates_nothing,
+    two_store_handles_on_one_database_transfer_concurrently,
+);

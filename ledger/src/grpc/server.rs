@@ -79,7 +79,8 @@ impl Auditor for AuditorService {
 
 /// UNAVAILABLE is kept for "paused, try again" (the gate's answer), so a load generator
 /// can count pauses apart from faults; a database lock that outlived its busy timeout
-/// is ABORTED, gRPC's code for a concurrency conflict.
+/// is ABORTED, gRPC's code for a concurrency conflict. An unreachable ledger database
+/// is a fault of this node, not a pause: INTERNAL.
 fn transfer_status(error: TransferError) -> Status {
     let message = error.to_string();
     match error {
@@ -95,19 +96,20 @@ fn transfer_status(error: TransferError) -> Status {
         }
         TransferError::Store(StoreError::UnknownAccount(_)) => Status::not_found(message),
         TransferError::Store(StoreError::Busy { .. }) => Status::aborted(message),
-        TransferError::Store(_) | TransferError::NotAudited { .. } | TransferError::Internal(_) => {
-            Status::internal(message)
-        }
+        TransferError::Store(_) | TransferError::NotAudited { .. } => Status::internal(message),
     }
 }
 
-/// A busy auditor database is UNAVAILABLE, the one code ledger nodes retry.
+/// A busy or unreachable auditor database is UNAVAILABLE, the one code ledger nodes
+/// retry: recording is idempotent, so a retry after a database restart is safe.
 fn record_status(error: RecordError) -> Status {
     let message = error.to_string();
     match error {
         RecordError::Invalid(_) => Status::invalid_argument(message),
         RecordError::Store(StoreError::HashConflict { .. }) => Status::already_exists(message),
-        RecordError::Store(StoreError::Busy { .. }) => Status::unavailable(message),
-        RecordError::Store(_) | RecordError::Internal(_) => Status::internal(message),
+        RecordError::Store(StoreError::Busy { .. } | StoreError::Unreachable { .. }) => {
+            Status::unavailable(message)
+        }
+        RecordError::Store(_) => Status::internal(message),
     }
 }

@@ -1,6 +1,7 @@
 //! In-process nodes on port 0: the application service really is behind the gate, the
-//! admin service is not, and a call runs to completion inside the gate even when its
-//! client goes away.
+//! admin service is not, a call runs to completion inside the gate even when its client
+//! goes away, and a cluster whose ledger lives on PostgreSQL and whose auditor lives on
+//! MariaDB stays consistent under load.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -96,11 +97,15 @@ impl Cluster {
             .unwrap()
     }
 
-    fn check(&self) -> crate::check::CheckReport {
-        let ledger = store::read_ledger(&self.ledger_db).unwrap();
-        let audit = store::read_auditor(&self.auditor_db).unwrap();
-        check(&ledger, &audit, None)
+    async fn check(&self) -> crate::check::CheckReport {
+        check_databases(&self.ledger_db, &self.auditor_db).await
     }
+}
+
+async fn check_databases(ledger_db: &DbUrl, auditor_db: &DbUrl) -> crate::check::CheckReport {
+    let ledger = store::read_ledger(ledger_db).await.unwrap();
+    let audit = store::read_auditor(auditor_db).await.unwrap();
+    check(&ledger, &audit, None)
 }
 
 /// Polls `probe` until it holds, failing after a deadline.
@@ -166,7 +171,7 @@ async fn a_paused_ledger_rejects_transfers_and_serves_again_after_unpause() {
         let refused = wire_client.transfer(slow).await.unwrap_err();
         assert_eq!(refused.code(), Code::FailedPrecondition);
 
-        let report = cluster.check();
+        let report = cluster.check().await;
         assert!(report.ok, "{report}");
         assert_eq!(report.transactions, 2);
         cluster.shutdown.cancel();
@@ -214,14 +219,14 @@ async fn a_pause_waits_for_a_transfer_whose_client_went_away() {
             .unwrap();
         assert_eq!(paused.drained_in_flight, 1, "{paused:?}");
 
-        let ledger = store::read_ledger(&cluster.ledger_db).unwrap();
+        let ledger = store::read_ledger(&cluster.ledger_db).await.unwrap();
         assert_eq!(
             ledger.rows.len(),
             1,
             "the abandoned transfer must commit before the pause"
         );
         assert!(ledger.rows[0].committed_at_ms <= paused.paused_since_ms.unwrap());
-        let report = cluster.check();
+        let report = cluster.check().await;
         assert!(report.ok, "{report}");
 
         admin.unpause_leased("test").await.unwrap();
@@ -261,10 +266,118 @@ async fn a_ledger_node_retries_a_paused_auditor() {
         }
         auditor.unpause_leased("test").await.unwrap();
         assert_eq!(transfer.await, TransferOutcome::Committed);
-        let report = cluster.check();
+        let report = cluster.check().await;
         assert!(report.ok, "{report}");
         assert_eq!(report.transactions, 1);
         cluster.shutdown.cancel();
     };
     tokio::join!(servers, test);
+}
+
+/// The real `serve` code with a ledger on PostgreSQL (two ledger nodes sharing one
+/// database) and an auditor on MariaDB, driven by the real load generator: every
+/// transfer commits, both nodes write, and the check passes on the two servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_on_postgres_and_an_auditor_on_mariadb_stay_consistent_under_load() {
+    let (postgres, mariadb) = std::thread::scope(|scope| {
+        let postgres = scope.spawn(stillpoint_testkit::Postgres::start);
+        let mariadb = scope.spawn(stillpoint_testkit::MariaDb::start);
+        (postgres.join().unwrap(), mariadb.join().unwrap())
+    });
+    let ledger_db: DbUrl = postgres.url("ledger").parse().unwrap();
+    let auditor_db: DbUrl = mariadb.url("auditor").parse().unwrap();
+
+    let bind = || TcpListener::bind("127.0.0.1:0");
+    let auditor_listener = bind().await.unwrap();
+    let auditor_address = auditor_listener.local_addr().unwrap().to_string();
+    let auditor = Node::open(ServeConfig {
+        role: Role::Auditor,
+        db: auditor_db.clone(),
+        closed_policy: ClosedPolicy::Reject,
+        upstream_pause_lease: None,
+    })
+    .await
+    .unwrap();
+    let mut ledgers = Vec::new();
+    for _ in 0..2 {
+        let listener = bind().await.unwrap();
+        let node = Node::open(ServeConfig {
+            role: Role::Ledger {
+                auditor: auditor_address.clone(),
+                seed: Seed::default(),
+                options: LedgerOptions::default(),
+            },
+            db: ledger_db.clone(),
+            closed_policy: ClosedPolicy::Reject,
+            upstream_pause_lease: None,
+        })
+        .await
+        .unwrap();
+        ledgers.push((node, listener));
+    }
+    let targets: Vec<String> = ledgers
+        .iter()
+        .map(|(_, listener)| listener.local_addr().unwrap().to_string())
+        .collect();
+    let boot_ids: Vec<String> = ledgers
+        .iter()
+        .map(|(node, _)| node.boot_id().to_owned())
+        .collect();
+
+    let shutdown = CancellationToken::new();
+    let servers = async {
+        let ledger_runs = ledgers
+            .into_iter()
+            .map(|(node, listener)| run(node, listener, None, shutdown.clone()));
+        let (auditor, ledgers) = tokio::join!(
+            run(auditor, auditor_listener, None, shutdown.clone()),
+            futures::future::join_all(ledger_runs),
+        );
+        auditor.unwrap();
+        for ledger in ledgers {
+            ledger.unwrap();
+        }
+    };
+    let test = async {
+        let report = crate::load::run(
+            crate::load::LoadConfig {
+                targets,
+                concurrency: 8,
+                bound: crate::load::Bound::Count(300),
+                seed: 7,
+                accounts: Seed::default().accounts,
+                max_amount: 10,
+                hold_inside_gate: Duration::ZERO,
+            },
+            shutdown.child_token(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.failed, 0, "{report:?}");
+        assert_eq!(report.rejected, 0, "{report:?}");
+        assert_eq!(report.ok + report.declined, 300, "{report:?}");
+
+        let checked = check_databases(&ledger_db, &auditor_db).await;
+        assert!(checked.ok, "{checked}");
+        assert_eq!(checked.transactions as u64, report.ok);
+        let ledger = store::read_ledger(&ledger_db).await.unwrap();
+        for boot_id in &boot_ids {
+            assert!(
+                ledger
+                    .rows
+                    .iter()
+                    .any(|row| row.tx_id.starts_with(boot_id.as_str())),
+                "ledger node {boot_id} committed nothing"
+            );
+        }
+        shutdown.cancel();
+    };
+    tokio::join!(servers, test);
+    // Proof the data really is on the two servers, not in some default location.
+    let committed = postgres.psql("ledger", "SELECT count(*) FROM ledger");
+    assert_ne!(committed, "0");
+    assert_eq!(
+        committed,
+        mariadb.sql("auditor", "SELECT COUNT(*) FROM audit")
+    );
 }

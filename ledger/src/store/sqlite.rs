@@ -4,11 +4,11 @@
 //! mode (readers never block the writer) with a busy timeout, and every write
 //! transaction starts with `BEGIN IMMEDIATE`: it takes the write lock up front, so two
 //! writers queue on the busy handler instead of both reading and then deadlocking on the
-//! upgrade to a write lock. Each node holds one connection behind a mutex; the callers
-//! already run on blocking threads.
+//! upgrade to a write lock. Each node holds one connection behind a mutex, and every
+//! call runs on a `spawn_blocking` thread, because rusqlite blocks.
 
-use std::path::Path;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -16,8 +16,8 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionB
 use stillpoint::time::unix_ms;
 
 use super::{
-    AuditRow, AuditorStore, Committed, LedgerRow, LedgerSnapshot, LedgerStore, Seed, StoreError,
-    TransferOrder,
+    AuditRow, AuditorStore, Committed, DriverError, LedgerRow, LedgerSnapshot, LedgerStore, Seed,
+    StoreError, TransferOrder,
 };
 use crate::chain::{GENESIS_HASH, link_hash};
 
@@ -79,11 +79,26 @@ fn classify(url: &str, source: rusqlite::Error) -> StoreError {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
     );
     let url = url.to_owned();
+    let source = DriverError::Sqlite(source);
     if busy {
         StoreError::Busy { url, source }
     } else {
         StoreError::Database { url, source }
     }
+}
+
+/// Runs rusqlite work off the async threads. The task runs to completion even if the
+/// caller's future is dropped, so a transaction is never cut in half.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| StoreError::TaskFailed {
+            url: url_of(path),
+            detail: error.to_string(),
+        })?
 }
 
 fn url_of(path: &Path) -> String {
@@ -136,109 +151,125 @@ fn open_existing(path: &Path, table: &'static str, tier: &'static str) -> Result
 }
 
 pub struct SqliteLedger {
-    db: Db,
+    db: Arc<Db>,
+    path: PathBuf,
 }
 
 impl SqliteLedger {
-    /// Creates the schema and seeds the accounts unless another node already did. Both
-    /// happen in one write transaction that looks for the `initial_total` row first, so
-    /// nodes starting at the same moment seed exactly once.
-    pub fn open(path: &Path, seed: Seed) -> Result<Self, StoreError> {
-        let initial_total = i64::from(seed.accounts)
-            .checked_mul(seed.initial_balance)
-            .ok_or(StoreError::SeedTooLarge {
-                accounts: seed.accounts,
-                initial_balance: seed.initial_balance,
-            })?;
-        let db = open_for_node(path)?;
-        {
-            let fail = |source| db.error(source);
-            let mut conn = db.lock();
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(fail)?;
-            tx.execute_batch(LEDGER_SCHEMA).map_err(fail)?;
-            let existing: Option<String> = tx
-                .query_row(
-                    "SELECT value FROM meta WHERE key = 'initial_total'",
-                    [],
-                    |row| row.get(0),
-                )
-                .optional()
-                .map_err(fail)?;
-            match existing {
-                Some(total) => {
-                    tracing::info!(url = %db.url, initial_total = %total, "ledger already seeded by another node");
-                }
-                None => {
-                    let mut insert = tx
-                        .prepare("INSERT INTO accounts (id, balance) VALUES (?1, ?2)")
-                        .map_err(fail)?;
-                    for id in 1..=i64::from(seed.accounts) {
-                        insert.execute((id, seed.initial_balance)).map_err(fail)?;
-                    }
-                    drop(insert);
-                    tx.execute(
-                        "INSERT INTO meta (key, value) VALUES ('initial_total', ?1)",
-                        [initial_total.to_string()],
-                    )
-                    .map_err(fail)?;
-                    tracing::info!(url = %db.url, accounts = seed.accounts, initial_total, "seeded the ledger");
-                }
-            }
-            tx.commit().map_err(fail)?;
-        }
-        Ok(SqliteLedger { db })
+    pub async fn open(path: &Path, seed: Seed, initial_total: i64) -> Result<Self, StoreError> {
+        let owned = path.to_owned();
+        let db = blocking(path, move || open_ledger(&owned, seed, initial_total)).await?;
+        Ok(SqliteLedger {
+            db: Arc::new(db),
+            path: path.to_owned(),
+        })
     }
 }
 
-impl LedgerStore for SqliteLedger {
-    fn transfer(&self, order: &TransferOrder) -> Result<Committed, StoreError> {
-        let fail = |source| self.db.error(source);
-        let mut conn = self.db.lock();
+/// Creates the schema and seeds the accounts unless another node already did. Both
+/// happen in one write transaction that looks for the `initial_total` row first, so
+/// nodes starting at the same moment seed exactly once.
+fn open_ledger(path: &Path, seed: Seed, initial_total: i64) -> Result<Db, StoreError> {
+    let db = open_for_node(path)?;
+    {
+        let fail = |source| db.error(source);
+        let mut conn = db.lock();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(fail)?;
-        let balance_of = |id: i64| {
-            tx.query_row("SELECT balance FROM accounts WHERE id = ?1", [id], |row| {
-                row.get::<_, i64>(0)
-            })
-            .optional()
-            .map_err(fail)?
-            .ok_or(StoreError::UnknownAccount(id))
-        };
-        let from_balance = balance_of(order.from)?;
-        balance_of(order.to)?;
-        if from_balance < order.amount {
-            // Dropping `tx` rolls back: nothing was written.
-            return Err(StoreError::InsufficientFunds {
-                account: order.from,
-                balance: from_balance,
-                amount: order.amount,
-            });
-        }
-        tx.execute(
-            "UPDATE accounts SET balance = balance - ?2 WHERE id = ?1",
-            (order.from, order.amount),
-        )
-        .map_err(fail)?;
-        tx.execute(
-            "UPDATE accounts SET balance = balance + ?2 WHERE id = ?1",
-            (order.to, order.amount),
-        )
-        .map_err(fail)?;
-        let prev_hash: String = tx
+        tx.execute_batch(LEDGER_SCHEMA).map_err(fail)?;
+        let existing: Option<String> = tx
             .query_row(
-                "SELECT hash FROM ledger ORDER BY seq DESC LIMIT 1",
+                "SELECT value FROM meta WHERE key = 'initial_total'",
                 [],
                 |row| row.get(0),
             )
             .optional()
-            .map_err(fail)?
-            .unwrap_or_else(|| GENESIS_HASH.to_owned());
-        let hash = link_hash(&prev_hash, &order.tx_id, order.from, order.to, order.amount);
-        let committed_at_ms = unix_ms(SystemTime::now());
-        tx.execute(
+            .map_err(fail)?;
+        match existing {
+            Some(total) => {
+                tracing::info!(url = %db.url, initial_total = %total, "ledger already seeded by another node");
+            }
+            None => {
+                let mut insert = tx
+                    .prepare("INSERT INTO accounts (id, balance) VALUES (?1, ?2)")
+                    .map_err(fail)?;
+                for id in 1..=i64::from(seed.accounts) {
+                    insert.execute((id, seed.initial_balance)).map_err(fail)?;
+                }
+                drop(insert);
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('initial_total', ?1)",
+                    [initial_total.to_string()],
+                )
+                .map_err(fail)?;
+                tracing::info!(url = %db.url, accounts = seed.accounts, initial_total, "seeded the ledger");
+            }
+        }
+        tx.commit().map_err(fail)?;
+    }
+    Ok(db)
+}
+
+#[async_trait::async_trait]
+impl LedgerStore for SqliteLedger {
+    async fn transfer(&self, order: &TransferOrder) -> Result<Committed, StoreError> {
+        let (db, order) = (self.db.clone(), order.clone());
+        blocking(&self.path, move || transfer(&db, &order)).await
+    }
+
+    async fn snapshot(&self) -> Result<LedgerSnapshot, StoreError> {
+        let db = self.db.clone();
+        blocking(&self.path, move || snapshot_ledger(&db)).await
+    }
+}
+
+fn transfer(db: &Db, order: &TransferOrder) -> Result<Committed, StoreError> {
+    let fail = |source| db.error(source);
+    let mut conn = db.lock();
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(fail)?;
+    let balance_of = |id: i64| {
+        tx.query_row("SELECT balance FROM accounts WHERE id = ?1", [id], |row| {
+            row.get::<_, i64>(0)
+        })
+        .optional()
+        .map_err(fail)?
+        .ok_or(StoreError::UnknownAccount(id))
+    };
+    let from_balance = balance_of(order.from)?;
+    balance_of(order.to)?;
+    if from_balance < order.amount {
+        // Dropping `tx` rolls back: nothing was written.
+        return Err(StoreError::InsufficientFunds {
+            account: order.from,
+            balance: from_balance,
+            amount: order.amount,
+        });
+    }
+    tx.execute(
+        "UPDATE accounts SET balance = balance - ?2 WHERE id = ?1",
+        (order.from, order.amount),
+    )
+    .map_err(fail)?;
+    tx.execute(
+        "UPDATE accounts SET balance = balance + ?2 WHERE id = ?1",
+        (order.to, order.amount),
+    )
+    .map_err(fail)?;
+    let prev_hash: String = tx
+        .query_row(
+            "SELECT hash FROM ledger ORDER BY seq DESC LIMIT 1",
+            [],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(fail)?
+        .unwrap_or_else(|| GENESIS_HASH.to_owned());
+    let hash = link_hash(&prev_hash, &order.tx_id, order.from, order.to, order.amount);
+    let committed_at_ms = unix_ms(SystemTime::now());
+    tx.execute(
             "INSERT INTO ledger (tx_id, from_account, to_account, amount, prev_hash, hash, committed_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             (
@@ -252,22 +283,21 @@ impl LedgerStore for SqliteLedger {
             ),
         )
         .map_err(fail)?;
-        let seq = tx.last_insert_rowid();
-        tx.commit().map_err(fail)?;
-        Ok(Committed {
-            seq,
-            hash,
-            committed_at_ms,
-        })
-    }
-
-    fn snapshot(&self) -> Result<LedgerSnapshot, StoreError> {
-        snapshot_ledger(&self.db)
-    }
+    let seq = tx.last_insert_rowid();
+    tx.commit().map_err(fail)?;
+    Ok(Committed {
+        seq,
+        hash,
+        committed_at_ms,
+    })
 }
 
-pub fn read_ledger(path: &Path) -> Result<LedgerSnapshot, StoreError> {
-    snapshot_ledger(&open_existing(path, "ledger", "ledger")?)
+pub async fn read_ledger(path: &Path) -> Result<LedgerSnapshot, StoreError> {
+    let owned = path.to_owned();
+    blocking(path, move || {
+        snapshot_ledger(&open_existing(&owned, "ledger", "ledger")?)
+    })
+    .await
 }
 
 /// Reads meta, balances and the chain in one read transaction, so that a live ledger
@@ -332,62 +362,82 @@ fn snapshot_ledger(db: &Db) -> Result<LedgerSnapshot, StoreError> {
 }
 
 pub struct SqliteAuditor {
-    db: Db,
+    db: Arc<Db>,
+    path: PathBuf,
 }
 
 impl SqliteAuditor {
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = open_for_node(path)?;
-        db.lock()
-            .execute_batch(AUDIT_SCHEMA)
-            .map_err(|source| db.error(source))?;
-        Ok(SqliteAuditor { db })
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let owned = path.to_owned();
+        let db = blocking(path, move || {
+            let db = open_for_node(&owned)?;
+            db.lock()
+                .execute_batch(AUDIT_SCHEMA)
+                .map_err(|source| db.error(source))?;
+            Ok(db)
+        })
+        .await?;
+        Ok(SqliteAuditor {
+            db: Arc::new(db),
+            path: path.to_owned(),
+        })
     }
 }
 
+#[async_trait::async_trait]
 impl AuditorStore for SqliteAuditor {
-    fn record(&self, tx_id: &str, hash: &str) -> Result<i64, StoreError> {
-        let fail = |source| self.db.error(source);
-        let conn = self.db.lock();
-        let now = unix_ms(SystemTime::now());
-        // A single statement is its own write transaction; no read precedes the write,
-        // so there is no lock upgrade to deadlock on.
-        let inserted = conn
-            .execute(
-                "INSERT INTO audit (tx_id, hash, recorded_at_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (tx_id) DO NOTHING",
-                (tx_id, hash, now),
-            )
-            .map_err(fail)?;
-        if inserted == 1 {
-            return Ok(now);
-        }
-        // A retry of a call whose answer was lost; rows are never deleted, so the row is
-        // still there.
-        let (recorded, recorded_at_ms): (String, i64) = conn
-            .query_row(
-                "SELECT hash, recorded_at_ms FROM audit WHERE tx_id = ?1",
-                [tx_id],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .map_err(fail)?;
-        if recorded != hash {
-            return Err(StoreError::HashConflict {
-                tx_id: tx_id.to_owned(),
-                recorded,
-                offered: hash.to_owned(),
-            });
-        }
-        Ok(recorded_at_ms)
+    async fn record(&self, tx_id: &str, hash: &str) -> Result<i64, StoreError> {
+        let (db, tx_id, hash) = (self.db.clone(), tx_id.to_owned(), hash.to_owned());
+        blocking(&self.path, move || record(&db, &tx_id, &hash)).await
     }
 
-    fn snapshot(&self) -> Result<Vec<AuditRow>, StoreError> {
-        snapshot_audit(&self.db)
+    async fn snapshot(&self) -> Result<Vec<AuditRow>, StoreError> {
+        let db = self.db.clone();
+        blocking(&self.path, move || snapshot_audit(&db)).await
     }
 }
 
-pub fn read_auditor(path: &Path) -> Result<Vec<AuditRow>, StoreError> {
-    snapshot_audit(&open_existing(path, "audit", "auditor")?)
+fn record(db: &Db, tx_id: &str, hash: &str) -> Result<i64, StoreError> {
+    let fail = |source| db.error(source);
+    let conn = db.lock();
+    let now = unix_ms(SystemTime::now());
+    // A single statement is its own write transaction; no read precedes the write,
+    // so there is no lock upgrade to deadlock on.
+    let inserted = conn
+        .execute(
+            "INSERT INTO audit (tx_id, hash, recorded_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (tx_id) DO NOTHING",
+            (tx_id, hash, now),
+        )
+        .map_err(fail)?;
+    if inserted == 1 {
+        return Ok(now);
+    }
+    // A retry of a call whose answer was lost; rows are never deleted, so the row is
+    // still there.
+    let (recorded, recorded_at_ms): (String, i64) = conn
+        .query_row(
+            "SELECT hash, recorded_at_ms FROM audit WHERE tx_id = ?1",
+            [tx_id],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .map_err(fail)?;
+    if recorded != hash {
+        return Err(StoreError::HashConflict {
+            tx_id: tx_id.to_owned(),
+            recorded,
+            offered: hash.to_owned(),
+        });
+    }
+    Ok(recorded_at_ms)
+}
+
+pub async fn read_auditor(path: &Path) -> Result<Vec<AuditRow>, StoreError> {
+    let owned = path.to_owned();
+    blocking(path, move || {
+        snapshot_audit(&open_existing(&owned, "audit", "auditor")?)
+    })
+    .await
 }
 
 fn snapshot_audit(db: &Db) -> Result<Vec<AuditRow>, StoreError> {
