@@ -98,6 +98,14 @@ impl std::str::FromStr for Zone {
     }
 }
 
+/// Serde helper: a duration written as `"10s"` in a runbook.
+pub fn deserialize_duration<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Duration, D::Error> {
+    let text = <String as serde::Deserialize>::deserialize(deserializer)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,12 +156,4 @@ mod tests {
             assert_eq!(unix_ms(from_unix_ms(ms)), ms);
         }
     }
-}
-
-/// Serde helper: a duration written as `"10s"` in a runbook.
-pub fn deserialize_duration<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Duration, D::Error> {
-    let text = <String as serde::Deserialize>::deserialize(deserializer)?;
-    parse_duration(&text).map_err(serde::de::Error::custom)
 }
