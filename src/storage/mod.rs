@@ -70,8 +70,9 @@ pub enum StorageError {
         url: String,
         path: String,
         op: &'static str,
+        // Boxed: object_store's error is large, and every Result here carries it.
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// The input of `put_stream` failed; nothing was stored under `path`.
     #[error(
@@ -246,6 +247,17 @@ impl Storage {
         })
     }
 
+    /// Wraps any object store, e.g. one that fails on purpose.
+    #[cfg(test)]
+    pub(crate) fn from_object_store(store: Arc<dyn ObjectStore>, url: &str) -> Self {
+        Storage {
+            url: url.to_owned(),
+            store,
+            part_size: DEFAULT_PART_SIZE,
+            max_concurrency: DEFAULT_MAX_CONCURRENCY,
+        }
+    }
+
     /// Size of one multipart-upload part, and of the largest artifact stored with a
     /// single PUT. S3 needs at least 5 MiB.
     pub fn with_part_size(mut self, part_size: usize) -> Self {
@@ -333,7 +345,7 @@ impl Storage {
         let url = self.url.clone();
         let shown_path = path.to_owned();
         let stream = result.into_stream().map_err(move |e| {
-            let kind = std::io::ErrorKind::from(object_store_kind(&e));
+            let kind = object_store_kind(&e);
             std::io::Error::new(
                 kind,
                 format!("storage {url}: reading {shown_path} failed: {e}"),
@@ -455,7 +467,7 @@ impl Storage {
                 url: self.url.clone(),
                 path: path.to_owned(),
                 op,
-                source,
+                source: Box::new(source),
             },
         }
     }
