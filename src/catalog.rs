@@ -212,6 +212,11 @@ pub enum CheckOutcome {
     /// The database's cut made no copy.
     NoArtifact,
     Sound(VerifyReport),
+    /// Encrypted, and no key was given: only the stored bytes' BLAKE3 and size were
+    /// checked (they match). Decryption and decompression were not tried.
+    ChecksumOnly {
+        stored_size: u64,
+    },
     Failed(PipelineError),
 }
 
@@ -223,7 +228,9 @@ impl ArtifactCheck {
 
 /// Verifies every artifact of a backup ([`pipeline::verify`]: checksum, decryption,
 /// decompression), one after another, and reports each; it does not stop at the
-/// first failure.
+/// first failure. With [`Decryption::None`], encrypted artifacts get the checksum
+/// check alone ([`CheckOutcome::ChecksumOnly`]), so a host without the keys can
+/// still find damage.
 pub async fn verify(
     storage: &Storage,
     manifest: &Manifest,
@@ -233,6 +240,12 @@ pub async fn verify(
     for db in &manifest.databases {
         let outcome = match &db.artifact {
             None => CheckOutcome::NoArtifact,
+            Some(artifact) if artifact.encryption.is_some() && *decryption == Decryption::None => {
+                match pipeline::verify_checksum(storage, artifact).await {
+                    Ok(stored_size) => CheckOutcome::ChecksumOnly { stored_size },
+                    Err(e) => CheckOutcome::Failed(e),
+                }
+            }
             Some(artifact) => match pipeline::verify(storage, artifact, decryption).await {
                 Ok(report) => CheckOutcome::Sound(report),
                 Err(e) => CheckOutcome::Failed(e),
@@ -386,7 +399,7 @@ mod tests {
 
     use super::*;
     use crate::manifest::tests::manifest_at;
-    use crate::pipeline::{DamageStage, PipelineSettings};
+    use crate::pipeline::{DamageStage, Encryption, PipelineSettings};
 
     fn at(text: &str) -> DateTime<Utc> {
         text.parse().unwrap()
@@ -539,6 +552,40 @@ mod tests {
         assert_eq!(err.damage(), Some(DamageStage::Checksum));
         assert!(err.to_string().contains(&damaged_path), "{err}");
         assert!(!checks[2].is_sound());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_keys_encrypted_artifacts_get_the_checksum_check() {
+        let (dir, storage) = storage();
+        let identity = age::x25519::Identity::generate();
+        let settings = PipelineSettings {
+            zstd_level: Some(3),
+            encryption: Encryption::Recipients(vec![identity.to_public().to_string()]),
+        };
+        let mut manifest = manifest_at(at("2024-05-01T10:00:00Z"));
+        let path =
+            manifest::artifact_path(&manifest.backup_id, "ledger", "sqlite", &settings).unwrap();
+        let input: crate::adapters::ByteStream = Box::pin(std::io::Cursor::new(vec![7u8; 5000]));
+        let info = pipeline::store(input, &settings, &storage, &path, |_| {})
+            .await
+            .unwrap();
+        manifest.databases[0].artifact = Some(info.clone());
+
+        let checks = verify(&storage, &manifest, &Decryption::None).await;
+        assert!(
+            matches!(checks[0].outcome, CheckOutcome::ChecksumOnly { stored_size } if stored_size == info.stored_size),
+            "{:?}",
+            checks[0].outcome
+        );
+        let file = dir.path().join(&path);
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes.pop();
+        std::fs::write(&file, bytes).unwrap();
+        let checks = verify(&storage, &manifest, &Decryption::None).await;
+        let CheckOutcome::Failed(err) = &checks[0].outcome else {
+            panic!("a truncated artifact passed: {:?}", checks[0].outcome)
+        };
+        assert_eq!(err.damage(), Some(DamageStage::Checksum));
     }
 
     fn manifests(times: &[&str]) -> Vec<Manifest> {

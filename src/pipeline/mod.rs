@@ -4,8 +4,9 @@
 //!
 //! Each stage is optional and each is the standard format, so the `age` and `zstd`
 //! command-line tools read our artifacts: `age -d -i key.txt db.sqlite.zst.age | zstd
-//! -d`. The BLAKE3 hash and size in [`ArtifactInfo`] are over the *stored* bytes, so a
-//! damaged artifact is found before anything is decrypted.
+//! -d`. The BLAKE3 hash and size in [`ArtifactInfo`] are over the *stored* bytes, so
+//! damage is judged on what storage holds, whatever a later stage says, and
+//! [`verify_checksum`] can check an artifact where the decryption keys are not.
 //!
 //! Memory stays bounded whatever the size: zstd and age run synchronously in one
 //! `spawn_blocking` worker per artifact, which talks to async code through a bounded
@@ -479,6 +480,36 @@ pub async fn verify(
         })?
 }
 
+/// Checks only that the stored bytes match the manifest's BLAKE3 and size, and
+/// returns their size. Needs no key, so it runs where the decryption keys are not
+/// (they are often kept offline); [`verify`] checks everything.
+pub async fn verify_checksum(storage: &Storage, info: &ArtifactInfo) -> Result<u64, PipelineError> {
+    use tokio::io::AsyncReadExt;
+    let mut stored = storage.get(&info.path).await?;
+    let mut hasher = blake3::Hasher::new();
+    let mut count = 0u64;
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let n = stored
+            .read(&mut buf)
+            .await
+            .map_err(|source| PipelineError::Read {
+                path: info.path.clone(),
+                source,
+            })?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        count += n as u64;
+    }
+    let blake3 = hasher.finalize().to_hex().to_string();
+    if count != info.stored_size || blake3 != info.blake3 {
+        return Err(checksum_damage(info, count, &blake3, None));
+    }
+    Ok(count)
+}
+
 struct EncodeSummary {
     size: u64,
     stored_size: u64,
@@ -883,19 +914,12 @@ fn decode(
 
     let blake3 = stored.hasher.finalize().to_hex().to_string();
     if !checksum_matches(&stored, info) {
-        let mut detail = format!(
-            "the stored bytes are {} bytes with BLAKE3 {blake3}, the manifest says {} bytes \
-             with BLAKE3 {}; the stored copy was altered or truncated, restore from another backup",
-            stored.count, info.stored_size, info.blake3
-        );
-        if let Some((stage, message)) = &stage_failure {
-            detail.push_str(&format!(" ({stage} also failed: {message})"));
-        }
-        return Err(PipelineError::Damaged {
-            path: path.clone(),
-            stage: DamageStage::Checksum,
-            detail,
-        });
+        return Err(checksum_damage(
+            info,
+            stored.count,
+            &blake3,
+            stage_failure.as_ref(),
+        ));
     }
     if let Some((stage, detail)) = stage_failure {
         return Err(PipelineError::Damaged {
@@ -927,6 +951,28 @@ fn decode(
 
 fn drain(reader: &mut impl Read) -> io::Result<u64> {
     io::copy(reader, &mut io::sink())
+}
+
+fn checksum_damage(
+    info: &ArtifactInfo,
+    stored_size: u64,
+    blake3: &str,
+    also: Option<&(DamageStage, String)>,
+) -> PipelineError {
+    let mut detail = format!(
+        "the stored bytes are {stored_size} bytes with BLAKE3 {blake3}, the manifest says {} \
+         bytes with BLAKE3 {}; the stored copy was altered or truncated, restore from another \
+         backup",
+        info.stored_size, info.blake3
+    );
+    if let Some((stage, message)) = also {
+        detail.push_str(&format!(" ({stage} also failed: {message})"));
+    }
+    PipelineError::Damaged {
+        path: info.path.clone(),
+        stage: DamageStage::Checksum,
+        detail,
+    }
 }
 
 fn checksum_matches<R>(stored: &HashingReader<R>, info: &ArtifactInfo) -> bool {
