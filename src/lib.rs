@@ -7,7 +7,9 @@
 //! - [`adapters`]: prepare, cut, copy and restore each kind of database.
 //! - [`pipeline`]: compression, encryption and checksums between a copy and storage.
 //! - [`storage`]: local directories and S3-compatible object storage.
-//! - [`manifest`]: the JSON record whose presence commits a backup.
+//! - [`manifest`]: the JSON record whose presence commits a backup, and the storage
+//!   layout of a backup.
+//! - [`catalog`]: the backups a storage holds: list, verify, retention and prune.
 //! - [`coordinator`]: pauses a cluster tier by tier, holds it under a lease, releases
 //!   it and proves the window (the only caller of Unpause).
 //! - [`grpc`]: the wire edge — admin services a node serves, and the client the
@@ -17,6 +19,7 @@
 //! - [`time`]: Unix milliseconds, human durations, time zones.
 
 pub mod adapters;
+pub mod catalog;
 pub mod coordinator;
 pub mod gate;
 pub mod grpc;

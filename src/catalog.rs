@@ -1,0 +1,843 @@
+//! The read side of a backup storage, for `stillpoint list | show | verify | prune`:
+//! which backups exist, which directories are leftovers, whether a backup's artifacts
+//! are sound, and which backups a retention policy keeps.
+//!
+//! A backup exists iff its manifest exists and parses ([`crate::manifest`] writes it
+//! last). A directory under `backups/` without a manifest is an *orphan*: a backup
+//! that failed, or one still being written. Pruning deletes a manifest before its
+//! artifacts, so a half-deleted backup is an orphan too, never a listed backup.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+
+use crate::manifest::{self, BACKUPS_DIR, MANIFEST_FILE, Manifest, ManifestError};
+use crate::pipeline::{self, Decryption, PipelineError, VerifyReport};
+use crate::storage::{Storage, StorageError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("no backups in {storage}; `stillpoint backup` makes one")]
+    NoBackups { storage: String },
+    #[error("no backup {id:?} in {storage}{}; `stillpoint list` shows them all", newest_hint(.newest))]
+    UnknownBackup {
+        id: String,
+        storage: String,
+        newest: Vec<String>,
+    },
+    #[error(
+        "keep_last, keep_daily and keep_weekly are all 0, which would delete every backup; set at least one"
+    )]
+    NoRetentionRule,
+    #[error("{prefix} has a manifest now (a backup finished there); it was not deleted")]
+    NotAnOrphan { prefix: String },
+    #[error("prune stopped at backup {backup_id} ({deleted} backups already deleted): {source}")]
+    Prune {
+        backup_id: String,
+        deleted: usize,
+        #[source]
+        source: StorageError,
+    },
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+fn newest_hint(newest: &[String]) -> String {
+    if newest.is_empty() {
+        String::new()
+    } else {
+        format!(" (newest: {})", newest.join(", "))
+    }
+}
+
+/// Everything under `backups/`.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    /// Newest first.
+    pub backups: Vec<Manifest>,
+    /// Manifests that exist but cannot be read: not backups, and never pruned.
+    pub damaged: Vec<DamagedManifest>,
+    /// Backup directories without a manifest, oldest first.
+    pub orphans: Vec<Orphan>,
+    /// The storage, redacted, for messages.
+    pub storage: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DamagedManifest {
+    pub path: String,
+    pub error: String,
+}
+
+/// A backup directory without a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Orphan {
+    pub backup_id: String,
+    /// `backups/<id>`
+    pub prefix: String,
+    pub objects: usize,
+    pub bytes: u64,
+    /// The newest object's time. A recent orphan may be a backup still copying:
+    /// remove only orphans older than the longest backup takes.
+    pub last_modified: DateTime<Utc>,
+}
+
+impl Catalog {
+    pub fn latest(&self) -> Option<&Manifest> {
+        self.backups.first()
+    }
+
+    pub fn orphans(&self) -> &[Orphan] {
+        &self.orphans
+    }
+}
+
+/// Lists the backups in `storage`. Unreadable manifests are reported in
+/// [`Catalog::damaged`], not as errors; storage errors fail the listing.
+pub async fn list(storage: &Storage) -> Result<Catalog, CatalogError> {
+    struct Dir {
+        manifest: bool,
+        objects: usize,
+        bytes: u64,
+        last_modified: Option<DateTime<Utc>>,
+    }
+    let mut dirs: BTreeMap<String, Dir> = BTreeMap::new();
+    for entry in storage.list(BACKUPS_DIR).await? {
+        let mut parts = entry.path.splitn(3, '/');
+        let (Some(_), Some(id), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        // Anything that is not a backup id is not ours to list or clean up.
+        if manifest::parse_backup_id(id).is_err() {
+            continue;
+        }
+        let dir = dirs.entry(id.to_owned()).or_insert(Dir {
+            manifest: false,
+            objects: 0,
+            bytes: 0,
+            last_modified: None,
+        });
+        dir.manifest |= rest == MANIFEST_FILE;
+        dir.objects += 1;
+        dir.bytes += entry.size;
+        dir.last_modified = dir.last_modified.max(Some(entry.last_modified));
+    }
+
+    let mut catalog = Catalog {
+        storage: storage.to_string(),
+        ..Catalog::default()
+    };
+    for (id, dir) in dirs {
+        let prefix = format!("{BACKUPS_DIR}/{id}");
+        if !dir.manifest {
+            catalog.orphans.push(Orphan {
+                backup_id: id,
+                prefix,
+                objects: dir.objects,
+                bytes: dir.bytes,
+                last_modified: dir.last_modified.unwrap_or_default(),
+            });
+            continue;
+        }
+        let path = format!("{prefix}/{MANIFEST_FILE}");
+        let bytes = match storage.get_bytes(&path).await {
+            Ok(bytes) => bytes,
+            // Pruned between the listing and now.
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        match manifest::parse_for(&id, &path, &bytes) {
+            Ok(manifest) => catalog.backups.push(manifest),
+            Err(error) => catalog.damaged.push(DamagedManifest {
+                path,
+                error: error.to_string(),
+            }),
+        }
+    }
+    catalog
+        .backups
+        .sort_by(|a, b| (b.created_at_ms, &b.backup_id).cmp(&(a.created_at_ms, &a.backup_id)));
+    catalog.orphans.sort_by_key(|o| o.last_modified);
+    Ok(catalog)
+}
+
+/// `"latest"` or a backup id.
+pub fn resolve<'a>(catalog: &'a Catalog, which: &str) -> Result<&'a Manifest, CatalogError> {
+    if which == "latest" {
+        return catalog.latest().ok_or_else(|| CatalogError::NoBackups {
+            storage: catalog.storage.clone(),
+        });
+    }
+    catalog
+        .backups
+        .iter()
+        .find(|m| m.backup_id == which)
+        .ok_or_else(|| CatalogError::UnknownBackup {
+            id: which.to_owned(),
+            storage: catalog.storage.clone(),
+            newest: catalog
+                .backups
+                .iter()
+                .take(3)
+                .map(|m| m.backup_id.clone())
+                .collect(),
+        })
+}
+
+/// Deletes an orphan's objects, after checking it still has no manifest (a backup
+/// may have committed since the listing). Returns the number of objects deleted.
+pub async fn remove_orphan(storage: &Storage, orphan: &Orphan) -> Result<usize, CatalogError> {
+    let prefix = manifest::backup_prefix(&orphan.backup_id)?;
+    if storage
+        .head(&manifest::manifest_path(&orphan.backup_id)?)
+        .await?
+        .is_some()
+    {
+        return Err(CatalogError::NotAnOrphan { prefix });
+    }
+    Ok(storage.delete_prefix(&prefix).await?)
+}
+
+/// One database's artifact, checked.
+#[derive(Debug)]
+pub struct ArtifactCheck {
+    pub database: String,
+    pub outcome: CheckOutcome,
+}
+
+#[derive(Debug)]
+pub enum CheckOutcome {
+    /// The database's cut made no copy.
+    NoArtifact,
+    Sound(VerifyReport),
+    /// Encrypted, and no key was given: only the stored bytes' BLAKE3 and size were
+    /// checked (they match). Decryption and decompression were not tried.
+    ChecksumOnly {
+        stored_size: u64,
+    },
+    Failed(PipelineError),
+}
+
+impl ArtifactCheck {
+    pub fn is_sound(&self) -> bool {
+        !matches!(self.outcome, CheckOutcome::Failed(_))
+    }
+}
+
+/// Verifies every artifact of a backup ([`pipeline::verify`]: checksum, decryption,
+/// decompression), one after another, and reports each; it does not stop at the
+/// first failure. With [`Decryption::None`], encrypted artifacts get the checksum
+/// check alone ([`CheckOutcome::ChecksumOnly`]), so a host without the keys can
+/// still find damage.
+pub async fn verify(
+    storage: &Storage,
+    manifest: &Manifest,
+    decryption: &Decryption,
+) -> Vec<ArtifactCheck> {
+    let mut checks = Vec::with_capacity(manifest.databases.len());
+    for db in &manifest.databases {
+        let outcome = match &db.artifact {
+            None => CheckOutcome::NoArtifact,
+            Some(artifact) if artifact.encryption.is_some() && *decryption == Decryption::None => {
+                match pipeline::verify_checksum(storage, artifact).await {
+                    Ok(stored_size) => CheckOutcome::ChecksumOnly { stored_size },
+                    Err(e) => CheckOutcome::Failed(e),
+                }
+            }
+            Some(artifact) => match pipeline::verify(storage, artifact, decryption).await {
+                Ok(report) => CheckOutcome::Sound(report),
+                Err(e) => CheckOutcome::Failed(e),
+            },
+        };
+        checks.push(ArtifactCheck {
+            database: db.name.clone(),
+            outcome,
+        });
+    }
+    checks
+}
+
+/// What a retention policy keeps and deletes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PrunePlan {
+    /// Newest first, with why each is kept ("last 1", "daily 2024-05-01",
+    /// "weekly 2024-W18", "newer than now").
+    pub keep: Vec<(String, Vec<String>)>,
+    /// Newest first.
+    pub delete: Vec<String>,
+}
+
+/// Restic-like retention over committed backups (by `created_at_ms`, in UTC):
+///
+/// - `keep_last` N: the N newest backups;
+/// - `keep_daily` D: the newest backup of each of the D most recent days that have
+///   backups;
+/// - `keep_weekly` W: likewise per ISO week.
+///
+/// A backup kept by any rule is kept. Backups created after `now` (a clock that was
+/// ahead) are always kept: no rule can place them. Fails if every rule is 0, rather
+/// than delete everything.
+pub fn plan_prune(
+    manifests: &[Manifest],
+    keep_last: usize,
+    keep_daily: usize,
+    keep_weekly: usize,
+    now: DateTime<Utc>,
+) -> Result<PrunePlan, CatalogError> {
+    if keep_last == 0 && keep_daily == 0 && keep_weekly == 0 {
+        return Err(CatalogError::NoRetentionRule);
+    }
+    let mut sorted: Vec<&Manifest> = manifests.iter().collect();
+    sorted.sort_by(|a, b| (b.created_at_ms, &b.backup_id).cmp(&(a.created_at_ms, &a.backup_id)));
+
+    /// A rule keeps the first backup of each new bucket, newest first, while it has
+    /// count left. keep-last's bucket is the backup itself.
+    struct Rule {
+        left: usize,
+        last_bucket: Option<String>,
+    }
+    let mut last = Rule {
+        left: keep_last,
+        last_bucket: None,
+    };
+    let mut daily = Rule {
+        left: keep_daily,
+        last_bucket: None,
+    };
+    let mut weekly = Rule {
+        left: keep_weekly,
+        last_bucket: None,
+    };
+    let apply = |rule: &mut Rule, bucket: String, reason: String, reasons: &mut Vec<String>| {
+        if rule.left > 0 && rule.last_bucket.as_ref() != Some(&bucket) {
+            rule.left -= 1;
+            rule.last_bucket = Some(bucket);
+            reasons.push(reason);
+        }
+    };
+
+    let mut plan = PrunePlan::default();
+    let mut position = 0usize;
+    for manifest in sorted {
+        let created = DateTime::from_timestamp_millis(manifest.created_at_ms).unwrap_or_default();
+        let mut reasons = Vec::new();
+        if created > now {
+            reasons.push("newer than now".to_owned());
+        } else {
+            position += 1;
+            apply(
+                &mut last,
+                manifest.backup_id.clone(),
+                format!("last {position}"),
+                &mut reasons,
+            );
+            let day: NaiveDate = created.date_naive();
+            apply(
+                &mut daily,
+                day.to_string(),
+                format!("daily {day}"),
+                &mut reasons,
+            );
+            let week = created.iso_week();
+            let week = format!("{}-W{:02}", week.year(), week.week());
+            apply(
+                &mut weekly,
+                week.clone(),
+                format!("weekly {week}"),
+                &mut reasons,
+            );
+        }
+        if reasons.is_empty() {
+            plan.delete.push(manifest.backup_id.clone());
+        } else {
+            plan.keep.push((manifest.backup_id.clone(), reasons));
+        }
+    }
+    Ok(plan)
+}
+
+/// Deletes the backups `plan` marks for deletion: each one's manifest first (from
+/// then on it is no longer a backup), then its artifacts. Stops at the first storage
+/// error; a backup whose manifest went but whose artifacts did not is an orphan that
+/// a later prune or orphan cleanup removes. Returns (backup id, objects deleted).
+pub async fn apply_prune(
+    storage: &Storage,
+    plan: &PrunePlan,
+) -> Result<Vec<(String, usize)>, CatalogError> {
+    let mut deleted = Vec::with_capacity(plan.delete.len());
+    for id in &plan.delete {
+        // Checked before anything is deleted: an id is about to become a prefix.
+        let manifest_path = manifest::manifest_path(id)?;
+        let prefix = manifest::backup_prefix(id)?;
+        let stop = |source| CatalogError::Prune {
+            backup_id: id.clone(),
+            deleted: deleted.len(),
+            source,
+        };
+        storage.delete(&manifest_path).await.map_err(stop)?;
+        let objects = storage.delete_prefix(&prefix).await.map_err(stop)?;
+        deleted.push((id.clone(), objects + 1));
+    }
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use futures::StreamExt;
+    use futures::stream::BoxStream;
+    use object_store::memory::InMemory;
+    use object_store::path::Path;
+    use object_store::{
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+        ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult, Result as OsResult,
+    };
+
+    use super::*;
+    use crate::manifest::tests::manifest_at;
+    use crate::pipeline::{DamageStage, Encryption, PipelineSettings};
+
+    fn at(text: &str) -> DateTime<Utc> {
+        text.parse().unwrap()
+    }
+
+    fn storage() -> (tempfile::TempDir, Storage) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&format!("file://{}", dir.path().display())).unwrap();
+        (dir, storage)
+    }
+
+    /// A committed backup with one real artifact.
+    async fn backup(storage: &Storage, when: &str, content: &[u8]) -> Manifest {
+        let mut manifest = manifest_at(at(when));
+        let path = manifest::artifact_path(
+            &manifest.backup_id,
+            "ledger",
+            "sqlite",
+            &PipelineSettings::default(),
+        )
+        .unwrap();
+        let input: crate::adapters::ByteStream = Box::pin(std::io::Cursor::new(content.to_vec()));
+        let info = pipeline::store(input, &PipelineSettings::default(), storage, &path, |_| {})
+            .await
+            .unwrap();
+        manifest.databases[0].artifact = Some(info);
+        manifest::write(storage, &manifest).await.unwrap();
+        manifest
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lists_backups_newest_first_and_sets_the_rest_aside() {
+        let (dir, storage) = storage();
+        let old = backup(&storage, "2024-05-01T10:00:00Z", b"old").await;
+        let new = backup(&storage, "2024-05-02T10:00:00Z", b"new").await;
+
+        // A backup that never committed: artifacts, no manifest.
+        let failed_id = manifest::backup_id_at(at("2024-05-03T10:00:00Z"));
+        storage
+            .put_atomic(
+                &format!("backups/{failed_id}/ledger.sqlite"),
+                Bytes::from_static(b"xx"),
+            )
+            .await
+            .unwrap();
+        // A manifest that does not parse.
+        let broken_id = manifest::backup_id_at(at("2024-05-04T10:00:00Z"));
+        let broken_path = format!("backups/{broken_id}/manifest.json");
+        storage
+            .put_atomic(
+                &broken_path,
+                Bytes::from_static(b"{\"manifest_version\": 1"),
+            )
+            .await
+            .unwrap();
+        // Not ours.
+        storage
+            .put_atomic("backups/README", Bytes::from_static(b"hi"))
+            .await
+            .unwrap();
+        storage
+            .put_atomic("backups/notes/x", Bytes::from_static(b"hi"))
+            .await
+            .unwrap();
+
+        let catalog = list(&storage).await.unwrap();
+        let ids: Vec<&str> = catalog
+            .backups
+            .iter()
+            .map(|m| m.backup_id.as_str())
+            .collect();
+        assert_eq!(ids, [new.backup_id.as_str(), old.backup_id.as_str()]);
+        assert_eq!(catalog.backups[0], new);
+
+        assert_eq!(catalog.damaged.len(), 1);
+        assert_eq!(catalog.damaged[0].path, broken_path);
+        assert!(catalog.damaged[0].error.contains(&broken_path));
+
+        assert_eq!(catalog.orphans().len(), 1);
+        let orphan = &catalog.orphans()[0];
+        assert_eq!(orphan.backup_id, failed_id);
+        assert_eq!((orphan.objects, orphan.bytes), (1, 2));
+
+        assert_eq!(
+            resolve(&catalog, "latest").unwrap().backup_id,
+            new.backup_id
+        );
+        assert_eq!(resolve(&catalog, &old.backup_id).unwrap(), &old);
+        let err = resolve(&catalog, &failed_id).unwrap_err();
+        assert!(err.to_string().contains(&failed_id), "{err}");
+        assert!(err.to_string().contains(&new.backup_id), "{err}");
+
+        // Orphan cleanup removes the orphan and nothing else, and refuses once the
+        // directory has a manifest.
+        assert_eq!(remove_orphan(&storage, orphan).await.unwrap(), 1);
+        let catalog = list(&storage).await.unwrap();
+        assert!(catalog.orphans.is_empty());
+        assert_eq!(catalog.backups.len(), 2);
+        let fake = Orphan {
+            backup_id: new.backup_id.clone(),
+            prefix: format!("backups/{}", new.backup_id),
+            objects: 2,
+            bytes: 0,
+            last_modified: Utc::now(),
+        };
+        assert!(matches!(
+            remove_orphan(&storage, &fake).await,
+            Err(CatalogError::NotAnOrphan { .. })
+        ));
+        assert!(
+            dir.path()
+                .join(format!("backups/{}/ledger.sqlite", new.backup_id))
+                .is_file()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_empty_storage_has_no_latest() {
+        let (_dir, storage) = storage();
+        let catalog = list(&storage).await.unwrap();
+        assert!(catalog.backups.is_empty());
+        let err = resolve(&catalog, "latest").unwrap_err();
+        assert!(matches!(err, CatalogError::NoBackups { .. }), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verify_reports_every_artifact() {
+        let (dir, storage) = storage();
+        let mut manifest = backup(&storage, "2024-05-01T10:00:00Z", b"ledger rows").await;
+        // A second database whose cut made no copy, and a third whose copy is damaged.
+        let mut no_copy = manifest.databases[0].clone();
+        no_copy.name = "hook".into();
+        no_copy.artifact = None;
+        let mut damaged = manifest.databases[0].clone();
+        damaged.name = "auditor".into();
+        let damaged_path = format!("backups/{}/auditor.sqlite", manifest.backup_id);
+        std::fs::write(dir.path().join(&damaged_path), b"ledger rowz").unwrap();
+        damaged.artifact.as_mut().unwrap().path = damaged_path.clone();
+        manifest.databases.push(no_copy);
+        manifest.databases.push(damaged);
+
+        let checks = verify(&storage, &manifest, &Decryption::None).await;
+        assert_eq!(checks.len(), 3);
+        assert!(matches!(&checks[0].outcome, CheckOutcome::Sound(r) if r.size == 11));
+        assert!(matches!(checks[1].outcome, CheckOutcome::NoArtifact));
+        assert!(checks[1].is_sound());
+        let CheckOutcome::Failed(err) = &checks[2].outcome else {
+            panic!("the damaged artifact passed")
+        };
+        assert_eq!(err.damage(), Some(DamageStage::Checksum));
+        assert!(err.to_string().contains(&damaged_path), "{err}");
+        assert!(!checks[2].is_sound());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_keys_encrypted_artifacts_get_the_checksum_check() {
+        let (dir, storage) = storage();
+        let identity = age::x25519::Identity::generate();
+        let settings = PipelineSettings {
+            zstd_level: Some(3),
+            encryption: Encryption::Recipients(vec![identity.to_public().to_string()]),
+        };
+        let mut manifest = manifest_at(at("2024-05-01T10:00:00Z"));
+        let path =
+            manifest::artifact_path(&manifest.backup_id, "ledger", "sqlite", &settings).unwrap();
+        let input: crate::adapters::ByteStream = Box::pin(std::io::Cursor::new(vec![7u8; 5000]));
+        let info = pipeline::store(input, &settings, &storage, &path, |_| {})
+            .await
+            .unwrap();
+        manifest.databases[0].artifact = Some(info.clone());
+
+        let checks = verify(&storage, &manifest, &Decryption::None).await;
+        assert!(
+            matches!(checks[0].outcome, CheckOutcome::ChecksumOnly { stored_size } if stored_size == info.stored_size),
+            "{:?}",
+            checks[0].outcome
+        );
+        let file = dir.path().join(&path);
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes.pop();
+        std::fs::write(&file, bytes).unwrap();
+        let checks = verify(&storage, &manifest, &Decryption::None).await;
+        let CheckOutcome::Failed(err) = &checks[0].outcome else {
+            panic!("a truncated artifact passed: {:?}", checks[0].outcome)
+        };
+        assert_eq!(err.damage(), Some(DamageStage::Checksum));
+    }
+
+    fn manifests(times: &[&str]) -> Vec<Manifest> {
+        times.iter().map(|t| manifest_at(at(t))).collect()
+    }
+
+    /// Runs the policy and returns the kept backups' times, newest first.
+    fn kept(backups: &[Manifest], last: usize, daily: usize, weekly: usize) -> Vec<String> {
+        let plan = plan_prune(backups, last, daily, weekly, at("2024-06-01T00:00:00Z")).unwrap();
+        assert_eq!(plan.keep.len() + plan.delete.len(), backups.len());
+        plan.keep
+            .iter()
+            .map(|(id, _)| {
+                let m = backups.iter().find(|m| &m.backup_id == id).unwrap();
+                DateTime::from_timestamp_millis(m.created_at_ms)
+                    .unwrap()
+                    .format("%m-%d %H:%M")
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn retention_table() {
+        // Wed 1 May 2024 … ; ISO week 18 is 29 Apr–5 May, week 19 is 6–12 May.
+        let backups = manifests(&[
+            "2024-05-01T01:00:00Z",
+            "2024-05-01T13:00:00Z",
+            "2024-05-02T01:00:00Z",
+            "2024-05-02T13:00:00Z",
+            "2024-05-04T01:00:00Z",
+            "2024-05-06T01:00:00Z",
+            "2024-05-07T01:00:00Z",
+            "2024-05-07T13:00:00Z",
+            "2024-05-14T01:00:00Z",
+        ]);
+        type Case = (usize, usize, usize, &'static [&'static str]);
+        let table: &[Case] = &[
+            (1, 0, 0, &["05-14 01:00"]),
+            (3, 0, 0, &["05-14 01:00", "05-07 13:00", "05-07 01:00"]),
+            // Newest of each of the 3 most recent days with backups (no backups on
+            // 8–13 May: those days do not count).
+            (0, 3, 0, &["05-14 01:00", "05-07 13:00", "05-06 01:00"]),
+            // Newest per ISO week: week 20, 19, 18.
+            (0, 0, 3, &["05-14 01:00", "05-07 13:00", "05-04 01:00"]),
+            // Rules overlap: here all three keep the same two backups.
+            (2, 2, 2, &["05-14 01:00", "05-07 13:00"]),
+            // Rules combine: a backup kept by any is kept.
+            (
+                3,
+                0,
+                3,
+                &["05-14 01:00", "05-07 13:00", "05-07 01:00", "05-04 01:00"],
+            ),
+            (
+                1,
+                5,
+                0,
+                &[
+                    "05-14 01:00",
+                    "05-07 13:00",
+                    "05-06 01:00",
+                    "05-04 01:00",
+                    "05-02 13:00",
+                ],
+            ),
+            // More than there are: keep everything that qualifies.
+            (
+                0,
+                100,
+                0,
+                &[
+                    "05-14 01:00",
+                    "05-07 13:00",
+                    "05-06 01:00",
+                    "05-04 01:00",
+                    "05-02 13:00",
+                    "05-01 13:00",
+                ],
+            ),
+            (
+                100,
+                0,
+                0,
+                &[
+                    "05-14 01:00",
+                    "05-07 13:00",
+                    "05-07 01:00",
+                    "05-06 01:00",
+                    "05-04 01:00",
+                    "05-02 13:00",
+                    "05-02 01:00",
+                    "05-01 13:00",
+                    "05-01 01:00",
+                ],
+            ),
+        ];
+        for &(last, daily, weekly, expected) in table {
+            assert_eq!(
+                kept(&backups, last, daily, weekly),
+                expected,
+                "keep_last {last}, keep_daily {daily}, keep_weekly {weekly}"
+            );
+        }
+        // The order the manifests come in does not matter.
+        let mut shuffled = backups.clone();
+        shuffled.reverse();
+        shuffled.swap(2, 5);
+        assert_eq!(kept(&shuffled, 0, 3, 0), kept(&backups, 0, 3, 0));
+    }
+
+    #[test]
+    fn retention_reasons_and_safety() {
+        let backups = manifests(&[
+            "2024-05-06T01:00:00Z",
+            "2024-05-07T01:00:00Z",
+            // A coordinator clock that ran ahead.
+            "2024-07-01T00:00:00Z",
+        ]);
+        let plan = plan_prune(&backups, 1, 2, 1, at("2024-06-01T00:00:00Z")).unwrap();
+        assert_eq!(plan.keep.len(), 3);
+        assert_eq!(plan.keep[0].1, ["newer than now"]);
+        assert_eq!(
+            plan.keep[1].1,
+            ["last 1", "daily 2024-05-07", "weekly 2024-W19"]
+        );
+        assert_eq!(plan.keep[2].1, ["daily 2024-05-06"]);
+        assert!(plan.delete.is_empty());
+
+        assert!(matches!(
+            plan_prune(&backups, 0, 0, 0, Utc::now()),
+            Err(CatalogError::NoRetentionRule)
+        ));
+        // Any rule above 0 keeps at least the newest backup.
+        for (l, d, w) in [(1, 0, 0), (0, 1, 0), (0, 0, 1)] {
+            let plan = plan_prune(&backups[..2], l, d, w, at("2024-06-01T00:00:00Z")).unwrap();
+            assert_eq!(plan.keep.len(), 1);
+            assert_eq!(plan.keep[0].0, backups[1].backup_id);
+            assert_eq!(plan.delete, [backups[0].backup_id.clone()]);
+        }
+        assert_eq!(
+            plan_prune(&[], 1, 1, 1, Utc::now()).unwrap(),
+            PrunePlan::default()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prune_deletes_what_the_plan_says() {
+        let (dir, storage) = storage();
+        let a = backup(&storage, "2024-05-01T10:00:00Z", b"a").await;
+        let b = backup(&storage, "2024-05-02T10:00:00Z", b"b").await;
+        let c = backup(&storage, "2024-05-03T10:00:00Z", b"c").await;
+        let catalog = list(&storage).await.unwrap();
+        let plan = plan_prune(&catalog.backups, 1, 0, 0, at("2024-06-01T00:00:00Z")).unwrap();
+        assert_eq!(plan.delete, [b.backup_id.clone(), a.backup_id.clone()]);
+
+        let deleted = apply_prune(&storage, &plan).await.unwrap();
+        assert_eq!(
+            deleted,
+            [(b.backup_id.clone(), 2), (a.backup_id.clone(), 2)]
+        );
+        let catalog = list(&storage).await.unwrap();
+        assert_eq!(catalog.backups, std::slice::from_ref(&c));
+        assert!(catalog.orphans.is_empty());
+        assert!(!dir.path().join(format!("backups/{}", a.backup_id)).exists());
+
+        // A plan holding something that is not a backup id deletes nothing.
+        let bogus = PrunePlan {
+            keep: vec![],
+            delete: vec!["".into()],
+        };
+        assert!(apply_prune(&storage, &bogus).await.is_err());
+        assert_eq!(storage.list("").await.unwrap().len(), 2);
+    }
+
+    /// An in-memory store that refuses to delete artifacts (anything but manifests),
+    /// as a storage outage halfway through a prune would.
+    #[derive(Debug)]
+    struct ArtifactsUndeletable(Arc<InMemory>);
+
+    impl std::fmt::Display for ArtifactsUndeletable {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("ArtifactsUndeletable")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for ArtifactsUndeletable {
+        async fn put_opts(&self, l: &Path, p: PutPayload, o: PutOptions) -> OsResult<PutResult> {
+            self.0.put_opts(l, p, o).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            l: &Path,
+            o: PutMultipartOptions,
+        ) -> OsResult<Box<dyn MultipartUpload>> {
+            self.0.put_multipart_opts(l, o).await
+        }
+        async fn get_opts(&self, l: &Path, o: GetOptions) -> OsResult<GetResult> {
+            self.0.get_opts(l, o).await
+        }
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, OsResult<Path>>,
+        ) -> BoxStream<'static, OsResult<Path>> {
+            let inner = Arc::clone(&self.0);
+            locations
+                .then(move |location| {
+                    let inner = Arc::clone(&inner);
+                    async move {
+                        let location = location?;
+                        if !location.as_ref().ends_with(MANIFEST_FILE) {
+                            return Err(object_store::Error::Generic {
+                                store: "test",
+                                source: "service unavailable".into(),
+                            });
+                        }
+                        inner.delete(&location).await.map(|()| location)
+                    }
+                })
+                .boxed()
+        }
+        fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, OsResult<ObjectMeta>> {
+            self.0.list(prefix)
+        }
+        async fn list_with_delimiter(&self, prefix: Option<&Path>) -> OsResult<ListResult> {
+            self.0.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(&self, from: &Path, to: &Path, o: CopyOptions) -> OsResult<()> {
+            self.0.copy_opts(from, to, o).await
+        }
+    }
+
+    /// The manifest goes first: when deleting the artifacts fails, what remains is an
+    /// orphan, never a listed backup with missing artifacts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_half_pruned_backup_is_not_listed() {
+        let store = Arc::new(ArtifactsUndeletable(Arc::new(InMemory::new())));
+        let storage = Storage::from_object_store(store, "memory://test");
+        let a = backup(&storage, "2024-05-01T10:00:00Z", b"a").await;
+        let b = backup(&storage, "2024-05-02T10:00:00Z", b"b").await;
+        let plan = PrunePlan {
+            keep: vec![(b.backup_id.clone(), vec!["last 1".into()])],
+            delete: vec![a.backup_id.clone()],
+        };
+        let err = apply_prune(&storage, &plan).await.unwrap_err();
+        assert!(err.to_string().contains(&a.backup_id), "{err}");
+        assert!(err.to_string().contains("service unavailable"), "{err}");
+
+        let catalog = list(&storage).await.unwrap();
+        assert_eq!(catalog.backups, [b]);
+        assert_eq!(catalog.orphans.len(), 1);
+        assert_eq!(catalog.orphans[0].backup_id, a.backup_id);
+    }
+}

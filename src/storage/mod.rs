@@ -1,0 +1,527 @@
+//! Where backups live: a local directory (`file:///abs/dir`) or S3-compatible object
+//! storage (`s3://bucket/prefix`), both through `object_store`.
+//!
+//! [`Storage`] is the only type the rest of stillpoint writes through. It owns the URL
+//! (shown redacted: never a credential), the backend, and the upload tuning that keeps
+//! memory bounded: [`Storage::put_stream`] holds at most
+//! `part_size × (max_concurrency + 1)` bytes whatever the artifact's size.
+//! Paths are `/`-separated and relative to the URL's directory or prefix.
+//!
+//! - `tests.rs`: the same round-trip tests against `file://` and a real S3 server.
+//! - `s3_test_server.rs` (tests only): an in-process S3 server on loopback.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::buffered::BufWriter;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use crate::adapters::ByteStream;
+
+#[cfg(test)]
+pub(crate) mod s3_test_server;
+#[cfg(test)]
+pub(crate) mod tests;
+
+/// The URL forms [`Storage::open`] accepts, for error messages.
+const SUPPORTED: &str = "file:///absolute/dir, s3://bucket[/prefix]";
+
+/// S3 requires every part but the last to be at least 5 MiB, and allows 10,000 parts:
+/// 16 MiB parts reach 160 GB per artifact.
+pub const DEFAULT_PART_SIZE: usize = 16 * 1024 * 1024;
+/// Parts uploaded at once by one `put_stream`.
+pub const DEFAULT_MAX_CONCURRENCY: usize = 4;
+/// How much `put_stream` reads from its input at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage URL {url} has unsupported scheme {scheme:?}; supported: {SUPPORTED}")]
+    UnsupportedScheme { url: String, scheme: String },
+    #[error("storage URL {url} is not valid: {reason}; expected one of {SUPPORTED}")]
+    InvalidUrl { url: String, reason: String },
+    #[error(
+        "storage {url}: option {key:?} is not an S3 setting object_store knows (e.g. endpoint, region, allow_http, access_key_id)"
+    )]
+    UnknownOption { url: String, key: String },
+    #[error("storage {url}: options ({keys}) only apply to s3:// URLs; remove them")]
+    OptionsForFile { url: String, keys: String },
+    #[error("storage {url}: cannot open: {message}")]
+    Open { url: String, message: String },
+    #[error("storage {url}: {path:?} is not a valid object path: {reason}")]
+    InvalidPath {
+        url: String,
+        path: String,
+        reason: String,
+    },
+    #[error("storage {url}: {path} does not exist")]
+    NotFound { url: String, path: String },
+    #[error("storage {url}: {op} {path} failed: {source}")]
+    Backend {
+        url: String,
+        path: String,
+        op: &'static str,
+        // Boxed: object_store's error is large, and every Result here carries it.
+        #[source]
+        source: Box<object_store::Error>,
+    },
+    /// The input of `put_stream` failed; nothing was stored under `path`.
+    #[error(
+        "storage {url}: storing {path} stopped because its input failed (nothing was stored): {source}"
+    )]
+    Input {
+        url: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing a streamed upload failed; nothing was stored under `path`.
+    #[error("storage {url}: uploading {path} failed (nothing was stored): {source}")]
+    Upload {
+        url: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StorageError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StorageError::NotFound { .. })
+    }
+}
+
+/// One stored object, as `list` sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectEntry {
+    /// Relative to the storage root, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    pub last_modified: DateTime<Utc>,
+}
+
+/// A backup destination. Cheap to clone (the backend is shared).
+#[derive(Clone)]
+pub struct Storage {
+    /// Redacted: safe to print.
+    url: String,
+    store: Arc<dyn ObjectStore>,
+    part_size: usize,
+    max_concurrency: usize,
+}
+
+impl fmt::Display for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+// By hand so that no backend configuration (which holds credentials) is ever printed.
+impl fmt::Debug for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Storage")
+            .field("url", &self.url)
+            .field("part_size", &self.part_size)
+            .field("max_concurrency", &self.max_concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Storage {
+    /// Opens `file:///abs/dir` (created if missing) or `s3://bucket/prefix` (endpoint,
+    /// region and credentials from the standard `AWS_*` environment variables).
+    pub fn open(url: &str) -> Result<Self, StorageError> {
+        Self::open_with_options(url, &BTreeMap::new())
+    }
+
+    /// Like [`Storage::open`], with explicit S3 settings that override the environment:
+    /// keys as object_store names them (`endpoint`, `region`, `allow_http`,
+    /// `access_key_id`, `secret_access_key`, `virtual_hosted_style_request`, …).
+    pub fn open_with_options(
+        url: &str,
+        options: &BTreeMap<String, String>,
+    ) -> Result<Self, StorageError> {
+        let shown = redact_url(url);
+        let invalid = |reason: &str| StorageError::InvalidUrl {
+            url: shown.clone(),
+            reason: reason.to_owned(),
+        };
+        let parsed = url::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(invalid(
+                "it has a query or fragment; pass settings as storage options instead",
+            ));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            // object_store takes no credentials from a URL; refusing is better than
+            // silently ignoring them and signing requests with other ones.
+            return Err(invalid(
+                "it carries credentials; pass them through AWS_ACCESS_KEY_ID / \
+                 AWS_SECRET_ACCESS_KEY or the access_key_id / secret_access_key options",
+            ));
+        }
+        let store: Arc<dyn ObjectStore> = match parsed.scheme() {
+            "file" => {
+                if !options.is_empty() {
+                    return Err(StorageError::OptionsForFile {
+                        url: shown,
+                        keys: options.keys().cloned().collect::<Vec<_>>().join(", "),
+                    });
+                }
+                if parsed.host_str().is_some_and(|h| !h.is_empty()) {
+                    return Err(invalid(
+                        "a file URL needs an absolute path: file:///abs/dir (three slashes)",
+                    ));
+                }
+                let dir = parsed
+                    .to_file_path()
+                    .map_err(|()| invalid("it does not name an absolute local path"))?;
+                // A scheduled job's first run should not need a manual mkdir.
+                std::fs::create_dir_all(&dir).map_err(|e| StorageError::Open {
+                    url: shown.clone(),
+                    message: format!("cannot create directory {}: {e}", dir.display()),
+                })?;
+                let local = LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|e| StorageError::Open {
+                        url: shown.clone(),
+                        message: e.to_string(),
+                    })?
+                    // Deleting a backup's last file removes its directory, so an
+                    // emptied backup leaves nothing behind.
+                    .with_automatic_cleanup(true)
+                    // A backup is only as good as its durability: match S3, where a
+                    // completed PUT is durable.
+                    .with_fsync(true);
+                Arc::new(local)
+            }
+            "s3" | "s3a" => {
+                let bucket = parsed
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| invalid("it names no bucket: s3://bucket/prefix"))?
+                    .to_owned();
+                let mut builder = AmazonS3Builder::from_env().with_bucket_name(&bucket);
+                for (key, value) in options {
+                    let config_key: AmazonS3ConfigKey =
+                        key.to_ascii_lowercase().parse().map_err(|_| {
+                            StorageError::UnknownOption {
+                                url: shown.clone(),
+                                key: key.clone(),
+                            }
+                        })?;
+                    builder = builder.with_config(config_key, value);
+                }
+                let s3 = builder.build().map_err(|e| StorageError::Open {
+                    url: shown.clone(),
+                    message: e.to_string(),
+                })?;
+                let prefix = parsed.path().trim_matches('/');
+                if prefix.is_empty() {
+                    Arc::new(s3)
+                } else {
+                    let prefix = Path::parse(prefix).map_err(|e| invalid(&e.to_string()))?;
+                    Arc::new(PrefixStore::new(s3, prefix))
+                }
+            }
+            other => {
+                return Err(StorageError::UnsupportedScheme {
+                    url: shown,
+                    scheme: other.to_owned(),
+                });
+            }
+        };
+        Ok(Storage {
+            url: shown,
+            store,
+            part_size: DEFAULT_PART_SIZE,
+            max_concurrency: DEFAULT_MAX_CONCURRENCY,
+        })
+    }
+
+    /// Wraps any object store, e.g. one that fails on purpose.
+    #[cfg(test)]
+    pub(crate) fn from_object_store(store: Arc<dyn ObjectStore>, url: &str) -> Self {
+        Storage {
+            url: url.to_owned(),
+            store,
+            part_size: DEFAULT_PART_SIZE,
+            max_concurrency: DEFAULT_MAX_CONCURRENCY,
+        }
+    }
+
+    /// Size of one multipart-upload part, and of the largest artifact stored with a
+    /// single PUT. S3 needs at least 5 MiB.
+    pub fn with_part_size(mut self, part_size: usize) -> Self {
+        self.part_size = part_size.max(1);
+        self
+    }
+
+    /// Parts of one upload in flight at once.
+    pub fn with_max_concurrency(mut self, max_concurrency: usize) -> Self {
+        self.max_concurrency = max_concurrency.max(1);
+        self
+    }
+
+    /// The URL with any credentials replaced by `***`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Streams `input` to `path` and returns the number of bytes stored. Inputs up to
+    /// one part go up in a single PUT, larger ones as a multipart upload; either way the
+    /// object appears only when complete, and a failed input or upload leaves nothing
+    /// (the multipart upload is aborted).
+    pub async fn put_stream(
+        &self,
+        path: &str,
+        mut input: impl AsyncRead + Send + Unpin,
+    ) -> Result<u64, StorageError> {
+        let location = self.location(path)?;
+        let mut writer =
+            BufWriter::with_capacity(Arc::clone(&self.store), location, self.part_size)
+                .with_max_concurrency(self.max_concurrency);
+        let mut buf = vec![0u8; READ_CHUNK];
+        let mut stored = 0u64;
+        let failure = loop {
+            let n = match input.read(&mut buf).await {
+                Ok(0) => break None,
+                Ok(n) => n,
+                Err(source) => {
+                    break Some(StorageError::Input {
+                        url: self.url.clone(),
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
+            };
+            // BufWriter waits here while `max_concurrency` parts are in flight: this
+            // is the back-pressure that bounds memory.
+            if let Err(source) = writer.write_all(&buf[..n]).await {
+                break Some(self.upload_error(path, source));
+            }
+            stored += n as u64;
+        };
+        if let Some(error) = failure {
+            // Best effort: the error that stopped us matters more than a failed abort,
+            // and an unfinished upload is never visible as an object.
+            let _ = writer.abort().await;
+            return Err(error);
+        }
+        writer
+            .shutdown()
+            .await
+            .map_err(|source| self.upload_error(path, source))?;
+        Ok(stored)
+    }
+
+    /// Stores `bytes` with one PUT: readers see the old object or the new one, never a
+    /// part (S3 PUTs are atomic; the local store writes a temporary file and renames).
+    pub async fn put_atomic(&self, path: &str, bytes: Bytes) -> Result<(), StorageError> {
+        let location = self.location(path)?;
+        self.store
+            .put(&location, PutPayload::from(bytes))
+            .await
+            .map_err(|e| self.backend_error("put", path, e))?;
+        Ok(())
+    }
+
+    /// Streams an object back.
+    pub async fn get(&self, path: &str) -> Result<ByteStream, StorageError> {
+        let location = self.location(path)?;
+        let result = self
+            .store
+            .get(&location)
+            .await
+            .map_err(|e| self.backend_error("get", path, e))?;
+        let url = self.url.clone();
+        let shown_path = path.to_owned();
+        let stream = result.into_stream().map_err(move |e| {
+            let kind = object_store_kind(&e);
+            std::io::Error::new(
+                kind,
+                format!("storage {url}: reading {shown_path} failed: {e}"),
+            )
+        });
+        Ok(Box::pin(tokio_util::io::StreamReader::new(stream)))
+    }
+
+    /// Reads a small object whole (a manifest).
+    pub async fn get_bytes(&self, path: &str) -> Result<Bytes, StorageError> {
+        let location = self.location(path)?;
+        let result = self
+            .store
+            .get(&location)
+            .await
+            .map_err(|e| self.backend_error("get", path, e))?;
+        result
+            .bytes()
+            .await
+            .map_err(|e| self.backend_error("get", path, e))
+    }
+
+    /// The object at `path`, or None if there is none.
+    pub async fn head(&self, path: &str) -> Result<Option<ObjectEntry>, StorageError> {
+        let location = self.location(path)?;
+        match self.store.head(&location).await {
+            Ok(meta) => Ok(Some(entry(meta))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.backend_error("head", path, e)),
+        }
+    }
+
+    /// Every object under `prefix` (a directory-like path: `backups` lists
+    /// `backups/…`, not `backupsX`), in no particular order. `""` lists everything.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectEntry>, StorageError> {
+        let location = self.prefix_location(prefix)?;
+        self.store
+            .list(location.as_ref())
+            .map_ok(entry)
+            .try_collect()
+            .await
+            .map_err(|e| self.backend_error("list", prefix, e))
+    }
+
+    /// Deletes one object. Deleting a missing object is not an error: S3 behaves so,
+    /// and the local store is made to match, so that a retried prune converges.
+    pub async fn delete(&self, path: &str) -> Result<(), StorageError> {
+        let location = self.location(path)?;
+        match self.store.delete(&location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.backend_error("delete", path, e)),
+        }
+    }
+
+    /// Deletes every object under `prefix` and returns how many there were. Refuses
+    /// the empty prefix: nothing in stillpoint means to delete a whole storage.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<usize, StorageError> {
+        let location = self
+            .prefix_location(prefix)?
+            .ok_or_else(|| StorageError::InvalidPath {
+                url: self.url.clone(),
+                path: prefix.to_owned(),
+                reason: "refusing to delete everything in the storage".to_owned(),
+            })?;
+        let locations = self
+            .store
+            .list(Some(&location))
+            .map_ok(|meta| meta.location)
+            .boxed();
+        let deleted: Vec<Path> = self
+            .store
+            .delete_stream(locations)
+            .or_else(|e| async move {
+                match e {
+                    // Gone between list and delete: someone else won the race.
+                    object_store::Error::NotFound { path, .. } => Ok(Path::from(path)),
+                    e => Err(e),
+                }
+            })
+            .try_collect()
+            .await
+            .map_err(|e| self.backend_error("delete", prefix, e))?;
+        Ok(deleted.len())
+    }
+
+    fn location(&self, path: &str) -> Result<Path, StorageError> {
+        match self.prefix_location(path)? {
+            Some(location) => Ok(location),
+            None => Err(StorageError::InvalidPath {
+                url: self.url.clone(),
+                path: path.to_owned(),
+                reason: "an object path must not be empty".to_owned(),
+            }),
+        }
+    }
+
+    /// None for the root.
+    fn prefix_location(&self, path: &str) -> Result<Option<Path>, StorageError> {
+        let trimmed = path.trim_matches('/');
+        if trimmed.is_empty() {
+            return Ok(None);
+        }
+        Path::parse(trimmed)
+            .map(Some)
+            .map_err(|e| StorageError::InvalidPath {
+                url: self.url.clone(),
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })
+    }
+
+    fn backend_error(&self, op: &'static str, path: &str, e: object_store::Error) -> StorageError {
+        match e {
+            object_store::Error::NotFound { .. } => StorageError::NotFound {
+                url: self.url.clone(),
+                path: path.to_owned(),
+            },
+            source => StorageError::Backend {
+                url: self.url.clone(),
+                path: path.to_owned(),
+                op,
+                source: Box::new(source),
+            },
+        }
+    }
+
+    fn upload_error(&self, path: &str, source: std::io::Error) -> StorageError {
+        StorageError::Upload {
+            url: self.url.clone(),
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+fn entry(meta: object_store::ObjectMeta) -> ObjectEntry {
+    ObjectEntry {
+        path: meta.location.to_string(),
+        size: meta.size,
+        last_modified: meta.last_modified,
+    }
+}
+
+fn object_store_kind(e: &object_store::Error) -> std::io::ErrorKind {
+    match e {
+        object_store::Error::NotFound { .. } => std::io::ErrorKind::NotFound,
+        _ => std::io::ErrorKind::Other,
+    }
+}
+
+/// `url` with any user info replaced by `***` and any query by `?***`. Works on
+/// strings rather than a parsed URL so that even a URL that does not parse is shown
+/// without its secrets.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return redact_query(url);
+    };
+    let rest_start = scheme_end + 3;
+    let rest = &url[rest_start..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let redacted_authority = match authority.rfind('@') {
+        Some(at) => format!("***@{}", &authority[at + 1..]),
+        None => authority.to_owned(),
+    };
+    redact_query(&format!(
+        "{}{}{}",
+        &url[..rest_start],
+        redacted_authority,
+        &rest[authority_end..]
+    ))
+}
+
+fn redact_query(url: &str) -> String {
+    match url.find('?') {
+        Some(q) => format!("{}?***", &url[..q]),
+        None => url.to_owned(),
+    }
+}

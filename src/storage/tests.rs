@@ -1,0 +1,339 @@
+//! Storage tests: one suite, run against `file://` and against a real S3 server
+//! (s3s-fs over HTTP on loopback), plus URL parsing and redaction.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+
+use super::s3_test_server::S3TestServer;
+use super::{Storage, StorageError, redact_url};
+
+const MIB: usize = 1024 * 1024;
+/// The smallest part S3 accepts: a 12 MiB artifact takes three parts.
+const PART: usize = 5 * MIB;
+
+/// Deterministic bytes that do not compress, so sizes mean what they say.
+pub(crate) fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+async fn read_all(storage: &Storage, path: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    storage
+        .get(path)
+        .await
+        .expect("get")
+        .read_to_end(&mut out)
+        .await
+        .expect("read the object to its end");
+    out
+}
+
+/// Yields `data` in odd-sized pieces, then fails instead of ending.
+struct FailingReader {
+    data: Vec<u8>,
+    pos: usize,
+}
+
+impl AsyncRead for FailingReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.pos == self.data.len() {
+            return Poll::Ready(Err(std::io::Error::other("the database went away")));
+        }
+        let n = buf.remaining().min(self.data.len() - self.pos).min(100_003);
+        let pos = self.pos;
+        buf.put_slice(&self.data[pos..pos + n]);
+        self.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The behaviour both backends must share.
+async fn storage_suite(storage: Storage) {
+    // A streamed artifact larger than two parts round-trips byte for byte.
+    let big = noise(12 * MIB + 12_345, 7);
+    let stored = storage
+        .put_stream("backups/b1/db.sqlite", &big[..])
+        .await
+        .expect("put_stream");
+    assert_eq!(stored, big.len() as u64);
+    assert!(
+        read_all(&storage, "backups/b1/db.sqlite").await == big,
+        "round trip changed bytes"
+    );
+
+    // A small one goes up in one PUT.
+    storage
+        .put_stream("backups/b1/small.bin", &b"tiny"[..])
+        .await
+        .unwrap();
+    assert_eq!(read_all(&storage, "backups/b1/small.bin").await, b"tiny");
+
+    // put_atomic replaces whole.
+    storage
+        .put_atomic("backups/b1/manifest.json", Bytes::from_static(b"{\"v\":1}"))
+        .await
+        .unwrap();
+    storage
+        .put_atomic("backups/b1/manifest.json", Bytes::from_static(b"{\"v\":2}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        &storage.get_bytes("backups/b1/manifest.json").await.unwrap()[..],
+        b"{\"v\":2}"
+    );
+    storage
+        .put_atomic("backups/b2/manifest.json", Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    storage
+        .put_atomic("backupsX/other", Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+
+    // list is by path segment and reports sizes.
+    let mut listed: Vec<(String, u64)> = storage
+        .list("backups")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.path, e.size))
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        vec![
+            ("backups/b1/db.sqlite".to_owned(), big.len() as u64),
+            ("backups/b1/manifest.json".to_owned(), 7),
+            ("backups/b1/small.bin".to_owned(), 4),
+            ("backups/b2/manifest.json".to_owned(), 2),
+        ]
+    );
+    assert_eq!(storage.list("").await.unwrap().len(), 5);
+    assert!(storage.list("nothing/here").await.unwrap().is_empty());
+
+    let head = storage.head("backups/b1/db.sqlite").await.unwrap().unwrap();
+    assert_eq!(head.size, big.len() as u64);
+    assert!(storage.head("backups/b1/missing").await.unwrap().is_none());
+
+    // delete, and a missing object reads as NotFound naming the path.
+    storage.delete("backups/b1/small.bin").await.unwrap();
+    storage
+        .delete("backups/b1/small.bin")
+        .await
+        .expect("deleting twice is fine");
+    let err = storage
+        .get("backups/b1/small.bin")
+        .await
+        .err()
+        .expect("gone");
+    assert!(err.is_not_found(), "{err}");
+    assert!(err.to_string().contains("backups/b1/small.bin"), "{err}");
+
+    // delete_prefix removes one backup and nothing beside it.
+    assert_eq!(storage.delete_prefix("backups/b1").await.unwrap(), 2);
+    let left: Vec<String> = storage
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains(&"backups/b2/manifest.json".to_owned()));
+    assert!(left.contains(&"backupsX/other".to_owned()));
+    assert!(matches!(
+        storage.delete_prefix("").await,
+        Err(StorageError::InvalidPath { .. })
+    ));
+
+    // An input that fails after more than one part leaves no object behind: the
+    // multipart upload is aborted, not completed.
+    let err = storage
+        .put_stream(
+            "backups/b3/broken.bin",
+            FailingReader {
+                data: noise(7 * MIB, 3),
+                pos: 0,
+            },
+        )
+        .await
+        .expect_err("the input failed");
+    assert!(matches!(err, StorageError::Input { .. }), "{err}");
+    assert!(err.to_string().contains("the database went away"), "{err}");
+    assert!(
+        storage
+            .head("backups/b3/broken.bin")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Same for an input that fails inside the first part.
+    let err = storage
+        .put_stream(
+            "backups/b3/broken-small.bin",
+            FailingReader {
+                data: noise(1000, 3),
+                pos: 0,
+            },
+        )
+        .await
+        .expect_err("the input failed");
+    assert!(matches!(err, StorageError::Input { .. }), "{err}");
+    assert!(
+        storage
+            .head("backups/b3/broken-small.bin")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Paths that could escape are refused, naming the path.
+    let err = storage
+        .put_atomic("backups/../etc", Bytes::new())
+        .await
+        .expect_err("a .. segment");
+    assert!(err.to_string().contains("backups/../etc"), "{err}");
+}
+
+#[tokio::test]
+async fn local_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("not-yet-created");
+    let url = format!("file://{}", root.display());
+    let storage = Storage::open(&url).unwrap().with_part_size(PART);
+    assert_eq!(storage.to_string(), url);
+    storage_suite(storage).await;
+    // The objects are plain files under the directory.
+    assert!(root.join("backups/b2/manifest.json").is_file());
+    // Deleting a backup's last file removed its directory.
+    assert!(!root.join("backups/b1").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_server() {
+    let server = S3TestServer::start().await;
+    let storage = Storage::open_with_options(&server.url("team/prod"), &server.options())
+        .unwrap()
+        .with_part_size(PART);
+    storage_suite(storage.clone()).await;
+    // The big artifact really went up as a multipart upload of three 5 MiB-or-less
+    // parts: S3 marks such an object's ETag with "-<parts>".
+    storage
+        .put_stream("multipart", &noise(12 * MIB, 5)[..])
+        .await
+        .unwrap();
+    let meta = object_store::ObjectStoreExt::head(
+        storage.store.as_ref(),
+        &object_store::path::Path::from("multipart"),
+    )
+    .await
+    .unwrap();
+    let e_tag = meta.e_tag.expect("an ETag");
+    assert!(e_tag.trim_matches('"').ends_with("-3"), "ETag {e_tag}");
+    // The prefix from the URL is where the objects went.
+    assert!(
+        server
+            .bucket_dir()
+            .join("team/prod/backups/b2/manifest.json")
+            .is_file()
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn s3_wrong_credentials_fail_with_the_url_and_path() {
+    let server = S3TestServer::start().await;
+    let mut options = server.options();
+    options.insert("secret_access_key".into(), "not-the-secret".into());
+    let storage = Storage::open_with_options(&server.url("p"), &options).unwrap();
+    let err = storage
+        .put_atomic("backups/x/manifest.json", Bytes::from_static(b"{}"))
+        .await
+        .expect_err("bad signature");
+    let message = err.to_string();
+    assert!(message.contains("s3://bucket/p"), "{message}");
+    assert!(message.contains("backups/x/manifest.json"), "{message}");
+    assert!(!message.contains("not-the-secret"), "{message}");
+    server.shutdown().await;
+}
+
+#[test]
+fn unsupported_scheme_names_it_and_the_supported_ones() {
+    let err = Storage::open("gs://bucket/x").unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, StorageError::UnsupportedScheme { .. }));
+    assert!(message.contains("\"gs\""), "{message}");
+    assert!(message.contains("file:///"), "{message}");
+    assert!(message.contains("s3://"), "{message}");
+}
+
+#[test]
+fn urls_with_credentials_are_refused_without_showing_them() {
+    let err = Storage::open("s3://AKIAEXAMPLE:hunter2@bucket/prefix").unwrap_err();
+    let message = err.to_string();
+    assert!(!message.contains("hunter2"), "{message}");
+    assert!(!message.contains("AKIAEXAMPLE"), "{message}");
+    assert!(message.contains("***@bucket/prefix"), "{message}");
+}
+
+#[test]
+fn redaction() {
+    assert_eq!(
+        redact_url("s3://key:secret@bucket/a/b"),
+        "s3://***@bucket/a/b"
+    );
+    assert_eq!(redact_url("s3://bucket/a?token=abc"), "s3://bucket/a?***");
+    assert_eq!(redact_url("file:///var/backups"), "file:///var/backups");
+    // Even an unparseable URL loses its secrets.
+    assert_eq!(redact_url("s3://u:p@[bad/x"), "s3://***@[bad/x");
+}
+
+#[test]
+fn file_urls_must_be_absolute_and_take_no_options() {
+    let err = Storage::open("file://relative/dir").unwrap_err();
+    assert!(err.to_string().contains("file:///abs/dir"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let options = BTreeMap::from([("endpoint".to_owned(), "http://x".to_owned())]);
+    let err = Storage::open_with_options(&format!("file://{}", dir.path().display()), &options)
+        .unwrap_err();
+    assert!(matches!(err, StorageError::OptionsForFile { .. }), "{err}");
+}
+
+#[test]
+fn unknown_s3_options_are_named_and_values_never_shown() {
+    let options = BTreeMap::from([("endpiont".to_owned(), "supersecret".to_owned())]);
+    let err = Storage::open_with_options("s3://bucket/p", &options).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("endpiont"), "{message}");
+    assert!(!message.contains("supersecret"), "{message}");
+}
+
+#[test]
+fn debug_never_shows_credentials() {
+    let options = BTreeMap::from([
+        ("endpoint".to_owned(), "http://127.0.0.1:9".to_owned()),
+        ("access_key_id".to_owned(), "AKIAEXAMPLE".to_owned()),
+        ("secret_access_key".to_owned(), "hunter2".to_owned()),
+    ]);
+    let storage = Storage::open_with_options("s3://bucket/p", &options).unwrap();
+    let shown = format!("{storage} {storage:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(!shown.contains("AKIAEXAMPLE"), "{shown}");
+}
