@@ -13,7 +13,9 @@ use std::time::{Instant, SystemTime};
 use futures::future::join_all;
 
 use crate::adapters::{self, AdapterConfig, AdapterError, CutMarker, Prepared};
-use crate::coordinator::{self, PauseFailed, PausePlan, PauseReport, PausedCluster, required_window};
+use crate::coordinator::{
+    self, PauseFailed, PausePlan, PauseReport, PausedCluster, required_window,
+};
 use crate::grpc::client::{ConnectOptions, TlsOptions};
 use crate::manifest::{self, DatabaseEntry, Manifest, Timings};
 use crate::pipeline::{self, PipelineSettings};
@@ -42,15 +44,34 @@ pub enum BackupError {
     #[error(transparent)]
     Pause(#[from] PauseFailed),
     #[error("cut failed: {reason}; the cluster was released and nothing was written")]
-    Cut { reason: String, window: Box<PauseReport> },
-    #[error("some nodes could not be released ({nodes}); they reopen when their lease expires; nothing was written")]
-    Unpause { nodes: String, window: Box<PauseReport> },
+    Cut {
+        reason: String,
+        window: Box<PauseReport>,
+    },
+    #[error(
+        "some nodes could not be released ({nodes}); they reopen when their lease expires; nothing was written"
+    )]
+    Unpause {
+        nodes: String,
+        window: Box<PauseReport>,
+    },
     #[error("the pause window is not a valid restore point ({reasons}); nothing was copied")]
-    WindowInvalid { reasons: String, window: Box<PauseReport> },
+    WindowInvalid {
+        reasons: String,
+        window: Box<PauseReport>,
+    },
     #[error("copy failed: {reason}; the partial backup {backup_id} was deleted and is not listed")]
-    Copy { backup_id: String, reason: String, window: Box<PauseReport> },
+    Copy {
+        backup_id: String,
+        reason: String,
+        window: Box<PauseReport>,
+    },
     #[error("writing the manifest of {backup_id} failed: {reason}; the backup is not listed")]
-    Commit { backup_id: String, reason: String, window: Box<PauseReport> },
+    Commit {
+        backup_id: String,
+        reason: String,
+        window: Box<PauseReport>,
+    },
 }
 
 impl BackupError {
@@ -70,7 +91,7 @@ impl BackupError {
 /// Runs one backup to its commit point and returns the committed manifest.
 pub async fn run(runbook: &Runbook, progress: ProgressSink) -> Result<Manifest, BackupError> {
     let started = Instant::now();
-    let storage = Storage::from_url(&runbook.storage.url, &runbook.storage.options)
+    let storage = Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)
         .map_err(|error| BackupError::Setup(error.to_string()))?;
     let settings = pipeline_settings(runbook)?;
     let plan = pause_plan(&runbook.pause).await?;
@@ -79,6 +100,22 @@ pub async fn run(runbook: &Runbook, progress: ProgressSink) -> Result<Manifest, 
         .iter()
         .map(|database| adapters::build(&database.name, &database.adapter))
         .collect();
+    // Artifact paths are known (and checked) before anything is contacted.
+    let backup_id = manifest::new_backup_id();
+    let paths = adapters
+        .iter()
+        .zip(&runbook.databases)
+        .map(|(adapter, database)| {
+            let path = manifest::artifact_path(
+                &backup_id,
+                adapter.name(),
+                adapter.artifact_extension(),
+                &settings,
+            );
+            path.map(|path| has_copy(&database.adapter).then_some(path))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| BackupError::Setup(error.to_string()))?;
 
     // 2. Prepare: connect and check every database before anything is paused.
     progress(Progress::Phase("prepare"));
@@ -87,17 +124,21 @@ pub async fn run(runbook: &Runbook, progress: ProgressSink) -> Result<Manifest, 
     let prepare_ms = elapsed_ms(started);
 
     // 3–4. Pause, then cut every database inside the pause.
-    let backup_id = manifest::new_backup_id();
     progress(Progress::Phase("pause"));
     let paused_at = Instant::now();
     let mut paused = coordinator::pause(&plan).await?;
+    // The window starts once every node has paused, which is now.
+    let window_started = tokio::time::Instant::now();
     progress(Progress::Phase("cut"));
     let cut_started = Instant::now();
     let cuts = cut_all(&mut prepared, &backup_id, &mut paused, &runbook.pause).await;
     let cut_ms = elapsed_ms(cut_started);
     if cuts.is_ok() {
-        let hold = required_window(paused.record().skew_bound_ms, runbook.pause.min_window.unwrap_or_default());
-        paused.hold_until(tokio::time::Instant::from_std(paused_at) + hold).await;
+        let hold = required_window(
+            paused.record().skew_bound_ms,
+            runbook.pause.min_window.unwrap_or_default(),
+        );
+        paused.hold_until(window_started + hold).await;
     }
 
     // 5. Unpause, and prove the window.
@@ -107,11 +148,24 @@ pub async fn run(runbook: &Runbook, progress: ProgressSink) -> Result<Manifest, 
     let window = PauseReport::closed(&released, Zone::UTC);
     let markers = match cuts {
         Ok(markers) => markers,
-        Err(reason) => return Err(BackupError::Cut { reason, window: Box::new(window) }),
+        Err(reason) => {
+            return Err(BackupError::Cut {
+                reason,
+                window: Box::new(window),
+            });
+        }
     };
     if !released.all_released() {
-        let nodes = released.still_paused().iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-        return Err(BackupError::Unpause { nodes, window: Box::new(window) });
+        let nodes = released
+            .still_paused()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(BackupError::Unpause {
+            nodes,
+            window: Box::new(window),
+        });
     }
     if !window.window_valid {
         return Err(BackupError::WindowInvalid {
@@ -123,16 +177,28 @@ pub async fn run(runbook: &Runbook, progress: ProgressSink) -> Result<Manifest, 
     // 6. Copy every database, streamed through the pipeline, in parallel.
     progress(Progress::Phase("copy"));
     let copy_started = Instant::now();
-    let copies = join_all(prepared.into_iter().zip(&runbook.databases).map(|(prepared, database)| {
-        let path = manifest::artifact_path(&backup_id, &database.name, adapter_extension(&database.adapter), &settings);
-        copy_one(prepared, database.name.clone(), has_copy(&database.adapter), path, &storage, &settings, progress.clone())
-    }))
+    let copies = join_all(prepared.into_iter().zip(&runbook.databases).zip(paths).map(
+        |((prepared, database), path)| {
+            copy_one(
+                prepared,
+                database.name.clone(),
+                path,
+                &storage,
+                &settings,
+                progress.clone(),
+            )
+        },
+    ))
     .await;
     let copies = match collect(copies) {
         Ok(copies) => copies,
         Err(reason) => {
             discard(&storage, &backup_id).await;
-            return Err(BackupError::Copy { backup_id, reason, window: Box::new(window) });
+            return Err(BackupError::Copy {
+                backup_id,
+                reason,
+                window: Box::new(window),
+            });
         }
     };
     let copy_ms = elapsed_ms(copy_started);
@@ -142,16 +208,19 @@ pub async fn run(runbook: &Runbook, progress: ProgressSink) -> Result<Manifest, 
     let databases = runbook
         .databases
         .iter()
+        .zip(&adapters)
         .zip(markers)
         .zip(copies)
-        .map(|((database, cut), (artifact, summary))| DatabaseEntry {
-            name: database.name.clone(),
-            role: database.role.clone(),
-            adapter: adapter_kind(&database.adapter).to_owned(),
-            cut,
-            artifact,
-            row_counts: summary.row_counts,
-        })
+        .map(
+            |(((database, adapter), cut), (artifact, summary))| DatabaseEntry {
+                name: database.name.clone(),
+                role: database.role.clone(),
+                adapter: adapter.kind().to_owned(),
+                cut,
+                artifact,
+                row_counts: summary.row_counts,
+            },
+        )
         .collect();
     let manifest = Manifest {
         manifest_version: manifest::MANIFEST_VERSION,
@@ -173,7 +242,11 @@ pub async fn run(runbook: &Runbook, progress: ProgressSink) -> Result<Manifest, 
     };
     if let Err(error) = manifest::write(&storage, &manifest).await {
         discard(&storage, &backup_id).await;
-        return Err(BackupError::Commit { backup_id, reason: error.to_string(), window: Box::new(window) });
+        return Err(BackupError::Commit {
+            backup_id,
+            reason: error.to_string(),
+            window: Box::new(window),
+        });
     }
     Ok(manifest)
 }
@@ -210,25 +283,32 @@ async fn cut_all(
 async fn copy_one(
     prepared: Box<dyn Prepared>,
     database: String,
-    has_copy: bool,
-    path: String,
+    path: Option<String>,
     storage: &Storage,
     settings: &PipelineSettings,
     progress: ProgressSink,
 ) -> Result<(Option<pipeline::ArtifactInfo>, adapters::CopySummary), AdapterError> {
     let copy = prepared.copy().await?;
-    if !has_copy {
+    let Some(path) = path else {
         return Ok((None, copy.finished.await?));
-    }
+    };
     let reporter = {
         let (progress, database) = (progress.clone(), database.clone());
-        move |bytes| progress(Progress::Copied { database: database.clone(), bytes })
+        move |bytes| {
+            progress(Progress::Copied {
+                database: database.clone(),
+                bytes,
+            })
+        }
     };
     let stored = pipeline::store(copy.stream, settings, storage, &path, reporter).await;
     // The producer's verdict matters even when storing succeeded: a truncated dump
     // streams happily to its end.
     let finished = copy.finished.await;
-    let artifact = stored.map_err(|error| AdapterError::Copy { database: database.clone(), message: error.to_string() })?;
+    let artifact = stored.map_err(|error| AdapterError::Copy {
+        database: database.clone(),
+        message: error.to_string(),
+    })?;
     let summary = finished?;
     progress(Progress::CopyDone { database });
     Ok((Some(artifact), summary))
@@ -237,7 +317,14 @@ async fn copy_one(
 /// Best-effort removal of a backup that will not be committed. It is not listed
 /// either way (no manifest); this keeps the storage clean.
 async fn discard(storage: &Storage, backup_id: &str) {
-    if let Err(error) = storage.delete_prefix(&manifest::backup_prefix(backup_id)).await {
+    let deleted = match manifest::backup_prefix(backup_id) {
+        Ok(prefix) => storage
+            .delete_prefix(&prefix)
+            .await
+            .map_err(|error| error.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    if let Err(error) = deleted {
         tracing::warn!(%backup_id, %error, "could not delete the artifacts of a failed backup");
     }
 }
@@ -251,15 +338,22 @@ fn collect<T, E: std::fmt::Display>(results: Vec<Result<T, E>>) -> Result<Vec<T>
             Err(error) => errors.push(error.to_string()),
         }
     }
-    if errors.is_empty() { Ok(values) } else { Err(errors.join("; ")) }
+    if errors.is_empty() {
+        Ok(values)
+    } else {
+        Err(errors.join("; "))
+    }
 }
 
 async fn pause_plan(pause: &PauseConfig) -> Result<PausePlan, BackupError> {
     let mut tiers: Vec<Vec<NodeAddress>> = Vec::new();
     for tier in &pause.tiers {
         let nodes = match &tier.srv {
-            Some(name) => resolve_srv(name, pause.dns_server).await.map_err(|error| BackupError::Setup(error.to_string()))?,
-            None => parse_address_list(&tier.addresses.join(",")).map_err(|error| BackupError::Setup(error.to_string()))?,
+            Some(name) => resolve_srv(name, pause.dns_server)
+                .await
+                .map_err(|error| BackupError::Setup(error.to_string()))?,
+            None => parse_address_list(&tier.addresses.join(","))
+                .map_err(|error| BackupError::Setup(error.to_string()))?,
         };
         tiers.push(nodes);
     }
@@ -269,15 +363,22 @@ async fn pause_plan(pause: &PauseConfig) -> Result<PausePlan, BackupError> {
         Some(tls) => Some(TlsOptions {
             ca_pem: match &tls.ca_root_cert_path {
                 Some(path) => Some(std::fs::read_to_string(path).map_err(|error| {
-                    BackupError::Setup(format!("reading CA certificate {}: {error}", path.display()))
+                    BackupError::Setup(format!(
+                        "reading CA certificate {}: {error}",
+                        path.display()
+                    ))
                 })?),
                 None => None,
             },
             override_authority: tls.override_authority.clone(),
         }),
     };
-    plan.connect = ConnectOptions { tls, connect_timeout: pause.connect_timeout };
-    plan.validate().map_err(|error| BackupError::Setup(error.to_string()))?;
+    plan.connect = ConnectOptions {
+        tls,
+        connect_timeout: pause.connect_timeout,
+    };
+    plan.validate()
+        .map_err(|error| BackupError::Setup(error.to_string()))?;
     Ok(plan)
 }
 
@@ -288,21 +389,18 @@ fn pipeline_settings(runbook: &Runbook) -> Result<PipelineSettings, BackupError>
         (recipients, None) => pipeline::Encryption::Recipients(recipients.to_vec()),
         (_, Some(path)) => pipeline::Encryption::Passphrase(read_secret(path)?),
     };
-    Ok(PipelineSettings { zstd_level: config.zstd_level, encryption })
+    Ok(PipelineSettings {
+        zstd_level: config.zstd_level,
+        encryption,
+    })
 }
 
 /// The decryption side of the runbook's pipeline, for verify, restore and drill.
 pub fn decryption(runbook: &Runbook) -> Result<pipeline::Decryption, BackupError> {
     let config = &runbook.pipeline;
     if let Some(path) = &config.age_identity_file {
-        let text = read_secret(path)?;
-        let identities = text
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty() && !line.starts_with('#'))
-            .map(str::to_owned)
-            .collect();
-        return Ok(pipeline::Decryption::Identities(identities));
+        return pipeline::Decryption::from_identity_file(path)
+            .map_err(|error| BackupError::Setup(error.to_string()));
     }
     if let Some(path) = &config.age_passphrase_file {
         return Ok(pipeline::Decryption::Passphrase(read_secret(path)?));
@@ -314,24 +412,6 @@ fn read_secret(path: &std::path::Path) -> Result<String, BackupError> {
     std::fs::read_to_string(path)
         .map(|text| text.trim_end_matches(['\r', '\n']).to_owned())
         .map_err(|error| BackupError::Setup(format!("reading {}: {error}", path.display())))
-}
-
-fn adapter_kind(config: &AdapterConfig) -> &'static str {
-    match config {
-        AdapterConfig::Sqlite(_) => "sqlite",
-        AdapterConfig::Postgres(_) => "postgres",
-        AdapterConfig::Mariadb(_) => "mariadb",
-        AdapterConfig::Exec(_) => "exec",
-    }
-}
-
-fn adapter_extension(config: &AdapterConfig) -> &'static str {
-    match config {
-        AdapterConfig::Sqlite(_) => "sqlite",
-        AdapterConfig::Postgres(_) => "pgdump",
-        AdapterConfig::Mariadb(_) => "sql",
-        AdapterConfig::Exec(_) => "bin",
-    }
 }
 
 /// An exec database without a copy command has a cut marker but no artifact.

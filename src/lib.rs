@@ -4,6 +4,7 @@
 //!
 //! - [`resolve`]: node addresses from lists and DNS SRV records.
 //! - [`runbook`]: the TOML file a scheduled backup runs from.
+//! - [`backup`]: protocol steps 2–7 for one runbook.
 //! - [`adapters`]: prepare, cut, copy and restore each kind of database.
 //! - [`pipeline`]: compression, encryption and checksums between a copy and storage.
 //! - [`storage`]: local directories and S3-compatible object storage.
@@ -19,6 +20,7 @@
 //! - [`time`]: Unix milliseconds, human durations, time zones.
 
 pub mod adapters;
+pub mod backup;
 pub mod catalog;
 pub mod coordinator;
 pub mod gate;

@@ -35,7 +35,8 @@ pub fn load_runbook(path: &std::path::Path) -> Result<Runbook, Failure> {
 
 pub async fn backup(args: BackupArgs) -> Result<u8, Failure> {
     let runbook = load_runbook(&args.config)?;
-    let bars = (args.output == OutputFormat::Text && std::io::stderr().is_terminal()).then(Bars::default);
+    let bars =
+        (args.output == OutputFormat::Text && std::io::stderr().is_terminal()).then(Bars::default);
     let progress: backup::ProgressSink = match &bars {
         Some(bars) => {
             let bars = bars.clone();
@@ -55,7 +56,9 @@ pub async fn backup(args: BackupArgs) -> Result<u8, Failure> {
         Err(error) => {
             if let Some(window) = error.window() {
                 match args.output {
-                    OutputFormat::Json => print_json(&serde_json::json!({ "error": error.to_string(), "window": window })),
+                    OutputFormat::Json => print_json(
+                        &serde_json::json!({ "error": error.to_string(), "window": window }),
+                    ),
                     OutputFormat::Text => eprint!("{}", render_text(window)),
                 }
             } else if args.output == OutputFormat::Json {
@@ -73,9 +76,10 @@ fn exit_code(error: &BackupError) -> u8 {
         BackupError::Pause(_) => exit::PAUSE_FAILED,
         BackupError::Unpause { .. } => exit::UNPAUSE_FAILED,
         BackupError::WindowInvalid { .. } => exit::WINDOW_INVALID,
-        BackupError::Prepare(_) | BackupError::Cut { .. } | BackupError::Copy { .. } | BackupError::Commit { .. } => {
-            exit::BACKUP_FAILED
-        }
+        BackupError::Prepare(_)
+        | BackupError::Cut { .. }
+        | BackupError::Copy { .. }
+        | BackupError::Commit { .. } => exit::BACKUP_FAILED,
     }
 }
 
@@ -87,19 +91,44 @@ fn print_manifest(manifest: &Manifest, runbook: &Runbook, format: OutputFormat) 
             "manifest": manifest,
         })),
         OutputFormat::Text => {
-            println!("backup {} committed to {}", manifest.backup_id, runbook.storage.url);
+            println!(
+                "backup {} committed to {}",
+                manifest.backup_id, runbook.storage.url
+            );
             print!("{}", render_text(&manifest.window));
             for database in &manifest.databases {
-                let size = database.artifact.as_ref().map_or("no artifact".to_owned(), |artifact| {
-                    format!("{} → {} stored", human_bytes(artifact.size), human_bytes(artifact.stored_size))
-                });
-                let cut: Vec<String> = database.cut.details.iter().map(|(key, value)| format!("{key}={value}")).collect();
-                println!("  {:<12} {:<9} {size}; cut {}", database.name, database.adapter, cut.join(" "));
+                let size =
+                    database
+                        .artifact
+                        .as_ref()
+                        .map_or("no artifact".to_owned(), |artifact| {
+                            format!(
+                                "{} → {} stored",
+                                human_bytes(artifact.size),
+                                human_bytes(artifact.stored_size)
+                            )
+                        });
+                let cut: Vec<String> = database
+                    .cut
+                    .details
+                    .iter()
+                    .map(|(key, value)| format!("{key}={value}"))
+                    .collect();
+                println!(
+                    "  {:<12} {:<9} {size}; cut {}",
+                    database.name,
+                    database.adapter,
+                    cut.join(" ")
+                );
             }
             let timings = &manifest.timings;
             println!(
                 "  timings: prepare {}ms, paused {}ms (cut {}ms), copy {}ms, total {}ms",
-                timings.prepare_ms, timings.pause_ms, timings.cut_ms, timings.copy_ms, timings.total_ms
+                timings.prepare_ms,
+                timings.pause_ms,
+                timings.cut_ms,
+                timings.copy_ms,
+                timings.total_ms
             );
         }
     }
@@ -113,7 +142,11 @@ pub fn human_bytes(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// One spinner per database while copying, on stderr.
@@ -130,12 +163,17 @@ impl Bars {
                 let _ = self.multi.println(format!("… {phase}"));
             }
             Progress::Copied { database, bytes } => {
-                let mut bars = self.bars.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut bars = self
+                    .bars
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
                 let bar = bars.entry(database.clone()).or_insert_with(|| {
                     let bar = self.multi.add(ProgressBar::new_spinner());
                     bar.set_style(
-                        ProgressStyle::with_template("{spinner} {prefix:<12} {bytes} ({bytes_per_sec})")
-                            .expect("valid template"),
+                        ProgressStyle::with_template(
+                            "{spinner} {prefix:<12} {bytes} ({bytes_per_sec})",
+                        )
+                        .expect("valid template"),
                     );
                     bar.set_prefix(database);
                     bar
@@ -144,7 +182,12 @@ impl Bars {
                 bar.tick();
             }
             Progress::CopyDone { database } => {
-                if let Some(bar) = self.bars.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&database) {
+                if let Some(bar) = self
+                    .bars
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .get(&database)
+                {
                     bar.finish();
                 }
             }

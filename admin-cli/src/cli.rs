@@ -2,6 +2,8 @@
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
+use crate::backup::{self, BackupArgs};
+use crate::catalog::{self, CatalogArgs, PruneArgs, ShowArgs};
 use crate::demo::{self, DemoArgs};
 use crate::exit::{self, Failure};
 use crate::pause::{self, InspectArgs, PauseArgs, UnpauseArgs};
@@ -50,6 +52,18 @@ pub enum Command {
     CheckPaused(InspectArgs),
     /// Print each node's Stats JSON (gate counters, pause state).
     Stats(InspectArgs),
+    /// Back up every database of a runbook's cluster inside one pause: prepare, pause,
+    /// cut, unpause, copy (zstd → age → BLAKE3) to storage, commit the manifest.
+    #[command(after_help = exit::HELP)]
+    Backup(BackupArgs),
+    /// List the committed backups in a runbook's storage (newest first).
+    List(CatalogArgs),
+    /// Show one backup's manifest: window, restore point, cuts, artifacts.
+    Show(ShowArgs),
+    /// Re-read every artifact of a backup: checksum, decryption, decompression.
+    Verify(ShowArgs),
+    /// Delete backups the retention policy does not keep (manifest first).
+    Prune(PruneArgs),
     /// Start a local reference cluster (3 ledger nodes + 1 auditor on SQLite) under
     /// load, pause it, check both databases, print a report and clean up.
     Demo(DemoArgs),
@@ -64,6 +78,11 @@ pub async fn run() -> Result<u8, Failure> {
         Command::Unpause(args) => pause::unpause(args, sub).await,
         Command::CheckPaused(args) => pause::check_paused(args, sub).await,
         Command::Stats(args) => pause::stats(args, sub).await,
+        Command::Backup(args) => backup::backup(args).await,
+        Command::List(args) => catalog::list(args).await,
+        Command::Show(args) => catalog::show(args).await,
+        Command::Verify(args) => catalog::verify(args).await,
+        Command::Prune(args) => catalog::prune(args).await,
         Command::Demo(args) => demo::demo(args).await,
     }
 }

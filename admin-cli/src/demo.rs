@@ -1,22 +1,28 @@
 //! `stillpoint demo`: the README's first command. Starts a local reference cluster (3
 //! ledger nodes sharing one SQLite ledger database, 1 auditor with its own) as real
-//! `ledger-node` processes, runs a load against it, pauses the whole cluster for a
-//! short window, checks the invariants across both databases (nothing committed inside
-//! the window, balances, hash chain, ledger = auditor), prints a short report and
-//! cleans up.
+//! `ledger-node` processes under load, backs it up (one pause, both databases cut
+//! inside it, copies through zstd + age into a local directory), restores both copies
+//! into fresh files, checks the invariants across the restored pair (balances, hash
+//! chain, ledger = auditor) and that nothing committed inside the window, prints a
+//! short report and cleans up.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use age::secrecy::ExposeSecret as _;
 use anyhow::{Context as _, bail};
 use clap::Args;
-use stillpoint::coordinator::{self, PausePlan, PauseReport};
+use stillpoint::coordinator::PauseReport;
 use stillpoint::resolve::NodeAddress;
-use stillpoint::time::Zone;
+use stillpoint::runbook::Runbook;
+use stillpoint::storage::Storage;
+use stillpoint::{adapters, backup, pipeline};
 
 use crate::args::{OutputFormat, duration};
+use crate::backup::human_bytes;
 use crate::exit::{self, Failure};
 use crate::output::{print_json, render_text};
 
@@ -25,7 +31,7 @@ pub struct DemoArgs {
     /// `text` for people, `json` for scripts.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
-    /// How long the cluster stays paused.
+    /// The shortest pause window (the cluster is held at least this long).
     #[arg(long, default_value = "200ms", value_parser = duration, value_name = "DURATION")]
     pub hold_for: Duration,
     /// Concurrent clients of the load generator.
@@ -36,10 +42,16 @@ pub struct DemoArgs {
 #[derive(Debug, serde::Serialize)]
 struct DemoReport {
     ok: bool,
+    backup_id: String,
+    backup_ms: u64,
+    stored_bytes: u64,
     window: PauseReport,
     requests_held_during_pause: u64,
     load: serde_json::Value,
-    check: serde_json::Value,
+    /// `ledger-node check` of the restored copies.
+    restored_check: serde_json::Value,
+    /// `ledger-node check` of the live databases: nothing committed inside the window.
+    live_check: serde_json::Value,
     elapsed_ms: u64,
 }
 
@@ -47,8 +59,10 @@ pub async fn demo(args: DemoArgs) -> Result<u8, Failure> {
     let started = Instant::now();
     let ledger_node = sibling_binary("ledger-node")?;
     let dir = tempfile::tempdir().context("creating a scratch directory")?;
-    let ledger_db = format!("sqlite:{}", dir.path().join("ledger.db").display());
-    let auditor_db = format!("sqlite:{}", dir.path().join("auditor.db").display());
+    let ledger_path = dir.path().join("ledger.db");
+    let auditor_path = dir.path().join("auditor.db");
+    let ledger_db = format!("sqlite:{}", ledger_path.display());
+    let auditor_db = format!("sqlite:{}", auditor_path.display());
     let say = |line: &str| {
         if args.output == OutputFormat::Text {
             println!("{line}");
@@ -97,66 +111,111 @@ pub async fn demo(args: DemoArgs) -> Result<u8, Failure> {
     let load = children.adopt(load);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    say(&format!(
-        "pausing ledgers, then the auditor, for {} …",
-        stillpoint::time::format_duration(args.hold_for)
-    ));
+    say("backing up: pause ledgers then auditor, cut both databases, unpause, copy …");
+    let key = age::x25519::Identity::generate();
+    let key_file = dir.path().join("age-key.txt");
+    std::fs::write(&key_file, key.to_string().expose_secret())
+        .context("writing the demo's age key")?;
+    let storage_dir = dir.path().join("backups");
+    std::fs::create_dir_all(&storage_dir)?;
+    let runbook = demo_runbook(
+        &ledgers,
+        &auditor,
+        &args,
+        [&ledger_path, &auditor_path],
+        &key,
+        &key_file,
+        &storage_dir,
+    )?;
     let held_before = held_total(&ledgers).await;
-    let plan = PausePlan::new(
-        vec![ledgers.clone(), vec![auditor.clone()]],
-        Duration::from_secs(30),
-        Duration::from_secs(10),
-    );
-    let mut paused = coordinator::pause(&plan)
+    let backup_started = Instant::now();
+    let manifest = backup::run(&runbook, Arc::new(|_| {}))
         .await
-        .map_err(|failure| Failure::new(exit::PAUSE_FAILED, failure))?;
-    paused
-        .hold_until(tokio::time::Instant::now() + args.hold_for)
-        .await;
-    let released = paused.release().await;
-    let window = PauseReport::closed(&released, Zone::UTC);
+        .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?;
+    let backup_ms = backup_started.elapsed().as_millis() as u64;
     let requests_held = held_total(&ledgers).await.saturating_sub(held_before);
+    let window = manifest.window.clone();
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let load = children.stop_with_output(load)?;
     let load: serde_json::Value =
         serde_json::from_slice(&load).context("reading the load report")?;
 
-    say("checking both databases …");
-    let (start, end) = (
+    say("restoring both copies into fresh files …");
+    let restored = dir.path().join("restored");
+    std::fs::create_dir_all(&restored)?;
+    let storage = Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)?;
+    let decryption = backup::decryption(&runbook)?;
+    for (database, config) in manifest.databases.iter().zip(&runbook.databases) {
+        let artifact = database
+            .artifact
+            .as_ref()
+            .context("every demo database has an artifact")?;
+        let stream = pipeline::open(&storage, artifact, &decryption).await?;
+        let target = restored.join(format!("{}.db", database.name));
+        adapters::build(&database.name, &config.adapter)
+            .restore(stream, &target.display().to_string())
+            .await?;
+    }
+
+    say("checking the restored pair, and that nothing committed inside the window …");
+    let check = |ledger: &str,
+                 auditor: &str,
+                 window: Option<(i64, i64)>|
+     -> anyhow::Result<serde_json::Value> {
+        let mut command = Command::new(&ledger_node);
+        command.args([
+            "check",
+            "--ledger-db",
+            ledger,
+            "--auditor-db",
+            auditor,
+            "--output",
+            "json",
+        ]);
+        if let Some((start, end)) = window {
+            command.args([
+                "--window-start-ms",
+                &start.to_string(),
+                "--window-end-ms",
+                &end.to_string(),
+            ]);
+        }
+        let output = command
+            .stderr(Stdio::null())
+            .output()
+            .context("running ledger-node check")?;
+        serde_json::from_slice(&output.stdout).context("reading the check report")
+    };
+    let restored_check = check(
+        &format!("sqlite:{}", restored.join("ledger.db").display()),
+        &format!("sqlite:{}", restored.join("auditor.db").display()),
+        None,
+    )?;
+    children.stop_all();
+    let bounds = (
         window.pause_start_timestamp_ms.unwrap_or_default(),
         window.pause_end_timestamp_ms.unwrap_or_default(),
     );
-    let check = Command::new(&ledger_node)
-        .args([
-            "check",
-            "--ledger-db",
-            &ledger_db,
-            "--auditor-db",
-            &auditor_db,
-            "--output",
-            "json",
-        ])
-        .args([
-            "--window-start-ms",
-            &start.to_string(),
-            "--window-end-ms",
-            &end.to_string(),
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .context("running ledger-node check")?;
-    let check: serde_json::Value =
-        serde_json::from_slice(&check.stdout).context("reading the check report")?;
-    children.stop_all();
+    let live_check = check(&ledger_db, &auditor_db, Some(bounds))?;
 
-    let ok = window.window_valid && load["failed"] == 0 && check["ok"] == true;
+    let ok = window.window_valid
+        && load["failed"] == 0
+        && restored_check["ok"] == true
+        && live_check["ok"] == true;
     let report = DemoReport {
         ok,
+        backup_id: manifest.backup_id.clone(),
+        backup_ms,
+        stored_bytes: manifest
+            .artifacts()
+            .map(|(_, artifact)| artifact.stored_size)
+            .sum(),
         window,
         requests_held_during_pause: requests_held,
         load,
-        check,
+        restored_check,
+        live_check,
         elapsed_ms: started.elapsed().as_millis() as u64,
     };
     match args.output {
@@ -164,6 +223,60 @@ pub async fn demo(args: DemoArgs) -> Result<u8, Failure> {
         OutputFormat::Text => print_text(&report),
     }
     Ok(if ok { exit::OK } else { exit::ERROR })
+}
+
+/// The runbook an operator would write for this cluster.
+fn demo_runbook(
+    ledgers: &[NodeAddress],
+    auditor: &NodeAddress,
+    args: &DemoArgs,
+    [ledger_path, auditor_path]: [&Path; 2],
+    key: &age::x25519::Identity,
+    key_file: &Path,
+    storage: &Path,
+) -> anyhow::Result<Runbook> {
+    let quoted = ledgers
+        .iter()
+        .map(|address| format!("\"{address}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        r#"cluster = "demo"
+[pause]
+tiers = [{{ addresses = [{quoted}] }}, {{ addresses = ["{auditor}"] }}]
+lease = "30s"
+max_wait = "10s"
+min_window = "{hold}ms"
+
+[[databases]]
+name = "ledger"
+role = "ledger"
+adapter = "sqlite"
+path = "{ledger}"
+
+[[databases]]
+name = "auditor"
+role = "auditor"
+adapter = "sqlite"
+path = "{auditor_db}"
+
+[pipeline]
+zstd_level = 3
+age_recipients = ["{recipient}"]
+age_identity_file = "{key_file}"
+
+[storage]
+url = "file://{storage}"
+"#,
+        hold = args.hold_for.as_millis(),
+        ledger = ledger_path.display(),
+        auditor_db = auditor_path.display(),
+        recipient = key.to_public(),
+        key_file = key_file.display(),
+        storage = storage.display(),
+    );
+    Runbook::parse(&text, Path::new("."))
+        .map_err(|error| anyhow::anyhow!("the demo's runbook is invalid: {error}"))
 }
 
 fn print_text(report: &DemoReport) {
@@ -174,13 +287,30 @@ fn print_text(report: &DemoReport) {
         report.requests_held_during_pause
     );
     println!(
-        "load: {} ok, {} rejected, {} failed; p99 {} ms",
+        "load: {} ok, {} rejected, {} failed; p99 {:.1} ms",
         report.load["ok"],
         report.load["rejected"],
         report.load["failed"],
         report.load["latency_ms"]["p99"]
+            .as_f64()
+            .unwrap_or_default()
     );
-    for check in report.check["checks"].as_array().into_iter().flatten() {
+    println!(
+        "backup {}: {} stored in {:.1}s (zstd + age), restored into fresh files",
+        report.backup_id,
+        human_bytes(report.stored_bytes),
+        report.backup_ms as f64 / 1000.0
+    );
+    let restored = report.restored_check["checks"]
+        .as_array()
+        .into_iter()
+        .flatten();
+    let quiet = report.live_check["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|check| check["name"] == "quiet_window");
+    for check in restored.chain(quiet) {
         let mark = if check["ok"] == true { "ok  " } else { "FAIL" };
         println!(
             "check {mark} {}: {}",

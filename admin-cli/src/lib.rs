@@ -3,6 +3,8 @@
 //!
 //! - `args.rs`: flags shared by every cluster command (targets, TLS, output).
 //! - `pause.rs`: `pause`, `unpause`, `check-paused`, `stats`.
+//! - `backup.rs`: `backup`, with progress bars.
+//! - `catalog.rs`: `list`, `show`, `verify`, `prune`.
 //! - `demo.rs`: `demo`, a local reference cluster paused and checked.
 //! - `scalar_admin.rs`: the upstream-compatible `scalar-admin` flags.
 //! - `state.rs`: the state file that carries a pause from `pause` to `unpause`.
@@ -10,6 +12,8 @@
 //! - `exit.rs`: exit codes.
 
 pub mod args;
+pub mod backup;
+pub mod catalog;
 pub mod cli;
 pub mod demo;
 pub mod exit;

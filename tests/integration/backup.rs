@@ -66,8 +66,15 @@ fn shell(script: &str) -> std::process::Output {
 
 fn nobody_paused(cluster: &Cluster) -> bool {
     let nodes = format!("{},{}", cluster.ledger_tier(), cluster.auditor.address);
-    let (_, report) = run_json("stillpoint", &["check-paused", "-a", &nodes, "--output", "json"]);
-    report["nodes"].as_array().unwrap().iter().all(|node| node["paused"] == false)
+    let (_, report) = run_json(
+        "stillpoint",
+        &["check-paused", "-a", &nodes, "--output", "json"],
+    );
+    report["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|node| node["paused"] == false)
 }
 
 /// The main scenario: ledger on PostgreSQL, auditor on MariaDB, under load;
@@ -88,9 +95,11 @@ fn postgres_ledger_and_mariadb_auditor_back_up_consistently_under_load() {
         tempfile::tempdir().unwrap(),
     );
     let load = Load::start(&cluster.ledger_tier(), 8, &[]);
-    wait_until(Duration::from_secs(60), "the load to commit transfers", || {
-        cluster.transactions() >= 50
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "the load to commit transfers",
+        || cluster.transactions() >= 50,
+    );
 
     let key = dir.path().join("age-key.txt");
     let keygen = shell(&format!("age-keygen -o {} 2>&1", key.display()));
@@ -108,27 +117,53 @@ fn postgres_ledger_and_mariadb_auditor_back_up_consistently_under_load() {
             postgres.url("ledger"),
             mariadb.url("auditor")
         ),
-        &format!("zstd_level = 3\nage_recipients = [\"{recipient}\"]\nage_identity_file = \"{}\"", key.display()),
+        &format!(
+            "zstd_level = 3\nage_recipients = [\"{recipient}\"]\nage_identity_file = \"{}\"",
+            key.display()
+        ),
     );
     let (code, report) = run_json(
         "stillpoint",
-        &["backup", "--config", runbook.to_str().unwrap(), "--output", "json"],
+        &[
+            "backup",
+            "--config",
+            runbook.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
     );
     let committed_before_stop = cluster.transactions();
-    wait_until(Duration::from_secs(30), "the load to go on after the backup", || {
-        cluster.transactions() > committed_before_stop + 20
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "the load to go on after the backup",
+        || cluster.transactions() > committed_before_stop + 20,
+    );
     let load = load.stop();
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(load["failed"], 0, "{load:#}");
     let manifest = &report["manifest"];
     assert_eq!(manifest["window"]["window_valid"], true);
-    assert!(manifest["databases"][0]["cut"]["details"]["lsn"].is_string(), "{manifest:#}");
-    assert!(manifest["databases"][1]["cut"]["details"].as_object().unwrap().len() > 0);
+    assert!(
+        manifest["databases"][0]["cut"]["details"]["lsn"].is_string(),
+        "{manifest:#}"
+    );
+    assert!(
+        manifest["databases"][1]["cut"]["details"]
+            .as_object()
+            .unwrap()
+            .len()
+            > 0
+    );
 
     // Restore with the standard tools, as an operator without stillpoint could.
     let storage = dir.path().join("backups");
-    let artifact = |index: usize| storage.join(manifest["databases"][index]["artifact"]["path"].as_str().unwrap());
+    let artifact = |index: usize| {
+        storage.join(
+            manifest["databases"][index]["artifact"]["path"]
+                .as_str()
+                .unwrap(),
+        )
+    };
     let ledger_dump = dir.path().join("ledger.pgdump");
     shell(&format!(
         "age -d -i {} {} | zstd -d -q -o {}",
@@ -136,8 +171,15 @@ fn postgres_ledger_and_mariadb_auditor_back_up_consistently_under_load() {
         artifact(0).display(),
         ledger_dump.display()
     ));
-    let listing = shell(&format!("{}/pg_restore --list {}", postgres.bin_dir().display(), ledger_dump.display()));
-    assert!(String::from_utf8_lossy(&listing.stdout).contains("TABLE"), "pg_restore --list shows no table");
+    let listing = shell(&format!(
+        "{}/pg_restore --list {}",
+        postgres.bin_dir().display(),
+        ledger_dump.display()
+    ));
+    assert!(
+        String::from_utf8_lossy(&listing.stdout).contains("TABLE"),
+        "pg_restore --list shows no table"
+    );
     postgres.create_database("restored_ledger");
     shell(&format!(
         "{}/pg_restore --no-owner --exit-on-error -d {} {}",
@@ -157,14 +199,22 @@ fn postgres_ledger_and_mariadb_auditor_back_up_consistently_under_load() {
     let (code, check) = run_json(
         "ledger-node",
         &[
-            "check", "--ledger-db", &postgres.url("restored_ledger"), "--auditor-db",
-            &mariadb.url("restored_auditor"), "--output", "json",
+            "check",
+            "--ledger-db",
+            &postgres.url("restored_ledger"),
+            "--auditor-db",
+            &mariadb.url("restored_auditor"),
+            "--output",
+            "json",
         ],
     );
     assert_eq!(code, 0, "restored copies are inconsistent: {check:#}");
     let restored = check["transactions"].as_u64().unwrap();
     assert!(restored >= 50, "the backup holds {restored} transactions");
-    assert!(restored < cluster.transactions(), "the backup cannot hold transfers made after it");
+    assert!(
+        restored < cluster.transactions(),
+        "the backup cannot hold transfers made after it"
+    );
 }
 
 /// A cut that fails on one database: the cluster is released, the command fails, and
@@ -179,15 +229,32 @@ fn a_failed_cut_releases_the_cluster_and_lists_nothing() {
     );
     let runbook = write_runbook(dir.path(), &cluster, &databases, "");
     let config = runbook.to_str().unwrap();
-    let output = run("stillpoint", &["backup", "--config", config, "--output", "json"]);
+    let output = run(
+        "stillpoint",
+        &["backup", "--config", config, "--output", "json"],
+    );
     assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
-    assert!(stderr(&output).contains("broken"), "the failing database is named: {}", stderr(&output));
+    assert!(
+        stderr(&output).contains("broken"),
+        "the failing database is named: {}",
+        stderr(&output)
+    );
     assert!(nobody_paused(&cluster));
-    let (code, listed) = run_json("stillpoint", &["list", "--config", config, "--output", "json"]);
+    let (code, listed) = run_json(
+        "stillpoint",
+        &["list", "--config", config, "--output", "json"],
+    );
     assert_eq!(code, 0);
     assert_eq!(listed["backups"].as_array().unwrap().len(), 0, "{listed:#}");
-    let (_, orphans) = run_json("stillpoint", &["list", "--config", config, "--output", "json"]);
-    assert_eq!(orphans["incomplete"].as_array().map_or(0, Vec::len), 0, "artifacts were left behind");
+    let (_, orphans) = run_json(
+        "stillpoint",
+        &["list", "--config", config, "--output", "json"],
+    );
+    assert_eq!(
+        orphans["incomplete"].as_array().map_or(0, Vec::len),
+        0,
+        "artifacts were left behind"
+    );
 }
 
 /// Backups of a live SQLite cluster; list, show, verify (and a flipped byte), prune.
@@ -196,40 +263,68 @@ fn catalog_commands_list_show_verify_and_prune() {
     let cluster = Cluster::start(2);
     let load = Load::start(&cluster.ledger_tier(), 4, &[]);
     let dir = tempfile::tempdir().unwrap();
-    let runbook = write_runbook(dir.path(), &cluster, &sqlite_databases(&cluster), "zstd_level = 3");
+    let runbook = write_runbook(
+        dir.path(),
+        &cluster,
+        &sqlite_databases(&cluster),
+        "zstd_level = 3",
+    );
     let config = runbook.to_str().unwrap();
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let (code, report) = run_json("stillpoint", &["backup", "--config", config, "--output", "json"]);
+        let (code, report) = run_json(
+            "stillpoint",
+            &["backup", "--config", config, "--output", "json"],
+        );
         assert_eq!(code, 0, "{report:#}");
         ids.push(report["backup_id"].as_str().unwrap().to_owned());
     }
     assert_eq!(load.stop()["failed"], 0);
 
-    let (code, listed) = run_json("stillpoint", &["list", "--config", config, "--output", "json"]);
+    let (code, listed) = run_json(
+        "stillpoint",
+        &["list", "--config", config, "--output", "json"],
+    );
     assert_eq!(code, 0);
-    let listed_ids: Vec<&str> = listed["backups"].as_array().unwrap().iter().map(|b| b["backup_id"].as_str().unwrap()).collect();
+    let listed_ids: Vec<&str> = listed["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["backup_id"].as_str().unwrap())
+        .collect();
     let newest_first: Vec<&str> = ids.iter().rev().map(String::as_str).collect();
     assert_eq!(listed_ids, newest_first);
     let table = run("stillpoint", &["list", "--config", config]);
     assert!(String::from_utf8_lossy(&table.stdout).contains(&ids[0]));
 
-    let (code, shown) = run_json("stillpoint", &["show", &ids[1], "--config", config, "--output", "json"]);
+    let (code, shown) = run_json(
+        "stillpoint",
+        &["show", &ids[1], "--config", config, "--output", "json"],
+    );
     assert_eq!(code, 0);
     assert_eq!(shown["backup_id"], ids[1].as_str());
 
-    let (code, verified) = run_json("stillpoint", &["verify", "latest", "--config", config, "--output", "json"]);
+    let (code, verified) = run_json(
+        "stillpoint",
+        &["verify", "latest", "--config", config, "--output", "json"],
+    );
     assert_eq!(code, 0, "{verified:#}");
     assert_eq!(verified["ok"], true);
 
     // Flip one byte of the newest ledger artifact: verify must fail and name it.
-    let artifact = shown["databases"][0]["artifact"]["path"].as_str().unwrap().replace(&ids[1], &ids[2]);
+    let artifact = shown["databases"][0]["artifact"]["path"]
+        .as_str()
+        .unwrap()
+        .replace(&ids[1], &ids[2]);
     let file = dir.path().join("backups").join(&artifact);
     let mut bytes = std::fs::read(&file).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x40;
     std::fs::write(&file, bytes).unwrap();
-    let output = run("stillpoint", &["verify", "latest", "--config", config, "--output", "json"]);
+    let output = run(
+        "stillpoint",
+        &["verify", "latest", "--config", config, "--output", "json"],
+    );
     assert_eq!(output.status.code(), Some(6));
     let verified: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(verified["ok"], false);
@@ -237,15 +332,45 @@ fn catalog_commands_list_show_verify_and_prune() {
 
     let (code, plan) = run_json(
         "stillpoint",
-        &["prune", "--config", config, "--keep-last", "1", "--dry-run", "--output", "json"],
+        &[
+            "prune",
+            "--config",
+            config,
+            "--keep-last",
+            "1",
+            "--dry-run",
+            "--output",
+            "json",
+        ],
     );
     assert_eq!(code, 0, "{plan:#}");
     assert_eq!(plan["delete"].as_array().unwrap().len(), 2);
-    let (_, listed) = run_json("stillpoint", &["list", "--config", config, "--output", "json"]);
-    assert_eq!(listed["backups"].as_array().unwrap().len(), 3, "a dry run deleted something");
-    let (code, _) = run_json("stillpoint", &["prune", "--config", config, "--keep-last", "1", "--output", "json"]);
+    let (_, listed) = run_json(
+        "stillpoint",
+        &["list", "--config", config, "--output", "json"],
+    );
+    assert_eq!(
+        listed["backups"].as_array().unwrap().len(),
+        3,
+        "a dry run deleted something"
+    );
+    let (code, _) = run_json(
+        "stillpoint",
+        &[
+            "prune",
+            "--config",
+            config,
+            "--keep-last",
+            "1",
+            "--output",
+            "json",
+        ],
+    );
     assert_eq!(code, 0);
-    let (_, listed) = run_json("stillpoint", &["list", "--config", config, "--output", "json"]);
+    let (_, listed) = run_json(
+        "stillpoint",
+        &["list", "--config", config, "--output", "json"],
+    );
     assert_eq!(listed["backups"][0]["backup_id"], ids[2].as_str());
     assert_eq!(listed["backups"].as_array().unwrap().len(), 1);
 }

@@ -118,9 +118,10 @@ fn unreachable_node_fails_the_pause_cleanly() {
     assert!(stderr(&output).contains("127.0.0.1:1"));
 }
 
-/// The README's first command, run as a user would (JSON, to read the verdict).
+/// The README's first command, run as a user would (JSON, to read the verdict): a
+/// backup of a live cluster, restored, and the restored pair passes the checks.
 #[test]
-fn demo_pauses_a_local_cluster_and_its_checks_pass() {
+fn demo_backs_up_restores_and_checks_a_local_cluster() {
     let (code, report) = crate::util::run_json("stillpoint", &["demo", "--output", "json"]);
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["ok"], true);

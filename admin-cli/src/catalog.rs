@@ -1,0 +1,286 @@
+//! `stillpoint list`, `show`, `verify` and `prune`: the read side of a runbook's
+//! storage. A backup is listed only when its manifest is committed; damaged manifests
+//! and incomplete backups are reported by name, never a crash.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use stillpoint::catalog::{self, CheckOutcome};
+use stillpoint::manifest::Manifest;
+use stillpoint::storage::Storage;
+
+use crate::args::OutputFormat;
+use crate::backup::{human_bytes, load_runbook};
+use crate::exit::{self, Failure};
+use crate::output::{print_json, render_text};
+
+#[derive(Debug, Clone, Args)]
+pub struct CatalogArgs {
+    /// The runbook whose storage to read.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// `text` for people, `json` for scripts.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ShowArgs {
+    /// A backup id, or `latest`.
+    pub backup: String,
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
+    /// Keep the N newest backups (overrides the runbook's [retention]).
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest backup of each of the last D days that have backups.
+    #[arg(long, value_name = "D")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest backup of each of the last W ISO weeks that have backups.
+    #[arg(long, value_name = "W")]
+    pub keep_weekly: Option<u32>,
+    /// Print what would be deleted, delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+async fn open(args: &CatalogArgs) -> Result<(stillpoint::runbook::Runbook, Storage), Failure> {
+    let runbook = load_runbook(&args.config)?;
+    let storage = Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
+    Ok((runbook, storage))
+}
+
+pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
+    let (_, storage) = open(&args).await?;
+    let found = catalog::list(&storage).await?;
+    match args.output {
+        OutputFormat::Json => print_json(&serde_json::json!({
+            "storage": found.storage,
+            "backups": found.backups.iter().map(summary).collect::<Vec<_>>(),
+            "damaged": found.damaged.iter().map(|d| serde_json::json!({"path": d.path, "error": d.error})).collect::<Vec<_>>(),
+            "incomplete": found.orphans().iter().map(|o| serde_json::json!({
+                "backup_id": o.backup_id, "prefix": o.prefix, "objects": o.objects, "bytes": o.bytes,
+            })).collect::<Vec<_>>(),
+        })),
+        OutputFormat::Text => {
+            if found.backups.is_empty() {
+                println!("no backups in {}", found.storage);
+            } else {
+                println!(
+                    "{:<26} {:<30} {:<6} {:>10}  DATABASES",
+                    "BACKUP", "RESTORE POINT (UTC)", "VALID", "STORED"
+                );
+                for manifest in &found.backups {
+                    let stored: u64 = manifest
+                        .artifacts()
+                        .map(|(_, artifact)| artifact.stored_size)
+                        .sum();
+                    let names: Vec<&str> = manifest
+                        .databases
+                        .iter()
+                        .map(|db| db.name.as_str())
+                        .collect();
+                    println!(
+                        "{:<26} {:<30} {:<6} {:>10}  {}",
+                        manifest.backup_id,
+                        manifest
+                            .window
+                            .restore_point_date_time
+                            .as_deref()
+                            .unwrap_or("-"),
+                        if manifest.window.window_valid {
+                            "yes"
+                        } else {
+                            "NO"
+                        },
+                        human_bytes(stored),
+                        names.join(", ")
+                    );
+                }
+            }
+            for damaged in &found.damaged {
+                println!("damaged manifest {}: {}", damaged.path, damaged.error);
+            }
+            for orphan in found.orphans() {
+                println!(
+                    "incomplete backup {} ({} objects, {}) is not listed; `stillpoint prune` removes it",
+                    orphan.prefix,
+                    orphan.objects,
+                    human_bytes(orphan.bytes)
+                );
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn summary(manifest: &Manifest) -> serde_json::Value {
+    serde_json::json!({
+        "backup_id": manifest.backup_id,
+        "cluster": manifest.cluster,
+        "created_at_ms": manifest.created_at_ms,
+        "window_valid": manifest.window.window_valid,
+        "restore_point_timestamp_ms": manifest.window.restore_point_timestamp_ms,
+        "restore_point_date_time": manifest.window.restore_point_date_time,
+        "databases": manifest.databases.iter().map(|db| &db.name).collect::<Vec<_>>(),
+        "stored_bytes": manifest.artifacts().map(|(_, artifact)| artifact.stored_size).sum::<u64>(),
+    })
+}
+
+pub async fn show(args: ShowArgs) -> Result<u8, Failure> {
+    let (_, storage) = open(&args.catalog).await?;
+    let found = catalog::list(&storage).await?;
+    let manifest =
+        catalog::resolve(&found, &args.backup).map_err(|error| Failure::new(exit::USAGE, error))?;
+    match args.catalog.output {
+        OutputFormat::Json => print_json(manifest),
+        OutputFormat::Text => {
+            println!(
+                "backup {} of cluster {} ({})",
+                manifest.backup_id, manifest.cluster, manifest.status
+            );
+            print!("{}", render_text(&manifest.window));
+            for database in &manifest.databases {
+                println!(
+                    "  database {} ({}, {})",
+                    database.name,
+                    database.role.as_deref().unwrap_or("-"),
+                    database.adapter
+                );
+                for (key, value) in &database.cut.details {
+                    println!("    cut {key} = {value}");
+                }
+                if let Some(artifact) = &database.artifact {
+                    println!(
+                        "    artifact {}: {} → {} stored, blake3 {}",
+                        artifact.path,
+                        human_bytes(artifact.size),
+                        human_bytes(artifact.stored_size),
+                        artifact.blake3
+                    );
+                }
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
+    let (runbook, storage) = open(&args.catalog).await?;
+    let decryption = stillpoint::backup::decryption(&runbook)
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
+    let found = catalog::list(&storage).await?;
+    let manifest =
+        catalog::resolve(&found, &args.backup).map_err(|error| Failure::new(exit::USAGE, error))?;
+    let checks = catalog::verify(&storage, manifest, &decryption).await;
+    let ok = checks.iter().all(|check| check.is_sound());
+    let results: Vec<serde_json::Value> = checks
+        .iter()
+        .map(|check| {
+            let path = manifest
+                .databases
+                .iter()
+                .find(|db| db.name == check.database)
+                .and_then(|db| db.artifact.as_ref())
+                .map(|artifact| artifact.path.clone());
+            match &check.outcome {
+                CheckOutcome::NoArtifact => serde_json::json!({"database": check.database, "ok": true, "artifact": null}),
+                CheckOutcome::Sound(report) => serde_json::json!({
+                    "database": check.database, "ok": true, "path": path,
+                    "size": report.size, "stored_size": report.stored_size,
+                }),
+                CheckOutcome::ChecksumOnly { stored_size } => serde_json::json!({
+                    "database": check.database, "ok": true, "path": path, "stored_size": stored_size,
+                    "note": "checksum only: no age identity configured, so decryption and decompression were not tried",
+                }),
+                CheckOutcome::Failed(error) => serde_json::json!({
+                    "database": check.database, "ok": false, "path": path, "error": error.to_string(),
+                }),
+            }
+        })
+        .collect();
+    match args.catalog.output {
+        OutputFormat::Json => print_json(
+            &serde_json::json!({"backup_id": manifest.backup_id, "ok": ok, "artifacts": results}),
+        ),
+        OutputFormat::Text => {
+            for result in &results {
+                let verdict = if result["ok"] == true { "ok  " } else { "FAIL" };
+                let detail = result["error"]
+                    .as_str()
+                    .unwrap_or("checksum, decryption and decompression ok");
+                println!(
+                    "{verdict} {} {}: {detail}",
+                    result["database"].as_str().unwrap_or("?"),
+                    result["path"].as_str().unwrap_or("(no artifact)")
+                );
+            }
+            println!(
+                "backup {}: {}",
+                manifest.backup_id,
+                if ok { "verified" } else { "DAMAGED" }
+            );
+        }
+    }
+    if ok {
+        Ok(exit::OK)
+    } else {
+        Err(Failure::new(
+            exit::BACKUP_FAILED,
+            anyhow::anyhow!("backup {} has damaged artifacts", manifest.backup_id),
+        ))
+    }
+}
+
+pub async fn prune(args: PruneArgs) -> Result<u8, Failure> {
+    let (runbook, storage) = open(&args.catalog).await?;
+    let retention = &runbook.retention;
+    let keep_last = args.keep_last.or(retention.keep_last).unwrap_or(0) as usize;
+    let keep_daily = args.keep_daily.or(retention.keep_daily).unwrap_or(0) as usize;
+    let keep_weekly = args.keep_weekly.or(retention.keep_weekly).unwrap_or(0) as usize;
+    let found = catalog::list(&storage).await?;
+    let plan = catalog::plan_prune(
+        &found.backups,
+        keep_last,
+        keep_daily,
+        keep_weekly,
+        chrono::Utc::now(),
+    )
+    .map_err(|error| Failure::new(exit::USAGE, error))?;
+    let deleted = if args.dry_run {
+        Vec::new()
+    } else {
+        catalog::apply_prune(&storage, &plan).await?
+    };
+    match args.catalog.output {
+        OutputFormat::Json => print_json(&serde_json::json!({
+            "dry_run": args.dry_run,
+            "keep": plan.keep.iter().map(|(id, reasons)| serde_json::json!({"backup_id": id, "reasons": reasons})).collect::<Vec<_>>(),
+            "delete": plan.delete,
+            "deleted": deleted.iter().map(|(id, objects)| serde_json::json!({"backup_id": id, "objects": objects})).collect::<Vec<_>>(),
+        })),
+        OutputFormat::Text => {
+            for (id, reasons) in &plan.keep {
+                println!("keep   {id}  ({})", reasons.join(", "));
+            }
+            for id in &plan.delete {
+                println!(
+                    "{} {id}",
+                    if args.dry_run {
+                        "would delete"
+                    } else {
+                        "delete"
+                    }
+                );
+            }
+        }
+    }
+    Ok(exit::OK)
+}
