@@ -147,13 +147,7 @@ fn postgres_ledger_and_mariadb_auditor_back_up_consistently_under_load() {
         manifest["databases"][0]["cut"]["details"]["lsn"].is_string(),
         "{manifest:#}"
     );
-    assert!(
-        manifest["databases"][1]["cut"]["details"]
-            .as_object()
-            .unwrap()
-            .len()
-            > 0
-    );
+    assert!(manifest["databases"][1]["cut"]["details"]["gtid_binlog_pos"].is_string());
 
     // Restore with the standard tools, as an operator without stillpoint could.
     let storage = dir.path().join("backups");

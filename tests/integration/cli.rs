@@ -128,9 +128,15 @@ fn demo_backs_up_restores_and_checks_a_local_cluster() {
     assert_eq!(report["window"]["window_valid"], true);
     assert_eq!(report["load"]["failed"], 0);
     assert!(report["load"]["ok"].as_u64().unwrap() > 0);
-    let checks = report["check"]["checks"].as_array().unwrap();
+    let restored = report["restored_check"]["checks"].as_array().unwrap();
     assert!(
-        checks.len() >= 4 && checks.iter().all(|check| check["ok"] == true),
-        "{checks:#?}"
+        restored.len() >= 3 && restored.iter().all(|check| check["ok"] == true),
+        "{restored:#?}"
     );
+    assert!(report["restored_check"]["transactions"].as_u64().unwrap() > 0);
+    assert_eq!(
+        report["live_check"]["ok"], true,
+        "something committed inside the window"
+    );
+    assert!(report["stored_bytes"].as_u64().unwrap() > 0);
 }
