@@ -302,14 +302,21 @@ async fn copy_one(
         }
     };
     let stored = pipeline::store(copy.stream, settings, storage, &path, reporter).await;
+    let artifact = match stored {
+        Ok(artifact) => artifact,
+        Err(error) => {
+            // Dropping the producer's future kills it (pg_dump, an exec command):
+            // nobody will read the rest of its output.
+            drop(copy.finished);
+            return Err(AdapterError::Copy {
+                database,
+                message: error.to_string(),
+            });
+        }
+    };
     // The producer's verdict matters even when storing succeeded: a truncated dump
     // streams happily to its end.
-    let finished = copy.finished.await;
-    let artifact = stored.map_err(|error| AdapterError::Copy {
-        database: database.clone(),
-        message: error.to_string(),
-    })?;
-    let summary = finished?;
+    let summary = copy.finished.await?;
     progress(Progress::CopyDone { database });
     Ok((Some(artifact), summary))
 }

@@ -24,17 +24,42 @@ pub const SECRET_KEY: &str = "stillpoint-test-secret";
 pub struct S3TestServer {
     pub addr: SocketAddr,
     pub bucket: String,
-    root: tempfile::TempDir,
+    root: Root,
     tasks: JoinSet<()>,
+}
+
+/// The server's directory: its own temporary one, or one the caller keeps (so that a
+/// second server can pick up what a stopped one stored).
+enum Root {
+    Owned(tempfile::TempDir),
+    Borrowed(std::path::PathBuf),
+}
+
+impl Root {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            Root::Owned(dir) => dir.path(),
+            Root::Borrowed(path) => path,
+        }
+    }
 }
 
 impl S3TestServer {
     /// Starts a server with one empty bucket, `bucket`.
     pub async fn start() -> Self {
         let root = tempfile::tempdir().expect("temporary directory for the S3 server");
+        Self::serve(Root::Owned(root)).await
+    }
+
+    /// Serves the bucket kept in `root` (created if missing), which outlives the server.
+    pub async fn start_in(root: &std::path::Path) -> Self {
+        Self::serve(Root::Borrowed(root.to_owned())).await
+    }
+
+    async fn serve(root: Root) -> Self {
         let bucket = "bucket".to_owned();
         // s3s-fs maps a bucket to a directory under its root.
-        std::fs::create_dir(root.path().join(&bucket)).expect("bucket directory");
+        std::fs::create_dir_all(root.path().join(&bucket)).expect("bucket directory");
         let fs = s3s_fs::FileSystem::new(root.path()).expect("s3s-fs over the temp dir");
         let service = {
             let mut builder = S3ServiceBuilder::new(fs);

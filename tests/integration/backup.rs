@@ -12,10 +12,23 @@ use stillpoint_testkit::{MariaDb, Postgres};
 use crate::cluster::{Cluster, Load};
 use crate::util::{run, run_json, stderr, wait_until};
 
-/// A runbook for `cluster` with the given `[[databases]]` and `[pipeline]` sections.
+/// A runbook for `cluster` with the given `[[databases]]` and `[pipeline]` sections,
+/// storing into `dir/backups`.
 fn write_runbook(dir: &Path, cluster: &Cluster, databases: &str, pipeline: &str) -> PathBuf {
     let storage = dir.join("backups");
     std::fs::create_dir_all(&storage).unwrap();
+    let storage = format!("url = \"file://{}\"", storage.display());
+    write_runbook_to(dir, "runbook.toml", cluster, databases, pipeline, &storage)
+}
+
+fn write_runbook_to(
+    dir: &Path,
+    name: &str,
+    cluster: &Cluster,
+    databases: &str,
+    pipeline: &str,
+    storage: &str,
+) -> PathBuf {
     let text = format!(
         r#"
 cluster = "test"
@@ -28,7 +41,7 @@ cut_deadline = "10s"
 [pipeline]
 {pipeline}
 [storage]
-url = "file://{storage}"
+{storage}
 "#,
         ledgers = cluster
             .ledgers
@@ -37,9 +50,8 @@ url = "file://{storage}"
             .collect::<Vec<_>>()
             .join(", "),
         auditor = cluster.auditor.address,
-        storage = storage.display(),
     );
-    let path = dir.join("runbook.toml");
+    let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -367,4 +379,93 @@ fn catalog_commands_list_show_verify_and_prune() {
     );
     assert_eq!(listed["backups"][0]["backup_id"], ids[2].as_str());
     assert_eq!(listed["backups"].as_array().unwrap().len(), 1);
+}
+
+/// The S3 endpoint dies while an artifact is being uploaded: the backup fails, the
+/// cluster is not paused, nothing is listed, and the next backup succeeds.
+#[test]
+fn a_storage_failure_mid_copy_lists_nothing_and_the_next_backup_succeeds() {
+    use crate::s3_test_server::{ACCESS_KEY, S3TestServer, SECRET_KEY};
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let s3_root = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let started = dir.path().join("copy-started");
+    let runbook_for = |server: &S3TestServer, name: &str, copy: &str| {
+        let databases = format!(
+            "{}[[databases]]\nname = \"blobs\"\nadapter = \"exec\"\ncut = \"echo cut\"\ncopy = \"{copy}\"\n",
+            sqlite_databases(&cluster)
+        );
+        let storage = format!(
+            "url = \"{}\"\noptions = {{ endpoint = \"{}\", allow_http = \"true\", region = \"us-east-1\" }}",
+            server.url("backups"),
+            server.endpoint()
+        );
+        write_runbook_to(dir.path(), name, &cluster, &databases, "", &storage)
+    };
+    let stillpoint = |args: &[&str]| {
+        Command::new(crate::util::bin("stillpoint"))
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // More than one 16 MiB part, then a signal, then a slow tail the dead server never gets.
+    let first = runtime.block_on(S3TestServer::start_in(s3_root.path()));
+    let slow_copy = format!(
+        "head -c 20000000 /dev/urandom; touch {}; for i in $(seq 1 100); do head -c 1048576 /dev/urandom; sleep 0.1; done",
+        started.display()
+    );
+    let runbook = runbook_for(&first, "failing.toml", &slow_copy);
+    let backup = crate::util::Process::new(
+        stillpoint(&[
+            "backup",
+            "--config",
+            runbook.to_str().unwrap(),
+            "--output",
+            "json",
+        ]),
+        "stillpoint backup".to_owned(),
+    );
+    wait_until(Duration::from_secs(60), "the copy to be uploading", || {
+        started.exists()
+    });
+    runtime.block_on(first.shutdown());
+    let output = backup.wait_output(Duration::from_secs(60));
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("blobs"),
+        "the failing copy is named: {}",
+        stderr(&output)
+    );
+    assert!(nobody_paused(&cluster));
+
+    let second = runtime.block_on(S3TestServer::start_in(s3_root.path()));
+    let runbook = runbook_for(&second, "working.toml", "head -c 1000 /dev/urandom");
+    let config = runbook.to_str().unwrap();
+    let listed = stillpoint(&["list", "--config", config, "--output", "json"])
+        .wait_with_output()
+        .unwrap();
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed["backups"].as_array().unwrap().len(), 0, "{listed:#}");
+
+    let next = stillpoint(&["backup", "--config", config, "--output", "json"])
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        next.status.success(),
+        "{}",
+        String::from_utf8_lossy(&next.stderr)
+    );
+    let listed = stillpoint(&["list", "--config", config, "--output", "json"])
+        .wait_with_output()
+        .unwrap();
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed["backups"].as_array().unwrap().len(), 1, "{listed:#}");
+    runtime.block_on(second.shutdown());
 }

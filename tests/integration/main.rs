@@ -4,6 +4,8 @@
 mod backup;
 mod cluster;
 mod dns;
+#[path = "../../src/storage/s3_test_server.rs"]
+mod s3_test_server;
 mod upstream_server;
 mod util;
 
