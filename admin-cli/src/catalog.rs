@@ -110,7 +110,7 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
             }
             for orphan in found.orphans() {
                 println!(
-                    "incomplete backup {} ({} objects, {}) is not listed; `stillpoint prune` removes it",
+                    "incomplete backup {} ({} objects, {}) is not listed; `stillpoint prune` removes it after an hour",
                     orphan.prefix,
                     orphan.objects,
                     human_bytes(orphan.bytes)
@@ -239,6 +239,9 @@ pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
     }
 }
 
+/// An incomplete backup younger than this may still be copying.
+const INCOMPLETE_GRACE: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+
 pub async fn prune(args: PruneArgs) -> Result<u8, Failure> {
     let (runbook, storage) = open(&args.catalog).await?;
     let retention = &runbook.retention;
@@ -246,18 +249,25 @@ pub async fn prune(args: PruneArgs) -> Result<u8, Failure> {
     let keep_daily = args.keep_daily.or(retention.keep_daily).unwrap_or(0) as usize;
     let keep_weekly = args.keep_weekly.or(retention.keep_weekly).unwrap_or(0) as usize;
     let found = catalog::list(&storage).await?;
-    let plan = catalog::plan_prune(
-        &found.backups,
-        keep_last,
-        keep_daily,
-        keep_weekly,
-        chrono::Utc::now(),
-    )
-    .map_err(|error| Failure::new(exit::USAGE, error))?;
+    let now = chrono::Utc::now();
+    let plan = catalog::plan_prune(&found.backups, keep_last, keep_daily, keep_weekly, now)
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
+    // Incomplete backups (artifacts without a manifest) are never listed; remove the
+    // ones old enough that no backup can still be copying into them.
+    let stale: Vec<_> = found
+        .orphans()
+        .iter()
+        .filter(|orphan| now - orphan.last_modified > INCOMPLETE_GRACE)
+        .collect();
+    let verb = |doing: &'static str, would: &'static str| if args.dry_run { would } else { doing };
     let deleted = if args.dry_run {
         Vec::new()
     } else {
-        catalog::apply_prune(&storage, &plan).await?
+        let deleted = catalog::apply_prune(&storage, &plan).await?;
+        for orphan in &stale {
+            catalog::remove_orphan(&storage, orphan).await?;
+        }
+        deleted
     };
     match args.catalog.output {
         OutputFormat::Json => print_json(&serde_json::json!({
@@ -265,19 +275,20 @@ pub async fn prune(args: PruneArgs) -> Result<u8, Failure> {
             "keep": plan.keep.iter().map(|(id, reasons)| serde_json::json!({"backup_id": id, "reasons": reasons})).collect::<Vec<_>>(),
             "delete": plan.delete,
             "deleted": deleted.iter().map(|(id, objects)| serde_json::json!({"backup_id": id, "objects": objects})).collect::<Vec<_>>(),
+            "incomplete_removed": stale.iter().map(|orphan| &orphan.prefix).collect::<Vec<_>>(),
         })),
         OutputFormat::Text => {
             for (id, reasons) in &plan.keep {
                 println!("keep   {id}  ({})", reasons.join(", "));
             }
             for id in &plan.delete {
+                println!("{} {id}", verb("delete", "would delete"));
+            }
+            for orphan in &stale {
                 println!(
-                    "{} {id}",
-                    if args.dry_run {
-                        "would delete"
-                    } else {
-                        "delete"
-                    }
+                    "{} incomplete backup {}",
+                    verb("remove", "would remove"),
+                    orphan.prefix
                 );
             }
         }
