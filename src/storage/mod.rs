@@ -28,6 +28,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use crate::adapters::ByteStream;
 
 #[cfg(test)]
+// Shared with tests/integration, which use parts (`start_in`) these tests do not.
+#[allow(dead_code)]
 pub(crate) mod s3_test_server;
 #[cfg(test)]
 pub(crate) mod tests;

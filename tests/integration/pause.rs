@@ -20,6 +20,27 @@ fn paused_flags(addresses: &str) -> Vec<bool> {
         .collect()
 }
 
+/// `stillpoint pause --keep-alive` in the background, renewing a `lease` lease.
+fn keep_alive_pause(cluster: &Cluster, lease: &str, state_file: &std::path::Path) -> Process {
+    let child = std::process::Command::new(bin("stillpoint"))
+        .args([
+            "pause",
+            "--keep-alive",
+            "--lease",
+            lease,
+            "--max-pause-wait",
+            "1s",
+            "--output",
+            "json",
+        ])
+        .args(["-a", &cluster.ledger_tier(), "-a", &cluster.auditor.address])
+        .args(["--state-file", state_file.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Process::new(child, "stillpoint pause --keep-alive".to_owned())
+}
+
 fn all_nodes(cluster: &Cluster) -> String {
     format!("{},{}", cluster.ledger_tier(), cluster.auditor.address)
 }
@@ -162,27 +183,7 @@ fn sigkill_of_the_cli_leaves_every_node_unpaused_within_the_lease() {
     let nodes = all_nodes(&cluster);
     let state = tempfile::tempdir().unwrap();
     let state_file = state.path().join("pause.json");
-    let child = std::process::Command::new(bin("stillpoint"))
-        .args([
-            "pause",
-            "--keep-alive",
-            "--lease",
-            "2s",
-            "--max-pause-wait",
-            "1s",
-            "-a",
-            &cluster.ledger_tier(),
-            "-a",
-            &cluster.auditor.address,
-            "--state-file",
-            state_file.to_str().unwrap(),
-            "--output",
-            "json",
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let coordinator = Process::new(child, "stillpoint pause --keep-alive".to_owned());
+    let coordinator = keep_alive_pause(&cluster, "2s", &state_file);
     wait_until(Duration::from_secs(20), "every node to pause", || {
         paused_flags(&nodes).iter().all(|paused| *paused)
     });
@@ -403,27 +404,7 @@ fn keep_alive_ends_when_unpause_closes_the_window_elsewhere() {
     let nodes = all_nodes(&cluster);
     let state = tempfile::tempdir().unwrap();
     let state_file = state.path().join("pause.json");
-    let child = std::process::Command::new(bin("stillpoint"))
-        .args([
-            "pause",
-            "--keep-alive",
-            "--lease",
-            "1500ms",
-            "--max-pause-wait",
-            "1s",
-            "-a",
-            &cluster.ledger_tier(),
-            "-a",
-            &cluster.auditor.address,
-            "--state-file",
-            state_file.to_str().unwrap(),
-            "--output",
-            "json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut keep_alive = Process::new(child, "stillpoint pause --keep-alive".to_owned());
+    let mut keep_alive = keep_alive_pause(&cluster, "1500ms", &state_file);
     wait_until(Duration::from_secs(20), "the pause to be recorded", || {
         state_file.exists()
     });
