@@ -1,4 +1,4 @@
-//! Pause window vs database size: backs up a small and a ten times larger PostgreSQL
+//! Pause window vs database size: backs up a small and a more than ten times larger PostgreSQL
 //! database through the whole protocol (pause → cut → unpause → copy → commit),
 //! alternating between them, and reports the pause window of each as a ratio. The
 //! window must not grow with the database: only the cut happens inside it.
@@ -17,7 +17,7 @@ use stillpoint_testkit::Postgres;
 use tokio_util::sync::CancellationToken;
 
 const SMALL_ROWS: u64 = 100_000;
-const LARGE_ROWS: u64 = 10 * SMALL_ROWS;
+const LARGE_ROWS: u64 = 15 * SMALL_ROWS;
 const RUNS: usize = 7;
 const NODES: usize = 4;
 

@@ -241,8 +241,12 @@ fn setting_args(wal_archive: Option<&Path>) -> Vec<OsString> {
                 "wal_level=replica".into(),
                 "archive_mode=on".into(),
                 // `test ! -f` refuses to overwrite a segment, as the PostgreSQL docs
-                // recommend, so a mistake cannot silently corrupt the archive.
-                format!("archive_command=test ! -f {archive}/%f && cp %p {archive}/%f"),
+                // recommend, so a mistake cannot silently corrupt the archive. Copying
+                // to a temporary name and renaming makes a segment appear whole: a
+                // reader polling for the file never sees it half-written.
+                format!(
+                    "archive_command=test ! -f {archive}/%f && cp %p {archive}/%f.tmp && mv {archive}/%f.tmp {archive}/%f"
+                ),
             ]);
         }
         None => settings.extend([

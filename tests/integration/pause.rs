@@ -7,17 +7,24 @@ use serde_json::Value;
 use crate::cluster::{Cluster, Load};
 use crate::util::{Process, bin, run, run_json, stderr, wait_until};
 
+/// Whether each node is paused, asked in-process (no CLI start-up in the loop), so
+/// that polling observes a change within milliseconds even on a loaded machine.
 fn paused_flags(addresses: &str) -> Vec<bool> {
-    let (_, report) = run_json(
-        "stillpoint",
-        &["check-paused", "-a", addresses, "--output", "json"],
-    );
-    report["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|node| node["paused"].as_bool().expect("node answered"))
-        .collect()
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut flags = Vec::new();
+        for address in stillpoint::resolve::parse_address_list(addresses).unwrap() {
+            let options = stillpoint::grpc::client::ConnectOptions::default();
+            let mut client = stillpoint::grpc::client::NodeClient::connect(&address, &options)
+                .await
+                .unwrap_or_else(|error| panic!("{address}: {error}"));
+            flags.push(client.status().await.unwrap().paused);
+        }
+        flags
+    })
 }
 
 /// `stillpoint pause --keep-alive` in the background, renewing a `lease` lease.
