@@ -227,7 +227,7 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
     let mut tiers: Vec<Vec<PausedNode>> = Vec::new();
     let mut failures: Vec<NodeReport> = Vec::new();
     // Nodes whose pause timed out on our side may still pause afterwards.
-    let mut maybe_paused: Vec<NodeAddress> = Vec::new();
+    let mut maybe_paused: Vec<(NodeAddress, Option<Protocol>)> = Vec::new();
 
     for (index, tier) in plan.tiers.iter().enumerate() {
         let attempts = join_all(tier.iter().map(|address| pause_node(plan, address))).await;
@@ -240,7 +240,7 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
                 Ok(node) => paused.push(node),
                 Err(error) => {
                     if matches!(error, CallError::TimedOut(_)) {
-                        maybe_paused.push(attempt.address.clone());
+                        maybe_paused.push((attempt.address.clone(), attempt.protocol));
                     }
                     failures.push(NodeReport::failed(
                         &attempt.address,
@@ -308,14 +308,15 @@ async fn pause_node(plan: &PausePlan, address: &NodeAddress) -> NodeAttempt {
         }
         Err(_) => return attempt,
     };
-    attempt.protocol = Some(client.protocol());
-    attempt.client = Some(client.clone());
-    let mut client = client;
+    // The protocol this pause speaks to the node, which its rollback must speak too.
     let protocol = if plan.upstream_only {
         Protocol::Upstream
     } else {
         client.protocol()
     };
+    attempt.protocol = Some(protocol);
+    attempt.client = Some(client.clone());
+    let mut client = client;
     let steps = async {
         match protocol {
             Protocol::Lease => {
@@ -386,7 +387,7 @@ async fn roll_back(
     tiers: Vec<Vec<PausedNode>>,
     mut clients: HashMap<NodeAddress, NodeClient>,
     failures: Vec<NodeReport>,
-    maybe_paused: Vec<NodeAddress>,
+    maybe_paused: Vec<(NodeAddress, Option<Protocol>)>,
 ) -> PauseFailed {
     let attempted_tiers = tiers.len();
     let record = PauseRecord {
@@ -398,10 +399,12 @@ async fn roll_back(
     };
     let mut to_release: Vec<Vec<PausedNode>> = record.tiers.clone();
     if let Some(last) = to_release.last_mut() {
-        for address in &maybe_paused {
+        for (address, protocol) in &maybe_paused {
             last.push(PausedNode {
                 address: address.clone(),
-                protocol: Protocol::Lease,
+                // Release it the way it was paused. Unknown (it never answered): by
+                // pause id, which cannot open a pause that is not ours.
+                protocol: protocol.unwrap_or(Protocol::Lease),
                 boot_id: None,
                 pause_seq: None,
                 drained_in_flight: None,
