@@ -32,3 +32,17 @@ pub mod resolve;
 pub mod runbook;
 pub mod storage;
 pub mod time;
+
+/// An error and its sources, joined with `: `. Drivers and transports put the useful
+/// part (the server's message, the refused connection) in a source and show only a
+/// summary themselves.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

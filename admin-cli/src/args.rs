@@ -142,16 +142,6 @@ pub fn tier_sources(matches: &clap::ArgMatches, targets: &TargetArgs) -> Vec<Tie
                 .map(|(index, name)| (index, TierSource::Srv(name.clone()))),
         )
         .collect();
-    if sources.len() != targets.addresses.len() + targets.srv.len() {
-        // Indices unavailable (e.g. values from a subcommand's defaults): keep -a first.
-        sources = targets
-            .addresses
-            .iter()
-            .map(|list| TierSource::Addresses(list.clone()))
-            .chain(targets.srv.iter().map(|name| TierSource::Srv(name.clone())))
-            .enumerate()
-            .collect();
-    }
     sources.sort_by_key(|(index, _)| *index);
     sources.into_iter().map(|(_, source)| source).collect()
 }

@@ -382,9 +382,19 @@ struct NodeState {
 
 pub async fn check_paused(args: InspectArgs, matches: &clap::ArgMatches) -> Result<u8, Failure> {
     let (nodes, connect) = inspect_targets(&args, matches).await?;
-    let states = join_all(nodes.iter().map(|address| check_one(address, &connect))).await;
+    check_nodes(&nodes, &connect, args.output.output).await
+}
+
+/// Asks every node whether it is paused (and by whom, where it can tell); also
+/// `scalar-admin -c CHECK_PAUSED`.
+pub async fn check_nodes(
+    nodes: &[NodeAddress],
+    connect: &ConnectOptions,
+    format: OutputFormat,
+) -> Result<u8, Failure> {
+    let states = join_all(nodes.iter().map(|address| check_one(address, connect))).await;
     let all_paused = states.iter().all(|state| state.paused == Some(true));
-    match args.output.output {
+    match format {
         OutputFormat::Json => {
             print_json(&serde_json::json!({ "paused": all_paused, "nodes": states }))
         }

@@ -124,27 +124,8 @@ pub async fn run() -> Result<u8, Failure> {
             pause::unpause_without_record(tiers, &connect, OutputFormat::Json).await
         }
         AdminCommand::CheckPaused => {
-            let args = pause::InspectArgs {
-                targets: crate::args::TargetArgs {
-                    addresses: tiers
-                        .iter()
-                        .map(|tier| {
-                            tier.iter()
-                                .map(ToString::to_string)
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        })
-                        .collect(),
-                    srv: Vec::new(),
-                    dns_server: None,
-                },
-                connect: cli.connect,
-                output: crate::args::OutputArgs {
-                    output: OutputFormat::Json,
-                    time_zone: zone,
-                },
-            };
-            pause::check_paused(args, &clap::ArgMatches::default()).await
+            let nodes: Vec<_> = tiers.into_iter().flatten().collect();
+            pause::check_nodes(&nodes, &connect, OutputFormat::Json).await
         }
     }
 }

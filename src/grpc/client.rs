@@ -235,18 +235,7 @@ async fn channel(address: &NodeAddress, options: &ConnectOptions) -> Result<Chan
     tokio::time::timeout(options.connect_timeout, endpoint.connect())
         .await
         .map_err(|_| CallError::TimedOut(options.connect_timeout))?
-        .map_err(|error| CallError::Unreachable(error_chain(&error)))
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+        .map_err(|error| CallError::Unreachable(crate::error_chain(&error)))
 }
 
 impl From<lease::NodeStatus> for NodeStatus {

@@ -48,6 +48,20 @@ fn keep_alive_pause(cluster: &Cluster, lease: &str, state_file: &std::path::Path
     Process::new(child, "stillpoint pause --keep-alive".to_owned())
 }
 
+/// `stillpoint unpause` of the window recorded in `state_file`: exit code and report.
+fn unpause(state_file: &std::path::Path) -> (i32, Value) {
+    run_json(
+        "stillpoint",
+        &[
+            "unpause",
+            "--state-file",
+            state_file.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    )
+}
+
 fn all_nodes(cluster: &Cluster) -> String {
     format!("{},{}", cluster.ledger_tier(), cluster.auditor.address)
 }
@@ -336,16 +350,7 @@ fn plain_pause_then_unpause_and_a_second_pause_is_refused() {
         "the refused pause released ours"
     );
 
-    let (code, closed) = run_json(
-        "stillpoint",
-        &[
-            "unpause",
-            "--state-file",
-            first.to_str().unwrap(),
-            "--output",
-            "json",
-        ],
-    );
+    let (code, closed) = unpause(&first);
     assert_eq!(code, 0, "{closed:#}");
     assert_eq!(closed["window_valid"], true);
     assert_eq!(closed["pause_id"], opened["pause_id"]);
@@ -416,16 +421,7 @@ fn keep_alive_ends_when_unpause_closes_the_window_elsewhere() {
         state_file.exists()
     });
 
-    let (code, closed) = run_json(
-        "stillpoint",
-        &[
-            "unpause",
-            "--state-file",
-            state_file.to_str().unwrap(),
-            "--output",
-            "json",
-        ],
-    );
+    let (code, closed) = unpause(&state_file);
     assert_eq!(code, 0, "{closed:#}");
     assert_eq!(closed["window_valid"], true, "{closed:#}");
     assert!(paused_flags(&nodes).iter().all(|paused| !paused));

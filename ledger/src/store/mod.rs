@@ -108,7 +108,7 @@ impl std::str::FromStr for DbUrl {
                 // when the first connection is made.
                 let config: tokio_postgres::Config = url
                     .parse()
-                    .map_err(|error| unsupported(error_chain(&error)))?;
+                    .map_err(|error| unsupported(stillpoint::error_chain(&error)))?;
                 if config.get_hosts().is_empty() {
                     return Err(unsupported(format!("no host; {URL_FORMS}")));
                 }
@@ -145,19 +145,6 @@ enum IfMissing {
     Create,
     /// For the check, which must not change what it judges: [`StoreError::NotFound`].
     Fail,
-}
-
-/// An error and its sources, joined with `: `. tokio-postgres puts the server's message
-/// in a source and shows only "db error" itself.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// How the first ledger node to start seeds an empty ledger database.
@@ -240,7 +227,7 @@ pub struct AuditRow {
 pub enum DriverError {
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
-    #[error("{}", error_chain(.0))]
+    #[error("{}", stillpoint::error_chain(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error(transparent)]
     MySql(#[from] mysql_async::Error),

@@ -214,7 +214,7 @@ async fn connect(url: &ServerUrl, missing: IfMissing) -> Result<Session, StoreEr
         .parse()
         .map_err(|error| StoreError::UnsupportedUrl {
             url: shown.clone(),
-            reason: super::error_chain(&error),
+            reason: stillpoint::error_chain(&error),
         })?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
