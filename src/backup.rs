@@ -90,11 +90,34 @@ impl BackupError {
 
 /// Runs one backup to its commit point and returns the committed manifest.
 pub async fn run(runbook: &Runbook, progress: ProgressSink) -> Result<Manifest, BackupError> {
+    run_with(runbook, Mode::Paused, progress).await
+}
+
+/// Whether the backup pauses the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The protocol: every cut inside one pause.
+    Paused,
+    /// UNSAFE, for negative controls only: no pause; the databases are cut one after
+    /// another while the cluster runs, the way a tool without a pause would, and the
+    /// manifest is marked `unsafe_no_pause`. Drills of such copies are expected to fail.
+    UnsafeNoPause,
+}
+
+/// [`run`], with the mode spelled out.
+pub async fn run_with(
+    runbook: &Runbook,
+    mode: Mode,
+    progress: ProgressSink,
+) -> Result<Manifest, BackupError> {
     let started = Instant::now();
     let storage = Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)
         .map_err(|error| BackupError::Setup(error.to_string()))?;
     let settings = pipeline_settings(runbook)?;
-    let plan = pause_plan(&runbook.pause).await?;
+    let plan = match mode {
+        Mode::Paused => Some(pause_plan(&runbook.pause).await?),
+        Mode::UnsafeNoPause => None,
+    };
     let adapters: Vec<_> = runbook
         .databases
         .iter()
@@ -122,6 +145,40 @@ pub async fn run(runbook: &Runbook, progress: ProgressSink) -> Result<Manifest, 
     let prepared = join_all(adapters.iter().map(|adapter| adapter.prepare())).await;
     let mut prepared: Vec<Box<dyn Prepared>> = collect(prepared).map_err(BackupError::Prepare)?;
     let prepare_ms = elapsed_ms(started);
+
+    let Some(plan) = plan else {
+        progress(Progress::Phase("cut"));
+        let cut_started = Instant::now();
+        let cuts_started_ms = unix_ms(SystemTime::now());
+        let mut markers = Vec::new();
+        for database in prepared.iter_mut() {
+            markers.push(
+                database
+                    .cut(&backup_id)
+                    .await
+                    .map_err(|error| BackupError::Cut {
+                        reason: error.to_string(),
+                        window: Box::new(PauseReport::unpaused(
+                            cuts_started_ms,
+                            unix_ms(SystemTime::now()),
+                            Zone::UTC,
+                        )),
+                    })?,
+            );
+        }
+        let window = PauseReport::unpaused(cuts_started_ms, unix_ms(SystemTime::now()), Zone::UTC);
+        let cut_ms = elapsed_ms(cut_started);
+        let timings = Timings {
+            prepare_ms,
+            cut_ms,
+            ..Timings::default()
+        };
+        return copy_and_commit(
+            runbook, &storage, &settings, &adapters, prepared, markers, paths, backup_id, window,
+            timings, started, mode, progress,
+        )
+        .await;
+    };
 
     // 3–4. Pause, then cut every database inside the pause.
     progress(Progress::Phase("pause"));
@@ -174,6 +231,36 @@ pub async fn run(runbook: &Runbook, progress: ProgressSink) -> Result<Manifest, 
         });
     }
 
+    let timings = Timings {
+        prepare_ms,
+        pause_ms,
+        cut_ms,
+        ..Timings::default()
+    };
+    copy_and_commit(
+        runbook, &storage, &settings, &adapters, prepared, markers, paths, backup_id, window,
+        timings, started, mode, progress,
+    )
+    .await
+}
+
+/// Steps 6–7, after the cuts: copy every database, then commit the manifest.
+#[allow(clippy::too_many_arguments)]
+async fn copy_and_commit(
+    runbook: &Runbook,
+    storage: &Storage,
+    settings: &PipelineSettings,
+    adapters: &[Arc<dyn adapters::Adapter>],
+    prepared: Vec<Box<dyn Prepared>>,
+    markers: Vec<CutMarker>,
+    paths: Vec<Option<String>>,
+    backup_id: String,
+    window: PauseReport,
+    mut timings: Timings,
+    started: Instant,
+    mode: Mode,
+    progress: ProgressSink,
+) -> Result<Manifest, BackupError> {
     // 6. Copy every database, streamed through the pipeline, in parallel.
     progress(Progress::Phase("copy"));
     let copy_started = Instant::now();
@@ -183,8 +270,8 @@ pub async fn run(runbook: &Runbook, progress: ProgressSink) -> Result<Manifest, 
                 prepared,
                 database.name.clone(),
                 path,
-                &storage,
-                &settings,
+                storage,
+                settings,
                 progress.clone(),
             )
         },
@@ -193,7 +280,7 @@ pub async fn run(runbook: &Runbook, progress: ProgressSink) -> Result<Manifest, 
     let copies = match collect(copies) {
         Ok(copies) => copies,
         Err(reason) => {
-            discard(&storage, &backup_id).await;
+            discard(storage, &backup_id).await;
             return Err(BackupError::Copy {
                 backup_id,
                 reason,
@@ -201,14 +288,14 @@ pub async fn run(runbook: &Runbook, progress: ProgressSink) -> Result<Manifest, 
             });
         }
     };
-    let copy_ms = elapsed_ms(copy_started);
+    timings.copy_ms = elapsed_ms(copy_started);
 
     // 7. Commit: the manifest is written last; its presence is the backup.
     progress(Progress::Phase("commit"));
     let databases = runbook
         .databases
         .iter()
-        .zip(&adapters)
+        .zip(adapters)
         .zip(markers)
         .zip(copies)
         .map(
@@ -233,15 +320,13 @@ pub async fn run(runbook: &Runbook, progress: ProgressSink) -> Result<Manifest, 
         tool_version: env!("CARGO_PKG_VERSION").to_owned(),
         status: "committed".to_owned(),
         timings: Timings {
-            prepare_ms,
-            pause_ms,
-            cut_ms,
-            copy_ms,
             total_ms: elapsed_ms(started),
+            ..timings
         },
+        unsafe_no_pause: mode == Mode::UnsafeNoPause,
     };
-    if let Err(error) = manifest::write(&storage, &manifest).await {
-        discard(&storage, &backup_id).await;
+    if let Err(error) = manifest::write(storage, &manifest).await {
+        discard(storage, &backup_id).await;
         return Err(BackupError::Commit {
             backup_id,
             reason: error.to_string(),

@@ -85,8 +85,10 @@ pub struct Orphan {
 }
 
 impl Catalog {
+    /// The newest backup that is a restore point: `latest` never means a copy taken
+    /// with `--no-pause`.
     pub fn latest(&self) -> Option<&Manifest> {
-        self.backups.first()
+        self.backups.iter().find(|backup| !backup.unsafe_no_pause)
     }
 
     pub fn orphans(&self) -> &[Orphan] {

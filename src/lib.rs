@@ -11,6 +11,10 @@
 //! - [`manifest`]: the JSON record whose presence commits a backup, and the storage
 //!   layout of a backup.
 //! - [`catalog`]: the backups a storage holds: list, verify, retention and prune.
+//! - [`restore`]: one database of a backup into a target, checksum first.
+//! - [`drill`]: every database of a backup into scratch targets, then checks.
+//! - [`pitr`]: PostgreSQL base backups and point-in-time recovery to a backup's
+//!   restore point.
 //! - [`coordinator`]: pauses a cluster tier by tier, holds it under a lease, releases
 //!   it and proves the window (the only caller of Unpause).
 //! - [`grpc`]: the wire edge — admin services a node serves, and the client the
@@ -23,12 +27,15 @@ pub mod adapters;
 pub mod backup;
 pub mod catalog;
 pub mod coordinator;
+pub mod drill;
 pub mod gate;
 pub mod grpc;
 pub mod manifest;
 pub mod node;
 pub mod pipeline;
+pub mod pitr;
 pub mod resolve;
+pub mod restore;
 pub mod runbook;
 pub mod storage;
 pub mod time;

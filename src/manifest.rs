@@ -46,6 +46,11 @@ pub struct Manifest {
     /// Always "committed".
     pub status: String,
     pub timings: Timings,
+    /// Taken with `backup --no-pause --i-know-this-is-unsafe`: the copies were cut
+    /// without pausing the cluster and are not a consistent restore point. Absent
+    /// (false) in every normal backup.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unsafe_no_pause: bool,
 }
 
 /// One database of the cluster in one backup.
@@ -253,7 +258,7 @@ pub fn parse(path: &str, bytes: &[u8]) -> Result<Manifest, ManifestError> {
 pub async fn write(storage: &Storage, manifest: &Manifest) -> Result<(), ManifestError> {
     let id = &manifest.backup_id;
     let path = manifest_path(id)?;
-    if !manifest.window.window_valid {
+    if !manifest.window.window_valid && !manifest.unsafe_no_pause {
         return Err(ManifestError::InvalidWindow {
             backup_id: id.clone(),
             reasons: manifest.window.invalid_reasons.join("; "),
@@ -377,6 +382,7 @@ pub(crate) mod tests {
             tool_version: env!("CARGO_PKG_VERSION").to_owned(),
             status: STATUS_COMMITTED.to_owned(),
             timings: Timings::default(),
+            unsafe_no_pause: false,
         }
     }
 

@@ -1,5 +1,6 @@
 //! The runbook file (TOML): which cluster to pause and how, which databases to cut,
-//! how to process copies, where to store them and how long to keep them. Parsed and
+//! how to process copies, where to store them, how long to keep them, and what a
+//! drill checks in a restored backup. Parsed and
 //! validated here, before anything is contacted; every unknown key is an error that
 //! names it. docs/runbook.md documents the format with a commented example.
 
@@ -23,6 +24,7 @@ pub struct Runbook {
     pub pipeline: PipelineConfig,
     pub storage: StorageConfig,
     pub retention: RetentionConfig,
+    pub drill: DrillConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -125,6 +127,105 @@ pub struct RetentionConfig {
     pub keep_weekly: Option<u32>,
 }
 
+/// `[drill]`: where a drill puts its scratch copies and what it checks in them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DrillConfig {
+    /// Where scratch SQLite files and exec targets go; default: a new temporary
+    /// directory. PostgreSQL and MariaDB scratch databases are made on a server (see
+    /// the adapters' `drill_server_url`).
+    pub scratch_dir: Option<PathBuf>,
+    pub checks: Vec<DrillCheck>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrillCheck {
+    pub name: String,
+    pub kind: CheckKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// One query on one restored database; its result, rendered as text (rows on
+    /// lines, columns joined by `|`, NULL as `NULL`), must equal `expect`.
+    Expect { query: CheckQuery, expect: String },
+    /// Two queries, usually on two databases, must return the same rows in any
+    /// order (compared as multisets): e.g. the (tx id, hash) pairs of the ledger and
+    /// of the auditor.
+    Equal { left: CheckQuery, right: CheckQuery },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckQuery {
+    pub database: String,
+    pub sql: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDrill {
+    #[serde(default)]
+    scratch_dir: Option<PathBuf>,
+    #[serde(default)]
+    checks: Vec<RawCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    name: String,
+    #[serde(default)]
+    database: Option<String>,
+    #[serde(default)]
+    sql: Option<String>,
+    #[serde(default)]
+    expect: Option<toml::Value>,
+    #[serde(default)]
+    left: Option<CheckQuery>,
+    #[serde(default)]
+    right: Option<CheckQuery>,
+}
+
+impl RawCheck {
+    fn into_check(self) -> Result<DrillCheck, String> {
+        let name = self.name;
+        let kind = match (self.database, self.sql, self.expect, self.left, self.right) {
+            (Some(database), Some(sql), Some(expect), None, None) => CheckKind::Expect {
+                query: CheckQuery { database, sql },
+                expect: match expect {
+                    toml::Value::String(text) => text,
+                    toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
+                        expect.to_string()
+                    }
+                    _ => {
+                        return Err(format!(
+                            "[drill] check {name:?}: expect must be a string or a number"
+                        ));
+                    }
+                },
+            },
+            (None, None, None, Some(left), Some(right)) => CheckKind::Equal { left, right },
+            _ => {
+                return Err(format!(
+                    "[drill] check {name:?}: give either database + sql + expect, or left + \
+                     right (each {{ database = \"…\", sql = \"…\" }})"
+                ));
+            }
+        };
+        Ok(DrillCheck { name, kind })
+    }
+}
+
+impl DrillCheck {
+    /// The databases the check reads.
+    pub fn databases(&self) -> Vec<&str> {
+        match &self.kind {
+            CheckKind::Expect { query, .. } => vec![&query.database],
+            CheckKind::Equal { left, right } => vec![&left.database, &right.database],
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunbookError {
     #[error("cannot read runbook {path}: {source}")]
@@ -148,6 +249,8 @@ struct RawRunbook {
     storage: StorageConfig,
     #[serde(default)]
     retention: RetentionConfig,
+    #[serde(default)]
+    drill: RawDrill,
 }
 
 impl Runbook {
@@ -188,6 +291,15 @@ impl Runbook {
         {
             *path = base.join(&*path);
         }
+        let drill = DrillConfig {
+            scratch_dir: raw.drill.scratch_dir.map(|dir| base.join(dir)),
+            checks: raw
+                .drill
+                .checks
+                .into_iter()
+                .map(RawCheck::into_check)
+                .collect::<Result<_, _>>()?,
+        };
         let runbook = Runbook {
             cluster: raw.cluster,
             pause,
@@ -195,6 +307,7 @@ impl Runbook {
             pipeline,
             storage: raw.storage,
             retention: raw.retention,
+            drill,
         };
         runbook.validate()?;
         Ok(runbook)
@@ -248,6 +361,24 @@ impl Runbook {
                     "two databases are named {:?}; names must be unique",
                     database.name
                 ));
+            }
+        }
+        let mut check_names = HashSet::new();
+        for check in &self.drill.checks {
+            if !check_names.insert(check.name.as_str()) {
+                return Err(format!(
+                    "[drill] two checks are named {:?}; names must be unique",
+                    check.name
+                ));
+            }
+            for database in check.databases() {
+                if !names.contains(database) {
+                    return Err(format!(
+                        "[drill] check {:?} reads database {database:?}, which is not one of \
+                         the [[databases]]",
+                        check.name
+                    ));
+                }
             }
         }
         if let Some(level) = self.pipeline.zstd_level

@@ -27,6 +27,14 @@ pub struct BackupArgs {
     /// IANA time zone for printed times.
     #[arg(long, default_value = "UTC", value_parser = zone_arg, value_name = "ZONE")]
     pub time_zone: stillpoint::time::Zone,
+    /// UNSAFE, for negative controls: cut the databases one after another without
+    /// pausing the cluster. The backup is marked unsafe, never `latest`, and its
+    /// drill is expected to fail. Refused without --i-know-this-is-unsafe.
+    #[arg(long)]
+    pub no_pause: bool,
+    /// Confirms --no-pause.
+    #[arg(long, requires = "no_pause")]
+    pub i_know_this_is_unsafe: bool,
 }
 
 pub fn load_runbook(path: &std::path::Path) -> Result<Runbook, Failure> {
@@ -44,7 +52,26 @@ pub async fn backup(args: BackupArgs) -> Result<u8, Failure> {
         }
         None => Arc::new(|event| tracing::info!(?event, "backup progress")),
     };
-    let result = backup::run(&runbook, progress).await;
+    let mode = match (args.no_pause, args.i_know_this_is_unsafe) {
+        (false, _) => backup::Mode::Paused,
+        (true, true) => {
+            eprintln!(
+                "WARNING: --no-pause: the cluster is NOT paused; this copy is not a \
+                 consistent restore point and is marked unsafe"
+            );
+            backup::Mode::UnsafeNoPause
+        }
+        (true, false) => {
+            return Err(Failure::new(
+                exit::USAGE,
+                anyhow::anyhow!(
+                    "--no-pause takes copies that need not agree with each other; it exists \
+                     to show what the pause prevents. Add --i-know-this-is-unsafe to run it"
+                ),
+            ));
+        }
+    };
+    let result = backup::run_with(&runbook, mode, progress).await;
     if let Some(bars) = bars {
         bars.clear();
     }

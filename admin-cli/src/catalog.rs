@@ -95,7 +95,9 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
                             .restore_point_date_time
                             .as_deref()
                             .unwrap_or("-"),
-                        if manifest.window.window_valid {
+                        if manifest.unsafe_no_pause {
+                            "UNSAFE"
+                        } else if manifest.window.window_valid {
                             "yes"
                         } else {
                             "NO"
@@ -127,6 +129,7 @@ fn summary(manifest: &Manifest) -> serde_json::Value {
         "cluster": manifest.cluster,
         "created_at_ms": manifest.created_at_ms,
         "window_valid": manifest.window.window_valid,
+        "unsafe_no_pause": manifest.unsafe_no_pause,
         "restore_point_timestamp_ms": manifest.window.restore_point_timestamp_ms,
         "restore_point_date_time": manifest.window.restore_point_date_time,
         "databases": manifest.databases.iter().map(|db| &db.name).collect::<Vec<_>>(),

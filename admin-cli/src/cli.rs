@@ -5,8 +5,10 @@ use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use crate::backup::{self, BackupArgs};
 use crate::catalog::{self, CatalogArgs, PruneArgs, ShowArgs};
 use crate::demo::{self, DemoArgs};
+use crate::drill::{self, DrillArgs};
 use crate::exit::{self, Failure};
 use crate::pause::{self, InspectArgs, PauseArgs, UnpauseArgs};
+use crate::restore::{self, BaseBackupArgs, PitrArgs, RestoreArgs};
 
 const ABOUT: &str = "Transactionally-consistent backups of a paused application cluster.";
 
@@ -27,6 +29,12 @@ Typical runbook, ledger nodes first, auditors second (each -a is one tier):
 or in one command, holding the pause for 200 ms:
 
   stillpoint pause --hold-for 200ms -a ledger-1:50051,ledger-2:50051 -a auditor-1:50051
+
+Backups, restores and drills run from a runbook (docs/runbook.md):
+
+  stillpoint backup -c runbook.toml
+  stillpoint drill latest -c runbook.toml --junit drill.xml
+  stillpoint restore latest -c runbook.toml --database ledger --to postgres://…/new_db
 
 Nodes reopen by themselves when the lease runs out, so a coordinator that dies never
 leaves the cluster paused.";
@@ -64,8 +72,23 @@ pub enum Command {
     Verify(ShowArgs),
     /// Delete backups the retention policy does not keep (manifest first).
     Prune(PruneArgs),
+    /// Restore one database of a backup into a new SQLite file or an empty PostgreSQL
+    /// or MariaDB database (checksum checked before anything is written).
+    #[command(after_help = exit::HELP)]
+    Restore(RestoreArgs),
+    /// Prove a backup: restore every database into scratch targets, check checksums,
+    /// row counts and the runbook's [drill] checks, report RTO and RPO (table, JSON,
+    /// JUnit), and remove the scratch targets.
+    #[command(after_help = exit::HELP)]
+    Drill(DrillArgs),
+    /// Take a PostgreSQL base backup (pg_basebackup) for point-in-time recovery.
+    BaseBackup(BaseBackupArgs),
+    /// PostgreSQL point-in-time recovery into a scratch server: base backup + WAL
+    /// archive replayed to a backup's restore point, LSN or mid-time.
+    #[command(after_help = exit::HELP)]
+    Pitr(PitrArgs),
     /// Start a local reference cluster (3 ledger nodes + 1 auditor on SQLite) under
-    /// load, pause it, check both databases, print a report and clean up.
+    /// load, back it up, drill the backup, print a report and clean up.
     Demo(DemoArgs),
 }
 
@@ -83,6 +106,10 @@ pub async fn run() -> Result<u8, Failure> {
         Command::Show(args) => catalog::show(args).await,
         Command::Verify(args) => catalog::verify(args).await,
         Command::Prune(args) => catalog::prune(args).await,
+        Command::Restore(args) => restore::restore(args).await,
+        Command::Drill(args) => drill::drill(args).await,
+        Command::BaseBackup(args) => restore::base_backup(args).await,
+        Command::Pitr(args) => restore::pitr(args).await,
         Command::Demo(args) => demo::demo(args).await,
     }
 }

@@ -17,6 +17,9 @@ pub const WINDOW_INVALID: u8 = 5;
 /// A backup, verify or restore failed (a database, the storage, an artifact); the
 /// cluster is not paused and no incomplete backup is listed.
 pub const BACKUP_FAILED: u8 = 6;
+/// A drill restored the backup, but a check of the restored data failed: the backup
+/// is not a consistent restore point (or a check is wrong). The report names it.
+pub const DRILL_FAILED: u8 = 7;
 
 pub const HELP: &str = "\
 Exit codes:
@@ -28,7 +31,8 @@ Exit codes:
   5  window not valid as a restore point (a node restarted or lost the pause,
      or the window was too short for the clock-skew bound)
   6  backup, verify or restore failed (database, storage or artifact); the cluster
-     is not paused and nothing incomplete is listed";
+     is not paused and nothing incomplete is listed
+  7  drill: a check of the restored data failed (the report names it)";
 
 /// An error carrying the exit code it should end the process with.
 #[derive(Debug)]

@@ -5,6 +5,8 @@
 //! - `pause.rs`: `pause`, `unpause`, `check-paused`, `stats`.
 //! - `backup.rs`: `backup`, with progress bars.
 //! - `catalog.rs`: `list`, `show`, `verify`, `prune`.
+//! - `restore.rs`: `restore`, and PostgreSQL's `base-backup` and `pitr`.
+//! - `drill.rs`: `drill`, with its table, JSON and JUnit reports.
 //! - `demo.rs`: `demo`, a local reference cluster paused and checked.
 //! - `scalar_admin.rs`: the upstream-compatible `scalar-admin` flags.
 //! - `state.rs`: the state file that carries a pause from `pause` to `unpause`.
@@ -16,9 +18,11 @@ pub mod backup;
 pub mod catalog;
 pub mod cli;
 pub mod demo;
+pub mod drill;
 pub mod exit;
 pub mod output;
 pub mod pause;
+pub mod restore;
 pub mod scalar_admin;
 pub mod state;
 

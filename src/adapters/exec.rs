@@ -13,6 +13,7 @@
 //! - restore: `sh -c <restore>` with the copy on stdin and `STILLPOINT_RESTORE_TARGET`
 //!   set.
 
+use std::path::Path;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -82,6 +83,18 @@ impl Adapter for Exec {
         process::run_with_stdin(cmd, "the restore command", copy, true)
             .await
             .map_err(err)
+    }
+
+    /// An empty directory: what the target means is up to the restore command.
+    async fn create_scratch(&self, label: &str, dir: &Path) -> Result<String, AdapterError> {
+        let target = dir.join(label);
+        tokio::fs::create_dir_all(&target)
+            .await
+            .map_err(|e| AdapterError::Restore {
+                database: self.name.clone(),
+                message: format!("creating {}: {e}", target.display()),
+            })?;
+        Ok(target.display().to_string())
     }
 }
 

@@ -22,7 +22,7 @@
 //! by the snapshot; the marker lists them.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -37,7 +37,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::process;
 use super::{
-    Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, MariadbConfig, Prepared,
+    Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, MariadbConfig, Prepared, Rows,
 };
 
 /// The dump's last line. A restore that does not see it was fed a truncated copy.
@@ -236,6 +236,142 @@ impl Adapter for Mariadb {
             )));
         }
         Ok(())
+    }
+
+    async fn clear(&self, target: &str) -> Result<(), AdapterError> {
+        let mut conn = self.connect_target(target).await?;
+        let objects: Vec<(String, String)> = conn
+            .query(
+                "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES \
+                 WHERE TABLE_SCHEMA = DATABASE()",
+            )
+            .await
+            .map_err(|e| self.target_error(target, e))?;
+        let mut statements = vec!["SET FOREIGN_KEY_CHECKS = 0".to_owned()];
+        for (name, kind) in objects {
+            let what = if kind == "VIEW" { "VIEW" } else { "TABLE" };
+            statements.push(format!("DROP {what} IF EXISTS {}", quote_ident(&name)));
+        }
+        for statement in statements {
+            conn.query_drop(statement)
+                .await
+                .map_err(|e| self.target_error(target, e))?;
+        }
+        let _ = conn.disconnect().await;
+        Ok(())
+    }
+
+    async fn create_scratch(&self, label: &str, _dir: &Path) -> Result<String, AdapterError> {
+        let server = self
+            .config
+            .drill_server_url
+            .as_deref()
+            .unwrap_or(&self.config.url);
+        let target = with_database(server, label).map_err(|message| AdapterError::Restore {
+            database: self.name.clone(),
+            message,
+        })?;
+        let mut conn = self.connect_target(server).await?;
+        conn.query_drop(format!(
+            "CREATE DATABASE {} CHARACTER SET utf8mb4",
+            quote_ident(label)
+        ))
+        .await
+        .map_err(|e| self.target_error(&target, e))?;
+        let _ = conn.disconnect().await;
+        Ok(target)
+    }
+
+    async fn drop_scratch(&self, target: &str) -> Result<(), AdapterError> {
+        let mut conn = self.connect_target(target).await?;
+        let database: Option<String> = conn
+            .query_first("SELECT DATABASE()")
+            .await
+            .map_err(|e| self.target_error(target, e))?;
+        if let Some(database) = database {
+            conn.query_drop(format!(
+                "DROP DATABASE IF EXISTS {}",
+                quote_ident(&database)
+            ))
+            .await
+            .map_err(|e| self.target_error(target, e))?;
+        }
+        let _ = conn.disconnect().await;
+        Ok(())
+    }
+
+    async fn query(&self, target: &str, sql: &str) -> Result<Rows, AdapterError> {
+        let mut conn = self.connect_target(target).await?;
+        let rows: Vec<Row> = conn
+            .query(sql)
+            .await
+            .map_err(|e| self.target_error(target, e))?;
+        let _ = conn.disconnect().await;
+        Ok(rows
+            .into_iter()
+            .map(|row| row.unwrap().into_iter().map(value_text).collect())
+            .collect())
+    }
+
+    async fn row_counts(&self, target: &str) -> Result<BTreeMap<String, u64>, AdapterError> {
+        let mut conn = self.connect_target(target).await?;
+        let tables: Vec<String> = conn
+            .query(
+                "SELECT TABLE_NAME FROM information_schema.TABLES \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_TYPE = 'BASE TABLE' \
+                 ORDER BY TABLE_NAME",
+            )
+            .await
+            .map_err(|e| self.target_error(target, e))?;
+        let mut counts = BTreeMap::new();
+        for table in tables {
+            let count: Option<u64> = conn
+                .query_first(format!("SELECT COUNT(*) FROM {}", quote_ident(&table)))
+                .await
+                .map_err(|e| self.target_error(target, e))?;
+            counts.insert(table, count.unwrap_or(0));
+        }
+        let _ = conn.disconnect().await;
+        Ok(counts)
+    }
+}
+
+impl Mariadb {
+    async fn connect_target(&self, target: &str) -> Result<Conn, AdapterError> {
+        let err = |message: String| AdapterError::Restore {
+            database: self.name.clone(),
+            message,
+        };
+        connect(&parse_url(target).map_err(err)?).await.map_err(err)
+    }
+
+    fn target_error(&self, target: &str, error: mysql_async::Error) -> AdapterError {
+        let shown = parse_url(target).map_or_else(|_| "the target".to_owned(), |o| shown(&o));
+        AdapterError::Restore {
+            database: self.name.clone(),
+            message: format!("on {shown}: {error}"),
+        }
+    }
+}
+
+/// `url` with its database replaced by `database`: where a scratch database lives.
+fn with_database(url: &str, database: &str) -> Result<String, String> {
+    let mut parsed = url::Url::parse(url)
+        .map_err(|_| "the drill server URL is not a valid mysql:// URL".to_owned())?;
+    parsed.set_path(&format!("/{database}"));
+    Ok(parsed.to_string())
+}
+
+/// A value of the text protocol as text; NULL as `None`.
+fn value_text(value: Value) -> Option<String> {
+    match value {
+        Value::NULL => None,
+        Value::Bytes(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::UInt(u) => Some(u.to_string()),
+        Value::Float(f) => Some(f.to_string()),
+        Value::Double(d) => Some(d.to_string()),
+        other => Some(other.as_sql(true)),
     }
 }
 

@@ -13,10 +13,16 @@
 //! - `mariadb.rs`: `START TRANSACTION WITH CONSISTENT SNAPSHOT` + binlog/GTID position,
 //!   copied as a logical SQL dump over that same transaction.
 //! - `exec.rs`: user commands for the cut and, optionally, the copy.
+//!
+//! Restored targets are read back through optional capabilities with defaults
+//! ([`Adapter::query`], [`Adapter::row_counts`], scratch targets for drills), so an
+//! adapter that cannot do them (exec) says so by name.
+//!
 //! - `process.rs`: how every adapter runs child processes (killed on drop, reaped,
 //!   stderr drained).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -103,7 +109,50 @@ pub trait Adapter: Send + Sync + 'static {
     /// Restores a copy this adapter made into `target` (a file path for SQLite, a URL
     /// of an empty database for PostgreSQL and MariaDB).
     async fn restore(&self, copy: ByteStream, target: &str) -> Result<(), AdapterError>;
+
+    /// Empties `target` so a restore may go into it (`restore --force`).
+    async fn clear(&self, target: &str) -> Result<(), AdapterError> {
+        let _ = target;
+        Err(self.unsupported("emptying a restore target (--force)"))
+    }
+
+    /// A new, empty scratch target for a drill, named after `label`, next to the
+    /// source (or where the config says): a file in `dir`, a new database.
+    async fn create_scratch(&self, label: &str, dir: &Path) -> Result<String, AdapterError> {
+        let _ = (label, dir);
+        Err(self.unsupported("drill scratch targets"))
+    }
+
+    /// Removes a scratch target made by [`Adapter::create_scratch`].
+    async fn drop_scratch(&self, target: &str) -> Result<(), AdapterError> {
+        let _ = target;
+        Ok(())
+    }
+
+    /// Runs one read-only statement against a restored target; every value as text
+    /// (NULL as `None`), for drill checks.
+    async fn query(&self, target: &str, sql: &str) -> Result<Rows, AdapterError> {
+        let _ = (target, sql);
+        Err(self.unsupported("SQL checks"))
+    }
+
+    /// Rows per table of a restored target, named as the copy's [`CopySummary`]
+    /// names them, so a drill can compare them with the counts taken at the cut.
+    async fn row_counts(&self, target: &str) -> Result<BTreeMap<String, u64>, AdapterError> {
+        let _ = target;
+        Err(self.unsupported("row counts"))
+    }
+
+    fn unsupported(&self, what: &str) -> AdapterError {
+        AdapterError::Restore {
+            database: self.name().to_owned(),
+            message: format!("the {} adapter does not support {what}", self.kind()),
+        }
+    }
 }
+
+/// A query's result: rows of text values, NULL as `None`.
+pub type Rows = Vec<Vec<Option<String>>>;
 
 #[async_trait::async_trait]
 pub trait Prepared: Send {
@@ -142,9 +191,14 @@ pub struct PostgresConfig {
     /// to the backup's named restore point).
     #[serde(default)]
     pub require_archiving: bool,
-    /// Where pg_dump / pg_restore live, when not on PATH.
+    /// Where pg_dump / pg_restore (and, for point-in-time recovery, pg_ctl and
+    /// pg_basebackup) live, when not on PATH.
     #[serde(default)]
     pub bin_dir: Option<std::path::PathBuf>,
+    /// A server where drills may create (and drop) scratch databases, as a URL of any
+    /// database on it. Default: the source database's own server.
+    #[serde(default)]
+    pub drill_server_url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -155,6 +209,10 @@ pub struct MariadbConfig {
     /// Where the `mariadb` client lives (for restore), when not on PATH.
     #[serde(default)]
     pub bin_dir: Option<std::path::PathBuf>,
+    /// A server where drills may create (and drop) scratch databases, as a URL of any
+    /// database on it. Default: the source database's own server.
+    #[serde(default)]
+    pub drill_server_url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]

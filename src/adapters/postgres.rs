@@ -13,13 +13,15 @@
 //!   while our transaction keeps it alive; `finished` waits for pg_dump, then counts
 //!   rows per table in the same snapshot and only then ends the transaction.
 //! - restore: `pg_restore --no-owner --exit-on-error --single-transaction` from the
-//!   stream into a target database that must have no user relations.
+//!   stream into a target database that must have no user relations. Drills create a
+//!   scratch database on the source's server (or `drill_server_url`) and drop it with
+//!   `WITH (FORCE)` (PostgreSQL 13+).
 //!
 //! Passwords never reach a command line (where `ps` shows them): they are taken out of
 //! the URL and passed in `PGPASSWORD`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use futures::FutureExt;
@@ -29,7 +31,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::process;
 use super::{
-    Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, PostgresConfig, Prepared,
+    Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, PostgresConfig, Prepared, Rows,
 };
 
 /// pg_current_wal_insert_lsn, pg_export_snapshot on REPEATABLE READ and pg_dump's
@@ -236,6 +238,139 @@ impl Adapter for Postgres {
             .await
             .map_err(err)
     }
+
+    async fn clear(&self, target: &str) -> Result<(), AdapterError> {
+        let conn = self.connect_target(target).await?;
+        // Every user schema goes, then `public` comes back empty, as in a new database.
+        let schemas = conn
+            .client
+            .query(
+                "SELECT nspname FROM pg_namespace WHERE nspname NOT IN \
+                 ('pg_catalog', 'information_schema', 'pg_toast') AND nspname NOT LIKE 'pg\\_%'",
+                &[],
+            )
+            .await
+            .map_err(|e| self.target_error(target, &e))?;
+        let mut sql = String::new();
+        for schema in schemas {
+            let schema: String = schema.get(0);
+            sql.push_str(&format!("DROP SCHEMA {} CASCADE;", quote_ident(&schema)));
+        }
+        sql.push_str("CREATE SCHEMA IF NOT EXISTS public;");
+        conn.client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| self.target_error(target, &e))?;
+        conn.close().await;
+        Ok(())
+    }
+
+    async fn create_scratch(&self, label: &str, _dir: &Path) -> Result<String, AdapterError> {
+        let server = self
+            .config
+            .drill_server_url
+            .as_deref()
+            .unwrap_or(&self.config.url);
+        let target = with_database(server, label).map_err(|message| AdapterError::Restore {
+            database: self.name.clone(),
+            message,
+        })?;
+        let conn = self.connect_target(server).await?;
+        conn.client
+            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(label)))
+            .await
+            .map_err(|e| self.target_error(&target, &e))?;
+        conn.close().await;
+        Ok(target)
+    }
+
+    async fn drop_scratch(&self, target: &str) -> Result<(), AdapterError> {
+        let database = tokio_postgres::Config::from_str(target)
+            .ok()
+            .and_then(|c| c.get_dbname().map(str::to_owned))
+            .ok_or_else(|| AdapterError::Restore {
+                database: self.name.clone(),
+                message: format!("{} names no database", redact(target).url),
+            })?;
+        // A session in the scratch database could not drop it: connect to the database
+        // it was created from instead.
+        let server = self
+            .config
+            .drill_server_url
+            .as_deref()
+            .unwrap_or(&self.config.url);
+        let conn = self.connect_target(server).await?;
+        conn.client
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_ident(&database)
+            ))
+            .await
+            .map_err(|e| self.target_error(target, &e))?;
+        conn.close().await;
+        Ok(())
+    }
+
+    async fn query(&self, target: &str, sql: &str) -> Result<Rows, AdapterError> {
+        let conn = self.connect_target(target).await?;
+        // The simple protocol returns every value as text, whatever its type.
+        let messages = conn
+            .client
+            .simple_query(sql)
+            .await
+            .map_err(|e| self.target_error(target, &e))?;
+        conn.close().await;
+        Ok(messages
+            .into_iter()
+            .filter_map(|message| match message {
+                tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                    (0..row.len())
+                        .map(|i| row.get(i).map(str::to_owned))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect())
+    }
+
+    async fn row_counts(&self, target: &str) -> Result<BTreeMap<String, u64>, AdapterError> {
+        let conn = self.connect_target(target).await?;
+        let counts = row_counts(&conn.client)
+            .await
+            .map_err(|e| self.target_error(target, &e))?;
+        conn.close().await;
+        Ok(counts)
+    }
+}
+
+impl Postgres {
+    async fn connect_target(&self, target: &str) -> Result<Connection, AdapterError> {
+        connect(target)
+            .await
+            .map_err(|message| AdapterError::Restore {
+                database: self.name.clone(),
+                message,
+            })
+    }
+
+    fn target_error(&self, target: &str, error: &tokio_postgres::Error) -> AdapterError {
+        AdapterError::Restore {
+            database: self.name.clone(),
+            message: format!("on {}: {}", redact(target).url, error_text(error)),
+        }
+    }
+}
+
+/// `url` with its database replaced by `database`: where a scratch database lives.
+fn with_database(url: &str, database: &str) -> Result<String, String> {
+    let mut parsed = url::Url::parse(url).map_err(|_| {
+        format!(
+            "{} is not a postgres:// URL; drills need one to name scratch databases",
+            redact(url).url
+        )
+    })?;
+    parsed.set_path(&format!("/{database}"));
+    Ok(parsed.to_string())
 }
 
 fn wal_settings(

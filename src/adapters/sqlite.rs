@@ -15,7 +15,8 @@
 //!   a transaction), so the backup goes to an unlinked temporary file that is then
 //!   streamed. Row counts come from the same read transaction.
 //! - restore: writes the stream to the target path (refusing a non-empty file or a
-//!   leftover `-wal` beside it) and runs `PRAGMA integrity_check`.
+//!   leftover `-wal` beside it) and runs `PRAGMA integrity_check`. Drills restore
+//!   into a file in their scratch directory and read it back read-only.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::io::AsyncWriteExt;
 
 use super::{
-    Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, Prepared, SqliteConfig,
+    Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, Prepared, Rows, SqliteConfig,
 };
 
 pub struct Sqlite {
@@ -99,6 +100,86 @@ impl Adapter for Sqlite {
         drop(file);
 
         blocking(move || integrity_check(&path)).await.map_err(err)
+    }
+
+    async fn clear(&self, target: &str) -> Result<(), AdapterError> {
+        for path in [
+            PathBuf::from(target),
+            with_suffix(Path::new(target), "-wal"),
+        ] {
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(AdapterError::Restore {
+                        database: self.name.clone(),
+                        message: format!("removing {}: {e}", path.display()),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_scratch(&self, label: &str, dir: &Path) -> Result<String, AdapterError> {
+        Ok(dir.join(format!("{label}.sqlite")).display().to_string())
+    }
+
+    async fn drop_scratch(&self, target: &str) -> Result<(), AdapterError> {
+        self.clear(target).await
+    }
+
+    async fn query(&self, target: &str, sql: &str) -> Result<Rows, AdapterError> {
+        let (path, sql) = (PathBuf::from(target), sql.to_owned());
+        blocking(move || {
+            let conn = open_read_only(&path)?;
+            let mut stmt = conn.prepare(&sql).map_err(|e| e.to_string())?;
+            let columns = stmt.column_count();
+            let mut rows = stmt.query([]).map_err(|e| e.to_string())?;
+            let mut out = Rows::new();
+            while let Some(row) = rows.next().map_err(|e| e.to_string())? {
+                let values = (0..columns)
+                    .map(|i| row.get_ref(i).map(value_text))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .map_err(|e| e.to_string())?;
+                out.push(values);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|message| self.read_error(target, message))
+    }
+
+    async fn row_counts(&self, target: &str) -> Result<BTreeMap<String, u64>, AdapterError> {
+        let path = PathBuf::from(target);
+        blocking(move || row_counts(&open_read_only(&path)?).map_err(|e| e.to_string()))
+            .await
+            .map_err(|message| self.read_error(target, message))
+    }
+}
+
+impl Sqlite {
+    fn read_error(&self, target: &str, message: String) -> AdapterError {
+        AdapterError::Restore {
+            database: self.name.clone(),
+            message: format!("reading {target}: {message}"),
+        }
+    }
+}
+
+fn open_read_only(path: &Path) -> Result<Connection, String> {
+    Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| format!("opening {}: {e}", path.display()))
+}
+
+fn value_text(value: rusqlite::types::ValueRef<'_>) -> Option<String> {
+    use rusqlite::types::ValueRef;
+    match value {
+        ValueRef::Null => None,
+        ValueRef::Integer(i) => Some(i.to_string()),
+        ValueRef::Real(f) => Some(f.to_string()),
+        ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => Some(b.iter().map(|byte| format!("{byte:02x}")).collect()),
     }
 }
 

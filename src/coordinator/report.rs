@@ -151,6 +151,33 @@ impl PauseReport {
         }
     }
 
+    /// No pause at all (`backup --no-pause`): the span the cuts took, marked as not a
+    /// restore point, so the manifest says plainly what it holds.
+    pub fn unpaused(cuts_started_ms: i64, cuts_ended_ms: i64, zone: Zone) -> Self {
+        PauseReport {
+            pause_id: "none".to_owned(),
+            pause_start_timestamp_ms: Some(cuts_started_ms),
+            pause_end_timestamp_ms: Some(cuts_ended_ms),
+            pause_start_date_time: Some(zone.format_ms(cuts_started_ms)),
+            pause_end_date_time: Some(zone.format_ms(cuts_ended_ms)),
+            timezone: zone.name().to_owned(),
+            restore_point_timestamp_ms: None,
+            restore_point_date_time: None,
+            window_ms: Some(cuts_ended_ms - cuts_started_ms),
+            skew_bound_ms: None,
+            window_valid: false,
+            invalid_reasons: vec![
+                "UNSAFE: taken with --no-pause; the databases were cut one after another \
+                 while the cluster kept running, so they need not agree with each other"
+                    .to_owned(),
+            ],
+            warnings: Vec::new(),
+            lease_ms: 0,
+            lease_expires_at_ms: None,
+            nodes: Vec::new(),
+        }
+    }
+
     /// The window is closed: every node was released (or we tried).
     pub fn closed(released: &Released, zone: Zone) -> Self {
         let record = &released.record;

@@ -22,6 +22,7 @@ fn adapter(db: &Server, name: &str) -> Mariadb {
         MariadbConfig {
             url: db.url(name),
             bin_dir: Some(db.bin_dir().to_owned()),
+            drill_server_url: None,
         },
     )
 }
@@ -304,22 +305,36 @@ async fn a_failing_client_fails_the_restore_with_its_message() {
 async fn prepare_needs_a_database_and_keeps_passwords_out_of_messages() {
     let db = server();
     let url = db.url("");
-    let msg = Mariadb::new("ledger-maria", MariadbConfig { url, bin_dir: None })
-        .prepare()
-        .await
-        .err()
-        .unwrap()
-        .to_string();
+    let msg = Mariadb::new(
+        "ledger-maria",
+        MariadbConfig {
+            url,
+            bin_dir: None,
+            drill_server_url: None,
+        },
+    )
+    .prepare()
+    .await
+    .err()
+    .unwrap()
+    .to_string();
     assert!(msg.contains("names no database"), "{msg}");
 
     // A refused login names the server, never the password.
     let url = format!("mysql://root:hunter2@127.0.0.1:{}/mysql", db.port());
-    let msg = Mariadb::new("ledger-maria", MariadbConfig { url, bin_dir: None })
-        .prepare()
-        .await
-        .err()
-        .unwrap()
-        .to_string();
+    let msg = Mariadb::new(
+        "ledger-maria",
+        MariadbConfig {
+            url,
+            bin_dir: None,
+            drill_server_url: None,
+        },
+    )
+    .prepare()
+    .await
+    .err()
+    .unwrap()
+    .to_string();
     assert!(msg.contains("database ledger-maria"), "{msg}");
     assert!(msg.contains(&format!("127.0.0.1:{}", db.port())), "{msg}");
     assert!(!msg.contains("hunter2"), "{msg}");

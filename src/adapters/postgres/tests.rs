@@ -30,6 +30,7 @@ fn adapter(pg: &Server, db: &str, require_archiving: bool) -> Postgres {
             url: pg.url(db),
             require_archiving,
             bin_dir: Some(pg.bin_dir().to_owned()),
+            drill_server_url: None,
         },
     )
 }
@@ -301,6 +302,7 @@ async fn a_refused_restore_point_fails_the_cut_only_when_archiving_is_required()
         url: url.clone(),
         require_archiving,
         bin_dir: Some(pg.bin_dir().to_owned()),
+        drill_server_url: None,
     };
 
     let required = Postgres::new("ledger-pg", config(true));

@@ -1,0 +1,245 @@
+//! `stillpoint drill`: restore a backup into scratch targets, check it, and report as
+//! a table for people, JSON for scripts and JUnit XML for CI (one test case per check).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use stillpoint::drill::{self, DrillReport};
+
+use crate::args::OutputFormat;
+use crate::exit::{self, Failure};
+use crate::output::print_json;
+use crate::restore::open_backup;
+
+#[derive(Debug, Clone, Args)]
+pub struct DrillArgs {
+    /// A backup id, or `latest` (the newest backup that is a valid restore point).
+    pub backup: String,
+    /// The runbook: storage, keys, databases, and the `[drill]` checks.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// Also write the checks as JUnit XML, one test case per check, for CI.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Leave the scratch targets in place (their names are in the report).
+    #[arg(long)]
+    pub keep: bool,
+    /// `text` for people, `json` for scripts.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
+    let (runbook, storage, manifest) = open_backup(&args.config, &args.backup).await?;
+    let decryption = stillpoint::backup::decryption(&runbook)
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
+    if args.output == OutputFormat::Text {
+        eprintln!(
+            "drill of backup {}: restoring {} databases into scratch targets …",
+            manifest.backup_id,
+            manifest.databases.len()
+        );
+    }
+    let report = drill::run(&runbook, &storage, &manifest, &decryption, args.keep)
+        .await
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
+    if let Some(path) = &args.junit {
+        write_junit(path, &report)?;
+    }
+    match args.output {
+        OutputFormat::Json => print_json(&report),
+        OutputFormat::Text => print!("{}", render_text(&report)),
+    }
+    Ok(if report.ok {
+        exit::OK
+    } else {
+        exit::DRILL_FAILED
+    })
+}
+
+pub fn render_text(report: &DrillReport) -> String {
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "drill of backup {} ({}): {}",
+        report.backup_id,
+        report.cluster,
+        if report.ok { "PASSED" } else { "FAILED" }
+    );
+    let _ = writeln!(
+        text,
+        "  restore point {}, {} old (RPO at drill time)",
+        report.restore_point_date_time.as_deref().unwrap_or("none"),
+        report
+            .rpo_ms
+            .map_or("-".to_owned(), |ms| format!("{:.1}s", ms as f64 / 1000.0))
+    );
+    let _ = writeln!(
+        text,
+        "  restore time (RTO) {:.1}s for {} databases in parallel; drill {:.1}s in all",
+        report.rto_ms as f64 / 1000.0,
+        report.databases.len(),
+        report.total_ms as f64 / 1000.0
+    );
+    for database in &report.databases {
+        match &database.restore {
+            Some(restore) => {
+                let _ = writeln!(
+                    text,
+                    "  {:<12} {:<9} restored in {:.1}s",
+                    database.name,
+                    database.adapter,
+                    restore.total_ms as f64 / 1000.0
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    text,
+                    "  {:<12} {:<9} NOT restored: {}",
+                    database.name,
+                    database.adapter,
+                    database.error.as_deref().unwrap_or("?")
+                );
+            }
+        }
+    }
+    let width = report
+        .checks
+        .iter()
+        .map(|check| check.name.len())
+        .max()
+        .unwrap_or(0);
+    for check in &report.checks {
+        let _ = writeln!(
+            text,
+            "  {} {:<width$}  {}",
+            if check.ok { "ok  " } else { "FAIL" },
+            check.name,
+            check.detail
+        );
+    }
+    for left in &report.left_behind {
+        let _ = writeln!(text, "  left in place: {left}");
+    }
+    text
+}
+
+fn write_junit(path: &Path, report: &DrillReport) -> Result<(), Failure> {
+    std::fs::write(path, junit(report)).map_err(|error| {
+        Failure::new(
+            exit::ERROR,
+            anyhow::anyhow!("writing the JUnit report {}: {error}", path.display()),
+        )
+    })
+}
+
+/// JUnit XML as CI servers read it: one suite for the drill, one case per check, a
+/// `<failure>` with the check's detail for each that failed.
+pub fn junit(report: &DrillReport) -> String {
+    let failures = report.checks.iter().filter(|check| !check.ok).count();
+    let suite = format!("stillpoint drill {}", report.backup_id);
+    let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let _ = writeln!(
+        xml,
+        "<testsuites name=\"stillpoint drill\" tests=\"{}\" failures=\"{failures}\" time=\"{:.3}\">",
+        report.checks.len(),
+        report.total_ms as f64 / 1000.0
+    );
+    let _ = writeln!(
+        xml,
+        "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failures}\" errors=\"0\" time=\"{:.3}\">",
+        escape(&suite),
+        report.checks.len(),
+        report.total_ms as f64 / 1000.0
+    );
+    for check in &report.checks {
+        let _ = write!(
+            xml,
+            "    <testcase classname=\"stillpoint.drill.{}\" name=\"{}\" time=\"{:.3}\"",
+            escape(&report.cluster),
+            escape(&check.name),
+            check.duration_ms as f64 / 1000.0
+        );
+        if check.ok {
+            let _ = writeln!(xml, "/>");
+        } else {
+            let _ = writeln!(
+                xml,
+                ">\n      <failure message=\"{}\">{}</failure>\n    </testcase>",
+                escape(&check.detail),
+                escape(&check.detail)
+            );
+        }
+    }
+    xml.push_str("  </testsuite>\n</testsuites>\n");
+    xml
+}
+
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            // XML 1.0 cannot carry other control characters at all.
+            c if c.is_control() && !matches!(c, '\n' | '\t' | '\r') => out.push('?'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stillpoint::drill::CheckResult;
+
+    fn report(checks: Vec<CheckResult>) -> DrillReport {
+        DrillReport {
+            backup_id: "20260101T000000Z-abcdef".to_owned(),
+            cluster: "ledger".to_owned(),
+            ok: checks.iter().all(|c| c.ok),
+            restore_point_timestamp_ms: None,
+            restore_point_date_time: None,
+            window_valid: true,
+            rpo_ms: None,
+            rto_ms: 0,
+            total_ms: 1500,
+            databases: Vec::new(),
+            checks,
+            left_behind: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn junit_has_one_case_per_check_and_escapes_failures() {
+        let xml = junit(&report(vec![
+            CheckResult {
+                name: "checksum:ledger".to_owned(),
+                ok: true,
+                detail: "fine".to_owned(),
+                duration_ms: 5,
+            },
+            CheckResult {
+                name: "ledger_matches_auditor".to_owned(),
+                ok: false,
+                detail: "ledger <4 rows> & \"auditor\"".to_owned(),
+                duration_ms: 20,
+            },
+        ]));
+        assert_eq!(xml.matches("<testcase ").count(), 2, "{xml}");
+        assert!(xml.contains("tests=\"2\" failures=\"1\""), "{xml}");
+        assert!(
+            xml.contains("<failure message=\"ledger &lt;4 rows&gt; &amp; &quot;auditor&quot;\">"),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("name=\"checksum:ledger\" time=\"0.005\"/>"),
+            "{xml}"
+        );
+    }
+}

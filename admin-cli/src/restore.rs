@@ -1,0 +1,312 @@
+//! `stillpoint restore`, `base-backup` and `pitr`: putting a backup back. `restore`
+//! loads one database's logical copy into a target; `base-backup` and `pitr` are
+//! PostgreSQL's physical route to the same restore point (base backup + WAL archive,
+//! replayed to the marker the cut left).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use stillpoint::adapters::{self, AdapterConfig, PostgresConfig};
+use stillpoint::catalog;
+use stillpoint::manifest::Manifest;
+use stillpoint::pitr::{self, Recovery, TargetKind};
+use stillpoint::restore::{self, RestoreError};
+use stillpoint::runbook::Runbook;
+use stillpoint::storage::Storage;
+
+use crate::args::{OutputFormat, duration};
+use crate::backup::{human_bytes, load_runbook};
+use crate::exit::{self, Failure};
+use crate::output::print_json;
+
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// A backup id, or `latest` (the newest backup that is a valid restore point).
+    pub backup: String,
+    /// The runbook: its storage, decryption key and the database's adapter settings.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// The database to restore, by its name in the runbook and manifest.
+    #[arg(long, value_name = "NAME")]
+    pub database: String,
+    /// Where to: a new SQLite file path, or the URL of an empty PostgreSQL or MariaDB
+    /// database (postgres://…, mysql://…).
+    #[arg(long, value_name = "TARGET")]
+    pub to: String,
+    /// Empty a non-empty target first (drops its tables). Without it, a target that
+    /// holds anything is refused.
+    #[arg(long)]
+    pub force: bool,
+    /// `text` for people, `json` for scripts.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BaseBackupArgs {
+    /// The runbook; the database must use the postgres adapter.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    #[arg(long, value_name = "NAME")]
+    pub database: String,
+    /// A new (or empty) directory for the plain-format base backup.
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PitrArgs {
+    /// A backup id, or `latest`: whose restore point to recover to.
+    pub backup: String,
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// The PostgreSQL database of the backup.
+    #[arg(long, value_name = "NAME")]
+    pub database: String,
+    /// A plain-format base backup taken before the backup (`stillpoint base-backup`).
+    #[arg(long, value_name = "DIR")]
+    pub base_backup: PathBuf,
+    /// The directory the server's archive_command copies WAL segments into.
+    #[arg(long, value_name = "DIR")]
+    pub wal_archive: PathBuf,
+    /// Which marker of the backup to stop at: the named restore point created inside
+    /// the pause, the WAL LSN read inside the pause, or the window's mid-time.
+    #[arg(long, value_enum, default_value_t = TargetArg::Name)]
+    pub target: TargetArg,
+    /// The scratch data directory (new or empty); default: a temporary directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Port for the scratch server (on 127.0.0.1); default: a free one.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Give up if replay has not reached the target by then.
+    #[arg(long, default_value = "10m", value_parser = duration, value_name = "DURATION")]
+    pub timeout: Duration,
+    /// Keep the recovered (stopped) data directory; start it with pg_ctl -D DIR start.
+    #[arg(long)]
+    pub keep: bool,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TargetArg {
+    Name,
+    Lsn,
+    Time,
+}
+
+/// The runbook, its storage and the backup `which` names.
+pub async fn open_backup(
+    config: &std::path::Path,
+    which: &str,
+) -> Result<(Runbook, Storage, Manifest), Failure> {
+    let runbook = load_runbook(config)?;
+    let storage = Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
+    let found = catalog::list(&storage).await?;
+    let manifest = catalog::resolve(&found, which)
+        .map_err(|error| Failure::new(exit::USAGE, error))?
+        .clone();
+    Ok((runbook, storage, manifest))
+}
+
+fn adapter_config<'a>(runbook: &'a Runbook, database: &str) -> Result<&'a AdapterConfig, Failure> {
+    runbook
+        .databases
+        .iter()
+        .find(|db| db.name == database)
+        .map(|db| &db.adapter)
+        .ok_or_else(|| {
+            Failure::new(
+                exit::USAGE,
+                anyhow::anyhow!(
+                    "the runbook has no database {database:?}; it has: {}",
+                    runbook
+                        .databases
+                        .iter()
+                        .map(|db| db.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })
+}
+
+fn postgres_config<'a>(
+    runbook: &'a Runbook,
+    database: &str,
+) -> Result<&'a PostgresConfig, Failure> {
+    match adapter_config(runbook, database)? {
+        AdapterConfig::Postgres(config) => Ok(config),
+        _ => Err(Failure::new(
+            exit::USAGE,
+            anyhow::anyhow!("database {database} does not use the postgres adapter"),
+        )),
+    }
+}
+
+pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
+    let (runbook, storage, manifest) = open_backup(&args.config, &args.backup).await?;
+    let decryption = stillpoint::backup::decryption(&runbook)
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
+    let entry = restore::entry(&manifest, &args.database)
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
+    let adapter = adapters::build(&args.database, adapter_config(&runbook, &args.database)?);
+    if args.output == OutputFormat::Text {
+        eprintln!(
+            "restoring {} of backup {} (restore point {}) into {} …",
+            args.database,
+            manifest.backup_id,
+            manifest
+                .window
+                .restore_point_date_time
+                .as_deref()
+                .unwrap_or("-"),
+            stillpoint::storage::redact_url(&args.to)
+        );
+    }
+    let report = restore::restore_database(
+        &storage,
+        &manifest,
+        entry,
+        Arc::clone(&adapter),
+        &args.to,
+        &decryption,
+        args.force,
+    )
+    .await
+    .map_err(|error| {
+        let code = match error {
+            RestoreError::NoSuchDatabase { .. }
+            | RestoreError::NoArtifact { .. }
+            | RestoreError::WrongAdapter { .. } => exit::USAGE,
+            _ => exit::BACKUP_FAILED,
+        };
+        Failure::new(code, anyhow::anyhow!(stillpoint::error_chain(&error)))
+    })?;
+    match args.output {
+        OutputFormat::Json => print_json(&serde_json::json!({
+            "backup_id": manifest.backup_id,
+            "restore_point_timestamp_ms": manifest.window.restore_point_timestamp_ms,
+            "target": stillpoint::storage::redact_url(&args.to),
+            "restore": report,
+        })),
+        OutputFormat::Text => println!(
+            "restored {} ({} stored) in {:.1}s (checksum {} ms, load {} ms)",
+            report.database,
+            human_bytes(report.stored_bytes),
+            report.total_ms as f64 / 1000.0,
+            report.checksum_ms,
+            report.load_ms
+        ),
+    }
+    Ok(exit::OK)
+}
+
+pub async fn base_backup(args: BaseBackupArgs) -> Result<u8, Failure> {
+    let runbook = load_runbook(&args.config)?;
+    let config = postgres_config(&runbook, &args.database)?;
+    let report = pitr::base_backup(config, &args.to)
+        .await
+        .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?;
+    match args.output {
+        OutputFormat::Json => print_json(&report),
+        OutputFormat::Text => println!(
+            "base backup of {} in {} (starts at WAL {}) in {:.1}s",
+            args.database,
+            report.dir.display(),
+            report.start_lsn.as_deref().unwrap_or("?"),
+            report.took_ms as f64 / 1000.0
+        ),
+    }
+    Ok(exit::OK)
+}
+
+pub async fn pitr(args: PitrArgs) -> Result<u8, Failure> {
+    let (runbook, _, manifest) = open_backup(&args.config, &args.backup).await?;
+    let config = postgres_config(&runbook, &args.database)?;
+    let entry = restore::entry(&manifest, &args.database)
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
+    let kind = match args.target {
+        TargetArg::Name => TargetKind::Name,
+        TargetArg::Lsn => TargetKind::Lsn,
+        TargetArg::Time => TargetKind::Time,
+    };
+    let target = pitr::target_for(entry, manifest.window.restore_point_timestamp_ms, kind)
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
+    let temp;
+    let data_dir = match &args.data_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("stillpoint-pitr-")
+                .tempdir()
+                .map_err(|error| anyhow::anyhow!("creating a scratch directory: {error}"))?;
+            temp.path().join("data")
+        }
+    };
+    let port = match args.port {
+        Some(port) => port,
+        None => free_port()?,
+    };
+    if args.output == OutputFormat::Text {
+        eprintln!(
+            "recovering {} from {} to {target} of backup {} on 127.0.0.1:{port} …",
+            args.database,
+            args.base_backup.display(),
+            manifest.backup_id
+        );
+    }
+    let report = pitr::recover(Recovery {
+        config,
+        base_backup: &args.base_backup,
+        wal_archive: &args.wal_archive,
+        data_dir: &data_dir,
+        target,
+        port,
+        timeout: args.timeout,
+        keep: args.keep,
+    })
+    .await
+    .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?;
+    match args.output {
+        OutputFormat::Json => print_json(&serde_json::json!({
+            "backup_id": manifest.backup_id,
+            "database": args.database,
+            "recovery": report,
+        })),
+        OutputFormat::Text => {
+            println!(
+                "recovered to {} in {:.1}s: replayed to LSN {}, last transaction at {}",
+                report.target,
+                report.recovery_ms as f64 / 1000.0,
+                report.reached_lsn.as_deref().unwrap_or("?"),
+                report.last_transaction_date_time.as_deref().unwrap_or("-")
+            );
+            for (table, hash) in &report.content.tables {
+                println!("  {table}: {} rows, md5 {}", hash.rows, hash.md5);
+            }
+            println!("  content digest {}", report.content.digest);
+            if let Some(dir) = &report.data_dir {
+                println!(
+                    "  kept {} (start it with pg_ctl -D {} start)",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// A port nothing listens on now (the OS picks it).
+fn free_port() -> Result<u16, Failure> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|error| anyhow::anyhow!("finding a free port: {error}"))?;
+    Ok(listener.local_addr().map_err(anyhow::Error::from)?.port())
+}

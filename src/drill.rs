@@ -1,0 +1,657 @@
+//! Restore drills: every database of one backup is restored into a scratch target
+//! (a file in a scratch directory, a new database on a server), in parallel, and then
+//! checked:
+//!
+//! - built in: each artifact's checksum, each restore, and the rows per table against
+//!   the counts the adapter took at the cut;
+//! - from the runbook's `[drill]`: one query with an expected result, or two queries
+//!   (usually on two databases) that must return the same rows in any order.
+//!
+//! The report carries the restore time per database and in total (RTO), the age of
+//! the restore point (RPO at drill time) and every check's result. Scratch targets are
+//! removed afterwards unless the caller keeps them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use futures::future::join_all;
+
+use crate::adapters::{self, Adapter, Rows};
+use crate::manifest::{DatabaseEntry, Manifest};
+use crate::pipeline::Decryption;
+use crate::restore::{self, RestoreError, RestoreReport};
+use crate::runbook::{CheckKind, CheckQuery, DrillCheck, Runbook};
+use crate::storage::Storage;
+use crate::time::unix_ms;
+
+/// How many differing rows a failed check names.
+const NAMED_ROWS: usize = 5;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DrillReport {
+    pub backup_id: String,
+    pub cluster: String,
+    /// Every check passed.
+    pub ok: bool,
+    pub restore_point_timestamp_ms: Option<i64>,
+    pub restore_point_date_time: Option<String>,
+    /// Whether the backup's pause window was a valid restore point.
+    pub window_valid: bool,
+    /// How old the restore point was when the drill ran: the data a restore now loses.
+    pub rpo_ms: Option<i64>,
+    /// Wall time to restore every database (they restore in parallel).
+    pub rto_ms: u64,
+    pub total_ms: u64,
+    pub databases: Vec<DatabaseDrill>,
+    pub checks: Vec<CheckResult>,
+    /// Scratch targets left in place (`keep`), or that could not be removed.
+    pub left_behind: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DatabaseDrill {
+    pub name: String,
+    pub adapter: String,
+    /// Where it was restored, without passwords.
+    pub target: Option<String>,
+    pub restore: Option<RestoreReport>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CheckResult {
+    /// `checksum:<db>`, `restore:<db>`, `row_counts:<db>`, `window`, or the runbook's name.
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DrillError {
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Restores every database of `manifest` into scratch targets and checks them.
+/// Check failures are in the report (`ok == false`); `Err` means the drill could not
+/// start at all.
+pub async fn run(
+    runbook: &Runbook,
+    storage: &Storage,
+    manifest: &Manifest,
+    decryption: &Decryption,
+    keep: bool,
+) -> Result<DrillReport, DrillError> {
+    let started = Instant::now();
+    let scratch = scratch_dir(runbook)?;
+    let run_id = &uuid::Uuid::new_v4().simple().to_string()[..6];
+
+    let mut planned = Vec::new();
+    for entry in &manifest.databases {
+        let config = runbook
+            .databases
+            .iter()
+            .find(|database| database.name == entry.name)
+            .ok_or_else(|| {
+                DrillError::Setup(format!(
+                    "backup {} has database {:?}, which the runbook does not configure; \
+                     add it to [[databases]] so the drill knows how to restore it",
+                    manifest.backup_id, entry.name
+                ))
+            })?;
+        planned.push((entry, adapters::build(&entry.name, &config.adapter)));
+    }
+
+    let restoring = Instant::now();
+    let restored = join_all(planned.iter().map(|(entry, adapter)| {
+        restore_one(
+            storage,
+            manifest,
+            entry,
+            adapter.clone(),
+            decryption,
+            scratch.path(),
+            run_id,
+        )
+    }))
+    .await;
+    let rto_ms = restoring.elapsed().as_millis() as u64;
+
+    let mut checks = vec![window_check(manifest)];
+    let mut databases = Vec::new();
+    let mut targets: BTreeMap<&str, (Arc<dyn Adapter>, String)> = BTreeMap::new();
+    for ((entry, adapter), outcome) in planned.iter().zip(restored) {
+        checks.extend(outcome.checks);
+        if let (Some(target), true) = (&outcome.target, outcome.restored) {
+            checks.push(row_count_check(entry, adapter.as_ref(), target).await);
+        }
+        if let Some(target) = &outcome.target {
+            targets.insert(&entry.name, (adapter.clone(), target.clone()));
+        }
+        databases.push(DatabaseDrill {
+            name: entry.name.clone(),
+            adapter: entry.adapter.clone(),
+            target: outcome.target.as_deref().map(crate::storage::redact_url),
+            restore: outcome.report,
+            error: outcome.error,
+        });
+    }
+    let restored: Vec<&str> = databases
+        .iter()
+        .filter(|database| database.restore.is_some())
+        .map(|database| database.name.as_str())
+        .collect();
+    for check in &runbook.drill.checks {
+        checks.push(run_check(check, &targets, &restored).await);
+    }
+
+    let mut left_behind = Vec::new();
+    for (adapter, target) in targets.values() {
+        let removed = if keep {
+            Err("kept".to_owned())
+        } else {
+            adapter
+                .drop_scratch(target)
+                .await
+                .map_err(|error| error.to_string())
+        };
+        if let Err(why) = removed {
+            if !keep {
+                tracing::warn!(target = %crate::storage::redact_url(target), %why, "could not remove a scratch target");
+            }
+            left_behind.push(crate::storage::redact_url(target));
+        }
+    }
+    if keep {
+        left_behind.push(scratch.keep().display().to_string());
+    }
+
+    let rpo_ms = manifest
+        .window
+        .restore_point_timestamp_ms
+        .map(|point| unix_ms(SystemTime::now()) - point);
+    Ok(DrillReport {
+        backup_id: manifest.backup_id.clone(),
+        cluster: manifest.cluster.clone(),
+        ok: checks.iter().all(|check| check.ok),
+        restore_point_timestamp_ms: manifest.window.restore_point_timestamp_ms,
+        restore_point_date_time: manifest.window.restore_point_date_time.clone(),
+        window_valid: manifest.window.window_valid,
+        rpo_ms,
+        rto_ms,
+        total_ms: started.elapsed().as_millis() as u64,
+        databases,
+        checks,
+        left_behind,
+    })
+}
+
+/// A new directory for scratch files: inside the runbook's `scratch_dir`, else in the
+/// system's temporary directory.
+fn scratch_dir(runbook: &Runbook) -> Result<tempfile::TempDir, DrillError> {
+    let dir = match &runbook.drill.scratch_dir {
+        Some(parent) => {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                DrillError::Setup(format!(
+                    "creating the drill's scratch_dir {}: {error}",
+                    parent.display()
+                ))
+            })?;
+            tempfile::Builder::new()
+                .prefix("stillpoint-drill-")
+                .tempdir_in(parent)
+        }
+        None => tempfile::Builder::new()
+            .prefix("stillpoint-drill-")
+            .tempdir(),
+    };
+    dir.map_err(|error| {
+        DrillError::Setup(format!(
+            "creating a scratch directory for the drill: {error}"
+        ))
+    })
+}
+
+struct RestoreOutcome {
+    target: Option<String>,
+    restored: bool,
+    report: Option<RestoreReport>,
+    error: Option<String>,
+    checks: Vec<CheckResult>,
+}
+
+async fn restore_one(
+    storage: &Storage,
+    manifest: &Manifest,
+    entry: &DatabaseEntry,
+    adapter: Arc<dyn Adapter>,
+    decryption: &Decryption,
+    scratch: &std::path::Path,
+    run_id: &str,
+) -> RestoreOutcome {
+    let started = Instant::now();
+    let name = &entry.name;
+    let mut outcome = RestoreOutcome {
+        target: None,
+        restored: false,
+        report: None,
+        error: None,
+        checks: Vec::new(),
+    };
+    let label = scratch_label(run_id, name);
+    let target = match adapter.create_scratch(&label, scratch).await {
+        Ok(target) => target,
+        Err(error) => {
+            outcome.error = Some(error.to_string());
+            outcome.checks.push(CheckResult {
+                name: format!("restore:{name}"),
+                ok: false,
+                detail: format!("no scratch target: {error}"),
+                duration_ms: elapsed_ms(started),
+            });
+            return outcome;
+        }
+    };
+    outcome.target = Some(target.clone());
+    let result = restore::restore_database(
+        storage, manifest, entry, adapter, &target, decryption, false,
+    )
+    .await;
+    match result {
+        Ok(report) => {
+            outcome.checks.push(CheckResult {
+                name: format!("checksum:{name}"),
+                ok: true,
+                detail: format!(
+                    "BLAKE3 and size match the manifest ({} bytes)",
+                    report.stored_bytes
+                ),
+                duration_ms: report.checksum_ms,
+            });
+            outcome.checks.push(CheckResult {
+                name: format!("restore:{name}"),
+                ok: true,
+                detail: format!(
+                    "restored into {} in {} ms",
+                    crate::storage::redact_url(&target),
+                    report.load_ms
+                ),
+                duration_ms: report.load_ms,
+            });
+            outcome.restored = true;
+            outcome.report = Some(report);
+        }
+        Err(error) => {
+            let detail = crate::error_chain(&error);
+            let checksum_failed = matches!(error, RestoreError::Damaged { .. });
+            outcome.checks.push(CheckResult {
+                name: format!("checksum:{name}"),
+                ok: !checksum_failed,
+                detail: if checksum_failed {
+                    detail.clone()
+                } else {
+                    "BLAKE3 and size match the manifest".to_owned()
+                },
+                duration_ms: elapsed_ms(started),
+            });
+            outcome.checks.push(CheckResult {
+                name: format!("restore:{name}"),
+                ok: false,
+                detail: detail.clone(),
+                duration_ms: elapsed_ms(started),
+            });
+            outcome.error = Some(detail);
+        }
+    }
+    outcome
+}
+
+/// A scratch database or file name: lower case (PostgreSQL folds unquoted names),
+/// short enough for PostgreSQL's 63-byte identifiers, unique per drill run.
+fn scratch_label(run_id: &str, database: &str) -> String {
+    let safe: String = database
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    format!("stillpoint_drill_{run_id}_{safe}")
+}
+
+fn window_check(manifest: &Manifest) -> CheckResult {
+    let window = &manifest.window;
+    CheckResult {
+        name: "window".to_owned(),
+        ok: window.window_valid,
+        detail: if window.window_valid {
+            format!(
+                "the backup was cut inside one valid pause window of {} ms",
+                window.window_ms.unwrap_or_default()
+            )
+        } else {
+            format!(
+                "the backup's window is not a valid restore point: {}",
+                window.invalid_reasons.join("; ")
+            )
+        },
+        duration_ms: 0,
+    }
+}
+
+async fn row_count_check(
+    entry: &DatabaseEntry,
+    adapter: &dyn Adapter,
+    target: &str,
+) -> CheckResult {
+    let started = Instant::now();
+    let name = format!("row_counts:{}", entry.name);
+    let Some(expected) = &entry.row_counts else {
+        return CheckResult {
+            name,
+            ok: true,
+            detail: "the adapter recorded no row counts at the cut; nothing to compare".to_owned(),
+            duration_ms: 0,
+        };
+    };
+    let (ok, detail) = match adapter.row_counts(target).await {
+        Err(error) => (false, format!("counting rows: {error}")),
+        Ok(found) => compare_counts(expected, &found),
+    };
+    CheckResult {
+        name,
+        ok,
+        detail,
+        duration_ms: elapsed_ms(started),
+    }
+}
+
+fn compare_counts(
+    expected: &BTreeMap<String, u64>,
+    found: &BTreeMap<String, u64>,
+) -> (bool, String) {
+    let mut differences = Vec::new();
+    for (table, &want) in expected {
+        match found.get(table) {
+            Some(&have) if have == want => {}
+            Some(&have) => differences.push(format!("{table}: {have} rows, {want} at the cut")),
+            None => differences.push(format!("{table}: missing ({want} rows at the cut)")),
+        }
+    }
+    for table in found.keys().filter(|table| !expected.contains_key(*table)) {
+        differences.push(format!("{table}: not in the backup"));
+    }
+    if differences.is_empty() {
+        let rows: u64 = expected.values().sum();
+        (
+            true,
+            format!("{} tables, {rows} rows, as at the cut", expected.len()),
+        )
+    } else {
+        (false, differences.join("; "))
+    }
+}
+
+async fn run_check(
+    check: &DrillCheck,
+    targets: &BTreeMap<&str, (Arc<dyn Adapter>, String)>,
+    restored: &[&str],
+) -> CheckResult {
+    let started = Instant::now();
+    let result = async {
+        for database in check.databases() {
+            if !restored.contains(&database) {
+                return Err(format!("not run: database {database} was not restored"));
+            }
+        }
+        match &check.kind {
+            CheckKind::Expect { query, expect } => {
+                let rows = run_query(query, targets).await?;
+                let got = render(&rows);
+                if got == expect.trim() {
+                    Ok(format!("{} = {got}", query.database))
+                } else {
+                    Err(format!(
+                        "{} returned {:?}, expected {:?}",
+                        query.database,
+                        shorten(&got),
+                        shorten(expect.trim())
+                    ))
+                }
+            }
+            CheckKind::Equal { left, right } => {
+                let (l, r) = futures::join!(run_query(left, targets), run_query(right, targets));
+                compare_rows(left, l?, right, r?)
+            }
+        }
+    }
+    .await;
+    let (ok, detail) = match result {
+        Ok(detail) => (true, detail),
+        Err(detail) => (false, detail),
+    };
+    CheckResult {
+        name: check.name.clone(),
+        ok,
+        detail,
+        duration_ms: elapsed_ms(started),
+    }
+}
+
+async fn run_query(
+    query: &CheckQuery,
+    targets: &BTreeMap<&str, (Arc<dyn Adapter>, String)>,
+) -> Result<Rows, String> {
+    let (adapter, target) = targets
+        .get(query.database.as_str())
+        .ok_or_else(|| format!("database {} has no restored target", query.database))?;
+    adapter
+        .query(target, &query.sql)
+        .await
+        .map_err(|error| format!("query on {} failed: {error}", query.database))
+}
+
+/// Rows on lines, columns joined by `|`, NULL as `NULL`: what `expect` is compared with.
+fn render(rows: &Rows) -> String {
+    rows.iter()
+        .map(|row| {
+            row.iter()
+                .map(|value| value.as_deref().unwrap_or("NULL"))
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A multiset of rows: each distinct row and how often it occurs.
+type RowCounts = BTreeMap<Vec<Option<String>>, usize>;
+
+/// Compares two result sets as multisets and names what only one side has.
+fn compare_rows(
+    left: &CheckQuery,
+    left_rows: Rows,
+    right: &CheckQuery,
+    right_rows: Rows,
+) -> Result<String, String> {
+    let count = |rows: Rows| {
+        let mut counts = RowCounts::new();
+        for row in rows {
+            *counts.entry(row).or_default() += 1;
+        }
+        counts
+    };
+    let (left_total, right_total) = (left_rows.len(), right_rows.len());
+    let (left_counts, right_counts) = (count(left_rows), count(right_rows));
+    fn only<'a>(this: &'a RowCounts, other: &RowCounts) -> Vec<&'a Vec<Option<String>>> {
+        let mut rows = Vec::new();
+        for (row, &n) in this {
+            let extra = n.saturating_sub(other.get(row).copied().unwrap_or(0));
+            rows.extend(std::iter::repeat_n(row, extra));
+        }
+        rows
+    }
+    let only_left = only(&left_counts, &right_counts);
+    let only_right = only(&right_counts, &left_counts);
+    if only_left.is_empty() && only_right.is_empty() {
+        return Ok(format!(
+            "{} and {} return the same {left_total} rows (digest {})",
+            left.database,
+            right.database,
+            digest(&left_counts)
+        ));
+    }
+    let name = |rows: &[&Vec<Option<String>>]| {
+        let mut shown: Vec<String> = rows
+            .iter()
+            .take(NAMED_ROWS)
+            .map(|row| render(&vec![(*row).clone()]))
+            .collect();
+        if rows.len() > NAMED_ROWS {
+            shown.push(format!("and {} more", rows.len() - NAMED_ROWS));
+        }
+        shown.join(", ")
+    };
+    let mut detail = format!(
+        "{} returns {left_total} rows, {} returns {right_total}",
+        left.database, right.database
+    );
+    if !only_left.is_empty() {
+        detail.push_str(&format!(
+            "; {} only in {}: {}",
+            only_left.len(),
+            left.database,
+            name(&only_left)
+        ));
+    }
+    if !only_right.is_empty() {
+        detail.push_str(&format!(
+            "; {} only in {}: {}",
+            only_right.len(),
+            right.database,
+            name(&only_right)
+        ));
+    }
+    Err(detail)
+}
+
+/// An order-independent digest of a multiset of rows (BLAKE3 of the sorted rows), so
+/// two passing reports can be compared by eye.
+fn digest(rows: &RowCounts) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for (row, n) in rows {
+        for _ in 0..*n {
+            for value in row {
+                match value {
+                    Some(text) => {
+                        hasher.update(&(text.len() as u64).to_le_bytes());
+                        hasher.update(text.as_bytes());
+                    }
+                    None => {
+                        hasher.update(&u64::MAX.to_le_bytes());
+                    }
+                }
+            }
+        }
+    }
+    hasher.finalize().to_hex()[..16].to_owned()
+}
+
+fn shorten(text: &str) -> String {
+    const LIMIT: usize = 200;
+    if text.chars().count() <= LIMIT {
+        text.to_owned()
+    } else {
+        format!("{}…", text.chars().take(LIMIT).collect::<String>())
+    }
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(database: &str) -> CheckQuery {
+        CheckQuery {
+            database: database.to_owned(),
+            sql: String::new(),
+        }
+    }
+
+    fn rows(values: &[&str]) -> Rows {
+        values
+            .iter()
+            .map(|v| vec![Some((*v).to_owned()), None])
+            .collect()
+    }
+
+    #[test]
+    fn equal_result_sets_match_in_any_order() {
+        let detail = compare_rows(
+            &query("ledger"),
+            rows(&["a", "b", "c"]),
+            &query("auditor"),
+            rows(&["c", "a", "b"]),
+        )
+        .unwrap();
+        assert!(detail.contains("same 3 rows"), "{detail}");
+    }
+
+    #[test]
+    fn differing_result_sets_name_the_rows_each_side_lacks() {
+        let detail = compare_rows(
+            &query("ledger"),
+            rows(&["a", "b", "b", "x"]),
+            &query("auditor"),
+            rows(&["a", "b", "y"]),
+        )
+        .unwrap_err();
+        assert!(
+            detail.contains("ledger returns 4 rows, auditor returns 3"),
+            "{detail}"
+        );
+        assert!(
+            detail.contains("2 only in ledger: b|NULL, x|NULL"),
+            "{detail}"
+        );
+        assert!(detail.contains("1 only in auditor: y|NULL"), "{detail}");
+    }
+
+    #[test]
+    fn row_counts_name_each_table_that_differs() {
+        let at_cut = BTreeMap::from([("a".to_owned(), 3), ("b".to_owned(), 4)]);
+        assert!(compare_counts(&at_cut, &at_cut.clone()).0);
+        let restored = BTreeMap::from([("a".to_owned(), 2), ("c".to_owned(), 1)]);
+        let (ok, detail) = compare_counts(&at_cut, &restored);
+        assert!(!ok);
+        assert_eq!(
+            detail,
+            "a: 2 rows, 3 at the cut; b: missing (4 rows at the cut); c: not in the backup"
+        );
+    }
+
+    #[test]
+    fn results_render_as_lines_of_columns() {
+        let rows = vec![
+            vec![Some("1".to_owned()), None],
+            vec![Some("2".to_owned()), Some("x".to_owned())],
+        ];
+        assert_eq!(render(&rows), "1|NULL\n2|x");
+    }
+
+    #[test]
+    fn scratch_labels_fit_postgres_identifiers() {
+        let label = scratch_label("a1b2c3", &"Ledger-DB".repeat(10));
+        assert!(label.len() <= 63, "{label}");
+        assert!(label.starts_with("stillpoint_drill_a1b2c3_ledger_db"));
+    }
+}

@@ -1,0 +1,140 @@
+//! Restoring one database of a committed backup into a target: the artifact's
+//! checksum is checked first (so a damaged artifact is named before anything is
+//! written to the target), then the target is emptied if asked (`--force`), then the
+//! artifact streams from storage through decryption and decompression straight into
+//! the adapter's restore. `stillpoint restore` restores one database; drills restore
+//! every database this way.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::adapters::{Adapter, AdapterError};
+use crate::manifest::{DatabaseEntry, Manifest};
+use crate::pipeline::{self, Decryption, PipelineError};
+use crate::storage::Storage;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("backup {backup_id} has no database {database:?}; it has: {known}")]
+    NoSuchDatabase {
+        backup_id: String,
+        database: String,
+        known: String,
+    },
+    #[error(
+        "database {database} of backup {backup_id} has no artifact (an exec cut without a copy command): there is nothing to restore"
+    )]
+    NoArtifact { backup_id: String, database: String },
+    #[error(
+        "database {database} was backed up by the {recorded} adapter, but the runbook configures it as {configured}"
+    )]
+    WrongAdapter {
+        database: String,
+        recorded: String,
+        configured: String,
+    },
+    #[error("not restoring database {database}: {source}; the target was not touched")]
+    Damaged {
+        database: String,
+        #[source]
+        source: PipelineError,
+    },
+    #[error("restoring database {database} failed: {source}")]
+    Pipeline {
+        database: String,
+        #[source]
+        source: PipelineError,
+    },
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+}
+
+/// What one restore did and how long each part took.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RestoreReport {
+    pub database: String,
+    /// The artifact's stored (compressed, encrypted) size.
+    pub stored_bytes: u64,
+    /// Reading the artifact once to check its BLAKE3 and size.
+    pub checksum_ms: u64,
+    /// Streaming it into the target (decrypt, decompress, the database's own load).
+    pub load_ms: u64,
+    pub total_ms: u64,
+}
+
+/// The manifest's entry for `database`, or an error listing the ones it has.
+pub fn entry<'a>(
+    manifest: &'a Manifest,
+    database: &str,
+) -> Result<&'a DatabaseEntry, RestoreError> {
+    manifest
+        .databases
+        .iter()
+        .find(|entry| entry.name == database)
+        .ok_or_else(|| RestoreError::NoSuchDatabase {
+            backup_id: manifest.backup_id.clone(),
+            database: database.to_owned(),
+            known: manifest
+                .databases
+                .iter()
+                .map(|entry| entry.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// Restores `entry` (a database of `manifest`) into `target` with `adapter`, which
+/// must be the kind of adapter that made the copy. With `force`, the target is emptied
+/// first (after the checksum check); without it a non-empty target is refused.
+pub async fn restore_database(
+    storage: &Storage,
+    manifest: &Manifest,
+    entry: &DatabaseEntry,
+    adapter: Arc<dyn Adapter>,
+    target: &str,
+    decryption: &Decryption,
+    force: bool,
+) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
+    let database = entry.name.clone();
+    let Some(artifact) = &entry.artifact else {
+        return Err(RestoreError::NoArtifact {
+            backup_id: manifest.backup_id.clone(),
+            database,
+        });
+    };
+    if adapter.kind() != entry.adapter {
+        return Err(RestoreError::WrongAdapter {
+            database,
+            recorded: entry.adapter.clone(),
+            configured: adapter.kind().to_owned(),
+        });
+    }
+
+    pipeline::verify_checksum(storage, artifact)
+        .await
+        .map_err(|source| RestoreError::Damaged {
+            database: database.clone(),
+            source,
+        })?;
+    let checksum_ms = started.elapsed().as_millis() as u64;
+
+    let loading = Instant::now();
+    if force {
+        adapter.clear(target).await?;
+    }
+    let stream = pipeline::open(storage, artifact, decryption)
+        .await
+        .map_err(|source| RestoreError::Pipeline {
+            database: database.clone(),
+            source,
+        })?;
+    adapter.restore(stream, target).await?;
+    Ok(RestoreReport {
+        database,
+        stored_bytes: artifact.stored_size,
+        checksum_ms,
+        load_ms: loading.elapsed().as_millis() as u64,
+        total_ms: started.elapsed().as_millis() as u64,
+    })
+}
