@@ -1,10 +1,10 @@
 //! `stillpoint demo`: the README's first command. Starts a local reference cluster (3
 //! ledger nodes sharing one SQLite ledger database, 1 auditor with its own) as real
 //! `ledger-node` processes under load, backs it up (one pause, both databases cut
-//! inside it, copies through zstd + age into a local directory), restores both copies
-//! into fresh files, checks the invariants across the restored pair (balances, hash
-//! chain, ledger = auditor) and that nothing committed inside the window, prints a
-//! short report and cleans up.
+//! inside it, copies through zstd + age into a local directory), and ends with a
+//! drill: both copies restored into scratch files and the ledger's invariants checked
+//! across the pair (balances, hash chain, ledger = auditor). It also checks that
+//! nothing committed inside the window, prints a short report and cleans up.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -19,7 +19,8 @@ use stillpoint::coordinator::PauseReport;
 use stillpoint::resolve::NodeAddress;
 use stillpoint::runbook::Runbook;
 use stillpoint::storage::Storage;
-use stillpoint::{adapters, backup, pipeline};
+use stillpoint::drill::{self, DrillReport};
+use stillpoint::backup;
 
 use crate::args::{OutputFormat, duration};
 use crate::backup::human_bytes;
@@ -48,8 +49,8 @@ struct DemoReport {
     window: PauseReport,
     requests_held_during_pause: u64,
     load: serde_json::Value,
-    /// `ledger-node check` of the restored copies.
-    restored_check: serde_json::Value,
+    /// The drill of the backup: restored into scratch files and checked.
+    drill: DrillReport,
     /// `ledger-node check` of the live databases: nothing committed inside the window.
     live_check: serde_json::Value,
     elapsed_ms: u64,
@@ -141,68 +142,43 @@ pub async fn demo(args: DemoArgs) -> Result<u8, Failure> {
     let load: serde_json::Value =
         serde_json::from_slice(&load).context("reading the load report")?;
 
-    say("restoring both copies into fresh files …");
-    let restored = dir.path().join("restored");
-    std::fs::create_dir_all(&restored)?;
+    say("drill: restoring both copies into scratch files and checking them …");
     let storage = Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)?;
     let decryption = backup::decryption(&runbook)?;
-    for (database, config) in manifest.databases.iter().zip(&runbook.databases) {
-        let artifact = database
-            .artifact
-            .as_ref()
-            .context("every demo database has an artifact")?;
-        let stream = pipeline::open(&storage, artifact, &decryption).await?;
-        let target = restored.join(format!("{}.db", database.name));
-        adapters::build(&database.name, &config.adapter)
-            .restore(stream, &target.display().to_string())
-            .await?;
-    }
+    let drill = drill::run(&runbook, &storage, &manifest, &decryption, false)
+        .await
+        .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?;
 
-    say("checking the restored pair, and that nothing committed inside the window …");
-    let check = |ledger: &str,
-                 auditor: &str,
-                 window: Option<(i64, i64)>|
-     -> anyhow::Result<serde_json::Value> {
-        let mut command = Command::new(&ledger_node);
-        command.args([
-            "check",
-            "--ledger-db",
-            ledger,
-            "--auditor-db",
-            auditor,
-            "--output",
-            "json",
-        ]);
-        if let Some((start, end)) = window {
-            command.args([
+    say("checking that nothing committed inside the window …");
+    let check = |ledger: &str, auditor: &str, (start, end): (i64, i64)| {
+        let output = Command::new(&ledger_node)
+            .args([
+                "check",
+                "--ledger-db",
+                ledger,
+                "--auditor-db",
+                auditor,
+                "--output",
+                "json",
                 "--window-start-ms",
                 &start.to_string(),
                 "--window-end-ms",
                 &end.to_string(),
-            ]);
-        }
-        let output = command
+            ])
             .stderr(Stdio::null())
             .output()
             .context("running ledger-node check")?;
-        serde_json::from_slice(&output.stdout).context("reading the check report")
+        serde_json::from_slice::<serde_json::Value>(&output.stdout)
+            .context("reading the check report")
     };
-    let restored_check = check(
-        &format!("sqlite:{}", restored.join("ledger.db").display()),
-        &format!("sqlite:{}", restored.join("auditor.db").display()),
-        None,
-    )?;
     children.stop_all();
     let bounds = (
         window.pause_start_timestamp_ms.unwrap_or_default(),
         window.pause_end_timestamp_ms.unwrap_or_default(),
     );
-    let live_check = check(&ledger_db, &auditor_db, Some(bounds))?;
+    let live_check = check(&ledger_db, &auditor_db, bounds)?;
 
-    let ok = window.window_valid
-        && load["failed"] == 0
-        && restored_check["ok"] == true
-        && live_check["ok"] == true;
+    let ok = window.window_valid && load["failed"] == 0 && drill.ok && live_check["ok"] == true;
     let report = DemoReport {
         ok,
         backup_id: manifest.backup_id.clone(),
@@ -214,7 +190,7 @@ pub async fn demo(args: DemoArgs) -> Result<u8, Failure> {
         window,
         requests_held_during_pause: requests_held,
         load,
-        restored_check,
+        drill,
         live_check,
         elapsed_ms: started.elapsed().as_millis() as u64,
     };
@@ -224,6 +200,33 @@ pub async fn demo(args: DemoArgs) -> Result<u8, Failure> {
     }
     Ok(if ok { exit::OK } else { exit::ERROR })
 }
+
+/// The reference ledger's invariants as drill checks, in SQLite's dialect
+/// (ledger/runbook.toml has the same checks for PostgreSQL and MariaDB).
+const DEMO_CHECKS: &str = r#"
+[[drill.checks]]
+name = "balances_conserved"
+database = "ledger"
+sql = "SELECT sum(balance) - (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'initial_total') FROM accounts"
+expect = 0
+
+[[drill.checks]]
+name = "no_negative_balance"
+database = "ledger"
+sql = "SELECT count(*) FROM accounts WHERE balance < 0"
+expect = 0
+
+[[drill.checks]]
+name = "hash_chain_links"
+database = "ledger"
+sql = "SELECT count(*) FROM (SELECT prev_hash, lag(hash, 1, '0000000000000000000000000000000000000000000000000000000000000000') OVER (ORDER BY seq) AS expected FROM ledger) WHERE prev_hash <> expected"
+expect = 0
+
+[[drill.checks]]
+name = "ledger_matches_auditor"
+left = { database = "ledger", sql = "SELECT tx_id, hash FROM ledger" }
+right = { database = "auditor", sql = "SELECT tx_id, hash FROM audit" }
+"#;
 
 /// The runbook an operator would write for this cluster.
 fn demo_runbook(
@@ -267,13 +270,14 @@ age_identity_file = "{key_file}"
 
 [storage]
 url = "file://{storage}"
-"#,
+{checks}"#,
         hold = args.hold_for.as_millis(),
         ledger = ledger_path.display(),
         auditor_db = auditor_path.display(),
         recipient = key.to_public(),
         key_file = key_file.display(),
         storage = storage.display(),
+        checks = DEMO_CHECKS,
     );
     Runbook::parse(&text, Path::new("."))
         .map_err(|error| anyhow::anyhow!("the demo's runbook is invalid: {error}"))
@@ -296,24 +300,21 @@ fn print_text(report: &DemoReport) {
             .unwrap_or_default()
     );
     println!(
-        "backup {}: {} stored in {:.1}s (zstd + age), restored into fresh files",
+        "backup {}: {} stored in {:.1}s (zstd + age)",
         report.backup_id,
         human_bytes(report.stored_bytes),
         report.backup_ms as f64 / 1000.0
     );
-    let restored = report.restored_check["checks"]
-        .as_array()
-        .into_iter()
-        .flatten();
+    print!("{}", crate::drill::render_text(&report.drill));
     let quiet = report.live_check["checks"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|check| check["name"] == "quiet_window");
-    for check in restored.chain(quiet) {
+    for check in quiet {
         let mark = if check["ok"] == true { "ok  " } else { "FAIL" };
         println!(
-            "check {mark} {}: {}",
+            "live check {mark} {}: {}",
             check["name"].as_str().unwrap_or("?"),
             check["detail"].as_str().unwrap_or("")
         );
