@@ -6,6 +6,10 @@
 //! The pause covers only the cuts, so its length does not grow with the data. Every
 //! failure before the commit releases the cluster (if paused) and deletes what was
 //! written, so no backup is listed that is not whole.
+//!
+//! [`Mode::UnsafeNoPause`] exists for negative controls: it skips the pause and cuts
+//! and copies each database in turn, as a tool without a pause would, and marks the
+//! manifest so nobody mistakes it for a restore point.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -147,35 +151,9 @@ pub async fn run_with(
     let prepare_ms = elapsed_ms(started);
 
     let Some(plan) = plan else {
-        progress(Progress::Phase("cut"));
-        let cut_started = Instant::now();
-        let cuts_started_ms = unix_ms(SystemTime::now());
-        let mut markers = Vec::new();
-        for database in prepared.iter_mut() {
-            markers.push(
-                database
-                    .cut(&backup_id)
-                    .await
-                    .map_err(|error| BackupError::Cut {
-                        reason: error.to_string(),
-                        window: Box::new(PauseReport::unpaused(
-                            cuts_started_ms,
-                            unix_ms(SystemTime::now()),
-                            Zone::UTC,
-                        )),
-                    })?,
-            );
-        }
-        let window = PauseReport::unpaused(cuts_started_ms, unix_ms(SystemTime::now()), Zone::UTC);
-        let cut_ms = elapsed_ms(cut_started);
-        let timings = Timings {
-            prepare_ms,
-            cut_ms,
-            ..Timings::default()
-        };
-        return copy_and_commit(
-            runbook, &storage, &settings, &adapters, prepared, markers, paths, backup_id, window,
-            timings, started, mode, progress,
+        return unpaused(
+            runbook, &storage, &settings, &adapters, prepared, paths, backup_id, prepare_ms,
+            started, progress,
         )
         .await;
     };
@@ -231,36 +209,6 @@ pub async fn run_with(
         });
     }
 
-    let timings = Timings {
-        prepare_ms,
-        pause_ms,
-        cut_ms,
-        ..Timings::default()
-    };
-    copy_and_commit(
-        runbook, &storage, &settings, &adapters, prepared, markers, paths, backup_id, window,
-        timings, started, mode, progress,
-    )
-    .await
-}
-
-/// Steps 6–7, after the cuts: copy every database, then commit the manifest.
-#[allow(clippy::too_many_arguments)]
-async fn copy_and_commit(
-    runbook: &Runbook,
-    storage: &Storage,
-    settings: &PipelineSettings,
-    adapters: &[Arc<dyn adapters::Adapter>],
-    prepared: Vec<Box<dyn Prepared>>,
-    markers: Vec<CutMarker>,
-    paths: Vec<Option<String>>,
-    backup_id: String,
-    window: PauseReport,
-    mut timings: Timings,
-    started: Instant,
-    mode: Mode,
-    progress: ProgressSink,
-) -> Result<Manifest, BackupError> {
     // 6. Copy every database, streamed through the pipeline, in parallel.
     progress(Progress::Phase("copy"));
     let copy_started = Instant::now();
@@ -270,8 +218,8 @@ async fn copy_and_commit(
                 prepared,
                 database.name.clone(),
                 path,
-                storage,
-                settings,
+                &storage,
+                &settings,
                 progress.clone(),
             )
         },
@@ -280,7 +228,7 @@ async fn copy_and_commit(
     let copies = match collect(copies) {
         Ok(copies) => copies,
         Err(reason) => {
-            discard(storage, &backup_id).await;
+            discard(&storage, &backup_id).await;
             return Err(BackupError::Copy {
                 backup_id,
                 reason,
@@ -288,10 +236,117 @@ async fn copy_and_commit(
             });
         }
     };
-    timings.copy_ms = elapsed_ms(copy_started);
-
-    // 7. Commit: the manifest is written last; its presence is the backup.
+    let timings = Timings {
+        prepare_ms,
+        pause_ms,
+        cut_ms,
+        copy_ms: elapsed_ms(copy_started),
+        total_ms: 0,
+    };
     progress(Progress::Phase("commit"));
+    commit(
+        runbook,
+        &storage,
+        &adapters,
+        markers,
+        copies,
+        backup_id,
+        window,
+        timings,
+        started,
+        Mode::Paused,
+    )
+    .await
+}
+
+/// `--no-pause`: each database cut and copied in turn while the cluster runs, as a
+/// tool without a pause would; the manifest says so.
+#[allow(clippy::too_many_arguments)]
+async fn unpaused(
+    runbook: &Runbook,
+    storage: &Storage,
+    settings: &PipelineSettings,
+    adapters: &[Arc<dyn adapters::Adapter>],
+    prepared: Vec<Box<dyn Prepared>>,
+    paths: Vec<Option<String>>,
+    backup_id: String,
+    prepare_ms: u64,
+    started: Instant,
+    progress: ProgressSink,
+) -> Result<Manifest, BackupError> {
+    progress(Progress::Phase("copy"));
+    let first_cut_ms = unix_ms(SystemTime::now());
+    let copy_started = Instant::now();
+    let mut markers = Vec::new();
+    let mut copies = Vec::new();
+    for ((mut database, config), path) in prepared.into_iter().zip(&runbook.databases).zip(paths) {
+        let copied = match database.cut(&backup_id).await {
+            Ok(marker) => {
+                markers.push(marker);
+                copy_one(
+                    database,
+                    config.name.clone(),
+                    path,
+                    storage,
+                    settings,
+                    progress.clone(),
+                )
+                .await
+            }
+            Err(error) => Err(error),
+        };
+        match copied {
+            Ok(copy) => copies.push(copy),
+            Err(error) => {
+                discard(storage, &backup_id).await;
+                return Err(BackupError::Copy {
+                    backup_id,
+                    reason: error.to_string(),
+                    window: Box::new(PauseReport::unpaused(
+                        first_cut_ms,
+                        unix_ms(SystemTime::now()),
+                        Zone::UTC,
+                    )),
+                });
+            }
+        }
+    }
+    let window = PauseReport::unpaused(first_cut_ms, unix_ms(SystemTime::now()), Zone::UTC);
+    let timings = Timings {
+        prepare_ms,
+        copy_ms: elapsed_ms(copy_started),
+        ..Timings::default()
+    };
+    progress(Progress::Phase("commit"));
+    commit(
+        runbook,
+        storage,
+        adapters,
+        markers,
+        copies,
+        backup_id,
+        window,
+        timings,
+        started,
+        Mode::UnsafeNoPause,
+    )
+    .await
+}
+
+/// Step 7: the manifest is written last; its presence is the backup.
+#[allow(clippy::too_many_arguments)]
+async fn commit(
+    runbook: &Runbook,
+    storage: &Storage,
+    adapters: &[Arc<dyn adapters::Adapter>],
+    markers: Vec<CutMarker>,
+    copies: Vec<(Option<pipeline::ArtifactInfo>, adapters::CopySummary)>,
+    backup_id: String,
+    window: PauseReport,
+    timings: Timings,
+    started: Instant,
+    mode: Mode,
+) -> Result<Manifest, BackupError> {
     let databases = runbook
         .databases
         .iter()

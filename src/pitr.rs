@@ -14,7 +14,8 @@
 //!   never write into the source's archive) with `recovery.signal` and the target,
 //!   waits until it has replayed to the target and promoted, and reports the state it
 //!   reached with a content hash of the database. The server is stopped before
-//!   returning; the data directory stays only if asked.
+//!   returning; the data directory stays only if asked. PostgreSQL refuses to run as
+//!   root, so a root caller names a system user to run it as (`runuser`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -177,6 +178,9 @@ pub struct Recovery<'a> {
     pub timeout: Duration,
     /// Leave the (stopped) data directory in place afterwards.
     pub keep: bool,
+    /// The system user to run the scratch server as (through `runuser`), for a caller
+    /// running as root: PostgreSQL refuses to run as root.
+    pub run_as: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -237,11 +241,19 @@ pub async fn recover(request: Recovery<'_>) -> Result<RecoveryReport, PitrError>
     };
     std::fs::write(request.data_dir.join("recovery.signal"), b"")
         .map_err(|error| fail(format!("writing recovery.signal: {error}")))?;
-
     let log_path = request.data_dir.join("stillpoint-recovery.log");
     let log = std::fs::File::create(&log_path)
         .map_err(|error| fail(format!("creating {}: {error}", log_path.display())))?;
-    let mut server = Command::new(tool(request.config, "postgres"));
+    if let Some(user) = &request.run_as {
+        chown(user, request.data_dir).await?;
+    }
+
+    let server_command = ServerCommand {
+        config: request.config,
+        run_as: request.run_as.as_deref(),
+        data_dir: request.data_dir,
+    };
+    let mut server = server_command.command("postgres");
     server
         .arg("-D")
         .arg(request.data_dir)
@@ -257,7 +269,10 @@ pub async fn recover(request: Recovery<'_>) -> Result<RecoveryReport, PitrError>
             tool(request.config, "postgres").display()
         ))
     })?;
-    let mut server = Server { child };
+    let mut server = Server {
+        child,
+        command: server_command,
+    };
 
     let url = scratch_url(&request.config.url, request.port)?;
     let outcome = wait_for_promotion(&mut server, &url, request.timeout, &log_path).await;
@@ -312,30 +327,79 @@ fn postgres_time(ms: i64) -> String {
     at.format("%Y-%m-%d %H:%M:%S%.3f+00").to_string()
 }
 
-struct Server {
-    child: Child,
+/// Runs the server's programs as the caller, or as `run_as` through `runuser`.
+struct ServerCommand<'a> {
+    config: &'a PostgresConfig,
+    run_as: Option<&'a str>,
+    data_dir: &'a Path,
 }
 
-impl Server {
-    /// Fast shutdown (SIGINT), then SIGKILL if it does not stop in time.
-    async fn stop(&mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill")
-                .args(["-INT", &pid.to_string()])
-                .status()
-                .await;
-        }
-        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
+impl ServerCommand<'_> {
+    fn command(&self, program: &str) -> Command {
+        let mut command = match self.run_as {
+            Some(user) => {
+                let mut command = Command::new("runuser");
+                command
+                    .args(["-u", user, "--"])
+                    .arg(tool(self.config, program));
+                command
+            }
+            None => Command::new(tool(self.config, program)),
+        };
+        // The caller's working directory may be closed to the server's user.
+        command.current_dir(self.data_dir);
+        command
     }
 }
 
+struct Server<'a> {
+    child: Child,
+    command: ServerCommand<'a>,
+}
+
+impl Server<'_> {
+    /// Fast shutdown through pg_ctl, which waits for every backend (killing our child
+    /// would only kill `runuser`); SIGKILL if that fails.
+    async fn stop(&mut self) {
+        let stopped = self
+            .command
+            .command("pg_ctl")
+            .arg("stop")
+            .arg("--pgdata")
+            .arg(self.command.data_dir)
+            .args(["--mode=fast", "--wait", "--timeout=30", "--silent"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|status| status.success());
+        if !stopped {
+            let _ = self.child.kill().await;
+        }
+        let _ = self.child.wait().await;
+    }
+}
+
+/// `chown -R user: dir`, for a data directory the server's user must own.
+async fn chown(user: &str, dir: &Path) -> Result<(), PitrError> {
+    let status = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{user}:"))
+        .arg(dir)
+        .status()
+        .await
+        .map_err(|error| PitrError::Setup(format!("running chown: {error}")))?;
+    if !status.success() {
+        return Err(PitrError::Setup(format!(
+            "chown -R {user}: {} failed; does the user {user} exist?",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 async fn wait_for_promotion(
-    server: &mut Server,
+    server: &mut Server<'_>,
     url: &str,
     timeout: Duration,
     log_path: &Path,
@@ -520,6 +584,19 @@ fn set_private(dir: &Path) -> Result<(), PitrError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|error| PitrError::Setup(format!("chmod 700 {}: {error}", dir.display())))
+}
+
+/// Whether this process runs as root (effective uid 0), from `/proc/self/status`.
+pub fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Uid:"))
+                .and_then(|uids| uids.split_whitespace().nth(1).map(|uid| uid == "0"))
+        })
+        .unwrap_or(false)
 }
 
 fn tool(config: &PostgresConfig, name: &str) -> PathBuf {

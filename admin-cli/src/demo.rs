@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 use age::secrecy::ExposeSecret as _;
 use anyhow::{Context as _, bail};
 use clap::Args;
+use stillpoint::backup;
 use stillpoint::coordinator::PauseReport;
+use stillpoint::drill::{self, DrillReport};
 use stillpoint::resolve::NodeAddress;
 use stillpoint::runbook::Runbook;
 use stillpoint::storage::Storage;
-use stillpoint::drill::{self, DrillReport};
-use stillpoint::backup;
 
 use crate::args::{OutputFormat, duration};
 use crate::backup::human_bytes;

@@ -89,6 +89,10 @@ pub struct PitrArgs {
     /// Keep the recovered (stopped) data directory; start it with pg_ctl -D DIR start.
     #[arg(long)]
     pub keep: bool,
+    /// Run the scratch server as this system user (PostgreSQL refuses root). Default
+    /// when run as root: postgres.
+    #[arg(long, value_name = "USER")]
+    pub run_as: Option<String>,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
 }
@@ -247,6 +251,10 @@ pub async fn pitr(args: PitrArgs) -> Result<u8, Failure> {
                 .prefix("stillpoint-pitr-")
                 .tempdir()
                 .map_err(|error| anyhow::anyhow!("creating a scratch directory: {error}"))?;
+            // The server's user must be able to reach the data directory inside.
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o755))
+                .map_err(|error| anyhow::anyhow!("opening the scratch directory: {error}"))?;
             temp.path().join("data")
         }
     };
@@ -271,6 +279,10 @@ pub async fn pitr(args: PitrArgs) -> Result<u8, Failure> {
         port,
         timeout: args.timeout,
         keep: args.keep,
+        run_as: args
+            .run_as
+            .clone()
+            .or_else(|| pitr::running_as_root().then(|| "postgres".to_owned())),
     })
     .await
     .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?;
