@@ -126,3 +126,75 @@ fn mistakes_are_refused_with_the_value() {
         assert!(error.contains(needle), "{needle:?} not in: {error}");
     }
 }
+
+const LEDGER_RUNBOOK: &str = include_str!("../../ledger/runbook.toml");
+
+#[test]
+fn the_ledger_runbook_parses_with_its_drill_checks() {
+    let runbook = parse(LEDGER_RUNBOOK).unwrap();
+    let names: Vec<&str> = runbook
+        .drill
+        .checks
+        .iter()
+        .map(|check| check.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "balances_conserved",
+            "no_negative_balance",
+            "hash_chain_links",
+            "ledger_matches_auditor"
+        ]
+    );
+    assert!(matches!(
+        &runbook.drill.checks[0].kind,
+        super::CheckKind::Expect { expect, .. } if expect == "0"
+    ));
+    assert!(matches!(
+        &runbook.drill.checks[3].kind,
+        super::CheckKind::Equal { left, right } if left.database == "ledger" && right.database == "auditor"
+    ));
+}
+
+#[test]
+fn drill_checks_are_checked_before_anything_runs() {
+    let with_check = |check: &str| format!("{}\n[[drill.checks]]\n{check}\n", minimal(""));
+    let error = parse(&with_check(
+        "name = \"c\"\ndatabase = \"nope\"\nsql = \"SELECT 1\"\nexpect = 1",
+    ))
+    .unwrap_err();
+    assert!(error.contains("reads database \"nope\""), "{error}");
+
+    let error = parse(&with_check(
+        "name = \"c\"\ndatabase = \"db\"\nsql = \"SELECT 1\"",
+    ))
+    .unwrap_err();
+    assert!(
+        error.contains("give either database + sql + expect, or left + right"),
+        "{error}"
+    );
+
+    let error = parse(&with_check(
+        "name = \"c\"\ndatabase = \"db\"\nsql = \"SELECT 1\"\nexpect = 1\nexpected = 2",
+    ))
+    .unwrap_err();
+    assert!(error.contains("expected"), "{error}");
+
+    let twice = format!(
+        "{}\n[[drill.checks]]\nname = \"c\"\ndatabase = \"db\"\nsql = \"SELECT 1\"\nexpect = 1\n",
+        with_check("name = \"c\"\ndatabase = \"db\"\nsql = \"SELECT 1\"\nexpect = 1")
+    );
+    let error = parse(&twice).unwrap_err();
+    assert!(error.contains("two checks are named \"c\""), "{error}");
+
+    let ok = parse(&format!(
+        "{}\n[drill]\nscratch_dir = \"scratch\"\n",
+        minimal("")
+    ))
+    .unwrap();
+    assert_eq!(
+        ok.drill.scratch_dir.as_deref(),
+        Some(Path::new("/etc/stillpoint/scratch"))
+    );
+}
