@@ -320,7 +320,7 @@ fn scratch_label(run_id: &str, database: &str) -> String {
                 '_'
             }
         })
-        .take(40)
+        .take(63 - "stillpoint_drill_xxxxxx_".len())
         .collect();
     format!("stillpoint_drill_{run_id}_{safe}")
 }

@@ -32,3 +32,51 @@ pub(crate) async fn read_to_end(copy: &mut Copy) -> Vec<u8> {
     copy.stream.read_to_end(&mut bytes).await.unwrap();
     bytes
 }
+
+/// The read-back capabilities a drill relies on, on a real database: copies what
+/// `adapter` points at, restores it into a new scratch target, checks that the row
+/// counts equal those taken at the cut and that `sql` returns `expected` as text, then
+/// empties the target (a second restore must then succeed) and drops it. Returns the
+/// scratch target, so the caller can check it is gone.
+pub(crate) async fn scratch_round_trip(
+    adapter: &dyn super::Adapter,
+    dir: &std::path::Path,
+    sql: &str,
+    expected: &[&[Option<&str>]],
+) -> String {
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-scratch").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    let bytes = read_to_end(&mut copy).await;
+    let at_cut = copy.finished.await.unwrap().row_counts.unwrap();
+
+    let target = adapter
+        .create_scratch(&unique_name("scratch"), dir)
+        .await
+        .unwrap();
+    let restore = |bytes: Vec<u8>| adapter.restore(Box::pin(std::io::Cursor::new(bytes)), &target);
+    restore(bytes.clone()).await.unwrap();
+    assert_eq!(adapter.row_counts(&target).await.unwrap(), at_cut);
+    let rows = adapter.query(&target, sql).await.unwrap();
+    let expected: Vec<Vec<Option<String>>> = expected
+        .iter()
+        .map(|row| row.iter().map(|v| v.map(str::to_owned)).collect())
+        .collect();
+    assert_eq!(rows, expected);
+
+    // A second restore into the same target is refused until it is emptied.
+    assert!(restore(bytes.clone()).await.is_err());
+    adapter.clear(&target).await.unwrap();
+    assert!(
+        adapter
+            .row_counts(&target)
+            .await
+            .unwrap_or_default()
+            .is_empty()
+    );
+    restore(bytes).await.unwrap();
+    assert_eq!(adapter.row_counts(&target).await.unwrap(), at_cut);
+
+    adapter.drop_scratch(&target).await.unwrap();
+    target
+}

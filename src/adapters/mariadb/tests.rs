@@ -8,7 +8,7 @@ use std::time::Instant;
 use stillpoint_testkit::MariaDb as Server;
 
 use super::*;
-use crate::adapters::testing::{read_to_end, shared, unique_name};
+use crate::adapters::testing::{read_to_end, scratch_round_trip, shared, unique_name};
 
 static SERVER: Mutex<Weak<Server>> = Mutex::new(Weak::new());
 
@@ -409,4 +409,22 @@ fn view_definitions_lose_their_definer() {
         without_definer("CREATE VIEW `v` AS select 1"),
         "CREATE VIEW `v` AS select 1"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scratch_database_is_restored_read_back_emptied_and_dropped() {
+    let db = server();
+    let name = ledger_db(&db, "scratch_src");
+    let dir = tempfile::tempdir().unwrap();
+    let target = scratch_round_trip(
+        &adapter(&db, &name),
+        dir.path(),
+        "SELECT COUNT(*), SUM(balance), NULL FROM accounts",
+        &[&[Some("1000"), Some("100000"), None]],
+    )
+    .await;
+    let scratch = target.rsplit('/').next().unwrap();
+    assert!(scratch.starts_with("scratch_"), "{target}");
+    let left = db.sql(&name, &format!("SHOW DATABASES LIKE '{scratch}'"));
+    assert!(left.trim().is_empty(), "{scratch} was not dropped");
 }

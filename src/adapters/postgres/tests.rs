@@ -8,7 +8,7 @@ use std::time::Instant;
 use stillpoint_testkit::{Postgres as Server, PostgresOptions};
 
 use super::*;
-use crate::adapters::testing::{read_to_end, shared, unique_name};
+use crate::adapters::testing::{read_to_end, scratch_round_trip, shared, unique_name};
 
 static PLAIN: Mutex<Weak<Server>> = Mutex::new(Weak::new());
 static ARCHIVING: Mutex<Weak<Server>> = Mutex::new(Weak::new());
@@ -358,4 +358,24 @@ fn passwords_are_taken_out_of_urls() {
 fn restore_point_names_fit_postgres_limit() {
     assert_eq!(restore_point_name("b-1"), "stillpoint-b-1");
     assert_eq!(restore_point_name(&"x".repeat(100)).len(), 63);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scratch_database_is_restored_read_back_emptied_and_dropped() {
+    let pg = plain();
+    let db = ledger_db(&pg, "scratch_src");
+    let dir = tempfile::tempdir().unwrap();
+    let target = scratch_round_trip(
+        &adapter(&pg, &db, false),
+        dir.path(),
+        "SELECT count(*), sum(balance), NULL FROM accounts",
+        &[&[Some("1000"), Some("100000"), None]],
+    )
+    .await;
+    let scratch = target.rsplit('/').next().unwrap();
+    let left = pg.psql(
+        &db,
+        &format!("SELECT count(*) FROM pg_database WHERE datname = '{scratch}'"),
+    );
+    assert_eq!(left.trim(), "0", "{scratch} was not dropped");
 }

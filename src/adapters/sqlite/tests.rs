@@ -7,7 +7,7 @@ use std::time::Instant;
 use rusqlite::Connection;
 
 use super::*;
-use crate::adapters::testing::read_to_end;
+use crate::adapters::testing::{read_to_end, scratch_round_trip};
 
 /// A WAL database with `accounts` rows and 10 `audit` rows, and the application's own
 /// connection to keep writing to it.
@@ -264,4 +264,20 @@ async fn restore_into_an_empty_file_works_and_garbage_fails_the_check() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("garbage.sqlite"), "{err}");
+}
+
+#[tokio::test]
+async fn a_scratch_file_is_restored_read_back_emptied_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _app) = live_db(dir.path(), 1000);
+    let scratch = tempfile::tempdir().unwrap();
+    let target = scratch_round_trip(
+        &adapter(&path),
+        scratch.path(),
+        "SELECT count(*), sum(balance), NULL, x'00ff' FROM accounts",
+        &[&[Some("1000"), Some("100000"), None, Some("00ff")]],
+    )
+    .await;
+    assert!(target.starts_with(&scratch.path().display().to_string()));
+    assert!(!Path::new(&target).exists(), "{target} was not removed");
 }
