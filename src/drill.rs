@@ -240,6 +240,17 @@ async fn restore_one(
         error: None,
         checks: Vec::new(),
     };
+    if entry.artifact.is_none() {
+        // An exec cut without a copy command: the marker is the whole backup.
+        outcome.checks.push(CheckResult {
+            name: format!("restore:{name}"),
+            ok: true,
+            detail: "nothing to restore: the cut made no copy (an exec database without `copy`)"
+                .to_owned(),
+            duration_ms: 0,
+        });
+        return outcome;
+    }
     let label = scratch_label(run_id, name);
     let target = match adapter.create_scratch(&label, scratch).await {
         Ok(target) => target,

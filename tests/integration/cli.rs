@@ -36,6 +36,24 @@ fn help_explains_commands_tiers_and_exit_codes() {
             "stillpoint pause --help lacks {needle:?}:\n{text}"
         );
     }
+    for (command, needles) in [
+        ("drill", &["--junit", "--keep", "RTO", "7  drill"][..]),
+        ("restore", &["--force", "--database", "--to"][..]),
+        (
+            "pitr",
+            &["--target", "--base-backup", "--wal-archive", "--run-as"][..],
+        ),
+        ("backup", &["--no-pause", "--i-know-this-is-unsafe"][..]),
+    ] {
+        let help = run("stillpoint", &[command, "--help"]);
+        let text = String::from_utf8_lossy(&help.stdout);
+        for needle in needles {
+            assert!(
+                text.contains(needle),
+                "stillpoint {command} --help lacks {needle:?}:\n{text}"
+            );
+        }
+    }
     let scalar = run("scalar-admin", &["--help"]);
     let text = String::from_utf8_lossy(&scalar.stdout);
     for needle in [
