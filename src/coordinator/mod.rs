@@ -1,8 +1,9 @@
 //! The coordinator: pauses a whole cluster and releases it, never leaving a node paused.
 //!
 //! Protocol steps 3 and 5 (PRODUCT.md): **pause** every node, tier by tier, in parallel
-//! within a tier, with a lease and a pause id (rolling back every node that paused if
-//! any node fails), then **unpause** in reverse tier order and check that every node
+//! within a tier (the first tier's lowest address alone first: it is the lock that
+//! makes one of two racing coordinators lose cleanly), with a lease and a pause id
+//! (rolling back every node that paused if any node fails), then **unpause** in reverse tier order and check that every node
 //! stayed paused the whole window (same pause id, same boot id, same pause sequence).
 //!
 //! [`PausedCluster`] is the only way to hold a paused cluster: it renews the lease,
@@ -191,6 +192,8 @@ pub struct NodeRelease {
     pub address: NodeAddress,
     /// `Ok(stayed_paused)`: `None` when the node cannot tell (upstream-only).
     pub result: Result<Option<bool>, String>,
+    /// Why it did not stay paused, when known.
+    pub why_not: Option<String>,
 }
 
 impl Released {
@@ -230,30 +233,32 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
     let mut maybe_paused: Vec<(NodeAddress, Option<Protocol>)> = Vec::new();
 
     for (index, tier) in plan.tiers.iter().enumerate() {
-        let attempts = join_all(tier.iter().map(|address| pause_node(plan, address))).await;
-        let mut paused = Vec::new();
-        for attempt in attempts {
-            if let Some(client) = attempt.client {
-                clients.insert(attempt.address.clone(), client);
-            }
-            match attempt.result {
-                Ok(node) => paused.push(node),
-                Err(error) => {
-                    if matches!(error, CallError::TimedOut(_)) {
-                        maybe_paused.push((attempt.address.clone(), attempt.protocol));
+        tiers.push(Vec::new());
+        for batch in batches(index, tier) {
+            let attempts =
+                join_all(batch.into_iter().map(|address| pause_node(plan, address))).await;
+            for attempt in attempts {
+                if let Some(client) = attempt.client {
+                    clients.insert(attempt.address.clone(), client);
+                }
+                match attempt.result {
+                    Ok(node) => tiers[index].push(node),
+                    Err(error) => {
+                        if matches!(error, CallError::TimedOut(_)) {
+                            maybe_paused.push((attempt.address.clone(), attempt.protocol));
+                        }
+                        failures.push(NodeReport::failed(
+                            &attempt.address,
+                            index,
+                            attempt.protocol,
+                            &error,
+                        ));
                     }
-                    failures.push(NodeReport::failed(
-                        &attempt.address,
-                        index,
-                        attempt.protocol,
-                        &error,
-                    ));
                 }
             }
-        }
-        tiers.push(paused);
-        if !failures.is_empty() {
-            return Err(roll_back(plan, tiers, clients, failures, maybe_paused).await);
+            if !failures.is_empty() {
+                return Err(roll_back(plan, tiers, clients, failures, maybe_paused).await);
+            }
         }
     }
 
@@ -278,6 +283,24 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
         lost: Vec::new(),
         finished: false,
     })
+}
+
+/// The order a tier is paused in: all its nodes at once, except in the first tier,
+/// whose lowest address is paused alone first. That node is the cluster's lock: two
+/// coordinators racing for the same cluster would otherwise each win some nodes and
+/// both fail; this way the loser fails on the first node, before pausing anything, and
+/// the winner goes on.
+fn batches(tier_index: usize, tier: &[NodeAddress]) -> Vec<Vec<&NodeAddress>> {
+    let Some(lock) = tier.iter().min_by_key(|address| address.to_string()) else {
+        return Vec::new();
+    };
+    if tier_index > 0 || tier.len() == 1 {
+        return vec![tier.iter().collect()];
+    }
+    vec![
+        vec![lock],
+        tier.iter().filter(|address| *address != lock).collect(),
+    ]
 }
 
 struct NodeAttempt {
@@ -610,8 +633,13 @@ pub async fn release_record(
         match &node.result {
             Ok(Some(true)) => {}
             Ok(Some(false)) => invalid_reasons.push(format!(
-                "{} did not stay paused under pause id {} for the whole window",
-                node.address, record.pause_id
+                "{} did not stay paused under pause id {} for the whole window{}",
+                node.address,
+                record.pause_id,
+                node.why_not
+                    .as_deref()
+                    .map(|why| format!(": {why}"))
+                    .unwrap_or_default()
             )),
             Ok(None) => warnings.push(format!(
                 "{} speaks only the upstream admin API: it has no lease, no pause id and no \
@@ -703,12 +731,20 @@ async fn release_node(
                 }
             },
         };
+        let mut why_not = None;
         let result = match node.protocol {
             Protocol::Lease => connected.unpause_leased(pause_id).await.map(|released| {
-                let ours = released.was_paused
-                    && released.status.holder == Some(Holder::PauseId(pause_id.to_owned()))
-                    && same_pause(node, &released.status).is_ok();
-                Some(ours)
+                why_not = if !released.was_paused {
+                    Some(
+                        "it was not paused at release (its lease ran out, or it restarted)"
+                            .to_owned(),
+                    )
+                } else if released.status.holder != Some(Holder::PauseId(pause_id.to_owned())) {
+                    Some("another pause held it at release".to_owned())
+                } else {
+                    same_pause(node, &released.status).err()
+                };
+                Some(why_not.is_none())
             }),
             Protocol::Upstream => release_upstream(&mut connected).await,
         };
@@ -717,6 +753,7 @@ async fn release_node(
                 return NodeRelease {
                     address: node.address.clone(),
                     result: Ok(stayed_paused),
+                    why_not,
                 };
             }
             // Another holder owns it now: retrying cannot help, and the node is not
@@ -726,6 +763,7 @@ async fn release_node(
                 return NodeRelease {
                     address: node.address.clone(),
                     result: Ok(Some(false)),
+                    why_not: Some(format!("another pause holds it: {message}")),
                 };
             }
             Err(error) => last_error = error.to_string(),
@@ -734,6 +772,7 @@ async fn release_node(
     NodeRelease {
         address: node.address.clone(),
         result: Err(format!("{last_error} (after {UNPAUSE_ATTEMPTS} attempts)")),
+        why_not: None,
     }
 }
 
@@ -771,5 +810,34 @@ impl Drop for PausedCluster {
             }
         });
         releasing.join().ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addresses(list: &str) -> Vec<NodeAddress> {
+        crate::resolve::parse_address_list(list).unwrap()
+    }
+
+    #[test]
+    fn the_first_tiers_lowest_address_is_paused_alone_first() {
+        let tier = addresses("10.0.0.3:1,10.0.0.1:1,10.0.0.2:1");
+        let shown = |batches: Vec<Vec<&NodeAddress>>| {
+            batches
+                .into_iter()
+                .map(|batch| batch.iter().map(ToString::to_string).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            shown(batches(0, &tier)),
+            [vec!["10.0.0.1:1"], vec!["10.0.0.3:1", "10.0.0.2:1"]]
+        );
+        assert_eq!(
+            shown(batches(1, &tier)),
+            [vec!["10.0.0.3:1", "10.0.0.1:1", "10.0.0.2:1"]]
+        );
+        assert_eq!(shown(batches(0, &tier[..1])), [vec!["10.0.0.3:1"]]);
     }
 }

@@ -5,27 +5,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::cluster::{Cluster, Load};
-use crate::util::{Process, bin, run, run_json, stderr, wait_until};
-
-/// Whether each node is paused, asked in-process (no CLI start-up in the loop), so
-/// that polling observes a change within milliseconds even on a loaded machine.
-fn paused_flags(addresses: &str) -> Vec<bool> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut flags = Vec::new();
-        for address in stillpoint::resolve::parse_address_list(addresses).unwrap() {
-            let options = stillpoint::grpc::client::ConnectOptions::default();
-            let mut client = stillpoint::grpc::client::NodeClient::connect(&address, &options)
-                .await
-                .unwrap_or_else(|error| panic!("{address}: {error}"));
-            flags.push(client.status().await.unwrap().paused);
-        }
-        flags
-    })
-}
+use crate::util::{Process, bin, paused_flags, run, run_json, stderr, wait_until};
 
 /// `stillpoint pause --keep-alive` in the background, renewing a `lease` lease.
 fn keep_alive_pause(cluster: &Cluster, lease: &str, state_file: &std::path::Path) -> Process {

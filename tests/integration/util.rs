@@ -163,3 +163,23 @@ pub fn run_json(program: &str, args: &[&str]) -> (i32, Value) {
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+/// Whether each node is paused, asked in-process (no CLI start-up in the loop), so
+/// that polling observes a change within milliseconds even on a loaded machine.
+pub fn paused_flags(addresses: &str) -> Vec<bool> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut flags = Vec::new();
+        for address in stillpoint::resolve::parse_address_list(addresses).unwrap() {
+            let options = stillpoint::grpc::client::ConnectOptions::default();
+            let mut client = stillpoint::grpc::client::NodeClient::connect(&address, &options)
+                .await
+                .unwrap_or_else(|error| panic!("{address}: {error}"));
+            flags.push(client.status().await.unwrap().paused);
+        }
+        flags
+    })
+}
