@@ -332,7 +332,7 @@ async fn a_commit_inside_the_window_is_named(backend: Backend) {
     );
     let report = cluster.report(Some(window)).await;
     let check = failing(&report, "quiet_window");
-    let span = format!("[{}, {}]", window.start_ms, window.end_ms);
+    let span = format!("({}, {})", window.start_ms, window.end_ms);
     assert_eq!(
         check.detail,
         format!(
@@ -340,12 +340,27 @@ async fn a_commit_inside_the_window_is_named(backend: Backend) {
              1 auditor record(s) written inside {span}: inside-0 at {inside_ms}"
         )
     );
-    // The window's edges are inside too.
-    let edge = Window {
-        start_ms: inside_ms,
-        end_ms: inside_ms,
+    // One millisecond inside either edge is inside ...
+    let tight = Window {
+        start_ms: inside_ms - 1,
+        end_ms: inside_ms + 1,
     };
-    failing(&cluster.report(Some(edge)).await, "quiet_window");
+    failing(&cluster.report(Some(tight)).await, "quiet_window");
+    // ... but the edges themselves are not: a stamp in the millisecond a window starts
+    // or ends cannot be told from one just before or just after it.
+    for edge in [
+        Window {
+            start_ms: inside_ms,
+            end_ms: inside_ms + 5,
+        },
+        Window {
+            start_ms: inside_ms - 5,
+            end_ms: inside_ms,
+        },
+    ] {
+        let report = cluster.report(Some(edge)).await;
+        assert!(report.ok, "{report:?}");
+    }
 }
 
 async fn insufficient_funds_write_nothing(backend: Backend) {
