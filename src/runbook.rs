@@ -11,8 +11,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::adapters::AdapterConfig;
-use crate::resolve::{AddressError, NodeAddress};
-use crate::time::deserialize_duration;
+use crate::node::MAX_LEASE;
+use crate::resolve::{AddressError, NodeAddress, ensure_unique};
+use crate::storage::redact_url;
+use crate::time::{deserialize_duration, format_duration};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Runbook {
@@ -56,6 +58,12 @@ pub struct PauseConfig {
     pub connect_timeout: Duration,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// A file holding the nodes' admin bearer token (docs/security.md).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// An environment variable holding the nodes' admin bearer token.
+    #[serde(default)]
+    pub token_env: Option<String>,
 }
 
 /// One tier: either a list of addresses or a DNS SRV name.
@@ -76,6 +84,11 @@ pub struct TlsConfig {
     pub ca_root_cert_path: Option<PathBuf>,
     #[serde(default)]
     pub override_authority: Option<String>,
+    /// PEM certificate and key presented to nodes that require mutual TLS.
+    #[serde(default)]
+    pub client_cert_path: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,11 +194,19 @@ impl Runbook {
             *path = base.join(&*path);
         }
         let mut pause = raw.pause;
-        if let Some(path) = pause
-            .tls
-            .as_mut()
-            .and_then(|tls| tls.ca_root_cert_path.as_mut())
-        {
+        if let Some(tls) = pause.tls.as_mut() {
+            for path in [
+                &mut tls.ca_root_cert_path,
+                &mut tls.client_cert_path,
+                &mut tls.client_key_path,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                *path = base.join(&*path);
+            }
+        }
+        if let Some(path) = pause.token_file.as_mut() {
             *path = base.join(&*path);
         }
         let runbook = Runbook {
@@ -218,11 +239,62 @@ impl Runbook {
                 }
                 _ => {}
             }
+            if tier.srv.as_deref().is_some_and(|srv| srv.trim().is_empty()) {
+                return Err(format!("[pause] tiers[{index}] has an empty srv name"));
+            }
             for address in &tier.addresses {
+                if address.trim().is_empty() {
+                    return Err(format!(
+                        "[pause] tiers[{index}] has an empty address \"\"; write host:port"
+                    ));
+                }
                 address
                     .parse::<NodeAddress>()
                     .map_err(|error: AddressError| format!("[pause] tiers[{index}]: {error}"))?;
             }
+        }
+        // Across tiers too: a node listed twice would be paused twice under one id.
+        let addresses: Vec<NodeAddress> = self
+            .pause
+            .tiers
+            .iter()
+            .flat_map(|tier| &tier.addresses)
+            .filter_map(|address| address.parse().ok())
+            .collect();
+        ensure_unique(addresses.iter()).map_err(|error| format!("[pause] tiers: {error}"))?;
+        for (key, value) in [
+            ("lease", self.pause.lease),
+            ("max_wait", self.pause.max_wait),
+            ("cut_deadline", self.pause.cut_deadline),
+            ("connect_timeout", self.pause.connect_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(format!(
+                    "[pause] {key} is 0ms; it must be positive (e.g. {})",
+                    match key {
+                        "lease" => "60s",
+                        "connect_timeout" => "5s",
+                        _ => "10s",
+                    }
+                ));
+            }
+        }
+        if self.pause.lease > MAX_LEASE {
+            return Err(format!(
+                "[pause] lease ({}) is longer than the {} a node accepts",
+                format_duration(self.pause.lease),
+                format_duration(MAX_LEASE)
+            ));
+        }
+        if let Some(tls) = &self.pause.tls
+            && tls.client_cert_path.is_some() != tls.client_key_path.is_some()
+        {
+            return Err(
+                "[pause.tls] give client_cert_path and client_key_path together".to_owned(),
+            );
+        }
+        if self.pause.token_file.is_some() && self.pause.token_env.is_some() {
+            return Err("[pause] give token_file or token_env, not both".to_owned());
         }
         if self.pause.max_wait >= self.pause.lease {
             return Err(format!(
@@ -264,9 +336,10 @@ impl Runbook {
         }
         let scheme = self.storage.url.split_once("://").map(|(scheme, _)| scheme);
         if !matches!(scheme, Some("file" | "s3")) {
+            // Redacted: a URL with a scheme we do not know may still carry credentials.
             return Err(format!(
                 "[storage] url {:?} is not supported; use file:///absolute/dir or s3://bucket/prefix",
-                self.storage.url
+                redact_url(&self.storage.url)
             ));
         }
         Ok(())

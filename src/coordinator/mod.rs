@@ -63,6 +63,13 @@ pub enum PlanError {
         .max_wait.as_millis(), .lease.as_millis()
     )]
     WaitLongerThanLease { max_wait: Duration, lease: Duration },
+    #[error(
+        "max pause wait is 0ms, which leaves no time to drain: give e.g. 10s, or do not \
+         wait for in-flight requests (--no-wait)"
+    )]
+    ZeroMaxWait,
+    #[error("connect timeout is 0ms, which would fail every connection; give e.g. 5s")]
+    ZeroConnectTimeout,
 }
 
 impl PausePlan {
@@ -87,8 +94,15 @@ impl PausePlan {
             return Err(PlanError::EmptyTier(empty + 1));
         }
         ensure_unique(self.tiers.iter().flatten())?;
+        if self.connect.connect_timeout.is_zero() {
+            return Err(PlanError::ZeroConnectTimeout);
+        }
+        // Upstream clients may send a zero wait (scalar-admin -m 0): keep their meaning.
         if self.upstream_only {
             return Ok(());
+        }
+        if self.wait_outstanding && self.max_wait.is_zero() {
+            return Err(PlanError::ZeroMaxWait);
         }
         if self.lease.is_zero() || self.lease > MAX_LEASE {
             return Err(PlanError::BadLease(self.lease));
