@@ -371,9 +371,9 @@ async fn pause_plan(pause: &PauseConfig) -> Result<PausePlan, BackupError> {
         None => None,
         Some(tls) => Some(TlsOptions {
             ca_pem: match &tls.ca_root_cert_path {
-                Some(path) => Some(
-                    read_certificate_pem("CA certificate", path).map_err(|e| setup(&e))?,
-                ),
+                Some(path) => {
+                    Some(read_certificate_pem("CA certificate", path).map_err(|e| setup(&e))?)
+                }
                 None => None,
             },
             override_authority: tls.override_authority.clone(),
@@ -391,9 +391,7 @@ async fn pause_plan(pause: &PauseConfig) -> Result<PausePlan, BackupError> {
             AdminToken::from_env(name)
                 .map_err(|e| setup(&e))?
                 .ok_or_else(|| {
-                    BackupError::Setup(format!(
-                        "[pause] token_env names {name}, which is not set"
-                    ))
+                    BackupError::Setup(format!("[pause] token_env names {name}, which is not set"))
                 })?,
         ),
         (None, None) => None,

@@ -109,16 +109,15 @@ impl ConnectArgs {
         };
         let client_identity = match (&self.tls_client_cert, &self.tls_client_key) {
             (Some(cert), Some(key)) => Some(
-                ClientIdentity::from_files(cert, key).map_err(|error| Failure::new(USAGE, error))?,
+                ClientIdentity::from_files(cert, key)
+                    .map_err(|error| Failure::new(USAGE, error))?,
             ),
             _ => None,
         };
-        let tls = (self.tls || ca_pem.is_some() || client_identity.is_some()).then(|| {
-            TlsOptions {
-                ca_pem,
-                override_authority: self.override_authority.clone(),
-                client_identity,
-            }
+        let tls = (self.tls || ca_pem.is_some() || client_identity.is_some()).then(|| TlsOptions {
+            ca_pem,
+            override_authority: self.override_authority.clone(),
+            client_identity,
         });
         if tls.is_none() && self.override_authority.is_some() {
             return Err(Failure::new(

@@ -32,6 +32,17 @@ use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
+/// Makes ring the process's rustls provider, once, before any TLS configuration is
+/// built. Both ring (tonic's `tls-ring`) and aws-lc-rs (object_store's HTTP client)
+/// are compiled in, and rustls then panics rather than choose; an embedder that
+/// installed a provider of its own keeps it.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// Text that must never be printed: `Debug` shows `<redacted>`, there is no `Display`,
 /// and the only way to the value is [`Secret::expose`], which greps well in review.
 #[derive(Clone, PartialEq, Eq)]
@@ -287,6 +298,7 @@ impl ServerTls {
     /// what is missing, and a `warn` line with the peer's address. It also keeps health
     /// reachable without a client certificate.
     pub fn config(&self) -> ServerTlsConfig {
+        install_crypto_provider();
         let mut config = ServerTlsConfig::new()
             .identity(Identity::from_pem(&self.cert_pem, self.key_pem.expose()));
         if let Some(ca) = &self.client_ca_pem {
@@ -338,13 +350,20 @@ impl AdminSecurity {
 
     /// True when calls are checked at all (a token or a client certificate).
     pub fn checks_calls(&self) -> bool {
-        !self.tokens.is_empty() || self.tls.as_ref().is_some_and(ServerTls::requires_client_cert)
+        !self.tokens.is_empty()
+            || self
+                .tls
+                .as_ref()
+                .is_some_and(ServerTls::requires_client_cert)
     }
 
     pub(crate) fn policy(&self) -> Arc<Policy> {
         Arc::new(Policy {
             tokens: self.tokens.clone(),
-            require_client_cert: self.tls.as_ref().is_some_and(ServerTls::requires_client_cert),
+            require_client_cert: self
+                .tls
+                .as_ref()
+                .is_some_and(ServerTls::requires_client_cert),
         })
     }
 }
@@ -364,7 +383,12 @@ pub(crate) const NO_CLIENT_CERT: &str = "no client certificate";
 
 impl Policy {
     /// `Ok` or the status to answer with; logs every refusal.
-    pub(crate) fn check(&self, path: &str, headers: &http::HeaderMap, ext: &http::Extensions) -> Result<(), Status> {
+    pub(crate) fn check(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        ext: &http::Extensions,
+    ) -> Result<(), Status> {
         let peer = peer_address(ext);
         let refuse = |status: Status, reason: &str| {
             tracing::warn!(
@@ -510,10 +534,11 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        match self
-            .policy
-            .check(request.uri().path(), request.headers(), request.extensions())
-        {
+        match self.policy.check(
+            request.uri().path(),
+            request.headers(),
+            request.extensions(),
+        ) {
             Ok(()) => Either::Left(self.inner.call(request)),
             Err(status) => Either::Right(ready(Ok(status.into_http()))),
         }

@@ -15,11 +15,11 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
-use super::wire::lease::lease_admin_client::LeaseAdminClient;
-use super::wire::rpc::admin_client::AdminClient;
 use super::auth::{
     AdminToken, ClientIdentity, MALFORMED_TOKEN, NO_CLIENT_CERT, NO_TOKEN, WRONG_TOKEN,
 };
+use super::wire::lease::lease_admin_client::LeaseAdminClient;
+use super::wire::rpc::admin_client::AdminClient;
 use super::wire::{lease, rpc};
 use crate::node::{Holder, NodeStatus, Released};
 use crate::resolve::NodeAddress;
@@ -153,9 +153,8 @@ impl BearerToken {
         let value = match token {
             None => None,
             Some(token) => {
-                let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.expose())
-                    .parse()
-                    .map_err(|_| {
+                let mut value: MetadataValue<Ascii> =
+                    format!("Bearer {}", token.expose()).parse().map_err(|_| {
                         CallError::Invalid(
                             "the admin token cannot be sent as an HTTP header".to_owned(),
                         )
@@ -207,6 +206,13 @@ impl NodeClient {
         let protocol = match probe {
             Ok(_) => Protocol::Lease,
             Err(status) if status.code() == Code::Unimplemented => Protocol::Upstream,
+            // A plaintext client talking to a TLS node gets only "transport error".
+            Err(status) if status.code() == Code::Unknown && options.tls.is_none() => {
+                return Err(CallError::Unreachable(format!(
+                    "{}; if the node serves TLS, pass --tls or --ca-root-cert-path",
+                    dedupe_chain(&crate::error_chain(&status))
+                )));
+            }
             Err(status) => return Err(status.into()),
         };
         Ok(Self {
@@ -313,6 +319,7 @@ async fn channel(address: &NodeAddress, options: &ConnectOptions) -> Result<Chan
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true);
     if let Some(tls) = &options.tls {
+        super::auth::install_crypto_provider();
         let mut config = ClientTlsConfig::new();
         config = match &tls.ca_pem {
             Some(pem) => config.ca_certificate(Certificate::from_pem(pem)),
@@ -337,10 +344,26 @@ async fn channel(address: &NodeAddress, options: &ConnectOptions) -> Result<Chan
         .map_err(|error| connect_error(&crate::error_chain(&error)))
 }
 
+/// Drops a repeated tail from an error chain: transports often show their source in
+/// their own message too, so the chain says everything twice.
+fn dedupe_chain(chain: &str) -> String {
+    let mut parts: Vec<&str> = chain.split(": ").collect();
+    let mut length = 1;
+    while length * 2 <= parts.len() {
+        let end = parts.len();
+        if parts[end - length..] == parts[end - 2 * length..end - length] {
+            parts.truncate(end - length);
+        } else {
+            length += 1;
+        }
+    }
+    parts.join(": ")
+}
+
 /// Tells a failed TLS handshake from a node that is not there: the fixes differ.
 fn connect_error(chain: &str) -> CallError {
+    let chain = &dedupe_chain(chain);
     const TLS_SIGNS: &[&str] = &[
-        "invalid peer certificate",
         "certificate",
         "tls handshake",
         "HandshakeFailure",
@@ -348,10 +371,11 @@ fn connect_error(chain: &str) -> CallError {
         "InvalidContentType",
         "CorruptMessage",
     ];
-    if TLS_SIGNS
-        .iter()
-        .any(|sign| chain.to_ascii_lowercase().contains(&sign.to_ascii_lowercase()))
-    {
+    if TLS_SIGNS.iter().any(|sign| {
+        chain
+            .to_ascii_lowercase()
+            .contains(&sign.to_ascii_lowercase())
+    }) {
         CallError::Tls(chain.to_owned())
     } else {
         CallError::Unreachable(chain.to_owned())
@@ -379,5 +403,32 @@ impl From<lease::NodeStatus> for NodeStatus {
                 .then(|| Duration::from_millis(wire.lease_remaining_ms)),
             held_now: wire.held_now,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_error_chains_are_said_once() {
+        assert_eq!(
+            dedupe_chain(
+                "transport error: invalid peer certificate: X: invalid peer certificate: X"
+            ),
+            "transport error: invalid peer certificate: X"
+        );
+        assert_eq!(dedupe_chain("a: b: b: b"), "a: b");
+        assert_eq!(dedupe_chain("a: b: a: c"), "a: b: a: c");
+        assert_eq!(dedupe_chain(""), "");
+    }
+
+    #[test]
+    fn handshake_failures_are_told_from_absent_nodes() {
+        let tls = connect_error("transport error: invalid peer certificate: UnknownIssuer");
+        assert!(matches!(tls, CallError::Tls(_)), "{tls:?}");
+        assert!(tls.to_string().contains("--ca-root-cert-path"), "{tls}");
+        let absent = connect_error("transport error: tcp connect error: Connection refused");
+        assert!(matches!(absent, CallError::Unreachable(_)), "{absent:?}");
     }
 }

@@ -14,3 +14,4 @@ mod util;
 mod cli;
 mod pause;
 mod protocols;
+mod security;

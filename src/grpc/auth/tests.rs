@@ -169,7 +169,10 @@ fn missing_wrong_and_malformed_tokens_are_unauthenticated() {
         unauthenticated
     );
     assert_eq!(check(&policy, path, &[OPERATOR]), unauthenticated);
-    assert_eq!(check(&policy, path, &["Basic dXNlcjpwYXNz"]), unauthenticated);
+    assert_eq!(
+        check(&policy, path, &["Basic dXNlcjpwYXNz"]),
+        unauthenticated
+    );
     assert_eq!(check(&policy, path, &["Bearer "]), unauthenticated);
     // Two headers, one right: ambiguous, refused.
     let right = format!("Bearer {OPERATOR}");
@@ -234,7 +237,10 @@ impl Served {
 
 /// Serves `admin_routes_with(security)` on a free port.
 async fn serve(security: AdminSecurity) -> Served {
-    let admin = Arc::new(NodeAdmin::new(Arc::new(Gate::new(ClosedPolicy::Reject)), None));
+    let admin = Arc::new(NodeAdmin::new(
+        Arc::new(Gate::new(ClosedPolicy::Reject)),
+        None,
+    ));
     let routes = admin_routes_with(admin.clone(), &security).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = NodeAddress::new("127.0.0.1", listener.local_addr().unwrap().port());
@@ -295,7 +301,10 @@ async fn a_node_refuses_calls_without_the_token_and_says_how_to_fix_it() {
         .pause_leased("p1", Duration::from_secs(10), Duration::from_secs(1), true)
         .await
         .unwrap_err();
-    assert!(matches!(denied, CallError::PermissionDenied(_)), "{denied:?}");
+    assert!(
+        matches!(denied, CallError::PermissionDenied(_)),
+        "{denied:?}"
+    );
     assert!(!admin.status().paused, "a refused pause paused the node");
 
     let mut operator = NodeClient::connect(address, &with_token(Some(OPERATOR)))
@@ -314,9 +323,9 @@ async fn a_node_refuses_calls_without_the_token_and_says_how_to_fix_it() {
 async fn health_stays_open_and_reflection_is_guarded() {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let node = serve(security()).await;
     let address = &node.address;
