@@ -178,7 +178,7 @@ impl Runbook {
 
     /// Parses and validates; relative file paths are taken from `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Runbook, String> {
-        let raw: RawRunbook = toml::from_str(text).map_err(|error| error.to_string())?;
+        let raw: RawRunbook = toml::from_str(text).map_err(|error| located(text, &error))?;
         let mut databases = Vec::new();
         for (index, table) in raw.databases.into_iter().enumerate() {
             databases.push(database(index, table, base)?);
@@ -356,9 +356,12 @@ fn database(index: usize, mut table: toml::Table, base: &Path) -> Result<Databas
         Some(toml::Value::String(role)) => Some(role),
         Some(_) => return Err(format!("database {name:?}: role must be a string")),
     };
-    let mut adapter: AdapterConfig = toml::Value::Table(table)
-        .try_into()
-        .map_err(|error: toml::de::Error| format!("database {name:?}: {}", error.message()))?;
+    let mut adapter: AdapterConfig =
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|error: toml::de::Error| {
+                format!("database {name:?}: {}", hide_strings(error.message()))
+            })?;
     if let AdapterConfig::Sqlite(sqlite) = &mut adapter {
         sqlite.path = base.join(&sqlite.path);
     }
@@ -367,6 +370,59 @@ fn database(index: usize, mut table: toml::Table, base: &Path) -> Result<Databas
         role,
         adapter,
     })
+}
+
+/// A TOML error as "line L, column C: message". toml's own Display quotes the source
+/// line, and the line with a mistake may be the one with a database password.
+fn located(text: &str, error: &toml::de::Error) -> String {
+    match error.span() {
+        Some(span) => {
+            let mut start = span.start.min(text.len());
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            let before = &text[..start];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
+            format!(
+                "line {line}, column {column}: {}",
+                hide_strings(error.message())
+            )
+        }
+        None => hide_strings(error.message()),
+    }
+}
+
+/// serde says `invalid type: string "…", expected …`: the string may be a secret put
+/// under the wrong key, so keep the shape of the mistake and drop the value.
+fn hide_strings(message: &str) -> String {
+    const MARK: &str = "string \"";
+    let mut out = String::new();
+    let mut rest = message;
+    while let Some(at) = rest.find(MARK) {
+        out.push_str(&rest[..at]);
+        out.push_str("a string");
+        let mut chars = rest[at + MARK.len()..].char_indices();
+        let mut end = None;
+        while let Some((index, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => {
+                    end = Some(at + MARK.len() + index + 1);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        match end {
+            Some(end) => rest = &rest[end..],
+            None => return out,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn default_lease() -> Duration {

@@ -787,3 +787,6 @@ impl Drop for PausedCluster {
         releasing.join().ok();
     }
 }
+
+#[cfg(test)]
+mod tests;
