@@ -206,8 +206,15 @@ impl NodeClient {
         let protocol = match probe {
             Ok(_) => Protocol::Lease,
             Err(status) if status.code() == Code::Unimplemented => Protocol::Upstream,
-            // A plaintext client talking to a TLS node gets only "transport error".
-            Err(status) if status.code() == Code::Unknown && options.tls.is_none() => {
+            // A plaintext client talking to a TLS node sees the connection fail mid-call
+            // ("transport error", "operation was canceled", a GOAWAY), never "TLS".
+            Err(status)
+                if options.tls.is_none()
+                    && matches!(
+                        status.code(),
+                        Code::Unknown | Code::Cancelled | Code::Unavailable | Code::Internal
+                    ) =>
+            {
                 return Err(CallError::Unreachable(format!(
                     "{}; if the node serves TLS, pass --tls or --ca-root-cert-path",
                     dedupe_chain(&crate::error_chain(&status))
