@@ -305,11 +305,15 @@ fn admin_security(args: &ServeArgs) -> anyhow::Result<AdminSecurity> {
         }
         security = security.with_tls(tls);
     }
-    if let Some(path) = &args.admin_token_file {
-        security = security.with_token(&AdminToken::from_file(path)?, TokenRole::Operator)?;
-    }
-    if let Some(path) = &args.admin_observer_token_file {
-        security = security.with_token(&AdminToken::from_file(path)?, TokenRole::Observer)?;
+    for (path, role) in [
+        (&args.admin_token_file, TokenRole::Operator),
+        (&args.admin_observer_token_file, TokenRole::Observer),
+    ] {
+        if let Some(path) = path {
+            security = security
+                .with_token(&AdminToken::from_file(path)?, role)
+                .with_context(|| format!("admin token file {}", path.display()))?;
+        }
     }
     if security.tls().is_none() && security.checks_calls() {
         tracing::warn!(

@@ -98,10 +98,10 @@ pub enum TokenError {
     #[error("the admin token from {origin} is longer than {MAX_TOKEN_LEN} characters")]
     TooLong { origin: String },
     #[error(
-        "the admin token from {origin} is {len} characters; a node needs at least \
-         {MIN_TOKEN_LEN} (generate one with `openssl rand -hex 32`)"
+        "the admin token is {len} characters; a node needs at least {MIN_TOKEN_LEN} \
+         (generate one with `openssl rand -hex 32`)"
     )]
-    TooShort { origin: String, len: usize },
+    TooShort { len: usize },
 }
 
 impl AdminToken {
@@ -330,10 +330,7 @@ impl AdminSecurity {
     pub fn with_token(mut self, token: &AdminToken, role: Role) -> Result<Self, TokenError> {
         let len = token.expose().len();
         if len < MIN_TOKEN_LEN {
-            return Err(TokenError::TooShort {
-                origin: "the node's configuration".to_owned(),
-                len,
-            });
+            return Err(TokenError::TooShort { len });
         }
         self.tokens.push((token.digest(), role));
         Ok(self)
