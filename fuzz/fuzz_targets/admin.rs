@@ -109,9 +109,9 @@ fuzz_target!(|data: &[u8]| {
             body.extend_from_slice(&(payload.len() as u32).to_be_bytes());
             body.extend_from_slice(payload);
             let request = request
-                .body(tonic::body::Body::new(http_body_util::Full::new(
-                    bytes_of(body),
-                )))
+                .body(tonic::body::Body::new(http_body_util::Full::new(bytes_of(
+                    body,
+                ))))
                 .expect("request");
 
             let before = pause_state(&admin);
@@ -120,7 +120,10 @@ fuzz_target!(|data: &[u8]| {
             let _ = response.into_body().collect().await;
             let after = pause_state(&admin);
             if !operator {
-                assert_eq!(before, after, "{path} changed the pause without the operator token");
+                assert_eq!(
+                    before, after,
+                    "{path} changed the pause without the operator token"
+                );
             }
             let status = admin.status();
             assert_eq!(

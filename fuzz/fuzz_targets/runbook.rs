@@ -18,6 +18,10 @@ fuzz_target!(|data: &[u8]| {
         let mut names: Vec<&str> = runbook.databases.iter().map(|d| d.name.as_str()).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), runbook.databases.len(), "duplicate database names");
+        assert_eq!(
+            names.len(),
+            runbook.databases.len(),
+            "duplicate database names"
+        );
     }
 });
