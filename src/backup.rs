@@ -20,6 +20,7 @@ use crate::adapters::{self, AdapterConfig, AdapterError, CutMarker, Prepared};
 use crate::coordinator::{
     self, PauseFailed, PausePlan, PauseReport, PausedCluster, required_window,
 };
+use crate::grpc::auth::{AdminToken, ClientIdentity, read_certificate_pem};
 use crate::grpc::client::{ConnectOptions, TlsOptions};
 use crate::manifest::{self, DatabaseEntry, Manifest, Timings};
 use crate::pipeline::{self, PipelineSettings};
@@ -505,24 +506,40 @@ async fn pause_plan(pause: &PauseConfig) -> Result<PausePlan, BackupError> {
         tiers.push(nodes);
     }
     let mut plan = PausePlan::new(tiers, pause.lease, pause.max_wait);
+    let setup = |error: &dyn std::error::Error| BackupError::Setup(error.to_string());
     let tls = match &pause.tls {
         None => None,
         Some(tls) => Some(TlsOptions {
             ca_pem: match &tls.ca_root_cert_path {
-                Some(path) => Some(std::fs::read_to_string(path).map_err(|error| {
-                    BackupError::Setup(format!(
-                        "reading CA certificate {}: {error}",
-                        path.display()
-                    ))
-                })?),
+                Some(path) => {
+                    Some(read_certificate_pem("CA certificate", path).map_err(|e| setup(&e))?)
+                }
                 None => None,
             },
             override_authority: tls.override_authority.clone(),
+            client_identity: match (&tls.client_cert_path, &tls.client_key_path) {
+                (Some(cert), Some(key)) => {
+                    Some(ClientIdentity::from_files(cert, key).map_err(|e| setup(&e))?)
+                }
+                _ => None,
+            },
         }),
+    };
+    let token = match (&pause.token_file, &pause.token_env) {
+        (Some(path), _) => Some(AdminToken::from_file(path).map_err(|e| setup(&e))?),
+        (None, Some(name)) => Some(
+            AdminToken::from_env(name)
+                .map_err(|e| setup(&e))?
+                .ok_or_else(|| {
+                    BackupError::Setup(format!("[pause] token_env names {name}, which is not set"))
+                })?,
+        ),
+        (None, None) => None,
     };
     plan.connect = ConnectOptions {
         tls,
         connect_timeout: pause.connect_timeout,
+        token,
     };
     plan.validate()
         .map_err(|error| BackupError::Setup(error.to_string()))?;

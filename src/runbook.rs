@@ -12,8 +12,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::adapters::AdapterConfig;
-use crate::resolve::{AddressError, NodeAddress};
-use crate::time::deserialize_duration;
+use crate::node::MAX_LEASE;
+use crate::resolve::{AddressError, NodeAddress, ensure_unique};
+use crate::storage::redact_url;
+use crate::time::{deserialize_duration, format_duration};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Runbook {
@@ -58,6 +60,12 @@ pub struct PauseConfig {
     pub connect_timeout: Duration,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// A file holding the nodes' admin bearer token (docs/security.md).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// An environment variable holding the nodes' admin bearer token.
+    #[serde(default)]
+    pub token_env: Option<String>,
 }
 
 /// One tier: either a list of addresses or a DNS SRV name.
@@ -78,6 +86,11 @@ pub struct TlsConfig {
     pub ca_root_cert_path: Option<PathBuf>,
     #[serde(default)]
     pub override_authority: Option<String>,
+    /// PEM certificate and key presented to nodes that require mutual TLS.
+    #[serde(default)]
+    pub client_cert_path: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,7 +281,7 @@ impl Runbook {
 
     /// Parses and validates; relative file paths are taken from `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Runbook, String> {
-        let raw: RawRunbook = toml::from_str(text).map_err(|error| error.to_string())?;
+        let raw: RawRunbook = toml::from_str(text).map_err(|error| located(text, &error))?;
         let mut databases = Vec::new();
         for (index, table) in raw.databases.into_iter().enumerate() {
             databases.push(database(index, table, base)?);
@@ -284,11 +297,19 @@ impl Runbook {
             *path = base.join(&*path);
         }
         let mut pause = raw.pause;
-        if let Some(path) = pause
-            .tls
-            .as_mut()
-            .and_then(|tls| tls.ca_root_cert_path.as_mut())
-        {
+        if let Some(tls) = pause.tls.as_mut() {
+            for path in [
+                &mut tls.ca_root_cert_path,
+                &mut tls.client_cert_path,
+                &mut tls.client_key_path,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                *path = base.join(&*path);
+            }
+        }
+        if let Some(path) = pause.token_file.as_mut() {
             *path = base.join(&*path);
         }
         let drill = DrillConfig {
@@ -331,11 +352,62 @@ impl Runbook {
                 }
                 _ => {}
             }
+            if tier.srv.as_deref().is_some_and(|srv| srv.trim().is_empty()) {
+                return Err(format!("[pause] tiers[{index}] has an empty srv name"));
+            }
             for address in &tier.addresses {
+                if address.trim().is_empty() {
+                    return Err(format!(
+                        "[pause] tiers[{index}] has an empty address \"\"; write host:port"
+                    ));
+                }
                 address
                     .parse::<NodeAddress>()
                     .map_err(|error: AddressError| format!("[pause] tiers[{index}]: {error}"))?;
             }
+        }
+        // Across tiers too: a node listed twice would be paused twice under one id.
+        let addresses: Vec<NodeAddress> = self
+            .pause
+            .tiers
+            .iter()
+            .flat_map(|tier| &tier.addresses)
+            .filter_map(|address| address.parse().ok())
+            .collect();
+        ensure_unique(addresses.iter()).map_err(|error| format!("[pause] tiers: {error}"))?;
+        for (key, value) in [
+            ("lease", self.pause.lease),
+            ("max_wait", self.pause.max_wait),
+            ("cut_deadline", self.pause.cut_deadline),
+            ("connect_timeout", self.pause.connect_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(format!(
+                    "[pause] {key} is 0ms; it must be positive (e.g. {})",
+                    match key {
+                        "lease" => "60s",
+                        "connect_timeout" => "5s",
+                        _ => "10s",
+                    }
+                ));
+            }
+        }
+        if self.pause.lease > MAX_LEASE {
+            return Err(format!(
+                "[pause] lease ({}) is longer than the {} a node accepts",
+                format_duration(self.pause.lease),
+                format_duration(MAX_LEASE)
+            ));
+        }
+        if let Some(tls) = &self.pause.tls
+            && tls.client_cert_path.is_some() != tls.client_key_path.is_some()
+        {
+            return Err(
+                "[pause.tls] give client_cert_path and client_key_path together".to_owned(),
+            );
+        }
+        if self.pause.token_file.is_some() && self.pause.token_env.is_some() {
+            return Err("[pause] give token_file or token_env, not both".to_owned());
         }
         if self.pause.max_wait >= self.pause.lease {
             return Err(format!(
@@ -395,9 +467,10 @@ impl Runbook {
         }
         let scheme = self.storage.url.split_once("://").map(|(scheme, _)| scheme);
         if !matches!(scheme, Some("file" | "s3")) {
+            // Redacted: a URL with a scheme we do not know may still carry credentials.
             return Err(format!(
                 "[storage] url {:?} is not supported; use file:///absolute/dir or s3://bucket/prefix",
-                self.storage.url
+                redact_url(&self.storage.url)
             ));
         }
         Ok(())
@@ -414,9 +487,12 @@ fn database(index: usize, mut table: toml::Table, base: &Path) -> Result<Databas
         Some(toml::Value::String(role)) => Some(role),
         Some(_) => return Err(format!("database {name:?}: role must be a string")),
     };
-    let mut adapter: AdapterConfig = toml::Value::Table(table)
-        .try_into()
-        .map_err(|error: toml::de::Error| format!("database {name:?}: {}", error.message()))?;
+    let mut adapter: AdapterConfig =
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|error: toml::de::Error| {
+                format!("database {name:?}: {}", hide_strings(error.message()))
+            })?;
     if let AdapterConfig::Sqlite(sqlite) = &mut adapter {
         sqlite.path = base.join(&sqlite.path);
     }
@@ -425,6 +501,59 @@ fn database(index: usize, mut table: toml::Table, base: &Path) -> Result<Databas
         role,
         adapter,
     })
+}
+
+/// A TOML error as "line L, column C: message". toml's own Display quotes the source
+/// line, and the line with a mistake may be the one with a database password.
+fn located(text: &str, error: &toml::de::Error) -> String {
+    match error.span() {
+        Some(span) => {
+            let mut start = span.start.min(text.len());
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            let before = &text[..start];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
+            format!(
+                "line {line}, column {column}: {}",
+                hide_strings(error.message())
+            )
+        }
+        None => hide_strings(error.message()),
+    }
+}
+
+/// serde says `invalid type: string "…", expected …`: the string may be a secret put
+/// under the wrong key, so keep the shape of the mistake and drop the value.
+fn hide_strings(message: &str) -> String {
+    const MARK: &str = "string \"";
+    let mut out = String::new();
+    let mut rest = message;
+    while let Some(at) = rest.find(MARK) {
+        out.push_str(&rest[..at]);
+        out.push_str("a string");
+        let mut chars = rest[at + MARK.len()..].char_indices();
+        let mut end = None;
+        while let Some((index, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => {
+                    end = Some(at + MARK.len() + index + 1);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        match end {
+            Some(end) => rest = &rest[end..],
+            None => return out,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn default_lease() -> Duration {

@@ -27,14 +27,23 @@ pub struct DurationError {
     pub reason: &'static str,
 }
 
-/// Parses `500ms`, `10s`, `2m`, `1h` (a whole number and a unit). A bare number is
-/// refused: whether `500` means milliseconds or seconds is exactly the mistake to avoid.
+/// The longest duration any stillpoint setting takes. Nothing it waits for (a lease,
+/// a drain, a hold, a load run) is meant to last a week; a larger value is a unit
+/// mistake, and refusing it also keeps `Instant + duration` far from overflowing.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// Parses `500ms`, `10s`, `2m`, `1h` (a whole number and a unit), at most
+/// [`MAX_DURATION`]. A bare number is refused: whether `500` means milliseconds or
+/// seconds is exactly the mistake to avoid.
 pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
     let error = |reason| DurationError {
         input: input.to_owned(),
         reason,
     };
     let text = input.trim();
+    if text.starts_with('-') {
+        return Err(error("durations cannot be negative"));
+    }
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .ok_or_else(|| error("missing unit"))?;
@@ -50,10 +59,14 @@ pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
         "h" => 3_600_000,
         _ => return Err(error("unknown unit; use ms, s, m or h")),
     };
-    value
+    let duration = value
         .checked_mul(millis_per_unit)
         .map(Duration::from_millis)
-        .ok_or_else(|| error("number too large"))
+        .ok_or_else(|| error("number too large"))?;
+    if duration > MAX_DURATION {
+        return Err(error("longer than a week (168h); is the unit right?"));
+    }
+    Ok(duration)
 }
 
 /// The inverse of [`parse_duration`] for display: the largest unit that is exact.
@@ -127,6 +140,21 @@ mod tests {
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn negative_and_absurd_durations_are_refused_by_value() {
+        let negative = parse_duration("-5s").unwrap_err();
+        assert_eq!(negative.reason, "durations cannot be negative");
+        assert!(negative.to_string().contains("\"-5s\""), "{negative}");
+        assert_eq!(parse_duration("168h"), Ok(MAX_DURATION));
+        let absurd = parse_duration("169h").unwrap_err();
+        assert!(absurd.to_string().contains("\"169h\""), "{absurd}");
+        assert!(absurd.reason.contains("longer than a week"), "{absurd}");
+        // Overflowing u64 milliseconds is refused too, not wrapped.
+        assert!(parse_duration("18446744073709551615h").is_err());
+        // Zero parses: whether zero makes sense is the setting's call (lease: no).
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
         assert!(
             parse_duration("10x")
                 .unwrap_err()

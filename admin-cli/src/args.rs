@@ -1,6 +1,7 @@
 //! Flags shared by the cluster commands, and their conversion into library values:
 //! tiers of node addresses (from `-a` lists and `-s` SRV names, in the order given),
-//! connection options, output format and time zone.
+//! connection options (TLS, client certificate, admin token), output format and time
+//! zone.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
+use stillpoint::grpc::auth::{AdminToken, ClientIdentity};
 use stillpoint::grpc::client::{ConnectOptions, TlsOptions};
 use stillpoint::resolve::{NodeAddress, ensure_unique, parse_address_list, resolve_srv};
 use stillpoint::time::{Zone, parse_duration};
@@ -47,6 +49,19 @@ pub struct ConnectArgs {
     /// Expect this name in the nodes' certificates instead of the host in the address.
     #[arg(long, value_name = "NAME")]
     pub override_authority: Option<String>,
+    /// PEM certificate to present to nodes that require mutual TLS (implies --tls;
+    /// needs --tls-client-key).
+    #[arg(long, value_name = "PATH", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of --tls-client-cert.
+    #[arg(long, value_name = "PATH", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+    /// File holding the nodes' admin bearer token (one line). Without it, the token is
+    /// taken from $STILLPOINT_ADMIN_TOKEN when set. There is deliberately no flag that
+    /// takes the token itself: every user of the host can read a command line (`ps`,
+    /// /proc/PID/cmdline), and shells keep it in their history.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
     /// Give up connecting to a node after this long.
     #[arg(long, default_value = "5s", value_parser = duration, value_name = "DURATION")]
     pub connect_timeout: Duration,
@@ -92,9 +107,17 @@ impl ConnectArgs {
             ),
             (None, pem) => pem.clone(),
         };
-        let tls = (self.tls || ca_pem.is_some()).then(|| TlsOptions {
+        let client_identity = match (&self.tls_client_cert, &self.tls_client_key) {
+            (Some(cert), Some(key)) => Some(
+                ClientIdentity::from_files(cert, key)
+                    .map_err(|error| Failure::new(USAGE, error))?,
+            ),
+            _ => None,
+        };
+        let tls = (self.tls || ca_pem.is_some() || client_identity.is_some()).then(|| TlsOptions {
             ca_pem,
             override_authority: self.override_authority.clone(),
+            client_identity,
         });
         if tls.is_none() && self.override_authority.is_some() {
             return Err(Failure::new(
@@ -102,12 +125,31 @@ impl ConnectArgs {
                 anyhow::anyhow!("--override-authority only applies with --tls"),
             ));
         }
+        if self.connect_timeout.is_zero() {
+            return Err(Failure::new(
+                USAGE,
+                anyhow::anyhow!("--connect-timeout 0ms would fail every connection; give e.g. 5s"),
+            ));
+        }
         Ok(ConnectOptions {
             tls,
             connect_timeout: self.connect_timeout,
+            token: self.token()?,
         })
     }
+
+    /// `--token-file`, else `$STILLPOINT_ADMIN_TOKEN`, else none.
+    fn token(&self) -> Result<Option<AdminToken>, Failure> {
+        let token = match &self.token_file {
+            Some(path) => AdminToken::from_file(path).map(Some),
+            None => AdminToken::from_env(TOKEN_ENV),
+        };
+        token.map_err(|error| Failure::new(USAGE, error))
+    }
 }
+
+/// Where the CLI looks for the admin token when no --token-file is given.
+pub const TOKEN_ENV: &str = "STILLPOINT_ADMIN_TOKEN";
 
 /// Where each tier came from on the command line, to keep `-a` and `-s` in order.
 #[derive(Debug, Clone)]

@@ -11,6 +11,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use stillpoint::backup::{self, BackupError, Progress};
 use stillpoint::manifest::Manifest;
 use stillpoint::runbook::Runbook;
+use stillpoint::storage::redact_url;
 
 use crate::args::{OutputFormat, zone_arg};
 use crate::exit::{self, Failure};
@@ -114,13 +115,16 @@ fn print_manifest(manifest: &Manifest, runbook: &Runbook, format: OutputFormat) 
     match format {
         OutputFormat::Json => print_json(&serde_json::json!({
             "backup_id": manifest.backup_id,
-            "storage": runbook.storage.url,
+            // Storage::open refuses URLs with credentials; redacting anyway keeps this
+            // line safe if that ever changes.
+            "storage": redact_url(&runbook.storage.url),
             "manifest": manifest,
         })),
         OutputFormat::Text => {
             println!(
                 "backup {} committed to {}",
-                manifest.backup_id, runbook.storage.url
+                manifest.backup_id,
+                redact_url(&runbook.storage.url)
             );
             print!("{}", render_text(&manifest.window));
             for database in &manifest.databases {

@@ -9,13 +9,16 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use stillpoint::gate::ClosedPolicy;
-use stillpoint::time::parse_duration;
+use stillpoint::grpc::auth::{AdminSecurity, AdminToken, Role as TokenRole, ServerTls};
+use stillpoint::node::MAX_LEASE;
+use stillpoint::time::{format_duration, parse_duration};
 use stillpoint_ledger::check::{self, Window};
 use stillpoint_ledger::load::{self, Bound, LoadConfig};
 use stillpoint_ledger::node::{DEFAULT_RECORD_RETRY_FOR, LedgerOptions};
@@ -106,6 +109,26 @@ struct ServeArgs {
     /// Honour the test-only hold_inside_gate_ms field of Transfer.
     #[arg(long)]
     allow_slow_transfers: bool,
+    /// Serve the admin services over TLS with this PEM certificate (chain). Needs
+    /// --tls-key and --admin-listen: the application port stays plaintext.
+    #[arg(long, value_name = "PATH", requires_all = ["tls_key", "admin_listen"])]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: refuse admin calls (UNAUTHENTICATED) that present no certificate
+    /// signed by this PEM CA. Needs --tls-cert.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Refuse admin calls (UNAUTHENTICATED) without `authorization: Bearer <token>`
+    /// carrying the token in this file (at least 16 characters). A file, not a flag
+    /// value, because command lines are visible to every user of the host.
+    #[arg(long, value_name = "PATH")]
+    admin_token_file: Option<PathBuf>,
+    /// A second token that may only read state (CheckPaused, Stats, Status), for
+    /// monitoring; it gets PERMISSION_DENIED on Pause, Unpause and Renew.
+    #[arg(long, value_name = "PATH")]
+    admin_observer_token_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -199,6 +222,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let security = admin_security(&args)?;
     let role = match (args.role, args.auditor) {
         (RoleArg::Auditor, _) => Role::Auditor,
         (RoleArg::Ledger, Some(auditor)) => Role::Ledger {
@@ -220,13 +244,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         PolicyArg::Reject => ClosedPolicy::Reject,
     };
+    anyhow::ensure!(
+        !args.upstream_pause_lease.is_zero() && args.upstream_pause_lease <= MAX_LEASE,
+        "--upstream-pause-lease {} is out of range; give 1ms to 24h",
+        format_duration(args.upstream_pause_lease)
+    );
     let node = serve::Node::open(ServeConfig {
         role,
         db: args.db,
         closed_policy,
         upstream_pause_lease: Some(args.upstream_pause_lease),
     })
-    .await?;
+    .await?
+    .with_admin_security(security)?;
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -259,6 +289,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     );
     served?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The admin services' TLS and tokens, from the serve flags. Read before anything
+/// listens, so a missing file is an error at start, not a node that answers anyone.
+fn admin_security(args: &ServeArgs) -> anyhow::Result<AdminSecurity> {
+    let mut security = AdminSecurity::default();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let mut tls = ServerTls::from_files(cert, key)?;
+        if let Some(ca) = &args.client_ca {
+            tls = tls.with_client_ca(stillpoint::grpc::auth::read_certificate_pem(
+                "client CA",
+                ca,
+            )?);
+        }
+        security = security.with_tls(tls);
+    }
+    for (path, role) in [
+        (&args.admin_token_file, TokenRole::Operator),
+        (&args.admin_observer_token_file, TokenRole::Observer),
+    ] {
+        if let Some(path) = path {
+            security = security
+                .with_token(&AdminToken::from_file(path)?, role)
+                .with_context(|| format!("admin token file {}", path.display()))?;
+        }
+    }
+    if security.tls().is_none() && security.checks_calls() {
+        tracing::warn!(
+            "the admin token travels in plaintext without --tls-cert; use TLS beyond loopback"
+        );
+    }
+    Ok(security)
 }
 
 async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {

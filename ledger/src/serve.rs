@@ -5,19 +5,25 @@
 //!
 //! The binary binds the listeners (so it can print their addresses) and hands them to
 //! [`run`]; tests can do the same with port 0.
+//!
+//! [`Node::with_admin_security`] puts the admin services behind TLS, mutual TLS and a
+//! bearer token (docs/security.md). TLS needs the admin services on their own
+//! listener: the reference application and its clients (the load generator, ledger
+//! nodes calling the auditor) speak plaintext gRPC.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use stillpoint::gate::{ClosedPolicy, Gate};
-use stillpoint::grpc::server::admin_routes;
+use stillpoint::grpc::auth::AdminSecurity;
+use stillpoint::grpc::server::admin_routes_with;
 use stillpoint::node::NodeAdmin;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::Routes;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Server, ServerTlsConfig};
 
 use crate::grpc::GatedApp;
 use crate::grpc::client::{AuditorClient, ClientError};
@@ -53,12 +59,20 @@ pub enum ServeError {
     Client(#[from] ClientError),
     #[error("the gRPC server stopped: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(
+        "TLS on the admin services needs them on their own address (--admin-listen): the \
+         application port stays plaintext for the reference cluster's own clients"
+    )]
+    TlsNeedsAdminListener,
+    #[error("the admin TLS settings are not usable: {0}")]
+    Tls(String),
 }
 
 /// A node whose database is open and ready, not yet serving.
 pub struct Node {
     admin: Arc<NodeAdmin>,
     app: App,
+    security: AdminSecurity,
 }
 
 enum App {
@@ -93,7 +107,23 @@ impl Node {
                 App::Auditor(Arc::new(AuditorNode::new(store)))
             }
         };
-        Ok(Node { admin, app })
+        Ok(Node {
+            admin,
+            app,
+            security: AdminSecurity::default(),
+        })
+    }
+
+    /// Who may call this node's admin services (open by default). The TLS identity is
+    /// loaded here, so a bad key or certificate fails before anything listens.
+    pub fn with_admin_security(mut self, security: AdminSecurity) -> Result<Node, ServeError> {
+        if let Some(tls) = security.server_tls_config() {
+            Server::builder()
+                .tls_config(tls)
+                .map_err(|error| ServeError::Tls(stillpoint::error_chain(&error)))?;
+        }
+        self.security = security;
+        Ok(self)
     }
 
     pub fn boot_id(&self) -> &str {
@@ -127,21 +157,25 @@ pub async fn run(
     admin_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    let admin_tls = node.security.server_tls_config();
+    if admin_tls.is_some() && admin_listener.is_none() {
+        return Err(ServeError::TlsNeedsAdminListener);
+    }
     let calls = TaskTracker::new();
-    let admin = admin_routes(node.admin.clone()).await;
+    let admin = admin_routes_with(node.admin.clone(), &node.security).await;
     let watchdog = node.admin.run_lease_watchdog(shutdown.clone());
     let result = match admin_listener {
         None => {
             let routes = node.add_app(admin, &calls);
-            let ((), served) = tokio::join!(watchdog, serve(routes, listener, &shutdown));
+            let ((), served) = tokio::join!(watchdog, serve(routes, listener, None, &shutdown));
             served
         }
         Some(admin_listener) => {
             let routes = node.add_app(Routes::default(), &calls);
             let ((), app_served, admin_served) = tokio::join!(
                 watchdog,
-                serve(routes, listener, &shutdown),
-                serve(admin, admin_listener, &shutdown),
+                serve(routes, listener, None, &shutdown),
+                serve(admin, admin_listener, admin_tls, &shutdown),
             );
             app_served.and(admin_served)
         }
@@ -157,10 +191,21 @@ pub async fn run(
 async fn serve(
     routes: Routes,
     listener: TcpListener,
+    tls: Option<ServerTlsConfig>,
     shutdown: &CancellationToken,
 ) -> Result<(), ServeError> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = match builder.tls_config(tls) {
+            Ok(builder) => builder,
+            Err(error) => {
+                shutdown.cancel();
+                return Err(ServeError::Tls(stillpoint::error_chain(&error)));
+            }
+        };
+    }
+    let result = builder
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;

@@ -64,6 +64,13 @@ pub enum PlanError {
         .max_wait.as_millis(), .lease.as_millis()
     )]
     WaitLongerThanLease { max_wait: Duration, lease: Duration },
+    #[error(
+        "max pause wait is 0ms, which leaves no time to drain: give e.g. 10s, or do not \
+         wait for in-flight requests (--no-wait)"
+    )]
+    ZeroMaxWait,
+    #[error("connect timeout is 0ms, which would fail every connection; give e.g. 5s")]
+    ZeroConnectTimeout,
 }
 
 impl PausePlan {
@@ -88,8 +95,15 @@ impl PausePlan {
             return Err(PlanError::EmptyTier(empty + 1));
         }
         ensure_unique(self.tiers.iter().flatten())?;
+        if self.connect.connect_timeout.is_zero() {
+            return Err(PlanError::ZeroConnectTimeout);
+        }
+        // Upstream clients may send a zero wait (scalar-admin -m 0): keep their meaning.
         if self.upstream_only {
             return Ok(());
+        }
+        if self.wait_outstanding && self.max_wait.is_zero() {
+            return Err(PlanError::ZeroMaxWait);
         }
         if self.lease.is_zero() || self.lease > MAX_LEASE {
             return Err(PlanError::BadLease(self.lease));
@@ -814,30 +828,4 @@ impl Drop for PausedCluster {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn addresses(list: &str) -> Vec<NodeAddress> {
-        crate::resolve::parse_address_list(list).unwrap()
-    }
-
-    #[test]
-    fn the_first_tiers_lowest_address_is_paused_alone_first() {
-        let tier = addresses("10.0.0.3:1,10.0.0.1:1,10.0.0.2:1");
-        let shown = |batches: Vec<Vec<&NodeAddress>>| {
-            batches
-                .into_iter()
-                .map(|batch| batch.iter().map(ToString::to_string).collect::<Vec<_>>())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            shown(batches(0, &tier)),
-            [vec!["10.0.0.1:1"], vec!["10.0.0.3:1", "10.0.0.2:1"]]
-        );
-        assert_eq!(
-            shown(batches(1, &tier)),
-            [vec!["10.0.0.3:1", "10.0.0.1:1", "10.0.0.2:1"]]
-        );
-        assert_eq!(shown(batches(0, &tier[..1])), [vec!["10.0.0.3:1"]]);
-    }
-}
+mod tests;

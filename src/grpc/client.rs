@@ -3,12 +3,21 @@
 //! A node either serves our `LeaseAdmin` extension ([`Protocol::Lease`]) or only the
 //! upstream `rpc.Admin` ([`Protocol::Upstream`]); [`NodeClient::connect`] finds out
 //! which, so callers branch on a value instead of on error codes.
+//!
+//! Every call carries the admin token when one is configured (as a sensitive header,
+//! which HPACK never indexes), and TLS may add a client certificate for mutual TLS.
 
 use std::time::Duration;
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
+use super::auth::{
+    AdminToken, ClientIdentity, MALFORMED_TOKEN, NO_CLIENT_CERT, NO_TOKEN, WRONG_TOKEN,
+};
 use super::wire::lease::lease_admin_client::LeaseAdminClient;
 use super::wire::rpc::admin_client::AdminClient;
 use super::wire::{lease, rpc};
@@ -21,6 +30,8 @@ use crate::resolve::NodeAddress;
 pub struct ConnectOptions {
     pub tls: Option<TlsOptions>,
     pub connect_timeout: Duration,
+    /// Sent as `authorization: Bearer …` on every call when set.
+    pub token: Option<AdminToken>,
 }
 
 impl Default for ConnectOptions {
@@ -28,6 +39,7 @@ impl Default for ConnectOptions {
         Self {
             tls: None,
             connect_timeout: Duration::from_secs(5),
+            token: None,
         }
     }
 }
@@ -38,6 +50,8 @@ pub struct TlsOptions {
     pub ca_pem: Option<String>,
     /// The name to expect in the node's certificate instead of its address's host.
     pub override_authority: Option<String>,
+    /// Our certificate and key, for nodes that require mutual TLS.
+    pub client_identity: Option<ClientIdentity>,
 }
 
 /// Which admin API a node speaks.
@@ -55,6 +69,21 @@ pub enum Protocol {
 pub enum CallError {
     #[error("cannot connect: {0}")]
     Unreachable(String),
+    /// The TLS handshake failed: most often a certificate signed by another CA, or one
+    /// that does not name the host we dialled.
+    #[error(
+        "TLS handshake failed: {0}; check that the CA given (--ca-root-cert-path, or \
+         ca_root_cert_path in the runbook's [pause.tls]) signed the node's certificate and \
+         that the certificate names the address's host (else use --override-authority)"
+    )]
+    Tls(String),
+    /// The node does not know who we are: no token, a wrong one, or no client
+    /// certificate where mutual TLS is on (UNAUTHENTICATED).
+    #[error("refused the call: UNAUTHENTICATED ({message}){}", unauthenticated_hint(.message))]
+    Unauthenticated { message: String },
+    /// The node knows who we are, and we may not do this (PERMISSION_DENIED).
+    #[error("refused the call: PERMISSION_DENIED ({0})")]
+    PermissionDenied(String),
     #[error("no answer within {}ms", .0.as_millis())]
     TimedOut(Duration),
     /// The node refused because of its state: requests did not drain (upstream's
@@ -80,6 +109,8 @@ impl From<Status> for CallError {
             Code::Aborted => CallError::Conflict(message),
             Code::InvalidArgument => CallError::Invalid(message),
             Code::Unavailable => CallError::Unavailable(message),
+            Code::Unauthenticated => CallError::Unauthenticated { message },
+            Code::PermissionDenied => CallError::PermissionDenied(message),
             Code::DeadlineExceeded => CallError::TimedOut(Duration::ZERO),
             code => CallError::Other {
                 code: format!("{code:?}"),
@@ -89,12 +120,72 @@ impl From<Status> for CallError {
     }
 }
 
+/// What to tell a person about an UNAUTHENTICATED answer, from the node's reason.
+fn unauthenticated_hint(message: &str) -> &'static str {
+    if message.starts_with(NO_TOKEN) || message.starts_with(MALFORMED_TOKEN) {
+        "; pass --token-file or set STILLPOINT_ADMIN_TOKEN (runbook: token_file or \
+         token_env in [pause])"
+    } else if message.starts_with(WRONG_TOKEN) {
+        "; the token given is not the node's: check --token-file / STILLPOINT_ADMIN_TOKEN"
+    } else if message.starts_with(NO_CLIENT_CERT) {
+        "; pass --tls-client-cert and --tls-client-key (runbook: client_cert_path and \
+         client_key_path in [pause.tls])"
+    } else {
+        ""
+    }
+}
+
+/// Adds the bearer token to every call. Debug never shows it.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Some(_) => "BearerToken(<redacted>)",
+            None => "BearerToken(None)",
+        })
+    }
+}
+
+impl BearerToken {
+    fn new(token: Option<&AdminToken>) -> Result<Self, CallError> {
+        let value = match token {
+            None => None,
+            Some(token) => {
+                let mut value: MetadataValue<Ascii> =
+                    format!("Bearer {}", token.expose()).parse().map_err(|_| {
+                        CallError::Invalid(
+                            "the admin token cannot be sent as an HTTP header".to_owned(),
+                        )
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        Ok(BearerToken(value))
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Authorized = InterceptedService<Channel, BearerToken>;
+
 #[derive(Debug, Clone)]
 pub struct NodeClient {
     address: NodeAddress,
     protocol: Protocol,
-    upstream: AdminClient<Channel>,
-    lease: LeaseAdminClient<Channel>,
+    upstream: AdminClient<Authorized>,
+    lease: LeaseAdminClient<Authorized>,
 }
 
 impl NodeClient {
@@ -104,7 +195,8 @@ impl NodeClient {
         options: &ConnectOptions,
     ) -> Result<Self, CallError> {
         let channel = channel(address, options).await?;
-        let mut lease = LeaseAdminClient::new(channel.clone());
+        let bearer = BearerToken::new(options.token.as_ref())?;
+        let mut lease = LeaseAdminClient::with_interceptor(channel.clone(), bearer.clone());
         let probe = tokio::time::timeout(
             options.connect_timeout,
             lease.status(lease::StatusRequest {}),
@@ -114,12 +206,26 @@ impl NodeClient {
         let protocol = match probe {
             Ok(_) => Protocol::Lease,
             Err(status) if status.code() == Code::Unimplemented => Protocol::Upstream,
+            // A plaintext client talking to a TLS node sees the connection fail mid-call
+            // ("transport error", "operation was canceled", a GOAWAY), never "TLS".
+            Err(status)
+                if options.tls.is_none()
+                    && matches!(
+                        status.code(),
+                        Code::Unknown | Code::Cancelled | Code::Unavailable | Code::Internal
+                    ) =>
+            {
+                return Err(CallError::Unreachable(format!(
+                    "{}; if the node serves TLS, pass --tls or --ca-root-cert-path",
+                    dedupe_chain(&crate::error_chain(&status))
+                )));
+            }
             Err(status) => return Err(status.into()),
         };
         Ok(Self {
             address: address.clone(),
             protocol,
-            upstream: AdminClient::new(channel),
+            upstream: AdminClient::with_interceptor(channel, bearer),
             lease,
         })
     }
@@ -220,6 +326,7 @@ async fn channel(address: &NodeAddress, options: &ConnectOptions) -> Result<Chan
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true);
     if let Some(tls) = &options.tls {
+        super::auth::install_crypto_provider();
         let mut config = ClientTlsConfig::new();
         config = match &tls.ca_pem {
             Some(pem) => config.ca_certificate(Certificate::from_pem(pem)),
@@ -228,6 +335,12 @@ async fn channel(address: &NodeAddress, options: &ConnectOptions) -> Result<Chan
         if let Some(authority) = &tls.override_authority {
             config = config.domain_name(authority.clone());
         }
+        if let Some(identity) = &tls.client_identity {
+            config = config.identity(Identity::from_pem(
+                &identity.cert_pem,
+                identity.key_pem.expose(),
+            ));
+        }
         endpoint = endpoint
             .tls_config(config)
             .map_err(|error| CallError::Invalid(format!("TLS settings for {address}: {error}")))?;
@@ -235,7 +348,45 @@ async fn channel(address: &NodeAddress, options: &ConnectOptions) -> Result<Chan
     tokio::time::timeout(options.connect_timeout, endpoint.connect())
         .await
         .map_err(|_| CallError::TimedOut(options.connect_timeout))?
-        .map_err(|error| CallError::Unreachable(crate::error_chain(&error)))
+        .map_err(|error| connect_error(&crate::error_chain(&error)))
+}
+
+/// Drops a repeated tail from an error chain: transports often show their source in
+/// their own message too, so the chain says everything twice.
+fn dedupe_chain(chain: &str) -> String {
+    let mut parts: Vec<&str> = chain.split(": ").collect();
+    let mut length = 1;
+    while length * 2 <= parts.len() {
+        let end = parts.len();
+        if parts[end - length..] == parts[end - 2 * length..end - length] {
+            parts.truncate(end - length);
+        } else {
+            length += 1;
+        }
+    }
+    parts.join(": ")
+}
+
+/// Tells a failed TLS handshake from a node that is not there: the fixes differ.
+fn connect_error(chain: &str) -> CallError {
+    let chain = &dedupe_chain(chain);
+    const TLS_SIGNS: &[&str] = &[
+        "certificate",
+        "tls handshake",
+        "HandshakeFailure",
+        "received fatal alert",
+        "InvalidContentType",
+        "CorruptMessage",
+    ];
+    if TLS_SIGNS.iter().any(|sign| {
+        chain
+            .to_ascii_lowercase()
+            .contains(&sign.to_ascii_lowercase())
+    }) {
+        CallError::Tls(chain.to_owned())
+    } else {
+        CallError::Unreachable(chain.to_owned())
+    }
 }
 
 impl From<lease::NodeStatus> for NodeStatus {
@@ -259,5 +410,32 @@ impl From<lease::NodeStatus> for NodeStatus {
                 .then(|| Duration::from_millis(wire.lease_remaining_ms)),
             held_now: wire.held_now,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_error_chains_are_said_once() {
+        assert_eq!(
+            dedupe_chain(
+                "transport error: invalid peer certificate: X: invalid peer certificate: X"
+            ),
+            "transport error: invalid peer certificate: X"
+        );
+        assert_eq!(dedupe_chain("a: b: b: b"), "a: b");
+        assert_eq!(dedupe_chain("a: b: a: c"), "a: b: a: c");
+        assert_eq!(dedupe_chain(""), "");
+    }
+
+    #[test]
+    fn handshake_failures_are_told_from_absent_nodes() {
+        let tls = connect_error("transport error: invalid peer certificate: UnknownIssuer");
+        assert!(matches!(tls, CallError::Tls(_)), "{tls:?}");
+        assert!(tls.to_string().contains("--ca-root-cert-path"), "{tls}");
+        let absent = connect_error("transport error: tcp connect error: Connection refused");
+        assert!(matches!(absent, CallError::Unreachable(_)), "{absent:?}");
     }
 }

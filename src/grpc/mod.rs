@@ -3,12 +3,15 @@
 //! - `wire`: code generated from `proto/` (upstream `rpc.Admin`, our `LeaseAdmin`).
 //! - `server.rs`: serves a [`crate::node::NodeAdmin`] over both services, plus gRPC
 //!   health and reflection.
+//! - `auth.rs`: who may call the admin services (TLS, mutual TLS, bearer tokens), and
+//!   the secret types both sides share.
 //! - `client.rs`: [`client::NodeClient`], which the coordinator uses to talk to one node
 //!   in domain types.
 //!
 //! Everything crossing this boundary is converted here, so the rest of the crate never
 //! sees a prost message or a `tonic::Status`.
 
+pub mod auth;
 pub mod client;
 pub mod server;
 

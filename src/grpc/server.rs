@@ -1,5 +1,6 @@
 //! Serves a node's [`NodeAdmin`] over gRPC: the upstream-compatible `rpc.Admin`, our
-//! `stillpoint.admin.v1.LeaseAdmin` extension, gRPC health and reflection.
+//! `stillpoint.admin.v1.LeaseAdmin` extension, gRPC health and reflection. Every
+//! service but health sits behind `auth::Guarded` (token, client certificate).
 //!
 //! Errors become `tonic::Status` in exactly one place, [`to_status`].
 
@@ -9,14 +10,26 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::UPSTREAM_DEFAULT_MAX_WAIT;
+use super::auth::{AdminSecurity, Guarded};
 use super::wire::lease::lease_admin_server::{LeaseAdmin, LeaseAdminServer};
 use super::wire::rpc::admin_server::{Admin, AdminServer};
 use super::wire::{FILE_DESCRIPTOR_SET, lease, rpc};
 use crate::node::{AdminError, ErrorKind, Holder, NodeAdmin, NodeStatus, PauseCommand};
 
-/// Every admin service of a node, ready to add to a tonic server (or to merge with the
-/// application's own services when they share a port).
+/// Every admin service of a node, open to any caller, ready to add to a tonic server
+/// (or to merge with the application's own services when they share a port). Right
+/// for loopback-only tests; production nodes use [`admin_routes_with`].
 pub async fn admin_routes(admin: Arc<NodeAdmin>) -> tonic::service::Routes {
+    admin_routes_with(admin, &AdminSecurity::default()).await
+}
+
+/// Every admin service of a node, each behind `security`'s checks (token, client
+/// certificate) except health. Serve them with `security.server_tls_config()` on the
+/// tonic server when TLS is configured.
+pub async fn admin_routes_with(
+    admin: Arc<NodeAdmin>,
+    security: &AdminSecurity,
+) -> tonic::service::Routes {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AdminServer<UpstreamAdmin>>().await;
     health
@@ -27,12 +40,20 @@ pub async fn admin_routes(admin: Arc<NodeAdmin>) -> tonic::service::Routes {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the descriptor sets compiled into this binary are valid");
-    tonic::service::Routes::new(AdminServer::new(UpstreamAdmin {
-        admin: admin.clone(),
-    }))
-    .add_service(LeaseAdminServer::new(LeaseAdminService { admin }))
+    let policy = security.policy();
+    tonic::service::Routes::new(Guarded::new(
+        AdminServer::new(UpstreamAdmin {
+            admin: admin.clone(),
+        }),
+        policy.clone(),
+    ))
+    .add_service(Guarded::new(
+        LeaseAdminServer::new(LeaseAdminService { admin }),
+        policy.clone(),
+    ))
+    // Health is deliberately unguarded: see the `auth` module header.
     .add_service(health_service)
-    .add_service(reflection)
+    .add_service(Guarded::new(reflection, policy))
 }
 
 /// `rpc.Admin`, exactly as upstream clients expect it.

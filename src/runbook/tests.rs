@@ -198,3 +198,118 @@ fn drill_checks_are_checked_before_anything_runs() {
         Some(Path::new("/etc/stillpoint/scratch"))
     );
 }
+
+#[test]
+fn boundary_values_are_refused_before_anything_is_contacted() {
+    let pause = |keys: &str| minimal("").replace("[pause]", &format!("[pause]\n{keys}"));
+    let tiers = |tiers: &str| {
+        minimal("").replace(
+            "tiers = [{ addresses = [\"127.0.0.1:5000\"] }]",
+            &format!("tiers = {tiers}"),
+        )
+    };
+    let cases = [
+        // Empty and duplicate addresses, within a tier and across tiers.
+        (tiers("[{ addresses = [\"\"] }]"), "empty address"),
+        (tiers("[{ addresses = [] }]"), "neither addresses nor srv"),
+        (tiers("[{ srv = \" \" }]"), "empty srv name"),
+        (
+            tiers("[{ addresses = [\"a:1\", \"a:1\"] }]"),
+            "address a:1 is listed twice",
+        ),
+        (
+            tiers("[{ addresses = [\"a:1\"] }, { addresses = [\"b:2\", \"a:1\"] }]"),
+            "address a:1 is listed twice",
+        ),
+        // Zero, negative and absurd durations, named by key or value.
+        (pause("lease = \"0s\""), "[pause] lease is 0ms"),
+        (pause("max_wait = \"0ms\""), "[pause] max_wait is 0ms"),
+        (
+            pause("cut_deadline = \"0s\""),
+            "[pause] cut_deadline is 0ms",
+        ),
+        (
+            pause("connect_timeout = \"0s\""),
+            "[pause] connect_timeout is 0ms",
+        ),
+        (pause("lease = \"-5s\""), "\"-5s\""),
+        (pause("lease = \"100000h\""), "\"100000h\""),
+        (
+            pause("lease = \"48h\""),
+            "lease (48h) is longer than the 24h",
+        ),
+        // A max wait as long as the lease.
+        (
+            pause("lease = \"10s\"\nmax_wait = \"10s\""),
+            "max_wait (10000ms) must be shorter than lease (10000ms)",
+        ),
+        // Auth settings that cannot work together.
+        (
+            pause("token_file = \"t\"\ntoken_env = \"T\""),
+            "token_file or token_env",
+        ),
+        (
+            minimal("").replace(
+                "[[databases]]",
+                "[pause.tls]\nclient_cert_path = \"c.pem\"\n[[databases]]",
+            ),
+            "client_cert_path and client_key_path together",
+        ),
+    ];
+    for (text, needle) in cases {
+        let error = parse(&text).unwrap_err();
+        assert!(error.contains(needle), "{needle:?} not in: {error}");
+    }
+}
+
+#[test]
+fn unsupported_storage_schemes_are_named_without_their_credentials() {
+    for (url, shown) in [
+        ("ftp://host/x", "ftp://host/x"),
+        ("gs://bucket/prefix", "gs://bucket/prefix"),
+        ("/var/backups", "/var/backups"),
+        ("ftp://user:hunter2-secret@host/x", "ftp://***@host/x"),
+    ] {
+        let text = minimal("").replace("file:///tmp/backups", url);
+        let error = parse(&text).unwrap_err();
+        assert!(error.contains(shown), "{shown:?} not in: {error}");
+        assert!(!error.contains("hunter2"), "a credential leaked: {error}");
+    }
+}
+
+#[test]
+fn syntax_errors_give_the_line_but_never_quote_it() {
+    // A missing quote on the line that holds a password.
+    let text = minimal("").replace(
+        "[storage]",
+        "[[databases]]\nname = \"pg\"\nadapter = \"postgres\"\nurl = \"postgres://app:hunter2-secret@db/ledger\n[storage]",
+    );
+    let error = parse(&text).unwrap_err();
+    assert!(error.starts_with("line "), "{error}");
+    assert!(!error.contains("hunter2"), "a password leaked: {error}");
+    // A database's adapter config errors say what is wrong, not the value.
+    let text = minimal("").replace(
+        "[storage]",
+        "[[databases]]\nname = \"pg\"\nadapter = \"postgres\"\nurl = \"postgres://app:hunter2-secret@db/ledger\"\nrequire_archiving = \"hunter2-secret\"\n[storage]",
+    );
+    let error = parse(&text).unwrap_err();
+    assert!(
+        error.contains("invalid type: a string, expected a boolean"),
+        "{error}"
+    );
+    assert!(!error.contains("hunter2"), "a password leaked: {error}");
+}
+
+#[test]
+fn quoted_values_are_hidden_in_type_errors() {
+    use super::hide_strings;
+    assert_eq!(
+        hide_strings(r#"invalid type: string "s\"e:cret", expected a boolean"#),
+        "invalid type: a string, expected a boolean"
+    );
+    assert_eq!(
+        hide_strings("unknown variant `oracle`"),
+        "unknown variant `oracle`"
+    );
+    assert_eq!(hide_strings(r#"string "unterminated"#), "a string");
+}

@@ -178,3 +178,105 @@ fn demo_backs_up_and_drills_a_local_cluster() {
     );
     assert!(report["stored_bytes"].as_u64().unwrap() > 0);
 }
+
+/// Bad input next to a real, reachable node: every case exits 2 with the value named,
+/// and the node was never paused, not even briefly (its pause sequence stays 0).
+#[test]
+fn usage_errors_exit_2_before_any_node_is_paused() {
+    let cluster = crate::cluster::Cluster::start(1);
+    let node = cluster.ledgers[0].address.clone();
+    let twice = format!("{node},{node}");
+    let stray = format!("{node},");
+    let cases: &[(&[&str], &str)] = &[
+        (&["-a", &twice], "is listed twice"),
+        (&["-a", &stray], "empty entry"),
+        (
+            &["-a", &node, "--lease", "1s", "--max-pause-wait", "5s"],
+            "shorter than the lease",
+        ),
+        (
+            &["-a", &node, "--max-pause-wait", "0s"],
+            "max pause wait is 0ms",
+        ),
+        (
+            &["-a", &node, "--lease", "0s"],
+            "lease must be between 1ms and 24h",
+        ),
+        (&["-a", &node, "--lease", "100000h"], "\"100000h\""),
+        (&["-a", &node, "--lease=-5s"], "cannot be negative"),
+        (
+            &["-a", &node, "--connect-timeout", "0s"],
+            "--connect-timeout 0ms",
+        ),
+        (
+            &["-a", &node, "--token-file", "/nonexistent/token"],
+            "/nonexistent/token",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["pause", "--hold-for", "50ms"];
+        args.extend_from_slice(extra);
+        let output = run("stillpoint", &args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(needle),
+            "{args:?}: expected {needle:?} in {}",
+            stderr(&output)
+        );
+    }
+
+    // The same for a runbook: two databases with one name, an unsupported storage.
+    let dir = tempfile::tempdir().unwrap();
+    let database = |name: &str| {
+        format!("[[databases]]\nname = \"{name}\"\nadapter = \"sqlite\"\npath = \"x.db\"\n")
+    };
+    for (databases, storage, needle) in [
+        (
+            format!("{}{}", database("ledger"), database("ledger")),
+            "file:///tmp/sp-backups".to_owned(),
+            "two databases are named \"ledger\"",
+        ),
+        (
+            database("ledger"),
+            "ftp://host/backups".to_owned(),
+            "\"ftp://host/backups\" is not supported",
+        ),
+    ] {
+        let runbook = dir.path().join("runbook.toml");
+        std::fs::write(
+            &runbook,
+            format!(
+                "cluster = \"c\"\n[pause]\ntiers = [{{ addresses = [\"{node}\"] }}]\n\
+                 {databases}[storage]\nurl = \"{storage}\"\n"
+            ),
+        )
+        .unwrap();
+        let output = run(
+            "stillpoint",
+            &["backup", "--config", runbook.to_str().unwrap()],
+        );
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        assert!(
+            stderr(&output).contains(needle),
+            "expected {needle:?} in {}",
+            stderr(&output)
+        );
+    }
+
+    let (code, stats) =
+        crate::util::run_json("stillpoint", &["stats", "-a", &node, "--output", "json"]);
+    assert_eq!(code, 0, "{stats:#}");
+    assert_eq!(
+        stats["nodes"][0]["stats"]["node"]["pause_seq"], 0,
+        "{stats:#}"
+    );
+    assert_eq!(
+        stats["nodes"][0]["stats"]["node"]["paused"], false,
+        "{stats:#}"
+    );
+}

@@ -16,3 +16,4 @@ mod util;
 mod cli;
 mod pause;
 mod protocols;
+mod security;

@@ -99,15 +99,25 @@ pub fn spawn_listening(
     args: &[String],
     expected_lines: usize,
 ) -> (Process, Vec<String>) {
+    // Node logs go to the test's stderr; warnings (lease expiries…) are enough.
+    let log_level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned());
+    spawn_listening_logged(program, args, expected_lines, &log_level, Stdio::inherit())
+}
+
+/// Like [`spawn_listening`], with the process's log level and stderr chosen (a file,
+/// for tests that read what a node logged).
+pub fn spawn_listening_logged(
+    program: &Path,
+    args: &[String],
+    expected_lines: usize,
+    log_level: &str,
+    stderr: Stdio,
+) -> (Process, Vec<String>) {
     let mut child = Command::new(program)
         .args(args)
-        // Node logs go to the test's stderr; warnings (lease expiries…) are enough.
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
-        )
+        .env("RUST_LOG", log_level)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .unwrap_or_else(|error| panic!("starting {}: {error}", program.display()));
     let stdout = child.stdout.take().unwrap();
@@ -136,8 +146,14 @@ pub fn spawn_listening(
 
 /// Runs one of our binaries to completion (bounded) and returns its output.
 pub fn run(program: &str, args: &[&str]) -> Output {
+    run_with_env(program, args, &[])
+}
+
+/// [`run`] with extra environment variables.
+pub fn run_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     let child = Command::new(bin(program))
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
