@@ -175,7 +175,7 @@ fn main() {
         "{measured_line} {LEDGERS} ledger nodes + 1 auditor on SQLite, requests held during \
          a pause; `ledger-node load --concurrency {LOAD_CONCURRENCY}` throughout \
          ({throughput:.0} transfers/s over the run). {backups} backups (ledger and \
-         auditor databases, zstd 3 + age), then {holds} fixed {hold_s} s holds, {gap} ms \
+         auditor databases, zstd 3 + age), then {holds} × a fixed {hold_s} s hold, {gap} ms \
          of load between pauses.\n\n\
          | | stillpoint backup | fixed 5 s hold | stillpoint / hold |\n\
          |---|---|---|---|\n\

@@ -7,11 +7,11 @@
 //! ```
 //!
 //! and the pipeline alone on an in-memory stream (the first part of the same dump)
-//! against each of its stages run by itself on one core, with the same crates and
-//! settings. The pipeline runs its three stages one after another on one worker
-//! thread, so its bound is the *sum* of the stage times (1 / (1/zstd + 1/age +
-//! 1/BLAKE3) in throughput), not the slowest stage: that would be the bound of a
-//! pipeline with a thread per stage.
+//! against each of its stages run by itself, with the same crates and settings. zstd
+//! compresses on a thread of its own while the pipeline's worker thread reads,
+//! encrypts and hashes, so the pipeline's bound is its slowest stage (zstd), not the
+//! sum of the stage times (1 / (1/zstd + 1/age + 1/BLAKE3) in throughput), which
+//! would be the bound of one thread doing everything; both are shown.
 
 use std::io::{Cursor, Read, Write};
 use std::process::{Command, Stdio};
@@ -31,6 +31,8 @@ const SECTION: &str = "5. pipeline";
 const CHUNK: usize = 64 * 1024;
 /// Runs of the in-memory pipeline and of each stage.
 const STAGE_RUNS: usize = 3;
+/// zstd's job size as src/pipeline/mod.rs sets it.
+const ZSTD_JOB_SIZE: u32 = 4 * 1024 * 1024;
 
 #[derive(Default)]
 pub struct Backups {
@@ -178,10 +180,15 @@ fn dump_prefix(fixture: &Fixture, limit: u64) -> Bytes {
     Bytes::from(raw)
 }
 
-/// The zstd stage as the pipeline configures it: level 3, with a frame checksum.
+/// The zstd stage as the pipeline configures it: level 3, a frame checksum, one
+/// worker thread compressing 4 MiB jobs (this thread only hands it the input).
 fn zstd_stage(raw: &[u8]) -> Vec<u8> {
     let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
     encoder.include_checksum(true).unwrap();
+    encoder.multithread(1).unwrap();
+    encoder
+        .set_parameter(zstd::zstd_safe::CParameter::JobSize(ZSTD_JOB_SIZE))
+        .unwrap();
     for chunk in raw.chunks(CHUNK) {
         encoder.write_all(chunk).unwrap();
     }
@@ -240,7 +247,7 @@ impl Backups {
 
         let serial = stages.zstd + stages.age + stages.blake3;
         let slowest = stages.zstd.max(stages.age).max(stages.blake3);
-        let stage_ratio = serial.as_secs_f64() / stages.pipeline.as_secs_f64();
+        let stage_ratio = slowest.as_secs_f64() / stages.pipeline.as_secs_f64();
         let stage_row = |name: &str, time: Duration, input: u64, output: u64| {
             format!(
                 "| {name} | {input_mib:.0} → {output_mib:.0} MiB | {:.2} s | {:.0} MB/s |\n",
@@ -264,19 +271,22 @@ impl Backups {
              **Backup throughput stillpoint / shell: {backup_ratio:.2}×** (target ≥ 0.9×). \
              The shell's output was {shell_stored_mib:.0} MiB.\n\n\
              The pipeline alone, {stage_mib:.0} MiB of the same raw copy in memory into \
-             storage on tmpfs, against each stage by itself on one core (same crates and \
-             settings, {chunk} KiB writes); {stage_runs} runs, medians. Throughput is raw \
-             bytes per second whatever the stage's own input.\n\n\
+             storage on tmpfs, against each stage by itself (same crates and settings, \
+             {chunk} KiB writes; zstd on its one worker thread, as in the pipeline); \
+             {stage_runs} runs, medians. Throughput is raw bytes per second whatever the \
+             stage's own input.\n\n\
              | stage | bytes in → out | time | throughput (raw) |\n|---|---|---|---|\n\
              {zstd_row}{age_row}{blake3_row}\
-             | serial bound: sum of the stage times | | {serial:.2} s | {serial_rate:.0} MB/s |\n\
-             | slowest stage alone (bound with a thread per stage) | | {slowest:.2} s \
-             | {slowest_rate:.0} MB/s |\n\
+             | sum of the stage times (the bound of one thread doing all) | | {serial:.2} s \
+             | {serial_rate:.0} MB/s |\n\
+             | slowest stage (the pipeline's bound: zstd has its own thread) | | \
+             {slowest:.2} s | {slowest_rate:.0} MB/s |\n\
              | stillpoint pipeline (`pipeline::store`) | | {pipeline:.2} s \
              | {pipeline_rate:.0} MB/s |\n\n\
-             **Pipeline / serial bound: {stage_ratio:.2}×.** The pipeline runs its stages \
-             one after another on one worker thread, so the sum of the stage times is its \
-             bound; the rest of the machine is left to pg_dump and PostgreSQL.",
+             **Pipeline / slowest stage: {stage_ratio:.2}×** in throughput. zstd \
+             compresses on its own thread while the pipeline's worker reads, encrypts \
+             and hashes, so the slowest stage bounds it; the sum of the stage times is \
+             what one thread doing everything would reach.",
             measured = support::measured_line("scripts/bench postgres"),
             runs = self.stillpoint.len(),
             raw_mib = support::mib(raw),
@@ -308,7 +318,7 @@ impl Backups {
             Row::new(
                 SECTION,
                 &format!(
-                    "backup throughput, {:.0} MiB database, vs `pg_dump | zstd -3 | age`",
+                    "backup throughput, {:.0} MiB database, vs `pg_dump \\| zstd -3 \\| age`",
                     support::mib(fixture.large.bytes)
                 ),
                 format!("{:.0} MB/s ({total:.1} s)", rate(raw, total)),
@@ -318,12 +328,16 @@ impl Backups {
             ),
             Row::new(
                 SECTION,
-                "pipeline on an in-memory stream vs its stages' serial single-core bound",
+                "pipeline on an in-memory stream vs its slowest stage (zstd) alone",
                 format!(
                     "{:.0} MB/s",
                     rate(stages.raw, stages.pipeline.as_secs_f64())
                 ),
-                format!("{:.0} MB/s", rate(stages.raw, serial.as_secs_f64())),
+                format!(
+                    "{:.0} MB/s (all stages on one thread: {:.0} MB/s)",
+                    rate(stages.raw, slowest.as_secs_f64()),
+                    rate(stages.raw, serial.as_secs_f64())
+                ),
                 Some(stage_ratio),
                 Target::None,
             ),

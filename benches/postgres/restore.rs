@@ -113,7 +113,7 @@ impl Restores {
         let row = Row::new(
             "6. restore",
             &format!(
-                "restore time, {:.0} MiB database, vs `age -d | zstd -d | pg_restore`",
+                "restore time, {:.0} MiB database, vs `age -d \\| zstd -d \\| pg_restore`",
                 support::mib(fixture.large.bytes)
             ),
             format!("{stillpoint:.1} s"),
