@@ -2,7 +2,7 @@
 //! measured in the same run: a bare atomic counter (the floor: one RMW in, one out)
 //! and a mutex + condvar gate (the design of the upstream servers' gate keeper).
 //!
-//! Run: `scripts/bench-gate` (which also writes the ratios into docs/performance.md),
+//! Run: `scripts/bench gate` (which also writes the ratios into docs/performance.md),
 //! or `cargo bench --bench gate` for criterion's own report.
 
 use std::hint::black_box;

@@ -1,12 +1,14 @@
 //! The load generator: concurrent workers sending random transfers round-robin across
 //! ledger nodes, counting how each ended, until a duration or a count runs out or
 //! shutdown is signalled. On shutdown, workers stop starting transfers and finish the
-//! ones in flight, so every counted transfer has a known outcome.
+//! ones in flight, so every counted transfer has a known outcome. On request it also
+//! keeps every transfer's start time, latency and outcome ([`Sample`]), so a benchmark
+//! can tell the transfers that met a pause from those that did not.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -45,6 +47,8 @@ pub struct LoadConfig {
     /// Test-only: ask each ledger node to hold the transfer this long inside its gate
     /// (nodes refuse unless started with --allow-slow-transfers).
     pub hold_inside_gate: Duration,
+    /// Keep a [`Sample`] of every transfer in the report.
+    pub keep_samples: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -65,6 +69,39 @@ pub struct LoadReport {
     pub seed: u64,
     /// Distinct failure messages, most frequent first (at most [`MAX_ERROR_KINDS`]).
     pub errors: Vec<ErrorCount>,
+    /// Every transfer, in no particular order, when `keep_samples` was set. Not part
+    /// of the JSON report: `ledger-node load --latency-log` writes them to a file.
+    #[serde(skip)]
+    pub samples: Vec<Sample>,
+}
+
+/// One transfer as the client saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    /// When it was sent, in microseconds since the Unix epoch (the wall clock, so it
+    /// can be compared with pause windows recorded by another process on this host).
+    pub started_unix_us: u64,
+    pub latency_us: u64,
+    pub outcome: OutcomeKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeKind {
+    Committed,
+    Rejected,
+    Declined,
+    Failed,
+}
+
+impl OutcomeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeKind::Committed => "ok",
+            OutcomeKind::Rejected => "rejected",
+            OutcomeKind::Declined => "declined",
+            OutcomeKind::Failed => "failed",
+        }
+    }
 }
 
 pub const MAX_ERROR_KINDS: usize = 10;
@@ -106,6 +143,7 @@ struct Plan {
     accounts: i64,
     max_amount: i64,
     hold_inside_gate_ms: u64,
+    keep_samples: bool,
 }
 
 impl Plan {
@@ -130,6 +168,7 @@ struct Tally {
     failed: u64,
     ok_latencies: Vec<Duration>,
     errors: HashMap<String, u64>,
+    samples: Vec<Sample>,
 }
 
 impl Tally {
@@ -154,6 +193,7 @@ impl Tally {
         self.declined += other.declined;
         self.failed += other.failed;
         self.ok_latencies.extend(other.ok_latencies);
+        self.samples.extend(other.samples);
         for (message, count) in other.errors {
             *self.errors.entry(message).or_default() += count;
         }
@@ -192,6 +232,7 @@ pub async fn run(config: LoadConfig, shutdown: CancellationToken) -> Result<Load
         accounts: i64::from(config.accounts),
         max_amount: config.max_amount,
         hold_inside_gate_ms: config.hold_inside_gate.as_millis() as u64,
+        keep_samples: config.keep_samples,
     });
     // Workers are tasks so that they spread over all cores; the set is joined below.
     let mut workers = JoinSet::new();
@@ -223,10 +264,27 @@ async fn worker(index: usize, seed: u64, clients: Arc<[LedgerClient]>, plan: Arc
         let to = (from - 1 + rng.i64(1..plan.accounts)) % plan.accounts + 1;
         let amount = rng.i64(1..=plan.max_amount);
         let started = Instant::now();
+        let started_wall = SystemTime::now();
         let outcome = clients[target]
             .transfer(from, to, amount, plan.hold_inside_gate_ms)
             .await;
-        tally.add(outcome, started.elapsed());
+        let latency = started.elapsed();
+        if plan.keep_samples {
+            tally.samples.push(Sample {
+                started_unix_us: started_wall
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_micros() as u64,
+                latency_us: latency.as_micros() as u64,
+                outcome: match outcome {
+                    TransferOutcome::Committed => OutcomeKind::Committed,
+                    TransferOutcome::Rejected(_) => OutcomeKind::Rejected,
+                    TransferOutcome::Declined => OutcomeKind::Declined,
+                    TransferOutcome::Failed(_) => OutcomeKind::Failed,
+                },
+            });
+        }
+        tally.add(outcome, latency);
         target = (target + 1) % clients.len();
     }
     tally
@@ -268,6 +326,7 @@ fn report(mut tally: Tally, elapsed: Duration, stopped_early: bool, seed: u64) -
         stopped_early,
         seed,
         errors,
+        samples: tally.samples,
     }
 }
 

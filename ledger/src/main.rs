@@ -161,6 +161,11 @@ struct LoadArgs {
     /// with --allow-slow-transfers.
     #[arg(long, value_parser = parse_duration, default_value = "0ms", value_name = "DURATION")]
     hold_inside_gate: Duration,
+    /// Also write every transfer to this file, one line each: start (µs since the Unix
+    /// epoch), latency (µs), outcome (ok, rejected, declined, failed). The pause
+    /// benchmark uses it to compare transfers that met a pause with those that did not.
+    #[arg(long, value_name = "PATH")]
+    latency_log: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -338,6 +343,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         accounts: args.accounts,
         max_amount: args.max_amount,
         hold_inside_gate: args.hold_inside_gate,
+        keep_samples: args.latency_log.is_some(),
     };
     let shutdown = CancellationToken::new();
     let (report, ()) = tokio::join!(
@@ -350,6 +356,10 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         cancel_on_signal(shutdown.clone()),
     );
     let report = report?;
+    if let Some(path) = &args.latency_log {
+        write_latency_log(path, &report.samples)
+            .with_context(|| format!("cannot write the latency log {}", path.display()))?;
+    }
     match args.output {
         Output::Json => println!("{}", serde_json::to_string(&report)?),
         Output::Text => print!("{report}"),
@@ -359,6 +369,20 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn write_latency_log(path: &std::path::Path, samples: &[load::Sample]) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for sample in samples {
+        writeln!(
+            out,
+            "{} {} {}",
+            sample.started_unix_us,
+            sample.latency_us,
+            sample.outcome.as_str()
+        )?;
+    }
+    out.flush()
 }
 
 async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {

@@ -9,9 +9,11 @@
 //! [`verify_checksum`] can check an artifact where the decryption keys are not.
 //!
 //! Memory stays bounded whatever the size: zstd and age run synchronously in one
-//! `spawn_blocking` worker per artifact, which talks to async code through a bounded
-//! channel (`channel.rs`, at most 512 KiB ahead of its reader) and `SyncIoBridge`;
-//! storage adds its own bound (see [`crate::storage`]). Every worker handle is awaited.
+//! `spawn_blocking` worker per artifact (zstd compresses on one thread of its own
+//! beside it, holding about 24 MiB of 4 MiB jobs), which talks to async code
+//! through a bounded channel (`channel.rs`, at most 512 KiB ahead of its reader) and
+//! `SyncIoBridge`; storage adds its own bound (see [`crate::storage`]). Every worker
+//! handle is awaited.
 //!
 //! - `channel.rs`: the bounded bridge between the worker and async readers.
 //! - `tests.rs`: every stage combination, damage, memory bound, CLI interop.
@@ -43,6 +45,12 @@ const SCRYPT_LOG_N: u8 = 18;
 const SCRYPT_MAX_LOG_N: u8 = 22;
 /// Raw bytes read from a copy at a time.
 const READ_CHUNK: usize = 64 * 1024;
+/// zstd compresses on a thread of its own (see [`encode`]), in jobs of this many
+/// input bytes. Fixed, because zstd's own choice grows with the level (8 MiB at level
+/// 3, up to 512 MiB at the highest); half of level 3's choice halves the memory
+/// (zstd holds up to four jobs of input and the output of finished ones, about 24
+/// MiB) and measured no slower (docs/performance.md).
+const ZSTD_JOB_SIZE: u32 = 4 * 1024 * 1024;
 
 /// How a copy is transformed on its way to storage. Default: stored as is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -635,6 +643,15 @@ fn encode(
         // The frame checksum lets `zstd -d` (and we) catch damage zstd can see.
         encoder
             .include_checksum(true)
+            .map_err(EncodeError::Output)?;
+        // One zstd worker thread, as the zstd CLI uses by default: compression runs
+        // beside this thread, which reads the copy, encrypts and hashes, instead of
+        // taking turns with it (docs/performance.md has the profile). zstd then
+        // compresses whole jobs from contiguous buffers, which also avoids its slower
+        // ring-buffer ("extDict") match finder of single-threaded streaming.
+        encoder.multithread(1).map_err(EncodeError::Output)?;
+        encoder
+            .set_parameter(zstd::zstd_safe::CParameter::JobSize(ZSTD_JOB_SIZE))
             .map_err(EncodeError::Output)?;
         sink = Box::new(encoder);
     }

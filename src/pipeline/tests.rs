@@ -226,16 +226,18 @@ impl AsyncRead for CountingNoise {
     }
 }
 
-/// A 64 MiB copy never sits in memory: at every read of the stored stream, the
+/// A 128 MiB copy never sits in memory: at every read of the stored stream, the
 /// input has been read at most `BOUND` further. An implementation that buffered the
 /// whole copy before emitting would fail on the first read; one with an unbounded
-/// queue fails after the stall halfway, when the reader stops and the worker is free
-/// to run ahead.
+/// queue fails after the stall at a quarter, when the reader stops and the worker is
+/// free to run ahead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_bounded() {
-    const TOTAL: usize = 64 * MIB;
-    // Channel (512 KiB) + one zstd block + one age chunk + read buffers, with room.
-    const BOUND: u64 = 4 * MIB as u64;
+    const TOTAL: usize = 128 * MIB;
+    // zstd's jobs (four 4 MiB jobs of input, the output of finished ones) + channel
+    // (512 KiB) + one age chunk + read buffers, with room; well under the 96 MiB an
+    // unbounded queue reaches.
+    const BOUND: u64 = 32 * MIB as u64;
     let (with_both, _) = recipients_settings(Some(1));
     for settings in [PipelineSettings::default(), with_both] {
         let produced = Arc::new(AtomicU64::new(0));
@@ -256,7 +258,7 @@ async fn memory_stays_bounded() {
                 break;
             }
             consumed += n as u64;
-            if consumed >= 16 * MIB as u64 && !stalled {
+            if consumed >= (TOTAL / 4) as u64 && !stalled {
                 stalled = true;
                 // Not waiting for a state: a bounded pipeline passes however long
                 // this is. It only gives an unbounded one the time to show itself.

@@ -22,8 +22,9 @@ use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{GetResultPayload, ObjectStore, ObjectStoreExt, PutPayload};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio_util::io::ReaderStream;
 
 use crate::adapters::ByteStream;
 
@@ -44,6 +45,8 @@ pub const DEFAULT_PART_SIZE: usize = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_CONCURRENCY: usize = 4;
 /// How much `put_stream` reads from its input at a time.
 const READ_CHUNK: usize = 64 * 1024;
+/// How much `get` reads from a local file at a time (one blocking call each).
+const LOCAL_READ_CHUNK: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -346,13 +349,30 @@ impl Storage {
             .map_err(|e| self.backend_error("get", path, e))?;
         let url = self.url.clone();
         let shown_path = path.to_owned();
-        let stream = result.into_stream().map_err(move |e| {
-            let kind = object_store_kind(&e);
+        let failed = move |e: String, kind| {
             std::io::Error::new(
                 kind,
                 format!("storage {url}: reading {shown_path} failed: {e}"),
             )
-        });
+        };
+        let stream = match result.payload {
+            // A local file, read in large blocks: object_store's own stream reads 8
+            // KiB per blocking call, which made reading an artifact back slower than
+            // hashing and decrypting it (docs/performance.md, restore).
+            GetResultPayload::File(file, _) => {
+                let length = result.range.end - result.range.start;
+                let file = tokio::fs::File::from_std(file).take(length);
+                ReaderStream::with_capacity(file, LOCAL_READ_CHUNK)
+                    .map_err(move |e| failed(e.to_string(), e.kind()))
+                    .boxed()
+            }
+            GetResultPayload::Stream(stream) => stream
+                .map_err(move |e| {
+                    let kind = object_store_kind(&e);
+                    failed(e.to_string(), kind)
+                })
+                .boxed(),
+        };
         Ok(Box::pin(tokio_util::io::StreamReader::new(stream)))
     }
 

@@ -348,6 +348,7 @@ async fn a_ledger_on_postgres_and_an_auditor_on_mariadb_stay_consistent_under_lo
                 accounts: Seed::default().accounts,
                 max_amount: 10,
                 hold_inside_gate: Duration::ZERO,
+                keep_samples: false,
             },
             shutdown.child_token(),
         )
