@@ -36,6 +36,7 @@ pub async fn compare(fixture: &Fixture, artifact: &ArtifactInfo, runs: usize) ->
             url: fixture.postgres.url(fixture.large.name),
             require_archiving: false,
             bin_dir: Some(fixture.postgres.bin_dir().to_owned()),
+            drill_server_url: None,
         }),
     );
     let decryption = Decryption::Identities(vec![fixture.identity.clone()]);
