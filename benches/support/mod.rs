@@ -9,12 +9,13 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use stillpoint::gate::{ClosedPolicy, Gate};
 use stillpoint::node::NodeAdmin;
 use tokio_util::sync::CancellationToken;
+use tower::util::MapRequestLayer;
 
 /// The file every benchmark writes its detailed section into.
 pub const DOCS: &str = "docs/performance.md";
@@ -224,6 +225,31 @@ pub async fn start_admin_nodes(
     count: usize,
     shutdown: CancellationToken,
 ) -> (Vec<String>, Vec<tokio::task::JoinHandle<()>>) {
+    start_admin_nodes_watched(count, shutdown, FirstPause::default()).await
+}
+
+/// When the first `LeaseAdmin/Pause` request reached any of the nodes that share it:
+/// the moment the cluster began to feel a pause.
+#[derive(Clone, Default)]
+pub struct FirstPause(Arc<Mutex<Option<Instant>>>);
+
+impl FirstPause {
+    fn saw(&self) {
+        self.0.lock().unwrap().get_or_insert_with(Instant::now);
+    }
+
+    /// The first arrival since the last call, and forget it.
+    pub fn take(&self) -> Option<Instant> {
+        self.0.lock().unwrap().take()
+    }
+}
+
+/// [`start_admin_nodes`], recording the first pause request in `first_pause`.
+pub async fn start_admin_nodes_watched(
+    count: usize,
+    shutdown: CancellationToken,
+    first_pause: FirstPause,
+) -> (Vec<String>, Vec<tokio::task::JoinHandle<()>>) {
     let mut addresses = Vec::new();
     let mut servers = Vec::new();
     for _ in 0..count {
@@ -239,8 +265,16 @@ pub async fn start_admin_nodes(
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let shutdown = shutdown.clone();
+        let first_pause = first_pause.clone();
+        let watch = MapRequestLayer::new(move |request: http::Request<tonic::body::Body>| {
+            if request.uri().path() == "/stillpoint.admin.v1.LeaseAdmin/Pause" {
+                first_pause.saw();
+            }
+            request
+        });
         servers.push(tokio::spawn(async move {
             let serving = tonic::transport::Server::builder()
+                .layer(watch)
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
             let (served, ()) = tokio::join!(serving, admin.run_lease_watchdog(shutdown));

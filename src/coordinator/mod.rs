@@ -1,10 +1,12 @@
 //! The coordinator: pauses a whole cluster and releases it, never leaving a node paused.
 //!
-//! Protocol steps 3 and 5 (PRODUCT.md): **pause** every node, tier by tier, in parallel
-//! within a tier (the first tier's lowest address alone first: it is the lock that
-//! makes one of two racing coordinators lose cleanly), with a lease and a pause id
-//! (rolling back every node that paused if any node fails), then **unpause** in reverse tier order and check that every node
-//! stayed paused the whole window (same pause id, same boot id, same pause sequence).
+//! Protocol steps 3 and 5 (PRODUCT.md): **pause** every node (connect to all and sample
+//! their clocks first, pausing nothing; then tier by tier, in parallel within a tier,
+//! the first tier's lowest address alone first: it is the lock that makes one of two
+//! racing coordinators lose cleanly), with a lease and a pause id (rolling back every
+//! node that paused if any node fails), then **unpause** in reverse tier order and
+//! check that every node stayed paused the whole window (same pause id, same boot id,
+//! same pause sequence).
 //!
 //! [`PausedCluster`] is the only way to hold a paused cluster: it renews the lease,
 //! `release()` consumes it, `detach()` hands it over to a state file on purpose, and
@@ -21,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use futures::future::join_all;
 use tokio::time::Instant;
 
-use crate::grpc::client::{CallError, ConnectOptions, NodeClient, Protocol};
+use crate::grpc::client::{CallError, ClockReading, ConnectOptions, NodeClient, Protocol};
 use crate::node::{Holder, MAX_LEASE, NodeStatus};
 use crate::resolve::{AddressError, NodeAddress, ensure_unique};
 use crate::time::unix_ms;
@@ -117,9 +119,15 @@ impl PausePlan {
         Ok(())
     }
 
-    fn node_deadline(&self) -> Duration {
-        // Connect, sample the clock, then drain: the drain may use all of max_wait.
-        self.connect.connect_timeout * 2 + self.max_wait + Duration::from_secs(2)
+    /// For connecting to a node (which may take the connect timeout twice: the
+    /// connection, then the probe) and sampling its clock.
+    fn connect_deadline(&self) -> Duration {
+        self.connect.connect_timeout * 2 + Duration::from_secs(1)
+    }
+
+    /// For one node's pause call: its drain may use all of max_wait.
+    fn pause_deadline(&self) -> Duration {
+        self.max_wait + Duration::from_secs(2)
     }
 }
 
@@ -231,6 +239,11 @@ impl Released {
 
 /// Pauses every node of `plan`, tier by tier. On any failure, releases every node that
 /// paused (or may have) before returning the error.
+///
+/// First, with nothing paused yet, it connects to every node at once, learns its
+/// protocol and samples its clock: a node that cannot be reached then fails the pause
+/// with nothing to roll back, and the nodes paused first do not wait, paused, for the
+/// handshakes of those paused last. Only then does it send the pauses.
 pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
     if let Err(error) = plan.validate() {
         return Err(PauseFailed {
@@ -246,25 +259,50 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
     // Nodes whose pause timed out on our side may still pause afterwards.
     let mut maybe_paused: Vec<(NodeAddress, Option<Protocol>)> = Vec::new();
 
+    let all_nodes = plan
+        .tiers
+        .iter()
+        .enumerate()
+        .flat_map(|(index, tier)| tier.iter().map(move |address| (index, address)));
+    let mut connected = HashMap::new();
+    for (index, address, result) in
+        join_all(all_nodes.map(|(index, address)| async move {
+            (index, address, connect_node(plan, address).await)
+        }))
+        .await
+    {
+        match result {
+            Ok(node) => {
+                clients.insert(address.clone(), node.client.clone());
+                connected.insert(address, node);
+            }
+            Err(error) => failures.push(NodeReport::failed(address, index, None, &error)),
+        }
+    }
+    if !failures.is_empty() {
+        return Err(roll_back(plan, tiers, clients, failures, maybe_paused).await);
+    }
+
     for (index, tier) in plan.tiers.iter().enumerate() {
         tiers.push(Vec::new());
         for batch in batches(index, tier) {
-            let attempts =
-                join_all(batch.into_iter().map(|address| pause_node(plan, address))).await;
-            for attempt in attempts {
-                if let Some(client) = attempt.client {
-                    clients.insert(attempt.address.clone(), client);
-                }
-                match attempt.result {
-                    Ok(node) => tiers[index].push(node),
+            let attempts = join_all(
+                batch
+                    .into_iter()
+                    .map(|address| pause_node(plan, &connected[address])),
+            )
+            .await;
+            for (node, result) in attempts {
+                match result {
+                    Ok(paused) => tiers[index].push(paused),
                     Err(error) => {
                         if matches!(error, CallError::TimedOut(_)) {
-                            maybe_paused.push((attempt.address.clone(), attempt.protocol));
+                            maybe_paused.push((node.client.address().clone(), Some(node.protocol)));
                         }
                         failures.push(NodeReport::failed(
-                            &attempt.address,
+                            node.client.address(),
                             index,
-                            attempt.protocol,
+                            Some(node.protocol),
                             &error,
                         ));
                     }
@@ -317,47 +355,58 @@ fn batches(tier_index: usize, tier: &[NodeAddress]) -> Vec<Vec<&NodeAddress>> {
     ]
 }
 
-struct NodeAttempt {
-    address: NodeAddress,
-    protocol: Option<Protocol>,
-    client: Option<NodeClient>,
-    result: Result<PausedNode, CallError>,
+/// A node connected to and measured, not paused yet.
+struct ConnectedNode {
+    client: NodeClient,
+    /// The protocol this pause speaks to the node, which its rollback must speak too.
+    protocol: Protocol,
+    /// Offset and round trip (ms) of the node's clock; `None` for upstream nodes.
+    clock: Option<(i64, u64)>,
 }
 
-async fn pause_node(plan: &PausePlan, address: &NodeAddress) -> NodeAttempt {
-    let mut attempt = NodeAttempt {
-        address: address.clone(),
-        protocol: None,
-        client: None,
-        result: Err(CallError::TimedOut(plan.node_deadline())),
+async fn connect_node(plan: &PausePlan, address: &NodeAddress) -> Result<ConnectedNode, CallError> {
+    let deadline = plan.connect_deadline();
+    let connect = async {
+        let (mut client, probe) = NodeClient::connect_sampled(address, &plan.connect).await?;
+        let protocol = if plan.upstream_only {
+            Protocol::Upstream
+        } else {
+            client.protocol()
+        };
+        let clock = match protocol {
+            Protocol::Lease => Some(sample_clock(&mut client, probe).await?),
+            Protocol::Upstream => None,
+        };
+        Ok(ConnectedNode {
+            client,
+            protocol,
+            clock,
+        })
     };
-    let deadline = Instant::now() + plan.node_deadline();
-    let client = match tokio::time::timeout_at(
-        deadline,
-        NodeClient::connect(address, &plan.connect),
-    )
-    .await
-    {
-        Ok(Ok(client)) => client,
-        Ok(Err(error)) => {
-            attempt.result = Err(error);
-            return attempt;
-        }
-        Err(_) => return attempt,
-    };
-    // The protocol this pause speaks to the node, which its rollback must speak too.
-    let protocol = if plan.upstream_only {
-        Protocol::Upstream
-    } else {
-        client.protocol()
-    };
-    attempt.protocol = Some(protocol);
-    attempt.client = Some(client.clone());
-    let mut client = client;
-    let steps = async {
-        match protocol {
+    tokio::time::timeout(deadline, connect)
+        .await
+        .unwrap_or(Err(CallError::TimedOut(deadline)))
+}
+
+async fn pause_node<'a>(
+    plan: &PausePlan,
+    node: &'a ConnectedNode,
+) -> (&'a ConnectedNode, Result<PausedNode, CallError>) {
+    let deadline = plan.pause_deadline();
+    let mut client = node.client.clone();
+    let pause = async {
+        let mut paused = PausedNode {
+            address: client.address().clone(),
+            protocol: node.protocol,
+            boot_id: None,
+            pause_seq: None,
+            drained_in_flight: None,
+            in_flight_at_pause: None,
+            clock_offset_ms: node.clock.map(|(offset_ms, _)| offset_ms),
+            rtt_ms: node.clock.map(|(_, rtt_ms)| rtt_ms),
+        };
+        match node.protocol {
             Protocol::Lease => {
-                let (clock_offset_ms, rtt_ms) = sample_clock(&mut client).await?;
                 let status = client
                     .pause_leased(
                         &plan.pause_id,
@@ -366,57 +415,43 @@ async fn pause_node(plan: &PausePlan, address: &NodeAddress) -> NodeAttempt {
                         plan.wait_outstanding,
                     )
                     .await?;
-                Ok(PausedNode {
-                    address: address.clone(),
-                    protocol: Protocol::Lease,
-                    boot_id: Some(status.boot_id),
-                    pause_seq: Some(status.pause_seq),
-                    drained_in_flight: Some(status.drained_in_flight),
-                    in_flight_at_pause: Some(status.in_flight_at_pause),
-                    clock_offset_ms: Some(clock_offset_ms),
-                    rtt_ms: Some(rtt_ms),
-                })
+                paused.boot_id = Some(status.boot_id);
+                paused.pause_seq = Some(status.pause_seq);
+                paused.drained_in_flight = Some(status.drained_in_flight);
+                paused.in_flight_at_pause = Some(status.in_flight_at_pause);
             }
             Protocol::Upstream => {
                 client
                     .pause_upstream(plan.max_wait, plan.wait_outstanding)
                     .await?;
-                Ok(PausedNode {
-                    address: address.clone(),
-                    protocol: Protocol::Upstream,
-                    boot_id: None,
-                    pause_seq: None,
-                    drained_in_flight: None,
-                    in_flight_at_pause: None,
-                    clock_offset_ms: None,
-                    rtt_ms: None,
-                })
             }
         }
+        Ok(paused)
     };
-    if let Ok(result) = tokio::time::timeout_at(deadline, steps).await {
-        attempt.result = result;
-    }
-    attempt
+    let result = tokio::time::timeout(deadline, pause)
+        .await
+        .unwrap_or(Err(CallError::TimedOut(deadline)));
+    (node, result)
 }
 
 /// Estimates the node's clock offset from the coordinator's as node_time minus the
 /// midpoint of the call, keeping the sample with the shortest round trip (the offset is
-/// then known to within rtt/2).
-async fn sample_clock(client: &mut NodeClient) -> Result<(i64, u64), CallError> {
-    let mut best: Option<(i64, u64)> = None;
-    for _ in 0..CLOCK_SAMPLES {
-        let sent_at = SystemTime::now();
-        let started = std::time::Instant::now();
-        let status = client.status().await?;
-        let rtt_ms = started.elapsed().as_millis() as u64;
-        let midpoint_ms = unix_ms(sent_at) + (rtt_ms / 2) as i64;
-        let offset_ms = status.node_time_ms - midpoint_ms;
-        if best.is_none_or(|(_, best_rtt)| rtt_ms < best_rtt) {
-            best = Some((offset_ms, rtt_ms));
-        }
+/// then known to within rtt/2). `first` is the connection's probe, when it was one.
+async fn sample_clock(
+    client: &mut NodeClient,
+    first: Option<ClockReading>,
+) -> Result<(i64, u64), CallError> {
+    let mut readings: Vec<ClockReading> = first.into_iter().collect();
+    while readings.len() < CLOCK_SAMPLES {
+        readings.push(client.read_clock().await?);
     }
-    Ok(best.expect("CLOCK_SAMPLES > 0"))
+    let best = readings
+        .iter()
+        .min_by_key(|reading| reading.rtt)
+        .expect("CLOCK_SAMPLES > 0");
+    let rtt_ms = best.rtt.as_millis() as u64;
+    let midpoint_ms = unix_ms(best.sent_at) + (rtt_ms / 2) as i64;
+    Ok((best.node_time_ms - midpoint_ms, rtt_ms))
 }
 
 async fn roll_back(
@@ -426,7 +461,6 @@ async fn roll_back(
     failures: Vec<NodeReport>,
     maybe_paused: Vec<(NodeAddress, Option<Protocol>)>,
 ) -> PauseFailed {
-    let attempted_tiers = tiers.len();
     let record = PauseRecord {
         pause_id: plan.pause_id.clone(),
         lease_ms: plan.lease.as_millis() as u64,
@@ -475,11 +509,12 @@ async fn roll_back(
         }
     }
     nodes.extend(failures.iter().cloned());
-    for (index, tier) in plan.tiers.iter().enumerate().skip(attempted_tiers) {
-        nodes.extend(
-            tier.iter()
-                .map(|address| NodeReport::not_attempted(address, index)),
-        );
+    for (index, tier) in plan.tiers.iter().enumerate() {
+        for address in tier {
+            if !nodes.iter().any(|node| node.address == *address) {
+                nodes.push(NodeReport::not_attempted(address, index));
+            }
+        }
     }
 
     let failed: Vec<String> = failures
@@ -493,7 +528,9 @@ async fn roll_back(
         })
         .collect();
     let paused_count = record.nodes().count();
-    let rollback = if rolled_back {
+    let rollback = if paused_count == 0 && maybe_paused.is_empty() {
+        "no node had paused".to_owned()
+    } else if rolled_back {
         format!("the pause was rolled back on all {paused_count} node(s) that had paused")
     } else {
         "ROLLBACK INCOMPLETE: some nodes may stay paused until their lease expires (see nodes)"

@@ -7,7 +7,7 @@
 //! Every call carries the admin token when one is configured (as a sensitive header,
 //! which HPACK never indexes), and TLS may add a client certificate for mutual TLS.
 
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -180,6 +180,15 @@ impl Interceptor for BearerToken {
 
 type Authorized = InterceptedService<Channel, BearerToken>;
 
+/// A node's clock as one call saw it: the node read `node_time_ms` at some moment
+/// between `sent_at` and `sent_at + rtt` on the caller's clock.
+#[derive(Debug, Clone, Copy)]
+pub struct ClockReading {
+    pub sent_at: SystemTime,
+    pub rtt: Duration,
+    pub node_time_ms: i64,
+}
+
 #[derive(Debug, Clone)]
 pub struct NodeClient {
     address: NodeAddress,
@@ -194,18 +203,38 @@ impl NodeClient {
         address: &NodeAddress,
         options: &ConnectOptions,
     ) -> Result<Self, CallError> {
+        Ok(Self::connect_sampled(address, options).await?.0)
+    }
+
+    /// [`Self::connect`], also returning the probe as a clock reading when the node
+    /// speaks `LeaseAdmin` (the probe is a `Status` call): the coordinator counts it as
+    /// its first clock sample instead of paying for one more call.
+    pub async fn connect_sampled(
+        address: &NodeAddress,
+        options: &ConnectOptions,
+    ) -> Result<(Self, Option<ClockReading>), CallError> {
         let channel = channel(address, options).await?;
         let bearer = BearerToken::new(options.token.as_ref())?;
         let mut lease = LeaseAdminClient::with_interceptor(channel.clone(), bearer.clone());
+        let sent_at = SystemTime::now();
+        let started = Instant::now();
         let probe = tokio::time::timeout(
             options.connect_timeout,
             lease.status(lease::StatusRequest {}),
         )
         .await
         .map_err(|_| CallError::TimedOut(options.connect_timeout))?;
-        let protocol = match probe {
-            Ok(_) => Protocol::Lease,
-            Err(status) if status.code() == Code::Unimplemented => Protocol::Upstream,
+        let rtt = started.elapsed();
+        let (protocol, reading) = match probe {
+            Ok(status) => (
+                Protocol::Lease,
+                Some(ClockReading {
+                    sent_at,
+                    rtt,
+                    node_time_ms: status.into_inner().node_time_ms,
+                }),
+            ),
+            Err(status) if status.code() == Code::Unimplemented => (Protocol::Upstream, None),
             // A plaintext client talking to a TLS node sees the connection fail mid-call
             // ("transport error", "operation was canceled", a GOAWAY), never "TLS".
             Err(status)
@@ -222,12 +251,13 @@ impl NodeClient {
             }
             Err(status) => return Err(status.into()),
         };
-        Ok(Self {
+        let client = Self {
             address: address.clone(),
             protocol,
             upstream: AdminClient::with_interceptor(channel, bearer),
             lease,
-        })
+        };
+        Ok((client, reading))
     }
 
     pub fn address(&self) -> &NodeAddress {
@@ -241,6 +271,18 @@ impl NodeClient {
     pub async fn status(&mut self) -> Result<NodeStatus, CallError> {
         let status = self.lease.status(lease::StatusRequest {}).await?;
         Ok(status.into_inner().into())
+    }
+
+    /// A `Status` call timed on this process's clock.
+    pub async fn read_clock(&mut self) -> Result<ClockReading, CallError> {
+        let sent_at = SystemTime::now();
+        let started = Instant::now();
+        let status = self.status().await?;
+        Ok(ClockReading {
+            sent_at,
+            rtt: started.elapsed(),
+            node_time_ms: status.node_time_ms,
+        })
     }
 
     pub async fn pause_leased(
