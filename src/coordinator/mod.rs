@@ -257,7 +257,7 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
     let mut tiers: Vec<Vec<PausedNode>> = Vec::new();
     let mut failures: Vec<NodeReport> = Vec::new();
     // Nodes whose pause timed out on our side may still pause afterwards.
-    let mut maybe_paused: Vec<(NodeAddress, Option<Protocol>)> = Vec::new();
+    let mut maybe_paused: Vec<(NodeAddress, Protocol)> = Vec::new();
 
     let all_nodes = plan
         .tiers
@@ -297,7 +297,7 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
                     Ok(paused) => tiers[index].push(paused),
                     Err(error) => {
                         if matches!(error, CallError::TimedOut(_)) {
-                            maybe_paused.push((node.client.address().clone(), Some(node.protocol)));
+                            maybe_paused.push((node.client.address().clone(), node.protocol));
                         }
                         failures.push(NodeReport::failed(
                             node.client.address(),
@@ -459,7 +459,7 @@ async fn roll_back(
     tiers: Vec<Vec<PausedNode>>,
     mut clients: HashMap<NodeAddress, NodeClient>,
     failures: Vec<NodeReport>,
-    maybe_paused: Vec<(NodeAddress, Option<Protocol>)>,
+    maybe_paused: Vec<(NodeAddress, Protocol)>,
 ) -> PauseFailed {
     let record = PauseRecord {
         pause_id: plan.pause_id.clone(),
@@ -473,9 +473,9 @@ async fn roll_back(
         for (address, protocol) in &maybe_paused {
             last.push(PausedNode {
                 address: address.clone(),
-                // Release it the way it was paused. Unknown (it never answered): by
-                // pause id, which cannot open a pause that is not ours.
-                protocol: protocol.unwrap_or(Protocol::Lease),
+                // Released the way it was paused; a lease node by pause id, which
+                // cannot open a pause that is not ours.
+                protocol: *protocol,
                 boot_id: None,
                 pause_seq: None,
                 drained_in_flight: None,
