@@ -62,7 +62,7 @@ fn main() {
     let (large_rows, rounds, restores) = if flags.quick {
         (200_000, 2, 1)
     } else {
-        (3_500_000, 5, 2)
+        (3_500_000, 5, 3)
     };
     let small_rows = large_rows / 15;
     let fixture = Fixture::create(small_rows, large_rows);
