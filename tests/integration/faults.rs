@@ -165,7 +165,7 @@ fn a_node_restarted_during_a_backup_makes_the_backup_refuse_the_window() {
 /// A node address that accepts connections but never answers (a hung process): the
 /// pause fails within its deadline, before any node paused.
 #[test]
-fn a_node_that_accepts_but_never_answers_is_rolled_back_in_time() {
+fn a_node_that_accepts_but_never_answers_fails_the_pause_in_time() {
     let cluster = Cluster::start(2);
     let black_hole = TcpListener::bind("127.0.0.1:0").unwrap();
     let hole = black_hole.local_addr().unwrap().to_string();
