@@ -67,10 +67,10 @@ fn main() {
         support::measured_line("scripts/bench fan_out")
     );
     let mut until_paused = Vec::new();
-    let mut felt_paused = Vec::new();
+    let mut pausing_medians = Vec::new();
     for (size, cycles) in SIZES.iter().zip(&cycles) {
         let walls: Vec<f64> = cycles.iter().map(|c| ms(c.paused)).collect();
-        let felt: Vec<f64> = cycles.iter().map(|c| ms(c.pausing)).collect();
+        let pausing: Vec<f64> = cycles.iter().map(|c| ms(c.pausing)).collect();
         let busy: Vec<f64> = cycles
             .iter()
             .map(|c| c.cpu_until_paused.as_secs_f64() / c.paused.as_secs_f64())
@@ -80,19 +80,19 @@ fn main() {
             "| {size} | {:.1} ms | {:.1} ms | {:.2} ms | {:.2} | {:.2} ms |\n",
             median(&walls),
             percentile(&walls, 90.0),
-            median(&felt),
+            median(&pausing),
             median(&busy),
             median(&per_endpoint),
         ));
         until_paused.push(median(&walls));
-        felt_paused.push(median(&felt));
+        pausing_medians.push(median(&pausing));
     }
     let (one, most) = (until_paused[0], until_paused[SIZES.len() - 1]);
     let ratio = most / one;
-    let (felt_one, felt_most) = (felt_paused[0], felt_paused[SIZES.len() - 1]);
-    let felt_ratio = felt_most / felt_one;
+    let (pausing_one, pausing_most) = (pausing_medians[0], pausing_medians[SIZES.len() - 1]);
+    let pausing_ratio = pausing_most / pausing_one;
     table.push_str(&format!(
-        "\n**64 / 1: {ratio:.2}×** (target ≤ 2×) until all paused; {felt_ratio:.2}× from \
+        "\n**64 / 1: {ratio:.2}×** (target ≤ 2×) until all paused; {pausing_ratio:.2}× from \
          the first pause request. CPU is the sum of the process's threads' \
          time on a CPU (/proc/self/task/*/schedstat); a cycle's CPU includes closing its \
          connections ({settle} ms after the release, before the next cycle starts).",
@@ -110,9 +110,9 @@ fn main() {
         Row::new(
             SECTION,
             "of which paused (first pause request → all paused), 64 vs 1",
-            format!("{felt_most:.2} ms (64)"),
-            format!("{felt_one:.2} ms (1)"),
-            Some(felt_ratio),
+            format!("{pausing_most:.2} ms (64)"),
+            format!("{pausing_one:.2} ms (1)"),
+            Some(pausing_ratio),
             Target::None,
         ),
     ];

@@ -180,6 +180,19 @@ impl Interceptor for BearerToken {
 
 type Authorized = InterceptedService<Channel, BearerToken>;
 
+/// One `Status` call, timed: the probe of [`NodeClient::connect_sampled`] and every
+/// [`NodeClient::read_clock`].
+async fn timed_status(lease: &mut LeaseAdminClient<Authorized>) -> Result<ClockReading, Status> {
+    let sent_at = SystemTime::now();
+    let started = Instant::now();
+    let status = lease.status(lease::StatusRequest {}).await?.into_inner();
+    Ok(ClockReading {
+        sent_at,
+        rtt: started.elapsed(),
+        node_time_ms: status.node_time_ms,
+    })
+}
+
 /// A node's clock as one call saw it: the node read `node_time_ms` at some moment
 /// between `sent_at` and `sent_at + rtt` on the caller's clock.
 #[derive(Debug, Clone, Copy)]
@@ -216,24 +229,11 @@ impl NodeClient {
         let channel = channel(address, options).await?;
         let bearer = BearerToken::new(options.token.as_ref())?;
         let mut lease = LeaseAdminClient::with_interceptor(channel.clone(), bearer.clone());
-        let sent_at = SystemTime::now();
-        let started = Instant::now();
-        let probe = tokio::time::timeout(
-            options.connect_timeout,
-            lease.status(lease::StatusRequest {}),
-        )
-        .await
-        .map_err(|_| CallError::TimedOut(options.connect_timeout))?;
-        let rtt = started.elapsed();
+        let probe = tokio::time::timeout(options.connect_timeout, timed_status(&mut lease))
+            .await
+            .map_err(|_| CallError::TimedOut(options.connect_timeout))?;
         let (protocol, reading) = match probe {
-            Ok(status) => (
-                Protocol::Lease,
-                Some(ClockReading {
-                    sent_at,
-                    rtt,
-                    node_time_ms: status.into_inner().node_time_ms,
-                }),
-            ),
+            Ok(reading) => (Protocol::Lease, Some(reading)),
             Err(status) if status.code() == Code::Unimplemented => (Protocol::Upstream, None),
             // A plaintext client talking to a TLS node sees the connection fail mid-call
             // ("transport error", "operation was canceled", a GOAWAY), never "TLS".
@@ -275,14 +275,7 @@ impl NodeClient {
 
     /// A `Status` call timed on this process's clock.
     pub async fn read_clock(&mut self) -> Result<ClockReading, CallError> {
-        let sent_at = SystemTime::now();
-        let started = Instant::now();
-        let status = self.status().await?;
-        Ok(ClockReading {
-            sent_at,
-            rtt: started.elapsed(),
-            node_time_ms: status.node_time_ms,
-        })
+        Ok(timed_status(&mut self.lease).await?)
     }
 
     pub async fn pause_leased(
