@@ -9,6 +9,7 @@
 //! - `drill.rs`: `drill`, with its table, JSON and JUnit reports.
 //! - `demo.rs`: `demo`, a local reference cluster paused and checked.
 //! - `scalar_admin.rs`: the upstream-compatible `scalar-admin` flags.
+//! - `signal.rs`: SIGINT/SIGTERM, and cancelling long work so it cleans up first.
 //! - `state.rs`: the state file that carries a pause from `pause` to `unpause`.
 //! - `output.rs`: JSON for machines, text for people.
 //! - `exit.rs`: exit codes.
@@ -24,6 +25,7 @@ pub mod output;
 pub mod pause;
 pub mod restore;
 pub mod scalar_admin;
+pub mod signal;
 pub mod state;
 
 /// Logs go to stderr so that stdout carries only the report.

@@ -20,6 +20,7 @@ use crate::args::{
 };
 use crate::exit::{self, Failure};
 use crate::output::{print_json, print_report};
+use crate::signal::shutdown_signal;
 use crate::state::{self, PauseState};
 
 #[derive(Debug, Clone, Args)]
@@ -510,20 +511,4 @@ async fn inspect_targets(
 
 fn usage(message: impl std::fmt::Display) -> Failure {
     Failure::new(exit::USAGE, anyhow::anyhow!("{message}"))
-}
-
-/// Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
 }
