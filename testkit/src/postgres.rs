@@ -168,6 +168,32 @@ impl Postgres {
         );
     }
 
+    /// Creates a superuser `role` that must log in over TCP with `password`
+    /// (SCRAM): the server's other users keep trust auth. For tests of how passwords
+    /// reach the server and its tools (`replication` included, for pg_basebackup).
+    pub fn add_password_role(&self, role: &str, password: &str) {
+        self.psql(
+            "postgres",
+            &format!(
+                "CREATE ROLE \"{}\" LOGIN SUPERUSER REPLICATION PASSWORD '{}'",
+                role.replace('"', "\"\""),
+                password.replace('\'', "''")
+            ),
+        );
+        let hba_path = self.data_dir.join("pg_hba.conf");
+        let hba = std::fs::read_to_string(&hba_path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", hba_path.display()));
+        // The first matching line wins: these go before initdb's trust lines.
+        let quoted = format!("\"{}\"", role.replace('"', "\"\""));
+        let lines = format!(
+            "host all {quoted} 127.0.0.1/32 scram-sha-256\n\
+             host replication {quoted} 127.0.0.1/32 scram-sha-256\n"
+        );
+        std::fs::write(&hba_path, format!("{lines}{hba}"))
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", hba_path.display()));
+        self.psql("postgres", "SELECT pg_reload_conf()");
+    }
+
     /// Runs SQL through `psql -At` (tuples only, unaligned, `|` between columns), one
     /// statement after another, stopping at the first error. Returns stdout without its
     /// trailing newline; panics with stderr when a statement fails.

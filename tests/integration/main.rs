@@ -14,6 +14,8 @@ mod upstream_server;
 mod util;
 
 mod cli;
+mod passwords;
 mod pause;
+mod pitr;
 mod protocols;
 mod security;

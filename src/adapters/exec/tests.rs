@@ -214,3 +214,63 @@ async fn restore_needs_a_command_and_reports_its_failure() {
         .to_string();
     assert!(err.contains("stopped reading its input early"), "{err}");
 }
+
+/// Issue 19 defect 12: a cut that starts a background helper, which inherits and keeps
+/// the cut's stdout and stderr open, is done when the cut command itself exits (with
+/// everything it printed), not when the helper lets go of the pipes.
+#[tokio::test]
+async fn a_cut_whose_helper_keeps_its_output_open_finishes_when_the_command_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("helper.pid");
+    let adapter = Exec::new(
+        "ledger-files",
+        ExecConfig {
+            cut: format!(
+                "echo position=42; echo noted >&2; sleep 60 & echo $! > {}",
+                pidfile.display()
+            ),
+            cut_timeout: Duration::from_secs(5),
+            copy: None,
+            restore: None,
+        },
+    );
+    let mut prepared = adapter.prepare().await.unwrap();
+    let marker = prepared.cut("b-1").await;
+    // The helper is deliberately left running by the cut; the test stops it.
+    if let Ok(pid) = std::fs::read_to_string(&pidfile) {
+        let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+    }
+    let marker = marker.unwrap();
+    assert_eq!(marker.details["output"], "position=42");
+}
+
+/// Issue 19 defect 11: hooks do not inherit stillpoint's environment (in production it
+/// holds AWS keys, PGPASSWORD and the admin token; here cargo's CARGO_* variables are
+/// the canary), only a documented minimal one plus what stillpoint sets.
+#[tokio::test]
+async fn hooks_do_not_inherit_the_environment() {
+    assert!(
+        std::env::var_os("CARGO_MANIFEST_DIR").is_some(),
+        "the canary variable must be set for this test to mean anything"
+    );
+    let adapter = exec("env", Some("env"), None);
+    let mut prepared = adapter.prepare().await.unwrap();
+    let marker = prepared.cut("b-1").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    let copied = String::from_utf8(read_to_end(&mut copy).await).unwrap();
+    copy.finished.await.unwrap();
+    for (hook, output) in [
+        ("cut", marker.details["output"].as_str()),
+        ("copy", &copied),
+    ] {
+        assert!(
+            !output.contains("CARGO_MANIFEST_DIR"),
+            "the {hook} command inherited the environment:\n{output}"
+        );
+        assert!(
+            output.contains("STILLPOINT_BACKUP_ID=b-1"),
+            "{hook}:\n{output}"
+        );
+        assert!(output.contains("PATH="), "{hook}:\n{output}");
+    }
+}

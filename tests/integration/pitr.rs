@@ -1,0 +1,655 @@
+//! PostgreSQL point-in-time recovery tried as an operator would, adversarially: a base
+//! backup that is a file copy of the running server, a port another server holds, a
+//! base backup newer than the cut, a password only in PGPASSWORD or a password file,
+//! `--keep`, SIGTERM mid-recovery, a Debian-style data directory without its
+//! configuration files, an archive path with `'` and `%` in it, gaps and unreadable
+//! segments in the archive, and a timeout. Each test runs the real `stillpoint` binary
+//! against a throwaway PostgreSQL that archives WAL and a real `ledger-node` cluster.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use stillpoint_testkit::{Postgres, PostgresOptions};
+
+use crate::cluster::Cluster;
+use crate::util::{Process, bin, run_json, run_with_env, stderr, wait_until};
+
+/// A PostgreSQL database `app` with one table, archiving WAL, a cluster to pause, and a
+/// runbook that backs the database up.
+pub struct Source {
+    pub postgres: Postgres,
+    cluster: Cluster,
+    pub dir: tempfile::TempDir,
+    runbook: PathBuf,
+}
+
+impl Source {
+    pub fn start() -> Source {
+        let postgres = Postgres::start_with(PostgresOptions { wal_archive: true });
+        postgres.create_database("app");
+        postgres.psql(
+            "app",
+            "CREATE TABLE items (id serial PRIMARY KEY, note text NOT NULL)",
+        );
+        let cluster = Cluster::start(1);
+        let dir = tempfile::tempdir().unwrap();
+        // The scratch server's user reaches base backups, archives and data
+        // directories the tests make in here.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let source = Source {
+            runbook: dir.path().join("runbook.toml"),
+            postgres,
+            cluster,
+            dir,
+        };
+        source.write_runbook(&source.postgres.url("app"));
+        source
+    }
+
+    /// (Re)writes the runbook with `url` for the database.
+    pub fn write_runbook(&self, url: &str) {
+        self.write_runbook_with(url, self.postgres.bin_dir());
+    }
+
+    /// (Re)writes the runbook with `url` for the database and its tools in `bin_dir`.
+    pub fn write_runbook_with(&self, url: &str, bin_dir: &Path) {
+        let storage = self.dir.path().join("backups");
+        std::fs::create_dir_all(&storage).unwrap();
+        let text = format!(
+            r#"
+cluster = "pitr"
+[pause]
+tiers = [{{ addresses = ["{ledger}"] }}, {{ addresses = ["{auditor}"] }}]
+lease = "30s"
+max_wait = "10s"
+cut_deadline = "10s"
+[[databases]]
+name = "app"
+adapter = "postgres"
+url = "{url}"
+bin_dir = "{bin_dir}"
+require_archiving = true
+[pipeline]
+[storage]
+url = "file://{storage}"
+"#,
+            ledger = self.cluster.ledgers[0].address,
+            auditor = self.cluster.auditor.address,
+            bin_dir = bin_dir.display(),
+            storage = storage.display(),
+        );
+        std::fs::write(&self.runbook, text).unwrap();
+    }
+
+    pub fn config(&self) -> &str {
+        self.runbook.to_str().unwrap()
+    }
+
+    pub fn insert(&self, rows: u32) {
+        self.postgres.psql(
+            "app",
+            &format!(
+                "INSERT INTO items (note) SELECT 'row ' || g FROM generate_series(1, {rows}) g"
+            ),
+        );
+    }
+
+    /// `stillpoint base-backup` into `dir/<name>`.
+    fn base_backup(&self, name: &str) -> PathBuf {
+        let base = self.dir.path().join(name);
+        let (code, report) = run_json(
+            "stillpoint",
+            &[
+                "base-backup",
+                "--config",
+                self.config(),
+                "--database",
+                "app",
+                "--to",
+                base.to_str().unwrap(),
+                "--output",
+                "json",
+            ],
+        );
+        assert_eq!(code, 0, "{report:#}");
+        base
+    }
+
+    /// `stillpoint backup`; returns the backup id and the rows of `items` at its cut.
+    fn backup(&self) -> (String, u64) {
+        let (code, report) = run_json(
+            "stillpoint",
+            &["backup", "--config", self.config(), "--output", "json"],
+        );
+        assert_eq!(code, 0, "{report:#}");
+        let rows = report["manifest"]["databases"][0]["row_counts"]["public.items"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no row count for items: {report:#}"));
+        (report["backup_id"].as_str().unwrap().to_owned(), rows)
+    }
+
+    /// Starts a new WAL segment (after a write, so there is one to finish) and waits
+    /// until the finished one is archived.
+    pub fn switch_wal(&self) {
+        self.insert(1);
+        let segment = self
+            .postgres
+            .psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
+        self.postgres.psql("postgres", "SELECT pg_switch_wal()");
+        let archived = self.archive().join(segment.trim());
+        wait_until(
+            Duration::from_secs(30),
+            "the WAL segment to be archived",
+            || archived.exists(),
+        );
+    }
+
+    pub fn archive(&self) -> &Path {
+        self.postgres.wal_archive_dir().unwrap()
+    }
+
+    /// `stillpoint pitr BACKUP --database app --base-backup BASE --wal-archive ARCHIVE
+    /// --output json` plus `extra`.
+    fn pitr(&self, backup: &str, base: &Path, archive: &Path, extra: &[&str]) -> Output {
+        self.pitr_with_env(backup, base, archive, extra, &[])
+    }
+
+    pub fn pitr_with_env(
+        &self,
+        backup: &str,
+        base: &Path,
+        archive: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Output {
+        run_with_env(
+            "stillpoint",
+            &self.pitr_args(backup, base, archive, extra),
+            env,
+        )
+    }
+
+    fn pitr_args<'a>(
+        &'a self,
+        backup: &'a str,
+        base: &'a Path,
+        archive: &'a Path,
+        extra: &[&'a str],
+    ) -> Vec<&'a str> {
+        let mut args = vec![
+            "pitr",
+            backup,
+            "--config",
+            self.config(),
+            "--database",
+            "app",
+            "--base-backup",
+            base.to_str().unwrap(),
+            "--wal-archive",
+            archive.to_str().unwrap(),
+            "--output",
+            "json",
+        ];
+        if !extra.contains(&"--timeout") {
+            args.extend(["--timeout", "2m"]);
+        }
+        args.extend(extra);
+        args
+    }
+}
+
+/// The common story: 10 rows, a base backup, 10 more rows over three WAL segments, a
+/// backup (its cut), 10 rows after the cut, everything archived. Returns the source,
+/// the base backup, the backup id and the rows at the cut.
+fn prepared() -> (Source, PathBuf, String, u64) {
+    let source = Source::start();
+    source.insert(10);
+    let base = source.base_backup("base");
+    for _ in 0..3 {
+        source.insert(3);
+        source.switch_wal();
+    }
+    let (backup_id, rows) = source.backup();
+    source.insert(10);
+    source.switch_wal();
+    (source, base, backup_id, rows)
+}
+
+/// The JSON report of a pitr that must have succeeded.
+fn succeeded(output: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "pitr failed:\nstdout: {stdout}\nstderr: {}",
+        stderr(output)
+    );
+    serde_json::from_str(&stdout).unwrap()
+}
+
+fn recovered_rows(report: &Value) -> u64 {
+    report["recovery"]["content"]["tables"]["public.items"]["rows"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no items table in {report:#}"))
+}
+
+/// A failed pitr's exit code and stderr.
+fn failed(output: &Output) -> String {
+    let text = stderr(output);
+    assert_ne!(
+        output.status.code(),
+        Some(0),
+        "pitr succeeded but must not have:\nstdout: {}\nstderr: {text}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    text
+}
+
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The first line of a `postmaster.pid`: the postmaster's process id.
+fn postmaster_pid(data_dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Copies a WAL archive (a directory of segments) to `to`, for tests that damage it.
+fn copy_archive(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+    // The scratch server's user reads it.
+    for path in [to.parent().unwrap(), to] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+/// The WAL segment names (24 hex digits) in an archive, sorted.
+fn segments(archive: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(archive)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.len() == 24 && name.chars().all(|c| c.is_ascii_hexdigit()))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The base backup's first WAL segment, from its backup_label.
+fn start_segment(base: &Path) -> String {
+    let label = std::fs::read_to_string(base.join("backup_label")).unwrap();
+    let line = label
+        .lines()
+        .find(|line| line.starts_with("START WAL LOCATION"))
+        .unwrap();
+    line.rsplit("file ")
+        .next()
+        .unwrap()
+        .trim_end_matches(')')
+        .to_owned()
+}
+
+/// `mkfifo`: an archive segment that is a FIFO makes `cp` in restore_command block, so
+/// the scratch server stays in recovery for as long as a test needs it to.
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success());
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).unwrap();
+}
+
+/// Releases a `cp` blocked on the FIFO (it reads an empty segment and exits); a no-op
+/// when nothing reads it.
+fn release_fifo(path: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NONBLOCK: opening for writing fails at once instead of waiting for a reader.
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(0o4000)
+        .open(path);
+}
+
+/// Issue 19 defect 1: a file-level copy of the running data directory (postmaster.pid
+/// and all) is a valid base backup; recovering from it must neither fail on the copied
+/// lock file nor stop the source server through it.
+#[test]
+fn pitr_from_a_file_copy_of_the_running_server_leaves_the_source_running() {
+    let source = Source::start();
+    source.insert(10);
+    source.postgres.psql("postgres", "CHECKPOINT");
+    let copy = source.dir.path().join("copy");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(source.postgres.data_dir())
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        copy.join("postmaster.pid").exists(),
+        "the copy must carry the lock file"
+    );
+    let source_pid = postmaster_pid(source.postgres.data_dir()).unwrap();
+    source.insert(5);
+    let (backup_id, rows) = source.backup();
+    source.insert(5);
+    source.switch_wal();
+
+    let output = source.pitr(&backup_id, &copy, source.archive(), &["--target", "lsn"]);
+    assert!(
+        process_alive(source_pid),
+        "the source postmaster ({source_pid}) was stopped by pitr: {}",
+        stderr(&output)
+    );
+    assert_eq!(source.postgres.psql("app", "SELECT 1"), "1");
+    assert_eq!(recovered_rows(&succeeded(&output)), rows);
+}
+
+/// Issue 19 defect 2: another server listening on the chosen port is not taken for the
+/// recovered one; the failed start is reported as such.
+#[test]
+fn pitr_on_a_port_another_server_holds_reports_the_failed_start() {
+    let (source, base, backup_id, _) = prepared();
+    let bystander = Postgres::start();
+    bystander.create_database("app");
+    bystander.psql(
+        "app",
+        "CREATE TABLE items (id int); INSERT INTO items VALUES (1)",
+    );
+    let port = bystander.port().to_string();
+    let output = source.pitr(
+        &backup_id,
+        &base,
+        source.archive(),
+        &["--target", "lsn", "--port", &port],
+    );
+    let text = failed(&output);
+    assert!(
+        text.contains(&port) && text.contains("in use"),
+        "the error must say the port is taken: {text}"
+    );
+}
+
+/// Issue 19 defect 3: a base backup taken after the cut holds rows committed after it;
+/// every target kind refuses it before recovering (a time target used to "succeed").
+#[test]
+fn pitr_refuses_a_base_backup_newer_than_the_cut_for_every_target() {
+    let (source, _, backup_id, _) = prepared();
+    let late = source.base_backup("late");
+    // Commits after the late base backup: a time target stops before the first of them,
+    // which used to pass for "reached the target".
+    source.insert(5);
+    source.switch_wal();
+    for target in ["time", "name", "lsn"] {
+        let output = source.pitr(&backup_id, &late, source.archive(), &["--target", target]);
+        let text = failed(&output);
+        assert!(
+            text.contains("base backup") && text.contains("after the backup's cut"),
+            "--target {target}: {text}"
+        );
+    }
+}
+
+/// Issue 19 defect 4: a password given only through PGPASSWORD or a password file
+/// works for backup, base-backup and pitr; a password file others can read is refused
+/// with a message that says so.
+#[test]
+fn passwords_from_pgpassword_and_the_password_file_work_everywhere() {
+    let source = Source::start();
+    let password = "pa:ss\\word";
+    source.postgres.add_password_role("app_user", password);
+    source.write_runbook(&format!(
+        "postgres://app_user@127.0.0.1:{}/app",
+        source.postgres.port()
+    ));
+    source.insert(10);
+    let no_passfile = source.dir.path().join("no-such-passfile");
+    let no_passfile = no_passfile.to_str().unwrap();
+    let env = [("PGPASSWORD", password), ("PGPASSFILE", no_passfile)];
+    let base = source.dir.path().join("base");
+    let output = run_with_env(
+        "stillpoint",
+        &[
+            "base-backup",
+            "--config",
+            source.config(),
+            "--database",
+            "app",
+            "--to",
+            base.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let backup = |env: &[(&str, &str)]| {
+        run_with_env(
+            "stillpoint",
+            &["backup", "--config", source.config(), "--output", "json"],
+            env,
+        )
+    };
+    let output = backup(&env);
+    assert!(output.status.success(), "PGPASSWORD: {}", stderr(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let backup_id = report["backup_id"].as_str().unwrap().to_owned();
+
+    // A password file in libpq's format: `*` wildcards, `\:` and `\\` escapes.
+    let passfile = source.dir.path().join("pgpass");
+    std::fs::write(
+        &passfile,
+        format!(
+            "# comment\nother.host:*:*:*:wrong\n127.0.0.1:{}:*:app_user:pa\\:ss\\\\word\n",
+            source.postgres.port()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let passfile_env = [("PGPASSFILE", passfile.to_str().unwrap())];
+    let output = backup(&passfile_env);
+    assert!(output.status.success(), "PGPASSFILE: {}", stderr(&output));
+    // libpq ignores a password file that group or others can read; so do we, and say so.
+    std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let output = backup(&passfile_env);
+    assert!(!output.status.success());
+    let text = stderr(&output);
+    assert!(
+        text.contains(passfile.to_str().unwrap()) && text.contains("0600"),
+        "{text}"
+    );
+    std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    source.insert(5);
+    source.switch_wal();
+    for env in [&env[..], &passfile_env[..]] {
+        let output = source.pitr_with_env(
+            &backup_id,
+            &base,
+            source.archive(),
+            &["--target", "lsn", "--timeout", "60s"],
+            env,
+        );
+        assert_eq!(recovered_rows(&succeeded(&output)), 10);
+    }
+}
+
+/// Issue 19 defect 5: `--keep` without `--data-dir` keeps the directory it reports.
+#[test]
+fn pitr_keep_without_a_data_dir_keeps_the_directory_it_reports() {
+    let (source, base, backup_id, rows) = prepared();
+    let output = source.pitr(&backup_id, &base, source.archive(), &["--keep"]);
+    let report = succeeded(&output);
+    assert_eq!(recovered_rows(&report), rows);
+    let kept = PathBuf::from(report["recovery"]["data_dir"].as_str().unwrap());
+    let exists = kept.join("PG_VERSION").is_file();
+    // Ours to remove: the directory holding it is the temporary one pitr made.
+    let _ = std::fs::remove_dir_all(kept.parent().unwrap());
+    assert!(exists, "{} was not kept", kept.display());
+}
+
+/// Issue 19 defect 6: SIGTERM while the scratch server replays stops that server and
+/// removes its directory before pitr exits.
+#[test]
+fn sigterm_to_pitr_stops_the_scratch_server_and_removes_its_directory() {
+    let (source, base, backup_id, _) = prepared();
+    // The base backup's first segment is a FIFO: replay waits on it indefinitely.
+    let archive = source.dir.path().join("stuck").join("archive");
+    copy_archive(source.archive(), &archive);
+    let fifo = archive.join(start_segment(&base));
+    std::fs::remove_file(&fifo).unwrap();
+    mkfifo(&fifo);
+    let data_dir = source.dir.path().join("scratch");
+    let args = source.pitr_args(
+        &backup_id,
+        &base,
+        &archive,
+        &["--data-dir", data_dir.to_str().unwrap()],
+    );
+    let child = Command::new(bin("stillpoint"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pitr = Process::new(child, "stillpoint pitr".to_owned());
+    let mut server = None;
+    wait_until(
+        Duration::from_secs(60),
+        "the scratch server to start",
+        || {
+            server = postmaster_pid(&data_dir);
+            server.is_some()
+        },
+    );
+    let server = server.unwrap();
+    pitr.signal("TERM");
+    let output = pitr.wait_output(Duration::from_secs(60));
+    release_fifo(&fifo);
+    let alive = process_alive(server);
+    let dir_left = data_dir.exists();
+    if alive {
+        // Left by a pitr that did not clean up: stop it so the test leaves nothing.
+        let _ = Command::new("kill")
+            .args(["-QUIT", &server.to_string()])
+            .status();
+    }
+    assert!(
+        !alive,
+        "the scratch server {server} still runs: {}",
+        stderr(&output)
+    );
+    assert!(!dir_left, "{} was left behind", data_dir.display());
+}
+
+/// Issue 19 defect 8: a Debian/Ubuntu cluster keeps postgresql.conf, pg_hba.conf and
+/// pg_ident.conf in /etc, so its base backups have none; the scratch server must run
+/// on a configuration of its own.
+#[test]
+fn a_base_backup_without_configuration_files_is_recovered() {
+    let (source, base, backup_id, rows) = prepared();
+    for file in ["postgresql.conf", "pg_hba.conf", "pg_ident.conf"] {
+        std::fs::remove_file(base.join(file)).unwrap();
+    }
+    let output = source.pitr(&backup_id, &base, source.archive(), &["--target", "lsn"]);
+    assert_eq!(recovered_rows(&succeeded(&output)), rows);
+}
+
+/// Issue 19 defect 12: the archive path goes to `sh` through restore_command, where a
+/// `'` and a `%` in it must survive.
+#[test]
+fn an_archive_path_with_quotes_and_percent_signs_is_replayed() {
+    let (source, base, backup_id, rows) = prepared();
+    let archive = source.dir.path().join("odd").join("it's 100%f");
+    copy_archive(source.archive(), &archive);
+    let output = source.pitr(&backup_id, &base, &archive, &["--target", "name"]);
+    assert_eq!(recovered_rows(&succeeded(&output)), rows);
+}
+
+/// Issue 19 defect 12: a segment missing in the middle of the archive is a gap, and an
+/// unreadable one a permission problem; only a segment past the archive's end is "not
+/// archived yet" (the negative control).
+#[test]
+fn gaps_and_unreadable_segments_are_told_apart_from_not_archived_yet() {
+    let (source, base, backup_id, _) = prepared();
+    let start = start_segment(&base);
+    let all = segments(source.archive());
+    let after_start: Vec<&String> = all.iter().filter(|name| **name > start).collect();
+    assert!(after_start.len() >= 3, "{all:?}");
+    // Not the first one after the start: the base backup's own pg_wal may hold it.
+    let middle = after_start[1].clone();
+
+    let gap = source.dir.path().join("gap").join("archive");
+    copy_archive(source.archive(), &gap);
+    std::fs::remove_file(gap.join(&middle)).unwrap();
+    let text = failed(&source.pitr(&backup_id, &base, &gap, &["--target", "lsn"]));
+    assert!(
+        text.contains(&middle) && text.contains("gap") && !text.contains("not been archived"),
+        "{text}"
+    );
+
+    let unreadable = source.dir.path().join("unreadable").join("archive");
+    copy_archive(source.archive(), &unreadable);
+    std::fs::set_permissions(
+        unreadable.join(&middle),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
+    let text = failed(&source.pitr(&backup_id, &base, &unreadable, &["--target", "lsn"]));
+    assert!(
+        text.contains(&middle)
+            && text.contains("ermission denied")
+            && !text.contains("not been archived"),
+        "{text}"
+    );
+
+    // Everything from the middle segment on is missing: that is an archive that has
+    // not caught up yet.
+    let behind = source.dir.path().join("behind").join("archive");
+    copy_archive(source.archive(), &behind);
+    for name in &after_start[1..] {
+        std::fs::remove_file(behind.join(name)).unwrap();
+    }
+    let text = failed(&source.pitr(&backup_id, &base, &behind, &["--target", "lsn"]));
+    assert!(text.contains("not been archived yet"), "{text}");
+}
+
+/// Issue 19 defect 12: a timeout's error must not send the operator to a log that was
+/// deleted with the scratch directory; it carries what the log said.
+#[test]
+fn a_timeout_error_carries_the_server_log_instead_of_a_deleted_path() {
+    let (source, base, backup_id, _) = prepared();
+    let archive = source.dir.path().join("stuck").join("archive");
+    copy_archive(source.archive(), &archive);
+    let fifo = archive.join(start_segment(&base));
+    std::fs::remove_file(&fifo).unwrap();
+    mkfifo(&fifo);
+    let output = source.pitr(
+        &backup_id,
+        &base,
+        &archive,
+        &["--target", "lsn", "--timeout", "3s"],
+    );
+    release_fifo(&fifo);
+    let text = failed(&output);
+    assert!(text.contains("within 3s"), "{text}");
+    for word in text.split_whitespace() {
+        let word = word.trim_matches(|c: char| c == ',' || c == ';' || c == ')');
+        if word.ends_with(".log") {
+            assert!(
+                Path::new(word).exists(),
+                "the error points to {word}, which does not exist: {text}"
+            );
+        }
+    }
+    assert!(text.contains("server log"), "{text}");
+}
