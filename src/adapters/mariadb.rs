@@ -77,9 +77,25 @@ fn shown(opts: &Opts) -> String {
 }
 
 fn parse_url(url: &str) -> Result<Opts, String> {
+    // A password with a raw `/`, `?` or `#` leaves part of itself after what the URL
+    // parser takes for the host: `mysql://u:12/x@h/db` reads as host `u`, port 12 and
+    // database `x@h/db`, which would be connected to and shown in messages. An `@`
+    // after the host, or a `#` anywhere, is refused instead.
+    if let Some((_, rest)) = url.split_once("://") {
+        let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if rest[host_end..].contains(['@', '#']) {
+            return Err(
+                "the URL has an `@` after its host or a `#` (a password's /, ?, #, @ \
+                 and % must be percent-encoded, e.g. / as %2F, @ as %40, % as %25)"
+                    .to_owned(),
+            );
+        }
+    }
     // The parser's error may quote the URL, password and all; say only what is wrong.
     Opts::from_url(url).map_err(|e| match e {
-        mysql_async::UrlError::Invalid => "the URL is not a valid mysql:// URL".to_owned(),
+        mysql_async::UrlError::Invalid => "the URL is not a valid mysql:// URL (a password's /, \
+             ?, #, @ and % must be percent-encoded, e.g. / as %2F)"
+            .to_owned(),
         mysql_async::UrlError::UnsupportedScheme { scheme } => {
             format!("the URL's scheme is {scheme:?}, expected mysql://")
         }

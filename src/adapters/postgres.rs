@@ -17,8 +17,10 @@
 //!   scratch database on the source's server (or `drill_server_url`) and drop it with
 //!   `WITH (FORCE)` (PostgreSQL 13+).
 //!
-//! Passwords never reach a command line (where `ps` shows them): they are taken out of
-//! the URL and passed in `PGPASSWORD`.
+//! Connection strings are parsed once (`conninfo.rs`): messages show them without the
+//! password, pg_dump and pg_restore get them without it and the password in
+//! `PGPASSWORD` (never on a command line, where `ps` shows it), and the password may
+//! come from the string, `PGPASSWORD` or the password file, as libpq would take it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,13 +28,17 @@ use std::str::FromStr;
 
 use futures::FutureExt;
 use tokio::process::Command;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::process;
 use super::{
     Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, PostgresConfig, Prepared, Rows,
 };
+
+pub(crate) mod conninfo;
+
+use conninfo::ConnString;
 
 /// pg_current_wal_insert_lsn, pg_export_snapshot on REPEATABLE READ and pg_dump's
 /// --snapshot all exist from PostgreSQL 10 on.
@@ -67,9 +73,11 @@ struct Connection {
 }
 
 async fn connect(url: &str) -> Result<Connection, String> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(|e| format!("connecting to {}: {}", redact(url).url, error_text(&e)))?;
+    connect_with(&ConnString::parse(url)?).await
+}
+
+async fn connect_with(target: &ConnString) -> Result<Connection, String> {
+    let (client, connection) = target.connect().await?;
     Ok(Connection {
         client,
         driver: AbortOnDropHandle::new(tokio::spawn(connection)),
@@ -112,16 +120,9 @@ impl Adapter for Postgres {
             database: self.name.clone(),
             message,
         };
-        let secret = redact(&self.config.url);
-        if secret.unsupported_password {
-            return Err(err(
-                "the connection string carries a password stillpoint cannot keep off pg_dump's \
-                 command line; use a postgres:// URL, or PGPASSWORD / ~/.pgpass"
-                    .to_owned(),
-            ));
-        }
-        let conn = connect(&self.config.url).await.map_err(err)?;
-        let shown = &secret.url;
+        let source = ConnString::parse(&self.config.url).map_err(err)?;
+        let conn = connect_with(&source).await.map_err(err)?;
+        let shown = source.shown();
         let facts = conn
             .client
             .query_one(
@@ -172,7 +173,8 @@ impl Adapter for Postgres {
 
         Ok(Box::new(PostgresPrepared {
             name: self.name.clone(),
-            config: self.config.clone(),
+            source,
+            require_archiving: self.config.require_archiving,
             pg_dump: self.tool("pg_dump"),
             conn,
             server_version,
@@ -187,15 +189,8 @@ impl Adapter for Postgres {
             database: self.name.clone(),
             message,
         };
-        let secret = redact(target);
-        if secret.unsupported_password {
-            return Err(err(
-                "the target connection string carries a password stillpoint cannot keep off \
-                 pg_restore's command line; use a postgres:// URL"
-                    .to_owned(),
-            ));
-        }
-        let conn = connect(target).await.map_err(err)?;
+        let target = ConnString::parse(target).map_err(err)?;
+        let conn = connect_with(&target).await.map_err(err)?;
         let existing = conn
             .client
             .query(
@@ -208,14 +203,14 @@ impl Adapter for Postgres {
                 &[],
             )
             .await
-            .map_err(|e| err(format!("inspecting {}: {}", secret.url, error_text(&e))))?;
+            .map_err(|e| err(format!("inspecting {}: {}", target.shown(), error_text(&e))))?;
         conn.close().await;
         if !existing.is_empty() {
             let names: Vec<String> = existing.iter().map(|r| r.get(0)).collect();
             return Err(err(format!(
                 "refusing to restore into {}: the database is not empty (it has {}{}); restore \
                  into a new, empty database",
-                secret.url,
+                target.shown(),
                 names.join(", "),
                 if names.len() == 5 { ", …" } else { "" }
             )));
@@ -229,11 +224,8 @@ impl Adapter for Postgres {
             "--exit-on-error",
             "--single-transaction",
             "--no-password",
-        ])
-        .arg(format!("--dbname={}", secret.url));
-        if let Some(password) = &secret.password {
-            cmd.env("PGPASSWORD", password);
-        }
+        ]);
+        target.libpq_args(&mut cmd);
         process::run_with_stdin(cmd, "pg_restore", copy, false)
             .await
             .map_err(err)
@@ -430,7 +422,9 @@ async fn check_pg_dump(pg_dump: &std::path::Path, server_version_num: i32) -> Re
 
 struct PostgresPrepared {
     name: String,
-    config: PostgresConfig,
+    /// The source's connection string, for pg_dump.
+    source: ConnString,
+    require_archiving: bool,
     pg_dump: PathBuf,
     conn: Connection,
     server_version: String,
@@ -516,7 +510,7 @@ impl Prepared for PostgresPrepared {
                          backup user)",
                         error_text(&e)
                     );
-                    if self.config.require_archiving {
+                    if self.require_archiving {
                         return Err(err(why));
                     }
                     // Not required: the snapshot is still a good backup; say why the
@@ -542,14 +536,13 @@ impl Prepared for PostgresPrepared {
         let Some(snapshot) = &this.snapshot else {
             return Err(err("copy was called before a successful cut".to_owned()));
         };
-        let secret = redact(&this.config.url);
         let mut cmd = Command::new(&this.pg_dump);
-        cmd.arg(format!("--snapshot={snapshot}"))
-            .args(["--format=custom", "--compress=0", "--no-password"])
-            .arg(format!("--dbname={}", secret.url));
-        if let Some(password) = &secret.password {
-            cmd.env("PGPASSWORD", password);
-        }
+        cmd.arg(format!("--snapshot={snapshot}")).args([
+            "--format=custom",
+            "--compress=0",
+            "--no-password",
+        ]);
+        this.source.libpq_args(&mut cmd);
         let (stream, producer) = process::spawn_producer(cmd, "pg_dump", false)
             .map_err(|e| err(format!("starting {}: {e}", this.pg_dump.display())))?;
 
@@ -635,7 +628,7 @@ fn quote_ident(s: &str) -> String {
 
 /// The server's message for a database error (tokio-postgres's Display says only "db
 /// error"), else the error itself.
-fn error_text(e: &tokio_postgres::Error) -> String {
+pub(crate) fn error_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => match db.detail() {
             Some(detail) => format!("{} ({detail})", db.message()),
@@ -653,65 +646,15 @@ fn error_text(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// A connection URL with its password taken out, for command lines and messages.
-#[derive(Debug, PartialEq, Eq)]
+/// A connection string as messages may show it: without its password, or, for a
+/// string that does not parse, words that say so (see [`conninfo::shown`]).
 struct Redacted {
     url: String,
-    password: Option<String>,
-    /// A `key=value` connection string with a password: we do not rewrite those.
-    unsupported_password: bool,
 }
 
-/// Takes the password out of `postgres://user:password@host/db?…&password=…`. The
-/// password is percent-decoded by tokio-postgres's own parser, so PGPASSWORD gets
-/// exactly what the URL meant.
 fn redact(url: &str) -> Redacted {
-    let password = tokio_postgres::Config::from_str(url).ok().and_then(|c| {
-        c.get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-    });
-    let Some(rest) = url
-        .strip_prefix("postgres://")
-        .map(|r| ("postgres://", r))
-        .or_else(|| {
-            url.strip_prefix("postgresql://")
-                .map(|r| ("postgresql://", r))
-        })
-    else {
-        return Redacted {
-            url: url.to_owned(),
-            unsupported_password: password.is_some(),
-            password: None,
-        };
-    };
-    let (scheme, rest) = rest;
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{user}@{hosts}")
-        }
-        None => authority.to_owned(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let kept: Vec<&str> = query
-                .split('&')
-                .filter(|kv| !kv.starts_with("password="))
-                .collect();
-            if kept.is_empty() {
-                path.to_owned()
-            } else {
-                format!("{path}?{}", kept.join("&"))
-            }
-        }
-        None => tail.to_owned(),
-    };
     Redacted {
-        url: format!("{scheme}{authority}{tail}"),
-        password,
-        unsupported_password: false,
+        url: conninfo::shown(url),
     }
 }
 

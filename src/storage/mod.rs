@@ -518,32 +518,64 @@ fn object_store_kind(e: &object_store::Error) -> std::io::ErrorKind {
     }
 }
 
-/// `url` with any user info replaced by `***` and any query by `?***`. Works on
-/// strings rather than a parsed URL so that even a URL that does not parse is shown
-/// without its secrets.
+/// `url` as messages may show it: user info replaced by `***`, query and fragment by
+/// `***`. Works for storage URLs, database URLs and paths, and for a PostgreSQL
+/// `key=value` string (its password replaced by `***`).
+///
+/// The `url` crate decides where the authority ends, but libpq and tokio-postgres
+/// read credentials up to the first `@` anywhere in the string: a password with a raw
+/// `/`, `?` or `#` puts part of itself after what a URL parser calls the authority.
+/// So whenever an `@` follows the parsed authority, or the string does not parse as a
+/// URL, everything before the last `@` is cut: nothing of a password can survive.
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return redact_query(url);
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return redact_key_values(url);
     };
-    let rest_start = scheme_end + 3;
-    let rest = &url[rest_start..];
+    let parsed = url::Url::parse(url).ok();
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let redacted_authority = match authority.rfind('@') {
-        Some(at) => format!("***@{}", &authority[at + 1..]),
-        None => authority.to_owned(),
+    let unambiguous = parsed.is_some() && !rest[authority_end..].contains('@');
+    let (userinfo, host_and_rest) = if unambiguous {
+        match rest[..authority_end].rfind('@') {
+            Some(at) => (true, &rest[at + 1..]),
+            None => (false, rest),
+        }
+    } else {
+        match rest.rfind('@') {
+            Some(at) => (true, &rest[at + 1..]),
+            None => (false, rest),
+        }
     };
-    redact_query(&format!(
-        "{}{}{}",
-        &url[..rest_start],
-        redacted_authority,
-        &rest[authority_end..]
-    ))
+    let host_and_rest = match host_and_rest.find(['?', '#']) {
+        Some(cut) => format!("{}{}***", &host_and_rest[..cut], &host_and_rest[cut..=cut]),
+        None => host_and_rest.to_owned(),
+    };
+    format!(
+        "{scheme}://{}{host_and_rest}",
+        if userinfo { "***@" } else { "" }
+    )
 }
 
-fn redact_query(url: &str) -> String {
-    match url.find('?') {
-        Some(q) => format!("{}?***", &url[..q]),
-        None => url.to_owned(),
+/// A string that is not a URL: a path is shown as it is; a `key=value` connection
+/// string with its password replaced, or not at all if it does not parse.
+fn redact_key_values(text: &str) -> String {
+    if !text.contains('=') {
+        return text.to_owned();
+    }
+    match crate::adapters::postgres::conninfo::key_values(text) {
+        Some(pairs) if pairs.iter().any(|(key, _)| key == "password") => pairs
+            .iter()
+            .map(|(key, value)| {
+                if key == "password" {
+                    format!("{key}=***")
+                } else {
+                    format!("{key}={value}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        Some(_) => text.to_owned(),
+        None => "(a connection string that does not parse; not shown, as it may hold a \
+                 password)"
+            .to_owned(),
     }
 }

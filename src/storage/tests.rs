@@ -337,3 +337,49 @@ fn debug_never_shows_credentials() {
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(!shown.contains("AKIAEXAMPLE"), "{shown}");
 }
+
+/// Issue 18 defect 3: passwords with `/`, `?`, `@`, `#` and `%`-escapes, raw or
+/// encoded, in URLs that parse or not, and `key=value` strings: no fragment of the
+/// password is shown.
+#[test]
+fn redaction_hides_passwords_with_url_characters() {
+    let words = ["Zebra", "Quokka", "Okapi"];
+    for url in [
+        "postgres://app:Zebra/Quokka@db:5432/ledger",
+        "postgres://app:12/Zebra@db:5432/ledger",
+        "postgres://app:Zebra?Quokka@db/ledger",
+        "postgres://app:Zebra#Quokka@db/ledger",
+        "postgres://app:Zebra@Quokka@db/ledger",
+        "postgres://app:Zebra%2FQuokka%40Okapi@db/ledger",
+        "postgres://app:Zebra/Quokka?Okapi@db/ledger?sslmode=require",
+        "s3://key:Zebra/Quokka@bucket/prefix",
+        "mysql://root:Zebra#Quokka@127.0.0.1:3306/auditor",
+        "postgres://db/ledger?password=Zebra",
+        "postgres://db/ledger#Zebra",
+        "host=db user=app password='Zebra Quokka' dbname=ledger",
+        "host=db password=Zebra",
+        "host=db password='Zebra",
+    ] {
+        let shown = redact_url(url);
+        for word in words {
+            assert!(!shown.contains(word), "{url} shown as {shown}");
+        }
+    }
+    // What is not secret stays readable.
+    assert_eq!(
+        redact_url("postgres://app:Zebra/Quokka@db:5432/ledger"),
+        "postgres://***@db:5432/ledger"
+    );
+    assert_eq!(
+        redact_url("host=db password='Zebra Quokka' dbname=ledger"),
+        "host=db password=*** dbname=ledger"
+    );
+    assert_eq!(
+        redact_url("/var/lib/app/ledger.db"),
+        "/var/lib/app/ledger.db"
+    );
+    assert_eq!(
+        redact_url("postgres://app@db:5432/ledger"),
+        "postgres://***@db:5432/ledger"
+    );
+}

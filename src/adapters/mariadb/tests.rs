@@ -428,3 +428,32 @@ async fn a_scratch_database_is_restored_read_back_emptied_and_dropped() {
     let left = db.sql(&name, &format!("SHOW DATABASES LIKE '{scratch}'"));
     assert!(left.trim().is_empty(), "{scratch} was not dropped");
 }
+
+/// Issue 18 defect 3: a password with a raw `/`, `?`, `@` or `#` is refused before
+/// anything connects, and neither the error nor what messages show of the URL holds
+/// any part of it; percent-encoded, it reaches the driver decoded.
+#[test]
+fn urls_with_raw_password_characters_are_refused_without_showing_them() {
+    for url in [
+        "mysql://root:12/Zebra@127.0.0.1:3306/auditor",
+        "mysql://root:Zebra/Quokka@127.0.0.1:3306/auditor",
+        "mysql://root:Zebra?Quokka@127.0.0.1:3306/auditor",
+        "mysql://root:Zebra#Quokka@127.0.0.1:3306/auditor",
+        "mysql://root:Zebra@Quokka@127.0.0.1:3306/auditor",
+    ] {
+        match parse_url(url) {
+            Err(error) => assert!(
+                !error.contains("Zebra") && !error.contains("Quokka"),
+                "{url}: {error}"
+            ),
+            // `Zebra@Quokka`: the last `@` ends the user info, so the parse is sound.
+            Ok(opts) => {
+                assert_eq!(opts.pass(), Some("Zebra@Quokka"), "{url}");
+                assert!(!shown(&opts).contains("Zebra"), "{url}");
+            }
+        }
+    }
+    let opts = parse_url("mysql://root:Zebra%2FQuokka%23x%2541@127.0.0.1:3306/auditor").unwrap();
+    assert_eq!(opts.pass(), Some("Zebra/Quokka#x%41"));
+    assert_eq!(shown(&opts), "mysql://root@127.0.0.1:3306/auditor");
+}
