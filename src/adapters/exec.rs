@@ -12,7 +12,16 @@
 //!   hook took a storage snapshot), and the caller may record no artifact.
 //! - restore: `sh -c <restore>` with the copy on stdin and `STILLPOINT_RESTORE_TARGET`
 //!   set.
+//!
+//! Every hook runs with a minimal environment ([`MINIMAL_ENVIRONMENT`], `LC_*`), the
+//! variables above, the runbook's `pass_env` names and its `env` values; nothing else
+//! of stillpoint's environment (where AWS keys, PGPASSWORD and the admin token live).
+//! A cut is done when its command exits, even if a helper it started in the
+//! background still holds its output. The cut's output is stored in the manifest in
+//! clear: it must not be a secret.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
@@ -77,7 +86,7 @@ impl Adapter for Exec {
                     .to_owned(),
             ));
         };
-        let mut cmd = shell(restore);
+        let mut cmd = shell(restore, &self.config);
         cmd.env("STILLPOINT_DATABASE", &self.name)
             .env("STILLPOINT_RESTORE_TARGET", target);
         process::run_with_stdin(cmd, "the restore command", copy, true)
@@ -112,7 +121,7 @@ impl Prepared for ExecPrepared {
             database: self.name.clone(),
             message,
         };
-        let mut cmd = shell(&self.config.cut);
+        let mut cmd = shell(&self.config.cut, &self.config);
         cmd.env("STILLPOINT_BACKUP_ID", backup_id)
             .env("STILLPOINT_DATABASE", &self.name)
             .stdin(std::process::Stdio::null())
@@ -124,18 +133,11 @@ impl Prepared for ExecPrepared {
             .spawn()
             .map_err(|e| err(format!("starting the cut command: {e}")))?;
         let mut group = GroupKiller::new(&child);
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = child.stderr.take().expect("stderr is piped");
 
-        let run = async {
-            let (out, errout) = tokio::join!(
-                process::read_bounded(stdout, OUTPUT_LIMIT),
-                process::read_bounded(stderr, OUTPUT_LIMIT)
-            );
-            (out, errout, child.wait().await)
-        };
-        let Ok((out, errout, status)) = tokio::time::timeout(self.config.cut_timeout, run).await
-        else {
+        // Done when the command exits, even if a helper it left running in the
+        // background still holds its stdout or stderr.
+        let run = process::wait_with_output(&mut child, OUTPUT_LIMIT);
+        let Ok(outcome) = tokio::time::timeout(self.config.cut_timeout, run).await else {
             // Inside the pause every second counts: kill the whole group (sh and
             // anything it started), reap sh, and fail the cut.
             group.kill().await;
@@ -146,9 +148,10 @@ impl Prepared for ExecPrepared {
                 human(self.config.cut_timeout)
             )));
         };
-        let status = status.map_err(|e| err(format!("waiting for the cut command: {e}")))?;
+        let (status, out, errout) =
+            outcome.map_err(|e| err(format!("waiting for the cut command: {e}")))?;
         group.disarm();
-        let stderr = errout.map(|b| b.text()).unwrap_or_default();
+        let stderr = errout.text();
         if !status.success() {
             return Err(err(process::describe_failure(
                 "the cut command",
@@ -156,8 +159,7 @@ impl Prepared for ExecPrepared {
                 &stderr,
             )));
         }
-        let out = out.map_err(|e| err(format!("reading the cut command's stdout: {e}")))?;
-        let mut details = std::collections::BTreeMap::new();
+        let mut details = BTreeMap::new();
         details.insert("output".to_owned(), out.text());
         if out.truncated {
             // The marker must not pretend to be the whole output.
@@ -188,7 +190,7 @@ impl Prepared for ExecPrepared {
                 finished: futures::future::ready(Ok(CopySummary::default())).boxed(),
             });
         };
-        let mut cmd = shell(copy);
+        let mut cmd = shell(copy, &self.config);
         cmd.env("STILLPOINT_BACKUP_ID", &backup_id)
             .env("STILLPOINT_DATABASE", &self.name);
         let (stream, producer) = process::spawn_producer(cmd, "the copy command", true)
@@ -208,10 +210,46 @@ impl Prepared for ExecPrepared {
     }
 }
 
-fn shell(script: &str) -> Command {
+/// `sh -c script` with the hooks' environment: [`MINIMAL_ENVIRONMENT`] and `LC_*` as
+/// stillpoint has them, the runbook's `pass_env` names, then its `env` values.
+fn shell(script: &str, config: &ExecConfig) -> Command {
     let mut cmd = Command::new("sh");
-    cmd.arg("-c").arg(script);
+    cmd.arg("-c")
+        .arg(script)
+        .env_clear()
+        .envs(hook_environment(std::env::vars_os(), config));
     cmd
+}
+
+/// What a hook inherits from stillpoint's environment without being told: enough for
+/// a shell script to find programs, its home and its locale, and nothing that is a
+/// secret. stillpoint's environment often holds AWS keys, PGPASSWORD and the admin
+/// token; a hook gets those only if the runbook names them in `pass_env`.
+pub const MINIMAL_ENVIRONMENT: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+];
+
+/// The hook environment built from `parent` (stillpoint's own) and the runbook.
+fn hook_environment(
+    parent: impl IntoIterator<Item = (OsString, OsString)>,
+    config: &ExecConfig,
+) -> BTreeMap<OsString, OsString> {
+    let mut env: BTreeMap<OsString, OsString> = parent
+        .into_iter()
+        .filter(|(name, _)| {
+            let name = name.to_string_lossy();
+            MINIMAL_ENVIRONMENT.contains(&name.as_ref())
+                || name.starts_with("LC_")
+                || config.pass_env.iter().any(|passed| *passed == name)
+        })
+        .collect();
+    env.extend(
+        config
+            .env
+            .iter()
+            .map(|(name, value)| (OsString::from(name), OsString::from(value))),
+    );
+    env
 }
 
 fn human(d: Duration) -> String {

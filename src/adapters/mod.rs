@@ -32,7 +32,7 @@ use tokio::io::AsyncRead;
 pub mod exec;
 pub mod mariadb;
 pub mod postgres;
-mod process;
+pub(crate) mod process;
 pub mod sqlite;
 #[cfg(test)]
 mod testing;
@@ -232,6 +232,14 @@ pub struct ExecConfig {
     /// Run by `sh -c` with the copy on stdin and STILLPOINT_RESTORE_TARGET set.
     #[serde(default)]
     pub restore: Option<String>,
+    /// Variables the hooks get with these values, beside the minimal environment
+    /// (`exec::MINIMAL_ENVIRONMENT`): hooks inherit nothing else.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Names of stillpoint's own environment variables passed on to the hooks (e.g.
+    /// `AWS_PROFILE`); every other variable is withheld.
+    #[serde(default)]
+    pub pass_env: Vec<String>,
 }
 
 fn default_cut_timeout() -> std::time::Duration {

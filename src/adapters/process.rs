@@ -24,6 +24,22 @@ pub(crate) struct Bounded {
 }
 
 impl Bounded {
+    fn new() -> Self {
+        Bounded {
+            bytes: Vec::new(),
+            truncated: false,
+        }
+    }
+
+    /// Keeps what fits under `limit` of `data`, notes whether anything was cut.
+    fn push(&mut self, data: &[u8], limit: usize) {
+        let room = limit.saturating_sub(self.bytes.len());
+        if data.len() > room {
+            self.truncated = true;
+        }
+        self.bytes.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
     /// Lossy UTF-8, trimmed: what goes into messages and markers.
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.bytes).trim().to_owned()
@@ -37,20 +53,83 @@ pub(crate) async fn read_bounded<R: AsyncRead + Unpin>(
     mut r: R,
     limit: usize,
 ) -> io::Result<Bounded> {
-    let mut bytes = Vec::new();
-    let mut truncated = false;
+    let mut bounded = Bounded::new();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
-            return Ok(Bounded { bytes, truncated });
+            return Ok(bounded);
         }
-        let room = limit.saturating_sub(bytes.len());
-        if n > room {
-            truncated = true;
-        }
-        bytes.extend_from_slice(&buf[..n.min(room)]);
+        bounded.push(&buf[..n], limit);
     }
+}
+
+/// Waits for `child` (spawned with stdout and stderr piped) while reading both pipes,
+/// keeping `limit` bytes of each, and returns as soon as the child itself has exited.
+///
+/// A background process the child started (`helper &` in a hook) inherits the pipes
+/// and may hold them open long after the child exited, so waiting for the pipes to
+/// close could wait forever. Once the child has exited, everything it wrote is
+/// already in the pipes: that is read without waiting, and the pipes are let go.
+pub(crate) async fn wait_with_output(
+    child: &mut Child,
+    limit: usize,
+) -> io::Result<(ExitStatus, Bounded, Bounded)> {
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let (mut out, mut err) = (Bounded::new(), Bounded::new());
+    let (mut out_open, mut err_open) = (true, true);
+    let mut out_buf = vec![0u8; 16 * 1024];
+    let mut err_buf = vec![0u8; 16 * 1024];
+    // Reads and `wait` are cancel-safe: a read that loses the race loses no bytes.
+    let status = loop {
+        tokio::select! {
+            read = stdout.read(&mut out_buf), if out_open => match read? {
+                0 => out_open = false,
+                n => out.push(&out_buf[..n], limit),
+            },
+            read = stderr.read(&mut err_buf), if err_open => match read? {
+                0 => err_open = false,
+                n => err.push(&err_buf[..n], limit),
+            },
+            status = child.wait() => break status?,
+        }
+    };
+    if out_open {
+        read_what_is_there(&stdout, &mut out, limit)?;
+    }
+    if err_open {
+        read_what_is_there(&stderr, &mut err, limit)?;
+    }
+    Ok((status, out, err))
+}
+
+/// Reads what a pipe holds now, without waiting for more: the pipe is non-blocking
+/// (tokio made it so), and a duplicate of its descriptor shares that.
+fn read_what_is_there(
+    pipe: &impl std::os::fd::AsFd,
+    into: &mut Bounded,
+    limit: usize,
+) -> io::Result<()> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::from(pipe.as_fd().try_clone_to_owned()?);
+    let mut buf = vec![0u8; 16 * 1024];
+    // A helper that keeps writing must not keep us here: what the exited child wrote
+    // fits in a pipe, so a few pipes' worth is plenty.
+    let mut budget = 16 * buf.len();
+    while budget > 0 {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                into.push(&buf[..n], limit);
+                budget = budget.saturating_sub(n);
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
 }
 
 /// Describes how a child ended, with its stderr, for an error message.
@@ -124,6 +203,22 @@ fn kill_group_args(pgid: u32) -> [String; 4] {
         "sh".to_owned(),
         pgid.to_string(),
     ]
+}
+
+/// Sends `signal` (a name: `INT`, `TERM`, `KILL`) to process `pid` with the shell's
+/// `kill` builtin, as [`GroupKiller`] does. Only for a pid that is our own child and
+/// not yet reaped, which no other process can have been given. Says whether `kill`
+/// succeeded.
+pub(crate) async fn send_signal(pid: u32, signal: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", "kill -s \"$1\" -- \"$2\" 2>/dev/null", "sh", signal])
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|status| status.success())
 }
 
 /// A running child whose stdout has been handed out as a copy stream.

@@ -14,6 +14,8 @@ fn exec(cut: &str, copy: Option<&str>, restore: Option<&str>) -> std::sync::Arc<
             cut_timeout: Duration::from_secs(10),
             copy: copy.map(str::to_owned),
             restore: restore.map(str::to_owned),
+            env: Default::default(),
+            pass_env: Vec::new(),
         },
     ))
 }
@@ -56,6 +58,8 @@ async fn hanging_cut_is_killed_with_its_children_after_the_timeout() {
             cut_timeout: Duration::from_millis(500),
             copy: None,
             restore: None,
+            env: Default::default(),
+            pass_env: Vec::new(),
         },
     );
     let mut prepared = adapter.prepare().await.unwrap();
@@ -232,6 +236,8 @@ async fn a_cut_whose_helper_keeps_its_output_open_finishes_when_the_command_exit
             cut_timeout: Duration::from_secs(5),
             copy: None,
             restore: None,
+            env: Default::default(),
+            pass_env: Vec::new(),
         },
     );
     let mut prepared = adapter.prepare().await.unwrap();
@@ -246,14 +252,26 @@ async fn a_cut_whose_helper_keeps_its_output_open_finishes_when_the_command_exit
 
 /// Issue 19 defect 11: hooks do not inherit stillpoint's environment (in production it
 /// holds AWS keys, PGPASSWORD and the admin token; here cargo's CARGO_* variables are
-/// the canary), only a documented minimal one plus what stillpoint sets.
+/// the canary), only a documented minimal one, what stillpoint sets, and what the
+/// runbook passes.
 #[tokio::test]
 async fn hooks_do_not_inherit_the_environment() {
     assert!(
-        std::env::var_os("CARGO_MANIFEST_DIR").is_some(),
-        "the canary variable must be set for this test to mean anything"
+        std::env::var_os("CARGO_MANIFEST_DIR").is_some()
+            && std::env::var_os("CARGO_PKG_NAME").is_some(),
+        "the canary variables must be set for this test to mean anything"
     );
-    let adapter = exec("env", Some("env"), None);
+    let adapter = std::sync::Arc::new(Exec::new(
+        "ledger-files",
+        ExecConfig {
+            cut: "env".to_owned(),
+            cut_timeout: Duration::from_secs(10),
+            copy: Some("env".to_owned()),
+            restore: None,
+            env: [("GREETING".to_owned(), "hello there".to_owned())].into(),
+            pass_env: vec!["CARGO_PKG_NAME".to_owned()],
+        },
+    ));
     let mut prepared = adapter.prepare().await.unwrap();
     let marker = prepared.cut("b-1").await.unwrap();
     let mut copy = prepared.copy().await.unwrap();
@@ -267,10 +285,61 @@ async fn hooks_do_not_inherit_the_environment() {
             !output.contains("CARGO_MANIFEST_DIR"),
             "the {hook} command inherited the environment:\n{output}"
         );
-        assert!(
-            output.contains("STILLPOINT_BACKUP_ID=b-1"),
-            "{hook}:\n{output}"
-        );
+        for expected in [
+            "STILLPOINT_BACKUP_ID=b-1",
+            "STILLPOINT_DATABASE=ledger-files",
+            "GREETING=hello there",
+            "CARGO_PKG_NAME=stillpoint",
+        ] {
+            assert!(
+                output.lines().any(|line| line == expected),
+                "{hook} lacks {expected}:\n{output}"
+            );
+        }
         assert!(output.contains("PATH="), "{hook}:\n{output}");
+        // Nothing but the documented names (and what sh adds itself).
+        for line in output.lines() {
+            let name = line.split('=').next().unwrap();
+            assert!(
+                MINIMAL_ENVIRONMENT.contains(&name)
+                    || name.starts_with("LC_")
+                    || name.starts_with("STILLPOINT_")
+                    || ["GREETING", "CARGO_PKG_NAME", "PWD", "SHLVL", "_", "OLDPWD"]
+                        .contains(&name),
+                "{hook} got {name}:\n{output}"
+            );
+        }
     }
+}
+
+/// The same rule on stillpoint's environment as production has it: secrets stay out
+/// unless the runbook passes them by name; the runbook's values win.
+#[test]
+fn the_hook_environment_keeps_secrets_out_unless_passed_by_name() {
+    let parent = [
+        ("PATH", "/usr/bin"),
+        ("HOME", "/root"),
+        ("LC_ALL", "C.UTF-8"),
+        ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE"),
+        ("AWS_SECRET_ACCESS_KEY", "hunter2"),
+        ("PGPASSWORD", "hunter3"),
+        ("STILLPOINT_ADMIN_TOKEN", "hunter4"),
+        ("AWS_PROFILE", "backup"),
+    ]
+    .map(|(name, value)| (OsString::from(name), OsString::from(value)));
+    let config = ExecConfig {
+        cut: "true".to_owned(),
+        cut_timeout: Duration::from_secs(1),
+        copy: None,
+        restore: None,
+        env: [("HOME".to_owned(), "/var/lib/hooks".to_owned())].into(),
+        pass_env: vec!["AWS_PROFILE".to_owned()],
+    };
+    let env = hook_environment(parent, &config);
+    let names: Vec<String> = env
+        .keys()
+        .map(|name| name.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["AWS_PROFILE", "HOME", "LC_ALL", "PATH"]);
+    assert_eq!(env[&OsString::from("HOME")], "/var/lib/hooks");
 }
