@@ -8,25 +8,37 @@
 //! the cluster is paused, all three give the state at the cut.
 //!
 //! - [`base_backup`]: `pg_basebackup` (plain format, WAL streamed alongside) into an
-//!   empty directory.
-//! - [`recover`]: copies a base backup into a scratch data directory, starts a
-//!   throwaway server on a free port (TCP on 127.0.0.1 only, archiving off so it can
-//!   never write into the source's archive) with `recovery.signal` and the target,
-//!   waits until it has replayed to the target and promoted, and reports the state it
-//!   reached with a content hash of the database. The server is stopped before
-//!   returning; the data directory stays only if asked. PostgreSQL refuses to run as
-//!   root, so a root caller names a system user to run it as (`runuser`).
+//!   empty directory; the password goes by `PGPASSWORD`, never the command line.
+//! - [`recover`]: refuses a base backup that starts after the cut (it already holds
+//!   later commits, which no target can take back); copies the base backup into a
+//!   scratch data directory without the source's lock file (`postmaster.pid`), and
+//!   starts a throwaway server there on a configuration of its own
+//!   (`stillpoint-pitr.conf`: the base backup's postgresql.conf when it has one, then
+//!   ours; our own pg_hba.conf), with `recovery.signal` and the target. It listens on
+//!   127.0.0.1 and on a unix socket inside the scratch directory, which is how we talk
+//!   to it: nothing else can answer there. Archiving is off so it can never write into
+//!   the source's archive. It waits until the server has replayed to the target and
+//!   promoted, checks the rows per table against those counted at the cut, and reports
+//!   the state with a content hash. The server is stopped through the process we
+//!   started (never a pid file we did not write), also when the caller cancels; the
+//!   data directory stays only if asked. PostgreSQL refuses to run as root, so a root
+//!   caller names a system user to run it as (`setpriv`, which execs the server in its
+//!   own place, so the process we started *is* the postmaster).
+//! - Why a recovery failed is read from the server's log and put in the error itself
+//!   (the log goes with the scratch directory): a port in use, a gap in the archive,
+//!   an unreadable segment, or an archive that has not reached the target yet.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
-use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
 
 use crate::adapters::PostgresConfig;
+use crate::adapters::postgres::conninfo::ConnString;
+use crate::adapters::process;
 use crate::manifest::DatabaseEntry;
 use crate::time::Zone;
 
@@ -38,6 +50,9 @@ pub enum PitrError {
     BaseBackup(String),
     #[error("recovery to {target} failed: {message}")]
     Recovery { target: String, message: String },
+    /// The caller cancelled (SIGINT/SIGTERM); the scratch server was stopped first.
+    #[error("interrupted: {0}")]
+    Cancelled(String),
 }
 
 /// Where recovery stops.
@@ -117,10 +132,11 @@ pub async fn base_backup(
 ) -> Result<BaseBackupReport, PitrError> {
     let started = Instant::now();
     require_empty_dir(dir)?;
-    let (url, password) = split_password(&config.url)?;
+    let source = ConnString::parse(&config.url)
+        .map_err(|message| PitrError::Setup(format!("the database's URL: {message}")))?;
     let mut command = Command::new(tool(config, "pg_basebackup"));
+    source.libpq_args(&mut command);
     command
-        .arg(format!("--dbname={url}"))
         .arg("--pgdata")
         .arg(dir)
         .args([
@@ -133,9 +149,6 @@ pub async fn base_backup(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    if let Some(password) = password {
-        command.env("PGPASSWORD", password);
-    }
     let output = command.output().await.map_err(|error| {
         PitrError::BaseBackup(format!(
             "cannot run {}: {error}",
@@ -143,21 +156,27 @@ pub async fn base_backup(
         ))
     })?;
     if !output.status.success() {
-        return Err(PitrError::BaseBackup(
-            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        ));
+        return Err(PitrError::BaseBackup(format!(
+            "{} (from {})",
+            String::from_utf8_lossy(&output.stderr).trim(),
+            source.shown()
+        )));
     }
-    let label = std::fs::read_to_string(dir.join("backup_label")).unwrap_or_default();
-    let start_lsn = label
+    Ok(BaseBackupReport {
+        dir: dir.to_owned(),
+        start_lsn: label_start_lsn(dir),
+        took_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// The START WAL LOCATION of a base backup's `backup_label`, if it has one.
+fn label_start_lsn(dir: &Path) -> Option<String> {
+    let label = std::fs::read_to_string(dir.join("backup_label")).ok()?;
+    label
         .lines()
         .find_map(|line| line.strip_prefix("START WAL LOCATION: "))
         .and_then(|rest| rest.split_whitespace().next())
-        .map(str::to_owned);
-    Ok(BaseBackupReport {
-        dir: dir.to_owned(),
-        start_lsn,
-        took_ms: started.elapsed().as_millis() as u64,
-    })
+        .map(str::to_owned)
 }
 
 /// What [`recover`] needs.
@@ -166,7 +185,11 @@ pub struct Recovery<'a> {
     /// The source database's config: its URL names the database and user to read
     /// back, its `bin_dir` where `postgres` lives.
     pub config: &'a PostgresConfig,
-    /// A plain-format base backup directory (from [`base_backup`] or pg_basebackup).
+    /// The database's entry in the backup's manifest: its cut LSN bounds the base
+    /// backup, its row counts are what the recovered state must hold.
+    pub entry: &'a DatabaseEntry,
+    /// A plain-format base backup directory (from [`base_backup`] or pg_basebackup),
+    /// or a file-level copy or snapshot of a data directory.
     pub base_backup: &'a Path,
     /// The directory PostgreSQL's `archive_command` copies WAL segments into.
     pub wal_archive: &'a Path,
@@ -178,7 +201,7 @@ pub struct Recovery<'a> {
     pub timeout: Duration,
     /// Leave the (stopped) data directory in place afterwards.
     pub keep: bool,
-    /// The system user to run the scratch server as (through `runuser`), for a caller
+    /// The system user to run the scratch server as (through `setpriv`), for a caller
     /// running as root: PostgreSQL refuses to run as root.
     pub run_as: Option<String>,
 }
@@ -186,11 +209,17 @@ pub struct Recovery<'a> {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RecoveryReport {
     pub target: Target,
+    /// Where replay of the base backup started (backup_label, or the last checkpoint
+    /// of a file-level copy).
+    pub base_backup_start_lsn: String,
     /// The last WAL record replayed.
     pub reached_lsn: Option<String>,
     /// The commit time of the last transaction replayed, Unix ms.
     pub last_transaction_at_ms: Option<i64>,
     pub last_transaction_date_time: Option<String>,
+    /// Whether the rows per table were compared with (and equal) those counted at the
+    /// cut; false only for a manifest without row counts.
+    pub row_counts_match_cut: bool,
     pub recovery_ms: u64,
     pub content: ContentHash,
     /// The data directory, when kept.
@@ -212,19 +241,70 @@ pub struct TableHash {
 }
 
 /// Recovers a scratch copy of the server to `request.target` and reports the state
-/// it reached. The scratch server is always stopped before this returns.
-pub async fn recover(request: Recovery<'_>) -> Result<RecoveryReport, PitrError> {
+/// it reached. The scratch server is always stopped before this returns, also when
+/// `cancel` fires (then the error is [`PitrError::Cancelled`]).
+pub async fn recover(
+    request: Recovery<'_>,
+    cancel: &CancellationToken,
+) -> Result<RecoveryReport, PitrError> {
     let started = Instant::now();
-    let target_text = request.target.to_string();
-    let fail = |message: String| PitrError::Recovery {
-        target: target_text.clone(),
-        message,
+    let base_start = check_inputs(&request).await?;
+    // Created before anything is written: whatever happens next, the directory goes
+    // (unless kept) when this is dropped, after the server has been stopped.
+    let mut scratch = Scratch {
+        dir: ScratchDir {
+            path: request.data_dir.to_owned(),
+            keep: request.keep,
+        },
+        server: None,
     };
-    if !request.base_backup.join("PG_VERSION").exists() {
-        return Err(PitrError::Setup(format!(
-            "{} is not a plain-format base backup (it has no PG_VERSION); take one with \
+    let outcome = tokio::select! {
+        outcome = replay(&request, &mut scratch) => outcome,
+        () = cancel.cancelled() => Err(PitrError::Cancelled(if request.keep {
+            format!("the scratch server was stopped; {} was kept", request.data_dir.display())
+        } else {
+            format!(
+                "the scratch server was stopped and {} removed",
+                request.data_dir.display()
+            )
+        })),
+    };
+    if let Some(server) = scratch.server.as_mut() {
+        server.stop().await;
+    }
+    let reached = outcome?;
+    Ok(RecoveryReport {
+        target: request.target.clone(),
+        base_backup_start_lsn: format_lsn(base_start),
+        reached_lsn: reached.lsn,
+        last_transaction_at_ms: reached.last_transaction_at_ms,
+        last_transaction_date_time: reached
+            .last_transaction_at_ms
+            .map(|ms| Zone::UTC.format_ms(ms)),
+        row_counts_match_cut: reached.row_counts_checked,
+        recovery_ms: started.elapsed().as_millis() as u64,
+        content: reached.content,
+        data_dir: request.keep.then(|| request.data_dir.to_owned()),
+    })
+}
+
+/// Everything that can be checked before a byte is copied; returns where replay of
+/// the base backup starts.
+async fn check_inputs(request: &Recovery<'_>) -> Result<u64, PitrError> {
+    let version =
+        std::fs::read_to_string(request.base_backup.join("PG_VERSION")).map_err(|_| {
+            PitrError::Setup(format!(
+                "{} is not a plain-format base backup (it has no PG_VERSION); take one with \
              `stillpoint base-backup` or pg_basebackup --format=plain",
-            request.base_backup.display()
+                request.base_backup.display()
+            ))
+        })?;
+    let major: u32 = version.trim().parse().unwrap_or(0);
+    if major < 12 {
+        return Err(PitrError::Setup(format!(
+            "the base backup is PostgreSQL {}; point-in-time recovery here needs 12 or newer \
+             (recovery.signal)",
+            version.trim()
         )));
     }
     if !request.wal_archive.is_dir() {
@@ -234,91 +314,354 @@ pub async fn recover(request: Recovery<'_>) -> Result<RecoveryReport, PitrError>
         )));
     }
     require_empty_dir(request.data_dir)?;
-    copy_dir(request.base_backup, request.data_dir).await?;
-    let cleanup = ScratchDir {
-        path: request.data_dir.to_owned(),
-        keep: request.keep,
+    // The server's unix socket lives in the data directory; the kernel limits its path.
+    let socket = request
+        .data_dir
+        .join(format!(".s.PGSQL.{}", request.port))
+        .display()
+        .to_string();
+    if socket.len() > 107 {
+        return Err(PitrError::Setup(format!(
+            "the scratch server's socket {socket} would be longer than a unix socket path may \
+             be (107 bytes); give a shorter --data-dir"
+        )));
+    }
+    // What recovery reads back: the user and database of the source's URL.
+    ConnString::parse(&request.config.url)
+        .map_err(|message| PitrError::Setup(format!("the database's URL: {message}")))?;
+
+    let start = base_backup_start(request.config, request.base_backup).await?;
+    if let Some(cut) = request.entry.cut.details.get("lsn") {
+        let cut_lsn = parse_lsn(cut).ok_or_else(|| {
+            PitrError::Setup(format!("the manifest's cut LSN {cut:?} is not an LSN"))
+        })?;
+        if start > cut_lsn {
+            return Err(PitrError::Setup(format!(
+                "the base backup {} starts at WAL {}, after the backup's cut at {cut}: it \
+                 already holds changes committed after the restore point, and no recovery \
+                 target can take them back; use a base backup taken before the backup",
+                request.base_backup.display(),
+                format_lsn(start)
+            )));
+        }
+    }
+    Ok(start)
+}
+
+/// Where replay of a base backup starts: its backup_label (pg_basebackup, or a copy
+/// made between pg_backup_start and pg_backup_stop), else, for a file-level copy or a
+/// snapshot of a data directory, the redo point of its last checkpoint.
+async fn base_backup_start(config: &PostgresConfig, base: &Path) -> Result<u64, PitrError> {
+    if let Some(lsn) = label_start_lsn(base) {
+        return parse_lsn(&lsn).ok_or_else(|| {
+            PitrError::Setup(format!(
+                "the backup_label of {} has an unreadable START WAL LOCATION {lsn:?}",
+                base.display()
+            ))
+        });
+    }
+    let pg_controldata = tool(config, "pg_controldata");
+    let output = Command::new(&pg_controldata)
+        .arg("-D")
+        .arg(base)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|error| {
+            PitrError::Setup(format!("cannot run {}: {error}", pg_controldata.display()))
+        })?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find_map(|line| line.strip_prefix("Latest checkpoint's REDO location:"))
+        .and_then(|lsn| parse_lsn(lsn.trim()))
+        .ok_or_else(|| {
+            PitrError::Setup(format!(
+                "{} has no backup_label and pg_controldata cannot read its last checkpoint: {}",
+                base.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        })
+}
+
+/// `0/16B3748` as one number, for comparisons.
+fn parse_lsn(text: &str) -> Option<u64> {
+    let (high, low) = text.trim().split_once('/')?;
+    Some((u64::from_str_radix(high, 16).ok()? << 32) | u64::from_str_radix(low, 16).ok()?)
+}
+
+fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// The scratch data directory and the server running in it, held outside the future
+/// that does the work, so they can be cleaned up after that future was dropped.
+struct Scratch {
+    /// Declared first, but the server is stopped explicitly before this drops.
+    dir: ScratchDir,
+    server: Option<Server>,
+}
+
+/// What recovery reached.
+struct Reached {
+    lsn: Option<String>,
+    last_transaction_at_ms: Option<i64>,
+    content: ContentHash,
+    row_counts_checked: bool,
+}
+
+/// Copy, configure, start, wait for the promotion, read the state back. The caller
+/// stops the server.
+async fn replay(request: &Recovery<'_>, scratch: &mut Scratch) -> Result<Reached, PitrError> {
+    let target_text = request.target.to_string();
+    let fail = |message: String| PitrError::Recovery {
+        target: target_text.clone(),
+        message,
     };
-    std::fs::write(request.data_dir.join("recovery.signal"), b"")
+    copy_dir(request.base_backup, request.data_dir).await?;
+    let data_dir = std::fs::canonicalize(request.data_dir).map_err(|error| {
+        PitrError::Setup(format!("resolving {}: {error}", request.data_dir.display()))
+    })?;
+    debug_assert_eq!(scratch.dir.path, request.data_dir);
+    // A copy of a running data directory carries the source's lock file: the scratch
+    // server would refuse to start on it, and anything that read it would signal the
+    // source's postmaster. standby.signal (pg_basebackup -R) would keep the scratch
+    // server a standby that never promotes.
+    for file in ["postmaster.pid", "postmaster.opts", "standby.signal"] {
+        match std::fs::remove_file(data_dir.join(file)) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(PitrError::Setup(format!(
+                    "removing the copied {file} from {}: {error}",
+                    data_dir.display()
+                )));
+            }
+            _ => {}
+        }
+    }
+    let scratch_config = ScratchConfig::new(request, &data_dir);
+    scratch_config.write()?;
+    std::fs::write(data_dir.join("recovery.signal"), b"")
         .map_err(|error| fail(format!("writing recovery.signal: {error}")))?;
-    let log_path = request.data_dir.join("stillpoint-recovery.log");
+    let log_path = data_dir.join("stillpoint-recovery.log");
     let log = std::fs::File::create(&log_path)
         .map_err(|error| fail(format!("creating {}: {error}", log_path.display())))?;
     if let Some(user) = &request.run_as {
-        chown(user, request.data_dir).await?;
+        chown(user, &data_dir).await?;
     }
 
-    let server_command = ServerCommand {
-        config: request.config,
-        run_as: request.run_as.as_deref(),
-        data_dir: request.data_dir,
-    };
-    let mut server = server_command.command("postgres");
-    server
+    let mut command = server_command(request.config, request.run_as.as_deref(), &data_dir)
+        .await
+        .map_err(PitrError::Setup)?;
+    command
         .arg("-D")
-        .arg(request.data_dir)
-        .args(["-p", &request.port.to_string(), "-h", "127.0.0.1"])
-        .args(settings(&request))
+        .arg(&data_dir)
+        .args(scratch_config.args(request))
+        // cp's messages in the log are read back to explain a failure.
+        .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .kill_on_drop(true);
-    let child = server.spawn().map_err(|error| {
+    let child = command.spawn().map_err(|error| {
         fail(format!(
             "cannot start {}: {error}",
             tool(request.config, "postgres").display()
         ))
     })?;
-    let mut server = Server {
-        child,
-        command: server_command,
-    };
+    let server = scratch.server.insert(Server { child });
 
-    let url = scratch_url(&request.config.url, request.port)?;
-    let outcome = wait_for_promotion(&mut server, &url, request.timeout, &log_path).await;
-    let report = match outcome {
-        Ok(()) => read_state(&url).await,
-        Err(message) => Err(message),
+    let probe = probe_config(&request.config.url, &data_dir, request.port)?;
+    let explain = Explain {
+        log_path: &log_path,
+        kept: request.keep,
+        port: request.port,
+        archive: request.wal_archive,
+        run_as: request.run_as.as_deref(),
     };
-    server.stop().await;
-    let (reached_lsn, last_transaction_at_ms, content) = report.map_err(fail)?;
-    Ok(RecoveryReport {
-        target: request.target.clone(),
-        reached_lsn,
+    wait_for_promotion(server, &probe, request.timeout, &explain)
+        .await
+        .map_err(&fail)?;
+    let (lsn, last_transaction_at_ms, content) = read_state(&probe).await.map_err(&fail)?;
+    let row_counts_checked = match &request.entry.row_counts {
+        Some(expected) => {
+            compare_with_cut(&content, expected).map_err(&fail)?;
+            true
+        }
+        None => false,
+    };
+    Ok(Reached {
+        lsn,
         last_transaction_at_ms,
-        last_transaction_date_time: last_transaction_at_ms.map(|ms| Zone::UTC.format_ms(ms)),
-        recovery_ms: started.elapsed().as_millis() as u64,
         content,
-        data_dir: cleanup.keep.then(|| cleanup.path.clone()),
+        row_counts_checked,
     })
 }
 
-/// The scratch server's settings. Passed on the command line, so they win over
-/// whatever the base backup's postgresql.conf and postgresql.auto.conf say.
-fn settings(request: &Recovery<'_>) -> Vec<String> {
-    let archive = request
-        .wal_archive
-        .display()
-        .to_string()
-        .replace('\'', "''");
-    let mut settings = vec![
-        // Never archive into the source's archive, never accept local socket
-        // connections meant for another server.
-        "archive_mode=off".to_owned(),
-        "unix_socket_directories=".to_owned(),
-        format!("restore_command=cp '{archive}/%f' '%p'"),
-        "recovery_target_action=promote".to_owned(),
-        "hot_standby=on".to_owned(),
-    ];
-    settings.push(match &request.target {
-        Target::Name(name) => format!("recovery_target_name={name}"),
-        Target::Lsn(lsn) => format!("recovery_target_lsn={lsn}"),
-        Target::Time(ms) => format!("recovery_target_time={}", postgres_time(*ms)),
-    });
-    settings
-        .into_iter()
-        .flat_map(|setting| ["-c".to_owned(), setting])
-        .collect()
+/// The rows per table of the recovered state against those counted at the cut.
+fn compare_with_cut(content: &ContentHash, expected: &BTreeMap<String, u64>) -> Result<(), String> {
+    let mut differences = Vec::new();
+    for (table, rows) in expected {
+        match content.tables.get(table) {
+            Some(hash) if hash.rows == *rows => {}
+            Some(hash) => differences.push(format!(
+                "{table} has {} rows, the cut had {rows}",
+                hash.rows
+            )),
+            None => differences.push(format!("{table} is missing (the cut had {rows} rows)")),
+        }
+    }
+    for (table, hash) in &content.tables {
+        if !expected.contains_key(table) {
+            differences.push(format!(
+                "{table} ({} rows) did not exist at the cut",
+                hash.rows
+            ));
+        }
+    }
+    if differences.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "the recovered state is not the backup's cut: {}; the base backup or the WAL \
+         archive is not this database's, or something committed during the pause outside \
+         the cluster",
+        differences.join("; ")
+    ))
+}
+
+/// The scratch server's own configuration: settings that keep it apart from the
+/// source, written to `stillpoint-pitr.conf` (after an include of the base backup's
+/// postgresql.conf, if any: a Debian/Ubuntu cluster keeps its configuration in /etc,
+/// so its base backups have none) and repeated on the command line, where
+/// postgresql.auto.conf cannot override them. Our pg_hba.conf lets local connections
+/// in on the scratch directory's socket (a directory only the server's user and root
+/// can enter) and nothing over TCP.
+struct ScratchConfig {
+    data_dir: PathBuf,
+    /// (name, value), in order.
+    settings: Vec<(&'static str, String)>,
+}
+
+impl ScratchConfig {
+    fn new(request: &Recovery<'_>, data_dir: &Path) -> ScratchConfig {
+        let path = |name: &str| data_dir.join(name).display().to_string();
+        let mut settings = vec![
+            ("data_directory", data_dir.display().to_string()),
+            ("hba_file", path(HBA_FILE)),
+            ("ident_file", path(IDENT_FILE)),
+            ("listen_addresses", "127.0.0.1".to_owned()),
+            ("port", request.port.to_string()),
+            // A list: each entry double-quoted, a quote inside doubled.
+            (
+                "unix_socket_directories",
+                format!(
+                    "\"{}\"",
+                    data_dir.display().to_string().replace('"', "\"\"")
+                ),
+            ),
+            // Never archive into the source's archive, never stream from its primary,
+            // never write the source's external pid file.
+            ("archive_mode", "off".to_owned()),
+            ("primary_conninfo", String::new()),
+            ("primary_slot_name", String::new()),
+            ("external_pid_file", String::new()),
+            // The log goes to our file, in words we can read back.
+            ("logging_collector", "off".to_owned()),
+            ("lc_messages", "C".to_owned()),
+            ("ssl", "off".to_owned()),
+            // Off: a hot standby would check that max_connections and its kin are at
+            // least the source's, which a configuration of our own cannot know.
+            ("hot_standby", "off".to_owned()),
+            ("cluster_name", "stillpoint-pitr".to_owned()),
+        ];
+        if std::fs::read_to_string(data_dir.join("PG_VERSION"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .is_some_and(|major| major < 15)
+        {
+            // Before 15 the statistics collector wrote here; the source's setting may
+            // name a directory the source uses.
+            settings.push(("stats_temp_directory", "pg_stat_tmp".to_owned()));
+        }
+        ScratchConfig {
+            data_dir: data_dir.to_owned(),
+            settings,
+        }
+    }
+
+    fn config_file(&self) -> PathBuf {
+        self.data_dir.join(CONFIG_FILE)
+    }
+
+    fn write(&self) -> Result<(), PitrError> {
+        let mut text = String::from(
+            "# Written by stillpoint pitr: the scratch server's own configuration. The base\n\
+             # backup's postgresql.conf, when it has one, is read first; these settings win.\n\
+             include_if_exists = 'postgresql.conf'\n",
+        );
+        for (name, value) in &self.settings {
+            text.push_str(&format!("{name} = {}\n", config_quote(value)));
+        }
+        let files = [
+            (self.config_file(), text),
+            (
+                self.data_dir.join(HBA_FILE),
+                "# Written by stillpoint pitr: the scratch directory's socket only.\n\
+                 local all all trust\n"
+                    .to_owned(),
+            ),
+            (self.data_dir.join(IDENT_FILE), String::new()),
+        ];
+        for (path, text) in files {
+            std::fs::write(&path, text).map_err(|error| {
+                PitrError::Setup(format!("writing {}: {error}", path.display()))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `-c name=value` for every setting (values as they are: the command line is not
+    /// parsed like a file), then the recovery settings.
+    fn args(&self, request: &Recovery<'_>) -> Vec<String> {
+        let mut settings: Vec<String> =
+            vec![format!("config_file={}", self.config_file().display())];
+        settings.extend(
+            self.settings
+                .iter()
+                .map(|(name, value)| format!("{name}={value}")),
+        );
+        settings.push(format!(
+            "restore_command={}",
+            restore_command(request.wal_archive)
+        ));
+        settings.push("recovery_target_action=promote".to_owned());
+        settings.push(match &request.target {
+            Target::Name(name) => format!("recovery_target_name={name}"),
+            Target::Lsn(lsn) => format!("recovery_target_lsn={lsn}"),
+            Target::Time(ms) => format!("recovery_target_time={}", postgres_time(*ms)),
+        });
+        settings
+            .into_iter()
+            .flat_map(|setting| ["-c".to_owned(), setting])
+            .collect()
+    }
+}
+
+const CONFIG_FILE: &str = "stillpoint-pitr.conf";
+const HBA_FILE: &str = "stillpoint-pitr-hba.conf";
+const IDENT_FILE: &str = "stillpoint-pitr-ident.conf";
+
+/// A value in a configuration file: single quotes, with `'` and `\` escaped.
+fn config_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// `cp '<archive>/%f' "%p"`. PostgreSQL hands restore_command to `sh` after replacing
+/// `%f`, `%p` and `%%`: the archive path is quoted for `sh` (a `'` closes the quote,
+/// is escaped, and reopens it), and its own `%` signs are doubled.
+fn restore_command(archive: &Path) -> String {
+    let quoted = format!("'{}'", archive.display().to_string().replace('\'', "'\\''"));
+    format!("cp {}/%f \"%p\"", quoted.replace('%', "%%"))
 }
 
 /// `2026-11-22 01:02:03.456+00`, which recovery_target_time reads exactly.
@@ -327,56 +670,68 @@ fn postgres_time(ms: i64) -> String {
     at.format("%Y-%m-%d %H:%M:%S%.3f+00").to_string()
 }
 
-/// Runs the server's programs as the caller, or as `run_as` through `runuser`.
-struct ServerCommand<'a> {
-    config: &'a PostgresConfig,
-    run_as: Option<&'a str>,
-    data_dir: &'a Path,
-}
-
-impl ServerCommand<'_> {
-    fn command(&self, program: &str) -> Command {
-        let mut command = match self.run_as {
-            Some(user) => {
-                let mut command = Command::new("runuser");
-                command
-                    .args(["-u", user, "--"])
-                    .arg(tool(self.config, program));
-                command
+/// A command for the server's `postgres`: run directly, or as `run_as` through
+/// `setpriv`, which execs it (unlike `runuser` or `su`, which fork and wait), so the
+/// child we hold is the postmaster itself and signals reach it, not a wrapper.
+async fn server_command(
+    config: &PostgresConfig,
+    run_as: Option<&str>,
+    data_dir: &Path,
+) -> Result<Command, String> {
+    let postgres = tool(config, "postgres");
+    let mut command = match run_as {
+        Some(user) => {
+            let gid = Command::new("id")
+                .args(["-g", "--", user])
+                .output()
+                .await
+                .map_err(|error| format!("running id: {error}"))?;
+            if !gid.status.success() {
+                return Err(format!(
+                    "cannot find the system user {user:?} to run the scratch server as: {}",
+                    String::from_utf8_lossy(&gid.stderr).trim()
+                ));
             }
-            None => Command::new(tool(self.config, program)),
-        };
-        // The caller's working directory may be closed to the server's user.
-        command.current_dir(self.data_dir);
-        command
-    }
+            let mut command = Command::new("setpriv");
+            command
+                .arg(format!("--reuid={user}"))
+                .arg(format!(
+                    "--regid={}",
+                    String::from_utf8_lossy(&gid.stdout).trim()
+                ))
+                .args(["--init-groups", "--"])
+                .arg(postgres);
+            command
+        }
+        None => Command::new(postgres),
+    };
+    // The caller's working directory may be closed to the server's user.
+    command.current_dir(data_dir);
+    Ok(command)
 }
 
-struct Server<'a> {
+/// The scratch server: the postmaster process we started.
+struct Server {
     child: Child,
-    command: ServerCommand<'a>,
 }
 
-impl Server<'_> {
-    /// Fast shutdown through pg_ctl, which waits for every backend (killing our child
-    /// would only kill `runuser`); SIGKILL if that fails.
+impl Server {
+    /// Fast shutdown (SIGINT to the postmaster, which ends its backends first), then
+    /// SIGKILL if it has not exited within 30 s. The pid is our unreaped child's, so it
+    /// cannot have been reused by anything else.
     async fn stop(&mut self) {
-        let stopped = self
-            .command
-            .command("pg_ctl")
-            .arg("stop")
-            .arg("--pgdata")
-            .arg(self.command.data_dir)
-            .args(["--mode=fast", "--wait", "--timeout=30", "--silent"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        if let Some(pid) = self.child.id() {
+            process::send_signal(pid, "INT").await;
+        }
+        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
-            .is_ok_and(|status| status.success());
-        if !stopped {
+            .is_err()
+        {
             let _ = self.child.kill().await;
         }
-        let _ = self.child.wait().await;
     }
 }
 
@@ -398,69 +753,246 @@ async fn chown(user: &str, dir: &Path) -> Result<(), PitrError> {
     Ok(())
 }
 
+/// How to reach the scratch server: its unix socket in the scratch directory (which
+/// only it can have made), as the source URL's user, to its database.
+fn probe_config(
+    source: &str,
+    data_dir: &Path,
+    port: u16,
+) -> Result<tokio_postgres::Config, PitrError> {
+    let source = ConnString::parse(source)
+        .map_err(|message| PitrError::Setup(format!("the database's URL: {message}")))?;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host_path(data_dir)
+        .port(port)
+        .application_name("stillpoint-pitr")
+        .connect_timeout(Duration::from_secs(10));
+    if let Some(user) = source.user() {
+        config.user(user);
+    }
+    if let Some(dbname) = source.dbname() {
+        config.dbname(dbname);
+    }
+    Ok(config)
+}
+
+/// What explaining a failure needs.
+struct Explain<'a> {
+    log_path: &'a Path,
+    kept: bool,
+    port: u16,
+    archive: &'a Path,
+    run_as: Option<&'a str>,
+}
+
 async fn wait_for_promotion(
-    server: &mut Server<'_>,
-    url: &str,
+    server: &mut Server,
+    probe: &tokio_postgres::Config,
     timeout: Duration,
-    log_path: &Path,
+    explain: &Explain<'_>,
 ) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
+    let mut last_error = None;
     loop {
-        if let Ok(Some(status)) = server.child.try_wait() {
-            return Err(explain_exit(status, log_path));
+        match server.child.try_wait() {
+            Ok(Some(status)) => return Err(explain.exit(status)),
+            Ok(None) => {}
+            Err(error) => return Err(format!("cannot watch the scratch server: {error}")),
         }
-        if let Ok((client, connection)) = tokio_postgres::connect(url, NoTls).await {
-            let driver = tokio::spawn(connection);
-            let in_recovery = client
-                .query_one("SELECT pg_is_in_recovery()", &[])
-                .await
-                .map(|row| row.get::<_, bool>(0));
-            drop(client);
-            let _ = driver.await;
-            if let Ok(false) = in_recovery {
-                return Ok(());
+        match probe.connect(tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                let driver = tokio::spawn(connection);
+                let in_recovery = client
+                    .query_one("SELECT pg_is_in_recovery()", &[])
+                    .await
+                    .map(|row| row.get::<_, bool>(0));
+                drop(client);
+                let _ = driver.await;
+                match in_recovery {
+                    Ok(false) => return Ok(()),
+                    Ok(true) => {}
+                    Err(error) => last_error = Some(error.to_string()),
+                }
             }
+            Err(error) => match error.code() {
+                // Still replaying: the server says so until it has promoted.
+                Some(code) if *code == tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW => {}
+                // The server is up and refuses us for good (no such role or database).
+                Some(_) => {
+                    return Err(format!(
+                        "the recovered server refused the connection: {}",
+                        crate::adapters::postgres::error_text(&error)
+                    ));
+                }
+                // No socket yet, or it is starting: remembered for the timeout message.
+                None => last_error = Some(crate::adapters::postgres::error_text(&error)),
+            },
         }
         if Instant::now() >= deadline {
             return Err(format!(
-                "replay did not reach the target within {}s; the server log is {}",
+                "replay did not reach the target within {}s{}; {}",
                 timeout.as_secs(),
-                log_path.display()
+                last_error
+                    .map(|error| format!(" (the last connection attempt: {error})"))
+                    .unwrap_or_default(),
+                explain.log_tail()
             ));
         }
+        // Not a wait for a state: the interval between two probes of the server.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// Why the scratch server exited, in words an operator can act on.
-fn explain_exit(status: std::process::ExitStatus, log_path: &Path) -> String {
-    let log = std::fs::read_to_string(log_path).unwrap_or_default();
-    let fatal: Vec<&str> = log
-        .lines()
-        .filter(|line| line.contains("FATAL") || line.contains("PANIC"))
-        .collect();
-    if log.contains("recovery ended before configured recovery target was reached") {
-        return "the WAL archive ends before the target: the segment holding it has not \
-                been archived yet (run SELECT pg_switch_wal() on the source, or wait for \
-                archive_timeout), or the base backup is newer than the target"
-            .to_owned();
+impl Explain<'_> {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path).unwrap_or_default()
     }
-    format!(
-        "the scratch server exited ({status}): {}",
-        if fatal.is_empty() {
-            log.lines().rev().take(5).collect::<Vec<_>>().join(" / ")
+
+    /// The server log's last lines (without our probes' own noise), and where the log
+    /// is when it is kept: it goes with the scratch directory otherwise.
+    fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().filter(|line| !is_probe_noise(line)).collect();
+        let tail = lines[lines.len().saturating_sub(5)..].join(" / ");
+        let kept = if self.kept {
+            format!(" (the whole log is {})", self.log_path.display())
         } else {
-            fatal.join(" / ")
+            String::new()
+        };
+        if tail.is_empty() {
+            format!("the server log is empty{kept}")
+        } else {
+            format!("the server log ends: {tail}{kept}")
         }
-    )
+    }
+
+    /// Why the scratch server exited, in words an operator can act on.
+    fn exit(&self, status: std::process::ExitStatus) -> String {
+        let log = self.log();
+        if log.contains("could not bind") && log.contains("already in use") {
+            return format!(
+                "the scratch server could not start: port {} on 127.0.0.1 is in use by \
+                 another server; choose another --port, or leave it out for a free one",
+                self.port
+            );
+        }
+        if log.contains("recovery ended before configured recovery target was reached") {
+            return self.archive_ended(&log);
+        }
+        if log.contains("requested recovery stop point is before consistent recovery point") {
+            return "the target lies before the point where the base backup becomes \
+                    consistent: the base backup is newer than the target; use one taken \
+                    before the backup"
+                .to_owned();
+        }
+        let fatal: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains("FATAL") || line.contains("PANIC"))
+            .filter(|line| !is_probe_noise(line))
+            .collect();
+        if fatal.is_empty() {
+            format!("the scratch server exited ({status}); {}", self.log_tail())
+        } else {
+            format!(
+                "the scratch server exited ({status}): {}",
+                fatal.join(" / ")
+            )
+        }
+    }
+
+    /// Recovery ran out of WAL before the target. Which segment it could not get, and
+    /// why, from restore_command's (`cp`'s) messages and the archive's contents.
+    fn archive_ended(&self, log: &str) -> String {
+        let failed = failed_segments(log);
+        let archive = self.archive.display();
+        if let Some((segment, _)) = failed.iter().find(|(_, denied)| *denied) {
+            return format!(
+                "the scratch server cannot read {segment} in the WAL archive {archive} \
+                 (permission denied): make the archive readable by {}",
+                self.run_as
+                    .map(|user| format!("the user {user}"))
+                    .unwrap_or_else(|| "the user stillpoint runs as".to_owned())
+            );
+        }
+        let Some(missing) = failed.iter().map(|(segment, _)| segment).max() else {
+            return format!(
+                "the WAL archive {archive} ends before the target, or the base backup is \
+                 newer than the target; {}",
+                self.log_tail()
+            );
+        };
+        let later: Vec<String> = archived_segments(self.archive)
+            .into_iter()
+            // Same timeline, further on.
+            .filter(|name| name[..8] == missing[..8] && name > missing)
+            .collect();
+        match later.first() {
+            Some(next) => format!(
+                "the WAL archive {archive} has a gap: {missing} is missing but later segments \
+                 (from {next}) are there, and replay cannot pass the gap; copy {missing} \
+                 into the archive from the source's pg_wal if it is still there, or recover \
+                 from a base backup taken after the gap"
+            ),
+            None => format!(
+                "the WAL archive {archive} ends before the target: {missing} has not been \
+                 archived yet (run SELECT pg_switch_wal() on the source, or wait for \
+                 archive_timeout), or the base backup is newer than the target"
+            ),
+        }
+    }
+}
+
+/// Lines our own connection attempts leave in the log while the server replays.
+fn is_probe_noise(line: &str) -> bool {
+    line.contains("the database system is starting up")
+        || line.contains("the database system is not yet accepting connections")
+        || line.contains("consistent recovery state has not been yet reached")
+}
+
+/// WAL segments (24 hex digits) restore_command failed to copy, in log order, and
+/// whether it was for want of permission.
+fn failed_segments(log: &str) -> Vec<(String, bool)> {
+    log.lines()
+        .filter(|line| line.starts_with("cp: "))
+        .filter_map(|line| {
+            let segment = line.match_indices('/').find_map(|(at, _)| {
+                let name = line.get(at + 1..at + 25)?;
+                let after = line[at + 25..].chars().next();
+                (name.chars().all(|c| c.is_ascii_hexdigit())
+                    && !after.is_some_and(|c| c.is_ascii_alphanumeric()))
+                .then(|| name.to_owned())
+            })?;
+            Some((segment, line.contains("Permission denied")))
+        })
+        .collect()
+}
+
+/// The WAL segment files in an archive directory, sorted.
+fn archived_segments(archive: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(archive)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter(|name| name.len() == 24 && name.chars().all(|c| c.is_ascii_hexdigit()))
+        .collect();
+    names.sort();
+    names
 }
 
 type State = (Option<String>, Option<i64>, ContentHash);
 
-async fn read_state(url: &str) -> Result<State, String> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
+async fn read_state(probe: &tokio_postgres::Config) -> Result<State, String> {
+    let (client, connection) = probe
+        .connect(tokio_postgres::NoTls)
         .await
-        .map_err(|error| format!("connecting to the recovered server: {error}"))?;
+        .map_err(|error| {
+            format!(
+                "connecting to the recovered server: {}",
+                crate::adapters::postgres::error_text(&error)
+            )
+        })?;
     let driver = tokio::spawn(connection);
     let row = client
         .query_one(
@@ -481,9 +1013,7 @@ async fn read_state(url: &str) -> Result<State, String> {
 /// The [`ContentHash`] of the PostgreSQL database `url` names: compare a recovered
 /// database with a restored logical copy, or two recoveries with each other.
 pub async fn content_hash(url: &str) -> Result<ContentHash, String> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(|error| format!("connecting: {error}"))?;
+    let (client, connection) = ConnString::parse(url)?.connect().await?;
     let driver = tokio::spawn(connection);
     let hash = content_hash_with(&client)
         .await
@@ -498,7 +1028,8 @@ async fn content_hash_with(
 ) -> Result<ContentHash, tokio_postgres::Error> {
     let tables = client
         .query(
-            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c \
+            "SELECT n.nspname || '.' || c.relname, \
+                    quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                AND n.nspname NOT LIKE 'pg\\_%' ORDER BY 1",
@@ -507,15 +1038,17 @@ async fn content_hash_with(
         .await?;
     let mut hashes = BTreeMap::new();
     let mut digest = blake3::Hasher::new();
-    for table in tables {
-        let table: String = table.get(0);
+    for row in tables {
+        // Named `schema.table` as the manifest's row counts name them; quoted to query.
+        let table: String = row.get(0);
+        let quoted: String = row.get(1);
         // Each row's text form, sorted: independent of physical order and of how the
         // rows got there (replayed WAL or a pg_restore).
         let row = client
             .query_one(
                 &format!(
                     "SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY t::text)), '') \
-                     FROM {table} t"
+                     FROM {quoted} t"
                 ),
                 &[],
             )
@@ -566,6 +1099,8 @@ async fn copy_dir(from: &Path, to: &Path) -> Result<(), PitrError> {
         .arg("-a")
         .arg(from.join("."))
         .arg(to)
+        // Dropped when recovery is cancelled: the copy must stop with it.
+        .kill_on_drop(true)
         .status()
         .await
         .map_err(|error| PitrError::Setup(format!("running cp: {error}")))?;
@@ -606,64 +1141,5 @@ fn tool(config: &PostgresConfig, name: &str) -> PathBuf {
     }
 }
 
-/// The source URL pointed at the scratch server: same user, password and database.
-fn scratch_url(source: &str, port: u16) -> Result<String, PitrError> {
-    let mut url = url::Url::parse(source).map_err(|_| {
-        PitrError::Setup(
-            "point-in-time recovery needs a postgres:// URL for the database".to_owned(),
-        )
-    })?;
-    url.set_host(Some("127.0.0.1"))
-        .and_then(|()| {
-            url.set_port(Some(port))
-                .map_err(|()| url::ParseError::InvalidPort)
-        })
-        .map_err(|error| PitrError::Setup(format!("building the scratch server's URL: {error}")))?;
-    Ok(url.to_string())
-}
-
-/// The URL without its password (for a command line) and the password (for
-/// PGPASSWORD).
-fn split_password(source: &str) -> Result<(String, Option<String>), PitrError> {
-    let mut url = url::Url::parse(source).map_err(|_| {
-        PitrError::Setup("base backups need a postgres:// URL for the database".to_owned())
-    })?;
-    // tokio-postgres's own parser percent-decodes it exactly as a connection would.
-    let password = tokio_postgres::Config::from_str(source)
-        .ok()
-        .and_then(|config| {
-            config
-                .get_password()
-                .map(|p| String::from_utf8_lossy(p).into_owned())
-        });
-    let _ = url.set_password(None);
-    Ok((url.to_string(), password))
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recovery_time_is_utc_with_milliseconds() {
-        assert_eq!(
-            postgres_time(1_700_000_000_123),
-            "2023-11-14 22:13:20.123+00"
-        );
-    }
-
-    #[test]
-    fn passwords_leave_the_url_for_pgpassword() {
-        let (url, password) = split_password("postgres://u:p%40ss@h:5432/db").unwrap();
-        assert_eq!(url, "postgres://u@h:5432/db");
-        assert_eq!(password.as_deref(), Some("p@ss"));
-    }
-
-    #[test]
-    fn the_scratch_url_keeps_user_and_database() {
-        assert_eq!(
-            scratch_url("postgres://u@db.example:5432/ledger?x=1", 6000).unwrap(),
-            "postgres://u@127.0.0.1:6000/ledger?x=1"
-        );
-    }
-}
+mod tests;

@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use stillpoint::adapters::{self, AdapterConfig, PostgresConfig};
 use stillpoint::catalog;
 use stillpoint::manifest::Manifest;
-use stillpoint::pitr::{self, Recovery, TargetKind};
+use stillpoint::pitr::{self, PitrError, Recovery, TargetKind};
 use stillpoint::restore::{self, RestoreError};
 use stillpoint::runbook::Runbook;
 use stillpoint::storage::Storage;
@@ -20,6 +20,7 @@ use crate::args::{OutputFormat, duration};
 use crate::backup::{human_bytes, load_runbook};
 use crate::exit::{self, Failure};
 use crate::output::print_json;
+use crate::signal::run_cancellable;
 
 #[derive(Debug, Clone, Args)]
 pub struct RestoreArgs {
@@ -243,19 +244,21 @@ pub async fn pitr(args: PitrArgs) -> Result<u8, Failure> {
     };
     let target = pitr::target_for(entry, manifest.window.restore_point_timestamp_ms, kind)
         .map_err(|error| Failure::new(exit::USAGE, error))?;
-    let temp;
+    let mut temp = None;
     let data_dir = match &args.data_dir {
         Some(dir) => dir.clone(),
         None => {
-            temp = tempfile::Builder::new()
+            let dir = tempfile::Builder::new()
                 .prefix("stillpoint-pitr-")
                 .tempdir()
                 .map_err(|error| anyhow::anyhow!("creating a scratch directory: {error}"))?;
             // The server's user must be able to reach the data directory inside.
             use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o755))
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
                 .map_err(|error| anyhow::anyhow!("opening the scratch directory: {error}"))?;
-            temp.path().join("data")
+            let data_dir = dir.path().join("data");
+            temp = Some(dir);
+            data_dir
         }
     };
     let port = match args.port {
@@ -270,8 +273,9 @@ pub async fn pitr(args: PitrArgs) -> Result<u8, Failure> {
             manifest.backup_id
         );
     }
-    let report = pitr::recover(Recovery {
+    let request = Recovery {
         config,
+        entry,
         base_backup: &args.base_backup,
         wal_archive: &args.wal_archive,
         data_dir: &data_dir,
@@ -283,9 +287,23 @@ pub async fn pitr(args: PitrArgs) -> Result<u8, Failure> {
             .run_as
             .clone()
             .or_else(|| pitr::running_as_root().then(|| "postgres".to_owned())),
-    })
-    .await
-    .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?;
+    };
+    // SIGINT/SIGTERM stop the scratch server and remove its directory before we exit.
+    let outcome =
+        run_cancellable(|cancel| async move { pitr::recover(request, &cancel).await }).await;
+    if args.keep {
+        // The data directory was kept: so is the temporary directory around it.
+        if let Some(temp) = temp.take() {
+            let _ = temp.keep();
+        }
+    }
+    let report = outcome.map_err(|error| {
+        let code = match error {
+            PitrError::Cancelled(_) => exit::ERROR,
+            _ => exit::BACKUP_FAILED,
+        };
+        Failure::new(code, error)
+    })?;
     match args.output {
         OutputFormat::Json => print_json(&serde_json::json!({
             "backup_id": manifest.backup_id,
@@ -306,9 +324,11 @@ pub async fn pitr(args: PitrArgs) -> Result<u8, Failure> {
             println!("  content digest {}", report.content.digest);
             if let Some(dir) = &report.data_dir {
                 println!(
-                    "  kept {} (start it with pg_ctl -D {} start)",
+                    "  kept {} (stopped; start it with pg_ctl -D {} -o \"-c config_file={}\" \
+                     start)",
                     dir.display(),
-                    dir.display()
+                    dir.display(),
+                    dir.join("stillpoint-pitr.conf").display()
                 );
             }
         }
