@@ -4,7 +4,8 @@
 //!
 //! Layout:
 //! - [`Postgres`] (`postgres.rs`): `initdb` + `postgres` in a temp dir, trust auth, TCP on
-//!   127.0.0.1 and a unix socket inside the temp dir; optional WAL archiving for PITR.
+//!   127.0.0.1 and a unix socket inside the temp dir; optional WAL archiving for PITR;
+//!   roles that must log in with a password, for tests of how passwords travel.
 //! - [`MariaDb`] (`mariadb.rs`): `mariadb-install-db` + `mariadbd` with the binlog (and so
 //!   GTIDs) on, root without a password over TCP.
 //! - `process.rs`: what both share: finding binaries, free ports, running a command and

@@ -343,3 +343,19 @@ fn the_hook_environment_keeps_secrets_out_unless_passed_by_name() {
     assert_eq!(names, ["AWS_PROFILE", "HOME", "LC_ALL", "PATH"]);
     assert_eq!(env[&OsString::from("HOME")], "/var/lib/hooks");
 }
+
+#[test]
+fn the_runbook_passes_variables_by_name_and_by_value() {
+    let config: crate::adapters::AdapterConfig = toml::from_str(
+        r#"adapter = "exec"
+cut = "true"
+pass_env = ["AWS_PROFILE"]
+env = { REGION = "eu-west-1" }"#,
+    )
+    .unwrap();
+    let crate::adapters::AdapterConfig::Exec(exec) = config else {
+        panic!("not an exec config: {config:?}");
+    };
+    assert_eq!(exec.pass_env, ["AWS_PROFILE"]);
+    assert_eq!(exec.env["REGION"], "eu-west-1");
+}
