@@ -252,7 +252,7 @@ pub async fn recover(
     // Created before anything is written: whatever happens next, the directory goes
     // (unless kept) when this is dropped, after the server has been stopped.
     let mut scratch = Scratch {
-        dir: ScratchDir {
+        _dir: ScratchDir {
             path: request.data_dir.to_owned(),
             keep: request.keep,
         },
@@ -397,8 +397,8 @@ fn format_lsn(lsn: u64) -> String {
 /// The scratch data directory and the server running in it, held outside the future
 /// that does the work, so they can be cleaned up after that future was dropped.
 struct Scratch {
-    /// Declared first, but the server is stopped explicitly before this drops.
-    dir: ScratchDir,
+    /// Removes the directory when dropped; the server is stopped explicitly before.
+    _dir: ScratchDir,
     server: Option<Server>,
 }
 
@@ -422,7 +422,6 @@ async fn replay(request: &Recovery<'_>, scratch: &mut Scratch) -> Result<Reached
     let data_dir = std::fs::canonicalize(request.data_dir).map_err(|error| {
         PitrError::Setup(format!("resolving {}: {error}", request.data_dir.display()))
     })?;
-    debug_assert_eq!(scratch.dir.path, request.data_dir);
     // A copy of a running data directory carries the source's lock file: the scratch
     // server would refuse to start on it, and anything that read it would signal the
     // source's postmaster. standby.signal (pg_basebackup -R) would keep the scratch
@@ -438,6 +437,13 @@ async fn replay(request: &Recovery<'_>, scratch: &mut Scratch) -> Result<Reached
             _ => {}
         }
     }
+    // restore_command runs in the data directory: a relative archive path would miss.
+    let archive = std::fs::canonicalize(request.wal_archive).map_err(|error| {
+        PitrError::Setup(format!(
+            "resolving {}: {error}",
+            request.wal_archive.display()
+        ))
+    })?;
     let scratch_config = ScratchConfig::new(request, &data_dir);
     scratch_config.write()?;
     std::fs::write(data_dir.join("recovery.signal"), b"")
@@ -455,7 +461,7 @@ async fn replay(request: &Recovery<'_>, scratch: &mut Scratch) -> Result<Reached
     command
         .arg("-D")
         .arg(&data_dir)
-        .args(scratch_config.args(request))
+        .args(scratch_config.args(request, &archive))
         // cp's messages in the log are read back to explain a failure.
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
@@ -475,7 +481,7 @@ async fn replay(request: &Recovery<'_>, scratch: &mut Scratch) -> Result<Reached
         log_path: &log_path,
         kept: request.keep,
         port: request.port,
-        archive: request.wal_archive,
+        archive: &archive,
         run_as: request.run_as.as_deref(),
     };
     wait_for_promotion(server, &probe, request.timeout, &explain)
@@ -622,7 +628,7 @@ impl ScratchConfig {
 
     /// `-c name=value` for every setting (values as they are: the command line is not
     /// parsed like a file), then the recovery settings.
-    fn args(&self, request: &Recovery<'_>) -> Vec<String> {
+    fn args(&self, request: &Recovery<'_>, archive: &Path) -> Vec<String> {
         let mut settings: Vec<String> =
             vec![format!("config_file={}", self.config_file().display())];
         settings.extend(
@@ -630,10 +636,7 @@ impl ScratchConfig {
                 .iter()
                 .map(|(name, value)| format!("{name}={value}")),
         );
-        settings.push(format!(
-            "restore_command={}",
-            restore_command(request.wal_archive)
-        ));
+        settings.push(format!("restore_command={}", restore_command(archive)));
         settings.push("recovery_target_action=promote".to_owned());
         settings.push(match &request.target {
             Target::Name(name) => format!("recovery_target_name={name}"),

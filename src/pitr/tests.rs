@@ -249,7 +249,7 @@ fn the_scratch_configuration_file_parses_back_and_keeps_the_source_apart() {
             .collect::<Vec<_>>(),
         ["local all all trust"]
     );
-    let args = scratch.args(&request);
+    let args = scratch.args(&request, dir.path());
     assert!(args.contains(&"archive_mode=off".to_owned()));
     assert!(args.contains(&"recovery_target_lsn=0/3000000".to_owned()));
     assert!(args.contains(&format!(
