@@ -390,8 +390,8 @@ mod tests {
     use std::sync::Arc;
 
     use bytes::Bytes;
-    use futures::StreamExt;
     use futures::stream::BoxStream;
+    use futures::{FutureExt, StreamExt};
     use object_store::memory::InMemory;
     use object_store::path::Path;
     use object_store::{
@@ -405,6 +405,10 @@ mod tests {
 
     fn at(text: &str) -> DateTime<Utc> {
         text.parse().unwrap()
+    }
+
+    fn at_time(text: &str) -> DateTime<Utc> {
+        at(text)
     }
 
     fn storage() -> (tempfile::TempDir, Storage) {
@@ -841,5 +845,183 @@ mod tests {
         assert_eq!(catalog.backups, [b]);
         assert_eq!(catalog.orphans.len(), 1);
         assert_eq!(catalog.orphans[0].backup_id, a.backup_id);
+    }
+
+    /// A store that runs `hook` once, just before its `at`-th operation: a backup's
+    /// commit landing at that point of an orphan removal.
+    struct Interleave {
+        inner: Arc<InMemory>,
+        at: usize,
+        ops: std::sync::atomic::AtomicUsize,
+        hook: std::sync::Mutex<Option<futures::future::BoxFuture<'static, ()>>>,
+    }
+
+    impl std::fmt::Debug for Interleave {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Interleave")
+        }
+    }
+
+    impl std::fmt::Display for Interleave {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Interleave")
+        }
+    }
+
+    impl Interleave {
+        fn before(&self) -> Option<futures::future::BoxFuture<'static, ()>> {
+            let n = self.ops.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n == self.at {
+                self.hook.lock().unwrap().take()
+            } else {
+                None
+            }
+        }
+
+        fn fired(&self) -> bool {
+            self.hook.lock().unwrap().is_none()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Interleave {
+        async fn put_opts(&self, l: &Path, p: PutPayload, o: PutOptions) -> OsResult<PutResult> {
+            if let Some(hook) = self.before() {
+                hook.await;
+            }
+            self.inner.put_opts(l, p, o).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            l: &Path,
+            o: PutMultipartOptions,
+        ) -> OsResult<Box<dyn MultipartUpload>> {
+            if let Some(hook) = self.before() {
+                hook.await;
+            }
+            self.inner.put_multipart_opts(l, o).await
+        }
+        async fn get_opts(&self, l: &Path, o: GetOptions) -> OsResult<GetResult> {
+            if let Some(hook) = self.before() {
+                hook.await;
+            }
+            self.inner.get_opts(l, o).await
+        }
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, OsResult<Path>>,
+        ) -> BoxStream<'static, OsResult<Path>> {
+            let hook = self.before();
+            let inner = Arc::clone(&self.inner);
+            futures::stream::once(async move {
+                if let Some(hook) = hook {
+                    hook.await;
+                }
+                inner.delete_stream(locations)
+            })
+            .flatten()
+            .boxed()
+        }
+        fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, OsResult<ObjectMeta>> {
+            let hook = self.before();
+            let inner = Arc::clone(&self.inner);
+            let prefix = prefix.cloned();
+            futures::stream::once(async move {
+                if let Some(hook) = hook {
+                    hook.await;
+                }
+                inner.list(prefix.as_ref())
+            })
+            .flatten()
+            .boxed()
+        }
+        async fn list_with_delimiter(&self, prefix: Option<&Path>) -> OsResult<ListResult> {
+            if let Some(hook) = self.before() {
+                hook.await;
+            }
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(&self, from: &Path, to: &Path, o: CopyOptions) -> OsResult<()> {
+            if let Some(hook) = self.before() {
+                hook.await;
+            }
+            self.inner.copy_opts(from, to, o).await
+        }
+    }
+
+    /// Settles issue 18's race: `remove_orphan` checked for a manifest, then deleted
+    /// the whole directory, so a commit landing in between lost the backup (its
+    /// artifacts, and its manifest too). Whichever step of the removal the commit
+    /// lands before, the commit either fails (and the backup is not listed) or the
+    /// backup stays listed with every artifact intact.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_racing_an_orphan_removal_is_never_lost() {
+        let mut interleavings = 0;
+        for at in 0.. {
+            let inner = Arc::new(InMemory::new());
+            let plain = Storage::from_object_store(inner.clone(), "memory://plain");
+            // A backup about to commit: its artifact is stored, its manifest is not.
+            let mut manifest = manifest_at(at_time("2024-05-01T10:00:00Z"));
+            let path = manifest::artifact_path(
+                &manifest.backup_id,
+                "ledger",
+                "sqlite",
+                &PipelineSettings::default(),
+            )
+            .unwrap();
+            let input: crate::adapters::ByteStream =
+                Box::pin(std::io::Cursor::new(b"rows".to_vec()));
+            let info = pipeline::store(input, &PipelineSettings::default(), &plain, &path, |_| {})
+                .await
+                .unwrap();
+            manifest.databases[0].artifact = Some(info);
+            let catalog = list(&plain).await.unwrap();
+            assert_eq!(catalog.orphans.len(), 1);
+            let orphan = catalog.orphans[0].clone();
+
+            let committed = Arc::new(std::sync::Mutex::new(None));
+            let hook = {
+                let (plain, manifest, committed) =
+                    (plain.clone(), manifest.clone(), Arc::clone(&committed));
+                async move {
+                    let result = manifest::write(&plain, &manifest).await;
+                    *committed.lock().unwrap() = Some(result.is_ok());
+                }
+                .boxed()
+            };
+            let hooked = Arc::new(Interleave {
+                inner: inner.clone(),
+                at,
+                ops: Default::default(),
+                hook: std::sync::Mutex::new(Some(hook)),
+            });
+            let storage = Storage::from_object_store(hooked.clone(), "memory://hooked");
+            let _ = remove_orphan(&storage, &orphan).await;
+            if !hooked.fired() {
+                // The removal took fewer steps than `at`: every interleaving was tried.
+                break;
+            }
+            interleavings += 1;
+            let committed = committed.lock().unwrap().expect("the commit ran");
+            let after = list(&plain).await.unwrap();
+            if committed {
+                assert_eq!(
+                    after.backups,
+                    std::slice::from_ref(&manifest),
+                    "commit before step {at}: the committed backup is not listed"
+                );
+                let checks = verify(&plain, &manifest, &Decryption::None).await;
+                assert!(
+                    checks.iter().all(ArtifactCheck::is_sound),
+                    "commit before step {at}: the committed backup lost an artifact: {checks:?}"
+                );
+            } else {
+                assert!(
+                    after.backups.is_empty(),
+                    "commit before step {at} failed, yet a backup is listed"
+                );
+            }
+        }
+        assert!(interleavings >= 2, "{interleavings}");
     }
 }

@@ -587,4 +587,31 @@ pub(crate) mod tests {
         let example: serde_json::Value = serde_json::from_str(&doc[start..end]).unwrap();
         assert_eq!(reserialized, example);
     }
+
+    /// Settles issue 18: `parse` did not enforce what `write` does, so a hand-edited
+    /// manifest could point at another backup's artifact (or any object): `verify`
+    /// and `restore` then read it, and pruning that other backup broke this one.
+    #[test]
+    fn a_manifest_whose_artifact_lies_outside_its_backup_is_refused() {
+        let mut manifest = manifest_at(Utc::now());
+        let other = backup_id_at(Utc::now());
+        let path = manifest_path(&manifest.backup_id).unwrap();
+        for outside in [
+            format!("backups/{other}/ledger.sqlite"),
+            "secrets/key.txt".to_owned(),
+            path.clone(),
+        ] {
+            manifest.databases[0].artifact = Some(ArtifactInfo {
+                path: outside.clone(),
+                size: 1,
+                stored_size: 1,
+                blake3: String::new(),
+                compression: None,
+                encryption: None,
+            });
+            let err = parse_for(&manifest.backup_id, &path, &manifest.to_json()).unwrap_err();
+            assert!(err.to_string().contains(&outside), "{err}");
+            assert!(err.to_string().contains(&path), "{err}");
+        }
+    }
 }

@@ -337,3 +337,24 @@ fn debug_never_shows_credentials() {
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(!shown.contains("AKIAEXAMPLE"), "{shown}");
 }
+
+/// Issue 19.12: `s3://bucket/we ird/` stored objects under `we%20ird/`: the URL's
+/// percent-encoded path was used as the prefix.
+#[tokio::test]
+async fn s3_prefixes_are_stored_as_written_not_percent_encoded() {
+    let server = S3TestServer::start().await;
+    let storage = Storage::open_with_options(&server.url("we ird/p"), &server.options()).unwrap();
+    storage
+        .put_atomic("backups/x", Bytes::from_static(b"1"))
+        .await
+        .unwrap();
+    let stored: Vec<String> = std::fs::read_dir(server.bucket_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        server.bucket_dir().join("we ird/p/backups/x").is_file(),
+        "stored under {stored:?}"
+    );
+    server.shutdown().await;
+}
