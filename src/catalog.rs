@@ -17,7 +17,9 @@ use crate::storage::{Storage, StorageError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("no backups in {storage}; `stillpoint backup` makes one")]
+    #[error(
+        "no backup in {storage} is a restore point; `stillpoint list` shows what is there, `stillpoint backup` makes one"
+    )]
     NoBackups { storage: String },
     #[error("no backup {id:?} in {storage}{}; `stillpoint list` shows them all", newest_hint(.newest))]
     UnknownBackup {
@@ -29,6 +31,10 @@ pub enum CatalogError {
         "keep_last, keep_daily and keep_weekly are all 0, which would delete every backup; set at least one"
     )]
     NoRetentionRule,
+    #[error(
+        "this prune would delete {deleting} backup(s) and leave no restore point in {storage} (what is left is unsafe --no-pause copies or broken backups, or nothing); pass --allow-no-restore-point to prune anyway"
+    )]
+    NoRestorePointLeft { storage: String, deleting: usize },
     #[error("{prefix} has a manifest now (a backup finished there); it was not deleted")]
     NotAnOrphan { prefix: String },
     #[error("prune stopped at backup {backup_id} ({deleted} backups already deleted): {source}")]
@@ -57,6 +63,10 @@ fn newest_hint(newest: &[String]) -> String {
 pub struct Catalog {
     /// Newest first.
     pub backups: Vec<Manifest>,
+    /// What the storage listing says is wrong with a listed backup's artifacts
+    /// (missing, or another size than the manifest records), by backup id. A backup
+    /// with problems is listed but is not a restore point.
+    pub problems: BTreeMap<String, Vec<String>>,
     /// Manifests that exist but cannot be read: not backups, and never pruned.
     pub damaged: Vec<DamagedManifest>,
     /// Backup directories without a manifest, oldest first.
@@ -85,10 +95,34 @@ pub struct Orphan {
 }
 
 impl Catalog {
-    /// The newest backup that is a restore point: `latest` never means a copy taken
-    /// with `--no-pause`.
+    /// The newest backup that is a restore point ([`Catalog::is_restorable`]):
+    /// `latest` never means a copy taken with `--no-pause`, nor a backup whose
+    /// artifacts are not all in storage with their recorded sizes.
     pub fn latest(&self) -> Option<&Manifest> {
-        self.backups.iter().find(|backup| !backup.unsafe_no_pause)
+        self.backups.iter().find(|backup| self.is_restorable(backup))
+    }
+
+    /// The backups newer than [`Catalog::latest`] that it passed over because their
+    /// artifacts are missing or the wrong size, with why: what `latest` must say it
+    /// skipped.
+    pub fn skipped_for_latest(&self) -> Vec<(&Manifest, &[String])> {
+        self.backups
+            .iter()
+            .take_while(|backup| !self.is_restorable(backup))
+            .filter(|backup| !backup.unsafe_no_pause)
+            .map(|backup| (backup, self.problems_of(&backup.backup_id)))
+            .collect()
+    }
+
+    /// A restore point: taken inside a pause (not `--no-pause`), and every artifact
+    /// is in storage with the size its manifest records.
+    pub fn is_restorable(&self, manifest: &Manifest) -> bool {
+        !manifest.unsafe_no_pause && self.problems_of(&manifest.backup_id).is_empty()
+    }
+
+    /// What is wrong with a listed backup's artifacts; empty when nothing is.
+    pub fn problems_of(&self, backup_id: &str) -> &[String] {
+        self.problems.get(backup_id).map_or(&[], Vec::as_slice)
     }
 
     pub fn orphans(&self) -> &[Orphan] {
@@ -106,7 +140,13 @@ pub async fn list(storage: &Storage) -> Result<Catalog, CatalogError> {
         last_modified: Option<DateTime<Utc>>,
     }
     let mut dirs: BTreeMap<String, Dir> = BTreeMap::new();
-    for entry in storage.list(BACKUPS_DIR).await? {
+    let listing = storage.list(BACKUPS_DIR).await?;
+    // What the storage holds, to compare each manifest's artifacts with.
+    let sizes: BTreeMap<&str, u64> = listing
+        .iter()
+        .map(|entry| (entry.path.as_str(), entry.size))
+        .collect();
+    for entry in &listing {
         let mut parts = entry.path.splitn(3, '/');
         let (Some(_), Some(id), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
             continue;
@@ -151,7 +191,13 @@ pub async fn list(storage: &Storage) -> Result<Catalog, CatalogError> {
             Err(e) => return Err(e.into()),
         };
         match manifest::parse_for(&id, &path, &bytes) {
-            Ok(manifest) => catalog.backups.push(manifest),
+            Ok(manifest) => {
+                let problems = artifact_problems(&manifest, &sizes);
+                if !problems.is_empty() {
+                    catalog.problems.insert(manifest.backup_id.clone(), problems);
+                }
+                catalog.backups.push(manifest);
+            }
             Err(error) => catalog.damaged.push(DamagedManifest {
                 path,
                 error: error.to_string(),
@@ -165,9 +211,35 @@ pub async fn list(storage: &Storage) -> Result<Catalog, CatalogError> {
     Ok(catalog)
 }
 
-/// `"latest"` or a backup id.
+/// Each artifact of `manifest` that the listing does not hold with its recorded size.
+fn artifact_problems(manifest: &Manifest, sizes: &BTreeMap<&str, u64>) -> Vec<String> {
+    manifest
+        .artifacts()
+        .filter_map(|(db, artifact)| match sizes.get(artifact.path.as_str()) {
+            None => Some(format!(
+                "database {}'s artifact {} is missing",
+                db.name, artifact.path
+            )),
+            Some(&size) if size != artifact.stored_size => Some(format!(
+                "database {}'s artifact {} has {size} bytes in storage, the manifest says {}",
+                db.name, artifact.path, artifact.stored_size
+            )),
+            Some(_) => None,
+        })
+        .collect()
+}
+
+/// `"latest"` or a backup id. `latest` passes over broken backups, and says so in a
+/// warning for each one it skipped (on stderr, through the log).
 pub fn resolve<'a>(catalog: &'a Catalog, which: &str) -> Result<&'a Manifest, CatalogError> {
     if which == "latest" {
+        for (skipped, problems) in catalog.skipped_for_latest() {
+            tracing::warn!(
+                "`latest` skips backup {}: {}",
+                skipped.backup_id,
+                problems.join("; ")
+            );
+        }
         return catalog.latest().ok_or_else(|| CatalogError::NoBackups {
             storage: catalog.storage.clone(),
         });
@@ -271,27 +343,36 @@ pub struct PrunePlan {
     pub delete: Vec<String>,
 }
 
-/// Restic-like retention over committed backups (by `created_at_ms`, in UTC):
+/// How many backups a prune keeps, by rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub keep_last: usize,
+    pub keep_daily: usize,
+    pub keep_weekly: usize,
+}
+
+/// Restic-like retention over the catalog's restore points (by `created_at_ms`, in
+/// UTC):
 ///
-/// - `keep_last` N: the N newest backups;
-/// - `keep_daily` D: the newest backup of each of the D most recent days that have
-///   backups;
+/// - `keep_last` N: the N newest restore points;
+/// - `keep_daily` D: the newest restore point of each of the D most recent days that
+///   have one;
 /// - `keep_weekly` W: likewise per ISO week.
 ///
-/// A backup kept by any rule is kept. Backups created after `now` (a clock that was
-/// ahead) are always kept: no rule can place them. Fails if every rule is 0, rather
-/// than delete everything.
+/// A backup kept by any rule is kept. Only restore points ([`Catalog::is_restorable`])
+/// count: an unsafe `--no-pause` copy or a backup with missing artifacts never takes
+/// a place a rule would give to a restore point, and no rule keeps it. Backups created
+/// after `now` (a clock that was ahead) are always kept: no rule can place them.
+/// Fails if every rule is 0, rather than delete everything.
 pub fn plan_prune(
-    manifests: &[Manifest],
-    keep_last: usize,
-    keep_daily: usize,
-    keep_weekly: usize,
+    catalog: &Catalog,
+    retention: Retention,
     now: DateTime<Utc>,
 ) -> Result<PrunePlan, CatalogError> {
-    if keep_last == 0 && keep_daily == 0 && keep_weekly == 0 {
+    if retention == Retention::default() {
         return Err(CatalogError::NoRetentionRule);
     }
-    let mut sorted: Vec<&Manifest> = manifests.iter().collect();
+    let mut sorted: Vec<&Manifest> = catalog.backups.iter().collect();
     sorted.sort_by(|a, b| (b.created_at_ms, &b.backup_id).cmp(&(a.created_at_ms, &a.backup_id)));
 
     /// A rule keeps the first backup of each new bucket, newest first, while it has
@@ -301,15 +382,15 @@ pub fn plan_prune(
         last_bucket: Option<String>,
     }
     let mut last = Rule {
-        left: keep_last,
+        left: retention.keep_last,
         last_bucket: None,
     };
     let mut daily = Rule {
-        left: keep_daily,
+        left: retention.keep_daily,
         last_bucket: None,
     };
     let mut weekly = Rule {
-        left: keep_weekly,
+        left: retention.keep_weekly,
         last_bucket: None,
     };
     let apply = |rule: &mut Rule, bucket: String, reason: String, reasons: &mut Vec<String>| {
@@ -327,7 +408,7 @@ pub fn plan_prune(
         let mut reasons = Vec::new();
         if created > now {
             reasons.push("newer than now".to_owned());
-        } else {
+        } else if catalog.is_restorable(manifest) {
             position += 1;
             apply(
                 &mut last,
@@ -358,6 +439,29 @@ pub fn plan_prune(
         }
     }
     Ok(plan)
+}
+
+/// Refuses a plan that deletes something and keeps no restore point, unless
+/// `allow_no_restore_point`: a prune must not turn "some restore point" into "none".
+pub fn check_prune(
+    catalog: &Catalog,
+    plan: &PrunePlan,
+    allow_no_restore_point: bool,
+) -> Result<(), CatalogError> {
+    let keeps_one = plan.keep.iter().any(|(id, _)| {
+        catalog
+            .backups
+            .iter()
+            .any(|m| &m.backup_id == id && catalog.is_restorable(m))
+    });
+    if plan.delete.is_empty() || keeps_one || allow_no_restore_point {
+        Ok(())
+    } else {
+        Err(CatalogError::NoRestorePointLeft {
+            storage: catalog.storage.clone(),
+            deleting: plan.delete.len(),
+        })
+    }
 }
 
 /// Deletes the backups `plan` marks for deletion: each one's manifest first (from
@@ -598,9 +702,29 @@ mod tests {
         times.iter().map(|t| manifest_at(at(t))).collect()
     }
 
+    fn catalog_of(backups: &[Manifest]) -> Catalog {
+        Catalog {
+            backups: backups.to_vec(),
+            ..Catalog::default()
+        }
+    }
+
+    fn rules(keep_last: usize, keep_daily: usize, keep_weekly: usize) -> Retention {
+        Retention {
+            keep_last,
+            keep_daily,
+            keep_weekly,
+        }
+    }
+
     /// Runs the policy and returns the kept backups' times, newest first.
     fn kept(backups: &[Manifest], last: usize, daily: usize, weekly: usize) -> Vec<String> {
-        let plan = plan_prune(backups, last, daily, weekly, at("2024-06-01T00:00:00Z")).unwrap();
+        let plan = plan_prune(
+            &catalog_of(backups),
+            rules(last, daily, weekly),
+            at("2024-06-01T00:00:00Z"),
+        )
+        .unwrap();
         assert_eq!(plan.keep.len() + plan.delete.len(), backups.len());
         plan.keep
             .iter()
@@ -711,7 +835,12 @@ mod tests {
             // A coordinator clock that ran ahead.
             "2024-07-01T00:00:00Z",
         ]);
-        let plan = plan_prune(&backups, 1, 2, 1, at("2024-06-01T00:00:00Z")).unwrap();
+        let plan = plan_prune(
+            &catalog_of(&backups),
+            rules(1, 2, 1),
+            at("2024-06-01T00:00:00Z"),
+        )
+        .unwrap();
         assert_eq!(plan.keep.len(), 3);
         assert_eq!(plan.keep[0].1, ["newer than now"]);
         assert_eq!(
@@ -722,18 +851,23 @@ mod tests {
         assert!(plan.delete.is_empty());
 
         assert!(matches!(
-            plan_prune(&backups, 0, 0, 0, Utc::now()),
+            plan_prune(&catalog_of(&backups), rules(0, 0, 0), Utc::now()),
             Err(CatalogError::NoRetentionRule)
         ));
         // Any rule above 0 keeps at least the newest backup.
         for (l, d, w) in [(1, 0, 0), (0, 1, 0), (0, 0, 1)] {
-            let plan = plan_prune(&backups[..2], l, d, w, at("2024-06-01T00:00:00Z")).unwrap();
+            let plan = plan_prune(
+                &catalog_of(&backups[..2]),
+                rules(l, d, w),
+                at("2024-06-01T00:00:00Z"),
+            )
+            .unwrap();
             assert_eq!(plan.keep.len(), 1);
             assert_eq!(plan.keep[0].0, backups[1].backup_id);
             assert_eq!(plan.delete, [backups[0].backup_id.clone()]);
         }
         assert_eq!(
-            plan_prune(&[], 1, 1, 1, Utc::now()).unwrap(),
+            plan_prune(&Catalog::default(), rules(1, 1, 1), Utc::now()).unwrap(),
             PrunePlan::default()
         );
     }
@@ -745,7 +879,7 @@ mod tests {
         let b = backup(&storage, "2024-05-02T10:00:00Z", b"b").await;
         let c = backup(&storage, "2024-05-03T10:00:00Z", b"c").await;
         let catalog = list(&storage).await.unwrap();
-        let plan = plan_prune(&catalog.backups, 1, 0, 0, at("2024-06-01T00:00:00Z")).unwrap();
+        let plan = plan_prune(&catalog, rules(1, 0, 0), at("2024-06-01T00:00:00Z")).unwrap();
         assert_eq!(plan.delete, [b.backup_id.clone(), a.backup_id.clone()]);
 
         let deleted = apply_prune(&storage, &plan).await.unwrap();
@@ -845,6 +979,43 @@ mod tests {
         assert_eq!(catalog.backups, [b]);
         assert_eq!(catalog.orphans.len(), 1);
         assert_eq!(catalog.orphans[0].backup_id, a.backup_id);
+    }
+
+    /// Issue 18.2: unsafe copies and broken backups never take a place a rule gives to
+    /// a restore point, and a plan that would keep no restore point is refused.
+    #[test]
+    fn only_restore_points_count_toward_retention() {
+        let mut backups = manifests(&[
+            "2024-05-06T01:00:00Z",
+            "2024-05-07T01:00:00Z",
+            "2024-05-08T01:00:00Z",
+            "2024-05-09T01:00:00Z",
+        ]);
+        backups[3].unsafe_no_pause = true;
+        let mut catalog = catalog_of(&backups);
+        catalog.problems.insert(
+            backups[2].backup_id.clone(),
+            vec!["database ledger's artifact x is missing".to_owned()],
+        );
+        let plan = plan_prune(&catalog, rules(1, 0, 0), at("2024-06-01T00:00:00Z")).unwrap();
+        assert_eq!(
+            plan.keep,
+            [(backups[1].backup_id.clone(), vec!["last 1".to_owned()])]
+        );
+        assert_eq!(plan.delete.len(), 3);
+        assert!(check_prune(&catalog, &plan, false).is_ok());
+        assert_eq!(catalog.latest(), Some(&backups[1]));
+
+        // Nothing but an unsafe copy: deleting it would leave no restore point (there
+        // was none either), so the plan is refused unless allowed.
+        let only_unsafe = catalog_of(&backups[3..]);
+        let plan = plan_prune(&only_unsafe, rules(1, 0, 0), at("2024-06-01T00:00:00Z")).unwrap();
+        assert_eq!(plan.delete, [backups[3].backup_id.clone()]);
+        let err = check_prune(&only_unsafe, &plan, false).unwrap_err();
+        assert!(matches!(err, CatalogError::NoRestorePointLeft { .. }), "{err}");
+        assert!(check_prune(&only_unsafe, &plan, true).is_ok());
+        // A plan that deletes nothing is never refused.
+        assert!(check_prune(&Catalog::default(), &PrunePlan::default(), false).is_ok());
     }
 
     /// A store that runs `hook` once, just before its `at`-th operation: a backup's

@@ -48,6 +48,10 @@ pub struct PruneArgs {
     /// Print what would be deleted, delete nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Prune even if no restore point would be left (every backup kept is an unsafe
+    /// `--no-pause` copy or has missing artifacts, or none is kept).
+    #[arg(long)]
+    pub allow_no_restore_point: bool,
 }
 
 async fn open(args: &CatalogArgs) -> Result<(stillpoint::runbook::Runbook, Storage), Failure> {
@@ -63,7 +67,7 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
     match args.output {
         OutputFormat::Json => print_json(&serde_json::json!({
             "storage": found.storage,
-            "backups": found.backups.iter().map(summary).collect::<Vec<_>>(),
+            "backups": found.backups.iter().map(|manifest| summary(&found, manifest)).collect::<Vec<_>>(),
             "damaged": found.damaged.iter().map(|d| serde_json::json!({"path": d.path, "error": d.error})).collect::<Vec<_>>(),
             "incomplete": found.orphans().iter().map(|o| serde_json::json!({
                 "backup_id": o.backup_id, "prefix": o.prefix, "objects": o.objects, "bytes": o.bytes,
@@ -97,6 +101,8 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
                             .unwrap_or("-"),
                         if manifest.unsafe_no_pause {
                             "UNSAFE"
+                        } else if !found.problems_of(&manifest.backup_id).is_empty() {
+                            "BROKEN"
                         } else if manifest.window.window_valid {
                             "yes"
                         } else {
@@ -105,6 +111,11 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
                         human_bytes(stored),
                         names.join(", ")
                     );
+                }
+            }
+            for (id, problems) in &found.problems {
+                for problem in problems {
+                    println!("broken backup {id}: {problem}; it is not a restore point");
                 }
             }
             for damaged in &found.damaged {
@@ -123,13 +134,16 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
     Ok(exit::OK)
 }
 
-fn summary(manifest: &Manifest) -> serde_json::Value {
+fn summary(found: &catalog::Catalog, manifest: &Manifest) -> serde_json::Value {
     serde_json::json!({
         "backup_id": manifest.backup_id,
         "cluster": manifest.cluster,
         "created_at_ms": manifest.created_at_ms,
         "window_valid": manifest.window.window_valid,
         "unsafe_no_pause": manifest.unsafe_no_pause,
+        // A restore point: paused, and every artifact in storage with its size.
+        "restorable": found.is_restorable(manifest),
+        "problems": found.problems_of(&manifest.backup_id),
         "restore_point_timestamp_ms": manifest.window.restore_point_timestamp_ms,
         "restore_point_date_time": manifest.window.restore_point_date_time,
         "databases": manifest.databases.iter().map(|db| &db.name).collect::<Vec<_>>(),
@@ -248,12 +262,17 @@ const INCOMPLETE_GRACE: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 pub async fn prune(args: PruneArgs) -> Result<u8, Failure> {
     let (runbook, storage) = open(&args.catalog).await?;
     let retention = &runbook.retention;
-    let keep_last = args.keep_last.or(retention.keep_last).unwrap_or(0) as usize;
-    let keep_daily = args.keep_daily.or(retention.keep_daily).unwrap_or(0) as usize;
-    let keep_weekly = args.keep_weekly.or(retention.keep_weekly).unwrap_or(0) as usize;
+    let rules = catalog::Retention {
+        keep_last: args.keep_last.or(retention.keep_last).unwrap_or(0) as usize,
+        keep_daily: args.keep_daily.or(retention.keep_daily).unwrap_or(0) as usize,
+        keep_weekly: args.keep_weekly.or(retention.keep_weekly).unwrap_or(0) as usize,
+    };
     let found = catalog::list(&storage).await?;
     let now = chrono::Utc::now();
-    let plan = catalog::plan_prune(&found.backups, keep_last, keep_daily, keep_weekly, now)
+    let plan = catalog::plan_prune(&found, rules, now)
+        .and_then(|plan| {
+            catalog::check_prune(&found, &plan, args.allow_no_restore_point).map(|()| plan)
+        })
         .map_err(|error| Failure::new(exit::USAGE, error))?;
     // Incomplete backups (artifacts without a manifest) are never listed; remove the
     // ones old enough that no backup can still be copying into them.
