@@ -215,7 +215,8 @@ pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
                 }),
                 CheckOutcome::ChecksumOnly { stored_size } => serde_json::json!({
                     "database": check.database, "ok": true, "path": path, "stored_size": stored_size,
-                    "note": "checksum only: no age identity configured, so decryption and decompression were not tried",
+                    "checksum_only": true,
+                    "note": CHECKSUM_ONLY,
                 }),
                 CheckOutcome::Failed(error) => serde_json::json!({
                     "database": check.database, "ok": false, "path": path, "error": error.to_string(),
@@ -228,21 +229,35 @@ pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
             &serde_json::json!({"backup_id": manifest.backup_id, "ok": ok, "artifacts": results}),
         ),
         OutputFormat::Text => {
-            for result in &results {
+            for (result, check) in results.iter().zip(&checks) {
                 let verdict = if result["ok"] == true { "ok  " } else { "FAIL" };
-                let detail = result["error"]
-                    .as_str()
-                    .unwrap_or("checksum, decryption and decompression ok");
+                let detail = match &check.outcome {
+                    CheckOutcome::Failed(error) => error.to_string(),
+                    CheckOutcome::ChecksumOnly { .. } => CHECKSUM_ONLY.to_owned(),
+                    CheckOutcome::NoArtifact => "the cut made no copy".to_owned(),
+                    CheckOutcome::Sound(_) => "checksum, decryption and decompression ok".to_owned(),
+                };
                 println!(
                     "{verdict} {} {}: {detail}",
-                    result["database"].as_str().unwrap_or("?"),
+                    check.database,
                     result["path"].as_str().unwrap_or("(no artifact)")
                 );
             }
+            let checksum_only = checks
+                .iter()
+                .any(|check| matches!(check.outcome, CheckOutcome::ChecksumOnly { .. }));
             println!(
                 "backup {}: {}",
                 manifest.backup_id,
-                if ok { "verified" } else { "DAMAGED" }
+                match (ok, checksum_only) {
+                    (false, _) => "DAMAGED",
+                    (true, true) => {
+                        "checksums verified, not decrypted (set age_identity_file or \
+                         age_passphrase_file in the runbook to check decryption and \
+                         decompression too)"
+                    }
+                    (true, false) => "verified",
+                }
             );
         }
     }
@@ -255,6 +270,10 @@ pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
         ))
     }
 }
+
+/// What `verify` says of an encrypted artifact it could only checksum.
+const CHECKSUM_ONLY: &str = "checksum only: no age identity or passphrase is configured, so \
+     the artifact was not decrypted and decompression was not tried";
 
 /// An incomplete backup younger than this may still be copying.
 const INCOMPLETE_GRACE: chrono::TimeDelta = chrono::TimeDelta::hours(1);
