@@ -6,6 +6,14 @@
 //! last). A directory under `backups/` without a manifest is an *orphan*: a backup
 //! that failed, or one still being written. Pruning deletes a manifest before its
 //! artifacts, so a half-deleted backup is an orphan too, never a listed backup.
+//!
+//! An orphan's age is that of its newest object or unfinished upload. A running
+//! backup rewrites its marker object every [`crate::backup::HEARTBEAT`], so its
+//! directory always looks recent, even while its only other content is an upload
+//! too big to have finished; [`stale_orphans`] picks only directories quiet for
+//! longer than a grace far above the heartbeat. [`remove_orphan`] and
+//! [`manifest::write`] follow a small protocol so that a commit racing a removal is
+//! either withdrawn or left whole, never half-deleted.
 
 use std::collections::BTreeMap;
 
@@ -87,10 +95,17 @@ pub struct Orphan {
     pub backup_id: String,
     /// `backups/<id>`
     pub prefix: String,
+    /// Finished objects (a marker, artifacts).
     pub objects: usize,
     pub bytes: u64,
-    /// The newest object's time. A recent orphan may be a backup still copying:
-    /// remove only orphans older than the longest backup takes.
+    /// Unfinished uploads, invisible to a plain listing (see `crate::storage`).
+    pub incomplete_uploads: usize,
+    /// Bytes those uploads hold, where the storage tells (local files).
+    pub hidden_bytes: u64,
+    /// It holds the marker a backup writes first and refreshes while it runs.
+    pub marker: bool,
+    /// The newest object's or unfinished upload's time: while a backup runs, never
+    /// older than its heartbeat. See [`stale_orphans`].
     pub last_modified: DateTime<Utc>,
 }
 
@@ -133,35 +148,48 @@ impl Catalog {
 /// Lists the backups in `storage`. Unreadable manifests are reported in
 /// [`Catalog::damaged`], not as errors; storage errors fail the listing.
 pub async fn list(storage: &Storage) -> Result<Catalog, CatalogError> {
+    #[derive(Default)]
     struct Dir {
         manifest: bool,
+        marker: bool,
         objects: usize,
         bytes: u64,
+        uploads: usize,
+        hidden_bytes: u64,
         last_modified: Option<DateTime<Utc>>,
+    }
+    /// The backup id of a path under `backups/`, if it is in a backup's directory
+    /// (anything else is not ours to list or clean up), and the rest of the path.
+    fn in_backup(path: &str) -> Option<(&str, &str)> {
+        let mut parts = path.splitn(3, '/');
+        let (Some(_), Some(id), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+            return None;
+        };
+        manifest::parse_backup_id(id).ok().map(|_| (id, rest))
     }
     let mut dirs: BTreeMap<String, Dir> = BTreeMap::new();
     let listing = storage.list(BACKUPS_DIR).await?;
+    for upload in storage.list_incomplete(BACKUPS_DIR).await? {
+        let Some((id, _)) = in_backup(&upload.path) else {
+            continue;
+        };
+        let dir = dirs.entry(id.to_owned()).or_default();
+        dir.uploads += 1;
+        dir.hidden_bytes += upload.bytes.unwrap_or(0);
+        dir.last_modified = dir.last_modified.max(Some(upload.last_modified));
+    }
     // What the storage holds, to compare each manifest's artifacts with.
     let sizes: BTreeMap<&str, u64> = listing
         .iter()
         .map(|entry| (entry.path.as_str(), entry.size))
         .collect();
     for entry in &listing {
-        let mut parts = entry.path.splitn(3, '/');
-        let (Some(_), Some(id), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        let Some((id, rest)) = in_backup(&entry.path) else {
             continue;
         };
-        // Anything that is not a backup id is not ours to list or clean up.
-        if manifest::parse_backup_id(id).is_err() {
-            continue;
-        }
-        let dir = dirs.entry(id.to_owned()).or_insert(Dir {
-            manifest: false,
-            objects: 0,
-            bytes: 0,
-            last_modified: None,
-        });
+        let dir = dirs.entry(id.to_owned()).or_default();
         dir.manifest |= rest == MANIFEST_FILE;
+        dir.marker |= rest == manifest::MARKER_FILE;
         dir.objects += 1;
         dir.bytes += entry.size;
         dir.last_modified = dir.last_modified.max(Some(entry.last_modified));
@@ -179,6 +207,9 @@ pub async fn list(storage: &Storage) -> Result<Catalog, CatalogError> {
                 prefix,
                 objects: dir.objects,
                 bytes: dir.bytes,
+                incomplete_uploads: dir.uploads,
+                hidden_bytes: dir.hidden_bytes,
+                marker: dir.marker,
                 last_modified: dir.last_modified.unwrap_or_default(),
             });
             continue;
@@ -260,18 +291,63 @@ pub fn resolve<'a>(catalog: &'a Catalog, which: &str) -> Result<&'a Manifest, Ca
         })
 }
 
-/// Deletes an orphan's objects, after checking it still has no manifest (a backup
-/// may have committed since the listing). Returns the number of objects deleted.
+/// The orphans nothing has written to for longer than `grace` (newest object and
+/// unfinished upload alike): dead backups, never running ones, as long as `grace` is
+/// well above [`crate::backup::HEARTBEAT`].
+pub fn stale_orphans(
+    catalog: &Catalog,
+    now: DateTime<Utc>,
+    grace: chrono::TimeDelta,
+) -> Vec<&Orphan> {
+    catalog
+        .orphans
+        .iter()
+        .filter(|orphan| now - orphan.last_modified > grace)
+        .collect()
+}
+
+/// Deletes an orphan's objects and unfinished uploads, and returns how many objects
+/// it deleted. A backup may commit into the directory meanwhile; the removal and
+/// [`manifest::write`] together make sure it is then either withdrawn by its writer
+/// or left whole:
+///
+/// 1. a manifest there now: not an orphan, stop;
+/// 2. write the claim (from now on a commit withdraws itself, see `manifest::write`);
+/// 3. a manifest there now: a commit landed before the claim, and may or may not
+///    have seen it. Remove the claim and stop: the commit is whole either way;
+/// 4. delete everything but a manifest (one written now is withdrawn by its writer,
+///    which sees the claim or a missing artifact), then the claim, last.
 pub async fn remove_orphan(storage: &Storage, orphan: &Orphan) -> Result<usize, CatalogError> {
-    let prefix = manifest::backup_prefix(&orphan.backup_id)?;
-    if storage
-        .head(&manifest::manifest_path(&orphan.backup_id)?)
-        .await?
-        .is_some()
-    {
-        return Err(CatalogError::NotAnOrphan { prefix });
+    let id = &orphan.backup_id;
+    let prefix = manifest::backup_prefix(id)?;
+    let manifest_path = manifest::manifest_path(id)?;
+    let claim = manifest::claim_path(id)?;
+    let not_an_orphan = || CatalogError::NotAnOrphan {
+        prefix: prefix.clone(),
+    };
+    if storage.head(&manifest_path).await?.is_some() {
+        return Err(not_an_orphan());
     }
-    Ok(storage.delete_prefix(&prefix).await?)
+    storage
+        .put_atomic(&claim, bytes::Bytes::from_static(b"an orphan removal\n"))
+        .await?;
+    if storage.head(&manifest_path).await?.is_some() {
+        storage.delete(&claim).await?;
+        return Err(not_an_orphan());
+    }
+    let mut deleted = 0;
+    for object in storage.list(&prefix).await? {
+        if object.path == manifest_path || object.path == claim {
+            continue;
+        }
+        storage.delete(&object.path).await?;
+        deleted += 1;
+    }
+    for upload in storage.list_incomplete(&prefix).await? {
+        storage.abort_incomplete(&upload).await?;
+    }
+    storage.delete(&claim).await?;
+    Ok(deleted)
 }
 
 /// One database's artifact, checked.
@@ -613,6 +689,9 @@ mod tests {
             prefix: format!("backups/{}", new.backup_id),
             objects: 2,
             bytes: 0,
+            incomplete_uploads: 0,
+            hidden_bytes: 0,
+            marker: false,
             last_modified: Utc::now(),
         };
         assert!(matches!(
@@ -1194,5 +1273,144 @@ mod tests {
             }
         }
         assert!(interleavings >= 2, "{interleavings}");
+    }
+
+    /// moto_server on a free port with one bucket, `bucket`; killed on drop.
+    struct Moto {
+        child: std::process::Child,
+        endpoint: String,
+    }
+
+    impl Drop for Moto {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Moto {
+        fn start() -> Moto {
+            let port = stillpoint_testkit::free_port();
+            let child = std::process::Command::new("moto_server")
+                .args(["-p", &port.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("moto_server (scripts/install-packages installs it)");
+            let moto = Moto {
+                child,
+                endpoint: format!("http://127.0.0.1:{port}"),
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(std::time::Instant::now() < deadline, "moto_server never listened");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            moto.python("s3.create_bucket(Bucket='bucket')");
+            moto
+        }
+
+        /// Runs Python with `s3`, a boto3 client of this server; returns its stdout.
+        fn python(&self, code: &str) -> String {
+            let script = format!(
+                "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', \
+                 aws_access_key_id='k', aws_secret_access_key='s', region_name='us-east-1')\n\
+                 {code}\n",
+                self.endpoint
+            );
+            let output = std::process::Command::new("python3")
+                .args(["-c", &script])
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{code}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        }
+
+        fn storage(&self, prefix: &str) -> Storage {
+            let options = BTreeMap::from(
+                [
+                    ("endpoint", self.endpoint.as_str()),
+                    ("allow_http", "true"),
+                    ("region", "us-east-1"),
+                    ("access_key_id", "k"),
+                    ("secret_access_key", "s"),
+                ]
+                .map(|(k, v)| (k.to_owned(), v.to_owned())),
+            );
+            Storage::open_with_options(&format!("s3://bucket/{prefix}"), &options).unwrap()
+        }
+    }
+
+    /// Issue 19.9: an S3 multipart upload a killed backup left behind is found under
+    /// its backup's directory, makes that directory an orphan, and is aborted with it
+    /// once the orphan is stale; an upload outside the backups is not ours.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn incomplete_s3_multipart_uploads_are_aborted_with_their_orphan() {
+        let moto = Moto::start();
+        let storage = moto.storage("team/prod");
+        let id = manifest::backup_id_at(at("2024-05-01T10:00:00Z"));
+        let start_upload = |key: &str| {
+            moto.python(&format!(
+                "u = s3.create_multipart_upload(Bucket='bucket', Key='{key}')\n\
+                 s3.upload_part(Bucket='bucket', Key='{key}', UploadId=u['UploadId'], \
+                 PartNumber=1, Body=b'x' * (5 * 1024 * 1024))"
+            ))
+        };
+        start_upload(&format!("team/prod/backups/{id}/blobs.bin"));
+        start_upload("team/prod/elsewhere/other.bin");
+        let count = || {
+            moto.python(
+                "print(len(s3.list_multipart_uploads(Bucket='bucket').get('Uploads', [])))",
+            )
+        };
+        assert_eq!(count(), "2");
+
+        let catalog = list(&storage).await.unwrap();
+        assert_eq!(catalog.orphans.len(), 1, "{catalog:?}");
+        let orphan = &catalog.orphans[0];
+        assert_eq!((orphan.backup_id.as_str(), orphan.objects), (id.as_str(), 0));
+        assert_eq!(orphan.incomplete_uploads, 1);
+        let found = storage.list_incomplete("backups").await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].path, format!("backups/{id}/blobs.bin"));
+
+        // Not stale yet as far as a clock before its start says; stale two hours on.
+        let grace = chrono::TimeDelta::hours(1);
+        let started = found[0].last_modified;
+        assert!(stale_orphans(&catalog, started, grace).is_empty());
+        let stale = stale_orphans(&catalog, started + chrono::TimeDelta::hours(2), grace);
+        assert_eq!(stale.len(), 1);
+        remove_orphan(&storage, stale[0]).await.unwrap();
+        assert!(storage.list_incomplete("backups").await.unwrap().is_empty());
+        assert_eq!(count(), "1", "the upload outside backups/ was touched");
+        let catalog = list(&storage).await.unwrap();
+        assert!(catalog.orphans.is_empty(), "{catalog:?}");
+    }
+
+    /// Issue 18.7: object_store's hidden in-progress file of a local upload (`name#N`)
+    /// counts toward its directory, and goes with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn local_in_progress_files_are_found_and_removed_with_their_orphan() {
+        let (dir, storage) = storage();
+        let id = manifest::backup_id_at(at("2024-05-01T10:00:00Z"));
+        let backup_dir = dir.path().join("backups").join(&id);
+        std::fs::create_dir_all(&backup_dir).unwrap();
+        std::fs::write(backup_dir.join("blobs.bin#1"), vec![0u8; 1000]).unwrap();
+        // Not ours: outside any backup's directory, or not object_store's pattern.
+        std::fs::write(dir.path().join("backups/notes#1"), b"x").unwrap();
+        std::fs::write(backup_dir.join("odd#name"), b"x").unwrap();
+
+        let catalog = list(&storage).await.unwrap();
+        assert_eq!(catalog.orphans.len(), 1, "{catalog:?}");
+        let orphan = &catalog.orphans[0];
+        assert_eq!((orphan.incomplete_uploads, orphan.hidden_bytes), (1, 1000));
+        assert_eq!(orphan.objects, 1, "odd#name is an ordinary object");
+        remove_orphan(&storage, orphan).await.unwrap();
+        assert!(!backup_dir.exists());
+        assert!(dir.path().join("backups/notes#1").exists());
     }
 }

@@ -71,6 +71,8 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
             "damaged": found.damaged.iter().map(|d| serde_json::json!({"path": d.path, "error": d.error})).collect::<Vec<_>>(),
             "incomplete": found.orphans().iter().map(|o| serde_json::json!({
                 "backup_id": o.backup_id, "prefix": o.prefix, "objects": o.objects, "bytes": o.bytes,
+                "incomplete_uploads": o.incomplete_uploads, "hidden_bytes": o.hidden_bytes,
+                "marker": o.marker, "last_modified": o.last_modified.to_rfc3339(),
             })).collect::<Vec<_>>(),
         })),
         OutputFormat::Text => {
@@ -122,11 +124,17 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
                 println!("damaged manifest {}: {}", damaged.path, damaged.error);
             }
             for orphan in found.orphans() {
+                let uploads = match (orphan.incomplete_uploads, orphan.hidden_bytes) {
+                    (0, _) => String::new(),
+                    (n, 0) => format!(", {n} unfinished upload(s)"),
+                    (n, bytes) => format!(", {n} unfinished upload(s) of {}", human_bytes(bytes)),
+                };
                 println!(
-                    "incomplete backup {} ({} objects, {}) is not listed; `stillpoint prune` removes it after an hour",
+                    "incomplete backup {} ({} objects, {}{uploads}; last written {}) is not listed; `stillpoint prune` removes it once nothing has written to it for an hour",
                     orphan.prefix,
                     orphan.objects,
-                    human_bytes(orphan.bytes)
+                    human_bytes(orphan.bytes),
+                    orphan.last_modified.format("%Y-%m-%d %H:%M:%S UTC"),
                 );
             }
         }
@@ -275,7 +283,8 @@ pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
 const CHECKSUM_ONLY: &str = "checksum only: no age identity or passphrase is configured, so \
      the artifact was not decrypted and decompression was not tried";
 
-/// An incomplete backup younger than this may still be copying.
+/// An incomplete backup written to more recently than this may still be running
+/// (its marker is refreshed every `stillpoint::backup::HEARTBEAT`).
 const INCOMPLETE_GRACE: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 
 pub async fn prune(args: PruneArgs) -> Result<u8, Failure> {
@@ -294,12 +303,9 @@ pub async fn prune(args: PruneArgs) -> Result<u8, Failure> {
         })
         .map_err(|error| Failure::new(exit::USAGE, error))?;
     // Incomplete backups (artifacts without a manifest) are never listed; remove the
-    // ones old enough that no backup can still be copying into them.
-    let stale: Vec<_> = found
-        .orphans()
-        .iter()
-        .filter(|orphan| now - orphan.last_modified > INCOMPLETE_GRACE)
-        .collect();
+    // ones nothing has written to for an hour: a running backup refreshes its marker
+    // every minute.
+    let stale = catalog::stale_orphans(&found, now, INCOMPLETE_GRACE);
     let verb = |doing: &'static str, would: &'static str| if args.dry_run { would } else { doing };
     let deleted = if args.dry_run {
         Vec::new()
