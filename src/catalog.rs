@@ -781,9 +781,12 @@ mod tests {
         times.iter().map(|t| manifest_at(at(t))).collect()
     }
 
+    /// A catalog of these backups, newest first as `list` gives them.
     fn catalog_of(backups: &[Manifest]) -> Catalog {
+        let mut backups = backups.to_vec();
+        backups.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms));
         Catalog {
-            backups: backups.to_vec(),
+            backups,
             ..Catalog::default()
         }
     }

@@ -449,8 +449,9 @@ fn refuse_in_use(path: &Path) -> Result<(), String> {
     match probe() {
         Ok(()) => Ok(()),
         Err(e) if in_use(&e) => Err(format!(
-            "refusing to replace {shown}: another process has it open (it holds a lock on \
-             it: {e}); nothing was removed. Stop the process using it and retry"
+            "refusing to replace {shown}: it is in use, another process has it open (and \
+             holds a lock on it: {e}); nothing was removed. Stop the process using it and \
+             retry"
         )),
         Err(e) if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) => Ok(()),
         Err(e) => Err(format!(
