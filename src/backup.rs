@@ -220,23 +220,15 @@ pub async fn run_with(
     // 2. Prepare: the storage takes writes and deletes, and holds our marker from now
     // on, refreshed while the backup runs.
     progress(Progress::Phase("prepare"));
-    let marker = manifest::marker_path(&backup_id)
-        .map_err(|error| BackupError::Setup(error.to_string()))?;
+    let marker =
+        manifest::marker_path(&backup_id).map_err(|error| BackupError::Setup(error.to_string()))?;
     let marker_body = bytes::Bytes::from(manifest::marker_json(
         &backup_id,
         unix_ms(SystemTime::now()),
     ));
     prepare_storage(&storage, &backup_id, &marker, marker_body.clone()).await?;
     let work = marked(
-        runbook,
-        &storage,
-        &settings,
-        plan,
-        adapters,
-        paths,
-        &backup_id,
-        started,
-        progress,
+        runbook, &storage, &settings, plan, adapters, paths, &backup_id, started, progress,
     );
     let outcome = tokio::select! {
         outcome = work => outcome,
@@ -291,7 +283,10 @@ async fn prepare_storage(
     let probe =
         manifest::probe_path(backup_id).map_err(|error| BackupError::Setup(error.to_string()))?;
     storage.probe(&probe).await.map_err(failed)?;
-    storage.put_atomic(marker, marker_body).await.map_err(failed)
+    storage
+        .put_atomic(marker, marker_body)
+        .await
+        .map_err(failed)
 }
 
 /// Rewrites the marker every `every`, for as long as it is polled (it never ends):
@@ -332,8 +327,8 @@ async fn marked(
 
     let Some(plan) = plan else {
         return unpaused(
-            runbook, storage, settings, &adapters, prepared, paths, backup_id, prepare_ms,
-            started, progress,
+            runbook, storage, settings, &adapters, prepared, paths, backup_id, prepare_ms, started,
+            progress,
         )
         .await;
     };

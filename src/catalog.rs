@@ -114,7 +114,9 @@ impl Catalog {
     /// `latest` never means a copy taken with `--no-pause`, nor a backup whose
     /// artifacts are not all in storage with their recorded sizes.
     pub fn latest(&self) -> Option<&Manifest> {
-        self.backups.iter().find(|backup| self.is_restorable(backup))
+        self.backups
+            .iter()
+            .find(|backup| self.is_restorable(backup))
     }
 
     /// The backups newer than [`Catalog::latest`] that it passed over because their
@@ -225,7 +227,9 @@ pub async fn list(storage: &Storage) -> Result<Catalog, CatalogError> {
             Ok(manifest) => {
                 let problems = artifact_problems(&manifest, &sizes);
                 if !problems.is_empty() {
-                    catalog.problems.insert(manifest.backup_id.clone(), problems);
+                    catalog
+                        .problems
+                        .insert(manifest.backup_id.clone(), problems);
                 }
                 catalog.backups.push(manifest);
             }
@@ -1094,7 +1098,10 @@ mod tests {
         let plan = plan_prune(&only_unsafe, rules(1, 0, 0), at("2024-06-01T00:00:00Z")).unwrap();
         assert_eq!(plan.delete, [backups[3].backup_id.clone()]);
         let err = check_prune(&only_unsafe, &plan, false).unwrap_err();
-        assert!(matches!(err, CatalogError::NoRestorePointLeft { .. }), "{err}");
+        assert!(
+            matches!(err, CatalogError::NoRestorePointLeft { .. }),
+            "{err}"
+        );
         assert!(check_prune(&only_unsafe, &plan, true).is_ok());
         // A plan that deletes nothing is never refused.
         assert!(check_prune(&Catalog::default(), &PrunePlan::default(), false).is_ok());
@@ -1306,7 +1313,10 @@ mod tests {
             };
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(std::time::Instant::now() < deadline, "moto_server never listened");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "moto_server never listened"
+                );
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             moto.python("s3.create_bucket(Bucket='bucket')");
@@ -1366,16 +1376,17 @@ mod tests {
         start_upload(&format!("team/prod/backups/{id}/blobs.bin"));
         start_upload("team/prod/elsewhere/other.bin");
         let count = || {
-            moto.python(
-                "print(len(s3.list_multipart_uploads(Bucket='bucket').get('Uploads', [])))",
-            )
+            moto.python("print(len(s3.list_multipart_uploads(Bucket='bucket').get('Uploads', [])))")
         };
         assert_eq!(count(), "2");
 
         let catalog = list(&storage).await.unwrap();
         assert_eq!(catalog.orphans.len(), 1, "{catalog:?}");
         let orphan = &catalog.orphans[0];
-        assert_eq!((orphan.backup_id.as_str(), orphan.objects), (id.as_str(), 0));
+        assert_eq!(
+            (orphan.backup_id.as_str(), orphan.objects),
+            (id.as_str(), 0)
+        );
         assert_eq!(orphan.incomplete_uploads, 1);
         let found = storage.list_incomplete("backups").await.unwrap();
         assert_eq!(found.len(), 1);

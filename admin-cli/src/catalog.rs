@@ -243,7 +243,9 @@ pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
                     CheckOutcome::Failed(error) => error.to_string(),
                     CheckOutcome::ChecksumOnly { .. } => CHECKSUM_ONLY.to_owned(),
                     CheckOutcome::NoArtifact => "the cut made no copy".to_owned(),
-                    CheckOutcome::Sound(_) => "checksum, decryption and decompression ok".to_owned(),
+                    CheckOutcome::Sound(_) => {
+                        "checksum, decryption and decompression ok".to_owned()
+                    }
                 };
                 println!(
                     "{verdict} {} {}: {detail}",

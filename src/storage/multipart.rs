@@ -124,10 +124,12 @@ impl MultipartUploads {
                 };
                 let last_modified = DateTime::parse_from_rfc3339(&upload.initiated)
                     .map(|t| t.with_timezone(&Utc))
-                    .map_err(|e| generic(format!(
-                        "ListMultipartUploads gave upload {} of {} the time {:?}: {e}",
-                        upload.upload_id, upload.key, upload.initiated
-                    )))?;
+                    .map_err(|e| {
+                        generic(format!(
+                            "ListMultipartUploads gave upload {} of {} the time {:?}: {e}",
+                            upload.upload_id, upload.key, upload.initiated
+                        ))
+                    })?;
                 found.push(IncompleteUpload {
                     path: path.to_owned(),
                     bytes: None,

@@ -789,7 +789,12 @@ fn bad_pipeline_settings_and_unwritable_storage_fail_before_anything_is_paused()
     std::fs::create_dir_all(&blocked).unwrap();
     std::fs::write(blocked.join("backups"), "not a directory").unwrap();
     let cases = [
-        ("typo.toml", "age_recipients = [\"age1typo\"]".to_owned(), file_storage(dir.path()), "age1typo"),
+        (
+            "typo.toml",
+            "age_recipients = [\"age1typo\"]".to_owned(),
+            file_storage(dir.path()),
+            "age1typo",
+        ),
         (
             "empty.toml",
             format!("age_passphrase_file = \"{}\"", empty.display()),
@@ -818,7 +823,11 @@ fn bad_pipeline_settings_and_unwritable_storage_fail_before_anything_is_paused()
             &["backup", "--config", runbook.to_str().unwrap()],
         );
         assert!(!output.status.success(), "{name}: {}", stderr(&output));
-        assert!(stderr(&output).contains(named), "{name}: {}", stderr(&output));
+        assert!(
+            stderr(&output).contains(named),
+            "{name}: {}",
+            stderr(&output)
+        );
         assert!(
             stderr(&output).contains("nothing was paused"),
             "{name}: {}",
@@ -852,7 +861,8 @@ fn unusable_s3_storage_fails_before_anything_is_paused() {
     let cases = [
         (
             "no-bucket.toml",
-            moto.storage("p").replace("s3://bucket/", "s3://no-such-bucket/"),
+            moto.storage("p")
+                .replace("s3://bucket/", "s3://no-such-bucket/"),
         ),
         (
             "bad-key.toml",
@@ -889,7 +899,11 @@ fn unusable_s3_storage_fails_before_anything_is_paused() {
             "{name}: {}",
             stderr(&output)
         );
-        assert!(!stderr(&output).contains("not-the-secret"), "{}", stderr(&output));
+        assert!(
+            !stderr(&output).contains("not-the-secret"),
+            "{}",
+            stderr(&output)
+        );
     }
     runtime.block_on(s3s.shutdown());
 }
@@ -1065,11 +1079,9 @@ fn a_copy_killed_mid_upload_leaves_nothing_that_list_and_prune_do_not_find() {
             .filter(|f| f.to_string_lossy().contains('#'))
             .collect::<Vec<_>>()
     };
-    wait_until(
-        Duration::from_secs(60),
-        "the copy to be uploading",
-        || started.exists() && !hidden().is_empty(),
-    );
+    wait_until(Duration::from_secs(60), "the copy to be uploading", || {
+        started.exists() && !hidden().is_empty()
+    });
     backup.signal("KILL");
     backup.wait_output(Duration::from_secs(30));
     assert!(nobody_paused(&cluster));
@@ -1147,7 +1159,13 @@ fn restore_force_checks_the_key_before_it_empties_the_target() {
         }
         text
     };
-    let no_key = write_standalone_runbook(dir.path(), "no-key.toml", &databases, &pipeline(None), &storage);
+    let no_key = write_standalone_runbook(
+        dir.path(),
+        "no-key.toml",
+        &databases,
+        &pipeline(None),
+        &storage,
+    );
     let wrong = write_standalone_runbook(
         dir.path(),
         "wrong.toml",
@@ -1235,7 +1253,10 @@ fn restore_force_checks_the_key_before_it_empties_the_target() {
     }
     assert_eq!(postgres.psql("target", "SELECT count(*) FROM t"), "100");
     assert_eq!(
-        postgres.psql("target", "SELECT count(*) FROM pg_tables WHERE tablename = 'keep_me'"),
+        postgres.psql(
+            "target",
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'keep_me'"
+        ),
         "0"
     );
     assert_eq!(sqlite_rows(&target_sqlite, "t"), "100");
@@ -1250,7 +1271,10 @@ fn restore_force_never_drops_a_target_in_use_even_when_killed() {
     postgres.create_database("source");
     postgres.psql("source", "CREATE TABLE t (x int); INSERT INTO t VALUES (1)");
     postgres.create_database("target");
-    postgres.psql("target", "CREATE TABLE keep_me (x int); INSERT INTO keep_me VALUES (1)");
+    postgres.psql(
+        "target",
+        "CREATE TABLE keep_me (x int); INSERT INTO keep_me VALUES (1)",
+    );
     let dir = tempfile::tempdir().unwrap();
     let runbook = write_standalone_runbook(
         dir.path(),
@@ -1306,9 +1330,11 @@ fn restore_force_never_drops_a_target_in_use_even_when_killed() {
              AND wait_event_type = 'Lock'",
         ) != "0"
     };
-    wait_until(Duration::from_secs(60), "the restore to end or block", || {
-        restore.has_exited() || waiting_on_lock()
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "the restore to end or block",
+        || restore.has_exited() || waiting_on_lock(),
+    );
     let refused = restore.has_exited();
     if !refused {
         restore.signal("KILL");
@@ -1318,13 +1344,17 @@ fn restore_force_never_drops_a_target_in_use_even_when_killed() {
     std::io::Write::write_all(&mut holder_input, b"COMMIT;\n").unwrap();
     drop(holder_input);
     holder.wait().unwrap();
-    wait_until(Duration::from_secs(30), "the target to have no other session", || {
-        postgres.psql(
-            "postgres",
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'target' \
+    wait_until(
+        Duration::from_secs(30),
+        "the target to have no other session",
+        || {
+            postgres.psql(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'target' \
              AND pid <> pg_backend_pid()",
-        ) == "0"
-    });
+            ) == "0"
+        },
+    );
     assert_eq!(
         postgres.psql(
             "target",
@@ -1334,7 +1364,10 @@ fn restore_force_never_drops_a_target_in_use_even_when_killed() {
         "the target's table was dropped (refused: {refused}; {})",
         stderr(&output)
     );
-    assert!(refused, "the restore blocked behind the lock instead of refusing");
+    assert!(
+        refused,
+        "the restore blocked behind the lock instead of refusing"
+    );
     assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
     assert!(stderr(&output).contains("in use"), "{}", stderr(&output));
 }
@@ -1353,12 +1386,23 @@ fn restore_force_refuses_a_live_sqlite_target_and_replaces_a_dead_one() {
         cluster.transactions() >= 10
     });
     let id = backup_id(config, &[]);
-    let live = cluster.auditor_db.strip_prefix("sqlite:").unwrap().to_owned();
+    let live = cluster
+        .auditor_db
+        .strip_prefix("sqlite:")
+        .unwrap()
+        .to_owned();
 
     let output = run(
         "stillpoint",
         &[
-            "restore", &id, "--config", config, "--database", "auditor", "--to", &live,
+            "restore",
+            &id,
+            "--config",
+            config,
+            "--database",
+            "auditor",
+            "--to",
+            &live,
             "--force",
         ],
     );
@@ -1448,7 +1492,13 @@ fn output_into_a_closed_pipe_ends_quietly() {
     );
     for format in ["text", "json"] {
         let mut child = Command::new(crate::util::bin("stillpoint"))
-            .args(["list", "--config", runbook.to_str().unwrap(), "--output", format])
+            .args([
+                "list",
+                "--config",
+                runbook.to_str().unwrap(),
+                "--output",
+                format,
+            ])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -1457,7 +1507,12 @@ fn output_into_a_closed_pipe_ends_quietly() {
         drop(child.stdout.take());
         let output = crate::util::Process::new(child, "stillpoint list".to_owned())
             .wait_output(Duration::from_secs(60));
-        assert_eq!(output.status.code(), Some(0), "{format}: {}", stderr(&output));
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{format}: {}",
+            stderr(&output)
+        );
         assert!(!stderr(&output).contains("panicked"), "{}", stderr(&output));
     }
 }
@@ -1540,14 +1595,23 @@ fn incomplete_s3_multipart_uploads_under_the_backups_are_listed() {
     ));
     let (code, listed) = run_json(
         "stillpoint",
-        &["list", "--config", runbook.to_str().unwrap(), "--output", "json"],
+        &[
+            "list",
+            "--config",
+            runbook.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
     );
     assert_eq!(code, 0, "{listed:#}");
     let incomplete = listed["incomplete"].as_array().unwrap();
     assert_eq!(incomplete.len(), 1, "{listed:#}");
     assert_eq!(incomplete[0]["backup_id"], id, "{listed:#}");
     assert_eq!(incomplete[0]["incomplete_uploads"], 1, "{listed:#}");
-    let table = run("stillpoint", &["list", "--config", runbook.to_str().unwrap()]);
+    let table = run(
+        "stillpoint",
+        &["list", "--config", runbook.to_str().unwrap()],
+    );
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
     assert!(table.contains(id) && table.contains("upload"), "{table}");
 }

@@ -505,7 +505,10 @@ async fn emptying_a_target_refuses_other_connections_and_never_drops_after_its_c
         &format!("SELECT count(*) FROM information_schema.PROCESSLIST WHERE DB = '{name}'"),
     ) != "0"
     {
-        assert!(Instant::now() < deadline, "connections stayed on the target");
+        assert!(
+            Instant::now() < deadline,
+            "connections stayed on the target"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(tables(), "2", "tables were dropped after the client left");

@@ -397,7 +397,10 @@ async fn emptying_a_target_refuses_other_sessions_and_never_drops_after_its_clie
     let pg = plain();
     let db = unique_name("clear_target");
     pg.create_database(&db);
-    pg.psql(&db, "CREATE TABLE keep_me (x int); INSERT INTO keep_me VALUES (1)");
+    pg.psql(
+        &db,
+        "CREATE TABLE keep_me (x int); INSERT INTO keep_me VALUES (1)",
+    );
     let target = pg.url(&db);
     let adapter = adapter(&pg, &db, false);
     let exists = || {
@@ -424,7 +427,11 @@ async fn emptying_a_target_refuses_other_sessions_and_never_drops_after_its_clie
     let err = drop_everything(&conn.client, std::time::Duration::from_millis(300))
         .await
         .unwrap_err();
-    assert!(error_text(&err).contains("lock timeout"), "{}", error_text(&err));
+    assert!(
+        error_text(&err).contains("lock timeout"),
+        "{}",
+        error_text(&err)
+    );
     conn.close().await;
     assert_eq!(exists(), "1");
 
@@ -454,7 +461,11 @@ async fn emptying_a_target_refuses_other_sessions_and_never_drops_after_its_clie
         "every session to leave the target",
     )
     .await;
-    assert_eq!(exists(), "1", "the DROP was committed after its client left");
+    assert_eq!(
+        exists(),
+        "1",
+        "the DROP was committed after its client left"
+    );
 
     // Nobody else there: it is emptied.
     adapter.clear(&target).await.unwrap();

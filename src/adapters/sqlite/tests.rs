@@ -342,5 +342,8 @@ async fn clear_refuses_an_open_database_and_restore_replaces_a_dead_one() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(!names.iter().any(|n| n.ends_with(".restoring")), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.ends_with(".restoring")),
+        "{names:?}"
+    );
 }
