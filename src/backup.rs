@@ -790,7 +790,7 @@ mod tests {
             .into_iter()
             .map(|entry| entry.path)
             .collect();
-        assert_eq!(listed, [marker.clone()]);
+        assert_eq!(listed, std::slice::from_ref(&marker));
         let refreshed = async {
             loop {
                 let now = storage.head(&marker).await.unwrap().unwrap().last_modified;

@@ -788,7 +788,7 @@ mod tests {
     /// A catalog of these backups, newest first as `list` gives them.
     fn catalog_of(backups: &[Manifest]) -> Catalog {
         let mut backups = backups.to_vec();
-        backups.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms));
+        backups.sort_by_key(|b| std::cmp::Reverse(b.created_at_ms));
         Catalog {
             backups,
             ..Catalog::default()
