@@ -57,10 +57,11 @@ pub enum BackupError {
     Setup(String),
     /// A key, passphrase or level the pipeline cannot use; nothing was paused.
     #[error("the [pipeline] settings cannot be used, nothing was paused: {0}")]
-    Pipeline(#[source] PipelineError),
-    /// The storage refused the probe or the marker; nothing was paused.
-    #[error("storage {storage} cannot take the backup, nothing was paused: {reason}")]
-    Storage { storage: String, reason: String },
+    Pipeline(PipelineError),
+    /// The storage refused the probe or the marker; nothing was paused. The reason
+    /// names the storage.
+    #[error("{reason}; the storage cannot take this backup, so nothing was paused")]
+    Storage { reason: String },
     #[error("preparing the databases failed, nothing was paused: {0}")]
     Prepare(String),
     #[error(transparent)]
@@ -277,7 +278,6 @@ async fn prepare_storage(
     marker_body: bytes::Bytes,
 ) -> Result<(), BackupError> {
     let failed = |error: StorageError| BackupError::Storage {
-        storage: storage.to_string(),
         reason: error.to_string(),
     };
     let probe =
