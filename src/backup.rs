@@ -3,16 +3,22 @@
 //! deadline while the lease is renewed → release and check the window → copy every
 //! database through the pipeline in parallel → commit the manifest, last.
 //!
+//! Prepare checks everything that can be checked before the pause: the pipeline's
+//! keys and level, the storage (a probe object written and deleted, then the backup's
+//! in-progress marker), and every database. The marker is rewritten every
+//! [`HEARTBEAT`] while the backup runs, so orphan cleanup never takes it for dead.
+//!
 //! The pause covers only the cuts, so its length does not grow with the data. Every
 //! failure before the commit releases the cluster (if paused) and deletes what was
-//! written, so no backup is listed that is not whole.
+//! written, so no backup is listed that is not whole; the error says whether that
+//! deletion worked.
 //!
 //! [`Mode::UnsafeNoPause`] exists for negative controls: it skips the pause and cuts
 //! and copies each database in turn, as a tool without a pause would, and marks the
 //! manifest so nobody mistakes it for a restore point.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::join_all;
 
@@ -23,11 +29,16 @@ use crate::coordinator::{
 use crate::grpc::auth::{AdminToken, ClientIdentity, read_certificate_pem};
 use crate::grpc::client::{ConnectOptions, TlsOptions};
 use crate::manifest::{self, DatabaseEntry, Manifest, Timings};
-use crate::pipeline::{self, PipelineSettings};
+use crate::pipeline::{self, PipelineError, PipelineSettings};
 use crate::resolve::{NodeAddress, parse_address_list, resolve_srv};
 use crate::runbook::{PauseConfig, Runbook};
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageError};
 use crate::time::{Zone, unix_ms};
+
+/// How often a running backup rewrites its in-progress marker
+/// ([`manifest::MARKER_FILE`]). Orphan cleanup waits far longer (an hour) before it
+/// takes a directory for a dead backup's.
+pub const HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// What a running backup reports, for progress bars or logs.
 #[derive(Debug, Clone)]
@@ -44,6 +55,13 @@ pub enum BackupError {
     /// The runbook or the environment is wrong; nothing was contacted or paused.
     #[error("{0}")]
     Setup(String),
+    /// A key, passphrase or level the pipeline cannot use; nothing was paused.
+    #[error("the [pipeline] settings cannot be used, nothing was paused: {0}")]
+    Pipeline(PipelineError),
+    /// The storage refused the probe or the marker; nothing was paused. The reason
+    /// names the storage.
+    #[error("{reason}; the storage cannot take this backup, so nothing was paused")]
+    Storage { reason: String },
     #[error("preparing the databases failed, nothing was paused: {0}")]
     Prepare(String),
     #[error(transparent)]
@@ -65,18 +83,71 @@ pub enum BackupError {
         reasons: String,
         window: Box<PauseReport>,
     },
-    #[error("copy failed: {reason}; the partial backup {backup_id} was deleted and is not listed")]
+    #[error("copy failed: {reason}; {cleanup}")]
     Copy {
         backup_id: String,
         reason: String,
+        cleanup: Cleanup,
         window: Box<PauseReport>,
     },
-    #[error("writing the manifest of {backup_id} failed: {reason}; the backup is not listed")]
+    #[error("writing the manifest of {backup_id} failed: {reason}; {cleanup}")]
     Commit {
         backup_id: String,
         reason: String,
+        cleanup: Cleanup,
         window: Box<PauseReport>,
     },
+}
+
+/// What became of a failed backup's directory. Either way it has no manifest, so it
+/// is not listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cleanup {
+    Deleted { backup_id: String },
+    Failed { backup_id: String, error: String },
+}
+
+impl std::fmt::Display for Cleanup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cleanup::Deleted { backup_id } => write!(
+                f,
+                "the partial backup {backup_id} was deleted and is not listed"
+            ),
+            Cleanup::Failed { backup_id, error } => write!(
+                f,
+                "the partial backup {backup_id} could not be deleted ({error}); it is not \
+                 listed (it has no manifest), and `stillpoint prune` removes it once it has \
+                 been left alone for an hour"
+            ),
+        }
+    }
+}
+
+/// Why a backup stopped, before its directory is cleaned up (which happens once the
+/// marker's heartbeat has stopped, so it cannot write the marker back).
+enum Stopped {
+    Error(BackupError),
+    Copy {
+        reason: String,
+        window: Box<PauseReport>,
+    },
+    Commit {
+        reason: String,
+        window: Box<PauseReport>,
+    },
+}
+
+impl From<BackupError> for Stopped {
+    fn from(error: BackupError) -> Self {
+        Stopped::Error(error)
+    }
+}
+
+impl From<PauseFailed> for Stopped {
+    fn from(error: PauseFailed) -> Self {
+        Stopped::Error(error.into())
+    }
 }
 
 impl BackupError {
@@ -119,6 +190,8 @@ pub async fn run_with(
     let storage = Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)
         .map_err(|error| BackupError::Setup(error.to_string()))?;
     let settings = pipeline_settings(runbook)?;
+    // 2. Prepare begins with what needs no network: keys and level.
+    settings.check().map_err(BackupError::Pipeline)?;
     let plan = match mode {
         Mode::Paused => Some(pause_plan(&runbook.pause).await?),
         Mode::UnsafeNoPause => None,
@@ -145,16 +218,117 @@ pub async fn run_with(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| BackupError::Setup(error.to_string()))?;
 
-    // 2. Prepare: connect and check every database before anything is paused.
+    // 2. Prepare: the storage takes writes and deletes, and holds our marker from now
+    // on, refreshed while the backup runs.
     progress(Progress::Phase("prepare"));
+    let marker =
+        manifest::marker_path(&backup_id).map_err(|error| BackupError::Setup(error.to_string()))?;
+    let marker_body = bytes::Bytes::from(manifest::marker_json(
+        &backup_id,
+        unix_ms(SystemTime::now()),
+    ));
+    prepare_storage(&storage, &backup_id, &marker, marker_body.clone()).await?;
+    let work = marked(
+        runbook, &storage, &settings, plan, adapters, paths, &backup_id, started, progress,
+    );
+    let outcome = tokio::select! {
+        outcome = work => outcome,
+        never = keep_marker_fresh(&storage, &marker, marker_body, HEARTBEAT) => match never {},
+    };
+    match outcome {
+        Ok(manifest) => {
+            if let Err(error) = storage.delete(&marker).await {
+                tracing::warn!(%backup_id, %error, "could not delete the committed backup's in-progress marker");
+            }
+            Ok(manifest)
+        }
+        Err(stopped) => {
+            let cleanup = discard(&storage, &backup_id).await;
+            Err(match stopped {
+                Stopped::Error(error) => {
+                    if let Cleanup::Failed { error: why, .. } = &cleanup {
+                        tracing::warn!(%backup_id, error = %why, "could not delete the failed backup's marker");
+                    }
+                    error
+                }
+                Stopped::Copy { reason, window } => BackupError::Copy {
+                    backup_id,
+                    reason,
+                    cleanup,
+                    window,
+                },
+                Stopped::Commit { reason, window } => BackupError::Commit {
+                    backup_id,
+                    reason,
+                    cleanup,
+                    window,
+                },
+            })
+        }
+    }
+}
+
+/// Writes and deletes a probe object, then writes the backup's marker: a missing
+/// bucket, wrong credentials or a directory that takes no files fail here, before
+/// anything is paused.
+async fn prepare_storage(
+    storage: &Storage,
+    backup_id: &str,
+    marker: &str,
+    marker_body: bytes::Bytes,
+) -> Result<(), BackupError> {
+    let failed = |error: StorageError| BackupError::Storage {
+        reason: error.to_string(),
+    };
+    let probe =
+        manifest::probe_path(backup_id).map_err(|error| BackupError::Setup(error.to_string()))?;
+    storage.probe(&probe).await.map_err(failed)?;
+    storage
+        .put_atomic(marker, marker_body)
+        .await
+        .map_err(failed)
+}
+
+/// Rewrites the marker every `every`, for as long as it is polled (it never ends):
+/// the directory of a running backup never looks older than `every`.
+async fn keep_marker_fresh(
+    storage: &Storage,
+    marker: &str,
+    body: bytes::Bytes,
+    every: Duration,
+) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(error) = storage.put_atomic(marker, body.clone()).await {
+            tracing::warn!(%error, "could not refresh the backup's in-progress marker");
+        }
+    }
+}
+
+/// Steps 2–7 once the marker is written: prepare the databases, pause, cut, release,
+/// copy, commit. Without a `plan`, the unsafe `--no-pause` copy.
+#[allow(clippy::too_many_arguments)]
+async fn marked(
+    runbook: &Runbook,
+    storage: &Storage,
+    settings: &PipelineSettings,
+    plan: Option<PausePlan>,
+    adapters: Vec<Arc<dyn adapters::Adapter>>,
+    paths: Vec<Option<String>>,
+    backup_id: &str,
+    started: Instant,
+    progress: ProgressSink,
+) -> Result<Manifest, Stopped> {
+    let backup_id = backup_id.to_owned();
+    // 2. Prepare: connect and check every database before anything is paused.
     let prepared = join_all(adapters.iter().map(|adapter| adapter.prepare())).await;
     let mut prepared: Vec<Box<dyn Prepared>> = collect(prepared).map_err(BackupError::Prepare)?;
     let prepare_ms = elapsed_ms(started);
 
     let Some(plan) = plan else {
         return unpaused(
-            runbook, &storage, &settings, &adapters, prepared, paths, backup_id, prepare_ms,
-            started, progress,
+            runbook, storage, settings, &adapters, prepared, paths, backup_id, prepare_ms, started,
+            progress,
         )
         .await;
     };
@@ -188,7 +362,8 @@ pub async fn run_with(
             return Err(BackupError::Cut {
                 reason,
                 window: Box::new(window),
-            });
+            }
+            .into());
         }
     };
     if !released.all_released() {
@@ -201,13 +376,15 @@ pub async fn run_with(
         return Err(BackupError::Unpause {
             nodes,
             window: Box::new(window),
-        });
+        }
+        .into());
     }
     if !window.window_valid {
         return Err(BackupError::WindowInvalid {
             reasons: window.invalid_reasons.join("; "),
             window: Box::new(window),
-        });
+        }
+        .into());
     }
 
     // 6. Copy every database, streamed through the pipeline, in parallel.
@@ -219,8 +396,8 @@ pub async fn run_with(
                 prepared,
                 database.name.clone(),
                 path,
-                &storage,
-                &settings,
+                storage,
+                settings,
                 progress.clone(),
             )
         },
@@ -229,9 +406,7 @@ pub async fn run_with(
     let copies = match collect(copies) {
         Ok(copies) => copies,
         Err(reason) => {
-            discard(&storage, &backup_id).await;
-            return Err(BackupError::Copy {
-                backup_id,
+            return Err(Stopped::Copy {
                 reason,
                 window: Box::new(window),
             });
@@ -247,7 +422,7 @@ pub async fn run_with(
     progress(Progress::Phase("commit"));
     commit(
         runbook,
-        &storage,
+        storage,
         &adapters,
         markers,
         copies,
@@ -274,7 +449,7 @@ async fn unpaused(
     prepare_ms: u64,
     started: Instant,
     progress: ProgressSink,
-) -> Result<Manifest, BackupError> {
+) -> Result<Manifest, Stopped> {
     progress(Progress::Phase("copy"));
     let first_cut_ms = unix_ms(SystemTime::now());
     let copy_started = Instant::now();
@@ -299,9 +474,7 @@ async fn unpaused(
         match copied {
             Ok(copy) => copies.push(copy),
             Err(error) => {
-                discard(storage, &backup_id).await;
-                return Err(BackupError::Copy {
-                    backup_id,
+                return Err(Stopped::Copy {
                     reason: error.to_string(),
                     window: Box::new(PauseReport::unpaused(
                         first_cut_ms,
@@ -347,7 +520,7 @@ async fn commit(
     timings: Timings,
     started: Instant,
     mode: Mode,
-) -> Result<Manifest, BackupError> {
+) -> Result<Manifest, Stopped> {
     let databases = runbook
         .databases
         .iter()
@@ -382,9 +555,7 @@ async fn commit(
         unsafe_no_pause: mode == Mode::UnsafeNoPause,
     };
     if let Err(error) = manifest::write(storage, &manifest).await {
-        discard(storage, &backup_id).await;
-        return Err(BackupError::Commit {
-            backup_id,
+        return Err(Stopped::Commit {
             reason: error.to_string(),
             window: Box::new(window),
         });
@@ -462,9 +633,10 @@ async fn copy_one(
     Ok((Some(artifact), summary))
 }
 
-/// Best-effort removal of a backup that will not be committed. It is not listed
-/// either way (no manifest); this keeps the storage clean.
-async fn discard(storage: &Storage, backup_id: &str) {
+/// Removes a backup that will not be committed: its objects and unfinished uploads.
+/// It is not listed either way (no manifest); this keeps the storage clean, and the
+/// outcome goes into the error the operator reads.
+async fn discard(storage: &Storage, backup_id: &str) -> Cleanup {
     let deleted = match manifest::backup_prefix(backup_id) {
         Ok(prefix) => storage
             .delete_prefix(&prefix)
@@ -472,8 +644,14 @@ async fn discard(storage: &Storage, backup_id: &str) {
             .map_err(|error| error.to_string()),
         Err(error) => Err(error.to_string()),
     };
-    if let Err(error) = deleted {
-        tracing::warn!(%backup_id, %error, "could not delete the artifacts of a failed backup");
+    match deleted {
+        Ok(_) => Cleanup::Deleted {
+            backup_id: backup_id.to_owned(),
+        },
+        Err(error) => Cleanup::Failed {
+            backup_id: backup_id.to_owned(),
+            error,
+        },
     }
 }
 
@@ -585,4 +763,50 @@ fn has_copy(config: &AdapterConfig) -> bool {
 
 fn elapsed_ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 18.8: the marker a running backup holds is rewritten while it runs, so
+    /// its directory never looks older than the heartbeat.
+    #[tokio::test]
+    async fn the_marker_is_rewritten_while_the_backup_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&format!("file://{}", dir.path().display())).unwrap();
+        let id = manifest::new_backup_id();
+        let marker = manifest::marker_path(&id).unwrap();
+        let body = bytes::Bytes::from(manifest::marker_json(&id, 0));
+        prepare_storage(&storage, &id, &marker, body.clone())
+            .await
+            .unwrap();
+        let first = storage.head(&marker).await.unwrap().unwrap().last_modified;
+        // The probe object is gone again; only the marker is there.
+        let listed: Vec<String> = storage
+            .list("backups")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|entry| entry.path)
+            .collect();
+        assert_eq!(listed, std::slice::from_ref(&marker));
+        let refreshed = async {
+            loop {
+                let now = storage.head(&marker).await.unwrap().unwrap().last_modified;
+                if now > first {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::select! {
+            within = tokio::time::timeout(Duration::from_secs(30), refreshed) => {
+                within.expect("the marker was not rewritten within 30s");
+            }
+            never = keep_marker_fresh(&storage, &marker, body, Duration::from_millis(50)) => {
+                match never {}
+            }
+        }
+    }
 }

@@ -6,6 +6,14 @@
 //! last). A directory under `backups/` without a manifest is an *orphan*: a backup
 //! that failed, or one still being written. Pruning deletes a manifest before its
 //! artifacts, so a half-deleted backup is an orphan too, never a listed backup.
+//!
+//! An orphan's age is that of its newest object or unfinished upload. A running
+//! backup rewrites its marker object every [`crate::backup::HEARTBEAT`], so its
+//! directory always looks recent, even while its only other content is an upload
+//! too big to have finished; [`stale_orphans`] picks only directories quiet for
+//! longer than a grace far above the heartbeat. [`remove_orphan`] and
+//! [`manifest::write`] follow a small protocol so that a commit racing a removal is
+//! either withdrawn or left whole, never half-deleted.
 
 use std::collections::BTreeMap;
 
@@ -17,7 +25,9 @@ use crate::storage::{Storage, StorageError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("no backups in {storage}; `stillpoint backup` makes one")]
+    #[error(
+        "no backup in {storage} is a restore point; `stillpoint list` shows what is there, `stillpoint backup` makes one"
+    )]
     NoBackups { storage: String },
     #[error("no backup {id:?} in {storage}{}; `stillpoint list` shows them all", newest_hint(.newest))]
     UnknownBackup {
@@ -29,6 +39,10 @@ pub enum CatalogError {
         "keep_last, keep_daily and keep_weekly are all 0, which would delete every backup; set at least one"
     )]
     NoRetentionRule,
+    #[error(
+        "this prune would delete {deleting} backup(s) and leave no restore point in {storage} (what is left is unsafe --no-pause copies or broken backups, or nothing); pass --allow-no-restore-point to prune anyway"
+    )]
+    NoRestorePointLeft { storage: String, deleting: usize },
     #[error("{prefix} has a manifest now (a backup finished there); it was not deleted")]
     NotAnOrphan { prefix: String },
     #[error("prune stopped at backup {backup_id} ({deleted} backups already deleted): {source}")]
@@ -57,6 +71,10 @@ fn newest_hint(newest: &[String]) -> String {
 pub struct Catalog {
     /// Newest first.
     pub backups: Vec<Manifest>,
+    /// What the storage listing says is wrong with a listed backup's artifacts
+    /// (missing, or another size than the manifest records), by backup id. A backup
+    /// with problems is listed but is not a restore point.
+    pub problems: BTreeMap<String, Vec<String>>,
     /// Manifests that exist but cannot be read: not backups, and never pruned.
     pub damaged: Vec<DamagedManifest>,
     /// Backup directories without a manifest, oldest first.
@@ -77,18 +95,51 @@ pub struct Orphan {
     pub backup_id: String,
     /// `backups/<id>`
     pub prefix: String,
+    /// Finished objects (a marker, artifacts).
     pub objects: usize,
     pub bytes: u64,
-    /// The newest object's time. A recent orphan may be a backup still copying:
-    /// remove only orphans older than the longest backup takes.
+    /// Unfinished uploads, invisible to a plain listing (see `crate::storage`).
+    pub incomplete_uploads: usize,
+    /// Bytes those uploads hold, where the storage tells (local files).
+    pub hidden_bytes: u64,
+    /// It holds the marker a backup writes first and refreshes while it runs.
+    pub marker: bool,
+    /// The newest object's or unfinished upload's time: while a backup runs, never
+    /// older than its heartbeat. See [`stale_orphans`].
     pub last_modified: DateTime<Utc>,
 }
 
 impl Catalog {
-    /// The newest backup that is a restore point: `latest` never means a copy taken
-    /// with `--no-pause`.
+    /// The newest backup that is a restore point ([`Catalog::is_restorable`]):
+    /// `latest` never means a copy taken with `--no-pause`, nor a backup whose
+    /// artifacts are not all in storage with their recorded sizes.
     pub fn latest(&self) -> Option<&Manifest> {
-        self.backups.iter().find(|backup| !backup.unsafe_no_pause)
+        self.backups
+            .iter()
+            .find(|backup| self.is_restorable(backup))
+    }
+
+    /// The backups newer than [`Catalog::latest`] that it passed over because their
+    /// artifacts are missing or the wrong size, with why: what `latest` must say it
+    /// skipped.
+    pub fn skipped_for_latest(&self) -> Vec<(&Manifest, &[String])> {
+        self.backups
+            .iter()
+            .take_while(|backup| !self.is_restorable(backup))
+            .filter(|backup| !backup.unsafe_no_pause)
+            .map(|backup| (backup, self.problems_of(&backup.backup_id)))
+            .collect()
+    }
+
+    /// A restore point: taken inside a pause (not `--no-pause`), and every artifact
+    /// is in storage with the size its manifest records.
+    pub fn is_restorable(&self, manifest: &Manifest) -> bool {
+        !manifest.unsafe_no_pause && self.problems_of(&manifest.backup_id).is_empty()
+    }
+
+    /// What is wrong with a listed backup's artifacts; empty when nothing is.
+    pub fn problems_of(&self, backup_id: &str) -> &[String] {
+        self.problems.get(backup_id).map_or(&[], Vec::as_slice)
     }
 
     pub fn orphans(&self) -> &[Orphan] {
@@ -99,29 +150,48 @@ impl Catalog {
 /// Lists the backups in `storage`. Unreadable manifests are reported in
 /// [`Catalog::damaged`], not as errors; storage errors fail the listing.
 pub async fn list(storage: &Storage) -> Result<Catalog, CatalogError> {
+    #[derive(Default)]
     struct Dir {
         manifest: bool,
+        marker: bool,
         objects: usize,
         bytes: u64,
+        uploads: usize,
+        hidden_bytes: u64,
         last_modified: Option<DateTime<Utc>>,
     }
-    let mut dirs: BTreeMap<String, Dir> = BTreeMap::new();
-    for entry in storage.list(BACKUPS_DIR).await? {
-        let mut parts = entry.path.splitn(3, '/');
+    /// The backup id of a path under `backups/`, if it is in a backup's directory
+    /// (anything else is not ours to list or clean up), and the rest of the path.
+    fn in_backup(path: &str) -> Option<(&str, &str)> {
+        let mut parts = path.splitn(3, '/');
         let (Some(_), Some(id), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+            return None;
+        };
+        manifest::parse_backup_id(id).ok().map(|_| (id, rest))
+    }
+    let mut dirs: BTreeMap<String, Dir> = BTreeMap::new();
+    let listing = storage.list(BACKUPS_DIR).await?;
+    for upload in storage.list_incomplete(BACKUPS_DIR).await? {
+        let Some((id, _)) = in_backup(&upload.path) else {
             continue;
         };
-        // Anything that is not a backup id is not ours to list or clean up.
-        if manifest::parse_backup_id(id).is_err() {
+        let dir = dirs.entry(id.to_owned()).or_default();
+        dir.uploads += 1;
+        dir.hidden_bytes += upload.bytes.unwrap_or(0);
+        dir.last_modified = dir.last_modified.max(Some(upload.last_modified));
+    }
+    // What the storage holds, to compare each manifest's artifacts with.
+    let sizes: BTreeMap<&str, u64> = listing
+        .iter()
+        .map(|entry| (entry.path.as_str(), entry.size))
+        .collect();
+    for entry in &listing {
+        let Some((id, rest)) = in_backup(&entry.path) else {
             continue;
-        }
-        let dir = dirs.entry(id.to_owned()).or_insert(Dir {
-            manifest: false,
-            objects: 0,
-            bytes: 0,
-            last_modified: None,
-        });
+        };
+        let dir = dirs.entry(id.to_owned()).or_default();
         dir.manifest |= rest == MANIFEST_FILE;
+        dir.marker |= rest == manifest::MARKER_FILE;
         dir.objects += 1;
         dir.bytes += entry.size;
         dir.last_modified = dir.last_modified.max(Some(entry.last_modified));
@@ -139,6 +209,9 @@ pub async fn list(storage: &Storage) -> Result<Catalog, CatalogError> {
                 prefix,
                 objects: dir.objects,
                 bytes: dir.bytes,
+                incomplete_uploads: dir.uploads,
+                hidden_bytes: dir.hidden_bytes,
+                marker: dir.marker,
                 last_modified: dir.last_modified.unwrap_or_default(),
             });
             continue;
@@ -151,7 +224,15 @@ pub async fn list(storage: &Storage) -> Result<Catalog, CatalogError> {
             Err(e) => return Err(e.into()),
         };
         match manifest::parse_for(&id, &path, &bytes) {
-            Ok(manifest) => catalog.backups.push(manifest),
+            Ok(manifest) => {
+                let problems = artifact_problems(&manifest, &sizes);
+                if !problems.is_empty() {
+                    catalog
+                        .problems
+                        .insert(manifest.backup_id.clone(), problems);
+                }
+                catalog.backups.push(manifest);
+            }
             Err(error) => catalog.damaged.push(DamagedManifest {
                 path,
                 error: error.to_string(),
@@ -165,9 +246,35 @@ pub async fn list(storage: &Storage) -> Result<Catalog, CatalogError> {
     Ok(catalog)
 }
 
-/// `"latest"` or a backup id.
+/// Each artifact of `manifest` that the listing does not hold with its recorded size.
+fn artifact_problems(manifest: &Manifest, sizes: &BTreeMap<&str, u64>) -> Vec<String> {
+    manifest
+        .artifacts()
+        .filter_map(|(db, artifact)| match sizes.get(artifact.path.as_str()) {
+            None => Some(format!(
+                "database {}'s artifact {} is missing",
+                db.name, artifact.path
+            )),
+            Some(&size) if size != artifact.stored_size => Some(format!(
+                "database {}'s artifact {} has {size} bytes in storage, the manifest says {}",
+                db.name, artifact.path, artifact.stored_size
+            )),
+            Some(_) => None,
+        })
+        .collect()
+}
+
+/// `"latest"` or a backup id. `latest` passes over broken backups, and says so in a
+/// warning for each one it skipped (on stderr, through the log).
 pub fn resolve<'a>(catalog: &'a Catalog, which: &str) -> Result<&'a Manifest, CatalogError> {
     if which == "latest" {
+        for (skipped, problems) in catalog.skipped_for_latest() {
+            tracing::warn!(
+                "`latest` skips backup {}: {}",
+                skipped.backup_id,
+                problems.join("; ")
+            );
+        }
         return catalog.latest().ok_or_else(|| CatalogError::NoBackups {
             storage: catalog.storage.clone(),
         });
@@ -188,18 +295,63 @@ pub fn resolve<'a>(catalog: &'a Catalog, which: &str) -> Result<&'a Manifest, Ca
         })
 }
 
-/// Deletes an orphan's objects, after checking it still has no manifest (a backup
-/// may have committed since the listing). Returns the number of objects deleted.
+/// The orphans nothing has written to for longer than `grace` (newest object and
+/// unfinished upload alike): dead backups, never running ones, as long as `grace` is
+/// well above [`crate::backup::HEARTBEAT`].
+pub fn stale_orphans(
+    catalog: &Catalog,
+    now: DateTime<Utc>,
+    grace: chrono::TimeDelta,
+) -> Vec<&Orphan> {
+    catalog
+        .orphans
+        .iter()
+        .filter(|orphan| now - orphan.last_modified > grace)
+        .collect()
+}
+
+/// Deletes an orphan's objects and unfinished uploads, and returns how many objects
+/// it deleted. A backup may commit into the directory meanwhile; the removal and
+/// [`manifest::write`] together make sure it is then either withdrawn by its writer
+/// or left whole:
+///
+/// 1. a manifest there now: not an orphan, stop;
+/// 2. write the claim (from now on a commit withdraws itself, see `manifest::write`);
+/// 3. a manifest there now: a commit landed before the claim, and may or may not
+///    have seen it. Remove the claim and stop: the commit is whole either way;
+/// 4. delete everything but a manifest (one written now is withdrawn by its writer,
+///    which sees the claim or a missing artifact), then the claim, last.
 pub async fn remove_orphan(storage: &Storage, orphan: &Orphan) -> Result<usize, CatalogError> {
-    let prefix = manifest::backup_prefix(&orphan.backup_id)?;
-    if storage
-        .head(&manifest::manifest_path(&orphan.backup_id)?)
-        .await?
-        .is_some()
-    {
-        return Err(CatalogError::NotAnOrphan { prefix });
+    let id = &orphan.backup_id;
+    let prefix = manifest::backup_prefix(id)?;
+    let manifest_path = manifest::manifest_path(id)?;
+    let claim = manifest::claim_path(id)?;
+    let not_an_orphan = || CatalogError::NotAnOrphan {
+        prefix: prefix.clone(),
+    };
+    if storage.head(&manifest_path).await?.is_some() {
+        return Err(not_an_orphan());
     }
-    Ok(storage.delete_prefix(&prefix).await?)
+    storage
+        .put_atomic(&claim, bytes::Bytes::from_static(b"an orphan removal\n"))
+        .await?;
+    if storage.head(&manifest_path).await?.is_some() {
+        storage.delete(&claim).await?;
+        return Err(not_an_orphan());
+    }
+    let mut deleted = 0;
+    for object in storage.list(&prefix).await? {
+        if object.path == manifest_path || object.path == claim {
+            continue;
+        }
+        storage.delete(&object.path).await?;
+        deleted += 1;
+    }
+    for upload in storage.list_incomplete(&prefix).await? {
+        storage.abort_incomplete(&upload).await?;
+    }
+    storage.delete(&claim).await?;
+    Ok(deleted)
 }
 
 /// One database's artifact, checked.
@@ -271,27 +423,36 @@ pub struct PrunePlan {
     pub delete: Vec<String>,
 }
 
-/// Restic-like retention over committed backups (by `created_at_ms`, in UTC):
+/// How many backups a prune keeps, by rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub keep_last: usize,
+    pub keep_daily: usize,
+    pub keep_weekly: usize,
+}
+
+/// Restic-like retention over the catalog's restore points (by `created_at_ms`, in
+/// UTC):
 ///
-/// - `keep_last` N: the N newest backups;
-/// - `keep_daily` D: the newest backup of each of the D most recent days that have
-///   backups;
+/// - `keep_last` N: the N newest restore points;
+/// - `keep_daily` D: the newest restore point of each of the D most recent days that
+///   have one;
 /// - `keep_weekly` W: likewise per ISO week.
 ///
-/// A backup kept by any rule is kept. Backups created after `now` (a clock that was
-/// ahead) are always kept: no rule can place them. Fails if every rule is 0, rather
-/// than delete everything.
+/// A backup kept by any rule is kept. Only restore points ([`Catalog::is_restorable`])
+/// count: an unsafe `--no-pause` copy or a backup with missing artifacts never takes
+/// a place a rule would give to a restore point, and no rule keeps it. Backups created
+/// after `now` (a clock that was ahead) are always kept: no rule can place them.
+/// Fails if every rule is 0, rather than delete everything.
 pub fn plan_prune(
-    manifests: &[Manifest],
-    keep_last: usize,
-    keep_daily: usize,
-    keep_weekly: usize,
+    catalog: &Catalog,
+    retention: Retention,
     now: DateTime<Utc>,
 ) -> Result<PrunePlan, CatalogError> {
-    if keep_last == 0 && keep_daily == 0 && keep_weekly == 0 {
+    if retention == Retention::default() {
         return Err(CatalogError::NoRetentionRule);
     }
-    let mut sorted: Vec<&Manifest> = manifests.iter().collect();
+    let mut sorted: Vec<&Manifest> = catalog.backups.iter().collect();
     sorted.sort_by(|a, b| (b.created_at_ms, &b.backup_id).cmp(&(a.created_at_ms, &a.backup_id)));
 
     /// A rule keeps the first backup of each new bucket, newest first, while it has
@@ -301,15 +462,15 @@ pub fn plan_prune(
         last_bucket: Option<String>,
     }
     let mut last = Rule {
-        left: keep_last,
+        left: retention.keep_last,
         last_bucket: None,
     };
     let mut daily = Rule {
-        left: keep_daily,
+        left: retention.keep_daily,
         last_bucket: None,
     };
     let mut weekly = Rule {
-        left: keep_weekly,
+        left: retention.keep_weekly,
         last_bucket: None,
     };
     let apply = |rule: &mut Rule, bucket: String, reason: String, reasons: &mut Vec<String>| {
@@ -327,7 +488,7 @@ pub fn plan_prune(
         let mut reasons = Vec::new();
         if created > now {
             reasons.push("newer than now".to_owned());
-        } else {
+        } else if catalog.is_restorable(manifest) {
             position += 1;
             apply(
                 &mut last,
@@ -360,6 +521,29 @@ pub fn plan_prune(
     Ok(plan)
 }
 
+/// Refuses a plan that deletes something and keeps no restore point, unless
+/// `allow_no_restore_point`: a prune must not turn "some restore point" into "none".
+pub fn check_prune(
+    catalog: &Catalog,
+    plan: &PrunePlan,
+    allow_no_restore_point: bool,
+) -> Result<(), CatalogError> {
+    let keeps_one = plan.keep.iter().any(|(id, _)| {
+        catalog
+            .backups
+            .iter()
+            .any(|m| &m.backup_id == id && catalog.is_restorable(m))
+    });
+    if plan.delete.is_empty() || keeps_one || allow_no_restore_point {
+        Ok(())
+    } else {
+        Err(CatalogError::NoRestorePointLeft {
+            storage: catalog.storage.clone(),
+            deleting: plan.delete.len(),
+        })
+    }
+}
+
 /// Deletes the backups `plan` marks for deletion: each one's manifest first (from
 /// then on it is no longer a backup), then its artifacts. Stops at the first storage
 /// error; a backup whose manifest went but whose artifacts did not is an orphan that
@@ -390,8 +574,8 @@ mod tests {
     use std::sync::Arc;
 
     use bytes::Bytes;
-    use futures::StreamExt;
     use futures::stream::BoxStream;
+    use futures::{FutureExt, StreamExt};
     use object_store::memory::InMemory;
     use object_store::path::Path;
     use object_store::{
@@ -405,6 +589,10 @@ mod tests {
 
     fn at(text: &str) -> DateTime<Utc> {
         text.parse().unwrap()
+    }
+
+    fn at_time(text: &str) -> DateTime<Utc> {
+        at(text)
     }
 
     fn storage() -> (tempfile::TempDir, Storage) {
@@ -505,6 +693,9 @@ mod tests {
             prefix: format!("backups/{}", new.backup_id),
             objects: 2,
             bytes: 0,
+            incomplete_uploads: 0,
+            hidden_bytes: 0,
+            marker: false,
             last_modified: Utc::now(),
         };
         assert!(matches!(
@@ -594,9 +785,32 @@ mod tests {
         times.iter().map(|t| manifest_at(at(t))).collect()
     }
 
+    /// A catalog of these backups, newest first as `list` gives them.
+    fn catalog_of(backups: &[Manifest]) -> Catalog {
+        let mut backups = backups.to_vec();
+        backups.sort_by_key(|b| std::cmp::Reverse(b.created_at_ms));
+        Catalog {
+            backups,
+            ..Catalog::default()
+        }
+    }
+
+    fn rules(keep_last: usize, keep_daily: usize, keep_weekly: usize) -> Retention {
+        Retention {
+            keep_last,
+            keep_daily,
+            keep_weekly,
+        }
+    }
+
     /// Runs the policy and returns the kept backups' times, newest first.
     fn kept(backups: &[Manifest], last: usize, daily: usize, weekly: usize) -> Vec<String> {
-        let plan = plan_prune(backups, last, daily, weekly, at("2024-06-01T00:00:00Z")).unwrap();
+        let plan = plan_prune(
+            &catalog_of(backups),
+            rules(last, daily, weekly),
+            at("2024-06-01T00:00:00Z"),
+        )
+        .unwrap();
         assert_eq!(plan.keep.len() + plan.delete.len(), backups.len());
         plan.keep
             .iter()
@@ -707,7 +921,12 @@ mod tests {
             // A coordinator clock that ran ahead.
             "2024-07-01T00:00:00Z",
         ]);
-        let plan = plan_prune(&backups, 1, 2, 1, at("2024-06-01T00:00:00Z")).unwrap();
+        let plan = plan_prune(
+            &catalog_of(&backups),
+            rules(1, 2, 1),
+            at("2024-06-01T00:00:00Z"),
+        )
+        .unwrap();
         assert_eq!(plan.keep.len(), 3);
         assert_eq!(plan.keep[0].1, ["newer than now"]);
         assert_eq!(
@@ -718,18 +937,23 @@ mod tests {
         assert!(plan.delete.is_empty());
 
         assert!(matches!(
-            plan_prune(&backups, 0, 0, 0, Utc::now()),
+            plan_prune(&catalog_of(&backups), rules(0, 0, 0), Utc::now()),
             Err(CatalogError::NoRetentionRule)
         ));
         // Any rule above 0 keeps at least the newest backup.
         for (l, d, w) in [(1, 0, 0), (0, 1, 0), (0, 0, 1)] {
-            let plan = plan_prune(&backups[..2], l, d, w, at("2024-06-01T00:00:00Z")).unwrap();
+            let plan = plan_prune(
+                &catalog_of(&backups[..2]),
+                rules(l, d, w),
+                at("2024-06-01T00:00:00Z"),
+            )
+            .unwrap();
             assert_eq!(plan.keep.len(), 1);
             assert_eq!(plan.keep[0].0, backups[1].backup_id);
             assert_eq!(plan.delete, [backups[0].backup_id.clone()]);
         }
         assert_eq!(
-            plan_prune(&[], 1, 1, 1, Utc::now()).unwrap(),
+            plan_prune(&Catalog::default(), rules(1, 1, 1), Utc::now()).unwrap(),
             PrunePlan::default()
         );
     }
@@ -741,7 +965,7 @@ mod tests {
         let b = backup(&storage, "2024-05-02T10:00:00Z", b"b").await;
         let c = backup(&storage, "2024-05-03T10:00:00Z", b"c").await;
         let catalog = list(&storage).await.unwrap();
-        let plan = plan_prune(&catalog.backups, 1, 0, 0, at("2024-06-01T00:00:00Z")).unwrap();
+        let plan = plan_prune(&catalog, rules(1, 0, 0), at("2024-06-01T00:00:00Z")).unwrap();
         assert_eq!(plan.delete, [b.backup_id.clone(), a.backup_id.clone()]);
 
         let deleted = apply_prune(&storage, &plan).await.unwrap();
@@ -841,5 +1065,366 @@ mod tests {
         assert_eq!(catalog.backups, [b]);
         assert_eq!(catalog.orphans.len(), 1);
         assert_eq!(catalog.orphans[0].backup_id, a.backup_id);
+    }
+
+    /// Issue 18.2: unsafe copies and broken backups never take a place a rule gives to
+    /// a restore point, and a plan that would keep no restore point is refused.
+    #[test]
+    fn only_restore_points_count_toward_retention() {
+        let mut backups = manifests(&[
+            "2024-05-06T01:00:00Z",
+            "2024-05-07T01:00:00Z",
+            "2024-05-08T01:00:00Z",
+            "2024-05-09T01:00:00Z",
+        ]);
+        backups[3].unsafe_no_pause = true;
+        let mut catalog = catalog_of(&backups);
+        catalog.problems.insert(
+            backups[2].backup_id.clone(),
+            vec!["database ledger's artifact x is missing".to_owned()],
+        );
+        let plan = plan_prune(&catalog, rules(1, 0, 0), at("2024-06-01T00:00:00Z")).unwrap();
+        assert_eq!(
+            plan.keep,
+            [(backups[1].backup_id.clone(), vec!["last 1".to_owned()])]
+        );
+        assert_eq!(plan.delete.len(), 3);
+        assert!(check_prune(&catalog, &plan, false).is_ok());
+        assert_eq!(catalog.latest(), Some(&backups[1]));
+
+        // Nothing but an unsafe copy: deleting it would leave no restore point (there
+        // was none either), so the plan is refused unless allowed.
+        let only_unsafe = catalog_of(&backups[3..]);
+        let plan = plan_prune(&only_unsafe, rules(1, 0, 0), at("2024-06-01T00:00:00Z")).unwrap();
+        assert_eq!(plan.delete, [backups[3].backup_id.clone()]);
+        let err = check_prune(&only_unsafe, &plan, false).unwrap_err();
+        assert!(
+            matches!(err, CatalogError::NoRestorePointLeft { .. }),
+            "{err}"
+        );
+        assert!(check_prune(&only_unsafe, &plan, true).is_ok());
+        // A plan that deletes nothing is never refused.
+        assert!(check_prune(&Catalog::default(), &PrunePlan::default(), false).is_ok());
+    }
+
+    /// A store that runs `hook` once, just before its `at`-th operation: a backup's
+    /// commit landing at that point of an orphan removal.
+    struct Interleave {
+        inner: Arc<InMemory>,
+        at: usize,
+        ops: std::sync::atomic::AtomicUsize,
+        hook: std::sync::Mutex<Option<futures::future::BoxFuture<'static, ()>>>,
+    }
+
+    impl std::fmt::Debug for Interleave {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Interleave")
+        }
+    }
+
+    impl std::fmt::Display for Interleave {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Interleave")
+        }
+    }
+
+    impl Interleave {
+        fn before(&self) -> Option<futures::future::BoxFuture<'static, ()>> {
+            let n = self.ops.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n == self.at {
+                self.hook.lock().unwrap().take()
+            } else {
+                None
+            }
+        }
+
+        fn fired(&self) -> bool {
+            self.hook.lock().unwrap().is_none()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Interleave {
+        async fn put_opts(&self, l: &Path, p: PutPayload, o: PutOptions) -> OsResult<PutResult> {
+            if let Some(hook) = self.before() {
+                hook.await;
+            }
+            self.inner.put_opts(l, p, o).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            l: &Path,
+            o: PutMultipartOptions,
+        ) -> OsResult<Box<dyn MultipartUpload>> {
+            if let Some(hook) = self.before() {
+                hook.await;
+            }
+            self.inner.put_multipart_opts(l, o).await
+        }
+        async fn get_opts(&self, l: &Path, o: GetOptions) -> OsResult<GetResult> {
+            if let Some(hook) = self.before() {
+                hook.await;
+            }
+            self.inner.get_opts(l, o).await
+        }
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, OsResult<Path>>,
+        ) -> BoxStream<'static, OsResult<Path>> {
+            let hook = self.before();
+            let inner = Arc::clone(&self.inner);
+            futures::stream::once(async move {
+                if let Some(hook) = hook {
+                    hook.await;
+                }
+                inner.delete_stream(locations)
+            })
+            .flatten()
+            .boxed()
+        }
+        fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, OsResult<ObjectMeta>> {
+            let hook = self.before();
+            let inner = Arc::clone(&self.inner);
+            let prefix = prefix.cloned();
+            futures::stream::once(async move {
+                if let Some(hook) = hook {
+                    hook.await;
+                }
+                inner.list(prefix.as_ref())
+            })
+            .flatten()
+            .boxed()
+        }
+        async fn list_with_delimiter(&self, prefix: Option<&Path>) -> OsResult<ListResult> {
+            if let Some(hook) = self.before() {
+                hook.await;
+            }
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(&self, from: &Path, to: &Path, o: CopyOptions) -> OsResult<()> {
+            if let Some(hook) = self.before() {
+                hook.await;
+            }
+            self.inner.copy_opts(from, to, o).await
+        }
+    }
+
+    /// Settles issue 18's race: `remove_orphan` checked for a manifest, then deleted
+    /// the whole directory, so a commit landing in between lost the backup (its
+    /// artifacts, and its manifest too). Whichever step of the removal the commit
+    /// lands before, the commit either fails (and the backup is not listed) or the
+    /// backup stays listed with every artifact intact.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_racing_an_orphan_removal_is_never_lost() {
+        let mut interleavings = 0;
+        for at in 0.. {
+            let inner = Arc::new(InMemory::new());
+            let plain = Storage::from_object_store(inner.clone(), "memory://plain");
+            // A backup about to commit: its artifact is stored, its manifest is not.
+            let mut manifest = manifest_at(at_time("2024-05-01T10:00:00Z"));
+            let path = manifest::artifact_path(
+                &manifest.backup_id,
+                "ledger",
+                "sqlite",
+                &PipelineSettings::default(),
+            )
+            .unwrap();
+            let input: crate::adapters::ByteStream =
+                Box::pin(std::io::Cursor::new(b"rows".to_vec()));
+            let info = pipeline::store(input, &PipelineSettings::default(), &plain, &path, |_| {})
+                .await
+                .unwrap();
+            manifest.databases[0].artifact = Some(info);
+            let catalog = list(&plain).await.unwrap();
+            assert_eq!(catalog.orphans.len(), 1);
+            let orphan = catalog.orphans[0].clone();
+
+            let committed = Arc::new(std::sync::Mutex::new(None));
+            let hook = {
+                let (plain, manifest, committed) =
+                    (plain.clone(), manifest.clone(), Arc::clone(&committed));
+                async move {
+                    let result = manifest::write(&plain, &manifest).await;
+                    *committed.lock().unwrap() = Some(result.is_ok());
+                }
+                .boxed()
+            };
+            let hooked = Arc::new(Interleave {
+                inner: inner.clone(),
+                at,
+                ops: Default::default(),
+                hook: std::sync::Mutex::new(Some(hook)),
+            });
+            let storage = Storage::from_object_store(hooked.clone(), "memory://hooked");
+            let _ = remove_orphan(&storage, &orphan).await;
+            if !hooked.fired() {
+                // The removal took fewer steps than `at`: every interleaving was tried.
+                break;
+            }
+            interleavings += 1;
+            let committed = committed.lock().unwrap().expect("the commit ran");
+            let after = list(&plain).await.unwrap();
+            if committed {
+                assert_eq!(
+                    after.backups,
+                    std::slice::from_ref(&manifest),
+                    "commit before step {at}: the committed backup is not listed"
+                );
+                let checks = verify(&plain, &manifest, &Decryption::None).await;
+                assert!(
+                    checks.iter().all(ArtifactCheck::is_sound),
+                    "commit before step {at}: the committed backup lost an artifact: {checks:?}"
+                );
+            } else {
+                assert!(
+                    after.backups.is_empty(),
+                    "commit before step {at} failed, yet a backup is listed"
+                );
+            }
+        }
+        assert!(interleavings >= 2, "{interleavings}");
+    }
+
+    /// moto_server on a free port with one bucket, `bucket`; killed on drop.
+    struct Moto {
+        child: std::process::Child,
+        endpoint: String,
+    }
+
+    impl Drop for Moto {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Moto {
+        fn start() -> Moto {
+            let port = stillpoint_testkit::free_port();
+            let child = std::process::Command::new("moto_server")
+                .args(["-p", &port.to_string()])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("moto_server (scripts/install-packages installs it)");
+            let moto = Moto {
+                child,
+                endpoint: format!("http://127.0.0.1:{port}"),
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "moto_server never listened"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            moto.python("s3.create_bucket(Bucket='bucket')");
+            moto
+        }
+
+        /// Runs Python with `s3`, a boto3 client of this server; returns its stdout.
+        fn python(&self, code: &str) -> String {
+            let script = format!(
+                "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', \
+                 aws_access_key_id='k', aws_secret_access_key='s', region_name='us-east-1')\n\
+                 {code}\n",
+                self.endpoint
+            );
+            let output = std::process::Command::new("python3")
+                .args(["-c", &script])
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{code}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        }
+
+        fn storage(&self, prefix: &str) -> Storage {
+            let options = BTreeMap::from(
+                [
+                    ("endpoint", self.endpoint.as_str()),
+                    ("allow_http", "true"),
+                    ("region", "us-east-1"),
+                    ("access_key_id", "k"),
+                    ("secret_access_key", "s"),
+                ]
+                .map(|(k, v)| (k.to_owned(), v.to_owned())),
+            );
+            Storage::open_with_options(&format!("s3://bucket/{prefix}"), &options).unwrap()
+        }
+    }
+
+    /// Issue 19.9: an S3 multipart upload a killed backup left behind is found under
+    /// its backup's directory, makes that directory an orphan, and is aborted with it
+    /// once the orphan is stale; an upload outside the backups is not ours.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn incomplete_s3_multipart_uploads_are_aborted_with_their_orphan() {
+        let moto = Moto::start();
+        let storage = moto.storage("team/prod");
+        let id = manifest::backup_id_at(at("2024-05-01T10:00:00Z"));
+        let start_upload = |key: &str| {
+            moto.python(&format!(
+                "u = s3.create_multipart_upload(Bucket='bucket', Key='{key}')\n\
+                 s3.upload_part(Bucket='bucket', Key='{key}', UploadId=u['UploadId'], \
+                 PartNumber=1, Body=b'x' * (5 * 1024 * 1024))"
+            ))
+        };
+        start_upload(&format!("team/prod/backups/{id}/blobs.bin"));
+        start_upload("team/prod/elsewhere/other.bin");
+        let count = || {
+            moto.python("print(len(s3.list_multipart_uploads(Bucket='bucket').get('Uploads', [])))")
+        };
+        assert_eq!(count(), "2");
+
+        let catalog = list(&storage).await.unwrap();
+        assert_eq!(catalog.orphans.len(), 1, "{catalog:?}");
+        let orphan = &catalog.orphans[0];
+        assert_eq!(
+            (orphan.backup_id.as_str(), orphan.objects),
+            (id.as_str(), 0)
+        );
+        assert_eq!(orphan.incomplete_uploads, 1);
+        let found = storage.list_incomplete("backups").await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].path, format!("backups/{id}/blobs.bin"));
+
+        // Not stale yet as far as a clock before its start says; stale two hours on.
+        let grace = chrono::TimeDelta::hours(1);
+        let started = found[0].last_modified;
+        assert!(stale_orphans(&catalog, started, grace).is_empty());
+        let stale = stale_orphans(&catalog, started + chrono::TimeDelta::hours(2), grace);
+        assert_eq!(stale.len(), 1);
+        remove_orphan(&storage, stale[0]).await.unwrap();
+        assert!(storage.list_incomplete("backups").await.unwrap().is_empty());
+        assert_eq!(count(), "1", "the upload outside backups/ was touched");
+        let catalog = list(&storage).await.unwrap();
+        assert!(catalog.orphans.is_empty(), "{catalog:?}");
+    }
+
+    /// Issue 18.7: object_store's hidden in-progress file of a local upload (`name#N`)
+    /// counts toward its directory, and goes with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn local_in_progress_files_are_found_and_removed_with_their_orphan() {
+        let (dir, storage) = storage();
+        let id = manifest::backup_id_at(at("2024-05-01T10:00:00Z"));
+        let backup_dir = dir.path().join("backups").join(&id);
+        std::fs::create_dir_all(&backup_dir).unwrap();
+        std::fs::write(backup_dir.join("blobs.bin#1"), vec![0u8; 1000]).unwrap();
+        // Not ours: outside any backup's directory, or not object_store's pattern.
+        std::fs::write(dir.path().join("backups/notes#1"), b"x").unwrap();
+        std::fs::write(backup_dir.join("odd#name"), b"x").unwrap();
+
+        let catalog = list(&storage).await.unwrap();
+        assert_eq!(catalog.orphans.len(), 1, "{catalog:?}");
+        let orphan = &catalog.orphans[0];
+        assert_eq!((orphan.incomplete_uploads, orphan.hidden_bytes), (1, 1000));
+        assert_eq!(orphan.objects, 1, "odd#name is an ordinary object");
+        remove_orphan(&storage, orphan).await.unwrap();
+        assert!(!backup_dir.exists());
+        assert!(dir.path().join("backups/notes#1").exists());
     }
 }

@@ -22,6 +22,19 @@ pub const STATUS_COMMITTED: &str = "committed";
 /// Every backup lives under this directory of the storage.
 pub const BACKUPS_DIR: &str = "backups";
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// Written by a backup before anything else (after the storage probe) and rewritten
+/// while it runs, so that its directory's newest object is never older than the
+/// heartbeat: an orphan cleanup then never mistakes a running backup for a dead one,
+/// even while its big artifact is still an invisible, unfinished upload. Deleted
+/// after the commit.
+pub const MARKER_FILE: &str = "in-progress.json";
+/// Written by an orphan removal before it deletes anything: a backup that commits
+/// meanwhile finds it and withdraws its manifest (see `write`).
+pub const CLAIM_FILE: &str = "removing";
+/// What the storage probe writes and deletes again, before the pause.
+pub const PROBE_FILE: &str = "probe";
+/// Files of a backup's directory that are not artifacts.
+const RESERVED_FILES: [&str; 4] = [MANIFEST_FILE, MARKER_FILE, CLAIM_FILE, PROBE_FILE];
 
 /// `YYYYMMDDTHHMMSSZ`, the time part of a backup id.
 const ID_TIME_FORMAT: &str = "%Y%m%dT%H%M%SZ";
@@ -110,6 +123,23 @@ pub enum ManifestError {
     #[error("manifest {path} has status {status:?}, not \"committed\"")]
     NotCommitted { path: String, status: String },
     #[error(
+        "manifest {path}: database {database}'s artifact {artifact} is not a file of this backup's directory {prefix}; the manifest was edited or belongs elsewhere"
+    )]
+    ArtifactOutside {
+        path: String,
+        database: String,
+        artifact: String,
+        prefix: String,
+    },
+    #[error(
+        "backup {backup_id}: {problem} after its manifest was written: an orphan cleanup (`stillpoint prune`) removed the backup while it committed; {withdrawn}"
+    )]
+    Withdrawn {
+        backup_id: String,
+        problem: String,
+        withdrawn: String,
+    },
+    #[error(
         "backup {backup_id}: not committing, the pause window is not a valid restore point: {reasons}"
     )]
     InvalidWindow { backup_id: String, reasons: String },
@@ -171,6 +201,35 @@ pub fn manifest_path(backup_id: &str) -> Result<String, ManifestError> {
     Ok(format!("{}/{MANIFEST_FILE}", backup_prefix(backup_id)?))
 }
 
+/// `backups/<id>/in-progress.json`: see [`MARKER_FILE`].
+pub fn marker_path(backup_id: &str) -> Result<String, ManifestError> {
+    Ok(format!("{}/{MARKER_FILE}", backup_prefix(backup_id)?))
+}
+
+/// `backups/<id>/removing`: see [`CLAIM_FILE`].
+pub fn claim_path(backup_id: &str) -> Result<String, ManifestError> {
+    Ok(format!("{}/{CLAIM_FILE}", backup_prefix(backup_id)?))
+}
+
+/// `backups/<id>/probe`: see [`PROBE_FILE`].
+pub fn probe_path(backup_id: &str) -> Result<String, ManifestError> {
+    Ok(format!("{}/{PROBE_FILE}", backup_prefix(backup_id)?))
+}
+
+/// What a running backup's marker says, for people looking at the storage; only the
+/// object's time matters to stillpoint.
+pub fn marker_json(backup_id: &str, started_at_ms: i64) -> Vec<u8> {
+    let mut json = serde_json::to_vec_pretty(&serde_json::json!({
+        "backup_id": backup_id,
+        "started_at_ms": started_at_ms,
+        "pid": std::process::id(),
+        "note": "a backup is writing this directory; it deletes this file after its manifest",
+    }))
+    .unwrap_or_default();
+    json.push(b'\n');
+    json
+}
+
 /// `backups/<id>/<database>.<extension>[.zst][.age]`, where `extension` is the
 /// adapter's (`Adapter::artifact_extension`) and the suffixes follow the stages.
 pub fn artifact_path(
@@ -179,23 +238,34 @@ pub fn artifact_path(
     extension: &str,
     settings: &PipelineSettings,
 ) -> Result<String, ManifestError> {
+    let name = format!("{database}.{extension}{}", settings.suffix());
     let valid = !database.is_empty()
         && !database.starts_with('.')
         && database
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        // "manifest" would make the artifact of a `json` adapter the manifest itself.
-        && (database != "manifest" || extension != "json");
+        // e.g. "manifest" would make the artifact of a `json` adapter the manifest.
+        && !RESERVED_FILES.contains(&name.as_str());
     if !valid {
         return Err(ManifestError::InvalidDatabaseName {
             name: database.to_owned(),
         });
     }
-    Ok(format!(
-        "{}/{database}.{extension}{}",
-        backup_prefix(backup_id)?,
-        settings.suffix()
-    ))
+    Ok(format!("{}/{name}", backup_prefix(backup_id)?))
+}
+
+/// Whether `artifact` names a file directly inside its backup's directory, and not
+/// one of the directory's own files: prune deletes a backup by its directory, so an
+/// artifact anywhere else would be shared or leak.
+fn is_own_artifact(backup_id: &str, artifact: &str) -> bool {
+    artifact
+        .strip_prefix(BACKUPS_DIR)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .and_then(|rest| rest.strip_prefix(backup_id))
+        .and_then(|rest| rest.strip_prefix('/'))
+        .is_some_and(|name| {
+            !name.is_empty() && !name.contains('/') && !RESERVED_FILES.contains(&name)
+        })
 }
 
 impl Manifest {
@@ -248,6 +318,17 @@ pub fn parse(path: &str, bytes: &[u8]) -> Result<Manifest, ManifestError> {
             status: manifest.status,
         });
     }
+    // What `write` refuses, a manifest read back must not get away with either.
+    for (db, artifact) in manifest.artifacts() {
+        if !is_own_artifact(&manifest.backup_id, &artifact.path) {
+            return Err(ManifestError::ArtifactOutside {
+                path: path.to_owned(),
+                database: db.name.clone(),
+                artifact: artifact.path.clone(),
+                prefix: format!("{BACKUPS_DIR}/{}/", manifest.backup_id),
+            });
+        }
+    }
     Ok(manifest)
 }
 
@@ -255,6 +336,12 @@ pub fn parse(path: &str, bytes: &[u8]) -> Result<Manifest, ManifestError> {
 /// artifact is in storage, under the backup's directory, with the size the manifest
 /// records; then writes the manifest with one atomic PUT. Call it last: until it
 /// returns, the backup does not exist.
+///
+/// An orphan removal (`catalog::remove_orphan`) may be deleting this directory at the
+/// same time, if the backup's marker went stale. It writes its claim before it
+/// deletes anything and deletes the claim last, so after the PUT, `write` looks again:
+/// a claim, or an artifact gone, means the removal is under way, and the manifest is
+/// withdrawn. Either the backup is listed whole, or it fails and is not listed.
 pub async fn write(storage: &Storage, manifest: &Manifest) -> Result<(), ManifestError> {
     let id = &manifest.backup_id;
     let path = manifest_path(id)?;
@@ -273,18 +360,11 @@ pub async fn write(storage: &Storage, manifest: &Manifest) -> Result<(), Manifes
             problem,
         };
         // Prune deletes a backup by its directory: an artifact elsewhere would leak.
-        if !artifact.path.starts_with(&prefix) || artifact.path == path {
+        if !is_own_artifact(id, &artifact.path) {
             return Err(bad(format!("is not inside {prefix}")));
         }
-        match storage.head(&artifact.path).await? {
-            None => return Err(bad("is not in storage".to_owned())),
-            Some(found) if found.size != artifact.stored_size => {
-                return Err(bad(format!(
-                    "has {} bytes in storage, the manifest says {}",
-                    found.size, artifact.stored_size
-                )));
-            }
-            Some(_) => {}
+        if let Some(problem) = artifact_in_storage(storage, artifact).await? {
+            return Err(bad(problem));
         }
     }
     let committed = Manifest {
@@ -295,7 +375,55 @@ pub async fn write(storage: &Storage, manifest: &Manifest) -> Result<(), Manifes
     storage
         .put_atomic(&path, committed.to_json().into())
         .await?;
-    Ok(())
+
+    let mut problem = match storage.head(&claim_path(id)?).await {
+        Ok(Some(_)) => Some("an orphan removal claimed its directory".to_owned()),
+        Ok(None) => None,
+        Err(e) => Some(format!("checking for an orphan removal failed ({e})")),
+    };
+    for (db, artifact) in manifest.artifacts() {
+        if problem.is_some() {
+            break;
+        }
+        problem = match artifact_in_storage(storage, artifact).await {
+            Ok(None) => None,
+            Ok(Some(found)) => Some(format!(
+                "database {}'s artifact {} {found}",
+                db.name, artifact.path
+            )),
+            Err(e) => Some(format!("checking artifact {} failed ({e})", artifact.path)),
+        };
+    }
+    let Some(problem) = problem else {
+        return Ok(());
+    };
+    let withdrawn = match storage.delete(&path).await {
+        Ok(()) => "the manifest was withdrawn, so the backup is not listed".to_owned(),
+        Err(e) => format!(
+            "withdrawing the manifest {path} failed too ({e}): `stillpoint list` shows the \
+             backup as BROKEN; delete its directory"
+        ),
+    };
+    Err(ManifestError::Withdrawn {
+        backup_id: id.clone(),
+        problem,
+        withdrawn,
+    })
+}
+
+/// None if `artifact` is in storage with its recorded size, else what is wrong.
+async fn artifact_in_storage(
+    storage: &Storage,
+    artifact: &ArtifactInfo,
+) -> Result<Option<String>, StorageError> {
+    Ok(match storage.head(&artifact.path).await? {
+        None => Some("is not in storage".to_owned()),
+        Some(found) if found.size != artifact.stored_size => Some(format!(
+            "has {} bytes in storage, the manifest says {}",
+            found.size, artifact.stored_size
+        )),
+        Some(_) => None,
+    })
 }
 
 /// Reads and checks the manifest of backup `backup_id`.
@@ -586,5 +714,32 @@ pub(crate) mod tests {
         let reserialized: serde_json::Value = serde_json::to_value(&manifest).unwrap();
         let example: serde_json::Value = serde_json::from_str(&doc[start..end]).unwrap();
         assert_eq!(reserialized, example);
+    }
+
+    /// Settles issue 18: `parse` did not enforce what `write` does, so a hand-edited
+    /// manifest could point at another backup's artifact (or any object): `verify`
+    /// and `restore` then read it, and pruning that other backup broke this one.
+    #[test]
+    fn a_manifest_whose_artifact_lies_outside_its_backup_is_refused() {
+        let mut manifest = manifest_at(Utc::now());
+        let other = backup_id_at(Utc::now());
+        let path = manifest_path(&manifest.backup_id).unwrap();
+        for outside in [
+            format!("backups/{other}/ledger.sqlite"),
+            "secrets/key.txt".to_owned(),
+            path.clone(),
+        ] {
+            manifest.databases[0].artifact = Some(ArtifactInfo {
+                path: outside.clone(),
+                size: 1,
+                stored_size: 1,
+                blake3: String::new(),
+                compression: None,
+                encryption: None,
+            });
+            let err = parse_for(&manifest.backup_id, &path, &manifest.to_json()).unwrap_err();
+            assert!(err.to_string().contains(&outside), "{err}");
+            assert!(err.to_string().contains(&path), "{err}");
+        }
     }
 }

@@ -4,6 +4,11 @@
 //! artifact streams from storage through decryption and decompression straight into
 //! the adapter's restore. `stillpoint restore` restores one database; drills restore
 //! every database this way.
+//!
+//! Emptying a target cannot be undone, so before it everything that can be checked
+//! is: the checksum, that the key opens the artifact and its first block decrypts
+//! and decompresses, and (in the adapter's `clear`) that the target is reachable and
+//! nobody else is using it.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,6 +40,13 @@ pub enum RestoreError {
     },
     #[error("not restoring database {database}: {source}; the target was not touched")]
     Damaged {
+        database: String,
+        #[source]
+        source: PipelineError,
+    },
+    /// The artifact is sound but cannot be opened with the key given (or at all).
+    #[error("not restoring database {database}: {source}; the target was not touched")]
+    CannotOpen {
         database: String,
         #[source]
         source: PipelineError,
@@ -121,6 +133,19 @@ pub async fn restore_database(
 
     let loading = Instant::now();
     if force {
+        pipeline::check_opens(storage, artifact, decryption)
+            .await
+            .map_err(|source| match source.damage() {
+                Some(_) => RestoreError::Damaged {
+                    database: database.clone(),
+                    source,
+                },
+                None => RestoreError::CannotOpen {
+                    database: database.clone(),
+                    source,
+                },
+            })?;
+        // Checks the target is reachable and unused before it empties it.
         adapter.clear(target).await?;
     }
     let stream = pipeline::open(storage, artifact, decryption)

@@ -99,12 +99,13 @@ pub async fn backup(args: BackupArgs) -> Result<u8, Failure> {
 
 fn exit_code(error: &BackupError) -> u8 {
     match error {
-        BackupError::Setup(_) => exit::USAGE,
+        BackupError::Setup(_) | BackupError::Pipeline(_) => exit::USAGE,
         BackupError::Pause(failure) if !failure.rolled_back => exit::UNPAUSE_FAILED,
         BackupError::Pause(_) => exit::PAUSE_FAILED,
         BackupError::Unpause { .. } => exit::UNPAUSE_FAILED,
         BackupError::WindowInvalid { .. } => exit::WINDOW_INVALID,
         BackupError::Prepare(_)
+        | BackupError::Storage { .. }
         | BackupError::Cut { .. }
         | BackupError::Copy { .. }
         | BackupError::Commit { .. } => exit::BACKUP_FAILED,

@@ -48,6 +48,10 @@ pub struct PruneArgs {
     /// Print what would be deleted, delete nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Prune even if no restore point would be left (every backup kept is an unsafe
+    /// `--no-pause` copy or has missing artifacts, or none is kept).
+    #[arg(long)]
+    pub allow_no_restore_point: bool,
 }
 
 async fn open(args: &CatalogArgs) -> Result<(stillpoint::runbook::Runbook, Storage), Failure> {
@@ -63,10 +67,12 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
     match args.output {
         OutputFormat::Json => print_json(&serde_json::json!({
             "storage": found.storage,
-            "backups": found.backups.iter().map(summary).collect::<Vec<_>>(),
+            "backups": found.backups.iter().map(|manifest| summary(&found, manifest)).collect::<Vec<_>>(),
             "damaged": found.damaged.iter().map(|d| serde_json::json!({"path": d.path, "error": d.error})).collect::<Vec<_>>(),
             "incomplete": found.orphans().iter().map(|o| serde_json::json!({
                 "backup_id": o.backup_id, "prefix": o.prefix, "objects": o.objects, "bytes": o.bytes,
+                "incomplete_uploads": o.incomplete_uploads, "hidden_bytes": o.hidden_bytes,
+                "marker": o.marker, "last_modified": o.last_modified.to_rfc3339(),
             })).collect::<Vec<_>>(),
         })),
         OutputFormat::Text => {
@@ -97,6 +103,8 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
                             .unwrap_or("-"),
                         if manifest.unsafe_no_pause {
                             "UNSAFE"
+                        } else if !found.problems_of(&manifest.backup_id).is_empty() {
+                            "BROKEN"
                         } else if manifest.window.window_valid {
                             "yes"
                         } else {
@@ -107,15 +115,26 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
                     );
                 }
             }
+            for (id, problems) in &found.problems {
+                for problem in problems {
+                    println!("broken backup {id}: {problem}; it is not a restore point");
+                }
+            }
             for damaged in &found.damaged {
                 println!("damaged manifest {}: {}", damaged.path, damaged.error);
             }
             for orphan in found.orphans() {
+                let uploads = match (orphan.incomplete_uploads, orphan.hidden_bytes) {
+                    (0, _) => String::new(),
+                    (n, 0) => format!(", {n} unfinished upload(s)"),
+                    (n, bytes) => format!(", {n} unfinished upload(s) of {}", human_bytes(bytes)),
+                };
                 println!(
-                    "incomplete backup {} ({} objects, {}) is not listed; `stillpoint prune` removes it after an hour",
+                    "incomplete backup {} ({} objects, {}{uploads}; last written {}) is not listed; `stillpoint prune` removes it once nothing has written to it for an hour",
                     orphan.prefix,
                     orphan.objects,
-                    human_bytes(orphan.bytes)
+                    human_bytes(orphan.bytes),
+                    orphan.last_modified.format("%Y-%m-%d %H:%M:%S UTC"),
                 );
             }
         }
@@ -123,13 +142,16 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
     Ok(exit::OK)
 }
 
-fn summary(manifest: &Manifest) -> serde_json::Value {
+fn summary(found: &catalog::Catalog, manifest: &Manifest) -> serde_json::Value {
     serde_json::json!({
         "backup_id": manifest.backup_id,
         "cluster": manifest.cluster,
         "created_at_ms": manifest.created_at_ms,
         "window_valid": manifest.window.window_valid,
         "unsafe_no_pause": manifest.unsafe_no_pause,
+        // A restore point: paused, and every artifact in storage with its size.
+        "restorable": found.is_restorable(manifest),
+        "problems": found.problems_of(&manifest.backup_id),
         "restore_point_timestamp_ms": manifest.window.restore_point_timestamp_ms,
         "restore_point_date_time": manifest.window.restore_point_date_time,
         "databases": manifest.databases.iter().map(|db| &db.name).collect::<Vec<_>>(),
@@ -201,7 +223,8 @@ pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
                 }),
                 CheckOutcome::ChecksumOnly { stored_size } => serde_json::json!({
                     "database": check.database, "ok": true, "path": path, "stored_size": stored_size,
-                    "note": "checksum only: no age identity configured, so decryption and decompression were not tried",
+                    "checksum_only": true,
+                    "note": CHECKSUM_ONLY,
                 }),
                 CheckOutcome::Failed(error) => serde_json::json!({
                     "database": check.database, "ok": false, "path": path, "error": error.to_string(),
@@ -214,21 +237,37 @@ pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
             &serde_json::json!({"backup_id": manifest.backup_id, "ok": ok, "artifacts": results}),
         ),
         OutputFormat::Text => {
-            for result in &results {
+            for (result, check) in results.iter().zip(&checks) {
                 let verdict = if result["ok"] == true { "ok  " } else { "FAIL" };
-                let detail = result["error"]
-                    .as_str()
-                    .unwrap_or("checksum, decryption and decompression ok");
+                let detail = match &check.outcome {
+                    CheckOutcome::Failed(error) => error.to_string(),
+                    CheckOutcome::ChecksumOnly { .. } => CHECKSUM_ONLY.to_owned(),
+                    CheckOutcome::NoArtifact => "the cut made no copy".to_owned(),
+                    CheckOutcome::Sound(_) => {
+                        "checksum, decryption and decompression ok".to_owned()
+                    }
+                };
                 println!(
                     "{verdict} {} {}: {detail}",
-                    result["database"].as_str().unwrap_or("?"),
+                    check.database,
                     result["path"].as_str().unwrap_or("(no artifact)")
                 );
             }
+            let checksum_only = checks
+                .iter()
+                .any(|check| matches!(check.outcome, CheckOutcome::ChecksumOnly { .. }));
             println!(
                 "backup {}: {}",
                 manifest.backup_id,
-                if ok { "verified" } else { "DAMAGED" }
+                match (ok, checksum_only) {
+                    (false, _) => "DAMAGED",
+                    (true, true) => {
+                        "checksums verified, not decrypted (set age_identity_file or \
+                         age_passphrase_file in the runbook to check decryption and \
+                         decompression too)"
+                    }
+                    (true, false) => "verified",
+                }
             );
         }
     }
@@ -242,26 +281,33 @@ pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
     }
 }
 
-/// An incomplete backup younger than this may still be copying.
+/// What `verify` says of an encrypted artifact it could only checksum.
+const CHECKSUM_ONLY: &str = "checksum only: no age identity or passphrase is configured, so \
+     the artifact was not decrypted and decompression was not tried";
+
+/// An incomplete backup written to more recently than this may still be running
+/// (its marker is refreshed every `stillpoint::backup::HEARTBEAT`).
 const INCOMPLETE_GRACE: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 
 pub async fn prune(args: PruneArgs) -> Result<u8, Failure> {
     let (runbook, storage) = open(&args.catalog).await?;
     let retention = &runbook.retention;
-    let keep_last = args.keep_last.or(retention.keep_last).unwrap_or(0) as usize;
-    let keep_daily = args.keep_daily.or(retention.keep_daily).unwrap_or(0) as usize;
-    let keep_weekly = args.keep_weekly.or(retention.keep_weekly).unwrap_or(0) as usize;
+    let rules = catalog::Retention {
+        keep_last: args.keep_last.or(retention.keep_last).unwrap_or(0) as usize,
+        keep_daily: args.keep_daily.or(retention.keep_daily).unwrap_or(0) as usize,
+        keep_weekly: args.keep_weekly.or(retention.keep_weekly).unwrap_or(0) as usize,
+    };
     let found = catalog::list(&storage).await?;
     let now = chrono::Utc::now();
-    let plan = catalog::plan_prune(&found.backups, keep_last, keep_daily, keep_weekly, now)
+    let plan = catalog::plan_prune(&found, rules, now)
+        .and_then(|plan| {
+            catalog::check_prune(&found, &plan, args.allow_no_restore_point).map(|()| plan)
+        })
         .map_err(|error| Failure::new(exit::USAGE, error))?;
     // Incomplete backups (artifacts without a manifest) are never listed; remove the
-    // ones old enough that no backup can still be copying into them.
-    let stale: Vec<_> = found
-        .orphans()
-        .iter()
-        .filter(|orphan| now - orphan.last_modified > INCOMPLETE_GRACE)
-        .collect();
+    // ones nothing has written to for an hour: a running backup refreshes its marker
+    // every minute.
+    let stale = catalog::stale_orphans(&found, now, INCOMPLETE_GRACE);
     let verb = |doing: &'static str, would: &'static str| if args.dry_run { would } else { doing };
     let deleted = if args.dry_run {
         Vec::new()

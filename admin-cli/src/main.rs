@@ -3,5 +3,6 @@
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     stillpoint_cli::init_tracing();
-    stillpoint_cli::finish(stillpoint_cli::cli::run().await)
+    let command = stillpoint_cli::cli::run();
+    stillpoint_cli::finish(stillpoint_cli::output::quiet_on_closed_stdout(command).await)
 }

@@ -1,11 +1,59 @@
 //! Rendering reports: one JSON object on stdout for machines, a short summary for
-//! people. Nothing here decides anything.
+//! people. Nothing here decides anything. Also how a command ends when whoever reads
+//! its stdout goes away (`stillpoint list | head -1`): quietly, with exit 0.
 
+use std::any::Any;
 use std::fmt::Write as _;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt as _;
 
 use stillpoint::coordinator::{NodeOutcome, PauseReport};
 
 use crate::args::OutputFormat;
+
+/// Runs a command to its end. A closed stdout ends it quietly with exit 0, as a Unix
+/// tool killed by SIGPIPE would: Rust ignores SIGPIPE, so the write fails with EPIPE,
+/// and `println!` turns that into a panic. Commands print with `println!`, so the
+/// panic is caught here, for every command at once, after it has unwound (every
+/// destructor, a held pause's release among them, has run). ripgrep's `main.rs` ends
+/// the same way, from an error rather than a panic.
+pub async fn quiet_on_closed_stdout<F>(command: F) -> Result<u8, crate::exit::Failure>
+where
+    F: Future<Output = Result<u8, crate::exit::Failure>>,
+{
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !is_closed_stdout(info.payload_as_str()) {
+                default(info);
+            }
+        }));
+    });
+    match AssertUnwindSafe(command).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) if is_closed_stdout(panic_text(&*panic)) => Ok(crate::exit::OK),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+fn panic_text(panic: &(dyn Any + Send)) -> Option<&str> {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+}
+
+/// `println!`'s panic when stdout's reader has gone: "failed printing to stdout:
+/// Broken pipe (os error 32)".
+fn is_closed_stdout(message: Option<&str>) -> bool {
+    message.is_some_and(|message| {
+        message.starts_with("failed printing to stdout")
+            && message.to_ascii_lowercase().contains("broken pipe")
+    })
+}
 
 pub fn print_json(value: &impl serde::Serialize) {
     println!(

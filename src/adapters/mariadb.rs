@@ -255,24 +255,50 @@ impl Adapter for Mariadb {
     }
 
     async fn clear(&self, target: &str) -> Result<(), AdapterError> {
+        let shown = parse_url(target).map_or_else(|_| "the target".to_owned(), |o| shown(&o));
+        let refuse = |message: String| AdapterError::Restore {
+            database: self.name.clone(),
+            message,
+        };
         let mut conn = self.connect_target(target).await?;
-        let objects: Vec<(String, String)> = conn
-            .query(
-                "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES \
-                 WHERE TABLE_SCHEMA = DATABASE()",
-            )
-            .await
-            .map_err(|e| self.target_error(target, e))?;
-        let mut statements = vec!["SET FOREIGN_KEY_CHECKS = 0".to_owned()];
-        for (name, kind) in objects {
-            let what = if kind == "VIEW" { "VIEW" } else { "TABLE" };
-            statements.push(format!("DROP {what} IF EXISTS {}", quote_ident(&name)));
-        }
-        for statement in statements {
-            conn.query_drop(statement)
+        // Emptying a database an application still uses destroys its data under it:
+        // refuse, naming who is there. Connections that are just closing get a moment.
+        let deadline = tokio::time::Instant::now() + CLEAR_SESSIONS_GRACE;
+        let sessions = loop {
+            let sessions: Vec<(u64, String, String)> = conn
+                .query(
+                    "SELECT ID, USER, HOST FROM information_schema.PROCESSLIST \
+                     WHERE DB = DATABASE() AND ID <> CONNECTION_ID() ORDER BY ID",
+                )
                 .await
                 .map_err(|e| self.target_error(target, e))?;
+            if sessions.is_empty() || tokio::time::Instant::now() >= deadline {
+                break sessions;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        if !sessions.is_empty() {
+            let _ = conn.disconnect().await;
+            return Err(refuse(format!(
+                "refusing to empty {shown}: it is in use by {} other connection(s) ({}); \
+                 nothing was dropped. Stop what uses it (or KILL the connections) and retry",
+                sessions.len(),
+                sessions
+                    .iter()
+                    .map(|(id, user, host)| format!("id {id} user {user} from {host}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )));
         }
+        drop_everything(&mut conn, CLEAR_LOCK_TIMEOUT)
+            .await
+            .map_err(|e| {
+                refuse(format!(
+                    "emptying {shown} failed: {e} (a connection made meanwhile may hold a \
+                     lock; waited at most {}s); no table was dropped",
+                    CLEAR_LOCK_TIMEOUT.as_secs()
+                ))
+            })?;
         let _ = conn.disconnect().await;
         Ok(())
     }
@@ -368,6 +394,52 @@ impl Mariadb {
             message: format!("on {shown}: {error}"),
         }
     }
+}
+
+/// How long emptying a restore target waits for its table locks before it gives up,
+/// having dropped nothing.
+const CLEAR_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long emptying a restore target waits for other connections (ones just
+/// closing) to leave it before it refuses.
+const CLEAR_SESSIONS_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Drops every table and view of the connection's database. DDL commits by itself
+/// in MariaDB, so the tables are first locked, all at once, waiting at most
+/// `lock_timeout`; only then is the DROP sent, and it cannot wait any more. A client
+/// killed while the locks are awaited never sends it, so nothing is dropped. Views
+/// (no data, and not droppable under LOCK TABLES) go after the tables.
+async fn drop_everything(
+    conn: &mut Conn,
+    lock_timeout: std::time::Duration,
+) -> Result<(), mysql_async::Error> {
+    let objects: Vec<(String, String)> = conn
+        .query(
+            "SELECT TABLE_NAME, TABLE_TYPE FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = DATABASE()",
+        )
+        .await?;
+    let (views, tables): (Vec<_>, Vec<_>) =
+        objects.into_iter().partition(|(_, kind)| kind == "VIEW");
+    conn.query_drop(format!(
+        "SET SESSION lock_wait_timeout = {}",
+        lock_timeout.as_secs().max(1)
+    ))
+    .await?;
+    conn.query_drop("SET FOREIGN_KEY_CHECKS = 0").await?;
+    if !tables.is_empty() {
+        let names: Vec<String> = tables.iter().map(|(name, _)| quote_ident(name)).collect();
+        let locks: Vec<String> = names.iter().map(|name| format!("{name} WRITE")).collect();
+        conn.query_drop(format!("LOCK TABLES {}", locks.join(", ")))
+            .await?;
+        conn.query_drop(format!("DROP TABLE IF EXISTS {}", names.join(", ")))
+            .await?;
+        conn.query_drop("UNLOCK TABLES").await?;
+    }
+    for (view, _) in views {
+        conn.query_drop(format!("DROP VIEW IF EXISTS {}", quote_ident(&view)))
+            .await?;
+    }
+    Ok(())
 }
 
 /// `url` with its database replaced by `database`: where a scratch database lives.

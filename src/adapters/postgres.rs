@@ -232,27 +232,43 @@ impl Adapter for Postgres {
     }
 
     async fn clear(&self, target: &str) -> Result<(), AdapterError> {
+        let shown = redact(target).url;
+        let refuse = |message: String| AdapterError::Restore {
+            database: self.name.clone(),
+            message,
+        };
         let conn = self.connect_target(target).await?;
-        // Every user schema goes, then `public` comes back empty, as in a new database.
-        let schemas = conn
-            .client
-            .query(
-                "SELECT nspname FROM pg_namespace WHERE nspname NOT IN \
-                 ('pg_catalog', 'information_schema', 'pg_toast') AND nspname NOT LIKE 'pg\\_%'",
-                &[],
-            )
-            .await
-            .map_err(|e| self.target_error(target, &e))?;
-        let mut sql = String::new();
-        for schema in schemas {
-            let schema: String = schema.get(0);
-            sql.push_str(&format!("DROP SCHEMA {} CASCADE;", quote_ident(&schema)));
+        // Emptying a database an application still uses destroys its data under it:
+        // refuse, naming who is there. Sessions that are just closing get a moment.
+        let deadline = tokio::time::Instant::now() + CLEAR_SESSIONS_GRACE;
+        let sessions = loop {
+            let sessions = other_sessions(&conn.client)
+                .await
+                .map_err(|e| self.target_error(target, &e))?;
+            if sessions.is_empty() || tokio::time::Instant::now() >= deadline {
+                break sessions;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        if !sessions.is_empty() {
+            return Err(refuse(format!(
+                "refusing to empty {shown}: it is in use by {} other session(s) ({}); nothing \
+                 was dropped. Stop what uses it (or end the sessions with \
+                 pg_terminate_backend) and retry",
+                sessions.len(),
+                sessions.join("; ")
+            )));
         }
-        sql.push_str("CREATE SCHEMA IF NOT EXISTS public;");
-        conn.client
-            .batch_execute(&sql)
+        drop_everything(&conn.client, CLEAR_LOCK_TIMEOUT)
             .await
-            .map_err(|e| self.target_error(target, &e))?;
+            .map_err(|e| {
+                refuse(format!(
+                    "emptying {shown} failed, nothing was dropped: {} (a session that \
+                     connected meanwhile may hold a lock; waited at most {}s)",
+                    error_text(&e),
+                    CLEAR_LOCK_TIMEOUT.as_secs()
+                ))
+            })?;
         conn.close().await;
         Ok(())
     }
@@ -333,6 +349,70 @@ impl Adapter for Postgres {
         conn.close().await;
         Ok(counts)
     }
+}
+
+/// How long emptying a restore target waits for a lock before it gives up, having
+/// dropped nothing.
+const CLEAR_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long emptying a restore target waits for other sessions (ones just closing)
+/// to leave it before it refuses.
+const CLEAR_SESSIONS_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The other client sessions connected to this connection's database, for a message.
+async fn other_sessions(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT pid, coalesce(usename, '-'), coalesce(nullif(application_name, ''), '-'), \
+                    coalesce(client_addr::text, 'local') \
+             FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+               AND backend_type = 'client backend' \
+             ORDER BY pid",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            format!(
+                "pid {} user {} application {} from {}",
+                row.get::<_, i32>(0),
+                row.get::<_, String>(1),
+                row.get::<_, String>(2),
+                row.get::<_, String>(3)
+            )
+        })
+        .collect())
+}
+
+/// Drops every user schema and recreates an empty `public`, in one transaction that
+/// waits at most `lock_timeout` for a lock, and commits in a message of its own. A
+/// client killed while the DROP waits never sends that COMMIT, so the server rolls
+/// the DROP back when it finds the client gone; sent as one implicit transaction,
+/// the server would commit it by itself once the lock came.
+async fn drop_everything(
+    client: &Client,
+    lock_timeout: std::time::Duration,
+) -> Result<(), tokio_postgres::Error> {
+    let schemas = client
+        .query(
+            "SELECT nspname FROM pg_namespace WHERE nspname NOT IN \
+             ('pg_catalog', 'information_schema', 'pg_toast') AND nspname NOT LIKE 'pg\\_%'",
+            &[],
+        )
+        .await?;
+    let mut sql = format!(
+        "BEGIN; SET LOCAL lock_timeout = '{}ms';",
+        lock_timeout.as_millis()
+    );
+    for schema in schemas {
+        let schema: String = schema.get(0);
+        sql.push_str(&format!("DROP SCHEMA {} CASCADE;", quote_ident(&schema)));
+    }
+    // Every user schema went; `public` comes back empty, as in a new database.
+    sql.push_str("CREATE SCHEMA IF NOT EXISTS public;");
+    client.batch_execute(&sql).await?;
+    client.batch_execute("COMMIT").await
 }
 
 impl Postgres {

@@ -14,9 +14,13 @@
 //!   enable and holds the whole database in memory; `VACUUM INTO` refuses to run inside
 //!   a transaction), so the backup goes to an unlinked temporary file that is then
 //!   streamed. Row counts come from the same read transaction.
-//! - restore: writes the stream to the target path (refusing a non-empty file or a
-//!   leftover `-wal` beside it) and runs `PRAGMA integrity_check`. Drills restore
-//!   into a file in their scratch directory and read it back read-only.
+//! - restore: writes the stream to a new file beside the target (refusing a non-empty
+//!   target or a leftover `-wal` beside it), runs `PRAGMA integrity_check` on it, and
+//!   only then renames it into place, so the target path never holds half a copy.
+//!   Drills restore into a file in their scratch directory and read it back read-only.
+//! - clear (`restore --force`): refuses a target another process has open (in WAL
+//!   mode every open connection holds a shared lock on the file, which an exclusive
+//!   lock attempt meets), then removes the file, its `-wal`, `-shm` and `-journal`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -83,42 +87,77 @@ impl Adapter for Sqlite {
         let path = PathBuf::from(target);
         refuse_non_empty(&path).await.map_err(err)?;
 
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .await
-            .map_err(|e| err(format!("creating {target}: {e}")))?;
+        // Written beside the target (same directory, so the rename is atomic) and
+        // renamed into place only once whole and checked; removed on any failure.
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let staged = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".restoring")
+            // What a new file gets under the usual umask (tempfile's own is 0600): the
+            // application that opens the restored database may run as another user.
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .tempfile_in(&dir)
+            .map_err(|e| err(format!("creating a file beside {target}: {e}")))?;
+        let staged_path = staged.path().to_path_buf();
+        let mut file = tokio::fs::File::from_std(
+            staged
+                .reopen()
+                .map_err(|e| err(format!("opening {}: {e}", staged_path.display())))?,
+        );
+        let shown = staged_path.display().to_string();
         tokio::io::copy(&mut copy, &mut file)
             .await
-            .map_err(|e| err(format!("writing {target}: {e}")))?;
+            .map_err(|e| err(format!("writing {shown}: {e}")))?;
         file.flush()
             .await
             .and(file.sync_all().await)
-            .map_err(|e| err(format!("writing {target}: {e}")))?;
+            .map_err(|e| err(format!("writing {shown}: {e}")))?;
         drop(file);
 
-        blocking(move || integrity_check(&path)).await.map_err(err)
+        let checked = staged_path.clone();
+        blocking(move || integrity_check(&checked))
+            .await
+            .map_err(err)?;
+        // A -wal or -shm left beside the target would be read as the restored file's.
+        refuse_non_empty(&path).await.map_err(err)?;
+        remove_files(&[with_suffix(&path, "-shm"), with_suffix(&path, "-journal")])
+            .await
+            .map_err(err)?;
+        staged
+            .persist(&path)
+            .map_err(|e| err(format!("renaming {shown} to {target}: {}", e.error)))?;
+        // The rename is durable once the directory is.
+        if let Ok(dir) = tokio::fs::File::open(&dir).await {
+            let _ = dir.sync_all().await;
+        }
+        Ok(())
     }
 
     async fn clear(&self, target: &str) -> Result<(), AdapterError> {
-        for path in [
-            PathBuf::from(target),
-            with_suffix(Path::new(target), "-wal"),
-        ] {
-            match tokio::fs::remove_file(&path).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(AdapterError::Restore {
-                        database: self.name.clone(),
-                        message: format!("removing {}: {e}", path.display()),
-                    });
-                }
-            }
-        }
-        Ok(())
+        let err = |message: String| AdapterError::Restore {
+            database: self.name.clone(),
+            message,
+        };
+        let path = PathBuf::from(target);
+        let checked = path.clone();
+        blocking(move || refuse_in_use(&checked))
+            .await
+            .map_err(err)?;
+        remove_files(&[
+            path.clone(),
+            with_suffix(&path, "-wal"),
+            with_suffix(&path, "-shm"),
+            with_suffix(&path, "-journal"),
+        ])
+        .await
+        .map_err(err)
     }
 
     async fn create_scratch(&self, label: &str, dir: &Path) -> Result<String, AdapterError> {
@@ -371,6 +410,54 @@ fn row_counts(conn: &Connection) -> rusqlite::Result<BTreeMap<String, u64>> {
         counts.insert(name, n as u64);
     }
     Ok(counts)
+}
+
+/// Removes each file that exists.
+async fn remove_files(paths: &[PathBuf]) -> Result<(), String> {
+    for path in paths {
+        match tokio::fs::remove_file(path).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("removing {}: {e}", path.display())),
+        }
+    }
+    Ok(())
+}
+
+/// Refuses `path` if another process has it open. In WAL mode every connection that
+/// has read the database holds a shared lock on the file until it closes, so an
+/// exclusive lock (without waiting) fails exactly while someone has it open; in
+/// rollback-journal mode only a transaction in progress shows. Not a database file
+/// (or none at all): nobody can be using it as one.
+fn refuse_in_use(path: &Path) -> Result<(), String> {
+    use rusqlite::ErrorCode;
+    let shown = path.display();
+    if !path.exists() {
+        return Ok(());
+    }
+    let in_use = |e: &rusqlite::Error| {
+        matches!(
+            e.sqlite_error_code(),
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+        )
+    };
+    let probe = || -> rusqlite::Result<()> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+        conn.busy_timeout(Duration::ZERO)?;
+        conn.execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE; ROLLBACK")
+    };
+    match probe() {
+        Ok(()) => Ok(()),
+        Err(e) if in_use(&e) => Err(format!(
+            "refusing to replace {shown}: it is in use, another process has it open (and \
+             holds a lock on it: {e}); nothing was removed. Stop the process using it and \
+             retry"
+        )),
+        Err(e) if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) => Ok(()),
+        Err(e) => Err(format!(
+            "checking whether {shown} is in use failed: {e}; nothing was removed"
+        )),
+    }
 }
 
 /// Restoring over a live database would destroy it, and a stale `-wal` beside an

@@ -488,6 +488,52 @@ pub async fn verify(
         })?
 }
 
+/// Checks that `decryption` can open the artifact and that its first block decrypts
+/// and decompresses, reading no further than that block: what a restore that must
+/// first empty its target checks before it touches anything. (A key that does not
+/// open the header is told apart from a damaged header by the checksum, which reads
+/// the whole artifact.)
+pub async fn check_opens(
+    storage: &Storage,
+    info: &ArtifactInfo,
+    decryption: &Decryption,
+) -> Result<(), PipelineError> {
+    /// Takes the first block the decoder produces, then refuses more, which ends the
+    /// decoding there.
+    #[derive(Default)]
+    struct FirstBlock {
+        received: bool,
+    }
+    impl Write for FirstBlock {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            if self.received {
+                return Err(io::Error::other("the first block is enough"));
+            }
+            self.received = true;
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let keys = DecryptKeys::for_artifact(info, decryption)?;
+    let stored = SyncIoBridge::new(storage.get(&info.path).await?);
+    let info_owned = info.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut first = FirstBlock::default();
+        match decode(stored, &info_owned, &keys, &mut first) {
+            Ok(_) => Ok(()),
+            Err(PipelineError::Abandoned { .. }) if first.received => Ok(()),
+            Err(error) => Err(error),
+        }
+    })
+    .await
+    .map_err(|e| PipelineError::Worker {
+        path: info.path.clone(),
+        message: e.to_string(),
+    })?
+}
+
 /// Checks only that the stored bytes match the manifest's BLAKE3 and size, and
 /// returns their size. Needs no key, so it runs where the decryption keys are not
 /// (they are often kept offline); [`verify`] checks everything.

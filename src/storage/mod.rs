@@ -7,6 +7,14 @@
 //! `part_size × (max_concurrency + 1)` bytes whatever the artifact's size.
 //! Paths are `/`-separated and relative to the URL's directory or prefix.
 //!
+//! Unfinished uploads are invisible to `list` on both backends: the local store
+//! writes `name#N` beside an object and renames it when done, and S3 keeps the parts
+//! of a multipart upload until it is completed or aborted. A process killed mid-copy
+//! leaves them behind, so [`Storage::list_incomplete`] finds them (a directory walk;
+//! S3's ListMultipartUploads) and [`Storage::delete_prefix`] removes them with the
+//! objects.
+//!
+//! - `multipart.rs`: S3's ListMultipartUploads, which object_store does not offer.
 //! - `tests.rs`: the same round-trip tests against `file://` and a real S3 server.
 //! - `s3_test_server.rs` (tests only): an in-process S3 server on loopback.
 
@@ -28,6 +36,7 @@ use tokio_util::io::ReaderStream;
 
 use crate::adapters::ByteStream;
 
+mod multipart;
 #[cfg(test)]
 // Shared with tests/integration, which use parts (`start_in`) these tests do not.
 #[allow(dead_code)]
@@ -114,12 +123,46 @@ pub struct ObjectEntry {
     pub last_modified: DateTime<Utc>,
 }
 
+/// An upload that was started and never finished: invisible to [`Storage::list`],
+/// yet holding space (and, on S3, billed parts) until it is removed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IncompleteUpload {
+    /// The object it would have become, relative to the storage root.
+    pub path: String,
+    /// Bytes written so far, where the storage tells (S3 does not list part sizes).
+    pub bytes: Option<u64>,
+    /// Its last write (a local file) or its start (an S3 multipart upload).
+    pub last_modified: DateTime<Utc>,
+    #[serde(skip)]
+    handle: UploadHandle,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum UploadHandle {
+    /// object_store's local in-progress file, `name#N`.
+    File(std::path::PathBuf),
+    /// An S3 multipart upload: its full key (with the URL's prefix) and id.
+    Multipart { key: String, upload_id: String },
+}
+
+/// Where a backend keeps what `list` does not show.
+#[derive(Clone)]
+enum Hidden {
+    /// The local store's root directory, to walk.
+    Local(std::path::PathBuf),
+    S3(multipart::MultipartUploads),
+    /// A store handed in by a test: nothing hidden to find.
+    #[cfg(test)]
+    Nothing,
+}
+
 /// A backup destination. Cheap to clone (the backend is shared).
 #[derive(Clone)]
 pub struct Storage {
     /// Redacted: safe to print.
     url: String,
     store: Arc<dyn ObjectStore>,
+    hidden: Hidden,
     part_size: usize,
     max_concurrency: usize,
 }
@@ -174,7 +217,7 @@ impl Storage {
                  AWS_SECRET_ACCESS_KEY or the access_key_id / secret_access_key options",
             ));
         }
-        let store: Arc<dyn ObjectStore> = match parsed.scheme() {
+        let (store, hidden): (Arc<dyn ObjectStore>, Hidden) = match parsed.scheme() {
             "file" => {
                 if !options.is_empty() {
                     return Err(StorageError::OptionsForFile {
@@ -206,7 +249,7 @@ impl Storage {
                     // A backup is only as good as its durability: match S3, where a
                     // completed PUT is durable.
                     .with_fsync(true);
-                Arc::new(local)
+                (Arc::new(local), Hidden::Local(dir))
             }
             "s3" | "s3a" => {
                 let bucket = parsed
@@ -225,17 +268,33 @@ impl Storage {
                         })?;
                     builder = builder.with_config(config_key, value);
                 }
+                let client_options = multipart::client_options(&builder);
                 let s3 = builder.build().map_err(|e| StorageError::Open {
                     url: shown.clone(),
                     message: e.to_string(),
                 })?;
-                let prefix = parsed.path().trim_matches('/');
-                if prefix.is_empty() {
-                    Arc::new(s3)
+                // The URL keeps its path percent-encoded (`we%20ird`); the prefix is
+                // what it spells (`we ird`), as `aws s3` would store it.
+                let prefix = percent_encoding::percent_decode_str(parsed.path())
+                    .decode_utf8()
+                    .map_err(|_| invalid("its path is not UTF-8 once percent-decoded"))?;
+                let prefix = prefix.trim_matches('/');
+                let prefix = if prefix.is_empty() {
+                    None
                 } else {
-                    let prefix = Path::parse(prefix).map_err(|e| invalid(&e.to_string()))?;
-                    Arc::new(PrefixStore::new(s3, prefix))
-                }
+                    Some(Path::parse(prefix).map_err(|e| invalid(&e.to_string()))?)
+                };
+                let uploads =
+                    multipart::MultipartUploads::new(s3.clone(), prefix.clone(), &client_options)
+                        .map_err(|e| StorageError::Open {
+                        url: shown.clone(),
+                        message: e.to_string(),
+                    })?;
+                let store: Arc<dyn ObjectStore> = match prefix {
+                    None => Arc::new(s3),
+                    Some(prefix) => Arc::new(PrefixStore::new(s3, prefix)),
+                };
+                (store, Hidden::S3(uploads))
             }
             other => {
                 return Err(StorageError::UnsupportedScheme {
@@ -247,6 +306,7 @@ impl Storage {
         Ok(Storage {
             url: shown,
             store,
+            hidden,
             part_size: DEFAULT_PART_SIZE,
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
         })
@@ -258,6 +318,7 @@ impl Storage {
         Storage {
             url: url.to_owned(),
             store,
+            hidden: Hidden::Nothing,
             part_size: DEFAULT_PART_SIZE,
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
         }
@@ -422,8 +483,66 @@ impl Storage {
         }
     }
 
-    /// Deletes every object under `prefix` and returns how many there were. Refuses
-    /// the empty prefix: nothing in stillpoint means to delete a whole storage.
+    /// Stores a small object at `path` and deletes it again: proof, before anything
+    /// depends on it, that this storage exists and takes writes and deletes with the
+    /// credentials given.
+    pub async fn probe(&self, path: &str) -> Result<(), StorageError> {
+        self.put_atomic(path, Bytes::from_static(b"stillpoint storage probe\n"))
+            .await?;
+        self.delete(path).await
+    }
+
+    /// Every unfinished upload under `prefix` (see the module header), in no
+    /// particular order.
+    pub async fn list_incomplete(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<IncompleteUpload>, StorageError> {
+        let location = self.prefix_location(prefix)?;
+        match &self.hidden {
+            Hidden::Local(root) => {
+                let root = root.clone();
+                let dir = match &location {
+                    Some(location) => root.join(location.as_ref()),
+                    None => root.clone(),
+                };
+                tokio::task::spawn_blocking(move || local_in_progress(&root, &dir))
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+                    .and_then(|found| found)
+                    .map_err(|e| self.backend_error("list unfinished uploads", prefix, io_error(e)))
+            }
+            Hidden::S3(uploads) => uploads
+                .list(location.as_ref())
+                .await
+                .map_err(|e| self.backend_error("list multipart uploads", prefix, e)),
+            #[cfg(test)]
+            Hidden::Nothing => Ok(Vec::new()),
+        }
+    }
+
+    /// Removes an unfinished upload: deletes the local in-progress file, or aborts the
+    /// S3 multipart upload (which frees its parts). One already gone is not an error.
+    pub async fn abort_incomplete(&self, upload: &IncompleteUpload) -> Result<(), StorageError> {
+        let removed = match &upload.handle {
+            UploadHandle::File(file) => match tokio::fs::remove_file(file).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(e)),
+                _ => Ok(()),
+            },
+            UploadHandle::Multipart { key, upload_id } => match &self.hidden {
+                Hidden::S3(uploads) => uploads.abort(key, upload_id).await,
+                _ => Ok(()),
+            },
+        };
+        match removed {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.backend_error("abort the upload of", &upload.path, e)),
+        }
+    }
+
+    /// Deletes every object under `prefix`, and removes every unfinished upload
+    /// there, and returns how many objects there were. Refuses the empty prefix:
+    /// nothing in stillpoint means to delete a whole storage.
     pub async fn delete_prefix(&self, prefix: &str) -> Result<usize, StorageError> {
         let location = self
             .prefix_location(prefix)?
@@ -450,6 +569,9 @@ impl Storage {
             .try_collect()
             .await
             .map_err(|e| self.backend_error("delete", prefix, e))?;
+        for upload in self.list_incomplete(prefix).await? {
+            self.abort_incomplete(&upload).await?;
+        }
         Ok(deleted.len())
     }
 
@@ -501,6 +623,69 @@ impl Storage {
             source,
         }
     }
+}
+
+fn io_error(e: std::io::Error) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "LocalFileSystem",
+        source: Box::new(e),
+    }
+}
+
+/// object_store's local in-progress files under `dir`: `name#N`, N all digits (its
+/// `list` skips exactly these).
+fn local_in_progress(
+    root: &std::path::Path,
+    dir: &std::path::Path,
+) -> std::io::Result<Vec<IncompleteUpload>> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            let file = entry.path();
+            if kind.is_dir() {
+                pending.push(file);
+                continue;
+            }
+            let Some(name) = file.file_name().and_then(|name| name.to_str()) else {
+                continue;
+            };
+            let Some((object, number)) = name.rsplit_once('#') else {
+                continue;
+            };
+            if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Ok(relative) = file.with_file_name(object).strip_prefix(root).map(|p| {
+                p.components()
+                    .map(|c| c.as_os_str().to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            }) else {
+                continue;
+            };
+            let metadata = match entry.metadata() {
+                Ok(metadata) => metadata,
+                // Finished (renamed) between the listing and now.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            found.push(IncompleteUpload {
+                path: relative,
+                bytes: Some(metadata.len()),
+                last_modified: metadata.modified().map(DateTime::<Utc>::from)?,
+                handle: UploadHandle::File(file),
+            });
+        }
+    }
+    Ok(found)
 }
 
 fn entry(meta: object_store::ObjectMeta) -> ObjectEntry {

@@ -383,3 +383,24 @@ fn redaction_hides_passwords_with_url_characters() {
         "postgres://***@db:5432/ledger"
     );
 }
+
+/// Issue 19.12: `s3://bucket/we ird/` stored objects under `we%20ird/`: the URL's
+/// percent-encoded path was used as the prefix.
+#[tokio::test]
+async fn s3_prefixes_are_stored_as_written_not_percent_encoded() {
+    let server = S3TestServer::start().await;
+    let storage = Storage::open_with_options(&server.url("we ird/p"), &server.options()).unwrap();
+    storage
+        .put_atomic("backups/x", Bytes::from_static(b"1"))
+        .await
+        .unwrap();
+    let stored: Vec<String> = std::fs::read_dir(server.bucket_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        server.bucket_dir().join("we ird/p/backups/x").is_file(),
+        "stored under {stored:?}"
+    );
+    server.shutdown().await;
+}

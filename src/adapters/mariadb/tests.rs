@@ -457,3 +457,91 @@ fn urls_with_raw_password_characters_are_refused_without_showing_them() {
     assert_eq!(opts.pass(), Some("Zebra/Quokka#x%41"));
     assert_eq!(shown(&opts), "mysql://root@127.0.0.1:3306/auditor");
 }
+
+/// Issue 18.1: emptying a restore target (`restore --force`) refuses a database
+/// another connection uses; past that check it waits for its table locks at most its
+/// timeout, and a client that goes away while it waits drops nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emptying_a_target_refuses_other_connections_and_never_drops_after_its_client_left() {
+    let db = server();
+    let name = unique_name("clear_target");
+    db.create_database(&name);
+    db.sql(
+        &name,
+        "CREATE TABLE keep_me (x INT) ENGINE=InnoDB; INSERT INTO keep_me VALUES (1); \
+         CREATE VIEW v AS SELECT x FROM keep_me;",
+    );
+    let target = db.url(&name);
+    let adapter = adapter(&db, &name);
+    let tables = || {
+        db.sql(
+            "",
+            &format!(
+                "SELECT count(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{name}'"
+            ),
+        )
+    };
+
+    let mut holder = connect(&parse_url(&target).unwrap()).await.unwrap();
+    holder
+        .query_drop("START TRANSACTION; SELECT * FROM keep_me")
+        .await
+        .unwrap();
+    let err = adapter.clear(&target).await.unwrap_err().to_string();
+    assert!(err.contains("in use by 1 other connection"), "{err}");
+    assert!(err.contains("nothing was dropped"), "{err}");
+    assert_eq!(tables(), "2");
+
+    // A connection made after that check: the table locks are not had in time.
+    let mut conn = connect(&parse_url(&target).unwrap()).await.unwrap();
+    let err = drop_everything(&mut conn, std::time::Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("Lock wait timeout"), "{err}");
+    drop(conn);
+    assert_eq!(tables(), "2");
+
+    // The client goes away while it waits for the locks: nothing is dropped.
+    let mut conn = connect(&parse_url(&target).unwrap()).await.unwrap();
+    {
+        let dropping = drop_everything(&mut conn, std::time::Duration::from_secs(120));
+        tokio::pin!(dropping);
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        let waiting = async {
+            while db.sql(
+                "",
+                &format!(
+                    "SELECT count(*) FROM information_schema.PROCESSLIST WHERE DB = '{name}' \
+                     AND STATE LIKE 'Waiting for table metadata lock%'"
+                ),
+            ) != "1"
+            {
+                assert!(Instant::now() < deadline, "the locks were never awaited");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            result = &mut dropping => panic!("the locks were not awaited: {result:?}"),
+            () = waiting => {}
+        }
+    }
+    drop(conn);
+    holder.query_drop("COMMIT").await.unwrap();
+    let _ = holder.disconnect().await;
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while db.sql(
+        "",
+        &format!("SELECT count(*) FROM information_schema.PROCESSLIST WHERE DB = '{name}'"),
+    ) != "0"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "connections stayed on the target"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(tables(), "2", "tables were dropped after the client left");
+
+    adapter.clear(&target).await.unwrap();
+    assert_eq!(tables(), "0");
+}

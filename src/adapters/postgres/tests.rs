@@ -375,3 +375,95 @@ async fn a_scratch_database_is_restored_read_back_emptied_and_dropped() {
     );
     assert_eq!(left.trim(), "0", "{scratch} was not dropped");
 }
+
+/// Polls `query` (run on the `postgres` database) until it prints `expected`.
+async fn until_psql(pg: &Server, query: &str, expected: &str, what: &str) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while pg.psql("postgres", query) != expected {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 18.1: emptying a restore target (`restore --force`) refuses a database
+/// another session uses; past that check it waits for a lock at most its timeout,
+/// and a client that goes away while the DROP waits leaves everything in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emptying_a_target_refuses_other_sessions_and_never_drops_after_its_client_left() {
+    let pg = plain();
+    let db = unique_name("clear_target");
+    pg.create_database(&db);
+    pg.psql(
+        &db,
+        "CREATE TABLE keep_me (x int); INSERT INTO keep_me VALUES (1)",
+    );
+    let target = pg.url(&db);
+    let adapter = adapter(&pg, &db, false);
+    let exists = || {
+        pg.psql(
+            &db,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'keep_me'",
+        )
+    };
+
+    // Another session holds a lock on the table, in an open transaction.
+    let holder = connect(&target).await.unwrap();
+    holder
+        .client
+        .batch_execute("BEGIN; LOCK TABLE keep_me IN ACCESS SHARE MODE")
+        .await
+        .unwrap();
+    let err = adapter.clear(&target).await.unwrap_err().to_string();
+    assert!(err.contains("in use by 1 other session"), "{err}");
+    assert!(err.contains("nothing was dropped"), "{err}");
+    assert_eq!(exists(), "1");
+
+    // A session that connected after that check: the DROP gives up on its lock.
+    let conn = connect(&target).await.unwrap();
+    let err = drop_everything(&conn.client, std::time::Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(
+        error_text(&err).contains("lock timeout"),
+        "{}",
+        error_text(&err)
+    );
+    conn.close().await;
+    assert_eq!(exists(), "1");
+
+    // The client goes away while its DROP waits for the lock (a killed command):
+    // when the lock comes, nothing is dropped.
+    let conn = connect(&target).await.unwrap();
+    {
+        let dropping = drop_everything(&conn.client, std::time::Duration::from_secs(120));
+        tokio::pin!(dropping);
+        let waiting_query = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' \
+             AND wait_event_type = 'Lock'"
+        );
+        let waiting = until_psql(&pg, &waiting_query, "1", "the DROP to wait for the lock");
+        tokio::select! {
+            result = &mut dropping => panic!("the DROP did not wait for the lock: {result:?}"),
+            () = waiting => {}
+        }
+    }
+    drop(conn);
+    holder.client.batch_execute("COMMIT").await.unwrap();
+    holder.close().await;
+    until_psql(
+        &pg,
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}'"),
+        "0",
+        "every session to leave the target",
+    )
+    .await;
+    assert_eq!(
+        exists(),
+        "1",
+        "the DROP was committed after its client left"
+    );
+
+    // Nobody else there: it is emptied.
+    adapter.clear(&target).await.unwrap();
+    assert_eq!(exists(), "0");
+}

@@ -281,3 +281,69 @@ async fn a_scratch_file_is_restored_read_back_emptied_and_removed() {
     assert!(target.starts_with(&scratch.path().display().to_string()));
     assert!(!Path::new(&target).exists(), "{target} was not removed");
 }
+
+/// Issue 18.10: `restore --force` (clear, then restore) refuses a database another
+/// connection has open, and replaces a dead one (its `-wal` and `-shm` too) whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_refuses_an_open_database_and_restore_replaces_a_dead_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, app) = live_db(dir.path(), 100);
+    let adapter = adapter(&source);
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b1").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    let bytes = read_to_end(&mut copy).await;
+    copy.finished.await.unwrap();
+
+    // The application still has it open (idle, between transactions).
+    let err = adapter
+        .clear(&source.display().to_string())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("another process has it open"), "{err}");
+    app.execute("INSERT INTO audit VALUES (11, 'still here')", [])
+        .unwrap();
+    let rows: i64 = app
+        .query_row("SELECT count(*) FROM audit", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 11);
+
+    // A database whose process died, leaving its -wal and -shm behind.
+    let dead = dir.path().join("dead.sqlite");
+    let status = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import sqlite3, os; c = sqlite3.connect('{}'); c.execute('PRAGMA journal_mode=WAL'); \
+             c.execute('CREATE TABLE old (x)'); c.execute('INSERT INTO old VALUES (1)'); \
+             c.commit(); os._exit(0)",
+            dead.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(with_suffix(&dead, "-wal").exists() && with_suffix(&dead, "-shm").exists());
+    let target = dead.display().to_string();
+    adapter.clear(&target).await.unwrap();
+    for leftover in ["", "-wal", "-shm", "-journal"] {
+        assert!(!with_suffix(&dead, leftover).exists(), "{leftover:?} left");
+    }
+    adapter
+        .restore(Box::pin(std::io::Cursor::new(bytes)), &target)
+        .await
+        .unwrap();
+    let restored = Connection::open(&dead).unwrap();
+    let rows: i64 = restored
+        .query_row("SELECT count(*) FROM accounts", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 100);
+    // Nothing staged is left beside it.
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.ends_with(".restoring")),
+        "{names:?}"
+    );
+}
