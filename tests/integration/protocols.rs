@@ -230,3 +230,26 @@ fn nodes_serve_health_and_reflection() {
         }
     });
 }
+
+/// Issue 20.12: an SRV record whose target is "." says the service is not available
+/// (RFC 2782); that is what the operator must read, not an empty host name.
+#[test]
+fn an_srv_target_of_dot_says_the_service_is_not_available() {
+    let dns = SrvServer::start_with_target("_admin._tcp.gone.test.", &[50051], ".");
+    let output = run(
+        "stillpoint",
+        &[
+            "check-paused",
+            "-s",
+            "_admin._tcp.gone.test.",
+            "--dns-server",
+            &dns.address.to_string(),
+        ],
+    );
+    assert_ne!(output.status.code(), Some(0));
+    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), stderr(&output));
+    assert!(
+        said.contains("_admin._tcp.gone.test.") && said.contains("service not available"),
+        "{said}"
+    );
+}
