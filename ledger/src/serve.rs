@@ -25,7 +25,7 @@ use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 
-use crate::grpc::GatedApp;
+use crate::grpc::gated_app;
 use crate::grpc::client::{AuditorClient, ClientError};
 use crate::grpc::server::{AuditorService, LedgerService};
 use crate::node::{AuditorNode, LedgerNode, LedgerOptions};
@@ -134,12 +134,12 @@ impl Node {
     fn add_app(&self, routes: Routes, tracker: &TaskTracker) -> Routes {
         let gate = self.admin.gate().clone();
         match &self.app {
-            App::Ledger(node) => routes.add_service(GatedApp::new(
+            App::Ledger(node) => routes.add_service(gated_app(
                 LedgerService::server(node.clone()),
                 gate,
                 tracker.clone(),
             )),
-            App::Auditor(node) => routes.add_service(GatedApp::new(
+            App::Auditor(node) => routes.add_service(gated_app(
                 AuditorService::server(node.clone()),
                 gate,
                 tracker.clone(),

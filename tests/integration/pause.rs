@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::cluster::{Cluster, Load};
+use crate::cluster::{Cluster, Load, transfer};
 use crate::util::{Process, bin, paused_flags, run, run_json, stderr, wait_until};
 
 /// `stillpoint pause --keep-alive` in the background, renewing a `lease` lease.
@@ -466,5 +466,67 @@ fn min_window_extends_the_hold_and_times_use_the_zone() {
             .as_str()
             .unwrap()
             .ends_with("+09:00")
+    );
+}
+
+/// A plain `stillpoint pause` of `tiers` recording its window in `state_file`, with
+/// `extra` flags; returns the exit code and the report.
+fn plain_pause(tiers: &[&str], state_file: &std::path::Path, extra: &[&str]) -> (i32, Value) {
+    let mut args = vec!["pause", "--state-file", state_file.to_str().unwrap()];
+    for tier in tiers {
+        args.extend(["-a", tier]);
+    }
+    args.extend(["--output", "json"]);
+    args.extend_from_slice(extra);
+    run_json("stillpoint", &args)
+}
+
+/// Issue 17.3: requests held at a paused node's gate whose callers gave up (their
+/// gRPC deadline passed) are never run; a patient caller held the same way is.
+#[test]
+fn a_held_request_whose_caller_gave_up_is_never_run() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let before = cluster.transactions();
+    let (code, opened) = plain_pause(&[&ledger], &state_file, &[]);
+    assert_eq!(code, 0, "{opened:#}");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let patient = runtime.spawn({
+        let ledger = ledger.clone();
+        async move { transfer(&ledger, Duration::from_secs(60)).await }
+    });
+    let gave_up = runtime.block_on(futures::future::join_all(
+        (0..3).map(|_| transfer(&ledger, Duration::from_millis(500))),
+    ));
+    for result in &gave_up {
+        let code = result.as_ref().expect_err("held past its deadline").code();
+        assert!(
+            matches!(code, tonic::Code::DeadlineExceeded | tonic::Code::Cancelled),
+            "{result:?}"
+        );
+    }
+    assert_eq!(
+        node_stats(&ledger)["gate"]["held_now"],
+        1,
+        "only the patient transfer should still be held"
+    );
+
+    let (code, closed) = unpause(&state_file);
+    assert_eq!(code, 0, "{closed:#}");
+    runtime
+        .block_on(patient)
+        .unwrap()
+        .expect("the patient transfer runs after the pause");
+    wait_until(Duration::from_secs(10), "the gate to be empty", || {
+        let gate = node_stats(&ledger)["gate"].clone();
+        gate["held_now"] == 0 && gate["in_flight"] == 0
+    });
+    assert_eq!(
+        cluster.transactions(),
+        before + 1,
+        "transfers whose callers had given up were committed after the pause"
     );
 }
