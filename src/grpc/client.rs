@@ -21,7 +21,7 @@ use super::auth::{
 use super::wire::lease::lease_admin_client::LeaseAdminClient;
 use super::wire::rpc::admin_client::AdminClient;
 use super::wire::{lease, rpc};
-use crate::node::{Holder, NodeStatus, Released};
+use crate::node::{Holder, NodeStatus, PauseOwner, Released};
 use crate::resolve::NodeAddress;
 
 /// How to reach nodes. TLS verifies the server certificate against the given CA (or the
@@ -280,35 +280,44 @@ impl NodeClient {
 
     pub async fn pause_leased(
         &mut self,
-        pause_id: &str,
+        owner: &PauseOwner,
         lease: Duration,
         max_wait: Duration,
         wait_outstanding: bool,
     ) -> Result<NodeStatus, CallError> {
         let request = lease::LeasedPauseRequest {
-            pause_id: pause_id.to_owned(),
+            pause_id: owner.pause_id.clone(),
             lease_ms: lease.as_millis() as u64,
             max_pause_wait_ms: max_wait.as_millis() as u64,
             wait_outstanding,
+            coordinator_id: owner.coordinator_id.clone(),
         };
         Ok(self.lease.pause(request).await?.into_inner().into())
     }
 
     pub async fn renew(
         &mut self,
-        pause_id: &str,
+        owner: &PauseOwner,
         lease: Duration,
     ) -> Result<NodeStatus, CallError> {
         let request = lease::RenewRequest {
-            pause_id: pause_id.to_owned(),
+            pause_id: owner.pause_id.clone(),
             lease_ms: lease.as_millis() as u64,
+            coordinator_id: owner.coordinator_id.clone(),
         };
         Ok(self.lease.renew(request).await?.into_inner().into())
     }
 
-    pub async fn unpause_leased(&mut self, pause_id: &str) -> Result<Released, CallError> {
+    /// Releases the pause `owner` holds; `None` releases whoever holds the node.
+    pub async fn unpause_leased(
+        &mut self,
+        owner: Option<&PauseOwner>,
+    ) -> Result<Released, CallError> {
         let request = lease::UnpauseRequest {
-            pause_id: pause_id.to_owned(),
+            pause_id: owner.map(|owner| owner.pause_id.clone()).unwrap_or_default(),
+            coordinator_id: owner
+                .map(|owner| owner.coordinator_id.clone())
+                .unwrap_or_default(),
         };
         let response = self.lease.unpause(request).await?.into_inner();
         let status = response.released.ok_or_else(|| CallError::Other {
@@ -427,7 +436,10 @@ fn connect_error(chain: &str) -> CallError {
 impl From<lease::NodeStatus> for NodeStatus {
     fn from(wire: lease::NodeStatus) -> Self {
         let holder = match (wire.paused, wire.pause_id.is_empty()) {
-            (_, false) => Some(Holder::PauseId(wire.pause_id)),
+            (_, false) => Some(Holder::Coordinator(PauseOwner::new(
+                wire.pause_id,
+                wire.coordinator_id,
+            ))),
             (true, true) => Some(Holder::Upstream),
             (false, true) => None,
         };

@@ -36,6 +36,7 @@ fn pauses_a_node_that_implements_only_the_upstream_methods() {
         "{warnings}"
     );
     assert_eq!(node.calls.pauses.load(SeqCst), 1);
+    assert!(node.calls.waited.load(SeqCst), "the CLI waits by default");
     assert_eq!(node.calls.unpauses.load(SeqCst), 1);
     assert!(!node.calls.paused.load(SeqCst));
 
@@ -229,6 +230,36 @@ fn nodes_serve_health_and_reflection() {
             );
         }
     });
+}
+
+/// Issue 17.4: an upstream-only node cannot say how many requests were inside when it
+/// paused; with `--no-wait` nothing waited for them either, so the window is not valid.
+#[test]
+fn no_wait_on_a_node_that_cannot_count_requests_in_flight_is_not_a_valid_window() {
+    let node = UpstreamOnlyServer::start();
+    let address = node.address.to_string();
+    let (code, window) = run_json(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "50ms",
+            "--no-wait",
+            "-a",
+            &address,
+            "--output",
+            "json",
+        ],
+    );
+    assert!(!node.calls.waited.load(SeqCst), "--no-wait was not passed on");
+    assert_eq!(window["window_valid"], false, "{window:#}");
+    assert_eq!(code, 5, "{window:#}");
+    let reasons = window["invalid_reasons"].to_string();
+    assert!(
+        reasons.contains(&address) && reasons.contains("in flight"),
+        "{reasons}"
+    );
+    assert!(!node.calls.paused.load(SeqCst), "the node was not released");
 }
 
 /// Issue 20.12: an SRV record whose target is "." says the service is not available
