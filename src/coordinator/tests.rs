@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{PausePlan, PlanError, batches};
+use super::{PausePlan, PlanError, batches, clock_moved};
 use crate::resolve::NodeAddress;
 
 fn plan(tiers: &[&[&str]], lease: &str, max_wait: &str) -> PausePlan {
@@ -249,4 +249,18 @@ async fn a_clock_step_on_the_coordinator_inside_the_window_invalidates_it() {
         released.invalid_reasons
     );
     node.stop().await;
+}
+
+/// The node half of the clock-step check: an offset that moved more than the two
+/// readings' uncertainty (half their round trips), the margin and normal drift.
+#[test]
+fn a_node_clock_that_moved_during_the_window_is_caught() {
+    // 2ms round trips, 1s window: up to 2ms + 10ms + 1ms is noise.
+    assert_eq!(clock_moved((5, 2), (17, 2), 1_000), None);
+    assert_eq!(clock_moved((5, 2), (-10, 2), 1_000), Some(-15));
+    // Stepped an hour forward.
+    assert_eq!(clock_moved((5, 2), (3_600_005, 2), 1_000), Some(3_600_000));
+    // Over an hour-long window, 3.6s of drift is allowed (1000 ppm) and 4s is not.
+    assert_eq!(clock_moved((0, 2), (3_600, 2), 3_600_000), None);
+    assert_eq!(clock_moved((0, 2), (4_000, 2), 3_600_000), Some(4_000));
 }
