@@ -84,6 +84,9 @@ pub enum PlanError {
     ZeroMaxWait,
     #[error("connect timeout is 0ms, which would fail every connection; give e.g. 5s")]
     ZeroConnectTimeout,
+    /// The admin token would go out unencrypted to a host that is not this one.
+    #[error("{0}")]
+    CleartextToken(String),
 }
 
 impl PausePlan {
@@ -115,6 +118,14 @@ impl PausePlan {
         ensure_unique(self.tiers.iter().flatten())?;
         if self.connect.connect_timeout.is_zero() {
             return Err(PlanError::ZeroConnectTimeout);
+        }
+        if let Some(refusal) = self
+            .tiers
+            .iter()
+            .flatten()
+            .find_map(|address| self.connect.cleartext_token_refusal(address))
+        {
+            return Err(PlanError::CleartextToken(refusal.to_string()));
         }
         // Upstream clients may send a zero wait (scalar-admin -m 0): keep their meaning.
         if self.upstream_only {
@@ -438,6 +449,9 @@ fn may_have_paused(error: &CallError) -> bool {
             | CallError::Unauthenticated { .. }
             | CallError::PermissionDenied(_)
             | CallError::Tls(_)
+            | CallError::CleartextToken { .. }
+            | CallError::ProtocolMismatch(_)
+            | CallError::ClientCertRefused(_)
     )
 }
 

@@ -26,8 +26,8 @@ pub async fn admin_routes(admin: Arc<NodeAdmin>) -> tonic::service::Routes {
 }
 
 /// Every admin service of a node, each behind `security`'s checks (token, client
-/// certificate) except health. Serve them with `security.server_tls_config()` on the
-/// tonic server when TLS is configured.
+/// certificate) except health. With TLS, serve them on `ServerTls::incoming`, which
+/// accepts the handshakes and logs each refused one.
 pub async fn admin_routes_with(
     admin: Arc<NodeAdmin>,
     security: &AdminSecurity,
