@@ -166,7 +166,11 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
     let min_window_ms = args.min_window.map(|min| min.as_millis() as u64);
     if let Err(error) = state::save(
         &state_file,
-        &PauseState::new(record.clone(), unix_ms(paused.last_renewal()), min_window_ms),
+        &PauseState::new(
+            record.clone(),
+            unix_ms(paused.last_renewal()),
+            min_window_ms,
+        ),
     ) {
         let released = paused.release().await;
         print_report(&PauseReport::closed(&released, zone), args.output.output);
@@ -295,7 +299,14 @@ pub async fn unpause(args: UnpauseArgs, matches: &clap::ArgMatches) -> Result<u8
     let tiers = resolve_tiers(&sources, args.targets.dns_server).await?;
     let named: BTreeSet<&NodeAddress> = tiers.iter().flatten().collect();
     match recorded {
-        Some(state) if state.record.nodes().map(|node| &node.address).collect::<BTreeSet<_>>() == named => {
+        Some(state)
+            if state
+                .record
+                .nodes()
+                .map(|node| &node.address)
+                .collect::<BTreeSet<_>>()
+                == named =>
+        {
             close_recorded_window(state, &state_file, connect, &args.output).await
         }
         // The nodes named are the ones to release. The recorded window is another
@@ -311,7 +322,13 @@ pub async fn unpause(args: UnpauseArgs, matches: &clap::ArgMatches) -> Result<u8
                 list(named.iter().map(ToString::to_string).collect()),
                 state_file.display(),
                 state.record.pause_id,
-                list(state.record.nodes().map(|node| node.address.to_string()).collect()),
+                list(
+                    state
+                        .record
+                        .nodes()
+                        .map(|node| node.address.to_string())
+                        .collect()
+                ),
                 state_file.display(),
             );
             unpause_without_record(tiers, &connect, args.output.output, vec![warning]).await
@@ -330,13 +347,13 @@ async fn close_recorded_window(
 ) -> Result<u8, Failure> {
     let mut interrupts = interrupts()?;
     let min_window = state.min_window_ms.map(Duration::from_millis);
-    let mut paused = PausedCluster::attach(state.record, connect, from_unix_ms(state.renewed_at_ms));
+    let mut paused =
+        PausedCluster::attach(state.record, connect, from_unix_ms(state.renewed_at_ms));
     if let Some(min_window) = min_window {
         let wanted = required_window(paused.record().skew_bound_ms, min_window);
         let open_for_ms = unix_ms(SystemTime::now()) - paused.record().paused_at_ms;
-        let rest = Duration::from_millis(
-            (wanted.as_millis() as i64 - open_for_ms.max(0)).max(0) as u64,
-        );
+        let rest =
+            Duration::from_millis((wanted.as_millis() as i64 - open_for_ms.max(0)).max(0) as u64);
         if !rest.is_zero() {
             eprintln!(
                 "holding the window {}ms more: `stillpoint pause` was given --min-window {}ms",

@@ -22,11 +22,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::Routes;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 
-use crate::grpc::gated_app;
 use crate::grpc::client::{AuditorClient, ClientError};
+use crate::grpc::gated_app;
 use crate::grpc::server::{AuditorService, LedgerService};
 use crate::node::{AuditorNode, LedgerNode, LedgerOptions};
 use crate::store::{self, DbUrl, Seed, StoreError};

@@ -934,8 +934,7 @@ async fn release_checked(
             "{address} lost the pause during the window ({reason})"
         ));
     }
-    released.lease_expires_at_ms =
-        unix_ms(renewed_at) + released.record.lease_ms as i64;
+    released.lease_expires_at_ms = unix_ms(renewed_at) + released.record.lease_ms as i64;
     released
 }
 
@@ -1128,12 +1127,10 @@ async fn release_node(
                 },
             };
             let call_deadline = call_deadline(connect);
-            let call = tokio::time::timeout(
-                call_deadline,
-                release_call(owner, node, &mut connected),
-            )
-            .await
-            .unwrap_or(Err(CallError::TimedOut(call_deadline)));
+            let call =
+                tokio::time::timeout(call_deadline, release_call(owner, node, &mut connected))
+                    .await
+                    .unwrap_or(Err(CallError::TimedOut(call_deadline)));
             match call {
                 Ok(release) => return release,
                 // Another holder owns it now: retrying cannot help, and the node is not

@@ -230,7 +230,11 @@ mod tests {
         }
         held.abort();
         assert!(held.await.unwrap_err().is_cancelled());
-        assert_eq!(gate.stats().held_now, 0, "the caller's departure ends the hold");
+        assert_eq!(
+            gate.stats().held_now,
+            0,
+            "the caller's departure ends the hold"
+        );
 
         proceed.send(true).unwrap();
         tracker.close();

@@ -384,7 +384,9 @@ impl NodeClient {
         owner: Option<&PauseOwner>,
     ) -> Result<Released, CallError> {
         let request = lease::UnpauseRequest {
-            pause_id: owner.map(|owner| owner.pause_id.clone()).unwrap_or_default(),
+            pause_id: owner
+                .map(|owner| owner.pause_id.clone())
+                .unwrap_or_default(),
             coordinator_id: owner
                 .map(|owner| owner.coordinator_id.clone())
                 .unwrap_or_default(),
@@ -625,10 +627,21 @@ mod tests {
                 .cleartext_token_refusal(&address.parse().unwrap())
                 .is_some()
         };
-        for loopback in ["127.0.0.1:1", "127.8.9.10:1", "[::1]:1", "localhost:1", "[::ffff:127.0.0.1]:1"] {
+        for loopback in [
+            "127.0.0.1:1",
+            "127.8.9.10:1",
+            "[::1]:1",
+            "localhost:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
             assert!(!refused(&with_token, loopback), "{loopback}");
         }
-        for remote in ["10.0.0.3:1", "node-1.internal:1", "[fe80::1]:1", "0.0.0.0:1"] {
+        for remote in [
+            "10.0.0.3:1",
+            "node-1.internal:1",
+            "[fe80::1]:1",
+            "0.0.0.0:1",
+        ] {
             assert!(refused(&with_token, remote), "{remote}");
         }
         let message = with_token
@@ -646,7 +659,10 @@ mod tests {
             ..with_token
         };
         assert!(!refused(&with_tls, "10.0.0.3:1"));
-        assert!(!refused(&ConnectOptions::default(), "10.0.0.3:1"), "no token, nothing to protect");
+        assert!(
+            !refused(&ConnectOptions::default(), "10.0.0.3:1"),
+            "no token, nothing to protect"
+        );
     }
 
     #[test]

@@ -46,10 +46,11 @@ pub(crate) fn server_config(
     client_ca_pem: Option<&str>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
     install_crypto_provider();
-    let error = |what: &str, error: &dyn std::fmt::Display| TlsConfigError(format!("{what}: {error}"));
+    let error =
+        |what: &str, error: &dyn std::fmt::Display| TlsConfigError(format!("{what}: {error}"));
     let certs = certificates(cert_pem).map_err(|e| error("the TLS certificate", &e))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| error("the TLS key", &e))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| error("the TLS key", &e))?;
     let builder = rustls::ServerConfig::builder();
     let builder = match client_ca_pem {
         None => builder.with_no_client_auth(),
@@ -192,10 +193,7 @@ pub(crate) async fn what_port_speaks(
         // A frame header: 3 length bytes, then the type; SETTINGS (4) or GOAWAY (7).
         [_, _, _, 4 | 7, ..] => PortSpeaks::Http2,
         [] => PortSpeaks::Unknown("it closed the connection without answering".to_owned()),
-        bytes => PortSpeaks::Unknown(format!(
-            "it answered {:02x?}",
-            &bytes[..bytes.len().min(9)]
-        )),
+        bytes => PortSpeaks::Unknown(format!("it answered {:02x?}", &bytes[..bytes.len().min(9)])),
     })
 }
 
@@ -224,7 +222,8 @@ pub(crate) async fn client_certificate_refusal(
         .with_client_auth_cert(certs, key)
         .ok()?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    let name = ServerName::try_from(override_authority.unwrap_or(address.host()).to_owned()).ok()?;
+    let name =
+        ServerName::try_from(override_authority.unwrap_or(address.host()).to_owned()).ok()?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let ask = async {
         let tcp = TcpStream::connect(address.to_string()).await.ok()?;

@@ -14,9 +14,7 @@ use super::auth::{AdminSecurity, Guarded};
 use super::wire::lease::lease_admin_server::{LeaseAdmin, LeaseAdminServer};
 use super::wire::rpc::admin_server::{Admin, AdminServer};
 use super::wire::{FILE_DESCRIPTOR_SET, lease, rpc};
-use crate::node::{
-    AdminError, ErrorKind, Holder, NodeAdmin, NodeStatus, PauseCommand, PauseOwner,
-};
+use crate::node::{AdminError, ErrorKind, Holder, NodeAdmin, NodeStatus, PauseCommand, PauseOwner};
 
 /// Every admin service of a node, open to any caller, ready to add to a tonic server
 /// (or to merge with the application's own services when they share a port). Right

@@ -37,7 +37,10 @@ async fn pause_then_unpause_with_the_same_id() {
     assert_eq!(status.pause_seq, 1);
     let released = admin.unpause(Some(&owner("a"))).unwrap();
     assert!(released.was_paused);
-    assert_eq!(released.status.holder, Some(Holder::Coordinator(owner("a"))));
+    assert_eq!(
+        released.status.holder,
+        Some(Holder::Coordinator(owner("a")))
+    );
     assert!(!admin.gate().is_closed());
 }
 
@@ -94,7 +97,9 @@ async fn lease_expiry_reopens_the_gate() {
     };
     admin.pause(by("a", 2_000)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    admin.renew(&owner("a"), Duration::from_millis(2_000)).unwrap();
+    admin
+        .renew(&owner("a"), Duration::from_millis(2_000))
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert!(admin.status().paused, "renewed lease expired early");
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -103,7 +108,9 @@ async fn lease_expiry_reopens_the_gate() {
         "lease expired but the node stayed paused"
     );
     assert!(!admin.gate().is_closed());
-    let renew = admin.renew(&owner("a"), Duration::from_secs(1)).unwrap_err();
+    let renew = admin
+        .renew(&owner("a"), Duration::from_secs(1))
+        .unwrap_err();
     assert!(matches!(renew, AdminError::NotPausedBy { .. }));
     let released = admin.unpause(Some(&owner("a"))).unwrap();
     assert!(

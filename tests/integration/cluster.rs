@@ -227,8 +227,11 @@ pub async fn transfer(address: &str, deadline: Duration) -> Result<(), tonic::St
     let path = http::uri::PathAndQuery::from_static("/stillpoint.ledger.v1.Ledger/Transfer");
     let codec = tonic_prost::ProstCodec::<TransferRequest, TransferReply>::default();
     // The client gives up too, in case the node never answers at all.
-    match tokio::time::timeout(deadline + Duration::from_secs(5), grpc.unary(request, path, codec))
-        .await
+    match tokio::time::timeout(
+        deadline + Duration::from_secs(5),
+        grpc.unary(request, path, codec),
+    )
+    .await
     {
         Ok(reply) => reply.map(|_| ()),
         Err(_) => Err(tonic::Status::deadline_exceeded("the client gave up")),

@@ -536,7 +536,11 @@ fn unpause_with_addresses_releases_those_nodes_and_keeps_a_state_file_that_disag
         state_file.exists(),
         "the state file's window was closed although its nodes were not named"
     );
-    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), stderr(&output));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        stderr(&output)
+    );
     assert!(
         said.contains(state_file.to_str().unwrap()) && said.contains(&ledger),
         "the disagreement with the state file must be said: {said}"
@@ -575,7 +579,11 @@ fn a_stopped_node_does_not_hold_up_the_release_of_the_others() {
     let took = wait_until(
         Duration::from_secs(8),
         "the ledger nodes to be released while the auditor is stopped",
-        || paused_flags(&cluster.ledger_tier()).iter().all(|paused| !paused),
+        || {
+            paused_flags(&cluster.ledger_tier())
+                .iter()
+                .all(|paused| !paused)
+        },
     );
     let output = coordinator.wait_output(Duration::from_secs(15));
     let returned_after = stopped_at.elapsed();
@@ -588,17 +596,25 @@ fn a_stopped_node_does_not_hold_up_the_release_of_the_others() {
         returned_after <= Duration::from_secs(10),
         "returned {returned_after:?} after the node stopped"
     );
-    assert!(took <= Duration::from_secs(8), "ledgers released after {took:?}");
+    assert!(
+        took <= Duration::from_secs(8),
+        "ledgers released after {took:?}"
+    );
     for ledger in &cluster.ledgers {
         assert_eq!(outcome_of(&report, &ledger.address)["outcome"], "released");
     }
     let stopped = outcome_of(&report, &cluster.auditor.address);
     assert_eq!(stopped["outcome"], "release_failed", "{stopped:#}");
     assert!(
-        stopped["error"].as_str().unwrap().contains("no answer within"),
+        stopped["error"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within"),
         "{stopped:#}"
     );
-    let lease_ends = stopped["lease_expires_at_ms"].as_i64().expect("when its lease ends");
+    let lease_ends = stopped["lease_expires_at_ms"]
+        .as_i64()
+        .expect("when its lease ends");
     assert!(lease_ends > report["pause_start_timestamp_ms"].as_i64().unwrap());
     assert!(
         stderr(&output).contains(&cluster.auditor.address),
@@ -721,7 +737,14 @@ fn min_window_is_kept_from_pause_to_unpause() {
 
     let mut keep_alive = std::process::Command::new(bin("stillpoint"));
     keep_alive
-        .args(["pause", "--keep-alive", "--lease", "3s", "--max-pause-wait", "1s"])
+        .args([
+            "pause",
+            "--keep-alive",
+            "--lease",
+            "3s",
+            "--max-pause-wait",
+            "1s",
+        ])
         .args(["--min-window", "2s", "-a", tiers[0], "-a", tiers[1]])
         .args(["--state-file", state_file.to_str().unwrap()])
         .stdout(std::process::Stdio::null());
@@ -862,9 +885,15 @@ fn a_second_coordinator_reusing_a_pause_id_is_refused() {
             "json",
         ],
     );
-    assert_eq!(code, 3, "the second coordinator must be refused: {second:#}");
+    assert_eq!(
+        code, 3,
+        "the second coordinator must be refused: {second:#}"
+    );
     let reason = second["invalid_reasons"][0].as_str().unwrap();
-    assert!(reason.contains("already paused by pause id nightly"), "{reason}");
+    assert!(
+        reason.contains("already paused by pause id nightly"),
+        "{reason}"
+    );
     assert!(
         paused_flags(&nodes).iter().all(|paused| *paused),
         "the second coordinator released the first one's pause"

@@ -251,7 +251,10 @@ fn no_wait_on_a_node_that_cannot_count_requests_in_flight_is_not_a_valid_window(
             "json",
         ],
     );
-    assert!(!node.calls.waited.load(SeqCst), "--no-wait was not passed on");
+    assert!(
+        !node.calls.waited.load(SeqCst),
+        "--no-wait was not passed on"
+    );
     assert_eq!(window["window_valid"], false, "{window:#}");
     assert_eq!(code, 5, "{window:#}");
     let reasons = window["invalid_reasons"].to_string();
@@ -278,7 +281,11 @@ fn an_srv_target_of_dot_says_the_service_is_not_available() {
         ],
     );
     assert_ne!(output.status.code(), Some(0));
-    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), stderr(&output));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        stderr(&output)
+    );
     assert!(
         said.contains("_admin._tcp.gone.test.") && said.contains("service not available"),
         "{said}"

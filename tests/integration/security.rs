@@ -573,7 +573,12 @@ fn tls_and_plaintext_mismatches_are_named() {
     let node = SecureNode::start(&pki);
     let output = hold_pause(&node, &[], &[("STILLPOINT_ADMIN_TOKEN", OPERATOR_TOKEN)]);
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
-    for needle in ["speaks TLS", "plaintext", "--ca-root-cert-path", &node.admin] {
+    for needle in [
+        "speaks TLS",
+        "plaintext",
+        "--ca-root-cert-path",
+        &node.admin,
+    ] {
         assert!(
             stderr(&output).contains(needle),
             "expected {needle:?} in {}",
@@ -584,7 +589,10 @@ fn tls_and_plaintext_mismatches_are_named() {
     let plain = UpstreamOnlyServer::start();
     let plain = plain.address.to_string();
     let ca = pki.path("ca.pem");
-    let output = stillpoint(&["check-paused", "-a", &plain, "--ca-root-cert-path", &ca], &[]);
+    let output = stillpoint(
+        &["check-paused", "-a", &plain, "--ca-root-cert-path", &ca],
+        &[],
+    );
     assert_eq!(output.status.code(), Some(1));
     let said = String::from_utf8_lossy(&output.stdout);
     assert!(said.contains("speaks plaintext"), "{said}");
@@ -657,7 +665,13 @@ impl FakeTlsPort {
 fn a_plaintext_client_learns_a_port_speaks_tls_before_sending_its_token() {
     let port = FakeTlsPort::start();
     let output = stillpoint(
-        &["check-paused", "-a", &port.address, "--connect-timeout", "3s"],
+        &[
+            "check-paused",
+            "-a",
+            &port.address,
+            "--connect-timeout",
+            "3s",
+        ],
         &[("STILLPOINT_ADMIN_TOKEN", OPERATOR_TOKEN)],
     );
     assert_eq!(output.status.code(), Some(1));
@@ -695,7 +709,11 @@ fn a_client_certificate_from_another_ca_is_named_and_the_node_logs_the_refusal()
         &[("STILLPOINT_ADMIN_TOKEN", OPERATOR_TOKEN)],
     );
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
-    for needle in ["refused our client certificate", "--tls-client-cert", &node.admin] {
+    for needle in [
+        "refused our client certificate",
+        "--tls-client-cert",
+        &node.admin,
+    ] {
         assert!(
             stderr(&output).contains(needle),
             "expected {needle:?} in {}",

@@ -18,5 +18,7 @@ use tower::Layer;
 
 /// `service` behind `gate`, each admitted call running to its end on `tracker`.
 pub fn gated_app<S>(service: S, gate: Arc<Gate>, tracker: TaskTracker) -> Gated<S> {
-    GateLayer::new(gate).run_to_completion(tracker).layer(service)
+    GateLayer::new(gate)
+        .run_to_completion(tracker)
+        .layer(service)
 }

@@ -141,7 +141,11 @@ async fn a_paused_ledger_rejects_transfers_and_serves_again_after_unpause() {
         let lease = Duration::from_secs(30);
         admin
             .pause_leased(
-                &PauseOwner::new("test", ""), lease, Duration::from_secs(5), true)
+                &PauseOwner::new("test", ""),
+                lease,
+                Duration::from_secs(5),
+                true,
+            )
             .await
             .unwrap();
         assert!(
@@ -153,7 +157,10 @@ async fn a_paused_ledger_rejects_transfers_and_serves_again_after_unpause() {
         );
         // The admin service is not behind the gate.
         assert!(admin.status().await.unwrap().paused);
-        admin.unpause_leased(Some(&PauseOwner::new("test", ""))).await.unwrap();
+        admin
+            .unpause_leased(Some(&PauseOwner::new("test", "")))
+            .await
+            .unwrap();
         assert_eq!(
             client.transfer(2, 1, 5, 0).await,
             TransferOutcome::Committed
@@ -231,7 +238,10 @@ async fn a_pause_waits_for_a_transfer_whose_client_went_away() {
         let report = cluster.check().await;
         assert!(report.ok, "{report}");
 
-        admin.unpause_leased(Some(&PauseOwner::new("test", ""))).await.unwrap();
+        admin
+            .unpause_leased(Some(&PauseOwner::new("test", "")))
+            .await
+            .unwrap();
         cluster.shutdown.cancel();
     };
     tokio::join!(servers, test);
@@ -266,7 +276,10 @@ async fn a_ledger_node_retries_a_paused_auditor() {
                 stats["gate"]["rejected_total"].as_u64().unwrap() >= 1
             }) => {}
         }
-        auditor.unpause_leased(Some(&PauseOwner::new("test", ""))).await.unwrap();
+        auditor
+            .unpause_leased(Some(&PauseOwner::new("test", "")))
+            .await
+            .unwrap();
         assert_eq!(transfer.await, TransferOutcome::Committed);
         let report = cluster.check().await;
         assert!(report.ok, "{report}");
