@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{PausePlan, PlanError, batches, clock_moved};
+use super::{PausePlan, PausedNode, PlanError, batches, clock_moved, same_pause};
 use crate::resolve::NodeAddress;
 
 fn plan(tiers: &[&[&str]], lease: &str, max_wait: &str) -> PausePlan {
@@ -263,4 +263,39 @@ fn a_node_clock_that_moved_during_the_window_is_caught() {
     // Over an hour-long window, 3.6s of drift is allowed (1000 ppm) and 4s is not.
     assert_eq!(clock_moved((0, 2), (3_600, 2), 3_600_000), None);
     assert_eq!(clock_moved((0, 2), (4_000, 2), 3_600_000), Some(4_000));
+}
+
+/// The proof a node stayed under our pause: same boot id, same pause sequence. A node
+/// that restarted (new boot id) or was released and paused again (new sequence) under
+/// the same owner is caught.
+#[test]
+fn a_restart_is_caught_by_the_boot_id() {
+    let node = PausedNode {
+        address: NodeAddress::new("127.0.0.1", 1),
+        protocol: crate::grpc::client::Protocol::Lease,
+        boot_id: Some("boot-1".to_owned()),
+        pause_seq: Some(1),
+        drained_in_flight: Some(0),
+        in_flight_at_pause: Some(0),
+        clock_offset_ms: Some(0),
+        rtt_ms: Some(1),
+    };
+    let status = |boot_id: &str, pause_seq: u64| crate::node::NodeStatus {
+        paused: true,
+        holder: None,
+        boot_id: boot_id.to_owned(),
+        node_time_ms: 0,
+        paused_since_ms: None,
+        pause_seq,
+        in_flight: 0,
+        drained_in_flight: 0,
+        in_flight_at_pause: 0,
+        lease_remaining: None,
+        held_now: 0,
+    };
+    assert_eq!(same_pause(&node, &status("boot-1", 1)), Ok(()));
+    let restarted = same_pause(&node, &status("boot-2", 1)).unwrap_err();
+    assert!(restarted.contains("restarted"), "{restarted}");
+    let repaused = same_pause(&node, &status("boot-1", 2)).unwrap_err();
+    assert!(repaused.contains("paused again"), "{repaused}");
 }
