@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::util::{Process, bin, run_json, spawn_listening};
+use crate::util::{Process, bin, run_json, spawn_listening, wait_until};
 
 pub struct Node {
     pub address: String,
@@ -32,6 +32,11 @@ impl Node {
     /// Kills the node (SIGKILL) and starts a new process on the same address.
     pub fn restart(&mut self) {
         self.process.signal("KILL");
+        // SIGKILL is delivered asynchronously: until the old process is gone, it still
+        // holds the port the new one must bind.
+        wait_until(Duration::from_secs(10), "the killed node to exit", || {
+            self.process.has_exited()
+        });
         let mut args = self.args.clone();
         let listen = args.iter().position(|arg| arg == "--listen").unwrap() + 1;
         args[listen] = self.address.clone();
