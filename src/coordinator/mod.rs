@@ -775,6 +775,9 @@ impl PausedCluster {
     /// remembered: the window is then invalid.
     pub async fn renew(&mut self) -> Result<(), String> {
         let renewed_at = SystemTime::now();
+        // Counted as attempted from now: if this future is dropped mid-way (the end of
+        // a hold), the renewals already sent may still reach their nodes.
+        self.last_renewal_attempt = renewed_at;
         let nodes = self
             .record
             .nodes()
