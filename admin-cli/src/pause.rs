@@ -133,7 +133,6 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
     }
     plan.validate()
         .map_err(|error| Failure::new(exit::USAGE, error))?;
-    let mut interrupts = interrupts()?;
 
     let zone = args.output.time_zone;
     let paused = match coordinator::pause(&plan).await {
@@ -157,6 +156,8 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
             paused.record().skew_bound_ms,
             args.min_window.unwrap_or_default(),
         ));
+        // From here a signal releases the cluster (and a second stops waiting for it).
+        let mut interrupts = interrupts()?;
         return hold_then_release(paused, wanted, &args, &mut interrupts).await;
     }
 
@@ -181,6 +182,7 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
     }
     drop(claim);
     if args.keep_alive {
+        let mut interrupts = interrupts()?;
         return keep_alive(paused, &state_file, &args, &mut interrupts).await;
     }
     let renewed_at = paused.last_renewal();
