@@ -718,6 +718,7 @@ async fn pause_plan(pause: &PauseConfig) -> Result<PausePlan, BackupError> {
         tls,
         connect_timeout: pause.connect_timeout,
         token,
+        allow_plaintext_token: pause.allow_plaintext_token,
     };
     plan.validate()
         .map_err(|error| BackupError::Setup(error.to_string()))?;

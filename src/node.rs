@@ -1,8 +1,9 @@
 //! The node side of the admin protocol: who holds this node's pause, until when, and
 //! whether it is still the same pause. Wraps the [`Gate`] with:
 //!
-//! - a **pause id**: the same id renews (idempotent), another id is refused instead of
-//!   silently merging two coordinators' pauses;
+//! - a **pause id** and the **coordinator id** beside it ([`PauseOwner`]): the same
+//!   owner renews (idempotent), any other is refused instead of silently merging two
+//!   coordinators' pauses, even two given the same pause id;
 //! - a **lease**: a pause that is neither renewed nor released reopens the gate by
 //!   itself ([`NodeAdmin::run_lease_watchdog`]), so a dead coordinator cannot leave the
 //!   node paused;
@@ -25,11 +26,42 @@ use crate::time::unix_ms;
 /// mistake (milliseconds given as seconds).
 pub const MAX_LEASE: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// Which coordinator asks: the pause id it pauses under (random, or given by an
+/// operator with `--pause-id`) and the coordinator instance it is. Two coordinators
+/// given the same pause id are still two owners, so neither can renew, merge with or
+/// release the other's pause.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PauseOwner {
+    pub pause_id: String,
+    /// Random per coordinator; empty from clients that predate it, which then match
+    /// only each other.
+    pub coordinator_id: String,
+}
+
+impl PauseOwner {
+    pub fn new(pause_id: impl Into<String>, coordinator_id: impl Into<String>) -> Self {
+        Self {
+            pause_id: pause_id.into(),
+            coordinator_id: coordinator_id.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for PauseOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pause id {}", self.pause_id)?;
+        if !self.coordinator_id.is_empty() {
+            write!(f, " (coordinator {})", self.coordinator_id)?;
+        }
+        Ok(())
+    }
+}
+
 /// Who holds a pause.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Holder {
-    /// A stillpoint coordinator, under this pause id.
-    PauseId(String),
+    /// A stillpoint coordinator.
+    Coordinator(PauseOwner),
     /// An upstream client (ScalarDL/ScalarDB `rpc.Admin`), which has no pause id.
     Upstream,
 }
@@ -37,7 +69,7 @@ pub enum Holder {
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Holder::PauseId(id) => write!(f, "pause id {id}"),
+            Holder::Coordinator(owner) => owner.fmt(f),
             Holder::Upstream => f.write_str("an upstream admin client (no pause id)"),
         }
     }
@@ -97,8 +129,8 @@ pub enum AdminError {
         held_by: Holder,
         requested_by: Holder,
     },
-    #[error("this node is not paused under pause id {pause_id} (it is {current})")]
-    NotPausedBy { pause_id: String, current: String },
+    #[error("this node is not paused under {owner} (it is {current})")]
+    NotPausedBy { owner: PauseOwner, current: String },
     #[error("the pause was cancelled by an unpause while it was draining")]
     CancelledWhileDraining,
     #[error("invalid request: {0}")]
@@ -294,11 +326,11 @@ impl NodeAdmin {
         }
     }
 
-    /// Extends the lease of the pause held under `pause_id`.
-    pub fn renew(&self, pause_id: &str, lease: Duration) -> Result<NodeStatus, AdminError> {
+    /// Extends the lease of the pause `owner` holds.
+    pub fn renew(&self, owner: &PauseOwner, lease: Duration) -> Result<NodeStatus, AdminError> {
         validate_lease(lease)?;
         let mut state = self.lock();
-        let wanted = Holder::PauseId(pause_id.to_owned());
+        let wanted = Holder::Coordinator(owner.clone());
         match &mut state.phase {
             Phase::Paused {
                 holder,
@@ -310,15 +342,15 @@ impl NodeAdmin {
                 Ok(self.status_of(&state))
             }
             other => Err(AdminError::NotPausedBy {
-                pause_id: pause_id.to_owned(),
+                owner: owner.clone(),
                 current: describe(other),
             }),
         }
     }
 
-    /// Reopens the gate. `Some(id)` is refused when another holder has the pause;
+    /// Reopens the gate. `Some(owner)` is refused when another holder has the pause;
     /// `None` is the upstream Unpause, which always works.
-    pub fn unpause(&self, pause_id: Option<&str>) -> Result<Released, AdminError> {
+    pub fn unpause(&self, owner: Option<&PauseOwner>) -> Result<Released, AdminError> {
         let mut state = self.lock();
         let status = self.status_of(&state);
         let (held_by, was_paused) = match &state.phase {
@@ -331,8 +363,8 @@ impl NodeAdmin {
             Phase::Draining { holder, .. } => (holder.clone(), false),
             Phase::Paused { holder, .. } => (holder.clone(), true),
         };
-        if let Some(id) = pause_id {
-            let requested_by = Holder::PauseId(id.to_owned());
+        if let Some(owner) = owner {
+            let requested_by = Holder::Coordinator(owner.clone());
             if held_by != requested_by {
                 return Err(AdminError::HeldByOther {
                     held_by,
@@ -475,13 +507,20 @@ fn describe(phase: &Phase) -> String {
 }
 
 fn validate(command: &PauseCommand) -> Result<(), AdminError> {
-    if let Holder::PauseId(id) = &command.holder
-        && (id.is_empty() || id.len() > 128)
-    {
-        return Err(AdminError::InvalidArgument(format!(
-            "pause id must be 1 to 128 characters, got {} characters",
-            id.len()
-        )));
+    if let Holder::Coordinator(owner) = &command.holder {
+        let id = &owner.pause_id;
+        if id.is_empty() || id.len() > 128 {
+            return Err(AdminError::InvalidArgument(format!(
+                "pause id must be 1 to 128 characters, got {} characters",
+                id.len()
+            )));
+        }
+        if owner.coordinator_id.len() > 128 {
+            return Err(AdminError::InvalidArgument(format!(
+                "coordinator id must be at most 128 characters, got {}",
+                owner.coordinator_id.len()
+            )));
+        }
     }
     if let Some(lease) = command.lease {
         validate_lease(lease)?;

@@ -41,6 +41,12 @@ pub enum ResolveError {
     Lookup { name: String, reason: String },
     #[error("DNS SRV record {0} lists no targets")]
     NoTargets(String),
+    /// RFC 2782: a target of "." means the service is decidedly not available there.
+    #[error(
+        "DNS SRV record {0}: service not available (its target is \".\", which RFC 2782 \
+         uses to say so); check the service name, or give the nodes with -a"
+    )]
+    ServiceNotAvailable(String),
     #[error(transparent)]
     Address(#[from] AddressError),
 }
@@ -195,16 +201,25 @@ pub async fn resolve_srv(
         .srv_lookup(name)
         .await
         .map_err(|error| lookup_error(error.to_string()))?;
-    let mut targets: Vec<(u16, NodeAddress)> = lookup
+    let records: Vec<_> = lookup
         .answers()
         .iter()
         .filter_map(|record| match &record.data {
-            RData::SRV(srv) => {
-                let host = srv.target.to_utf8();
-                let host = host.trim_end_matches('.').to_owned();
-                Some((srv.priority, NodeAddress::new(host, srv.port)))
-            }
+            RData::SRV(srv) => Some(srv),
             _ => None,
+        })
+        .collect();
+    // A "." target is not an empty host name: it says there is nothing to pause here,
+    // which a partial list of nodes must not hide.
+    if records.iter().any(|srv| srv.target.is_root()) {
+        return Err(ResolveError::ServiceNotAvailable(name.to_owned()));
+    }
+    let mut targets: Vec<(u16, NodeAddress)> = records
+        .iter()
+        .map(|srv| {
+            let host = srv.target.to_utf8();
+            let host = host.trim_end_matches('.').to_owned();
+            (srv.priority, NodeAddress::new(host, srv.port))
         })
         .collect();
     if targets.is_empty() {

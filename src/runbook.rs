@@ -66,6 +66,10 @@ pub struct PauseConfig {
     /// An environment variable holding the nodes' admin bearer token.
     #[serde(default)]
     pub token_env: Option<String>,
+    /// Send the token without TLS to nodes that are not on loopback: only on a network
+    /// you trust (docs/security.md). Without it, such a runbook is refused.
+    #[serde(default)]
+    pub allow_plaintext_token: bool,
 }
 
 /// One tier: either a list of addresses or a DNS SRV name.

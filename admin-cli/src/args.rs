@@ -62,7 +62,13 @@ pub struct ConnectArgs {
     /// /proc/PID/cmdline), and shells keep it in their history.
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
-    /// Give up connecting to a node after this long.
+    /// Send the admin token without TLS to nodes that are not on loopback. Anyone on
+    /// the network path can read it then: only for a network you trust. Without this
+    /// flag, a token meant for a remote node without --tls is refused.
+    #[arg(long)]
+    pub allow_plaintext_token: bool,
+    /// Give up connecting to a node (or waiting for its answer to a renew or an
+    /// unpause) after this long.
     #[arg(long, default_value = "5s", value_parser = duration, value_name = "DURATION")]
     pub connect_timeout: Duration,
 }
@@ -135,6 +141,7 @@ impl ConnectArgs {
             tls,
             connect_timeout: self.connect_timeout,
             token: self.token()?,
+            allow_plaintext_token: self.allow_plaintext_token,
         })
     }
 

@@ -1,7 +1,7 @@
 //! `stillpoint pause`, `unpause`, `check-paused` and `stats`: validate the flags, make
 //! one library call, print the report, choose the exit code.
 
-use std::collections::HashMap;
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -12,7 +12,7 @@ use stillpoint::coordinator::{
 };
 use stillpoint::grpc::client::{ConnectOptions, NodeClient, Protocol};
 use stillpoint::resolve::NodeAddress;
-use stillpoint::time::unix_ms;
+use stillpoint::time::{Zone, from_unix_ms, unix_ms};
 use tokio::time::Instant;
 
 use crate::args::{
@@ -20,7 +20,7 @@ use crate::args::{
 };
 use crate::exit::{self, Failure};
 use crate::output::{print_json, print_report};
-use crate::signal::shutdown_signal;
+use crate::signal::{Interrupts, unless_interrupted_again};
 use crate::state::{self, PauseState};
 
 #[derive(Debug, Clone, Args)]
@@ -107,15 +107,23 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
     }
     let state_file = args.state_file.clone().unwrap_or_else(state::default_path);
     let plain = args.hold_for.is_none();
-    if plain && let Some(existing) = state::load(&state_file)? {
-        return Err(usage(format!(
-            "a pause is already recorded in {} (pause id {}, started at {}ms); run \
-             `stillpoint unpause` first, or pass another --state-file",
-            state_file.display(),
-            existing.record.pause_id,
-            existing.record.paused_at_ms
-        )));
-    }
+    // Claimed before looking, so that two pauses sharing a state file cannot both find
+    // it empty; held until the record is saved (or the pause failed).
+    let claim = if plain {
+        let claim = state::claim(&state_file).map_err(|error| Failure::new(exit::USAGE, error))?;
+        if let Some(existing) = state::load(&state_file)? {
+            return Err(usage(format!(
+                "a pause is already recorded in {} (pause id {}, started at {}ms); run \
+                 `stillpoint unpause` first, or pass another --state-file",
+                state_file.display(),
+                existing.record.pause_id,
+                existing.record.paused_at_ms
+            )));
+        }
+        Some(claim)
+    } else {
+        None
+    };
     let tiers = resolve_tiers(&sources, args.targets.dns_server).await?;
     let mut plan = PausePlan::new(tiers, args.lease, args.max_pause_wait);
     plan.connect = args.connect.options()?;
@@ -148,15 +156,22 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
             paused.record().skew_bound_ms,
             args.min_window.unwrap_or_default(),
         ));
-        return hold_then_release(paused, wanted, &args).await;
+        // From here a signal releases the cluster (and a second stops waiting for it).
+        let mut interrupts = interrupts()?;
+        return hold_then_release(paused, wanted, &args, &mut interrupts).await;
     }
 
     // Record before leaving the cluster paused: if the record cannot be written, an
     // operator could not unpause by pause id later, so release now instead.
     let record = paused.record().clone();
+    let min_window_ms = args.min_window.map(|min| min.as_millis() as u64);
     if let Err(error) = state::save(
         &state_file,
-        &PauseState::new(record.clone(), unix_ms(SystemTime::now())),
+        &PauseState::new(
+            record.clone(),
+            unix_ms(paused.last_renewal()),
+            min_window_ms,
+        ),
     ) {
         let released = paused.release().await;
         print_report(&PauseReport::closed(&released, zone), args.output.output);
@@ -165,8 +180,10 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
             error.context("the pause was released"),
         ));
     }
+    drop(claim);
     if args.keep_alive {
-        return keep_alive(paused, &state_file, &args).await;
+        let mut interrupts = interrupts()?;
+        return keep_alive(paused, &state_file, &args, &mut interrupts).await;
     }
     let renewed_at = paused.last_renewal();
     let record = paused.detach();
@@ -183,24 +200,56 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
     Ok(exit::OK)
 }
 
+fn interrupts() -> Result<Interrupts, Failure> {
+    Interrupts::new().map_err(|error| {
+        Failure::new(
+            exit::ERROR,
+            anyhow::anyhow!("cannot listen for SIGINT/SIGTERM: {error}"),
+        )
+    })
+}
+
 async fn hold_then_release(
     mut paused: PausedCluster,
     hold: Duration,
     args: &PauseArgs,
+    interrupts: &mut Interrupts,
 ) -> Result<u8, Failure> {
     let until = Instant::now() + hold;
     tokio::select! {
         () = paused.hold_until(until) => {}
-        () = shutdown_signal() => tracing::warn!("interrupted: releasing the pause early"),
+        () = interrupts.recv() => tracing::warn!("interrupted: releasing the pause early"),
     }
-    let released = paused.release().await;
+    let released = release(paused, interrupts, args.output.time_zone).await?;
     finish_window(&released, args.min_window, &args.output)
+}
+
+/// Releases `paused`; a second interrupt stops waiting for nodes that do not answer.
+async fn release(
+    paused: PausedCluster,
+    interrupts: &mut Interrupts,
+    zone: Zone,
+) -> Result<Released, Failure> {
+    let lease_ends_ms = paused.lease_expires_at_ms();
+    match unless_interrupted_again(paused.release(), interrupts).await {
+        Some(released) => Ok(released),
+        None => Err(Failure::new(
+            exit::UNPAUSE_FAILED,
+            anyhow::anyhow!(
+                "interrupted again: stopped waiting for the release; nodes not released \
+                 yet reopen by themselves when their lease ends, by {} at the latest \
+                 ({lease_ends_ms}ms); `stillpoint check-paused -a …` shows them",
+                zone.format_ms(lease_ends_ms)
+            ),
+        )),
+    }
 }
 
 async fn keep_alive(
     mut paused: PausedCluster,
     state_file: &std::path::Path,
     args: &PauseArgs,
+    interrupts: &mut Interrupts,
 ) -> Result<u8, Failure> {
     print_report(
         &PauseReport::open(
@@ -214,7 +263,7 @@ async fn keep_alive(
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
-            () = shutdown_signal() => break,
+            () = interrupts.recv() => break,
         }
         if let Err(reason) = paused.renew().await {
             // `unpause` elsewhere removes the state file once it has released every node:
@@ -227,7 +276,8 @@ async fn keep_alive(
             tracing::warn!(%reason, "keep-alive renewal failed");
         }
     }
-    let released = paused.release().await;
+    tracing::warn!("interrupted: releasing the pause");
+    let released = release(paused, interrupts, args.output.time_zone).await?;
     if released.all_released() {
         state::remove(state_file)?;
     }
@@ -238,24 +288,91 @@ pub async fn unpause(args: UnpauseArgs, matches: &clap::ArgMatches) -> Result<u8
     let state_file = args.state_file.clone().unwrap_or_else(state::default_path);
     let connect = args.connect.options()?;
     let sources = tier_sources(matches, &args.targets);
-    match state::load(&state_file)? {
-        Some(state) => {
-            let released =
-                coordinator::release_record(state.record, &mut HashMap::new(), &connect).await;
-            if released.all_released() {
-                state::remove(&state_file)?;
-            }
-            finish_window(&released, None, &args.output)
-        }
-        None if !sources.is_empty() => {
-            let tiers = resolve_tiers(&sources, args.targets.dns_server).await?;
-            unpause_without_record(tiers, &connect, args.output.output).await
-        }
-        None => Err(usage(format!(
-            "no pause is recorded in {}; give the nodes with -a/-s to unpause them anyway",
-            state_file.display()
-        ))),
+    let recorded = state::load(&state_file)?;
+    if sources.is_empty() {
+        return match recorded {
+            Some(state) => close_recorded_window(state, &state_file, connect, &args.output).await,
+            None => Err(usage(format!(
+                "no pause is recorded in {}; give the nodes with -a/-s to unpause them anyway",
+                state_file.display()
+            ))),
+        };
     }
+    let tiers = resolve_tiers(&sources, args.targets.dns_server).await?;
+    let named: BTreeSet<&NodeAddress> = tiers.iter().flatten().collect();
+    match recorded {
+        Some(state)
+            if state
+                .record
+                .nodes()
+                .map(|node| &node.address)
+                .collect::<BTreeSet<_>>()
+                == named =>
+        {
+            close_recorded_window(state, &state_file, connect, &args.output).await
+        }
+        // The nodes named are the ones to release. The recorded window is another
+        // pause: closing it, or leaving its file as if it were closed, would act on
+        // nodes the operator did not name.
+        Some(state) => {
+            let list = |nodes: Vec<String>| nodes.join(", ");
+            let warning = format!(
+                "the nodes given ({}) are not the ones recorded in {} (pause id {} over {}): \
+                 released only the nodes given, without a window; the recorded window stays \
+                 open, and its nodes not given here stay paused until `stillpoint unpause \
+                 --state-file {}` or their lease ends",
+                list(named.iter().map(ToString::to_string).collect()),
+                state_file.display(),
+                state.record.pause_id,
+                list(
+                    state
+                        .record
+                        .nodes()
+                        .map(|node| node.address.to_string())
+                        .collect()
+                ),
+                state_file.display(),
+            );
+            unpause_without_record(tiers, &connect, args.output.output, vec![warning]).await
+        }
+        None => unpause_without_record(tiers, &connect, args.output.output, Vec::new()).await,
+    }
+}
+
+/// Closes the window a plain `pause` recorded: holds it up to its `--min-window`
+/// (renewing), releases it, and forgets the record once every node is released.
+async fn close_recorded_window(
+    state: PauseState,
+    state_file: &std::path::Path,
+    connect: ConnectOptions,
+    output: &OutputArgs,
+) -> Result<u8, Failure> {
+    let mut interrupts = interrupts()?;
+    let min_window = state.min_window_ms.map(Duration::from_millis);
+    let mut paused =
+        PausedCluster::attach(state.record, connect, from_unix_ms(state.renewed_at_ms));
+    if let Some(min_window) = min_window {
+        let wanted = required_window(paused.record().skew_bound_ms, min_window);
+        let open_for_ms = unix_ms(SystemTime::now()) - paused.record().paused_at_ms;
+        let rest =
+            Duration::from_millis((wanted.as_millis() as i64 - open_for_ms.max(0)).max(0) as u64);
+        if !rest.is_zero() {
+            eprintln!(
+                "holding the window {}ms more: `stillpoint pause` was given --min-window {}ms",
+                rest.as_millis(),
+                min_window.as_millis()
+            );
+            tokio::select! {
+                () = paused.hold_until(Instant::now() + rest) => {}
+                () = interrupts.recv() => tracing::warn!("interrupted: releasing before --min-window"),
+            }
+        }
+    }
+    let released = release(paused, &mut interrupts, output.time_zone).await?;
+    if released.all_released() {
+        state::remove(state_file)?;
+    }
+    finish_window(&released, min_window, output)
 }
 
 /// Closes a window: prints it and picks the exit code.
@@ -284,10 +401,11 @@ fn finish_window(
         return Err(Failure::new(
             exit::UNPAUSE_FAILED,
             anyhow::anyhow!(
-                "could not release {}; they reopen by themselves when their lease expires \
-                 (within {}ms)",
+                "could not release {}; they reopen by themselves when their lease ends, by \
+                 {} at the latest ({}ms)",
                 nodes.join(", "),
-                released.record.lease_ms
+                output.time_zone.format_ms(released.lease_expires_at_ms),
+                released.lease_expires_at_ms
             ),
         ));
     }
@@ -311,18 +429,24 @@ struct NodeUnpause {
 }
 
 /// Unpauses nodes that no state file describes (e.g. paused by `scalar-admin`): no
-/// pause id, so no window either.
+/// pause id, so no window either. `warnings` are printed with the result.
 pub async fn unpause_without_record(
     tiers: Vec<Vec<NodeAddress>>,
     connect: &ConnectOptions,
     format: OutputFormat,
+    warnings: Vec<String>,
 ) -> Result<u8, Failure> {
     let mut results = Vec::new();
     for tier in tiers.iter().rev() {
         results.extend(join_all(tier.iter().map(|address| unpause_one(address, connect))).await);
     }
+    for warning in &warnings {
+        eprintln!("warning: {warning}");
+    }
     match format {
-        OutputFormat::Json => print_json(&serde_json::json!({ "nodes": results })),
+        OutputFormat::Json => {
+            print_json(&serde_json::json!({ "nodes": results, "warnings": warnings }))
+        }
         OutputFormat::Text => {
             for node in &results {
                 match (&node.error, node.was_paused) {
@@ -356,7 +480,7 @@ async fn unpause_one(address: &NodeAddress, connect: &ConnectOptions) -> NodeUnp
     let result = async {
         let mut client = NodeClient::connect(address, connect).await?;
         match client.protocol() {
-            Protocol::Lease => Ok(Some(client.unpause_leased("").await?.was_paused)),
+            Protocol::Lease => Ok(Some(client.unpause_leased(None).await?.was_paused)),
             Protocol::Upstream => client.unpause_upstream().await.map(|()| None),
         }
     }

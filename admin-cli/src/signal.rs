@@ -1,10 +1,12 @@
 //! SIGINT and SIGTERM for every command: long work is not dropped mid-way on a signal
 //! but told to stop through a `CancellationToken`, so it can clean up what it made
 //! (release a pause, stop a scratch server, drop scratch databases) before exiting.
+//! A clean-up that itself hangs (a node that stopped answering) is given up on a
+//! further signal: an operator is never stuck behind it ([`Interrupts`]).
 
 use std::future::Future;
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 /// Resolves on the first SIGINT (Ctrl-C) or SIGTERM.
@@ -43,4 +45,58 @@ where
         }
     }
     work.await
+}
+
+/// SIGINT and SIGTERM, counted, from the moment this is made: a signal that arrives
+/// while nobody is waiting is kept for the next [`Interrupts::recv`], so a quick second
+/// Ctrl-C is never lost between two waits.
+#[derive(Debug)]
+pub struct Interrupts {
+    interrupt: Signal,
+    terminate: Signal,
+    received: u32,
+}
+
+impl Interrupts {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            received: 0,
+        })
+    }
+
+    /// Waits for the next signal.
+    pub async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        self.received += 1;
+    }
+
+    /// How many signals have been received so far.
+    pub fn received(&self) -> u32 {
+        self.received
+    }
+}
+
+/// Waits for `cleanup` unless interrupted twice in all: the signal that started the
+/// clean-up (if any) counts as the first, and the next one gives up on it (`None`).
+pub async fn unless_interrupted_again<F: Future>(
+    cleanup: F,
+    interrupts: &mut Interrupts,
+) -> Option<F::Output> {
+    tokio::pin!(cleanup);
+    loop {
+        tokio::select! {
+            output = &mut cleanup => return Some(output),
+            () = interrupts.recv() => {
+                if interrupts.received() >= 2 {
+                    return None;
+                }
+                tracing::warn!("still cleaning up; interrupt again to stop waiting");
+            }
+        }
+    }
 }

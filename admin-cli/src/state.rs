@@ -1,8 +1,12 @@
 //! The state file: how a plain `stillpoint pause` hands its open window to a later
 //! `stillpoint unpause`, possibly from another shell or host step of a runbook.
 //!
-//! Written atomically (temp file + rename) so a crash never leaves half a record.
+//! Written atomically (a temp file of its own + rename) so a crash never leaves half a
+//! record. A pause that will write it first takes a [`Claim`] (a lock file created
+//! exclusively beside it), so two pauses sharing one state file cannot both find it
+//! empty and both record a window: the second is refused before it pauses anything.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -16,14 +20,18 @@ pub struct PauseState {
     pub record: PauseRecord,
     /// When the lease was last renewed, on this host's clock.
     pub renewed_at_ms: i64,
+    /// `--min-window` of the pause: `unpause` holds the window at least this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_window_ms: Option<u64>,
 }
 
 impl PauseState {
-    pub fn new(record: PauseRecord, renewed_at_ms: i64) -> Self {
+    pub fn new(record: PauseRecord, renewed_at_ms: i64, min_window_ms: Option<u64>) -> Self {
         Self {
             version: VERSION,
             record,
             renewed_at_ms,
+            min_window_ms,
         }
     }
 }
@@ -63,13 +71,23 @@ pub fn load(path: &Path) -> anyhow::Result<Option<PauseState>> {
 }
 
 pub fn save(path: &Path, state: &PauseState) -> anyhow::Result<()> {
-    let directory = path.parent().unwrap_or(Path::new("."));
+    let directory = parent(path);
     std::fs::create_dir_all(directory)
         .with_context(|| format!("creating state directory {}", directory.display()))?;
-    let temporary = path.with_extension("json.tmp");
     let text = serde_json::to_string_pretty(state)?;
-    std::fs::write(&temporary, text)
-        .and_then(|()| std::fs::rename(&temporary, path))
+    // A temp file of this process's own: two writers never share one.
+    let mut temporary = tempfile::Builder::new()
+        .prefix(".pause-state-")
+        .tempfile_in(directory)
+        .and_then(|mut file| file.write_all(text.as_bytes()).map(|()| file))
+        .with_context(|| format!("writing pause state {}", path.display()))?;
+    temporary
+        .as_file_mut()
+        .sync_all()
+        .with_context(|| format!("writing pause state {}", path.display()))?;
+    temporary
+        .persist(path)
+        .map(drop)
         .with_context(|| format!("writing pause state {}", path.display()))
 }
 
@@ -80,4 +98,67 @@ pub fn remove(path: &Path) -> anyhow::Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// The right to record a window in a state file, held from before the pause until its
+/// record is saved (or the pause failed). Removed on drop; a process killed while
+/// holding it leaves the lock file behind, and the next pause says so.
+#[derive(Debug)]
+pub struct Claim {
+    lock: PathBuf,
+}
+
+/// Claims `path` for one pause; refused while another process holds it.
+pub fn claim(path: &Path) -> anyhow::Result<Claim> {
+    let directory = parent(path);
+    std::fs::create_dir_all(directory)
+        .with_context(|| format!("creating state directory {}", directory.display()))?;
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock = PathBuf::from(name);
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&lock)
+    {
+        Ok(mut file) => {
+            // For the message of whoever is refused; not read otherwise.
+            let _ = writeln!(file, "{}", std::process::id());
+            Ok(Claim { lock })
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            let holder = std::fs::read_to_string(&lock).unwrap_or_default();
+            let holder = holder.trim();
+            let gone = holder
+                .parse::<u32>()
+                .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+            anyhow::bail!(
+                "another `stillpoint pause` (pid {}) is recording a pause in {}; wait for it \
+                 and run `stillpoint unpause`, or pass another --state-file{}",
+                if holder.is_empty() { "unknown" } else { holder },
+                path.display(),
+                if gone {
+                    format!(
+                        ". That process is gone: if no pause is running, delete {}",
+                        lock.display()
+                    )
+                } else {
+                    String::new()
+                }
+            )
+        }
+        Err(error) => Err(error).with_context(|| format!("creating {}", lock.display())),
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.lock);
+    }
+}
+
+fn parent(path: &Path) -> &Path {
+    path.parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }

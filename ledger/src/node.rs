@@ -7,7 +7,7 @@
 //!
 //! Both run as the inside of a gated request: a pause waits for everything here to
 //! finish, including the call to the auditor. Each request runs as a task the server
-//! waits for (see `grpc::GatedApp`), so none of this is cut short when a client leaves.
+//! waits for (see `grpc::gated_app`), so none of this is cut short when a client leaves.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -15,18 +15,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stillpoint::gate::{ClosedPolicy, Gate};
-use stillpoint::grpc::auth::AdminSecurity;
+use stillpoint::grpc::auth::{AdminSecurity, ServerTls};
 use stillpoint::grpc::server::admin_routes_with;
 use stillpoint::node::NodeAdmin;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::Routes;
+use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Server, ServerTlsConfig};
 
-use crate::grpc::GatedApp;
 use crate::grpc::client::{AuditorClient, ClientError};
+use crate::grpc::gated_app;
 use crate::grpc::server::{AuditorService, LedgerService};
 use crate::node::{AuditorNode, LedgerNode, LedgerOptions};
 use crate::store::{self, DbUrl, Seed, StoreError};
@@ -117,10 +117,9 @@ impl Node {
     /// Who may call this node's admin services (open by default). The TLS identity is
     /// loaded here, so a bad key or certificate fails before anything listens.
     pub fn with_admin_security(mut self, security: AdminSecurity) -> Result<Node, ServeError> {
-        if let Some(tls) = security.server_tls_config() {
-            Server::builder()
-                .tls_config(tls)
-                .map_err(|error| ServeError::Tls(stillpoint::error_chain(&error)))?;
+        if let Some(tls) = security.tls() {
+            tls.check()
+                .map_err(|error| ServeError::Tls(error.to_string()))?;
         }
         self.security = security;
         Ok(self)
@@ -134,12 +133,12 @@ impl Node {
     fn add_app(&self, routes: Routes, tracker: &TaskTracker) -> Routes {
         let gate = self.admin.gate().clone();
         match &self.app {
-            App::Ledger(node) => routes.add_service(GatedApp::new(
+            App::Ledger(node) => routes.add_service(gated_app(
                 LedgerService::server(node.clone()),
                 gate,
                 tracker.clone(),
             )),
-            App::Auditor(node) => routes.add_service(GatedApp::new(
+            App::Auditor(node) => routes.add_service(gated_app(
                 AuditorService::server(node.clone()),
                 gate,
                 tracker.clone(),
@@ -157,7 +156,7 @@ pub async fn run(
     admin_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let admin_tls = node.security.server_tls_config();
+    let admin_tls = node.security.tls().cloned();
     if admin_tls.is_some() && admin_listener.is_none() {
         return Err(ServeError::TlsNeedsAdminListener);
     }
@@ -188,27 +187,28 @@ pub async fn run(
     result
 }
 
+/// Serves `routes` on `listener` until `shutdown`. With `tls`, the handshakes are
+/// accepted by `ServerTls::incoming`, which logs every refused one at warn with the
+/// peer's address (tonic's own TLS would log it at debug only).
 async fn serve(
     routes: Routes,
     listener: TcpListener,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<ServerTls>,
     shutdown: &CancellationToken,
 ) -> Result<(), ServeError> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut builder = Server::builder();
-    if let Some(tls) = tls {
-        builder = match builder.tls_config(tls) {
-            Ok(builder) => builder,
+    let server = Server::builder().add_routes(routes);
+    let stopped = shutdown.clone().cancelled_owned();
+    let result = match tls {
+        None => server.serve_with_incoming_shutdown(incoming, stopped).await,
+        Some(tls) => match tls.incoming(incoming) {
+            Ok(incoming) => server.serve_with_incoming_shutdown(incoming, stopped).await,
             Err(error) => {
                 shutdown.cancel();
-                return Err(ServeError::Tls(stillpoint::error_chain(&error)));
+                return Err(ServeError::Tls(error.to_string()));
             }
-        };
-    }
-    let result = builder
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
-        .await;
+        },
+    };
     // One server stopping, for whatever reason, stops the node: a node whose admin
     // port died could no longer be paused.
     shutdown.cancel();

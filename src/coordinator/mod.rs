@@ -9,22 +9,30 @@
 //! same pause sequence).
 //!
 //! [`PausedCluster`] is the only way to hold a paused cluster: it renews the lease,
-//! `release()` consumes it, `detach()` hands it over to a state file on purpose, and
-//! dropping it any other way releases the nodes too. `report.rs` turns the outcome into
-//! the window JSON.
+//! `release()` consumes it, `detach()` hands it over to a state file on purpose,
+//! `attach()` takes it back from one, and dropping it any other way releases the nodes
+//! too. `report.rs` turns the outcome into the window JSON.
+//!
+//! Every call has a deadline (connect, pause, renew, unpause), so one node that stops
+//! answering cannot hold up the others: earlier tiers are renewed while later tiers
+//! drain, and a release goes on to the next tier once the current one answered or one
+//! call deadline passed.
 
 mod report;
 
 pub use report::{NodeOutcome, NodeReport, PauseReport};
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::{Duration, SystemTime};
 
+use futures::StreamExt as _;
 use futures::future::join_all;
+use futures::stream::FuturesUnordered;
 use tokio::time::Instant;
 
 use crate::grpc::client::{CallError, ClockReading, ConnectOptions, NodeClient, Protocol};
-use crate::node::{Holder, MAX_LEASE, NodeStatus};
+use crate::node::{Holder, MAX_LEASE, NodeStatus, PauseOwner};
 use crate::resolve::{AddressError, NodeAddress, ensure_unique};
 use crate::time::unix_ms;
 
@@ -44,6 +52,9 @@ pub struct PausePlan {
     pub wait_outstanding: bool,
     pub lease: Duration,
     pub pause_id: String,
+    /// This coordinator, beside the pause id: another coordinator given the same pause
+    /// id is refused as another holder.
+    pub coordinator_id: String,
     /// Speak only upstream `rpc.Admin`, even to nodes that offer leases (the
     /// `scalar-admin` binary): the pause then outlives this process, bounded only by
     /// each node's own upstream lease.
@@ -73,6 +84,9 @@ pub enum PlanError {
     ZeroMaxWait,
     #[error("connect timeout is 0ms, which would fail every connection; give e.g. 5s")]
     ZeroConnectTimeout,
+    /// The admin token would go out unencrypted to a host that is not this one.
+    #[error("{0}")]
+    CleartextToken(String),
 }
 
 impl PausePlan {
@@ -85,8 +99,13 @@ impl PausePlan {
             wait_outstanding: true,
             lease,
             pause_id: new_pause_id(),
+            coordinator_id: new_coordinator_id(),
             upstream_only: false,
         }
+    }
+
+    pub fn owner(&self) -> PauseOwner {
+        PauseOwner::new(&self.pause_id, &self.coordinator_id)
     }
 
     pub fn validate(&self) -> Result<(), PlanError> {
@@ -99,6 +118,14 @@ impl PausePlan {
         ensure_unique(self.tiers.iter().flatten())?;
         if self.connect.connect_timeout.is_zero() {
             return Err(PlanError::ZeroConnectTimeout);
+        }
+        if let Some(refusal) = self
+            .tiers
+            .iter()
+            .flatten()
+            .find_map(|address| self.connect.cleartext_token_refusal(address))
+        {
+            return Err(PlanError::CleartextToken(refusal.to_string()));
         }
         // Upstream clients may send a zero wait (scalar-admin -m 0): keep their meaning.
         if self.upstream_only {
@@ -135,12 +162,40 @@ pub fn new_pause_id() -> String {
     format!("sp-{}", uuid::Uuid::new_v4().simple())
 }
 
+pub fn new_coordinator_id() -> String {
+    format!("c-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Deadline of one Renew or Unpause call, and of a connection made for one.
+fn call_deadline(connect: &ConnectOptions) -> Duration {
+    connect.connect_timeout
+}
+
+/// Deadline of one round of renewals: short enough that a round stuck on one node
+/// still ends before the next is due, so the other nodes' leases never run out.
+fn renew_deadline(connect: &ConnectOptions, lease: Duration) -> Duration {
+    call_deadline(connect)
+        .min(lease / 3)
+        .max(Duration::from_millis(1))
+}
+
+/// Every attempt to release one node together: a connection and a call, retried.
+fn release_deadline(connect: &ConnectOptions) -> Duration {
+    connect.connect_timeout * 2 + Duration::from_secs(1)
+}
+
 /// Everything needed to release a pause later, possibly from another process: this is
 /// what `stillpoint pause` writes to its state file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PauseRecord {
     pub pause_id: String,
+    /// The coordinator that paused; empty in records written before it existed.
+    #[serde(default)]
+    pub coordinator_id: String,
     pub lease_ms: u64,
+    /// False with `--no-wait`: nothing waited for requests in flight to finish.
+    #[serde(default = "waited")]
+    pub wait_outstanding: bool,
     /// Coordinator clock, when every node of every tier had drained and paused.
     pub paused_at_ms: i64,
     /// `None` when no node could report its clock (upstream-only nodes).
@@ -161,9 +216,18 @@ pub struct PausedNode {
     pub rtt_ms: Option<u64>,
 }
 
+fn waited() -> bool {
+    true
+}
+
 impl PauseRecord {
     pub fn nodes(&self) -> impl Iterator<Item = &PausedNode> {
         self.tiers.iter().flatten()
+    }
+
+    /// Who holds this pause on the nodes.
+    pub fn owner(&self) -> PauseOwner {
+        PauseOwner::new(&self.pause_id, &self.coordinator_id)
     }
 
     /// When the nodes reopen by themselves if nobody renews (coordinator clock).
@@ -192,7 +256,15 @@ pub struct PausedCluster {
     clients: HashMap<NodeAddress, NodeClient>,
     connect: ConnectOptions,
     lease: Duration,
+    /// No node's lease was last extended before this: their leases run at least
+    /// until it plus the lease.
     last_renewal: SystemTime,
+    /// No node's lease was extended after this: they reopen by themselves by it plus
+    /// the lease at the latest.
+    last_renewal_attempt: SystemTime,
+    /// The window's start on the monotonic clock, to catch a step of the wall clock
+    /// inside it; unknown for a pause attached from a state file.
+    paused_at: Option<Instant>,
     lost: Vec<(NodeAddress, String)>,
     finished: bool,
 }
@@ -207,6 +279,9 @@ pub struct Released {
     /// Reasons the window cannot be a restore point; empty when it can.
     pub invalid_reasons: Vec<String>,
     pub warnings: Vec<String>,
+    /// Nodes that could not be released reopen by themselves by then at the latest
+    /// (coordinator clock), when their lease ends.
+    pub lease_expires_at_ms: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -216,6 +291,9 @@ pub struct NodeRelease {
     pub result: Result<Option<bool>, String>,
     /// Why it did not stay paused, when known.
     pub why_not: Option<String>,
+    /// The node's clock offset and the call's round trip (ms) at release, measured
+    /// like those taken before the pause; `None` for upstream nodes.
+    pub clock: Option<(i64, u64)>,
 }
 
 impl Released {
@@ -243,7 +321,9 @@ impl Released {
 /// First, with nothing paused yet, it connects to every node at once, learns its
 /// protocol and samples its clock: a node that cannot be reached then fails the pause
 /// with nothing to roll back, and the nodes paused first do not wait, paused, for the
-/// handshakes of those paused last. Only then does it send the pauses.
+/// handshakes of those paused last. Only then does it send the pauses. While a tier
+/// drains, the tiers paused before it are renewed, so their leases cannot run out
+/// however many tiers there are.
 pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
     if let Err(error) = plan.validate() {
         return Err(PauseFailed {
@@ -256,8 +336,13 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
     let mut clients = HashMap::new();
     let mut tiers: Vec<Vec<PausedNode>> = Vec::new();
     let mut failures: Vec<NodeReport> = Vec::new();
-    // Nodes whose pause timed out on our side may still pause afterwards.
+    // Nodes whose pause call failed without the node's own refusal (a timeout, a lost
+    // answer) may have paused all the same.
     let mut maybe_paused: Vec<(NodeAddress, Protocol)> = Vec::new();
+    // Nodes of earlier tiers whose renewal failed while a later tier drained.
+    let mut lost: Vec<(NodeAddress, String)> = Vec::new();
+    // No paused node's lease was last extended before this.
+    let mut leases_from: Option<SystemTime> = None;
 
     let all_nodes = plan
         .tiers
@@ -286,17 +371,28 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
     for (index, tier) in plan.tiers.iter().enumerate() {
         tiers.push(Vec::new());
         for batch in batches(index, tier) {
+            let batch_started = SystemTime::now();
             let attempts = join_all(
                 batch
                     .into_iter()
                     .map(|address| pause_node(plan, &connected[address])),
-            )
-            .await;
+            );
+            let (attempts, renewed_at) = if index == 0 {
+                (attempts.await, None)
+            } else {
+                let earlier: Vec<&PausedNode> = tiers[..index].iter().flatten().collect();
+                while_renewing(plan, &earlier, &clients, &mut lost, attempts).await
+            };
+            leases_from = match (leases_from, renewed_at) {
+                (None, _) => Some(batch_started),
+                (Some(_), Some(renewed_at)) => Some(renewed_at),
+                (Some(from), None) => Some(from),
+            };
             for (node, result) in attempts {
                 match result {
                     Ok(paused) => tiers[index].push(paused),
                     Err(error) => {
-                        if matches!(error, CallError::TimedOut(_)) {
+                        if may_have_paused(&error) {
                             maybe_paused.push((node.client.address().clone(), node.protocol));
                         }
                         failures.push(NodeReport::failed(
@@ -323,7 +419,9 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
     Ok(PausedCluster {
         record: PauseRecord {
             pause_id: plan.pause_id.clone(),
+            coordinator_id: plan.coordinator_id.clone(),
             lease_ms: plan.lease.as_millis() as u64,
+            wait_outstanding: plan.wait_outstanding,
             paused_at_ms: unix_ms(now),
             skew_bound_ms,
             tiers,
@@ -331,10 +429,72 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
         clients,
         connect: plan.connect.clone(),
         lease: plan.lease,
-        last_renewal: now,
-        lost: Vec::new(),
+        last_renewal: leases_from.unwrap_or(now),
+        last_renewal_attempt: now,
+        paused_at: Some(Instant::now()),
+        lost,
         finished: false,
     })
+}
+
+/// Whether a failed pause call may have paused the node all the same: only a refusal
+/// the node itself answered with (or a connection that never carried the call) proves
+/// it did not. A timeout, a dropped connection or a lost answer proves nothing.
+fn may_have_paused(error: &CallError) -> bool {
+    !matches!(
+        error,
+        CallError::Precondition(_)
+            | CallError::Conflict(_)
+            | CallError::Invalid(_)
+            | CallError::Unauthenticated { .. }
+            | CallError::PermissionDenied(_)
+            | CallError::Tls(_)
+            | CallError::CleartextToken { .. }
+            | CallError::ProtocolMismatch(_)
+            | CallError::ClientCertRefused(_)
+    )
+}
+
+/// Runs `work` (a later tier's pause) while renewing the lease of `paused` (the tiers
+/// paused before it) every third of the lease. A node whose renewal fails is recorded
+/// in `lost`, which makes the window invalid. Returns the start of the last round in
+/// which every node was renewed, if any.
+async fn while_renewing<T>(
+    plan: &PausePlan,
+    paused: &[&PausedNode],
+    clients: &HashMap<NodeAddress, NodeClient>,
+    lost: &mut Vec<(NodeAddress, String)>,
+    work: impl Future<Output = T>,
+) -> (T, Option<SystemTime>) {
+    let owner = plan.owner();
+    let mut renewed_at = None;
+    let renewing = async {
+        loop {
+            tokio::time::sleep(plan.lease / 3).await;
+            let started = SystemTime::now();
+            let nodes = paused
+                .iter()
+                .copied()
+                .filter(|node| node.protocol == Protocol::Lease);
+            let results = renew_nodes(&owner, plan.lease, nodes, clients, &plan.connect).await;
+            let mut all_renewed = true;
+            for (address, result) in results {
+                if let Err(reason) = result {
+                    tracing::warn!(%address, %reason, "lease renewal failed while a later tier drained");
+                    lost.push((address, reason));
+                    all_renewed = false;
+                }
+            }
+            if all_renewed {
+                renewed_at = Some(started);
+            }
+        }
+    };
+    let output = tokio::select! {
+        output = work => output,
+        never = renewing => never,
+    };
+    (output, renewed_at)
 }
 
 /// The order a tier is paused in: all its nodes at once, except in the first tier,
@@ -409,7 +569,7 @@ async fn pause_node<'a>(
             Protocol::Lease => {
                 let status = client
                     .pause_leased(
-                        &plan.pause_id,
+                        &plan.owner(),
                         plan.lease,
                         plan.max_wait,
                         plan.wait_outstanding,
@@ -463,7 +623,9 @@ async fn roll_back(
 ) -> PauseFailed {
     let record = PauseRecord {
         pause_id: plan.pause_id.clone(),
+        coordinator_id: plan.coordinator_id.clone(),
         lease_ms: plan.lease.as_millis() as u64,
+        wait_outstanding: plan.wait_outstanding,
         paused_at_ms: unix_ms(SystemTime::now()),
         skew_bound_ms: None,
         tiers,
@@ -473,7 +635,7 @@ async fn roll_back(
         for (address, protocol) in &maybe_paused {
             last.push(PausedNode {
                 address: address.clone(),
-                // Released the way it was paused; a lease node by pause id, which
+                // Released the way it was paused; a lease node by its owner, which
                 // cannot open a pause that is not ours.
                 protocol: *protocol,
                 boot_id: None,
@@ -485,18 +647,21 @@ async fn roll_back(
             });
         }
     }
-    let releases = release_tiers(&plan.pause_id, &to_release, &mut clients, &plan.connect).await;
+    let releases = release_tiers(&record.owner(), &to_release, &mut clients, &plan.connect).await;
     let lease_expiry = unix_ms(SystemTime::now()) + record.lease_ms as i64;
+    let release_of = |address: &NodeAddress| {
+        releases
+            .iter()
+            .find(|release| release.address == *address)
+            .map(|release| &release.result)
+    };
 
     let mut nodes = Vec::new();
     let mut rolled_back = true;
     for (index, tier) in record.tiers.iter().enumerate() {
         for node in tier {
-            let release = releases
-                .iter()
-                .find(|release| release.address == node.address);
             let mut report = NodeReport::paused(node, index);
-            match release.map(|release| &release.result) {
+            match release_of(&node.address) {
                 Some(Ok(_)) | None => report.outcome = NodeOutcome::RolledBack,
                 Some(Err(error)) => {
                     rolled_back = false;
@@ -508,7 +673,20 @@ async fn roll_back(
             nodes.push(report);
         }
     }
-    nodes.extend(failures.iter().cloned());
+    for mut failure in failures.iter().cloned() {
+        let maybe = maybe_paused
+            .iter()
+            .any(|(address, _)| *address == failure.address);
+        if maybe && let Some(Err(error)) = release_of(&failure.address) {
+            rolled_back = false;
+            failure.error = Some(format!(
+                "{}; it may have paused all the same, and releasing it failed too: {error}",
+                failure.error.as_deref().unwrap_or("failed")
+            ));
+            failure.lease_expires_at_ms = Some(lease_expiry);
+        }
+        nodes.push(failure);
+    }
     for (index, tier) in plan.tiers.iter().enumerate() {
         for address in tier {
             if !nodes.iter().any(|node| node.address == *address) {
@@ -530,8 +708,13 @@ async fn roll_back(
     let paused_count = record.nodes().count();
     let rollback = if paused_count == 0 && maybe_paused.is_empty() {
         "no node had paused".to_owned()
-    } else if rolled_back {
+    } else if rolled_back && maybe_paused.is_empty() {
         format!("the pause was rolled back on all {paused_count} node(s) that had paused")
+    } else if rolled_back {
+        format!(
+            "the pause was rolled back on all {} node(s) that had paused or may have",
+            paused_count + maybe_paused.len()
+        )
     } else {
         "ROLLBACK INCOMPLETE: some nodes may stay paused until their lease expires (see nodes)"
             .to_owned()
@@ -550,6 +733,24 @@ async fn roll_back(
 }
 
 impl PausedCluster {
+    /// Takes back a pause left by an earlier process (a state file's record), to hold
+    /// or release it. `renewed_at` is when its lease was last renewed, as recorded.
+    pub fn attach(record: PauseRecord, connect: ConnectOptions, renewed_at: SystemTime) -> Self {
+        let lease = Duration::from_millis(record.lease_ms);
+        PausedCluster {
+            record,
+            clients: HashMap::new(),
+            connect,
+            lease,
+            last_renewal: renewed_at,
+            // Another process (a `--keep-alive`) may be renewing it still.
+            last_renewal_attempt: SystemTime::now(),
+            paused_at: None,
+            lost: Vec::new(),
+            finished: false,
+        }
+    }
+
     pub fn record(&self) -> &PauseRecord {
         &self.record
     }
@@ -558,30 +759,40 @@ impl PausedCluster {
         &self.record.pause_id
     }
 
+    /// No node's lease runs out before this plus the lease.
     pub fn last_renewal(&self) -> SystemTime {
         self.last_renewal
     }
 
-    /// Renews the lease on every node that has one. A node that no longer holds our
-    /// pause (lease expired, restarted) is remembered: the window is then invalid.
+    /// Every node reopens by itself by this time at the latest (coordinator clock,
+    /// Unix ms) if it is neither renewed nor released again.
+    pub fn lease_expires_at_ms(&self) -> i64 {
+        unix_ms(self.last_renewal_attempt) + self.record.lease_ms as i64
+    }
+
+    /// Renews the lease on every node that has one, each call under a deadline. A node
+    /// that no longer holds our pause (lease expired, restarted) or does not answer is
+    /// remembered: the window is then invalid.
     pub async fn renew(&mut self) -> Result<(), String> {
         let renewed_at = SystemTime::now();
-        let renewals = self
+        // Counted as attempted from now: if this future is dropped mid-way (the end of
+        // a hold), the renewals already sent may still reach their nodes.
+        self.last_renewal_attempt = renewed_at;
+        let nodes = self
             .record
             .nodes()
-            .filter(|node| node.protocol == Protocol::Lease)
-            .map(|node| {
-                let client = self.clients.get(&node.address).cloned();
-                renew_node(
-                    &self.record.pause_id,
-                    self.lease,
-                    node,
-                    client,
-                    &self.connect,
-                )
-            });
+            .filter(|node| node.protocol == Protocol::Lease);
+        let results = renew_nodes(
+            &self.record.owner(),
+            self.lease,
+            nodes,
+            &self.clients,
+            &self.connect,
+        )
+        .await;
+        self.last_renewal_attempt = SystemTime::now();
         let mut failed = Vec::new();
-        for (address, result) in join_all(renewals).await {
+        for (address, result) in results {
             if let Err(reason) = result {
                 failed.push(format!("{address}: {reason}"));
                 self.lost.push((address, reason));
@@ -596,6 +807,7 @@ impl PausedCluster {
     }
 
     /// Keeps the cluster paused until `until`, renewing the lease every third of it.
+    /// Returns at `until` even if a renewal is still waiting for an answer.
     pub async fn hold_until(&mut self, until: Instant) {
         let every = self.lease / 3;
         loop {
@@ -604,53 +816,77 @@ impl PausedCluster {
                 return;
             }
             tokio::time::sleep_until(until.min(now + every)).await;
-            if Instant::now() < until
-                && let Err(reason) = self.renew().await
-            {
-                tracing::warn!(%reason, "lease renewal failed while holding the pause");
+            if Instant::now() >= until {
+                return;
+            }
+            tokio::select! {
+                result = self.renew() => if let Err(reason) = result {
+                    tracing::warn!(%reason, "lease renewal failed while holding the pause");
+                },
+                () = tokio::time::sleep_until(until) => return,
             }
         }
     }
 
-    /// Releases every node (reverse tier order, retrying) and checks the window.
+    /// Releases every node (reverse tier order, retrying, each under a deadline) and
+    /// checks the window.
     pub async fn release(mut self) -> Released {
         self.finished = true;
         let lost = std::mem::take(&mut self.lost);
-        let mut released =
-            release_record(self.record.clone(), &mut self.clients, &self.connect).await;
-        for (address, reason) in lost {
-            released.invalid_reasons.push(format!(
-                "{address} lost the pause during the window ({reason})"
-            ));
-        }
-        released
+        release_checked(
+            self.record.clone(),
+            &mut self.clients,
+            &self.connect,
+            self.last_renewal_attempt,
+            self.paused_at,
+            lost,
+        )
+        .await
     }
 
     /// Leaves the cluster paused on purpose, under its lease, and returns what a later
-    /// `release_record` needs.
+    /// [`PausedCluster::attach`] or `release_record` needs.
     pub fn detach(mut self) -> PauseRecord {
         self.finished = true;
         self.record.clone()
     }
 }
 
+/// Renews `owner`'s pause on `nodes` in parallel, each call under [`renew_deadline`].
+async fn renew_nodes<'a>(
+    owner: &PauseOwner,
+    lease: Duration,
+    nodes: impl Iterator<Item = &'a PausedNode>,
+    clients: &HashMap<NodeAddress, NodeClient>,
+    connect: &ConnectOptions,
+) -> Vec<(NodeAddress, Result<(), String>)> {
+    join_all(nodes.map(|node| {
+        let client = clients.get(&node.address).cloned();
+        renew_node(owner, lease, node, client, connect)
+    }))
+    .await
+}
+
 async fn renew_node(
-    pause_id: &str,
+    owner: &PauseOwner,
     lease: Duration,
     node: &PausedNode,
     client: Option<NodeClient>,
     connect: &ConnectOptions,
 ) -> (NodeAddress, Result<(), String>) {
-    let result = async {
+    let deadline = renew_deadline(connect, lease);
+    let renewal = async {
         let mut client = match client {
             Some(client) => client,
             None => NodeClient::connect(&node.address, connect).await?,
         };
-        client.renew(pause_id, lease).await
-    }
-    .await
-    .map_err(|error| error.to_string())
-    .and_then(|status| same_pause(node, &status));
+        client.renew(owner, lease).await
+    };
+    let result = tokio::time::timeout(deadline, renewal)
+        .await
+        .unwrap_or(Err(CallError::TimedOut(deadline)))
+        .map_err(|error| error.to_string())
+        .and_then(|status| same_pause(node, &status));
     (node.address.clone(), result)
 }
 
@@ -669,24 +905,59 @@ fn same_pause(node: &PausedNode, status: &NodeStatus) -> Result<(), String> {
     Ok(())
 }
 
-/// Releases a recorded pause: from a [`PausedCluster`], or from a state file written
-/// by an earlier process. Connects to nodes it has no client for.
+/// Releases a recorded pause from a state file written by an earlier process.
+/// Connects to nodes it has no client for. `renewed_at` bounds when the nodes that
+/// cannot be released reopen: their lease was not extended after it.
 pub async fn release_record(
     record: PauseRecord,
     clients: &mut HashMap<NodeAddress, NodeClient>,
     connect: &ConnectOptions,
+    renewed_at: SystemTime,
 ) -> Released {
-    let window_end_ms = unix_ms(SystemTime::now());
-    let nodes = release_tiers(&record.pause_id, &record.tiers, clients, connect).await;
+    release_checked(record, clients, connect, renewed_at, None, Vec::new()).await
+}
+
+/// Releases every node and judges the window: `paused_at` is its start on the
+/// monotonic clock when this process paused it, `lost` the nodes that failed a renewal.
+async fn release_checked(
+    record: PauseRecord,
+    clients: &mut HashMap<NodeAddress, NodeClient>,
+    connect: &ConnectOptions,
+    renewed_at: SystemTime,
+    paused_at: Option<Instant>,
+    lost: Vec<(NodeAddress, String)>,
+) -> Released {
+    // Read together, just before the first node is released.
+    let window_end = SystemTime::now();
+    let monotonic = paused_at.map(|start| start.elapsed());
+    let nodes = release_tiers(&record.owner(), &record.tiers, clients, connect).await;
+    let mut released = judge(record, unix_ms(window_end), monotonic, nodes);
+    for (address, reason) in lost {
+        released.invalid_reasons.push(format!(
+            "{address} lost the pause during the window ({reason})"
+        ));
+    }
+    released.lease_expires_at_ms = unix_ms(renewed_at) + released.record.lease_ms as i64;
+    released
+}
+
+/// Decides whether a released window is a restore point, from what the release found
+/// out. `monotonic` is how long the window lasted on the monotonic clock, when known.
+fn judge(
+    record: PauseRecord,
+    window_end_ms: i64,
+    monotonic: Option<Duration>,
+    nodes: Vec<NodeRelease>,
+) -> Released {
+    let owner = record.owner();
     let mut invalid_reasons = Vec::new();
     let mut warnings = Vec::new();
     for node in &nodes {
         match &node.result {
             Ok(Some(true)) => {}
             Ok(Some(false)) => invalid_reasons.push(format!(
-                "{} did not stay paused under pause id {} for the whole window{}",
+                "{} did not stay paused under {owner} for the whole window{}",
                 node.address,
-                record.pause_id,
                 node.why_not
                     .as_deref()
                     .map(|why| format!(": {why}"))
@@ -703,11 +974,19 @@ pub async fn release_record(
         }
     }
     for node in record.nodes() {
-        if let Some(inside @ 1..) = node.in_flight_at_pause {
-            invalid_reasons.push(format!(
+        match node.in_flight_at_pause {
+            Some(inside @ 1..) => invalid_reasons.push(format!(
                 "{} still had {inside} request(s) in flight when it paused (--no-wait)",
                 node.address
-            ));
+            )),
+            // An upstream node cannot count them; without a drain nothing waited.
+            None if !record.wait_outstanding => invalid_reasons.push(format!(
+                "{} cannot report requests in flight (upstream admin API) and its drain \
+                 was not awaited (--no-wait): requests may have been in flight when it \
+                 paused",
+                node.address
+            )),
+            _ => {}
         }
     }
     let window_ms = window_end_ms - record.paused_at_ms;
@@ -724,13 +1003,55 @@ pub async fn release_record(
         None => warnings
             .push("no node reported its clock, so the clock-skew bound is unknown".to_owned()),
     }
+    if let Some(monotonic) = monotonic {
+        let monotonic_ms = monotonic.as_millis() as i64;
+        let stepped = window_ms - monotonic_ms;
+        if stepped.abs() > drift_allowance_ms(monotonic_ms) {
+            invalid_reasons.push(format!(
+                "this coordinator's wall clock moved {window_ms}ms during the window while \
+                 {monotonic_ms}ms passed (a clock step of {stepped}ms): the window's edges \
+                 and mid-time cannot be trusted"
+            ));
+        }
+    }
+    for release in &nodes {
+        let before = record
+            .nodes()
+            .find(|node| node.address == release.address)
+            .and_then(|node| Some((node.clock_offset_ms?, node.rtt_ms?)));
+        if let (Some(before), Some(after)) = (before, release.clock)
+            && let Some(moved) = clock_moved(before, after, window_ms)
+        {
+            invalid_reasons.push(format!(
+                "{}'s clock moved {moved}ms against this coordinator's during the window \
+                 (offset {}ms before, {}ms at release): a clock was stepped, so the \
+                 clock-skew bound no longer holds",
+                release.address, before.0, after.0
+            ));
+        }
+    }
     Released {
         record,
         window_end_ms,
         nodes,
         invalid_reasons,
         warnings,
+        lease_expires_at_ms: 0,
     }
+}
+
+/// What two clocks may drift apart over `elapsed_ms` without a step: the margin, plus
+/// 1000 ppm (NTP slews at most 500 ppm; free-running clocks are within ~100 ppm).
+fn drift_allowance_ms(elapsed_ms: i64) -> i64 {
+    SKEW_MARGIN.as_millis() as i64 + elapsed_ms.abs() / 1000
+}
+
+/// How far a node's clock offset moved between two readings `(offset_ms, rtt_ms)` taken
+/// `elapsed_ms` apart, if by more than the readings' uncertainty and normal drift.
+fn clock_moved(before: (i64, u64), after: (i64, u64), elapsed_ms: i64) -> Option<i64> {
+    let moved = after.0 - before.0;
+    let uncertainty = (before.1 + after.1).div_ceil(2) as i64;
+    (moved.abs() > uncertainty + drift_allowance_ms(elapsed_ms)).then_some(moved)
 }
 
 /// The smallest hold that makes a window valid for this skew bound, or `min_window`.
@@ -741,90 +1062,145 @@ pub fn required_window(skew_bound_ms: Option<u64>, min_window: Duration) -> Dura
     for_skew.max(min_window)
 }
 
-/// Releases tiers last to first, nodes of a tier in parallel.
+/// Releases tiers last to first, nodes of a tier in parallel. The next tier waits for
+/// the current one to answer, but at most one call deadline: a node that does not
+/// answer goes on being retried (under its own deadline) while the others are released.
 async fn release_tiers(
-    pause_id: &str,
+    owner: &PauseOwner,
     tiers: &[Vec<PausedNode>],
     clients: &mut HashMap<NodeAddress, NodeClient>,
     connect: &ConnectOptions,
 ) -> Vec<NodeRelease> {
-    let mut releases = Vec::new();
+    let order_wait = call_deadline(connect);
+    let mut running = FuturesUnordered::new();
+    let mut done: Vec<NodeRelease> = Vec::new();
     for tier in tiers.iter().rev() {
-        let tier_releases = join_all(tier.iter().map(|node| {
+        for node in tier {
             let client = clients.get(&node.address).cloned();
-            release_node(pause_id, node, client, connect)
-        }))
-        .await;
-        releases.extend(tier_releases);
+            running.push(release_node(owner, node, client, connect));
+        }
+        let next_tier_at = Instant::now() + order_wait;
+        while tier
+            .iter()
+            .any(|node| !done.iter().any(|release| release.address == node.address))
+        {
+            tokio::select! {
+                Some(release) = running.next() => done.push(release),
+                () = tokio::time::sleep_until(next_tier_at) => {
+                    tracing::warn!(
+                        "a node of this tier has not answered its unpause within {}ms; \
+                         releasing the next tier meanwhile",
+                        order_wait.as_millis()
+                    );
+                    break;
+                }
+            }
+        }
     }
-    releases
+    while let Some(release) = running.next().await {
+        done.push(release);
+    }
+    done
 }
 
+/// Releases one node: attempts (reconnecting after a failure), each call under
+/// [`call_deadline`], all of them under [`release_deadline`].
 async fn release_node(
-    pause_id: &str,
+    owner: &PauseOwner,
     node: &PausedNode,
     client: Option<NodeClient>,
     connect: &ConnectOptions,
 ) -> NodeRelease {
-    let mut last_error = String::new();
-    let mut client = client;
-    for attempt in 0..UNPAUSE_ATTEMPTS {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
-        }
-        let mut connected = match client.take() {
-            Some(client) => client,
-            None => match NodeClient::connect(&node.address, connect).await {
-                Ok(client) => client,
-                Err(error) => {
-                    last_error = error.to_string();
-                    continue;
+    let deadline = release_deadline(connect);
+    let attempts = async {
+        let mut last_error = String::new();
+        let mut client = client;
+        for attempt in 0..UNPAUSE_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+            }
+            let mut connected = match client.take() {
+                Some(client) => client,
+                None => match NodeClient::connect(&node.address, connect).await {
+                    Ok(client) => client,
+                    Err(error) => {
+                        last_error = error.to_string();
+                        continue;
+                    }
+                },
+            };
+            let call_deadline = call_deadline(connect);
+            let call =
+                tokio::time::timeout(call_deadline, release_call(owner, node, &mut connected))
+                    .await
+                    .unwrap_or(Err(CallError::TimedOut(call_deadline)));
+            match call {
+                Ok(release) => return release,
+                // Another holder owns it now: retrying cannot help, and the node is not
+                // ours to open. Our pause is gone, so the window is invalid.
+                Err(CallError::Conflict(message)) => {
+                    tracing::warn!(address = %node.address, %message, "node is held by another pause; leaving it");
+                    return NodeRelease {
+                        address: node.address.clone(),
+                        result: Ok(Some(false)),
+                        why_not: Some(format!("another pause holds it: {message}")),
+                        clock: None,
+                    };
                 }
-            },
-        };
-        let mut why_not = None;
-        let result = match node.protocol {
-            Protocol::Lease => connected.unpause_leased(pause_id).await.map(|released| {
-                why_not = if !released.was_paused {
-                    Some(
-                        "it was not paused at release (its lease ran out, or it restarted)"
-                            .to_owned(),
-                    )
-                } else if released.status.holder != Some(Holder::PauseId(pause_id.to_owned())) {
-                    Some("another pause held it at release".to_owned())
-                } else {
-                    same_pause(node, &released.status).err()
-                };
-                Some(why_not.is_none())
-            }),
-            Protocol::Upstream => release_upstream(&mut connected).await,
-        };
-        match result {
-            Ok(stayed_paused) => {
-                return NodeRelease {
-                    address: node.address.clone(),
-                    result: Ok(stayed_paused),
-                    why_not,
-                };
+                Err(error) => last_error = error.to_string(),
             }
-            // Another holder owns it now: retrying cannot help, and the node is not
-            // ours to open. Our pause is gone, so the window is invalid.
-            Err(CallError::Conflict(message)) => {
-                tracing::warn!(address = %node.address, %message, "node is held by another pause; leaving it");
-                return NodeRelease {
-                    address: node.address.clone(),
-                    result: Ok(Some(false)),
-                    why_not: Some(format!("another pause holds it: {message}")),
-                };
-            }
-            Err(error) => last_error = error.to_string(),
         }
-    }
-    NodeRelease {
+        NodeRelease {
+            address: node.address.clone(),
+            result: Err(format!("{last_error} (after {UNPAUSE_ATTEMPTS} attempts)")),
+            why_not: None,
+            clock: None,
+        }
+    };
+    tokio::time::timeout(deadline, attempts)
+        .await
+        .unwrap_or_else(|_| NodeRelease {
+            address: node.address.clone(),
+            result: Err(format!(
+                "no answer within {}ms; gave up releasing it",
+                deadline.as_millis()
+            )),
+            why_not: None,
+            clock: None,
+        })
+}
+
+/// One unpause call, timed like a clock reading for lease nodes.
+async fn release_call(
+    owner: &PauseOwner,
+    node: &PausedNode,
+    client: &mut NodeClient,
+) -> Result<NodeRelease, CallError> {
+    let (stayed_paused, why_not, clock) = match node.protocol {
+        Protocol::Lease => {
+            let sent_at = SystemTime::now();
+            let started = Instant::now();
+            let released = client.unpause_leased(Some(owner)).await?;
+            let rtt_ms = started.elapsed().as_millis() as u64;
+            let midpoint_ms = unix_ms(sent_at) + (rtt_ms / 2) as i64;
+            let why_not = if !released.was_paused {
+                Some("it was not paused at release (its lease ran out, or it restarted)".to_owned())
+            } else if released.status.holder != Some(Holder::Coordinator(owner.clone())) {
+                Some("another pause held it at release".to_owned())
+            } else {
+                same_pause(node, &released.status).err()
+            };
+            let clock = (released.status.node_time_ms - midpoint_ms, rtt_ms);
+            (Some(why_not.is_none()), why_not, Some(clock))
+        }
+        Protocol::Upstream => (release_upstream(client).await?, None, None),
+    };
+    Ok(NodeRelease {
         address: node.address.clone(),
-        result: Err(format!("{last_error} (after {UNPAUSE_ATTEMPTS} attempts)")),
-        why_not: None,
-    }
+        result: Ok(stayed_paused),
+        why_not,
+        clock,
+    })
 }
 
 /// Upstream nodes cannot prove they stayed paused; an open gate at release time does
@@ -847,6 +1223,7 @@ impl Drop for PausedCluster {
         tracing::error!(pause_id = %self.record.pause_id, "paused cluster dropped without release; releasing now");
         let record = self.record.clone();
         let connect = self.connect.clone();
+        let renewed_at = self.last_renewal_attempt;
         let releasing = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -855,7 +1232,7 @@ impl Drop for PausedCluster {
                 runtime
                     .block_on(tokio::time::timeout(
                         Duration::from_secs(10),
-                        release_record(record, &mut HashMap::new(), &connect),
+                        release_record(record, &mut HashMap::new(), &connect, renewed_at),
                     ))
                     .ok();
             }

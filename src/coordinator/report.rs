@@ -184,7 +184,7 @@ impl PauseReport {
         let start = record.paused_at_ms;
         let end = released.window_end_ms;
         let restore_point = start + (end - start) / 2;
-        let lease_expiry = end + record.lease_ms as i64;
+        let lease_expiry = released.lease_expires_at_ms;
         let nodes = nodes_of(record, |address| {
             match released
                 .nodes

@@ -3,22 +3,43 @@
 //!
 //! The permit is held until the inner service's response future resolves, which covers
 //! the whole handler of a unary call. A streamed response body is not covered.
+//!
+//! A request that meets a closed gate in hold mode waits inside its own future: if its
+//! caller goes away (a gRPC deadline, a disconnect), the server drops that future and
+//! the request is never run. With [`GateLayer::run_to_completion`], a request that is
+//! admitted runs as a task on the given `TaskTracker` instead, so a caller going away
+//! cannot cut it off halfway (a pause could otherwise call the node drained while a
+//! commit is under way); the server waits for the tracker at shutdown.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use tokio_util::task::TaskTracker;
+
 use super::{Gate, Refused};
 
 #[derive(Debug, Clone)]
 pub struct GateLayer {
     gate: Arc<Gate>,
+    tracker: Option<TaskTracker>,
 }
 
 impl GateLayer {
     pub fn new(gate: Arc<Gate>) -> Self {
-        Self { gate }
+        Self {
+            gate,
+            tracker: None,
+        }
+    }
+
+    /// Runs each admitted request to completion as a task on `tracker`, even if its
+    /// caller goes away. Requests still waiting at a closed gate are not admitted yet:
+    /// they wait in the caller's future and vanish with it.
+    pub fn run_to_completion(mut self, tracker: TaskTracker) -> Self {
+        self.tracker = Some(tracker);
+        self
     }
 }
 
@@ -29,6 +50,7 @@ impl<S> tower::Layer<S> for GateLayer {
         Gated {
             inner,
             gate: self.gate.clone(),
+            tracker: self.tracker.clone(),
         }
     }
 }
@@ -37,6 +59,13 @@ impl<S> tower::Layer<S> for GateLayer {
 pub struct Gated<S> {
     inner: S,
     gate: Arc<Gate>,
+    tracker: Option<TaskTracker>,
+}
+
+/// Routes by the wrapped service's name, so a gated tonic service can be added to
+/// tonic `Routes` as it is.
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Gated<S> {
+    const NAME: &'static str = S::NAME;
 }
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for Gated<S>
@@ -45,9 +74,10 @@ where
         + Clone
         + Send
         + 'static,
-    S::Future: Send,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
     ReqBody: Send + 'static,
-    ResBody: Default,
+    ResBody: Default + Send + 'static,
 {
     type Response = http::Response<ResBody>;
     type Error = S::Error;
@@ -62,14 +92,28 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let gate = self.gate.clone();
+        let tracker = self.tracker.clone();
         Box::pin(async move {
-            match gate.enter_owned().await {
-                Ok(permit) => {
-                    let response = inner.call(request).await;
-                    drop(permit);
-                    response
-                }
-                Err(refused) => Ok(refusal(&request, &refused)),
+            // Held here, in the caller's own future: nothing is spawned before the
+            // request is admitted.
+            let permit = match gate.enter_owned().await {
+                Ok(permit) => permit,
+                Err(refused) => return Ok(refusal(&request, &refused)),
+            };
+            let admitted = async move {
+                let response = inner.call(request).await;
+                drop(permit);
+                response
+            };
+            let Some(tracker) = tracker else {
+                return admitted.await;
+            };
+            match tracker.spawn(admitted).await {
+                Ok(response) => response,
+                Err(error) => Ok(tonic::Status::internal(format!(
+                    "request handler failed: {error}"
+                ))
+                .into_http()),
             }
         })
     }
@@ -138,6 +182,67 @@ mod tests {
             0,
             "the permit is released with the response"
         );
+    }
+
+    /// Issue 17.3, in the layer applications embed: a request held at a closed gate
+    /// whose caller goes away never reaches the service, even with run_to_completion;
+    /// an admitted one runs to its end although its caller went away.
+    #[tokio::test]
+    async fn a_held_request_whose_caller_left_never_runs_and_an_admitted_one_finishes() {
+        use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+        use std::time::Duration;
+
+        let gate = Arc::new(Gate::new(ClosedPolicy::Hold {
+            timeout: Duration::from_secs(60),
+        }));
+        let tracker = tokio_util::task::TaskTracker::new();
+        let started = Arc::new(AtomicU32::new(0));
+        let finished = Arc::new(AtomicU32::new(0));
+        let (proceed, wait) = tokio::sync::watch::channel(false);
+        let service = {
+            let (started, finished) = (started.clone(), finished.clone());
+            tower::service_fn(move |request: http::Request<String>| {
+                let (started, finished, mut wait) =
+                    (started.clone(), finished.clone(), wait.clone());
+                async move {
+                    started.fetch_add(1, SeqCst);
+                    wait.wait_for(|go| *go).await.unwrap();
+                    finished.fetch_add(1, SeqCst);
+                    Ok::<_, Infallible>(http::Response::new(request.into_body()))
+                }
+            })
+        };
+        let layer = GateLayer::new(gate.clone()).run_to_completion(tracker.clone());
+
+        // Admitted, then its caller leaves: it still runs to its end.
+        let admitted = tokio::spawn(layer.layer(service.clone()).oneshot(request("text/plain")));
+        while started.load(SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        admitted.abort();
+        assert!(admitted.await.unwrap_err().is_cancelled());
+
+        // Held at the closed gate, then its caller leaves: it must never run.
+        gate.close();
+        let held = tokio::spawn(layer.layer(service).oneshot(request("text/plain")));
+        while gate.stats().held_now == 0 {
+            tokio::task::yield_now().await;
+        }
+        held.abort();
+        assert!(held.await.unwrap_err().is_cancelled());
+        assert_eq!(
+            gate.stats().held_now,
+            0,
+            "the caller's departure ends the hold"
+        );
+
+        proceed.send(true).unwrap();
+        tracker.close();
+        tracker.wait().await;
+        gate.open();
+        tokio::task::yield_now().await;
+        assert_eq!(started.load(SeqCst), 1, "the held request ran");
+        assert_eq!(finished.load(SeqCst), 1, "the admitted request was cut off");
     }
 
     #[tokio::test]

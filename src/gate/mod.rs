@@ -144,6 +144,9 @@ impl Gate {
         };
         self.held_now.fetch_add(1, Relaxed);
         self.held_total.fetch_add(1, Relaxed);
+        // Counted out on drop too: a held request whose caller goes away (deadline,
+        // disconnect) is dropped right here, and is no longer held.
+        let _held = HeldGuard(&self.held_now);
         let deadline = Instant::now() + timeout;
         let outcome = loop {
             let reopened = self.reopened.notified();
@@ -158,7 +161,6 @@ impl Gate {
                 break self.try_enter().ok_or(Refused::HoldTimedOut(timeout));
             }
         };
-        self.held_now.fetch_sub(1, Relaxed);
         if outcome.is_err() {
             self.rejected_total.fetch_add(1, Relaxed);
         }
@@ -217,6 +219,14 @@ impl Gate {
         if self.admission.leave() {
             self.drained.notify_waiters();
         }
+    }
+}
+
+struct HeldGuard<'a>(&'a StatCounter);
+
+impl Drop for HeldGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 

@@ -291,6 +291,40 @@ impl ServerTls {
         self.client_ca_pem.is_some()
     }
 
+    /// Fails when the certificate, key or client CA cannot be used: for checking them
+    /// before anything listens.
+    pub fn check(&self) -> Result<(), super::handshake::TlsConfigError> {
+        super::handshake::server_config(
+            &self.cert_pem,
+            self.key_pem.expose(),
+            self.client_ca_pem.as_deref(),
+        )
+        .map(drop)
+    }
+
+    /// The admin port's TLS connections from `incoming`, each refused handshake logged
+    /// at `warn` with the peer's address and the reason. Serve the admin routes on it
+    /// (`serve_with_incoming_shutdown`) instead of setting [`Self::config`] on the
+    /// tonic server, whose own TLS logs a refused handshake only at debug, without the
+    /// peer. Fails when the certificate, key or client CA cannot be used.
+    pub fn incoming(
+        &self,
+        incoming: tonic::transport::server::TcpIncoming,
+    ) -> Result<
+        impl futures::Stream<
+            Item = Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+        > + Send
+        + 'static,
+        super::handshake::TlsConfigError,
+    > {
+        let config = super::handshake::server_config(
+            &self.cert_pem,
+            self.key_pem.expose(),
+            self.client_ca_pem.as_deref(),
+        )?;
+        Ok(super::handshake::accept_tls(config, incoming))
+    }
+
     /// The tonic server configuration. Client certificates are verified whenever they
     /// are presented, but *required* by [`Guarded`] rather than by the handshake: a
     /// handshake failure reaches the caller as a bare connection reset and the node's
@@ -340,7 +374,9 @@ impl AdminSecurity {
         self.tls.as_ref()
     }
 
-    /// The TLS configuration for the tonic server that serves the admin routes.
+    /// The TLS configuration for a tonic server that serves the admin routes with its
+    /// own TLS. Prefer serving them on [`ServerTls::incoming`], which logs refused
+    /// handshakes at warn.
     pub fn server_tls_config(&self) -> Option<ServerTlsConfig> {
         self.tls.as_ref().map(ServerTls::config)
     }

@@ -6,6 +6,9 @@
 //!
 //! Every call carries the admin token when one is configured (as a sensitive header,
 //! which HPACK never indexes), and TLS may add a client certificate for mutual TLS.
+//! Without TLS the token goes only to loopback addresses, unless the operator allows
+//! it ([`ConnectOptions::allow_plaintext_token`]), and only to a port that does not
+//! speak TLS: a plaintext client asks first (`handshake::what_port_speaks`).
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,10 +21,11 @@ use tonic::{Code, Status};
 use super::auth::{
     AdminToken, ClientIdentity, MALFORMED_TOKEN, NO_CLIENT_CERT, NO_TOKEN, WRONG_TOKEN,
 };
+use super::handshake::{PortSpeaks, client_certificate_refusal, what_port_speaks};
 use super::wire::lease::lease_admin_client::LeaseAdminClient;
 use super::wire::rpc::admin_client::AdminClient;
 use super::wire::{lease, rpc};
-use crate::node::{Holder, NodeStatus, Released};
+use crate::node::{Holder, NodeStatus, PauseOwner, Released};
 use crate::resolve::NodeAddress;
 
 /// How to reach nodes. TLS verifies the server certificate against the given CA (or the
@@ -32,6 +36,9 @@ pub struct ConnectOptions {
     pub connect_timeout: Duration,
     /// Sent as `authorization: Bearer …` on every call when set.
     pub token: Option<AdminToken>,
+    /// Send the token without TLS to addresses that are not loopback: only for a
+    /// network the operator trusts (`--allow-plaintext-token`).
+    pub allow_plaintext_token: bool,
 }
 
 impl Default for ConnectOptions {
@@ -40,8 +47,32 @@ impl Default for ConnectOptions {
             tls: None,
             connect_timeout: Duration::from_secs(5),
             token: None,
+            allow_plaintext_token: false,
         }
     }
+}
+
+impl ConnectOptions {
+    /// Why the admin token must not be sent to `address` with these options: no TLS,
+    /// an address that is not loopback, and no permission to send it in cleartext.
+    pub fn cleartext_token_refusal(&self, address: &NodeAddress) -> Option<CallError> {
+        (self.token.is_some()
+            && self.tls.is_none()
+            && !self.allow_plaintext_token
+            && !is_loopback(address))
+        .then(|| CallError::CleartextToken {
+            address: address.to_string(),
+        })
+    }
+}
+
+/// Loopback by address (127.0.0.0/8, ::1, also IPv4-mapped) or by the name localhost.
+fn is_loopback(address: &NodeAddress) -> bool {
+    let host = address.host();
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 #[derive(Debug, Clone, Default)]
@@ -86,6 +117,25 @@ pub enum CallError {
     PermissionDenied(String),
     #[error("no answer within {}ms", .0.as_millis())]
     TimedOut(Duration),
+    /// The token would have gone out unencrypted to a host that is not this one.
+    #[error(
+        "refusing to send the admin token in cleartext to {address}, which is not a \
+         loopback address: connect with TLS (--tls or --ca-root-cert-path; runbook: \
+         [pause.tls]), or, on a network you trust, allow it with --allow-plaintext-token \
+         (runbook: allow_plaintext_token = true in [pause])"
+    )]
+    CleartextToken { address: String },
+    /// One side speaks TLS and the other does not.
+    #[error("{0}")]
+    ProtocolMismatch(String),
+    /// The node's TLS refused the client certificate we presented.
+    #[error(
+        "the node refused our client certificate ({0}); check that --tls-client-cert \
+         (runbook: client_cert_path in [pause.tls]) is signed by the CA the node trusts \
+         for clients (its --client-ca), is meant for client authentication, and has not \
+         expired"
+    )]
+    ClientCertRefused(String),
     /// The node refused because of its state: requests did not drain (upstream's
     /// FAILED_PRECONDITION), or it is not paused under our id.
     #[error("{0}")]
@@ -226,7 +276,29 @@ impl NodeClient {
         address: &NodeAddress,
         options: &ConnectOptions,
     ) -> Result<(Self, Option<ClockReading>), CallError> {
-        let channel = channel(address, options).await?;
+        if let Some(refusal) = options.cleartext_token_refusal(address) {
+            return Err(refusal);
+        }
+        // The first request carries the token: a plaintext client makes sure first that
+        // the port does not speak TLS, where anyone on the path could read it.
+        if options.tls.is_none()
+            && options.token.is_some()
+            && port_speaks(address, options).await? == Some(PortSpeaks::Tls)
+        {
+            return Err(speaks_tls(address, "; the admin token was not sent"));
+        }
+        let channel = match channel(address, options).await {
+            Ok(channel) => channel,
+            Err(error @ (CallError::Tls(_) | CallError::Unreachable(_)))
+                if options.tls.is_some() =>
+            {
+                return Err(match port_speaks(address, options).await {
+                    Ok(Some(PortSpeaks::Http2)) => speaks_plaintext(address),
+                    _ => error,
+                });
+            }
+            Err(error) => return Err(error),
+        };
         let bearer = BearerToken::new(options.token.as_ref())?;
         let mut lease = LeaseAdminClient::with_interceptor(channel.clone(), bearer.clone());
         let probe = tokio::time::timeout(options.connect_timeout, timed_status(&mut lease))
@@ -235,19 +307,17 @@ impl NodeClient {
         let (protocol, reading) = match probe {
             Ok(reading) => (Protocol::Lease, Some(reading)),
             Err(status) if status.code() == Code::Unimplemented => (Protocol::Upstream, None),
-            // A plaintext client talking to a TLS node sees the connection fail mid-call
-            // ("transport error", "operation was canceled", a GOAWAY), never "TLS".
+            // The connection failed mid-call ("transport error", "operation was
+            // canceled", a GOAWAY): a TLS mismatch, or a refused client certificate,
+            // shows this way and never says so. Find out which.
             Err(status)
-                if options.tls.is_none()
-                    && matches!(
-                        status.code(),
-                        Code::Unknown | Code::Cancelled | Code::Unavailable | Code::Internal
-                    ) =>
+                if matches!(
+                    status.code(),
+                    Code::Unknown | Code::Cancelled | Code::Unavailable | Code::Internal
+                ) =>
             {
-                return Err(CallError::Unreachable(format!(
-                    "{}; if the node serves TLS, pass --tls or --ca-root-cert-path",
-                    dedupe_chain(&crate::error_chain(&status))
-                )));
+                let chain = dedupe_chain(&crate::error_chain(&status));
+                return Err(explain_broken_call(address, options, chain).await);
             }
             Err(status) => return Err(status.into()),
         };
@@ -280,35 +350,46 @@ impl NodeClient {
 
     pub async fn pause_leased(
         &mut self,
-        pause_id: &str,
+        owner: &PauseOwner,
         lease: Duration,
         max_wait: Duration,
         wait_outstanding: bool,
     ) -> Result<NodeStatus, CallError> {
         let request = lease::LeasedPauseRequest {
-            pause_id: pause_id.to_owned(),
+            pause_id: owner.pause_id.clone(),
             lease_ms: lease.as_millis() as u64,
             max_pause_wait_ms: max_wait.as_millis() as u64,
             wait_outstanding,
+            coordinator_id: owner.coordinator_id.clone(),
         };
         Ok(self.lease.pause(request).await?.into_inner().into())
     }
 
     pub async fn renew(
         &mut self,
-        pause_id: &str,
+        owner: &PauseOwner,
         lease: Duration,
     ) -> Result<NodeStatus, CallError> {
         let request = lease::RenewRequest {
-            pause_id: pause_id.to_owned(),
+            pause_id: owner.pause_id.clone(),
             lease_ms: lease.as_millis() as u64,
+            coordinator_id: owner.coordinator_id.clone(),
         };
         Ok(self.lease.renew(request).await?.into_inner().into())
     }
 
-    pub async fn unpause_leased(&mut self, pause_id: &str) -> Result<Released, CallError> {
+    /// Releases the pause `owner` holds; `None` releases whoever holds the node.
+    pub async fn unpause_leased(
+        &mut self,
+        owner: Option<&PauseOwner>,
+    ) -> Result<Released, CallError> {
         let request = lease::UnpauseRequest {
-            pause_id: pause_id.to_owned(),
+            pause_id: owner
+                .map(|owner| owner.pause_id.clone())
+                .unwrap_or_default(),
+            coordinator_id: owner
+                .map(|owner| owner.coordinator_id.clone())
+                .unwrap_or_default(),
         };
         let response = self.lease.unpause(request).await?.into_inner();
         let status = response.released.ok_or_else(|| CallError::Other {
@@ -347,6 +428,71 @@ impl NodeClient {
     pub async fn stats(&mut self) -> Result<serde_json::Value, CallError> {
         let text = self.upstream.stats(()).await?.into_inner().stats;
         Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+}
+
+/// What the port answers to a TLS ClientHello; `None` when that says nothing.
+async fn port_speaks(
+    address: &NodeAddress,
+    options: &ConnectOptions,
+) -> Result<Option<PortSpeaks>, CallError> {
+    match what_port_speaks(address, options.connect_timeout).await {
+        Ok(PortSpeaks::Unknown(_)) => Ok(None),
+        Ok(speaks) => Ok(Some(speaks)),
+        Err(error) => Err(CallError::Unreachable(error.to_string())),
+    }
+}
+
+fn speaks_tls(address: &NodeAddress, note: &str) -> CallError {
+    CallError::ProtocolMismatch(format!(
+        "{address} speaks TLS, but this client connected in plaintext{note}: pass --tls or \
+         --ca-root-cert-path (runbook: [pause.tls])"
+    ))
+}
+
+fn speaks_plaintext(address: &NodeAddress) -> CallError {
+    CallError::ProtocolMismatch(format!(
+        "{address} speaks plaintext gRPC, not TLS, but this client connected with TLS: \
+         drop --tls and --ca-root-cert-path (runbook: [pause.tls]) for it, or serve its \
+         admin port with TLS"
+    ))
+}
+
+/// The first call on a fresh connection failed at the transport: says why, when a
+/// probe of the port can tell.
+async fn explain_broken_call(
+    address: &NodeAddress,
+    options: &ConnectOptions,
+    chain: String,
+) -> CallError {
+    match &options.tls {
+        None => match port_speaks(address, options).await {
+            Ok(Some(PortSpeaks::Tls)) => speaks_tls(address, ""),
+            _ => CallError::Unreachable(format!(
+                "{chain}; if the node serves TLS, pass --tls or --ca-root-cert-path"
+            )),
+        },
+        Some(tls) => {
+            if let Some(identity) = &tls.client_identity {
+                if let Some(alert) = client_certificate_refusal(
+                    address,
+                    tls.ca_pem.as_deref(),
+                    tls.override_authority.as_deref(),
+                    identity,
+                    options.connect_timeout,
+                )
+                .await
+                {
+                    return CallError::ClientCertRefused(alert);
+                }
+                return CallError::Unreachable(format!(
+                    "{chain}; the node closed the connection after the TLS handshake: if it \
+                     requires mutual TLS, check that --tls-client-cert is signed by the CA \
+                     it trusts for clients"
+                ));
+            }
+            CallError::Unreachable(chain)
+        }
     }
 }
 
@@ -427,7 +573,10 @@ fn connect_error(chain: &str) -> CallError {
 impl From<lease::NodeStatus> for NodeStatus {
     fn from(wire: lease::NodeStatus) -> Self {
         let holder = match (wire.paused, wire.pause_id.is_empty()) {
-            (_, false) => Some(Holder::PauseId(wire.pause_id)),
+            (_, false) => Some(Holder::Coordinator(PauseOwner::new(
+                wire.pause_id,
+                wire.coordinator_id,
+            ))),
             (true, true) => Some(Holder::Upstream),
             (false, true) => None,
         };
@@ -463,6 +612,57 @@ mod tests {
         assert_eq!(dedupe_chain("a: b: b: b"), "a: b");
         assert_eq!(dedupe_chain("a: b: a: c"), "a: b: a: c");
         assert_eq!(dedupe_chain(""), "");
+    }
+
+    /// Issue 19.7: the token goes out without TLS only to loopback, or when allowed.
+    #[test]
+    fn a_token_goes_out_in_cleartext_only_to_loopback_unless_allowed() {
+        let token = AdminToken::parse("0123456789abcdef-token", "test").unwrap();
+        let with_token = ConnectOptions {
+            token: Some(token),
+            ..ConnectOptions::default()
+        };
+        let refused = |options: &ConnectOptions, address: &str| {
+            options
+                .cleartext_token_refusal(&address.parse().unwrap())
+                .is_some()
+        };
+        for loopback in [
+            "127.0.0.1:1",
+            "127.8.9.10:1",
+            "[::1]:1",
+            "localhost:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(!refused(&with_token, loopback), "{loopback}");
+        }
+        for remote in [
+            "10.0.0.3:1",
+            "node-1.internal:1",
+            "[fe80::1]:1",
+            "0.0.0.0:1",
+        ] {
+            assert!(refused(&with_token, remote), "{remote}");
+        }
+        let message = with_token
+            .cleartext_token_refusal(&"10.0.0.3:1".parse().unwrap())
+            .unwrap()
+            .to_string();
+        assert!(message.contains("10.0.0.3:1") && message.contains("--allow-plaintext-token"));
+        let allowed = ConnectOptions {
+            allow_plaintext_token: true,
+            ..with_token.clone()
+        };
+        assert!(!refused(&allowed, "10.0.0.3:1"));
+        let with_tls = ConnectOptions {
+            tls: Some(TlsOptions::default()),
+            ..with_token
+        };
+        assert!(!refused(&with_tls, "10.0.0.3:1"));
+        assert!(
+            !refused(&ConnectOptions::default(), "10.0.0.3:1"),
+            "no token, nothing to protect"
+        );
     }
 
     #[test]

@@ -7,12 +7,16 @@
 //!   the secret types both sides share.
 //! - `client.rs`: [`client::NodeClient`], which the coordinator uses to talk to one node
 //!   in domain types.
+//! - `handshake.rs`: TLS handshakes that fail: the node accepts its admin port's TLS
+//!   itself and logs each refused handshake; the client probes a port to name a
+//!   TLS/plaintext mismatch or a refused client certificate.
 //!
 //! Everything crossing this boundary is converted here, so the rest of the crate never
 //! sees a prost message or a `tonic::Status`.
 
 pub mod auth;
 pub mod client;
+pub mod handshake;
 pub mod server;
 
 /// Generated wire types. Public for embedders and for tests that need an upstream-only

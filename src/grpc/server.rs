@@ -14,7 +14,7 @@ use super::auth::{AdminSecurity, Guarded};
 use super::wire::lease::lease_admin_server::{LeaseAdmin, LeaseAdminServer};
 use super::wire::rpc::admin_server::{Admin, AdminServer};
 use super::wire::{FILE_DESCRIPTOR_SET, lease, rpc};
-use crate::node::{AdminError, ErrorKind, Holder, NodeAdmin, NodeStatus, PauseCommand};
+use crate::node::{AdminError, ErrorKind, Holder, NodeAdmin, NodeStatus, PauseCommand, PauseOwner};
 
 /// Every admin service of a node, open to any caller, ready to add to a tonic server
 /// (or to merge with the application's own services when they share a port). Right
@@ -24,8 +24,8 @@ pub async fn admin_routes(admin: Arc<NodeAdmin>) -> tonic::service::Routes {
 }
 
 /// Every admin service of a node, each behind `security`'s checks (token, client
-/// certificate) except health. Serve them with `security.server_tls_config()` on the
-/// tonic server when TLS is configured.
+/// certificate) except health. With TLS, serve them on `ServerTls::incoming`, which
+/// accepts the handshakes and logs each refused one.
 pub async fn admin_routes_with(
     admin: Arc<NodeAdmin>,
     security: &AdminSecurity,
@@ -133,11 +133,20 @@ impl LeaseAdmin for LeaseAdminService {
     ) -> Result<Response<lease::NodeStatus>, Status> {
         let peer = request.remote_addr();
         let request = request.into_inner();
-        tracing::info!(?peer, pause_id = %request.pause_id, lease_ms = request.lease_ms, "pause");
+        tracing::info!(
+            ?peer,
+            pause_id = %request.pause_id,
+            coordinator_id = %request.coordinator_id,
+            lease_ms = request.lease_ms,
+            "pause"
+        );
         let status = self
             .admin
             .pause(PauseCommand {
-                holder: Holder::PauseId(request.pause_id),
+                holder: Holder::Coordinator(PauseOwner::new(
+                    request.pause_id,
+                    request.coordinator_id,
+                )),
                 lease: Some(Duration::from_millis(request.lease_ms)),
                 max_wait: Duration::from_millis(request.max_pause_wait_ms),
                 wait_outstanding: request.wait_outstanding,
@@ -154,7 +163,10 @@ impl LeaseAdmin for LeaseAdminService {
         let request = request.into_inner();
         let status = self
             .admin
-            .renew(&request.pause_id, Duration::from_millis(request.lease_ms))
+            .renew(
+                &PauseOwner::new(request.pause_id, request.coordinator_id),
+                Duration::from_millis(request.lease_ms),
+            )
             .map_err(to_status)?;
         Ok(Response::new(status.into()))
     }
@@ -165,9 +177,15 @@ impl LeaseAdmin for LeaseAdminService {
     ) -> Result<Response<lease::UnpauseResponse>, Status> {
         let peer = request.remote_addr();
         let request = request.into_inner();
-        tracing::info!(?peer, pause_id = %request.pause_id, "unpause");
-        let pause_id = Some(request.pause_id.as_str()).filter(|id| !id.is_empty());
-        let released = self.admin.unpause(pause_id).map_err(to_status)?;
+        tracing::info!(
+            ?peer,
+            pause_id = %request.pause_id,
+            coordinator_id = %request.coordinator_id,
+            "unpause"
+        );
+        let owner = (!request.pause_id.is_empty())
+            .then(|| PauseOwner::new(request.pause_id, request.coordinator_id));
+        let released = self.admin.unpause(owner.as_ref()).map_err(to_status)?;
         Ok(Response::new(lease::UnpauseResponse {
             was_paused: released.was_paused,
             released: Some(released.status.into()),
@@ -195,13 +213,14 @@ fn to_status(error: AdminError) -> Status {
 
 impl From<NodeStatus> for lease::NodeStatus {
     fn from(status: NodeStatus) -> Self {
-        let pause_id = match status.holder {
-            Some(Holder::PauseId(id)) => id,
-            Some(Holder::Upstream) | None => String::new(),
+        let (pause_id, coordinator_id) = match status.holder {
+            Some(Holder::Coordinator(owner)) => (owner.pause_id, owner.coordinator_id),
+            Some(Holder::Upstream) | None => (String::new(), String::new()),
         };
         lease::NodeStatus {
             paused: status.paused,
             pause_id,
+            coordinator_id,
             boot_id: status.boot_id,
             node_time_ms: status.node_time_ms,
             paused_since_ms: status.paused_since_ms.unwrap_or(0),

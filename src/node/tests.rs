@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{AdminError, Holder, NodeAdmin, PauseCommand};
+use super::{AdminError, Holder, NodeAdmin, PauseCommand, PauseOwner};
 use crate::gate::{ClosedPolicy, Gate};
 
 fn admin() -> Arc<NodeAdmin> {
@@ -15,9 +15,14 @@ fn admin() -> Arc<NodeAdmin> {
     ))
 }
 
+/// A coordinator that pauses under `id`; all tests' coordinators share one instance.
+fn owner(id: &str) -> PauseOwner {
+    PauseOwner::new(id, "c-1")
+}
+
 fn by(id: &str, lease_ms: u64) -> PauseCommand {
     PauseCommand {
-        holder: Holder::PauseId(id.to_owned()),
+        holder: Holder::Coordinator(owner(id)),
         lease: Some(Duration::from_millis(lease_ms)),
         max_wait: Duration::from_secs(1),
         wait_outstanding: true,
@@ -30,9 +35,12 @@ async fn pause_then_unpause_with_the_same_id() {
     let status = admin.pause(by("a", 10_000)).await.unwrap();
     assert!(status.paused && admin.gate().is_closed());
     assert_eq!(status.pause_seq, 1);
-    let released = admin.unpause(Some("a")).unwrap();
+    let released = admin.unpause(Some(&owner("a"))).unwrap();
     assert!(released.was_paused);
-    assert_eq!(released.status.holder, Some(Holder::PauseId("a".into())));
+    assert_eq!(
+        released.status.holder,
+        Some(Holder::Coordinator(owner("a")))
+    );
     assert!(!admin.gate().is_closed());
 }
 
@@ -48,7 +56,7 @@ async fn same_id_renews_and_other_id_is_refused() {
         matches!(refused, AdminError::HeldByOther { .. }),
         "{refused}"
     );
-    let refused = admin.unpause(Some("b")).unwrap_err();
+    let refused = admin.unpause(Some(&owner("b"))).unwrap_err();
     assert!(
         matches!(refused, AdminError::HeldByOther { .. }),
         "{refused}"
@@ -89,7 +97,9 @@ async fn lease_expiry_reopens_the_gate() {
     };
     admin.pause(by("a", 2_000)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    admin.renew("a", Duration::from_millis(2_000)).unwrap();
+    admin
+        .renew(&owner("a"), Duration::from_millis(2_000))
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert!(admin.status().paused, "renewed lease expired early");
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -98,9 +108,11 @@ async fn lease_expiry_reopens_the_gate() {
         "lease expired but the node stayed paused"
     );
     assert!(!admin.gate().is_closed());
-    let renew = admin.renew("a", Duration::from_secs(1)).unwrap_err();
+    let renew = admin
+        .renew(&owner("a"), Duration::from_secs(1))
+        .unwrap_err();
     assert!(matches!(renew, AdminError::NotPausedBy { .. }));
-    let released = admin.unpause(Some("a")).unwrap();
+    let released = admin.unpause(Some(&owner("a"))).unwrap();
     assert!(
         !released.was_paused,
         "unpause after expiry must say it was not paused"
@@ -155,7 +167,7 @@ async fn unpause_while_draining_cancels_the_pause() {
     while !admin.gate().is_closed() {
         tokio::task::yield_now().await;
     }
-    admin.unpause(Some("a")).unwrap();
+    admin.unpause(Some(&owner("a"))).unwrap();
     assert_eq!(
         pausing.await.unwrap().unwrap_err(),
         AdminError::CancelledWhileDraining
@@ -176,4 +188,37 @@ async fn rejects_absurd_values() {
         Err(AdminError::InvalidArgument(_))
     ));
     assert!(!admin.gate().is_closed());
+}
+
+/// Issue 17.8: a second coordinator given the same pause id is another holder: it can
+/// neither take over (renew by pausing), renew, nor release the first one's pause.
+#[tokio::test(start_paused = true)]
+async fn another_coordinator_with_the_same_pause_id_is_another_holder() {
+    let admin = admin();
+    admin.pause(by("nightly", 10_000)).await.unwrap();
+    let intruder = PauseOwner::new("nightly", "c-2");
+    let refused = admin
+        .pause(PauseCommand {
+            holder: Holder::Coordinator(intruder.clone()),
+            ..by("nightly", 10_000)
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, AdminError::HeldByOther { .. }),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("coordinator c-1"), "{refused}");
+    let refused = admin.renew(&intruder, Duration::from_secs(1)).unwrap_err();
+    assert!(
+        matches!(refused, AdminError::NotPausedBy { .. }),
+        "{refused}"
+    );
+    let refused = admin.unpause(Some(&intruder)).unwrap_err();
+    assert!(
+        matches!(refused, AdminError::HeldByOther { .. }),
+        "{refused}"
+    );
+    assert!(admin.gate().is_closed());
+    assert!(admin.unpause(Some(&owner("nightly"))).unwrap().was_paused);
 }

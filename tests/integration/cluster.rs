@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::util::{Process, bin, run_json, spawn_listening};
+use crate::util::{Process, bin, run_json, spawn_listening, wait_until};
 
 pub struct Node {
     pub address: String,
@@ -24,9 +24,19 @@ impl Node {
         }
     }
 
+    /// Sends the node a signal (`STOP`, `CONT`, …) by name.
+    pub fn signal(&self, signal: &str) {
+        self.process.signal(signal);
+    }
+
     /// Kills the node (SIGKILL) and starts a new process on the same address.
     pub fn restart(&mut self) {
         self.process.signal("KILL");
+        // SIGKILL is delivered asynchronously: until the old process is gone, it still
+        // holds the port the new one must bind.
+        wait_until(Duration::from_secs(10), "the killed node to exit", || {
+            self.process.has_exited()
+        });
         let mut args = self.args.clone();
         let listen = args.iter().position(|arg| arg == "--listen").unwrap() + 1;
         args[listen] = self.address.clone();
@@ -179,4 +189,56 @@ impl Load {
 
 pub fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|arg| (*arg).to_owned()).collect()
+}
+
+/// The ledger's `TransferRequest` (proto/ledger.proto), declared here because the
+/// reference ledger's generated types live in its own crate.
+#[derive(Clone, PartialEq, prost::Message)]
+struct TransferRequest {
+    #[prost(int64, tag = "1")]
+    from_account: i64,
+    #[prost(int64, tag = "2")]
+    to_account: i64,
+    #[prost(int64, tag = "3")]
+    amount: i64,
+    #[prost(uint64, tag = "4")]
+    hold_inside_gate_ms: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct TransferReply {
+    #[prost(string, tag = "1")]
+    tx_id: String,
+}
+
+/// Moves 1 from account 1 to account 2 through the ledger node at `address`, as a
+/// client that gives up after `deadline` (sent as `grpc-timeout`, as gRPC clients do).
+pub async fn transfer(address: &str, deadline: Duration) -> Result<(), tonic::Status> {
+    let unavailable = |error: &dyn std::fmt::Display| tonic::Status::unavailable(error.to_string());
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|error| unavailable(&error))?
+        .connect()
+        .await
+        .map_err(|error| unavailable(&error))?;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.map_err(|error| unavailable(&error))?;
+    let mut request = tonic::Request::new(TransferRequest {
+        from_account: 1,
+        to_account: 2,
+        amount: 1,
+        hold_inside_gate_ms: 0,
+    });
+    request.set_timeout(deadline);
+    let path = http::uri::PathAndQuery::from_static("/stillpoint.ledger.v1.Ledger/Transfer");
+    let codec = tonic_prost::ProstCodec::<TransferRequest, TransferReply>::default();
+    // The client gives up too, in case the node never answers at all.
+    match tokio::time::timeout(
+        deadline + Duration::from_secs(5),
+        grpc.unary(request, path, codec),
+    )
+    .await
+    {
+        Ok(reply) => reply.map(|_| ()),
+        Err(_) => Err(tonic::Status::deadline_exceeded("the client gave up")),
+    }
 }

@@ -15,6 +15,12 @@ pub struct SrvServer {
 impl SrvServer {
     /// Answers `name` with one SRV record per target port, all on `localhost`.
     pub fn start(name: &str, ports: &[u16]) -> Self {
+        Self::start_with_target(name, ports, "localhost.")
+    }
+
+    /// Like [`Self::start`], with every record pointing at `target` (e.g. `.`).
+    pub fn start_with_target(name: &str, ports: &[u16], target: &str) -> Self {
+        let target = Name::from_ascii(target).unwrap();
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let socket = runtime
             .block_on(tokio::net::UdpSocket::bind("127.0.0.1:0"))
@@ -39,8 +45,7 @@ impl SrvServer {
                 });
                 if asks_for_srv {
                     for (priority, port) in ports.iter().enumerate() {
-                        let target = Name::from_ascii("localhost.").unwrap();
-                        let srv = SRV::new(priority as u16, 10, *port, target);
+                        let srv = SRV::new(priority as u16, 10, *port, target.clone());
                         answer.add_answer(Record::from_rdata(name.clone(), 60, RData::SRV(srv)));
                     }
                 }

@@ -4,8 +4,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::cluster::{Cluster, Load};
-use crate::util::{Process, bin, paused_flags, run, run_json, stderr, wait_until};
+use crate::cluster::{Cluster, Load, transfer};
+use crate::util::{
+    Process, bin, paused_flags, run, run_json, spawn_reading_stderr, stderr, wait_for_line,
+    wait_until,
+};
 
 /// `stillpoint pause --keep-alive` in the background, renewing a `lease` lease.
 fn keep_alive_pause(cluster: &Cluster, lease: &str, state_file: &std::path::Path) -> Process {
@@ -467,4 +470,435 @@ fn min_window_extends_the_hold_and_times_use_the_zone() {
             .unwrap()
             .ends_with("+09:00")
     );
+}
+
+/// A plain `stillpoint pause` of `tiers` recording its window in `state_file`, with
+/// `extra` flags; returns the exit code and the report.
+fn plain_pause(tiers: &[&str], state_file: &std::path::Path, extra: &[&str]) -> (i32, Value) {
+    let mut args = vec!["pause", "--state-file", state_file.to_str().unwrap()];
+    for tier in tiers {
+        args.extend(["-a", tier]);
+    }
+    args.extend(["--output", "json"]);
+    args.extend_from_slice(extra);
+    run_json("stillpoint", &args)
+}
+
+fn outcome_of(report: &Value, address: &str) -> Value {
+    report["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes in {report:#}"))
+        .iter()
+        .find(|node| node["address"] == address)
+        .unwrap_or_else(|| panic!("{address} missing from {report:#}"))
+        .clone()
+}
+
+/// Issue 17.1: `unpause -a` names the nodes to release. When a state file records a
+/// window over other nodes, those are not released behind the operator's back, and
+/// the file is kept (and mentioned), not silently closed.
+#[test]
+fn unpause_with_addresses_releases_those_nodes_and_keeps_a_state_file_that_disagrees() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let auditor = cluster.auditor.address.clone();
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let (code, opened) = plain_pause(&[&ledger], &state_file, &[]);
+    assert_eq!(code, 0, "{opened:#}");
+    let (code, upstream) = run_json("scalar-admin", &["-c", "PAUSE", "-a", &auditor]);
+    assert_eq!(code, 0, "{upstream:#}");
+
+    let output = run(
+        "stillpoint",
+        &[
+            "unpause",
+            "-a",
+            &auditor,
+            "--state-file",
+            state_file.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        paused_flags(&auditor),
+        [false],
+        "the node named on the command line must be released"
+    );
+    assert_eq!(
+        paused_flags(&ledger),
+        [true],
+        "a node that was not named was released (from the state file)"
+    );
+    assert!(
+        state_file.exists(),
+        "the state file's window was closed although its nodes were not named"
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        stderr(&output)
+    );
+    assert!(
+        said.contains(state_file.to_str().unwrap()) && said.contains(&ledger),
+        "the disagreement with the state file must be said: {said}"
+    );
+
+    // The recorded window is still there to close.
+    let (code, closed) = unpause(&state_file);
+    assert_eq!(code, 0, "{closed:#}");
+    assert_eq!(closed["pause_id"], opened["pause_id"]);
+    assert_eq!(paused_flags(&ledger), [false]);
+}
+
+/// Issue 17.2 (and its "done when"): one node SIGSTOPped inside a `--hold-for 1s`
+/// window. Every other node is released without waiting for it, the command returns
+/// within the release deadline, and the report names the node and when its lease ends.
+#[test]
+fn a_stopped_node_does_not_hold_up_the_release_of_the_others() {
+    let cluster = Cluster::start(2);
+    let nodes = all_nodes(&cluster);
+    let child = std::process::Command::new(bin("stillpoint"))
+        .args(["pause", "--hold-for", "1s", "--connect-timeout", "2s"])
+        .args(["-a", &cluster.ledger_tier(), "-a", &cluster.auditor.address])
+        .args(["--output", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let coordinator = Process::new(child, "stillpoint pause --hold-for 1s".to_owned());
+    wait_until(Duration::from_secs(20), "every node to pause", || {
+        paused_flags(&nodes).iter().all(|paused| *paused)
+    });
+    cluster.auditor.signal("STOP");
+    let stopped_at = Instant::now();
+
+    // The ledgers are released one call deadline (2s) after the 1s hold at most.
+    let took = wait_until(
+        Duration::from_secs(8),
+        "the ledger nodes to be released while the auditor is stopped",
+        || {
+            paused_flags(&cluster.ledger_tier())
+                .iter()
+                .all(|paused| !paused)
+        },
+    );
+    let output = coordinator.wait_output(Duration::from_secs(15));
+    let returned_after = stopped_at.elapsed();
+    cluster.auditor.signal("CONT");
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|error| panic!("{error}: {}", String::from_utf8_lossy(&output.stdout)));
+    assert_eq!(output.status.code(), Some(4), "{report:#}");
+    // 1s hold + 5s release deadline (2 × connect timeout + 1s) + slack for a busy machine.
+    assert!(
+        returned_after <= Duration::from_secs(10),
+        "returned {returned_after:?} after the node stopped"
+    );
+    assert!(
+        took <= Duration::from_secs(8),
+        "ledgers released after {took:?}"
+    );
+    for ledger in &cluster.ledgers {
+        assert_eq!(outcome_of(&report, &ledger.address)["outcome"], "released");
+    }
+    let stopped = outcome_of(&report, &cluster.auditor.address);
+    assert_eq!(stopped["outcome"], "release_failed", "{stopped:#}");
+    assert!(
+        stopped["error"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within"),
+        "{stopped:#}"
+    );
+    let lease_ends = stopped["lease_expires_at_ms"]
+        .as_i64()
+        .expect("when its lease ends");
+    assert!(lease_ends > report["pause_start_timestamp_ms"].as_i64().unwrap());
+    assert!(
+        stderr(&output).contains(&cluster.auditor.address),
+        "{}",
+        stderr(&output)
+    );
+}
+
+/// Issue 17.2: a release stuck on a node that does not answer is abandoned by a second
+/// Ctrl-C; the command says which nodes may stay paused and until when.
+#[test]
+fn a_second_interrupt_stops_waiting_for_a_node_that_does_not_answer() {
+    let cluster = Cluster::start(1);
+    let nodes = all_nodes(&cluster);
+    let (coordinator, stderr_lines) = spawn_reading_stderr(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "60s",
+            "--connect-timeout",
+            "60s",
+            "-a",
+            &cluster.ledger_tier(),
+            "-a",
+            &cluster.auditor.address,
+        ],
+        &[],
+    );
+    wait_until(Duration::from_secs(20), "every node to pause", || {
+        paused_flags(&nodes).iter().all(|paused| *paused)
+    });
+    cluster.auditor.signal("STOP");
+    coordinator.signal("INT");
+    wait_for_line(&stderr_lines, "interrupted", Duration::from_secs(10));
+    coordinator.signal("INT");
+    let interrupted_at = Instant::now();
+    let output = coordinator.wait_output(Duration::from_secs(10));
+    cluster.auditor.signal("CONT");
+    assert!(
+        interrupted_at.elapsed() < Duration::from_secs(5),
+        "exited {:?} after the second interrupt",
+        interrupted_at.elapsed()
+    );
+    assert_eq!(output.status.code(), Some(4));
+    // The reader ends at the process's exit, so this takes every line it printed.
+    let rest: Vec<String> = stderr_lines.iter().collect();
+    let said = rest.join("\n");
+    assert!(said.contains("lease"), "{said}");
+}
+
+/// Issue 17.3: requests held at a paused node's gate whose callers gave up (their
+/// gRPC deadline passed) are never run; a patient caller held the same way is.
+#[test]
+fn a_held_request_whose_caller_gave_up_is_never_run() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let before = cluster.transactions();
+    let (code, opened) = plain_pause(&[&ledger], &state_file, &[]);
+    assert_eq!(code, 0, "{opened:#}");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let patient = runtime.spawn({
+        let ledger = ledger.clone();
+        async move { transfer(&ledger, Duration::from_secs(60)).await }
+    });
+    let gave_up = runtime.block_on(futures::future::join_all(
+        (0..3).map(|_| transfer(&ledger, Duration::from_millis(500))),
+    ));
+    for result in &gave_up {
+        let code = result.as_ref().expect_err("held past its deadline").code();
+        assert!(
+            matches!(code, tonic::Code::DeadlineExceeded | tonic::Code::Cancelled),
+            "{result:?}"
+        );
+    }
+    assert_eq!(
+        node_stats(&ledger)["gate"]["held_now"],
+        1,
+        "only the patient transfer should still be held"
+    );
+
+    let (code, closed) = unpause(&state_file);
+    assert_eq!(code, 0, "{closed:#}");
+    runtime
+        .block_on(patient)
+        .unwrap()
+        .expect("the patient transfer runs after the pause");
+    wait_until(Duration::from_secs(10), "the gate to be empty", || {
+        let gate = node_stats(&ledger)["gate"].clone();
+        gate["held_now"] == 0 && gate["in_flight"] == 0
+    });
+    assert_eq!(
+        cluster.transactions(),
+        before + 1,
+        "transfers whose callers had given up were committed after the pause"
+    );
+}
+
+/// Issue 17.5: `--min-window` is kept with the open window, so `unpause` (from another
+/// shell, or closing a `--keep-alive` pause) holds the window as long as asked.
+#[test]
+fn min_window_is_kept_from_pause_to_unpause() {
+    let cluster = Cluster::start(1);
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let tiers = [cluster.ledger_tier(), cluster.auditor.address.clone()];
+    let tiers: Vec<&str> = tiers.iter().map(String::as_str).collect();
+
+    let (code, opened) = plain_pause(&tiers, &state_file, &["--min-window", "2s"]);
+    assert_eq!(code, 0, "{opened:#}");
+    let (code, closed) = unpause(&state_file);
+    assert_eq!(code, 0, "{closed:#}");
+    assert!(
+        closed["window_ms"].as_i64().unwrap() >= 2_000,
+        "plain pause: {closed:#}"
+    );
+
+    let mut keep_alive = std::process::Command::new(bin("stillpoint"));
+    keep_alive
+        .args([
+            "pause",
+            "--keep-alive",
+            "--lease",
+            "3s",
+            "--max-pause-wait",
+            "1s",
+        ])
+        .args(["--min-window", "2s", "-a", tiers[0], "-a", tiers[1]])
+        .args(["--state-file", state_file.to_str().unwrap()])
+        .stdout(std::process::Stdio::null());
+    let mut keep_alive = Process::new(keep_alive.spawn().unwrap(), "keep-alive".to_owned());
+    wait_until(Duration::from_secs(20), "the pause to be recorded", || {
+        state_file.exists()
+    });
+    let (code, closed) = unpause(&state_file);
+    assert_eq!(code, 0, "{closed:#}");
+    assert!(
+        closed["window_ms"].as_i64().unwrap() >= 2_000,
+        "keep-alive: {closed:#}"
+    );
+    wait_until(Duration::from_secs(10), "the keep-alive to end", || {
+        keep_alive.has_exited()
+    });
+}
+
+/// Issue 17.6: while a later tier drains, the earlier tiers' leases are renewed. Here
+/// tier 2 takes ~2s to drain under a 3s lease, and the window is then held 1.5s: the
+/// first tier's lease would have run out before the first renewal of the hold.
+#[test]
+fn earlier_tiers_keep_their_lease_while_a_later_tier_drains() {
+    let cluster = Cluster::start_with(2, &["--allow-slow-transfers"]);
+    let first = cluster.ledgers[0].address.clone();
+    let second = cluster.ledgers[1].address.clone();
+    let slow = Load::start(&second, 1, &["--hold-inside-gate", "2400ms"]);
+    wait_until(
+        Duration::from_secs(20),
+        "the slow transfer to be inside the gate",
+        || node_stats(&second)["gate"]["in_flight"].as_u64() == Some(1),
+    );
+    let (code, window) = run_json(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "1500ms",
+            "--lease",
+            "3s",
+            "--max-pause-wait",
+            "2500ms",
+            "-a",
+            &first,
+            "-a",
+            &second,
+            "--output",
+            "json",
+        ],
+    );
+    slow.stop();
+    assert_eq!(
+        outcome_of(&window, &second)["drained_in_flight"],
+        1,
+        "the second tier did not have to drain, so the test proved nothing: {window:#}"
+    );
+    assert_eq!(code, 0, "{window:#}");
+    assert_eq!(window["window_valid"], true, "{window:#}");
+}
+
+/// Issue 17.7: two plain pauses sharing a state file: the second is refused before it
+/// pauses anything, and the file keeps the first one's record.
+#[test]
+fn two_plain_pauses_sharing_a_state_file_cannot_both_succeed() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let auditor = cluster.auditor.address.clone();
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let start = |address: &str| {
+        let child = std::process::Command::new(bin("stillpoint"))
+            .args(["pause", "-a", address, "--output", "json"])
+            .args(["--state-file", state_file.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        Process::new(child, format!("pause -a {address}"))
+    };
+    // Started together: both look for a record before either has written one.
+    let (a, b) = (start(&ledger), start(&auditor));
+    let a = a.wait_output(Duration::from_secs(60));
+    let b = b.wait_output(Duration::from_secs(60));
+    let codes = (a.status.code(), b.status.code());
+    let (winner, loser, loser_node) = match codes {
+        (Some(0), Some(2)) => (a, b, auditor.clone()),
+        (Some(2), Some(0)) => (b, a, ledger.clone()),
+        _ => panic!(
+            "exactly one pause may win, got exit codes {codes:?}:\n{}\n{}",
+            stderr(&a),
+            stderr(&b)
+        ),
+    };
+    assert!(
+        stderr(&loser).contains(state_file.to_str().unwrap()),
+        "{}",
+        stderr(&loser)
+    );
+    assert_eq!(
+        paused_flags(&loser_node),
+        [false],
+        "the refused pause paused its node"
+    );
+    let won: Value = serde_json::from_slice(&winner.stdout).unwrap();
+    let recorded: Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    assert_eq!(recorded["record"]["pause_id"], won["pause_id"]);
+    let (code, closed) = unpause(&state_file);
+    assert_eq!(code, 0, "{closed:#}");
+}
+
+/// Issue 17.8: a second coordinator given the same `--pause-id` is another holder: it
+/// is refused, and it cannot release the first one's pause.
+#[test]
+fn a_second_coordinator_reusing_a_pause_id_is_refused() {
+    let cluster = Cluster::start(1);
+    let nodes = all_nodes(&cluster);
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let tiers = [cluster.ledger_tier(), cluster.auditor.address.clone()];
+    let tiers: Vec<&str> = tiers.iter().map(String::as_str).collect();
+    let (code, opened) = plain_pause(&tiers, &state_file, &["--pause-id", "nightly"]);
+    assert_eq!(code, 0, "{opened:#}");
+
+    let (code, second) = run_json(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "50ms",
+            "--pause-id",
+            "nightly",
+            "-a",
+            tiers[0],
+            "-a",
+            tiers[1],
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(
+        code, 3,
+        "the second coordinator must be refused: {second:#}"
+    );
+    let reason = second["invalid_reasons"][0].as_str().unwrap();
+    assert!(
+        reason.contains("already paused by pause id nightly"),
+        "{reason}"
+    );
+    assert!(
+        paused_flags(&nodes).iter().all(|paused| *paused),
+        "the second coordinator released the first one's pause"
+    );
+    let (code, closed) = unpause(&state_file);
+    assert_eq!(code, 0, "{closed:#}");
+    assert_eq!(closed["window_valid"], true, "{closed:#}");
 }

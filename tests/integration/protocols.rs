@@ -36,6 +36,7 @@ fn pauses_a_node_that_implements_only_the_upstream_methods() {
         "{warnings}"
     );
     assert_eq!(node.calls.pauses.load(SeqCst), 1);
+    assert!(node.calls.waited.load(SeqCst), "the CLI waits by default");
     assert_eq!(node.calls.unpauses.load(SeqCst), 1);
     assert!(!node.calls.paused.load(SeqCst));
 
@@ -229,4 +230,64 @@ fn nodes_serve_health_and_reflection() {
             );
         }
     });
+}
+
+/// Issue 17.4: an upstream-only node cannot say how many requests were inside when it
+/// paused; with `--no-wait` nothing waited for them either, so the window is not valid.
+#[test]
+fn no_wait_on_a_node_that_cannot_count_requests_in_flight_is_not_a_valid_window() {
+    let node = UpstreamOnlyServer::start();
+    let address = node.address.to_string();
+    let (code, window) = run_json(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "50ms",
+            "--no-wait",
+            "-a",
+            &address,
+            "--output",
+            "json",
+        ],
+    );
+    assert!(
+        !node.calls.waited.load(SeqCst),
+        "--no-wait was not passed on"
+    );
+    assert_eq!(window["window_valid"], false, "{window:#}");
+    assert_eq!(code, 5, "{window:#}");
+    let reasons = window["invalid_reasons"].to_string();
+    assert!(
+        reasons.contains(&address) && reasons.contains("in flight"),
+        "{reasons}"
+    );
+    assert!(!node.calls.paused.load(SeqCst), "the node was not released");
+}
+
+/// Issue 20.12: an SRV record whose target is "." says the service is not available
+/// (RFC 2782); that is what the operator must read, not an empty host name.
+#[test]
+fn an_srv_target_of_dot_says_the_service_is_not_available() {
+    let dns = SrvServer::start_with_target("_admin._tcp.gone.test.", &[50051], ".");
+    let output = run(
+        "stillpoint",
+        &[
+            "check-paused",
+            "-s",
+            "_admin._tcp.gone.test.",
+            "--dns-server",
+            &dns.address.to_string(),
+        ],
+    );
+    assert_ne!(output.status.code(), Some(0));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        stderr(&output)
+    );
+    assert!(
+        said.contains("_admin._tcp.gone.test.") && said.contains("service not available"),
+        "{said}"
+    );
 }

@@ -14,6 +14,7 @@ use rcgen::{
 };
 use serde_json::Value;
 
+use crate::upstream_server::UpstreamOnlyServer;
 use crate::util::{Process, bin, run_with_env, spawn_listening_logged, stderr};
 
 /// The name in the node's certificate (besides 127.0.0.1); `localhost` is not in it.
@@ -446,7 +447,7 @@ fn a_wrong_ca_or_host_name_fails_the_handshake_with_a_clear_error() {
     let output = hold_pause(&node, &[], &token);
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     assert!(
-        stderr(&output).contains("if the node serves TLS, pass --tls"),
+        stderr(&output).contains("speaks TLS, but this client connected in plaintext"),
         "{}",
         stderr(&output)
     );
@@ -522,4 +523,210 @@ url = "file://{storage}"
         "the error should still name the database: {}",
         stderr(&output)
     );
+}
+
+/// Issue 19.7: a token is never sent without TLS to an address that is not loopback,
+/// unless the operator says the network is trusted; the refusal says why and what to do.
+#[test]
+fn an_admin_token_is_not_sent_in_cleartext_to_a_remote_address() {
+    let pki = Pki::generate();
+    let token_file = pki.path("operator.token");
+    // TEST-NET-3: nothing answers there, and nothing must be tried.
+    let remote = "203.0.113.7:50051";
+    let output = stillpoint(
+        &[
+            "pause",
+            "--hold-for",
+            "50ms",
+            "-a",
+            remote,
+            "--token-file",
+            &token_file,
+            "--connect-timeout",
+            "2s",
+        ],
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    for needle in ["cleartext", remote, "--tls", "--allow-plaintext-token"] {
+        assert!(
+            stderr(&output).contains(needle),
+            "expected {needle:?} in {}",
+            stderr(&output)
+        );
+    }
+    // Every command that sends the token keeps the rule (here from the environment).
+    let output = stillpoint(
+        &["check-paused", "-a", remote, "--connect-timeout", "2s"],
+        &[("STILLPOINT_ADMIN_TOKEN", OPERATOR_TOKEN)],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(said.contains("cleartext"), "{said}");
+}
+
+/// Issue 19.7: a client without TLS meeting a TLS port, and a TLS client meeting a
+/// plaintext port, are told which of the two happened.
+#[test]
+fn tls_and_plaintext_mismatches_are_named() {
+    let pki = Pki::generate();
+    let node = SecureNode::start(&pki);
+    let output = hold_pause(&node, &[], &[("STILLPOINT_ADMIN_TOKEN", OPERATOR_TOKEN)]);
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    for needle in [
+        "speaks TLS",
+        "plaintext",
+        "--ca-root-cert-path",
+        &node.admin,
+    ] {
+        assert!(
+            stderr(&output).contains(needle),
+            "expected {needle:?} in {}",
+            stderr(&output)
+        );
+    }
+
+    let plain = UpstreamOnlyServer::start();
+    let plain = plain.address.to_string();
+    let ca = pki.path("ca.pem");
+    let output = stillpoint(
+        &["check-paused", "-a", &plain, "--ca-root-cert-path", &ca],
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(said.contains("speaks plaintext"), "{said}");
+    assert!(said.contains("not TLS"), "{said}");
+}
+
+/// A port that looks like a TLS server to a plaintext client: it keeps what it reads,
+/// and after 300 ms of silence answers with a TLS alert record and closes.
+struct FakeTlsPort {
+    address: String,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl FakeTlsPort {
+    fn start() -> FakeTlsPort {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = received.clone();
+        // Blocks in accept until the test process exits; it owns no other resource.
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let keep = keep.clone();
+                std::thread::spawn(move || {
+                    stream
+                        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+                        .unwrap();
+                    let mut bytes = Vec::new();
+                    let mut buffer = [0u8; 4096];
+                    while let Ok(read @ 1..) = stream.read(&mut buffer) {
+                        bytes.extend_from_slice(&buffer[..read]);
+                    }
+                    // alert, TLS 1.2 record, length 2: fatal decode_error.
+                    let _ = stream.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32]);
+                    keep.lock().unwrap().push(bytes);
+                });
+            }
+        });
+        FakeTlsPort { address, received }
+    }
+
+    /// Frame types of the HTTP/2 frames each connection carried after the preface.
+    fn frame_types(&self) -> Vec<Vec<u8>> {
+        const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|bytes| {
+                let mut types = Vec::new();
+                let mut rest = bytes.strip_prefix(PREFACE).unwrap_or(&[]);
+                while rest.len() >= 9 {
+                    let length = usize::from(rest[0]) << 16
+                        | usize::from(rest[1]) << 8
+                        | usize::from(rest[2]);
+                    types.push(rest[3]);
+                    rest = &rest[(9 + length).min(rest.len())..];
+                }
+                types
+            })
+            .collect()
+    }
+}
+
+/// Issue 19.7: a plaintext client with a token, pointed at a TLS port on loopback, must
+/// find out it is TLS before the token goes out: no HEADERS frame reaches the port.
+#[test]
+fn a_plaintext_client_learns_a_port_speaks_tls_before_sending_its_token() {
+    let port = FakeTlsPort::start();
+    let output = stillpoint(
+        &[
+            "check-paused",
+            "-a",
+            &port.address,
+            "--connect-timeout",
+            "3s",
+        ],
+        &[("STILLPOINT_ADMIN_TOKEN", OPERATOR_TOKEN)],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let connections = port.frame_types();
+    assert!(!connections.is_empty(), "the client never connected");
+    const HEADERS: u8 = 0x1;
+    assert!(
+        connections.iter().all(|types| !types.contains(&HEADERS)),
+        "a request (and its token) went out in cleartext to a TLS port: {connections:?}"
+    );
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(said.contains("speaks TLS"), "{said}");
+}
+
+/// Issue 19.12: a client certificate signed by a CA the node does not trust: the CLI
+/// says the node refused the client certificate and what to check, and the node logs
+/// the refused handshake at warn with the peer's address and the reason.
+#[test]
+fn a_client_certificate_from_another_ca_is_named_and_the_node_logs_the_refusal() {
+    let pki = Pki::generate();
+    let node = SecureNode::start(&pki);
+    let ca = pki.path("ca.pem");
+    let stranger_cert = pki.path("stranger.pem");
+    let stranger_key = pki.path("stranger.key");
+    let output = hold_pause(
+        &node,
+        &[
+            "--ca-root-cert-path",
+            &ca,
+            "--tls-client-cert",
+            &stranger_cert,
+            "--tls-client-key",
+            &stranger_key,
+        ],
+        &[("STILLPOINT_ADMIN_TOKEN", OPERATOR_TOKEN)],
+    );
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    for needle in [
+        "refused our client certificate",
+        "--tls-client-cert",
+        &node.admin,
+    ] {
+        assert!(
+            stderr(&output).contains(needle),
+            "expected {needle:?} in {}",
+            stderr(&output)
+        );
+    }
+    let log = node.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains("TLS handshake failed") && line.contains("client certificate"))
+        .unwrap_or_else(|| panic!("no refused handshake logged:\n{log}"));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("peer=127.0.0.1:"), "{line}");
+    assert!(line.contains("UnknownIssuer"), "{line}");
+    assert!(node.never_paused(&pki));
 }

@@ -162,6 +162,63 @@ pub fn run_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Outpu
     process.wait_output(Duration::from_secs(120))
 }
 
+/// Starts one of our binaries in the background with its stdout piped and its stderr
+/// read line by line into the returned channel (for tests that wait for a log line).
+pub fn spawn_reading_stderr(
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Process, mpsc::Receiver<String>) {
+    let mut child = Command::new(bin(program))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (sender, receiver) = mpsc::channel();
+    // Ends when the child closes its stderr (at exit).
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (
+        Process::new(child, format!("{program} {}", args.join(" "))),
+        receiver,
+    )
+}
+
+/// Waits (bounded) for a line containing `needle`; returns every line read so far.
+pub fn wait_for_line(
+    lines: &mpsc::Receiver<String>,
+    needle: &str,
+    within: Duration,
+) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                let found = line.contains(needle);
+                seen.push(line);
+                if found {
+                    return seen;
+                }
+            }
+            Err(_) => panic!(
+                "no line with {needle:?} within {within:?}; read:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+}
+
 /// Runs a binary that prints one JSON object; returns its exit code and the object.
 pub fn run_json(program: &str, args: &[&str]) -> (i32, Value) {
     let output = run(program, args);

@@ -4,8 +4,9 @@
 //! - `wire`: code generated from `proto/ledger.proto`.
 //! - `server.rs`: the `Ledger` and `Auditor` services over [`crate::node`], and the one
 //!   place where node errors become `tonic::Status`.
-//! - `gated.rs`: [`GatedApp`], which puts an application service behind the node's gate
-//!   and lets each call finish even if its client goes away.
+//! - `gated.rs`: [`gated_app`], which puts an application service behind the node's
+//!   gate and lets each admitted call finish even if its client goes away (a held call
+//!   whose client goes away never runs).
 //! - `client.rs`: the auditor client ledger nodes use and the ledger client the load
 //!   generator uses, answering in domain types.
 
@@ -13,7 +14,7 @@ pub mod client;
 mod gated;
 pub mod server;
 
-pub use gated::GatedApp;
+pub use gated::gated_app;
 
 /// Generated wire types. Public so that integration tests can send fields the load
 /// generator never sends (such as `hold_inside_gate_ms`).

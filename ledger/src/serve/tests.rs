@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use stillpoint::grpc::client::{ConnectOptions, NodeClient};
+use stillpoint::node::PauseOwner;
 use stillpoint::resolve::NodeAddress;
 use tonic::Code;
 
@@ -139,7 +140,12 @@ async fn a_paused_ledger_rejects_transfers_and_serves_again_after_unpause() {
         let mut admin = cluster.admin().await;
         let lease = Duration::from_secs(30);
         admin
-            .pause_leased("test", lease, Duration::from_secs(5), true)
+            .pause_leased(
+                &PauseOwner::new("test", ""),
+                lease,
+                Duration::from_secs(5),
+                true,
+            )
             .await
             .unwrap();
         assert!(
@@ -151,7 +157,10 @@ async fn a_paused_ledger_rejects_transfers_and_serves_again_after_unpause() {
         );
         // The admin service is not behind the gate.
         assert!(admin.status().await.unwrap().paused);
-        admin.unpause_leased("test").await.unwrap();
+        admin
+            .unpause_leased(Some(&PauseOwner::new("test", "")))
+            .await
+            .unwrap();
         assert_eq!(
             client.transfer(2, 1, 5, 0).await,
             TransferOutcome::Committed
@@ -210,7 +219,7 @@ async fn a_pause_waits_for_a_transfer_whose_client_went_away() {
         let mut admin = cluster.admin().await;
         let paused = admin
             .pause_leased(
-                "test",
+                &PauseOwner::new("test", ""),
                 Duration::from_secs(30),
                 Duration::from_secs(10),
                 true,
@@ -229,7 +238,10 @@ async fn a_pause_waits_for_a_transfer_whose_client_went_away() {
         let report = cluster.check().await;
         assert!(report.ok, "{report}");
 
-        admin.unpause_leased("test").await.unwrap();
+        admin
+            .unpause_leased(Some(&PauseOwner::new("test", "")))
+            .await
+            .unwrap();
         cluster.shutdown.cancel();
     };
     tokio::join!(servers, test);
@@ -247,7 +259,7 @@ async fn a_ledger_node_retries_a_paused_auditor() {
         let mut auditor = cluster.auditor_admin().await;
         auditor
             .pause_leased(
-                "test",
+                &PauseOwner::new("test", ""),
                 Duration::from_secs(30),
                 Duration::from_secs(5),
                 true,
@@ -264,7 +276,10 @@ async fn a_ledger_node_retries_a_paused_auditor() {
                 stats["gate"]["rejected_total"].as_u64().unwrap() >= 1
             }) => {}
         }
-        auditor.unpause_leased("test").await.unwrap();
+        auditor
+            .unpause_leased(Some(&PauseOwner::new("test", "")))
+            .await
+            .unwrap();
         assert_eq!(transfer.await, TransferOutcome::Committed);
         let report = cluster.check().await;
         assert!(report.ok, "{report}");

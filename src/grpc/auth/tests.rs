@@ -15,6 +15,7 @@ use crate::gate::{ClosedPolicy, Gate};
 use crate::grpc::client::{CallError, ConnectOptions, NodeClient, TlsOptions};
 use crate::grpc::server::admin_routes_with;
 use crate::node::NodeAdmin;
+use crate::node::PauseOwner;
 use crate::resolve::NodeAddress;
 
 const OPERATOR: &str = "op-0123456789abcdef-secret";
@@ -298,7 +299,12 @@ async fn a_node_refuses_calls_without_the_token_and_says_how_to_fix_it() {
         .unwrap();
     assert!(!observer.status().await.unwrap().paused);
     let denied = observer
-        .pause_leased("p1", Duration::from_secs(10), Duration::from_secs(1), true)
+        .pause_leased(
+            &PauseOwner::new("p1", ""),
+            Duration::from_secs(10),
+            Duration::from_secs(1),
+            true,
+        )
         .await
         .unwrap_err();
     assert!(
@@ -311,11 +317,22 @@ async fn a_node_refuses_calls_without_the_token_and_says_how_to_fix_it() {
         .await
         .unwrap();
     let paused = operator
-        .pause_leased("p1", Duration::from_secs(10), Duration::from_secs(1), true)
+        .pause_leased(
+            &PauseOwner::new("p1", ""),
+            Duration::from_secs(10),
+            Duration::from_secs(1),
+            true,
+        )
         .await
         .unwrap();
     assert!(paused.paused && admin.gate().is_closed());
-    assert!(operator.unpause_leased("p1").await.unwrap().was_paused);
+    assert!(
+        operator
+            .unpause_leased(Some(&PauseOwner::new("p1", "")))
+            .await
+            .unwrap()
+            .was_paused
+    );
     node.stop().await;
 }
 

@@ -1,0 +1,241 @@
+//! TLS handshakes that go wrong, on both sides of the admin port.
+//!
+//! - **Node side**: [`accept_tls`] accepts the admin port's TLS connections itself
+//!   (rather than through tonic's `tls_config`, which logs a failed handshake at debug
+//!   without the peer), so every refused handshake — a client certificate from another
+//!   CA, a plaintext client, a client that refused the node's certificate — is logged
+//!   at `warn` with the peer's address and why.
+//! - **Client side**: the probes `client.rs` uses to say what went wrong instead of
+//!   "transport error": [`what_port_speaks`] (does this port speak TLS?) and
+//!   [`client_certificate_refusal`] (did the node refuse our client certificate?).
+//!   Neither sends anything secret: a TLS ClientHello, a handshake with our (public)
+//!   certificate, nothing after it.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt as _};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::TcpIncoming;
+
+use super::auth::{ClientIdentity, install_crypto_provider};
+use crate::resolve::NodeAddress;
+
+/// How long a client may take over its handshake before it is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; beyond it, new connections wait to be accepted.
+const MAX_HANDSHAKES: usize = 256;
+
+/// The admin TLS settings could not be turned into a TLS configuration: which file,
+/// and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsConfigError(String);
+
+/// The node's rustls configuration: its identity, and with a client CA, certificates
+/// verified whenever presented but *required* by `auth::Guarded` (see
+/// `ServerTls::config` for why), HTTP/2 by ALPN.
+pub(crate) fn server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    client_ca_pem: Option<&str>,
+) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+    install_crypto_provider();
+    let error =
+        |what: &str, error: &dyn std::fmt::Display| TlsConfigError(format!("{what}: {error}"));
+    let certs = certificates(cert_pem).map_err(|e| error("the TLS certificate", &e))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| error("the TLS key", &e))?;
+    let builder = rustls::ServerConfig::builder();
+    let builder = match client_ca_pem {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in certificates(ca).map_err(|e| error("the client CA", &e))? {
+                roots.add(cert).map_err(|e| error("the client CA", &e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder(roots.into())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| error("the client CA", &e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| error("the TLS certificate and key", &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, rustls::pki_types::pem::Error> {
+    CertificateDer::pem_slice_iter(pem.as_bytes()).collect()
+}
+
+/// TLS connections of an admin port: each accepted TCP connection is handshaken
+/// (several at once, each within a timeout); a failed handshake is logged at `warn`
+/// with the peer's address and the reason, and skipped. The streams carry the client
+/// certificate to `auth::Guarded` as tonic's own TLS does.
+pub(crate) fn accept_tls(
+    config: Arc<rustls::ServerConfig>,
+    incoming: TcpIncoming,
+) -> impl Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send + 'static {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    incoming
+        .map(move |accepted| {
+            let acceptor = acceptor.clone();
+            async move {
+                // Accept errors go to tonic, which knows which of them end the server.
+                let tcp = match accepted {
+                    Ok(tcp) => tcp,
+                    Err(error) => return Some(Err(error)),
+                };
+                let peer = tcp
+                    .peer_addr()
+                    .map_or_else(|_| "unknown".to_owned(), |peer| peer.to_string());
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => Some(Ok(stream)),
+                    Ok(Err(error)) => {
+                        tracing::warn!(%peer, reason = %refusal_reason(&error), "TLS handshake failed");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            %peer,
+                            reason = "no handshake within 10s",
+                            "TLS handshake failed"
+                        );
+                        None
+                    }
+                }
+            }
+        })
+        .buffer_unordered(MAX_HANDSHAKES)
+        .filter_map(std::future::ready)
+}
+
+/// Says which side refused, for the node's log.
+fn refusal_reason(error: &io::Error) -> String {
+    let tls = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(rustls::Error::InvalidCertificate(_)) => format!(
+            "the client certificate was refused: {error} (not signed by this node's client \
+             CA, expired, or not for client authentication)"
+        ),
+        Some(rustls::Error::NoCertificatesPresented) => {
+            format!("the client presented no certificate: {error}")
+        }
+        Some(rustls::Error::AlertReceived(_)) => format!(
+            "the client ended the handshake: {error} (does it trust this node's certificate \
+             and name?)"
+        ),
+        Some(rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. }) => {
+            format!("not a TLS client (plaintext?): {error}")
+        }
+        _ => error.to_string(),
+    }
+}
+
+/// What a port answers to a TLS ClientHello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PortSpeaks {
+    /// A TLS record (a ServerHello or an alert).
+    Tls,
+    /// An HTTP/2 frame: a plaintext gRPC server, which sends its SETTINGS first.
+    Http2,
+    /// Nothing we recognise (or nothing at all before the timeout).
+    Unknown(String),
+}
+
+/// Sends a TLS ClientHello (nothing else) and looks at the first bytes of the answer.
+/// Only connection errors are errors.
+pub(crate) async fn what_port_speaks(
+    address: &NodeAddress,
+    timeout: Duration,
+) -> Result<PortSpeaks, io::Error> {
+    install_crypto_provider();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = ServerName::try_from(address.host().to_owned())
+        .unwrap_or_else(|_| ServerName::try_from("stillpoint.invalid").expect("a valid name"));
+    let mut hello = Vec::new();
+    rustls::ClientConnection::new(Arc::new(config), name)
+        .map_err(io::Error::other)?
+        .write_tls(&mut hello)?;
+    let probe = async {
+        let mut tcp = TcpStream::connect(address.to_string()).await?;
+        tcp.write_all(&hello).await?;
+        let mut answer = Vec::new();
+        let mut buffer = [0u8; 64];
+        while answer.len() < 9 {
+            match tcp.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => answer.extend_from_slice(&buffer[..read]),
+            }
+        }
+        Ok::<_, io::Error>(answer)
+    };
+    let answer = match tokio::time::timeout(timeout, probe).await {
+        Ok(answer) => answer?,
+        Err(_) => return Ok(PortSpeaks::Unknown("no answer".to_owned())),
+    };
+    Ok(match answer.as_slice() {
+        // A handshake (22) or alert (21) record of TLS 1.x.
+        [22 | 21, 3, ..] => PortSpeaks::Tls,
+        // A frame header: 3 length bytes, then the type; SETTINGS (4) or GOAWAY (7).
+        [_, _, _, 4 | 7, ..] => PortSpeaks::Http2,
+        [] => PortSpeaks::Unknown("it closed the connection without answering".to_owned()),
+        bytes => PortSpeaks::Unknown(format!("it answered {:02x?}", &bytes[..bytes.len().min(9)])),
+    })
+}
+
+/// After a TLS connection that presented our client certificate failed on its first
+/// call: connects once more, completes the handshake and reads, to catch the alert a
+/// node sends when it refuses the certificate (a TLS 1.3 server checks it only after
+/// the client's handshake is done, so the call itself saw just a closed connection).
+/// Returns the alert, e.g. "received fatal alert: UnknownCA"; `None` when the node
+/// accepted the certificate or could not be asked (no CA file to verify it with).
+pub(crate) async fn client_certificate_refusal(
+    address: &NodeAddress,
+    ca_pem: Option<&str>,
+    override_authority: Option<&str>,
+    identity: &ClientIdentity,
+    timeout: Duration,
+) -> Option<String> {
+    install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certificates(ca_pem?).ok()? {
+        roots.add(cert).ok()?;
+    }
+    let certs = certificates(&identity.cert_pem).ok()?;
+    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.expose().as_bytes()).ok()?;
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .ok()?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name =
+        ServerName::try_from(override_authority.unwrap_or(address.host()).to_owned()).ok()?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let ask = async {
+        let tcp = TcpStream::connect(address.to_string()).await.ok()?;
+        let error = match connector.connect(name, tcp).await {
+            Ok(mut stream) => {
+                let mut buffer = [0u8; 64];
+                stream.read(&mut buffer).await.err()?
+            }
+            Err(error) => error,
+        };
+        let text = error.to_string();
+        text.contains("fatal alert").then_some(text)
+    };
+    tokio::time::timeout(timeout, ask).await.ok().flatten()
+}
