@@ -28,6 +28,10 @@ use crate::time::unix_ms;
 /// How many differing rows a failed check names.
 const NAMED_ROWS: usize = 5;
 
+/// How every scratch database and file of a drill begins, so that leftovers of a
+/// drill that was killed can be found (`stillpoint drill --cleanup`).
+pub const SCRATCH_MARKER: &str = "stillpoint_drill_";
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DrillReport {
     pub backup_id: String,
@@ -320,8 +324,12 @@ async fn restore_one(
 }
 
 /// A scratch database or file name: lower case (PostgreSQL folds unquoted names),
-/// short enough for PostgreSQL's 63-byte identifiers, unique per drill run.
+/// short enough for PostgreSQL's 63-byte identifiers, unique per drill run. The
+/// readable part folds case and punctuation (`a-x`, `a_x` and `A.x` read alike), so a
+/// hash of the exact name follows it: two databases never share a scratch target.
 fn scratch_label(run_id: &str, database: &str) -> String {
+    const HASH_HEX: usize = 8;
+    let fixed = format!("{SCRATCH_MARKER}{run_id}__").len() + HASH_HEX;
     let safe: String = database
         .chars()
         .map(|c| {
@@ -331,9 +339,10 @@ fn scratch_label(run_id: &str, database: &str) -> String {
                 '_'
             }
         })
-        .take(63 - "stillpoint_drill_xxxxxx_".len())
+        .take(63 - fixed)
         .collect();
-    format!("stillpoint_drill_{run_id}_{safe}")
+    let hash = blake3::hash(database.as_bytes()).to_hex();
+    format!("{SCRATCH_MARKER}{run_id}_{safe}_{}", &hash[..HASH_HEX])
 }
 
 fn window_check(manifest: &Manifest) -> CheckResult {
@@ -659,10 +668,41 @@ mod tests {
         assert_eq!(render(&rows), "1|NULL\n2|x");
     }
 
+    /// Issue 18.11: `a-x` and `a_x` were both `…_a_x`, so two databases of one backup
+    /// shared a scratch target.
+    #[test]
+    fn scratch_labels_of_different_names_never_collide() {
+        let names = [
+            "a-x",
+            "a_x",
+            "A_x",
+            "a.x",
+            "a x",
+            "ä_x",
+            &"l".repeat(80),
+            &format!("{}m", "l".repeat(80)),
+        ];
+        let labels: std::collections::BTreeSet<String> = names
+            .iter()
+            .map(|name| scratch_label("a1b2c3", name))
+            .collect();
+        assert_eq!(labels.len(), names.len(), "{labels:?}");
+        for label in &labels {
+            assert!(label.len() <= 63, "{label}");
+            assert!(
+                label
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{label}"
+            );
+        }
+    }
+
     #[test]
     fn scratch_labels_fit_postgres_identifiers() {
         let label = scratch_label("a1b2c3", &"Ledger-DB".repeat(10));
         assert!(label.len() <= 63, "{label}");
         assert!(label.starts_with("stillpoint_drill_a1b2c3_ledger_db"));
+        assert_eq!(label, scratch_label("a1b2c3", &"Ledger-DB".repeat(10)));
     }
 }
