@@ -17,7 +17,7 @@ use std::time::{Instant, SystemTime};
 
 use futures::future::join_all;
 
-use crate::adapters::{self, Adapter, Rows};
+use crate::adapters::{self, Adapter, Rows, Value};
 use crate::manifest::{DatabaseEntry, Manifest};
 use crate::pipeline::Decryption;
 use crate::restore::{self, RestoreError, RestoreReport};
@@ -477,12 +477,13 @@ async fn run_query(
         .map_err(|error| format!("query on {} failed: {error}", query.database))
 }
 
-/// Rows on lines, columns joined by `|`, NULL as `NULL`: what `expect` is compared with.
+/// Rows on lines, columns joined by `|`, NULL as `NULL`, bytes as `x'…'`: how rows
+/// appear in reports.
 fn render(rows: &Rows) -> String {
     rows.iter()
         .map(|row| {
             row.iter()
-                .map(|value| value.as_deref().unwrap_or("NULL"))
+                .map(Value::to_string)
                 .collect::<Vec<_>>()
                 .join("|")
         })
@@ -490,8 +491,8 @@ fn render(rows: &Rows) -> String {
         .join("\n")
 }
 
-/// A multiset of rows: each distinct row and how often it occurs.
-type RowCounts = BTreeMap<Vec<Option<String>>, usize>;
+/// A multiset of rows: each distinct row (typed values) and how often it occurs.
+type RowCounts = BTreeMap<Vec<Value>, usize>;
 
 /// Compares two result sets as multisets and names what only one side has.
 fn compare_rows(
@@ -509,7 +510,7 @@ fn compare_rows(
     };
     let (left_total, right_total) = (left_rows.len(), right_rows.len());
     let (left_counts, right_counts) = (count(left_rows), count(right_rows));
-    fn only<'a>(this: &'a RowCounts, other: &RowCounts) -> Vec<&'a Vec<Option<String>>> {
+    fn only<'a>(this: &'a RowCounts, other: &RowCounts) -> Vec<&'a Vec<Value>> {
         let mut rows = Vec::new();
         for (row, &n) in this {
             let extra = n.saturating_sub(other.get(row).copied().unwrap_or(0));
@@ -527,7 +528,7 @@ fn compare_rows(
             digest(&left_counts)
         ));
     }
-    let name = |rows: &[&Vec<Option<String>>]| {
+    let name = |rows: &[&Vec<Value>]| {
         let mut shown: Vec<String> = rows
             .iter()
             .take(NAMED_ROWS)
@@ -561,22 +562,15 @@ fn compare_rows(
     Err(detail)
 }
 
-/// An order-independent digest of a multiset of rows (BLAKE3 of the sorted rows), so
-/// two passing reports can be compared by eye.
+/// An order-independent digest of a multiset of rows (BLAKE3 of the sorted rows, each
+/// value with its type), so two passing reports can be compared by eye.
 fn digest(rows: &RowCounts) -> String {
     let mut hasher = blake3::Hasher::new();
     for (row, n) in rows {
         for _ in 0..*n {
+            hasher.update(&(row.len() as u64).to_le_bytes());
             for value in row {
-                match value {
-                    Some(text) => {
-                        hasher.update(&(text.len() as u64).to_le_bytes());
-                        hasher.update(text.as_bytes());
-                    }
-                    None => {
-                        hasher.update(&u64::MAX.to_le_bytes());
-                    }
-                }
+                value.hash_into(&mut hasher);
             }
         }
     }
@@ -610,7 +604,7 @@ mod tests {
     fn rows(values: &[&str]) -> Rows {
         values
             .iter()
-            .map(|v| vec![Some((*v).to_owned()), None])
+            .map(|v| vec![Value::Text((*v).to_owned()), Value::Null])
             .collect()
     }
 
@@ -647,6 +641,16 @@ mod tests {
     }
 
     #[test]
+    fn rows_differing_only_in_bytes_or_type_are_different_rows() {
+        let bytes = |first: u8| vec![vec![Value::Bytes(vec![first, 0, 0x11, 0x22, 0x33])]];
+        let detail = compare_rows(&query("a"), bytes(0xff), &query("b"), bytes(0xfe)).unwrap_err();
+        assert!(detail.contains("only in a: x'ff00112233'"), "{detail}");
+        let text = vec![vec![Value::Text("ab".to_owned())]];
+        let blob = vec![vec![Value::Bytes(b"ab".to_vec())]];
+        assert!(compare_rows(&query("a"), text, &query("b"), blob).is_err());
+    }
+
+    #[test]
     fn row_counts_name_each_table_that_differs() {
         let at_cut = BTreeMap::from([("a".to_owned(), 3), ("b".to_owned(), 4)]);
         assert!(compare_counts(&at_cut, &at_cut.clone()).0);
@@ -662,10 +666,11 @@ mod tests {
     #[test]
     fn results_render_as_lines_of_columns() {
         let rows = vec![
-            vec![Some("1".to_owned()), None],
-            vec![Some("2".to_owned()), Some("x".to_owned())],
+            vec![Value::Number("1".to_owned()), Value::Null],
+            vec![Value::Number("2".to_owned()), Value::Text("x".to_owned())],
+            vec![Value::Bytes(vec![0xff]), Value::Float(0.5)],
         ];
-        assert_eq!(render(&rows), "1|NULL\n2|x");
+        assert_eq!(render(&rows), "1|NULL\n2|x\nx'ff'|0.5");
     }
 
     /// Issue 18.11: `a-x` and `a_x` were both `…_a_x`, so two databases of one backup

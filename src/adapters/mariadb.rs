@@ -302,14 +302,27 @@ impl Adapter for Mariadb {
 
     async fn query(&self, target: &str, sql: &str) -> Result<Rows, AdapterError> {
         let mut conn = self.connect_target(target).await?;
+        conn.query_drop("SET NAMES utf8mb4, time_zone = '+00:00'")
+            .await
+            .map_err(|e| self.target_error(target, e))?;
+        // A prepared statement (the binary protocol): one statement only, and values
+        // arrive typed (numbers as numbers), with each column's type and character set
+        // to tell bytes from text.
         let rows: Vec<Row> = conn
-            .query(sql)
+            .exec(sql, ())
             .await
             .map_err(|e| self.target_error(target, e))?;
         let _ = conn.disconnect().await;
         Ok(rows
             .into_iter()
-            .map(|row| row.unwrap().into_iter().map(value_text).collect())
+            .map(|row| {
+                let columns = row.columns();
+                row.unwrap()
+                    .into_iter()
+                    .zip(columns.iter())
+                    .map(|(value, column)| typed(column, value))
+                    .collect()
+            })
             .collect())
     }
 
@@ -362,16 +375,50 @@ fn with_database(url: &str, database: &str) -> Result<String, String> {
     Ok(parsed.to_string())
 }
 
-/// A value of the text protocol as text; NULL as `None`.
-fn value_text(value: Value) -> Option<String> {
+/// A value of the binary protocol by its column: DECIMAL as an exact number, binary
+/// strings (character set `binary`), BIT and GEOMETRY as bytes, other strings as text,
+/// temporal values as MariaDB prints them.
+fn typed(column: &Column, value: Value) -> super::Value {
+    use super::Value as Typed;
+    use ColumnType::*;
     match value {
-        Value::NULL => None,
-        Value::Bytes(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
-        Value::Int(i) => Some(i.to_string()),
-        Value::UInt(u) => Some(u.to_string()),
-        Value::Float(f) => Some(f.to_string()),
-        Value::Double(d) => Some(d.to_string()),
-        other => Some(other.as_sql(true)),
+        Value::NULL => Typed::Null,
+        Value::Int(i) => Typed::Number(i.to_string()),
+        Value::UInt(u) => Typed::Number(u.to_string()),
+        Value::Float(f) => Typed::Float(f64::from(f)),
+        Value::Double(d) => Typed::Float(d),
+        Value::Bytes(bytes) => match column.column_type() {
+            MYSQL_TYPE_DECIMAL | MYSQL_TYPE_NEWDECIMAL => {
+                match std::str::from_utf8(&bytes).ok().and_then(Typed::number) {
+                    Some(number) => number,
+                    None => Typed::Bytes(bytes),
+                }
+            }
+            MYSQL_TYPE_BIT | MYSQL_TYPE_GEOMETRY => Typed::Bytes(bytes),
+            _ if column.character_set() == BINARY_CHARSET => Typed::Bytes(bytes),
+            _ => Typed::text(bytes),
+        },
+        Value::Date(year, month, day, hour, minute, second, micros) => {
+            let mut text = format!("{year:04}-{month:02}-{day:02}");
+            if column.column_type() != MYSQL_TYPE_DATE {
+                text.push_str(&format!(" {hour:02}:{minute:02}:{second:02}"));
+                if micros != 0 {
+                    text.push_str(&format!(".{micros:06}"));
+                }
+            }
+            Typed::Text(text)
+        }
+        Value::Time(negative, days, hours, minutes, seconds, micros) => {
+            let hours = u64::from(days) * 24 + u64::from(hours);
+            let mut text = format!(
+                "{}{hours:02}:{minutes:02}:{seconds:02}",
+                if negative { "-" } else { "" }
+            );
+            if micros != 0 {
+                text.push_str(&format!(".{micros:06}"));
+            }
+            Typed::Text(text)
+        }
     }
 }
 

@@ -31,7 +31,8 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::process;
 use super::{
-    Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, PostgresConfig, Prepared, Rows,
+    Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, PostgresConfig, Prepared,
+    Rows, Value,
 };
 
 /// pg_current_wal_insert_lsn, pg_export_snapshot on REPEATABLE READ and pg_dump's
@@ -313,24 +314,58 @@ impl Adapter for Postgres {
 
     async fn query(&self, target: &str, sql: &str) -> Result<Rows, AdapterError> {
         let conn = self.connect_target(target).await?;
-        // The simple protocol returns every value as text, whatever its type.
+        // Values print the same whatever the server's or the role's settings: bytea
+        // as hex, floats in the shortest text that reads back exactly, times in UTC.
+        conn.client
+            .batch_execute(
+                "SET bytea_output = 'hex'; SET extra_float_digits = 3; SET TimeZone = 'UTC'; \
+                 SET DateStyle = 'ISO, YMD'",
+            )
+            .await
+            .map_err(|e| self.target_error(target, &e))?;
+        // Prepared first, which refuses more than one statement and tells each
+        // column's type; the simple protocol then returns each value as the server's
+        // text for it, which the type turns back into a typed value.
+        let statement = conn
+            .client
+            .prepare(sql)
+            .await
+            .map_err(|e| self.target_error(target, &e))?;
+        let types: Vec<tokio_postgres::types::Type> = statement
+            .columns()
+            .iter()
+            .map(|column| column.type_().clone())
+            .collect();
         let messages = conn
             .client
             .simple_query(sql)
             .await
             .map_err(|e| self.target_error(target, &e))?;
         conn.close().await;
-        Ok(messages
-            .into_iter()
-            .filter_map(|message| match message {
-                tokio_postgres::SimpleQueryMessage::Row(row) => Some(
-                    (0..row.len())
-                        .map(|i| row.get(i).map(str::to_owned))
-                        .collect(),
-                ),
-                _ => None,
-            })
-            .collect())
+        let mut rows = Rows::new();
+        for message in messages {
+            let tokio_postgres::SimpleQueryMessage::Row(row) = message else {
+                continue;
+            };
+            if row.len() != types.len() {
+                return Err(self.read_error(
+                    target,
+                    format!(
+                        "the statement returned {} columns, but was prepared with {}",
+                        row.len(),
+                        types.len()
+                    ),
+                ));
+            }
+            let values = types
+                .iter()
+                .enumerate()
+                .map(|(i, ty)| typed(ty, row.get(i)))
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(|message| self.read_error(target, message))?;
+            rows.push(values);
+        }
+        Ok(rows)
     }
 
     async fn row_counts(&self, target: &str) -> Result<BTreeMap<String, u64>, AdapterError> {
@@ -353,12 +388,61 @@ impl Postgres {
             })
     }
 
+    fn read_error(&self, target: &str, message: String) -> AdapterError {
+        AdapterError::Restore {
+            database: self.name.clone(),
+            message: format!("on {}: {message}", redact(target).url),
+        }
+    }
+
     fn target_error(&self, target: &str, error: &tokio_postgres::Error) -> AdapterError {
         AdapterError::Restore {
             database: self.name.clone(),
             message: format!("on {}: {}", redact(target).url, error_text(error)),
         }
     }
+}
+
+/// A value from its text form (simple protocol) and its column's type. Types the drill
+/// compares by value get one of their own; any other type keeps the server's text for
+/// it, which is exact (dates, JSON, arrays, …).
+fn typed(ty: &tokio_postgres::types::Type, text: Option<&str>) -> Result<Value, String> {
+    use tokio_postgres::types::Type;
+    let Some(text) = text else {
+        return Ok(Value::Null);
+    };
+    let unreadable = || format!("cannot read {text:?} as a value of type {ty}");
+    Ok(match *ty {
+        Type::BOOL => match text {
+            "t" => Value::Bool(true),
+            "f" => Value::Bool(false),
+            _ => return Err(unreadable()),
+        },
+        Type::INT2 | Type::INT4 | Type::INT8 | Type::OID => {
+            Value::number(text).ok_or_else(unreadable)?
+        }
+        // NaN and ±Infinity are numerics too, but not exact ones.
+        Type::NUMERIC => match Value::number(text) {
+            Some(number) => number,
+            None => Value::Float(text.parse().map_err(|_| unreadable())?),
+        },
+        Type::FLOAT4 | Type::FLOAT8 => Value::Float(text.parse().map_err(|_| unreadable())?),
+        Type::BYTEA => {
+            let hex = text.strip_prefix("\\x").ok_or_else(unreadable)?;
+            Value::Bytes(decode_hex(hex).ok_or_else(unreadable)?)
+        }
+        _ => Value::Text(text.to_owned()),
+    })
+}
+
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(hex.get(at..at + 2)?, 16).ok())
+        .collect()
 }
 
 /// `url` with its database replaced by `database`: where a scratch database lives.

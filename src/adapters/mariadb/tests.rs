@@ -419,12 +419,42 @@ async fn a_scratch_database_is_restored_read_back_emptied_and_dropped() {
     let target = scratch_round_trip(
         &adapter(&db, &name),
         dir.path(),
-        "SELECT COUNT(*), SUM(balance), NULL FROM accounts",
-        &[&[Some("1000"), Some("100000"), None]],
+        "SELECT COUNT(*), SUM(balance), NULL, x'00FF', CAST(0.5 AS DOUBLE), 'it''s' FROM accounts",
+        &[&[
+            crate::adapters::Value::Number("1000".to_owned()),
+            crate::adapters::Value::Number("100000".to_owned()),
+            crate::adapters::Value::Null,
+            crate::adapters::Value::Bytes(vec![0, 0xff]),
+            crate::adapters::Value::Float(0.5),
+            crate::adapters::Value::Text("it's".to_owned()),
+        ]],
     )
     .await;
     let scratch = target.rsplit('/').next().unwrap();
     assert!(scratch.starts_with("scratch_"), "{target}");
     let left = db.sql(&name, &format!("SHOW DATABASES LIKE '{scratch}'"));
     assert!(left.trim().is_empty(), "{scratch} was not dropped");
+}
+
+/// Issue 20.2: binary values were decoded as lossy UTF-8, so bytes that differ read
+/// back equal (and bytes equal to a string's). Values now keep their type and bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_of_different_types_or_bytes_stay_different() {
+    let db = server();
+    let name = ledger_db(&db, "typed");
+    let adapter = adapter(&db, &name);
+    let target = db.url(&name);
+    for (left, right) in [
+        ("SELECT x'FF00112233'", "SELECT x'FE00112233'"),
+        ("SELECT CAST(x'6162' AS BINARY)", "SELECT 'ab'"),
+        ("SELECT 1", "SELECT '1'"),
+        ("SELECT NULL", "SELECT 'NULL'"),
+    ] {
+        let l = adapter.query(&target, left).await.unwrap();
+        let r = adapter.query(&target, right).await.unwrap();
+        assert_ne!(
+            l, r,
+            "{left} and {right} must not read back as the same value"
+        );
+    }
 }

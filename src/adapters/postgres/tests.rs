@@ -368,8 +368,14 @@ async fn a_scratch_database_is_restored_read_back_emptied_and_dropped() {
     let target = scratch_round_trip(
         &adapter(&pg, &db, false),
         dir.path(),
-        "SELECT count(*), sum(balance), NULL FROM accounts",
-        &[&[Some("1000"), Some("100000"), None]],
+        "SELECT count(*), sum(balance), NULL, '\\x00ff'::bytea, 0.5::float8 FROM accounts",
+        &[&[
+            Value::Number("1000".to_owned()),
+            Value::Number("100000".to_owned()),
+            Value::Null,
+            Value::Bytes(vec![0, 0xff]),
+            Value::Float(0.5),
+        ]],
     )
     .await;
     let scratch = target.rsplit('/').next().unwrap();
@@ -378,4 +384,30 @@ async fn a_scratch_database_is_restored_read_back_emptied_and_dropped() {
         &format!("SELECT count(*) FROM pg_database WHERE datname = '{scratch}'"),
     );
     assert_eq!(left.trim(), "0", "{scratch} was not dropped");
+}
+
+/// Issue 20.2: query results were text, so bytes and the text of their hex escape were
+/// the same value. Values now keep their type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_of_different_types_or_bytes_stay_different() {
+    let pg = plain();
+    let db = ledger_db(&pg, "typed");
+    let adapter = adapter(&pg, &db, false);
+    let target = pg.url(&db);
+    for (left, right) in [
+        ("SELECT '\\xff00'::bytea", "SELECT '\\xff00'::text"),
+        (
+            "SELECT '\\xff00112233'::bytea",
+            "SELECT '\\xfe00112233'::bytea",
+        ),
+        ("SELECT 1", "SELECT '1'::text"),
+        ("SELECT NULL::text", "SELECT 'NULL'::text"),
+    ] {
+        let l = adapter.query(&target, left).await.unwrap();
+        let r = adapter.query(&target, right).await.unwrap();
+        assert_ne!(
+            l, r,
+            "{left} and {right} must not read back as the same value"
+        );
+    }
 }
