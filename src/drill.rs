@@ -21,7 +21,7 @@ use crate::adapters::{self, Adapter, Rows, Value};
 use crate::manifest::{DatabaseEntry, Manifest};
 use crate::pipeline::Decryption;
 use crate::restore::{self, RestoreError, RestoreReport};
-use crate::runbook::{CheckKind, CheckQuery, DrillCheck, Runbook};
+use crate::runbook::{CheckKind, CheckQuery, DrillCheck, Expected, ExpectedValue, Runbook};
 use crate::storage::Storage;
 use crate::time::unix_ms;
 
@@ -433,21 +433,23 @@ async fn run_check(
         match &check.kind {
             CheckKind::Expect { query, expect } => {
                 let rows = run_query(query, targets).await?;
-                let got = render(&rows);
-                if got == expect.trim() {
-                    Ok(format!("{} = {got}", query.database))
-                } else {
-                    Err(format!(
-                        "{} returned {:?}, expected {:?}",
-                        query.database,
-                        shorten(&got),
-                        shorten(expect.trim())
-                    ))
-                }
+                compare_expected(&query.database, &rows, expect)
             }
-            CheckKind::Equal { left, right } => {
+            CheckKind::Equal {
+                left,
+                right,
+                allow_empty,
+            } => {
                 let (l, r) = futures::join!(run_query(left, targets), run_query(right, targets));
-                compare_rows(left, l?, right, r?)
+                let (l, r) = (l?, r?);
+                if l.is_empty() && r.is_empty() && !allow_empty {
+                    return Err(format!(
+                        "{} and {} both return no rows: an empty comparison proves nothing (if \
+                         no rows is what the data should hold, say so with allow_empty = true)",
+                        left.database, right.database
+                    ));
+                }
+                compare_rows(left, l, right, r)
             }
         }
     }
@@ -475,6 +477,60 @@ async fn run_query(
         .query(target, &query.sql)
         .await
         .map_err(|error| format!("query on {} failed: {error}", query.database))
+}
+
+/// Compares a result with what an `expect` check wants, row by row and value by value
+/// (typed: [`ExpectedValue::matches`]), and names the first difference.
+fn compare_expected(database: &str, rows: &Rows, expect: &Expected) -> Result<String, String> {
+    let got = shorten(&render(rows));
+    let shape = |rows: usize, columns: usize| match (rows, columns) {
+        (0, _) => "no rows".to_owned(),
+        (1, 1) => "one value".to_owned(),
+        (1, n) => format!("one row of {n} values"),
+        (n, _) => format!("{n} rows"),
+    };
+    let want_columns = expect.rows.first().map_or(0, Vec::len);
+    if rows.len() != expect.rows.len()
+        || rows
+            .iter()
+            .zip(&expect.rows)
+            .any(|(g, w)| g.len() != w.len())
+    {
+        return Err(format!(
+            "{database} returned {} ({got:?}), expected {} ({expect})",
+            shape(rows.len(), rows.first().map_or(0, Vec::len)),
+            shape(expect.rows.len(), want_columns)
+        ));
+    }
+    for (index, (row, wanted)) in rows.iter().zip(&expect.rows).enumerate() {
+        for (column, (value, want)) in row.iter().zip(wanted).enumerate() {
+            if !want.matches(value) {
+                let hint = match (value, want) {
+                    (Value::Null, _) => {
+                        " (NULL equals nothing; to expect it, select `… IS NULL` and expect true)"
+                    }
+                    (Value::Number(_) | Value::Float(_), ExpectedValue::Text(_)) => {
+                        " (a number is not text: write expect without quotes)"
+                    }
+                    _ => "",
+                };
+                let at = if expect.scalar {
+                    String::new()
+                } else {
+                    format!(" in row {}, column {}", index + 1, column + 1)
+                };
+                let value = match value {
+                    Value::Null => "NULL".to_owned(),
+                    Value::Text(text) => format!("the text {:?}", shorten(text)),
+                    other => format!("the {} {}", other.kind(), shorten(&other.to_string())),
+                };
+                return Err(format!(
+                    "{database} returned {value}{at}, expected {want}{hint}"
+                ));
+            }
+        }
+    }
+    Ok(format!("{database} = {got}"))
 }
 
 /// Rows on lines, columns joined by `|`, NULL as `NULL`, bytes as `x'…'`: how rows
@@ -648,6 +704,94 @@ mod tests {
         let text = vec![vec![Value::Text("ab".to_owned())]];
         let blob = vec![vec![Value::Bytes(b"ab".to_vec())]];
         assert!(compare_rows(&query("a"), text, &query("b"), blob).is_err());
+    }
+
+    fn expect(toml: &str) -> Expected {
+        let check: crate::runbook::Runbook = crate::runbook::Runbook::parse(
+            &format!(
+                "cluster = \"c\"\n[pause]\ntiers = [{{ addresses = [\"127.0.0.1:1\"] }}]\n\
+                 [[databases]]\nname = \"db\"\nadapter = \"sqlite\"\npath = \"a.db\"\n\
+                 [storage]\nurl = \"file:///tmp/b\"\n[[drill.checks]]\nname = \"c\"\n\
+                 database = \"db\"\nsql = \"SELECT 1\"\nexpect = {toml}\n"
+            ),
+            std::path::Path::new("/"),
+        )
+        .unwrap();
+        match &check.drill.checks[0].kind {
+            CheckKind::Expect { expect, .. } => expect.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn number(text: &str) -> Value {
+        Value::Number(text.to_owned())
+    }
+
+    /// Issue 20.10: booleans and floats could never match (PostgreSQL prints `t`,
+    /// MariaDB `1`; `0` vs `0.0`; `1e+16` vs `1e16`). `expect` is compared as a value.
+    #[test]
+    fn expected_values_match_by_type_and_value() {
+        let one = |value: Value| vec![vec![value]];
+        for (toml, value) in [
+            ("true", Value::Bool(true)),
+            ("true", number("1")),
+            ("false", number("0")),
+            ("0", number("0")),
+            ("0", Value::Float(0.0)),
+            ("0", Value::Float(-0.0)),
+            ("0.0", number("0")),
+            ("0.0", Value::Float(0.0)),
+            ("1e16", Value::Float(1e16)),
+            ("1e16", number("10000000000000000")),
+            ("10000000000000000", Value::Float(1e16)),
+            ("-7", number("-7")),
+            ("12.5", number("12.5")),
+            ("\"NULL\"", Value::Text("NULL".to_owned())),
+            ("\"ab\"", Value::Text("ab".to_owned())),
+        ] {
+            let result = compare_expected("db", &one(value.clone()), &expect(toml));
+            assert!(result.is_ok(), "{toml} vs {value:?}: {result:?}");
+        }
+        for (toml, value) in [
+            ("true", Value::Bool(false)),
+            ("true", number("2")),
+            ("false", Value::Null),
+            ("0", Value::Float(0.5)),
+            ("0", Value::Text("0".to_owned())),
+            ("\"0\"", number("0")),
+            ("\"NULL\"", Value::Null),
+            ("\"ab\"", Value::Bytes(b"ab".to_vec())),
+            ("\"6162\"", Value::Bytes(b"ab".to_vec())),
+            ("1", Value::Bool(true)),
+            ("9007199254740993", Value::Float(9007199254740992.0)),
+        ] {
+            let result = compare_expected("db", &one(value.clone()), &expect(toml));
+            assert!(result.is_err(), "{toml} matched {value:?}");
+        }
+        let detail = compare_expected("db", &one(Value::Null), &expect("\"NULL\"")).unwrap_err();
+        assert!(
+            detail.contains("returned NULL, expected \"NULL\""),
+            "{detail}"
+        );
+        assert!(detail.contains("IS NULL"), "{detail}");
+    }
+
+    /// Issue 20.7: the shape of the result counts: no rows never match one value.
+    #[test]
+    fn expected_rows_must_have_the_same_shape() {
+        let rows = vec![
+            vec![number("1"), Value::Text("a".to_owned())],
+            vec![number("2"), Value::Null],
+        ];
+        let detail = compare_expected("db", &Vec::new(), &expect("1")).unwrap_err();
+        assert!(detail.contains("returned no rows"), "{detail}");
+        assert!(compare_expected("db", &Vec::new(), &expect("[]")).is_ok());
+        assert!(compare_expected("db", &rows[..1].to_vec(), &expect("[1, \"a\"]")).is_ok());
+        assert!(compare_expected("db", &rows, &expect("[1, \"a\"]")).is_err());
+        let detail =
+            compare_expected("db", &rows, &expect("[[1, \"a\"], [2, \"b\"]]")).unwrap_err();
+        assert!(detail.contains("row 2, column 2"), "{detail}");
+        assert!(compare_expected("db", &rows[..1].to_vec(), &expect("[[1, \"a\"]]")).is_ok());
     }
 
     #[test]

@@ -158,13 +158,159 @@ pub struct DrillCheck {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckKind {
-    /// One query on one restored database; its result, rendered as text (rows on
-    /// lines, columns joined by `|`, NULL as `NULL`), must equal `expect`.
-    Expect { query: CheckQuery, expect: String },
+    /// One query on one restored database; its result must equal `expect`, value for
+    /// value, as typed values.
+    Expect { query: CheckQuery, expect: Expected },
     /// Two queries, usually on two databases, must return the same rows in any
-    /// order (compared as multisets): e.g. the (tx id, hash) pairs of the ledger and
-    /// of the auditor.
-    Equal { left: CheckQuery, right: CheckQuery },
+    /// order (compared as multisets of typed values): e.g. the (tx id, hash) pairs of
+    /// the ledger and of the auditor. Two empty results prove nothing and fail, unless
+    /// `allow_empty` says they are expected.
+    Equal {
+        left: CheckQuery,
+        right: CheckQuery,
+        allow_empty: bool,
+    },
+}
+
+/// What an `expect` check wants back: `expect = 0` (one row of one value), `expect =
+/// [1, "a"]` (one row of these values), `expect = [[1], [2]]` (these rows, in order),
+/// or `expect = []` (no rows). TOML has no NULL, and the text "NULL" is only ever the
+/// text: to expect a NULL, select `x IS NULL` and expect `true`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    pub rows: Vec<Vec<ExpectedValue>>,
+    /// Written as one value (`expect = 0`) rather than as rows: shown the same way.
+    pub scalar: bool,
+}
+
+/// One expected value, compared with a result's typed value by
+/// [`ExpectedValue::matches`].
+#[derive(Debug, Clone)]
+pub enum ExpectedValue {
+    Bool(bool),
+    Integer(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl PartialEq for ExpectedValue {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ExpectedValue::Bool(a), ExpectedValue::Bool(b)) => a == b,
+            (ExpectedValue::Integer(a), ExpectedValue::Integer(b)) => a == b,
+            (ExpectedValue::Float(a), ExpectedValue::Float(b)) => a.to_bits() == b.to_bits(),
+            (ExpectedValue::Text(a), ExpectedValue::Text(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for ExpectedValue {}
+
+impl ExpectedValue {
+    /// Whether a result's value is this one. Numbers match by value whatever each
+    /// server calls them (PostgreSQL prints a float8 zero as `0`, SQLite as `0.0`;
+    /// `1e16` as `1e+16` or `1e16`); `true`/`false` also match 1/0, which is what
+    /// MariaDB and SQLite return for a boolean; text matches text only; NULL matches
+    /// nothing.
+    pub fn matches(&self, value: &crate::adapters::Value) -> bool {
+        use crate::adapters::Value;
+        match (self, value) {
+            (ExpectedValue::Bool(want), Value::Bool(got)) => want == got,
+            (ExpectedValue::Bool(want), Value::Number(got)) => got == if *want { "1" } else { "0" },
+            (ExpectedValue::Integer(want), Value::Number(got)) => *got == want.to_string(),
+            (ExpectedValue::Integer(want), Value::Float(got)) => {
+                // Only an integer a float holds exactly can be equal to one.
+                let near = *want as f64;
+                near as i128 == i128::from(*want) && *got == near
+            }
+            (ExpectedValue::Float(want), got @ (Value::Number(_) | Value::Float(_))) => {
+                got.as_f64() == Some(*want)
+            }
+            (ExpectedValue::Text(want), Value::Text(got)) => want == got,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for ExpectedValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExpectedValue::Bool(b) => write!(f, "{b}"),
+            ExpectedValue::Integer(i) => write!(f, "{i}"),
+            ExpectedValue::Float(x) => write!(f, "{x:?}"),
+            ExpectedValue::Text(text) => write!(f, "{text:?}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Expected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let row = |row: &Vec<ExpectedValue>| {
+            row.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match (self.scalar, self.rows.as_slice()) {
+            (true, [only]) => f.write_str(&row(only)),
+            (_, []) => f.write_str("no rows"),
+            (_, rows) => {
+                let rows: Vec<String> = rows.iter().map(|r| format!("[{}]", row(r))).collect();
+                write!(f, "[{}]", rows.join(", "))
+            }
+        }
+    }
+}
+
+impl Expected {
+    fn from_toml(value: toml::Value) -> Result<Expected, String> {
+        fn scalar(value: toml::Value) -> Result<ExpectedValue, String> {
+            Ok(match value {
+                toml::Value::Boolean(b) => ExpectedValue::Bool(b),
+                toml::Value::Integer(i) => ExpectedValue::Integer(i),
+                toml::Value::Float(x) => ExpectedValue::Float(x),
+                toml::Value::String(text) => ExpectedValue::Text(text),
+                other => {
+                    return Err(format!(
+                        "{} is not a value (give a string, a number or a boolean)",
+                        other.type_str()
+                    ));
+                }
+            })
+        }
+        match value {
+            toml::Value::Array(items) => {
+                let nested = items.iter().any(toml::Value::is_array);
+                if nested && !items.iter().all(toml::Value::is_array) {
+                    return Err("mixes rows (arrays) and values; give [[row], [row], …] or \
+                                [value, value, …]"
+                        .to_owned());
+                }
+                let rows = if nested {
+                    items
+                        .into_iter()
+                        .map(|row| match row {
+                            toml::Value::Array(values) => values.into_iter().map(scalar).collect(),
+                            _ => unreachable!("checked: every item is an array"),
+                        })
+                        .collect::<Result<_, _>>()?
+                } else if items.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![items.into_iter().map(scalar).collect::<Result<_, _>>()?]
+                };
+                Ok(Expected {
+                    rows,
+                    scalar: false,
+                })
+            }
+            other => Ok(Expected {
+                rows: vec![vec![scalar(other)?]],
+                scalar: true,
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -197,27 +343,32 @@ struct RawCheck {
     left: Option<CheckQuery>,
     #[serde(default)]
     right: Option<CheckQuery>,
+    #[serde(default)]
+    allow_empty: Option<bool>,
 }
 
 impl RawCheck {
     fn into_check(self) -> Result<DrillCheck, String> {
         let name = self.name;
         let kind = match (self.database, self.sql, self.expect, self.left, self.right) {
-            (Some(database), Some(sql), Some(expect), None, None) => CheckKind::Expect {
-                query: CheckQuery { database, sql },
-                expect: match expect {
-                    toml::Value::String(text) => text,
-                    toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
-                        expect.to_string()
-                    }
-                    _ => {
-                        return Err(format!(
-                            "[drill] check {name:?}: expect must be a string or a number"
-                        ));
-                    }
-                },
+            (Some(database), Some(sql), Some(expect), None, None) => {
+                if self.allow_empty.is_some() {
+                    return Err(format!(
+                        "[drill] check {name:?}: allow_empty is for left + right checks; to \
+                         expect no rows, write expect = []"
+                    ));
+                }
+                CheckKind::Expect {
+                    query: CheckQuery { database, sql },
+                    expect: Expected::from_toml(expect)
+                        .map_err(|why| format!("[drill] check {name:?}: expect {why}"))?,
+                }
+            }
+            (None, None, None, Some(left), Some(right)) => CheckKind::Equal {
+                left,
+                right,
+                allow_empty: self.allow_empty.unwrap_or(false),
             },
-            (None, None, None, Some(left), Some(right)) => CheckKind::Equal { left, right },
             _ => {
                 return Err(format!(
                     "[drill] check {name:?}: give either database + sql + expect, or left + \
@@ -225,16 +376,50 @@ impl RawCheck {
                 ));
             }
         };
-        Ok(DrillCheck { name, kind })
+        let check = DrillCheck { name, kind };
+        for query in check.queries() {
+            if !has_statement(&query.sql) {
+                return Err(format!(
+                    "[drill] check {:?}: the sql for database {:?} has no SQL statement (only \
+                     whitespace, comments or semicolons), so the check would prove nothing",
+                    check.name, query.database
+                ));
+            }
+        }
+        Ok(check)
+    }
+}
+
+/// Whether `sql` holds anything but whitespace, `--` and `/* */` comments and `;`.
+/// Coarse on purpose: it only has to tell an empty check from a real one.
+fn has_statement(sql: &str) -> bool {
+    let mut rest = sql;
+    loop {
+        rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == ';');
+        if let Some(comment) = rest.strip_prefix("--") {
+            rest = comment.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(comment) = rest.strip_prefix("/*") {
+            rest = comment.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            return !rest.is_empty();
+        }
     }
 }
 
 impl DrillCheck {
     /// The databases the check reads.
     pub fn databases(&self) -> Vec<&str> {
+        self.queries()
+            .into_iter()
+            .map(|query| query.database.as_str())
+            .collect()
+    }
+
+    /// The queries the check runs.
+    pub fn queries(&self) -> Vec<&CheckQuery> {
         match &self.kind {
-            CheckKind::Expect { query, .. } => vec![&query.database],
-            CheckKind::Equal { left, right } => vec![&left.database, &right.database],
+            CheckKind::Expect { query, .. } => vec![query],
+            CheckKind::Equal { left, right, .. } => vec![left, right],
         }
     }
 }

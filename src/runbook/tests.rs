@@ -149,11 +149,12 @@ fn the_ledger_runbook_parses_with_its_drill_checks() {
     );
     assert!(matches!(
         &runbook.drill.checks[0].kind,
-        super::CheckKind::Expect { expect, .. } if expect == "0"
+        super::CheckKind::Expect { expect, .. }
+            if expect.rows == [[super::ExpectedValue::Integer(0)]] && expect.scalar
     ));
     assert!(matches!(
         &runbook.drill.checks[3].kind,
-        super::CheckKind::Equal { left, right } if left.database == "ledger" && right.database == "auditor"
+        super::CheckKind::Equal { left, right, allow_empty: false } if left.database == "ledger" && right.database == "auditor"
     ));
 }
 
@@ -312,4 +313,32 @@ fn quoted_values_are_hidden_in_type_errors() {
         "unknown variant `oracle`"
     );
     assert_eq!(hide_strings(r#"string "unterminated"#), "a string");
+}
+
+/// Issue 20.7: a check whose SQL is empty (or only comments and semicolons) ran nothing
+/// and passed. It is a runbook error, named, before anything runs.
+#[test]
+fn checks_with_no_statement_are_refused() {
+    let with_check = |check: &str| format!("{}\n[[drill.checks]]\n{check}\n", minimal(""));
+    for sql in ["", "   ", ";", " ; ;", "-- nothing\\n", "/* nothing */ ;"] {
+        for check in [
+            format!("name = \"c\"\ndatabase = \"db\"\nsql = \"{sql}\"\nexpect = \"\""),
+            format!(
+                "name = \"c\"\nleft = {{ database = \"db\", sql = \"{sql}\" }}\n\
+                 right = {{ database = \"db\", sql = \"SELECT 1\" }}"
+            ),
+            format!(
+                "name = \"c\"\nleft = {{ database = \"db\", sql = \"SELECT 1\" }}\n\
+                 right = {{ database = \"db\", sql = \"{sql}\" }}"
+            ),
+        ] {
+            let error = parse(&with_check(&check))
+                .err()
+                .unwrap_or_else(|| panic!("accepted a check with sql {sql:?}: {check}"));
+            assert!(
+                error.contains("check \"c\"") && error.contains("no SQL statement"),
+                "{sql:?}: {error}"
+            );
+        }
+    }
 }
