@@ -16,6 +16,8 @@
 //!   snapshot, and those counts are the summary.
 //! - restore: pipes the dump into the `mariadb` client (password in `MYSQL_PWD`) for an
 //!   empty target database, and checks the dump's end marker went through.
+//! - drill checks (`query`): one prepared statement in a `READ ONLY` transaction; each
+//!   value typed by the binary protocol and its column's type and character set.
 //!
 //! Not in the dump: triggers, stored routines, events, sequences, users and grants.
 //! Tables on non-transactional engines (MyISAM, Aria, …) are dumped but are not covered
@@ -305,11 +307,19 @@ impl Adapter for Mariadb {
         conn.query_drop("SET NAMES utf8mb4, time_zone = '+00:00'")
             .await
             .map_err(|e| self.target_error(target, e))?;
-        // A prepared statement (the binary protocol): one statement only, and values
-        // arrive typed (numbers as numbers), with each column's type and character set
-        // to tell bytes from text.
+        // A check reads and never writes: in a read-only transaction, the server
+        // refuses any write (and later checks see the restored data unchanged).
+        conn.query_drop("START TRANSACTION READ ONLY")
+            .await
+            .map_err(|e| self.target_error(target, e))?;
+        // A prepared statement (the binary protocol): one statement only (a second
+        // could end the transaction and write), and values arrive typed (numbers as
+        // numbers), with each column's type and character set to tell bytes from text.
         let rows: Vec<Row> = conn
             .exec(sql, ())
+            .await
+            .map_err(|e| self.target_error(target, e))?;
+        conn.query_drop("ROLLBACK")
             .await
             .map_err(|e| self.target_error(target, e))?;
         let _ = conn.disconnect().await;

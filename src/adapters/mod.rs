@@ -133,8 +133,9 @@ pub trait Adapter: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Runs one read-only statement against a restored target, for drill checks;
-    /// every value keeps its type ([`Value`]).
+    /// Runs one statement against a restored target, for drill checks, so that it
+    /// cannot write (a read-only transaction or connection; more than one statement is
+    /// refused); every value keeps its type ([`Value`]).
     async fn query(&self, target: &str, sql: &str) -> Result<Rows, AdapterError> {
         let _ = (target, sql);
         Err(self.unsupported("SQL checks"))

@@ -16,6 +16,8 @@
 //!   stream into a target database that must have no user relations. Drills create a
 //!   scratch database on the source's server (or `drill_server_url`) and drop it with
 //!   `WITH (FORCE)` (PostgreSQL 13+).
+//! - drill checks (`query`): one statement (prepared first, which refuses more), run in
+//!   a read-only transaction; each value typed by its column's type.
 //!
 //! Passwords never reach a command line (where `ps` shows them): they are taken out of
 //! the URL and passed in `PGPASSWORD`.
@@ -323,9 +325,16 @@ impl Adapter for Postgres {
             )
             .await
             .map_err(|e| self.target_error(target, &e))?;
-        // Prepared first, which refuses more than one statement and tells each
-        // column's type; the simple protocol then returns each value as the server's
-        // text for it, which the type turns back into a typed value.
+        // A check reads and never writes: in a read-only transaction, the server
+        // refuses any write (and later checks see the restored data unchanged).
+        conn.client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(|e| self.target_error(target, &e))?;
+        // Prepared first, which refuses more than one statement (a second could end
+        // the transaction and write) and tells each column's type; the simple protocol
+        // then returns each value as the server's text for it, which the type turns
+        // back into a typed value.
         let statement = conn
             .client
             .prepare(sql)
@@ -339,6 +348,11 @@ impl Adapter for Postgres {
         let messages = conn
             .client
             .simple_query(sql)
+            .await
+            .map_err(|e| self.target_error(target, &e))?;
+        // The statement may have been a lone COMMIT; a ROLLBACK then only warns.
+        conn.client
+            .batch_execute("ROLLBACK")
             .await
             .map_err(|e| self.target_error(target, &e))?;
         conn.close().await;

@@ -458,3 +458,26 @@ async fn values_of_different_types_or_bytes_stay_different() {
         );
     }
 }
+
+/// Issue 20.8: drill checks are read-only. A statement that writes fails, and so does
+/// more than one statement (a second one could end the read-only transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_cannot_write() {
+    let db = server();
+    let name = ledger_db(&db, "readonly");
+    let adapter = adapter(&db, &name);
+    let target = db.url(&name);
+    for sql in [
+        "DELETE FROM audit; SELECT 0",
+        "COMMIT; DELETE FROM audit; SELECT 0",
+        "DELETE FROM audit",
+    ] {
+        let result = adapter.query(&target, sql).await;
+        assert!(result.is_err(), "{sql:?} ran: {result:?}");
+        assert_eq!(
+            db.sql(&name, "SELECT COUNT(*) FROM audit"),
+            "10",
+            "{sql:?} wrote"
+        );
+    }
+}

@@ -411,3 +411,27 @@ async fn values_of_different_types_or_bytes_stay_different() {
         );
     }
 }
+
+/// Issue 20.8: drill checks are read-only. A statement that writes fails, and so does
+/// more than one statement (a second one could end the read-only transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_cannot_write() {
+    let pg = plain();
+    let db = ledger_db(&pg, "readonly");
+    let adapter = adapter(&pg, &db, false);
+    let target = pg.url(&db);
+    for sql in [
+        "DELETE FROM audit; SELECT 0",
+        "COMMIT; DELETE FROM audit; SELECT 0",
+        "DELETE FROM audit",
+        "WITH gone AS (DELETE FROM audit RETURNING 1) SELECT count(*) FROM gone",
+    ] {
+        let result = adapter.query(&target, sql).await;
+        assert!(result.is_err(), "{sql:?} ran: {result:?}");
+        assert_eq!(
+            pg.psql(&db, "SELECT count(*) FROM audit"),
+            "10",
+            "{sql:?} wrote"
+        );
+    }
+}
