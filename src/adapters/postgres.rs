@@ -6,9 +6,17 @@
 //!   `pg_dump` exists and is not older than the server, so the copy cannot fail for
 //!   that reason after the cluster was paused.
 //! - cut: on the held connection, `BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY`,
-//!   then `pg_export_snapshot()` and the WAL insert position; with archiving on, also
-//!   `pg_create_restore_point('stillpoint-<backup id>')`. All constant-time. (Both WAL
-//!   functions are allowed in a read-only transaction; the tests run them there.)
+//!   then `LOCK TABLE … IN ACCESS SHARE MODE` on every table the copy will dump (listed
+//!   in prepare), then `pg_export_snapshot()` and the WAL insert position; with
+//!   archiving on, also `pg_create_restore_point('stillpoint-<backup id>')`. None of it
+//!   grows with the data. (Both WAL functions are allowed in a read-only transaction;
+//!   the tests run them there.) The locks come before the snapshot and last until the
+//!   copy ends: TRUNCATE (and other DDL that breaks an older snapshot) cannot run
+//!   between the release and pg_dump taking its own locks, where it would empty the
+//!   copy of a table and the row counts alike. It waits for the copy instead, or, if
+//!   it queued before pg_dump took its own locks (PostgreSQL then queues pg_dump behind
+//!   it), pg_dump gives up after `--lock-wait-timeout` and the backup fails, loudly. A
+//!   table that appears or disappears between prepare and the cut fails the cut.
 //! - copy: `pg_dump --snapshot=<id> --format=custom --compress=0` streams the snapshot
 //!   while our transaction keeps it alive; `finished` waits for pg_dump, then counts
 //!   rows per table in the same snapshot and only then ends the transaction.
@@ -172,6 +180,9 @@ impl Adapter for Postgres {
         check_pg_dump(&self.tool("pg_dump"), version_num)
             .await
             .map_err(err)?;
+        let tables = dumped_tables(&conn.client)
+            .await
+            .map_err(|e| err(format!("listing the tables of {shown}: {}", error_text(&e))))?;
 
         Ok(Box::new(PostgresPrepared {
             name: self.name.clone(),
@@ -181,6 +192,7 @@ impl Adapter for Postgres {
             server_version,
             database,
             wal,
+            tables,
             snapshot: None,
         }))
     }
@@ -534,6 +546,8 @@ struct PostgresPrepared {
     server_version: String,
     database: String,
     wal: WalSettings,
+    /// The tables pg_dump will dump, as listed in prepare: the cut locks them.
+    tables: Vec<(String, String)>,
     /// The exported snapshot id, once cut.
     snapshot: Option<String>,
 }
@@ -553,6 +567,33 @@ impl Prepared for PostgresPrepared {
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(|e| err(format!("BEGIN: {}", error_text(&e))))?;
+        // Before the snapshot (LOCK does not take one): a lock taken after it could
+        // wait behind a TRUNCATE that the snapshot would then see as an empty table.
+        // The timeout bounds a wait behind someone else's DDL, inside the pause.
+        if !self.tables.is_empty() {
+            let list = self
+                .tables
+                .iter()
+                .map(|(schema, table)| format!("{}.{}", quote_ident(schema), quote_ident(table)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            client
+                .batch_execute(&format!(
+                    "SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {list} IN ACCESS SHARE MODE",
+                    CUT_LOCK_TIMEOUT.as_millis()
+                ))
+                .await
+                .map_err(|e| {
+                    err(format!(
+                        "locking the {} tables to copy: {} (a table was dropped or renamed \
+                         since prepare, or another session's DDL held it past {}ms; run the \
+                         backup again)",
+                        self.tables.len(),
+                        error_text(&e),
+                        CUT_LOCK_TIMEOUT.as_millis()
+                    ))
+                })?;
+        }
         // The insert position, not pg_current_wal_lsn (the write position): with
         // synchronous_commit = off a commit can be inserted but not yet written, and the
         // marker must lie after every commit the snapshot sees.
@@ -565,6 +606,25 @@ impl Prepared for PostgresPrepared {
             .map_err(|e| err(format!("exporting the snapshot: {}", error_text(&e))))?;
         let snapshot: String = row.get(0);
         let lsn: String = row.get(1);
+        // Every table the snapshot holds, and so pg_dump will copy, must be locked.
+        let in_snapshot = dumped_tables(client).await.map_err(|e| {
+            err(format!(
+                "listing the tables in the snapshot: {}",
+                error_text(&e)
+            ))
+        })?;
+        let unlocked: Vec<String> = in_snapshot
+            .iter()
+            .filter(|table| !self.tables.contains(table))
+            .map(|(schema, table)| format!("{schema}.{table}"))
+            .collect();
+        if !unlocked.is_empty() {
+            return Err(err(format!(
+                "table(s) {} appeared between prepare and the cut, so the cut could not lock \
+                 them before its snapshot; run the backup again",
+                unlocked.join(", ")
+            )));
+        }
 
         let mut details = BTreeMap::from([
             ("snapshot".to_owned(), snapshot.clone()),
@@ -644,6 +704,14 @@ impl Prepared for PostgresPrepared {
         let mut cmd = Command::new(&this.pg_dump);
         cmd.arg(format!("--snapshot={snapshot}"))
             .args(["--format=custom", "--compress=0", "--no-password"])
+            // Our cut holds ACCESS SHARE on every table, so pg_dump's own locks are
+            // granted at once, unless DDL (a TRUNCATE) queued for one after the
+            // release: PostgreSQL then queues pg_dump behind it, and it behind our cut.
+            // Failing the copy is the only outcome that neither hangs nor loses rows.
+            .arg(format!(
+                "--lock-wait-timeout={}",
+                COPY_LOCK_TIMEOUT.as_millis()
+            ))
             .arg(format!("--dbname={}", secret.url));
         if let Some(password) = &secret.password {
             cmd.env("PGPASSWORD", password);
@@ -659,7 +727,20 @@ impl Prepared for PostgresPrepared {
             // The snapshot transaction stays open (this future owns the connection)
             // until pg_dump has exited: pg_dump imports the snapshot at its start, but
             // an early end would fail it with "invalid snapshot identifier".
-            producer.wait().await.map_err(err)?;
+            producer.wait().await.map_err(|message| {
+                // pg_dump's words for the lock timeout vary by version: "could not
+                // obtain lock", or the statement timeout it sets for its LOCK TABLE.
+                if message.contains("could not obtain lock") || message.contains("LOCK TABLE") {
+                    err(format!(
+                        "{message}: another session's DDL (TRUNCATE, ALTER TABLE, …) queued \
+                         for a table after the cut, and would have changed the copy; the \
+                         backup fails rather than copy a table the snapshot no longer \
+                         holds. Run it again once the DDL is done"
+                    ))
+                } else {
+                    err(message)
+                }
+            })?;
             let counts = row_counts(&this.conn.client)
                 .await
                 .map_err(|e| err(format!("counting rows in the snapshot: {}", error_text(&e))))?;
@@ -681,6 +762,30 @@ impl Prepared for PostgresPrepared {
         .boxed();
         Ok(Copy { stream, finished })
     }
+}
+
+/// How long the cut waits for its table locks (inside the pause) before it fails.
+const CUT_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long pg_dump waits for its table locks, which only DDL queued behind the cut's
+/// own locks can delay (see `copy`).
+const COPY_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The tables pg_dump copies and locks: ordinary and partitioned tables outside the
+/// system schemas, as (schema, name), sorted.
+async fn dumped_tables(client: &Client) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT n.nspname, c.relname FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_%' \
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
 }
 
 /// The restore point's name: recognisable in the server log and in

@@ -386,6 +386,107 @@ async fn a_scratch_database_is_restored_read_back_emptied_and_dropped() {
     assert_eq!(left.trim(), "0", "{scratch} was not dropped");
 }
 
+/// Issue 20.1: TRUNCATE is not MVCC-safe, so a table truncated after the release but
+/// before pg_dump locked it was dumped empty, and the row counts, read in the same
+/// snapshot, agreed. The cut's transaction now holds ACCESS SHARE on every table it
+/// copies (taken before the snapshot): a TRUNCATE queued before pg_dump locked the
+/// table fails the copy loudly (PostgreSQL queues pg_dump behind it); one queued after
+/// waits for the copy, which keeps the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_right_after_the_release_fails_the_copy_or_waits_for_it() {
+    let pg = plain();
+    let db = ledger_db(&pg, "truncate");
+    let adapter = adapter(&pg, &db, false);
+    let truncate_audit = |pg: &std::sync::Arc<Server>, db: &str| {
+        let (pg, db) = (pg.clone(), db.to_owned());
+        std::thread::spawn(move || {
+            pg.psql(&db, "SET lock_timeout = '60s'; TRUNCATE audit");
+        })
+    };
+    // Until the TRUNCATE has either run or queued behind a lock.
+    let wait_for = |truncate: &std::thread::JoinHandle<()>| {
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let waiting = pg.psql(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query LIKE '%TRUNCATE audit%' AND wait_event_type = 'Lock'",
+            );
+            if truncate.is_finished() || waiting == "1" {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the TRUNCATE neither ran nor waited"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+
+    // Right after the release, before the copy starts.
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    let truncate = truncate_audit(&pg, &db);
+    wait_for(&truncate);
+    let mut copy = prepared.copy().await.unwrap();
+    read_to_end(&mut copy).await;
+    match copy.finished.await {
+        Ok(summary) => panic!(
+            "the copy succeeded although a TRUNCATE ran after the cut: {:?}",
+            summary.row_counts
+        ),
+        Err(error) => {
+            let msg = error.to_string();
+            assert!(msg.contains("LOCK TABLE public.audit"), "{msg}");
+            assert!(msg.contains("TRUNCATE, ALTER TABLE"), "{msg}");
+        }
+    }
+    truncate.join().unwrap();
+    assert_eq!(
+        pg.psql(&db, "SELECT count(*) FROM audit"),
+        "0",
+        "the TRUNCATE ran"
+    );
+
+    // Once pg_dump holds its locks, a TRUNCATE waits for the copy, which has the rows.
+    pg.psql(
+        &db,
+        "INSERT INTO audit SELECT g, 'note ' || g FROM generate_series(1, 10) g",
+    );
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-2").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while pg.psql(
+        &db,
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'pg_dump' AND a.datname = current_database() \
+           AND l.granted AND l.relation = 'public.audit'::regclass",
+    ) != "1"
+    {
+        assert!(Instant::now() < deadline, "pg_dump never locked audit");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let truncate = truncate_audit(&pg, &db);
+    wait_for(&truncate);
+    let bytes = read_to_end(&mut copy).await;
+    let counts = copy.finished.await.unwrap().row_counts.unwrap();
+    truncate.join().unwrap();
+    assert_eq!(counts["public.audit"], 10, "{counts:?}");
+    let restored = unique_name("truncate_restored");
+    pg.create_database(&restored);
+    adapter
+        .restore(Box::pin(std::io::Cursor::new(bytes)), &pg.url(&restored))
+        .await
+        .unwrap();
+    assert_eq!(pg.psql(&restored, "SELECT count(*) FROM audit"), "10");
+    assert_eq!(
+        pg.psql(&db, "SELECT count(*) FROM audit"),
+        "0",
+        "the TRUNCATE ran"
+    );
+}
+
 /// Issue 20.2: query results were text, so bytes and the text of their hex escape were
 /// the same value. Values now keep their type.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
