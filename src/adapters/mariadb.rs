@@ -20,8 +20,12 @@
 //!   value typed by the binary protocol and its column's type and character set.
 //!
 //! Not in the dump: triggers, stored routines, events, sequences, users and grants.
-//! Tables on non-transactional engines (MyISAM, Aria, …) are dumped but are not covered
-//! by the snapshot; the marker lists them.
+//! Tables on non-transactional engines (MyISAM, Aria, MEMORY, …) are refused in prepare
+//! (and, if one appeared since, in the cut): a consistent snapshot does not cover them,
+//! so their copy would hold rows written after the release. System-versioned tables are
+//! dumped with their history (`FOR SYSTEM_TIME ALL`, replayed with
+//! `system_versioning_insert_history`, which needs MariaDB 10.11 or newer where the dump
+//! is restored); row counts are of their current rows, on both sides.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -142,6 +146,20 @@ impl Adapter for Mariadb {
             })?;
         let (server_version, database, log_bin, _) =
             facts.ok_or_else(|| err(format!("reading server settings of {url}: no row")))?;
+        let engines: Vec<(String, Option<String>)> = conn
+            .query(TABLE_ENGINES)
+            .await
+            .map_err(|e| err(format!("listing the tables of {url}: {e}")))?;
+        let outside = outside_snapshot(&engines);
+        if !outside.is_empty() {
+            return Err(err(format!(
+                "{url} has tables a consistent snapshot does not cover: {} (only \
+                 transactional engines such as InnoDB take part in one, so their copy would \
+                 hold rows written after the release). Convert them with ALTER TABLE … \
+                 ENGINE=InnoDB, or move them out of this database",
+                outside.join(", ")
+            )));
+        }
         // A dump session must see plain backtick-quoted DDL (sql_mode could hold
         // ANSI_QUOTES), UTC timestamps that replay identically anywhere, and must not
         // be cut off while a slow consumer (an upload) holds up its reads.
@@ -338,16 +356,13 @@ impl Adapter for Mariadb {
 
     async fn row_counts(&self, target: &str) -> Result<BTreeMap<String, u64>, AdapterError> {
         let mut conn = self.connect_target(target).await?;
-        let tables: Vec<String> = conn
-            .query(
-                "SELECT TABLE_NAME FROM information_schema.TABLES \
-                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_TYPE = 'BASE TABLE' \
-                 ORDER BY TABLE_NAME",
-            )
+        // The tables the copy counted: system-versioned ones too (current rows).
+        let tables: Vec<(String, Option<String>)> = conn
+            .query(TABLE_ENGINES)
             .await
             .map_err(|e| self.target_error(target, e))?;
         let mut counts = BTreeMap::new();
-        for table in tables {
+        for (table, _) in tables {
             let count: Option<u64> = conn
                 .query_first(format!("SELECT COUNT(*) FROM {}", quote_ident(&table)))
                 .await
@@ -434,9 +449,29 @@ fn typed(column: &Column, value: Value) -> super::Value {
 
 /// What the cut found in the database, in dump order.
 struct Objects {
-    /// Base tables.
-    tables: Vec<String>,
+    /// Base tables, system-versioned ones included.
+    tables: Vec<Table>,
     views: Vec<String>,
+}
+
+struct Table {
+    name: String,
+    /// `WITH SYSTEM VERSIONING`: dumped with its history.
+    versioned: bool,
+}
+
+/// Every base table (system-versioned ones too) and its engine.
+const TABLE_ENGINES: &str = "SELECT TABLE_NAME, ENGINE FROM information_schema.TABLES \
+     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_TYPE IN ('BASE TABLE', 'SYSTEM VERSIONED') \
+     ORDER BY TABLE_NAME";
+
+/// `table (engine)` for each table whose engine a consistent snapshot does not cover.
+fn outside_snapshot(engines: &[(String, Option<String>)]) -> Vec<String> {
+    engines
+        .iter()
+        .filter(|(_, engine)| !engine.as_deref().is_some_and(is_transactional))
+        .map(|(table, engine)| format!("{table} ({})", engine.as_deref().unwrap_or("no engine")))
+        .collect()
 }
 
 struct MariadbPrepared {
@@ -512,27 +547,37 @@ impl Prepared for MariadbPrepared {
             tables: Vec::new(),
             views: Vec::new(),
         };
-        let mut outside_snapshot = Vec::new();
         let mut not_copied = Vec::new();
+        let mut engines = Vec::new();
+        let mut versioned = 0;
         for (table, kind, engine) in listed {
             match kind.as_str() {
                 "BASE TABLE" | "SYSTEM VERSIONED" => {
-                    if !engine.as_deref().is_some_and(is_transactional) {
-                        outside_snapshot.push(table.clone());
-                    }
-                    objects.tables.push(table);
+                    engines.push((table.clone(), engine));
+                    let versioned_table = kind == "SYSTEM VERSIONED";
+                    versioned += usize::from(versioned_table);
+                    objects.tables.push(Table {
+                        name: table,
+                        versioned: versioned_table,
+                    });
                 }
                 "VIEW" => objects.views.push(table),
                 _ => not_copied.push(format!("{table} ({kind})")),
             }
         }
+        // Prepare refused these; one may have been created (or altered) since.
+        let outside = outside_snapshot(&engines);
+        if !outside.is_empty() {
+            return Err(err(format!(
+                "tables {} are on engines a consistent snapshot does not cover (they \
+                 appeared since prepare); convert them with ALTER TABLE … ENGINE=InnoDB",
+                outside.join(", ")
+            )));
+        }
         details.insert("tables".to_owned(), objects.tables.len().to_string());
         details.insert("views".to_owned(), objects.views.len().to_string());
-        if !outside_snapshot.is_empty() {
-            details.insert(
-                "non_transactional_tables".to_owned(),
-                outside_snapshot.join(","),
-            );
+        if versioned > 0 {
+            details.insert("system_versioned_tables".to_owned(), versioned.to_string());
         }
         if !not_copied.is_empty() {
             details.insert("not_copied".to_owned(), not_copied.join(","));
@@ -611,23 +656,45 @@ async fn dump<W: AsyncWrite + Unpin>(
     )
     .await
     .map_err(write)?;
+    if objects.tables.iter().any(|table| table.versioned) {
+        // History rows keep their own ROW START / ROW END (MariaDB 10.11+).
+        out.write_all(b"SET @@system_versioning_insert_history = 1;\n\n")
+            .await
+            .map_err(write)?;
+    }
 
     let mut counts = BTreeMap::new();
     for table in &objects.tables {
         let dumped = dump_table(&mut conn, table, &mut out).await?;
         // An independent count in the same snapshot: a dump that lost or invented
-        // rows fails here rather than in a drill.
+        // rows fails here rather than in a drill. For a versioned table the dump holds
+        // its history too; the summary counts current rows, as a restored copy does.
+        let name = &table.name;
+        let quoted = quote_ident(name);
+        let all_rows = if table.versioned {
+            format!("SELECT COUNT(*) FROM {quoted} FOR SYSTEM_TIME ALL")
+        } else {
+            format!("SELECT COUNT(*) FROM {quoted}")
+        };
         let counted: Option<u64> = conn
-            .query_first(format!("SELECT COUNT(*) FROM {}", quote_ident(table)))
+            .query_first(all_rows)
             .await
-            .map_err(|e| format!("counting rows of {table}: {e}"))?;
+            .map_err(|e| format!("counting rows of {name}: {e}"))?;
         let counted = counted.unwrap_or(0);
         if counted != dumped {
             return Err(format!(
-                "table {table}: dumped {dumped} rows but COUNT(*) in the same snapshot is {counted}"
+                "table {name}: dumped {dumped} rows but COUNT(*) in the same snapshot is {counted}"
             ));
         }
-        counts.insert(table.clone(), counted);
+        let current = if table.versioned {
+            conn.query_first(format!("SELECT COUNT(*) FROM {quoted}"))
+                .await
+                .map_err(|e| format!("counting rows of {name}: {e}"))?
+                .unwrap_or(0)
+        } else {
+            counted
+        };
+        counts.insert(name.clone(), current);
     }
     for view in &objects.views {
         let row: Option<(String, String, String, String)> = conn
@@ -651,13 +718,16 @@ async fn dump<W: AsyncWrite + Unpin>(
     Ok(counts)
 }
 
-/// `CREATE TABLE` and the rows of one table; returns how many rows were written.
+/// `CREATE TABLE` and the rows of one table (with its history, if it is versioned);
+/// returns how many rows were written.
 async fn dump_table<W: AsyncWrite + Unpin>(
     conn: &mut Conn,
-    table: &str,
+    table: &Table,
     out: &mut W,
 ) -> Result<u64, String> {
     let write = |e: std::io::Error| format!("the copy's reader went away: {e}");
+    let versioned = table.versioned;
+    let table = table.name.as_str();
     let quoted = quote_ident(table);
     let create: Option<(String, String)> = conn
         .query_first(format!("SHOW CREATE TABLE {quoted}"))
@@ -669,7 +739,7 @@ async fn dump_table<W: AsyncWrite + Unpin>(
         .map_err(write)?;
 
     // Generated columns are computed on restore; inserting into them is an error.
-    let columns: Vec<String> = conn
+    let mut columns: Vec<String> = conn
         .exec(
             "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
              WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND IS_GENERATED = 'NEVER' \
@@ -681,6 +751,28 @@ async fn dump_table<W: AsyncWrite + Unpin>(
     if columns.is_empty() {
         return Ok(0);
     }
+    let mut from = quoted.clone();
+    if versioned {
+        // The period's columns: named in the table, or the implicit, hidden
+        // row_start / row_end. With system_versioning_insert_history they are written
+        // like any column, so each history row keeps its period.
+        let period: Vec<String> = conn
+            .exec(
+                "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? \
+                   AND GENERATION_EXPRESSION IN ('ROW START', 'ROW END') \
+                 ORDER BY GENERATION_EXPRESSION = 'ROW END'",
+                (table,),
+            )
+            .await
+            .map_err(|e| format!("listing the period columns of {table}: {e}"))?;
+        if period.is_empty() {
+            columns.extend(["row_start".to_owned(), "row_end".to_owned()]);
+        } else {
+            columns.extend(period);
+        }
+        from.push_str(" FOR SYSTEM_TIME ALL");
+    }
     let column_list = columns
         .iter()
         .map(|c| quote_ident(c))
@@ -689,7 +781,7 @@ async fn dump_table<W: AsyncWrite + Unpin>(
     let insert_prefix = format!("INSERT INTO {quoted} ({column_list}) VALUES\n").into_bytes();
 
     let mut result = conn
-        .query_iter(format!("SELECT {column_list} FROM {quoted}"))
+        .query_iter(format!("SELECT {column_list} FROM {from}"))
         .await
         .map_err(|e| format!("reading {table}: {e}"))?;
     let mut rows = result
