@@ -40,7 +40,8 @@ pub struct DrillReport {
     pub ok: bool,
     pub restore_point_timestamp_ms: Option<i64>,
     pub restore_point_date_time: Option<String>,
-    /// Whether the backup's pause window was a valid restore point.
+    /// Whether the backup's pause window was a valid restore point, as the `window`
+    /// check re-derived it from the manifest's recorded facts.
     pub window_valid: bool,
     /// How old the restore point was when the drill ran: the data a restore now loses.
     pub rpo_ms: Option<i64>,
@@ -182,7 +183,9 @@ pub async fn run(
         ok: checks.iter().all(|check| check.ok),
         restore_point_timestamp_ms: manifest.window.restore_point_timestamp_ms,
         restore_point_date_time: manifest.window.restore_point_date_time.clone(),
-        window_valid: manifest.window.window_valid,
+        window_valid: checks
+            .iter()
+            .any(|check| check.name == "window" && check.ok),
         rpo_ms,
         rto_ms,
         total_ms: started.elapsed().as_millis() as u64,
@@ -345,24 +348,178 @@ fn scratch_label(run_id: &str, database: &str) -> String {
     format!("{SCRATCH_MARKER}{run_id}_{safe}_{}", &hash[..HASH_HEX])
 }
 
+/// The `window` check: re-derives from the facts the manifest recorded (the unsafe
+/// flag, the pause id, every node's outcome, boot id and proof that it stayed paused,
+/// the window's edges and mid-time, the clock-skew bound and the nodes' clock readings)
+/// whether the backup was cut inside one valid pause window, rather than trusting its
+/// `window_valid` flag, which a hand edit (or a bug) can set on anything.
 fn window_check(manifest: &Manifest) -> CheckResult {
-    let window = &manifest.window;
-    CheckResult {
-        name: "window".to_owned(),
-        ok: window.window_valid,
-        detail: if window.window_valid {
-            format!(
-                "the backup was cut inside one valid pause window of {} ms",
-                window.window_ms.unwrap_or_default()
-            )
-        } else {
+    let (ok, detail) = match window_problems(manifest) {
+        Ok(summary) => (true, summary),
+        Err(problems) => (
+            false,
             format!(
                 "the backup's window is not a valid restore point: {}",
-                window.invalid_reasons.join("; ")
-            )
-        },
+                problems.join("; ")
+            ),
+        ),
+    };
+    CheckResult {
+        name: "window".to_owned(),
+        ok,
+        detail,
         duration_ms: 0,
     }
+}
+
+fn window_problems(manifest: &Manifest) -> Result<String, Vec<String>> {
+    use crate::coordinator::NodeOutcome;
+    use crate::grpc::client::Protocol;
+    let window = &manifest.window;
+    let mut problems = Vec::new();
+    if manifest.unsafe_no_pause {
+        problems.push(
+            "UNSAFE: taken with --no-pause, so the databases were cut one after another \
+             while the cluster ran"
+                .to_owned(),
+        );
+    }
+    if window.pause_id.is_empty() || window.pause_id == "none" {
+        problems.push("no pause id is recorded: the cluster was not paused".to_owned());
+    } else if window.pause_id != manifest.pause_id {
+        problems.push(format!(
+            "the window's pause id {} is not the backup's {}",
+            window.pause_id, manifest.pause_id
+        ));
+    }
+    if !window.window_valid {
+        problems.push("the backup recorded the window as invalid".to_owned());
+    }
+    problems.extend(window.invalid_reasons.iter().cloned());
+
+    // The window's edges, length and mid-time agree with each other.
+    let length = match (
+        window.pause_start_timestamp_ms,
+        window.pause_end_timestamp_ms,
+    ) {
+        (Some(start), Some(end)) if end > start => {
+            if window.window_ms != Some(end - start) {
+                problems.push(format!(
+                    "the recorded length {:?} ms is not end - start ({} ms)",
+                    window.window_ms,
+                    end - start
+                ));
+            }
+            if window.restore_point_timestamp_ms != Some(start + (end - start) / 2) {
+                problems.push(format!(
+                    "the restore point {:?} is not the window's mid-time {}",
+                    window.restore_point_timestamp_ms,
+                    start + (end - start) / 2
+                ));
+            }
+            Some(end - start)
+        }
+        (start, end) => {
+            problems.push(format!(
+                "the window has no valid start and end (start {start:?}, end {end:?})"
+            ));
+            None
+        }
+    };
+
+    // Every node was paused under this pause and proved it stayed paused.
+    if window.nodes.is_empty() {
+        problems.push("no node is recorded as paused for the window".to_owned());
+    }
+    let mut upstream = 0;
+    for node in &window.nodes {
+        let address = &node.address;
+        if node.outcome != NodeOutcome::Released {
+            problems.push(format!(
+                "{address} was not paused and released (outcome {:?})",
+                node.outcome
+            ));
+        }
+        if let Some(inside @ 1..) = node.in_flight_at_pause {
+            problems.push(format!(
+                "{address} had {inside} request(s) in flight when it paused"
+            ));
+        }
+        match node.protocol {
+            Some(Protocol::Lease) => {
+                if node.boot_id.as_deref().is_none_or(str::is_empty) {
+                    problems.push(format!("{address} recorded no boot id"));
+                }
+                if node.stayed_paused != Some(true) {
+                    problems.push(format!(
+                        "{address} did not prove it stayed paused for the whole window \
+                         (stayed_paused {:?})",
+                        node.stayed_paused
+                    ));
+                }
+            }
+            // Upstream nodes can prove nothing; the coordinator warns about them, and
+            // so does this check's detail.
+            Some(Protocol::Upstream) => upstream += 1,
+            None => problems.push(format!("{address} recorded no protocol")),
+        }
+    }
+
+    // The window is longer than twice the clock-skew bound plus the margin, and the
+    // bound is no smaller than the nodes' own clock readings imply.
+    let implied = window
+        .nodes
+        .iter()
+        .filter_map(|node| Some(node.clock_offset_ms?.unsigned_abs() + node.rtt_ms?.div_ceil(2)))
+        .max();
+    match (window.skew_bound_ms, implied) {
+        (Some(bound), implied) => {
+            if let Some(implied) = implied.filter(|&implied| implied > bound) {
+                problems.push(format!(
+                    "the clock-skew bound {bound} ms is smaller than the nodes' clock \
+                     readings imply ({implied} ms)"
+                ));
+            }
+            let needed = 2 * bound as i64 + crate::coordinator::SKEW_MARGIN.as_millis() as i64;
+            if let Some(length) = length.filter(|&length| length <= needed) {
+                problems.push(format!(
+                    "the window ({length} ms) is not longer than twice the clock-skew bound \
+                     plus margin ({needed} ms)"
+                ));
+            }
+        }
+        (None, Some(implied)) => problems.push(format!(
+            "no clock-skew bound is recorded, although the nodes' clocks imply {implied} ms"
+        )),
+        (None, None) if upstream < window.nodes.len() => {
+            problems.push("no clock-skew bound is recorded".to_owned())
+        }
+        (None, None) => {}
+    }
+
+    if !problems.is_empty() {
+        problems.dedup();
+        return Err(problems);
+    }
+    let mut summary = format!(
+        "the backup was cut inside one valid pause window of {} ms: {} node(s) released \
+         under pause id {}, each proving it stayed paused (same boot id and pause sequence)",
+        length.unwrap_or_default(),
+        window.nodes.len(),
+        window.pause_id
+    );
+    if let Some(bound) = window.skew_bound_ms {
+        summary.push_str(&format!(
+            ", longer than twice the clock-skew bound of {bound} ms"
+        ));
+    }
+    if upstream > 0 {
+        summary.push_str(&format!(
+            "; {upstream} node(s) speak only the upstream API and cannot prove they were not \
+             restarted inside the window"
+        ));
+    }
+    Ok(summary)
 }
 
 async fn row_count_check(
@@ -805,6 +962,68 @@ mod tests {
             compare_expected("db", &rows, &expect("[[1, \"a\"], [2, \"b\"]]")).unwrap_err();
         assert!(detail.contains("row 2, column 2"), "{detail}");
         assert!(compare_expected("db", &rows[..1].to_vec(), &expect("[[1, \"a\"]]")).is_ok());
+    }
+
+    /// A manifest of a valid backup (the one docs/manifest.md describes).
+    fn valid_manifest() -> Manifest {
+        crate::manifest::parse(
+            "example.json",
+            include_bytes!("../fuzz/seeds/manifest/example.json"),
+        )
+        .unwrap()
+    }
+
+    /// Issue 20.6: the window check re-derives validity from the recorded facts; each
+    /// edit of one fact behind a `window_valid: true` fails it, naming the fact.
+    #[test]
+    fn the_window_check_rederives_validity_from_the_recorded_facts() {
+        let check = window_check(&valid_manifest());
+        assert!(check.ok, "{}", check.detail);
+        type Edit = fn(&mut Manifest);
+        let edits: [(Edit, &str); 12] = [
+            (|m| m.unsafe_no_pause = true, "--no-pause"),
+            (|m| m.window.pause_id = "none".to_owned(), "no pause id"),
+            (|m| m.pause_id = "other".to_owned(), "is not the backup's"),
+            (|m| m.window.nodes.clear(), "no node"),
+            (|m| m.window.nodes[0].stayed_paused = None, "did not prove"),
+            (|m| m.window.nodes[0].boot_id = None, "no boot id"),
+            (
+                |m| m.window.nodes[0].outcome = crate::coordinator::NodeOutcome::Paused,
+                "was not paused and released",
+            ),
+            (
+                |m| m.window.nodes[0].in_flight_at_pause = Some(2),
+                "in flight",
+            ),
+            (
+                |m| m.window.skew_bound_ms = Some(4000),
+                "twice the clock-skew bound",
+            ),
+            (
+                |m| m.window.skew_bound_ms = Some(1),
+                "smaller than the nodes' clock",
+            ),
+            (
+                |m| m.window.restore_point_timestamp_ms = Some(0),
+                "mid-time",
+            ),
+            (
+                |m| m.window.pause_end_timestamp_ms = None,
+                "no valid start and end",
+            ),
+        ];
+        for (edit, needle) in edits {
+            let mut manifest = valid_manifest();
+            edit(&mut manifest);
+            assert!(manifest.window.window_valid);
+            let check = window_check(&manifest);
+            assert!(
+                !check.ok,
+                "passed after an edit ({needle}): {}",
+                check.detail
+            );
+            assert!(check.detail.contains(needle), "{needle}: {}", check.detail);
+        }
     }
 
     #[test]

@@ -795,6 +795,46 @@ bin_dir = "{}"
     }
 }
 
+/// Issue 20.6: the window check read one boolean, so a `--no-pause` manifest edited to
+/// say `window_valid: true` was certified "cut inside one valid pause window". The check
+/// re-derives validity from the recorded facts and refuses unsafe copies.
+#[test]
+fn a_hand_edited_unsafe_manifest_fails_the_window_check() {
+    let example = MixedExample::start(false);
+    let paused = example.backup(&[]);
+    let (code, report) = example.drill(&paused);
+    assert_eq!(code, 0, "a paused backup's drill must pass: {report:#}");
+    assert_eq!(check(&report, "window")["ok"], true);
+
+    let unsafe_copy = example.backup(&["--no-pause", "--i-know-this-is-unsafe"]);
+    let path = example.manifest_path(&unsafe_copy);
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    manifest["window"]["window_valid"] = Value::Bool(true);
+    manifest["window"]["invalid_reasons"] = Value::Array(Vec::new());
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    let (code, report) = example.drill(&unsafe_copy);
+    assert_eq!(code, 7, "{report:#}");
+    let window = check(&report, "window");
+    assert_eq!(window["ok"], false, "{window:#}");
+    assert!(
+        window["detail"].as_str().unwrap().contains("--no-pause"),
+        "{window:#}"
+    );
+    assert_eq!(report["window_valid"], false);
+
+    // Without the unsafe flag too: no pause id, no node proved it stayed paused.
+    manifest.as_object_mut().unwrap().remove("unsafe_no_pause");
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    let (code, report) = example.drill(&unsafe_copy);
+    assert_eq!(code, 7, "{report:#}");
+    let window = check(&report, "window");
+    assert_eq!(window["ok"], false, "{window:#}");
+    assert!(
+        window["detail"].as_str().unwrap().contains("no node"),
+        "{window:#}"
+    );
+}
+
 /// Issue 20.7: checks that prove nothing passed silently: two empty result sets
 /// compared equal, and `expect = "NULL"` matched a NULL. Now an empty comparison fails
 /// unless the check says it is expected, and NULL is never the text "NULL".
