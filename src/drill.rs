@@ -605,6 +605,9 @@ async fn run_check(
                 let rows = run_query(query, targets).await?;
                 compare_expected(&query.database, &rows, expect)
             }
+            CheckKind::Command { argv, env, timeout } => {
+                run_command(argv, env, *timeout, targets).await
+            }
             CheckKind::Equal {
                 left,
                 right,
@@ -633,6 +636,99 @@ async fn run_check(
         ok,
         detail,
         duration_ms: elapsed_ms(started),
+    }
+}
+
+/// How much of a command check's output its detail keeps.
+const COMMAND_DETAIL_CHARS: usize = 2000;
+
+/// A command check: the program run with `{database}` replaced by scratch targets, no
+/// shell, stdin closed, killed (with everything it started) after `timeout`; exit
+/// status 0 passes. A target URL with a password is never put on the command line,
+/// where any user of the host could read it: such a placeholder belongs in `env`.
+async fn run_command(
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+    timeout: std::time::Duration,
+    targets: &BTreeMap<&str, (Arc<dyn Adapter>, String)>,
+) -> Result<String, String> {
+    use crate::adapters::process::{self, GroupKiller, OUTPUT_LIMIT};
+    let target = |name: &str| targets.get(name).map(|(_, target)| target.as_str());
+    for template in argv {
+        for name in crate::runbook::placeholders(template).unwrap_or_default() {
+            let has_password = target(name)
+                .and_then(|target| url::Url::parse(target).ok())
+                .is_some_and(|url| url.password().is_some());
+            if has_password {
+                return Err(format!(
+                    "not run: the scratch target of {name} carries a password, which would \
+                     show on the command line to every user of the host; pass {{{name}}} \
+                     through env instead"
+                ));
+            }
+        }
+    }
+    let argv = argv
+        .iter()
+        .map(|template| crate::runbook::substitute(template, target))
+        .collect::<Result<Vec<_>, _>>()?;
+    let shown = argv.join(" ");
+    let mut command = tokio::process::Command::new(&argv[0]);
+    command
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    for (key, template) in env {
+        command.env(key, crate::runbook::substitute(template, target)?);
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|error| format!("cannot run {}: {error}", argv[0]))?;
+    let mut group = GroupKiller::new(&child);
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let run = async {
+        let (out, errout) = tokio::join!(
+            process::read_bounded(stdout, OUTPUT_LIMIT),
+            process::read_bounded(stderr, OUTPUT_LIMIT)
+        );
+        (out, errout, child.wait().await)
+    };
+    let Ok((out, errout, status)) = tokio::time::timeout(timeout, run).await else {
+        group.kill().await;
+        let _ = child.wait().await;
+        return Err(format!(
+            "{shown} did not finish within {} and was killed",
+            crate::time::format_duration(timeout)
+        ));
+    };
+    let status = status.map_err(|error| format!("waiting for {shown}: {error}"))?;
+    group.disarm();
+    let out = out.map(|bytes| bytes.text()).unwrap_or_default();
+    let errout = errout.map(|bytes| bytes.text()).unwrap_or_default();
+    let output = [out.as_str(), errout.as_str()]
+        .into_iter()
+        .filter(|text| !text.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let output = if output.chars().count() > COMMAND_DETAIL_CHARS {
+        format!(
+            "{}…",
+            output
+                .chars()
+                .take(COMMAND_DETAIL_CHARS)
+                .collect::<String>()
+        )
+    } else {
+        output
+    };
+    if status.success() {
+        Ok(format!("{shown} exited 0: {output}"))
+    } else {
+        Err(process::describe_failure(&shown, status, &output))
     }
 }
 
@@ -1024,6 +1120,78 @@ mod tests {
             );
             assert!(check.detail.contains(needle), "{needle}: {}", check.detail);
         }
+    }
+
+    /// Issue 20.4: a command check gets the scratch targets and its exit status is the
+    /// verdict; a URL with a password never reaches its command line.
+    #[tokio::test]
+    async fn command_checks_get_targets_and_their_exit_status_is_the_verdict() {
+        let adapter = adapters::build(
+            "db",
+            &crate::adapters::AdapterConfig::Sqlite(crate::adapters::SqliteConfig {
+                path: "/nonexistent".into(),
+            }),
+        );
+        let mut targets = BTreeMap::new();
+        targets.insert("db", (adapter.clone(), "/scratch/db.sqlite".to_owned()));
+        let argv = |script: &str| {
+            vec![
+                "sh".to_owned(),
+                "-c".to_owned(),
+                script.to_owned(),
+                "sh".to_owned(),
+                "{db}".to_owned(),
+            ]
+        };
+        let env = BTreeMap::from([("TARGET".to_owned(), "{db}".to_owned())]);
+        let timeout = std::time::Duration::from_secs(30);
+        let passed = run_command(&argv("echo \"$1 $TARGET\""), &env, timeout, &targets)
+            .await
+            .unwrap();
+        assert!(
+            passed.contains("/scratch/db.sqlite /scratch/db.sqlite"),
+            "{passed}"
+        );
+        let failed = run_command(
+            &argv("echo broken at seq 5; exit 3"),
+            &env,
+            timeout,
+            &targets,
+        )
+        .await
+        .unwrap_err();
+        assert!(failed.contains("exited with status 3"), "{failed}");
+        assert!(failed.contains("broken at seq 5"), "{failed}");
+        let slow = run_command(
+            &argv("sleep 30"),
+            &env,
+            std::time::Duration::from_millis(200),
+            &targets,
+        )
+        .await
+        .unwrap_err();
+        assert!(slow.contains("did not finish within"), "{slow}");
+
+        targets.insert(
+            "db",
+            (
+                adapter,
+                "postgres://u:hunter2@127.0.0.1:5432/scratch".to_owned(),
+            ),
+        );
+        let refused = run_command(&argv("true"), &env, timeout, &targets)
+            .await
+            .unwrap_err();
+        assert!(refused.contains("through env"), "{refused}");
+        assert!(!refused.contains("hunter2"), "{refused}");
+        let via_env = vec![
+            "sh".to_owned(),
+            "-c".to_owned(),
+            "test -n \"$TARGET\"".to_owned(),
+        ];
+        run_command(&via_env, &env, timeout, &targets)
+            .await
+            .unwrap();
     }
 
     #[test]

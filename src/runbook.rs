@@ -170,6 +170,73 @@ pub enum CheckKind {
         right: CheckQuery,
         allow_empty: bool,
     },
+    /// A program run on the restored targets, its exit status the verdict (0 passes):
+    /// e.g. `ledger-node check`, which recomputes every hash. `{name}` in an argument or
+    /// an `env` value becomes the scratch target of database `name` (its URL, or its
+    /// file path); `{{` and `}}` are literal braces. No shell is involved.
+    Command {
+        argv: Vec<String>,
+        env: BTreeMap<String, String>,
+        timeout: Duration,
+    },
+}
+
+/// The `{name}` placeholders of a command check's argument or environment value, in
+/// order; `{{` and `}}` stand for literal braces.
+pub fn placeholders(template: &str) -> Result<Vec<&str>, String> {
+    let mut names = Vec::new();
+    let mut rest = template;
+    while let Some(at) = rest.find(['{', '}']) {
+        let (brace, after) = (&rest[at..at + 1], &rest[at + 1..]);
+        if let Some(escaped) = after.strip_prefix(brace) {
+            rest = escaped;
+            continue;
+        }
+        if brace == "}" {
+            return Err(format!(
+                "{template:?} has a lone '}}' (write '}}}}' for a brace)"
+            ));
+        }
+        let Some(end) = after.find('}') else {
+            return Err(format!(
+                "{template:?} has an unclosed '{{' (write '{{{{' for a brace)"
+            ));
+        };
+        let name = &after[..end];
+        if name.is_empty() || name.contains('{') {
+            return Err(format!("{template:?} has an empty or nested placeholder"));
+        }
+        names.push(name);
+        rest = &after[end + 1..];
+    }
+    Ok(names)
+}
+
+/// `template` with each `{name}` replaced by `value(name)` and `{{`/`}}` by braces.
+pub fn substitute<'a>(
+    template: &str,
+    value: impl Fn(&str) -> Option<&'a str>,
+) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(at) = rest.find(['{', '}']) {
+        out.push_str(&rest[..at]);
+        let (brace, after) = (&rest[at..at + 1], &rest[at + 1..]);
+        if let Some(escaped) = after.strip_prefix(brace) {
+            out.push_str(brace);
+            rest = escaped;
+            continue;
+        }
+        let end = after
+            .find('}')
+            .filter(|_| brace == "{")
+            .ok_or_else(|| format!("{template:?} is not a valid template"))?;
+        let name = &after[..end];
+        out.push_str(value(name).ok_or_else(|| format!("{{{name}}} has no value"))?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// What an `expect` check wants back: `expect = 0` (one row of one value), `expect =
@@ -345,11 +412,60 @@ struct RawCheck {
     right: Option<CheckQuery>,
     #[serde(default)]
     allow_empty: Option<bool>,
+    #[serde(default)]
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    env: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "deserialize_duration_opt")]
+    timeout: Option<Duration>,
 }
+
+/// How long a command check may run unless the runbook says otherwise.
+const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl RawCheck {
     fn into_check(self) -> Result<DrillCheck, String> {
         let name = self.name;
+        if let Some(argv) = self.command {
+            let queries = [
+                self.database.is_some(),
+                self.sql.is_some(),
+                self.expect.is_some(),
+            ];
+            if queries.into_iter().any(|given| given)
+                || self.left.is_some()
+                || self.right.is_some()
+                || self.allow_empty.is_some()
+            {
+                return Err(format!(
+                    "[drill] check {name:?}: a command check takes command (and env, timeout) \
+                     only, not database, sql, expect, left, right or allow_empty"
+                ));
+            }
+            if argv.first().is_none_or(|program| program.trim().is_empty()) {
+                return Err(format!(
+                    "[drill] check {name:?}: command is empty; give the program and its \
+                     arguments, e.g. [\"ledger-node\", \"check\", \"--ledger-db\", \"{{ledger}}\"]"
+                ));
+            }
+            let env = self.env.unwrap_or_default();
+            for template in argv.iter().chain(env.values()) {
+                placeholders(template).map_err(|why| format!("[drill] check {name:?}: {why}"))?;
+            }
+            let timeout = self.timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT);
+            if timeout.is_zero() {
+                return Err(format!("[drill] check {name:?}: timeout must be positive"));
+            }
+            return Ok(DrillCheck {
+                name,
+                kind: CheckKind::Command { argv, env, timeout },
+            });
+        }
+        if self.env.is_some() || self.timeout.is_some() {
+            return Err(format!(
+                "[drill] check {name:?}: env and timeout belong to command checks"
+            ));
+        }
         let kind = match (self.database, self.sql, self.expect, self.left, self.right) {
             (Some(database), Some(sql), Some(expect), None, None) => {
                 if self.allow_empty.is_some() {
@@ -372,7 +488,7 @@ impl RawCheck {
             _ => {
                 return Err(format!(
                     "[drill] check {name:?}: give either database + sql + expect, or left + \
-                     right (each {{ database = \"…\", sql = \"…\" }})"
+                     right (each {{ database = \"…\", sql = \"…\" }}), or command"
                 ));
             }
         };
@@ -407,12 +523,26 @@ fn has_statement(sql: &str) -> bool {
 }
 
 impl DrillCheck {
-    /// The databases the check reads.
+    /// The databases the check reads: those its queries run on, or those whose
+    /// targets its command is given.
     pub fn databases(&self) -> Vec<&str> {
-        self.queries()
-            .into_iter()
-            .map(|query| query.database.as_str())
-            .collect()
+        match &self.kind {
+            CheckKind::Command { argv, env, .. } => {
+                let mut names: Vec<&str> = argv
+                    .iter()
+                    .chain(env.values())
+                    .flat_map(|template| placeholders(template).unwrap_or_default())
+                    .collect();
+                names.sort_unstable();
+                names.dedup();
+                names
+            }
+            _ => self
+                .queries()
+                .into_iter()
+                .map(|query| query.database.as_str())
+                .collect(),
+        }
     }
 
     /// The queries the check runs.
@@ -420,6 +550,7 @@ impl DrillCheck {
         match &self.kind {
             CheckKind::Expect { query, .. } => vec![query],
             CheckKind::Equal { left, right, .. } => vec![left, right],
+            CheckKind::Command { .. } => Vec::new(),
         }
     }
 }

@@ -18,8 +18,8 @@
 //! ([`Adapter::query`], [`Adapter::row_counts`], scratch targets for drills), so an
 //! adapter that cannot do them (exec) says so by name.
 //!
-//! - `process.rs`: how every adapter runs child processes (killed on drop, reaped,
-//!   stderr drained).
+//! - `process.rs`: how every adapter (and a drill's command checks) runs child
+//!   processes (killed on drop, reaped, stderr drained).
 //! - `value.rs`: the typed [`Value`] of a query result that drill checks compare.
 
 use std::collections::BTreeMap;
@@ -33,7 +33,7 @@ use tokio::io::AsyncRead;
 pub mod exec;
 pub mod mariadb;
 pub mod postgres;
-mod process;
+pub(crate) mod process;
 pub mod sqlite;
 #[cfg(test)]
 mod testing;

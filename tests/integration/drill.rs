@@ -234,6 +234,7 @@ fn the_ledger_runbook_drills_a_postgres_ledger_and_mariadb_auditor() {
         "checksum:auditor",
         "restore:auditor",
         "row_counts:auditor",
+        "ledger_node_check",
         "balances_conserved",
         "no_negative_balance",
         "hash_chain_links",
@@ -632,6 +633,120 @@ fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
         .iter()
         .find(|check| check["name"] == name)
         .unwrap_or_else(|| panic!("no check {name}: {report:#}"))
+}
+
+/// Issue 20.4 and its "done when": the reference runbook's drill recomputes every hash
+/// (through `ledger-node check` on the scratch targets) and fails on each tampering the
+/// review tried: an amount changed; a hash rewritten to match, with its successor's link
+/// and the auditor's copy; a duplicate audit row; a truncated table. An untampered
+/// backup passes (the negative control).
+#[test]
+fn the_ledger_runbook_fails_on_each_tampering() {
+    let mut example = LedgerExample::start(Postgres::start());
+    let load = example.stop_load();
+    assert_eq!(load["failed"], 0, "{load:#}");
+    let pg = |sql: &str| example.postgres.psql("ledger", sql);
+    let maria = |sql: &str| example.mariadb.sql("auditor", sql);
+    let backup_and_drill = |what: &str| {
+        let (code, backup) = example.backup(&[]);
+        assert_eq!(code, 0, "{what}: {backup:#}");
+        let (code, report) = example.drill(backup["backup_id"].as_str().unwrap());
+        (code, report)
+    };
+
+    let (code, report) = backup_and_drill("untampered");
+    assert_eq!(code, 0, "an untampered backup must pass: {report:#}");
+
+    // One amount changed: no link or pair changes, only a recomputed hash shows it.
+    let (tx, amount, hash, next_prev) = {
+        let row = pg("SELECT tx_id, amount, hash FROM ledger WHERE seq = 5");
+        let next = pg("SELECT prev_hash FROM ledger WHERE seq = 6");
+        let fields: Vec<&str> = row.split('|').collect();
+        (
+            fields[0].to_owned(),
+            fields[1].to_owned(),
+            fields[2].to_owned(),
+            next,
+        )
+    };
+    pg("UPDATE ledger SET amount = amount + 1 WHERE seq = 5");
+    let (code, report) = backup_and_drill("amount changed");
+    assert_eq!(code, 7, "an edited amount must fail the drill: {report:#}");
+    let detail = check(&report, "ledger_node_check")["detail"]
+        .as_str()
+        .unwrap();
+    assert!(detail.contains("seq 5"), "{detail}");
+
+    // The forger recomputes that row's hash (ledger-node check names it) and rewrites
+    // the next row's link and the auditor's copy to match.
+    let (_, live) = example.cluster.check(None);
+    let forged = live["checks"][1]["detail"]
+        .as_str()
+        .unwrap()
+        .split("recomputed ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(')')
+        .to_owned();
+    assert_eq!(forged.len(), 64, "{live:#}");
+    pg(&format!(
+        "UPDATE ledger SET hash = '{forged}' WHERE seq = 5"
+    ));
+    pg(&format!(
+        "UPDATE ledger SET prev_hash = '{forged}' WHERE seq = 6"
+    ));
+    maria(&format!(
+        "UPDATE audit SET hash = '{forged}' WHERE tx_id = '{tx}'"
+    ));
+    let (code, report) = backup_and_drill("hash rewritten");
+    assert_eq!(code, 7, "a rewritten hash must fail the drill: {report:#}");
+    let failed = failed_checks(&report);
+    assert_eq!(failed, ["ledger_node_check"], "{report:#}");
+    let detail = check(&report, "ledger_node_check")["detail"]
+        .as_str()
+        .unwrap();
+    assert!(detail.contains("seq 6"), "{detail}");
+
+    // Undone: the live pair checks clean again.
+    pg(&format!(
+        "UPDATE ledger SET amount = {amount}, hash = '{hash}' WHERE seq = 5;
+         UPDATE ledger SET prev_hash = '{next_prev}' WHERE seq = 6"
+    ));
+    maria(&format!(
+        "UPDATE audit SET hash = '{hash}' WHERE tx_id = '{tx}'"
+    ));
+    let (code, live) = example.cluster.check(None);
+    assert_eq!(code, 0, "{live:#}");
+
+    // A duplicate audit row (the primary key dropped first, as a careless restore can).
+    maria(&format!(
+        "ALTER TABLE audit DROP PRIMARY KEY;
+         INSERT INTO audit SELECT * FROM audit WHERE tx_id = '{tx}'"
+    ));
+    let (code, report) = backup_and_drill("duplicate audit row");
+    assert_eq!(
+        code, 7,
+        "a duplicate audit row must fail the drill: {report:#}"
+    );
+    let detail = check(&report, "ledger_node_check")["detail"]
+        .as_str()
+        .unwrap();
+    assert!(detail.contains(&tx), "{detail}");
+    maria(&format!("DELETE FROM audit WHERE tx_id = '{tx}' LIMIT 1"));
+
+    // A truncated table.
+    maria("TRUNCATE audit");
+    let (code, report) = backup_and_drill("truncated table");
+    assert_eq!(code, 7, "a truncated table must fail the drill: {report:#}");
+    let failed = failed_checks(&report);
+    assert!(
+        failed.contains(&"ledger_matches_auditor".to_owned()),
+        "{failed:?}"
+    );
+    assert!(
+        failed.contains(&"ledger_node_check".to_owned()),
+        "{failed:?}"
+    );
 }
 
 /// A small cluster of SQLite ledger nodes to pause, and a runbook whose databases are
