@@ -202,7 +202,9 @@ pub async fn demo(args: DemoArgs) -> Result<u8, Failure> {
 }
 
 /// The reference ledger's invariants as drill checks, in SQLite's dialect
-/// (ledger/runbook.toml has the same checks for PostgreSQL and MariaDB).
+/// (ledger/runbook.toml has the same checks for PostgreSQL and MariaDB, and also runs
+/// `ledger-node check`, which recomputes every hash; these SQL checks only follow the
+/// links).
 const DEMO_CHECKS: &str = r#"
 [[drill.checks]]
 name = "balances_conserved"
