@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use futures::future::join_all;
+use tokio_util::sync::CancellationToken;
 
 use crate::adapters::{self, Adapter, Rows, Value};
 use crate::manifest::{DatabaseEntry, Manifest};
@@ -31,6 +32,10 @@ const NAMED_ROWS: usize = 5;
 /// How every scratch database and file of a drill begins, so that leftovers of a
 /// drill that was killed can be found (`stillpoint drill --cleanup`).
 pub const SCRATCH_MARKER: &str = "stillpoint_drill_";
+
+/// How a drill's scratch directory (for SQLite files and exec targets) begins, in
+/// the runbook's `scratch_dir` or the system's temporary directory.
+const SCRATCH_DIR_PREFIX: &str = "stillpoint-drill-";
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DrillReport {
@@ -52,6 +57,9 @@ pub struct DrillReport {
     pub checks: Vec<CheckResult>,
     /// Scratch targets left in place (`keep`), or that could not be removed.
     pub left_behind: Vec<String>,
+    /// Scratch targets of earlier drills found before this one began (a drill that was
+    /// killed leaves them): `stillpoint drill --cleanup` removes them.
+    pub leftovers: Vec<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -77,22 +85,37 @@ pub struct CheckResult {
 pub enum DrillError {
     #[error("{0}")]
     Setup(String),
+    /// Stopped by a signal (or the caller's token). Scratch targets were removed,
+    /// except those named.
+    #[error("{}", interrupted(.left_behind))]
+    Interrupted { left_behind: Vec<String> },
+}
+
+fn interrupted(left_behind: &[String]) -> String {
+    if left_behind.is_empty() {
+        "the drill was interrupted; its scratch targets were removed".to_owned()
+    } else {
+        format!(
+            "the drill was interrupted; these scratch targets could not be removed: {} (run \
+             `stillpoint drill --cleanup`)",
+            left_behind.join(", ")
+        )
+    }
 }
 
 /// Restores every database of `manifest` into scratch targets and checks them.
 /// Check failures are in the report (`ok == false`); `Err` means the drill could not
-/// start at all.
+/// start at all, or was interrupted through `cancel`. Either way, every scratch target
+/// it made is removed before it returns, unless `keep` says otherwise.
 pub async fn run(
     runbook: &Runbook,
     storage: &Storage,
     manifest: &Manifest,
     decryption: &Decryption,
     keep: bool,
+    cancel: CancellationToken,
 ) -> Result<DrillReport, DrillError> {
     let started = Instant::now();
-    let scratch = scratch_dir(runbook)?;
-    let run_id = &uuid::Uuid::new_v4().simple().to_string()[..6];
-
     let mut planned = Vec::new();
     for entry in &manifest.databases {
         let config = runbook
@@ -108,49 +131,79 @@ pub async fn run(
             })?;
         planned.push((entry, adapters::build(&entry.name, &config.adapter)));
     }
+    // Before this drill makes its own: what earlier (killed) drills left behind.
+    let leftovers = find_leftovers(runbook)
+        .await
+        .into_iter()
+        .map(|leftover| leftover.shown)
+        .collect();
+    let scratch = scratch_dir(runbook)?;
+    let run_id = &uuid::Uuid::new_v4().simple().to_string()[..6];
 
-    let restoring = Instant::now();
-    let restored = join_all(planned.iter().map(|(entry, adapter)| {
-        restore_one(
-            storage,
-            manifest,
-            entry,
-            adapter.clone(),
-            decryption,
-            scratch.path(),
-            run_id,
-        )
-    }))
-    .await;
-    let rto_ms = restoring.elapsed().as_millis() as u64;
-
-    let mut checks = vec![window_check(manifest)];
-    let mut databases = Vec::new();
+    // Every scratch target first, so that whatever comes next (a failed restore, a
+    // signal) knows exactly what to remove. Creating one is quick and not interrupted.
+    let created =
+        join_all(planned.iter().map(|(entry, adapter)| {
+            create_target(entry, adapter.as_ref(), scratch.path(), run_id)
+        }))
+        .await;
     let mut targets: BTreeMap<&str, (Arc<dyn Adapter>, String)> = BTreeMap::new();
-    for ((entry, adapter), outcome) in planned.iter().zip(restored) {
-        checks.extend(outcome.checks);
-        if let (Some(target), true) = (&outcome.target, outcome.restored) {
-            checks.push(row_count_check(entry, adapter.as_ref(), target).await);
-        }
-        if let Some(target) = &outcome.target {
+    for ((entry, adapter), created) in planned.iter().zip(&created) {
+        if let Ok(Some(target)) = created {
             targets.insert(&entry.name, (adapter.clone(), target.clone()));
         }
-        databases.push(DatabaseDrill {
-            name: entry.name.clone(),
-            adapter: entry.adapter.clone(),
-            target: outcome.target.as_deref().map(crate::storage::redact_url),
-            restore: outcome.report,
-            error: outcome.error,
-        });
     }
-    let restored: Vec<&str> = databases
-        .iter()
-        .filter(|database| database.restore.is_some())
-        .map(|database| database.name.as_str())
-        .collect();
-    for check in &runbook.drill.checks {
-        checks.push(run_check(check, &targets, &restored).await);
-    }
+
+    let work =
+        async {
+            let restoring = Instant::now();
+            let restored = join_all(planned.iter().zip(created).map(
+                |((entry, adapter), created)| {
+                    restore_one(
+                        storage,
+                        manifest,
+                        entry,
+                        adapter.clone(),
+                        decryption,
+                        created,
+                    )
+                },
+            ))
+            .await;
+            let rto_ms = restoring.elapsed().as_millis() as u64;
+
+            let mut checks = vec![window_check(manifest)];
+            let mut databases = Vec::new();
+            for ((entry, adapter), outcome) in planned.iter().zip(restored) {
+                checks.extend(outcome.checks);
+                if let (Some(target), true) = (&outcome.target, outcome.restored) {
+                    checks.push(row_count_check(entry, adapter.as_ref(), target).await);
+                }
+                databases.push(DatabaseDrill {
+                    name: entry.name.clone(),
+                    adapter: entry.adapter.clone(),
+                    target: outcome.target.as_deref().map(crate::storage::redact_url),
+                    restore: outcome.report,
+                    error: outcome.error,
+                });
+            }
+            let restored: Vec<&str> = databases
+                .iter()
+                .filter(|database| database.restore.is_some())
+                .map(|database| database.name.as_str())
+                .collect();
+            for check in &runbook.drill.checks {
+                checks.push(run_check(check, &targets, &restored).await);
+            }
+            (rto_ms, databases, checks)
+        };
+    // A signal drops the work where it stands (restores' child processes are killed
+    // with it) and goes straight to the clean-up below.
+    let finished = tokio::select! {
+        biased;
+        () = cancel.cancelled() => None,
+        finished = work => Some(finished),
+    };
 
     let mut left_behind = Vec::new();
     for (adapter, target) in targets.values() {
@@ -171,7 +224,12 @@ pub async fn run(
     }
     if keep {
         left_behind.push(scratch.keep().display().to_string());
+    } else if let Err(error) = scratch.close() {
+        tracing::warn!(%error, "could not remove the drill's scratch directory");
     }
+    let Some((rto_ms, databases, checks)) = finished else {
+        return Err(DrillError::Interrupted { left_behind });
+    };
 
     let rpo_ms = manifest
         .window
@@ -192,7 +250,118 @@ pub async fn run(
         databases,
         checks,
         left_behind,
+        leftovers,
     })
+}
+
+/// A scratch target left by an earlier drill: a scratch database on a server, or a
+/// scratch directory of files.
+pub struct Leftover {
+    /// Without passwords.
+    pub shown: String,
+    remove: LeftoverKind,
+}
+
+enum LeftoverKind {
+    Target(Arc<dyn Adapter>, String),
+    Directory(std::path::PathBuf),
+}
+
+/// What `stillpoint drill --cleanup` did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CleanupReport {
+    /// Scratch targets of earlier drills, now removed.
+    pub removed: Vec<String>,
+    /// Scratch targets that are still there, and why.
+    pub failed: Vec<String>,
+    /// Servers (or directories) that could not be searched, and why.
+    pub not_searched: Vec<String>,
+}
+
+/// Finds the scratch targets earlier drills of this runbook's databases left behind
+/// (killed before they could remove them): databases on the drill servers whose names
+/// begin with [`SCRATCH_MARKER`], and scratch directories in the scratch directory's
+/// parent. A drill running at the same time has targets of the same form: run the
+/// clean-up when no drill is running.
+async fn search_leftovers(runbook: &Runbook) -> (Vec<Leftover>, Vec<String>) {
+    let mut found = Vec::new();
+    let mut not_searched = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for database in &runbook.databases {
+        let adapter = adapters::build(&database.name, &database.adapter);
+        match adapter.list_scratch(SCRATCH_MARKER).await {
+            Ok(targets) => {
+                for target in targets {
+                    let shown = crate::storage::redact_url(&target);
+                    if seen.insert(shown.clone()) {
+                        found.push(Leftover {
+                            shown,
+                            remove: LeftoverKind::Target(adapter.clone(), target),
+                        });
+                    }
+                }
+            }
+            Err(error) => not_searched.push(error.to_string()),
+        }
+    }
+    let parent = runbook
+        .drill
+        .scratch_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
+    match std::fs::read_dir(&parent) {
+        Ok(entries) => {
+            for entry in entries.flatten() {
+                let is_scratch = entry
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|name| name.starts_with(SCRATCH_DIR_PREFIX));
+                if is_scratch && entry.path().is_dir() {
+                    found.push(Leftover {
+                        shown: entry.path().display().to_string(),
+                        remove: LeftoverKind::Directory(entry.path()),
+                    });
+                }
+            }
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => not_searched.push(format!("{}: {error}", parent.display())),
+    }
+    (found, not_searched)
+}
+
+async fn find_leftovers(runbook: &Runbook) -> Vec<Leftover> {
+    let (found, not_searched) = search_leftovers(runbook).await;
+    for why in not_searched {
+        tracing::warn!(%why, "could not look for scratch targets of earlier drills");
+    }
+    found
+}
+
+/// `stillpoint drill --cleanup`: removes every scratch target earlier drills left
+/// behind (see [`search_leftovers`]).
+pub async fn cleanup(runbook: &Runbook) -> CleanupReport {
+    let (found, not_searched) = search_leftovers(runbook).await;
+    let mut report = CleanupReport {
+        not_searched,
+        ..CleanupReport::default()
+    };
+    for leftover in found {
+        let removed = match &leftover.remove {
+            LeftoverKind::Target(adapter, target) => adapter
+                .drop_scratch(target)
+                .await
+                .map_err(|error| error.to_string()),
+            LeftoverKind::Directory(path) => {
+                std::fs::remove_dir_all(path).map_err(|error| error.to_string())
+            }
+        };
+        match removed {
+            Ok(()) => report.removed.push(leftover.shown),
+            Err(why) => report.failed.push(format!("{}: {why}", leftover.shown)),
+        }
+    }
+    report
 }
 
 /// A new directory for scratch files: inside the runbook's `scratch_dir`, else in the
@@ -207,11 +376,11 @@ fn scratch_dir(runbook: &Runbook) -> Result<tempfile::TempDir, DrillError> {
                 ))
             })?;
             tempfile::Builder::new()
-                .prefix("stillpoint-drill-")
+                .prefix(SCRATCH_DIR_PREFIX)
                 .tempdir_in(parent)
         }
         None => tempfile::Builder::new()
-            .prefix("stillpoint-drill-")
+            .prefix(SCRATCH_DIR_PREFIX)
             .tempdir(),
     };
     dir.map_err(|error| {
@@ -229,14 +398,31 @@ struct RestoreOutcome {
     checks: Vec<CheckResult>,
 }
 
+/// A scratch target for one database: `Ok(None)` if its backup has nothing to
+/// restore (an exec cut without a copy), `Err` naming why none could be made.
+async fn create_target(
+    entry: &DatabaseEntry,
+    adapter: &dyn Adapter,
+    scratch: &std::path::Path,
+    run_id: &str,
+) -> Result<Option<String>, String> {
+    if entry.artifact.is_none() {
+        return Ok(None);
+    }
+    adapter
+        .create_scratch(&scratch_label(run_id, &entry.name), scratch)
+        .await
+        .map(Some)
+        .map_err(|error| error.to_string())
+}
+
 async fn restore_one(
     storage: &Storage,
     manifest: &Manifest,
     entry: &DatabaseEntry,
     adapter: Arc<dyn Adapter>,
     decryption: &Decryption,
-    scratch: &std::path::Path,
-    run_id: &str,
+    created: Result<Option<String>, String>,
 ) -> RestoreOutcome {
     let started = Instant::now();
     let name = &entry.name;
@@ -247,28 +433,28 @@ async fn restore_one(
         error: None,
         checks: Vec::new(),
     };
-    if entry.artifact.is_none() {
-        // An exec cut without a copy command: the marker is the whole backup.
-        outcome.checks.push(CheckResult {
-            name: format!("restore:{name}"),
-            ok: true,
-            detail: "nothing to restore: the cut made no copy (an exec database without `copy`)"
-                .to_owned(),
-            duration_ms: 0,
-        });
-        return outcome;
-    }
-    let label = scratch_label(run_id, name);
-    let target = match adapter.create_scratch(&label, scratch).await {
-        Ok(target) => target,
+    let target = match created {
+        Ok(Some(target)) => target,
+        Ok(None) => {
+            // An exec cut without a copy command: the marker is the whole backup.
+            outcome.checks.push(CheckResult {
+                name: format!("restore:{name}"),
+                ok: true,
+                detail: "nothing to restore: the cut made no copy (an exec database without \
+                         `copy`)"
+                    .to_owned(),
+                duration_ms: 0,
+            });
+            return outcome;
+        }
         Err(error) => {
-            outcome.error = Some(error.to_string());
             outcome.checks.push(CheckResult {
                 name: format!("restore:{name}"),
                 ok: false,
                 detail: format!("no scratch target: {error}"),
                 duration_ms: elapsed_ms(started),
             });
+            outcome.error = Some(error);
             return outcome;
         }
     };

@@ -145,9 +145,16 @@ pub async fn demo(args: DemoArgs) -> Result<u8, Failure> {
     say("drill: restoring both copies into scratch files and checking them …");
     let storage = Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)?;
     let decryption = backup::decryption(&runbook)?;
-    let drill = drill::run(&runbook, &storage, &manifest, &decryption, false)
-        .await
-        .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?;
+    let drill = drill::run(
+        &runbook,
+        &storage,
+        &manifest,
+        &decryption,
+        false,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?;
 
     say("checking that nothing committed inside the window …");
     let check = |ledger: &str, auditor: &str, (start, end): (i64, i64)| {

@@ -309,6 +309,20 @@ impl Adapter for Mariadb {
             .await
             .map_err(|e| self.target_error(target, e))?;
         if let Some(database) = database {
+            // Like PostgreSQL's DROP DATABASE … WITH (FORCE): a check interrupted
+            // mid-query can leave a session behind that would hold the drop up.
+            let sessions: Vec<u64> = conn
+                .exec(
+                    "SELECT ID FROM information_schema.PROCESSLIST \
+                     WHERE DB = ? AND ID <> CONNECTION_ID()",
+                    (&database,),
+                )
+                .await
+                .map_err(|e| self.target_error(target, e))?;
+            for session in sessions {
+                // It may have ended by itself meanwhile.
+                let _ = conn.query_drop(format!("KILL {session}")).await;
+            }
             conn.query_drop(format!(
                 "DROP DATABASE IF EXISTS {}",
                 quote_ident(&database)
@@ -318,6 +332,33 @@ impl Adapter for Mariadb {
         }
         let _ = conn.disconnect().await;
         Ok(())
+    }
+
+    async fn list_scratch(&self, marker: &str) -> Result<Vec<String>, AdapterError> {
+        let server = self
+            .config
+            .drill_server_url
+            .as_deref()
+            .unwrap_or(&self.config.url);
+        let mut conn = self.connect_target(server).await?;
+        let names: Vec<String> = conn
+            .exec(
+                "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA \
+                 WHERE LEFT(SCHEMA_NAME, CHAR_LENGTH(?)) = ? ORDER BY 1",
+                (marker, marker),
+            )
+            .await
+            .map_err(|e| self.target_error(server, e))?;
+        let _ = conn.disconnect().await;
+        names
+            .iter()
+            .map(|name| {
+                with_database(server, name).map_err(|message| AdapterError::Restore {
+                    database: self.name.clone(),
+                    message,
+                })
+            })
+            .collect()
     }
 
     async fn query(&self, target: &str, sql: &str) -> Result<Rows, AdapterError> {

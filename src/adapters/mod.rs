@@ -133,6 +133,14 @@ pub trait Adapter: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The scratch targets on this database's drill server whose names begin with
+    /// `marker`: what drills that were killed left behind. Targets in the drill's
+    /// scratch directory (files) are found by the drill itself, so the default is none.
+    async fn list_scratch(&self, marker: &str) -> Result<Vec<String>, AdapterError> {
+        let _ = marker;
+        Ok(Vec::new())
+    }
+
     /// Runs one statement against a restored target, for drill checks, so that it
     /// cannot write (a read-only transaction or connection; more than one statement is
     /// refused); every value keeps its type ([`Value`]).

@@ -326,6 +326,33 @@ impl Adapter for Postgres {
         Ok(())
     }
 
+    async fn list_scratch(&self, marker: &str) -> Result<Vec<String>, AdapterError> {
+        let server = self
+            .config
+            .drill_server_url
+            .as_deref()
+            .unwrap_or(&self.config.url);
+        let conn = self.connect_target(server).await?;
+        let names = conn
+            .client
+            .query(
+                "SELECT datname FROM pg_database WHERE left(datname, length($1)) = $1 ORDER BY 1",
+                &[&marker],
+            )
+            .await
+            .map_err(|e| self.target_error(server, &e))?;
+        conn.close().await;
+        names
+            .iter()
+            .map(|row| {
+                with_database(server, row.get(0)).map_err(|message| AdapterError::Restore {
+                    database: self.name.clone(),
+                    message,
+                })
+            })
+            .collect()
+    }
+
     async fn query(&self, target: &str, sql: &str) -> Result<Rows, AdapterError> {
         let conn = self.connect_target(target).await?;
         // Values print the same whatever the server's or the role's settings: bytea

@@ -1088,3 +1088,109 @@ right = { database = "pg", sql = "SELECT '\\xff00112233'::text" }
         "{report:#}"
     );
 }
+
+/// Issue 18.6: a drill stopped by SIGTERM (or Ctrl-C) drops its scratch databases and
+/// files before it exits, instead of leaving full copies of production data behind.
+#[test]
+fn a_drill_stopped_by_sigterm_drops_its_scratch_targets() {
+    let example = MixedExample::start(true);
+    example.write_runbook(
+        r#"
+[[drill.checks]]
+name = "slow"
+database = "pg"
+sql = "SELECT 1 FROM pg_sleep(600)"
+expect = 1
+"#,
+    );
+    let backup = example.backup(&[]);
+    let drill = slow_drill(&example, &backup);
+    assert!(
+        !example.leftovers().is_empty(),
+        "the drill made no scratch targets"
+    );
+    drill.signal("TERM");
+    let output = drill.wait_output(Duration::from_secs(60));
+    assert_eq!(
+        example.leftovers(),
+        Vec::<String>::new(),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("interrupted"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+/// Issue 18.6: a drill killed outright (SIGKILL) cannot clean up; its scratch targets
+/// carry a marker, the next drill reports them, and `stillpoint drill --cleanup` finds
+/// and removes them.
+#[test]
+fn drill_cleanup_removes_what_a_killed_drill_left() {
+    let example = MixedExample::start(true);
+    example.write_runbook(
+        r#"
+[[drill.checks]]
+name = "slow"
+database = "pg"
+sql = "SELECT 1 FROM pg_sleep(600)"
+expect = 1
+"#,
+    );
+    let backup = example.backup(&[]);
+    let drill = slow_drill(&example, &backup);
+    drill.signal("KILL");
+    drop(drill.wait_output(Duration::from_secs(60)));
+    // The SQLite scratch directory, the PostgreSQL and the MariaDB scratch databases.
+    let left = example.leftovers();
+    assert_eq!(left.len(), 3, "{left:?}");
+
+    example.write_runbook("");
+    let (code, report) = example.drill(&backup);
+    assert_eq!(code, 0, "{report:#}");
+    let reported = report["leftovers"].as_array().unwrap();
+    assert_eq!(reported.len(), 3, "{report:#}");
+
+    let (code, cleaned) = run_json(
+        "stillpoint",
+        &[
+            "drill",
+            "--cleanup",
+            "--config",
+            example.config(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{cleaned:#}");
+    assert_eq!(
+        cleaned["removed"].as_array().unwrap().len(),
+        3,
+        "{cleaned:#}"
+    );
+    assert_eq!(example.leftovers(), Vec::<String>::new());
+}
+
+/// Starts `stillpoint drill` and returns once its slow check runs on the scratch copy.
+fn slow_drill(example: &MixedExample, backup: &str) -> crate::util::Process {
+    let child = std::process::Command::new(bin("stillpoint"))
+        .args(["drill", backup, "--config", example.config()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut drill = crate::util::Process::new(child, "stillpoint drill".to_owned());
+    let postgres = example.postgres.as_ref().unwrap();
+    wait_until(Duration::from_secs(60), "the slow check to start", || {
+        assert!(!drill.has_exited(), "the drill ended early");
+        postgres.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE query LIKE '%pg_sleep(600)%' AND pid <> pg_backend_pid()",
+        ) == "1"
+    });
+    drill
+}
