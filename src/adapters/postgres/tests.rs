@@ -430,7 +430,11 @@ async fn a_truncate_right_after_the_release_fails_the_copy_or_waits_for_it() {
     wait_for(&truncate);
     let mut copy = prepared.copy().await.unwrap();
     read_to_end(&mut copy).await;
-    match copy.finished.await {
+    let finished = copy.finished.await;
+    // Joined before any assertion: the thread holds the shared server, which must not
+    // outlive the test binary (it ends once the copy's transaction has).
+    truncate.join().unwrap();
+    match finished {
         Ok(summary) => panic!(
             "the copy succeeded although a TRUNCATE ran after the cut: {:?}",
             summary.row_counts
@@ -441,7 +445,6 @@ async fn a_truncate_right_after_the_release_fails_the_copy_or_waits_for_it() {
             assert!(msg.contains("TRUNCATE, ALTER TABLE"), "{msg}");
         }
     }
-    truncate.join().unwrap();
     assert_eq!(
         pg.psql(&db, "SELECT count(*) FROM audit"),
         "0",
@@ -470,8 +473,9 @@ async fn a_truncate_right_after_the_release_fails_the_copy_or_waits_for_it() {
     let truncate = truncate_audit(&pg, &db);
     wait_for(&truncate);
     let bytes = read_to_end(&mut copy).await;
-    let counts = copy.finished.await.unwrap().row_counts.unwrap();
+    let finished = copy.finished.await;
     truncate.join().unwrap();
+    let counts = finished.unwrap().row_counts.unwrap();
     assert_eq!(counts["public.audit"], 10, "{counts:?}");
     let restored = unique_name("truncate_restored");
     pg.create_database(&restored);
