@@ -162,13 +162,226 @@ pub struct DrillCheck {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CheckKind {
-    /// One query on one restored database; its result, rendered as text (rows on
-    /// lines, columns joined by `|`, NULL as `NULL`), must equal `expect`.
-    Expect { query: CheckQuery, expect: String },
+    /// One query on one restored database; its result must equal `expect`, value for
+    /// value, as typed values.
+    Expect { query: CheckQuery, expect: Expected },
     /// Two queries, usually on two databases, must return the same rows in any
-    /// order (compared as multisets): e.g. the (tx id, hash) pairs of the ledger and
-    /// of the auditor.
-    Equal { left: CheckQuery, right: CheckQuery },
+    /// order (compared as multisets of typed values): e.g. the (tx id, hash) pairs of
+    /// the ledger and of the auditor. Two empty results prove nothing and fail, unless
+    /// `allow_empty` says they are expected.
+    Equal {
+        left: CheckQuery,
+        right: CheckQuery,
+        allow_empty: bool,
+    },
+    /// A program run on the restored targets, its exit status the verdict (0 passes):
+    /// e.g. `ledger-node check`, which recomputes every hash. `{name}` in an argument or
+    /// an `env` value becomes the scratch target of database `name` (its URL, or its
+    /// file path); `{{` and `}}` are literal braces. No shell is involved.
+    Command {
+        argv: Vec<String>,
+        env: BTreeMap<String, String>,
+        timeout: Duration,
+    },
+}
+
+/// The `{name}` placeholders of a command check's argument or environment value, in
+/// order; `{{` and `}}` stand for literal braces.
+pub fn placeholders(template: &str) -> Result<Vec<&str>, String> {
+    let mut names = Vec::new();
+    let mut rest = template;
+    while let Some(at) = rest.find(['{', '}']) {
+        let (brace, after) = (&rest[at..at + 1], &rest[at + 1..]);
+        if let Some(escaped) = after.strip_prefix(brace) {
+            rest = escaped;
+            continue;
+        }
+        if brace == "}" {
+            return Err(format!(
+                "{template:?} has a lone '}}' (write '}}}}' for a brace)"
+            ));
+        }
+        let Some(end) = after.find('}') else {
+            return Err(format!(
+                "{template:?} has an unclosed '{{' (write '{{{{' for a brace)"
+            ));
+        };
+        let name = &after[..end];
+        if name.is_empty() || name.contains('{') {
+            return Err(format!("{template:?} has an empty or nested placeholder"));
+        }
+        names.push(name);
+        rest = &after[end + 1..];
+    }
+    Ok(names)
+}
+
+/// `template` with each `{name}` replaced by `value(name)` and `{{`/`}}` by braces.
+pub fn substitute<'a>(
+    template: &str,
+    value: impl Fn(&str) -> Option<&'a str>,
+) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(at) = rest.find(['{', '}']) {
+        out.push_str(&rest[..at]);
+        let (brace, after) = (&rest[at..at + 1], &rest[at + 1..]);
+        if let Some(escaped) = after.strip_prefix(brace) {
+            out.push_str(brace);
+            rest = escaped;
+            continue;
+        }
+        let end = after
+            .find('}')
+            .filter(|_| brace == "{")
+            .ok_or_else(|| format!("{template:?} is not a valid template"))?;
+        let name = &after[..end];
+        out.push_str(value(name).ok_or_else(|| format!("{{{name}}} has no value"))?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// What an `expect` check wants back: `expect = 0` (one row of one value), `expect =
+/// [1, "a"]` (one row of these values), `expect = [[1], [2]]` (these rows, in order),
+/// or `expect = []` (no rows). TOML has no NULL, and the text "NULL" is only ever the
+/// text: to expect a NULL, select `x IS NULL` and expect `true`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    pub rows: Vec<Vec<ExpectedValue>>,
+    /// Written as one value (`expect = 0`) rather than as rows: shown the same way.
+    pub scalar: bool,
+}
+
+/// One expected value, compared with a result's typed value by
+/// [`ExpectedValue::matches`].
+#[derive(Debug, Clone)]
+pub enum ExpectedValue {
+    Bool(bool),
+    Integer(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl PartialEq for ExpectedValue {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ExpectedValue::Bool(a), ExpectedValue::Bool(b)) => a == b,
+            (ExpectedValue::Integer(a), ExpectedValue::Integer(b)) => a == b,
+            (ExpectedValue::Float(a), ExpectedValue::Float(b)) => a.to_bits() == b.to_bits(),
+            (ExpectedValue::Text(a), ExpectedValue::Text(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for ExpectedValue {}
+
+impl ExpectedValue {
+    /// Whether a result's value is this one. Numbers match by value whatever each
+    /// server calls them (PostgreSQL prints a float8 zero as `0`, SQLite as `0.0`;
+    /// `1e16` as `1e+16` or `1e16`); `true`/`false` also match 1/0, which is what
+    /// MariaDB and SQLite return for a boolean; text matches text only; NULL matches
+    /// nothing.
+    pub fn matches(&self, value: &crate::adapters::Value) -> bool {
+        use crate::adapters::Value;
+        match (self, value) {
+            (ExpectedValue::Bool(want), Value::Bool(got)) => want == got,
+            (ExpectedValue::Bool(want), Value::Number(got)) => got == if *want { "1" } else { "0" },
+            (ExpectedValue::Integer(want), Value::Number(got)) => *got == want.to_string(),
+            (ExpectedValue::Integer(want), Value::Float(got)) => {
+                // Only an integer a float holds exactly can be equal to one.
+                let near = *want as f64;
+                near as i128 == i128::from(*want) && *got == near
+            }
+            (ExpectedValue::Float(want), got @ (Value::Number(_) | Value::Float(_))) => {
+                got.as_f64() == Some(*want)
+            }
+            (ExpectedValue::Text(want), Value::Text(got)) => want == got,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for ExpectedValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExpectedValue::Bool(b) => write!(f, "{b}"),
+            ExpectedValue::Integer(i) => write!(f, "{i}"),
+            ExpectedValue::Float(x) => write!(f, "{x:?}"),
+            ExpectedValue::Text(text) => write!(f, "{text:?}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Expected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let row = |row: &Vec<ExpectedValue>| {
+            row.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match (self.scalar, self.rows.as_slice()) {
+            (true, [only]) => f.write_str(&row(only)),
+            (_, []) => f.write_str("no rows"),
+            (_, rows) => {
+                let rows: Vec<String> = rows.iter().map(|r| format!("[{}]", row(r))).collect();
+                write!(f, "[{}]", rows.join(", "))
+            }
+        }
+    }
+}
+
+impl Expected {
+    fn from_toml(value: toml::Value) -> Result<Expected, String> {
+        fn scalar(value: toml::Value) -> Result<ExpectedValue, String> {
+            Ok(match value {
+                toml::Value::Boolean(b) => ExpectedValue::Bool(b),
+                toml::Value::Integer(i) => ExpectedValue::Integer(i),
+                toml::Value::Float(x) => ExpectedValue::Float(x),
+                toml::Value::String(text) => ExpectedValue::Text(text),
+                other => {
+                    return Err(format!(
+                        "{} is not a value (give a string, a number or a boolean)",
+                        other.type_str()
+                    ));
+                }
+            })
+        }
+        match value {
+            toml::Value::Array(items) => {
+                let nested = items.iter().any(toml::Value::is_array);
+                if nested && !items.iter().all(toml::Value::is_array) {
+                    return Err("mixes rows (arrays) and values; give [[row], [row], …] or \
+                                [value, value, …]"
+                        .to_owned());
+                }
+                let rows = if nested {
+                    items
+                        .into_iter()
+                        .map(|row| match row {
+                            toml::Value::Array(values) => values.into_iter().map(scalar).collect(),
+                            _ => unreachable!("checked: every item is an array"),
+                        })
+                        .collect::<Result<_, _>>()?
+                } else if items.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![items.into_iter().map(scalar).collect::<Result<_, _>>()?]
+                };
+                Ok(Expected {
+                    rows,
+                    scalar: false,
+                })
+            }
+            other => Ok(Expected {
+                rows: vec![vec![scalar(other)?]],
+                scalar: true,
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -201,44 +414,147 @@ struct RawCheck {
     left: Option<CheckQuery>,
     #[serde(default)]
     right: Option<CheckQuery>,
+    #[serde(default)]
+    allow_empty: Option<bool>,
+    #[serde(default)]
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    env: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "deserialize_duration_opt")]
+    timeout: Option<Duration>,
 }
+
+/// How long a command check may run unless the runbook says otherwise.
+const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl RawCheck {
     fn into_check(self) -> Result<DrillCheck, String> {
         let name = self.name;
+        if let Some(argv) = self.command {
+            let queries = [
+                self.database.is_some(),
+                self.sql.is_some(),
+                self.expect.is_some(),
+            ];
+            if queries.into_iter().any(|given| given)
+                || self.left.is_some()
+                || self.right.is_some()
+                || self.allow_empty.is_some()
+            {
+                return Err(format!(
+                    "[drill] check {name:?}: a command check takes command (and env, timeout) \
+                     only, not database, sql, expect, left, right or allow_empty"
+                ));
+            }
+            if argv.first().is_none_or(|program| program.trim().is_empty()) {
+                return Err(format!(
+                    "[drill] check {name:?}: command is empty; give the program and its \
+                     arguments, e.g. [\"ledger-node\", \"check\", \"--ledger-db\", \"{{ledger}}\"]"
+                ));
+            }
+            let env = self.env.unwrap_or_default();
+            for template in argv.iter().chain(env.values()) {
+                placeholders(template).map_err(|why| format!("[drill] check {name:?}: {why}"))?;
+            }
+            let timeout = self.timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT);
+            if timeout.is_zero() {
+                return Err(format!("[drill] check {name:?}: timeout must be positive"));
+            }
+            return Ok(DrillCheck {
+                name,
+                kind: CheckKind::Command { argv, env, timeout },
+            });
+        }
+        if self.env.is_some() || self.timeout.is_some() {
+            return Err(format!(
+                "[drill] check {name:?}: env and timeout belong to command checks"
+            ));
+        }
         let kind = match (self.database, self.sql, self.expect, self.left, self.right) {
-            (Some(database), Some(sql), Some(expect), None, None) => CheckKind::Expect {
-                query: CheckQuery { database, sql },
-                expect: match expect {
-                    toml::Value::String(text) => text,
-                    toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
-                        expect.to_string()
-                    }
-                    _ => {
-                        return Err(format!(
-                            "[drill] check {name:?}: expect must be a string or a number"
-                        ));
-                    }
-                },
+            (Some(database), Some(sql), Some(expect), None, None) => {
+                if self.allow_empty.is_some() {
+                    return Err(format!(
+                        "[drill] check {name:?}: allow_empty is for left + right checks; to \
+                         expect no rows, write expect = []"
+                    ));
+                }
+                CheckKind::Expect {
+                    query: CheckQuery { database, sql },
+                    expect: Expected::from_toml(expect)
+                        .map_err(|why| format!("[drill] check {name:?}: expect {why}"))?,
+                }
+            }
+            (None, None, None, Some(left), Some(right)) => CheckKind::Equal {
+                left,
+                right,
+                allow_empty: self.allow_empty.unwrap_or(false),
             },
-            (None, None, None, Some(left), Some(right)) => CheckKind::Equal { left, right },
             _ => {
                 return Err(format!(
                     "[drill] check {name:?}: give either database + sql + expect, or left + \
-                     right (each {{ database = \"…\", sql = \"…\" }})"
+                     right (each {{ database = \"…\", sql = \"…\" }}), or command"
                 ));
             }
         };
-        Ok(DrillCheck { name, kind })
+        let check = DrillCheck { name, kind };
+        for query in check.queries() {
+            if !has_statement(&query.sql) {
+                return Err(format!(
+                    "[drill] check {:?}: the sql for database {:?} has no SQL statement (only \
+                     whitespace, comments or semicolons), so the check would prove nothing",
+                    check.name, query.database
+                ));
+            }
+        }
+        Ok(check)
+    }
+}
+
+/// Whether `sql` holds anything but whitespace, `--` and `/* */` comments and `;`.
+/// Coarse on purpose: it only has to tell an empty check from a real one.
+fn has_statement(sql: &str) -> bool {
+    let mut rest = sql;
+    loop {
+        rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == ';');
+        if let Some(comment) = rest.strip_prefix("--") {
+            rest = comment.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(comment) = rest.strip_prefix("/*") {
+            rest = comment.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            return !rest.is_empty();
+        }
     }
 }
 
 impl DrillCheck {
-    /// The databases the check reads.
+    /// The databases the check reads: those its queries run on, or those whose
+    /// targets its command is given.
     pub fn databases(&self) -> Vec<&str> {
         match &self.kind {
-            CheckKind::Expect { query, .. } => vec![&query.database],
-            CheckKind::Equal { left, right } => vec![&left.database, &right.database],
+            CheckKind::Command { argv, env, .. } => {
+                let mut names: Vec<&str> = argv
+                    .iter()
+                    .chain(env.values())
+                    .flat_map(|template| placeholders(template).unwrap_or_default())
+                    .collect();
+                names.sort_unstable();
+                names.dedup();
+                names
+            }
+            _ => self
+                .queries()
+                .into_iter()
+                .map(|query| query.database.as_str())
+                .collect(),
+        }
+    }
+
+    /// The queries the check runs.
+    pub fn queries(&self) -> Vec<&CheckQuery> {
+        match &self.kind {
+            CheckKind::Expect { query, .. } => vec![query],
+            CheckKind::Equal { left, right, .. } => vec![left, right],
+            CheckKind::Command { .. } => Vec::new(),
         }
     }
 }

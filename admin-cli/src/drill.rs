@@ -1,5 +1,7 @@
 //! `stillpoint drill`: restore a backup into scratch targets, check it, and report as
 //! a table for people, JSON for scripts and JUnit XML for CI (one test case per check).
+//! SIGINT/SIGTERM stop it after it removed its scratch targets; `--cleanup` removes
+//! those of drills that were killed outright.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,7 +17,14 @@ use crate::restore::open_backup;
 #[derive(Debug, Clone, Args)]
 pub struct DrillArgs {
     /// A backup id, or `latest` (the newest backup that is a valid restore point).
-    pub backup: String,
+    #[arg(required_unless_present = "cleanup")]
+    pub backup: Option<String>,
+    /// Instead of a drill: find the scratch databases and directories that drills
+    /// killed outright (SIGKILL, a crash) left on the runbook's drill servers and in
+    /// its scratch directory (their names begin with `stillpoint_drill_` /
+    /// `stillpoint-drill-`), and remove them. Run it when no drill is running.
+    #[arg(long, conflicts_with_all = ["backup", "junit", "keep"])]
+    pub cleanup: bool,
     /// The runbook: storage, keys, databases, and the `[drill]` checks.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: PathBuf,
@@ -31,7 +40,10 @@ pub struct DrillArgs {
 }
 
 pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
-    let (runbook, storage, manifest) = open_backup(&args.config, &args.backup).await?;
+    let Some(backup) = &args.backup else {
+        return cleanup(&args).await;
+    };
+    let (runbook, storage, manifest) = open_backup(&args.config, backup).await?;
     let decryption = stillpoint::backup::decryption(&runbook)
         .map_err(|error| Failure::new(exit::USAGE, error))?;
     if args.output == OutputFormat::Text {
@@ -41,9 +53,21 @@ pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
             manifest.databases.len()
         );
     }
-    let report = drill::run(&runbook, &storage, &manifest, &decryption, args.keep)
-        .await
-        .map_err(|error| Failure::new(exit::USAGE, error))?;
+    let report = crate::signal::run_cancellable(|cancel| {
+        drill::run(
+            &runbook,
+            &storage,
+            &manifest,
+            &decryption,
+            args.keep,
+            cancel,
+        )
+    })
+    .await
+    .map_err(|error| match error {
+        drill::DrillError::Interrupted { .. } => Failure::new(exit::ERROR, error),
+        drill::DrillError::Setup(_) => Failure::new(exit::USAGE, error),
+    })?;
     if let Some(path) = &args.junit {
         write_junit(path, &report)?;
     }
@@ -56,6 +80,36 @@ pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
     } else {
         exit::DRILL_FAILED
     })
+}
+
+/// `stillpoint drill --cleanup`.
+async fn cleanup(args: &DrillArgs) -> Result<u8, Failure> {
+    let runbook = crate::backup::load_runbook(&args.config)?;
+    let report = drill::cleanup(&runbook).await;
+    match args.output {
+        OutputFormat::Json => print_json(&report),
+        OutputFormat::Text => {
+            if report.removed.is_empty() && report.failed.is_empty() {
+                println!("no scratch targets of earlier drills found");
+            }
+            for removed in &report.removed {
+                println!("removed {removed}");
+            }
+            for failed in &report.failed {
+                println!("NOT removed: {failed}");
+            }
+            for why in &report.not_searched {
+                println!("not searched: {why}");
+            }
+        }
+    }
+    Ok(
+        if report.failed.is_empty() && report.not_searched.is_empty() {
+            exit::OK
+        } else {
+            exit::ERROR
+        },
+    )
 }
 
 pub fn render_text(report: &DrillReport) -> String {
@@ -121,6 +175,12 @@ pub fn render_text(report: &DrillReport) -> String {
     }
     for left in &report.left_behind {
         let _ = writeln!(text, "  left in place: {left}");
+    }
+    for leftover in &report.leftovers {
+        let _ = writeln!(
+            text,
+            "  left by an earlier drill: {leftover} (`stillpoint drill --cleanup` removes it)"
+        );
     }
     text
 }
@@ -212,6 +272,7 @@ mod tests {
             databases: Vec::new(),
             checks,
             left_behind: Vec::new(),
+            leftovers: Vec::new(),
         }
     }
 

@@ -5,12 +5,15 @@
 //! - `balances`: money is neither created nor destroyed (sum == initial total, and no
 //!   account is negative);
 //! - `hash_chain`: every link points at the previous one and recomputes;
-//! - `ledger_matches_auditor`: both tiers know exactly the same (tx_id, hash) pairs —
-//!   the property a backup taken outside one pause breaks;
-//! - `quiet_window` (optional): nothing was committed or recorded inside a window, e.g.
-//!   a pause.
+//! - `ledger_matches_auditor`: both tiers know exactly the same (tx_id, hash) pairs,
+//!   compared as multisets (a row twice is a difference, named) — the property a backup
+//!   taken outside one pause breaks;
+//! - `quiet_window` (optional): nothing was committed or recorded strictly inside a
+//!   window, e.g. a pause ([`Window`] says the rule and refuses absurd windows).
 
 use std::collections::BTreeMap;
+
+use stillpoint::node::MAX_LEASE;
 
 use crate::chain::{GENESIS_HASH, link_hash};
 use crate::store::{AuditRow, LedgerSnapshot};
@@ -18,11 +21,55 @@ use crate::store::{AuditRow, LedgerSnapshot};
 /// How many tx ids a failed check names before it says "and N more".
 const NAMED: usize = 10;
 
-/// A range of Unix milliseconds; [`quiet_window`] treats its edges as outside.
+/// A range of Unix milliseconds, open at both ends: `(start, end)`. A stamp in the very
+/// millisecond of either edge is outside, because it cannot be told from one just
+/// before or just after it (timestamps have millisecond resolution). So a window
+/// must be at least 2 ms long to contain anything; [`Window::new`] refuses shorter
+/// ones, and ones that cannot be a pause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
     pub start_ms: i64,
     pub end_ms: i64,
+}
+
+/// The earliest plausible edge, 2001-09-09 in Unix milliseconds. An edge before it is
+/// almost surely in seconds: 1700000000 is 2023 in seconds but January 1970 in ms.
+const EARLIEST_MS: i64 = 1_000_000_000_000;
+
+impl Window {
+    /// The window `(start_ms, end_ms)`, or why it cannot be checked: edges the wrong
+    /// way round, shorter than 2 ms (nothing could ever be inside, so the check could
+    /// never fail), edges in seconds rather than milliseconds, or longer than any pause
+    /// can be (a node's lease is at most [`MAX_LEASE`]).
+    pub fn new(start_ms: i64, end_ms: i64) -> Result<Window, String> {
+        if start_ms > end_ms {
+            return Err(format!(
+                "the window start {start_ms} is after its end {end_ms}"
+            ));
+        }
+        if start_ms < EARLIEST_MS {
+            return Err(format!(
+                "the window start {start_ms} is before 2001: give Unix milliseconds, not \
+                 seconds (e.g. {})",
+                start_ms.saturating_mul(1000)
+            ));
+        }
+        let length = end_ms - start_ms;
+        if length < 2 {
+            return Err(format!(
+                "the window ({start_ms}, {end_ms}) is {length} ms long; its edges are outside \
+                 it, so it must be at least 2 ms long to contain a millisecond"
+            ));
+        }
+        if length as u128 > MAX_LEASE.as_millis() {
+            return Err(format!(
+                "the window ({start_ms}, {end_ms}) is {length} ms long, longer than any pause \
+                 can be ({} ms, the longest lease)",
+                MAX_LEASE.as_millis()
+            ));
+        }
+        Ok(Window { start_ms, end_ms })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -135,35 +182,41 @@ fn hash_chain(ledger: &LedgerSnapshot) -> Check {
     passed(NAME, format!("{} links verified", ledger.rows.len()))
 }
 
+/// Compares the (tx id, hash) rows of both tiers as multisets: a tx id missing from
+/// one side, a hash that differs, and a tx id that appears more than once on a side
+/// (a duplicate row, or a second row with another hash) are each named.
 fn ledger_matches_auditor(ledger: &LedgerSnapshot, audit: &[AuditRow]) -> Check {
     const NAME: &str = "ledger_matches_auditor";
-    let in_ledger: BTreeMap<&str, &str> = ledger
-        .rows
-        .iter()
-        .map(|row| (row.tx_id.as_str(), row.hash.as_str()))
-        .collect();
-    let in_audit: BTreeMap<&str, &str> = audit
-        .iter()
-        .map(|row| (row.tx_id.as_str(), row.hash.as_str()))
-        .collect();
-    let missing_from_audit: Vec<String> = in_ledger
-        .keys()
-        .filter(|tx| !in_audit.contains_key(*tx))
-        .map(|tx| tx.to_string())
-        .collect();
-    let missing_from_ledger: Vec<String> = in_audit
-        .keys()
-        .filter(|tx| !in_ledger.contains_key(*tx))
-        .map(|tx| tx.to_string())
-        .collect();
-    let differing: Vec<String> = in_ledger
-        .iter()
-        .filter_map(|(tx, ledger_hash)| {
-            let audit_hash = in_audit.get(tx)?;
-            (audit_hash != ledger_hash)
-                .then(|| format!("{tx} (ledger {ledger_hash}, auditor {audit_hash})"))
-        })
-        .collect();
+    let mut hashes: BTreeMap<&str, (Vec<&str>, Vec<&str>)> = BTreeMap::new();
+    for row in &ledger.rows {
+        hashes.entry(&row.tx_id).or_default().0.push(&row.hash);
+    }
+    for row in audit {
+        hashes.entry(&row.tx_id).or_default().1.push(&row.hash);
+    }
+    let mut missing_from_audit = Vec::new();
+    let mut missing_from_ledger = Vec::new();
+    let mut differing = Vec::new();
+    let mut repeated = Vec::new();
+    for (tx, (in_ledger, in_audit)) in &hashes {
+        for (side, rows) in [("ledger", in_ledger), ("auditor", in_audit)] {
+            if rows.len() > 1 {
+                repeated.push(format!(
+                    "{tx} ({} times in the {side}: {})",
+                    rows.len(),
+                    rows.join(", ")
+                ));
+            }
+        }
+        match (in_ledger.as_slice(), in_audit.as_slice()) {
+            (_, []) => missing_from_audit.push(tx.to_string()),
+            ([], _) => missing_from_ledger.push(tx.to_string()),
+            ([ledger_hash], [audit_hash]) if ledger_hash != audit_hash => {
+                differing.push(format!("{tx} (ledger {ledger_hash}, auditor {audit_hash})"))
+            }
+            _ => {}
+        }
+    }
     let mut problems = Vec::new();
     if !missing_from_audit.is_empty() {
         problems.push(format!(
@@ -186,10 +239,17 @@ fn ledger_matches_auditor(ledger: &LedgerSnapshot, audit: &[AuditRow]) -> Check 
             name_some(&differing)
         ));
     }
+    if !repeated.is_empty() {
+        problems.push(format!(
+            "{} transaction(s) appear more than once: {}",
+            repeated.len(),
+            name_some(&repeated)
+        ));
+    }
     if problems.is_empty() {
         passed(
             NAME,
-            format!("both hold the same {} transactions", in_ledger.len()),
+            format!("both hold the same {} transactions", hashes.len()),
         )
     } else {
         failed(NAME, problems.join("; "))

@@ -180,9 +180,13 @@ struct CheckArgs {
     auditor_db: DbUrl,
     #[arg(long, value_enum, default_value = "text")]
     output: Output,
-    /// Also check that nothing was committed or recorded in [start, end] (Unix ms).
+    /// Also check that nothing was committed or recorded inside (start, end), in Unix
+    /// milliseconds. The edges are outside: a stamp in the very millisecond of an edge
+    /// cannot be told from one just before or after it. So the window must be at least
+    /// 2 ms long (and at most 24 h, the longest pause); edges in seconds are refused.
     #[arg(long, requires = "window_end_ms", allow_negative_numbers = true)]
     window_start_ms: Option<i64>,
+    /// The end of the window; see --window-start-ms.
     #[arg(long, requires = "window_start_ms", allow_negative_numbers = true)]
     window_end_ms: Option<i64>,
 }
@@ -387,13 +391,10 @@ fn write_latency_log(path: &std::path::Path, samples: &[load::Sample]) -> std::i
 
 async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let window = match (args.window_start_ms, args.window_end_ms) {
-        (Some(start_ms), Some(end_ms)) => {
-            anyhow::ensure!(
-                start_ms <= end_ms,
-                "--window-start-ms {start_ms} is after --window-end-ms {end_ms}"
-            );
-            Some(Window { start_ms, end_ms })
-        }
+        (Some(start_ms), Some(end_ms)) => Some(
+            Window::new(start_ms, end_ms)
+                .map_err(|why| anyhow::anyhow!("--window-start-ms/--window-end-ms: {why}"))?,
+        ),
         _ => None,
     };
     let (ledger, audit) = tokio::try_join!(

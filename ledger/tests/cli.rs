@@ -216,3 +216,69 @@ fn help_names_the_server_url_forms() {
         text(&bad.stderr)
     );
 }
+
+/// Issue 20.11: `check`'s window had two rules (help: [start, end]; code: edges
+/// outside), a window shorter than 2 ms could never fail, and a window given in seconds
+/// by mistake (in 1970) passed. One documented rule now, and absurd windows refused.
+#[test]
+fn check_windows_have_one_rule_and_absurd_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = format!("sqlite:{}", dir.path().join("ledger.db").display());
+    let auditor = format!("sqlite:{}", dir.path().join("auditor.db").display());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        use stillpoint_ledger::store;
+        store::open_ledger(&ledger.parse().unwrap(), store::Seed::default())
+            .await
+            .unwrap();
+        store::open_auditor(&auditor.parse().unwrap())
+            .await
+            .unwrap();
+    });
+    let check = |start: i64, end: i64| {
+        ledger_node(&[
+            "check",
+            "--ledger-db",
+            &ledger,
+            "--auditor-db",
+            &auditor,
+            "--window-start-ms",
+            &start.to_string(),
+            "--window-end-ms",
+            &end.to_string(),
+        ])
+    };
+    let now = stillpoint::time::unix_ms(std::time::SystemTime::now());
+    let sound = check(now - 5_000, now - 4_000);
+    assert!(sound.status.success(), "{}", text(&sound.stderr));
+
+    for (start, end, needle) in [
+        // Seconds, not milliseconds: a window in January 1970.
+        (1_700_000_000, 1_700_000_005, "Unix milliseconds"),
+        // No millisecond lies strictly between the edges: nothing could ever fail it.
+        (now, now + 1, "at least 2 ms"),
+        (now, now, "at least 2 ms"),
+        (now, now - 10, "is after"),
+        // Longer than any pause can be (a lease is at most 24 h).
+        (now - 3 * 86_400_000, now, "longer than"),
+    ] {
+        let refused = check(start, end);
+        assert_eq!(
+            refused.status.code(),
+            Some(2),
+            "window ({start}, {end}) was not refused: {}",
+            text(&refused.stdout)
+        );
+        assert!(
+            text(&refused.stderr).contains(needle),
+            "({start}, {end}): {}",
+            text(&refused.stderr)
+        );
+    }
+
+    let help = text(&ledger_node(&["check", "--help"]).stdout);
+    assert!(
+        help.contains("(start, end)") && !help.contains("[start, end]"),
+        "{help}"
+    );
+}

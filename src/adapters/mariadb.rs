@@ -16,10 +16,16 @@
 //!   snapshot, and those counts are the summary.
 //! - restore: pipes the dump into the `mariadb` client (password in `MYSQL_PWD`) for an
 //!   empty target database, and checks the dump's end marker went through.
+//! - drill checks (`query`): one prepared statement in a `READ ONLY` transaction; each
+//!   value typed by the binary protocol and its column's type and character set.
 //!
 //! Not in the dump: triggers, stored routines, events, sequences, users and grants.
-//! Tables on non-transactional engines (MyISAM, Aria, …) are dumped but are not covered
-//! by the snapshot; the marker lists them.
+//! Tables on non-transactional engines (MyISAM, Aria, MEMORY, …) are refused in prepare
+//! (and, if one appeared since, in the cut): a consistent snapshot does not cover them,
+//! so their copy would hold rows written after the release. System-versioned tables are
+//! dumped with their history (`FOR SYSTEM_TIME ALL`, replayed with
+//! `system_versioning_insert_history`, which needs MariaDB 10.11 or newer where the dump
+//! is restored); row counts are of their current rows, on both sides.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -156,6 +162,20 @@ impl Adapter for Mariadb {
             })?;
         let (server_version, database, log_bin, _) =
             facts.ok_or_else(|| err(format!("reading server settings of {url}: no row")))?;
+        let engines: Vec<(String, Option<String>)> = conn
+            .query(TABLE_ENGINES)
+            .await
+            .map_err(|e| err(format!("listing the tables of {url}: {e}")))?;
+        let outside = outside_snapshot(&engines);
+        if !outside.is_empty() {
+            return Err(err(format!(
+                "{url} has tables a consistent snapshot does not cover: {} (only \
+                 transactional engines such as InnoDB take part in one, so their copy would \
+                 hold rows written after the release). Convert them with ALTER TABLE … \
+                 ENGINE=InnoDB, or move them out of this database",
+                outside.join(", ")
+            )));
+        }
         // A dump session must see plain backtick-quoted DDL (sql_mode could hold
         // ANSI_QUOTES), UTC timestamps that replay identically anywhere, and must not
         // be cut off while a slow consumer (an upload) holds up its reads.
@@ -331,6 +351,20 @@ impl Adapter for Mariadb {
             .await
             .map_err(|e| self.target_error(target, e))?;
         if let Some(database) = database {
+            // Like PostgreSQL's DROP DATABASE … WITH (FORCE): a check interrupted
+            // mid-query can leave a session behind that would hold the drop up.
+            let sessions: Vec<u64> = conn
+                .exec(
+                    "SELECT ID FROM information_schema.PROCESSLIST \
+                     WHERE DB = ? AND ID <> CONNECTION_ID()",
+                    (&database,),
+                )
+                .await
+                .map_err(|e| self.target_error(target, e))?;
+            for session in sessions {
+                // It may have ended by itself meanwhile.
+                let _ = conn.query_drop(format!("KILL {session}")).await;
+            }
             conn.query_drop(format!(
                 "DROP DATABASE IF EXISTS {}",
                 quote_ident(&database)
@@ -342,31 +376,76 @@ impl Adapter for Mariadb {
         Ok(())
     }
 
+    async fn list_scratch(&self, marker: &str) -> Result<Vec<String>, AdapterError> {
+        let server = self
+            .config
+            .drill_server_url
+            .as_deref()
+            .unwrap_or(&self.config.url);
+        let mut conn = self.connect_target(server).await?;
+        let names: Vec<String> = conn
+            .exec(
+                "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA \
+                 WHERE LEFT(SCHEMA_NAME, CHAR_LENGTH(?)) = ? ORDER BY 1",
+                (marker, marker),
+            )
+            .await
+            .map_err(|e| self.target_error(server, e))?;
+        let _ = conn.disconnect().await;
+        names
+            .iter()
+            .map(|name| {
+                with_database(server, name).map_err(|message| AdapterError::Restore {
+                    database: self.name.clone(),
+                    message,
+                })
+            })
+            .collect()
+    }
+
     async fn query(&self, target: &str, sql: &str) -> Result<Rows, AdapterError> {
         let mut conn = self.connect_target(target).await?;
+        conn.query_drop("SET NAMES utf8mb4, time_zone = '+00:00'")
+            .await
+            .map_err(|e| self.target_error(target, e))?;
+        // A check reads and never writes: in a read-only transaction, the server
+        // refuses any write (and later checks see the restored data unchanged).
+        conn.query_drop("START TRANSACTION READ ONLY")
+            .await
+            .map_err(|e| self.target_error(target, e))?;
+        // A prepared statement (the binary protocol): one statement only (a second
+        // could end the transaction and write), and values arrive typed (numbers as
+        // numbers), with each column's type and character set to tell bytes from text.
         let rows: Vec<Row> = conn
-            .query(sql)
+            .exec(sql, ())
+            .await
+            .map_err(|e| self.target_error(target, e))?;
+        conn.query_drop("ROLLBACK")
             .await
             .map_err(|e| self.target_error(target, e))?;
         let _ = conn.disconnect().await;
         Ok(rows
             .into_iter()
-            .map(|row| row.unwrap().into_iter().map(value_text).collect())
+            .map(|row| {
+                let columns = row.columns();
+                row.unwrap()
+                    .into_iter()
+                    .zip(columns.iter())
+                    .map(|(value, column)| typed(column, value))
+                    .collect()
+            })
             .collect())
     }
 
     async fn row_counts(&self, target: &str) -> Result<BTreeMap<String, u64>, AdapterError> {
         let mut conn = self.connect_target(target).await?;
-        let tables: Vec<String> = conn
-            .query(
-                "SELECT TABLE_NAME FROM information_schema.TABLES \
-                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_TYPE = 'BASE TABLE' \
-                 ORDER BY TABLE_NAME",
-            )
+        // The tables the copy counted: system-versioned ones too (current rows).
+        let tables: Vec<(String, Option<String>)> = conn
+            .query(TABLE_ENGINES)
             .await
             .map_err(|e| self.target_error(target, e))?;
         let mut counts = BTreeMap::new();
-        for table in tables {
+        for (table, _) in tables {
             let count: Option<u64> = conn
                 .query_first(format!("SELECT COUNT(*) FROM {}", quote_ident(&table)))
                 .await
@@ -450,24 +529,78 @@ fn with_database(url: &str, database: &str) -> Result<String, String> {
     Ok(parsed.to_string())
 }
 
-/// A value of the text protocol as text; NULL as `None`.
-fn value_text(value: Value) -> Option<String> {
+/// A value of the binary protocol by its column: DECIMAL as an exact number, binary
+/// strings (character set `binary`), BIT and GEOMETRY as bytes, other strings as text,
+/// temporal values as MariaDB prints them.
+fn typed(column: &Column, value: Value) -> super::Value {
+    use super::Value as Typed;
+    use ColumnType::*;
     match value {
-        Value::NULL => None,
-        Value::Bytes(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
-        Value::Int(i) => Some(i.to_string()),
-        Value::UInt(u) => Some(u.to_string()),
-        Value::Float(f) => Some(f.to_string()),
-        Value::Double(d) => Some(d.to_string()),
-        other => Some(other.as_sql(true)),
+        Value::NULL => Typed::Null,
+        Value::Int(i) => Typed::Number(i.to_string()),
+        Value::UInt(u) => Typed::Number(u.to_string()),
+        Value::Float(f) => Typed::Float(f64::from(f)),
+        Value::Double(d) => Typed::Float(d),
+        Value::Bytes(bytes) => match column.column_type() {
+            MYSQL_TYPE_DECIMAL | MYSQL_TYPE_NEWDECIMAL => {
+                match std::str::from_utf8(&bytes).ok().and_then(Typed::number) {
+                    Some(number) => number,
+                    None => Typed::Bytes(bytes),
+                }
+            }
+            MYSQL_TYPE_BIT | MYSQL_TYPE_GEOMETRY => Typed::Bytes(bytes),
+            _ if column.character_set() == BINARY_CHARSET => Typed::Bytes(bytes),
+            _ => Typed::text(bytes),
+        },
+        Value::Date(year, month, day, hour, minute, second, micros) => {
+            let mut text = format!("{year:04}-{month:02}-{day:02}");
+            if column.column_type() != MYSQL_TYPE_DATE {
+                text.push_str(&format!(" {hour:02}:{minute:02}:{second:02}"));
+                if micros != 0 {
+                    text.push_str(&format!(".{micros:06}"));
+                }
+            }
+            Typed::Text(text)
+        }
+        Value::Time(negative, days, hours, minutes, seconds, micros) => {
+            let hours = u64::from(days) * 24 + u64::from(hours);
+            let mut text = format!(
+                "{}{hours:02}:{minutes:02}:{seconds:02}",
+                if negative { "-" } else { "" }
+            );
+            if micros != 0 {
+                text.push_str(&format!(".{micros:06}"));
+            }
+            Typed::Text(text)
+        }
     }
 }
 
 /// What the cut found in the database, in dump order.
 struct Objects {
-    /// Base tables.
-    tables: Vec<String>,
+    /// Base tables, system-versioned ones included.
+    tables: Vec<Table>,
     views: Vec<String>,
+}
+
+struct Table {
+    name: String,
+    /// `WITH SYSTEM VERSIONING`: dumped with its history.
+    versioned: bool,
+}
+
+/// Every base table (system-versioned ones too) and its engine.
+const TABLE_ENGINES: &str = "SELECT TABLE_NAME, ENGINE FROM information_schema.TABLES \
+     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_TYPE IN ('BASE TABLE', 'SYSTEM VERSIONED') \
+     ORDER BY TABLE_NAME";
+
+/// `table (engine)` for each table whose engine a consistent snapshot does not cover.
+fn outside_snapshot(engines: &[(String, Option<String>)]) -> Vec<String> {
+    engines
+        .iter()
+        .filter(|(_, engine)| !engine.as_deref().is_some_and(is_transactional))
+        .map(|(table, engine)| format!("{table} ({})", engine.as_deref().unwrap_or("no engine")))
+        .collect()
 }
 
 struct MariadbPrepared {
@@ -543,27 +676,37 @@ impl Prepared for MariadbPrepared {
             tables: Vec::new(),
             views: Vec::new(),
         };
-        let mut outside_snapshot = Vec::new();
         let mut not_copied = Vec::new();
+        let mut engines = Vec::new();
+        let mut versioned = 0;
         for (table, kind, engine) in listed {
             match kind.as_str() {
                 "BASE TABLE" | "SYSTEM VERSIONED" => {
-                    if !engine.as_deref().is_some_and(is_transactional) {
-                        outside_snapshot.push(table.clone());
-                    }
-                    objects.tables.push(table);
+                    engines.push((table.clone(), engine));
+                    let versioned_table = kind == "SYSTEM VERSIONED";
+                    versioned += usize::from(versioned_table);
+                    objects.tables.push(Table {
+                        name: table,
+                        versioned: versioned_table,
+                    });
                 }
                 "VIEW" => objects.views.push(table),
                 _ => not_copied.push(format!("{table} ({kind})")),
             }
         }
+        // Prepare refused these; one may have been created (or altered) since.
+        let outside = outside_snapshot(&engines);
+        if !outside.is_empty() {
+            return Err(err(format!(
+                "tables {} are on engines a consistent snapshot does not cover (they \
+                 appeared since prepare); convert them with ALTER TABLE … ENGINE=InnoDB",
+                outside.join(", ")
+            )));
+        }
         details.insert("tables".to_owned(), objects.tables.len().to_string());
         details.insert("views".to_owned(), objects.views.len().to_string());
-        if !outside_snapshot.is_empty() {
-            details.insert(
-                "non_transactional_tables".to_owned(),
-                outside_snapshot.join(","),
-            );
+        if versioned > 0 {
+            details.insert("system_versioned_tables".to_owned(), versioned.to_string());
         }
         if !not_copied.is_empty() {
             details.insert("not_copied".to_owned(), not_copied.join(","));
@@ -642,23 +785,45 @@ async fn dump<W: AsyncWrite + Unpin>(
     )
     .await
     .map_err(write)?;
+    if objects.tables.iter().any(|table| table.versioned) {
+        // History rows keep their own ROW START / ROW END (MariaDB 10.11+).
+        out.write_all(b"SET @@system_versioning_insert_history = 1;\n\n")
+            .await
+            .map_err(write)?;
+    }
 
     let mut counts = BTreeMap::new();
     for table in &objects.tables {
         let dumped = dump_table(&mut conn, table, &mut out).await?;
         // An independent count in the same snapshot: a dump that lost or invented
-        // rows fails here rather than in a drill.
+        // rows fails here rather than in a drill. For a versioned table the dump holds
+        // its history too; the summary counts current rows, as a restored copy does.
+        let name = &table.name;
+        let quoted = quote_ident(name);
+        let all_rows = if table.versioned {
+            format!("SELECT COUNT(*) FROM {quoted} FOR SYSTEM_TIME ALL")
+        } else {
+            format!("SELECT COUNT(*) FROM {quoted}")
+        };
         let counted: Option<u64> = conn
-            .query_first(format!("SELECT COUNT(*) FROM {}", quote_ident(table)))
+            .query_first(all_rows)
             .await
-            .map_err(|e| format!("counting rows of {table}: {e}"))?;
+            .map_err(|e| format!("counting rows of {name}: {e}"))?;
         let counted = counted.unwrap_or(0);
         if counted != dumped {
             return Err(format!(
-                "table {table}: dumped {dumped} rows but COUNT(*) in the same snapshot is {counted}"
+                "table {name}: dumped {dumped} rows but COUNT(*) in the same snapshot is {counted}"
             ));
         }
-        counts.insert(table.clone(), counted);
+        let current = if table.versioned {
+            conn.query_first(format!("SELECT COUNT(*) FROM {quoted}"))
+                .await
+                .map_err(|e| format!("counting rows of {name}: {e}"))?
+                .unwrap_or(0)
+        } else {
+            counted
+        };
+        counts.insert(name.clone(), current);
     }
     for view in &objects.views {
         let row: Option<(String, String, String, String)> = conn
@@ -682,13 +847,16 @@ async fn dump<W: AsyncWrite + Unpin>(
     Ok(counts)
 }
 
-/// `CREATE TABLE` and the rows of one table; returns how many rows were written.
+/// `CREATE TABLE` and the rows of one table (with its history, if it is versioned);
+/// returns how many rows were written.
 async fn dump_table<W: AsyncWrite + Unpin>(
     conn: &mut Conn,
-    table: &str,
+    table: &Table,
     out: &mut W,
 ) -> Result<u64, String> {
     let write = |e: std::io::Error| format!("the copy's reader went away: {e}");
+    let versioned = table.versioned;
+    let table = table.name.as_str();
     let quoted = quote_ident(table);
     let create: Option<(String, String)> = conn
         .query_first(format!("SHOW CREATE TABLE {quoted}"))
@@ -700,7 +868,7 @@ async fn dump_table<W: AsyncWrite + Unpin>(
         .map_err(write)?;
 
     // Generated columns are computed on restore; inserting into them is an error.
-    let columns: Vec<String> = conn
+    let mut columns: Vec<String> = conn
         .exec(
             "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
              WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND IS_GENERATED = 'NEVER' \
@@ -712,6 +880,28 @@ async fn dump_table<W: AsyncWrite + Unpin>(
     if columns.is_empty() {
         return Ok(0);
     }
+    let mut from = quoted.clone();
+    if versioned {
+        // The period's columns: named in the table, or the implicit, hidden
+        // row_start / row_end. With system_versioning_insert_history they are written
+        // like any column, so each history row keeps its period.
+        let period: Vec<String> = conn
+            .exec(
+                "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? \
+                   AND GENERATION_EXPRESSION IN ('ROW START', 'ROW END') \
+                 ORDER BY GENERATION_EXPRESSION = 'ROW END'",
+                (table,),
+            )
+            .await
+            .map_err(|e| format!("listing the period columns of {table}: {e}"))?;
+        if period.is_empty() {
+            columns.extend(["row_start".to_owned(), "row_end".to_owned()]);
+        } else {
+            columns.extend(period);
+        }
+        from.push_str(" FOR SYSTEM_TIME ALL");
+    }
     let column_list = columns
         .iter()
         .map(|c| quote_ident(c))
@@ -720,7 +910,7 @@ async fn dump_table<W: AsyncWrite + Unpin>(
     let insert_prefix = format!("INSERT INTO {quoted} ({column_list}) VALUES\n").into_bytes();
 
     let mut result = conn
-        .query_iter(format!("SELECT {column_list} FROM {quoted}"))
+        .query_iter(format!("SELECT {column_list} FROM {from}"))
         .await
         .map_err(|e| format!("reading {table}: {e}"))?;
     let mut rows = result

@@ -18,8 +18,9 @@
 //! ([`Adapter::query`], [`Adapter::row_counts`], scratch targets for drills), so an
 //! adapter that cannot do them (exec) says so by name.
 //!
-//! - `process.rs`: how every adapter runs child processes (killed on drop, reaped,
-//!   stderr drained).
+//! - `process.rs`: how every adapter (and a drill's command checks) runs child
+//!   processes (killed on drop, reaped, stderr drained).
+//! - `value.rs`: the typed [`Value`] of a query result that drill checks compare.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -38,6 +39,9 @@ pub mod sqlite;
 mod testing;
 #[cfg(test)]
 mod tests;
+mod value;
+
+pub use value::Value;
 
 /// The one place runbook config becomes an adapter.
 pub fn build(name: &str, config: &AdapterConfig) -> Arc<dyn Adapter> {
@@ -129,8 +133,17 @@ pub trait Adapter: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Runs one read-only statement against a restored target; every value as text
-    /// (NULL as `None`), for drill checks.
+    /// The scratch targets on this database's drill server whose names begin with
+    /// `marker`: what drills that were killed left behind. Targets in the drill's
+    /// scratch directory (files) are found by the drill itself, so the default is none.
+    async fn list_scratch(&self, marker: &str) -> Result<Vec<String>, AdapterError> {
+        let _ = marker;
+        Ok(Vec::new())
+    }
+
+    /// Runs one statement against a restored target, for drill checks, so that it
+    /// cannot write (a read-only transaction or connection; more than one statement is
+    /// refused); every value keeps its type ([`Value`]).
     async fn query(&self, target: &str, sql: &str) -> Result<Rows, AdapterError> {
         let _ = (target, sql);
         Err(self.unsupported("SQL checks"))
@@ -151,8 +164,8 @@ pub trait Adapter: Send + Sync + 'static {
     }
 }
 
-/// A query's result: rows of text values, NULL as `None`.
-pub type Rows = Vec<Vec<Option<String>>>;
+/// A query's result: rows of typed values.
+pub type Rows = Vec<Vec<Value>>;
 
 #[async_trait::async_trait]
 pub trait Prepared: Send {

@@ -6,9 +6,17 @@
 //!   `pg_dump` exists and is not older than the server, so the copy cannot fail for
 //!   that reason after the cluster was paused.
 //! - cut: on the held connection, `BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY`,
-//!   then `pg_export_snapshot()` and the WAL insert position; with archiving on, also
-//!   `pg_create_restore_point('stillpoint-<backup id>')`. All constant-time. (Both WAL
-//!   functions are allowed in a read-only transaction; the tests run them there.)
+//!   then `LOCK TABLE … IN ACCESS SHARE MODE` on every table the copy will dump (listed
+//!   in prepare), then `pg_export_snapshot()` and the WAL insert position; with
+//!   archiving on, also `pg_create_restore_point('stillpoint-<backup id>')`. None of it
+//!   grows with the data. (Both WAL functions are allowed in a read-only transaction;
+//!   the tests run them there.) The locks come before the snapshot and last until the
+//!   copy ends: TRUNCATE (and other DDL that breaks an older snapshot) cannot run
+//!   between the release and pg_dump taking its own locks, where it would empty the
+//!   copy of a table and the row counts alike. It waits for the copy instead, or, if
+//!   it queued before pg_dump took its own locks (PostgreSQL then queues pg_dump behind
+//!   it), pg_dump gives up after `--lock-wait-timeout` and the backup fails, loudly. A
+//!   table that appears or disappears between prepare and the cut fails the cut.
 //! - copy: `pg_dump --snapshot=<id> --format=custom --compress=0` streams the snapshot
 //!   while our transaction keeps it alive; `finished` waits for pg_dump, then counts
 //!   rows per table in the same snapshot and only then ends the transaction.
@@ -16,6 +24,8 @@
 //!   stream into a target database that must have no user relations. Drills create a
 //!   scratch database on the source's server (or `drill_server_url`) and drop it with
 //!   `WITH (FORCE)` (PostgreSQL 13+).
+//! - drill checks (`query`): one statement (prepared first, which refuses more), run in
+//!   a read-only transaction; each value typed by its column's type.
 //!
 //! Connection strings are parsed once (`conninfo.rs`): messages show them without the
 //! password, pg_dump and pg_restore get them without it and the password in
@@ -33,7 +43,8 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::process;
 use super::{
-    Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, PostgresConfig, Prepared, Rows,
+    Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, PostgresConfig, Prepared,
+    Rows, Value,
 };
 
 pub(crate) mod conninfo;
@@ -170,6 +181,9 @@ impl Adapter for Postgres {
         check_pg_dump(&self.tool("pg_dump"), version_num)
             .await
             .map_err(err)?;
+        let tables = dumped_tables(&conn.client)
+            .await
+            .map_err(|e| err(format!("listing the tables of {shown}: {}", error_text(&e))))?;
 
         Ok(Box::new(PostgresPrepared {
             name: self.name.clone(),
@@ -180,6 +194,7 @@ impl Adapter for Postgres {
             server_version,
             database,
             wal,
+            tables,
             snapshot: None,
         }))
     }
@@ -319,26 +334,99 @@ impl Adapter for Postgres {
         Ok(())
     }
 
+    async fn list_scratch(&self, marker: &str) -> Result<Vec<String>, AdapterError> {
+        let server = self
+            .config
+            .drill_server_url
+            .as_deref()
+            .unwrap_or(&self.config.url);
+        let conn = self.connect_target(server).await?;
+        let names = conn
+            .client
+            .query(
+                "SELECT datname FROM pg_database WHERE left(datname, length($1)) = $1 ORDER BY 1",
+                &[&marker],
+            )
+            .await
+            .map_err(|e| self.target_error(server, &e))?;
+        conn.close().await;
+        names
+            .iter()
+            .map(|row| {
+                with_database(server, row.get(0)).map_err(|message| AdapterError::Restore {
+                    database: self.name.clone(),
+                    message,
+                })
+            })
+            .collect()
+    }
+
     async fn query(&self, target: &str, sql: &str) -> Result<Rows, AdapterError> {
         let conn = self.connect_target(target).await?;
-        // The simple protocol returns every value as text, whatever its type.
+        // Values print the same whatever the server's or the role's settings: bytea
+        // as hex, floats in the shortest text that reads back exactly, times in UTC.
+        conn.client
+            .batch_execute(
+                "SET bytea_output = 'hex'; SET extra_float_digits = 3; SET TimeZone = 'UTC'; \
+                 SET DateStyle = 'ISO, YMD'",
+            )
+            .await
+            .map_err(|e| self.target_error(target, &e))?;
+        // A check reads and never writes: in a read-only transaction, the server
+        // refuses any write (and later checks see the restored data unchanged).
+        conn.client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(|e| self.target_error(target, &e))?;
+        // Prepared first, which refuses more than one statement (a second could end
+        // the transaction and write) and tells each column's type; the simple protocol
+        // then returns each value as the server's text for it, which the type turns
+        // back into a typed value.
+        let statement = conn
+            .client
+            .prepare(sql)
+            .await
+            .map_err(|e| self.target_error(target, &e))?;
+        let types: Vec<tokio_postgres::types::Type> = statement
+            .columns()
+            .iter()
+            .map(|column| column.type_().clone())
+            .collect();
         let messages = conn
             .client
             .simple_query(sql)
             .await
             .map_err(|e| self.target_error(target, &e))?;
+        // The statement may have been a lone COMMIT; a ROLLBACK then only warns.
+        conn.client
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(|e| self.target_error(target, &e))?;
         conn.close().await;
-        Ok(messages
-            .into_iter()
-            .filter_map(|message| match message {
-                tokio_postgres::SimpleQueryMessage::Row(row) => Some(
-                    (0..row.len())
-                        .map(|i| row.get(i).map(str::to_owned))
-                        .collect(),
-                ),
-                _ => None,
-            })
-            .collect())
+        let mut rows = Rows::new();
+        for message in messages {
+            let tokio_postgres::SimpleQueryMessage::Row(row) = message else {
+                continue;
+            };
+            if row.len() != types.len() {
+                return Err(self.read_error(
+                    target,
+                    format!(
+                        "the statement returned {} columns, but was prepared with {}",
+                        row.len(),
+                        types.len()
+                    ),
+                ));
+            }
+            let values = types
+                .iter()
+                .enumerate()
+                .map(|(i, ty)| typed(ty, row.get(i)))
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(|message| self.read_error(target, message))?;
+            rows.push(values);
+        }
+        Ok(rows)
     }
 
     async fn row_counts(&self, target: &str) -> Result<BTreeMap<String, u64>, AdapterError> {
@@ -425,12 +513,61 @@ impl Postgres {
             })
     }
 
+    fn read_error(&self, target: &str, message: String) -> AdapterError {
+        AdapterError::Restore {
+            database: self.name.clone(),
+            message: format!("on {}: {message}", redact(target).url),
+        }
+    }
+
     fn target_error(&self, target: &str, error: &tokio_postgres::Error) -> AdapterError {
         AdapterError::Restore {
             database: self.name.clone(),
             message: format!("on {}: {}", redact(target).url, error_text(error)),
         }
     }
+}
+
+/// A value from its text form (simple protocol) and its column's type. Types the drill
+/// compares by value get one of their own; any other type keeps the server's text for
+/// it, which is exact (dates, JSON, arrays, …).
+fn typed(ty: &tokio_postgres::types::Type, text: Option<&str>) -> Result<Value, String> {
+    use tokio_postgres::types::Type;
+    let Some(text) = text else {
+        return Ok(Value::Null);
+    };
+    let unreadable = || format!("cannot read {text:?} as a value of type {ty}");
+    Ok(match *ty {
+        Type::BOOL => match text {
+            "t" => Value::Bool(true),
+            "f" => Value::Bool(false),
+            _ => return Err(unreadable()),
+        },
+        Type::INT2 | Type::INT4 | Type::INT8 | Type::OID => {
+            Value::number(text).ok_or_else(unreadable)?
+        }
+        // NaN and ±Infinity are numerics too, but not exact ones.
+        Type::NUMERIC => match Value::number(text) {
+            Some(number) => number,
+            None => Value::Float(text.parse().map_err(|_| unreadable())?),
+        },
+        Type::FLOAT4 | Type::FLOAT8 => Value::Float(text.parse().map_err(|_| unreadable())?),
+        Type::BYTEA => {
+            let hex = text.strip_prefix("\\x").ok_or_else(unreadable)?;
+            Value::Bytes(decode_hex(hex).ok_or_else(unreadable)?)
+        }
+        _ => Value::Text(text.to_owned()),
+    })
+}
+
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(hex.get(at..at + 2)?, 16).ok())
+        .collect()
 }
 
 /// `url` with its database replaced by `database`: where a scratch database lives.
@@ -510,6 +647,8 @@ struct PostgresPrepared {
     server_version: String,
     database: String,
     wal: WalSettings,
+    /// The tables pg_dump will dump, as listed in prepare: the cut locks them.
+    tables: Vec<(String, String)>,
     /// The exported snapshot id, once cut.
     snapshot: Option<String>,
 }
@@ -529,6 +668,33 @@ impl Prepared for PostgresPrepared {
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(|e| err(format!("BEGIN: {}", error_text(&e))))?;
+        // Before the snapshot (LOCK does not take one): a lock taken after it could
+        // wait behind a TRUNCATE that the snapshot would then see as an empty table.
+        // The timeout bounds a wait behind someone else's DDL, inside the pause.
+        if !self.tables.is_empty() {
+            let list = self
+                .tables
+                .iter()
+                .map(|(schema, table)| format!("{}.{}", quote_ident(schema), quote_ident(table)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            client
+                .batch_execute(&format!(
+                    "SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {list} IN ACCESS SHARE MODE",
+                    CUT_LOCK_TIMEOUT.as_millis()
+                ))
+                .await
+                .map_err(|e| {
+                    err(format!(
+                        "locking the {} tables to copy: {} (a table was dropped or renamed \
+                         since prepare, or another session's DDL held it past {}ms; run the \
+                         backup again)",
+                        self.tables.len(),
+                        error_text(&e),
+                        CUT_LOCK_TIMEOUT.as_millis()
+                    ))
+                })?;
+        }
         // The insert position, not pg_current_wal_lsn (the write position): with
         // synchronous_commit = off a commit can be inserted but not yet written, and the
         // marker must lie after every commit the snapshot sees.
@@ -541,6 +707,25 @@ impl Prepared for PostgresPrepared {
             .map_err(|e| err(format!("exporting the snapshot: {}", error_text(&e))))?;
         let snapshot: String = row.get(0);
         let lsn: String = row.get(1);
+        // Every table the snapshot holds, and so pg_dump will copy, must be locked.
+        let in_snapshot = dumped_tables(client).await.map_err(|e| {
+            err(format!(
+                "listing the tables in the snapshot: {}",
+                error_text(&e)
+            ))
+        })?;
+        let unlocked: Vec<String> = in_snapshot
+            .iter()
+            .filter(|table| !self.tables.contains(table))
+            .map(|(schema, table)| format!("{schema}.{table}"))
+            .collect();
+        if !unlocked.is_empty() {
+            return Err(err(format!(
+                "table(s) {} appeared between prepare and the cut, so the cut could not lock \
+                 them before its snapshot; run the backup again",
+                unlocked.join(", ")
+            )));
+        }
 
         let mut details = BTreeMap::from([
             ("snapshot".to_owned(), snapshot.clone()),
@@ -617,11 +802,16 @@ impl Prepared for PostgresPrepared {
             return Err(err("copy was called before a successful cut".to_owned()));
         };
         let mut cmd = Command::new(&this.pg_dump);
-        cmd.arg(format!("--snapshot={snapshot}")).args([
-            "--format=custom",
-            "--compress=0",
-            "--no-password",
-        ]);
+        cmd.arg(format!("--snapshot={snapshot}"))
+            .args(["--format=custom", "--compress=0", "--no-password"])
+            // Our cut holds ACCESS SHARE on every table, so pg_dump's own locks are
+            // granted at once, unless DDL (a TRUNCATE) queued for one after the
+            // release: PostgreSQL then queues pg_dump behind it, and it behind our cut.
+            // Failing the copy is the only outcome that neither hangs nor loses rows.
+            .arg(format!(
+                "--lock-wait-timeout={}",
+                COPY_LOCK_TIMEOUT.as_millis()
+            ));
         this.source.libpq_args(&mut cmd);
         let (stream, producer) = process::spawn_producer(cmd, "pg_dump", false)
             .map_err(|e| err(format!("starting {}: {e}", this.pg_dump.display())))?;
@@ -634,7 +824,20 @@ impl Prepared for PostgresPrepared {
             // The snapshot transaction stays open (this future owns the connection)
             // until pg_dump has exited: pg_dump imports the snapshot at its start, but
             // an early end would fail it with "invalid snapshot identifier".
-            producer.wait().await.map_err(err)?;
+            producer.wait().await.map_err(|message| {
+                // pg_dump's words for the lock timeout vary by version: "could not
+                // obtain lock", or the statement timeout it sets for its LOCK TABLE.
+                if message.contains("could not obtain lock") || message.contains("LOCK TABLE") {
+                    err(format!(
+                        "{message}: another session's DDL (TRUNCATE, ALTER TABLE, …) queued \
+                         for a table after the cut, and would have changed the copy; the \
+                         backup fails rather than copy a table the snapshot no longer \
+                         holds. Run it again once the DDL is done"
+                    ))
+                } else {
+                    err(message)
+                }
+            })?;
             let counts = row_counts(&this.conn.client)
                 .await
                 .map_err(|e| err(format!("counting rows in the snapshot: {}", error_text(&e))))?;
@@ -656,6 +859,30 @@ impl Prepared for PostgresPrepared {
         .boxed();
         Ok(Copy { stream, finished })
     }
+}
+
+/// How long the cut waits for its table locks (inside the pause) before it fails.
+const CUT_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long pg_dump waits for its table locks, which only DDL queued behind the cut's
+/// own locks can delay (see `copy`).
+const COPY_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The tables pg_dump copies and locks: ordinary and partitioned tables outside the
+/// system schemas, as (schema, name), sorted.
+async fn dumped_tables(client: &Client) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT n.nspname, c.relname FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_%' \
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
 }
 
 /// The restore point's name: recognisable in the server log and in

@@ -33,6 +33,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::{
     Adapter, AdapterError, ByteStream, Copy, CopySummary, CutMarker, Prepared, Rows, SqliteConfig,
+    Value,
 };
 
 pub struct Sqlite {
@@ -178,7 +179,7 @@ impl Adapter for Sqlite {
             let mut out = Rows::new();
             while let Some(row) = rows.next().map_err(|e| e.to_string())? {
                 let values = (0..columns)
-                    .map(|i| row.get_ref(i).map(value_text))
+                    .map(|i| row.get_ref(i).map(typed))
                     .collect::<rusqlite::Result<Vec<_>>>()
                     .map_err(|e| e.to_string())?;
                 out.push(values);
@@ -211,14 +212,16 @@ fn open_read_only(path: &Path) -> Result<Connection, String> {
         .map_err(|e| format!("opening {}: {e}", path.display()))
 }
 
-fn value_text(value: rusqlite::types::ValueRef<'_>) -> Option<String> {
+/// A value by its storage class. TEXT that is not UTF-8 (SQLite stores what it is
+/// given) stays bytes rather than being decoded lossily.
+fn typed(value: rusqlite::types::ValueRef<'_>) -> Value {
     use rusqlite::types::ValueRef;
     match value {
-        ValueRef::Null => None,
-        ValueRef::Integer(i) => Some(i.to_string()),
-        ValueRef::Real(f) => Some(f.to_string()),
-        ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
-        ValueRef::Blob(b) => Some(b.iter().map(|byte| format!("{byte:02x}")).collect()),
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Number(i.to_string()),
+        ValueRef::Real(f) => Value::Float(f),
+        ValueRef::Text(t) => Value::text(t.to_vec()),
+        ValueRef::Blob(b) => Value::Bytes(b.to_vec()),
     }
 }
 

@@ -35,14 +35,14 @@ pub(crate) async fn read_to_end(copy: &mut Copy) -> Vec<u8> {
 
 /// The read-back capabilities a drill relies on, on a real database: copies what
 /// `adapter` points at, restores it into a new scratch target, checks that the row
-/// counts equal those taken at the cut and that `sql` returns `expected` as text, then
+/// counts equal those taken at the cut and that `sql` returns `expected`, then
 /// empties the target (a second restore must then succeed) and drops it. Returns the
 /// scratch target, so the caller can check it is gone.
 pub(crate) async fn scratch_round_trip(
     adapter: &dyn super::Adapter,
     dir: &std::path::Path,
     sql: &str,
-    expected: &[&[Option<&str>]],
+    expected: &[&[super::Value]],
 ) -> String {
     let mut prepared = adapter.prepare().await.unwrap();
     prepared.cut("b-scratch").await.unwrap();
@@ -58,10 +58,7 @@ pub(crate) async fn scratch_round_trip(
     restore(bytes.clone()).await.unwrap();
     assert_eq!(adapter.row_counts(&target).await.unwrap(), at_cut);
     let rows = adapter.query(&target, sql).await.unwrap();
-    let expected: Vec<Vec<Option<String>>> = expected
-        .iter()
-        .map(|row| row.iter().map(|v| v.map(str::to_owned)).collect())
-        .collect();
+    let expected: Vec<Vec<super::Value>> = expected.iter().map(|row| row.to_vec()).collect();
     assert_eq!(rows, expected);
 
     // A second restore into the same target is refused until it is emptied.

@@ -141,19 +141,26 @@ fn the_ledger_runbook_parses_with_its_drill_checks() {
     assert_eq!(
         names,
         [
+            "ledger_node_check",
             "balances_conserved",
             "no_negative_balance",
             "hash_chain_links",
             "ledger_matches_auditor"
         ]
     );
+    assert_eq!(runbook.drill.checks[0].databases(), ["auditor", "ledger"]);
     assert!(matches!(
         &runbook.drill.checks[0].kind,
-        super::CheckKind::Expect { expect, .. } if expect == "0"
+        super::CheckKind::Command { argv, .. } if argv[..2] == ["ledger-node", "check"]
     ));
     assert!(matches!(
-        &runbook.drill.checks[3].kind,
-        super::CheckKind::Equal { left, right } if left.database == "ledger" && right.database == "auditor"
+        &runbook.drill.checks[1].kind,
+        super::CheckKind::Expect { expect, .. }
+            if expect.rows == [[super::ExpectedValue::Integer(0)]] && expect.scalar
+    ));
+    assert!(matches!(
+        &runbook.drill.checks[4].kind,
+        super::CheckKind::Equal { left, right, allow_empty: false } if left.database == "ledger" && right.database == "auditor"
     ));
 }
 
@@ -312,4 +319,77 @@ fn quoted_values_are_hidden_in_type_errors() {
         "unknown variant `oracle`"
     );
     assert_eq!(hide_strings(r#"string "unterminated"#), "a string");
+}
+
+/// Issue 20.7: a check whose SQL is empty (or only comments and semicolons) ran nothing
+/// and passed. It is a runbook error, named, before anything runs.
+#[test]
+fn checks_with_no_statement_are_refused() {
+    let with_check = |check: &str| format!("{}\n[[drill.checks]]\n{check}\n", minimal(""));
+    for sql in ["", "   ", ";", " ; ;", "-- nothing\\n", "/* nothing */ ;"] {
+        for check in [
+            format!("name = \"c\"\ndatabase = \"db\"\nsql = \"{sql}\"\nexpect = \"\""),
+            format!(
+                "name = \"c\"\nleft = {{ database = \"db\", sql = \"{sql}\" }}\n\
+                 right = {{ database = \"db\", sql = \"SELECT 1\" }}"
+            ),
+            format!(
+                "name = \"c\"\nleft = {{ database = \"db\", sql = \"SELECT 1\" }}\n\
+                 right = {{ database = \"db\", sql = \"{sql}\" }}"
+            ),
+        ] {
+            let error = parse(&with_check(&check))
+                .err()
+                .unwrap_or_else(|| panic!("accepted a check with sql {sql:?}: {check}"));
+            assert!(
+                error.contains("check \"c\"") && error.contains("no SQL statement"),
+                "{sql:?}: {error}"
+            );
+        }
+    }
+}
+
+/// Issue 20.4: a command check names its program and the databases whose scratch
+/// targets it gets; placeholders must name databases; braces can be escaped.
+#[test]
+fn command_checks_are_checked_before_anything_runs() {
+    let with_check = |check: &str| format!("{}\n[[drill.checks]]\n{check}\n", minimal(""));
+    let ok = parse(&with_check(
+        "name = \"c\"\ncommand = [\"check\", \"--db={db}\", \"{{literal}}\"]\n\
+         env = { URL = \"{db}\" }\ntimeout = \"30s\"",
+    ))
+    .unwrap();
+    assert_eq!(ok.drill.checks[0].databases(), ["db"]);
+    assert!(matches!(
+        &ok.drill.checks[0].kind,
+        super::CheckKind::Command { timeout, .. } if *timeout == Duration::from_secs(30)
+    ));
+    for (check, needle) in [
+        ("command = []", "command is empty"),
+        ("command = [\"\"]", "command is empty"),
+        ("command = [\"x\", \"{nope}\"]", "reads database \"nope\""),
+        ("command = [\"x\", \"{db\"]", "unclosed"),
+        ("command = [\"x\", \"db}\"]", "lone"),
+        (
+            "command = [\"x\"]\nsql = \"SELECT 1\"",
+            "command check takes command",
+        ),
+        (
+            "command = [\"x\"]\ntimeout = \"0ms\"",
+            "timeout must be positive",
+        ),
+        (
+            "database = \"db\"\nsql = \"SELECT 1\"\nexpect = 1\nenv = { A = \"b\" }",
+            "belong to command",
+        ),
+    ] {
+        let error = parse(&with_check(&format!("name = \"c\"\n{check}")))
+            .err()
+            .unwrap_or_else(|| panic!("accepted {check}"));
+        assert!(error.contains(needle), "{check}: {error}");
+    }
+    assert_eq!(
+        super::substitute("a={db} {{x}}", |name| (name == "db").then_some("URL")).unwrap(),
+        "a=URL {x}"
+    );
 }

@@ -11,7 +11,7 @@ use serde_json::Value;
 use stillpoint_testkit::{MariaDb, Postgres, PostgresOptions};
 
 use crate::cluster::{Cluster, Load};
-use crate::util::{run, run_json, stderr, wait_until};
+use crate::util::{bin, run, run_json, run_json_with_env, stderr, wait_until};
 
 /// The reference cluster on PostgreSQL + MariaDB under load, with the shipped
 /// `ledger/runbook.toml` pointed at it.
@@ -66,6 +66,34 @@ impl LedgerExample {
 
     fn stop_load(&mut self) -> Value {
         self.load.take().expect("load running").stop()
+    }
+
+    /// `stillpoint drill BACKUP --output json` with the runbook, and `ledger-node` on
+    /// PATH for the runbook's command check.
+    fn drill(&self, backup: &str) -> (i32, Value) {
+        let (code, report) = run_json_with_env(
+            "stillpoint",
+            &[
+                "drill",
+                backup,
+                "--config",
+                self.config(),
+                "--output",
+                "json",
+            ],
+            &[("PATH", &path_with_our_binaries())],
+        );
+        (code, report)
+    }
+}
+
+/// PATH with the directory of our binaries (`ledger-node`, `stillpoint`) first, as an
+/// installed system would have them.
+fn path_with_our_binaries() -> String {
+    let ours = bin("ledger-node").parent().unwrap().display().to_string();
+    match std::env::var("PATH") {
+        Ok(path) => format!("{ours}:{path}"),
+        Err(_) => ours,
     }
 }
 
@@ -181,7 +209,7 @@ fn the_ledger_runbook_drills_a_postgres_ledger_and_mariadb_auditor() {
     assert_eq!(load["failed"], 0, "{load:#}");
 
     let junit = example.dir.path().join("drill.xml");
-    let (code, report) = run_json(
+    let (code, report) = run_json_with_env(
         "stillpoint",
         &[
             "drill",
@@ -193,6 +221,7 @@ fn the_ledger_runbook_drills_a_postgres_ledger_and_mariadb_auditor() {
             "--output",
             "json",
         ],
+        &[("PATH", &path_with_our_binaries())],
     );
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["backup_id"], backup["backup_id"]);
@@ -205,6 +234,7 @@ fn the_ledger_runbook_drills_a_postgres_ledger_and_mariadb_auditor() {
         "checksum:auditor",
         "restore:auditor",
         "row_counts:auditor",
+        "ledger_node_check",
         "balances_conserved",
         "no_negative_balance",
         "hash_chain_links",
@@ -291,19 +321,7 @@ fn unpaused_copies_fail_the_drill_and_paused_copies_pass() {
     assert_eq!(refused.status.code(), Some(2));
     assert!(stderr(&refused).contains("--i-know-this-is-unsafe"));
 
-    let drill = |backup_id: &str| {
-        run_json(
-            "stillpoint",
-            &[
-                "drill",
-                backup_id,
-                "--config",
-                example.config(),
-                "--output",
-                "json",
-            ],
-        )
-    };
+    let drill = |backup_id: &str| example.drill(backup_id);
     let mut unpaused_inconsistent = 0;
     let mut paused_consistent = 0;
     let mut sample_failure = None;
@@ -606,4 +624,573 @@ url = "file://{}"
     );
     let xml = std::fs::read_to_string(&junit).unwrap();
     assert!(xml.contains("<failure message="), "{xml}");
+}
+
+fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|check| check["name"] == name)
+        .unwrap_or_else(|| panic!("no check {name}: {report:#}"))
+}
+
+/// Issue 20.4 and its "done when": the reference runbook's drill recomputes every hash
+/// (through `ledger-node check` on the scratch targets) and fails on each tampering the
+/// review tried: an amount changed; a hash rewritten to match, with its successor's link
+/// and the auditor's copy; a duplicate audit row; a truncated table. An untampered
+/// backup passes (the negative control).
+#[test]
+fn the_ledger_runbook_fails_on_each_tampering() {
+    let mut example = LedgerExample::start(Postgres::start());
+    let load = example.stop_load();
+    assert_eq!(load["failed"], 0, "{load:#}");
+    let pg = |sql: &str| example.postgres.psql("ledger", sql);
+    let maria = |sql: &str| example.mariadb.sql("auditor", sql);
+    let backup_and_drill = |what: &str| {
+        let (code, backup) = example.backup(&[]);
+        assert_eq!(code, 0, "{what}: {backup:#}");
+        let (code, report) = example.drill(backup["backup_id"].as_str().unwrap());
+        (code, report)
+    };
+
+    let (code, report) = backup_and_drill("untampered");
+    assert_eq!(code, 0, "an untampered backup must pass: {report:#}");
+
+    // One amount changed: no link or pair changes, only a recomputed hash shows it.
+    let (tx, amount, hash, next_prev) = {
+        let row = pg("SELECT tx_id, amount, hash FROM ledger WHERE seq = 5");
+        let next = pg("SELECT prev_hash FROM ledger WHERE seq = 6");
+        let fields: Vec<&str> = row.split('|').collect();
+        (
+            fields[0].to_owned(),
+            fields[1].to_owned(),
+            fields[2].to_owned(),
+            next,
+        )
+    };
+    pg("UPDATE ledger SET amount = amount + 1 WHERE seq = 5");
+    let (code, report) = backup_and_drill("amount changed");
+    assert_eq!(code, 7, "an edited amount must fail the drill: {report:#}");
+    let detail = check(&report, "ledger_node_check")["detail"]
+        .as_str()
+        .unwrap();
+    assert!(detail.contains("seq 5"), "{detail}");
+
+    // The forger recomputes that row's hash (ledger-node check names it) and rewrites
+    // the next row's link and the auditor's copy to match.
+    let (_, live) = example.cluster.check(None);
+    let forged = live["checks"][1]["detail"]
+        .as_str()
+        .unwrap()
+        .split("recomputed ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(')')
+        .to_owned();
+    assert_eq!(forged.len(), 64, "{live:#}");
+    pg(&format!(
+        "UPDATE ledger SET hash = '{forged}' WHERE seq = 5"
+    ));
+    pg(&format!(
+        "UPDATE ledger SET prev_hash = '{forged}' WHERE seq = 6"
+    ));
+    maria(&format!(
+        "UPDATE audit SET hash = '{forged}' WHERE tx_id = '{tx}'"
+    ));
+    let (code, report) = backup_and_drill("hash rewritten");
+    assert_eq!(code, 7, "a rewritten hash must fail the drill: {report:#}");
+    let failed = failed_checks(&report);
+    assert_eq!(failed, ["ledger_node_check"], "{report:#}");
+    let detail = check(&report, "ledger_node_check")["detail"]
+        .as_str()
+        .unwrap();
+    assert!(detail.contains("seq 6"), "{detail}");
+
+    // Undone: the live pair checks clean again.
+    pg(&format!(
+        "UPDATE ledger SET amount = {amount}, hash = '{hash}' WHERE seq = 5;
+         UPDATE ledger SET prev_hash = '{next_prev}' WHERE seq = 6"
+    ));
+    maria(&format!(
+        "UPDATE audit SET hash = '{hash}' WHERE tx_id = '{tx}'"
+    ));
+    let (code, live) = example.cluster.check(None);
+    assert_eq!(code, 0, "{live:#}");
+
+    // A duplicate audit row (the primary key dropped first, as a careless restore can).
+    maria(&format!(
+        "ALTER TABLE audit DROP PRIMARY KEY;
+         INSERT INTO audit SELECT * FROM audit WHERE tx_id = '{tx}'"
+    ));
+    let (code, report) = backup_and_drill("duplicate audit row");
+    assert_eq!(
+        code, 7,
+        "a duplicate audit row must fail the drill: {report:#}"
+    );
+    let detail = check(&report, "ledger_node_check")["detail"]
+        .as_str()
+        .unwrap();
+    assert!(detail.contains(&tx), "{detail}");
+    maria(&format!("DELETE FROM audit WHERE tx_id = '{tx}' LIMIT 1"));
+
+    // A truncated table.
+    maria("TRUNCATE audit");
+    let (code, report) = backup_and_drill("truncated table");
+    assert_eq!(code, 7, "a truncated table must fail the drill: {report:#}");
+    let failed = failed_checks(&report);
+    assert!(
+        failed.contains(&"ledger_matches_auditor".to_owned()),
+        "{failed:?}"
+    );
+    assert!(
+        failed.contains(&"ledger_node_check".to_owned()),
+        "{failed:?}"
+    );
+}
+
+/// A small cluster of SQLite ledger nodes to pause, and a runbook whose databases are
+/// its two SQLite files plus, when asked, a PostgreSQL and a MariaDB database of their
+/// own (cut inside the same pause): enough to drill every adapter cheaply.
+struct MixedExample {
+    cluster: Cluster,
+    postgres: Option<Postgres>,
+    mariadb: Option<MariaDb>,
+    config: String,
+    dir: tempfile::TempDir,
+}
+
+impl MixedExample {
+    fn start(with_servers: bool) -> MixedExample {
+        let cluster = Cluster::start(1);
+        let load = Load::start(&cluster.ledger_tier(), 2, &[]);
+        wait_until(Duration::from_secs(60), "a few transfers", || {
+            cluster.transactions() >= 10
+        });
+        let report = load.stop();
+        assert_eq!(report["failed"], 0, "{report:#}");
+        let (postgres, mariadb) = if with_servers {
+            let postgres = Postgres::start();
+            postgres.create_database("pg");
+            postgres.psql(
+                "pg",
+                "CREATE TABLE t (id int PRIMARY KEY, b bytea);
+                                 INSERT INTO t VALUES (1, '\\xff00112233'), (2, '\\xfe00112233');",
+            );
+            let mariadb = MariaDb::start();
+            mariadb.create_database("maria");
+            mariadb.sql(
+                "maria",
+                "CREATE TABLE t (id INT PRIMARY KEY, b VARBINARY(8)) ENGINE=InnoDB;
+                                  INSERT INTO t VALUES (1, x'FF00112233'), (2, x'FE00112233');",
+            );
+            (Some(postgres), Some(mariadb))
+        } else {
+            (None, None)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("backups")).unwrap();
+        std::fs::create_dir_all(dir.path().join("scratch")).unwrap();
+        let example = MixedExample {
+            cluster,
+            postgres,
+            mariadb,
+            config: dir.path().join("runbook.toml").display().to_string(),
+            dir,
+        };
+        example.write_runbook("");
+        example
+    }
+
+    fn config(&self) -> &str {
+        &self.config
+    }
+
+    fn scratch(&self) -> PathBuf {
+        self.dir.path().join("scratch")
+    }
+
+    /// (Re)writes the runbook with `drill` as its `[drill]` checks.
+    fn write_runbook(&self, drill: &str) {
+        let path = |url: &str| url.strip_prefix("sqlite:").unwrap().to_owned();
+        let mut text = format!(
+            r#"cluster = "mixed"
+[pause]
+tiers = [{{ addresses = ["{}"] }}, {{ addresses = ["{}"] }}]
+[[databases]]
+name = "ledger"
+adapter = "sqlite"
+path = "{}"
+[[databases]]
+name = "auditor"
+adapter = "sqlite"
+path = "{}"
+"#,
+            self.cluster.ledger_tier(),
+            self.cluster.auditor.address,
+            path(&self.cluster.ledger_db),
+            path(&self.cluster.auditor_db),
+        );
+        if let (Some(postgres), Some(mariadb)) = (&self.postgres, &self.mariadb) {
+            text.push_str(&format!(
+                r#"[[databases]]
+name = "pg"
+adapter = "postgres"
+url = "{}"
+bin_dir = "{}"
+[[databases]]
+name = "maria"
+adapter = "mariadb"
+url = "{}"
+bin_dir = "{}"
+"#,
+                postgres.url("pg"),
+                postgres.bin_dir().display(),
+                mariadb.url("maria"),
+                mariadb.bin_dir().display(),
+            ));
+        }
+        text.push_str(&format!(
+            "[storage]\nurl = \"file://{}\"\n[drill]\nscratch_dir = \"{}\"\n{drill}\n",
+            self.dir.path().join("backups").display(),
+            self.scratch().display(),
+        ));
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    fn backup(&self, extra: &[&str]) -> String {
+        let mut args = vec!["backup", "--config", self.config(), "--output", "json"];
+        args.extend(extra);
+        let (code, backup) = run_json("stillpoint", &args);
+        assert_eq!(code, 0, "{backup:#}");
+        backup["backup_id"].as_str().unwrap().to_owned()
+    }
+
+    fn drill(&self, backup: &str) -> (i32, Value) {
+        run_json_with_env(
+            "stillpoint",
+            &[
+                "drill",
+                backup,
+                "--config",
+                self.config(),
+                "--output",
+                "json",
+            ],
+            &[("PATH", &path_with_our_binaries())],
+        )
+    }
+
+    fn manifest_path(&self, backup: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("backups/backups")
+            .join(backup)
+            .join("manifest.json")
+    }
+
+    /// Scratch databases and files left on the servers and in the scratch directory.
+    fn leftovers(&self) -> Vec<String> {
+        let mut left: Vec<String> = std::fs::read_dir(self.scratch())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        if let Some(postgres) = &self.postgres {
+            let names = postgres.psql(
+                "postgres",
+                "SELECT datname FROM pg_database WHERE datname LIKE 'stillpoint%'",
+            );
+            left.extend(names.lines().map(str::to_owned));
+        }
+        if let Some(mariadb) = &self.mariadb {
+            let names = mariadb.sql("", "SHOW DATABASES LIKE 'stillpoint%'");
+            left.extend(names.lines().map(str::to_owned));
+        }
+        left
+    }
+}
+
+/// Issue 20.6: the window check read one boolean, so a `--no-pause` manifest edited to
+/// say `window_valid: true` was certified "cut inside one valid pause window". The check
+/// re-derives validity from the recorded facts and refuses unsafe copies.
+#[test]
+fn a_hand_edited_unsafe_manifest_fails_the_window_check() {
+    let example = MixedExample::start(false);
+    let paused = example.backup(&[]);
+    let (code, report) = example.drill(&paused);
+    assert_eq!(code, 0, "a paused backup's drill must pass: {report:#}");
+    assert_eq!(check(&report, "window")["ok"], true);
+
+    let unsafe_copy = example.backup(&["--no-pause", "--i-know-this-is-unsafe"]);
+    let path = example.manifest_path(&unsafe_copy);
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    manifest["window"]["window_valid"] = Value::Bool(true);
+    manifest["window"]["invalid_reasons"] = Value::Array(Vec::new());
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    let (code, report) = example.drill(&unsafe_copy);
+    assert_eq!(code, 7, "{report:#}");
+    let window = check(&report, "window");
+    assert_eq!(window["ok"], false, "{window:#}");
+    assert!(
+        window["detail"].as_str().unwrap().contains("--no-pause"),
+        "{window:#}"
+    );
+    assert_eq!(report["window_valid"], false);
+
+    // Without the unsafe flag too: no pause id, no node proved it stayed paused.
+    manifest.as_object_mut().unwrap().remove("unsafe_no_pause");
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    let (code, report) = example.drill(&unsafe_copy);
+    assert_eq!(code, 7, "{report:#}");
+    let window = check(&report, "window");
+    assert_eq!(window["ok"], false, "{window:#}");
+    assert!(
+        window["detail"].as_str().unwrap().contains("no node"),
+        "{window:#}"
+    );
+}
+
+/// Issue 20.7: checks that prove nothing passed silently: two empty result sets
+/// compared equal, and `expect = "NULL"` matched a NULL. Now an empty comparison fails
+/// unless the check says it is expected, and NULL is never the text "NULL".
+#[test]
+fn checks_that_prove_nothing_fail_unless_they_say_so() {
+    let example = MixedExample::start(false);
+    let backup = example.backup(&[]);
+    example.write_runbook(
+        r#"
+[[drill.checks]]
+name = "same_rows"
+left = { database = "ledger", sql = "SELECT tx_id, hash FROM ledger" }
+right = { database = "auditor", sql = "SELECT tx_id, hash FROM audit" }
+
+[[drill.checks]]
+name = "both_empty"
+left = { database = "ledger", sql = "SELECT tx_id FROM ledger WHERE 0" }
+right = { database = "auditor", sql = "SELECT tx_id FROM audit WHERE 0" }
+
+[[drill.checks]]
+name = "null_is_not_text"
+database = "ledger"
+sql = "SELECT NULL"
+expect = "NULL"
+
+[[drill.checks]]
+name = "text_null_is_text"
+database = "ledger"
+sql = "SELECT 'NULL'"
+expect = "NULL"
+
+[[drill.checks]]
+name = "no_rows_for_one_value"
+database = "ledger"
+sql = "SELECT 1 WHERE 0"
+expect = 1
+"#,
+    );
+    let (code, report) = example.drill(&backup);
+    assert_eq!(code, 7, "{report:#}");
+    let failed = failed_checks(&report);
+    assert_eq!(
+        failed,
+        ["both_empty", "null_is_not_text", "no_rows_for_one_value"],
+        "{report:#}"
+    );
+    let detail = check(&report, "both_empty")["detail"].as_str().unwrap();
+    assert!(detail.contains("allow_empty"), "{detail}");
+
+    // Said to be expected, an empty comparison passes.
+    example.write_runbook(
+        r#"
+[[drill.checks]]
+name = "both_empty"
+left = { database = "ledger", sql = "SELECT tx_id FROM ledger WHERE 0" }
+right = { database = "auditor", sql = "SELECT tx_id FROM audit WHERE 0" }
+allow_empty = true
+"#,
+    );
+    let (code, report) = example.drill(&backup);
+    assert_eq!(code, 0, "{report:#}");
+}
+
+/// Issues 20.10 and 20.2 through a drill: `expect` is a typed value, so `true`, `0.0`
+/// and `1e16` match on PostgreSQL, MariaDB and SQLite alike (they print "t"/"1",
+/// "0"/"0.0", "1e+16"/"1e16"); the negative controls fail; and bytes that differ in
+/// their first byte are different rows.
+#[test]
+fn typed_expect_values_match_on_every_adapter() {
+    let example = MixedExample::start(true);
+    let mut checks = String::new();
+    for (database, sql_bool, sql_zero, sql_big) in [
+        (
+            "pg",
+            "SELECT true",
+            "SELECT 0.0::float8",
+            "SELECT 1e16::float8",
+        ),
+        (
+            "maria",
+            "SELECT 1 = 1",
+            "SELECT CAST(0 AS DOUBLE)",
+            "SELECT 1e16",
+        ),
+        ("ledger", "SELECT 1 = 1", "SELECT 0.0", "SELECT 1e16"),
+    ] {
+        for (what, sql, expect) in [
+            ("true", sql_bool, "true"),
+            ("zero", sql_zero, "0.0"),
+            ("big", sql_big, "1e16"),
+            ("zero_int", sql_zero, "0"),
+        ] {
+            checks.push_str(&format!(
+                "[[drill.checks]]\nname = \"{database}_{what}\"\ndatabase = \"{database}\"\n\
+                 sql = \"{sql}\"\nexpect = {expect}\n"
+            ));
+        }
+    }
+    checks.push_str(
+        r#"
+[[drill.checks]]
+name = "pg_false_is_not_true"
+database = "pg"
+sql = "SELECT false"
+expect = true
+
+[[drill.checks]]
+name = "half_is_not_zero"
+database = "ledger"
+sql = "SELECT 0.5"
+expect = 0.0
+
+[[drill.checks]]
+name = "maria_bytes_differ"
+left = { database = "maria", sql = "SELECT b FROM t WHERE id = 1" }
+right = { database = "maria", sql = "SELECT b FROM t WHERE id = 2" }
+
+[[drill.checks]]
+name = "pg_bytes_are_not_text"
+left = { database = "pg", sql = "SELECT b FROM t WHERE id = 1" }
+right = { database = "pg", sql = "SELECT '\\xff00112233'::text" }
+"#,
+    );
+    example.write_runbook(&checks);
+    let backup = example.backup(&[]);
+    let (code, report) = example.drill(&backup);
+    assert_eq!(code, 7, "{report:#}");
+    assert_eq!(
+        failed_checks(&report),
+        [
+            "pg_false_is_not_true",
+            "half_is_not_zero",
+            "maria_bytes_differ",
+            "pg_bytes_are_not_text"
+        ],
+        "{report:#}"
+    );
+}
+
+/// Issue 18.6: a drill stopped by SIGTERM (or Ctrl-C) drops its scratch databases and
+/// files before it exits, instead of leaving full copies of production data behind.
+#[test]
+fn a_drill_stopped_by_sigterm_drops_its_scratch_targets() {
+    let example = MixedExample::start(true);
+    example.write_runbook(
+        r#"
+[[drill.checks]]
+name = "slow"
+database = "pg"
+sql = "SELECT 1 FROM pg_sleep(600)"
+expect = 1
+"#,
+    );
+    let backup = example.backup(&[]);
+    let drill = slow_drill(&example, &backup);
+    assert!(
+        !example.leftovers().is_empty(),
+        "the drill made no scratch targets"
+    );
+    drill.signal("TERM");
+    let output = drill.wait_output(Duration::from_secs(60));
+    assert_eq!(
+        example.leftovers(),
+        Vec::<String>::new(),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("interrupted"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+/// Issue 18.6: a drill killed outright (SIGKILL) cannot clean up; its scratch targets
+/// carry a marker, the next drill reports them, and `stillpoint drill --cleanup` finds
+/// and removes them.
+#[test]
+fn drill_cleanup_removes_what_a_killed_drill_left() {
+    let example = MixedExample::start(true);
+    example.write_runbook(
+        r#"
+[[drill.checks]]
+name = "slow"
+database = "pg"
+sql = "SELECT 1 FROM pg_sleep(600)"
+expect = 1
+"#,
+    );
+    let backup = example.backup(&[]);
+    let drill = slow_drill(&example, &backup);
+    drill.signal("KILL");
+    drop(drill.wait_output(Duration::from_secs(60)));
+    // The SQLite scratch directory, the PostgreSQL and the MariaDB scratch databases.
+    let left = example.leftovers();
+    assert_eq!(left.len(), 3, "{left:?}");
+
+    example.write_runbook("");
+    let (code, report) = example.drill(&backup);
+    assert_eq!(code, 0, "{report:#}");
+    let reported = report["leftovers"].as_array().unwrap();
+    assert_eq!(reported.len(), 3, "{report:#}");
+
+    let (code, cleaned) = run_json(
+        "stillpoint",
+        &[
+            "drill",
+            "--cleanup",
+            "--config",
+            example.config(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{cleaned:#}");
+    assert_eq!(
+        cleaned["removed"].as_array().unwrap().len(),
+        3,
+        "{cleaned:#}"
+    );
+    assert_eq!(example.leftovers(), Vec::<String>::new());
+}
+
+/// Starts `stillpoint drill` and returns once its slow check runs on the scratch copy.
+fn slow_drill(example: &MixedExample, backup: &str) -> crate::util::Process {
+    let child = std::process::Command::new(bin("stillpoint"))
+        .args(["drill", backup, "--config", example.config()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut drill = crate::util::Process::new(child, "stillpoint drill".to_owned());
+    let postgres = example.postgres.as_ref().unwrap();
+    wait_until(Duration::from_secs(60), "the slow check to start", || {
+        assert!(!drill.has_exited(), "the drill ended early");
+        postgres.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE query LIKE '%pg_sleep(600)%' AND pid <> pg_backend_pid()",
+        ) == "1"
+    });
+    drill
 }

@@ -221,7 +221,12 @@ pub fn wait_for_line(
 
 /// Runs a binary that prints one JSON object; returns its exit code and the object.
 pub fn run_json(program: &str, args: &[&str]) -> (i32, Value) {
-    let output = run(program, args);
+    run_json_with_env(program, args, &[])
+}
+
+/// [`run_json`] with extra environment variables.
+pub fn run_json_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, Value) {
+    let output = run_with_env(program, args, env);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let value = serde_json::from_str(&stdout).unwrap_or_else(|error| {
         panic!(

@@ -93,6 +93,31 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Takes the primary key off the audit table, as a restore that lost its
+    /// constraints (or an attacker) could, so that a tx id can appear twice.
+    fn drop_audit_primary_key(&self) {
+        match self {
+            Server::Sqlite(dir) => Connection::open(dir.path().join(format!("{AUDITOR}.db")))
+                .unwrap()
+                .execute_batch(
+                    "CREATE TABLE audit_copy (tx_id TEXT NOT NULL, hash TEXT NOT NULL, \
+                                              recorded_at_ms INTEGER NOT NULL);
+                     INSERT INTO audit_copy SELECT * FROM audit;
+                     DROP TABLE audit;
+                     ALTER TABLE audit_copy RENAME TO audit;",
+                )
+                .unwrap(),
+            Server::Postgres(pg) => {
+                pg.psql(AUDITOR, "ALTER TABLE audit DROP CONSTRAINT audit_pkey");
+            }
+            Server::MariaDb(db) => {
+                db.sql(AUDITOR, "ALTER TABLE audit DROP PRIMARY KEY");
+            }
+        }
+    }
+}
+
 /// A seeded ledger and an auditor on one backend. Fields drop in order: the stores
 /// disconnect before their server stops.
 struct Cluster {
@@ -302,6 +327,39 @@ async fn a_different_audited_hash_is_named(backend: Backend) {
     let check = failing(&cluster.report(None).await, "ledger_matches_auditor").clone();
     assert!(
         check.detail.contains("different hashes") && check.detail.contains("tx-1 (ledger "),
+        "{}",
+        check.detail
+    );
+}
+
+/// Issue 20.5: the auditor's rows were collapsed into a map by tx id, so a duplicate
+/// row, or a second row with the same tx id and a bogus hash, passed. They are compared
+/// as multisets now, and duplicates are named.
+async fn duplicate_audit_rows_are_named(backend: Backend) {
+    let cluster = Cluster::new(backend).await;
+    cluster.transfers("tx", 6).await;
+    cluster.server.drop_audit_primary_key();
+    // The same row twice.
+    cluster.server.tamper(
+        AUDITOR,
+        "INSERT INTO audit SELECT tx_id, hash, recorded_at_ms FROM audit WHERE tx_id = 'tx-2'",
+    );
+    let check = failing(&cluster.report(None).await, "ledger_matches_auditor").clone();
+    assert!(
+        check.detail.contains("tx-2") && check.detail.contains("2 times in the auditor"),
+        "{}",
+        check.detail
+    );
+    // A second row for a known tx id with a bogus hash, recorded first (a map by tx id
+    // kept the last row read: the right one).
+    let bogus = "ee".repeat(32);
+    cluster.server.tamper(
+        AUDITOR,
+        &format!("INSERT INTO audit (tx_id, hash, recorded_at_ms) VALUES ('tx-4', '{bogus}', 0)"),
+    );
+    let check = failing(&cluster.report(None).await, "ledger_matches_auditor").clone();
+    assert!(
+        check.detail.contains("tx-4") && check.detail.contains(&bogus),
         "{}",
         check.detail
     );
@@ -560,6 +618,7 @@ on_every_backend!(
     a_missing_audit_row_is_named,
     an_audit_row_unknown_to_the_ledger_is_named,
     a_different_audited_hash_is_named,
+    duplicate_audit_rows_are_named,
     a_commit_inside_the_window_is_named,
     insufficient_funds_write_nothing,
     recording_is_idempotent_but_refuses_a_second_hash,

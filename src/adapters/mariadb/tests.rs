@@ -180,7 +180,12 @@ async fn a_dump_outside_the_snapshot_has_the_later_writes() {
         .await
         .unwrap();
     let objects = Objects {
-        tables: vec!["accounts".into(), "audit".into(), "owners".into()],
+        tables: ["accounts", "audit", "owners"]
+            .map(|name| Table {
+                name: name.to_owned(),
+                versioned: false,
+            })
+            .into(),
         views: vec!["per_owner".into()],
     };
     let mut unbound = Vec::new();
@@ -419,8 +424,15 @@ async fn a_scratch_database_is_restored_read_back_emptied_and_dropped() {
     let target = scratch_round_trip(
         &adapter(&db, &name),
         dir.path(),
-        "SELECT COUNT(*), SUM(balance), NULL FROM accounts",
-        &[&[Some("1000"), Some("100000"), None]],
+        "SELECT COUNT(*), SUM(balance), NULL, x'00FF', CAST(0.5 AS DOUBLE), 'it''s' FROM accounts",
+        &[&[
+            crate::adapters::Value::Number("1000".to_owned()),
+            crate::adapters::Value::Number("100000".to_owned()),
+            crate::adapters::Value::Null,
+            crate::adapters::Value::Bytes(vec![0, 0xff]),
+            crate::adapters::Value::Float(0.5),
+            crate::adapters::Value::Text("it's".to_owned()),
+        ]],
     )
     .await;
     let scratch = target.rsplit('/').next().unwrap();
@@ -544,4 +556,124 @@ async fn emptying_a_target_refuses_other_connections_and_never_drops_after_its_c
 
     adapter.clear(&target).await.unwrap();
     assert_eq!(tables(), "0");
+}
+
+/// Issue 20.2: binary values were decoded as lossy UTF-8, so bytes that differ read
+/// back equal (and bytes equal to a string's). Values now keep their type and bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_of_different_types_or_bytes_stay_different() {
+    let db = server();
+    let name = ledger_db(&db, "typed");
+    let adapter = adapter(&db, &name);
+    let target = db.url(&name);
+    for (left, right) in [
+        ("SELECT x'FF00112233'", "SELECT x'FE00112233'"),
+        ("SELECT CAST(x'6162' AS BINARY)", "SELECT 'ab'"),
+        ("SELECT 1", "SELECT '1'"),
+        ("SELECT NULL", "SELECT 'NULL'"),
+    ] {
+        let l = adapter.query(&target, left).await.unwrap();
+        let r = adapter.query(&target, right).await.unwrap();
+        assert_ne!(
+            l, r,
+            "{left} and {right} must not read back as the same value"
+        );
+    }
+}
+
+/// Issue 20.3: a consistent snapshot does not cover MyISAM or Aria tables, so a backup
+/// with one is refused before anything is paused, naming the table and the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_refuses_non_transactional_tables() {
+    let db = server();
+    let name = ledger_db(&db, "myisam");
+    db.sql(
+        &name,
+        "CREATE TABLE legacy_log (id INT PRIMARY KEY) ENGINE=MyISAM;
+         CREATE TABLE legacy_aria (id INT PRIMARY KEY) ENGINE=Aria;",
+    );
+    let msg = adapter(&db, &name)
+        .prepare()
+        .await
+        .err()
+        .expect("prepare must refuse tables a snapshot cannot cover")
+        .to_string();
+    assert!(msg.contains("legacy_log (MyISAM)"), "{msg}");
+    assert!(msg.contains("legacy_aria (Aria)"), "{msg}");
+    assert!(msg.contains("ENGINE=InnoDB"), "{msg}");
+}
+
+/// Issue 20.8: drill checks are read-only. A statement that writes fails, and so does
+/// more than one statement (a second one could end the read-only transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_cannot_write() {
+    let db = server();
+    let name = ledger_db(&db, "readonly");
+    let adapter = adapter(&db, &name);
+    let target = db.url(&name);
+    for sql in [
+        "DELETE FROM audit; SELECT 0",
+        "COMMIT; DELETE FROM audit; SELECT 0",
+        "DELETE FROM audit",
+    ] {
+        let result = adapter.query(&target, sql).await;
+        assert!(result.is_err(), "{sql:?} ran: {result:?}");
+        assert_eq!(
+            db.sql(&name, "SELECT COUNT(*) FROM audit"),
+            "10",
+            "{sql:?} wrote"
+        );
+    }
+}
+
+/// Issue 20.9: a system-versioned table was counted at the cut but not on the restored
+/// side (BASE TABLE only), and its history was not copied. Both are kept now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_versioned_tables_are_counted_and_keep_their_history() {
+    let db = server();
+    let name = ledger_db(&db, "versioned");
+    db.sql(
+        &name,
+        "CREATE TABLE prices (id INT PRIMARY KEY, price INT) WITH SYSTEM VERSIONING;
+         INSERT INTO prices VALUES (1, 10), (2, 20), (3, 30);
+         UPDATE prices SET price = 11 WHERE id = 1;
+         DELETE FROM prices WHERE id = 2;
+         CREATE TABLE rates (id INT PRIMARY KEY, rate INT,
+           valid_from TIMESTAMP(6) GENERATED ALWAYS AS ROW START INVISIBLE,
+           valid_to TIMESTAMP(6) GENERATED ALWAYS AS ROW END INVISIBLE,
+           PERIOD FOR SYSTEM_TIME (valid_from, valid_to)) WITH SYSTEM VERSIONING;
+         INSERT INTO rates (id, rate) VALUES (1, 5);
+         UPDATE rates SET rate = 6 WHERE id = 1;",
+    );
+    let history = |database: &str| {
+        db.sql(
+            database,
+            "SELECT id, price, row_start, row_end FROM prices FOR SYSTEM_TIME ALL ORDER BY 1, 3;
+             SELECT id, rate, valid_from, valid_to FROM rates FOR SYSTEM_TIME ALL ORDER BY 1, 3;",
+        )
+    };
+    let adapter = adapter(&db, &name);
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    let bytes = read_to_end(&mut copy).await;
+    let at_cut = copy.finished.await.unwrap().row_counts.unwrap();
+    assert_eq!(at_cut["prices"], 2);
+    assert_eq!(at_cut["rates"], 1);
+
+    let restored = unique_name("versioned_restored");
+    db.create_database(&restored);
+    adapter
+        .restore(Box::pin(std::io::Cursor::new(bytes)), &db.url(&restored))
+        .await
+        .unwrap();
+    assert_eq!(
+        adapter.row_counts(&db.url(&restored)).await.unwrap(),
+        at_cut
+    );
+    assert_eq!(history(&restored), history(&name));
+    assert_eq!(
+        db.sql(&restored, "SELECT COUNT(*) FROM prices FOR SYSTEM_TIME ALL"),
+        "4"
+    );
 }

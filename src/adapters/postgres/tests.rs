@@ -364,8 +364,14 @@ async fn a_scratch_database_is_restored_read_back_emptied_and_dropped() {
     let target = scratch_round_trip(
         &adapter(&pg, &db, false),
         dir.path(),
-        "SELECT count(*), sum(balance), NULL FROM accounts",
-        &[&[Some("1000"), Some("100000"), None]],
+        "SELECT count(*), sum(balance), NULL, '\\x00ff'::bytea, 0.5::float8 FROM accounts",
+        &[&[
+            Value::Number("1000".to_owned()),
+            Value::Number("100000".to_owned()),
+            Value::Null,
+            Value::Bytes(vec![0, 0xff]),
+            Value::Float(0.5),
+        ]],
     )
     .await;
     let scratch = target.rsplit('/').next().unwrap();
@@ -466,4 +472,159 @@ async fn emptying_a_target_refuses_other_sessions_and_never_drops_after_its_clie
     // Nobody else there: it is emptied.
     adapter.clear(&target).await.unwrap();
     assert_eq!(exists(), "0");
+}
+
+/// Issue 20.1: TRUNCATE is not MVCC-safe, so a table truncated after the release but
+/// before pg_dump locked it was dumped empty, and the row counts, read in the same
+/// snapshot, agreed. The cut's transaction now holds ACCESS SHARE on every table it
+/// copies (taken before the snapshot): a TRUNCATE queued before pg_dump locked the
+/// table fails the copy loudly (PostgreSQL queues pg_dump behind it); one queued after
+/// waits for the copy, which keeps the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_right_after_the_release_fails_the_copy_or_waits_for_it() {
+    let pg = plain();
+    let db = ledger_db(&pg, "truncate");
+    let adapter = adapter(&pg, &db, false);
+    let truncate_audit = |pg: &std::sync::Arc<Server>, db: &str| {
+        let (pg, db) = (pg.clone(), db.to_owned());
+        std::thread::spawn(move || {
+            pg.psql(&db, "SET lock_timeout = '60s'; TRUNCATE audit");
+        })
+    };
+    // Until the TRUNCATE has either run or queued behind a lock.
+    let wait_for = |truncate: &std::thread::JoinHandle<()>| {
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let waiting = pg.psql(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query LIKE '%TRUNCATE audit%' AND wait_event_type = 'Lock'",
+            );
+            if truncate.is_finished() || waiting == "1" {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the TRUNCATE neither ran nor waited"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+
+    // Right after the release, before the copy starts.
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    let truncate = truncate_audit(&pg, &db);
+    wait_for(&truncate);
+    let mut copy = prepared.copy().await.unwrap();
+    read_to_end(&mut copy).await;
+    let finished = copy.finished.await;
+    // Joined before any assertion: the thread holds the shared server, which must not
+    // outlive the test binary (it ends once the copy's transaction has).
+    truncate.join().unwrap();
+    match finished {
+        Ok(summary) => panic!(
+            "the copy succeeded although a TRUNCATE ran after the cut: {:?}",
+            summary.row_counts
+        ),
+        Err(error) => {
+            let msg = error.to_string();
+            assert!(msg.contains("LOCK TABLE public.audit"), "{msg}");
+            assert!(msg.contains("TRUNCATE, ALTER TABLE"), "{msg}");
+        }
+    }
+    assert_eq!(
+        pg.psql(&db, "SELECT count(*) FROM audit"),
+        "0",
+        "the TRUNCATE ran"
+    );
+
+    // Once pg_dump holds its locks, a TRUNCATE waits for the copy, which has the rows.
+    pg.psql(
+        &db,
+        "INSERT INTO audit SELECT g, 'note ' || g FROM generate_series(1, 10) g",
+    );
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-2").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while pg.psql(
+        &db,
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'pg_dump' AND a.datname = current_database() \
+           AND l.granted AND l.relation = 'public.audit'::regclass",
+    ) != "1"
+    {
+        assert!(Instant::now() < deadline, "pg_dump never locked audit");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let truncate = truncate_audit(&pg, &db);
+    wait_for(&truncate);
+    let bytes = read_to_end(&mut copy).await;
+    let finished = copy.finished.await;
+    truncate.join().unwrap();
+    let counts = finished.unwrap().row_counts.unwrap();
+    assert_eq!(counts["public.audit"], 10, "{counts:?}");
+    let restored = unique_name("truncate_restored");
+    pg.create_database(&restored);
+    adapter
+        .restore(Box::pin(std::io::Cursor::new(bytes)), &pg.url(&restored))
+        .await
+        .unwrap();
+    assert_eq!(pg.psql(&restored, "SELECT count(*) FROM audit"), "10");
+    assert_eq!(
+        pg.psql(&db, "SELECT count(*) FROM audit"),
+        "0",
+        "the TRUNCATE ran"
+    );
+}
+
+/// Issue 20.2: query results were text, so bytes and the text of their hex escape were
+/// the same value. Values now keep their type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_of_different_types_or_bytes_stay_different() {
+    let pg = plain();
+    let db = ledger_db(&pg, "typed");
+    let adapter = adapter(&pg, &db, false);
+    let target = pg.url(&db);
+    for (left, right) in [
+        ("SELECT '\\xff00'::bytea", "SELECT '\\xff00'::text"),
+        (
+            "SELECT '\\xff00112233'::bytea",
+            "SELECT '\\xfe00112233'::bytea",
+        ),
+        ("SELECT 1", "SELECT '1'::text"),
+        ("SELECT NULL::text", "SELECT 'NULL'::text"),
+    ] {
+        let l = adapter.query(&target, left).await.unwrap();
+        let r = adapter.query(&target, right).await.unwrap();
+        assert_ne!(
+            l, r,
+            "{left} and {right} must not read back as the same value"
+        );
+    }
+}
+
+/// Issue 20.8: drill checks are read-only. A statement that writes fails, and so does
+/// more than one statement (a second one could end the read-only transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_cannot_write() {
+    let pg = plain();
+    let db = ledger_db(&pg, "readonly");
+    let adapter = adapter(&pg, &db, false);
+    let target = pg.url(&db);
+    for sql in [
+        "DELETE FROM audit; SELECT 0",
+        "COMMIT; DELETE FROM audit; SELECT 0",
+        "DELETE FROM audit",
+        "WITH gone AS (DELETE FROM audit RETURNING 1) SELECT count(*) FROM gone",
+    ] {
+        let result = adapter.query(&target, sql).await;
+        assert!(result.is_err(), "{sql:?} ran: {result:?}");
+        assert_eq!(
+            pg.psql(&db, "SELECT count(*) FROM audit"),
+            "10",
+            "{sql:?} wrote"
+        );
+    }
 }

@@ -274,8 +274,14 @@ async fn a_scratch_file_is_restored_read_back_emptied_and_removed() {
     let target = scratch_round_trip(
         &adapter(&path),
         scratch.path(),
-        "SELECT count(*), sum(balance), NULL, x'00ff' FROM accounts",
-        &[&[Some("1000"), Some("100000"), None, Some("00ff")]],
+        "SELECT count(*), sum(balance), NULL, x'00ff', 0.5 FROM accounts",
+        &[&[
+            Value::Number("1000".to_owned()),
+            Value::Number("100000".to_owned()),
+            Value::Null,
+            Value::Bytes(vec![0, 0xff]),
+            Value::Float(0.5),
+        ]],
     )
     .await;
     assert!(target.starts_with(&scratch.path().display().to_string()));
@@ -346,4 +352,32 @@ async fn clear_refuses_an_open_database_and_restore_replaces_a_dead_one() {
         !names.iter().any(|n| n.ends_with(".restoring")),
         "{names:?}"
     );
+}
+
+/// Issue 20.2: invalid UTF-8 TEXT was decoded lossily (two different values read back
+/// equal) and a BLOB read back as the hex text of its bytes. Values now keep their
+/// type and bytes.
+#[tokio::test]
+async fn values_of_different_types_or_bytes_stay_different() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _app) = live_db(dir.path(), 1);
+    let adapter = adapter(&path);
+    let target = path.display().to_string();
+    for (left, right) in [
+        (
+            "SELECT CAST(x'ff61' AS TEXT)",
+            "SELECT CAST(x'fe61' AS TEXT)",
+        ),
+        ("SELECT x'6162'", "SELECT '6162'"),
+        ("SELECT x'6162'", "SELECT 'ab'"),
+        ("SELECT 1", "SELECT '1'"),
+        ("SELECT NULL", "SELECT 'NULL'"),
+    ] {
+        let l = adapter.query(&target, left).await.unwrap();
+        let r = adapter.query(&target, right).await.unwrap();
+        assert_ne!(
+            l, r,
+            "{left} and {right} must not read back as the same value"
+        );
+    }
 }
