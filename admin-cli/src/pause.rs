@@ -339,8 +339,10 @@ pub async fn unpause(args: UnpauseArgs, matches: &clap::ArgMatches) -> Result<u8
     }
 }
 
-/// Closes the window a plain `pause` recorded: holds it up to its `--min-window`
-/// (renewing), releases it, and forgets the record once every node is released.
+/// Closes the window a plain `pause` recorded: holds it (renewing) until it is long
+/// enough to be a restore point, as `--hold-for` does — twice the clock-skew bound plus
+/// a margin, and `--min-window` if the pause was given one — then releases it, and
+/// forgets the record once every node is released.
 async fn close_recorded_window(
     state: PauseState,
     state_file: &std::path::Path,
@@ -351,21 +353,31 @@ async fn close_recorded_window(
     let min_window = state.min_window_ms.map(Duration::from_millis);
     let mut paused =
         PausedCluster::attach(state.record, connect, from_unix_ms(state.renewed_at_ms));
-    if let Some(min_window) = min_window {
-        let wanted = required_window(paused.record().skew_bound_ms, min_window);
-        let open_for_ms = unix_ms(SystemTime::now()) - paused.record().paused_at_ms;
-        let rest =
-            Duration::from_millis((wanted.as_millis() as i64 - open_for_ms.max(0)).max(0) as u64);
-        if !rest.is_zero() {
-            eprintln!(
-                "holding the window {}ms more: `stillpoint pause` was given --min-window {}ms",
-                rest.as_millis(),
-                min_window.as_millis()
-            );
-            tokio::select! {
-                () = paused.hold_until(Instant::now() + rest) => {}
-                () = interrupts.recv() => tracing::warn!("interrupted: releasing before --min-window"),
+    let wanted = required_window(
+        paused.record().skew_bound_ms,
+        min_window.unwrap_or_default(),
+    );
+    let open_for_ms = unix_ms(SystemTime::now()) - paused.record().paused_at_ms;
+    let rest =
+        Duration::from_millis((wanted.as_millis() as i64 - open_for_ms.max(0)).max(0) as u64);
+    if !rest.is_zero() {
+        let why = match min_window {
+            Some(min) if min >= wanted => {
+                format!(
+                    "`stillpoint pause` was given --min-window {}ms",
+                    min.as_millis()
+                )
             }
+            _ => format!(
+                "a restore point needs a window longer than twice the clock-skew bound plus a \
+                 margin ({}ms)",
+                wanted.as_millis()
+            ),
+        };
+        eprintln!("holding the window {}ms more: {why}", rest.as_millis());
+        tokio::select! {
+            () = paused.hold_until(Instant::now() + rest) => {}
+            () = interrupts.recv() => tracing::warn!("interrupted: releasing before the window is long enough"),
         }
     }
     let released = release(paused, &mut interrupts, output.time_zone).await?;

@@ -903,3 +903,53 @@ fn a_second_coordinator_reusing_a_pause_id_is_refused() {
     assert_eq!(code, 0, "{closed:#}");
     assert_eq!(closed["window_valid"], true, "{closed:#}");
 }
+
+/// A plain `pause` closed by `unpause` at once is held, like `--hold-for`, until the
+/// window is longer than twice the clock-skew bound plus the margin: a window closed
+/// too early could not be a restore point. (Found when a loaded machine measured a
+/// 19 ms round trip and the tests' quick unpauses came out invalid.) The recorded
+/// skew bound is raised by hand so the floor is far above the time `unpause` takes.
+#[test]
+fn unpause_holds_a_plain_pause_until_the_window_can_be_a_restore_point() {
+    let cluster = Cluster::start(1);
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let tiers = [cluster.ledger_tier(), cluster.auditor.address.clone()];
+    let tiers: Vec<&str> = tiers.iter().map(String::as_str).collect();
+
+    let (code, opened) = plain_pause(&tiers, &state_file, &[]);
+    assert_eq!(code, 0, "{opened:#}");
+    let mut recorded: Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    recorded["record"]["skew_bound_ms"] = 400.into();
+    std::fs::write(&state_file, recorded.to_string()).unwrap();
+
+    let output = run(
+        "stillpoint",
+        &[
+            "unpause",
+            "--state-file",
+            state_file.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    );
+    let closed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{closed:#}\n{}",
+        stderr(&output)
+    );
+    assert_eq!(closed["window_valid"], true, "{closed:#}");
+    assert!(
+        closed["window_ms"].as_i64().unwrap() > 2 * 400 + 10,
+        "{closed:#}"
+    );
+    assert!(
+        stderr(&output).contains("clock-skew bound"),
+        "the hold is not explained: {}",
+        stderr(&output)
+    );
+    assert_eq!(paused_flags(&all_nodes(&cluster)), [false, false]);
+}
