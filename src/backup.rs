@@ -225,6 +225,7 @@ pub async fn run_cancellable(
     let settings = pipeline_settings(runbook)?;
     // 2. Prepare begins with what needs no network: keys and level.
     settings.check().map_err(BackupError::Pipeline)?;
+    check_identity_opens(runbook)?;
     let plan = match mode {
         Mode::Paused => Some(pause_plan(&runbook.pause).await?),
         Mode::UnsafeNoPause => None,
@@ -847,6 +848,45 @@ fn pipeline_settings(runbook: &Runbook) -> Result<PipelineSettings, BackupError>
         zstd_level: config.zstd_level,
         encryption,
     })
+}
+
+/// With both `age_recipients` and an `age_identity_file` that this host can read, at
+/// least one identity must belong to a recipient: otherwise every backup would be
+/// encrypted to keys the runbook's own identity cannot open, and `verify`, `restore`
+/// and `drill` would find out only when they are needed. An identity file this host
+/// cannot read (kept on the restore hosts only) is not checked.
+fn check_identity_opens(runbook: &Runbook) -> Result<(), BackupError> {
+    let config = &runbook.pipeline;
+    let Some(file) = &config.age_identity_file else {
+        return Ok(());
+    };
+    if config.age_recipients.is_empty() {
+        return Ok(());
+    }
+    let Ok(pipeline::Decryption::Identities(identities)) =
+        pipeline::Decryption::from_identity_file(file)
+    else {
+        return Ok(());
+    };
+    let recipients: Vec<&str> = config.age_recipients.iter().map(|r| r.trim()).collect();
+    let opens = identities.iter().any(|identity| {
+        identity
+            .trim()
+            .parse::<age::x25519::Identity>()
+            .is_ok_and(|identity| recipients.contains(&identity.to_public().to_string().as_str()))
+    });
+    if opens {
+        Ok(())
+    } else {
+        Err(BackupError::Setup(format!(
+            "no identity in age_identity_file {} belongs to any of the {} age_recipients: \
+             backups would be encrypted to keys the runbook's own identity cannot open \
+             (verify, restore and drill would fail); fix the recipients or the identity \
+             file. Nothing was paused",
+            file.display(),
+            recipients.len()
+        )))
+    }
 }
 
 /// The decryption side of the runbook's pipeline, for verify, restore and drill.

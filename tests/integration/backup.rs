@@ -1999,3 +1999,67 @@ fn a_missing_s3_bucket_is_named_once() {
     assert!(text.contains("the bucket does not exist"), "{text}");
     assert_eq!(text.matches("NoSuchBucket").count(), 1, "{text}");
 }
+
+/// A runbook whose `age_identity_file` belongs to none of its `age_recipients` (a
+/// recipient pasted from another key) backed up happily: every backup was encrypted
+/// to keys the runbook's own identity cannot open, found out only when `verify`,
+/// `restore` or `drill` was needed. Refused in prepare now, before anything is
+/// paused or written.
+#[test]
+fn a_backup_whose_identity_opens_none_of_its_recipients_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("age-key.txt");
+    age_keygen(&key);
+    let other = dir.path().join("other-key.txt");
+    let other_recipient = age_keygen(&other);
+    let db = dir.path().join("app.sqlite");
+    sqlite_db(&db, "t", 10);
+    let databases = format!(
+        "[[databases]]\nname = \"app\"\nadapter = \"sqlite\"\npath = \"{}\"\n",
+        db.display()
+    );
+    let storage = file_storage(dir.path());
+    let runbook = |name: &str, identity: &Path| {
+        let path = write_standalone_runbook(
+            dir.path(),
+            name,
+            &databases,
+            &format!(
+                "age_recipients = [\"{other_recipient}\"]\nage_identity_file = \"{}\"",
+                identity.display()
+            ),
+            &storage,
+        );
+        path.to_str().unwrap().to_owned()
+    };
+
+    let mismatched = runbook("mismatched.toml", &key);
+    let output = run(
+        "stillpoint",
+        &[
+            "backup",
+            "--config",
+            &mismatched,
+            "--no-pause",
+            "--i-know-this-is-unsafe",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let text = stderr(&output);
+    assert!(
+        text.contains("no identity in age_identity_file") && text.contains("Nothing was paused"),
+        "{text}"
+    );
+    assert!(
+        files_under(&dir.path().join("backups")).is_empty(),
+        "something was written: {:?}",
+        files_under(&dir.path().join("backups"))
+    );
+
+    // The matching identity, or one this host does not hold (kept on the restore
+    // hosts), is fine.
+    for identity in [other.clone(), dir.path().join("not-on-this-host.txt")] {
+        let config = runbook("fine.toml", &identity);
+        backup_id(&config, &["--no-pause", "--i-know-this-is-unsafe"]);
+    }
+}
