@@ -36,6 +36,18 @@ pub enum CatalogError {
         newest: Vec<String>,
     },
     #[error(
+        "backup {id} in {storage} cannot be used: its manifest is damaged ({error}); it is not a backup until the manifest is repaired"
+    )]
+    DamagedBackup {
+        id: String,
+        storage: String,
+        error: String,
+    },
+    #[error(
+        "backup {id} in {storage} is incomplete: its directory has no manifest (the backup failed, was interrupted, or is still running), so it is not a backup; `stillpoint prune` removes it once nothing has written to it for an hour"
+    )]
+    IncompleteBackup { id: String, storage: String },
+    #[error(
         "keep_last, keep_daily and keep_weekly are all 0, which would delete every backup; set at least one"
     )]
     NoRetentionRule,
@@ -308,15 +320,39 @@ pub fn resolve<'a>(catalog: &'a Catalog, which: &str) -> Result<&'a Manifest, Ca
         .backups
         .iter()
         .find(|m| m.backup_id == which)
-        .ok_or_else(|| CatalogError::UnknownBackup {
-            id: which.to_owned(),
-            storage: catalog.storage.clone(),
-            newest: catalog
-                .backups
+        .ok_or_else(|| {
+            let prefix = format!("{BACKUPS_DIR}/{which}/");
+            if let Some(damaged) = catalog
+                .damaged
                 .iter()
-                .take(3)
-                .map(|m| m.backup_id.clone())
-                .collect(),
+                .find(|damaged| damaged.path.starts_with(&prefix))
+            {
+                return CatalogError::DamagedBackup {
+                    id: which.to_owned(),
+                    storage: catalog.storage.clone(),
+                    error: damaged.error.clone(),
+                };
+            }
+            if catalog
+                .orphans
+                .iter()
+                .any(|orphan| orphan.backup_id == which)
+            {
+                return CatalogError::IncompleteBackup {
+                    id: which.to_owned(),
+                    storage: catalog.storage.clone(),
+                };
+            }
+            CatalogError::UnknownBackup {
+                id: which.to_owned(),
+                storage: catalog.storage.clone(),
+                newest: catalog
+                    .backups
+                    .iter()
+                    .take(3)
+                    .map(|m| m.backup_id.clone())
+                    .collect(),
+            }
         })
 }
 
@@ -703,8 +739,18 @@ mod tests {
             new.backup_id
         );
         assert_eq!(resolve(&catalog, &old.backup_id).unwrap(), &old);
+        // An id that is not a backup says what it is: incomplete, damaged, or unknown
+        // (with the newest backups named). It said "no backup" for all three.
         let err = resolve(&catalog, &failed_id).unwrap_err();
+        assert!(matches!(err, CatalogError::IncompleteBackup { .. }), "{err}");
         assert!(err.to_string().contains(&failed_id), "{err}");
+        assert!(err.to_string().contains("no manifest"), "{err}");
+        let err = resolve(&catalog, &broken_id).unwrap_err();
+        assert!(matches!(err, CatalogError::DamagedBackup { .. }), "{err}");
+        assert!(err.to_string().contains(&broken_path), "{err}");
+        let unknown = manifest::backup_id_at(at("2024-05-09T10:00:00Z"));
+        let err = resolve(&catalog, &unknown).unwrap_err();
+        assert!(matches!(err, CatalogError::UnknownBackup { .. }), "{err}");
         assert!(err.to_string().contains(&new.backup_id), "{err}");
 
         // Orphan cleanup removes the orphan and nothing else, and refuses once the
