@@ -742,7 +742,10 @@ mod tests {
         // An id that is not a backup says what it is: incomplete, damaged, or unknown
         // (with the newest backups named). It said "no backup" for all three.
         let err = resolve(&catalog, &failed_id).unwrap_err();
-        assert!(matches!(err, CatalogError::IncompleteBackup { .. }), "{err}");
+        assert!(
+            matches!(err, CatalogError::IncompleteBackup { .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains(&failed_id), "{err}");
         assert!(err.to_string().contains("no manifest"), "{err}");
         let err = resolve(&catalog, &broken_id).unwrap_err();
