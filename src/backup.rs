@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::join_all;
+use tokio_util::sync::CancellationToken;
 
 use crate::adapters::{self, AdapterConfig, AdapterError, CutMarker, Prepared};
 use crate::coordinator::{
@@ -90,6 +91,16 @@ pub enum BackupError {
         cleanup: Cleanup,
         window: Box<PauseReport>,
     },
+    /// Stopped by the caller (SIGINT/SIGTERM) before the commit: the cluster was
+    /// released first if it was paused, and the partial backup removed.
+    #[error("interrupted during the {phase}: {released}; {cleanup}")]
+    Interrupted {
+        phase: &'static str,
+        /// What became of the pause.
+        released: String,
+        cleanup: Cleanup,
+        window: Option<Box<PauseReport>>,
+    },
     #[error("writing the manifest of {backup_id} failed: {reason}; {cleanup}")]
     Commit {
         backup_id: String,
@@ -128,6 +139,11 @@ impl std::fmt::Display for Cleanup {
 /// marker's heartbeat has stopped, so it cannot write the marker back).
 enum Stopped {
     Error(BackupError),
+    Interrupted {
+        phase: &'static str,
+        released: String,
+        window: Option<Box<PauseReport>>,
+    },
     Copy {
         reason: String,
         window: Box<PauseReport>,
@@ -159,6 +175,7 @@ impl BackupError {
             | BackupError::WindowInvalid { window, .. }
             | BackupError::Copy { window, .. }
             | BackupError::Commit { window, .. } => Some(window),
+            BackupError::Interrupted { window, .. } => window.as_deref(),
             _ => None,
         }
     }
@@ -186,12 +203,29 @@ pub async fn run_with(
     mode: Mode,
     progress: ProgressSink,
 ) -> Result<Manifest, BackupError> {
+    run_cancellable(runbook, mode, progress, &CancellationToken::new()).await
+}
+
+/// [`run_with`], stopped early when `cancel` fires (the CLI fires it on SIGINT and
+/// SIGTERM): the phase under way is abandoned (cuts and copies dropped, which kills
+/// their child processes), a paused cluster is released at once rather than left to
+/// its lease, the partial backup is removed, and [`BackupError::Interrupted`] says
+/// what became of each. A pause in progress finishes first (it is bounded by its
+/// deadlines) and is then released; a commit under way finishes, and then the
+/// backup exists.
+pub async fn run_cancellable(
+    runbook: &Runbook,
+    mode: Mode,
+    progress: ProgressSink,
+    cancel: &CancellationToken,
+) -> Result<Manifest, BackupError> {
     let started = Instant::now();
     let storage = Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)
         .map_err(|error| BackupError::Setup(error.to_string()))?;
     let settings = pipeline_settings(runbook)?;
     // 2. Prepare begins with what needs no network: keys and level.
     settings.check().map_err(BackupError::Pipeline)?;
+    check_identity_opens(runbook)?;
     let plan = match mode {
         Mode::Paused => Some(pause_plan(&runbook.pause).await?),
         Mode::UnsafeNoPause => None,
@@ -229,7 +263,7 @@ pub async fn run_with(
     ));
     prepare_storage(&storage, &backup_id, &marker, marker_body.clone()).await?;
     let work = marked(
-        runbook, &storage, &settings, plan, adapters, paths, &backup_id, started, progress,
+        runbook, &storage, &settings, plan, adapters, paths, &backup_id, started, progress, cancel,
     );
     let outcome = tokio::select! {
         outcome = work => outcome,
@@ -251,6 +285,16 @@ pub async fn run_with(
                     }
                     error
                 }
+                Stopped::Interrupted {
+                    phase,
+                    released,
+                    window,
+                } => BackupError::Interrupted {
+                    phase,
+                    released,
+                    cleanup,
+                    window,
+                },
                 Stopped::Copy { reason, window } => BackupError::Copy {
                     backup_id,
                     reason,
@@ -318,22 +362,41 @@ async fn marked(
     backup_id: &str,
     started: Instant,
     progress: ProgressSink,
+    cancel: &CancellationToken,
 ) -> Result<Manifest, Stopped> {
     let backup_id = backup_id.to_owned();
+    let unpaused_interrupt = |phase, released: &str| Stopped::Interrupted {
+        phase,
+        released: released.to_owned(),
+        window: None,
+    };
     // 2. Prepare: connect and check every database before anything is paused.
-    let prepared = join_all(adapters.iter().map(|adapter| adapter.prepare())).await;
+    let prepared = tokio::select! {
+        biased;
+        () = cancel.cancelled() => return Err(unpaused_interrupt("prepare", "nothing was paused")),
+        prepared = join_all(adapters.iter().map(|adapter| adapter.prepare())) => prepared,
+    };
     let mut prepared: Vec<Box<dyn Prepared>> = collect(prepared).map_err(BackupError::Prepare)?;
     let prepare_ms = elapsed_ms(started);
 
     let Some(plan) = plan else {
-        return unpaused(
-            runbook, storage, settings, &adapters, prepared, paths, backup_id, prepare_ms, started,
-            progress,
-        )
-        .await;
+        // Dropping the copy under way kills its child process.
+        return tokio::select! {
+            biased;
+            () = cancel.cancelled() => Err(unpaused_interrupt(
+                "copy",
+                "nothing was paused (--no-pause)",
+            )),
+            result = unpaused(
+                runbook, storage, settings, &adapters, prepared, paths, backup_id, prepare_ms,
+                started, progress,
+            ) => result,
+        };
     };
 
-    // 3–4. Pause, then cut every database inside the pause.
+    // 3–4. Pause, then cut every database inside the pause. A pause under way is not
+    // abandoned (nodes would be left to their lease): it is bounded by its deadlines,
+    // and released right after if the backup was interrupted meanwhile.
     progress(Progress::Phase("pause"));
     let paused_at = Instant::now();
     let mut paused = coordinator::pause(&plan).await?;
@@ -341,14 +404,31 @@ async fn marked(
     let window_started = tokio::time::Instant::now();
     progress(Progress::Phase("cut"));
     let cut_started = Instant::now();
-    let cuts = cut_all(&mut prepared, &backup_id, &mut paused, &runbook.pause).await;
+    let mut interrupted = cancel.is_cancelled().then_some("pause");
+    let cuts = if interrupted.is_some() {
+        Err("interrupted".to_owned())
+    } else {
+        // Dropping the cuts under way (on a signal) kills their child processes.
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => {
+                interrupted = Some("cut");
+                Err("interrupted".to_owned())
+            }
+            cuts = cut_all(&mut prepared, &backup_id, &mut paused, &runbook.pause) => cuts,
+        }
+    };
     let cut_ms = elapsed_ms(cut_started);
     if cuts.is_ok() {
         let hold = required_window(
             paused.record().skew_bound_ms,
             runbook.pause.min_window.unwrap_or_default(),
         );
-        paused.hold_until(window_started + hold).await;
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => interrupted = Some("cut"),
+            () = paused.hold_until(window_started + hold) => {}
+        }
     }
 
     // 5. Unpause, and prove the window.
@@ -356,6 +436,26 @@ async fn marked(
     let released = paused.release().await;
     let pause_ms = elapsed_ms(paused_at);
     let window = PauseReport::closed(&released, Zone::UTC);
+    if let Some(phase) = interrupted {
+        let released = if released.all_released() {
+            "every node was released".to_owned()
+        } else {
+            format!(
+                "some nodes could not be released ({}); they reopen when their lease expires",
+                released
+                    .still_paused()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        return Err(Stopped::Interrupted {
+            phase,
+            released,
+            window: Some(Box::new(window)),
+        });
+    }
     let markers = match cuts {
         Ok(markers) => markers,
         Err(reason) => {
@@ -390,7 +490,7 @@ async fn marked(
     // 6. Copy every database, streamed through the pipeline, in parallel.
     progress(Progress::Phase("copy"));
     let copy_started = Instant::now();
-    let copies = join_all(prepared.into_iter().zip(&runbook.databases).zip(paths).map(
+    let copying = join_all(prepared.into_iter().zip(&runbook.databases).zip(paths).map(
         |((prepared, database), path)| {
             copy_one(
                 prepared,
@@ -401,8 +501,20 @@ async fn marked(
                 progress.clone(),
             )
         },
-    ))
-    .await;
+    ));
+    // Dropping the copies under way (on a signal) kills their child processes; the
+    // caller then removes what they stored.
+    let copies = tokio::select! {
+        biased;
+        () = cancel.cancelled() => {
+            return Err(Stopped::Interrupted {
+                phase: "copy",
+                released: "the cluster had already been released".to_owned(),
+                window: Some(Box::new(window)),
+            });
+        }
+        copies = copying => copies,
+    };
     let copies = match collect(copies) {
         Ok(copies) => copies,
         Err(reason) => {
@@ -736,6 +848,45 @@ fn pipeline_settings(runbook: &Runbook) -> Result<PipelineSettings, BackupError>
         zstd_level: config.zstd_level,
         encryption,
     })
+}
+
+/// With both `age_recipients` and an `age_identity_file` that this host can read, at
+/// least one identity must belong to a recipient: otherwise every backup would be
+/// encrypted to keys the runbook's own identity cannot open, and `verify`, `restore`
+/// and `drill` would find out only when they are needed. An identity file this host
+/// cannot read (kept on the restore hosts only) is not checked.
+fn check_identity_opens(runbook: &Runbook) -> Result<(), BackupError> {
+    let config = &runbook.pipeline;
+    let Some(file) = &config.age_identity_file else {
+        return Ok(());
+    };
+    if config.age_recipients.is_empty() {
+        return Ok(());
+    }
+    let Ok(pipeline::Decryption::Identities(identities)) =
+        pipeline::Decryption::from_identity_file(file)
+    else {
+        return Ok(());
+    };
+    let recipients: Vec<&str> = config.age_recipients.iter().map(|r| r.trim()).collect();
+    let opens = identities.iter().any(|identity| {
+        identity
+            .trim()
+            .parse::<age::x25519::Identity>()
+            .is_ok_and(|identity| recipients.contains(&identity.to_public().to_string().as_str()))
+    });
+    if opens {
+        Ok(())
+    } else {
+        Err(BackupError::Setup(format!(
+            "no identity in age_identity_file {} belongs to any of the {} age_recipients: \
+             backups would be encrypted to keys the runbook's own identity cannot open \
+             (verify, restore and drill would fail); fix the recipients or the identity \
+             file. Nothing was paused",
+            file.display(),
+            recipients.len()
+        )))
+    }
 }
 
 /// The decryption side of the runbook's pipeline, for verify, restore and drill.

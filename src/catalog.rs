@@ -36,6 +36,18 @@ pub enum CatalogError {
         newest: Vec<String>,
     },
     #[error(
+        "backup {id} in {storage} cannot be used: its manifest is damaged ({error}); it is not a backup until the manifest is repaired"
+    )]
+    DamagedBackup {
+        id: String,
+        storage: String,
+        error: String,
+    },
+    #[error(
+        "backup {id} in {storage} is incomplete: its directory has no manifest (the backup failed, was interrupted, or is still running), so it is not a backup; `stillpoint prune` removes it once nothing has written to it for an hour"
+    )]
+    IncompleteBackup { id: String, storage: String },
+    #[error(
         "keep_last, keep_daily and keep_weekly are all 0, which would delete every backup; set at least one"
     )]
     NoRetentionRule,
@@ -112,29 +124,41 @@ pub struct Orphan {
 impl Catalog {
     /// The newest backup that is a restore point ([`Catalog::is_restorable`]):
     /// `latest` never means a copy taken with `--no-pause`, nor a backup whose
-    /// artifacts are not all in storage with their recorded sizes.
+    /// manifest says its window is not a valid restore point, nor one whose artifacts
+    /// are not all in storage with their recorded sizes.
     pub fn latest(&self) -> Option<&Manifest> {
         self.backups
             .iter()
             .find(|backup| self.is_restorable(backup))
     }
 
-    /// The backups newer than [`Catalog::latest`] that it passed over because their
-    /// artifacts are missing or the wrong size, with why: what `latest` must say it
+    /// The backups newer than [`Catalog::latest`] that it passed over (unsafe copies
+    /// aside, which are never candidates), with why: what `latest` must say it
     /// skipped.
-    pub fn skipped_for_latest(&self) -> Vec<(&Manifest, &[String])> {
+    pub fn skipped_for_latest(&self) -> Vec<(&Manifest, Vec<String>)> {
         self.backups
             .iter()
             .take_while(|backup| !self.is_restorable(backup))
             .filter(|backup| !backup.unsafe_no_pause)
-            .map(|backup| (backup, self.problems_of(&backup.backup_id)))
+            .map(|backup| {
+                let mut why = self.problems_of(&backup.backup_id).to_vec();
+                if !backup.window.window_valid {
+                    why.insert(0, invalid_window(backup));
+                }
+                (backup, why)
+            })
             .collect()
     }
 
-    /// A restore point: taken inside a pause (not `--no-pause`), and every artifact
-    /// is in storage with the size its manifest records.
+    /// A restore point: taken inside a pause (not `--no-pause`), its manifest says the
+    /// window is valid, and every artifact is in storage with the size its manifest
+    /// records. (`manifest::write` never commits an invalid window; a manifest that
+    /// says one anyway was edited or written by something else, and is not trusted
+    /// as a restore point.)
     pub fn is_restorable(&self, manifest: &Manifest) -> bool {
-        !manifest.unsafe_no_pause && self.problems_of(&manifest.backup_id).is_empty()
+        !manifest.unsafe_no_pause
+            && manifest.window.window_valid
+            && self.problems_of(&manifest.backup_id).is_empty()
     }
 
     /// What is wrong with a listed backup's artifacts; empty when nothing is.
@@ -264,15 +288,28 @@ fn artifact_problems(manifest: &Manifest, sizes: &BTreeMap<&str, u64>) -> Vec<St
         .collect()
 }
 
+/// Why a manifest's window is not a restore point, as its manifest says.
+fn invalid_window(manifest: &Manifest) -> String {
+    let reasons = &manifest.window.invalid_reasons;
+    format!(
+        "its manifest says the pause window is not a valid restore point{}",
+        if reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", reasons.join("; "))
+        }
+    )
+}
+
 /// `"latest"` or a backup id. `latest` passes over broken backups, and says so in a
 /// warning for each one it skipped (on stderr, through the log).
 pub fn resolve<'a>(catalog: &'a Catalog, which: &str) -> Result<&'a Manifest, CatalogError> {
     if which == "latest" {
-        for (skipped, problems) in catalog.skipped_for_latest() {
+        for (skipped, why) in catalog.skipped_for_latest() {
             tracing::warn!(
                 "`latest` skips backup {}: {}",
                 skipped.backup_id,
-                problems.join("; ")
+                why.join("; ")
             );
         }
         return catalog.latest().ok_or_else(|| CatalogError::NoBackups {
@@ -283,15 +320,39 @@ pub fn resolve<'a>(catalog: &'a Catalog, which: &str) -> Result<&'a Manifest, Ca
         .backups
         .iter()
         .find(|m| m.backup_id == which)
-        .ok_or_else(|| CatalogError::UnknownBackup {
-            id: which.to_owned(),
-            storage: catalog.storage.clone(),
-            newest: catalog
-                .backups
+        .ok_or_else(|| {
+            let prefix = format!("{BACKUPS_DIR}/{which}/");
+            if let Some(damaged) = catalog
+                .damaged
                 .iter()
-                .take(3)
-                .map(|m| m.backup_id.clone())
-                .collect(),
+                .find(|damaged| damaged.path.starts_with(&prefix))
+            {
+                return CatalogError::DamagedBackup {
+                    id: which.to_owned(),
+                    storage: catalog.storage.clone(),
+                    error: damaged.error.clone(),
+                };
+            }
+            if catalog
+                .orphans
+                .iter()
+                .any(|orphan| orphan.backup_id == which)
+            {
+                return CatalogError::IncompleteBackup {
+                    id: which.to_owned(),
+                    storage: catalog.storage.clone(),
+                };
+            }
+            CatalogError::UnknownBackup {
+                id: which.to_owned(),
+                storage: catalog.storage.clone(),
+                newest: catalog
+                    .backups
+                    .iter()
+                    .take(3)
+                    .map(|m| m.backup_id.clone())
+                    .collect(),
+            }
         })
 }
 
@@ -678,8 +739,21 @@ mod tests {
             new.backup_id
         );
         assert_eq!(resolve(&catalog, &old.backup_id).unwrap(), &old);
+        // An id that is not a backup says what it is: incomplete, damaged, or unknown
+        // (with the newest backups named). It said "no backup" for all three.
         let err = resolve(&catalog, &failed_id).unwrap_err();
+        assert!(
+            matches!(err, CatalogError::IncompleteBackup { .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains(&failed_id), "{err}");
+        assert!(err.to_string().contains("no manifest"), "{err}");
+        let err = resolve(&catalog, &broken_id).unwrap_err();
+        assert!(matches!(err, CatalogError::DamagedBackup { .. }), "{err}");
+        assert!(err.to_string().contains(&broken_path), "{err}");
+        let unknown = manifest::backup_id_at(at("2024-05-09T10:00:00Z"));
+        let err = resolve(&catalog, &unknown).unwrap_err();
+        assert!(matches!(err, CatalogError::UnknownBackup { .. }), "{err}");
         assert!(err.to_string().contains(&new.backup_id), "{err}");
 
         // Orphan cleanup removes the orphan and nothing else, and refuses once the
@@ -1105,6 +1179,47 @@ mod tests {
         assert!(check_prune(&only_unsafe, &plan, true).is_ok());
         // A plan that deletes nothing is never refused.
         assert!(check_prune(&Catalog::default(), &PrunePlan::default(), false).is_ok());
+    }
+
+    /// A manifest that says its window is not a valid restore point (hand-edited, or
+    /// written by something other than `manifest::write`, which refuses one) was
+    /// `latest`, listed as "restorable" and counted by retention as a restore point.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_manifest_whose_window_is_invalid_is_not_a_restore_point() {
+        let (dir, storage) = storage();
+        let old = backup(&storage, "2024-05-01T10:00:00Z", b"old").await;
+        let new = backup(&storage, "2024-05-02T10:00:00Z", b"new").await;
+        let path = dir
+            .path()
+            .join(manifest::manifest_path(&new.backup_id).unwrap());
+        let mut edited: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        edited["window"]["window_valid"] = false.into();
+        edited["window"]["invalid_reasons"] = serde_json::json!(["node a restarted"]);
+        std::fs::write(&path, serde_json::to_vec(&edited).unwrap()).unwrap();
+
+        let catalog = list(&storage).await.unwrap();
+        assert_eq!(catalog.backups.len(), 2, "it is still listed");
+        assert!(!catalog.is_restorable(&catalog.backups[0]));
+        assert_eq!(
+            resolve(&catalog, "latest").unwrap().backup_id,
+            old.backup_id
+        );
+        let skipped = catalog.skipped_for_latest();
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].0.backup_id, new.backup_id);
+        assert!(
+            skipped[0].1[0].contains("not a valid restore point (node a restarted)"),
+            "{:?}",
+            skipped[0].1
+        );
+        // Retention keeps the restore point, not the invalid window.
+        let plan = plan_prune(&catalog, rules(1, 0, 0), at("2024-06-01T00:00:00Z")).unwrap();
+        assert_eq!(
+            plan.keep,
+            [(old.backup_id.clone(), vec!["last 1".to_owned()])]
+        );
+        assert_eq!(plan.delete, std::slice::from_ref(&new.backup_id));
     }
 
     /// A store that runs `hook` once, just before its `at`-th operation: a backup's

@@ -132,6 +132,10 @@ pub enum ManifestError {
         prefix: String,
     },
     #[error(
+        "manifest {path} lists database {database:?} twice; a backup has one entry per database (the runbook refuses duplicates), so the manifest was edited"
+    )]
+    DuplicateDatabase { path: String, database: String },
+    #[error(
         "backup {backup_id}: {problem} after its manifest was written: an orphan cleanup (`stillpoint prune`) removed the backup while it committed; {withdrawn}"
     )]
     Withdrawn {
@@ -316,6 +320,18 @@ pub fn parse(path: &str, bytes: &[u8]) -> Result<Manifest, ManifestError> {
         return Err(ManifestError::NotCommitted {
             path: path.to_owned(),
             status: manifest.status,
+        });
+    }
+    // Restores, verifies and drills find a database by its name.
+    let mut names = std::collections::BTreeSet::new();
+    if let Some(db) = manifest
+        .databases
+        .iter()
+        .find(|db| !names.insert(db.name.as_str()))
+    {
+        return Err(ManifestError::DuplicateDatabase {
+            path: path.to_owned(),
+            database: db.name.clone(),
         });
     }
     // What `write` refuses, a manifest read back must not get away with either.
@@ -714,6 +730,24 @@ pub(crate) mod tests {
         let reserialized: serde_json::Value = serde_json::to_value(&manifest).unwrap();
         let example: serde_json::Value = serde_json::from_str(&doc[start..end]).unwrap();
         assert_eq!(reserialized, example);
+    }
+
+    /// A manifest edited to list a database twice was listed and verified (the
+    /// report named the first entry's artifact for both), and its drill restored two
+    /// copies into one scratch target. It is damaged.
+    #[test]
+    fn a_manifest_that_lists_a_database_twice_is_refused() {
+        let mut manifest = manifest_at(Utc::now());
+        let mut twice = manifest.databases[0].clone();
+        twice.role = Some("auditor".to_owned());
+        manifest.databases.push(twice);
+        let path = manifest_path(&manifest.backup_id).unwrap();
+        let err = parse_for(&manifest.backup_id, &path, &manifest.to_json()).unwrap_err();
+        assert!(
+            matches!(&err, ManifestError::DuplicateDatabase { database, .. } if database == "ledger"),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&path), "{err}");
     }
 
     /// Settles issue 18: `parse` did not enforce what `write` does, so a hand-edited

@@ -7,8 +7,10 @@
 //!
 //! Emptying a target cannot be undone, so before it everything that can be checked
 //! is: the checksum, that the key opens the artifact and its first block decrypts
-//! and decompresses, and (in the adapter's `clear`) that the target is reachable and
-//! nobody else is using it.
+//! and decompresses, that the artifact can be opened for the copy, and (in the
+//! adapter's `restore_replacing`) that the target is reachable and nobody else is
+//! using it. A SQLite target is not emptied at all: the new file replaces it whole
+//! once written and checked.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -96,8 +98,9 @@ pub fn entry<'a>(
 }
 
 /// Restores `entry` (a database of `manifest`) into `target` with `adapter`, which
-/// must be the kind of adapter that made the copy. With `force`, the target is emptied
-/// first (after the checksum check); without it a non-empty target is refused.
+/// must be the kind of adapter that made the copy. With `force`, what the target holds
+/// is replaced ([`Adapter::restore_replacing`], after the checksum and key checks);
+/// without it a non-empty target is refused.
 pub async fn restore_database(
     storage: &Storage,
     manifest: &Manifest,
@@ -145,8 +148,6 @@ pub async fn restore_database(
                     source,
                 },
             })?;
-        // Checks the target is reachable and unused before it empties it.
-        adapter.clear(target).await?;
     }
     let stream = pipeline::open(storage, artifact, decryption)
         .await
@@ -154,7 +155,13 @@ pub async fn restore_database(
             database: database.clone(),
             source,
         })?;
-    adapter.restore(stream, target).await?;
+    if force {
+        // Checks the target is reachable and unused before it empties (or, for
+        // SQLite, replaces) it.
+        adapter.restore_replacing(stream, target).await?;
+    } else {
+        adapter.restore(stream, target).await?;
+    }
     Ok(RestoreReport {
         database,
         stored_bytes: artifact.stored_size,

@@ -12,10 +12,12 @@ use stillpoint::backup::{self, BackupError, Progress};
 use stillpoint::manifest::Manifest;
 use stillpoint::runbook::Runbook;
 use stillpoint::storage::redact_url;
+use tokio_util::sync::CancellationToken;
 
 use crate::args::{OutputFormat, zone_arg};
 use crate::exit::{self, Failure};
 use crate::output::{print_json, render_text};
+use crate::signal::{Interrupts, unless_interrupted_again};
 
 #[derive(Debug, Clone, Args)]
 pub struct BackupArgs {
@@ -72,7 +74,42 @@ pub async fn backup(args: BackupArgs) -> Result<u8, Failure> {
             ));
         }
     };
-    let result = backup::run_with(&runbook, mode, progress).await;
+    // SIGINT/SIGTERM (Ctrl-C, systemd, Kubernetes, `timeout`) stop the backup through
+    // its cancellation token: a paused cluster is released at once instead of waiting
+    // for its lease, child processes are killed and the partial backup is removed. A
+    // second signal stops waiting for that.
+    let mut interrupts = Interrupts::new()
+        .map_err(|error| anyhow::anyhow!("cannot listen for SIGINT/SIGTERM: {error}"))?;
+    let cancel = CancellationToken::new();
+    let work = backup::run_cancellable(&runbook, mode, progress, &cancel);
+    tokio::pin!(work);
+    let result = tokio::select! {
+        result = &mut work => result,
+        () = interrupts.recv() => {
+            eprintln!(
+                "interrupted: stopping the backup, releasing the cluster and removing the \
+                 partial backup (interrupt again to stop waiting)"
+            );
+            cancel.cancel();
+            match unless_interrupted_again(&mut work, &mut interrupts).await {
+                Some(result) => result,
+                None => {
+                    if let Some(bars) = bars {
+                        bars.clear();
+                    }
+                    return Err(Failure::new(
+                        exit::ERROR,
+                        anyhow::anyhow!(
+                            "interrupted twice: stopped without waiting for the clean-up; \
+                             nodes still paused reopen when their lease expires, and \
+                             `stillpoint prune` removes the partial backup once it has been \
+                             left alone for an hour"
+                        ),
+                    ));
+                }
+            }
+        }
+    };
     if let Some(bars) = bars {
         bars.clear();
     }
@@ -102,6 +139,7 @@ fn exit_code(error: &BackupError) -> u8 {
         BackupError::Setup(_) | BackupError::Pipeline(_) => exit::USAGE,
         BackupError::Pause(failure) if !failure.rolled_back => exit::UNPAUSE_FAILED,
         BackupError::Pause(_) => exit::PAUSE_FAILED,
+        BackupError::Interrupted { .. } => exit::ERROR,
         BackupError::Unpause { .. } => exit::UNPAUSE_FAILED,
         BackupError::WindowInvalid { .. } => exit::WINDOW_INVALID,
         BackupError::Prepare(_)
@@ -122,12 +160,12 @@ fn print_manifest(manifest: &Manifest, runbook: &Runbook, format: OutputFormat) 
             "manifest": manifest,
         })),
         OutputFormat::Text => {
-            println!(
+            crate::outln!(
                 "backup {} committed to {}",
                 manifest.backup_id,
                 redact_url(&runbook.storage.url)
             );
-            print!("{}", render_text(&manifest.window));
+            crate::output::write_stdout(&render_text(&manifest.window));
             for database in &manifest.databases {
                 let size =
                     database
@@ -146,7 +184,7 @@ fn print_manifest(manifest: &Manifest, runbook: &Runbook, format: OutputFormat) 
                     .iter()
                     .map(|(key, value)| format!("{key}={value}"))
                     .collect();
-                println!(
+                crate::outln!(
                     "  {:<12} {:<9} {size}; cut {}",
                     database.name,
                     database.adapter,
@@ -154,7 +192,7 @@ fn print_manifest(manifest: &Manifest, runbook: &Runbook, format: OutputFormat) 
                 );
             }
             let timings = &manifest.timings;
-            println!(
+            crate::outln!(
                 "  timings: prepare {}ms, paused {}ms (cut {}ms), copy {}ms, total {}ms",
                 timings.prepare_ms,
                 timings.pause_ms,

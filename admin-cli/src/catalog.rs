@@ -77,11 +77,14 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
         })),
         OutputFormat::Text => {
             if found.backups.is_empty() {
-                println!("no backups in {}", found.storage);
+                crate::outln!("no backups in {}", found.storage);
             } else {
-                println!(
+                crate::outln!(
                     "{:<26} {:<30} {:<6} {:>10}  DATABASES",
-                    "BACKUP", "RESTORE POINT (UTC)", "VALID", "STORED"
+                    "BACKUP",
+                    "RESTORE POINT (UTC)",
+                    "VALID",
+                    "STORED"
                 );
                 for manifest in &found.backups {
                     let stored: u64 = manifest
@@ -93,7 +96,7 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
                         .iter()
                         .map(|db| db.name.as_str())
                         .collect();
-                    println!(
+                    crate::outln!(
                         "{:<26} {:<30} {:<6} {:>10}  {}",
                         manifest.backup_id,
                         manifest
@@ -117,11 +120,11 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
             }
             for (id, problems) in &found.problems {
                 for problem in problems {
-                    println!("broken backup {id}: {problem}; it is not a restore point");
+                    crate::outln!("broken backup {id}: {problem}; it is not a restore point");
                 }
             }
             for damaged in &found.damaged {
-                println!("damaged manifest {}: {}", damaged.path, damaged.error);
+                crate::outln!("damaged manifest {}: {}", damaged.path, damaged.error);
             }
             for orphan in found.orphans() {
                 let uploads = match (orphan.incomplete_uploads, orphan.hidden_bytes) {
@@ -129,7 +132,7 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
                     (n, 0) => format!(", {n} unfinished upload(s)"),
                     (n, bytes) => format!(", {n} unfinished upload(s) of {}", human_bytes(bytes)),
                 };
-                println!(
+                crate::outln!(
                     "incomplete backup {} ({} objects, {}{uploads}; last written {}) is not listed; `stillpoint prune` removes it once nothing has written to it for an hour",
                     orphan.prefix,
                     orphan.objects,
@@ -167,23 +170,25 @@ pub async fn show(args: ShowArgs) -> Result<u8, Failure> {
     match args.catalog.output {
         OutputFormat::Json => print_json(manifest),
         OutputFormat::Text => {
-            println!(
+            crate::outln!(
                 "backup {} of cluster {} ({})",
-                manifest.backup_id, manifest.cluster, manifest.status
+                manifest.backup_id,
+                manifest.cluster,
+                manifest.status
             );
-            print!("{}", render_text(&manifest.window));
+            crate::output::write_stdout(&render_text(&manifest.window));
             for database in &manifest.databases {
-                println!(
+                crate::outln!(
                     "  database {} ({}, {})",
                     database.name,
                     database.role.as_deref().unwrap_or("-"),
                     database.adapter
                 );
                 for (key, value) in &database.cut.details {
-                    println!("    cut {key} = {value}");
+                    crate::outln!("    cut {key} = {value}");
                 }
                 if let Some(artifact) = &database.artifact {
-                    println!(
+                    crate::outln!(
                         "    artifact {}: {} → {} stored, blake3 {}",
                         artifact.path,
                         human_bytes(artifact.size),
@@ -206,6 +211,12 @@ pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
         catalog::resolve(&found, &args.backup).map_err(|error| Failure::new(exit::USAGE, error))?;
     let checks = catalog::verify(&storage, manifest, &decryption).await;
     let ok = checks.iter().all(|check| check.is_sound());
+    // A wrong key, a missing one or a storage that cannot be read says nothing about
+    // the artifact: "damaged" is only what the checksum, decryption or decompression
+    // found wrong with the stored bytes.
+    let damaged = checks.iter().any(
+        |check| matches!(&check.outcome, CheckOutcome::Failed(error) if error.damage().is_some()),
+    );
     let results: Vec<serde_json::Value> = checks
         .iter()
         .map(|check| {
@@ -228,13 +239,14 @@ pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
                 }),
                 CheckOutcome::Failed(error) => serde_json::json!({
                     "database": check.database, "ok": false, "path": path, "error": error.to_string(),
+                    "damaged": error.damage().is_some(),
                 }),
             }
         })
         .collect();
     match args.catalog.output {
         OutputFormat::Json => print_json(
-            &serde_json::json!({"backup_id": manifest.backup_id, "ok": ok, "artifacts": results}),
+            &serde_json::json!({"backup_id": manifest.backup_id, "ok": ok, "damaged": damaged, "artifacts": results}),
         ),
         OutputFormat::Text => {
             for (result, check) in results.iter().zip(&checks) {
@@ -247,7 +259,7 @@ pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
                         "checksum, decryption and decompression ok".to_owned()
                     }
                 };
-                println!(
+                crate::outln!(
                     "{verdict} {} {}: {detail}",
                     check.database,
                     result["path"].as_str().unwrap_or("(no artifact)")
@@ -256,11 +268,15 @@ pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
             let checksum_only = checks
                 .iter()
                 .any(|check| matches!(check.outcome, CheckOutcome::ChecksumOnly { .. }));
-            println!(
+            crate::outln!(
                 "backup {}: {}",
                 manifest.backup_id,
                 match (ok, checksum_only) {
-                    (false, _) => "DAMAGED",
+                    (false, _) if damaged => "DAMAGED",
+                    (false, _) => {
+                        "NOT VERIFIED: some artifacts could not be checked (see above); \
+                         none was found damaged"
+                    }
                     (true, true) => {
                         "checksums verified, not decrypted (set age_identity_file or \
                          age_passphrase_file in the runbook to check decryption and \
@@ -273,10 +289,19 @@ pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
     }
     if ok {
         Ok(exit::OK)
-    } else {
+    } else if damaged {
         Err(Failure::new(
             exit::BACKUP_FAILED,
             anyhow::anyhow!("backup {} has damaged artifacts", manifest.backup_id),
+        ))
+    } else {
+        Err(Failure::new(
+            exit::BACKUP_FAILED,
+            anyhow::anyhow!(
+                "backup {} could not be verified (a key that does not open it, or storage \
+                 that could not be read: see above); no artifact was found damaged",
+                manifest.backup_id
+            ),
         ))
     }
 }
@@ -328,13 +353,13 @@ pub async fn prune(args: PruneArgs) -> Result<u8, Failure> {
         })),
         OutputFormat::Text => {
             for (id, reasons) in &plan.keep {
-                println!("keep   {id}  ({})", reasons.join(", "));
+                crate::outln!("keep   {id}  ({})", reasons.join(", "));
             }
             for id in &plan.delete {
-                println!("{} {id}", verb("delete", "would delete"));
+                crate::outln!("{} {id}", verb("delete", "would delete"));
             }
             for orphan in &stale {
-                println!(
+                crate::outln!(
                     "{} incomplete backup {}",
                     verb("remove", "would remove"),
                     orphan.prefix

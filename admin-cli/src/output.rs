@@ -1,6 +1,9 @@
 //! Rendering reports: one JSON object on stdout for machines, a short summary for
 //! people. Nothing here decides anything. Also how a command ends when whoever reads
-//! its stdout goes away (`stillpoint list | head -1`): quietly, with exit 0.
+//! its stdout goes away (`stillpoint list | head -1`): quietly, and with the exit
+//! code its outcome calls for: what [`print_json`], [`print_report`] and [`outln!`]
+//! print into a closed pipe is dropped, and the command goes on to its end, so a
+//! failed backup or a damaged verify still exits non-zero.
 
 use std::any::Any;
 use std::fmt::Write as _;
@@ -13,11 +16,12 @@ use stillpoint::coordinator::{NodeOutcome, PauseReport};
 
 use crate::args::OutputFormat;
 
-/// Runs a command to its end. A closed stdout ends it quietly with exit 0, as a Unix
-/// tool killed by SIGPIPE would: Rust ignores SIGPIPE, so the write fails with EPIPE,
-/// and `println!` turns that into a panic. Commands print with `println!`, so the
-/// panic is caught here, for every command at once, after it has unwound (every
-/// destructor, a held pause's release among them, has run). ripgrep's `main.rs` ends
+/// Runs a command to its end. Reports go through [`write_stdout`], which drops what
+/// a closed stdout cannot take, so the command ends with its own exit code. Lines
+/// still printed with `println!` panic on a closed stdout (Rust ignores SIGPIPE, so
+/// the write fails with EPIPE, and `println!` turns that into a panic): that panic is
+/// caught here, after it has unwound (every destructor, a held pause's release among
+/// them, has run), and ends the command quietly with exit 0. ripgrep's `main.rs` ends
 /// the same way, from an error rather than a panic.
 pub async fn quiet_on_closed_stdout<F>(command: F) -> Result<u8, crate::exit::Failure>
 where
@@ -55,17 +59,44 @@ fn is_closed_stdout(message: Option<&str>) -> bool {
     })
 }
 
+/// Writes `text` to stdout. Once stdout's reader has gone (EPIPE) the text is
+/// dropped, and the command carries on to its own exit code; any other write error
+/// (a full disk behind a redirection) panics, as `println!` does.
+pub fn write_stdout(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(error) => panic!("failed printing to stdout: {error}"),
+    }
+}
+
+/// `println!` through [`write_stdout`]: a closed stdout does not end the command.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::output::write_stdout("\n")
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 pub fn print_json(value: &impl serde::Serialize) {
-    println!(
-        "{}",
+    write_stdout(&format!(
+        "{}\n",
         serde_json::to_string_pretty(value).expect("reports serialize")
-    );
+    ));
 }
 
 pub fn print_report(report: &PauseReport, format: OutputFormat) {
     match format {
         OutputFormat::Json => print_json(report),
-        OutputFormat::Text => print!("{}", render_text(report)),
+        OutputFormat::Text => write_stdout(&render_text(report)),
     }
 }
 

@@ -20,7 +20,7 @@ use crate::args::{OutputFormat, duration};
 use crate::backup::{human_bytes, load_runbook};
 use crate::exit::{self, Failure};
 use crate::output::print_json;
-use crate::signal::run_cancellable;
+use crate::signal::{run_cancellable, shutdown_signal};
 
 #[derive(Debug, Clone, Args)]
 pub struct RestoreArgs {
@@ -175,7 +175,7 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
             stillpoint::storage::redact_url(&args.to)
         );
     }
-    let report = restore::restore_database(
+    let restoring = restore::restore_database(
         &storage,
         &manifest,
         entry,
@@ -183,9 +183,26 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         &args.to,
         &decryption,
         args.force,
-    )
-    .await
-    .map_err(|error| {
+    );
+    // SIGINT/SIGTERM stop the restore: dropping it kills the restore tool (pg_restore
+    // rolls its one transaction back) and removes a SQLite copy being written beside
+    // its target, which is left as it was.
+    let outcome = tokio::select! {
+        outcome = restoring => outcome,
+        () = shutdown_signal() => {
+            return Err(Failure::new(
+                exit::ERROR,
+                anyhow::anyhow!(
+                    "interrupted: the restore of {} into {} was stopped before it finished. \
+                     A SQLite target is as it was; a PostgreSQL or MariaDB target may be \
+                     empty or hold part of the copy (restore again with --force)",
+                    args.database,
+                    stillpoint::storage::redact_url(&args.to)
+                ),
+            ));
+        }
+    };
+    let report = outcome.map_err(|error| {
         let code = match error {
             RestoreError::NoSuchDatabase { .. }
             | RestoreError::NoArtifact { .. }
@@ -201,7 +218,7 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
             "target": stillpoint::storage::redact_url(&args.to),
             "restore": report,
         })),
-        OutputFormat::Text => println!(
+        OutputFormat::Text => crate::outln!(
             "restored {} ({} stored) in {:.1}s (checksum {} ms, load {} ms)",
             report.database,
             human_bytes(report.stored_bytes),

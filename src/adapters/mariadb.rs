@@ -281,6 +281,21 @@ impl Adapter for Mariadb {
             message,
         };
         let mut conn = self.connect_target(target).await?;
+        // Without the PROCESS privilege the server lists only this user's own
+        // connections, so an application's (another user's) would go unseen.
+        let sees_all = sees_every_connection(&mut conn)
+            .await
+            .map_err(|e| self.target_error(target, e))?;
+        if !sees_all {
+            let _ = conn.disconnect().await;
+            return Err(refuse(format!(
+                "refusing to empty {shown}: its user lacks the PROCESS privilege, so the \
+                 server shows it only its own connections and whether anything else uses \
+                 the database cannot be told; nothing was dropped. Restore as a user that \
+                 has it (GRANT PROCESS ON *.* TO …), or into a new, empty database without \
+                 --force"
+            )));
+        }
         // Emptying a database an application still uses destroys its data under it:
         // refuse, naming who is there. Connections that are just closing get a moment.
         let deadline = tokio::time::Instant::now() + CLEAR_SESSIONS_GRACE;
@@ -487,6 +502,23 @@ const CLEAR_SESSIONS_GRACE: std::time::Duration = std::time::Duration::from_secs
 /// `lock_timeout`; only then is the DROP sent, and it cannot wait any more. A client
 /// killed while the locks are awaited never sends it, so nothing is dropped. Views
 /// (no data, and not droppable under LOCK TABLES) go after the tables.
+/// Whether this connection's user sees every connection in PROCESSLIST: PROCESS (or
+/// ALL PRIVILEGES) granted on `*.*`. Privileges that come through a role are not
+/// looked at: such a user is refused, which is the safe side.
+async fn sees_every_connection(conn: &mut Conn) -> Result<bool, mysql_async::Error> {
+    let grants: Vec<String> = conn.query("SHOW GRANTS").await?;
+    Ok(grants.iter().any(|grant| {
+        let grant = grant.to_ascii_uppercase();
+        grant
+            .strip_prefix("GRANT ")
+            .and_then(|rest| rest.split_once(" ON *.* TO "))
+            .is_some_and(|(privileges, _)| {
+                privileges.contains("ALL PRIVILEGES")
+                    || privileges.split(',').any(|p| p.trim() == "PROCESS")
+            })
+    }))
+}
+
 async fn drop_everything(
     conn: &mut Conn,
     lock_timeout: std::time::Duration,

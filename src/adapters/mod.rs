@@ -120,6 +120,17 @@ pub trait Adapter: Send + Sync + 'static {
         Err(self.unsupported("emptying a restore target (--force)"))
     }
 
+    /// `restore --force`: restores `copy` in place of what `target` holds. The
+    /// default empties the target ([`Adapter::clear`], which refuses a target in use)
+    /// and restores into it, so a restore that fails after that leaves the target
+    /// empty or partly restored. An adapter that can write the new copy beside the
+    /// old one and swap it in whole (SQLite) overrides this, so that a restore that
+    /// fails leaves the old target as it was.
+    async fn restore_replacing(&self, copy: ByteStream, target: &str) -> Result<(), AdapterError> {
+        self.clear(target).await?;
+        self.restore(copy, target).await
+    }
+
     /// A new, empty scratch target for a drill, named after `label`, next to the
     /// source (or where the config says): a file in `dir`, a new database.
     async fn create_scratch(&self, label: &str, dir: &Path) -> Result<String, AdapterError> {

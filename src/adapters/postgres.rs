@@ -447,14 +447,20 @@ const CLEAR_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1
 const CLEAR_SESSIONS_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The other client sessions connected to this connection's database, for a message.
+/// A session of a role this user is not a member of shows only its pid, user and
+/// application: its `backend_type` (and address) read NULL. It counts as a session:
+/// a restore user that is not a superuser would otherwise empty a database an
+/// application uses under another role.
 async fn other_sessions(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
     let rows = client
         .query(
             "SELECT pid, coalesce(usename, '-'), coalesce(nullif(application_name, ''), '-'), \
-                    coalesce(client_addr::text, 'local') \
+                    coalesce(client_addr::text, \
+                             CASE WHEN backend_type IS NULL THEN 'an address this user may not see' \
+                                  ELSE 'local' END) \
              FROM pg_stat_activity \
              WHERE datname = current_database() AND pid <> pg_backend_pid() \
-               AND backend_type = 'client backend' \
+               AND (backend_type = 'client backend' OR backend_type IS NULL) \
              ORDER BY pid",
             &[],
         )

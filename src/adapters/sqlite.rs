@@ -80,65 +80,24 @@ impl Adapter for Sqlite {
         }))
     }
 
-    async fn restore(&self, mut copy: ByteStream, target: &str) -> Result<(), AdapterError> {
-        let err = |message: String| AdapterError::Restore {
-            database: self.name.clone(),
-            message,
-        };
-        let path = PathBuf::from(target);
-        refuse_non_empty(&path).await.map_err(err)?;
+    async fn restore(&self, copy: ByteStream, target: &str) -> Result<(), AdapterError> {
+        self.write_beside_and_rename(copy, target, false).await
+    }
 
-        // Written beside the target (same directory, so the rename is atomic) and
-        // renamed into place only once whole and checked; removed on any failure.
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = path
-            .file_name()
-            .map(|name| name.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let staged = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".restoring")
-            // What a new file gets under the usual umask (tempfile's own is 0600): the
-            // application that opens the restored database may run as another user.
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
-            .tempfile_in(&dir)
-            .map_err(|e| err(format!("creating a file beside {target}: {e}")))?;
-        let staged_path = staged.path().to_path_buf();
-        let mut file = tokio::fs::File::from_std(
-            staged
-                .reopen()
-                .map_err(|e| err(format!("opening {}: {e}", staged_path.display())))?,
-        );
-        let shown = staged_path.display().to_string();
-        tokio::io::copy(&mut copy, &mut file)
+    /// `restore --force`: the old database stays in place, whole, until the new one
+    /// is written beside it and checked; then, if nobody has opened the old one
+    /// meanwhile, its `-wal`, `-shm` and `-journal` are removed and the new file is
+    /// renamed over it. A restore that fails or is interrupted leaves the old one as
+    /// it was.
+    async fn restore_replacing(&self, copy: ByteStream, target: &str) -> Result<(), AdapterError> {
+        let checked = PathBuf::from(target);
+        blocking(move || refuse_in_use(&checked))
             .await
-            .map_err(|e| err(format!("writing {shown}: {e}")))?;
-        file.flush()
-            .await
-            .and(file.sync_all().await)
-            .map_err(|e| err(format!("writing {shown}: {e}")))?;
-        drop(file);
-
-        let checked = staged_path.clone();
-        blocking(move || integrity_check(&checked))
-            .await
-            .map_err(err)?;
-        // A -wal or -shm left beside the target would be read as the restored file's.
-        refuse_non_empty(&path).await.map_err(err)?;
-        remove_files(&[with_suffix(&path, "-shm"), with_suffix(&path, "-journal")])
-            .await
-            .map_err(err)?;
-        staged
-            .persist(&path)
-            .map_err(|e| err(format!("renaming {shown} to {target}: {}", e.error)))?;
-        // The rename is durable once the directory is.
-        if let Ok(dir) = tokio::fs::File::open(&dir).await {
-            let _ = dir.sync_all().await;
-        }
-        Ok(())
+            .map_err(|message| AdapterError::Restore {
+                database: self.name.clone(),
+                message,
+            })?;
+        self.write_beside_and_rename(copy, target, true).await
     }
 
     async fn clear(&self, target: &str) -> Result<(), AdapterError> {
@@ -199,6 +158,95 @@ impl Adapter for Sqlite {
 }
 
 impl Sqlite {
+    /// Writes `copy` to a new file beside `target`, checks it, and renames it into
+    /// place, so `target` never holds half a copy. Without `replace`, a non-empty
+    /// target (or a leftover `-wal` beside it) is refused; with it, the target is
+    /// checked again for other users right before it is replaced.
+    async fn write_beside_and_rename(
+        &self,
+        mut copy: ByteStream,
+        target: &str,
+        replace: bool,
+    ) -> Result<(), AdapterError> {
+        let err = |message: String| AdapterError::Restore {
+            database: self.name.clone(),
+            message,
+        };
+        let path = PathBuf::from(target);
+        if !replace {
+            refuse_non_empty(&path).await.map_err(err)?;
+        }
+
+        // Written beside the target (same directory, so the rename is atomic) and
+        // renamed into place only once whole and checked; removed on any failure.
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let staged = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".restoring")
+            // What a new file gets under the usual umask (tempfile's own is 0600): the
+            // application that opens the restored database may run as another user.
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .tempfile_in(&dir)
+            .map_err(|e| err(format!("creating a file beside {target}: {e}")))?;
+        let staged_path = staged.path().to_path_buf();
+        let mut file = tokio::fs::File::from_std(
+            staged
+                .reopen()
+                .map_err(|e| err(format!("opening {}: {e}", staged_path.display())))?,
+        );
+        let shown = staged_path.display().to_string();
+        tokio::io::copy(&mut copy, &mut file)
+            .await
+            .map_err(|e| err(format!("writing {shown}: {e}")))?;
+        file.flush()
+            .await
+            .and(file.sync_all().await)
+            .map_err(|e| err(format!("writing {shown}: {e}")))?;
+        drop(file);
+
+        let checked = staged_path.clone();
+        blocking(move || integrity_check(&checked))
+            .await
+            .map_err(err)?;
+        if replace {
+            // The restore took a while: someone may have opened the old one since.
+            let checked = path.clone();
+            blocking(move || refuse_in_use(&checked))
+                .await
+                .map_err(err)?;
+            // The old database's journals would be read as the new file's.
+            remove_files(&[
+                with_suffix(&path, "-wal"),
+                with_suffix(&path, "-shm"),
+                with_suffix(&path, "-journal"),
+            ])
+            .await
+            .map_err(err)?;
+        } else {
+            // A -wal or -shm left beside the target would be read as the restored
+            // file's.
+            refuse_non_empty(&path).await.map_err(err)?;
+            remove_files(&[with_suffix(&path, "-shm"), with_suffix(&path, "-journal")])
+                .await
+                .map_err(err)?;
+        }
+        staged
+            .persist(&path)
+            .map_err(|e| err(format!("renaming {shown} to {target}: {}", e.error)))?;
+        // The rename is durable once the directory is.
+        if let Ok(dir) = tokio::fs::File::open(&dir).await {
+            let _ = dir.sync_all().await;
+        }
+        Ok(())
+    }
+
     fn read_error(&self, target: &str, message: String) -> AdapterError {
         AdapterError::Restore {
             database: self.name.clone(),

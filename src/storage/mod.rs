@@ -25,6 +25,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
+use object_store::ClientConfigKey;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
@@ -52,6 +53,18 @@ const SUPPORTED: &str = "file:///absolute/dir, s3://bucket[/prefix]";
 pub const DEFAULT_PART_SIZE: usize = 16 * 1024 * 1024;
 /// Parts uploaded at once by one `put_stream`.
 pub const DEFAULT_MAX_CONCURRENCY: usize = 4;
+/// S3's limit on one whole request, body included. object_store's default (30 s),
+/// with its retries of a stream bounded to 3 minutes from the start of a GET, failed
+/// every artifact read that took longer than about 3.5 minutes ("request or response
+/// body error"): a restore, drill or verify of a large database. A read lasts as long
+/// as its consumer takes, so there is no practical limit on a whole request; a server
+/// that stops sending is caught by [`S3_READ_TIMEOUT`] instead. The runbook's
+/// `timeout` option (or `AWS_TIMEOUT`) overrides it.
+const S3_REQUEST_TIMEOUT: &str = "365 days";
+/// S3's limit on each read from the server (it resets after every read): a
+/// connection that stalls fails, and object_store retries it from where it stopped.
+/// Overridden by the `read_timeout` option (or `AWS_READ_TIMEOUT`).
+const S3_READ_TIMEOUT: &str = "60s";
 /// How much `put_stream` reads from its input at a time.
 const READ_CHUNK: usize = 64 * 1024;
 /// How much `get` reads from a local file at a time (one blocking call each).
@@ -79,15 +92,23 @@ pub enum StorageError {
     },
     #[error("storage {url}: {path} does not exist")]
     NotFound { url: String, path: String },
-    #[error("storage {url}: {op} {path} failed: {source}")]
+    /// object_store's message already carries its causes, so it is not also this
+    /// error's `source()`: an error chain would print each of them again (an S3
+    /// error body five times over).
+    #[error("storage {url}: {op} {path} failed: {cause}{}", hint(cause))]
     Backend {
         url: String,
         path: String,
         op: &'static str,
         // Boxed: object_store's error is large, and every Result here carries it.
-        #[source]
-        source: Box<object_store::Error>,
+        cause: Box<object_store::Error>,
     },
+    /// S3 answers a write into a bucket that does not exist with 404, which
+    /// object_store reports as the object not being found.
+    #[error(
+        "storage {url}: writing {path} failed: the bucket does not exist; create it, or fix the [storage] url"
+    )]
+    NoBucket { url: String, path: String },
     /// The input of `put_stream` failed; nothing was stored under `path`.
     #[error(
         "storage {url}: storing {path} stopped because its input failed (nothing was stored): {source}"
@@ -257,17 +278,7 @@ impl Storage {
                     .filter(|b| !b.is_empty())
                     .ok_or_else(|| invalid("it names no bucket: s3://bucket/prefix"))?
                     .to_owned();
-                let mut builder = AmazonS3Builder::from_env().with_bucket_name(&bucket);
-                for (key, value) in options {
-                    let config_key: AmazonS3ConfigKey =
-                        key.to_ascii_lowercase().parse().map_err(|_| {
-                            StorageError::UnknownOption {
-                                url: shown.clone(),
-                                key: key.clone(),
-                            }
-                        })?;
-                    builder = builder.with_config(config_key, value);
-                }
+                let builder = s3_builder(&shown, &bucket, options)?;
                 let client_options = multipart::client_options(&builder);
                 let s3 = builder.build().map_err(|e| StorageError::Open {
                     url: shown.clone(),
@@ -603,15 +614,20 @@ impl Storage {
 
     fn backend_error(&self, op: &'static str, path: &str, e: object_store::Error) -> StorageError {
         match e {
+            // Nothing to find in a write: what is missing is where it goes.
+            object_store::Error::NotFound { .. } if op == "put" => StorageError::NoBucket {
+                url: self.url.clone(),
+                path: path.to_owned(),
+            },
             object_store::Error::NotFound { .. } => StorageError::NotFound {
                 url: self.url.clone(),
                 path: path.to_owned(),
             },
-            source => StorageError::Backend {
+            cause => StorageError::Backend {
                 url: self.url.clone(),
                 path: path.to_owned(),
                 op,
-                source: Box::new(source),
+                cause: Box::new(cause),
             },
         }
     }
@@ -622,6 +638,65 @@ impl Storage {
             path: path.to_owned(),
             source,
         }
+    }
+}
+
+/// The S3 client settings: stillpoint's HTTP timeouts first, then the environment's
+/// `AWS_*` settings (as `AmazonS3Builder::from_env` reads them), then the runbook's
+/// options; each later one wins.
+fn s3_builder(
+    shown: &str,
+    bucket: &str,
+    options: &BTreeMap<String, String>,
+) -> Result<AmazonS3Builder, StorageError> {
+    let mut builder = AmazonS3Builder::new()
+        .with_config(
+            AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+            S3_REQUEST_TIMEOUT,
+        )
+        .with_config(
+            AmazonS3ConfigKey::Client(ClientConfigKey::ReadTimeout),
+            S3_READ_TIMEOUT,
+        );
+    for (key, value) in std::env::vars_os() {
+        if let (Some(key), Some(value)) = (key.to_str(), value.to_str())
+            && key.starts_with("AWS_")
+            && let Ok(config_key) = key.to_ascii_lowercase().parse()
+        {
+            builder = builder.with_config(config_key, value);
+        }
+    }
+    let mut builder = builder.with_bucket_name(bucket);
+    for (key, value) in options {
+        let config_key: AmazonS3ConfigKey =
+            key.to_ascii_lowercase()
+                .parse()
+                .map_err(|_| StorageError::UnknownOption {
+                    url: shown.to_owned(),
+                    key: key.clone(),
+                })?;
+        builder = builder.with_config(config_key, value);
+    }
+    Ok(builder)
+}
+
+/// What an S3 error answer means, when its code says it plainly.
+fn hint(cause: &object_store::Error) -> &'static str {
+    let text = cause.to_string();
+    if text.contains("NoSuchBucket") {
+        " (the bucket does not exist; create it, or fix the [storage] url)"
+    } else if [
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+    ]
+    .iter()
+    .any(|code| text.contains(code))
+    {
+        " (the credentials were refused; check AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY, or the access_key_id and secret_access_key options)"
+    } else {
+        ""
     }
 }
 

@@ -404,3 +404,53 @@ async fn s3_prefixes_are_stored_as_written_not_percent_encoded() {
     );
     server.shutdown().await;
 }
+
+/// object_store's default limit on a whole S3 request is 30 s, body included, and it
+/// retries a broken stream only within 3 minutes of the GET's start: every artifact
+/// read that took longer than about 3.5 minutes (a restore, drill or verify of a
+/// large database, at the pace of pg_restore) failed with "request or response body
+/// error". Reads are now limited per read from the server, not per request; what the
+/// runbook sets still wins.
+#[test]
+fn s3_reads_are_not_cut_off_by_a_whole_request_timeout() {
+    use object_store::aws::AmazonS3ConfigKey;
+    use object_store::{ClientConfigKey, ClientOptions};
+    use std::time::Duration;
+
+    let setting = |options: &[(&str, &str)], key: ClientConfigKey| {
+        let options: BTreeMap<String, String> = options
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        super::s3_builder("s3://bucket", "bucket", &options)
+            .unwrap()
+            .get_config_value(&AmazonS3ConfigKey::Client(key))
+    };
+    // Values as they were set: the environment's or the runbook's text, else ours.
+    let set = |text: &str| Some(text.to_owned());
+    // The whole request: no practical limit, not object_store's 30 s.
+    let default = ClientOptions::new().get_config_value(&ClientConfigKey::Timeout);
+    assert_eq!(
+        default,
+        ClientOptions::new()
+            .with_timeout(Duration::from_secs(30))
+            .get_config_value(&ClientConfigKey::Timeout)
+    );
+    let whole = setting(&[], ClientConfigKey::Timeout);
+    assert_ne!(
+        whole, default,
+        "a whole S3 request is still limited to 30 s"
+    );
+    assert_eq!(whole, set("365 days"));
+    // Each read from the server: a stalled connection still fails.
+    assert_eq!(setting(&[], ClientConfigKey::ReadTimeout), set("60s"));
+    // The runbook's options win.
+    assert_eq!(
+        setting(&[("timeout", "90s")], ClientConfigKey::Timeout),
+        set("90s")
+    );
+    assert_eq!(
+        setting(&[("read_timeout", "5s")], ClientConfigKey::ReadTimeout),
+        set("5s")
+    );
+}

@@ -1615,3 +1615,451 @@ fn incomplete_s3_multipart_uploads_under_the_backups_are_listed() {
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
     assert!(table.contains(id) && table.contains("upload"), "{table}");
 }
+
+/// Whether process `pid` is gone (or a zombie nobody has reaped yet).
+fn process_gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+/// Starts `stillpoint backup` on `config`, waits until `pid_file` (written by an exec
+/// hook that then sleeps) exists and the cluster is in the state `paused` says, sends
+/// `signal`, and returns the pid of the hook and what the backup printed.
+fn interrupt_backup(
+    cluster: &Cluster,
+    config: &str,
+    pid_file: &Path,
+    paused: bool,
+    signal: &str,
+) -> (String, std::process::Output) {
+    let child = Command::new(crate::util::bin("stillpoint"))
+        .args(["backup", "--config", config, "--output", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let backup = crate::util::Process::new(child, format!("stillpoint backup {config}"));
+    let nodes = format!("{},{}", cluster.ledger_tier(), cluster.auditor.address);
+    wait_until(
+        Duration::from_secs(60),
+        "the hook to start with the cluster in the expected state",
+        || {
+            std::fs::read_to_string(pid_file).is_ok_and(|pid| !pid.trim().is_empty())
+                && crate::util::paused_flags(&nodes)
+                    .iter()
+                    .all(|flag| *flag == paused)
+        },
+    );
+    let hook = std::fs::read_to_string(pid_file).unwrap().trim().to_owned();
+    assert!(!process_gone(&hook), "the hook {hook} is not running");
+    backup.signal(signal);
+    // Far less than the 2-minute lease and the hooks' 100 s sleep.
+    let output = backup.wait_output(Duration::from_secs(20));
+    (hook, output)
+}
+
+/// SIGTERM (systemd, Kubernetes, `timeout`) or Ctrl-C during `stillpoint backup`
+/// killed it on the spot: the cluster stayed paused until its lease ran out (the
+/// whole lease, minutes in production), the exec cut's command went on running, and
+/// the partial backup stayed in storage for an hour. Now the signal stops the backup:
+/// the cluster is released at once, the hook killed, the partial backup removed.
+#[test]
+fn a_signal_during_a_backup_releases_the_cluster_at_once_and_removes_the_partial_backup() {
+    let cluster = Cluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = format!("{},{}", cluster.ledger_tier(), cluster.auditor.address);
+    let runbook_with = |name: &str, hook: &str| {
+        let databases = format!("{}{hook}", sqlite_databases(&cluster));
+        let path = write_runbook_to(
+            dir.path(),
+            name,
+            &cluster,
+            &databases,
+            "zstd_level = 3",
+            &file_storage(dir.path()),
+        );
+        // A lease far longer than the test waits: only a release can reopen the nodes.
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("lease = \"30s\"", "lease = \"2m\"")
+            .replace("cut_deadline = \"10s\"", "cut_deadline = \"110s\"");
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let no_incomplete_backup = |config: &str| {
+        let (code, listed) = run_json(
+            "stillpoint",
+            &["list", "--config", config, "--output", "json"],
+        );
+        assert_eq!(code, 0, "{listed:#}");
+        assert_eq!(listed["backups"].as_array().unwrap().len(), 0, "{listed:#}");
+        assert_eq!(
+            listed["incomplete"].as_array().unwrap().len(),
+            0,
+            "the partial backup was left behind: {listed:#}"
+        );
+    };
+
+    // Inside the pause: an exec cut that takes its time.
+    let cut_pid = dir.path().join("cut.pid");
+    let config = runbook_with(
+        "cut.toml",
+        &format!(
+            "[[databases]]\nname = \"slow_cut\"\nadapter = \"exec\"\n\
+             cut = \"echo $$ > {}; exec sleep 100\"\ncut_timeout = \"100s\"\n",
+            cut_pid.display()
+        ),
+    );
+    let (hook, output) = interrupt_backup(&cluster, &config, &cut_pid, true, "TERM");
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let text = stderr(&output);
+    assert!(
+        text.contains("interrupted during the cut") && text.contains("every node was released"),
+        "{text}"
+    );
+    assert!(text.contains("was deleted"), "{text}");
+    assert!(
+        crate::util::paused_flags(&nodes).iter().all(|flag| !flag),
+        "a node is still paused after the backup exited"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the cut command to be killed",
+        || process_gone(&hook),
+    );
+    no_incomplete_backup(&config);
+
+    // After the release: a copy that takes its time, Ctrl-C.
+    let copy_pid = dir.path().join("copy.pid");
+    let config = runbook_with(
+        "copy.toml",
+        &format!(
+            "[[databases]]\nname = \"slow_copy\"\nadapter = \"exec\"\ncut = \"echo cut\"\n\
+             copy = \"echo $$ > {}; head -c 100000 /dev/zero; exec sleep 100\"\n",
+            copy_pid.display()
+        ),
+    );
+    let (hook, output) = interrupt_backup(&cluster, &config, &copy_pid, false, "INT");
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let text = stderr(&output);
+    assert!(text.contains("interrupted during the copy"), "{text}");
+    wait_until(
+        Duration::from_secs(5),
+        "the copy command to be killed",
+        || process_gone(&hook),
+    );
+    no_incomplete_backup(&config);
+
+    // The cluster and the storage are fine: the next backup works.
+    let config = runbook_with("plain.toml", "");
+    let id = backup_id(&config, &[]);
+    assert_eq!(listed_count(&config), 1, "{id}");
+}
+
+/// Runs `stillpoint ARGS` with its stdout closed before it prints anything, as
+/// `| head -0` or a log shipper that died would leave it.
+fn run_with_closed_stdout(args: &[&str]) -> std::process::Output {
+    let mut child = Command::new(crate::util::bin("stillpoint"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    crate::util::Process::new(child, format!("stillpoint {}", args.join(" ")))
+        .wait_output(Duration::from_secs(60))
+}
+
+/// A closed stdout ended every command with exit 0, after the fix for its panic: a
+/// failed backup or a damaged `verify` (`stillpoint verify latest | head -1` in a
+/// `pipefail` script) looked like a success. And `verify` with a key that does not
+/// open the backup called the backup DAMAGED, when nothing was wrong with it.
+#[test]
+fn a_closed_stdout_keeps_the_exit_code_and_a_wrong_key_is_not_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("age-key.txt");
+    let recipient = age_keygen(&key);
+    let other_key = dir.path().join("other-key.txt");
+    age_keygen(&other_key);
+    let db = dir.path().join("app.sqlite");
+    sqlite_db(&db, "t", 100);
+    let databases = format!(
+        "[[databases]]\nname = \"app\"\nadapter = \"sqlite\"\npath = \"{}\"\n",
+        db.display()
+    );
+    let storage = file_storage(dir.path());
+    let runbook = |name: &str, identity: &Path| {
+        write_standalone_runbook(
+            dir.path(),
+            name,
+            &databases,
+            &format!(
+                "zstd_level = 3\nage_recipients = [\"{recipient}\"]\nage_identity_file = \"{}\"",
+                identity.display()
+            ),
+            &storage,
+        )
+    };
+    let right = runbook("right.toml", &key);
+    let right = right.to_str().unwrap();
+    let wrong = runbook("wrong.toml", &other_key);
+    let wrong = wrong.to_str().unwrap();
+    let id = backup_id(right, &["--no-pause", "--i-know-this-is-unsafe"]);
+
+    // A key that does not open the backup: not verified, and not called damaged.
+    let output = run("stillpoint", &["verify", &id, "--config", wrong]);
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        text.contains("none of the given identities opens it"),
+        "{text}"
+    );
+    assert!(text.contains("NOT VERIFIED"), "{text}");
+    assert!(!text.contains("DAMAGED"), "{text}");
+    assert!(
+        stderr(&output).contains("could not be verified")
+            && !stderr(&output).contains("damaged artifacts"),
+        "{}",
+        stderr(&output)
+    );
+    let (code, report) = run_json(
+        "stillpoint",
+        &["verify", &id, "--config", wrong, "--output", "json"],
+    );
+    assert_eq!(code, 6, "{report:#}");
+    assert_eq!(report["ok"], false, "{report:#}");
+    assert_eq!(report["damaged"], false, "{report:#}");
+    assert_eq!(report["artifacts"][0]["damaged"], false, "{report:#}");
+
+    // A damaged artifact, its verdict printed into a closed pipe: still exit 6.
+    let artifact = files_under(&dir.path().join("backups"))
+        .into_iter()
+        .find(|path| path.to_string_lossy().ends_with(".sqlite.zst.age"))
+        .unwrap();
+    let mut bytes = std::fs::read(&artifact).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&artifact, bytes).unwrap();
+    for format in ["text", "json"] {
+        let output =
+            run_with_closed_stdout(&["verify", &id, "--config", right, "--output", format]);
+        assert_eq!(
+            output.status.code(),
+            Some(6),
+            "{format}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains("damaged artifacts"),
+            "{format}: {}",
+            stderr(&output)
+        );
+        assert!(!stderr(&output).contains("panicked"), "{}", stderr(&output));
+    }
+
+    // A backup that fails (nothing listens on the runbook's node), reporting its
+    // error as JSON into a closed pipe: still exit 3, not a success.
+    let output = run_with_closed_stdout(&["backup", "--config", right, "--output", "json"]);
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(!stderr(&output).contains("panicked"), "{}", stderr(&output));
+}
+
+/// `restore --force` over a SQLite database deleted the old database before the new
+/// one was even read: a restore that then failed or was stopped (Ctrl-C, SIGTERM)
+/// left no database at all, and a signal also left the half-written copy
+/// (`.NAME.XXXX.restoring`, as big as the database) beside it. Now the old database
+/// stays, whole, until the new one is written and checked, and a signal removes the
+/// copy being written.
+#[test]
+fn an_interrupted_restore_force_leaves_the_old_sqlite_database_and_no_partial_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("age-key.txt");
+    let recipient = age_keygen(&key);
+    // Big enough (random, so it neither compresses nor restores in an instant) that
+    // the restore is still writing when the signal comes.
+    let db = dir.path().join("app.sqlite");
+    shell(&format!(
+        "python3 -c \"import sqlite3, os; c = sqlite3.connect('{}'); \
+         c.execute('PRAGMA journal_mode=WAL'); c.execute('CREATE TABLE blobs (b BLOB)'); \
+         c.executemany('INSERT INTO blobs VALUES (?)', [(os.urandom(100000),) for _ in range(400)]); \
+         c.commit(); c.close()\"",
+        db.display()
+    ));
+    let runbook = write_standalone_runbook(
+        dir.path(),
+        "r.toml",
+        &format!(
+            "[[databases]]\nname = \"app\"\nadapter = \"sqlite\"\npath = \"{}\"\n",
+            db.display()
+        ),
+        &format!(
+            "age_recipients = [\"{recipient}\"]\nage_identity_file = \"{}\"",
+            key.display()
+        ),
+        &file_storage(dir.path()),
+    );
+    let config = runbook.to_str().unwrap();
+    let id = backup_id(config, &["--no-pause", "--i-know-this-is-unsafe"]);
+
+    // The database to be replaced: the application that wrote it has stopped.
+    let target_dir = dir.path().join("target");
+    std::fs::create_dir(&target_dir).unwrap();
+    let target = target_dir.join("app.sqlite");
+    sqlite_db(&target, "old", 42);
+    let staged = || {
+        std::fs::read_dir(&target_dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".restoring"))
+            .collect::<Vec<_>>()
+    };
+    let args = [
+        "restore",
+        &id,
+        "--config",
+        config,
+        "--database",
+        "app",
+        "--to",
+        target.to_str().unwrap(),
+        "--force",
+    ];
+
+    let child = Command::new(crate::util::bin("stillpoint"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut restore = crate::util::Process::new(child, "stillpoint restore --force".to_owned());
+    wait_until(
+        Duration::from_secs(60),
+        "the new copy to be written beside the target",
+        || !staged().is_empty(),
+    );
+    assert!(
+        !restore.has_exited(),
+        "the restore finished before the signal"
+    );
+    restore.signal("TERM");
+    let output = restore.wait_output(Duration::from_secs(30));
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("interrupted"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(
+        target.exists(),
+        "the old database is gone: {:?}",
+        std::fs::read_dir(&target_dir).unwrap().collect::<Vec<_>>()
+    );
+    assert_eq!(sqlite_rows(&target, "old"), "42");
+    assert!(staged().is_empty(), "left behind: {:?}", staged());
+
+    // Run to its end, it replaces the old database whole.
+    let output = run("stillpoint", &args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(sqlite_rows(&target, "blobs"), "400");
+    assert!(staged().is_empty(), "left behind: {:?}", staged());
+}
+
+/// A missing S3 bucket: `backup` said "backups/…/probe does not exist" (as if the
+/// probe object were the problem), and `list` printed S3's error answer five times
+/// over (each cause in the chain repeated the ones below it).
+#[test]
+fn a_missing_s3_bucket_is_named_once() {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let runbook = write_standalone_runbook(
+        dir.path(),
+        "r.toml",
+        "[[databases]]\nname = \"x\"\nadapter = \"exec\"\ncut = \"true\"\n",
+        "",
+        &moto
+            .storage("prefix")
+            .replace("s3://bucket/", "s3://no-such-bucket/"),
+    );
+    let config = runbook.to_str().unwrap();
+
+    let output = run("stillpoint", &["backup", "--config", config]);
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+    let text = stderr(&output);
+    assert!(text.contains("the bucket does not exist"), "{text}");
+    assert!(!text.contains("probe does not exist"), "{text}");
+    assert!(text.contains("nothing was paused"), "{text}");
+
+    let output = run("stillpoint", &["list", "--config", config]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let text = stderr(&output);
+    assert!(text.contains("the bucket does not exist"), "{text}");
+    assert_eq!(text.matches("NoSuchBucket").count(), 1, "{text}");
+}
+
+/// A runbook whose `age_identity_file` belongs to none of its `age_recipients` (a
+/// recipient pasted from another key) backed up happily: every backup was encrypted
+/// to keys the runbook's own identity cannot open, found out only when `verify`,
+/// `restore` or `drill` was needed. Refused in prepare now, before anything is
+/// paused or written.
+#[test]
+fn a_backup_whose_identity_opens_none_of_its_recipients_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("age-key.txt");
+    age_keygen(&key);
+    let other = dir.path().join("other-key.txt");
+    let other_recipient = age_keygen(&other);
+    let db = dir.path().join("app.sqlite");
+    sqlite_db(&db, "t", 10);
+    let databases = format!(
+        "[[databases]]\nname = \"app\"\nadapter = \"sqlite\"\npath = \"{}\"\n",
+        db.display()
+    );
+    let storage = file_storage(dir.path());
+    let runbook = |name: &str, identity: &Path| {
+        let path = write_standalone_runbook(
+            dir.path(),
+            name,
+            &databases,
+            &format!(
+                "age_recipients = [\"{other_recipient}\"]\nage_identity_file = \"{}\"",
+                identity.display()
+            ),
+            &storage,
+        );
+        path.to_str().unwrap().to_owned()
+    };
+
+    let mismatched = runbook("mismatched.toml", &key);
+    let output = run(
+        "stillpoint",
+        &[
+            "backup",
+            "--config",
+            &mismatched,
+            "--no-pause",
+            "--i-know-this-is-unsafe",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let text = stderr(&output);
+    assert!(
+        text.contains("no identity in age_identity_file") && text.contains("Nothing was paused"),
+        "{text}"
+    );
+    assert!(
+        files_under(&dir.path().join("backups")).is_empty(),
+        "something was written: {:?}",
+        files_under(&dir.path().join("backups"))
+    );
+
+    // The matching identity, or one this host does not hold (kept on the restore
+    // hosts), is fine.
+    for identity in [other.clone(), dir.path().join("not-on-this-host.txt")] {
+        let config = runbook("fine.toml", &identity);
+        backup_id(&config, &["--no-pause", "--i-know-this-is-unsafe"]);
+    }
+}

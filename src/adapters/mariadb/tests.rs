@@ -558,6 +558,65 @@ async fn emptying_a_target_refuses_other_connections_and_never_drops_after_its_c
     assert_eq!(tables(), "0");
 }
 
+/// A restore user without the PROCESS privilege sees only its own connections in
+/// PROCESSLIST: `restore --force` found nobody using a live database (the
+/// application connects as another user) and dropped its tables under it. Such a
+/// user is now refused before anything is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emptying_a_target_needs_a_user_that_sees_every_connection() {
+    let db = server();
+    let name = unique_name("clear_unseen");
+    db.create_database(&name);
+    db.sql(
+        &name,
+        "CREATE TABLE keep_me (x INT) ENGINE=InnoDB; INSERT INTO keep_me VALUES (1);",
+    );
+    let user = unique_name("restorer");
+    db.sql(
+        "",
+        &format!(
+            "CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'; \
+             GRANT ALL ON `{name}`.* TO '{user}'@'%';"
+        ),
+    );
+    let as_restorer = db.url(&name).replace("root@", &format!("{user}:pw@"));
+    assert_ne!(as_restorer, db.url(&name));
+    let adapter = adapter(&db, &name);
+    let tables = || {
+        db.sql(
+            "",
+            &format!(
+                "SELECT count(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = '{name}'"
+            ),
+        )
+    };
+
+    // The application, connected as another user, idle between transactions.
+    let mut application = connect(&parse_url(&db.url(&name)).unwrap()).await.unwrap();
+    application.query_drop("SELECT 1").await.unwrap();
+    let err = adapter.clear(&as_restorer).await.unwrap_err().to_string();
+    assert!(err.contains("lacks the PROCESS privilege"), "{err}");
+    assert!(err.contains("nothing was dropped"), "{err}");
+    assert_eq!(tables(), "1");
+
+    // With the privilege it sees the application, and refuses for that reason.
+    db.sql("", &format!("GRANT PROCESS ON *.* TO '{user}'@'%'"));
+    let err = adapter.clear(&as_restorer).await.unwrap_err().to_string();
+    assert!(err.contains("in use by 1 other connection"), "{err}");
+    assert_eq!(tables(), "1");
+
+    let _ = application.disconnect().await;
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match adapter.clear(&as_restorer).await {
+            Ok(()) => break,
+            Err(err) => assert!(Instant::now() < deadline, "{err}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(tables(), "0");
+}
+
 /// Issue 20.2: binary values were decoded as lossy UTF-8, so bytes that differ read
 /// back equal (and bytes equal to a string's). Values now keep their type and bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

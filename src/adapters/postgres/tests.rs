@@ -474,6 +474,66 @@ async fn emptying_a_target_refuses_other_sessions_and_never_drops_after_its_clie
     assert_eq!(exists(), "0");
 }
 
+/// A restore user that is not a superuser sees another role's sessions with a NULL
+/// `backend_type`, which the in-use check filtered out: `restore --force` as the
+/// database's owner emptied it under an application connected as another role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emptying_a_target_sees_sessions_of_other_roles() {
+    let pg = plain();
+    let db = unique_name("clear_other_role");
+    let owner = unique_name("owner");
+    let reader = unique_name("reader");
+    pg.psql(
+        "postgres",
+        &format!("CREATE ROLE {owner} LOGIN; CREATE ROLE {reader} LOGIN"),
+    );
+    pg.psql("postgres", &format!("CREATE DATABASE {db} OWNER {owner}"));
+    let as_owner = pg.url(&db).replace("postgres@", &format!("{owner}@"));
+    let as_reader = pg.url(&db).replace("postgres@", &format!("{reader}@"));
+    assert_ne!(as_owner, pg.url(&db));
+    let setup = connect(&as_owner).await.unwrap();
+    setup
+        .client
+        .batch_execute(&format!(
+            "CREATE TABLE keep_me (x int); INSERT INTO keep_me VALUES (1); \
+             GRANT SELECT ON keep_me TO {reader}"
+        ))
+        .await
+        .unwrap();
+    setup.close().await;
+    let adapter = adapter(&pg, &db, false);
+    let exists = || {
+        pg.psql(
+            &db,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'keep_me'",
+        )
+    };
+
+    // The application, connected as the other role, idle between queries.
+    let application = connect(&as_reader).await.unwrap();
+    application
+        .client
+        .batch_execute("SELECT x FROM keep_me")
+        .await
+        .unwrap();
+    let err = adapter.clear(&as_owner).await.unwrap_err().to_string();
+    assert!(err.contains("in use by 1 other session"), "{err}");
+    assert!(err.contains(&reader), "{err}");
+    assert!(err.contains("nothing was dropped"), "{err}");
+    assert_eq!(exists(), "1");
+
+    application.close().await;
+    until_psql(
+        &pg,
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}'"),
+        "0",
+        "the application to leave the target",
+    )
+    .await;
+    adapter.clear(&as_owner).await.unwrap();
+    assert_eq!(exists(), "0");
+}
+
 /// Issue 20.1: TRUNCATE is not MVCC-safe, so a table truncated after the release but
 /// before pg_dump locked it was dumped empty, and the row counts, read in the same
 /// snapshot, agreed. The cut's transaction now holds ACCESS SHARE on every table it
