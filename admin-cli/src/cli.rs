@@ -68,7 +68,9 @@ pub enum Command {
     List(CatalogArgs),
     /// Show one backup's manifest: window, restore point, cuts, artifacts.
     Show(ShowArgs),
-    /// Re-read every artifact of a backup: checksum, decryption, decompression.
+    /// Re-read every artifact of a backup: its checksum always; decryption and
+    /// decompression only when the runbook gives a key (`age_identity_file` or
+    /// `age_passphrase_file`) or the artifacts are not encrypted.
     Verify(ShowArgs),
     /// Delete backups the retention policy does not keep (manifest first).
     Prune(PruneArgs),

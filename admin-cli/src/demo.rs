@@ -56,7 +56,20 @@ struct DemoReport {
     elapsed_ms: u64,
 }
 
+/// Runs the demo until it ends or a signal (Ctrl-C, SIGTERM) arrives. On a signal the
+/// demo's future is dropped: its `Children` stop every process it started and its
+/// scratch directory is removed. The cluster is the demo's own, so nothing is left paused.
 pub async fn demo(args: DemoArgs) -> Result<u8, Failure> {
+    tokio::select! {
+        result = run(args) => result,
+        () = crate::signal::shutdown_signal() => Err(Failure::new(
+            exit::ERROR,
+            anyhow::anyhow!("interrupted: the demo's nodes and load were stopped and its scratch directory removed"),
+        )),
+    }
+}
+
+async fn run(args: DemoArgs) -> Result<u8, Failure> {
     let started = Instant::now();
     let ledger_node = sibling_binary("ledger-node")?;
     let dir = tempfile::tempdir().context("creating a scratch directory")?;

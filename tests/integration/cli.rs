@@ -179,6 +179,81 @@ fn demo_backs_up_and_drills_a_local_cluster() {
     assert!(report["stored_bytes"].as_u64().unwrap() > 0);
 }
 
+/// SIGTERM to the demo (a closed terminal, `timeout`) while its cluster serves load:
+/// every process it started (3 ledger nodes, the auditor, the load generator) is stopped
+/// and reaped, and its scratch directory removed, before it exits 1.
+#[test]
+fn a_demo_stopped_by_sigterm_leaves_no_process_and_no_directory() {
+    let scratch = tempfile::tempdir().unwrap();
+    let tmp = scratch.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    // stderr to a file: processes the demo leaves behind would hold a pipe open.
+    let stderr_path = scratch.path().join("stderr");
+    let mut child = std::process::Command::new(crate::util::bin("stillpoint"))
+        .arg("demo")
+        .env("TMPDIR", &tmp)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (sender, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut demo = crate::util::Process::new(child, "stillpoint demo".to_owned());
+    // Printed once the load generator runs.
+    crate::util::wait_for_line(&lines, "backing up", std::time::Duration::from_secs(60));
+    // A process's children are listed per thread that started them.
+    let children: std::collections::BTreeSet<u32> =
+        std::fs::read_dir(format!("/proc/{}/task", demo.pid()))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("children")).ok())
+            .collect::<String>()
+            .split_whitespace()
+            .map(|pid| pid.parse().unwrap())
+            .collect();
+    assert_eq!(
+        children.len(),
+        5,
+        "4 nodes and the load generator: {children:?}"
+    );
+
+    demo.signal("TERM");
+    crate::util::wait_until(
+        std::time::Duration::from_secs(30),
+        "the demo to exit",
+        || demo.has_exited(),
+    );
+    let status = demo.wait_output(std::time::Duration::from_secs(1)).status;
+    let left: Vec<u32> = children
+        .into_iter()
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    for pid in &left {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    assert!(left.is_empty(), "the demo left processes running: {left:?}");
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let files: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+    assert!(
+        files.is_empty(),
+        "the demo left its scratch directory: {files:?}"
+    );
+}
+
 /// Bad input next to a real, reachable node: every case exits 2 with the value named,
 /// and the node was never paused, not even briefly (its pause sequence stays 0).
 #[test]
