@@ -7,7 +7,13 @@
 //! - cut: `START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY` at REPEATABLE READ,
 //!   then `binlog_snapshot_file`/`_position` (MariaDB reports the binlog position that
 //!   matches this very snapshot), `@@gtid_binlog_pos`, and the list of tables and views.
-//!   Metadata only: nothing here grows with the data.
+//!   Every table the copy reads is held by a shared metadata lock from before the
+//!   snapshot to the end of the copy, so DDL sent right after the release (TRUNCATE,
+//!   ALTER) waits for the copy instead of emptying a table in the snapshot's view or
+//!   breaking it: a second connection opened in prepare takes the locks before the
+//!   snapshot, the snapshot's own transaction takes them after it, and `copy` closes
+//!   the first. Each wait is bounded (`CUT_LOCK_TIMEOUT`). Metadata only: nothing here
+//!   grows with the data.
 //! - copy: a logical dump produced over that connection, inside that transaction:
 //!   `SHOW CREATE TABLE` for each base table, then its rows as batched `INSERT`s with
 //!   every value written according to its column type, then views. It is produced by
@@ -188,9 +194,22 @@ impl Adapter for Mariadb {
                 .await
                 .map_err(|e| err(format!("configuring the session on {url}: {e}")))?;
         }
+        // The cut's metadata locks wait at most this long (inside the pause); the dump
+        // puts the server's default back once the cluster is released.
+        let mut holder = connect(&opts).await.map_err(err)?;
+        for conn in [&mut conn, &mut holder] {
+            conn.query_drop(format!(
+                "SET SESSION lock_wait_timeout = {}",
+                CUT_LOCK_TIMEOUT.as_secs()
+            ))
+            .await
+            .map_err(|e| err(format!("configuring the session on {url}: {e}")))?;
+        }
         Ok(Box::new(MariadbPrepared {
             name: self.name.clone(),
             conn: Some(conn),
+            holder: Some(holder),
+            tables: engines.into_iter().map(|(table, _)| table).collect(),
             server_version,
             database,
             binlog_on: log_bin == "1" || log_bin.eq_ignore_ascii_case("on"),
@@ -635,10 +654,32 @@ fn outside_snapshot(engines: &[(String, Option<String>)]) -> Vec<String> {
         .collect()
 }
 
+/// How long the cut waits for a table's metadata lock (inside the pause) before it
+/// fails: only someone else's DDL, running or queued, holds it that long.
+const CUT_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// One statement that takes a shared metadata lock on each of `tables` and reads no
+/// row. Held until the transaction ends, the lock keeps DDL (TRUNCATE, ALTER, DROP)
+/// off the table: its snapshot would otherwise see a TRUNCATEd table as empty, or
+/// fail with "Table definition has changed".
+fn metadata_lock_statement(tables: &[String]) -> String {
+    tables
+        .iter()
+        .map(|table| format!("(SELECT 1 FROM {} LIMIT 0)", quote_ident(table)))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ")
+}
+
 struct MariadbPrepared {
     name: String,
     /// Moved into the dump task by `copy`.
     conn: Option<Conn>,
+    /// A second connection that holds the tables' metadata locks from before the
+    /// snapshot until `conn` holds its own (which it can only take after the snapshot:
+    /// START TRANSACTION ends any earlier transaction and its locks). Closed by `copy`.
+    holder: Option<Conn>,
+    /// The base tables listed in prepare, which `holder` locks.
+    tables: Vec<String>,
     server_version: String,
     database: String,
     binlog_on: bool,
@@ -656,10 +697,34 @@ impl Prepared for MariadbPrepared {
         if self.objects.is_some() {
             return Err(err("the snapshot was already cut".to_owned()));
         }
-        let conn = self
-            .conn
-            .as_mut()
-            .ok_or_else(|| err("the connection was lost by an earlier failure".to_owned()))?;
+        let lost = || err("the connection was lost by an earlier failure".to_owned());
+        let locking = |what: &str, e: mysql_async::Error| {
+            err(format!(
+                "{what}: {e} (another session's DDL on one of them held or queued for its \
+                 lock past {}s, or a table was dropped or renamed since prepare; run the \
+                 backup again)",
+                CUT_LOCK_TIMEOUT.as_secs()
+            ))
+        };
+        // Before the snapshot: from here until the copy ends, no DDL can change a table
+        // the copy will read (see `metadata_lock_statement`).
+        let holder = self.holder.as_mut().ok_or_else(lost)?;
+        holder
+            .query_drop("START TRANSACTION READ ONLY")
+            .await
+            .map_err(|e| err(format!("starting the lock-holding transaction: {e}")))?;
+        if !self.tables.is_empty() {
+            holder
+                .query_drop(metadata_lock_statement(&self.tables))
+                .await
+                .map_err(|e| {
+                    locking(
+                        &format!("locking the {} tables to copy", self.tables.len()),
+                        e,
+                    )
+                })?;
+        }
+        let conn = self.conn.as_mut().ok_or_else(lost)?;
         conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             .await
             .map_err(|e| err(format!("setting the isolation level: {e}")))?;
@@ -735,6 +800,29 @@ impl Prepared for MariadbPrepared {
                 outside.join(", ")
             )));
         }
+        // A table the holder did not lock could have been changed by DDL between the
+        // snapshot and the lock below.
+        let unlocked: Vec<&str> = objects
+            .tables
+            .iter()
+            .map(|table| table.name.as_str())
+            .filter(|table| !self.tables.iter().any(|held| held == table))
+            .collect();
+        if !unlocked.is_empty() {
+            return Err(err(format!(
+                "table(s) {} appeared between prepare and the cut, so the cut could not lock \
+                 them before its snapshot; run the backup again",
+                unlocked.join(", ")
+            )));
+        }
+        // The snapshot's own locks, held until the dump commits; the holder's are then
+        // no longer needed (`copy` closes it, after the release).
+        if !objects.tables.is_empty() {
+            let names: Vec<String> = objects.tables.iter().map(|t| t.name.clone()).collect();
+            conn.query_drop(metadata_lock_statement(&names))
+                .await
+                .map_err(|e| locking("locking the tables in the snapshot", e))?;
+        }
         details.insert("tables".to_owned(), objects.tables.len().to_string());
         details.insert("views".to_owned(), objects.views.len().to_string());
         if versioned > 0 {
@@ -758,6 +846,10 @@ impl Prepared for MariadbPrepared {
                 message: "copy was called before a successful cut".to_owned(),
             });
         };
+        // The snapshot's transaction holds its tables now: the holder lets go.
+        if let Some(holder) = self.holder.take() {
+            let _ = holder.disconnect().await;
+        }
         let (reader, writer) = tokio::io::duplex(PIPE_BYTES);
         let header = format!(
             "-- stillpoint logical dump of `{}` (MariaDB {}), one consistent snapshot\n",
@@ -823,6 +915,12 @@ async fn dump<W: AsyncWrite + Unpin>(
             .await
             .map_err(write)?;
     }
+
+    // The cut's short lock wait was for inside the pause; a view's definition may wait
+    // as long as the server lets any statement.
+    conn.query_drop("SET SESSION lock_wait_timeout = DEFAULT")
+        .await
+        .map_err(|e| format!("configuring the dump session: {e}"))?;
 
     let mut counts = BTreeMap::new();
     for table in &objects.tables {

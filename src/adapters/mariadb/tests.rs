@@ -259,8 +259,15 @@ async fn a_broken_dump_fails_finished_and_its_truncated_copy_is_refused() {
     let adapter = adapter(&db, &name);
     let mut prepared = adapter.prepare().await.unwrap();
     prepared.cut("b-1").await.unwrap();
-    // DDL after the cut: the snapshot cannot show a table that no longer exists.
-    db.sql(&name, "DROP TABLE audit");
+    // The dump's connection is killed after the cut (DDL cannot break it: it waits for
+    // the copy's metadata locks).
+    let ids = db.sql(
+        "",
+        &format!("SELECT ID FROM information_schema.PROCESSLIST WHERE DB = '{name}'"),
+    );
+    for id in ids.lines() {
+        db.sql("", &format!("KILL {id}"));
+    }
 
     let mut copy = prepared.copy().await.unwrap();
     let partial = read_to_end(&mut copy).await;
@@ -268,7 +275,6 @@ async fn a_broken_dump_fails_finished_and_its_truncated_copy_is_refused() {
     let msg = err.to_string();
     assert!(matches!(err, AdapterError::Copy { .. }), "{msg}");
     assert!(msg.contains("database ledger-maria"), "{msg}");
-    assert!(msg.contains("audit"), "{msg}");
 
     // The stream ended early; restoring it is refused as truncated, not taken as whole.
     assert!(!partial.is_empty());
@@ -734,5 +740,92 @@ async fn system_versioned_tables_are_counted_and_keep_their_history() {
     assert_eq!(
         db.sql(&restored, "SELECT COUNT(*) FROM prices FOR SYSTEM_TIME ALL"),
         "4"
+    );
+}
+
+/// DDL the application sends as soon as it is released, before the copy has read the
+/// table: a TRUNCATE would empty the table in the snapshot's view (its copy and its
+/// row count alike), an ALTER would fail the copy ("Table definition has changed").
+/// Both wait for the copy, which holds the rows at the cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_right_after_the_release_waits_for_the_copy() {
+    let db = server();
+    let name = ledger_db(&db, "ddl");
+    let adapter = adapter(&db, &name);
+    let before = ledger_facts(&db, &name);
+
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    let ddl = |sql: &'static str| {
+        let (db, name) = (db.clone(), name.clone());
+        std::thread::spawn(move || db.sql(&name, sql))
+    };
+    let truncate = ddl("TRUNCATE audit");
+    let alter = ddl("ALTER TABLE owners ADD COLUMN extra INT");
+    // Until each has run or waits for a lock.
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: usize = db
+            .sql(
+                "",
+                &format!(
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = '{name}' \
+                     AND STATE = 'Waiting for table metadata lock'"
+                ),
+            )
+            .parse()
+            .unwrap();
+        let finished = usize::from(truncate.is_finished()) + usize::from(alter.is_finished());
+        if waiting + finished == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the DDL neither ran nor waited");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut copy = prepared.copy().await.unwrap();
+    let bytes = read_to_end(&mut copy).await;
+    let finished = copy.finished.await;
+    // Joined before any assertion: the threads hold the shared server.
+    truncate.join().unwrap();
+    alter.join().unwrap();
+    assert_eq!(
+        db.sql(&name, "SELECT COUNT(*) FROM audit"),
+        "0",
+        "TRUNCATE ran"
+    );
+    let counts = finished.unwrap().row_counts.unwrap();
+    assert_eq!(counts["audit"], 10, "{counts:?}");
+    assert_eq!(counts["owners"], 100, "{counts:?}");
+    let restored = unique_name("ddl_restored");
+    db.create_database(&restored);
+    adapter
+        .restore(Box::pin(std::io::Cursor::new(bytes)), &db.url(&restored))
+        .await
+        .unwrap();
+    assert_eq!(ledger_facts(&db, &restored), before);
+}
+
+/// Someone else's DDL holding a table during the cut: the cut gives up after its
+/// bounded lock wait (inside the pause), naming why, instead of holding the pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_locked_by_other_ddl_fails_the_cut_in_bounded_time() {
+    let db = server();
+    let name = ledger_db(&db, "ddl_held");
+    let adapter = adapter(&db, &name);
+    let mut prepared = adapter.prepare().await.unwrap();
+    let mut other = Conn::new(Opts::from_url(&db.url(&name)).unwrap())
+        .await
+        .unwrap();
+    other.query_drop("LOCK TABLES audit WRITE").await.unwrap();
+    let started = Instant::now();
+    let msg = prepared.cut("b-1").await.unwrap_err().to_string();
+    let took = started.elapsed();
+    other.query_drop("UNLOCK TABLES").await.unwrap();
+    let _ = other.disconnect().await;
+    assert!(msg.contains("locking the 3 tables to copy"), "{msg}");
+    assert!(msg.contains("Lock wait timeout"), "{msg}");
+    assert!(
+        took < CUT_LOCK_TIMEOUT + std::time::Duration::from_secs(2),
+        "{took:?}"
     );
 }
