@@ -124,10 +124,21 @@ fn kind_of(e: &mysql_async::UrlError) -> &'static str {
     }
 }
 
+/// How long connecting to a MariaDB server may take, handshake and authentication
+/// included: a server that accepts connections but never answers (stopped, hung) must
+/// not hang a backup's prepare or a drill forever.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn connect(opts: &Opts) -> Result<Conn, String> {
-    Conn::new(opts.clone())
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", shown(opts)))
+    match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(opts.clone())).await {
+        Ok(connected) => connected.map_err(|e| format!("connecting to {}: {e}", shown(opts))),
+        Err(_) => Err(format!(
+            "connecting to {}: the server did not answer within {}s (is it stopped, hung \
+             or overloaded? check that it runs and accepts connections)",
+            shown(opts),
+            CONNECT_TIMEOUT.as_secs()
+        )),
+    }
 }
 
 #[async_trait::async_trait]
