@@ -601,7 +601,10 @@ fn typed(column: &Column, value: Value) -> super::Value {
         Value::NULL => Typed::Null,
         Value::Int(i) => Typed::Number(i.to_string()),
         Value::UInt(u) => Typed::Number(u.to_string()),
-        Value::Float(f) => Typed::Float(f64::from(f)),
+        // A FLOAT by the shortest decimal that reads back as it (what PostgreSQL prints
+        // for a `real`): widened bit for bit, 0.1 would be 0.10000000149011612, and
+        // equal to neither an expected 0.1 nor the same value read from another server.
+        Value::Float(f) => Typed::Float(f.to_string().parse().unwrap_or(f64::from(f))),
         Value::Double(d) => Typed::Float(d),
         Value::Bytes(bytes) => match column.column_type() {
             MYSQL_TYPE_DECIMAL | MYSQL_TYPE_NEWDECIMAL => {
@@ -1009,18 +1012,32 @@ async fn dump_table<W: AsyncWrite + Unpin>(
         .map_err(write)?;
 
     // Generated columns are computed on restore; inserting into them is an error.
-    let mut columns: Vec<String> = conn
+    let listed: Vec<(String, String)> = conn
         .exec(
-            "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
+            "SELECT COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS \
              WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND IS_GENERATED = 'NEVER' \
              ORDER BY ORDINAL_POSITION",
             (table,),
         )
         .await
         .map_err(|e| format!("listing the columns of {table}: {e}"))?;
-    if columns.is_empty() {
+    if listed.is_empty() {
         return Ok(0);
     }
+    // The server prints a FLOAT with 6 significant digits (16777216 as 16777200, the
+    // float nearest 1/3 as 0.333333), which read back as another float. A FLOAT is read
+    // as the DOUBLE it converts to exactly, whose text reads back as that very float.
+    let mut read: Vec<String> = listed
+        .iter()
+        .map(|(column, data_type)| {
+            if data_type.eq_ignore_ascii_case("float") {
+                format!("CAST({} AS DOUBLE)", quote_ident(column))
+            } else {
+                quote_ident(column)
+            }
+        })
+        .collect();
+    let mut columns: Vec<String> = listed.into_iter().map(|(column, _)| column).collect();
     let mut from = quoted.clone();
     if versioned {
         // The period's columns: named in the table, or the implicit, hidden
@@ -1036,11 +1053,13 @@ async fn dump_table<W: AsyncWrite + Unpin>(
             )
             .await
             .map_err(|e| format!("listing the period columns of {table}: {e}"))?;
-        if period.is_empty() {
-            columns.extend(["row_start".to_owned(), "row_end".to_owned()]);
+        let period = if period.is_empty() {
+            vec!["row_start".to_owned(), "row_end".to_owned()]
         } else {
-            columns.extend(period);
-        }
+            period
+        };
+        read.extend(period.iter().map(|c| quote_ident(c)));
+        columns.extend(period);
         from.push_str(" FOR SYSTEM_TIME ALL");
     }
     let column_list = columns
@@ -1051,7 +1070,7 @@ async fn dump_table<W: AsyncWrite + Unpin>(
     let insert_prefix = format!("INSERT INTO {quoted} ({column_list}) VALUES\n").into_bytes();
 
     let mut result = conn
-        .query_iter(format!("SELECT {column_list} FROM {from}"))
+        .query_iter(format!("SELECT {} FROM {from}", read.join(", ")))
         .await
         .map_err(|e| format!("reading {table}: {e}"))?;
     let mut rows = result

@@ -829,3 +829,55 @@ async fn a_table_locked_by_other_ddl_fails_the_cut_in_bounded_time() {
         "{took:?}"
     );
 }
+
+/// FLOAT columns: the server prints them with 6 significant digits (16777216 as
+/// 16777200), so a dump of that text restored other floats; and a FLOAT widened bit
+/// for bit compared as 0.10000000149011612, equal to no expected 0.1 and to no
+/// PostgreSQL `real` holding the same float. The copy keeps every float, and a
+/// check reads each as the shortest decimal that reads back as it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floats_are_copied_exactly_and_compare_by_their_shortest_decimal() {
+    let db = server();
+    let name = unique_name("floats");
+    db.create_database(&name);
+    db.sql(
+        &name,
+        "CREATE TABLE f (id INT PRIMARY KEY, x FLOAT, u FLOAT UNSIGNED, d DOUBLE) ENGINE=InnoDB;
+         INSERT INTO f VALUES (1, 1/3, 0.1, 0.1), (2, 16777217, 3.14159265, 1e300),
+                              (3, -1.17549435e-38, 3.4028234e38, -2.2250738585072014e-308),
+                              (4, NULL, 0, 0);",
+    );
+    let exact = "SELECT id, HEX(CAST(x AS DOUBLE)), CAST(x AS DOUBLE), CAST(u AS DOUBLE), d \
+                 FROM f ORDER BY id";
+    let adapter = adapter(&db, &name);
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    let bytes = read_to_end(&mut copy).await;
+    copy.finished.await.unwrap();
+    let restored = unique_name("floats_restored");
+    db.create_database(&restored);
+    adapter
+        .restore(Box::pin(std::io::Cursor::new(bytes)), &db.url(&restored))
+        .await
+        .unwrap();
+    assert_eq!(db.sql(&restored, exact), db.sql(&name, exact));
+
+    let rows = adapter
+        .query(&db.url(&restored), "SELECT x, u, d FROM f WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        vec![vec![
+            super::super::Value::Float(0.33333334),
+            super::super::Value::Float(0.1),
+            super::super::Value::Float(0.1),
+        ]]
+    );
+    let rows = adapter
+        .query(&db.url(&restored), "SELECT x FROM f WHERE id = 2")
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![vec![super::super::Value::Float(16777216.0)]]);
+}
