@@ -410,7 +410,7 @@ async fn create_target(
         return Ok(None);
     }
     adapter
-        .create_scratch(&scratch_label(run_id, &entry.name), scratch)
+        .create_scratch(&scratch_label(run_id, &entry.name), scratch, &entry.cut)
         .await
         .map(Some)
         .map_err(|error| error.to_string())

@@ -368,7 +368,12 @@ impl Adapter for Mariadb {
         Ok(())
     }
 
-    async fn create_scratch(&self, label: &str, _dir: &Path) -> Result<String, AdapterError> {
+    async fn create_scratch(
+        &self,
+        label: &str,
+        _dir: &Path,
+        _cut: &CutMarker,
+    ) -> Result<String, AdapterError> {
         let server = self
             .config
             .drill_server_url

@@ -132,9 +132,16 @@ pub trait Adapter: Send + Sync + 'static {
     }
 
     /// A new, empty scratch target for a drill, named after `label`, next to the
-    /// source (or where the config says): a file in `dir`, a new database.
-    async fn create_scratch(&self, label: &str, dir: &Path) -> Result<String, AdapterError> {
-        let _ = (label, dir);
+    /// source (or where the config says): a file in `dir`, a new database. `cut` is
+    /// the marker of the copy that will be restored into it, so the target can be made
+    /// like the source was (PostgreSQL: its encoding and locale).
+    async fn create_scratch(
+        &self,
+        label: &str,
+        dir: &Path,
+        cut: &CutMarker,
+    ) -> Result<String, AdapterError> {
+        let _ = (label, dir, cut);
         Err(self.unsupported("drill scratch targets"))
     }
 

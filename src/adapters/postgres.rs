@@ -22,8 +22,9 @@
 //!   rows per table in the same snapshot and only then ends the transaction.
 //! - restore: `pg_restore --no-owner --exit-on-error --single-transaction` from the
 //!   stream into a target database that must have no user relations. Drills create a
-//!   scratch database on the source's server (or `drill_server_url`) and drop it with
-//!   `WITH (FORCE)` (PostgreSQL 13+).
+//!   scratch database on the source's server (or `drill_server_url`), from template0
+//!   with the source's encoding and locale (read in prepare, kept in the cut marker),
+//!   and drop it with `WITH (FORCE)` (PostgreSQL 13+).
 //! - drill checks (`query`): one statement (prepared first, which refuses more), run in
 //!   a read-only transaction; each value typed by its column's type.
 //!
@@ -103,6 +104,17 @@ impl Connection {
     }
 }
 
+/// The source database's encoding and locale, recorded in the cut marker: a drill's
+/// scratch database is created with them (from template0), so that a restore neither
+/// fails on bytes the server's default encoding refuses (SQL_ASCII, LATIN1 data) nor
+/// converts the text to another encoding.
+#[derive(Debug, Clone)]
+struct CharacterSettings {
+    encoding: String,
+    lc_collate: String,
+    lc_ctype: String,
+}
+
 /// What prepare learned about the server's WAL settings.
 #[derive(Debug, Clone)]
 struct WalSettings {
@@ -140,7 +152,9 @@ impl Adapter for Postgres {
                 "SELECT current_setting('server_version_num')::int, current_setting('server_version'), \
                         current_database(), pg_is_in_recovery(), current_setting('wal_level'), \
                         current_setting('archive_mode'), current_setting('archive_command'), \
-                        coalesce(current_setting('archive_library', true), '')",
+                        coalesce(current_setting('archive_library', true), ''), \
+                        pg_encoding_to_char(d.encoding), d.datcollate::text, d.datctype::text \
+                 FROM pg_database d WHERE d.datname = current_database()",
                 &[],
             )
             .await
@@ -161,6 +175,11 @@ impl Adapter for Postgres {
             )));
         }
         let wal = wal_settings(facts.get(4), facts.get(5), facts.get(6), facts.get(7));
+        let character = CharacterSettings {
+            encoding: facts.get(8),
+            lc_collate: facts.get(9),
+            lc_ctype: facts.get(10),
+        };
         if self.config.require_archiving
             && let Some(why) = &wal.not_archived_because
         {
@@ -194,6 +213,7 @@ impl Adapter for Postgres {
             server_version,
             database,
             wal,
+            character,
             tables,
             snapshot: None,
         }))
@@ -288,7 +308,12 @@ impl Adapter for Postgres {
         Ok(())
     }
 
-    async fn create_scratch(&self, label: &str, _dir: &Path) -> Result<String, AdapterError> {
+    async fn create_scratch(
+        &self,
+        label: &str,
+        _dir: &Path,
+        cut: &CutMarker,
+    ) -> Result<String, AdapterError> {
         let server = self
             .config
             .drill_server_url
@@ -298,11 +323,36 @@ impl Adapter for Postgres {
             database: self.name.clone(),
             message,
         })?;
+        // template0: template1 may hold objects or another encoding. The source's
+        // encoding and locale, where the backup recorded them (older backups did not:
+        // the server's defaults then).
+        let mut create = format!("CREATE DATABASE {} TEMPLATE template0", quote_ident(label));
+        let mut like = Vec::new();
+        for (key, clause) in [
+            ("encoding", "ENCODING"),
+            ("lc_collate", "LC_COLLATE"),
+            ("lc_ctype", "LC_CTYPE"),
+        ] {
+            if let Some(value) = cut.details.get(key) {
+                create.push_str(&format!(" {clause} {}", quote_literal(value)));
+                like.push(format!("{clause} {value}"));
+            }
+        }
         let conn = self.connect_target(server).await?;
-        conn.client
-            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(label)))
-            .await
-            .map_err(|e| self.target_error(&target, &e))?;
+        conn.client.batch_execute(&create).await.map_err(|e| {
+            let error = self.target_error(&target, &e);
+            if like.is_empty() {
+                return error;
+            }
+            AdapterError::Restore {
+                database: self.name.clone(),
+                message: format!(
+                    "{error}, creating it like the source database ({}); the drill server \
+                     must support that encoding and have that locale",
+                    like.join(", ")
+                ),
+            }
+        })?;
         conn.close().await;
         Ok(target)
     }
@@ -653,6 +703,7 @@ struct PostgresPrepared {
     server_version: String,
     database: String,
     wal: WalSettings,
+    character: CharacterSettings,
     /// The tables pg_dump will dump, as listed in prepare: the cut locks them.
     tables: Vec<(String, String)>,
     /// The exported snapshot id, once cut.
@@ -740,6 +791,9 @@ impl Prepared for PostgresPrepared {
             ("database".to_owned(), self.database.clone()),
             ("wal_level".to_owned(), self.wal.wal_level.clone()),
             ("archive_mode".to_owned(), self.wal.archive_mode.clone()),
+            ("encoding".to_owned(), self.character.encoding.clone()),
+            ("lc_collate".to_owned(), self.character.lc_collate.clone()),
+            ("lc_ctype".to_owned(), self.character.lc_ctype.clone()),
         ]);
         if self.wal.not_archived_because.is_none() {
             let point = restore_point_name(backup_id);
@@ -937,6 +991,11 @@ async fn row_counts(client: &Client) -> Result<BTreeMap<String, u64>, tokio_post
 
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A string literal (standard_conforming_strings, on since PostgreSQL 9.1).
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// The server's message for a database error (tokio-postgres's Display says only "db

@@ -71,8 +71,14 @@ async fn a_server_that_never_answers_fails_the_connection_in_bounded_time() {
         let adapter = build("db", &toml::from_str(config).unwrap());
         let dir = scratch.path().to_owned();
         async move {
-            let (created, prepared) =
-                tokio::join!(adapter.create_scratch("scratch", &dir), adapter.prepare());
+            let cut = CutMarker {
+                kind: String::new(),
+                details: BTreeMap::new(),
+            };
+            let (created, prepared) = tokio::join!(
+                adapter.create_scratch("scratch", &dir, &cut),
+                adapter.prepare()
+            );
             [created.err(), prepared.err()]
         }
     });

@@ -688,3 +688,59 @@ async fn checks_cannot_write() {
         );
     }
 }
+
+/// Scratch databases were created from template1 in the drill server's default
+/// encoding (UTF8 here): a SQL_ASCII source's bytes that are not UTF-8 failed the
+/// restore, and a LATIN1 source's text was converted to another encoding. They are
+/// now made from template0 with the source's encoding and locale, as the backup's
+/// cut recorded them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scratch_database_has_the_source_encoding_and_locale() {
+    let pg = plain();
+    let dir = tempfile::tempdir().unwrap();
+    for encoding in ["SQL_ASCII", "LATIN1"] {
+        let source = unique_name("encoding_src");
+        pg.psql(
+            "postgres",
+            &format!(
+                "CREATE DATABASE {source} TEMPLATE template0 ENCODING '{encoding}' \
+                 LC_COLLATE 'C' LC_CTYPE 'C'"
+            ),
+        );
+        pg.psql(
+            &source,
+            "CREATE TABLE t (id int PRIMARY KEY, x text); \
+             INSERT INTO t VALUES (1, E'caf\\xe9 \\xff\\xfe'), (2, 'plain')",
+        );
+        let adapter = adapter(&pg, &source, false);
+        let mut prepared = adapter.prepare().await.unwrap();
+        let cut = prepared.cut("b-1").await.unwrap();
+        assert_eq!(cut.details["encoding"], encoding, "{cut:?}");
+        let mut copy = prepared.copy().await.unwrap();
+        let bytes = read_to_end(&mut copy).await;
+        copy.finished.await.unwrap();
+
+        let label = unique_name("encoding_scratch");
+        let target = adapter
+            .create_scratch(&label, dir.path(), &cut)
+            .await
+            .unwrap();
+        let restored = adapter
+            .restore(Box::pin(std::io::Cursor::new(bytes)), &target)
+            .await;
+        let facts = |db: &str| {
+            pg.psql(
+                db,
+                &format!(
+                    "SELECT d.datcollate, d.datctype, pg_encoding_to_char(d.encoding), \
+                       (SELECT string_agg(encode(convert_to(x, '{encoding}'), 'hex'), ',' \
+                        ORDER BY id) FROM t) \
+                     FROM pg_database d WHERE d.datname = current_database()"
+                ),
+            )
+        };
+        let outcome = restored.map(|()| facts(&label));
+        adapter.drop_scratch(&target).await.unwrap();
+        assert_eq!(outcome.unwrap(), facts(&source), "{encoding}");
+    }
+}
