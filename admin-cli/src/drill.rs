@@ -22,7 +22,8 @@ pub struct DrillArgs {
     /// Instead of a drill: find the scratch databases and directories that drills
     /// killed outright (SIGKILL, a crash) left on the runbook's drill servers and in
     /// its scratch directory (their names begin with `stillpoint_drill_` /
-    /// `stillpoint-drill-`), and remove them. Run it when no drill is running.
+    /// `stillpoint-drill-`), and remove them. Targets a running drill holds are left
+    /// alone and listed as in use.
     #[arg(long, conflicts_with_all = ["backup", "junit", "keep"])]
     pub cleanup: bool,
     /// The runbook: storage, keys, databases, and the `[drill]` checks.
@@ -89,8 +90,11 @@ async fn cleanup(args: &DrillArgs) -> Result<u8, Failure> {
     match args.output {
         OutputFormat::Json => print_json(&report),
         OutputFormat::Text => {
-            if report.removed.is_empty() && report.failed.is_empty() {
+            if report.removed.is_empty() && report.failed.is_empty() && report.in_use.is_empty() {
                 println!("no scratch targets of earlier drills found");
+            }
+            for in_use in &report.in_use {
+                println!("left alone, in use: {in_use}");
             }
             for removed in &report.removed {
                 println!("removed {removed}");

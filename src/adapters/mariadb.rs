@@ -66,6 +66,10 @@ const PIPE_BYTES: usize = 256 * 1024;
 pub struct Mariadb {
     name: String,
     config: MariadbConfig,
+    /// Per scratch database this drill made: the connection holding its named lock
+    /// (`GET_LOCK` of the database's name, server-wide), from before it was created
+    /// until it is dropped, so that a clean-up leaves it alone.
+    holds: Mutex<BTreeMap<String, Conn>>,
 }
 
 impl Mariadb {
@@ -73,6 +77,7 @@ impl Mariadb {
         Mariadb {
             name: name.to_owned(),
             config,
+            holds: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -384,13 +389,28 @@ impl Adapter for Mariadb {
             message,
         })?;
         let mut conn = self.connect_target(server).await?;
+        // Held before the database exists, so no clean-up can find it unheld. (Lock
+        // names may be 64 characters long; scratch labels are at most 63.)
+        let locked: Option<i64> = conn
+            .exec_first("SELECT GET_LOCK(?, 10)", (label,))
+            .await
+            .map_err(|e| self.target_error(&target, e))?;
+        if locked != Some(1) {
+            return Err(AdapterError::Restore {
+                database: self.name.clone(),
+                message: format!("another connection holds the lock named {label}"),
+            });
+        }
         conn.query_drop(format!(
             "CREATE DATABASE {} CHARACTER SET utf8mb4",
             quote_ident(label)
         ))
         .await
         .map_err(|e| self.target_error(&target, e))?;
-        let _ = conn.disconnect().await;
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(target.clone(), conn);
         Ok(target)
     }
 
@@ -423,7 +443,39 @@ impl Adapter for Mariadb {
             .map_err(|e| self.target_error(target, e))?;
         }
         let _ = conn.disconnect().await;
+        let hold = self
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(target);
+        if let Some(hold) = hold {
+            let _ = hold.disconnect().await;
+        }
         Ok(())
+    }
+
+    async fn scratch_in_use(&self, target: &str) -> Result<Option<String>, AdapterError> {
+        let opts = parse_url(target).map_err(|message| AdapterError::Restore {
+            database: self.name.clone(),
+            message,
+        })?;
+        let Some(database) = opts.db_name().map(str::to_owned) else {
+            return Ok(None);
+        };
+        let server = self
+            .config
+            .drill_server_url
+            .as_deref()
+            .unwrap_or(&self.config.url);
+        let mut conn = self.connect_target(server).await?;
+        let holder: Option<Option<u64>> = conn
+            .exec_first("SELECT IS_USED_LOCK(?)", (&database,))
+            .await
+            .map_err(|e| self.target_error(server, e))?;
+        let _ = conn.disconnect().await;
+        Ok(holder
+            .flatten()
+            .map(|id| format!("a running drill holds it (MariaDB connection id {id})")))
     }
 
     async fn list_scratch(&self, marker: &str) -> Result<Vec<String>, AdapterError> {

@@ -159,6 +159,14 @@ pub trait Adapter: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// Why `target`, a scratch target [`Adapter::list_scratch`] found, is in use by a
+    /// running drill (which holds it from before it is created until it is dropped), or
+    /// `None` if no drill holds it: `stillpoint drill --cleanup` leaves those alone.
+    async fn scratch_in_use(&self, target: &str) -> Result<Option<String>, AdapterError> {
+        let _ = target;
+        Ok(None)
+    }
+
     /// Runs one statement against a restored target, for drill checks, so that it
     /// cannot write (a read-only transaction or connection; more than one statement is
     /// refused); every value keeps its type ([`Value`]).

@@ -59,13 +59,22 @@ const MIN_SERVER_VERSION: i32 = 100_000;
 pub struct Postgres {
     name: String,
     config: PostgresConfig,
+    /// Per scratch database this drill made: the session holding its advisory lock.
+    holds: std::sync::Mutex<BTreeMap<String, Connection>>,
 }
+
+/// The advisory lock a drill holds, on a session of the drill server, from before it
+/// creates a scratch database until it has dropped it: (this class, hashtext(name)).
+/// `pg_locks` shows it from every database of the server, so a clean-up run with any
+/// runbook sees it.
+const SCRATCH_LOCK_CLASS: i32 = 0x5354_4450;
 
 impl Postgres {
     pub fn new(name: &str, config: PostgresConfig) -> Self {
         Postgres {
             name: name.to_owned(),
             config,
+            holds: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -339,6 +348,14 @@ impl Adapter for Postgres {
             }
         }
         let conn = self.connect_target(server).await?;
+        // Held before the database exists, so no clean-up can find it unheld.
+        conn.client
+            .execute(
+                "SELECT pg_advisory_lock($1, hashtext($2))",
+                &[&SCRATCH_LOCK_CLASS, &label],
+            )
+            .await
+            .map_err(|e| self.target_error(&target, &e))?;
         conn.client.batch_execute(&create).await.map_err(|e| {
             let error = self.target_error(&target, &e);
             if like.is_empty() {
@@ -353,18 +370,15 @@ impl Adapter for Postgres {
                 ),
             }
         })?;
-        conn.close().await;
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(target.clone(), conn);
         Ok(target)
     }
 
     async fn drop_scratch(&self, target: &str) -> Result<(), AdapterError> {
-        let database = tokio_postgres::Config::from_str(target)
-            .ok()
-            .and_then(|c| c.get_dbname().map(str::to_owned))
-            .ok_or_else(|| AdapterError::Restore {
-                database: self.name.clone(),
-                message: format!("{} names no database", redact(target).url),
-            })?;
+        let database = scratch_database(&self.name, target)?;
         // A session in the scratch database could not drop it: connect to the database
         // it was created from instead.
         let server = self
@@ -381,7 +395,42 @@ impl Adapter for Postgres {
             .await
             .map_err(|e| self.target_error(target, &e))?;
         conn.close().await;
+        let hold = self
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(target);
+        if let Some(hold) = hold {
+            hold.close().await;
+        }
         Ok(())
+    }
+
+    async fn scratch_in_use(&self, target: &str) -> Result<Option<String>, AdapterError> {
+        let database = scratch_database(&self.name, target)?;
+        let server = self
+            .config
+            .drill_server_url
+            .as_deref()
+            .unwrap_or(&self.config.url);
+        let conn = self.connect_target(server).await?;
+        let holder = conn
+            .client
+            .query_opt(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                   AND classid = ($1::int4)::oid AND objid = hashtext($2)::oid AND objsubid = 2 \
+                 LIMIT 1",
+                &[&SCRATCH_LOCK_CLASS, &database],
+            )
+            .await
+            .map_err(|e| self.target_error(server, &e))?;
+        conn.close().await;
+        Ok(holder.map(|row| {
+            format!(
+                "a running drill holds it (PostgreSQL session pid {})",
+                row.get::<_, i32>(0)
+            )
+        }))
     }
 
     async fn list_scratch(&self, marker: &str) -> Result<Vec<String>, AdapterError> {
@@ -987,6 +1036,17 @@ async fn row_counts(client: &Client) -> Result<BTreeMap<String, u64>, tokio_post
         counts.insert(format!("{schema}.{relname}"), n as u64);
     }
     Ok(counts)
+}
+
+/// The database a scratch target's URL names.
+fn scratch_database(name: &str, target: &str) -> Result<String, AdapterError> {
+    tokio_postgres::Config::from_str(target)
+        .ok()
+        .and_then(|c| c.get_dbname().map(str::to_owned))
+        .ok_or_else(|| AdapterError::Restore {
+            database: name.to_owned(),
+            message: format!("{} names no database", redact(target).url),
+        })
 }
 
 fn quote_ident(s: &str) -> String {

@@ -1194,3 +1194,60 @@ fn slow_drill(example: &MixedExample, backup: &str) -> crate::util::Process {
     });
     drill
 }
+
+/// Two operators: one drill runs (its slow check on the scratch copies) while another
+/// operator runs `drill --cleanup` and a drill of their own. The running drill holds
+/// its scratch targets (an advisory lock, a named lock, a locked file), so the
+/// clean-up leaves all three alone and says so, the other drill does not report them
+/// as leftovers, and the running drill still removes them itself.
+#[test]
+fn drill_cleanup_leaves_a_running_drills_scratch_targets_alone() {
+    let example = MixedExample::start(true);
+    example.write_runbook(
+        r#"
+[[drill.checks]]
+name = "slow"
+database = "pg"
+sql = "SELECT 1 FROM pg_sleep(600)"
+expect = 1
+"#,
+    );
+    let backup = example.backup(&[]);
+    let drill = slow_drill(&example, &backup);
+    let running = example.leftovers();
+    assert_eq!(running.len(), 3, "{running:?}");
+
+    let (code, cleaned) = run_json(
+        "stillpoint",
+        &[
+            "drill",
+            "--cleanup",
+            "--config",
+            example.config(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{cleaned:#}");
+    assert_eq!(cleaned["removed"], serde_json::json!([]), "{cleaned:#}");
+    let in_use = cleaned["in_use"].as_array().unwrap();
+    assert_eq!(in_use.len(), 3, "{cleaned:#}");
+    assert!(
+        in_use
+            .iter()
+            .all(|why| why.as_str().unwrap().contains("a running drill holds it")),
+        "{cleaned:#}"
+    );
+    assert_eq!(example.leftovers(), running);
+
+    // A second drill at the same time: the first one's targets are not leftovers.
+    example.write_runbook("");
+    let (code, report) = example.drill(&backup);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["leftovers"], serde_json::json!([]), "{report:#}");
+
+    drill.signal("TERM");
+    let output = drill.wait_output(Duration::from_secs(60));
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert_eq!(example.leftovers(), Vec::<String>::new());
+}
