@@ -270,6 +270,9 @@ impl Adapter for Mariadb {
         // developer's ~/.my.cnf, /etc/mysql) cannot redirect the restore elsewhere.
         cmd.arg("--no-defaults")
             .arg("--batch")
+            // The client's own limit (16 MiB by default) must not be below the server's:
+            // a large row's INSERT is as large as the row.
+            .arg("--max-allowed-packet=1073741824")
             .arg("--default-character-set=utf8mb4");
         match opts.socket() {
             Some(socket) => cmd
@@ -1232,7 +1235,11 @@ fn push_value(sql: &mut Vec<u8>, ty: ColumnType, charset: u16, value: Option<Val
         | MYSQL_TYPE_BLOB
             if charset == BINARY_CHARSET =>
         {
-            push_hex(sql, &bytes)
+            // Escaped, not hex: a hex literal is twice the value's size, so a row of a
+            // few MiB made an INSERT larger than the restoring server's
+            // max_allowed_packet. `_binary` keeps the bytes from being read as text.
+            sql.extend_from_slice(b"_binary");
+            push_quoted(sql, &bytes)
         }
         _ => push_quoted(sql, &bytes),
     }
