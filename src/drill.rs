@@ -844,20 +844,40 @@ async fn run_check(
                 return Err(format!("not run: database {database} was not restored"));
             }
         }
+        // A query that outlives the check's timeout is dropped (its connection with
+        // it); the scratch database is dropped with its sessions afterwards.
+        let bounded = |what: &str| {
+            format!(
+                "{what} did not finish within {} (the check's timeout; set timeout in the \
+                 check to allow longer); it was abandoned",
+                crate::time::format_duration(check.timeout)
+            )
+        };
         match &check.kind {
             CheckKind::Expect { query, expect } => {
-                let rows = run_query(query, targets).await?;
+                let rows = tokio::time::timeout(check.timeout, run_query(query, targets))
+                    .await
+                    .map_err(|_| bounded(&format!("the query on {}", query.database)))??;
                 compare_expected(&query.database, &rows, expect)
             }
-            CheckKind::Command { argv, env, timeout } => {
-                run_command(argv, env, *timeout, targets).await
+            CheckKind::Command { argv, env } => {
+                run_command(argv, env, check.timeout, targets).await
             }
             CheckKind::Equal {
                 left,
                 right,
                 allow_empty,
             } => {
-                let (l, r) = futures::join!(run_query(left, targets), run_query(right, targets));
+                let both =
+                    async { futures::join!(run_query(left, targets), run_query(right, targets)) };
+                let (l, r) = tokio::time::timeout(check.timeout, both)
+                    .await
+                    .map_err(|_| {
+                        bounded(&format!(
+                            "the queries on {} and {}",
+                            left.database, right.database
+                        ))
+                    })?;
                 let (l, r) = (l?, r?);
                 if l.is_empty() && r.is_empty() && !allow_empty {
                     return Err(format!(

@@ -1251,3 +1251,45 @@ expect = 1
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     assert_eq!(example.leftovers(), Vec::<String>::new());
 }
+
+/// A SQL check that never finishes (a runaway query, a server stopped mid-check) hung
+/// the drill, and a CI job with it, forever: SQL checks had no timeout. Every check
+/// now has one (`timeout`, default 10m): the check fails saying so, the other checks
+/// run, the scratch targets are removed and the drill exits 7.
+#[test]
+fn a_sql_check_that_never_finishes_fails_at_its_timeout() {
+    let example = MixedExample::start(true);
+    example.write_runbook(
+        r#"
+[[drill.checks]]
+name = "runaway"
+database = "pg"
+sql = "SELECT 1 FROM pg_sleep(600)"
+expect = 1
+timeout = "2s"
+
+[[drill.checks]]
+name = "runaway_pair"
+left = { database = "maria", sql = "SELECT SLEEP(600)" }
+right = { database = "pg", sql = "SELECT 0" }
+timeout = "2s"
+"#,
+    );
+    let backup = example.backup(&[]);
+    let started = std::time::Instant::now();
+    let (code, report) = example.drill(&backup);
+    assert_eq!(code, 7, "{report:#}");
+    assert!(started.elapsed() < Duration::from_secs(60), "{report:#}");
+    for name in ["runaway", "runaway_pair"] {
+        let check = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|check| check["name"] == name)
+            .unwrap_or_else(|| panic!("no check {name}: {report:#}"));
+        assert_eq!(check["ok"], false, "{report:#}");
+        let detail = check["detail"].as_str().unwrap();
+        assert!(detail.contains("did not finish within 2s"), "{detail}");
+    }
+    assert_eq!(example.leftovers(), Vec::<String>::new());
+}
