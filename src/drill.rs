@@ -920,9 +920,15 @@ async fn run_command(
     let target = |name: &str| targets.get(name).map(|(_, target)| target.as_str());
     for template in argv {
         for name in crate::runbook::placeholders(template).unwrap_or_default() {
+            // In the user part, or as a parameter (libpq takes `?password=`).
             let has_password = target(name)
                 .and_then(|target| url::Url::parse(target).ok())
-                .is_some_and(|url| url.password().is_some());
+                .is_some_and(|url| {
+                    url.password().is_some()
+                        || url
+                            .query_pairs()
+                            .any(|(key, _)| key.eq_ignore_ascii_case("password"))
+                });
             if has_password {
                 return Err(format!(
                     "not run: the scratch target of {name} carries a password, which would \
@@ -1448,6 +1454,19 @@ mod tests {
             .unwrap_err();
         assert!(refused.contains("through env"), "{refused}");
         assert!(!refused.contains("hunter2"), "{refused}");
+        // libpq also takes the password as a URL parameter (`drill_server_url =
+        // "postgres://u@host/db?password=…"`): the same refusal.
+        for url in [
+            "postgres://u@127.0.0.1:5432/scratch?password=hunter2",
+            "postgres://u@127.0.0.1:5432/scratch?sslmode=disable&PASSWORD=hunter2",
+        ] {
+            let (adapter, _) = targets.remove("db").unwrap();
+            targets.insert("db", (adapter, url.to_owned()));
+            let refused = run_command(&argv("true"), &env, timeout, &targets)
+                .await
+                .unwrap_err();
+            assert!(refused.contains("through env"), "{url}: {refused}");
+        }
         let via_env = vec![
             "sh".to_owned(),
             "-c".to_owned(),
