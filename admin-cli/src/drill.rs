@@ -47,6 +47,23 @@ pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
     let (runbook, storage, manifest) = open_backup(&args.config, backup).await?;
     let decryption = stillpoint::backup::decryption(&runbook)
         .map_err(|error| Failure::new(exit::USAGE, error))?;
+    // Opened now, not after the drill: a path that cannot be written must not cost a
+    // whole drill (and its report) to find out.
+    let junit = match &args.junit {
+        Some(path) => Some((
+            path,
+            std::fs::File::create(path).map_err(|error| {
+                Failure::new(
+                    exit::USAGE,
+                    anyhow::anyhow!(
+                        "cannot write the JUnit report {}: {error}; nothing was restored",
+                        path.display()
+                    ),
+                )
+            })?,
+        )),
+        None => None,
+    };
     if args.output == OutputFormat::Text {
         eprintln!(
             "drill of backup {}: restoring {} databases into scratch targets …",
@@ -69,12 +86,13 @@ pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
         drill::DrillError::Interrupted { .. } => Failure::new(exit::ERROR, error),
         drill::DrillError::Setup(_) => Failure::new(exit::USAGE, error),
     })?;
-    if let Some(path) = &args.junit {
-        write_junit(path, &report)?;
-    }
     match args.output {
         OutputFormat::Json => print_json(&report),
         OutputFormat::Text => print!("{}", render_text(&report)),
+    }
+    // After the report is out, so that a failure here does not lose it.
+    if let Some((path, file)) = junit {
+        write_junit(path, file, &report)?;
     }
     Ok(if report.ok {
         exit::OK
@@ -189,8 +207,9 @@ pub fn render_text(report: &DrillReport) -> String {
     text
 }
 
-fn write_junit(path: &Path, report: &DrillReport) -> Result<(), Failure> {
-    std::fs::write(path, junit(report)).map_err(|error| {
+fn write_junit(path: &Path, mut file: std::fs::File, report: &DrillReport) -> Result<(), Failure> {
+    use std::io::Write;
+    file.write_all(junit(report).as_bytes()).map_err(|error| {
         Failure::new(
             exit::ERROR,
             anyhow::anyhow!("writing the JUnit report {}: {error}", path.display()),

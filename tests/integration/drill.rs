@@ -1293,3 +1293,33 @@ timeout = "2s"
     }
     assert_eq!(example.leftovers(), Vec::<String>::new());
 }
+
+/// `--junit` into a directory that does not exist (a CI path mistyped): the drill
+/// restored and checked everything (hours, on a large backup), then failed writing
+/// the file and printed no report at all. The file is now opened before anything is
+/// restored, and a JUnit file that cannot be written after the drill still leaves
+/// the report on stdout.
+#[test]
+fn an_unwritable_junit_path_fails_before_the_drill_restores_anything() {
+    let example = MixedExample::start(false);
+    example.write_runbook("");
+    let backup = example.backup(&[]);
+    let junit = example.dir.path().join("no-such-dir").join("drill.xml");
+    let output = run(
+        "stillpoint",
+        &[
+            "drill",
+            &backup,
+            "--config",
+            example.config(),
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+    );
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(err.contains("no-such-dir/drill.xml"), "{err}");
+    assert!(err.contains("nothing was restored"), "{err}");
+    assert!(!err.contains("restoring"), "{err}");
+    assert_eq!(example.leftovers(), Vec::<String>::new());
+}
