@@ -16,7 +16,8 @@
 //!   grows with the data.
 //! - copy: a logical dump produced over that connection, inside that transaction:
 //!   `SHOW CREATE TABLE` for each base table, then its rows as batched `INSERT`s with
-//!   every value written according to its column type, then views. It is produced by
+//!   every value written according to its column type, then views, each after the views
+//!   it reads. It is produced by
 //!   one task into a bounded pipe as it is read, so memory stays flat whatever the
 //!   size. Each table's dumped rows are checked against `COUNT(*)` in the same
 //!   snapshot, and those counts are the summary.
@@ -1029,14 +1030,19 @@ async fn dump<W: AsyncWrite + Unpin>(
         };
         counts.insert(name.clone(), current);
     }
+    let mut views = Vec::new();
     for view in &objects.views {
         let row: Option<(String, String, String, String)> = conn
             .query_first(format!("SHOW CREATE VIEW {}", quote_ident(view)))
             .await
             .map_err(|e| format!("reading the definition of view {view}: {e}"))?;
         let (_, create, _, _) = row.ok_or_else(|| format!("view {view} has no definition"))?;
-        let sql = format!("{};\n\n", without_definer(&create));
-        out.write_all(sql.as_bytes()).await.map_err(write)?;
+        views.push((view.clone(), without_definer(&create)));
+    }
+    for (_, create) in in_dependency_order(views) {
+        out.write_all(format!("{create};\n\n").as_bytes())
+            .await
+            .map_err(write)?;
     }
     conn.query_drop("COMMIT")
         .await
@@ -1278,6 +1284,28 @@ fn push_quoted(sql: &mut Vec<u8>, bytes: &[u8]) {
 
 fn quote_ident(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))
+}
+
+/// Views ordered so that each comes after the views its definition names: one view
+/// read by another must exist when the other is created on restore. A view counts as
+/// named when its quoted name appears in the definition, as the server writes every
+/// table and view a definition reads; a name that appears for another reason (a
+/// column alias) only moves it earlier, and views that cannot be ordered (a
+/// mention both ways) keep their order at the end.
+fn in_dependency_order(mut pending: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut ordered = Vec::with_capacity(pending.len());
+    while !pending.is_empty() {
+        let ready = pending.iter().position(|(view, create)| {
+            !pending
+                .iter()
+                .any(|(other, _)| other != view && create.contains(&quote_ident(other)))
+        });
+        match ready {
+            Some(index) => ordered.push(pending.remove(index)),
+            None => ordered.append(&mut pending),
+        }
+    }
+    ordered
 }
 
 /// `CREATE … DEFINER=`u`@`h` SQL SECURITY …` without the DEFINER clause: the definer

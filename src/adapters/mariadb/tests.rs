@@ -921,3 +921,34 @@ async fn a_large_blob_and_awkward_names_are_restored() {
         at_cut
     );
 }
+
+/// A view built on another view whose name sorts after it: the dump wrote views in
+/// name order, so restoring `a_totals` (which reads `b_rows`) failed, and with it
+/// every drill of the backup. Views are now written after the views they read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_on_views_are_restored_in_dependency_order() {
+    let db = server();
+    let name = unique_name("views");
+    db.create_database(&name);
+    db.sql(
+        &name,
+        "CREATE TABLE t (x INT) ENGINE=InnoDB;
+         INSERT INTO t VALUES (1), (2), (3);
+         CREATE VIEW c_rows AS SELECT x FROM t WHERE x > 1;
+         CREATE VIEW b_rows AS SELECT x FROM c_rows;
+         CREATE VIEW a_totals AS SELECT SUM(x) AS total FROM b_rows;",
+    );
+    let adapter = adapter(&db, &name);
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    let bytes = read_to_end(&mut copy).await;
+    copy.finished.await.unwrap();
+    let restored = unique_name("views_restored");
+    db.create_database(&restored);
+    adapter
+        .restore(Box::pin(std::io::Cursor::new(bytes)), &db.url(&restored))
+        .await
+        .unwrap();
+    assert_eq!(db.sql(&restored, "SELECT total FROM a_totals"), "5");
+}
