@@ -21,7 +21,9 @@
 //!   while our transaction keeps it alive; `finished` waits for pg_dump, then counts
 //!   rows per table in the same snapshot and only then ends the transaction.
 //! - restore: `pg_restore --no-owner --exit-on-error --single-transaction` from the
-//!   stream into a target database that must have no user relations. Drills create a
+//!   stream into a target database that must have no user relations (a drill's scratch
+//!   copy also without the source's GRANTs, `--no-acl`: a drill server of its own
+//!   lacks the roles they name). Drills create a
 //!   scratch database on the source's server (or `drill_server_url`), from template0
 //!   with the source's encoding and locale (read in prepare, kept in the cut marker),
 //!   and drop it with `WITH (FORCE)` (PostgreSQL 13+).
@@ -233,6 +235,11 @@ impl Adapter for Postgres {
             database: self.name.clone(),
             message,
         };
+        let is_scratch = self
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(target);
         let target = ConnString::parse(target).map_err(err)?;
         let conn = connect_with(&target).await.map_err(err)?;
         let existing = conn
@@ -269,6 +276,12 @@ impl Adapter for Postgres {
             "--single-transaction",
             "--no-password",
         ]);
+        if is_scratch {
+            // A drill's scratch copy is read by the drill alone, often on a server of
+            // its own (drill_server_url) that lacks the source's roles: their GRANTs
+            // would fail the restore, and prove nothing about the data.
+            cmd.arg("--no-acl");
+        }
         target.libpq_args(&mut cmd);
         process::run_with_stdin(cmd, "pg_restore", copy, false)
             .await

@@ -744,3 +744,67 @@ async fn a_scratch_database_has_the_source_encoding_and_locale() {
         assert_eq!(outcome.unwrap(), facts(&source), "{encoding}");
     }
 }
+
+/// A drill on a server of its own (`drill_server_url`) of a database that GRANTs to
+/// an application role: the drill server has no such role, and pg_restore failed on
+/// the GRANT, so every drill failed to restore. Scratch copies are restored without
+/// the source's privileges (`--no-acl`); a real restore keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_on_another_server_restores_without_the_source_roles() {
+    let source_server = archiving();
+    let drill_server = plain();
+    let db = ledger_db(&source_server, "grants_src");
+    let role = unique_name("app_reader");
+    source_server.psql(
+        &db,
+        &format!("CREATE ROLE {role}; GRANT SELECT ON accounts TO {role}"),
+    );
+    let adapter = Postgres::new(
+        "ledger-pg",
+        PostgresConfig {
+            url: source_server.url(&db),
+            require_archiving: false,
+            bin_dir: Some(source_server.bin_dir().to_owned()),
+            drill_server_url: Some(drill_server.url("postgres")),
+        },
+    );
+    let mut prepared = adapter.prepare().await.unwrap();
+    let cut = prepared.cut("b-1").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    let bytes = read_to_end(&mut copy).await;
+    copy.finished.await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let label = unique_name("grants_scratch");
+    let target = adapter
+        .create_scratch(&label, dir.path(), &cut)
+        .await
+        .unwrap();
+    let restored = adapter
+        .restore(Box::pin(std::io::Cursor::new(bytes.clone())), &target)
+        .await;
+    let rows = restored
+        .as_ref()
+        .ok()
+        .map(|()| drill_server.psql(&label, "SELECT count(*) FROM accounts"));
+    adapter.drop_scratch(&target).await.unwrap();
+    restored.unwrap();
+    assert_eq!(rows.as_deref(), Some("1000"));
+
+    // A restore that is not a drill's keeps the grants (here, on the source's server).
+    let kept = unique_name("grants_kept");
+    source_server.create_database(&kept);
+    adapter
+        .restore(
+            Box::pin(std::io::Cursor::new(bytes)),
+            &source_server.url(&kept),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        source_server.psql(
+            &kept,
+            &format!("SELECT has_table_privilege('{role}', 'accounts', 'SELECT')")
+        ),
+        "t"
+    );
+}
