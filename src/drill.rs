@@ -142,7 +142,7 @@ pub async fn run(
         .map(|leftover| leftover.shown)
         .collect();
     let scratch = scratch_dir(runbook)?;
-    let scratch_hold = hold_directory(scratch.path())?;
+    let scratch_hold = hold_directory(scratch.path());
     let run_id = &uuid::Uuid::new_v4().simple().to_string()[..6];
 
     // Every scratch target first, so that whatever comes next (a failed restore, a
@@ -392,13 +392,18 @@ pub async fn cleanup(runbook: &Runbook) -> CleanupReport {
 
 /// Locks [`SCRATCH_DIR_LOCK`] in a drill's new scratch directory; the lock lasts as
 /// long as the returned file is open (the process's end included, however it ends).
-fn hold_directory(dir: &std::path::Path) -> Result<std::fs::File, DrillError> {
+/// A file system without locks (some network mounts) only costs the hold, not the
+/// drill: a clean-up that cannot take the lock there leaves the directory alone too.
+fn hold_directory(dir: &std::path::Path) -> Option<std::fs::File> {
     let path = dir.join(SCRATCH_DIR_LOCK);
-    let file = std::fs::File::create(&path)
-        .map_err(|error| DrillError::Setup(format!("creating {}: {error}", path.display())))?;
-    file.lock()
-        .map_err(|error| DrillError::Setup(format!("locking {}: {error}", path.display())))?;
-    Ok(file)
+    let held = std::fs::File::create(&path).and_then(|file| file.lock().map(|()| file));
+    match held {
+        Ok(file) => Some(file),
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "could not lock the drill's scratch directory; a clean-up run meanwhile cannot tell it is in use");
+            None
+        }
+    }
 }
 
 /// Why a scratch directory is in use: a running drill holds its lock file. A
