@@ -712,7 +712,7 @@ async fn a_scratch_database_has_the_source_encoding_and_locale() {
             "CREATE TABLE t (id int PRIMARY KEY, x text); \
              INSERT INTO t VALUES (1, E'caf\\xe9 \\xff\\xfe'), (2, 'plain')",
         );
-        let adapter = adapter(&pg, &source, false);
+        let adapter = std::sync::Arc::new(adapter(&pg, &source, false));
         let mut prepared = adapter.prepare().await.unwrap();
         let cut = prepared.cut("b-1").await.unwrap();
         assert_eq!(cut.details["encoding"], encoding, "{cut:?}");
@@ -740,8 +740,26 @@ async fn a_scratch_database_has_the_source_encoding_and_locale() {
             )
         };
         let outcome = restored.map(|()| facts(&label));
+        // A drill check reading that text (tokio-postgres's rows are UTF-8 only): the
+        // server refuses to send it as UTF-8, an error, never a panic.
+        let checked = tokio::spawn({
+            let (adapter, target) = (adapter.clone(), target.clone());
+            async move {
+                adapter
+                    .query(&target, "SELECT id, x FROM t ORDER BY id")
+                    .await
+            }
+        })
+        .await;
         adapter.drop_scratch(&target).await.unwrap();
         assert_eq!(outcome.unwrap(), facts(&source), "{encoding}");
+        let checked = checked.expect("the check panicked");
+        if encoding == "SQL_ASCII" {
+            let msg = checked.unwrap_err().to_string();
+            assert!(msg.contains("invalid byte sequence"), "{msg}");
+        } else {
+            assert_eq!(checked.unwrap().len(), 2);
+        }
     }
 }
 
