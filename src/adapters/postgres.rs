@@ -361,14 +361,27 @@ impl Adapter for Postgres {
             }
         }
         let conn = self.connect_target(server).await?;
-        // Held before the database exists, so no clean-up can find it unheld.
-        conn.client
-            .execute(
-                "SELECT pg_advisory_lock($1, hashtext($2))",
+        // Held before the database exists, so no clean-up can find it unheld. Tried,
+        // not awaited: a key another drill holds (two names, one hash) must not make
+        // this drill wait for that one to end.
+        let locked: bool = conn
+            .client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))",
                 &[&SCRATCH_LOCK_CLASS, &label],
             )
             .await
-            .map_err(|e| self.target_error(&target, &e))?;
+            .map_err(|e| self.target_error(&target, &e))?
+            .get(0);
+        if !locked {
+            return Err(AdapterError::Restore {
+                database: self.name.clone(),
+                message: format!(
+                    "another session holds the advisory lock of scratch database {label} \
+                     (another drill's name hashes alike); run the drill again"
+                ),
+            });
+        }
         conn.client.batch_execute(&create).await.map_err(|e| {
             let error = self.target_error(&target, &e);
             if like.is_empty() {

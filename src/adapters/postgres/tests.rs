@@ -826,3 +826,50 @@ async fn a_drill_on_another_server_restores_without_the_source_roles() {
         "t"
     );
 }
+
+/// The advisory lock a drill takes for a scratch database is tried, not awaited: a
+/// key someone else holds (another drill's name hashing alike) fails the creation at
+/// once, naming the lock, instead of waiting for the other drill to end; nothing is
+/// created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scratch_lock_held_elsewhere_fails_at_once() {
+    let pg = plain();
+    let db = ledger_db(&pg, "scratch_lock");
+    let adapter = adapter(&pg, &db, false);
+    let label = unique_name("held");
+    let (other, connection) = tokio_postgres::connect(&pg.url(&db), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    other
+        .execute(
+            "SELECT pg_advisory_lock($1, hashtext($2))",
+            &[&SCRATCH_LOCK_CLASS, &label],
+        )
+        .await
+        .unwrap();
+    let cut = CutMarker {
+        kind: String::new(),
+        details: BTreeMap::new(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let created = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        adapter.create_scratch(&label, dir.path(), &cut),
+    )
+    .await;
+    drop(other);
+    let _ = driver.await;
+    let msg = created
+        .expect("waited for the other session's lock")
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("advisory lock"), "{msg}");
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{label}'")
+        ),
+        "0"
+    );
+}
