@@ -135,8 +135,16 @@ fn kind_of(e: &mysql_async::UrlError) -> &'static str {
 /// not hang a backup's prepare or a drill forever.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The largest packet our connections read (the protocol's limit). The driver's
+/// default, the server's `max_allowed_packet`, bounds what a client may send; a row
+/// the server holds and sends can be larger (several values, each within it), and
+/// the dump must read every row.
+const MAX_PACKET: usize = 1 << 30;
+
 async fn connect(opts: &Opts) -> Result<Conn, String> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(opts.clone())).await {
+    let reading =
+        mysql_async::OptsBuilder::from_opts(opts.clone()).max_allowed_packet(Some(MAX_PACKET));
+    match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(reading)).await {
         Ok(connected) => connected.map_err(|e| format!("connecting to {}: {e}", shown(opts))),
         Err(_) => Err(format!(
             "connecting to {}: the server did not answer within {}s (is it stopped, hung \

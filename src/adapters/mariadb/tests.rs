@@ -952,3 +952,37 @@ async fn views_on_views_are_restored_in_dependency_order() {
         .unwrap();
     assert_eq!(db.sql(&restored, "SELECT total FROM a_totals"), "5");
 }
+
+/// A row larger than the server's max_allowed_packet (two BLOBs of 9 MiB: each value
+/// fits, the row does not), which the server stores and sends: our connection
+/// refused to read it ("Packet is larger than max_allowed_packet"), so no backup of
+/// the database could be made. The copy now reads it; restoring it needs a server
+/// that takes statements that large (here the test server is raised to 64 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_larger_than_max_allowed_packet_is_copied() {
+    let db = server();
+    let name = unique_name("wide");
+    db.create_database(&name);
+    db.sql(
+        &name,
+        "CREATE TABLE w (id INT PRIMARY KEY, a LONGBLOB, b LONGBLOB) ENGINE=InnoDB;
+         INSERT INTO w VALUES (1, REPEAT('a', 9 * 1024 * 1024), NULL);
+         UPDATE w SET b = REPEAT('b', 9 * 1024 * 1024) WHERE id = 1;",
+    );
+    let facts = "SELECT id, LENGTH(a), MD5(a), LENGTH(b), MD5(b) FROM w";
+    let adapter = adapter(&db, &name);
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    let bytes = read_to_end(&mut copy).await;
+    let at_cut = copy.finished.await.unwrap().row_counts.unwrap();
+    assert_eq!(at_cut["w"], 1);
+    db.sql("", "SET GLOBAL max_allowed_packet = 64 * 1024 * 1024");
+    let restored = unique_name("wide_restored");
+    db.create_database(&restored);
+    adapter
+        .restore(Box::pin(std::io::Cursor::new(bytes)), &db.url(&restored))
+        .await
+        .unwrap();
+    assert_eq!(db.sql(&restored, facts), db.sql(&name, facts));
+}
