@@ -37,6 +37,10 @@ pub const SCRATCH_MARKER: &str = "stillpoint_drill_";
 /// the runbook's `scratch_dir` or the system's temporary directory.
 const SCRATCH_DIR_PREFIX: &str = "stillpoint-drill-";
 
+/// A file in a drill's scratch directory that the drill holds locked (`flock`) while
+/// it runs: a clean-up leaves a directory whose lock it cannot take.
+const SCRATCH_DIR_LOCK: &str = ".stillpoint-drill.lock";
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DrillReport {
     pub backup_id: String,
@@ -138,6 +142,7 @@ pub async fn run(
         .map(|leftover| leftover.shown)
         .collect();
     let scratch = scratch_dir(runbook)?;
+    let scratch_hold = hold_directory(scratch.path());
     let run_id = &uuid::Uuid::new_v4().simple().to_string()[..6];
 
     // Every scratch target first, so that whatever comes next (a failed restore, a
@@ -227,6 +232,7 @@ pub async fn run(
     } else if let Err(error) = scratch.close() {
         tracing::warn!(%error, "could not remove the drill's scratch directory");
     }
+    drop(scratch_hold);
     let Some((rto_ms, databases, checks)) = finished else {
         return Err(DrillError::Interrupted { left_behind });
     };
@@ -260,6 +266,8 @@ pub struct Leftover {
     /// Without passwords.
     pub shown: String,
     remove: LeftoverKind,
+    /// Why it is not a leftover after all: a running drill holds it.
+    in_use: Option<String>,
 }
 
 enum LeftoverKind {
@@ -274,6 +282,8 @@ pub struct CleanupReport {
     pub removed: Vec<String>,
     /// Scratch targets that are still there, and why.
     pub failed: Vec<String>,
+    /// Scratch targets a running drill holds, left alone, and which drill.
+    pub in_use: Vec<String>,
     /// Servers (or directories) that could not be searched, and why.
     pub not_searched: Vec<String>,
 }
@@ -281,8 +291,8 @@ pub struct CleanupReport {
 /// Finds the scratch targets earlier drills of this runbook's databases left behind
 /// (killed before they could remove them): databases on the drill servers whose names
 /// begin with [`SCRATCH_MARKER`], and scratch directories in the scratch directory's
-/// parent. A drill running at the same time has targets of the same form: run the
-/// clean-up when no drill is running.
+/// parent. A drill running at the same time holds its targets (a lock per scratch
+/// database, a locked file in its directory): those are marked `in_use`.
 async fn search_leftovers(runbook: &Runbook) -> (Vec<Leftover>, Vec<String>) {
     let mut found = Vec::new();
     let mut not_searched = Vec::new();
@@ -293,12 +303,19 @@ async fn search_leftovers(runbook: &Runbook) -> (Vec<Leftover>, Vec<String>) {
             Ok(targets) => {
                 for target in targets {
                     let shown = crate::storage::redact_url(&target);
-                    if seen.insert(shown.clone()) {
-                        found.push(Leftover {
-                            shown,
-                            remove: LeftoverKind::Target(adapter.clone(), target),
-                        });
+                    if !seen.insert(shown.clone()) {
+                        continue;
                     }
+                    // Not knowing is not "free": such a target is not removed.
+                    let in_use = match adapter.scratch_in_use(&target).await {
+                        Ok(in_use) => in_use,
+                        Err(error) => Some(format!("whether a drill holds it is unknown: {error}")),
+                    };
+                    found.push(Leftover {
+                        shown,
+                        remove: LeftoverKind::Target(adapter.clone(), target),
+                        in_use,
+                    });
                 }
             }
             Err(error) => not_searched.push(error.to_string()),
@@ -319,6 +336,7 @@ async fn search_leftovers(runbook: &Runbook) -> (Vec<Leftover>, Vec<String>) {
                 if is_scratch && entry.path().is_dir() {
                     found.push(Leftover {
                         shown: entry.path().display().to_string(),
+                        in_use: directory_in_use(&entry.path()),
                         remove: LeftoverKind::Directory(entry.path()),
                     });
                 }
@@ -335,7 +353,11 @@ async fn find_leftovers(runbook: &Runbook) -> Vec<Leftover> {
     for why in not_searched {
         tracing::warn!(%why, "could not look for scratch targets of earlier drills");
     }
+    // Another drill's running targets are not leftovers.
     found
+        .into_iter()
+        .filter(|leftover| leftover.in_use.is_none())
+        .collect()
 }
 
 /// `stillpoint drill --cleanup`: removes every scratch target earlier drills left
@@ -347,6 +369,10 @@ pub async fn cleanup(runbook: &Runbook) -> CleanupReport {
         ..CleanupReport::default()
     };
     for leftover in found {
+        if let Some(why) = &leftover.in_use {
+            report.in_use.push(format!("{}: {why}", leftover.shown));
+            continue;
+        }
         let removed = match &leftover.remove {
             LeftoverKind::Target(adapter, target) => adapter
                 .drop_scratch(target)
@@ -362,6 +388,43 @@ pub async fn cleanup(runbook: &Runbook) -> CleanupReport {
         }
     }
     report
+}
+
+/// Locks [`SCRATCH_DIR_LOCK`] in a drill's new scratch directory; the lock lasts as
+/// long as the returned file is open (the process's end included, however it ends).
+/// A file system without locks (some network mounts) only costs the hold, not the
+/// drill: a clean-up that cannot take the lock there leaves the directory alone too.
+fn hold_directory(dir: &std::path::Path) -> Option<std::fs::File> {
+    let path = dir.join(SCRATCH_DIR_LOCK);
+    let held = std::fs::File::create(&path).and_then(|file| file.lock().map(|()| file));
+    match held {
+        Ok(file) => Some(file),
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "could not lock the drill's scratch directory; a clean-up run meanwhile cannot tell it is in use");
+            None
+        }
+    }
+}
+
+/// Why a scratch directory is in use: a running drill holds its lock file. A
+/// directory without one (made before drills locked them) is not.
+fn directory_in_use(dir: &std::path::Path) -> Option<String> {
+    let path = dir.join(SCRATCH_DIR_LOCK);
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(error) => return Some(format!("whether a drill holds it is unknown: {error}")),
+    };
+    match file.try_lock() {
+        Ok(()) => None,
+        Err(std::fs::TryLockError::WouldBlock) => Some(format!(
+            "a running drill holds it ({} is locked)",
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Some(format!("whether a drill holds it is unknown: {error}"))
+        }
+    }
 }
 
 /// A new directory for scratch files: inside the runbook's `scratch_dir`, else in the
@@ -410,7 +473,7 @@ async fn create_target(
         return Ok(None);
     }
     adapter
-        .create_scratch(&scratch_label(run_id, &entry.name), scratch)
+        .create_scratch(&scratch_label(run_id, &entry.name), scratch, &entry.cut)
         .await
         .map(Some)
         .map_err(|error| error.to_string())
@@ -786,20 +849,40 @@ async fn run_check(
                 return Err(format!("not run: database {database} was not restored"));
             }
         }
+        // A query that outlives the check's timeout is dropped (its connection with
+        // it); the scratch database is dropped with its sessions afterwards.
+        let bounded = |what: &str| {
+            format!(
+                "{what} did not finish within {} (the check's timeout; set timeout in the \
+                 check to allow longer); it was abandoned",
+                crate::time::format_duration(check.timeout)
+            )
+        };
         match &check.kind {
             CheckKind::Expect { query, expect } => {
-                let rows = run_query(query, targets).await?;
+                let rows = tokio::time::timeout(check.timeout, run_query(query, targets))
+                    .await
+                    .map_err(|_| bounded(&format!("the query on {}", query.database)))??;
                 compare_expected(&query.database, &rows, expect)
             }
-            CheckKind::Command { argv, env, timeout } => {
-                run_command(argv, env, *timeout, targets).await
+            CheckKind::Command { argv, env } => {
+                run_command(argv, env, check.timeout, targets).await
             }
             CheckKind::Equal {
                 left,
                 right,
                 allow_empty,
             } => {
-                let (l, r) = futures::join!(run_query(left, targets), run_query(right, targets));
+                let both =
+                    async { futures::join!(run_query(left, targets), run_query(right, targets)) };
+                let (l, r) = tokio::time::timeout(check.timeout, both)
+                    .await
+                    .map_err(|_| {
+                        bounded(&format!(
+                            "the queries on {} and {}",
+                            left.database, right.database
+                        ))
+                    })?;
                 let (l, r) = (l?, r?);
                 if l.is_empty() && r.is_empty() && !allow_empty {
                     return Err(format!(
@@ -842,9 +925,15 @@ async fn run_command(
     let target = |name: &str| targets.get(name).map(|(_, target)| target.as_str());
     for template in argv {
         for name in crate::runbook::placeholders(template).unwrap_or_default() {
+            // In the user part, or as a parameter (libpq takes `?password=`).
             let has_password = target(name)
                 .and_then(|target| url::Url::parse(target).ok())
-                .is_some_and(|url| url.password().is_some());
+                .is_some_and(|url| {
+                    url.password().is_some()
+                        || url
+                            .query_pairs()
+                            .any(|(key, _)| key.eq_ignore_ascii_case("password"))
+                });
             if has_password {
                 return Err(format!(
                     "not run: the scratch target of {name} carries a password, which would \
@@ -1370,6 +1459,19 @@ mod tests {
             .unwrap_err();
         assert!(refused.contains("through env"), "{refused}");
         assert!(!refused.contains("hunter2"), "{refused}");
+        // libpq also takes the password as a URL parameter (`drill_server_url =
+        // "postgres://u@host/db?password=…"`): the same refusal.
+        for url in [
+            "postgres://u@127.0.0.1:5432/scratch?password=hunter2",
+            "postgres://u@127.0.0.1:5432/scratch?sslmode=disable&PASSWORD=hunter2",
+        ] {
+            let (adapter, _) = targets.remove("db").unwrap();
+            targets.insert("db", (adapter, url.to_owned()));
+            let refused = run_command(&argv("true"), &env, timeout, &targets)
+                .await
+                .unwrap_err();
+            assert!(refused.contains("through env"), "{url}: {refused}");
+        }
         let via_env = vec![
             "sh".to_owned(),
             "-c".to_owned(),

@@ -158,6 +158,10 @@ pub struct DrillConfig {
 pub struct DrillCheck {
     pub name: String,
     pub kind: CheckKind,
+    /// How long the check may run: a query is abandoned (its scratch database is
+    /// dropped with its sessions afterwards), a command killed with everything it
+    /// started. A hung server or a runaway query must not hang the drill.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,7 +185,6 @@ pub enum CheckKind {
     Command {
         argv: Vec<String>,
         env: BTreeMap<String, String>,
-        timeout: Duration,
     },
 }
 
@@ -424,12 +427,16 @@ struct RawCheck {
     timeout: Option<Duration>,
 }
 
-/// How long a command check may run unless the runbook says otherwise.
-const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a check may run unless the runbook says otherwise.
+const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl RawCheck {
     fn into_check(self) -> Result<DrillCheck, String> {
         let name = self.name;
+        let timeout = self.timeout.unwrap_or(DEFAULT_CHECK_TIMEOUT);
+        if timeout.is_zero() {
+            return Err(format!("[drill] check {name:?}: timeout must be positive"));
+        }
         if let Some(argv) = self.command {
             let queries = [
                 self.database.is_some(),
@@ -456,18 +463,15 @@ impl RawCheck {
             for template in argv.iter().chain(env.values()) {
                 placeholders(template).map_err(|why| format!("[drill] check {name:?}: {why}"))?;
             }
-            let timeout = self.timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT);
-            if timeout.is_zero() {
-                return Err(format!("[drill] check {name:?}: timeout must be positive"));
-            }
             return Ok(DrillCheck {
                 name,
-                kind: CheckKind::Command { argv, env, timeout },
+                kind: CheckKind::Command { argv, env },
+                timeout,
             });
         }
-        if self.env.is_some() || self.timeout.is_some() {
+        if self.env.is_some() {
             return Err(format!(
-                "[drill] check {name:?}: env and timeout belong to command checks"
+                "[drill] check {name:?}: env belongs to command checks"
             ));
         }
         let kind = match (self.database, self.sql, self.expect, self.left, self.right) {
@@ -496,7 +500,11 @@ impl RawCheck {
                 ));
             }
         };
-        let check = DrillCheck { name, kind };
+        let check = DrillCheck {
+            name,
+            kind,
+            timeout,
+        };
         for query in check.queries() {
             if !has_statement(&query.sql) {
                 return Err(format!(

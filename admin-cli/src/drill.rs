@@ -22,7 +22,8 @@ pub struct DrillArgs {
     /// Instead of a drill: find the scratch databases and directories that drills
     /// killed outright (SIGKILL, a crash) left on the runbook's drill servers and in
     /// its scratch directory (their names begin with `stillpoint_drill_` /
-    /// `stillpoint-drill-`), and remove them. Run it when no drill is running.
+    /// `stillpoint-drill-`), and remove them. Targets a running drill holds are left
+    /// alone and listed as in use.
     #[arg(long, conflicts_with_all = ["backup", "junit", "keep"])]
     pub cleanup: bool,
     /// The runbook: storage, keys, databases, and the `[drill]` checks.
@@ -46,6 +47,23 @@ pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
     let (runbook, storage, manifest) = open_backup(&args.config, backup).await?;
     let decryption = stillpoint::backup::decryption(&runbook)
         .map_err(|error| Failure::new(exit::USAGE, error))?;
+    // Opened now, not after the drill: a path that cannot be written must not cost a
+    // whole drill (and its report) to find out.
+    let junit = match &args.junit {
+        Some(path) => Some((
+            path,
+            std::fs::File::create(path).map_err(|error| {
+                Failure::new(
+                    exit::USAGE,
+                    anyhow::anyhow!(
+                        "cannot write the JUnit report {}: {error}; nothing was restored",
+                        path.display()
+                    ),
+                )
+            })?,
+        )),
+        None => None,
+    };
     if args.output == OutputFormat::Text {
         eprintln!(
             "drill of backup {}: restoring {} databases into scratch targets …",
@@ -68,12 +86,13 @@ pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
         drill::DrillError::Interrupted { .. } => Failure::new(exit::ERROR, error),
         drill::DrillError::Setup(_) => Failure::new(exit::USAGE, error),
     })?;
-    if let Some(path) = &args.junit {
-        write_junit(path, &report)?;
-    }
     match args.output {
         OutputFormat::Json => print_json(&report),
         OutputFormat::Text => print!("{}", render_text(&report)),
+    }
+    // After the report is out, so that a failure here does not lose it.
+    if let Some((path, file)) = junit {
+        write_junit(path, file, &report)?;
     }
     Ok(if report.ok {
         exit::OK
@@ -89,8 +108,11 @@ async fn cleanup(args: &DrillArgs) -> Result<u8, Failure> {
     match args.output {
         OutputFormat::Json => print_json(&report),
         OutputFormat::Text => {
-            if report.removed.is_empty() && report.failed.is_empty() {
+            if report.removed.is_empty() && report.failed.is_empty() && report.in_use.is_empty() {
                 println!("no scratch targets of earlier drills found");
+            }
+            for in_use in &report.in_use {
+                println!("left alone, in use: {in_use}");
             }
             for removed in &report.removed {
                 println!("removed {removed}");
@@ -185,8 +207,9 @@ pub fn render_text(report: &DrillReport) -> String {
     text
 }
 
-fn write_junit(path: &Path, report: &DrillReport) -> Result<(), Failure> {
-    std::fs::write(path, junit(report)).map_err(|error| {
+fn write_junit(path: &Path, mut file: std::fs::File, report: &DrillReport) -> Result<(), Failure> {
+    use std::io::Write;
+    file.write_all(junit(report).as_bytes()).map_err(|error| {
         Failure::new(
             exit::ERROR,
             anyhow::anyhow!("writing the JUnit report {}: {error}", path.display()),

@@ -95,7 +95,12 @@ impl Adapter for Exec {
     }
 
     /// An empty directory: what the target means is up to the restore command.
-    async fn create_scratch(&self, label: &str, dir: &Path) -> Result<String, AdapterError> {
+    async fn create_scratch(
+        &self,
+        label: &str,
+        dir: &Path,
+        _cut: &CutMarker,
+    ) -> Result<String, AdapterError> {
         let target = dir.join(label);
         tokio::fs::create_dir_all(&target)
             .await

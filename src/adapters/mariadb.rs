@@ -7,10 +7,17 @@
 //! - cut: `START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY` at REPEATABLE READ,
 //!   then `binlog_snapshot_file`/`_position` (MariaDB reports the binlog position that
 //!   matches this very snapshot), `@@gtid_binlog_pos`, and the list of tables and views.
-//!   Metadata only: nothing here grows with the data.
+//!   Every table the copy reads is held by a shared metadata lock from before the
+//!   snapshot to the end of the copy, so DDL sent right after the release (TRUNCATE,
+//!   ALTER) waits for the copy instead of emptying a table in the snapshot's view or
+//!   breaking it: a second connection opened in prepare takes the locks before the
+//!   snapshot, the snapshot's own transaction takes them after it, and `copy` closes
+//!   the first. Each wait is bounded (`CUT_LOCK_TIMEOUT`). Metadata only: nothing here
+//!   grows with the data.
 //! - copy: a logical dump produced over that connection, inside that transaction:
 //!   `SHOW CREATE TABLE` for each base table, then its rows as batched `INSERT`s with
-//!   every value written according to its column type, then views. It is produced by
+//!   every value written according to its column type, then views, each after the views
+//!   it reads. It is produced by
 //!   one task into a bounded pipe as it is read, so memory stays flat whatever the
 //!   size. Each table's dumped rows are checked against `COUNT(*)` in the same
 //!   snapshot, and those counts are the summary.
@@ -60,6 +67,10 @@ const PIPE_BYTES: usize = 256 * 1024;
 pub struct Mariadb {
     name: String,
     config: MariadbConfig,
+    /// Per scratch database this drill made: the connection holding its named lock
+    /// (`GET_LOCK` of the database's name, server-wide), from before it was created
+    /// until it is dropped, so that a clean-up leaves it alone.
+    holds: Mutex<BTreeMap<String, Conn>>,
 }
 
 impl Mariadb {
@@ -67,6 +78,7 @@ impl Mariadb {
         Mariadb {
             name: name.to_owned(),
             config,
+            holds: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -118,10 +130,29 @@ fn kind_of(e: &mysql_async::UrlError) -> &'static str {
     }
 }
 
+/// How long connecting to a MariaDB server may take, handshake and authentication
+/// included: a server that accepts connections but never answers (stopped, hung) must
+/// not hang a backup's prepare or a drill forever.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The largest packet our connections read (the protocol's limit). The driver's
+/// default, the server's `max_allowed_packet`, bounds what a client may send; a row
+/// the server holds and sends can be larger (several values, each within it), and
+/// the dump must read every row.
+const MAX_PACKET: usize = 1 << 30;
+
 async fn connect(opts: &Opts) -> Result<Conn, String> {
-    Conn::new(opts.clone())
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", shown(opts)))
+    let reading =
+        mysql_async::OptsBuilder::from_opts(opts.clone()).max_allowed_packet(Some(MAX_PACKET));
+    match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(reading)).await {
+        Ok(connected) => connected.map_err(|e| format!("connecting to {}: {e}", shown(opts))),
+        Err(_) => Err(format!(
+            "connecting to {}: the server did not answer within {}s (is it stopped, hung \
+             or overloaded? check that it runs and accepts connections)",
+            shown(opts),
+            CONNECT_TIMEOUT.as_secs()
+        )),
+    }
 }
 
 #[async_trait::async_trait]
@@ -188,9 +219,22 @@ impl Adapter for Mariadb {
                 .await
                 .map_err(|e| err(format!("configuring the session on {url}: {e}")))?;
         }
+        // The cut's metadata locks wait at most this long (inside the pause); the dump
+        // puts the server's default back once the cluster is released.
+        let mut holder = connect(&opts).await.map_err(err)?;
+        for conn in [&mut conn, &mut holder] {
+            conn.query_drop(format!(
+                "SET SESSION lock_wait_timeout = {}",
+                CUT_LOCK_TIMEOUT.as_secs()
+            ))
+            .await
+            .map_err(|e| err(format!("configuring the session on {url}: {e}")))?;
+        }
         Ok(Box::new(MariadbPrepared {
             name: self.name.clone(),
             conn: Some(conn),
+            holder: Some(holder),
+            tables: engines.into_iter().map(|(table, _)| table).collect(),
             server_version,
             database,
             binlog_on: log_bin == "1" || log_bin.eq_ignore_ascii_case("on"),
@@ -235,6 +279,9 @@ impl Adapter for Mariadb {
         // developer's ~/.my.cnf, /etc/mysql) cannot redirect the restore elsewhere.
         cmd.arg("--no-defaults")
             .arg("--batch")
+            // The client's own limit (16 MiB by default) must not be below the server's:
+            // a large row's INSERT is as large as the row.
+            .arg("--max-allowed-packet=1073741824")
             .arg("--default-character-set=utf8mb4");
         match opts.socket() {
             Some(socket) => cmd
@@ -338,7 +385,12 @@ impl Adapter for Mariadb {
         Ok(())
     }
 
-    async fn create_scratch(&self, label: &str, _dir: &Path) -> Result<String, AdapterError> {
+    async fn create_scratch(
+        &self,
+        label: &str,
+        _dir: &Path,
+        _cut: &CutMarker,
+    ) -> Result<String, AdapterError> {
         let server = self
             .config
             .drill_server_url
@@ -349,13 +401,28 @@ impl Adapter for Mariadb {
             message,
         })?;
         let mut conn = self.connect_target(server).await?;
+        // Held before the database exists, so no clean-up can find it unheld. (Lock
+        // names may be 64 characters long; scratch labels are at most 63.)
+        let locked: Option<i64> = conn
+            .exec_first("SELECT GET_LOCK(?, 10)", (label,))
+            .await
+            .map_err(|e| self.target_error(&target, e))?;
+        if locked != Some(1) {
+            return Err(AdapterError::Restore {
+                database: self.name.clone(),
+                message: format!("another connection holds the lock named {label}"),
+            });
+        }
         conn.query_drop(format!(
             "CREATE DATABASE {} CHARACTER SET utf8mb4",
             quote_ident(label)
         ))
         .await
         .map_err(|e| self.target_error(&target, e))?;
-        let _ = conn.disconnect().await;
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(target.clone(), conn);
         Ok(target)
     }
 
@@ -388,7 +455,39 @@ impl Adapter for Mariadb {
             .map_err(|e| self.target_error(target, e))?;
         }
         let _ = conn.disconnect().await;
+        let hold = self
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(target);
+        if let Some(hold) = hold {
+            let _ = hold.disconnect().await;
+        }
         Ok(())
+    }
+
+    async fn scratch_in_use(&self, target: &str) -> Result<Option<String>, AdapterError> {
+        let opts = parse_url(target).map_err(|message| AdapterError::Restore {
+            database: self.name.clone(),
+            message,
+        })?;
+        let Some(database) = opts.db_name().map(str::to_owned) else {
+            return Ok(None);
+        };
+        let server = self
+            .config
+            .drill_server_url
+            .as_deref()
+            .unwrap_or(&self.config.url);
+        let mut conn = self.connect_target(server).await?;
+        let holder: Option<Option<u64>> = conn
+            .exec_first("SELECT IS_USED_LOCK(?)", (&database,))
+            .await
+            .map_err(|e| self.target_error(server, e))?;
+        let _ = conn.disconnect().await;
+        Ok(holder
+            .flatten()
+            .map(|id| format!("a running drill holds it (MariaDB connection id {id})")))
     }
 
     async fn list_scratch(&self, marker: &str) -> Result<Vec<String>, AdapterError> {
@@ -571,7 +670,10 @@ fn typed(column: &Column, value: Value) -> super::Value {
         Value::NULL => Typed::Null,
         Value::Int(i) => Typed::Number(i.to_string()),
         Value::UInt(u) => Typed::Number(u.to_string()),
-        Value::Float(f) => Typed::Float(f64::from(f)),
+        // A FLOAT by the shortest decimal that reads back as it (what PostgreSQL prints
+        // for a `real`): widened bit for bit, 0.1 would be 0.10000000149011612, and
+        // equal to neither an expected 0.1 nor the same value read from another server.
+        Value::Float(f) => Typed::Float(f.to_string().parse().unwrap_or(f64::from(f))),
         Value::Double(d) => Typed::Float(d),
         Value::Bytes(bytes) => match column.column_type() {
             MYSQL_TYPE_DECIMAL | MYSQL_TYPE_NEWDECIMAL => {
@@ -635,10 +737,32 @@ fn outside_snapshot(engines: &[(String, Option<String>)]) -> Vec<String> {
         .collect()
 }
 
+/// How long the cut waits for a table's metadata lock (inside the pause) before it
+/// fails: only someone else's DDL, running or queued, holds it that long.
+const CUT_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// One statement that takes a shared metadata lock on each of `tables` and reads no
+/// row. Held until the transaction ends, the lock keeps DDL (TRUNCATE, ALTER, DROP)
+/// off the table: its snapshot would otherwise see a TRUNCATEd table as empty, or
+/// fail with "Table definition has changed".
+fn metadata_lock_statement(tables: &[String]) -> String {
+    tables
+        .iter()
+        .map(|table| format!("(SELECT 1 FROM {} LIMIT 0)", quote_ident(table)))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ")
+}
+
 struct MariadbPrepared {
     name: String,
     /// Moved into the dump task by `copy`.
     conn: Option<Conn>,
+    /// A second connection that holds the tables' metadata locks from before the
+    /// snapshot until `conn` holds its own (which it can only take after the snapshot:
+    /// START TRANSACTION ends any earlier transaction and its locks). Closed by `copy`.
+    holder: Option<Conn>,
+    /// The base tables listed in prepare, which `holder` locks.
+    tables: Vec<String>,
     server_version: String,
     database: String,
     binlog_on: bool,
@@ -656,10 +780,34 @@ impl Prepared for MariadbPrepared {
         if self.objects.is_some() {
             return Err(err("the snapshot was already cut".to_owned()));
         }
-        let conn = self
-            .conn
-            .as_mut()
-            .ok_or_else(|| err("the connection was lost by an earlier failure".to_owned()))?;
+        let lost = || err("the connection was lost by an earlier failure".to_owned());
+        let locking = |what: &str, e: mysql_async::Error| {
+            err(format!(
+                "{what}: {e} (another session's DDL on one of them held or queued for its \
+                 lock past {}s, or a table was dropped or renamed since prepare; run the \
+                 backup again)",
+                CUT_LOCK_TIMEOUT.as_secs()
+            ))
+        };
+        // Before the snapshot: from here until the copy ends, no DDL can change a table
+        // the copy will read (see `metadata_lock_statement`).
+        let holder = self.holder.as_mut().ok_or_else(lost)?;
+        holder
+            .query_drop("START TRANSACTION READ ONLY")
+            .await
+            .map_err(|e| err(format!("starting the lock-holding transaction: {e}")))?;
+        if !self.tables.is_empty() {
+            holder
+                .query_drop(metadata_lock_statement(&self.tables))
+                .await
+                .map_err(|e| {
+                    locking(
+                        &format!("locking the {} tables to copy", self.tables.len()),
+                        e,
+                    )
+                })?;
+        }
+        let conn = self.conn.as_mut().ok_or_else(lost)?;
         conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             .await
             .map_err(|e| err(format!("setting the isolation level: {e}")))?;
@@ -735,6 +883,29 @@ impl Prepared for MariadbPrepared {
                 outside.join(", ")
             )));
         }
+        // A table the holder did not lock could have been changed by DDL between the
+        // snapshot and the lock below.
+        let unlocked: Vec<&str> = objects
+            .tables
+            .iter()
+            .map(|table| table.name.as_str())
+            .filter(|table| !self.tables.iter().any(|held| held == table))
+            .collect();
+        if !unlocked.is_empty() {
+            return Err(err(format!(
+                "table(s) {} appeared between prepare and the cut, so the cut could not lock \
+                 them before its snapshot; run the backup again",
+                unlocked.join(", ")
+            )));
+        }
+        // The snapshot's own locks, held until the dump commits; the holder's are then
+        // no longer needed (`copy` closes it, after the release).
+        if !objects.tables.is_empty() {
+            let names: Vec<String> = objects.tables.iter().map(|t| t.name.clone()).collect();
+            conn.query_drop(metadata_lock_statement(&names))
+                .await
+                .map_err(|e| locking("locking the tables in the snapshot", e))?;
+        }
         details.insert("tables".to_owned(), objects.tables.len().to_string());
         details.insert("views".to_owned(), objects.views.len().to_string());
         if versioned > 0 {
@@ -758,6 +929,10 @@ impl Prepared for MariadbPrepared {
                 message: "copy was called before a successful cut".to_owned(),
             });
         };
+        // The snapshot's transaction holds its tables now: the holder lets go.
+        if let Some(holder) = self.holder.take() {
+            let _ = holder.disconnect().await;
+        }
         let (reader, writer) = tokio::io::duplex(PIPE_BYTES);
         let header = format!(
             "-- stillpoint logical dump of `{}` (MariaDB {}), one consistent snapshot\n",
@@ -824,6 +999,12 @@ async fn dump<W: AsyncWrite + Unpin>(
             .map_err(write)?;
     }
 
+    // The cut's short lock wait was for inside the pause; a view's definition may wait
+    // as long as the server lets any statement.
+    conn.query_drop("SET SESSION lock_wait_timeout = DEFAULT")
+        .await
+        .map_err(|e| format!("configuring the dump session: {e}"))?;
+
     let mut counts = BTreeMap::new();
     for table in &objects.tables {
         let dumped = dump_table(&mut conn, table, &mut out).await?;
@@ -857,14 +1038,19 @@ async fn dump<W: AsyncWrite + Unpin>(
         };
         counts.insert(name.clone(), current);
     }
+    let mut views = Vec::new();
     for view in &objects.views {
         let row: Option<(String, String, String, String)> = conn
             .query_first(format!("SHOW CREATE VIEW {}", quote_ident(view)))
             .await
             .map_err(|e| format!("reading the definition of view {view}: {e}"))?;
         let (_, create, _, _) = row.ok_or_else(|| format!("view {view} has no definition"))?;
-        let sql = format!("{};\n\n", without_definer(&create));
-        out.write_all(sql.as_bytes()).await.map_err(write)?;
+        views.push((view.clone(), without_definer(&create)));
+    }
+    for (_, create) in in_dependency_order(views) {
+        out.write_all(format!("{create};\n\n").as_bytes())
+            .await
+            .map_err(write)?;
     }
     conn.query_drop("COMMIT")
         .await
@@ -900,18 +1086,32 @@ async fn dump_table<W: AsyncWrite + Unpin>(
         .map_err(write)?;
 
     // Generated columns are computed on restore; inserting into them is an error.
-    let mut columns: Vec<String> = conn
+    let listed: Vec<(String, String)> = conn
         .exec(
-            "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
+            "SELECT COLUMN_NAME, DATA_TYPE FROM information_schema.COLUMNS \
              WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND IS_GENERATED = 'NEVER' \
              ORDER BY ORDINAL_POSITION",
             (table,),
         )
         .await
         .map_err(|e| format!("listing the columns of {table}: {e}"))?;
-    if columns.is_empty() {
+    if listed.is_empty() {
         return Ok(0);
     }
+    // The server prints a FLOAT with 6 significant digits (16777216 as 16777200, the
+    // float nearest 1/3 as 0.333333), which read back as another float. A FLOAT is read
+    // as the DOUBLE it converts to exactly, whose text reads back as that very float.
+    let mut read: Vec<String> = listed
+        .iter()
+        .map(|(column, data_type)| {
+            if data_type.eq_ignore_ascii_case("float") {
+                format!("CAST({} AS DOUBLE)", quote_ident(column))
+            } else {
+                quote_ident(column)
+            }
+        })
+        .collect();
+    let mut columns: Vec<String> = listed.into_iter().map(|(column, _)| column).collect();
     let mut from = quoted.clone();
     if versioned {
         // The period's columns: named in the table, or the implicit, hidden
@@ -927,11 +1127,13 @@ async fn dump_table<W: AsyncWrite + Unpin>(
             )
             .await
             .map_err(|e| format!("listing the period columns of {table}: {e}"))?;
-        if period.is_empty() {
-            columns.extend(["row_start".to_owned(), "row_end".to_owned()]);
+        let period = if period.is_empty() {
+            vec!["row_start".to_owned(), "row_end".to_owned()]
         } else {
-            columns.extend(period);
-        }
+            period
+        };
+        read.extend(period.iter().map(|c| quote_ident(c)));
+        columns.extend(period);
         from.push_str(" FOR SYSTEM_TIME ALL");
     }
     let column_list = columns
@@ -942,7 +1144,7 @@ async fn dump_table<W: AsyncWrite + Unpin>(
     let insert_prefix = format!("INSERT INTO {quoted} ({column_list}) VALUES\n").into_bytes();
 
     let mut result = conn
-        .query_iter(format!("SELECT {column_list} FROM {from}"))
+        .query_iter(format!("SELECT {} FROM {from}", read.join(", ")))
         .await
         .map_err(|e| format!("reading {table}: {e}"))?;
     let mut rows = result
@@ -1047,7 +1249,11 @@ fn push_value(sql: &mut Vec<u8>, ty: ColumnType, charset: u16, value: Option<Val
         | MYSQL_TYPE_BLOB
             if charset == BINARY_CHARSET =>
         {
-            push_hex(sql, &bytes)
+            // Escaped, not hex: a hex literal is twice the value's size, so a row of a
+            // few MiB made an INSERT larger than the restoring server's
+            // max_allowed_packet. `_binary` keeps the bytes from being read as text.
+            sql.extend_from_slice(b"_binary");
+            push_quoted(sql, &bytes)
         }
         _ => push_quoted(sql, &bytes),
     }
@@ -1086,6 +1292,28 @@ fn push_quoted(sql: &mut Vec<u8>, bytes: &[u8]) {
 
 fn quote_ident(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))
+}
+
+/// Views ordered so that each comes after the views its definition names: one view
+/// read by another must exist when the other is created on restore. A view counts as
+/// named when its quoted name appears in the definition, as the server writes every
+/// table and view a definition reads; a name that appears for another reason (a
+/// column alias) only moves it earlier, and views that cannot be ordered (a
+/// mention both ways) keep their order at the end.
+fn in_dependency_order(mut pending: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut ordered = Vec::with_capacity(pending.len());
+    while !pending.is_empty() {
+        let ready = pending.iter().position(|(view, create)| {
+            !pending
+                .iter()
+                .any(|(other, _)| other != view && create.contains(&quote_ident(other)))
+        });
+        match ready {
+            Some(index) => ordered.push(pending.remove(index)),
+            None => ordered.append(&mut pending),
+        }
+    }
+    ordered
 }
 
 /// `CREATE … DEFINER=`u`@`h` SQL SECURITY …` without the DEFINER clause: the definer

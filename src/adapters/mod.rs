@@ -132,9 +132,16 @@ pub trait Adapter: Send + Sync + 'static {
     }
 
     /// A new, empty scratch target for a drill, named after `label`, next to the
-    /// source (or where the config says): a file in `dir`, a new database.
-    async fn create_scratch(&self, label: &str, dir: &Path) -> Result<String, AdapterError> {
-        let _ = (label, dir);
+    /// source (or where the config says): a file in `dir`, a new database. `cut` is
+    /// the marker of the copy that will be restored into it, so the target can be made
+    /// like the source was (PostgreSQL: its encoding and locale).
+    async fn create_scratch(
+        &self,
+        label: &str,
+        dir: &Path,
+        cut: &CutMarker,
+    ) -> Result<String, AdapterError> {
+        let _ = (label, dir, cut);
         Err(self.unsupported("drill scratch targets"))
     }
 
@@ -150,6 +157,14 @@ pub trait Adapter: Send + Sync + 'static {
     async fn list_scratch(&self, marker: &str) -> Result<Vec<String>, AdapterError> {
         let _ = marker;
         Ok(Vec::new())
+    }
+
+    /// Why `target`, a scratch target [`Adapter::list_scratch`] found, is in use by a
+    /// running drill (which holds it from before it is created until it is dropped), or
+    /// `None` if no drill holds it: `stillpoint drill --cleanup` leaves those alone.
+    async fn scratch_in_use(&self, target: &str) -> Result<Option<String>, AdapterError> {
+        let _ = target;
+        Ok(None)
     }
 
     /// Runs one statement against a restored target, for drill checks, so that it

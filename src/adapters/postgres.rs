@@ -21,9 +21,12 @@
 //!   while our transaction keeps it alive; `finished` waits for pg_dump, then counts
 //!   rows per table in the same snapshot and only then ends the transaction.
 //! - restore: `pg_restore --no-owner --exit-on-error --single-transaction` from the
-//!   stream into a target database that must have no user relations. Drills create a
-//!   scratch database on the source's server (or `drill_server_url`) and drop it with
-//!   `WITH (FORCE)` (PostgreSQL 13+).
+//!   stream into a target database that must have no user relations (a drill's scratch
+//!   copy also without the source's GRANTs, `--no-acl`: a drill server of its own
+//!   lacks the roles they name). Drills create a
+//!   scratch database on the source's server (or `drill_server_url`), from template0
+//!   with the source's encoding and locale (read in prepare, kept in the cut marker),
+//!   and drop it with `WITH (FORCE)` (PostgreSQL 13+).
 //! - drill checks (`query`): one statement (prepared first, which refuses more), run in
 //!   a read-only transaction; each value typed by its column's type.
 //!
@@ -58,13 +61,22 @@ const MIN_SERVER_VERSION: i32 = 100_000;
 pub struct Postgres {
     name: String,
     config: PostgresConfig,
+    /// Per scratch database this drill made: the session holding its advisory lock.
+    holds: std::sync::Mutex<BTreeMap<String, Connection>>,
 }
+
+/// The advisory lock a drill holds, on a session of the drill server, from before it
+/// creates a scratch database until it has dropped it: (this class, hashtext(name)).
+/// `pg_locks` shows it from every database of the server, so a clean-up run with any
+/// runbook sees it.
+const SCRATCH_LOCK_CLASS: i32 = 0x5354_4450;
 
 impl Postgres {
     pub fn new(name: &str, config: PostgresConfig) -> Self {
         Postgres {
             name: name.to_owned(),
             config,
+            holds: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -101,6 +113,17 @@ impl Connection {
         drop(self.client);
         let _ = self.driver.await;
     }
+}
+
+/// The source database's encoding and locale, recorded in the cut marker: a drill's
+/// scratch database is created with them (from template0), so that a restore neither
+/// fails on bytes the server's default encoding refuses (SQL_ASCII, LATIN1 data) nor
+/// converts the text to another encoding.
+#[derive(Debug, Clone)]
+struct CharacterSettings {
+    encoding: String,
+    lc_collate: String,
+    lc_ctype: String,
 }
 
 /// What prepare learned about the server's WAL settings.
@@ -140,7 +163,9 @@ impl Adapter for Postgres {
                 "SELECT current_setting('server_version_num')::int, current_setting('server_version'), \
                         current_database(), pg_is_in_recovery(), current_setting('wal_level'), \
                         current_setting('archive_mode'), current_setting('archive_command'), \
-                        coalesce(current_setting('archive_library', true), '')",
+                        coalesce(current_setting('archive_library', true), ''), \
+                        pg_encoding_to_char(d.encoding), d.datcollate::text, d.datctype::text \
+                 FROM pg_database d WHERE d.datname = current_database()",
                 &[],
             )
             .await
@@ -161,6 +186,11 @@ impl Adapter for Postgres {
             )));
         }
         let wal = wal_settings(facts.get(4), facts.get(5), facts.get(6), facts.get(7));
+        let character = CharacterSettings {
+            encoding: facts.get(8),
+            lc_collate: facts.get(9),
+            lc_ctype: facts.get(10),
+        };
         if self.config.require_archiving
             && let Some(why) = &wal.not_archived_because
         {
@@ -194,6 +224,7 @@ impl Adapter for Postgres {
             server_version,
             database,
             wal,
+            character,
             tables,
             snapshot: None,
         }))
@@ -204,6 +235,11 @@ impl Adapter for Postgres {
             database: self.name.clone(),
             message,
         };
+        let is_scratch = self
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(target);
         let target = ConnString::parse(target).map_err(err)?;
         let conn = connect_with(&target).await.map_err(err)?;
         let existing = conn
@@ -240,6 +276,12 @@ impl Adapter for Postgres {
             "--single-transaction",
             "--no-password",
         ]);
+        if is_scratch {
+            // A drill's scratch copy is read by the drill alone, often on a server of
+            // its own (drill_server_url) that lacks the source's roles: their GRANTs
+            // would fail the restore, and prove nothing about the data.
+            cmd.arg("--no-acl");
+        }
         target.libpq_args(&mut cmd);
         process::run_with_stdin(cmd, "pg_restore", copy, false)
             .await
@@ -288,7 +330,12 @@ impl Adapter for Postgres {
         Ok(())
     }
 
-    async fn create_scratch(&self, label: &str, _dir: &Path) -> Result<String, AdapterError> {
+    async fn create_scratch(
+        &self,
+        label: &str,
+        _dir: &Path,
+        cut: &CutMarker,
+    ) -> Result<String, AdapterError> {
         let server = self
             .config
             .drill_server_url
@@ -298,23 +345,66 @@ impl Adapter for Postgres {
             database: self.name.clone(),
             message,
         })?;
+        // template0: template1 may hold objects or another encoding. The source's
+        // encoding and locale, where the backup recorded them (older backups did not:
+        // the server's defaults then).
+        let mut create = format!("CREATE DATABASE {} TEMPLATE template0", quote_ident(label));
+        let mut like = Vec::new();
+        for (key, clause) in [
+            ("encoding", "ENCODING"),
+            ("lc_collate", "LC_COLLATE"),
+            ("lc_ctype", "LC_CTYPE"),
+        ] {
+            if let Some(value) = cut.details.get(key) {
+                create.push_str(&format!(" {clause} {}", quote_literal(value)));
+                like.push(format!("{clause} {value}"));
+            }
+        }
         let conn = self.connect_target(server).await?;
-        conn.client
-            .batch_execute(&format!("CREATE DATABASE {}", quote_ident(label)))
+        // Held before the database exists, so no clean-up can find it unheld. Tried,
+        // not awaited: a key another drill holds (two names, one hash) must not make
+        // this drill wait for that one to end.
+        let locked: bool = conn
+            .client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                &[&SCRATCH_LOCK_CLASS, &label],
+            )
             .await
-            .map_err(|e| self.target_error(&target, &e))?;
-        conn.close().await;
+            .map_err(|e| self.target_error(&target, &e))?
+            .get(0);
+        if !locked {
+            return Err(AdapterError::Restore {
+                database: self.name.clone(),
+                message: format!(
+                    "another session holds the advisory lock of scratch database {label} \
+                     (another drill's name hashes alike); run the drill again"
+                ),
+            });
+        }
+        conn.client.batch_execute(&create).await.map_err(|e| {
+            let error = self.target_error(&target, &e);
+            if like.is_empty() {
+                return error;
+            }
+            AdapterError::Restore {
+                database: self.name.clone(),
+                message: format!(
+                    "{error}, creating it like the source database ({}); the drill server \
+                     must support that encoding and have that locale",
+                    like.join(", ")
+                ),
+            }
+        })?;
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(target.clone(), conn);
         Ok(target)
     }
 
     async fn drop_scratch(&self, target: &str) -> Result<(), AdapterError> {
-        let database = tokio_postgres::Config::from_str(target)
-            .ok()
-            .and_then(|c| c.get_dbname().map(str::to_owned))
-            .ok_or_else(|| AdapterError::Restore {
-                database: self.name.clone(),
-                message: format!("{} names no database", redact(target).url),
-            })?;
+        let database = scratch_database(&self.name, target)?;
         // A session in the scratch database could not drop it: connect to the database
         // it was created from instead.
         let server = self
@@ -331,7 +421,42 @@ impl Adapter for Postgres {
             .await
             .map_err(|e| self.target_error(target, &e))?;
         conn.close().await;
+        let hold = self
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(target);
+        if let Some(hold) = hold {
+            hold.close().await;
+        }
         Ok(())
+    }
+
+    async fn scratch_in_use(&self, target: &str) -> Result<Option<String>, AdapterError> {
+        let database = scratch_database(&self.name, target)?;
+        let server = self
+            .config
+            .drill_server_url
+            .as_deref()
+            .unwrap_or(&self.config.url);
+        let conn = self.connect_target(server).await?;
+        let holder = conn
+            .client
+            .query_opt(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                   AND classid = ($1::int4)::oid AND objid = hashtext($2)::oid AND objsubid = 2 \
+                 LIMIT 1",
+                &[&SCRATCH_LOCK_CLASS, &database],
+            )
+            .await
+            .map_err(|e| self.target_error(server, &e))?;
+        conn.close().await;
+        Ok(holder.map(|row| {
+            format!(
+                "a running drill holds it (PostgreSQL session pid {})",
+                row.get::<_, i32>(0)
+            )
+        }))
     }
 
     async fn list_scratch(&self, marker: &str) -> Result<Vec<String>, AdapterError> {
@@ -653,6 +778,7 @@ struct PostgresPrepared {
     server_version: String,
     database: String,
     wal: WalSettings,
+    character: CharacterSettings,
     /// The tables pg_dump will dump, as listed in prepare: the cut locks them.
     tables: Vec<(String, String)>,
     /// The exported snapshot id, once cut.
@@ -740,6 +866,9 @@ impl Prepared for PostgresPrepared {
             ("database".to_owned(), self.database.clone()),
             ("wal_level".to_owned(), self.wal.wal_level.clone()),
             ("archive_mode".to_owned(), self.wal.archive_mode.clone()),
+            ("encoding".to_owned(), self.character.encoding.clone()),
+            ("lc_collate".to_owned(), self.character.lc_collate.clone()),
+            ("lc_ctype".to_owned(), self.character.lc_ctype.clone()),
         ]);
         if self.wal.not_archived_because.is_none() {
             let point = restore_point_name(backup_id);
@@ -935,8 +1064,24 @@ async fn row_counts(client: &Client) -> Result<BTreeMap<String, u64>, tokio_post
     Ok(counts)
 }
 
+/// The database a scratch target's URL names.
+fn scratch_database(name: &str, target: &str) -> Result<String, AdapterError> {
+    tokio_postgres::Config::from_str(target)
+        .ok()
+        .and_then(|c| c.get_dbname().map(str::to_owned))
+        .ok_or_else(|| AdapterError::Restore {
+            database: name.to_owned(),
+            message: format!("{} names no database", redact(target).url),
+        })
+}
+
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A string literal (standard_conforming_strings, on since PostgreSQL 9.1).
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// The server's message for a database error (tokio-postgres's Display says only "db

@@ -120,7 +120,12 @@ impl Adapter for Sqlite {
         .map_err(err)
     }
 
-    async fn create_scratch(&self, label: &str, dir: &Path) -> Result<String, AdapterError> {
+    async fn create_scratch(
+        &self,
+        label: &str,
+        dir: &Path,
+        _cut: &CutMarker,
+    ) -> Result<String, AdapterError> {
         Ok(dir.join(format!("{label}.sqlite")).display().to_string())
     }
 

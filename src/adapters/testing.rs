@@ -45,13 +45,13 @@ pub(crate) async fn scratch_round_trip(
     expected: &[&[super::Value]],
 ) -> String {
     let mut prepared = adapter.prepare().await.unwrap();
-    prepared.cut("b-scratch").await.unwrap();
+    let cut = prepared.cut("b-scratch").await.unwrap();
     let mut copy = prepared.copy().await.unwrap();
     let bytes = read_to_end(&mut copy).await;
     let at_cut = copy.finished.await.unwrap().row_counts.unwrap();
 
     let target = adapter
-        .create_scratch(&unique_name("scratch"), dir)
+        .create_scratch(&unique_name("scratch"), dir, &cut)
         .await
         .unwrap();
     let restore = |bytes: Vec<u8>| adapter.restore(Box::pin(std::io::Cursor::new(bytes)), &target);

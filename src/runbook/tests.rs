@@ -362,7 +362,7 @@ fn command_checks_are_checked_before_anything_runs() {
     assert_eq!(ok.drill.checks[0].databases(), ["db"]);
     assert!(matches!(
         &ok.drill.checks[0].kind,
-        super::CheckKind::Command { timeout, .. } if *timeout == Duration::from_secs(30)
+        super::CheckKind::Command { .. } if ok.drill.checks[0].timeout == Duration::from_secs(30)
     ));
     for (check, needle) in [
         ("command = []", "command is empty"),
@@ -380,7 +380,7 @@ fn command_checks_are_checked_before_anything_runs() {
         ),
         (
             "database = \"db\"\nsql = \"SELECT 1\"\nexpect = 1\nenv = { A = \"b\" }",
-            "belong to command",
+            "belongs to command",
         ),
     ] {
         let error = parse(&with_check(&format!("name = \"c\"\n{check}")))

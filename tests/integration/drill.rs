@@ -1194,3 +1194,132 @@ fn slow_drill(example: &MixedExample, backup: &str) -> crate::util::Process {
     });
     drill
 }
+
+/// Two operators: one drill runs (its slow check on the scratch copies) while another
+/// operator runs `drill --cleanup` and a drill of their own. The running drill holds
+/// its scratch targets (an advisory lock, a named lock, a locked file), so the
+/// clean-up leaves all three alone and says so, the other drill does not report them
+/// as leftovers, and the running drill still removes them itself.
+#[test]
+fn drill_cleanup_leaves_a_running_drills_scratch_targets_alone() {
+    let example = MixedExample::start(true);
+    example.write_runbook(
+        r#"
+[[drill.checks]]
+name = "slow"
+database = "pg"
+sql = "SELECT 1 FROM pg_sleep(600)"
+expect = 1
+"#,
+    );
+    let backup = example.backup(&[]);
+    let drill = slow_drill(&example, &backup);
+    let running = example.leftovers();
+    assert_eq!(running.len(), 3, "{running:?}");
+
+    let (code, cleaned) = run_json(
+        "stillpoint",
+        &[
+            "drill",
+            "--cleanup",
+            "--config",
+            example.config(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{cleaned:#}");
+    assert_eq!(cleaned["removed"], serde_json::json!([]), "{cleaned:#}");
+    let in_use = cleaned["in_use"].as_array().unwrap();
+    assert_eq!(in_use.len(), 3, "{cleaned:#}");
+    assert!(
+        in_use
+            .iter()
+            .all(|why| why.as_str().unwrap().contains("a running drill holds it")),
+        "{cleaned:#}"
+    );
+    assert_eq!(example.leftovers(), running);
+
+    // A second drill at the same time: the first one's targets are not leftovers.
+    example.write_runbook("");
+    let (code, report) = example.drill(&backup);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["leftovers"], serde_json::json!([]), "{report:#}");
+
+    drill.signal("TERM");
+    let output = drill.wait_output(Duration::from_secs(60));
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert_eq!(example.leftovers(), Vec::<String>::new());
+}
+
+/// A SQL check that never finishes (a runaway query, a server stopped mid-check) hung
+/// the drill, and a CI job with it, forever: SQL checks had no timeout. Every check
+/// now has one (`timeout`, default 10m): the check fails saying so, the other checks
+/// run, the scratch targets are removed and the drill exits 7.
+#[test]
+fn a_sql_check_that_never_finishes_fails_at_its_timeout() {
+    let example = MixedExample::start(true);
+    example.write_runbook(
+        r#"
+[[drill.checks]]
+name = "runaway"
+database = "pg"
+sql = "SELECT 1 FROM pg_sleep(600)"
+expect = 1
+timeout = "2s"
+
+[[drill.checks]]
+name = "runaway_pair"
+left = { database = "maria", sql = "SELECT SLEEP(600)" }
+right = { database = "pg", sql = "SELECT 0" }
+timeout = "2s"
+"#,
+    );
+    let backup = example.backup(&[]);
+    let started = std::time::Instant::now();
+    let (code, report) = example.drill(&backup);
+    assert_eq!(code, 7, "{report:#}");
+    assert!(started.elapsed() < Duration::from_secs(60), "{report:#}");
+    for name in ["runaway", "runaway_pair"] {
+        let check = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|check| check["name"] == name)
+            .unwrap_or_else(|| panic!("no check {name}: {report:#}"));
+        assert_eq!(check["ok"], false, "{report:#}");
+        let detail = check["detail"].as_str().unwrap();
+        assert!(detail.contains("did not finish within 2s"), "{detail}");
+    }
+    assert_eq!(example.leftovers(), Vec::<String>::new());
+}
+
+/// `--junit` into a directory that does not exist (a CI path mistyped): the drill
+/// restored and checked everything (hours, on a large backup), then failed writing
+/// the file and printed no report at all. The file is now opened before anything is
+/// restored, and a JUnit file that cannot be written after the drill still leaves
+/// the report on stdout.
+#[test]
+fn an_unwritable_junit_path_fails_before_the_drill_restores_anything() {
+    let example = MixedExample::start(false);
+    example.write_runbook("");
+    let backup = example.backup(&[]);
+    let junit = example.dir.path().join("no-such-dir").join("drill.xml");
+    let output = run(
+        "stillpoint",
+        &[
+            "drill",
+            &backup,
+            "--config",
+            example.config(),
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+    );
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(err.contains("no-such-dir/drill.xml"), "{err}");
+    assert!(err.contains("nothing was restored"), "{err}");
+    assert!(!err.contains("restoring"), "{err}");
+    assert_eq!(example.leftovers(), Vec::<String>::new());
+}

@@ -105,11 +105,19 @@ impl ConnString {
 
     /// Connects (no TLS). The error names the server as [`ConnString::shown`] and,
     /// for a refused password, where the password came from.
+    /// The whole of it (TCP, startup, authentication) is bounded by
+    /// [`CONNECT_TIMEOUT`]: a server that accepts connections but never answers (stopped,
+    /// hung, a full backlog) must not hang a backup's prepare or a drill forever.
     pub async fn connect(&self) -> Result<(Client, Driver), String> {
-        self.config
-            .connect(NoTls)
-            .await
-            .map_err(|error| self.connect_error(&error))
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.config.connect(NoTls)).await {
+            Ok(connected) => connected.map_err(|error| self.connect_error(&error)),
+            Err(_) => Err(format!(
+                "connecting to {}: the server did not answer within {}s (is it stopped, \
+                 hung or overloaded? check that it runs and accepts connections)",
+                self.shown,
+                CONNECT_TIMEOUT.as_secs()
+            )),
+        }
     }
 
     /// `connecting to <shown>: <why>`, with the password's source when the server
@@ -140,6 +148,10 @@ impl ConnString {
         };
     }
 }
+
+/// How long connecting to a PostgreSQL server may take, handshake and authentication
+/// included.
+pub(crate) const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a message may show of a connection string: the string without its password,
 /// or, for one that does not parse, words that say so without quoting any of it.

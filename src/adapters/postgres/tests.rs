@@ -688,3 +688,188 @@ async fn checks_cannot_write() {
         );
     }
 }
+
+/// Scratch databases were created from template1 in the drill server's default
+/// encoding (UTF8 here): a SQL_ASCII source's bytes that are not UTF-8 failed the
+/// restore, and a LATIN1 source's text was converted to another encoding. They are
+/// now made from template0 with the source's encoding and locale, as the backup's
+/// cut recorded them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scratch_database_has_the_source_encoding_and_locale() {
+    let pg = plain();
+    let dir = tempfile::tempdir().unwrap();
+    for encoding in ["SQL_ASCII", "LATIN1"] {
+        let source = unique_name("encoding_src");
+        pg.psql(
+            "postgres",
+            &format!(
+                "CREATE DATABASE {source} TEMPLATE template0 ENCODING '{encoding}' \
+                 LC_COLLATE 'C' LC_CTYPE 'C'"
+            ),
+        );
+        pg.psql(
+            &source,
+            "CREATE TABLE t (id int PRIMARY KEY, x text); \
+             INSERT INTO t VALUES (1, E'caf\\xe9 \\xff\\xfe'), (2, 'plain')",
+        );
+        let adapter = std::sync::Arc::new(adapter(&pg, &source, false));
+        let mut prepared = adapter.prepare().await.unwrap();
+        let cut = prepared.cut("b-1").await.unwrap();
+        assert_eq!(cut.details["encoding"], encoding, "{cut:?}");
+        let mut copy = prepared.copy().await.unwrap();
+        let bytes = read_to_end(&mut copy).await;
+        copy.finished.await.unwrap();
+
+        let label = unique_name("encoding_scratch");
+        let target = adapter
+            .create_scratch(&label, dir.path(), &cut)
+            .await
+            .unwrap();
+        let restored = adapter
+            .restore(Box::pin(std::io::Cursor::new(bytes)), &target)
+            .await;
+        let facts = |db: &str| {
+            pg.psql(
+                db,
+                &format!(
+                    "SELECT d.datcollate, d.datctype, pg_encoding_to_char(d.encoding), \
+                       (SELECT string_agg(encode(convert_to(x, '{encoding}'), 'hex'), ',' \
+                        ORDER BY id) FROM t) \
+                     FROM pg_database d WHERE d.datname = current_database()"
+                ),
+            )
+        };
+        let outcome = restored.map(|()| facts(&label));
+        // A drill check reading that text (tokio-postgres's rows are UTF-8 only): the
+        // server refuses to send it as UTF-8, an error, never a panic.
+        let checked = tokio::spawn({
+            let (adapter, target) = (adapter.clone(), target.clone());
+            async move {
+                adapter
+                    .query(&target, "SELECT id, x FROM t ORDER BY id")
+                    .await
+            }
+        })
+        .await;
+        adapter.drop_scratch(&target).await.unwrap();
+        assert_eq!(outcome.unwrap(), facts(&source), "{encoding}");
+        let checked = checked.expect("the check panicked");
+        if encoding == "SQL_ASCII" {
+            let msg = checked.unwrap_err().to_string();
+            assert!(msg.contains("invalid byte sequence"), "{msg}");
+        } else {
+            assert_eq!(checked.unwrap().len(), 2);
+        }
+    }
+}
+
+/// A drill on a server of its own (`drill_server_url`) of a database that GRANTs to
+/// an application role: the drill server has no such role, and pg_restore failed on
+/// the GRANT, so every drill failed to restore. Scratch copies are restored without
+/// the source's privileges (`--no-acl`); a real restore keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_on_another_server_restores_without_the_source_roles() {
+    let source_server = archiving();
+    let drill_server = plain();
+    let db = ledger_db(&source_server, "grants_src");
+    let role = unique_name("app_reader");
+    source_server.psql(
+        &db,
+        &format!("CREATE ROLE {role}; GRANT SELECT ON accounts TO {role}"),
+    );
+    let adapter = Postgres::new(
+        "ledger-pg",
+        PostgresConfig {
+            url: source_server.url(&db),
+            require_archiving: false,
+            bin_dir: Some(source_server.bin_dir().to_owned()),
+            drill_server_url: Some(drill_server.url("postgres")),
+        },
+    );
+    let mut prepared = adapter.prepare().await.unwrap();
+    let cut = prepared.cut("b-1").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    let bytes = read_to_end(&mut copy).await;
+    copy.finished.await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let label = unique_name("grants_scratch");
+    let target = adapter
+        .create_scratch(&label, dir.path(), &cut)
+        .await
+        .unwrap();
+    let restored = adapter
+        .restore(Box::pin(std::io::Cursor::new(bytes.clone())), &target)
+        .await;
+    let rows = restored
+        .as_ref()
+        .ok()
+        .map(|()| drill_server.psql(&label, "SELECT count(*) FROM accounts"));
+    adapter.drop_scratch(&target).await.unwrap();
+    restored.unwrap();
+    assert_eq!(rows.as_deref(), Some("1000"));
+
+    // A restore that is not a drill's keeps the grants (here, on the source's server).
+    let kept = unique_name("grants_kept");
+    source_server.create_database(&kept);
+    adapter
+        .restore(
+            Box::pin(std::io::Cursor::new(bytes)),
+            &source_server.url(&kept),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        source_server.psql(
+            &kept,
+            &format!("SELECT has_table_privilege('{role}', 'accounts', 'SELECT')")
+        ),
+        "t"
+    );
+}
+
+/// The advisory lock a drill takes for a scratch database is tried, not awaited: a
+/// key someone else holds (another drill's name hashing alike) fails the creation at
+/// once, naming the lock, instead of waiting for the other drill to end; nothing is
+/// created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scratch_lock_held_elsewhere_fails_at_once() {
+    let pg = plain();
+    let db = ledger_db(&pg, "scratch_lock");
+    let adapter = adapter(&pg, &db, false);
+    let label = unique_name("held");
+    let (other, connection) = tokio_postgres::connect(&pg.url(&db), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    other
+        .execute(
+            "SELECT pg_advisory_lock($1, hashtext($2))",
+            &[&SCRATCH_LOCK_CLASS, &label],
+        )
+        .await
+        .unwrap();
+    let cut = CutMarker {
+        kind: String::new(),
+        details: BTreeMap::new(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let created = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        adapter.create_scratch(&label, dir.path(), &cut),
+    )
+    .await;
+    drop(other);
+    let _ = driver.await;
+    let msg = created
+        .expect("waited for the other session's lock")
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("advisory lock"), "{msg}");
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{label}'")
+        ),
+        "0"
+    );
+}
