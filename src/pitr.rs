@@ -571,7 +571,16 @@ impl ScratchConfig {
             ("primary_conninfo", String::new()),
             ("primary_slot_name", String::new()),
             ("external_pid_file", String::new()),
-            // The log goes to our file, in words we can read back.
+            // Commands the source's configuration may give recovery (a warm standby's
+            // `pg_archivecleanup` on the source's own archive, a trigger file removed at
+            // the end): none of them is ours to run.
+            ("recovery_end_command", String::new()),
+            ("archive_cleanup_command", String::new()),
+            // A delayed standby's setting would hold replay back for that long.
+            ("recovery_min_apply_delay", "0".to_owned()),
+            // The log goes to our file (stderr), in words we can read back: never to
+            // syslog or a log directory the source's configuration names.
+            ("log_destination", "stderr".to_owned()),
             ("logging_collector", "off".to_owned()),
             ("lc_messages", "C".to_owned()),
             ("ssl", "off".to_owned()),
@@ -638,17 +647,32 @@ impl ScratchConfig {
         );
         settings.push(format!("restore_command={}", restore_command(archive)));
         settings.push("recovery_target_action=promote".to_owned());
-        settings.push(match &request.target {
-            Target::Name(name) => format!("recovery_target_name={name}"),
-            Target::Lsn(lsn) => format!("recovery_target_lsn={lsn}"),
-            Target::Time(ms) => format!("recovery_target_time={}", postgres_time(*ms)),
-        });
+        let (ours, value) = match &request.target {
+            Target::Name(name) => ("recovery_target_name", name.clone()),
+            Target::Lsn(lsn) => ("recovery_target_lsn", lsn.clone()),
+            Target::Time(ms) => ("recovery_target_time", postgres_time(*ms)),
+        };
+        // Any other target the base backup's configuration sets is cleared: PostgreSQL
+        // refuses more than one.
+        for other in RECOVERY_TARGETS.into_iter().filter(|name| *name != ours) {
+            settings.push(format!("{other}="));
+        }
+        settings.push(format!("{ours}={value}"));
         settings
             .into_iter()
             .flat_map(|setting| ["-c".to_owned(), setting])
             .collect()
     }
 }
+
+/// Every recovery_target setting: only one may be set.
+const RECOVERY_TARGETS: [&str; 5] = [
+    "recovery_target",
+    "recovery_target_name",
+    "recovery_target_lsn",
+    "recovery_target_time",
+    "recovery_target_xid",
+];
 
 const CONFIG_FILE: &str = "stillpoint-pitr.conf";
 const HBA_FILE: &str = "stillpoint-pitr-hba.conf";

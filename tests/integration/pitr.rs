@@ -655,3 +655,51 @@ fn a_timeout_error_carries_the_server_log_instead_of_a_deleted_path() {
     }
     assert!(text.contains("server log"), "{text}");
 }
+
+/// The scratch server writes only inside its own directory: the base backup's
+/// configuration (here its postgresql.auto.conf, as a source set up for warm standbys
+/// has it) may name commands recovery runs (`recovery_end_command` at the end of
+/// recovery, `archive_cleanup_command` at restartpoints, typically `pg_archivecleanup`
+/// on the source's own archive) and a log destination elsewhere (syslog), and none of
+/// them may take effect: the log must stay in the scratch directory, where it is read
+/// back to explain a failure.
+#[test]
+fn the_scratch_server_ignores_commands_and_log_destinations_of_the_base_backup() {
+    let (source, base, backup_id, rows) = prepared();
+    let outside = source.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    // The scratch server's user must be able to write here for the negative to mean
+    // anything.
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let ran = outside.join("recovery-end-ran");
+    let cleaned = outside.join("archive-cleanup-ran");
+    let mut auto = std::fs::read_to_string(base.join("postgresql.auto.conf")).unwrap_or_default();
+    auto.push_str(&format!(
+        "recovery_end_command = 'touch {}'\narchive_cleanup_command = 'touch {}'\n\
+         log_destination = 'syslog'\nrecovery_target_xid = '3'\n",
+        ran.display(),
+        cleaned.display()
+    ));
+    std::fs::write(base.join("postgresql.auto.conf"), auto).unwrap();
+
+    let output = source.pitr(&backup_id, &base, source.archive(), &["--target", "lsn"]);
+    assert_eq!(recovered_rows(&succeeded(&output)), rows);
+    assert!(
+        !ran.exists() && !cleaned.exists(),
+        "the scratch server ran the base backup's recovery commands"
+    );
+
+    // The log is still ours: a port another server holds is explained from it.
+    let bystander = Postgres::start();
+    let port = bystander.port().to_string();
+    let text = failed(&source.pitr(
+        &backup_id,
+        &base,
+        source.archive(),
+        &["--target", "lsn", "--port", &port],
+    ));
+    assert!(
+        text.contains(&port) && text.contains("in use"),
+        "the server log did not reach the scratch directory: {text}"
+    );
+}
