@@ -16,8 +16,9 @@
 //! Every hook runs with a minimal environment ([`MINIMAL_ENVIRONMENT`], `LC_*`), the
 //! variables above, the runbook's `pass_env` names and its `env` values; nothing else
 //! of stillpoint's environment (where AWS keys, PGPASSWORD and the admin token live).
-//! A cut is done when its command exits, even if a helper it started in the
-//! background still holds its output. The cut's output is stored in the manifest in
+//! A hook is done when its command exits, even if a helper it started in the
+//! background still holds its stderr (or, for a cut, its stdout). A copy's stdout is
+//! the copy itself, so it is read to its end. The cut's output is stored in the manifest in
 //! clear: it must not be a secret.
 
 use std::collections::BTreeMap;

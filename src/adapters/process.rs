@@ -9,6 +9,7 @@ use std::process::{ExitStatus, Stdio};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::ByteStream;
@@ -61,6 +62,31 @@ pub(crate) async fn read_bounded<R: AsyncRead + Unpin>(
             return Ok(bounded);
         }
         bounded.push(&buf[..n], limit);
+    }
+}
+
+/// Reads `pipe` like [`read_bounded`] until it closes or until `exited` is cancelled
+/// (the child has exited), and then only what the pipe already holds. A background
+/// process the child started (`helper &` in a hook) inherits the pipe and may hold it
+/// open long after the child exited: waiting for it to close could wait forever.
+pub(crate) async fn read_bounded_until<R: AsyncRead + Unpin + std::os::fd::AsFd>(
+    mut pipe: R,
+    limit: usize,
+    exited: CancellationToken,
+) -> io::Result<Bounded> {
+    let mut bounded = Bounded::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            read = pipe.read(&mut buf) => match read? {
+                0 => return Ok(bounded),
+                n => bounded.push(&buf[..n], limit),
+            },
+            () = exited.cancelled() => {
+                read_what_is_there(&pipe, &mut bounded, limit)?;
+                return Ok(bounded);
+            }
+        }
     }
 }
 
@@ -226,6 +252,9 @@ pub(crate) struct Producer {
     what: String,
     child: Child,
     stderr: AbortOnDropHandle<io::Result<Bounded>>,
+    /// Cancelled once the child has exited: stderr is then read no further than what
+    /// it holds.
+    exited: CancellationToken,
     group: Option<GroupKiller>,
 }
 
@@ -250,13 +279,19 @@ pub(crate) fn spawn_producer(
     let stderr = child.stderr.take().expect("stderr is piped");
     // The stream's reader polls stdout only, so stderr needs its own task; the handle
     // is awaited in `wait` and the task is aborted if the Producer is dropped.
-    let stderr = AbortOnDropHandle::new(tokio::spawn(read_bounded(stderr, OUTPUT_LIMIT)));
+    let exited = CancellationToken::new();
+    let stderr = AbortOnDropHandle::new(tokio::spawn(read_bounded_until(
+        stderr,
+        OUTPUT_LIMIT,
+        exited.clone(),
+    )));
     Ok((
         Box::pin(stdout),
         Producer {
             what: what.to_owned(),
             child,
             stderr,
+            exited,
             group,
         },
     ))
@@ -270,6 +305,7 @@ impl Producer {
             .wait()
             .await
             .map_err(|e| format!("waiting for {}: {e}", self.what))?;
+        self.exited.cancel();
         if let Some(group) = self.group.as_mut() {
             group.disarm();
         }
@@ -307,7 +343,15 @@ pub(crate) async fn run_with_stdin(
     let stdin = child.stdin.take().expect("stdin is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
 
-    let (fed, stderr) = tokio::join!(feed(input, stdin), read_bounded(stderr, OUTPUT_LIMIT));
+    // Read alongside the feeding (a child blocked on a full stderr pipe would never
+    // read its stdin), and only until the child has exited.
+    let exited = CancellationToken::new();
+    let stderr = AbortOnDropHandle::new(tokio::spawn(read_bounded_until(
+        stderr,
+        OUTPUT_LIMIT,
+        exited.clone(),
+    )));
+    let fed = feed(input, stdin).await;
     if let Err(Feed::Source(e)) = &fed {
         // Our input broke: the child must not commit a partial restore as if it
         // were whole, so it is killed rather than left to see a clean EOF.
@@ -322,10 +366,15 @@ pub(crate) async fn run_with_stdin(
         .wait()
         .await
         .map_err(|e| format!("waiting for {what}: {e}"))?;
+    exited.cancel();
     if let Some(group) = group.as_mut() {
         group.disarm();
     }
-    let stderr = stderr.map(|b| b.text()).unwrap_or_default();
+    let stderr = match stderr.await {
+        Ok(Ok(bytes)) => bytes.text(),
+        Ok(Err(e)) => format!("(reading its stderr failed: {e})"),
+        Err(e) => format!("(reading its stderr failed: {e})"),
+    };
     if !status.success() {
         return Err(describe_failure(what, status, &stderr));
     }
