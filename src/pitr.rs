@@ -8,7 +8,8 @@
 //! the cluster is paused, all three give the state at the cut.
 //!
 //! - [`base_backup`]: `pg_basebackup` (plain format, WAL streamed alongside) into an
-//!   empty directory; the password goes by `PGPASSWORD`, never the command line.
+//!   empty directory; the password goes by `PGPASSWORD`, never the command line. A
+//!   cancelled or failed one is killed with its WAL streamer and what it wrote removed.
 //! - [`recover`]: refuses a base backup that starts after the cut (it already holds
 //!   later commits, which no target can take back); copies the base backup into a
 //!   scratch data directory without the source's lock file (`postmaster.pid`), and
@@ -126,12 +127,18 @@ pub struct BaseBackupReport {
 
 /// Takes a base backup of the server `config.url` points at into `dir` (which must be
 /// empty or absent), with the WAL needed to make it consistent streamed alongside.
+/// When `cancel` fires (SIGINT/SIGTERM), pg_basebackup is killed and waited for, and
+/// what it wrote is removed before this returns [`PitrError::Cancelled`]; a failed
+/// pg_basebackup leaves nothing behind either: a half-written base backup must never
+/// pass for one.
 pub async fn base_backup(
     config: &PostgresConfig,
     dir: &Path,
+    cancel: &CancellationToken,
 ) -> Result<BaseBackupReport, PitrError> {
     let started = Instant::now();
     require_empty_dir(dir)?;
+    let existed = dir.exists();
     let source = ConnString::parse(&config.url)
         .map_err(|message| PitrError::Setup(format!("the database's URL: {message}")))?;
     let mut command = Command::new(tool(config, "pg_basebackup"));
@@ -148,17 +155,63 @@ pub async fn base_backup(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let output = command.output().await.map_err(|error| {
+        .kill_on_drop(true)
+        // Its own process group: pg_basebackup forks a WAL streamer that writes into
+        // the directory too, and both must stop when we do.
+        .process_group(0);
+    let mut child = command.spawn().map_err(|error| {
         PitrError::BaseBackup(format!(
             "cannot run {}: {error}",
             tool(config, "pg_basebackup").display()
         ))
     })?;
-    if !output.status.success() {
+    let mut group = process::GroupKiller::new(&child);
+    let mut stderr = child.stderr.take();
+    let finished = tokio::select! {
+        finished = async {
+            let mut text = Vec::new();
+            if let Some(pipe) = stderr.as_mut() {
+                let _ = tokio::io::AsyncReadExt::read_to_end(pipe, &mut text).await;
+            }
+            (child.wait().await, text)
+        } => Some(finished),
+        () = cancel.cancelled() => None,
+    };
+    let Some((status, stderr)) = finished else {
+        // Killed and reaped before the directory is removed: nothing may still write
+        // into it.
+        group.kill().await;
+        let _ = child.wait().await;
+        return Err(PitrError::Cancelled(match remove_written(dir, existed) {
+            Ok(()) => format!(
+                "pg_basebackup was stopped and the partial base backup {} removed",
+                dir.display()
+            ),
+            Err(error) => format!(
+                "pg_basebackup was stopped, but removing the partial base backup {} \
+                 failed ({error}): delete it by hand, it is not a base backup",
+                dir.display()
+            ),
+        }));
+    };
+    let status = status
+        .map_err(|error| PitrError::BaseBackup(format!("waiting for pg_basebackup: {error}")))?;
+    if status.success() {
+        group.disarm();
+    } else {
+        // Its WAL streamer must not outlive it. pg_basebackup removes what it wrote
+        // after its own errors, but not when something killed it.
+        group.kill().await;
+        let removed = match remove_written(dir, existed) {
+            Ok(()) => String::new(),
+            Err(error) => format!(
+                "; removing the partial base backup {} failed ({error}): delete it by hand",
+                dir.display()
+            ),
+        };
         return Err(PitrError::BaseBackup(format!(
-            "{} (from {})",
-            String::from_utf8_lossy(&output.stderr).trim(),
+            "{} (from {}){removed}",
+            String::from_utf8_lossy(&stderr).trim(),
             source.shown()
         )));
     }
@@ -167,6 +220,26 @@ pub async fn base_backup(
         start_lsn: label_start_lsn(dir),
         took_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// Removes what a failed or stopped base backup wrote into `dir`: the directory
+/// itself if it was made for the base backup, its contents if the operator made it.
+fn remove_written(dir: &Path, existed: bool) -> std::io::Result<()> {
+    if !existed {
+        return match std::fs::remove_dir_all(dir) {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        };
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
 }
 
 /// The START WAL LOCATION of a base backup's `backup_label`, if it has one.

@@ -703,3 +703,113 @@ fn the_scratch_server_ignores_commands_and_log_destinations_of_the_base_backup()
         "the server log did not reach the scratch directory: {text}"
     );
 }
+
+/// `base-backup` stopped by SIGTERM or SIGINT while pg_basebackup copies: it must
+/// stop pg_basebackup (and the WAL streamer it forked), remove the partial base backup
+/// and exit non-zero. It used to die at once and leave pg_basebackup writing into the
+/// directory, then a half-written base backup behind. pg_basebackup is the real one,
+/// slowed down with --max-rate so that the signal lands mid-copy.
+#[test]
+fn an_interrupted_base_backup_stops_pg_basebackup_and_removes_what_it_wrote() {
+    let source = Source::start();
+    source.insert(10);
+    let slow = source.dir.path().join("slow-bin");
+    std::fs::create_dir(&slow).unwrap();
+    let wrapper = slow.join("pg_basebackup");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} --max-rate=32k \"$@\"\n",
+            source.postgres.bin_dir().join("pg_basebackup").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    source.write_runbook_with(&source.postgres.url("app"), &slow);
+    for signal in ["TERM", "INT"] {
+        let to = source.dir.path().join(format!("base-{signal}"));
+        let child = Command::new(bin("stillpoint"))
+            .args([
+                "base-backup",
+                "--config",
+                source.config(),
+                "--database",
+                "app",
+                "--to",
+                to.to_str().unwrap(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let run = Process::new(child, "stillpoint base-backup".to_owned());
+        let mut copiers = Vec::new();
+        wait_until(
+            Duration::from_secs(60),
+            "pg_basebackup to write into the directory",
+            || {
+                copiers = processes_naming(&to);
+                !copiers.is_empty()
+                    && std::fs::read_dir(&to).is_ok_and(|mut entries| entries.next().is_some())
+            },
+        );
+        run.signal(signal);
+        let output = run.wait_output(Duration::from_secs(60));
+        let left: Vec<u32> = copiers
+            .iter()
+            .copied()
+            .filter(|pid| process_running(*pid))
+            .collect();
+        for pid in &left {
+            // Left by a base-backup that did not stop it: stop it so the test leaves
+            // nothing running.
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        assert!(
+            left.is_empty(),
+            "SIGINT/TERM: pg_basebackup ({left:?}) still runs after base-backup exited: {}",
+            stderr(&output)
+        );
+        assert_ne!(
+            output.status.code(),
+            Some(0),
+            "{signal}: {}",
+            stderr(&output)
+        );
+        assert!(
+            !to.exists(),
+            "{signal}: the partial base backup {} was left behind",
+            to.display()
+        );
+        assert!(
+            stderr(&output).contains("interrupted"),
+            "{}",
+            stderr(&output)
+        );
+    }
+}
+
+/// The processes whose command line names `path` (a pg_basebackup writing there).
+fn processes_naming(path: &Path) -> Vec<u32> {
+    let needle = path.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                let text = String::from_utf8_lossy(&cmdline);
+                text.contains("pg_basebackup") && text.contains(needle)
+            })
+        })
+        .collect()
+}
+
+/// Whether `pid` runs (exists and is not a zombie waiting for its parent).
+fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
