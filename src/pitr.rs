@@ -22,7 +22,8 @@
 //!   promoted, checks the rows per table against those counted at the cut, and reports
 //!   the state with a content hash. The server is stopped through the process we
 //!   started (never a pid file we did not write), also when the caller cancels; the
-//!   data directory stays only if asked. PostgreSQL refuses to run as root, so a root
+//!   data directory (made absolute, and locked so two recoveries cannot share it)
+//!   stays only if asked; one the operator made is emptied, not removed. PostgreSQL refuses to run as root, so a root
 //!   caller names a system user to run it as (`setpriv`, which execs the server in its
 //!   own place, so the process we started *is* the postmaster).
 //! - Why a recovery failed is read from the server's log and put in the error itself
@@ -266,7 +267,8 @@ pub struct Recovery<'a> {
     pub base_backup: &'a Path,
     /// The directory PostgreSQL's `archive_command` copies WAL segments into.
     pub wal_archive: &'a Path,
-    /// The scratch data directory to create (must be empty or absent).
+    /// The scratch data directory (must be empty or absent; a relative path is taken
+    /// from the working directory). It is locked while recovery uses it.
     pub data_dir: &'a Path,
     pub target: Target,
     pub port: u16,
@@ -321,14 +323,22 @@ pub async fn recover(
     cancel: &CancellationToken,
 ) -> Result<RecoveryReport, PitrError> {
     let started = Instant::now();
+    // The server runs in the data directory and every path it is given is absolute:
+    // a relative one is resolved here, once, so that all checks and reports use the
+    // path the server will.
+    let data_dir = std::path::absolute(request.data_dir).map_err(|error| {
+        PitrError::Setup(format!("resolving {}: {error}", request.data_dir.display()))
+    })?;
+    let request = Recovery {
+        data_dir: &data_dir,
+        ..request
+    };
+    // Claimed before anything is checked or written: whatever happens next, what we
+    // wrote goes (unless kept) when this is dropped, after the server has been stopped.
+    let dir = ScratchDir::claim(request.data_dir, request.keep)?;
     let base_start = check_inputs(&request).await?;
-    // Created before anything is written: whatever happens next, the directory goes
-    // (unless kept) when this is dropped, after the server has been stopped.
     let mut scratch = Scratch {
-        _dir: ScratchDir {
-            path: request.data_dir.to_owned(),
-            keep: request.keep,
-        },
+        _dir: dir,
         server: None,
     };
     let outcome = tokio::select! {
@@ -386,7 +396,6 @@ async fn check_inputs(request: &Recovery<'_>) -> Result<u64, PitrError> {
             request.wal_archive.display()
         )));
     }
-    require_empty_dir(request.data_dir)?;
     // The server's unix socket lives in the data directory; the kernel limits its path.
     let socket = request
         .data_dir
@@ -1166,16 +1175,81 @@ async fn content_hash_with(
     })
 }
 
-/// Removes the scratch data directory when dropped, unless it is to be kept.
+/// The scratch data directory, claimed: made if absent, locked (`flock` on the
+/// directory itself, so nothing is written beside it) so that a second recovery
+/// cannot use it at the same time, and required to be empty. When dropped, what was
+/// written is removed unless it is to be kept: the directory itself if the claim made
+/// it, only its contents if the operator did.
 struct ScratchDir {
     path: PathBuf,
     keep: bool,
+    created: bool,
+    /// Holds the lock until the directory has been cleaned up (fields drop after
+    /// `drop` has run).
+    _lock: std::fs::File,
+}
+
+impl ScratchDir {
+    fn claim(path: &Path, keep: bool) -> Result<ScratchDir, PitrError> {
+        let created = match std::fs::create_dir(path) {
+            Ok(()) => true,
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(error) => {
+                return Err(PitrError::Setup(format!(
+                    "creating the scratch data directory {}: {error}",
+                    path.display()
+                )));
+            }
+        };
+        let lock = std::fs::File::open(path)
+            .map_err(|error| PitrError::Setup(format!("opening {}: {error}", path.display())))?;
+        let in_use = || {
+            PitrError::Setup(format!(
+                "{} is in use by another stillpoint pitr; give another --data-dir, or \
+                 wait for that one to finish",
+                path.display()
+            ))
+        };
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(in_use()),
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(PitrError::Setup(format!(
+                    "locking {}: {error}",
+                    path.display()
+                )));
+            }
+        }
+        // The previous holder may have removed the directory (and another run made it
+        // again) between our open and our lock: the lock counts only on the directory
+        // that is at the path now.
+        use std::os::unix::fs::MetadataExt as _;
+        let same = match (lock.metadata(), std::fs::metadata(path)) {
+            (Ok(locked), Ok(current)) => {
+                locked.dev() == current.dev() && locked.ino() == current.ino()
+            }
+            _ => false,
+        };
+        if !same {
+            return Err(in_use());
+        }
+        let mut claim = ScratchDir {
+            path: path.to_owned(),
+            // Until it is known to be empty, nothing in it is ours to remove.
+            keep: true,
+            created,
+            _lock: lock,
+        };
+        require_empty_dir(path)?;
+        claim.keep = keep;
+        Ok(claim)
+    }
 }
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
         if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
+            let _ = remove_written(&self.path, !self.created);
         }
     }
 }

@@ -813,3 +813,64 @@ fn process_running(pid: u32) -> bool {
             .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
     })
 }
+
+/// `--data-dir` given relative to the working directory is resolved to an absolute
+/// path before anything uses it: the socket-length check measures the path the
+/// server will really use, and a kept directory is reported absolute (its
+/// configuration names absolute paths, and the operator may start it from anywhere).
+/// A directory the operator made for it (empty) is left in place, empty, after a
+/// failed recovery: it used to be deleted with everything else.
+#[test]
+fn a_relative_or_existing_data_dir_is_resolved_and_left_as_found() {
+    let (source, base, backup_id, rows) = prepared();
+    let run_in = |cwd: &Path, extra: &[&str]| {
+        Command::new(bin("stillpoint"))
+            .args(source.pitr_args(&backup_id, &base, source.archive(), extra))
+            .current_dir(cwd)
+            .output()
+            .unwrap()
+    };
+
+    // A short relative path in a long working directory: the socket would be too long.
+    let deep = source.dir.path().join("w".repeat(100));
+    std::fs::create_dir(&deep).unwrap();
+    let text = failed(&run_in(&deep, &["--target", "lsn", "--data-dir", "d"]));
+    assert!(text.contains("shorter --data-dir"), "{text}");
+    assert!(!deep.join("d").exists(), "the refused directory was made");
+
+    // Relative and kept: reported (and kept) at its absolute path.
+    let report = succeeded(&run_in(
+        source.dir.path(),
+        &["--target", "lsn", "--data-dir", "rel", "--keep"],
+    ));
+    assert_eq!(recovered_rows(&report), rows);
+    let kept = source.dir.path().join("rel");
+    assert_eq!(
+        report["recovery"]["data_dir"].as_str(),
+        kept.to_str(),
+        "{report:#}"
+    );
+    assert!(kept.join("PG_VERSION").exists());
+
+    // An empty directory the operator made, and a recovery that fails after the copy.
+    let made = source.dir.path().join("made");
+    std::fs::create_dir(&made).unwrap();
+    let bystander = Postgres::start();
+    let port = bystander.port().to_string();
+    let text = failed(&source.pitr(
+        &backup_id,
+        &base,
+        source.archive(),
+        &[
+            "--target",
+            "lsn",
+            "--port",
+            &port,
+            "--data-dir",
+            made.to_str().unwrap(),
+        ],
+    ));
+    assert!(text.contains("in use"), "{text}");
+    assert!(made.is_dir(), "the operator's directory was removed");
+    assert_eq!(std::fs::read_dir(&made).unwrap().count(), 0, "not emptied");
+}
