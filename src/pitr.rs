@@ -8,8 +8,9 @@
 //! the cluster is paused, all three give the state at the cut.
 //!
 //! - [`base_backup`]: `pg_basebackup` (plain format, WAL streamed alongside) into an
-//!   empty directory; the password goes by `PGPASSWORD`, never the command line. A
-//!   cancelled or failed one is killed with its WAL streamer and what it wrote removed.
+//!   empty directory, tablespaces mapped into it; the password goes by `PGPASSWORD`,
+//!   never the command line. A cancelled or failed one is killed with its WAL
+//!   streamer and what it wrote removed.
 //! - [`recover`]: refuses a base backup that starts after the cut (it already holds
 //!   later commits, which no target can take back); copies the base backup into a
 //!   scratch data directory without the source's lock file (`postmaster.pid`), and
@@ -144,6 +145,20 @@ pub async fn base_backup(
         .map_err(|message| PitrError::Setup(format!("the database's URL: {message}")))?;
     let mut command = Command::new(tool(config, "pg_basebackup"));
     source.libpq_args(&mut command);
+    // pg_basebackup writes each tablespace at the source's own location unless told
+    // otherwise: outside `dir` (on the source's host a directory in use, which it
+    // refuses). Each goes into `dir` instead, where `recover` finds it.
+    let absolute = std::path::absolute(dir)
+        .map_err(|error| PitrError::Setup(format!("resolving {}: {error}", dir.display())))?;
+    for (oid, location) in tablespaces(&source).await? {
+        let ours = absolute.join(TABLESPACES_DIR).join(&oid);
+        let escape = |path: &str| path.replace('=', "\\=");
+        command.arg(format!(
+            "--tablespace-mapping={}={}",
+            escape(&location),
+            escape(&ours.display().to_string())
+        ));
+    }
     command
         .arg("--pgdata")
         .arg(dir)
@@ -241,6 +256,34 @@ fn remove_written(dir: &Path, existed: bool) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where a base backup keeps tablespaces that live outside the source's data
+/// directory, and where a recovery keeps its copies of them: `<dir>/<this>/<oid>`.
+const TABLESPACES_DIR: &str = "stillpoint-tablespaces";
+
+/// The source's tablespaces outside its data directory: (oid, absolute location).
+async fn tablespaces(source: &ConnString) -> Result<Vec<(String, String)>, PitrError> {
+    let (client, connection) = source.connect().await.map_err(|error| {
+        PitrError::BaseBackup(format!("listing the source's tablespaces: {error}"))
+    })?;
+    let driver = tokio::spawn(connection);
+    let rows = client
+        .query(
+            "SELECT oid::text, pg_tablespace_location(oid) FROM pg_tablespace \
+             WHERE pg_tablespace_location(oid) LIKE '/%' ORDER BY oid",
+            &[],
+        )
+        .await;
+    drop(client);
+    let _ = driver.await;
+    let rows = rows.map_err(|error| {
+        PitrError::BaseBackup(format!(
+            "listing the tablespaces of {}: {error}",
+            source.shown()
+        ))
+    })?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
 }
 
 /// The START WAL LOCATION of a base backup's `backup_label`, if it has one.
@@ -519,6 +562,7 @@ async fn replay(request: &Recovery<'_>, scratch: &mut Scratch) -> Result<Reached
             _ => {}
         }
     }
+    relocate_tablespaces(request.base_backup, &data_dir).await?;
     // restore_command runs in the data directory: a relative archive path would miss.
     let archive = std::fs::canonicalize(request.wal_archive).map_err(|error| {
         PitrError::Setup(format!(
@@ -1261,6 +1305,88 @@ fn require_empty_dir(dir: &Path) -> Result<(), PitrError> {
             "{} is not empty; give a new or empty directory",
             dir.display()
         )));
+    }
+    Ok(())
+}
+
+/// Puts every tablespace of the copied base backup inside the scratch directory. A
+/// tablespace is a link in `pg_tblspc` (or a line of `tablespace_map`, from which the
+/// server makes the links) to a directory elsewhere: into the base backup itself
+/// (`base-backup`'s mapping), or, in a file-level copy, the source's live tablespace.
+/// The server would write through the link there; it is pointed at a copy of ours
+/// instead: the one `copy_dir` already made when the tablespace was inside the base
+/// backup, a new one under `stillpoint-tablespaces` otherwise.
+async fn relocate_tablespaces(base: &Path, data_dir: &Path) -> Result<(), PitrError> {
+    let base = std::fs::canonicalize(base)
+        .map_err(|error| PitrError::Setup(format!("resolving {}: {error}", base.display())))?;
+    let place = async |oid: &str, target: &Path| -> Result<PathBuf, PitrError> {
+        let target = std::fs::canonicalize(target).map_err(|error| {
+            PitrError::Setup(format!(
+                "the base backup's tablespace {oid} is at {}, which cannot be read: {error}",
+                target.display()
+            ))
+        })?;
+        if target.starts_with(data_dir) {
+            return Ok(target);
+        }
+        if let Ok(inside) = target.strip_prefix(&base) {
+            let copied = data_dir.join(inside);
+            if copied.is_dir() {
+                return Ok(copied);
+            }
+        }
+        let ours = data_dir.join(TABLESPACES_DIR).join(oid);
+        copy_dir(&target, &ours).await?;
+        Ok(ours)
+    };
+    let setup =
+        |what: String| move |error: std::io::Error| PitrError::Setup(format!("{what}: {error}"));
+    let links = data_dir.join("pg_tblspc");
+    if let Ok(entries) = std::fs::read_dir(&links) {
+        for entry in entries {
+            let entry = entry.map_err(setup(format!("reading {}", links.display())))?;
+            let link = entry.path();
+            // Not a link: a tablespace made in place, inside the data directory.
+            let Ok(target) = std::fs::read_link(&link) else {
+                continue;
+            };
+            let oid = entry.file_name().to_string_lossy().into_owned();
+            let ours = place(&oid, &links.join(target)).await?;
+            std::fs::remove_file(&link).map_err(setup(format!("removing {}", link.display())))?;
+            std::os::unix::fs::symlink(&ours, &link)
+                .map_err(setup(format!("linking {}", link.display())))?;
+        }
+    }
+    let map = data_dir.join("tablespace_map");
+    if let Ok(text) = std::fs::read_to_string(&map) {
+        let mut rewritten = String::new();
+        for line in text.lines().filter(|line| !line.is_empty()) {
+            let Some((oid, path)) = line.split_once(' ') else {
+                return Err(PitrError::Setup(format!(
+                    "{} has an unreadable line {line:?}",
+                    map.display()
+                )));
+            };
+            // A backslash escapes the character after it (a newline in the path).
+            let mut target = String::new();
+            let mut chars = path.chars();
+            while let Some(c) = chars.next() {
+                target.push(if c == '\\' {
+                    chars.next().unwrap_or(c)
+                } else {
+                    c
+                });
+            }
+            let ours = place(oid, Path::new(&target)).await?;
+            let ours = ours
+                .display()
+                .to_string()
+                .replace('\\', "\\\\")
+                .replace('\n', "\\\n")
+                .replace('\r', "\\\r");
+            rewritten.push_str(&format!("{oid} {ours}\n"));
+        }
+        std::fs::write(&map, rewritten).map_err(setup(format!("writing {}", map.display())))?;
     }
     Ok(())
 }

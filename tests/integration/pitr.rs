@@ -874,3 +874,89 @@ fn a_relative_or_existing_data_dir_is_resolved_and_left_as_found() {
     assert!(made.is_dir(), "the operator's directory was removed");
     assert_eq!(std::fs::read_dir(&made).unwrap().count(), 0, "not emptied");
 }
+
+/// A database with a tablespace outside its data directory. `base-backup` must write
+/// the tablespace inside its own directory (pg_basebackup would otherwise write it at
+/// the source's own location: refused on the same host, "not empty", and on another
+/// host a write outside `--to`), and `pitr` must recover it inside its scratch
+/// directory, never through the base backup's tablespace link (which would write into
+/// the base backup, or with a file-level copy into the source's live tablespace).
+#[test]
+fn tablespaces_are_backed_up_and_recovered_inside_their_own_directories() {
+    let source = Source::start();
+    let space = source.dir.path().join("space");
+    std::fs::create_dir(&space).unwrap();
+    let status = Command::new("chown")
+        .arg("postgres:")
+        .arg(&space)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    source.postgres.psql(
+        "app",
+        &format!("CREATE TABLESPACE extra LOCATION '{}'", space.display()),
+    );
+    source.postgres.psql(
+        "app",
+        "CREATE TABLE spaced (id int) TABLESPACE extra; \
+         INSERT INTO spaced SELECT generate_series(1, 10)",
+    );
+    source.insert(10);
+    let base = source.base_backup("base");
+    let link = std::fs::read_dir(base.join("pg_tblspc"))
+        .unwrap()
+        .next()
+        .expect("the base backup has the tablespace")
+        .unwrap()
+        .path();
+    let target = std::fs::read_link(&link).unwrap();
+    assert!(
+        target.starts_with(&base),
+        "the base backup's tablespace is at {}, outside it",
+        target.display()
+    );
+    let before = tree_digest(&base);
+    source
+        .postgres
+        .psql("app", "INSERT INTO spaced SELECT generate_series(11, 15)");
+    source.switch_wal();
+    let (backup_id, _) = source.backup();
+    source
+        .postgres
+        .psql("app", "INSERT INTO spaced SELECT generate_series(16, 20)");
+    source.switch_wal();
+
+    let report = succeeded(&source.pitr(&backup_id, &base, source.archive(), &["--target", "lsn"]));
+    assert_eq!(
+        report["recovery"]["content"]["tables"]["public.spaced"]["rows"].as_u64(),
+        Some(15),
+        "{report:#}"
+    );
+    assert_eq!(
+        tree_digest(&base),
+        before,
+        "the scratch server wrote into the base backup's tablespace"
+    );
+}
+
+/// Every file under `dir` (links not followed) with its length and content, as one
+/// string to compare.
+fn tree_digest(dir: &Path) -> String {
+    let mut entries = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(at) = pending.pop() {
+        for entry in std::fs::read_dir(&at).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                pending.push(path);
+            } else if meta.is_file() {
+                let bytes = std::fs::read(&path).unwrap();
+                let sum = blake3::hash(&bytes).to_hex();
+                entries.push(format!("{} {} {sum}", path.display(), bytes.len()));
+            }
+        }
+    }
+    entries.sort();
+    entries.join("\n")
+}
