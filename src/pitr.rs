@@ -139,8 +139,9 @@ pub async fn base_backup(
     cancel: &CancellationToken,
 ) -> Result<BaseBackupReport, PitrError> {
     let started = Instant::now();
-    require_empty_dir(dir)?;
-    let existed = dir.exists();
+    // Claimed first: pg_basebackup's own emptiness check is no lock, and a run that
+    // failed on a directory another run was filling used to remove the other's work.
+    let mut claim = ClaimedDir::claim(dir, false)?;
     let source = ConnString::parse(&config.url)
         .map_err(|message| PitrError::Setup(format!("the database's URL: {message}")))?;
     let mut command = Command::new(tool(config, "pg_basebackup"));
@@ -198,7 +199,7 @@ pub async fn base_backup(
         // into it.
         group.kill().await;
         let _ = child.wait().await;
-        return Err(PitrError::Cancelled(match remove_written(dir, existed) {
+        return Err(PitrError::Cancelled(match claim.remove() {
             Ok(()) => format!(
                 "pg_basebackup was stopped and the partial base backup {} removed",
                 dir.display()
@@ -218,7 +219,7 @@ pub async fn base_backup(
         // Its WAL streamer must not outlive it. pg_basebackup removes what it wrote
         // after its own errors, but not when something killed it.
         group.kill().await;
-        let removed = match remove_written(dir, existed) {
+        let removed = match claim.remove() {
             Ok(()) => String::new(),
             Err(error) => format!(
                 "; removing the partial base backup {} failed ({error}): delete it by hand",
@@ -231,6 +232,8 @@ pub async fn base_backup(
             source.shown()
         )));
     }
+    // A whole base backup: it stays.
+    claim.keep = true;
     Ok(BaseBackupReport {
         dir: dir.to_owned(),
         start_lsn: label_start_lsn(dir),
@@ -378,7 +381,7 @@ pub async fn recover(
     };
     // Claimed before anything is checked or written: whatever happens next, what we
     // wrote goes (unless kept) when this is dropped, after the server has been stopped.
-    let dir = ScratchDir::claim(request.data_dir, request.keep)?;
+    let dir = ClaimedDir::claim(request.data_dir, request.keep)?;
     let base_start = check_inputs(&request).await?;
     let mut scratch = Scratch {
         _dir: dir,
@@ -523,7 +526,7 @@ fn format_lsn(lsn: u64) -> String {
 /// that does the work, so they can be cleaned up after that future was dropped.
 struct Scratch {
     /// Removes the directory when dropped; the server is stopped explicitly before.
-    _dir: ScratchDir,
+    _dir: ClaimedDir,
     server: Option<Server>,
 }
 
@@ -1219,12 +1222,13 @@ async fn content_hash_with(
     })
 }
 
-/// The scratch data directory, claimed: made if absent, locked (`flock` on the
-/// directory itself, so nothing is written beside it) so that a second recovery
-/// cannot use it at the same time, and required to be empty. When dropped, what was
+/// A directory we write into (a recovery's scratch data directory, a base backup),
+/// claimed: made if absent, locked (`flock` on the directory itself, so nothing is
+/// written beside it) so that a second command cannot use it at the same time, and
+/// required to be empty. When dropped, what was
 /// written is removed unless it is to be kept: the directory itself if the claim made
 /// it, only its contents if the operator did.
-struct ScratchDir {
+struct ClaimedDir {
     path: PathBuf,
     keep: bool,
     created: bool,
@@ -1233,8 +1237,8 @@ struct ScratchDir {
     _lock: std::fs::File,
 }
 
-impl ScratchDir {
-    fn claim(path: &Path, keep: bool) -> Result<ScratchDir, PitrError> {
+impl ClaimedDir {
+    fn claim(path: &Path, keep: bool) -> Result<ClaimedDir, PitrError> {
         let created = match std::fs::create_dir(path) {
             Ok(()) => true,
             Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => false,
@@ -1249,8 +1253,9 @@ impl ScratchDir {
             .map_err(|error| PitrError::Setup(format!("opening {}: {error}", path.display())))?;
         let in_use = || {
             PitrError::Setup(format!(
-                "{} is in use by another stillpoint pitr; give another --data-dir, or \
-                 wait for that one to finish",
+                "{} is in use by another stillpoint command (base-backup or pitr), which \
+                 holds a lock on it; choose another directory, or wait for that one to \
+                 finish",
                 path.display()
             ))
         };
@@ -1277,7 +1282,7 @@ impl ScratchDir {
         if !same {
             return Err(in_use());
         }
-        let mut claim = ScratchDir {
+        let mut claim = ClaimedDir {
             path: path.to_owned(),
             // Until it is known to be empty, nothing in it is ours to remove.
             keep: true,
@@ -1290,7 +1295,16 @@ impl ScratchDir {
     }
 }
 
-impl Drop for ScratchDir {
+impl ClaimedDir {
+    /// Removes what was written now, saying whether that worked (dropping removes it
+    /// too, silently).
+    fn remove(&mut self) -> std::io::Result<()> {
+        self.keep = true;
+        remove_written(&self.path, !self.created)
+    }
+}
+
+impl Drop for ClaimedDir {
     fn drop(&mut self) {
         if !self.keep {
             let _ = remove_written(&self.path, !self.created);

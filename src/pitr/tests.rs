@@ -264,8 +264,8 @@ fn the_scratch_configuration_file_parses_back_and_keeps_the_source_apart() {
 fn a_scratch_directory_is_claimed_by_one_recovery_at_a_time() {
     let parent = tempfile::tempdir().unwrap();
     let dir = parent.path().join("scratch");
-    let first = ScratchDir::claim(&dir, false).unwrap();
-    let error = ScratchDir::claim(&dir, false).err().unwrap().to_string();
+    let first = ClaimedDir::claim(&dir, false).unwrap();
+    let error = ClaimedDir::claim(&dir, false).err().unwrap().to_string();
     assert!(error.contains("in use by another"), "{error}");
     drop(first);
     assert!(
@@ -273,7 +273,7 @@ fn a_scratch_directory_is_claimed_by_one_recovery_at_a_time() {
         "the directory the first claim made was not removed"
     );
     // Once released, it can be claimed again.
-    let again = ScratchDir::claim(&dir, true).unwrap();
+    let again = ClaimedDir::claim(&dir, true).unwrap();
     drop(again);
     assert!(dir.is_dir(), "a kept directory was removed");
 }

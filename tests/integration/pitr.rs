@@ -960,3 +960,76 @@ fn tree_digest(dir: &Path) -> String {
     entries.sort();
     entries.join("\n")
 }
+
+/// Two `base-backup` runs given one directory at once: one is refused before it
+/// touches anything, and the other's base backup stays whole. The directory was
+/// checked for emptiness but not claimed, so both could pass the check; the one whose
+/// pg_basebackup then found the directory taken removed what was in it, which was the
+/// other's finished base backup. pg_basebackup of the first run starts late (its
+/// wrapper waits) to make the interleaving certain.
+#[test]
+fn two_base_backups_into_one_directory_leave_one_whole_base_backup() {
+    let source = Source::start();
+    source.insert(10);
+    let late = source.dir.path().join("late-bin");
+    std::fs::create_dir(&late).unwrap();
+    let started = source.dir.path().join("late-started");
+    let wrapper = late.join("pg_basebackup");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ntouch {}\nsleep 3\nexec {} \"$@\"\n",
+            started.display(),
+            source.postgres.bin_dir().join("pg_basebackup").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    source.write_runbook_with(&source.postgres.url("app"), &late);
+    let to = source.dir.path().join("base");
+    let args = [
+        "base-backup",
+        "--config",
+        source.config(),
+        "--database",
+        "app",
+        "--to",
+        to.to_str().unwrap(),
+    ];
+    let first = Process::new(
+        Command::new(bin("stillpoint"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        "the first stillpoint base-backup".to_owned(),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the first pg_basebackup to be about to start",
+        || started.exists(),
+    );
+    // The second run, with the real pg_basebackup, while the first holds the directory.
+    source.write_runbook(&source.postgres.url("app"));
+    let second = crate::util::run("stillpoint", &args);
+    let first = first.wait_output(Duration::from_secs(60));
+    let outcomes = [first.status.success(), second.status.success()];
+    assert_eq!(
+        outcomes,
+        [true, false],
+        "first: {}\nsecond: {}",
+        stderr(&first),
+        stderr(&second)
+    );
+    assert!(
+        stderr(&second).contains("in use by another"),
+        "{}",
+        stderr(&second)
+    );
+    assert!(
+        to.join("PG_VERSION").exists() && to.join("backup_label").exists(),
+        "no whole base backup is left in {}",
+        to.display()
+    );
+}
