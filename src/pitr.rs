@@ -1239,6 +1239,16 @@ struct ClaimedDir {
 
 impl ClaimedDir {
     fn claim(path: &Path, keep: bool) -> Result<ClaimedDir, PitrError> {
+        // Parents are made as `mkdir -p` (and pg_basebackup) would; only the directory
+        // itself counts as made by the claim.
+        if let Some(parent) = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                PitrError::Setup(format!("creating {}: {error}", parent.display()))
+            })?;
+        }
         let created = match std::fs::create_dir(path) {
             Ok(()) => true,
             Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => false,
@@ -1313,6 +1323,12 @@ impl Drop for ClaimedDir {
 }
 
 fn require_empty_dir(dir: &Path) -> Result<(), PitrError> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(PitrError::Setup(format!(
+            "{} is not a directory; give a new or empty directory",
+            dir.display()
+        )));
+    }
     let has_entries = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
     if has_entries {
         return Err(PitrError::Setup(format!(

@@ -277,3 +277,21 @@ fn a_scratch_directory_is_claimed_by_one_recovery_at_a_time() {
     drop(again);
     assert!(dir.is_dir(), "a kept directory was removed");
 }
+
+/// A claim makes missing parents (as pg_basebackup and `mkdir -p` do) and refuses a
+/// path that is a file.
+#[test]
+fn a_claim_makes_missing_parents_and_refuses_a_file() {
+    let parent = tempfile::tempdir().unwrap();
+    let nested = parent.path().join("a").join("b").join("scratch");
+    let claim = ClaimedDir::claim(&nested, false).unwrap();
+    assert!(nested.is_dir());
+    drop(claim);
+    assert!(!nested.exists() && parent.path().join("a").join("b").is_dir());
+
+    let file = parent.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let error = ClaimedDir::claim(&file, false).err().unwrap().to_string();
+    assert!(error.contains("is not a directory"), "{error}");
+    assert!(file.is_file(), "the file was removed");
+}
