@@ -379,6 +379,7 @@ pub async fn recover(
         data_dir: &data_dir,
         ..request
     };
+    refuse_overlap(request.data_dir, request.base_backup, request.wal_archive)?;
     // Claimed before anything is checked or written: whatever happens next, what we
     // wrote goes (unless kept) when this is dropped, after the server has been stopped.
     let dir = ClaimedDir::claim(request.data_dir, request.keep)?;
@@ -415,6 +416,47 @@ pub async fn recover(
         content: reached.content,
         data_dir: request.keep.then(|| request.data_dir.to_owned()),
     })
+}
+
+/// The scratch data directory must lie neither inside the base backup or the WAL
+/// archive nor around them: recovery would copy the base backup into itself, or write
+/// into what it reads from (a killed recovery left its half-copy inside the base
+/// backup, which the next recovery copied along).
+fn refuse_overlap(data_dir: &Path, base_backup: &Path, archive: &Path) -> Result<(), PitrError> {
+    let scratch = resolve_existing_prefix(data_dir);
+    for (what, other) in [("base backup", base_backup), ("WAL archive", archive)] {
+        // A missing one is reported by the checks that read it.
+        let Ok(other) = std::fs::canonicalize(other) else {
+            continue;
+        };
+        if scratch.starts_with(&other) || other.starts_with(&scratch) {
+            return Err(PitrError::Setup(format!(
+                "the scratch data directory {} overlaps the {what} {}: recovery would \
+                 write into what it reads; choose a data directory outside it",
+                data_dir.display(),
+                other.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `path` with its longest existing prefix resolved (symlinks, `..`), the rest as is.
+fn resolve_existing_prefix(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut at = path;
+    loop {
+        if let Ok(resolved) = std::fs::canonicalize(at) {
+            return rest.iter().rev().fold(resolved, |acc, name| acc.join(name));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                at = parent;
+            }
+            _ => return path.to_owned(),
+        }
+    }
 }
 
 /// Everything that can be checked before a byte is copied; returns where replay of

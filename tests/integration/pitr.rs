@@ -1033,3 +1033,24 @@ fn two_base_backups_into_one_directory_leave_one_whole_base_backup() {
         to.display()
     );
 }
+
+/// A scratch directory inside the base backup (or the WAL archive) is refused before
+/// anything is written: recovery would copy the base backup into itself, and a
+/// recovery killed mid-copy left its half-copy inside the base backup.
+#[test]
+fn a_data_dir_inside_the_base_backup_or_the_archive_is_refused() {
+    let (source, base, backup_id, _) = prepared();
+    let before = tree_digest(&base);
+    let archive = source.archive().to_owned();
+    for inside in [base.join("recovered"), archive.join("scratch").join("data")] {
+        let text = failed(&source.pitr(
+            &backup_id,
+            &base,
+            &archive,
+            &["--target", "lsn", "--data-dir", inside.to_str().unwrap()],
+        ));
+        assert!(text.contains("overlaps"), "{text}");
+        assert!(!inside.exists(), "{} was made", inside.display());
+    }
+    assert_eq!(tree_digest(&base), before, "the base backup changed");
+}
