@@ -379,6 +379,12 @@ pub async fn recover(
         data_dir: &data_dir,
         ..request
     };
+    for (what, path) in [
+        ("scratch data directory", request.data_dir),
+        ("WAL archive", request.wal_archive),
+    ] {
+        require_configurable(what, path)?;
+    }
     refuse_overlap(request.data_dir, request.base_backup, request.wal_archive)?;
     // Claimed before anything is checked or written: whatever happens next, what we
     // wrote goes (unless kept) when this is dropped, after the server has been stopped.
@@ -416,6 +422,27 @@ pub async fn recover(
         content: reached.content,
         data_dir: request.keep.then(|| request.data_dir.to_owned()),
     })
+}
+
+/// A path that goes into PostgreSQL's configuration (the data directory and its files,
+/// restore_command's archive) must be UTF-8 (it is written as text; other bytes would
+/// be replaced and name another directory) without control characters (a newline ends
+/// a quoted value in the configuration file).
+fn require_configurable(what: &str, path: &Path) -> Result<(), PitrError> {
+    let Some(text) = path.to_str() else {
+        return Err(PitrError::Setup(format!(
+            "the {what} {} is not valid UTF-8, which PostgreSQL's configuration cannot \
+             name; choose another path",
+            path.display()
+        )));
+    };
+    if text.chars().any(char::is_control) {
+        return Err(PitrError::Setup(format!(
+            "the {what} {text:?} contains a control character, which PostgreSQL's \
+             configuration cannot name; choose another path"
+        )));
+    }
+    Ok(())
 }
 
 /// The scratch data directory must lie neither inside the base backup or the WAL

@@ -1054,3 +1054,36 @@ fn a_data_dir_inside_the_base_backup_or_the_archive_is_refused() {
     }
     assert_eq!(tree_digest(&base), before, "the base backup changed");
 }
+
+/// Paths PostgreSQL is given in its configuration (the scratch data directory, the WAL
+/// archive in restore_command) must be text it can read back: a newline broke the
+/// configuration file's quoting and bytes that are not UTF-8 were replaced, so the
+/// server looked for another directory. Both are refused up front, naming the path.
+#[test]
+fn paths_postgresql_cannot_be_given_are_refused_up_front() {
+    use std::os::unix::ffi::OsStrExt;
+    let (source, base, backup_id, _) = prepared();
+    let newline = source.dir.path().join("new\nline");
+    let not_utf8 = source
+        .dir
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"caf\xe9"));
+    for data_dir in [&newline, &not_utf8] {
+        let output = Command::new(bin("stillpoint"))
+            .args(source.pitr_args(&backup_id, &base, source.archive(), &["--target", "lsn"]))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .output()
+            .unwrap();
+        let text = failed(&output);
+        assert!(
+            text.contains("control character") || text.contains("UTF-8"),
+            "{text}"
+        );
+        assert!(!data_dir.exists(), "{} was made", data_dir.display());
+    }
+    let archive = source.dir.path().join("arch\nive");
+    copy_archive(source.archive(), &archive);
+    let text = failed(&source.pitr(&backup_id, &base, &archive, &["--target", "lsn"]));
+    assert!(text.contains("control character"), "{text}");
+}
