@@ -151,7 +151,19 @@ pub async fn base_backup(
     // refuses). Each goes into `dir` instead, where `recover` finds it.
     let absolute = std::path::absolute(dir)
         .map_err(|error| PitrError::Setup(format!("resolving {}: {error}", dir.display())))?;
-    for (oid, location) in tablespaces(&source).await? {
+    // A source that accepted the connection but does not answer would hold this
+    // forever: the signal must still end it (the claim removes the directory).
+    let listed = tokio::select! {
+        listed = tablespaces(&source) => listed?,
+        () = cancel.cancelled() => {
+            return Err(PitrError::Cancelled(format!(
+                "stopped while listing the source's tablespaces, before pg_basebackup \
+                 started; nothing was written to {}",
+                dir.display()
+            )));
+        }
+    };
+    for (oid, location) in listed {
         let ours = absolute.join(TABLESPACES_DIR).join(&oid);
         let escape = |path: &str| path.replace('=', "\\=");
         command.arg(format!(

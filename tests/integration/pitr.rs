@@ -1087,3 +1087,92 @@ fn paths_postgresql_cannot_be_given_are_refused_up_front() {
     let text = failed(&source.pitr(&backup_id, &base, &archive, &["--target", "lsn"]));
     assert!(text.contains("control character"), "{text}");
 }
+
+/// `base-backup` against a source that accepted the connection but does not answer
+/// (its postmaster stopped with SIGSTOP, as a hung host would be): SIGTERM must still
+/// end it at once, and what it made be removed. Listing the source's tablespaces
+/// (before pg_basebackup starts) did not watch for the signal, so the command hung.
+#[test]
+fn sigterm_ends_a_base_backup_stuck_on_a_source_that_does_not_answer() {
+    let source = Source::start();
+    let postmaster = postmaster_pid(source.postgres.data_dir()).unwrap();
+    let _resume = Resume(postmaster);
+    let status = Command::new("kill")
+        .args(["-STOP", &postmaster.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let to = source.dir.path().join("base");
+    let child = Command::new(bin("stillpoint"))
+        .args([
+            "base-backup",
+            "--config",
+            source.config(),
+            "--database",
+            "app",
+            "--to",
+            to.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = Process::new(child, "stillpoint base-backup".to_owned());
+    let port = source.postgres.port();
+    wait_until(
+        Duration::from_secs(30),
+        "base-backup to be connected to the stopped source",
+        || connected_to(run.pid(), port),
+    );
+    run.signal("TERM");
+    let output = run.wait_output(Duration::from_secs(20));
+    assert_ne!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("interrupted"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!to.exists(), "{} was left behind", to.display());
+}
+
+/// SIGCONTs a stopped postmaster when dropped, and its parent (testkit's `runuser`,
+/// which stops itself when its child stops), so no test leaves the source stopped.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let parent = std::fs::read_to_string(format!("/proc/{}/stat", self.0))
+            .ok()
+            .and_then(|stat| {
+                let (_, rest) = stat.rsplit_once(')')?;
+                rest.split_whitespace().nth(1).map(str::to_owned)
+            });
+        for pid in [Some(self.0.to_string()), parent].into_iter().flatten() {
+            let _ = Command::new("kill").args(["-CONT", &pid]).status();
+        }
+    }
+}
+
+/// Whether process `pid` has an established TCP connection to 127.0.0.1:`port`
+/// (its socket inodes looked up in /proc/net/tcp).
+fn connected_to(pid: u32, port: u16) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let inodes: Vec<String> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let remote = format!("0100007F:{port:04X}");
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 9
+            && fields[2] == remote
+            && fields[3] == "01"
+            && inodes.iter().any(|inode| inode == fields[9])
+    })
+}
