@@ -18,7 +18,8 @@
 //! of stillpoint's environment (where AWS keys, PGPASSWORD and the admin token live).
 //! A hook is done when its command exits, even if a helper it started in the
 //! background still holds its stderr (or, for a cut, its stdout). A copy's stdout is
-//! the copy itself, so it is read to its end. The cut's output is stored in the manifest in
+//! the copy itself: if a helper still holds it 5 s after the command exited, the end
+//! of the copy cannot be told and the copy fails, saying so, instead of waiting. The cut's output is stored in the manifest in
 //! clear: it must not be a secret.
 
 use std::collections::BTreeMap;

@@ -4,8 +4,11 @@
 //! reaped, and stderr is always drained (bounded) so a chatty child can never block on
 //! a full pipe while we read its stdout or feed its stdin.
 
+use std::future::Future as _;
 use std::io;
+use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
@@ -275,7 +278,11 @@ pub(crate) fn spawn_producer(
     }
     let mut child = cmd.spawn()?;
     let group = own_group.then(|| GroupKiller::new(&child));
-    let stdout = child.stdout.take().expect("stdout is piped");
+    let stdout = ExitAware::new(
+        child.stdout.take().expect("stdout is piped"),
+        child.id(),
+        what,
+    );
     let stderr = child.stderr.take().expect("stderr is piped");
     // The stream's reader polls stdout only, so stderr needs its own task; the handle
     // is awaited in `wait` and the task is aborted if the Producer is dropped.
@@ -295,6 +302,87 @@ pub(crate) fn spawn_producer(
             group,
         },
     ))
+}
+
+/// How often a copy stream that waits for data checks whether its child has exited.
+const EXIT_CHECK: Duration = Duration::from_millis(500);
+/// How long after its child exited a copy stream may stay open without data before
+/// it is taken as held by a process left in the background.
+const HELD_AFTER_EXIT: Duration = Duration::from_secs(5);
+
+/// A child's stdout, as a copy stream, that does not wait forever for an end that
+/// will not come: a process the child started in the background (`helper &` in a
+/// hook) inherits stdout, and the stream ends only when that one exits too, which may
+/// be never. When the child has exited and the pipe has stayed empty and open for
+/// [`HELD_AFTER_EXIT`], the read fails, saying why: it cannot be told whether the copy
+/// is complete, and a copy that might be cut short must not pass for a whole one.
+struct ExitAware<R> {
+    inner: R,
+    what: String,
+    /// Our child's pid: not reaped while the stream is read (`Producer::wait` reaps
+    /// it afterwards), so it cannot name another process.
+    pid: Option<u32>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    exited_at: Option<tokio::time::Instant>,
+}
+
+impl<R> ExitAware<R> {
+    fn new(inner: R, pid: Option<u32>, what: &str) -> Self {
+        ExitAware {
+            inner,
+            what: what.to_owned(),
+            pid,
+            timer: Box::pin(tokio::time::sleep(EXIT_CHECK)),
+            exited_at: None,
+        }
+    }
+}
+
+/// Whether our unreaped child `pid` has exited (a zombie, or gone).
+fn has_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for ExitAware<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Poll::Ready(read) = Pin::new(&mut this.inner).poll_read(cx, buf) {
+            return Poll::Ready(read);
+        }
+        let Some(pid) = this.pid else {
+            return Poll::Pending;
+        };
+        // Nothing to read now: check on the child every EXIT_CHECK while we wait.
+        while this.timer.as_mut().poll(cx).is_ready() {
+            if has_exited(pid) {
+                let now = tokio::time::Instant::now();
+                let exited_at = *this.exited_at.get_or_insert(now);
+                if now.duration_since(exited_at) >= HELD_AFTER_EXIT {
+                    return Poll::Ready(Err(io::Error::other(format!(
+                        "{} exited, but a process it started in the background still \
+                         holds its stdout {}s later, so the end of the copy cannot be \
+                         told; redirect that process's output (`helper >/dev/null 2>&1 &`)",
+                        this.what,
+                        HELD_AFTER_EXIT.as_secs()
+                    ))));
+                }
+            }
+            this.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + EXIT_CHECK);
+        }
+        Poll::Pending
+    }
 }
 
 impl Producer {

@@ -405,3 +405,40 @@ async fn copy_and_restore_whose_helper_keeps_stderr_open_finish_when_the_command
         .expect("the restore waited for its helper's stderr")
         .unwrap();
 }
+
+/// A copy command that exits while a helper it started in the background still holds
+/// its stdout: the end of the copy cannot be told (the helper may write more, or
+/// never close it), so the copy fails soon after the command exits, naming the cause.
+/// It used to hang the backup for as long as the helper ran.
+#[tokio::test]
+async fn a_copy_whose_helper_keeps_its_stdout_open_fails_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("helper.pid");
+    let adapter = exec(
+        "true",
+        Some(&format!(
+            "printf data; sleep 60 & echo $! > {}",
+            pidfile.display()
+        )),
+        None,
+    );
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(30), async move {
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut copy.stream, &mut bytes)
+            .await
+            .map(|_| bytes)
+    })
+    .await;
+    if let Ok(pid) = std::fs::read_to_string(&pidfile) {
+        let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+    }
+    let error = read
+        .expect("the copy waited for its helper's stdout")
+        .expect_err("a copy whose end cannot be told must fail")
+        .to_string();
+    assert!(error.contains("background"), "{error}");
+    assert!(error.contains("stdout"), "{error}");
+}
