@@ -2,7 +2,8 @@
 //! exec hooks — and the rules they all keep: no child outlives the value that owns it
 //! (`kill_on_drop`, and for `sh -c` hooks the whole process group), every child is
 //! reaped, and stderr is always drained (bounded) so a chatty child can never block on
-//! a full pipe while we read its stdout or feed its stdin.
+//! a full pipe while we read its stdout or feed its stdin. A child is done when it
+//! exits: a process it left in the background holding a pipe never keeps us waiting.
 
 use std::future::Future as _;
 use std::io;
