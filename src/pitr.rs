@@ -163,6 +163,7 @@ pub async fn base_backup(
             )));
         }
     };
+    let mapped: Vec<String> = listed.iter().map(|(oid, _)| oid.clone()).collect();
     for (oid, location) in listed {
         let ours = absolute.join(TABLESPACES_DIR).join(&oid);
         let escape = |path: &str| path.replace('=', "\\=");
@@ -243,6 +244,25 @@ pub async fn base_backup(
             String::from_utf8_lossy(&stderr).trim(),
             source.shown()
         )));
+    }
+    // pg_basebackup links each mapped tablespace by the absolute path it wrote to:
+    // relative links keep leading to the base backup's own copy after it is moved.
+    for oid in &mapped {
+        let link = dir.join("pg_tblspc").join(oid);
+        let relink = std::fs::remove_file(&link).and_then(|()| {
+            std::os::unix::fs::symlink(Path::new("..").join(TABLESPACES_DIR).join(oid), &link)
+        });
+        if let Err(error) = relink {
+            let removed = match claim.remove() {
+                Ok(()) => "removed",
+                Err(_) => "left behind: delete it by hand",
+            };
+            return Err(PitrError::BaseBackup(format!(
+                "linking tablespace {oid} in {} relatively: {error}; the base backup was \
+                 {removed}",
+                dir.display()
+            )));
+        }
     }
     // A whole base backup: it stays.
     claim.keep = true;
