@@ -418,6 +418,7 @@ pub async fn recover(
         require_configurable(what, path)?;
     }
     refuse_overlap(request.data_dir, request.base_backup, request.wal_archive)?;
+    let _reading = lock_for_reading(request.base_backup)?;
     // Claimed before anything is checked or written: whatever happens next, what we
     // wrote goes (unless kept) when this is dropped, after the server has been stopped.
     let dir = ClaimedDir::claim(request.data_dir, request.keep)?;
@@ -454,6 +455,26 @@ pub async fn recover(
         content: reached.content,
         data_dir: request.keep.then(|| request.data_dir.to_owned()),
     })
+}
+
+/// A shared lock on the base backup directory while it is read. `base-backup` holds
+/// an exclusive one (its claim) while it writes, and a half-written base backup has
+/// its backup_label and PG_VERSION early on: it must not be taken for a whole one.
+/// A directory that cannot be opened is reported by the checks that read it; one on a
+/// file system without locks is read unlocked.
+fn lock_for_reading(base: &Path) -> Result<Option<std::fs::File>, PitrError> {
+    let Ok(file) = std::fs::File::open(base) else {
+        return Ok(None);
+    };
+    match file.try_lock_shared() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(PitrError::Setup(format!(
+            "the base backup {} is still being written by stillpoint base-backup; wait \
+             for it to finish",
+            base.display()
+        ))),
+        Err(std::fs::TryLockError::Error(_)) => Ok(None),
+    }
 }
 
 /// A path that goes into PostgreSQL's configuration (the data directory and its files,

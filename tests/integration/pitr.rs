@@ -1219,3 +1219,56 @@ fn a_moved_base_backup_with_a_tablespace_is_recovered() {
         "{report:#}"
     );
 }
+
+/// `pitr` from a base backup that `base-backup` is still writing is refused, naming
+/// the cause: it holds backup_label and PG_VERSION early on, so the half-written copy
+/// used to be taken for a base backup.
+#[test]
+fn pitr_refuses_a_base_backup_still_being_written() {
+    let source = Source::start();
+    source.insert(10);
+    let slow = source.dir.path().join("slow-bin");
+    std::fs::create_dir(&slow).unwrap();
+    let wrapper = slow.join("pg_basebackup");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} --max-rate=32k \"$@\"\n",
+            source.postgres.bin_dir().join("pg_basebackup").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    source.write_runbook_with(&source.postgres.url("app"), &slow);
+    let base = source.dir.path().join("base");
+    let child = Command::new(bin("stillpoint"))
+        .args([
+            "base-backup",
+            "--config",
+            source.config(),
+            "--database",
+            "app",
+            "--to",
+            base.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let writing = Process::new(child, "stillpoint base-backup".to_owned());
+    wait_until(
+        Duration::from_secs(60),
+        "the base backup's label and version to be written",
+        || base.join("backup_label").exists() && base.join("PG_VERSION").exists(),
+    );
+    // A backup after the base backup started: its cut is one the base backup can reach.
+    source.write_runbook(&source.postgres.url("app"));
+    source.insert(5);
+    let (backup_id, _) = source.backup();
+    source.switch_wal();
+    let output = source.pitr(&backup_id, &base, source.archive(), &["--target", "lsn"]);
+    writing.signal("TERM");
+    let _ = writing.wait_output(Duration::from_secs(60));
+    let text = failed(&output);
+    assert!(text.contains("still being written"), "{text}");
+}
