@@ -8,7 +8,9 @@
 //! the cluster is paused, all three give the state at the cut.
 //!
 //! - [`base_backup`]: `pg_basebackup` (plain format, WAL streamed alongside) into an
-//!   empty directory; the password goes by `PGPASSWORD`, never the command line.
+//!   empty directory, tablespaces mapped into it; the password goes by `PGPASSWORD`,
+//!   never the command line. A cancelled or failed one is killed with its WAL
+//!   streamer and what it wrote removed.
 //! - [`recover`]: refuses a base backup that starts after the cut (it already holds
 //!   later commits, which no target can take back); copies the base backup into a
 //!   scratch data directory without the source's lock file (`postmaster.pid`), and
@@ -21,7 +23,8 @@
 //!   promoted, checks the rows per table against those counted at the cut, and reports
 //!   the state with a content hash. The server is stopped through the process we
 //!   started (never a pid file we did not write), also when the caller cancels; the
-//!   data directory stays only if asked. PostgreSQL refuses to run as root, so a root
+//!   data directory (made absolute, and locked so two recoveries cannot share it)
+//!   stays only if asked; one the operator made is emptied, not removed. PostgreSQL refuses to run as root, so a root
 //!   caller names a system user to run it as (`setpriv`, which execs the server in its
 //!   own place, so the process we started *is* the postmaster).
 //! - Why a recovery failed is read from the server's log and put in the error itself
@@ -126,16 +129,50 @@ pub struct BaseBackupReport {
 
 /// Takes a base backup of the server `config.url` points at into `dir` (which must be
 /// empty or absent), with the WAL needed to make it consistent streamed alongside.
+/// When `cancel` fires (SIGINT/SIGTERM), pg_basebackup is killed and waited for, and
+/// what it wrote is removed before this returns [`PitrError::Cancelled`]; a failed
+/// pg_basebackup leaves nothing behind either: a half-written base backup must never
+/// pass for one.
 pub async fn base_backup(
     config: &PostgresConfig,
     dir: &Path,
+    cancel: &CancellationToken,
 ) -> Result<BaseBackupReport, PitrError> {
     let started = Instant::now();
-    require_empty_dir(dir)?;
+    // Claimed first: pg_basebackup's own emptiness check is no lock, and a run that
+    // failed on a directory another run was filling used to remove the other's work.
+    let mut claim = ClaimedDir::claim(dir, false)?;
     let source = ConnString::parse(&config.url)
         .map_err(|message| PitrError::Setup(format!("the database's URL: {message}")))?;
     let mut command = Command::new(tool(config, "pg_basebackup"));
     source.libpq_args(&mut command);
+    // pg_basebackup writes each tablespace at the source's own location unless told
+    // otherwise: outside `dir` (on the source's host a directory in use, which it
+    // refuses). Each goes into `dir` instead, where `recover` finds it.
+    let absolute = std::path::absolute(dir)
+        .map_err(|error| PitrError::Setup(format!("resolving {}: {error}", dir.display())))?;
+    // A source that accepted the connection but does not answer would hold this
+    // forever: the signal must still end it (the claim removes the directory).
+    let listed = tokio::select! {
+        listed = tablespaces(&source) => listed?,
+        () = cancel.cancelled() => {
+            return Err(PitrError::Cancelled(format!(
+                "stopped while listing the source's tablespaces, before pg_basebackup \
+                 started; nothing was written to {}",
+                dir.display()
+            )));
+        }
+    };
+    let mapped: Vec<String> = listed.iter().map(|(oid, _)| oid.clone()).collect();
+    for (oid, location) in listed {
+        let ours = absolute.join(TABLESPACES_DIR).join(&oid);
+        let escape = |path: &str| path.replace('=', "\\=");
+        command.arg(format!(
+            "--tablespace-mapping={}={}",
+            escape(&location),
+            escape(&ours.display().to_string())
+        ));
+    }
     command
         .arg("--pgdata")
         .arg(dir)
@@ -148,25 +185,140 @@ pub async fn base_backup(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let output = command.output().await.map_err(|error| {
+        .kill_on_drop(true)
+        // Its own process group: pg_basebackup forks a WAL streamer that writes into
+        // the directory too, and both must stop when we do.
+        .process_group(0);
+    let mut child = command.spawn().map_err(|error| {
         PitrError::BaseBackup(format!(
             "cannot run {}: {error}",
             tool(config, "pg_basebackup").display()
         ))
     })?;
-    if !output.status.success() {
+    let mut group = process::GroupKiller::new(&child);
+    let mut stderr = child.stderr.take();
+    let finished = tokio::select! {
+        finished = async {
+            let mut text = Vec::new();
+            if let Some(pipe) = stderr.as_mut() {
+                let _ = tokio::io::AsyncReadExt::read_to_end(pipe, &mut text).await;
+            }
+            (child.wait().await, text)
+        } => Some(finished),
+        () = cancel.cancelled() => None,
+    };
+    let Some((status, stderr)) = finished else {
+        // Killed and reaped before the directory is removed: nothing may still write
+        // into it.
+        group.kill().await;
+        let _ = child.wait().await;
+        return Err(PitrError::Cancelled(match claim.remove() {
+            Ok(()) => format!(
+                "pg_basebackup was stopped and the partial base backup {} removed",
+                dir.display()
+            ),
+            Err(error) => format!(
+                "pg_basebackup was stopped, but removing the partial base backup {} \
+                 failed ({error}): delete it by hand, it is not a base backup",
+                dir.display()
+            ),
+        }));
+    };
+    let status = status
+        .map_err(|error| PitrError::BaseBackup(format!("waiting for pg_basebackup: {error}")))?;
+    if status.success() {
+        group.disarm();
+    } else {
+        // Its WAL streamer must not outlive it. pg_basebackup removes what it wrote
+        // after its own errors, but not when something killed it.
+        group.kill().await;
+        let removed = match claim.remove() {
+            Ok(()) => String::new(),
+            Err(error) => format!(
+                "; removing the partial base backup {} failed ({error}): delete it by hand",
+                dir.display()
+            ),
+        };
         return Err(PitrError::BaseBackup(format!(
-            "{} (from {})",
-            String::from_utf8_lossy(&output.stderr).trim(),
+            "{} (from {}){removed}",
+            String::from_utf8_lossy(&stderr).trim(),
             source.shown()
         )));
     }
+    // pg_basebackup links each mapped tablespace by the absolute path it wrote to:
+    // relative links keep leading to the base backup's own copy after it is moved.
+    for oid in &mapped {
+        let link = dir.join("pg_tblspc").join(oid);
+        let relink = std::fs::remove_file(&link).and_then(|()| {
+            std::os::unix::fs::symlink(Path::new("..").join(TABLESPACES_DIR).join(oid), &link)
+        });
+        if let Err(error) = relink {
+            let removed = match claim.remove() {
+                Ok(()) => "removed",
+                Err(_) => "left behind: delete it by hand",
+            };
+            return Err(PitrError::BaseBackup(format!(
+                "linking tablespace {oid} in {} relatively: {error}; the base backup was \
+                 {removed}",
+                dir.display()
+            )));
+        }
+    }
+    // A whole base backup: it stays.
+    claim.keep = true;
     Ok(BaseBackupReport {
         dir: dir.to_owned(),
         start_lsn: label_start_lsn(dir),
         took_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// Removes what a failed or stopped base backup wrote into `dir`: the directory
+/// itself if it was made for the base backup, its contents if the operator made it.
+fn remove_written(dir: &Path, existed: bool) -> std::io::Result<()> {
+    if !existed {
+        return match std::fs::remove_dir_all(dir) {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        };
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Where a base backup keeps tablespaces that live outside the source's data
+/// directory, and where a recovery keeps its copies of them: `<dir>/<this>/<oid>`.
+const TABLESPACES_DIR: &str = "stillpoint-tablespaces";
+
+/// The source's tablespaces outside its data directory: (oid, absolute location).
+async fn tablespaces(source: &ConnString) -> Result<Vec<(String, String)>, PitrError> {
+    let (client, connection) = source.connect().await.map_err(|error| {
+        PitrError::BaseBackup(format!("listing the source's tablespaces: {error}"))
+    })?;
+    let driver = tokio::spawn(connection);
+    let rows = client
+        .query(
+            "SELECT oid::text, pg_tablespace_location(oid) FROM pg_tablespace \
+             WHERE pg_tablespace_location(oid) LIKE '/%' ORDER BY oid",
+            &[],
+        )
+        .await;
+    drop(client);
+    let _ = driver.await;
+    let rows = rows.map_err(|error| {
+        PitrError::BaseBackup(format!(
+            "listing the tablespaces of {}: {error}",
+            source.shown()
+        ))
+    })?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
 }
 
 /// The START WAL LOCATION of a base backup's `backup_label`, if it has one.
@@ -193,7 +345,8 @@ pub struct Recovery<'a> {
     pub base_backup: &'a Path,
     /// The directory PostgreSQL's `archive_command` copies WAL segments into.
     pub wal_archive: &'a Path,
-    /// The scratch data directory to create (must be empty or absent).
+    /// The scratch data directory (must be empty or absent; a relative path is taken
+    /// from the working directory). It is locked while recovery uses it.
     pub data_dir: &'a Path,
     pub target: Target,
     pub port: u16,
@@ -248,14 +401,30 @@ pub async fn recover(
     cancel: &CancellationToken,
 ) -> Result<RecoveryReport, PitrError> {
     let started = Instant::now();
+    // The server runs in the data directory and every path it is given is absolute:
+    // a relative one is resolved here, once, so that all checks and reports use the
+    // path the server will.
+    let data_dir = std::path::absolute(request.data_dir).map_err(|error| {
+        PitrError::Setup(format!("resolving {}: {error}", request.data_dir.display()))
+    })?;
+    let request = Recovery {
+        data_dir: &data_dir,
+        ..request
+    };
+    for (what, path) in [
+        ("scratch data directory", request.data_dir),
+        ("WAL archive", request.wal_archive),
+    ] {
+        require_configurable(what, path)?;
+    }
+    refuse_overlap(request.data_dir, request.base_backup, request.wal_archive)?;
+    let _reading = lock_for_reading(request.base_backup)?;
+    // Claimed before anything is checked or written: whatever happens next, what we
+    // wrote goes (unless kept) when this is dropped, after the server has been stopped.
+    let dir = ClaimedDir::claim(request.data_dir, request.keep)?;
     let base_start = check_inputs(&request).await?;
-    // Created before anything is written: whatever happens next, the directory goes
-    // (unless kept) when this is dropped, after the server has been stopped.
     let mut scratch = Scratch {
-        _dir: ScratchDir {
-            path: request.data_dir.to_owned(),
-            keep: request.keep,
-        },
+        _dir: dir,
         server: None,
     };
     let outcome = tokio::select! {
@@ -288,6 +457,88 @@ pub async fn recover(
     })
 }
 
+/// A shared lock on the base backup directory while it is read. `base-backup` holds
+/// an exclusive one (its claim) while it writes, and a half-written base backup has
+/// its backup_label and PG_VERSION early on: it must not be taken for a whole one.
+/// A directory that cannot be opened is reported by the checks that read it; one on a
+/// file system without locks is read unlocked.
+fn lock_for_reading(base: &Path) -> Result<Option<std::fs::File>, PitrError> {
+    let Ok(file) = std::fs::File::open(base) else {
+        return Ok(None);
+    };
+    match file.try_lock_shared() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(PitrError::Setup(format!(
+            "the base backup {} is still being written by stillpoint base-backup; wait \
+             for it to finish",
+            base.display()
+        ))),
+        Err(std::fs::TryLockError::Error(_)) => Ok(None),
+    }
+}
+
+/// A path that goes into PostgreSQL's configuration (the data directory and its files,
+/// restore_command's archive) must be UTF-8 (it is written as text; other bytes would
+/// be replaced and name another directory) without control characters (a newline ends
+/// a quoted value in the configuration file).
+fn require_configurable(what: &str, path: &Path) -> Result<(), PitrError> {
+    let Some(text) = path.to_str() else {
+        return Err(PitrError::Setup(format!(
+            "the {what} {} is not valid UTF-8, which PostgreSQL's configuration cannot \
+             name; choose another path",
+            path.display()
+        )));
+    };
+    if text.chars().any(char::is_control) {
+        return Err(PitrError::Setup(format!(
+            "the {what} {text:?} contains a control character, which PostgreSQL's \
+             configuration cannot name; choose another path"
+        )));
+    }
+    Ok(())
+}
+
+/// The scratch data directory must lie neither inside the base backup or the WAL
+/// archive nor around them: recovery would copy the base backup into itself, or write
+/// into what it reads from (a killed recovery left its half-copy inside the base
+/// backup, which the next recovery copied along).
+fn refuse_overlap(data_dir: &Path, base_backup: &Path, archive: &Path) -> Result<(), PitrError> {
+    let scratch = resolve_existing_prefix(data_dir);
+    for (what, other) in [("base backup", base_backup), ("WAL archive", archive)] {
+        // A missing one is reported by the checks that read it.
+        let Ok(other) = std::fs::canonicalize(other) else {
+            continue;
+        };
+        if scratch.starts_with(&other) || other.starts_with(&scratch) {
+            return Err(PitrError::Setup(format!(
+                "the scratch data directory {} overlaps the {what} {}: recovery would \
+                 write into what it reads; choose a data directory outside it",
+                data_dir.display(),
+                other.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `path` with its longest existing prefix resolved (symlinks, `..`), the rest as is.
+fn resolve_existing_prefix(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut at = path;
+    loop {
+        if let Ok(resolved) = std::fs::canonicalize(at) {
+            return rest.iter().rev().fold(resolved, |acc, name| acc.join(name));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                at = parent;
+            }
+            _ => return path.to_owned(),
+        }
+    }
+}
+
 /// Everything that can be checked before a byte is copied; returns where replay of
 /// the base backup starts.
 async fn check_inputs(request: &Recovery<'_>) -> Result<u64, PitrError> {
@@ -313,7 +564,6 @@ async fn check_inputs(request: &Recovery<'_>) -> Result<u64, PitrError> {
             request.wal_archive.display()
         )));
     }
-    require_empty_dir(request.data_dir)?;
     // The server's unix socket lives in the data directory; the kernel limits its path.
     let socket = request
         .data_dir
@@ -398,7 +648,7 @@ fn format_lsn(lsn: u64) -> String {
 /// that does the work, so they can be cleaned up after that future was dropped.
 struct Scratch {
     /// Removes the directory when dropped; the server is stopped explicitly before.
-    _dir: ScratchDir,
+    _dir: ClaimedDir,
     server: Option<Server>,
 }
 
@@ -437,6 +687,7 @@ async fn replay(request: &Recovery<'_>, scratch: &mut Scratch) -> Result<Reached
             _ => {}
         }
     }
+    relocate_tablespaces(request.base_backup, &data_dir).await?;
     // restore_command runs in the data directory: a relative archive path would miss.
     let archive = std::fs::canonicalize(request.wal_archive).map_err(|error| {
         PitrError::Setup(format!(
@@ -571,7 +822,16 @@ impl ScratchConfig {
             ("primary_conninfo", String::new()),
             ("primary_slot_name", String::new()),
             ("external_pid_file", String::new()),
-            // The log goes to our file, in words we can read back.
+            // Commands the source's configuration may give recovery (a warm standby's
+            // `pg_archivecleanup` on the source's own archive, a trigger file removed at
+            // the end): none of them is ours to run.
+            ("recovery_end_command", String::new()),
+            ("archive_cleanup_command", String::new()),
+            // A delayed standby's setting would hold replay back for that long.
+            ("recovery_min_apply_delay", "0".to_owned()),
+            // The log goes to our file (stderr), in words we can read back: never to
+            // syslog or a log directory the source's configuration names.
+            ("log_destination", "stderr".to_owned()),
             ("logging_collector", "off".to_owned()),
             ("lc_messages", "C".to_owned()),
             ("ssl", "off".to_owned()),
@@ -638,17 +898,32 @@ impl ScratchConfig {
         );
         settings.push(format!("restore_command={}", restore_command(archive)));
         settings.push("recovery_target_action=promote".to_owned());
-        settings.push(match &request.target {
-            Target::Name(name) => format!("recovery_target_name={name}"),
-            Target::Lsn(lsn) => format!("recovery_target_lsn={lsn}"),
-            Target::Time(ms) => format!("recovery_target_time={}", postgres_time(*ms)),
-        });
+        let (ours, value) = match &request.target {
+            Target::Name(name) => ("recovery_target_name", name.clone()),
+            Target::Lsn(lsn) => ("recovery_target_lsn", lsn.clone()),
+            Target::Time(ms) => ("recovery_target_time", postgres_time(*ms)),
+        };
+        // Any other target the base backup's configuration sets is cleared: PostgreSQL
+        // refuses more than one.
+        for other in RECOVERY_TARGETS.into_iter().filter(|name| *name != ours) {
+            settings.push(format!("{other}="));
+        }
+        settings.push(format!("{ours}={value}"));
         settings
             .into_iter()
             .flat_map(|setting| ["-c".to_owned(), setting])
             .collect()
     }
 }
+
+/// Every recovery_target setting: only one may be set.
+const RECOVERY_TARGETS: [&str; 5] = [
+    "recovery_target",
+    "recovery_target_name",
+    "recovery_target_lsn",
+    "recovery_target_time",
+    "recovery_target_xid",
+];
 
 const CONFIG_FILE: &str = "stillpoint-pitr.conf";
 const HBA_FILE: &str = "stillpoint-pitr-hba.conf";
@@ -1069,27 +1344,201 @@ async fn content_hash_with(
     })
 }
 
-/// Removes the scratch data directory when dropped, unless it is to be kept.
-struct ScratchDir {
+/// A directory we write into (a recovery's scratch data directory, a base backup),
+/// claimed: made if absent, locked (`flock` on the directory itself, so nothing is
+/// written beside it) so that a second command cannot use it at the same time, and
+/// required to be empty. When dropped, what was
+/// written is removed unless it is to be kept: the directory itself if the claim made
+/// it, only its contents if the operator did.
+struct ClaimedDir {
     path: PathBuf,
     keep: bool,
+    created: bool,
+    /// Holds the lock until the directory has been cleaned up (fields drop after
+    /// `drop` has run).
+    _lock: std::fs::File,
 }
 
-impl Drop for ScratchDir {
+impl ClaimedDir {
+    fn claim(path: &Path, keep: bool) -> Result<ClaimedDir, PitrError> {
+        // Parents are made as `mkdir -p` (and pg_basebackup) would; only the directory
+        // itself counts as made by the claim.
+        if let Some(parent) = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                PitrError::Setup(format!("creating {}: {error}", parent.display()))
+            })?;
+        }
+        let created = match std::fs::create_dir(path) {
+            Ok(()) => true,
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(error) => {
+                return Err(PitrError::Setup(format!(
+                    "creating the scratch data directory {}: {error}",
+                    path.display()
+                )));
+            }
+        };
+        let lock = std::fs::File::open(path)
+            .map_err(|error| PitrError::Setup(format!("opening {}: {error}", path.display())))?;
+        let in_use = || {
+            PitrError::Setup(format!(
+                "{} is in use by another stillpoint command (base-backup or pitr), which \
+                 holds a lock on it; choose another directory, or wait for that one to \
+                 finish",
+                path.display()
+            ))
+        };
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(in_use()),
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(PitrError::Setup(format!(
+                    "locking {}: {error}",
+                    path.display()
+                )));
+            }
+        }
+        // The previous holder may have removed the directory (and another run made it
+        // again) between our open and our lock: the lock counts only on the directory
+        // that is at the path now.
+        use std::os::unix::fs::MetadataExt as _;
+        let same = match (lock.metadata(), std::fs::metadata(path)) {
+            (Ok(locked), Ok(current)) => {
+                locked.dev() == current.dev() && locked.ino() == current.ino()
+            }
+            _ => false,
+        };
+        if !same {
+            return Err(in_use());
+        }
+        let mut claim = ClaimedDir {
+            path: path.to_owned(),
+            // Until it is known to be empty, nothing in it is ours to remove.
+            keep: true,
+            created,
+            _lock: lock,
+        };
+        require_empty_dir(path)?;
+        claim.keep = keep;
+        Ok(claim)
+    }
+}
+
+impl ClaimedDir {
+    /// Removes what was written now, saying whether that worked (dropping removes it
+    /// too, silently).
+    fn remove(&mut self) -> std::io::Result<()> {
+        self.keep = true;
+        remove_written(&self.path, !self.created)
+    }
+}
+
+impl Drop for ClaimedDir {
     fn drop(&mut self) {
         if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
+            let _ = remove_written(&self.path, !self.created);
         }
     }
 }
 
 fn require_empty_dir(dir: &Path) -> Result<(), PitrError> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(PitrError::Setup(format!(
+            "{} is not a directory; give a new or empty directory",
+            dir.display()
+        )));
+    }
     let has_entries = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
     if has_entries {
         return Err(PitrError::Setup(format!(
             "{} is not empty; give a new or empty directory",
             dir.display()
         )));
+    }
+    Ok(())
+}
+
+/// Puts every tablespace of the copied base backup inside the scratch directory. A
+/// tablespace is a link in `pg_tblspc` (or a line of `tablespace_map`, from which the
+/// server makes the links) to a directory elsewhere: into the base backup itself
+/// (`base-backup`'s mapping), or, in a file-level copy, the source's live tablespace.
+/// The server would write through the link there; it is pointed at a copy of ours
+/// instead: the one `copy_dir` already made when the tablespace was inside the base
+/// backup, a new one under `stillpoint-tablespaces` otherwise.
+async fn relocate_tablespaces(base: &Path, data_dir: &Path) -> Result<(), PitrError> {
+    let base = std::fs::canonicalize(base)
+        .map_err(|error| PitrError::Setup(format!("resolving {}: {error}", base.display())))?;
+    let place = async |oid: &str, target: &Path| -> Result<PathBuf, PitrError> {
+        let target = std::fs::canonicalize(target).map_err(|error| {
+            PitrError::Setup(format!(
+                "the base backup's tablespace {oid} is at {}, which cannot be read: {error}",
+                target.display()
+            ))
+        })?;
+        if target.starts_with(data_dir) {
+            return Ok(target);
+        }
+        if let Ok(inside) = target.strip_prefix(&base) {
+            let copied = data_dir.join(inside);
+            if copied.is_dir() {
+                return Ok(copied);
+            }
+        }
+        let ours = data_dir.join(TABLESPACES_DIR).join(oid);
+        copy_dir(&target, &ours).await?;
+        Ok(ours)
+    };
+    let setup =
+        |what: String| move |error: std::io::Error| PitrError::Setup(format!("{what}: {error}"));
+    let links = data_dir.join("pg_tblspc");
+    if let Ok(entries) = std::fs::read_dir(&links) {
+        for entry in entries {
+            let entry = entry.map_err(setup(format!("reading {}", links.display())))?;
+            let link = entry.path();
+            // Not a link: a tablespace made in place, inside the data directory.
+            let Ok(target) = std::fs::read_link(&link) else {
+                continue;
+            };
+            let oid = entry.file_name().to_string_lossy().into_owned();
+            let ours = place(&oid, &links.join(target)).await?;
+            std::fs::remove_file(&link).map_err(setup(format!("removing {}", link.display())))?;
+            std::os::unix::fs::symlink(&ours, &link)
+                .map_err(setup(format!("linking {}", link.display())))?;
+        }
+    }
+    let map = data_dir.join("tablespace_map");
+    if let Ok(text) = std::fs::read_to_string(&map) {
+        let mut rewritten = String::new();
+        for line in text.lines().filter(|line| !line.is_empty()) {
+            let Some((oid, path)) = line.split_once(' ') else {
+                return Err(PitrError::Setup(format!(
+                    "{} has an unreadable line {line:?}",
+                    map.display()
+                )));
+            };
+            // A backslash escapes the character after it (a newline in the path).
+            let mut target = String::new();
+            let mut chars = path.chars();
+            while let Some(c) = chars.next() {
+                target.push(if c == '\\' {
+                    chars.next().unwrap_or(c)
+                } else {
+                    c
+                });
+            }
+            let ours = place(oid, Path::new(&target)).await?;
+            let ours = ours
+                .display()
+                .to_string()
+                .replace('\\', "\\\\")
+                .replace('\n', "\\\n")
+                .replace('\r', "\\\r");
+            rewritten.push_str(&format!("{oid} {ours}\n"));
+        }
+        std::fs::write(&map, rewritten).map_err(setup(format!("writing {}", map.display())))?;
     }
     Ok(())
 }

@@ -233,9 +233,17 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
 pub async fn base_backup(args: BaseBackupArgs) -> Result<u8, Failure> {
     let runbook = load_runbook(&args.config)?;
     let config = postgres_config(&runbook, &args.database)?;
-    let report = pitr::base_backup(config, &args.to)
-        .await
-        .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?;
+    // SIGINT/SIGTERM stop pg_basebackup and remove the partial base backup.
+    let report =
+        run_cancellable(|cancel| async move { pitr::base_backup(config, &args.to, &cancel).await })
+            .await
+            .map_err(|error| {
+                let code = match error {
+                    PitrError::Cancelled(_) => exit::ERROR,
+                    _ => exit::BACKUP_FAILED,
+                };
+                Failure::new(code, error)
+            })?;
     match args.output {
         OutputFormat::Json => print_json(&report),
         OutputFormat::Text => println!(

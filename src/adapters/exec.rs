@@ -16,8 +16,10 @@
 //! Every hook runs with a minimal environment ([`MINIMAL_ENVIRONMENT`], `LC_*`), the
 //! variables above, the runbook's `pass_env` names and its `env` values; nothing else
 //! of stillpoint's environment (where AWS keys, PGPASSWORD and the admin token live).
-//! A cut is done when its command exits, even if a helper it started in the
-//! background still holds its output. The cut's output is stored in the manifest in
+//! A hook is done when its command exits, even if a helper it started in the
+//! background still holds its stderr (or, for a cut, its stdout). A copy's stdout is
+//! the copy itself: if a helper still holds it 5 s after the command exited, the end
+//! of the copy cannot be told and the copy fails, saying so, instead of waiting. The cut's output is stored in the manifest in
 //! clear: it must not be a secret.
 
 use std::collections::BTreeMap;

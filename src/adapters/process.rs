@@ -2,13 +2,18 @@
 //! exec hooks — and the rules they all keep: no child outlives the value that owns it
 //! (`kill_on_drop`, and for `sh -c` hooks the whole process group), every child is
 //! reaped, and stderr is always drained (bounded) so a chatty child can never block on
-//! a full pipe while we read its stdout or feed its stdin.
+//! a full pipe while we read its stdout or feed its stdin. A child is done when it
+//! exits: a process it left in the background holding a pipe never keeps us waiting.
 
+use std::future::Future as _;
 use std::io;
+use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::ByteStream;
@@ -61,6 +66,31 @@ pub(crate) async fn read_bounded<R: AsyncRead + Unpin>(
             return Ok(bounded);
         }
         bounded.push(&buf[..n], limit);
+    }
+}
+
+/// Reads `pipe` like [`read_bounded`] until it closes or until `exited` is cancelled
+/// (the child has exited), and then only what the pipe already holds. A background
+/// process the child started (`helper &` in a hook) inherits the pipe and may hold it
+/// open long after the child exited: waiting for it to close could wait forever.
+pub(crate) async fn read_bounded_until<R: AsyncRead + Unpin + std::os::fd::AsFd>(
+    mut pipe: R,
+    limit: usize,
+    exited: CancellationToken,
+) -> io::Result<Bounded> {
+    let mut bounded = Bounded::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            read = pipe.read(&mut buf) => match read? {
+                0 => return Ok(bounded),
+                n => bounded.push(&buf[..n], limit),
+            },
+            () = exited.cancelled() => {
+                read_what_is_there(&pipe, &mut bounded, limit)?;
+                return Ok(bounded);
+            }
+        }
     }
 }
 
@@ -226,6 +256,9 @@ pub(crate) struct Producer {
     what: String,
     child: Child,
     stderr: AbortOnDropHandle<io::Result<Bounded>>,
+    /// Cancelled once the child has exited: stderr is then read no further than what
+    /// it holds.
+    exited: CancellationToken,
     group: Option<GroupKiller>,
 }
 
@@ -246,20 +279,111 @@ pub(crate) fn spawn_producer(
     }
     let mut child = cmd.spawn()?;
     let group = own_group.then(|| GroupKiller::new(&child));
-    let stdout = child.stdout.take().expect("stdout is piped");
+    let stdout = ExitAware::new(
+        child.stdout.take().expect("stdout is piped"),
+        child.id(),
+        what,
+    );
     let stderr = child.stderr.take().expect("stderr is piped");
     // The stream's reader polls stdout only, so stderr needs its own task; the handle
     // is awaited in `wait` and the task is aborted if the Producer is dropped.
-    let stderr = AbortOnDropHandle::new(tokio::spawn(read_bounded(stderr, OUTPUT_LIMIT)));
+    let exited = CancellationToken::new();
+    let stderr = AbortOnDropHandle::new(tokio::spawn(read_bounded_until(
+        stderr,
+        OUTPUT_LIMIT,
+        exited.clone(),
+    )));
     Ok((
         Box::pin(stdout),
         Producer {
             what: what.to_owned(),
             child,
             stderr,
+            exited,
             group,
         },
     ))
+}
+
+/// How often a copy stream that waits for data checks whether its child has exited.
+const EXIT_CHECK: Duration = Duration::from_millis(500);
+/// How long after its child exited a copy stream may stay open without data before
+/// it is taken as held by a process left in the background.
+const HELD_AFTER_EXIT: Duration = Duration::from_secs(5);
+
+/// A child's stdout, as a copy stream, that does not wait forever for an end that
+/// will not come: a process the child started in the background (`helper &` in a
+/// hook) inherits stdout, and the stream ends only when that one exits too, which may
+/// be never. When the child has exited and the pipe has stayed empty and open for
+/// [`HELD_AFTER_EXIT`], the read fails, saying why: it cannot be told whether the copy
+/// is complete, and a copy that might be cut short must not pass for a whole one.
+struct ExitAware<R> {
+    inner: R,
+    what: String,
+    /// Our child's pid: not reaped while the stream is read (`Producer::wait` reaps
+    /// it afterwards), so it cannot name another process.
+    pid: Option<u32>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    exited_at: Option<tokio::time::Instant>,
+}
+
+impl<R> ExitAware<R> {
+    fn new(inner: R, pid: Option<u32>, what: &str) -> Self {
+        ExitAware {
+            inner,
+            what: what.to_owned(),
+            pid,
+            timer: Box::pin(tokio::time::sleep(EXIT_CHECK)),
+            exited_at: None,
+        }
+    }
+}
+
+/// Whether our unreaped child `pid` has exited (a zombie, or gone).
+fn has_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for ExitAware<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Poll::Ready(read) = Pin::new(&mut this.inner).poll_read(cx, buf) {
+            return Poll::Ready(read);
+        }
+        let Some(pid) = this.pid else {
+            return Poll::Pending;
+        };
+        // Nothing to read now: check on the child every EXIT_CHECK while we wait.
+        while this.timer.as_mut().poll(cx).is_ready() {
+            if has_exited(pid) {
+                let now = tokio::time::Instant::now();
+                let exited_at = *this.exited_at.get_or_insert(now);
+                if now.duration_since(exited_at) >= HELD_AFTER_EXIT {
+                    return Poll::Ready(Err(io::Error::other(format!(
+                        "{} exited, but a process it started in the background still \
+                         holds its stdout {}s later, so the end of the copy cannot be \
+                         told; redirect that process's output (`helper >/dev/null 2>&1 &`)",
+                        this.what,
+                        HELD_AFTER_EXIT.as_secs()
+                    ))));
+                }
+            }
+            this.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + EXIT_CHECK);
+        }
+        Poll::Pending
+    }
 }
 
 impl Producer {
@@ -270,6 +394,7 @@ impl Producer {
             .wait()
             .await
             .map_err(|e| format!("waiting for {}: {e}", self.what))?;
+        self.exited.cancel();
         if let Some(group) = self.group.as_mut() {
             group.disarm();
         }
@@ -307,7 +432,15 @@ pub(crate) async fn run_with_stdin(
     let stdin = child.stdin.take().expect("stdin is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
 
-    let (fed, stderr) = tokio::join!(feed(input, stdin), read_bounded(stderr, OUTPUT_LIMIT));
+    // Read alongside the feeding (a child blocked on a full stderr pipe would never
+    // read its stdin), and only until the child has exited.
+    let exited = CancellationToken::new();
+    let stderr = AbortOnDropHandle::new(tokio::spawn(read_bounded_until(
+        stderr,
+        OUTPUT_LIMIT,
+        exited.clone(),
+    )));
+    let fed = feed(input, stdin).await;
     if let Err(Feed::Source(e)) = &fed {
         // Our input broke: the child must not commit a partial restore as if it
         // were whole, so it is killed rather than left to see a clean EOF.
@@ -322,10 +455,15 @@ pub(crate) async fn run_with_stdin(
         .wait()
         .await
         .map_err(|e| format!("waiting for {what}: {e}"))?;
+    exited.cancel();
     if let Some(group) = group.as_mut() {
         group.disarm();
     }
-    let stderr = stderr.map(|b| b.text()).unwrap_or_default();
+    let stderr = match stderr.await {
+        Ok(Ok(bytes)) => bytes.text(),
+        Ok(Err(e)) => format!("(reading its stderr failed: {e})"),
+        Err(e) => format!("(reading its stderr failed: {e})"),
+    };
     if !status.success() {
         return Err(describe_failure(what, status, &stderr));
     }

@@ -257,3 +257,41 @@ fn the_scratch_configuration_file_parses_back_and_keeps_the_source_apart() {
         data_dir.join(CONFIG_FILE).display()
     )));
 }
+
+/// Two recoveries cannot claim one scratch directory: the second is refused while the
+/// first holds it, even while it is still empty (before either copied anything).
+#[test]
+fn a_scratch_directory_is_claimed_by_one_recovery_at_a_time() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("scratch");
+    let first = ClaimedDir::claim(&dir, false).unwrap();
+    let error = ClaimedDir::claim(&dir, false).err().unwrap().to_string();
+    assert!(error.contains("in use by another"), "{error}");
+    drop(first);
+    assert!(
+        !dir.exists(),
+        "the directory the first claim made was not removed"
+    );
+    // Once released, it can be claimed again.
+    let again = ClaimedDir::claim(&dir, true).unwrap();
+    drop(again);
+    assert!(dir.is_dir(), "a kept directory was removed");
+}
+
+/// A claim makes missing parents (as pg_basebackup and `mkdir -p` do) and refuses a
+/// path that is a file.
+#[test]
+fn a_claim_makes_missing_parents_and_refuses_a_file() {
+    let parent = tempfile::tempdir().unwrap();
+    let nested = parent.path().join("a").join("b").join("scratch");
+    let claim = ClaimedDir::claim(&nested, false).unwrap();
+    assert!(nested.is_dir());
+    drop(claim);
+    assert!(!nested.exists() && parent.path().join("a").join("b").is_dir());
+
+    let file = parent.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let error = ClaimedDir::claim(&file, false).err().unwrap().to_string();
+    assert!(error.contains("is not a directory"), "{error}");
+    assert!(file.is_file(), "the file was removed");
+}

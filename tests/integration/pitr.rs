@@ -655,3 +655,620 @@ fn a_timeout_error_carries_the_server_log_instead_of_a_deleted_path() {
     }
     assert!(text.contains("server log"), "{text}");
 }
+
+/// The scratch server writes only inside its own directory: the base backup's
+/// configuration (here its postgresql.auto.conf, as a source set up for warm standbys
+/// has it) may name commands recovery runs (`recovery_end_command` at the end of
+/// recovery, `archive_cleanup_command` at restartpoints, typically `pg_archivecleanup`
+/// on the source's own archive) and a log destination elsewhere (syslog), and none of
+/// them may take effect: the log must stay in the scratch directory, where it is read
+/// back to explain a failure.
+#[test]
+fn the_scratch_server_ignores_commands_and_log_destinations_of_the_base_backup() {
+    let (source, base, backup_id, rows) = prepared();
+    let outside = source.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    // The scratch server's user must be able to write here for the negative to mean
+    // anything.
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let ran = outside.join("recovery-end-ran");
+    let cleaned = outside.join("archive-cleanup-ran");
+    let mut auto = std::fs::read_to_string(base.join("postgresql.auto.conf")).unwrap_or_default();
+    auto.push_str(&format!(
+        "recovery_end_command = 'touch {}'\narchive_cleanup_command = 'touch {}'\n\
+         log_destination = 'syslog'\nrecovery_target_xid = '3'\n",
+        ran.display(),
+        cleaned.display()
+    ));
+    std::fs::write(base.join("postgresql.auto.conf"), auto).unwrap();
+
+    let output = source.pitr(&backup_id, &base, source.archive(), &["--target", "lsn"]);
+    assert_eq!(recovered_rows(&succeeded(&output)), rows);
+    assert!(
+        !ran.exists() && !cleaned.exists(),
+        "the scratch server ran the base backup's recovery commands"
+    );
+
+    // The log is still ours: a port another server holds is explained from it.
+    let bystander = Postgres::start();
+    let port = bystander.port().to_string();
+    let text = failed(&source.pitr(
+        &backup_id,
+        &base,
+        source.archive(),
+        &["--target", "lsn", "--port", &port],
+    ));
+    assert!(
+        text.contains(&port) && text.contains("in use"),
+        "the server log did not reach the scratch directory: {text}"
+    );
+}
+
+/// `base-backup` stopped by SIGTERM or SIGINT while pg_basebackup copies: it must
+/// stop pg_basebackup (and the WAL streamer it forked), remove the partial base backup
+/// and exit non-zero. It used to die at once and leave pg_basebackup writing into the
+/// directory, then a half-written base backup behind. pg_basebackup is the real one,
+/// slowed down with --max-rate so that the signal lands mid-copy.
+#[test]
+fn an_interrupted_base_backup_stops_pg_basebackup_and_removes_what_it_wrote() {
+    let source = Source::start();
+    source.insert(10);
+    let slow = source.dir.path().join("slow-bin");
+    std::fs::create_dir(&slow).unwrap();
+    let wrapper = slow.join("pg_basebackup");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} --max-rate=32k \"$@\"\n",
+            source.postgres.bin_dir().join("pg_basebackup").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    source.write_runbook_with(&source.postgres.url("app"), &slow);
+    for signal in ["TERM", "INT"] {
+        let to = source.dir.path().join(format!("base-{signal}"));
+        let child = Command::new(bin("stillpoint"))
+            .args([
+                "base-backup",
+                "--config",
+                source.config(),
+                "--database",
+                "app",
+                "--to",
+                to.to_str().unwrap(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let run = Process::new(child, "stillpoint base-backup".to_owned());
+        let mut copiers = Vec::new();
+        wait_until(
+            Duration::from_secs(60),
+            "pg_basebackup to write into the directory",
+            || {
+                copiers = processes_naming(&to);
+                !copiers.is_empty()
+                    && std::fs::read_dir(&to).is_ok_and(|mut entries| entries.next().is_some())
+            },
+        );
+        run.signal(signal);
+        let output = run.wait_output(Duration::from_secs(60));
+        let left: Vec<u32> = copiers
+            .iter()
+            .copied()
+            .filter(|pid| process_running(*pid))
+            .collect();
+        for pid in &left {
+            // Left by a base-backup that did not stop it: stop it so the test leaves
+            // nothing running.
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        assert!(
+            left.is_empty(),
+            "SIGINT/TERM: pg_basebackup ({left:?}) still runs after base-backup exited: {}",
+            stderr(&output)
+        );
+        assert_ne!(
+            output.status.code(),
+            Some(0),
+            "{signal}: {}",
+            stderr(&output)
+        );
+        assert!(
+            !to.exists(),
+            "{signal}: the partial base backup {} was left behind",
+            to.display()
+        );
+        assert!(
+            stderr(&output).contains("interrupted"),
+            "{}",
+            stderr(&output)
+        );
+    }
+}
+
+/// The processes whose command line names `path` (a pg_basebackup writing there).
+fn processes_naming(path: &Path) -> Vec<u32> {
+    let needle = path.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                let text = String::from_utf8_lossy(&cmdline);
+                text.contains("pg_basebackup") && text.contains(needle)
+            })
+        })
+        .collect()
+}
+
+/// Whether `pid` runs (exists and is not a zombie waiting for its parent).
+fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// `--data-dir` given relative to the working directory is resolved to an absolute
+/// path before anything uses it: the socket-length check measures the path the
+/// server will really use, and a kept directory is reported absolute (its
+/// configuration names absolute paths, and the operator may start it from anywhere).
+/// A directory the operator made for it (empty) is left in place, empty, after a
+/// failed recovery: it used to be deleted with everything else.
+#[test]
+fn a_relative_or_existing_data_dir_is_resolved_and_left_as_found() {
+    let (source, base, backup_id, rows) = prepared();
+    let run_in = |cwd: &Path, extra: &[&str]| {
+        Command::new(bin("stillpoint"))
+            .args(source.pitr_args(&backup_id, &base, source.archive(), extra))
+            .current_dir(cwd)
+            .output()
+            .unwrap()
+    };
+
+    // A short relative path in a long working directory: the socket would be too long.
+    let deep = source.dir.path().join("w".repeat(100));
+    std::fs::create_dir(&deep).unwrap();
+    let text = failed(&run_in(&deep, &["--target", "lsn", "--data-dir", "d"]));
+    assert!(text.contains("shorter --data-dir"), "{text}");
+    assert!(!deep.join("d").exists(), "the refused directory was made");
+
+    // Relative and kept: reported (and kept) at its absolute path.
+    let report = succeeded(&run_in(
+        source.dir.path(),
+        &["--target", "lsn", "--data-dir", "rel", "--keep"],
+    ));
+    assert_eq!(recovered_rows(&report), rows);
+    let kept = source.dir.path().join("rel");
+    assert_eq!(
+        report["recovery"]["data_dir"].as_str(),
+        kept.to_str(),
+        "{report:#}"
+    );
+    assert!(kept.join("PG_VERSION").exists());
+
+    // An empty directory the operator made, and a recovery that fails after the copy.
+    let made = source.dir.path().join("made");
+    std::fs::create_dir(&made).unwrap();
+    let bystander = Postgres::start();
+    let port = bystander.port().to_string();
+    let text = failed(&source.pitr(
+        &backup_id,
+        &base,
+        source.archive(),
+        &[
+            "--target",
+            "lsn",
+            "--port",
+            &port,
+            "--data-dir",
+            made.to_str().unwrap(),
+        ],
+    ));
+    assert!(text.contains("in use"), "{text}");
+    assert!(made.is_dir(), "the operator's directory was removed");
+    assert_eq!(std::fs::read_dir(&made).unwrap().count(), 0, "not emptied");
+}
+
+/// A database with a tablespace outside its data directory. `base-backup` must write
+/// the tablespace inside its own directory (pg_basebackup would otherwise write it at
+/// the source's own location: refused on the same host, "not empty", and on another
+/// host a write outside `--to`), and `pitr` must recover it inside its scratch
+/// directory, never through the base backup's tablespace link (which would write into
+/// the base backup, or with a file-level copy into the source's live tablespace).
+#[test]
+fn tablespaces_are_backed_up_and_recovered_inside_their_own_directories() {
+    let source = Source::start();
+    let space = source.dir.path().join("space");
+    std::fs::create_dir(&space).unwrap();
+    let status = Command::new("chown")
+        .arg("postgres:")
+        .arg(&space)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    source.postgres.psql(
+        "app",
+        &format!("CREATE TABLESPACE extra LOCATION '{}'", space.display()),
+    );
+    source.postgres.psql(
+        "app",
+        "CREATE TABLE spaced (id int) TABLESPACE extra; \
+         INSERT INTO spaced SELECT generate_series(1, 10)",
+    );
+    source.insert(10);
+    let base = source.base_backup("base");
+    let link = std::fs::read_dir(base.join("pg_tblspc"))
+        .unwrap()
+        .next()
+        .expect("the base backup has the tablespace")
+        .unwrap()
+        .path();
+    let target = std::fs::canonicalize(&link).unwrap();
+    assert!(
+        target.starts_with(std::fs::canonicalize(&base).unwrap()),
+        "the base backup's tablespace is at {}, outside it",
+        target.display()
+    );
+    let before = tree_digest(&base);
+    source
+        .postgres
+        .psql("app", "INSERT INTO spaced SELECT generate_series(11, 15)");
+    source.switch_wal();
+    let (backup_id, _) = source.backup();
+    source
+        .postgres
+        .psql("app", "INSERT INTO spaced SELECT generate_series(16, 20)");
+    source.switch_wal();
+
+    let report = succeeded(&source.pitr(&backup_id, &base, source.archive(), &["--target", "lsn"]));
+    assert_eq!(
+        report["recovery"]["content"]["tables"]["public.spaced"]["rows"].as_u64(),
+        Some(15),
+        "{report:#}"
+    );
+    assert_eq!(
+        tree_digest(&base),
+        before,
+        "the scratch server wrote into the base backup's tablespace"
+    );
+}
+
+/// Every file under `dir` (links not followed) with its length and content, as one
+/// string to compare.
+fn tree_digest(dir: &Path) -> String {
+    let mut entries = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(at) = pending.pop() {
+        for entry in std::fs::read_dir(&at).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                pending.push(path);
+            } else if meta.is_file() {
+                let bytes = std::fs::read(&path).unwrap();
+                let sum = blake3::hash(&bytes).to_hex();
+                entries.push(format!("{} {} {sum}", path.display(), bytes.len()));
+            }
+        }
+    }
+    entries.sort();
+    entries.join("\n")
+}
+
+/// Two `base-backup` runs given one directory at once: one is refused before it
+/// touches anything, and the other's base backup stays whole. The directory was
+/// checked for emptiness but not claimed, so both could pass the check; the one whose
+/// pg_basebackup then found the directory taken removed what was in it, which was the
+/// other's finished base backup. pg_basebackup of the first run starts late (its
+/// wrapper waits) to make the interleaving certain.
+#[test]
+fn two_base_backups_into_one_directory_leave_one_whole_base_backup() {
+    let source = Source::start();
+    source.insert(10);
+    let late = source.dir.path().join("late-bin");
+    std::fs::create_dir(&late).unwrap();
+    let started = source.dir.path().join("late-started");
+    let wrapper = late.join("pg_basebackup");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ntouch {}\nsleep 3\nexec {} \"$@\"\n",
+            started.display(),
+            source.postgres.bin_dir().join("pg_basebackup").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    source.write_runbook_with(&source.postgres.url("app"), &late);
+    let to = source.dir.path().join("base");
+    let args = [
+        "base-backup",
+        "--config",
+        source.config(),
+        "--database",
+        "app",
+        "--to",
+        to.to_str().unwrap(),
+    ];
+    let first = Process::new(
+        Command::new(bin("stillpoint"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        "the first stillpoint base-backup".to_owned(),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the first pg_basebackup to be about to start",
+        || started.exists(),
+    );
+    // The second run, with the real pg_basebackup, while the first holds the directory.
+    source.write_runbook(&source.postgres.url("app"));
+    let second = crate::util::run("stillpoint", &args);
+    let first = first.wait_output(Duration::from_secs(60));
+    let outcomes = [first.status.success(), second.status.success()];
+    assert_eq!(
+        outcomes,
+        [true, false],
+        "first: {}\nsecond: {}",
+        stderr(&first),
+        stderr(&second)
+    );
+    assert!(
+        stderr(&second).contains("in use by another"),
+        "{}",
+        stderr(&second)
+    );
+    assert!(
+        to.join("PG_VERSION").exists() && to.join("backup_label").exists(),
+        "no whole base backup is left in {}",
+        to.display()
+    );
+}
+
+/// A scratch directory inside the base backup (or the WAL archive) is refused before
+/// anything is written: recovery would copy the base backup into itself, and a
+/// recovery killed mid-copy left its half-copy inside the base backup.
+#[test]
+fn a_data_dir_inside_the_base_backup_or_the_archive_is_refused() {
+    let (source, base, backup_id, _) = prepared();
+    let before = tree_digest(&base);
+    let archive = source.archive().to_owned();
+    for inside in [base.join("recovered"), archive.join("scratch").join("data")] {
+        let text = failed(&source.pitr(
+            &backup_id,
+            &base,
+            &archive,
+            &["--target", "lsn", "--data-dir", inside.to_str().unwrap()],
+        ));
+        assert!(text.contains("overlaps"), "{text}");
+        assert!(!inside.exists(), "{} was made", inside.display());
+    }
+    assert_eq!(tree_digest(&base), before, "the base backup changed");
+}
+
+/// Paths PostgreSQL is given in its configuration (the scratch data directory, the WAL
+/// archive in restore_command) must be text it can read back: a newline broke the
+/// configuration file's quoting and bytes that are not UTF-8 were replaced, so the
+/// server looked for another directory. Both are refused up front, naming the path.
+#[test]
+fn paths_postgresql_cannot_be_given_are_refused_up_front() {
+    use std::os::unix::ffi::OsStrExt;
+    let (source, base, backup_id, _) = prepared();
+    let newline = source.dir.path().join("new\nline");
+    let not_utf8 = source
+        .dir
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"caf\xe9"));
+    for data_dir in [&newline, &not_utf8] {
+        let output = Command::new(bin("stillpoint"))
+            .args(source.pitr_args(&backup_id, &base, source.archive(), &["--target", "lsn"]))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .output()
+            .unwrap();
+        let text = failed(&output);
+        assert!(
+            text.contains("control character") || text.contains("UTF-8"),
+            "{text}"
+        );
+        assert!(!data_dir.exists(), "{} was made", data_dir.display());
+    }
+    let archive = source.dir.path().join("arch\nive");
+    copy_archive(source.archive(), &archive);
+    let text = failed(&source.pitr(&backup_id, &base, &archive, &["--target", "lsn"]));
+    assert!(text.contains("control character"), "{text}");
+}
+
+/// `base-backup` against a source that accepted the connection but does not answer
+/// (its postmaster stopped with SIGSTOP, as a hung host would be): SIGTERM must still
+/// end it at once, and what it made be removed. Listing the source's tablespaces
+/// (before pg_basebackup starts) did not watch for the signal, so the command hung.
+#[test]
+fn sigterm_ends_a_base_backup_stuck_on_a_source_that_does_not_answer() {
+    let source = Source::start();
+    let postmaster = postmaster_pid(source.postgres.data_dir()).unwrap();
+    let _resume = Resume(postmaster);
+    let status = Command::new("kill")
+        .args(["-STOP", &postmaster.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let to = source.dir.path().join("base");
+    let child = Command::new(bin("stillpoint"))
+        .args([
+            "base-backup",
+            "--config",
+            source.config(),
+            "--database",
+            "app",
+            "--to",
+            to.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = Process::new(child, "stillpoint base-backup".to_owned());
+    let port = source.postgres.port();
+    wait_until(
+        Duration::from_secs(30),
+        "base-backup to be connected to the stopped source",
+        || connected_to(run.pid(), port),
+    );
+    run.signal("TERM");
+    let output = run.wait_output(Duration::from_secs(20));
+    assert_ne!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("interrupted"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!to.exists(), "{} was left behind", to.display());
+}
+
+/// SIGCONTs a stopped postmaster when dropped, and its parent (testkit's `runuser`,
+/// which stops itself when its child stops), so no test leaves the source stopped.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let parent = std::fs::read_to_string(format!("/proc/{}/stat", self.0))
+            .ok()
+            .and_then(|stat| {
+                let (_, rest) = stat.rsplit_once(')')?;
+                rest.split_whitespace().nth(1).map(str::to_owned)
+            });
+        for pid in [Some(self.0.to_string()), parent].into_iter().flatten() {
+            let _ = Command::new("kill").args(["-CONT", &pid]).status();
+        }
+    }
+}
+
+/// Whether process `pid` has an established TCP connection to 127.0.0.1:`port`
+/// (its socket inodes looked up in /proc/net/tcp).
+fn connected_to(pid: u32, port: u16) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let inodes: Vec<String> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let remote = format!("0100007F:{port:04X}");
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 9
+            && fields[2] == remote
+            && fields[3] == "01"
+            && inodes.iter().any(|inode| inode == fields[9])
+    })
+}
+
+/// A base backup with a tablespace, moved (renamed) after `base-backup` wrote it, as
+/// an operator moves base backups to other disks: its tablespace links must still
+/// lead to its own tablespace copy. They pointed at the absolute path the base backup
+/// was written to, so recovery from the moved copy could not find the tablespace.
+#[test]
+fn a_moved_base_backup_with_a_tablespace_is_recovered() {
+    let source = Source::start();
+    let space = source.dir.path().join("space");
+    std::fs::create_dir(&space).unwrap();
+    let status = Command::new("chown")
+        .arg("postgres:")
+        .arg(&space)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    source.postgres.psql(
+        "app",
+        &format!("CREATE TABLESPACE extra LOCATION '{}'", space.display()),
+    );
+    source.postgres.psql(
+        "app",
+        "CREATE TABLE spaced (id int) TABLESPACE extra; \
+         INSERT INTO spaced SELECT generate_series(1, 10)",
+    );
+    let written = source.base_backup("written");
+    let moved = source.dir.path().join("moved");
+    std::fs::rename(&written, &moved).unwrap();
+    source
+        .postgres
+        .psql("app", "INSERT INTO spaced SELECT generate_series(11, 15)");
+    source.switch_wal();
+    let (backup_id, _) = source.backup();
+    source.switch_wal();
+
+    let report =
+        succeeded(&source.pitr(&backup_id, &moved, source.archive(), &["--target", "lsn"]));
+    assert_eq!(
+        report["recovery"]["content"]["tables"]["public.spaced"]["rows"].as_u64(),
+        Some(15),
+        "{report:#}"
+    );
+}
+
+/// `pitr` from a base backup that `base-backup` is still writing is refused, naming
+/// the cause: it holds backup_label and PG_VERSION early on, so the half-written copy
+/// used to be taken for a base backup.
+#[test]
+fn pitr_refuses_a_base_backup_still_being_written() {
+    let source = Source::start();
+    source.insert(10);
+    let slow = source.dir.path().join("slow-bin");
+    std::fs::create_dir(&slow).unwrap();
+    let wrapper = slow.join("pg_basebackup");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} --max-rate=32k \"$@\"\n",
+            source.postgres.bin_dir().join("pg_basebackup").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    source.write_runbook_with(&source.postgres.url("app"), &slow);
+    let base = source.dir.path().join("base");
+    let child = Command::new(bin("stillpoint"))
+        .args([
+            "base-backup",
+            "--config",
+            source.config(),
+            "--database",
+            "app",
+            "--to",
+            base.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let writing = Process::new(child, "stillpoint base-backup".to_owned());
+    wait_until(
+        Duration::from_secs(60),
+        "the base backup's label and version to be written",
+        || base.join("backup_label").exists() && base.join("PG_VERSION").exists(),
+    );
+    // A backup after the base backup started: its cut is one the base backup can reach.
+    source.write_runbook(&source.postgres.url("app"));
+    source.insert(5);
+    let (backup_id, _) = source.backup();
+    source.switch_wal();
+    let output = source.pitr(&backup_id, &base, source.archive(), &["--target", "lsn"]);
+    writing.signal("TERM");
+    let _ = writing.wait_output(Duration::from_secs(60));
+    let text = failed(&output);
+    assert!(text.contains("still being written"), "{text}");
+}

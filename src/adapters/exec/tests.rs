@@ -359,3 +359,86 @@ env = { REGION = "eu-west-1" }"#,
     assert_eq!(exec.pass_env, ["AWS_PROFILE"]);
     assert_eq!(exec.env["REGION"], "eu-west-1");
 }
+
+/// A copy or restore command that starts a background helper, which inherits and
+/// keeps the command's stderr open (stdout/stdin are its own), is done when the
+/// command exits: waiting for stderr to close used to hang the backup or the drill for
+/// as long as the helper ran.
+#[tokio::test]
+async fn copy_and_restore_whose_helper_keeps_stderr_open_finish_when_the_command_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy_pid = dir.path().join("copy-helper.pid");
+    let restore_pid = dir.path().join("restore-helper.pid");
+    let adapter = exec(
+        "true",
+        Some(&format!(
+            "printf data; echo copied >&2; sleep 60 >/dev/null </dev/null & echo $! > {}",
+            copy_pid.display()
+        )),
+        Some(&format!(
+            "cat >/dev/null; sleep 60 >/dev/null </dev/null & echo $! > {}",
+            restore_pid.display()
+        )),
+    );
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    let copied = tokio::time::timeout(Duration::from_secs(10), async move {
+        let data = read_to_end(&mut copy).await;
+        copy.finished.await.map(|_| data)
+    })
+    .await;
+    let restored = tokio::time::timeout(
+        Duration::from_secs(10),
+        adapter.restore(Box::pin(std::io::Cursor::new(b"data".to_vec())), "t"),
+    )
+    .await;
+    // The helpers are deliberately left running by the hooks; the test stops them.
+    for pidfile in [&copy_pid, &restore_pid] {
+        if let Ok(pid) = std::fs::read_to_string(pidfile) {
+            let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+    let copied = copied.expect("the copy waited for its helper's stderr");
+    assert_eq!(copied.unwrap(), b"data");
+    restored
+        .expect("the restore waited for its helper's stderr")
+        .unwrap();
+}
+
+/// A copy command that exits while a helper it started in the background still holds
+/// its stdout: the end of the copy cannot be told (the helper may write more, or
+/// never close it), so the copy fails soon after the command exits, naming the cause.
+/// It used to hang the backup for as long as the helper ran.
+#[tokio::test]
+async fn a_copy_whose_helper_keeps_its_stdout_open_fails_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("helper.pid");
+    let adapter = exec(
+        "true",
+        Some(&format!(
+            "printf data; sleep 60 & echo $! > {}",
+            pidfile.display()
+        )),
+        None,
+    );
+    let mut prepared = adapter.prepare().await.unwrap();
+    prepared.cut("b-1").await.unwrap();
+    let mut copy = prepared.copy().await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(30), async move {
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut copy.stream, &mut bytes)
+            .await
+            .map(|_| bytes)
+    })
+    .await;
+    if let Ok(pid) = std::fs::read_to_string(&pidfile) {
+        let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+    }
+    let error = read
+        .expect("the copy waited for its helper's stdout")
+        .expect_err("a copy whose end cannot be told must fail")
+        .to_string();
+    assert!(error.contains("background"), "{error}");
+    assert!(error.contains("stdout"), "{error}");
+}
