@@ -8,12 +8,13 @@ use std::time::{Duration, SystemTime};
 use clap::Args;
 use futures::future::join_all;
 use stillpoint::coordinator::{
-    self, PausePlan, PauseReport, PausedCluster, Released, required_window,
+    self, PauseFailed, PausePlan, PauseReport, PausedCluster, Released, required_window,
 };
 use stillpoint::grpc::client::{ConnectOptions, NodeClient, Protocol};
 use stillpoint::resolve::NodeAddress;
 use stillpoint::time::{Zone, from_unix_ms, unix_ms};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::args::{
     ConnectArgs, OutputArgs, OutputFormat, TargetArgs, duration, resolve_tiers, tier_sources,
@@ -134,8 +135,13 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
     plan.validate()
         .map_err(|error| Failure::new(exit::USAGE, error))?;
 
+    // Listened to from before the first node pauses: a signal in the middle of the
+    // pause phase rolls back the nodes already paused instead of ending the process
+    // and leaving them to their lease. From the pause on, a signal releases the
+    // cluster (and a second stops waiting for nodes that do not answer).
+    let mut interrupts = interrupts()?;
     let zone = args.output.time_zone;
-    let paused = match coordinator::pause(&plan).await {
+    let paused = match pause_unless_interrupted(&plan, &mut interrupts).await? {
         Ok(paused) => paused,
         Err(failure) => {
             print_report(
@@ -156,8 +162,6 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
             paused.record().skew_bound_ms,
             args.min_window.unwrap_or_default(),
         ));
-        // From here a signal releases the cluster (and a second stops waiting for it).
-        let mut interrupts = interrupts()?;
         return hold_then_release(paused, wanted, &args, &mut interrupts).await;
     }
 
@@ -182,7 +186,6 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
     }
     drop(claim);
     if args.keep_alive {
-        let mut interrupts = interrupts()?;
         return keep_alive(paused, &state_file, &args, &mut interrupts).await;
     }
     let renewed_at = paused.last_renewal();
@@ -200,7 +203,40 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
     Ok(exit::OK)
 }
 
-fn interrupts() -> Result<Interrupts, Failure> {
+/// Pauses `plan`; a signal meanwhile stops the pause and rolls it back (`Ok(Err(_))`,
+/// reported like any failed pause). A second signal stops waiting for the roll-back.
+pub(crate) async fn pause_unless_interrupted(
+    plan: &PausePlan,
+    interrupts: &mut Interrupts,
+) -> Result<Result<PausedCluster, PauseFailed>, Failure> {
+    let cancel = CancellationToken::new();
+    let pausing = coordinator::pause_cancellable(plan, &cancel);
+    tokio::pin!(pausing);
+    tokio::select! {
+        outcome = &mut pausing => return Ok(outcome),
+        () = interrupts.recv() => {
+            tracing::warn!("interrupted: stopping the pause and releasing the nodes already paused");
+            cancel.cancel();
+        }
+    }
+    match unless_interrupted_again(pausing, interrupts).await {
+        Some(outcome) => Ok(outcome),
+        None => {
+            let lease_ends_ms = unix_ms(SystemTime::now()) + plan.lease.as_millis() as i64;
+            Err(Failure::new(
+                exit::UNPAUSE_FAILED,
+                anyhow::anyhow!(
+                    "interrupted again: stopped waiting for the roll-back of pause {}; nodes \
+                     not released yet reopen by themselves when their lease ends, by \
+                     {lease_ends_ms}ms at the latest; `stillpoint check-paused -a …` shows them",
+                    plan.pause_id
+                ),
+            ))
+        }
+    }
+}
+
+pub(crate) fn interrupts() -> Result<Interrupts, Failure> {
     Interrupts::new().map_err(|error| {
         Failure::new(
             exit::ERROR,

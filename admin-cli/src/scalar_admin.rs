@@ -8,7 +8,7 @@
 use std::time::{Duration, SystemTime};
 
 use clap::Parser;
-use stillpoint::coordinator::{self, PausePlan, PauseReport};
+use stillpoint::coordinator::{PausePlan, PauseReport};
 use stillpoint::grpc::UPSTREAM_DEFAULT_MAX_WAIT;
 use stillpoint::time::{Zone, unix_ms};
 
@@ -97,7 +97,9 @@ pub async fn run() -> Result<u8, Failure> {
             plan.connect = connect;
             plan.wait_outstanding = !cli.no_wait;
             plan.upstream_only = true;
-            match coordinator::pause(&plan).await {
+            // A signal mid-way rolls back the nodes already paused.
+            let mut interrupts = pause::interrupts()?;
+            match pause::pause_unless_interrupted(&plan, &mut interrupts).await? {
                 Ok(paused) => {
                     let renewed_at = paused.last_renewal();
                     let record = paused.detach();

@@ -30,6 +30,7 @@ use futures::StreamExt as _;
 use futures::future::join_all;
 use futures::stream::FuturesUnordered;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::grpc::client::{CallError, ClockReading, ConnectOptions, NodeClient, Protocol};
 use crate::node::{Holder, MAX_LEASE, NodeStatus, PauseOwner};
@@ -325,6 +326,17 @@ impl Released {
 /// drains, the tiers paused before it are renewed, so their leases cannot run out
 /// however many tiers there are.
 pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
+    pause_cancellable(plan, &CancellationToken::new()).await
+}
+
+/// [`pause`], stopped early when `cancel` fires (the CLI fires it on SIGINT/SIGTERM):
+/// the pause calls still under way are dropped (a node still draining reopens its gate
+/// when its call goes away), and every node that paused, or may have, is released
+/// before the error returns, exactly as when a node fails.
+pub async fn pause_cancellable(
+    plan: &PausePlan,
+    cancel: &CancellationToken,
+) -> Result<PausedCluster, PauseFailed> {
     if let Err(error) = plan.validate() {
         return Err(PauseFailed {
             summary: error.to_string(),
@@ -350,12 +362,17 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
         .enumerate()
         .flat_map(|(index, tier)| tier.iter().map(move |address| (index, address)));
     let mut connected = HashMap::new();
-    for (index, address, result) in
-        join_all(all_nodes.map(|(index, address)| async move {
-            (index, address, connect_node(plan, address).await)
-        }))
-        .await
-    {
+    let connecting = join_all(all_nodes.map(|(index, address)| async move {
+        (index, address, connect_node(plan, address).await)
+    }));
+    let connections = tokio::select! {
+        biased;
+        () = cancel.cancelled() => {
+            return Err(roll_back(plan, tiers, clients, failures, maybe_paused, true).await);
+        }
+        connections = connecting => connections,
+    };
+    for (index, address, result) in connections {
         match result {
             Ok(node) => {
                 clients.insert(address.clone(), node.client.clone());
@@ -365,24 +382,42 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
         }
     }
     if !failures.is_empty() {
-        return Err(roll_back(plan, tiers, clients, failures, maybe_paused).await);
+        return Err(roll_back(plan, tiers, clients, failures, maybe_paused, false).await);
     }
 
     for (index, tier) in plan.tiers.iter().enumerate() {
         tiers.push(Vec::new());
         for batch in batches(index, tier) {
             let batch_started = SystemTime::now();
-            let attempts = join_all(
+            let attempts = until_cancelled(
                 batch
-                    .into_iter()
-                    .map(|address| pause_node(plan, &connected[address])),
+                    .iter()
+                    .map(|address| pause_node(plan, &connected[*address])),
+                cancel,
             );
-            let (attempts, renewed_at) = if index == 0 {
+            let ((attempts, interrupted), renewed_at) = if index == 0 {
                 (attempts.await, None)
             } else {
                 let earlier: Vec<&PausedNode> = tiers[..index].iter().flatten().collect();
                 while_renewing(plan, &earlier, &clients, &mut lost, attempts).await
             };
+            if interrupted {
+                // The calls not answered were dropped mid-way: they may have paused.
+                for address in batch.iter().filter(|address| {
+                    !attempts
+                        .iter()
+                        .any(|(node, _)| node.client.address() == **address)
+                }) {
+                    let node = &connected[*address];
+                    maybe_paused.push(((*address).clone(), node.protocol));
+                    failures.push(NodeReport::failed(
+                        address,
+                        index,
+                        Some(node.protocol),
+                        &CallError::Interrupted,
+                    ));
+                }
+            }
             leases_from = match (leases_from, renewed_at) {
                 (None, _) => Some(batch_started),
                 (Some(_), Some(renewed_at)) => Some(renewed_at),
@@ -404,8 +439,13 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
                     }
                 }
             }
-            if !failures.is_empty() {
-                return Err(roll_back(plan, tiers, clients, failures, maybe_paused).await);
+            // Also when the signal came just as the last call answered: nothing is
+            // left to interrupt, but the operator asked for no pause.
+            if !failures.is_empty() || cancel.is_cancelled() {
+                let interrupted = cancel.is_cancelled();
+                return Err(
+                    roll_back(plan, tiers, clients, failures, maybe_paused, interrupted).await,
+                );
             }
         }
     }
@@ -435,6 +475,29 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
         lost,
         finished: false,
     })
+}
+
+/// Runs pause calls together until they have all answered or `cancel` fires; returns
+/// the answers received, and whether it was cancelled (the rest are then dropped).
+async fn until_cancelled<'a, F>(
+    calls: impl Iterator<Item = F>,
+    cancel: &CancellationToken,
+) -> (Vec<F::Output>, bool)
+where
+    F: Future<Output = (&'a ConnectedNode, Result<PausedNode, CallError>)>,
+{
+    let mut calls: FuturesUnordered<F> = calls.collect();
+    let mut answered = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return (answered, true),
+            next = calls.next() => match next {
+                Some(answer) => answered.push(answer),
+                None => return (answered, false),
+            },
+        }
+    }
 }
 
 /// Whether a failed pause call may have paused the node all the same: only a refusal
@@ -620,6 +683,7 @@ async fn roll_back(
     mut clients: HashMap<NodeAddress, NodeClient>,
     failures: Vec<NodeReport>,
     maybe_paused: Vec<(NodeAddress, Protocol)>,
+    interrupted: bool,
 ) -> PauseFailed {
     let record = PauseRecord {
         pause_id: plan.pause_id.clone(),
@@ -719,13 +783,18 @@ async fn roll_back(
         "ROLLBACK INCOMPLETE: some nodes may stay paused until their lease expires (see nodes)"
             .to_owned()
     };
-    PauseFailed {
-        summary: format!(
-            "pause failed on {} of {} node(s) ({}); {rollback}",
+    let what = if interrupted {
+        "pause interrupted (SIGINT/SIGTERM) before every node had paused".to_owned()
+    } else {
+        format!(
+            "pause failed on {} of {} node(s) ({})",
             failures.len(),
             plan.tiers.iter().map(Vec::len).sum::<usize>(),
             failed.join("; "),
-        ),
+        )
+    };
+    PauseFailed {
+        summary: format!("{what}; {rollback}"),
         nodes,
         rolled_back,
         pause_id: plan.pause_id.clone(),

@@ -149,6 +149,9 @@ pub enum CallError {
     Unavailable(String),
     #[error("gRPC {code}: {message}")]
     Other { code: String, message: String },
+    /// The caller gave up on the call (SIGINT/SIGTERM) before it was answered.
+    #[error("interrupted (SIGINT/SIGTERM) before it answered")]
+    Interrupted,
 }
 
 impl From<Status> for CallError {

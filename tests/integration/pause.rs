@@ -953,3 +953,59 @@ fn unpause_holds_a_plain_pause_until_the_window_can_be_a_restore_point() {
     );
     assert_eq!(paused_flags(&all_nodes(&cluster)), [false, false]);
 }
+
+/// A signal while the pause phase is under way (the first tier paused, the second
+/// still draining a slow transfer) rolls back: the paused tier is released at once,
+/// not left to its lease, the draining node reopens, and the exit code says the pause
+/// failed. Before, SIGINT/SIGTERM ended the process and the first tier stayed paused
+/// for the whole lease.
+#[test]
+fn a_signal_during_the_pause_phase_rolls_back_the_nodes_already_paused() {
+    let cluster = Cluster::start_with(2, &["--allow-slow-transfers"]);
+    let first = cluster.ledgers[0].address.clone();
+    let second = cluster.ledgers[1].address.clone();
+    let slow = Load::start(&second, 1, &["--hold-inside-gate", "30s"]);
+    wait_until(
+        Duration::from_secs(20),
+        "the slow transfer to be inside the gate",
+        || node_stats(&second)["gate"]["in_flight"].as_u64() == Some(1),
+    );
+    for signal in ["INT", "TERM"] {
+        let child = std::process::Command::new(bin("stillpoint"))
+            .args(["pause", "--hold-for", "1s", "--lease", "60s"])
+            .args(["--max-pause-wait", "50s", "-a", &first, "-a", &second])
+            .args(["--output", "json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let coordinator = Process::new(child, format!("stillpoint pause (SIG{signal})"));
+        wait_until(
+            Duration::from_secs(20),
+            "the first tier to pause while the second drains",
+            || paused_flags(&first) == [true] && node_stats(&second)["gate"]["closed"] == true,
+        );
+        coordinator.signal(signal);
+        let output = coordinator.wait_output(Duration::from_secs(15));
+        assert_eq!(
+            output.status.code(),
+            Some(3),
+            "SIG{signal}: a rolled-back pause exits 3; {}",
+            stderr(&output)
+        );
+        // Released by the roll-back, not by the 60s lease.
+        assert_eq!(paused_flags(&format!("{first},{second}")), [false, false]);
+        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(
+            outcome_of(&report, &first)["outcome"],
+            "rolled_back",
+            "{report:#}"
+        );
+        assert!(
+            stderr(&output).contains("interrupted"),
+            "SIG{signal}: {}",
+            stderr(&output)
+        );
+    }
+    slow.stop();
+}
