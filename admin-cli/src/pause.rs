@@ -324,7 +324,13 @@ pub async fn unpause(args: UnpauseArgs, matches: &clap::ArgMatches) -> Result<u8
     let state_file = args.state_file.clone().unwrap_or_else(state::default_path);
     let connect = args.connect.options()?;
     let sources = tier_sources(matches, &args.targets);
-    let recorded = state::load(&state_file)?;
+    // With the nodes named, a damaged state file never stands between the operator
+    // and an open cluster: it is set aside (kept, and said so) and the nodes released.
+    let (recorded, damaged) = match state::load(&state_file) {
+        Ok(recorded) => (recorded, None),
+        Err(error) if !sources.is_empty() => (None, Some(error)),
+        Err(error) => return Err(error.into()),
+    };
     if sources.is_empty() {
         return match recorded {
             Some(state) => close_recorded_window(state, &state_file, connect, &args.output).await,
@@ -371,7 +377,18 @@ pub async fn unpause(args: UnpauseArgs, matches: &clap::ArgMatches) -> Result<u8
             );
             unpause_without_record(tiers, &connect, args.output.output, vec![warning]).await
         }
-        None => unpause_without_record(tiers, &connect, args.output.output, Vec::new()).await,
+        None => {
+            let warnings = damaged
+                .map(|error| {
+                    format!(
+                        "{error:#}; released the nodes given without a window, and left \
+                         the file as it is"
+                    )
+                })
+                .into_iter()
+                .collect();
+            unpause_without_record(tiers, &connect, args.output.output, warnings).await
+        }
     }
 }
 

@@ -47,14 +47,16 @@ pub fn default_path() -> PathBuf {
 }
 
 pub fn load(path: &Path) -> anyhow::Result<Option<PauseState>> {
-    let text = match std::fs::read_to_string(path) {
+    // Bytes, not text: a file that is not UTF-8 is as damaged as one that is not JSON,
+    // and says so the same way.
+    let text = match std::fs::read(path) {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(error) => {
             return Err(error).with_context(|| format!("reading pause state {}", path.display()));
         }
     };
-    let state: PauseState = serde_json::from_str(&text).with_context(|| {
+    let state: PauseState = serde_json::from_slice(&text).with_context(|| {
         format!(
             "pause state {} is not valid; inspect it, then delete it or pass -a to unpause \
              the nodes directly",

@@ -1009,3 +1009,47 @@ fn a_signal_during_the_pause_phase_rolls_back_the_nodes_already_paused() {
     }
     slow.stop();
 }
+
+/// `unpause -a` opens the nodes it names even when the state file is damaged
+/// (truncated, not JSON, not UTF-8): it says what is wrong with the file and leaves
+/// it for inspection. Before, it refused ("pause state … is not valid … pass -a"),
+/// even though -a was given, and the node stayed paused.
+#[test]
+fn unpause_with_addresses_works_past_a_damaged_state_file() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    for damage in [&b"{\"version\": 1, \"rec"[..], b"\xff\xfe not json", b""] {
+        let (code, opened) = plain_pause(&[&ledger], &state_file, &[]);
+        assert_eq!(code, 0, "{opened:#}");
+        std::fs::write(&state_file, damage).unwrap();
+        let output = run(
+            "stillpoint",
+            &[
+                "unpause",
+                "-a",
+                &ledger,
+                "--state-file",
+                state_file.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        assert_eq!(
+            paused_flags(&ledger),
+            [false],
+            "the named node stayed paused"
+        );
+        let said = stderr(&output);
+        assert!(
+            said.contains(state_file.to_str().unwrap()) && said.contains("not valid"),
+            "{said}"
+        );
+        assert_eq!(
+            std::fs::read(&state_file).unwrap(),
+            damage,
+            "the file was changed"
+        );
+        std::fs::remove_file(&state_file).unwrap();
+    }
+}
