@@ -10,7 +10,7 @@ use futures::future::join_all;
 use stillpoint::coordinator::{
     self, PauseFailed, PausePlan, PauseReport, PausedCluster, Released, required_window,
 };
-use stillpoint::grpc::client::{ConnectOptions, NodeClient, Protocol};
+use stillpoint::grpc::client::{CallError, ConnectOptions, NodeClient, Protocol};
 use stillpoint::resolve::NodeAddress;
 use stillpoint::time::{Zone, from_unix_ms, unix_ms};
 use tokio::time::Instant;
@@ -541,12 +541,28 @@ pub async fn unpause_without_record(
     }
 }
 
+/// Runs one call to a node that is already connected under the call deadline
+/// (`--connect-timeout`): a node that stops answering (SIGSTOP, a hung process) is
+/// named as such instead of holding up the command, and the other nodes, forever.
+async fn answered<T>(
+    connect: &ConnectOptions,
+    call: impl std::future::Future<Output = Result<T, CallError>>,
+) -> Result<T, CallError> {
+    tokio::time::timeout(connect.connect_timeout, call)
+        .await
+        .unwrap_or(Err(CallError::TimedOut(connect.connect_timeout)))
+}
+
 async fn unpause_one(address: &NodeAddress, connect: &ConnectOptions) -> NodeUnpause {
     let result = async {
         let mut client = NodeClient::connect(address, connect).await?;
         match client.protocol() {
-            Protocol::Lease => Ok(Some(client.unpause_leased(None).await?.was_paused)),
-            Protocol::Upstream => client.unpause_upstream().await.map(|()| None),
+            Protocol::Lease => answered(connect, client.unpause_leased(None))
+                .await
+                .map(|released| Some(released.was_paused)),
+            Protocol::Upstream => answered(connect, client.unpause_upstream())
+                .await
+                .map(|()| None),
         }
     }
     .await;
@@ -605,10 +621,15 @@ pub async fn check_nodes(
             }
         }
     }
-    if states.iter().any(|state| state.error.is_some()) {
+    let failed: Vec<String> = states
+        .iter()
+        .filter(|state| state.error.is_some())
+        .map(|state| state.address.to_string())
+        .collect();
+    if !failed.is_empty() {
         return Err(Failure::new(
             exit::ERROR,
-            anyhow::anyhow!("some nodes could not be checked"),
+            anyhow::anyhow!("could not check {}", failed.join(", ")),
         ));
     }
     Ok(exit::OK)
@@ -631,7 +652,7 @@ async fn check_one(address: &NodeAddress, connect: &ConnectOptions) -> NodeState
         state.protocol = Some(client.protocol());
         match client.protocol() {
             Protocol::Lease => {
-                let status = client.status().await?;
+                let status = answered(connect, client.status()).await?;
                 state.paused = Some(status.paused);
                 state.holder = status.holder.map(|holder| holder.to_string());
                 state.lease_remaining_ms =
@@ -640,9 +661,11 @@ async fn check_one(address: &NodeAddress, connect: &ConnectOptions) -> NodeState
                 state.held_now = Some(status.held_now);
                 state.boot_id = Some(status.boot_id);
             }
-            Protocol::Upstream => state.paused = Some(client.check_paused_upstream().await?),
+            Protocol::Upstream => {
+                state.paused = Some(answered(connect, client.check_paused_upstream()).await?)
+            }
         }
-        Ok::<(), stillpoint::grpc::client::CallError>(())
+        Ok::<(), CallError>(())
     }
     .await;
     if let Err(error) = result {
@@ -656,8 +679,11 @@ pub async fn stats(args: InspectArgs, matches: &clap::ArgMatches) -> Result<u8, 
     let stats = join_all(nodes.iter().map(|address| {
         let connect = connect.clone();
         async move {
-            let result =
-                async { NodeClient::connect(address, &connect).await?.stats().await }.await;
+            let result = async {
+                let mut client = NodeClient::connect(address, &connect).await?;
+                answered(&connect, client.stats()).await
+            }
+            .await;
             match result {
                 Ok(stats) => serde_json::json!({ "address": address, "stats": stats }),
                 Err(error) => serde_json::json!({ "address": address, "error": error.to_string() }),
@@ -665,7 +691,11 @@ pub async fn stats(args: InspectArgs, matches: &clap::ArgMatches) -> Result<u8, 
         }
     }))
     .await;
-    let failed = stats.iter().any(|node| node.get("error").is_some());
+    let failed: Vec<String> = stats
+        .iter()
+        .filter(|node| node.get("error").is_some())
+        .map(|node| node["address"].as_str().unwrap_or("?").to_owned())
+        .collect();
     match args.output.output {
         OutputFormat::Json => print_json(&serde_json::json!({ "nodes": stats })),
         OutputFormat::Text => {
@@ -674,10 +704,10 @@ pub async fn stats(args: InspectArgs, matches: &clap::ArgMatches) -> Result<u8, 
             }
         }
     }
-    if failed {
+    if !failed.is_empty() {
         return Err(Failure::new(
             exit::ERROR,
-            anyhow::anyhow!("some nodes did not answer"),
+            anyhow::anyhow!("no stats from {}", failed.join(", ")),
         ));
     }
     Ok(exit::OK)

@@ -1053,3 +1053,74 @@ fn unpause_with_addresses_works_past_a_damaged_state_file() {
         std::fs::remove_file(&state_file).unwrap();
     }
 }
+
+/// `unpause -a`, `check-paused` and `stats` (and scalar-admin's UNPAUSE and
+/// CHECK_PAUSED, which share them) give up on a node that accepted the connection but
+/// never answers the call, within the call deadline, name it, and still handle the
+/// other nodes. Before, each of them waited for it forever.
+#[test]
+fn commands_name_a_node_that_never_answers_and_handle_the_others() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let hung = crate::upstream_server::UpstreamOnlyServer::start();
+    hung.calls
+        .hang
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let hung_address = hung.address.to_string();
+    let both = format!("{ledger},{hung_address}");
+    let timeout = ["--connect-timeout", "1s"];
+    let commands: [(&str, Vec<&str>); 5] = [
+        (
+            "stillpoint",
+            [&["unpause", "-a", &both][..], &timeout].concat(),
+        ),
+        (
+            "stillpoint",
+            [&["check-paused", "-a", &both][..], &timeout].concat(),
+        ),
+        (
+            "stillpoint",
+            [&["stats", "-a", &both][..], &timeout].concat(),
+        ),
+        (
+            "scalar-admin",
+            [&["-c", "UNPAUSE", "-a", &both][..], &timeout].concat(),
+        ),
+        (
+            "scalar-admin",
+            [&["-c", "CHECK_PAUSED", "-a", &both][..], &timeout].concat(),
+        ),
+    ];
+    for (program, args) in commands {
+        if args[0] == "unpause" || args[1] == "UNPAUSE" {
+            let (code, paused) = run_json(
+                "scalar-admin",
+                &["-c", "PAUSE", "-a", &ledger, "-m", "1000"],
+            );
+            assert_eq!(code, 0, "{paused:#}");
+        }
+        let child = std::process::Command::new(bin(program))
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let output = Process::new(child, format!("{program} {}", args.join(" ")))
+            .wait_output(Duration::from_secs(30));
+        let took = started.elapsed();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            stderr(&output)
+        );
+        assert!(
+            took < Duration::from_secs(10),
+            "{program} {args:?} took {took:?}"
+        );
+        assert_ne!(output.status.code(), Some(0), "{program} {args:?}: {said}");
+        assert!(said.contains(&hung_address), "{program} {args:?}: {said}");
+        assert!(said.contains(&ledger), "{program} {args:?}: {said}");
+        assert_eq!(paused_flags(&ledger), [false], "{program} {args:?}: {said}");
+    }
+}
