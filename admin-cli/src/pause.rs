@@ -69,7 +69,7 @@ pub struct PauseArgs {
     #[arg(long, value_name = "PATH")]
     pub state_file: Option<PathBuf>,
 
-    /// Use this pause id instead of a random one (1 to 128 characters).
+    /// Use this pause id instead of a random one (1 to 128 bytes, no control characters).
     #[arg(long, value_name = "ID")]
     pub pause_id: Option<String>,
 }

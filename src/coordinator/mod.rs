@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::grpc::client::{CallError, ClockReading, ConnectOptions, NodeClient, Protocol};
-use crate::node::{Holder, MAX_LEASE, NodeStatus, PauseOwner};
+use crate::node::{Holder, MAX_LEASE, NodeStatus, PauseOwner, check_id};
 use crate::resolve::{AddressError, NodeAddress, ensure_unique};
 use crate::time::unix_ms;
 
@@ -88,6 +88,9 @@ pub enum PlanError {
     /// The admin token would go out unencrypted to a host that is not this one.
     #[error("{0}")]
     CleartextToken(String),
+    /// Empty, too long, or with control characters (`node::check_id`).
+    #[error("{0}")]
+    BadPauseId(String),
 }
 
 impl PausePlan {
@@ -113,6 +116,8 @@ impl PausePlan {
         if self.tiers.is_empty() {
             return Err(PlanError::NoNodes);
         }
+        // Before anything is sent: the id goes to every node, log and state file.
+        check_id("pause id", &self.pause_id).map_err(PlanError::BadPauseId)?;
         if let Some(empty) = self.tiers.iter().position(Vec::is_empty) {
             return Err(PlanError::EmptyTier(empty + 1));
         }

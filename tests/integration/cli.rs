@@ -280,3 +280,41 @@ fn usage_errors_exit_2_before_any_node_is_paused() {
         "{stats:#}"
     );
 }
+
+/// A pause id with control characters, or too long, is refused as bad usage before
+/// any node is contacted: it would be written to logs, the state file and every node.
+/// Before, `--pause-id $'a\nb\e[31m'` paused the cluster under it, and an over-long
+/// one failed only at the node, as a failed pause.
+#[test]
+fn a_pause_id_with_control_characters_or_too_long_is_refused_up_front() {
+    let cluster = crate::cluster::Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let long = "x".repeat(129);
+    for id in ["a\nb\u{1b}[31m", "tab\there", &long] {
+        let output = crate::util::run(
+            "stillpoint",
+            &[
+                "pause",
+                "--hold-for",
+                "10ms",
+                "-a",
+                &ledger,
+                "--pause-id",
+                id,
+            ],
+        );
+        let said = crate::util::stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{id:?}: {said}");
+        assert!(said.contains("pause id"), "{said}");
+        assert!(
+            !said.contains('\u{1b}'),
+            "the escape reached the terminal: {said}"
+        );
+        let stats =
+            crate::util::run_json("stillpoint", &["stats", "-a", &ledger, "--output", "json"]).1;
+        assert_eq!(
+            stats["nodes"][0]["stats"]["node"]["pause_seq"], 0,
+            "{id:?}: the node was paused: {stats:#}"
+        );
+    }
+}
