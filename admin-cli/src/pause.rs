@@ -111,7 +111,8 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
     // Claimed before looking, so that two pauses sharing a state file cannot both find
     // it empty; held until the record is saved (or the pause failed).
     let claim = if plain {
-        let claim = state::claim(&state_file).map_err(|error| Failure::new(exit::USAGE, error))?;
+        let claim =
+            state::claim(&state_file, "pause").map_err(|error| Failure::new(exit::USAGE, error))?;
         if let Some(existing) = state::load(&state_file)? {
             return Err(usage(format!(
                 "a pause is already recorded in {} (pause id {}, started at {}ms); run \
@@ -324,12 +325,20 @@ pub async fn unpause(args: UnpauseArgs, matches: &clap::ArgMatches) -> Result<u8
     let state_file = args.state_file.clone().unwrap_or_else(state::default_path);
     let connect = args.connect.options()?;
     let sources = tier_sources(matches, &args.targets);
-    // With the nodes named, a damaged state file never stands between the operator
-    // and an open cluster: it is set aside (kept, and said so) and the nodes released.
-    let (recorded, damaged) = match state::load(&state_file) {
-        Ok(recorded) => (recorded, None),
-        Err(error) if !sources.is_empty() => (None, Some(error)),
-        Err(error) => return Err(error.into()),
+    // Held for the whole command: a pause recording into this file meanwhile is
+    // refused, and this never reads a file a running pause is about to write.
+    let claim = state::claim(&state_file, "unpause");
+    // With the nodes named, neither a damaged state file nor one another process is
+    // using stands between the operator and an open cluster: the file is set aside
+    // (kept, and said so) and the nodes released.
+    let (recorded, damaged, _claim) = match claim {
+        Ok(claim) => match state::load(&state_file) {
+            Ok(recorded) => (recorded, None, Some(claim)),
+            Err(error) if !sources.is_empty() => (None, Some(error), Some(claim)),
+            Err(error) => return Err(error.into()),
+        },
+        Err(error) if !sources.is_empty() => (None, Some(error), None),
+        Err(error) => return Err(Failure::new(exit::USAGE, error)),
     };
     if sources.is_empty() {
         return match recorded {

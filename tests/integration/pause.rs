@@ -1124,3 +1124,72 @@ fn commands_name_a_node_that_never_answers_and_handle_the_others() {
         assert_eq!(paused_flags(&ledger), [false], "{program} {args:?}: {said}");
     }
 }
+
+/// Issue 17.7, the lock: a `pause` still pausing (its second tier draining) holds the
+/// state file for its whole run; an `unpause` sharing the file is refused meanwhile,
+/// naming the pause's pid, instead of reading a file about to be written ("no pause is
+/// recorded") and interleaving with it. `unpause -a` still releases the nodes it names.
+/// Once the pause has recorded its window, `unpause` closes it.
+#[test]
+fn unpause_is_refused_while_a_pause_sharing_the_state_file_runs() {
+    let cluster = Cluster::start_with(2, &["--allow-slow-transfers"]);
+    let first = cluster.ledgers[0].address.clone();
+    let second = cluster.ledgers[1].address.clone();
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let slow = Load::start(&second, 1, &["--hold-inside-gate", "3s"]);
+    wait_until(
+        Duration::from_secs(20),
+        "the slow transfer to be inside the gate",
+        || node_stats(&second)["gate"]["in_flight"].as_u64() == Some(1),
+    );
+    let child = std::process::Command::new(bin("stillpoint"))
+        .args([
+            "pause",
+            "--max-pause-wait",
+            "20s",
+            "-a",
+            &first,
+            "-a",
+            &second,
+        ])
+        .args([
+            "--state-file",
+            state_file.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pausing = Process::new(child, "stillpoint pause".to_owned());
+    let pid = pausing.pid();
+    wait_until(
+        Duration::from_secs(20),
+        "the first tier to pause while the second drains",
+        || paused_flags(&first) == [true] && node_stats(&second)["gate"]["closed"] == true,
+    );
+    let refused = run(
+        "stillpoint",
+        &["unpause", "--state-file", state_file.to_str().unwrap()],
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains(&format!("pid {pid}")),
+        "the holder is not named: {}",
+        stderr(&refused)
+    );
+    assert_eq!(
+        paused_flags(&first),
+        [true],
+        "the refused unpause released a node"
+    );
+
+    let opened = pausing.wait_output(Duration::from_secs(30));
+    assert_eq!(opened.status.code(), Some(0), "{}", stderr(&opened));
+    slow.stop();
+    let (code, closed) = unpause(&state_file);
+    assert_eq!(code, 0, "{closed:#}");
+    assert_eq!(paused_flags(&format!("{first},{second}")), [false, false]);
+}
