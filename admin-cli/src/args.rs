@@ -7,9 +7,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::{Args, ValueEnum};
-use stillpoint::grpc::auth::{AdminToken, ClientIdentity};
+use stillpoint::grpc::auth::{
+    AdminToken, ClientIdentity, certificate_pem_problem, read_certificate_pem, read_private_key_pem,
+};
 use stillpoint::grpc::client::{ConnectOptions, TlsOptions};
 use stillpoint::resolve::{NodeAddress, ensure_unique, parse_address_list, resolve_srv};
 use stillpoint::time::{Zone, parse_duration};
@@ -108,16 +109,27 @@ impl ConnectArgs {
                 ));
             }
             (Some(path), None) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("reading CA certificate {}", path.display()))?,
-            ),
-            (None, pem) => pem.clone(),
-        };
-        let client_identity = match (&self.tls_client_cert, &self.tls_client_key) {
-            (Some(cert), Some(key)) => Some(
-                ClientIdentity::from_files(cert, key)
+                read_certificate_pem("CA certificate (--ca-root-cert-path)", path)
                     .map_err(|error| Failure::new(USAGE, error))?,
             ),
+            (None, Some(pem)) => {
+                if let Some(problem) = certificate_pem_problem(pem) {
+                    return Err(Failure::new(
+                        USAGE,
+                        anyhow::anyhow!("--ca-root-cert-pem cannot be used: {problem}"),
+                    ));
+                }
+                Some(pem.clone())
+            }
+            (None, None) => None,
+        };
+        let client_identity = match (&self.tls_client_cert, &self.tls_client_key) {
+            (Some(cert), Some(key)) => Some(ClientIdentity {
+                cert_pem: read_certificate_pem("client certificate (--tls-client-cert)", cert)
+                    .map_err(|error| Failure::new(USAGE, error))?,
+                key_pem: read_private_key_pem("client key (--tls-client-key)", key)
+                    .map_err(|error| Failure::new(USAGE, error))?,
+            }),
             _ => None,
         };
         let tls = (self.tls || ca_pem.is_some() || client_identity.is_some()).then(|| TlsOptions {
