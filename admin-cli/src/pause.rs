@@ -296,10 +296,9 @@ async fn keep_alive(
         ),
         args.output.output,
     );
-    let every = args.lease / 3;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(every) => {}
+            () = tokio::time::sleep_until(paused.renewal_due()) => {}
             () = interrupts.recv() => break,
         }
         if let Err(reason) = paused.renew().await {

@@ -268,6 +268,10 @@ pub struct PausedCluster {
     /// No node's lease was extended after this: they reopen by themselves by it plus
     /// the lease at the latest.
     last_renewal_attempt: SystemTime,
+    /// When the next renewal is due: a third of the lease after the oldest lease
+    /// granted or renewed (not after the pause returned: the first node paused may
+    /// have held its lease through a long pause phase already).
+    next_renewal: Instant,
     /// The window's start on the monotonic clock, to catch a step of the wall clock
     /// inside it; unknown for a pause attached from a state file.
     paused_at: Option<Instant>,
@@ -400,11 +404,15 @@ pub async fn pause_cancellable(
                     .map(|address| pause_node(plan, &connected[*address])),
                 cancel,
             );
-            let ((attempts, interrupted), renewed_at) = if index == 0 {
-                (attempts.await, None)
-            } else {
-                let earlier: Vec<&PausedNode> = tiers[..index].iter().flatten().collect();
-                while_renewing(plan, &earlier, &clients, &mut lost, attempts).await
+            // Every node paused so far (earlier tiers, and the first tier's lock node
+            // while the rest of its tier drains) is renewed while this batch drains,
+            // on a schedule that starts from the oldest of their leases.
+            let ((attempts, interrupted), renewed_at) = match leases_from {
+                None => (attempts.await, None),
+                Some(oldest) => {
+                    let earlier: Vec<&PausedNode> = tiers.iter().flatten().collect();
+                    while_renewing(plan, &earlier, oldest, &clients, &mut lost, attempts).await
+                }
             };
             if interrupted {
                 // The calls not answered were dropped mid-way: they may have paused.
@@ -423,9 +431,10 @@ pub async fn pause_cancellable(
                     ));
                 }
             }
+            // A lower bound of every lease now running: this batch's were granted after
+            // it started, and the earlier nodes' renewed after that too.
             leases_from = match (leases_from, renewed_at) {
-                (None, _) => Some(batch_started),
-                (Some(_), Some(renewed_at)) => Some(renewed_at),
+                (None, _) | (Some(_), Some(_)) => Some(batch_started),
                 (Some(from), None) => Some(from),
             };
             for (node, result) in attempts {
@@ -476,6 +485,7 @@ pub async fn pause_cancellable(
         lease: plan.lease,
         last_renewal: leases_from.unwrap_or(now),
         last_renewal_attempt: now,
+        next_renewal: instant_of(leases_from.unwrap_or(now)) + plan.lease / 3,
         paused_at: Some(Instant::now()),
         lost,
         finished: false,
@@ -530,6 +540,7 @@ fn may_have_paused(error: &CallError) -> bool {
 async fn while_renewing<T>(
     plan: &PausePlan,
     paused: &[&PausedNode],
+    oldest_lease: SystemTime,
     clients: &HashMap<NodeAddress, NodeClient>,
     lost: &mut Vec<(NodeAddress, String)>,
     work: impl Future<Output = T>,
@@ -537,8 +548,10 @@ async fn while_renewing<T>(
     let owner = plan.owner();
     let mut renewed_at = None;
     let renewing = async {
+        let mut due = instant_of(oldest_lease) + plan.lease / 3;
         loop {
-            tokio::time::sleep(plan.lease / 3).await;
+            tokio::time::sleep_until(due).await;
+            due = Instant::now() + plan.lease / 3;
             let started = SystemTime::now();
             let nodes = paused
                 .iter()
@@ -563,6 +576,12 @@ async fn while_renewing<T>(
         never = renewing => never,
     };
     (output, renewed_at)
+}
+
+/// `at` (a wall-clock time in the past) on the monotonic clock, for scheduling.
+fn instant_of(at: SystemTime) -> Instant {
+    let ago = SystemTime::now().duration_since(at).unwrap_or_default();
+    Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
 }
 
 /// The order a tier is paused in: all its nodes at once, except in the first tier,
@@ -819,6 +838,7 @@ impl PausedCluster {
             last_renewal: renewed_at,
             // Another process (a `--keep-alive`) may be renewing it still.
             last_renewal_attempt: SystemTime::now(),
+            next_renewal: instant_of(renewed_at) + lease / 3,
             paused_at: None,
             lost: Vec::new(),
             finished: false,
@@ -838,6 +858,12 @@ impl PausedCluster {
         self.last_renewal
     }
 
+    /// When [`PausedCluster::renew`] should run next: a third of the lease after the
+    /// oldest lease still running was granted or renewed.
+    pub fn renewal_due(&self) -> Instant {
+        self.next_renewal
+    }
+
     /// Every node reopens by itself by this time at the latest (coordinator clock,
     /// Unix ms) if it is neither renewed nor released again.
     pub fn lease_expires_at_ms(&self) -> i64 {
@@ -852,6 +878,7 @@ impl PausedCluster {
         // Counted as attempted from now: if this future is dropped mid-way (the end of
         // a hold), the renewals already sent may still reach their nodes.
         self.last_renewal_attempt = renewed_at;
+        self.next_renewal = Instant::now() + self.lease / 3;
         let nodes = self
             .record
             .nodes()
@@ -883,13 +910,11 @@ impl PausedCluster {
     /// Keeps the cluster paused until `until`, renewing the lease every third of it.
     /// Returns at `until` even if a renewal is still waiting for an answer.
     pub async fn hold_until(&mut self, until: Instant) {
-        let every = self.lease / 3;
         loop {
-            let now = Instant::now();
-            if now >= until {
+            if Instant::now() >= until {
                 return;
             }
-            tokio::time::sleep_until(until.min(now + every)).await;
+            tokio::time::sleep_until(until.min(self.next_renewal)).await;
             if Instant::now() >= until {
                 return;
             }

@@ -1193,3 +1193,51 @@ fn unpause_is_refused_while_a_pause_sharing_the_state_file_runs() {
     assert_eq!(code, 0, "{closed:#}");
     assert_eq!(paused_flags(&format!("{first},{second}")), [false, false]);
 }
+
+/// Lease renewals are timed from the oldest lease granted, not from when the pause
+/// returned. Here one tier of two ledgers: the lowest address (the tier's lock) pauses
+/// alone first, then the other takes ~2.4s to drain under a 3s lease. Before, nothing
+/// renewed the lock node while its tier drained, and the hold's first renewal came a
+/// third of a lease after the pause returned: ~3.4s after the lock node's lease began,
+/// so it had reopened by itself and the window was invalid.
+#[test]
+fn renewals_are_timed_from_the_first_lease_granted() {
+    let cluster = Cluster::start_with(2, &["--allow-slow-transfers"]);
+    let slow_node = cluster
+        .ledgers
+        .iter()
+        .map(|node| node.address.clone())
+        .max()
+        .unwrap();
+    let slow = Load::start(&slow_node, 1, &["--hold-inside-gate", "2400ms"]);
+    wait_until(
+        Duration::from_secs(20),
+        "the slow transfer to be inside the gate",
+        || node_stats(&slow_node)["gate"]["in_flight"].as_u64() == Some(1),
+    );
+    let (code, window) = run_json(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "1500ms",
+            "--lease",
+            "3s",
+            "--max-pause-wait",
+            "2500ms",
+            "-a",
+            &cluster.ledger_tier(),
+            "--output",
+            "json",
+        ],
+    );
+    slow.stop();
+    assert!(
+        outcome_of(&window, &slow_node)["drained_in_flight"]
+            .as_u64()
+            .is_some_and(|drained| drained >= 1),
+        "the slow node did not have to drain, so the test proved nothing: {window:#}"
+    );
+    assert_eq!(code, 0, "{window:#}");
+    assert_eq!(window["window_valid"], true, "{window:#}");
+}
