@@ -12,9 +12,11 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use stillpoint::coordinator::PauseRecord;
+use stillpoint::coordinator::{PauseRecord, check_time_ms};
 
 const VERSION: u32 = 1;
+/// The longest `--min-window` the duration parser accepts (a week).
+const MAX_MIN_WINDOW_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PauseState {
@@ -71,6 +73,25 @@ pub fn load(path: &Path) -> anyhow::Result<Option<PauseState>> {
         path.display(),
         state.version
     );
+    // Parsed is not enough: a value no pause could have written (edited, or damaged
+    // in a way JSON still accepts) must not reach a hold, a release or a verdict.
+    let checked = state
+        .record
+        .check()
+        .and_then(|()| check_time_ms("renewed_at_ms", state.renewed_at_ms))
+        .and_then(|()| match state.min_window_ms {
+            Some(min) if min > MAX_MIN_WINDOW_MS => {
+                Err(format!("min_window_ms {min} is more than a week"))
+            }
+            _ => Ok(()),
+        });
+    if let Err(problem) = checked {
+        anyhow::bail!(
+            "pause state {} is not valid: {problem}; inspect it, then delete it or pass -a \
+             to unpause the nodes directly",
+            path.display()
+        );
+    }
     Ok(Some(state))
 }
 

@@ -226,6 +226,20 @@ fn waited() -> bool {
     true
 }
 
+/// A recorded time (Unix ms) must lie between 2000 and a day from now: one outside is
+/// a damaged record, not a clock this process could have read.
+pub fn check_time_ms(field: &str, ms: i64) -> Result<(), String> {
+    const YEAR_2000_MS: i64 = 946_684_800_000;
+    let latest = unix_ms(SystemTime::now()) + MAX_LEASE.as_millis() as i64;
+    if (YEAR_2000_MS..=latest).contains(&ms) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field} {ms} is not a time between 2000 and a day from now"
+        ))
+    }
+}
+
 impl PauseRecord {
     pub fn nodes(&self) -> impl Iterator<Item = &PausedNode> {
         self.tiers.iter().flatten()
@@ -234,6 +248,49 @@ impl PauseRecord {
     /// Who holds this pause on the nodes.
     pub fn owner(&self) -> PauseOwner {
         PauseOwner::new(&self.pause_id, &self.coordinator_id)
+    }
+
+    /// Whether a record read back (a state file written by another process, perhaps
+    /// edited or damaged since) is one [`pause`] could have written: an id fit for
+    /// logs, a lease a node accepts, at least one node in every tier, and times,
+    /// clock offsets and bounds within a day of plausible. Anything else is refused
+    /// as damaged, by name, before any of it is computed with.
+    pub fn check(&self) -> Result<(), String> {
+        const DAY_MS: u64 = MAX_LEASE.as_millis() as u64;
+        check_id("pause id", &self.pause_id)?;
+        if !self.coordinator_id.is_empty() {
+            check_id("coordinator id", &self.coordinator_id)?;
+        }
+        if self.lease_ms == 0 || self.lease_ms > DAY_MS {
+            return Err(format!(
+                "lease_ms {} is not between 1ms and 24h",
+                self.lease_ms
+            ));
+        }
+        if self.tiers.is_empty() || self.tiers.iter().any(Vec::is_empty) {
+            return Err("it records a pause without nodes, or an empty tier".to_owned());
+        }
+        check_time_ms("paused_at_ms", self.paused_at_ms)?;
+        if self.skew_bound_ms.is_some_and(|bound| bound > DAY_MS) {
+            return Err(format!(
+                "skew_bound_ms {} is more than a day",
+                self.skew_bound_ms.unwrap_or_default()
+            ));
+        }
+        for node in self.nodes() {
+            let offset_too_far = node
+                .clock_offset_ms
+                .is_some_and(|offset| offset.unsigned_abs() > DAY_MS);
+            let rtt_too_long = node.rtt_ms.is_some_and(|rtt| rtt > DAY_MS);
+            if offset_too_far || rtt_too_long {
+                return Err(format!(
+                    "the clock reading of {} (offset {:?}ms, round trip {:?}ms) is more \
+                     than a day",
+                    node.address, node.clock_offset_ms, node.rtt_ms
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// When the nodes reopen by themselves if nobody renews (coordinator clock).
@@ -1091,7 +1148,8 @@ fn judge(
     let window_ms = window_end_ms - record.paused_at_ms;
     match record.skew_bound_ms {
         Some(bound) => {
-            let needed = 2 * bound as i64 + SKEW_MARGIN.as_millis() as i64;
+            let needed =
+                (bound.saturating_mul(2) as i64).saturating_add(SKEW_MARGIN.as_millis() as i64);
             if window_ms <= needed {
                 invalid_reasons.push(format!(
                     "the window ({window_ms}ms) is not longer than twice the clock-skew bound \
@@ -1148,15 +1206,15 @@ fn drift_allowance_ms(elapsed_ms: i64) -> i64 {
 /// How far a node's clock offset moved between two readings `(offset_ms, rtt_ms)` taken
 /// `elapsed_ms` apart, if by more than the readings' uncertainty and normal drift.
 fn clock_moved(before: (i64, u64), after: (i64, u64), elapsed_ms: i64) -> Option<i64> {
-    let moved = after.0 - before.0;
-    let uncertainty = (before.1 + after.1).div_ceil(2) as i64;
+    let moved = after.0.saturating_sub(before.0);
+    let uncertainty = before.1.saturating_add(after.1).div_ceil(2) as i64;
     (moved.abs() > uncertainty + drift_allowance_ms(elapsed_ms)).then_some(moved)
 }
 
 /// The smallest hold that makes a window valid for this skew bound, or `min_window`.
 pub fn required_window(skew_bound_ms: Option<u64>, min_window: Duration) -> Duration {
     let for_skew = skew_bound_ms
-        .map(|bound| Duration::from_millis(2 * bound + 1) + SKEW_MARGIN)
+        .map(|bound| Duration::from_millis(bound.saturating_mul(2).saturating_add(1)) + SKEW_MARGIN)
         .unwrap_or_default();
     for_skew.max(min_window)
 }

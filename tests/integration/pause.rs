@@ -1241,3 +1241,74 @@ fn renewals_are_timed_from_the_first_lease_granted() {
     assert_eq!(code, 0, "{window:#}");
     assert_eq!(window["window_valid"], true, "{window:#}");
 }
+
+/// A state file that parses but holds values no pause could have written (edited by
+/// hand, or damaged in a way JSON still accepts) is refused as not valid, naming the
+/// field, and `unpause -a` still opens the node. Before, a huge skew bound or clock
+/// offset, or a paused_at_ms far in the past, made `unpause` panic (exit 101); an
+/// empty node list or a huge min_window_ms closed a "valid restore point".
+#[test]
+fn unpause_refuses_a_state_file_with_impossible_values_without_panicking() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    type Edit = (&'static str, fn(&mut Value));
+    let edits: [Edit; 7] = [
+        ("skew_bound_ms", |s| {
+            s["record"]["skew_bound_ms"] = u64::MAX.into()
+        }),
+        ("paused_at_ms", |s| {
+            s["record"]["paused_at_ms"] = i64::MIN.into()
+        }),
+        ("paused_at_ms", |s| {
+            s["record"]["paused_at_ms"] = i64::MAX.into()
+        }),
+        ("clock reading", |s| {
+            s["record"]["tiers"][0][0]["clock_offset_ms"] = i64::MIN.into()
+        }),
+        ("without nodes", |s| {
+            s["record"]["tiers"] = Value::Array(Vec::new())
+        }),
+        ("min_window_ms", |s| s["min_window_ms"] = u64::MAX.into()),
+        ("lease_ms", |s| s["record"]["lease_ms"] = 0.into()),
+    ];
+    for (field, edit) in edits {
+        let (code, opened) = plain_pause(&[&ledger], &state_file, &[]);
+        assert_eq!(code, 0, "{opened:#}");
+        let mut recorded: Value =
+            serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+        edit(&mut recorded);
+        std::fs::write(&state_file, recorded.to_string()).unwrap();
+
+        let output = run(
+            "stillpoint",
+            &["unpause", "--state-file", state_file.to_str().unwrap()],
+        );
+        let said = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{field}: {said}");
+        assert!(
+            said.contains("not valid") && said.contains(field),
+            "{field}: {said}"
+        );
+
+        let output = run(
+            "stillpoint",
+            &[
+                "unpause",
+                "-a",
+                &ledger,
+                "--state-file",
+                state_file.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{field}: {}",
+            stderr(&output)
+        );
+        assert_eq!(paused_flags(&ledger), [false], "{field}");
+        std::fs::remove_file(&state_file).unwrap();
+    }
+}
