@@ -1386,12 +1386,15 @@ impl Drop for PausedCluster {
                 .enable_all()
                 .build();
             if let Ok(runtime) = runtime {
-                runtime
-                    .block_on(tokio::time::timeout(
+                // The timeout is made inside the runtime: its timer needs one.
+                runtime.block_on(async {
+                    tokio::time::timeout(
                         Duration::from_secs(10),
                         release_record(record, &mut HashMap::new(), &connect, renewed_at),
-                    ))
-                    .ok();
+                    )
+                    .await
+                    .ok()
+                });
             }
         });
         releasing.join().ok();

@@ -299,3 +299,26 @@ fn a_restart_is_caught_by_the_boot_id() {
     let repaused = same_pause(&node, &status("boot-1", 2)).unwrap_err();
     assert!(repaused.contains("paused again"), "{repaused}");
 }
+
+/// The last resort: a `PausedCluster` dropped without `release` (an early return, a
+/// panic) releases its nodes at once. Before, the release thread built the timeout
+/// outside its runtime, which panicked ("no reactor running") and released nothing:
+/// the nodes stayed paused until their lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_cluster_dropped_without_release_releases_its_nodes() {
+    let node = TestNode::start(false).await;
+    let plan = PausePlan::new(
+        vec![vec![node.address.clone()]],
+        Duration::from_secs(600),
+        Duration::from_secs(5),
+    );
+    let paused = super::pause(&plan).await.unwrap();
+    assert!(node.admin.status().paused);
+    // Dropped where an async caller would drop it: on a runtime thread.
+    tokio::task::block_in_place(|| drop(paused));
+    assert!(
+        !node.admin.status().paused,
+        "the dropped pause was left to its 10-minute lease"
+    );
+    node.stop().await;
+}
