@@ -97,6 +97,8 @@ pub async fn run() -> Result<u8, Failure> {
             plan.connect = connect;
             plan.wait_outstanding = !cli.no_wait;
             plan.upstream_only = true;
+            plan.validate()
+                .map_err(|error| Failure::new(exit::USAGE, error))?;
             // A signal mid-way rolls back the nodes already paused.
             let mut interrupts = pause::interrupts()?;
             match pause::pause_unless_interrupted(&plan, &mut interrupts).await? {

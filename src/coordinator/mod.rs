@@ -88,6 +88,8 @@ pub enum PlanError {
     /// The admin token would go out unencrypted to a host that is not this one.
     #[error("{0}")]
     CleartextToken(String),
+    #[error("max pause wait must be at most 24h, got {}ms", .0.as_millis())]
+    WaitTooLong(Duration),
     /// Empty, too long, or with control characters (`node::check_id`).
     #[error("{0}")]
     BadPauseId(String),
@@ -132,6 +134,11 @@ impl PausePlan {
             .find_map(|address| self.connect.cleartext_token_refusal(address))
         {
             return Err(PlanError::CleartextToken(refusal.to_string()));
+        }
+        // Checked for upstream plans too: the wire carries it as a signed 64-bit
+        // millisecond count, into which a larger `-m` would wrap to a negative wait.
+        if self.max_wait > MAX_LEASE {
+            return Err(PlanError::WaitTooLong(self.max_wait));
         }
         // Upstream clients may send a zero wait (scalar-admin -m 0): keep their meaning.
         if self.upstream_only {

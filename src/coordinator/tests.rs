@@ -56,6 +56,15 @@ fn each_bad_value_is_refused_by_name() {
         let error = plan.validate().unwrap_err().to_string();
         assert!(error.contains(needle), "{needle:?} not in {error:?}");
     }
+    // scalar-admin -m 18446744073709551615: upstream plans skip the lease checks, but
+    // a wait that wraps to a negative number on the wire is refused before sending.
+    let mut huge_upstream_wait = plan(&[&["a:1"]], "60s", "10s");
+    huge_upstream_wait.upstream_only = true;
+    huge_upstream_wait.max_wait = Duration::from_millis(u64::MAX);
+    assert_eq!(
+        huge_upstream_wait.validate(),
+        Err(PlanError::WaitTooLong(Duration::from_millis(u64::MAX)))
+    );
     let mut zero_connect = plan(&[&["a:1"]], "60s", "10s");
     zero_connect.connect.connect_timeout = Duration::ZERO;
     assert_eq!(zero_connect.validate(), Err(PlanError::ZeroConnectTimeout));
