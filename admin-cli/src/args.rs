@@ -132,6 +132,18 @@ impl ConnectArgs {
             }),
             _ => None,
         };
+        if let Some(problem) = client_identity
+            .as_ref()
+            .and_then(stillpoint::grpc::handshake::client_identity_problem)
+        {
+            return Err(Failure::new(
+                USAGE,
+                anyhow::anyhow!(
+                    "--tls-client-cert and --tls-client-key cannot be used together: \
+                     {problem}; give the key that belongs to the certificate"
+                ),
+            ));
+        }
         let tls = (self.tls || ca_pem.is_some() || client_identity.is_some()).then(|| TlsOptions {
             ca_pem,
             override_authority: self.override_authority.clone(),

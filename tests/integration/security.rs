@@ -826,3 +826,38 @@ fn unusable_tls_files_are_named_with_their_flag() {
     );
     assert!(node.never_paused(&pki));
 }
+
+/// A client certificate given with another certificate's key (both valid PEM) is
+/// refused up front, naming both flags and the mismatch. Before, every node failed
+/// with "TLS settings for …: transport error".
+#[test]
+fn a_client_key_that_is_not_the_certificates_is_named() {
+    let pki = Pki::generate();
+    let node = SecureNode::start(&pki);
+    let output = stillpoint(
+        &[
+            "pause",
+            "--hold-for",
+            "10ms",
+            "-a",
+            &node.admin,
+            "--ca-root-cert-path",
+            &pki.path("ca.pem"),
+            "--tls-client-cert",
+            &pki.path("client.pem"),
+            "--tls-client-key",
+            &pki.path("stranger.key"),
+        ],
+        &[("STILLPOINT_ADMIN_TOKEN", OPERATOR_TOKEN)],
+    );
+    let said = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("--tls-client-cert")
+            && said.contains("--tls-client-key")
+            && said.contains("KeyMismatch"),
+        "{said}"
+    );
+    assert!(!said.contains("transport error"), "{said}");
+    assert!(node.never_paused(&pki));
+}
