@@ -454,6 +454,33 @@ pub async fn pause_cancellable(
             Err(error) => failures.push(NodeReport::failed(address, index, None, &error)),
         }
     }
+    // One process under two addresses (an IP and a DNS name, two aliases) would be
+    // paused twice, and released twice, making the window look broken by a lease
+    // that ran out. Refused with nothing paused, naming both.
+    let mut seen: HashMap<&str, &NodeAddress> = HashMap::new();
+    for (index, tier) in plan.tiers.iter().enumerate() {
+        for address in tier {
+            // Nodes that could not be reached are already failures.
+            let Some(node) = connected.get(address) else {
+                continue;
+            };
+            let Some(boot_id) = node.boot_id.as_deref() else {
+                continue;
+            };
+            if let Some(first) = seen.insert(boot_id, address) {
+                let error = CallError::Invalid(format!(
+                    "{first} and {address} are the same node (boot id {boot_id}); list \
+                     each node once"
+                ));
+                failures.push(NodeReport::failed(
+                    address,
+                    index,
+                    Some(node.protocol),
+                    &error,
+                ));
+            }
+        }
+    }
     if !failures.is_empty() {
         return Err(roll_back(plan, tiers, clients, failures, maybe_paused, false).await);
     }
@@ -673,6 +700,9 @@ struct ConnectedNode {
     protocol: Protocol,
     /// Offset and round trip (ms) of the node's clock; `None` for upstream nodes.
     clock: Option<(i64, u64)>,
+    /// The node process's boot id, to see one node listed under two addresses;
+    /// `None` for upstream nodes, which have none.
+    boot_id: Option<String>,
 }
 
 async fn connect_node(plan: &PausePlan, address: &NodeAddress) -> Result<ConnectedNode, CallError> {
@@ -684,14 +714,18 @@ async fn connect_node(plan: &PausePlan, address: &NodeAddress) -> Result<Connect
         } else {
             client.protocol()
         };
-        let clock = match protocol {
-            Protocol::Lease => Some(sample_clock(&mut client, probe).await?),
-            Protocol::Upstream => None,
+        let (clock, boot_id) = match protocol {
+            Protocol::Lease => (
+                Some(sample_clock(&mut client, probe).await?),
+                Some(client.status().await?.boot_id),
+            ),
+            Protocol::Upstream => (None, None),
         };
         Ok(ConnectedNode {
             client,
             protocol,
             clock,
+            boot_id,
         })
     };
     tokio::time::timeout(deadline, connect)

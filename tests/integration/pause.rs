@@ -1312,3 +1312,33 @@ fn unpause_refuses_a_state_file_with_impossible_values_without_panicking() {
         std::fs::remove_file(&state_file).unwrap();
     }
 }
+
+/// One node listed twice under two addresses (its IP and `localhost`) is refused before
+/// anything is paused, naming both. Before, it was paused twice (the second pause
+/// counted as a renewal), released twice, and the window called invalid because the
+/// node "was not paused at release (its lease ran out, or it restarted)".
+#[test]
+fn one_node_under_two_addresses_is_refused_before_pausing() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let port = ledger.rsplit_once(':').unwrap().1;
+    let alias = format!("localhost:{port}");
+    for tiers in [
+        vec![format!("{ledger},{alias}")],
+        vec![ledger.clone(), alias.clone()],
+    ] {
+        let mut args = vec!["pause", "--hold-for", "100ms", "--output", "json"];
+        for tier in &tiers {
+            args.extend(["-a", tier]);
+        }
+        let (code, report) = run_json("stillpoint", &args);
+        assert_eq!(code, 3, "{report:#}");
+        let reason = report["invalid_reasons"][0].as_str().unwrap();
+        assert!(
+            reason.contains("same node") && reason.contains(&alias) && reason.contains(&ledger),
+            "{reason}"
+        );
+        assert!(reason.contains("no node had paused"), "{reason}");
+        assert_eq!(node_stats(&ledger)["node"]["pause_seq"], 0, "{report:#}");
+    }
+}
