@@ -310,9 +310,34 @@ async fn keep_alive(
                 return Ok(exit::OK);
             }
             tracing::warn!(%reason, "keep-alive renewal failed");
+            // No round has renewed every node for a whole lease (this process was
+            // suspended, or nodes restarted or stopped answering): some node has
+            // reopened by itself, so the window can no longer be a restore point.
+            // Holding the others paused for it would only keep the cluster down.
+            let lease = Duration::from_millis(paused.record().lease_ms);
+            if SystemTime::now() > paused.last_renewal() + lease {
+                eprintln!(
+                    "no renewal has reached every node for a whole lease ({}ms): the pause \
+                     is lost on some node, so the window cannot be a restore point; \
+                     releasing the cluster",
+                    lease.as_millis()
+                );
+                return release_keep_alive(paused, state_file, args, interrupts).await;
+            }
         }
     }
     tracing::warn!("interrupted: releasing the pause");
+    release_keep_alive(paused, state_file, args, interrupts).await
+}
+
+/// Releases a keep-alive's pause (on a signal, or once it is lost), forgets the state
+/// file once every node is released, and prints the window.
+async fn release_keep_alive(
+    paused: PausedCluster,
+    state_file: &std::path::Path,
+    args: &PauseArgs,
+    interrupts: &mut Interrupts,
+) -> Result<u8, Failure> {
     let released = release(paused, interrupts, args.output.time_zone).await?;
     if released.all_released() {
         state::remove(state_file)?;

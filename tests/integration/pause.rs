@@ -1342,3 +1342,50 @@ fn one_node_under_two_addresses_is_refused_before_pausing() {
         assert_eq!(node_stats(&ledger)["node"]["pause_seq"], 0, "{report:#}");
     }
 }
+
+/// A `--keep-alive` whose renewals have not reached every node for a whole lease (here
+/// the process itself was suspended, as Ctrl-Z does, past its 2s lease) knows the
+/// nodes reopened by themselves: it releases the cluster, says the window is lost and
+/// exits 5 instead of renewing in vain forever while looking alive. Before, it kept
+/// running, warning, with the window silently gone.
+#[test]
+fn a_keep_alive_that_lost_its_lease_ends_and_says_so() {
+    let cluster = Cluster::start(1);
+    let nodes = all_nodes(&cluster);
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let (keep_alive, stderr_lines) = spawn_reading_stderr(
+        "stillpoint",
+        &[
+            "pause",
+            "--keep-alive",
+            "--lease",
+            "2s",
+            "--max-pause-wait",
+            "1s",
+            "-a",
+            &cluster.ledger_tier(),
+            "-a",
+            &cluster.auditor.address,
+            "--state-file",
+            state_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    wait_until(Duration::from_secs(20), "every node to pause", || {
+        state_file.exists() && paused_flags(&nodes).iter().all(|paused| *paused)
+    });
+    keep_alive.signal("STOP");
+    wait_until(
+        Duration::from_secs(10),
+        "the lease to reopen every node",
+        || paused_flags(&nodes).iter().all(|paused| !paused),
+    );
+    keep_alive.signal("CONT");
+    let output = keep_alive.wait_output(Duration::from_secs(10));
+    let said: Vec<String> = stderr_lines.iter().collect();
+    let said = said.join("\n");
+    assert_eq!(output.status.code(), Some(5), "{said}");
+    assert!(said.contains("whole lease"), "{said}");
+    assert!(!state_file.exists(), "the lost window is still recorded");
+}
