@@ -47,7 +47,7 @@ pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
     let decryption = stillpoint::backup::decryption(&runbook)
         .map_err(|error| Failure::new(exit::USAGE, error))?;
     if args.output == OutputFormat::Text {
-        eprintln!(
+        crate::errln!(
             "drill of backup {}: restoring {} databases into scratch targets …",
             manifest.backup_id,
             manifest.databases.len()

@@ -316,7 +316,7 @@ async fn keep_alive(
             // Holding the others paused for it would only keep the cluster down.
             let lease = Duration::from_millis(paused.record().lease_ms);
             if SystemTime::now() > paused.last_renewal() + lease {
-                eprintln!(
+                crate::errln!(
                     "no renewal has reached every node for a whole lease ({}ms): the pause \
                      is lost on some node, so the window cannot be a restore point; \
                      releasing the cluster",
@@ -460,7 +460,7 @@ async fn close_recorded_window(
                 wanted.as_millis()
             ),
         };
-        eprintln!("holding the window {}ms more: {why}", rest.as_millis());
+        crate::errln!("holding the window {}ms more: {why}", rest.as_millis());
         tokio::select! {
             () = paused.hold_until(Instant::now() + rest) => {}
             () = interrupts.recv() => tracing::warn!("interrupted: releasing before the window is long enough"),
@@ -539,7 +539,7 @@ pub async fn unpause_without_record(
         results.extend(join_all(tier.iter().map(|address| unpause_one(address, connect))).await);
     }
     for warning in &warnings {
-        eprintln!("warning: {warning}");
+        crate::errln!("warning: {warning}");
     }
     match format {
         OutputFormat::Json => {

@@ -124,7 +124,7 @@ pub async fn run() -> Result<u8, Failure> {
         }
         AdminCommand::Unpause => {
             let end = unix_ms(SystemTime::now());
-            eprintln!("pause_end_timestamp_ms: {end} ({})", zone.format_ms(end));
+            crate::errln!("pause_end_timestamp_ms: {end} ({})", zone.format_ms(end));
             pause::unpause_without_record(tiers, &connect, OutputFormat::Json, Vec::new()).await
         }
         AdminCommand::CheckPaused => {

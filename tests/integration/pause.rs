@@ -1389,3 +1389,33 @@ fn a_keep_alive_that_lost_its_lease_ends_and_says_so() {
     assert!(said.contains("whole lease"), "{said}");
     assert!(!state_file.exists(), "the lost window is still recorded");
 }
+
+/// `unpause` run with both stdout and stderr closed (`… 2>&1 | head -0`) still closes
+/// the window: a message that cannot be written is dropped. Before, the first message
+/// on stderr ("holding the window …") panicked, and tracing's own report of the
+/// failed log write panicked again inside the paused cluster's drop: the process
+/// aborted (SIGABRT), the cluster stayed paused until its lease and the state file
+/// stayed behind.
+#[test]
+fn unpause_with_stdout_and_stderr_closed_still_releases() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let (code, opened) = plain_pause(&[&ledger], &state_file, &["--min-window", "1s"]);
+    assert_eq!(code, 0, "{opened:#}");
+    let mut child = std::process::Command::new(bin("stillpoint"))
+        .args(["unpause", "--state-file", state_file.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Whoever read them has gone: every write gets EPIPE.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let output =
+        Process::new(child, "stillpoint unpause".to_owned()).wait_output(Duration::from_secs(30));
+    assert_eq!(output.status.code(), Some(0), "{:?}", output.status);
+    assert_eq!(paused_flags(&ledger), [false]);
+    assert!(!state_file.exists(), "the closed window is still recorded");
+}
