@@ -149,6 +149,16 @@ impl ConnectArgs {
             override_authority: self.override_authority.clone(),
             client_identity,
         });
+        if let Some(problem) = self
+            .override_authority
+            .as_deref()
+            .and_then(stillpoint::grpc::handshake::server_name_problem)
+        {
+            return Err(Failure::new(
+                USAGE,
+                anyhow::anyhow!("--override-authority cannot be used: {problem}"),
+            ));
+        }
         if tls.is_none() && self.override_authority.is_some() {
             return Err(Failure::new(
                 USAGE,

@@ -88,6 +88,14 @@ pub fn client_identity_problem(identity: &ClientIdentity) -> Option<String> {
         .map(|error| error.to_string())
 }
 
+/// Why `name` cannot be the name expected in a node's certificate, if it cannot (it
+/// must be a DNS name or an IP address).
+pub fn server_name_problem(name: &str) -> Option<String> {
+    ServerName::try_from(name.to_owned())
+        .err()
+        .map(|error| format!("{:?} is not a DNS name or IP address ({error})", name))
+}
+
 fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, rustls::pki_types::pem::Error> {
     CertificateDer::pem_slice_iter(pem.as_bytes()).collect()
 }

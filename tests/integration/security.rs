@@ -861,3 +861,24 @@ fn a_client_key_that_is_not_the_certificates_is_named() {
     assert!(!said.contains("transport error"), "{said}");
     assert!(node.never_paused(&pki));
 }
+
+/// An `--override-authority` that no certificate can carry (empty, a wildcard, a
+/// newline) is refused up front naming the flag. Before, every node failed with
+/// "TLS settings for …: transport error".
+#[test]
+fn an_override_authority_that_is_not_a_name_is_refused() {
+    let pki = Pki::generate();
+    let node = SecureNode::start(&pki);
+    for name in ["", "*.example", "node\nexample"] {
+        let mut args = vec!["pause", "--hold-for", "10ms", "-a", &node.admin];
+        let flags = tls_flags(&pki);
+        args.extend(flags.iter().map(String::as_str));
+        args.extend(["--override-authority", name]);
+        let output = stillpoint(&args, &[("STILLPOINT_ADMIN_TOKEN", OPERATOR_TOKEN)]);
+        let said = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{name:?}: {said}");
+        assert!(said.contains("--override-authority"), "{said}");
+        assert!(!said.contains("transport error"), "{said}");
+    }
+    assert!(node.never_paused(&pki));
+}
