@@ -196,7 +196,7 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
         args.output.output,
     );
     if args.output.output == OutputFormat::Text {
-        println!(
+        crate::outln!(
             "  recorded in {}; close the window with `stillpoint unpause`",
             state_file.display()
         );
@@ -549,12 +549,12 @@ pub async fn unpause_without_record(
             for node in &results {
                 match (&node.error, node.was_paused) {
                     (Some(error), _) => {
-                        println!("{:<22} FAILED: {error}", node.address.to_string())
+                        crate::outln!("{:<22} FAILED: {error}", node.address.to_string())
                     }
                     (None, Some(false)) => {
-                        println!("{:<22} was not paused", node.address.to_string())
+                        crate::outln!("{:<22} was not paused", node.address.to_string())
                     }
-                    (None, _) => println!("{:<22} unpaused", node.address.to_string()),
+                    (None, _) => crate::outln!("{:<22} unpaused", node.address.to_string()),
                 }
             }
         }
@@ -650,7 +650,7 @@ pub async fn check_nodes(
                     },
                     (None, _) => "not paused".to_owned(),
                 };
-                println!("{:<22} {text}", state.address.to_string());
+                crate::outln!("{:<22} {text}", state.address.to_string());
             }
         }
     }
@@ -733,7 +733,7 @@ pub async fn stats(args: InspectArgs, matches: &clap::ArgMatches) -> Result<u8, 
         OutputFormat::Json => print_json(&serde_json::json!({ "nodes": stats })),
         OutputFormat::Text => {
             for node in &stats {
-                println!("{}", serde_json::to_string(node).expect("json"));
+                crate::outln!("{}", serde_json::to_string(node).expect("json"));
             }
         }
     }

@@ -318,3 +318,46 @@ fn a_pause_id_with_control_characters_or_too_long_is_refused_up_front() {
         );
     }
 }
+
+/// `check-paused`, `stats` and `unpause -a` keep their exit code when whoever reads
+/// their stdout has gone (`| grep -q …`, `| head -1`): a node that could not be checked
+/// or released is still a failure. Before, their text lines went through `println!`,
+/// whose panic on the closed pipe ended the command with exit 0.
+#[test]
+fn node_commands_keep_their_exit_code_with_stdout_closed() {
+    for (args, code) in [
+        (&["check-paused", "-a", "127.0.0.1:1"][..], 1),
+        (&["stats", "-a", "127.0.0.1:1"][..], 1),
+        (
+            &[
+                "unpause",
+                "-a",
+                "127.0.0.1:1",
+                "--state-file",
+                "/nonexistent/pause.json",
+            ][..],
+            4,
+        ),
+    ] {
+        let mut child = std::process::Command::new(crate::util::bin("stillpoint"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let output = crate::util::Process::new(child, format!("stillpoint {}", args.join(" ")))
+            .wait_output(std::time::Duration::from_secs(30));
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains("127.0.0.1:1"),
+            "{}",
+            stderr(&output)
+        );
+    }
+}
