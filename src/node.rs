@@ -443,13 +443,18 @@ impl NodeAdmin {
             && *deadline <= Instant::now()
         {
             let paused_for = since.elapsed().unwrap_or_default();
+            let holder = holder.to_string();
+            // Reopened before it is logged: a log write that fails (an embedding
+            // application's subscriber may panic on a closed stderr) must never keep
+            // the gate closed past its lease.
+            self.reopen(&mut state);
+            drop(state);
             tracing::warn!(
                 holder = %holder,
                 paused_for_ms = paused_for.as_millis() as u64,
                 "lease expired: the pause was neither renewed nor released (coordinator \
-                 gone?); reopening the gate"
+                 gone?); the gate was reopened"
             );
-            self.reopen(&mut state);
         }
     }
 
@@ -516,8 +521,10 @@ impl Drop for DrainGuard<'_> {
         }
         let mut state = self.admin.lock();
         if matches!(state.phase, Phase::Draining { attempt, .. } if attempt == self.attempt) {
-            tracing::warn!("pause abandoned by its caller while draining; reopening the gate");
+            // Reopened first: see `expire_lease_if_due`.
             self.admin.reopen(&mut state);
+            drop(state);
+            tracing::warn!("pause abandoned by its caller while draining; the gate was reopened");
         }
     }
 }

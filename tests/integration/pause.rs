@@ -1419,3 +1419,53 @@ fn unpause_with_stdout_and_stderr_closed_still_releases() {
     assert_eq!(paused_flags(&ledger), [false]);
     assert!(!state_file.exists(), "the closed window is still recorded");
 }
+
+/// A node whose stderr has no reader any more (its log pipe died) still pauses, and
+/// still reopens by itself when the lease runs out. Before, tracing's report of the
+/// failed log write panicked in the middle of the admin call (the pause failed with an
+/// h2 error and "ROLLBACK INCOMPLETE"), and the lease watchdog logged before it
+/// reopened the gate, so a log write could keep a node closed past its lease.
+#[test]
+fn a_node_whose_log_pipe_died_still_pauses_and_reopens_at_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let args: Vec<String> = [
+        "serve",
+        "--role",
+        "auditor",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        &format!("sqlite:{}", dir.path().join("auditor.db").display()),
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect();
+    let (_node, addresses) = crate::util::spawn_listening_logged(
+        &bin("ledger-node"),
+        &args,
+        1,
+        "info",
+        std::process::Stdio::from(writer),
+    );
+    let node = addresses[0].clone();
+    let state_file = dir.path().join("pause.json");
+    let (code, opened) = plain_pause(
+        &[&node],
+        &state_file,
+        &["--lease", "1s", "--max-pause-wait", "500ms"],
+    );
+    assert_eq!(code, 0, "{opened:#}");
+    let paused_at = Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "the lease to reopen the node",
+        || paused_flags(&node) == [false],
+    );
+    assert!(
+        paused_at.elapsed() < Duration::from_secs(3),
+        "reopened {:?} after a 1s lease",
+        paused_at.elapsed()
+    );
+}
