@@ -653,7 +653,7 @@ async fn while_renewing<T>(
             for (address, result) in results {
                 if let Err(reason) = result {
                     tracing::warn!(%address, %reason, "lease renewal failed while a later tier drained");
-                    lost.push((address, reason));
+                    note_lost(lost, address, reason);
                     all_renewed = false;
                 }
             }
@@ -667,6 +667,14 @@ async fn while_renewing<T>(
         never = renewing => never,
     };
     (output, renewed_at)
+}
+
+/// Records that `address` lost the pause, once: later renewals of a node that lost it
+/// keep failing, and the window's reasons must name it once, with the first cause.
+fn note_lost(lost: &mut Vec<(NodeAddress, String)>, address: NodeAddress, reason: String) {
+    if !lost.iter().any(|(known, _)| *known == address) {
+        lost.push((address, reason));
+    }
 }
 
 /// `at` (a wall-clock time in the past) on the monotonic clock, for scheduling.
@@ -994,7 +1002,7 @@ impl PausedCluster {
         for (address, result) in results {
             if let Err(reason) = result {
                 failed.push(format!("{address}: {reason}"));
-                self.lost.push((address, reason));
+                note_lost(&mut self.lost, address, reason);
             }
         }
         if failed.is_empty() {

@@ -1469,3 +1469,36 @@ fn a_node_whose_log_pipe_died_still_pauses_and_reopens_at_its_lease() {
         paused_at.elapsed()
     );
 }
+
+/// A node that lost its pause during a hold (here a 3ms lease no renewal can keep) is
+/// named once among the window's reasons, with the first cause. Before, every later
+/// renewal added the same reason again: hundreds of lines for half a second.
+#[test]
+fn a_node_that_lost_its_pause_is_named_once() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let (code, window) = run_json(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "500ms",
+            "--lease",
+            "3ms",
+            "--max-pause-wait",
+            "1ms",
+            "-a",
+            &ledger,
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 5, "{window:#}");
+    let lost = window["invalid_reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|reason| reason.as_str().unwrap().contains("lost the pause"))
+        .count();
+    assert_eq!(lost, 1, "{window:#}");
+}
