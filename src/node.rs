@@ -26,6 +26,30 @@ use crate::time::unix_ms;
 /// mistake (milliseconds given as seconds).
 pub const MAX_LEASE: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// Longest pause id or coordinator id a node accepts, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Why `id` cannot name a pause (`what`: "pause id", "coordinator id"), if it cannot:
+/// ids are written to logs, state files and reports, so they are 1 to
+/// [`MAX_ID_LEN`] bytes without control characters (a newline or an escape sequence
+/// would forge or garble a log line or a terminal).
+pub fn check_id(what: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(format!(
+            "{what} must be 1 to {MAX_ID_LEN} bytes, got {}",
+            id.len()
+        ));
+    }
+    if let Some(control) = id.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "{what} \"{}\" contains the control character {control:?}; use letters, \
+             digits and punctuation",
+            id.escape_default()
+        ));
+    }
+    Ok(())
+}
+
 /// Which coordinator asks: the pause id it pauses under (random, or given by an
 /// operator with `--pause-id`) and the coordinator instance it is. Two coordinators
 /// given the same pause id are still two owners, so neither can renew, merge with or
@@ -419,13 +443,18 @@ impl NodeAdmin {
             && *deadline <= Instant::now()
         {
             let paused_for = since.elapsed().unwrap_or_default();
+            let holder = holder.to_string();
+            // Reopened before it is logged: a log write that fails (an embedding
+            // application's subscriber may panic on a closed stderr) must never keep
+            // the gate closed past its lease.
+            self.reopen(&mut state);
+            drop(state);
             tracing::warn!(
                 holder = %holder,
                 paused_for_ms = paused_for.as_millis() as u64,
                 "lease expired: the pause was neither renewed nor released (coordinator \
-                 gone?); reopening the gate"
+                 gone?); the gate was reopened"
             );
-            self.reopen(&mut state);
         }
     }
 
@@ -492,8 +521,10 @@ impl Drop for DrainGuard<'_> {
         }
         let mut state = self.admin.lock();
         if matches!(state.phase, Phase::Draining { attempt, .. } if attempt == self.attempt) {
-            tracing::warn!("pause abandoned by its caller while draining; reopening the gate");
+            // Reopened first: see `expire_lease_if_due`.
             self.admin.reopen(&mut state);
+            drop(state);
+            tracing::warn!("pause abandoned by its caller while draining; the gate was reopened");
         }
     }
 }
@@ -508,18 +539,11 @@ fn describe(phase: &Phase) -> String {
 
 fn validate(command: &PauseCommand) -> Result<(), AdminError> {
     if let Holder::Coordinator(owner) = &command.holder {
-        let id = &owner.pause_id;
-        if id.is_empty() || id.len() > 128 {
-            return Err(AdminError::InvalidArgument(format!(
-                "pause id must be 1 to 128 characters, got {} characters",
-                id.len()
-            )));
-        }
-        if owner.coordinator_id.len() > 128 {
-            return Err(AdminError::InvalidArgument(format!(
-                "coordinator id must be at most 128 characters, got {}",
-                owner.coordinator_id.len()
-            )));
+        check_id("pause id", &owner.pause_id).map_err(AdminError::InvalidArgument)?;
+        // Empty from clients that predate coordinator ids.
+        if !owner.coordinator_id.is_empty() {
+            check_id("coordinator id", &owner.coordinator_id)
+                .map_err(AdminError::InvalidArgument)?;
         }
     }
     if let Some(lease) = command.lease {

@@ -7,9 +7,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::{Args, ValueEnum};
-use stillpoint::grpc::auth::{AdminToken, ClientIdentity};
+use stillpoint::grpc::auth::{
+    AdminToken, ClientIdentity, certificate_pem_problem, read_certificate_pem, read_private_key_pem,
+};
 use stillpoint::grpc::client::{ConnectOptions, TlsOptions};
 use stillpoint::resolve::{NodeAddress, ensure_unique, parse_address_list, resolve_srv};
 use stillpoint::time::{Zone, parse_duration};
@@ -108,23 +109,56 @@ impl ConnectArgs {
                 ));
             }
             (Some(path), None) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("reading CA certificate {}", path.display()))?,
-            ),
-            (None, pem) => pem.clone(),
-        };
-        let client_identity = match (&self.tls_client_cert, &self.tls_client_key) {
-            (Some(cert), Some(key)) => Some(
-                ClientIdentity::from_files(cert, key)
+                read_certificate_pem("CA certificate (--ca-root-cert-path)", path)
                     .map_err(|error| Failure::new(USAGE, error))?,
             ),
+            (None, Some(pem)) => {
+                if let Some(problem) = certificate_pem_problem(pem) {
+                    return Err(Failure::new(
+                        USAGE,
+                        anyhow::anyhow!("--ca-root-cert-pem cannot be used: {problem}"),
+                    ));
+                }
+                Some(pem.clone())
+            }
+            (None, None) => None,
+        };
+        let client_identity = match (&self.tls_client_cert, &self.tls_client_key) {
+            (Some(cert), Some(key)) => Some(ClientIdentity {
+                cert_pem: read_certificate_pem("client certificate (--tls-client-cert)", cert)
+                    .map_err(|error| Failure::new(USAGE, error))?,
+                key_pem: read_private_key_pem("client key (--tls-client-key)", key)
+                    .map_err(|error| Failure::new(USAGE, error))?,
+            }),
             _ => None,
         };
+        if let Some(problem) = client_identity
+            .as_ref()
+            .and_then(stillpoint::grpc::handshake::client_identity_problem)
+        {
+            return Err(Failure::new(
+                USAGE,
+                anyhow::anyhow!(
+                    "--tls-client-cert and --tls-client-key cannot be used together: \
+                     {problem}; give the key that belongs to the certificate"
+                ),
+            ));
+        }
         let tls = (self.tls || ca_pem.is_some() || client_identity.is_some()).then(|| TlsOptions {
             ca_pem,
             override_authority: self.override_authority.clone(),
             client_identity,
         });
+        if let Some(problem) = self
+            .override_authority
+            .as_deref()
+            .and_then(stillpoint::grpc::handshake::server_name_problem)
+        {
+            return Err(Failure::new(
+                USAGE,
+                anyhow::anyhow!("--override-authority cannot be used: {problem}"),
+            ));
+        }
         if tls.is_none() && self.override_authority.is_some() {
             return Err(Failure::new(
                 USAGE,

@@ -58,7 +58,7 @@ pub async fn backup(args: BackupArgs) -> Result<u8, Failure> {
     let mode = match (args.no_pause, args.i_know_this_is_unsafe) {
         (false, _) => backup::Mode::Paused,
         (true, true) => {
-            eprintln!(
+            crate::errln!(
                 "WARNING: --no-pause: the cluster is NOT paused; this copy is not a \
                  consistent restore point and is marked unsafe"
             );
@@ -86,7 +86,7 @@ pub async fn backup(args: BackupArgs) -> Result<u8, Failure> {
     let result = tokio::select! {
         result = &mut work => result,
         () = interrupts.recv() => {
-            eprintln!(
+            crate::errln!(
                 "interrupted: stopping the backup, releasing the cluster and removing the \
                  partial backup (interrupt again to stop waiting)"
             );
@@ -124,7 +124,7 @@ pub async fn backup(args: BackupArgs) -> Result<u8, Failure> {
                     OutputFormat::Json => print_json(
                         &serde_json::json!({ "error": error.to_string(), "window": window }),
                     ),
-                    OutputFormat::Text => eprint!("{}", render_text(window)),
+                    OutputFormat::Text => crate::output::write_stderr(&render_text(window)),
                 }
             } else if args.output == OutputFormat::Json {
                 print_json(&serde_json::json!({ "error": error.to_string() }));

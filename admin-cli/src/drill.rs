@@ -65,7 +65,7 @@ pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
         None => None,
     };
     if args.output == OutputFormat::Text {
-        eprintln!(
+        crate::errln!(
             "drill of backup {}: restoring {} databases into scratch targets …",
             manifest.backup_id,
             manifest.databases.len()

@@ -34,7 +34,7 @@ pub fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| output::QuietStderr)
         .init();
 }
 
@@ -44,7 +44,7 @@ pub fn finish(result: Result<u8, exit::Failure>) -> std::process::ExitCode {
     match result {
         Ok(code) => std::process::ExitCode::from(code),
         Err(failure) => {
-            eprintln!("error: {:#}", failure.error);
+            errln!("error: {:#}", failure.error);
             std::process::ExitCode::from(failure.code)
         }
     }

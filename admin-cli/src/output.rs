@@ -75,6 +75,47 @@ pub fn write_stdout(text: &str) {
     }
 }
 
+/// Writes `text` to stderr, ignoring any error: a closed stderr (`2>&1 | head -1`)
+/// has nobody to tell, and `eprintln!` would panic there, ending a command that may
+/// hold a paused cluster.
+pub fn write_stderr(text: &str) {
+    use std::io::Write as _;
+    let mut stderr = std::io::stderr().lock();
+    let _ = stderr
+        .write_all(text.as_bytes())
+        .and_then(|()| stderr.flush());
+}
+
+/// `eprintln!` through [`write_stderr`]: a closed stderr does not end the command.
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::output::write_stderr(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// Log output for tracing: stderr, with write errors ignored. tracing-subscriber
+/// reports a failed write with `eprintln!`, which panics on a closed stderr; inside a
+/// destructor (the paused cluster's release on drop logs first) that panic aborts the
+/// process before the release.
+pub struct QuietStderr;
+
+impl std::io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        write_stderr_bytes(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn write_stderr_bytes(bytes: &[u8]) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().lock().write_all(bytes);
+}
+
 /// `println!` through [`write_stdout`]: a closed stdout does not end the command.
 #[macro_export]
 macro_rules! outln {

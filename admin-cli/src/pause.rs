@@ -8,12 +8,13 @@ use std::time::{Duration, SystemTime};
 use clap::Args;
 use futures::future::join_all;
 use stillpoint::coordinator::{
-    self, PausePlan, PauseReport, PausedCluster, Released, required_window,
+    self, PauseFailed, PausePlan, PauseReport, PausedCluster, Released, required_window,
 };
-use stillpoint::grpc::client::{ConnectOptions, NodeClient, Protocol};
+use stillpoint::grpc::client::{CallError, ConnectOptions, NodeClient, Protocol};
 use stillpoint::resolve::NodeAddress;
 use stillpoint::time::{Zone, from_unix_ms, unix_ms};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::args::{
     ConnectArgs, OutputArgs, OutputFormat, TargetArgs, duration, resolve_tiers, tier_sources,
@@ -68,7 +69,7 @@ pub struct PauseArgs {
     #[arg(long, value_name = "PATH")]
     pub state_file: Option<PathBuf>,
 
-    /// Use this pause id instead of a random one (1 to 128 characters).
+    /// Use this pause id instead of a random one (1 to 128 bytes, no control characters).
     #[arg(long, value_name = "ID")]
     pub pause_id: Option<String>,
 }
@@ -110,7 +111,8 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
     // Claimed before looking, so that two pauses sharing a state file cannot both find
     // it empty; held until the record is saved (or the pause failed).
     let claim = if plain {
-        let claim = state::claim(&state_file).map_err(|error| Failure::new(exit::USAGE, error))?;
+        let claim =
+            state::claim(&state_file, "pause").map_err(|error| Failure::new(exit::USAGE, error))?;
         if let Some(existing) = state::load(&state_file)? {
             return Err(usage(format!(
                 "a pause is already recorded in {} (pause id {}, started at {}ms); run \
@@ -134,8 +136,13 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
     plan.validate()
         .map_err(|error| Failure::new(exit::USAGE, error))?;
 
+    // Listened to from before the first node pauses: a signal in the middle of the
+    // pause phase rolls back the nodes already paused instead of ending the process
+    // and leaving them to their lease. From the pause on, a signal releases the
+    // cluster (and a second stops waiting for nodes that do not answer).
+    let mut interrupts = interrupts()?;
     let zone = args.output.time_zone;
-    let paused = match coordinator::pause(&plan).await {
+    let paused = match pause_unless_interrupted(&plan, &mut interrupts).await? {
         Ok(paused) => paused,
         Err(failure) => {
             print_report(
@@ -156,8 +163,6 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
             paused.record().skew_bound_ms,
             args.min_window.unwrap_or_default(),
         ));
-        // From here a signal releases the cluster (and a second stops waiting for it).
-        let mut interrupts = interrupts()?;
         return hold_then_release(paused, wanted, &args, &mut interrupts).await;
     }
 
@@ -182,7 +187,6 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
     }
     drop(claim);
     if args.keep_alive {
-        let mut interrupts = interrupts()?;
         return keep_alive(paused, &state_file, &args, &mut interrupts).await;
     }
     let renewed_at = paused.last_renewal();
@@ -192,7 +196,7 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
         args.output.output,
     );
     if args.output.output == OutputFormat::Text {
-        println!(
+        crate::outln!(
             "  recorded in {}; close the window with `stillpoint unpause`",
             state_file.display()
         );
@@ -200,7 +204,40 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
     Ok(exit::OK)
 }
 
-fn interrupts() -> Result<Interrupts, Failure> {
+/// Pauses `plan`; a signal meanwhile stops the pause and rolls it back (`Ok(Err(_))`,
+/// reported like any failed pause). A second signal stops waiting for the roll-back.
+pub(crate) async fn pause_unless_interrupted(
+    plan: &PausePlan,
+    interrupts: &mut Interrupts,
+) -> Result<Result<PausedCluster, PauseFailed>, Failure> {
+    let cancel = CancellationToken::new();
+    let pausing = coordinator::pause_cancellable(plan, &cancel);
+    tokio::pin!(pausing);
+    tokio::select! {
+        outcome = &mut pausing => return Ok(outcome),
+        () = interrupts.recv() => {
+            tracing::warn!("interrupted: stopping the pause and releasing the nodes already paused");
+            cancel.cancel();
+        }
+    }
+    match unless_interrupted_again(pausing, interrupts).await {
+        Some(outcome) => Ok(outcome),
+        None => {
+            let lease_ends_ms = unix_ms(SystemTime::now()) + plan.lease.as_millis() as i64;
+            Err(Failure::new(
+                exit::UNPAUSE_FAILED,
+                anyhow::anyhow!(
+                    "interrupted again: stopped waiting for the roll-back of pause {}; nodes \
+                     not released yet reopen by themselves when their lease ends, by \
+                     {lease_ends_ms}ms at the latest; `stillpoint check-paused -a …` shows them",
+                    plan.pause_id
+                ),
+            ))
+        }
+    }
+}
+
+pub(crate) fn interrupts() -> Result<Interrupts, Failure> {
     Interrupts::new().map_err(|error| {
         Failure::new(
             exit::ERROR,
@@ -259,10 +296,9 @@ async fn keep_alive(
         ),
         args.output.output,
     );
-    let every = args.lease / 3;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(every) => {}
+            () = tokio::time::sleep_until(paused.renewal_due()) => {}
             () = interrupts.recv() => break,
         }
         if let Err(reason) = paused.renew().await {
@@ -274,9 +310,34 @@ async fn keep_alive(
                 return Ok(exit::OK);
             }
             tracing::warn!(%reason, "keep-alive renewal failed");
+            // No round has renewed every node for a whole lease (this process was
+            // suspended, or nodes restarted or stopped answering): some node has
+            // reopened by itself, so the window can no longer be a restore point.
+            // Holding the others paused for it would only keep the cluster down.
+            let lease = Duration::from_millis(paused.record().lease_ms);
+            if SystemTime::now() > paused.last_renewal() + lease {
+                crate::errln!(
+                    "no renewal has reached every node for a whole lease ({}ms): the pause \
+                     is lost on some node, so the window cannot be a restore point; \
+                     releasing the cluster",
+                    lease.as_millis()
+                );
+                return release_keep_alive(paused, state_file, args, interrupts).await;
+            }
         }
     }
     tracing::warn!("interrupted: releasing the pause");
+    release_keep_alive(paused, state_file, args, interrupts).await
+}
+
+/// Releases a keep-alive's pause (on a signal, or once it is lost), forgets the state
+/// file once every node is released, and prints the window.
+async fn release_keep_alive(
+    paused: PausedCluster,
+    state_file: &std::path::Path,
+    args: &PauseArgs,
+    interrupts: &mut Interrupts,
+) -> Result<u8, Failure> {
     let released = release(paused, interrupts, args.output.time_zone).await?;
     if released.all_released() {
         state::remove(state_file)?;
@@ -288,7 +349,21 @@ pub async fn unpause(args: UnpauseArgs, matches: &clap::ArgMatches) -> Result<u8
     let state_file = args.state_file.clone().unwrap_or_else(state::default_path);
     let connect = args.connect.options()?;
     let sources = tier_sources(matches, &args.targets);
-    let recorded = state::load(&state_file)?;
+    // Held for the whole command: a pause recording into this file meanwhile is
+    // refused, and this never reads a file a running pause is about to write.
+    let claim = state::claim(&state_file, "unpause");
+    // With the nodes named, neither a damaged state file nor one another process is
+    // using stands between the operator and an open cluster: the file is set aside
+    // (kept, and said so) and the nodes released.
+    let (recorded, damaged, _claim) = match claim {
+        Ok(claim) => match state::load(&state_file) {
+            Ok(recorded) => (recorded, None, Some(claim)),
+            Err(error) if !sources.is_empty() => (None, Some(error), Some(claim)),
+            Err(error) => return Err(error.into()),
+        },
+        Err(error) if !sources.is_empty() => (None, Some(error), None),
+        Err(error) => return Err(Failure::new(exit::USAGE, error)),
+    };
     if sources.is_empty() {
         return match recorded {
             Some(state) => close_recorded_window(state, &state_file, connect, &args.output).await,
@@ -335,7 +410,18 @@ pub async fn unpause(args: UnpauseArgs, matches: &clap::ArgMatches) -> Result<u8
             );
             unpause_without_record(tiers, &connect, args.output.output, vec![warning]).await
         }
-        None => unpause_without_record(tiers, &connect, args.output.output, Vec::new()).await,
+        None => {
+            let warnings = damaged
+                .map(|error| {
+                    format!(
+                        "{error:#}; released the nodes given without a window, and left \
+                         the file as it is"
+                    )
+                })
+                .into_iter()
+                .collect();
+            unpause_without_record(tiers, &connect, args.output.output, warnings).await
+        }
     }
 }
 
@@ -374,7 +460,7 @@ async fn close_recorded_window(
                 wanted.as_millis()
             ),
         };
-        eprintln!("holding the window {}ms more: {why}", rest.as_millis());
+        crate::errln!("holding the window {}ms more: {why}", rest.as_millis());
         tokio::select! {
             () = paused.hold_until(Instant::now() + rest) => {}
             () = interrupts.recv() => tracing::warn!("interrupted: releasing before the window is long enough"),
@@ -453,7 +539,7 @@ pub async fn unpause_without_record(
         results.extend(join_all(tier.iter().map(|address| unpause_one(address, connect))).await);
     }
     for warning in &warnings {
-        eprintln!("warning: {warning}");
+        crate::errln!("warning: {warning}");
     }
     match format {
         OutputFormat::Json => {
@@ -463,12 +549,12 @@ pub async fn unpause_without_record(
             for node in &results {
                 match (&node.error, node.was_paused) {
                     (Some(error), _) => {
-                        println!("{:<22} FAILED: {error}", node.address.to_string())
+                        crate::outln!("{:<22} FAILED: {error}", node.address.to_string())
                     }
                     (None, Some(false)) => {
-                        println!("{:<22} was not paused", node.address.to_string())
+                        crate::outln!("{:<22} was not paused", node.address.to_string())
                     }
-                    (None, _) => println!("{:<22} unpaused", node.address.to_string()),
+                    (None, _) => crate::outln!("{:<22} unpaused", node.address.to_string()),
                 }
             }
         }
@@ -488,12 +574,28 @@ pub async fn unpause_without_record(
     }
 }
 
+/// Runs one call to a node that is already connected under the call deadline
+/// (`--connect-timeout`): a node that stops answering (SIGSTOP, a hung process) is
+/// named as such instead of holding up the command, and the other nodes, forever.
+async fn answered<T>(
+    connect: &ConnectOptions,
+    call: impl std::future::Future<Output = Result<T, CallError>>,
+) -> Result<T, CallError> {
+    tokio::time::timeout(connect.connect_timeout, call)
+        .await
+        .unwrap_or(Err(CallError::TimedOut(connect.connect_timeout)))
+}
+
 async fn unpause_one(address: &NodeAddress, connect: &ConnectOptions) -> NodeUnpause {
     let result = async {
         let mut client = NodeClient::connect(address, connect).await?;
         match client.protocol() {
-            Protocol::Lease => Ok(Some(client.unpause_leased(None).await?.was_paused)),
-            Protocol::Upstream => client.unpause_upstream().await.map(|()| None),
+            Protocol::Lease => answered(connect, client.unpause_leased(None))
+                .await
+                .map(|released| Some(released.was_paused)),
+            Protocol::Upstream => answered(connect, client.unpause_upstream())
+                .await
+                .map(|()| None),
         }
     }
     .await;
@@ -548,14 +650,19 @@ pub async fn check_nodes(
                     },
                     (None, _) => "not paused".to_owned(),
                 };
-                println!("{:<22} {text}", state.address.to_string());
+                crate::outln!("{:<22} {text}", state.address.to_string());
             }
         }
     }
-    if states.iter().any(|state| state.error.is_some()) {
+    let failed: Vec<String> = states
+        .iter()
+        .filter(|state| state.error.is_some())
+        .map(|state| state.address.to_string())
+        .collect();
+    if !failed.is_empty() {
         return Err(Failure::new(
             exit::ERROR,
-            anyhow::anyhow!("some nodes could not be checked"),
+            anyhow::anyhow!("could not check {}", failed.join(", ")),
         ));
     }
     Ok(exit::OK)
@@ -578,7 +685,7 @@ async fn check_one(address: &NodeAddress, connect: &ConnectOptions) -> NodeState
         state.protocol = Some(client.protocol());
         match client.protocol() {
             Protocol::Lease => {
-                let status = client.status().await?;
+                let status = answered(connect, client.status()).await?;
                 state.paused = Some(status.paused);
                 state.holder = status.holder.map(|holder| holder.to_string());
                 state.lease_remaining_ms =
@@ -587,9 +694,11 @@ async fn check_one(address: &NodeAddress, connect: &ConnectOptions) -> NodeState
                 state.held_now = Some(status.held_now);
                 state.boot_id = Some(status.boot_id);
             }
-            Protocol::Upstream => state.paused = Some(client.check_paused_upstream().await?),
+            Protocol::Upstream => {
+                state.paused = Some(answered(connect, client.check_paused_upstream()).await?)
+            }
         }
-        Ok::<(), stillpoint::grpc::client::CallError>(())
+        Ok::<(), CallError>(())
     }
     .await;
     if let Err(error) = result {
@@ -603,8 +712,11 @@ pub async fn stats(args: InspectArgs, matches: &clap::ArgMatches) -> Result<u8, 
     let stats = join_all(nodes.iter().map(|address| {
         let connect = connect.clone();
         async move {
-            let result =
-                async { NodeClient::connect(address, &connect).await?.stats().await }.await;
+            let result = async {
+                let mut client = NodeClient::connect(address, &connect).await?;
+                answered(&connect, client.stats()).await
+            }
+            .await;
             match result {
                 Ok(stats) => serde_json::json!({ "address": address, "stats": stats }),
                 Err(error) => serde_json::json!({ "address": address, "error": error.to_string() }),
@@ -612,19 +724,23 @@ pub async fn stats(args: InspectArgs, matches: &clap::ArgMatches) -> Result<u8, 
         }
     }))
     .await;
-    let failed = stats.iter().any(|node| node.get("error").is_some());
+    let failed: Vec<String> = stats
+        .iter()
+        .filter(|node| node.get("error").is_some())
+        .map(|node| node["address"].as_str().unwrap_or("?").to_owned())
+        .collect();
     match args.output.output {
         OutputFormat::Json => print_json(&serde_json::json!({ "nodes": stats })),
         OutputFormat::Text => {
             for node in &stats {
-                println!("{}", serde_json::to_string(node).expect("json"));
+                crate::outln!("{}", serde_json::to_string(node).expect("json"));
             }
         }
     }
-    if failed {
+    if !failed.is_empty() {
         return Err(Failure::new(
             exit::ERROR,
-            anyhow::anyhow!("some nodes did not answer"),
+            anyhow::anyhow!("no stats from {}", failed.join(", ")),
         ));
     }
     Ok(exit::OK)

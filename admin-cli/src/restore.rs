@@ -163,7 +163,7 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         .map_err(|error| Failure::new(exit::USAGE, error))?;
     let adapter = adapters::build(&args.database, adapter_config(&runbook, &args.database)?);
     if args.output == OutputFormat::Text {
-        eprintln!(
+        crate::errln!(
             "restoring {} of backup {} (restore point {}) into {} …",
             args.database,
             manifest.backup_id,
@@ -291,7 +291,7 @@ pub async fn pitr(args: PitrArgs) -> Result<u8, Failure> {
         None => free_port()?,
     };
     if args.output == OutputFormat::Text {
-        eprintln!(
+        crate::errln!(
             "recovering {} from {} to {target} of backup {} on 127.0.0.1:{port} …",
             args.database,
             args.base_backup.display(),

@@ -8,7 +8,7 @@
 use std::time::{Duration, SystemTime};
 
 use clap::Parser;
-use stillpoint::coordinator::{self, PausePlan, PauseReport};
+use stillpoint::coordinator::{PausePlan, PauseReport};
 use stillpoint::grpc::UPSTREAM_DEFAULT_MAX_WAIT;
 use stillpoint::time::{Zone, unix_ms};
 
@@ -97,7 +97,11 @@ pub async fn run() -> Result<u8, Failure> {
             plan.connect = connect;
             plan.wait_outstanding = !cli.no_wait;
             plan.upstream_only = true;
-            match coordinator::pause(&plan).await {
+            plan.validate()
+                .map_err(|error| Failure::new(exit::USAGE, error))?;
+            // A signal mid-way rolls back the nodes already paused.
+            let mut interrupts = pause::interrupts()?;
+            match pause::pause_unless_interrupted(&plan, &mut interrupts).await? {
                 Ok(paused) => {
                     let renewed_at = paused.last_renewal();
                     let record = paused.detach();
@@ -120,7 +124,7 @@ pub async fn run() -> Result<u8, Failure> {
         }
         AdminCommand::Unpause => {
             let end = unix_ms(SystemTime::now());
-            eprintln!("pause_end_timestamp_ms: {end} ({})", zone.format_ms(end));
+            crate::errln!("pause_end_timestamp_ms: {end} ({})", zone.format_ms(end));
             pause::unpause_without_record(tiers, &connect, OutputFormat::Json, Vec::new()).await
         }
         AdminCommand::CheckPaused => {

@@ -2,17 +2,21 @@
 //! `stillpoint unpause`, possibly from another shell or host step of a runbook.
 //!
 //! Written atomically (a temp file of its own + rename) so a crash never leaves half a
-//! record. A pause that will write it first takes a [`Claim`] (a lock file created
-//! exclusively beside it), so two pauses sharing one state file cannot both find it
-//! empty and both record a window: the second is refused before it pauses anything.
+//! record. A pause that will write it, and an unpause that will close it, first take a
+//! [`Claim`] (an exclusive `flock` on a lock file beside it), so two pauses sharing one
+//! state file cannot both find it empty and both record a window (the second is
+//! refused before it pauses anything), and an unpause never reads a file a pause is
+//! about to write.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use stillpoint::coordinator::PauseRecord;
+use stillpoint::coordinator::{PauseRecord, check_time_ms};
 
 const VERSION: u32 = 1;
+/// The longest `--min-window` the duration parser accepts (a week).
+const MAX_MIN_WINDOW_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PauseState {
@@ -47,14 +51,16 @@ pub fn default_path() -> PathBuf {
 }
 
 pub fn load(path: &Path) -> anyhow::Result<Option<PauseState>> {
-    let text = match std::fs::read_to_string(path) {
+    // Bytes, not text: a file that is not UTF-8 is as damaged as one that is not JSON,
+    // and says so the same way.
+    let text = match std::fs::read(path) {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(error) => {
             return Err(error).with_context(|| format!("reading pause state {}", path.display()));
         }
     };
-    let state: PauseState = serde_json::from_str(&text).with_context(|| {
+    let state: PauseState = serde_json::from_slice(&text).with_context(|| {
         format!(
             "pause state {} is not valid; inspect it, then delete it or pass -a to unpause \
              the nodes directly",
@@ -67,6 +73,25 @@ pub fn load(path: &Path) -> anyhow::Result<Option<PauseState>> {
         path.display(),
         state.version
     );
+    // Parsed is not enough: a value no pause could have written (edited, or damaged
+    // in a way JSON still accepts) must not reach a hold, a release or a verdict.
+    let checked = state
+        .record
+        .check()
+        .and_then(|()| check_time_ms("renewed_at_ms", state.renewed_at_ms))
+        .and_then(|()| match state.min_window_ms {
+            Some(min) if min > MAX_MIN_WINDOW_MS => {
+                Err(format!("min_window_ms {min} is more than a week"))
+            }
+            _ => Ok(()),
+        });
+    if let Err(problem) = checked {
+        anyhow::bail!(
+            "pause state {} is not valid: {problem}; inspect it, then delete it or pass -a \
+             to unpause the nodes directly",
+            path.display()
+        );
+    }
     Ok(Some(state))
 }
 
@@ -100,60 +125,61 @@ pub fn remove(path: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// The right to record a window in a state file, held from before the pause until its
-/// record is saved (or the pause failed). Removed on drop; a process killed while
-/// holding it leaves the lock file behind, and the next pause says so.
+/// The right to use a state file: an exclusive `flock` on `<state file>.lock`, held by
+/// `pause` from before it looks at the file until its record is saved (or the pause
+/// failed), and by `unpause` for its whole run, so that a pause and an unpause sharing
+/// one file never interleave. The kernel drops the lock when its process ends, however
+/// it ends, so a killed holder never leaves a stale claim. The lock file itself stays:
+/// deleting it would let two processes lock two different files of the same name.
 #[derive(Debug)]
 pub struct Claim {
-    lock: PathBuf,
+    _lock: std::fs::File,
 }
 
-/// Claims `path` for one pause; refused while another process holds it.
-pub fn claim(path: &Path) -> anyhow::Result<Claim> {
+/// Claims `path` for `command` (`pause`, `unpause`); refused, naming the holder, while
+/// another process holds it.
+pub fn claim(path: &Path, command: &str) -> anyhow::Result<Claim> {
     let directory = parent(path);
     std::fs::create_dir_all(directory)
         .with_context(|| format!("creating state directory {}", directory.display()))?;
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
     let lock = PathBuf::from(name);
-    match std::fs::OpenOptions::new()
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(false)
         .open(&lock)
-    {
-        Ok(mut file) => {
-            // For the message of whoever is refused; not read otherwise.
-            let _ = writeln!(file, "{}", std::process::id());
-            Ok(Claim { lock })
+        .with_context(|| format!("opening {}", lock.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            // Who holds it, for the message of whoever is refused; not read otherwise.
+            let _ = file.set_len(0);
+            let _ = writeln!(
+                file,
+                "pid {} running `stillpoint {command}`",
+                std::process::id()
+            );
+            Ok(Claim { _lock: file })
         }
-        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+        Err(std::fs::TryLockError::WouldBlock) => {
             let holder = std::fs::read_to_string(&lock).unwrap_or_default();
             let holder = holder.trim();
-            let gone = holder
-                .parse::<u32>()
-                .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
             anyhow::bail!(
-                "another `stillpoint pause` (pid {}) is recording a pause in {}; wait for it \
-                 and run `stillpoint unpause`, or pass another --state-file{}",
-                if holder.is_empty() { "unknown" } else { holder },
+                "the state file {} is in use by another stillpoint ({}); wait for it to \
+                 finish, or pass another --state-file",
                 path.display(),
-                if gone {
-                    format!(
-                        ". That process is gone: if no pause is running, delete {}",
-                        lock.display()
-                    )
+                if holder.is_empty() {
+                    "pid unknown"
                 } else {
-                    String::new()
-                }
+                    holder
+                },
             )
         }
-        Err(error) => Err(error).with_context(|| format!("creating {}", lock.display())),
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.lock);
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("locking {}", lock.display()))
+        }
     }
 }
 

@@ -196,10 +196,27 @@ fn parse_db_url(url: &str) -> Result<DbUrl, String> {
         .map_err(|error: store::StoreError| error.to_string())
 }
 
+/// stderr for logs, dropping what cannot be written.
+struct QuietStderr;
+
+impl std::io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().lock().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        // Write errors ignored: tracing reports a failed write with `eprintln!`, which
+        // panics on a closed stderr (a log pipe whose reader died), in the middle of
+        // whatever was logging: an admin call, the lease watchdog.
+        .with_writer(|| QuietStderr)
         // Harnesses capture stderr into files; colour codes would only clutter them.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(

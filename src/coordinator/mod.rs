@@ -30,9 +30,10 @@ use futures::StreamExt as _;
 use futures::future::join_all;
 use futures::stream::FuturesUnordered;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::grpc::client::{CallError, ClockReading, ConnectOptions, NodeClient, Protocol};
-use crate::node::{Holder, MAX_LEASE, NodeStatus, PauseOwner};
+use crate::node::{Holder, MAX_LEASE, NodeStatus, PauseOwner, check_id};
 use crate::resolve::{AddressError, NodeAddress, ensure_unique};
 use crate::time::unix_ms;
 
@@ -87,6 +88,11 @@ pub enum PlanError {
     /// The admin token would go out unencrypted to a host that is not this one.
     #[error("{0}")]
     CleartextToken(String),
+    #[error("max pause wait must be at most 24h, got {}ms", .0.as_millis())]
+    WaitTooLong(Duration),
+    /// Empty, too long, or with control characters (`node::check_id`).
+    #[error("{0}")]
+    BadPauseId(String),
 }
 
 impl PausePlan {
@@ -112,6 +118,8 @@ impl PausePlan {
         if self.tiers.is_empty() {
             return Err(PlanError::NoNodes);
         }
+        // Before anything is sent: the id goes to every node, log and state file.
+        check_id("pause id", &self.pause_id).map_err(PlanError::BadPauseId)?;
         if let Some(empty) = self.tiers.iter().position(Vec::is_empty) {
             return Err(PlanError::EmptyTier(empty + 1));
         }
@@ -126,6 +134,11 @@ impl PausePlan {
             .find_map(|address| self.connect.cleartext_token_refusal(address))
         {
             return Err(PlanError::CleartextToken(refusal.to_string()));
+        }
+        // Checked for upstream plans too: the wire carries it as a signed 64-bit
+        // millisecond count, into which a larger `-m` would wrap to a negative wait.
+        if self.max_wait > MAX_LEASE {
+            return Err(PlanError::WaitTooLong(self.max_wait));
         }
         // Upstream clients may send a zero wait (scalar-admin -m 0): keep their meaning.
         if self.upstream_only {
@@ -220,6 +233,20 @@ fn waited() -> bool {
     true
 }
 
+/// A recorded time (Unix ms) must lie between 2000 and a day from now: one outside is
+/// a damaged record, not a clock this process could have read.
+pub fn check_time_ms(field: &str, ms: i64) -> Result<(), String> {
+    const YEAR_2000_MS: i64 = 946_684_800_000;
+    let latest = unix_ms(SystemTime::now()) + MAX_LEASE.as_millis() as i64;
+    if (YEAR_2000_MS..=latest).contains(&ms) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field} {ms} is not a time between 2000 and a day from now"
+        ))
+    }
+}
+
 impl PauseRecord {
     pub fn nodes(&self) -> impl Iterator<Item = &PausedNode> {
         self.tiers.iter().flatten()
@@ -228,6 +255,49 @@ impl PauseRecord {
     /// Who holds this pause on the nodes.
     pub fn owner(&self) -> PauseOwner {
         PauseOwner::new(&self.pause_id, &self.coordinator_id)
+    }
+
+    /// Whether a record read back (a state file written by another process, perhaps
+    /// edited or damaged since) is one [`pause`] could have written: an id fit for
+    /// logs, a lease a node accepts, at least one node in every tier, and times,
+    /// clock offsets and bounds within a day of plausible. Anything else is refused
+    /// as damaged, by name, before any of it is computed with.
+    pub fn check(&self) -> Result<(), String> {
+        const DAY_MS: u64 = MAX_LEASE.as_millis() as u64;
+        check_id("pause id", &self.pause_id)?;
+        if !self.coordinator_id.is_empty() {
+            check_id("coordinator id", &self.coordinator_id)?;
+        }
+        if self.lease_ms == 0 || self.lease_ms > DAY_MS {
+            return Err(format!(
+                "lease_ms {} is not between 1ms and 24h",
+                self.lease_ms
+            ));
+        }
+        if self.tiers.is_empty() || self.tiers.iter().any(Vec::is_empty) {
+            return Err("it records a pause without nodes, or an empty tier".to_owned());
+        }
+        check_time_ms("paused_at_ms", self.paused_at_ms)?;
+        if self.skew_bound_ms.is_some_and(|bound| bound > DAY_MS) {
+            return Err(format!(
+                "skew_bound_ms {} is more than a day",
+                self.skew_bound_ms.unwrap_or_default()
+            ));
+        }
+        for node in self.nodes() {
+            let offset_too_far = node
+                .clock_offset_ms
+                .is_some_and(|offset| offset.unsigned_abs() > DAY_MS);
+            let rtt_too_long = node.rtt_ms.is_some_and(|rtt| rtt > DAY_MS);
+            if offset_too_far || rtt_too_long {
+                return Err(format!(
+                    "the clock reading of {} (offset {:?}ms, round trip {:?}ms) is more \
+                     than a day",
+                    node.address, node.clock_offset_ms, node.rtt_ms
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// When the nodes reopen by themselves if nobody renews (coordinator clock).
@@ -262,6 +332,10 @@ pub struct PausedCluster {
     /// No node's lease was extended after this: they reopen by themselves by it plus
     /// the lease at the latest.
     last_renewal_attempt: SystemTime,
+    /// When the next renewal is due: a third of the lease after the oldest lease
+    /// granted or renewed (not after the pause returned: the first node paused may
+    /// have held its lease through a long pause phase already).
+    next_renewal: Instant,
     /// The window's start on the monotonic clock, to catch a step of the wall clock
     /// inside it; unknown for a pause attached from a state file.
     paused_at: Option<Instant>,
@@ -325,6 +399,17 @@ impl Released {
 /// drains, the tiers paused before it are renewed, so their leases cannot run out
 /// however many tiers there are.
 pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
+    pause_cancellable(plan, &CancellationToken::new()).await
+}
+
+/// [`pause`], stopped early when `cancel` fires (the CLI fires it on SIGINT/SIGTERM):
+/// the pause calls still under way are dropped (a node still draining reopens its gate
+/// when its call goes away), and every node that paused, or may have, is released
+/// before the error returns, exactly as when a node fails.
+pub async fn pause_cancellable(
+    plan: &PausePlan,
+    cancel: &CancellationToken,
+) -> Result<PausedCluster, PauseFailed> {
     if let Err(error) = plan.validate() {
         return Err(PauseFailed {
             summary: error.to_string(),
@@ -350,12 +435,17 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
         .enumerate()
         .flat_map(|(index, tier)| tier.iter().map(move |address| (index, address)));
     let mut connected = HashMap::new();
-    for (index, address, result) in
-        join_all(all_nodes.map(|(index, address)| async move {
-            (index, address, connect_node(plan, address).await)
-        }))
-        .await
-    {
+    let connecting = join_all(all_nodes.map(|(index, address)| async move {
+        (index, address, connect_node(plan, address).await)
+    }));
+    let connections = tokio::select! {
+        biased;
+        () = cancel.cancelled() => {
+            return Err(roll_back(plan, tiers, clients, failures, maybe_paused, true).await);
+        }
+        connections = connecting => connections,
+    };
+    for (index, address, result) in connections {
         match result {
             Ok(node) => {
                 clients.insert(address.clone(), node.client.clone());
@@ -364,28 +454,78 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
             Err(error) => failures.push(NodeReport::failed(address, index, None, &error)),
         }
     }
+    // One process under two addresses (an IP and a DNS name, two aliases) would be
+    // paused twice, and released twice, making the window look broken by a lease
+    // that ran out. Refused with nothing paused, naming both.
+    let mut seen: HashMap<&str, &NodeAddress> = HashMap::new();
+    for (index, tier) in plan.tiers.iter().enumerate() {
+        for address in tier {
+            // Nodes that could not be reached are already failures.
+            let Some(node) = connected.get(address) else {
+                continue;
+            };
+            let Some(boot_id) = node.boot_id.as_deref() else {
+                continue;
+            };
+            if let Some(first) = seen.insert(boot_id, address) {
+                let error = CallError::Invalid(format!(
+                    "{first} and {address} are the same node (boot id {boot_id}); list \
+                     each node once"
+                ));
+                failures.push(NodeReport::failed(
+                    address,
+                    index,
+                    Some(node.protocol),
+                    &error,
+                ));
+            }
+        }
+    }
     if !failures.is_empty() {
-        return Err(roll_back(plan, tiers, clients, failures, maybe_paused).await);
+        return Err(roll_back(plan, tiers, clients, failures, maybe_paused, false).await);
     }
 
     for (index, tier) in plan.tiers.iter().enumerate() {
         tiers.push(Vec::new());
         for batch in batches(index, tier) {
             let batch_started = SystemTime::now();
-            let attempts = join_all(
+            let attempts = until_cancelled(
                 batch
-                    .into_iter()
-                    .map(|address| pause_node(plan, &connected[address])),
+                    .iter()
+                    .map(|address| pause_node(plan, &connected[*address])),
+                cancel,
             );
-            let (attempts, renewed_at) = if index == 0 {
-                (attempts.await, None)
-            } else {
-                let earlier: Vec<&PausedNode> = tiers[..index].iter().flatten().collect();
-                while_renewing(plan, &earlier, &clients, &mut lost, attempts).await
+            // Every node paused so far (earlier tiers, and the first tier's lock node
+            // while the rest of its tier drains) is renewed while this batch drains,
+            // on a schedule that starts from the oldest of their leases.
+            let ((attempts, interrupted), renewed_at) = match leases_from {
+                None => (attempts.await, None),
+                Some(oldest) => {
+                    let earlier: Vec<&PausedNode> = tiers.iter().flatten().collect();
+                    while_renewing(plan, &earlier, oldest, &clients, &mut lost, attempts).await
+                }
             };
+            if interrupted {
+                // The calls not answered were dropped mid-way: they may have paused.
+                for address in batch.iter().filter(|address| {
+                    !attempts
+                        .iter()
+                        .any(|(node, _)| node.client.address() == **address)
+                }) {
+                    let node = &connected[*address];
+                    maybe_paused.push(((*address).clone(), node.protocol));
+                    failures.push(NodeReport::failed(
+                        address,
+                        index,
+                        Some(node.protocol),
+                        &CallError::Interrupted,
+                    ));
+                }
+            }
+            // A lower bound of every lease now running: this batch's were granted after
+            // it started, and the earlier nodes' renewed after that too.
             leases_from = match (leases_from, renewed_at) {
-                (None, _) => Some(batch_started),
-                (Some(_), Some(renewed_at)) => Some(renewed_at),
+                (None, _) | (Some(_), Some(_)) => Some(batch_started),
                 (Some(from), None) => Some(from),
             };
             for (node, result) in attempts {
@@ -404,8 +544,13 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
                     }
                 }
             }
-            if !failures.is_empty() {
-                return Err(roll_back(plan, tiers, clients, failures, maybe_paused).await);
+            // Also when the signal came just as the last call answered: nothing is
+            // left to interrupt, but the operator asked for no pause.
+            if !failures.is_empty() || cancel.is_cancelled() {
+                let interrupted = cancel.is_cancelled();
+                return Err(
+                    roll_back(plan, tiers, clients, failures, maybe_paused, interrupted).await,
+                );
             }
         }
     }
@@ -431,10 +576,34 @@ pub async fn pause(plan: &PausePlan) -> Result<PausedCluster, PauseFailed> {
         lease: plan.lease,
         last_renewal: leases_from.unwrap_or(now),
         last_renewal_attempt: now,
+        next_renewal: instant_of(leases_from.unwrap_or(now)) + plan.lease / 3,
         paused_at: Some(Instant::now()),
         lost,
         finished: false,
     })
+}
+
+/// Runs pause calls together until they have all answered or `cancel` fires; returns
+/// the answers received, and whether it was cancelled (the rest are then dropped).
+async fn until_cancelled<'a, F>(
+    calls: impl Iterator<Item = F>,
+    cancel: &CancellationToken,
+) -> (Vec<F::Output>, bool)
+where
+    F: Future<Output = (&'a ConnectedNode, Result<PausedNode, CallError>)>,
+{
+    let mut calls: FuturesUnordered<F> = calls.collect();
+    let mut answered = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return (answered, true),
+            next = calls.next() => match next {
+                Some(answer) => answered.push(answer),
+                None => return (answered, false),
+            },
+        }
+    }
 }
 
 /// Whether a failed pause call may have paused the node all the same: only a refusal
@@ -462,6 +631,7 @@ fn may_have_paused(error: &CallError) -> bool {
 async fn while_renewing<T>(
     plan: &PausePlan,
     paused: &[&PausedNode],
+    oldest_lease: SystemTime,
     clients: &HashMap<NodeAddress, NodeClient>,
     lost: &mut Vec<(NodeAddress, String)>,
     work: impl Future<Output = T>,
@@ -469,8 +639,10 @@ async fn while_renewing<T>(
     let owner = plan.owner();
     let mut renewed_at = None;
     let renewing = async {
+        let mut due = instant_of(oldest_lease) + plan.lease / 3;
         loop {
-            tokio::time::sleep(plan.lease / 3).await;
+            tokio::time::sleep_until(due).await;
+            due = Instant::now() + plan.lease / 3;
             let started = SystemTime::now();
             let nodes = paused
                 .iter()
@@ -481,7 +653,7 @@ async fn while_renewing<T>(
             for (address, result) in results {
                 if let Err(reason) = result {
                     tracing::warn!(%address, %reason, "lease renewal failed while a later tier drained");
-                    lost.push((address, reason));
+                    note_lost(lost, address, reason);
                     all_renewed = false;
                 }
             }
@@ -495,6 +667,20 @@ async fn while_renewing<T>(
         never = renewing => never,
     };
     (output, renewed_at)
+}
+
+/// Records that `address` lost the pause, once: later renewals of a node that lost it
+/// keep failing, and the window's reasons must name it once, with the first cause.
+fn note_lost(lost: &mut Vec<(NodeAddress, String)>, address: NodeAddress, reason: String) {
+    if !lost.iter().any(|(known, _)| *known == address) {
+        lost.push((address, reason));
+    }
+}
+
+/// `at` (a wall-clock time in the past) on the monotonic clock, for scheduling.
+fn instant_of(at: SystemTime) -> Instant {
+    let ago = SystemTime::now().duration_since(at).unwrap_or_default();
+    Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
 }
 
 /// The order a tier is paused in: all its nodes at once, except in the first tier,
@@ -522,6 +708,9 @@ struct ConnectedNode {
     protocol: Protocol,
     /// Offset and round trip (ms) of the node's clock; `None` for upstream nodes.
     clock: Option<(i64, u64)>,
+    /// The node process's boot id, to see one node listed under two addresses;
+    /// `None` for upstream nodes, which have none.
+    boot_id: Option<String>,
 }
 
 async fn connect_node(plan: &PausePlan, address: &NodeAddress) -> Result<ConnectedNode, CallError> {
@@ -533,14 +722,18 @@ async fn connect_node(plan: &PausePlan, address: &NodeAddress) -> Result<Connect
         } else {
             client.protocol()
         };
-        let clock = match protocol {
-            Protocol::Lease => Some(sample_clock(&mut client, probe).await?),
-            Protocol::Upstream => None,
+        let (clock, boot_id) = match protocol {
+            Protocol::Lease => (
+                Some(sample_clock(&mut client, probe).await?),
+                Some(client.status().await?.boot_id),
+            ),
+            Protocol::Upstream => (None, None),
         };
         Ok(ConnectedNode {
             client,
             protocol,
             clock,
+            boot_id,
         })
     };
     tokio::time::timeout(deadline, connect)
@@ -620,6 +813,7 @@ async fn roll_back(
     mut clients: HashMap<NodeAddress, NodeClient>,
     failures: Vec<NodeReport>,
     maybe_paused: Vec<(NodeAddress, Protocol)>,
+    interrupted: bool,
 ) -> PauseFailed {
     let record = PauseRecord {
         pause_id: plan.pause_id.clone(),
@@ -719,13 +913,18 @@ async fn roll_back(
         "ROLLBACK INCOMPLETE: some nodes may stay paused until their lease expires (see nodes)"
             .to_owned()
     };
-    PauseFailed {
-        summary: format!(
-            "pause failed on {} of {} node(s) ({}); {rollback}",
+    let what = if interrupted {
+        "pause interrupted (SIGINT/SIGTERM) before every node had paused".to_owned()
+    } else {
+        format!(
+            "pause failed on {} of {} node(s) ({})",
             failures.len(),
             plan.tiers.iter().map(Vec::len).sum::<usize>(),
             failed.join("; "),
-        ),
+        )
+    };
+    PauseFailed {
+        summary: format!("{what}; {rollback}"),
         nodes,
         rolled_back,
         pause_id: plan.pause_id.clone(),
@@ -745,6 +944,7 @@ impl PausedCluster {
             last_renewal: renewed_at,
             // Another process (a `--keep-alive`) may be renewing it still.
             last_renewal_attempt: SystemTime::now(),
+            next_renewal: instant_of(renewed_at) + lease / 3,
             paused_at: None,
             lost: Vec::new(),
             finished: false,
@@ -764,6 +964,12 @@ impl PausedCluster {
         self.last_renewal
     }
 
+    /// When [`PausedCluster::renew`] should run next: a third of the lease after the
+    /// oldest lease still running was granted or renewed.
+    pub fn renewal_due(&self) -> Instant {
+        self.next_renewal
+    }
+
     /// Every node reopens by itself by this time at the latest (coordinator clock,
     /// Unix ms) if it is neither renewed nor released again.
     pub fn lease_expires_at_ms(&self) -> i64 {
@@ -778,6 +984,7 @@ impl PausedCluster {
         // Counted as attempted from now: if this future is dropped mid-way (the end of
         // a hold), the renewals already sent may still reach their nodes.
         self.last_renewal_attempt = renewed_at;
+        self.next_renewal = Instant::now() + self.lease / 3;
         let nodes = self
             .record
             .nodes()
@@ -795,7 +1002,7 @@ impl PausedCluster {
         for (address, result) in results {
             if let Err(reason) = result {
                 failed.push(format!("{address}: {reason}"));
-                self.lost.push((address, reason));
+                note_lost(&mut self.lost, address, reason);
             }
         }
         if failed.is_empty() {
@@ -809,13 +1016,11 @@ impl PausedCluster {
     /// Keeps the cluster paused until `until`, renewing the lease every third of it.
     /// Returns at `until` even if a renewal is still waiting for an answer.
     pub async fn hold_until(&mut self, until: Instant) {
-        let every = self.lease / 3;
         loop {
-            let now = Instant::now();
-            if now >= until {
+            if Instant::now() >= until {
                 return;
             }
-            tokio::time::sleep_until(until.min(now + every)).await;
+            tokio::time::sleep_until(until.min(self.next_renewal)).await;
             if Instant::now() >= until {
                 return;
             }
@@ -992,7 +1197,8 @@ fn judge(
     let window_ms = window_end_ms - record.paused_at_ms;
     match record.skew_bound_ms {
         Some(bound) => {
-            let needed = 2 * bound as i64 + SKEW_MARGIN.as_millis() as i64;
+            let needed =
+                (bound.saturating_mul(2) as i64).saturating_add(SKEW_MARGIN.as_millis() as i64);
             if window_ms <= needed {
                 invalid_reasons.push(format!(
                     "the window ({window_ms}ms) is not longer than twice the clock-skew bound \
@@ -1049,15 +1255,15 @@ fn drift_allowance_ms(elapsed_ms: i64) -> i64 {
 /// How far a node's clock offset moved between two readings `(offset_ms, rtt_ms)` taken
 /// `elapsed_ms` apart, if by more than the readings' uncertainty and normal drift.
 fn clock_moved(before: (i64, u64), after: (i64, u64), elapsed_ms: i64) -> Option<i64> {
-    let moved = after.0 - before.0;
-    let uncertainty = (before.1 + after.1).div_ceil(2) as i64;
+    let moved = after.0.saturating_sub(before.0);
+    let uncertainty = before.1.saturating_add(after.1).div_ceil(2) as i64;
     (moved.abs() > uncertainty + drift_allowance_ms(elapsed_ms)).then_some(moved)
 }
 
 /// The smallest hold that makes a window valid for this skew bound, or `min_window`.
 pub fn required_window(skew_bound_ms: Option<u64>, min_window: Duration) -> Duration {
     let for_skew = skew_bound_ms
-        .map(|bound| Duration::from_millis(2 * bound + 1) + SKEW_MARGIN)
+        .map(|bound| Duration::from_millis(bound.saturating_mul(2).saturating_add(1)) + SKEW_MARGIN)
         .unwrap_or_default();
     for_skew.max(min_window)
 }
@@ -1229,12 +1435,15 @@ impl Drop for PausedCluster {
                 .enable_all()
                 .build();
             if let Ok(runtime) = runtime {
-                runtime
-                    .block_on(tokio::time::timeout(
+                // The timeout is made inside the runtime: its timer needs one.
+                runtime.block_on(async {
+                    tokio::time::timeout(
                         Duration::from_secs(10),
                         release_record(record, &mut HashMap::new(), &connect, renewed_at),
-                    ))
-                    .ok();
+                    )
+                    .await
+                    .ok()
+                });
             }
         });
         releasing.join().ok();

@@ -56,6 +56,15 @@ fn each_bad_value_is_refused_by_name() {
         let error = plan.validate().unwrap_err().to_string();
         assert!(error.contains(needle), "{needle:?} not in {error:?}");
     }
+    // scalar-admin -m 18446744073709551615: upstream plans skip the lease checks, but
+    // a wait that wraps to a negative number on the wire is refused before sending.
+    let mut huge_upstream_wait = plan(&[&["a:1"]], "60s", "10s");
+    huge_upstream_wait.upstream_only = true;
+    huge_upstream_wait.max_wait = Duration::from_millis(u64::MAX);
+    assert_eq!(
+        huge_upstream_wait.validate(),
+        Err(PlanError::WaitTooLong(Duration::from_millis(u64::MAX)))
+    );
     let mut zero_connect = plan(&[&["a:1"]], "60s", "10s");
     zero_connect.connect.connect_timeout = Duration::ZERO;
     assert_eq!(zero_connect.validate(), Err(PlanError::ZeroConnectTimeout));
@@ -298,4 +307,27 @@ fn a_restart_is_caught_by_the_boot_id() {
     assert!(restarted.contains("restarted"), "{restarted}");
     let repaused = same_pause(&node, &status("boot-1", 2)).unwrap_err();
     assert!(repaused.contains("paused again"), "{repaused}");
+}
+
+/// The last resort: a `PausedCluster` dropped without `release` (an early return, a
+/// panic) releases its nodes at once. Before, the release thread built the timeout
+/// outside its runtime, which panicked ("no reactor running") and released nothing:
+/// the nodes stayed paused until their lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_cluster_dropped_without_release_releases_its_nodes() {
+    let node = TestNode::start(false).await;
+    let plan = PausePlan::new(
+        vec![vec![node.address.clone()]],
+        Duration::from_secs(600),
+        Duration::from_secs(5),
+    );
+    let paused = super::pause(&plan).await.unwrap();
+    assert!(node.admin.status().paused);
+    // Dropped where an async caller would drop it: on a runtime thread.
+    tokio::task::block_in_place(|| drop(paused));
+    assert!(
+        !node.admin.status().paused,
+        "the dropped pause was left to its 10-minute lease"
+    );
+    node.stop().await;
 }

@@ -83,10 +83,11 @@ impl std::fmt::Debug for AdminToken {
 /// Why a token could not be read. Messages name where the token came from, never it.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("cannot read the admin token file {path}: {source}")]
+    // In the message, not chained as a source, so it is not said twice.
+    #[error("cannot read the admin token file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("the admin token from {origin} is empty")]
     Empty { origin: String },
@@ -125,9 +126,9 @@ impl AdminToken {
     /// Reads a token file. A file others can read is accepted but warned about: the
     /// token is as secret as the cluster is important.
     pub fn from_file(path: &Path) -> Result<AdminToken, TokenError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| TokenError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         warn_if_shared(path);
         AdminToken::parse(&text, &format!("file {}", path.display()))
@@ -206,53 +207,86 @@ impl Role {
     }
 }
 
-/// Why a TLS file could not be used.
+/// Why a TLS file could not be used. `what` names the file's role, and the flag or
+/// setting that gave it where the caller knows (e.g. "CA certificate
+/// (--ca-root-cert-path)").
 #[derive(Debug, thiserror::Error)]
 pub enum TlsFileError {
-    #[error("cannot read the {what} {path}: {source}")]
+    // The I/O error is in the message, not chained as a source: printed with its
+    // chain, it would otherwise say the same thing twice.
+    #[error("cannot read the {what} {path}: {error}")]
     Read {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("the {what} {path} holds no PEM {expected} block")]
+    #[error("the {what} {path} cannot be used: {problem}")]
     NotPem {
         what: &'static str,
         path: PathBuf,
-        expected: &'static str,
+        problem: String,
     },
+}
+
+/// Why `text` is not a PEM certificate (or CA bundle) that TLS can use, if it is not:
+/// checked when the file is read, so that a wrong or damaged file is named then, not
+/// reported later as a "transport error" of the TLS library.
+pub fn certificate_pem_problem(text: &str) -> Option<String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    if !text.contains("-----BEGIN ") || !text.contains("CERTIFICATE-----") {
+        return Some("it holds no PEM certificate block".to_owned());
+    }
+    match CertificateDer::pem_slice_iter(text.as_bytes()).collect::<Result<Vec<_>, _>>() {
+        Ok(certificates) if certificates.is_empty() => {
+            Some("it holds no PEM certificate block".to_owned())
+        }
+        Ok(_) => None,
+        Err(error) => Some(format!("its PEM does not decode ({error})")),
+    }
+}
+
+/// Why `text` is not a PEM private key that TLS can use, if it is not.
+pub fn private_key_pem_problem(text: &str) -> Option<String> {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject as _;
+    if !text.contains("-----BEGIN ") || !text.contains("PRIVATE KEY-----") {
+        return Some("it holds no PEM private key block".to_owned());
+    }
+    PrivateKeyDer::from_pem_slice(text.as_bytes())
+        .err()
+        .map(|error| format!("its PEM does not decode ({error})"))
 }
 
 fn read_pem(
     what: &'static str,
     path: &Path,
-    expected: &'static str,
+    problem: fn(&str) -> Option<String>,
 ) -> Result<String, TlsFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| TlsFileError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| TlsFileError::Read {
         what,
         path: path.to_owned(),
-        source,
+        error,
     })?;
-    // A cheap check that catches swapped or wrong files with a message naming them;
-    // rustls checks the contents when the server starts.
-    if !text.contains("-----BEGIN ") || !text.contains(expected) {
-        return Err(TlsFileError::NotPem {
+    match problem(&text) {
+        Some(problem) => Err(TlsFileError::NotPem {
             what,
             path: path.to_owned(),
-            expected,
-        });
+            problem,
+        }),
+        None => Ok(text),
     }
-    Ok(text)
 }
 
-/// Reads a PEM certificate (or CA bundle) file, checking it holds a certificate.
+/// Reads a PEM certificate (or CA bundle) file, checking it holds certificates that
+/// decode.
 pub fn read_certificate_pem(what: &'static str, path: &Path) -> Result<String, TlsFileError> {
-    read_pem(what, path, "CERTIFICATE-----")
+    read_pem(what, path, certificate_pem_problem)
 }
 
-/// Reads a PEM private key file, checking it holds a private key.
+/// Reads a PEM private key file, checking it holds a private key that decodes.
 pub fn read_private_key_pem(what: &'static str, path: &Path) -> Result<Secret, TlsFileError> {
-    read_pem(what, path, "PRIVATE KEY-----").map(Secret::new)
+    read_pem(what, path, private_key_pem_problem).map(Secret::new)
 }
 
 /// A node's TLS identity, and the CA its callers' certificates must chain to when

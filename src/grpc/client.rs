@@ -149,6 +149,9 @@ pub enum CallError {
     Unavailable(String),
     #[error("gRPC {code}: {message}")]
     Other { code: String, message: String },
+    /// The caller gave up on the call (SIGINT/SIGTERM) before it was answered.
+    #[error("interrupted (SIGINT/SIGTERM) before it answered")]
+    Interrupted,
 }
 
 impl From<Status> for CallError {
@@ -522,9 +525,11 @@ async fn channel(address: &NodeAddress, options: &ConnectOptions) -> Result<Chan
                 identity.key_pem.expose(),
             ));
         }
-        endpoint = endpoint
-            .tls_config(config)
-            .map_err(|error| CallError::Invalid(format!("TLS settings for {address}: {error}")))?;
+        endpoint = endpoint.tls_config(config).map_err(|error| {
+            // The cause is in the chain: tonic's own message is "transport error".
+            let chain = dedupe_chain(&crate::error_chain(&error));
+            CallError::Invalid(format!("TLS settings for {address}: {chain}"))
+        })?;
     }
     tokio::time::timeout(options.connect_timeout, endpoint.connect())
         .await

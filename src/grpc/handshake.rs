@@ -73,6 +73,29 @@ pub(crate) fn server_config(
     Ok(Arc::new(config))
 }
 
+/// Why a client certificate and key cannot be presented together, if they cannot: a
+/// key of a kind TLS cannot sign with, or one that is not the certificate's (checked
+/// by the same rustls call the connection makes, which tonic reports only as
+/// "transport error").
+pub fn client_identity_problem(identity: &ClientIdentity) -> Option<String> {
+    install_crypto_provider();
+    let certs = certificates(&identity.cert_pem).ok()?;
+    let key = PrivateKeyDer::from_pem_slice(identity.key_pem.expose().as_bytes()).ok()?;
+    rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_client_auth_cert(certs, key)
+        .err()
+        .map(|error| error.to_string())
+}
+
+/// Why `name` cannot be the name expected in a node's certificate, if it cannot (it
+/// must be a DNS name or an IP address).
+pub fn server_name_problem(name: &str) -> Option<String> {
+    ServerName::try_from(name.to_owned())
+        .err()
+        .map(|error| format!("{:?} is not a DNS name or IP address ({error})", name))
+}
+
 fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, rustls::pki_types::pem::Error> {
     CertificateDer::pem_slice_iter(pem.as_bytes()).collect()
 }

@@ -190,6 +190,31 @@ async fn rejects_absurd_values() {
     assert!(!admin.gate().is_closed());
 }
 
+/// A pause id is written to logs and state files: a newline or an escape sequence in
+/// it is refused before the gate closes (before, any bytes up to 128 were taken).
+#[tokio::test]
+async fn refuses_pause_ids_with_control_characters() {
+    let admin = admin();
+    for id in [
+        "nightly\nFAKE LOG LINE",
+        "a\u{1b}[31mred",
+        "tab\there",
+        "del\u{7f}",
+    ] {
+        match admin.pause(by(id, 1_000)).await {
+            Err(AdminError::InvalidArgument(message)) => {
+                assert!(message.contains("control character"), "{message}")
+            }
+            other => panic!("{id:?} was accepted: {other:?}"),
+        }
+    }
+    assert!(!admin.gate().is_closed());
+    admin
+        .pause(by("nightly-2026-11-29 ü", 1_000))
+        .await
+        .unwrap();
+}
+
 /// Issue 17.8: a second coordinator given the same pause id is another holder: it can
 /// neither take over (renew by pausing), renew, nor release the first one's pause.
 #[tokio::test(start_paused = true)]

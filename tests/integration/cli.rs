@@ -355,3 +355,84 @@ fn usage_errors_exit_2_before_any_node_is_paused() {
         "{stats:#}"
     );
 }
+
+/// A pause id with control characters, or too long, is refused as bad usage before
+/// any node is contacted: it would be written to logs, the state file and every node.
+/// Before, `--pause-id $'a\nb\e[31m'` paused the cluster under it, and an over-long
+/// one failed only at the node, as a failed pause.
+#[test]
+fn a_pause_id_with_control_characters_or_too_long_is_refused_up_front() {
+    let cluster = crate::cluster::Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let long = "x".repeat(129);
+    for id in ["a\nb\u{1b}[31m", "tab\there", &long] {
+        let output = crate::util::run(
+            "stillpoint",
+            &[
+                "pause",
+                "--hold-for",
+                "10ms",
+                "-a",
+                &ledger,
+                "--pause-id",
+                id,
+            ],
+        );
+        let said = crate::util::stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{id:?}: {said}");
+        assert!(said.contains("pause id"), "{said}");
+        assert!(
+            !said.contains('\u{1b}'),
+            "the escape reached the terminal: {said}"
+        );
+        let stats =
+            crate::util::run_json("stillpoint", &["stats", "-a", &ledger, "--output", "json"]).1;
+        assert_eq!(
+            stats["nodes"][0]["stats"]["node"]["pause_seq"], 0,
+            "{id:?}: the node was paused: {stats:#}"
+        );
+    }
+}
+
+/// `check-paused`, `stats` and `unpause -a` keep their exit code when whoever reads
+/// their stdout has gone (`| grep -q …`, `| head -1`): a node that could not be checked
+/// or released is still a failure. Before, their text lines went through `println!`,
+/// whose panic on the closed pipe ended the command with exit 0.
+#[test]
+fn node_commands_keep_their_exit_code_with_stdout_closed() {
+    for (args, code) in [
+        (&["check-paused", "-a", "127.0.0.1:1"][..], 1),
+        (&["stats", "-a", "127.0.0.1:1"][..], 1),
+        (
+            &[
+                "unpause",
+                "-a",
+                "127.0.0.1:1",
+                "--state-file",
+                "/nonexistent/pause.json",
+            ][..],
+            4,
+        ),
+    ] {
+        let mut child = std::process::Command::new(crate::util::bin("stillpoint"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let output = crate::util::Process::new(child, format!("stillpoint {}", args.join(" ")))
+            .wait_output(std::time::Duration::from_secs(30));
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains("127.0.0.1:1"),
+            "{}",
+            stderr(&output)
+        );
+    }
+}

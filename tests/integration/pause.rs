@@ -953,3 +953,552 @@ fn unpause_holds_a_plain_pause_until_the_window_can_be_a_restore_point() {
     );
     assert_eq!(paused_flags(&all_nodes(&cluster)), [false, false]);
 }
+
+/// A signal while the pause phase is under way (the first tier paused, the second
+/// still draining a slow transfer) rolls back: the paused tier is released at once,
+/// not left to its lease, the draining node reopens, and the exit code says the pause
+/// failed. Before, SIGINT/SIGTERM ended the process and the first tier stayed paused
+/// for the whole lease.
+#[test]
+fn a_signal_during_the_pause_phase_rolls_back_the_nodes_already_paused() {
+    let cluster = Cluster::start_with(2, &["--allow-slow-transfers"]);
+    let first = cluster.ledgers[0].address.clone();
+    let second = cluster.ledgers[1].address.clone();
+    let slow = Load::start(&second, 1, &["--hold-inside-gate", "30s"]);
+    wait_until(
+        Duration::from_secs(20),
+        "the slow transfer to be inside the gate",
+        || node_stats(&second)["gate"]["in_flight"].as_u64() == Some(1),
+    );
+    for signal in ["INT", "TERM"] {
+        let child = std::process::Command::new(bin("stillpoint"))
+            .args(["pause", "--hold-for", "1s", "--lease", "60s"])
+            .args(["--max-pause-wait", "50s", "-a", &first, "-a", &second])
+            .args(["--output", "json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let coordinator = Process::new(child, format!("stillpoint pause (SIG{signal})"));
+        wait_until(
+            Duration::from_secs(20),
+            "the first tier to pause while the second drains",
+            || paused_flags(&first) == [true] && node_stats(&second)["gate"]["closed"] == true,
+        );
+        coordinator.signal(signal);
+        let output = coordinator.wait_output(Duration::from_secs(15));
+        assert_eq!(
+            output.status.code(),
+            Some(3),
+            "SIG{signal}: a rolled-back pause exits 3; {}",
+            stderr(&output)
+        );
+        // Released by the roll-back, not by the 60s lease.
+        assert_eq!(paused_flags(&format!("{first},{second}")), [false, false]);
+        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(
+            outcome_of(&report, &first)["outcome"],
+            "rolled_back",
+            "{report:#}"
+        );
+        assert!(
+            stderr(&output).contains("interrupted"),
+            "SIG{signal}: {}",
+            stderr(&output)
+        );
+    }
+    slow.stop();
+}
+
+/// `unpause -a` opens the nodes it names even when the state file is damaged
+/// (truncated, not JSON, not UTF-8): it says what is wrong with the file and leaves
+/// it for inspection. Before, it refused ("pause state … is not valid … pass -a"),
+/// even though -a was given, and the node stayed paused.
+#[test]
+fn unpause_with_addresses_works_past_a_damaged_state_file() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    for damage in [&b"{\"version\": 1, \"rec"[..], b"\xff\xfe not json", b""] {
+        let (code, opened) = plain_pause(&[&ledger], &state_file, &[]);
+        assert_eq!(code, 0, "{opened:#}");
+        std::fs::write(&state_file, damage).unwrap();
+        let output = run(
+            "stillpoint",
+            &[
+                "unpause",
+                "-a",
+                &ledger,
+                "--state-file",
+                state_file.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        assert_eq!(
+            paused_flags(&ledger),
+            [false],
+            "the named node stayed paused"
+        );
+        let said = stderr(&output);
+        assert!(
+            said.contains(state_file.to_str().unwrap()) && said.contains("not valid"),
+            "{said}"
+        );
+        assert_eq!(
+            std::fs::read(&state_file).unwrap(),
+            damage,
+            "the file was changed"
+        );
+        std::fs::remove_file(&state_file).unwrap();
+    }
+}
+
+/// `unpause -a`, `check-paused` and `stats` (and scalar-admin's UNPAUSE and
+/// CHECK_PAUSED, which share them) give up on a node that accepted the connection but
+/// never answers the call, within the call deadline, name it, and still handle the
+/// other nodes. Before, each of them waited for it forever.
+#[test]
+fn commands_name_a_node_that_never_answers_and_handle_the_others() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let hung = crate::upstream_server::UpstreamOnlyServer::start();
+    hung.calls
+        .hang
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let hung_address = hung.address.to_string();
+    let both = format!("{ledger},{hung_address}");
+    let timeout = ["--connect-timeout", "1s"];
+    let commands: [(&str, Vec<&str>); 5] = [
+        (
+            "stillpoint",
+            [&["unpause", "-a", &both][..], &timeout].concat(),
+        ),
+        (
+            "stillpoint",
+            [&["check-paused", "-a", &both][..], &timeout].concat(),
+        ),
+        (
+            "stillpoint",
+            [&["stats", "-a", &both][..], &timeout].concat(),
+        ),
+        (
+            "scalar-admin",
+            [&["-c", "UNPAUSE", "-a", &both][..], &timeout].concat(),
+        ),
+        (
+            "scalar-admin",
+            [&["-c", "CHECK_PAUSED", "-a", &both][..], &timeout].concat(),
+        ),
+    ];
+    for (program, args) in commands {
+        if args[0] == "unpause" || args[1] == "UNPAUSE" {
+            let (code, paused) = run_json(
+                "scalar-admin",
+                &["-c", "PAUSE", "-a", &ledger, "-m", "1000"],
+            );
+            assert_eq!(code, 0, "{paused:#}");
+        }
+        let child = std::process::Command::new(bin(program))
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let output = Process::new(child, format!("{program} {}", args.join(" ")))
+            .wait_output(Duration::from_secs(30));
+        let took = started.elapsed();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            stderr(&output)
+        );
+        assert!(
+            took < Duration::from_secs(10),
+            "{program} {args:?} took {took:?}"
+        );
+        assert_ne!(output.status.code(), Some(0), "{program} {args:?}: {said}");
+        assert!(said.contains(&hung_address), "{program} {args:?}: {said}");
+        assert!(said.contains(&ledger), "{program} {args:?}: {said}");
+        assert_eq!(paused_flags(&ledger), [false], "{program} {args:?}: {said}");
+    }
+}
+
+/// Issue 17.7, the lock: a `pause` still pausing (its second tier draining) holds the
+/// state file for its whole run; an `unpause` sharing the file is refused meanwhile,
+/// naming the pause's pid, instead of reading a file about to be written ("no pause is
+/// recorded") and interleaving with it. `unpause -a` still releases the nodes it names.
+/// Once the pause has recorded its window, `unpause` closes it.
+#[test]
+fn unpause_is_refused_while_a_pause_sharing_the_state_file_runs() {
+    let cluster = Cluster::start_with(2, &["--allow-slow-transfers"]);
+    let first = cluster.ledgers[0].address.clone();
+    let second = cluster.ledgers[1].address.clone();
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let slow = Load::start(&second, 1, &["--hold-inside-gate", "3s"]);
+    wait_until(
+        Duration::from_secs(20),
+        "the slow transfer to be inside the gate",
+        || node_stats(&second)["gate"]["in_flight"].as_u64() == Some(1),
+    );
+    let child = std::process::Command::new(bin("stillpoint"))
+        .args([
+            "pause",
+            "--max-pause-wait",
+            "20s",
+            "-a",
+            &first,
+            "-a",
+            &second,
+        ])
+        .args([
+            "--state-file",
+            state_file.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pausing = Process::new(child, "stillpoint pause".to_owned());
+    let pid = pausing.pid();
+    wait_until(
+        Duration::from_secs(20),
+        "the first tier to pause while the second drains",
+        || paused_flags(&first) == [true] && node_stats(&second)["gate"]["closed"] == true,
+    );
+    let refused = run(
+        "stillpoint",
+        &["unpause", "--state-file", state_file.to_str().unwrap()],
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains(&format!("pid {pid}")),
+        "the holder is not named: {}",
+        stderr(&refused)
+    );
+    assert_eq!(
+        paused_flags(&first),
+        [true],
+        "the refused unpause released a node"
+    );
+
+    let opened = pausing.wait_output(Duration::from_secs(30));
+    assert_eq!(opened.status.code(), Some(0), "{}", stderr(&opened));
+    slow.stop();
+    let (code, closed) = unpause(&state_file);
+    assert_eq!(code, 0, "{closed:#}");
+    assert_eq!(paused_flags(&format!("{first},{second}")), [false, false]);
+}
+
+/// Lease renewals are timed from the oldest lease granted, not from when the pause
+/// returned. Here one tier of two ledgers: the lowest address (the tier's lock) pauses
+/// alone first, then the other takes ~2.4s to drain under a 3s lease. Before, nothing
+/// renewed the lock node while its tier drained, and the hold's first renewal came a
+/// third of a lease after the pause returned: ~3.4s after the lock node's lease began,
+/// so it had reopened by itself and the window was invalid.
+#[test]
+fn renewals_are_timed_from_the_first_lease_granted() {
+    let cluster = Cluster::start_with(2, &["--allow-slow-transfers"]);
+    let slow_node = cluster
+        .ledgers
+        .iter()
+        .map(|node| node.address.clone())
+        .max()
+        .unwrap();
+    let slow = Load::start(&slow_node, 1, &["--hold-inside-gate", "2400ms"]);
+    wait_until(
+        Duration::from_secs(20),
+        "the slow transfer to be inside the gate",
+        || node_stats(&slow_node)["gate"]["in_flight"].as_u64() == Some(1),
+    );
+    let (code, window) = run_json(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "1500ms",
+            "--lease",
+            "3s",
+            "--max-pause-wait",
+            "2500ms",
+            "-a",
+            &cluster.ledger_tier(),
+            "--output",
+            "json",
+        ],
+    );
+    slow.stop();
+    assert!(
+        outcome_of(&window, &slow_node)["drained_in_flight"]
+            .as_u64()
+            .is_some_and(|drained| drained >= 1),
+        "the slow node did not have to drain, so the test proved nothing: {window:#}"
+    );
+    assert_eq!(code, 0, "{window:#}");
+    assert_eq!(window["window_valid"], true, "{window:#}");
+}
+
+/// A state file that parses but holds values no pause could have written (edited by
+/// hand, or damaged in a way JSON still accepts) is refused as not valid, naming the
+/// field, and `unpause -a` still opens the node. Before, a huge skew bound or clock
+/// offset, or a paused_at_ms far in the past, made `unpause` panic (exit 101); an
+/// empty node list or a huge min_window_ms closed a "valid restore point".
+#[test]
+fn unpause_refuses_a_state_file_with_impossible_values_without_panicking() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    type Edit = (&'static str, fn(&mut Value));
+    let edits: [Edit; 7] = [
+        ("skew_bound_ms", |s| {
+            s["record"]["skew_bound_ms"] = u64::MAX.into()
+        }),
+        ("paused_at_ms", |s| {
+            s["record"]["paused_at_ms"] = i64::MIN.into()
+        }),
+        ("paused_at_ms", |s| {
+            s["record"]["paused_at_ms"] = i64::MAX.into()
+        }),
+        ("clock reading", |s| {
+            s["record"]["tiers"][0][0]["clock_offset_ms"] = i64::MIN.into()
+        }),
+        ("without nodes", |s| {
+            s["record"]["tiers"] = Value::Array(Vec::new())
+        }),
+        ("min_window_ms", |s| s["min_window_ms"] = u64::MAX.into()),
+        ("lease_ms", |s| s["record"]["lease_ms"] = 0.into()),
+    ];
+    for (field, edit) in edits {
+        let (code, opened) = plain_pause(&[&ledger], &state_file, &[]);
+        assert_eq!(code, 0, "{opened:#}");
+        let mut recorded: Value =
+            serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+        edit(&mut recorded);
+        std::fs::write(&state_file, recorded.to_string()).unwrap();
+
+        let output = run(
+            "stillpoint",
+            &["unpause", "--state-file", state_file.to_str().unwrap()],
+        );
+        let said = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{field}: {said}");
+        assert!(
+            said.contains("not valid") && said.contains(field),
+            "{field}: {said}"
+        );
+
+        let output = run(
+            "stillpoint",
+            &[
+                "unpause",
+                "-a",
+                &ledger,
+                "--state-file",
+                state_file.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{field}: {}",
+            stderr(&output)
+        );
+        assert_eq!(paused_flags(&ledger), [false], "{field}");
+        std::fs::remove_file(&state_file).unwrap();
+    }
+}
+
+/// One node listed twice under two addresses (its IP and `localhost`) is refused before
+/// anything is paused, naming both. Before, it was paused twice (the second pause
+/// counted as a renewal), released twice, and the window called invalid because the
+/// node "was not paused at release (its lease ran out, or it restarted)".
+#[test]
+fn one_node_under_two_addresses_is_refused_before_pausing() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let port = ledger.rsplit_once(':').unwrap().1;
+    let alias = format!("localhost:{port}");
+    for tiers in [
+        vec![format!("{ledger},{alias}")],
+        vec![ledger.clone(), alias.clone()],
+    ] {
+        let mut args = vec!["pause", "--hold-for", "100ms", "--output", "json"];
+        for tier in &tiers {
+            args.extend(["-a", tier]);
+        }
+        let (code, report) = run_json("stillpoint", &args);
+        assert_eq!(code, 3, "{report:#}");
+        let reason = report["invalid_reasons"][0].as_str().unwrap();
+        assert!(
+            reason.contains("same node") && reason.contains(&alias) && reason.contains(&ledger),
+            "{reason}"
+        );
+        assert!(reason.contains("no node had paused"), "{reason}");
+        assert_eq!(node_stats(&ledger)["node"]["pause_seq"], 0, "{report:#}");
+    }
+}
+
+/// A `--keep-alive` whose renewals have not reached every node for a whole lease (here
+/// the process itself was suspended, as Ctrl-Z does, past its 2s lease) knows the
+/// nodes reopened by themselves: it releases the cluster, says the window is lost and
+/// exits 5 instead of renewing in vain forever while looking alive. Before, it kept
+/// running, warning, with the window silently gone.
+#[test]
+fn a_keep_alive_that_lost_its_lease_ends_and_says_so() {
+    let cluster = Cluster::start(1);
+    let nodes = all_nodes(&cluster);
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let (keep_alive, stderr_lines) = spawn_reading_stderr(
+        "stillpoint",
+        &[
+            "pause",
+            "--keep-alive",
+            "--lease",
+            "2s",
+            "--max-pause-wait",
+            "1s",
+            "-a",
+            &cluster.ledger_tier(),
+            "-a",
+            &cluster.auditor.address,
+            "--state-file",
+            state_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    wait_until(Duration::from_secs(20), "every node to pause", || {
+        state_file.exists() && paused_flags(&nodes).iter().all(|paused| *paused)
+    });
+    keep_alive.signal("STOP");
+    wait_until(
+        Duration::from_secs(10),
+        "the lease to reopen every node",
+        || paused_flags(&nodes).iter().all(|paused| !paused),
+    );
+    keep_alive.signal("CONT");
+    let output = keep_alive.wait_output(Duration::from_secs(10));
+    let said: Vec<String> = stderr_lines.iter().collect();
+    let said = said.join("\n");
+    assert_eq!(output.status.code(), Some(5), "{said}");
+    assert!(said.contains("whole lease"), "{said}");
+    assert!(!state_file.exists(), "the lost window is still recorded");
+}
+
+/// `unpause` run with both stdout and stderr closed (`… 2>&1 | head -0`) still closes
+/// the window: a message that cannot be written is dropped. Before, the first message
+/// on stderr ("holding the window …") panicked, and tracing's own report of the
+/// failed log write panicked again inside the paused cluster's drop: the process
+/// aborted (SIGABRT), the cluster stayed paused until its lease and the state file
+/// stayed behind.
+#[test]
+fn unpause_with_stdout_and_stderr_closed_still_releases() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("pause.json");
+    let (code, opened) = plain_pause(&[&ledger], &state_file, &["--min-window", "1s"]);
+    assert_eq!(code, 0, "{opened:#}");
+    let mut child = std::process::Command::new(bin("stillpoint"))
+        .args(["unpause", "--state-file", state_file.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Whoever read them has gone: every write gets EPIPE.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let output =
+        Process::new(child, "stillpoint unpause".to_owned()).wait_output(Duration::from_secs(30));
+    assert_eq!(output.status.code(), Some(0), "{:?}", output.status);
+    assert_eq!(paused_flags(&ledger), [false]);
+    assert!(!state_file.exists(), "the closed window is still recorded");
+}
+
+/// A node whose stderr has no reader any more (its log pipe died) still pauses, and
+/// still reopens by itself when the lease runs out. Before, tracing's report of the
+/// failed log write panicked in the middle of the admin call (the pause failed with an
+/// h2 error and "ROLLBACK INCOMPLETE"), and the lease watchdog logged before it
+/// reopened the gate, so a log write could keep a node closed past its lease.
+#[test]
+fn a_node_whose_log_pipe_died_still_pauses_and_reopens_at_its_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let args: Vec<String> = [
+        "serve",
+        "--role",
+        "auditor",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        &format!("sqlite:{}", dir.path().join("auditor.db").display()),
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect();
+    let (_node, addresses) = crate::util::spawn_listening_logged(
+        &bin("ledger-node"),
+        &args,
+        1,
+        "info",
+        std::process::Stdio::from(writer),
+    );
+    let node = addresses[0].clone();
+    let state_file = dir.path().join("pause.json");
+    let (code, opened) = plain_pause(
+        &[&node],
+        &state_file,
+        &["--lease", "1s", "--max-pause-wait", "500ms"],
+    );
+    assert_eq!(code, 0, "{opened:#}");
+    let paused_at = Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "the lease to reopen the node",
+        || paused_flags(&node) == [false],
+    );
+    assert!(
+        paused_at.elapsed() < Duration::from_secs(3),
+        "reopened {:?} after a 1s lease",
+        paused_at.elapsed()
+    );
+}
+
+/// A node that lost its pause during a hold (here a 3ms lease no renewal can keep) is
+/// named once among the window's reasons, with the first cause. Before, every later
+/// renewal added the same reason again: hundreds of lines for half a second.
+#[test]
+fn a_node_that_lost_its_pause_is_named_once() {
+    let cluster = Cluster::start(1);
+    let ledger = cluster.ledgers[0].address.clone();
+    let (code, window) = run_json(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "500ms",
+            "--lease",
+            "3ms",
+            "--max-pause-wait",
+            "1ms",
+            "-a",
+            &ledger,
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 5, "{window:#}");
+    let lost = window["invalid_reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|reason| reason.as_str().unwrap().contains("lost the pause"))
+        .count();
+    assert_eq!(lost, 1, "{window:#}");
+}

@@ -730,3 +730,155 @@ fn a_client_certificate_from_another_ca_is_named_and_the_node_logs_the_refusal()
     assert!(line.contains("UnknownIssuer"), "{line}");
     assert!(node.never_paused(&pki));
 }
+
+/// TLS files given to the CLI that are missing, a directory, not PEM, PEM that does not
+/// decode, or the wrong kind (a certificate as the key) are refused as bad usage before
+/// any node is contacted, naming the file and the flag that gave it. Before, a CA file
+/// that was not PEM was silently ignored (the node was then said to "speak plaintext"),
+/// a damaged PEM gave "TLS settings for …: transport error", and read errors named
+/// neither the flag nor said it once.
+#[test]
+fn unusable_tls_files_are_named_with_their_flag() {
+    let pki = Pki::generate();
+    let node = SecureNode::start(&pki);
+    let dir = pki.dir.path();
+    std::fs::write(dir.join("junk.pem"), "not a certificate\n").unwrap();
+    std::fs::write(
+        dir.join("damaged.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("client.pem"),
+        pki.path("client.key"),
+    );
+    let (junk, damaged, missing) = (
+        pki.path("junk.pem"),
+        pki.path("damaged.pem"),
+        pki.path("missing.pem"),
+    );
+    let directory = dir.display().to_string();
+    let cases: Vec<(&str, [&str; 3])> = vec![
+        ("--ca-root-cert-path", [&missing, &cert, &key]),
+        ("--ca-root-cert-path", [&directory, &cert, &key]),
+        ("--ca-root-cert-path", [&junk, &cert, &key]),
+        ("--ca-root-cert-path", [&damaged, &cert, &key]),
+        ("--tls-client-cert", [&ca, &missing, &key]),
+        ("--tls-client-cert", [&ca, &damaged, &key]),
+        ("--tls-client-key", [&ca, &cert, &cert]),
+        ("--tls-client-key", [&ca, &cert, &junk]),
+    ];
+    for (flag, [ca, cert, key]) in cases {
+        let output = stillpoint(
+            &[
+                "pause",
+                "--hold-for",
+                "10ms",
+                "-a",
+                &node.admin,
+                "--ca-root-cert-path",
+                ca,
+                "--tls-client-cert",
+                cert,
+                "--tls-client-key",
+                key,
+            ],
+            &[("STILLPOINT_ADMIN_TOKEN", OPERATOR_TOKEN)],
+        );
+        let said = stderr(&output);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{flag} {ca} {cert} {key}: {said}"
+        );
+        let file = match flag {
+            "--ca-root-cert-path" => ca,
+            "--tls-client-cert" => cert,
+            _ => key,
+        };
+        assert!(
+            said.contains(flag) && said.contains(file),
+            "{flag} {file}: {said}"
+        );
+        assert!(!said.contains("transport error"), "{said}");
+        assert_eq!(
+            said.matches("os error").count(),
+            said.contains("os error") as usize,
+            "said twice: {said}"
+        );
+    }
+    let inline = stillpoint(
+        &[
+            "check-paused",
+            "-a",
+            &node.admin,
+            "--ca-root-cert-pem",
+            "not a certificate",
+        ],
+        &[],
+    );
+    assert_eq!(inline.status.code(), Some(2), "{}", stderr(&inline));
+    assert!(
+        stderr(&inline).contains("--ca-root-cert-pem"),
+        "{}",
+        stderr(&inline)
+    );
+    assert!(node.never_paused(&pki));
+}
+
+/// A client certificate given with another certificate's key (both valid PEM) is
+/// refused up front, naming both flags and the mismatch. Before, every node failed
+/// with "TLS settings for …: transport error".
+#[test]
+fn a_client_key_that_is_not_the_certificates_is_named() {
+    let pki = Pki::generate();
+    let node = SecureNode::start(&pki);
+    let output = stillpoint(
+        &[
+            "pause",
+            "--hold-for",
+            "10ms",
+            "-a",
+            &node.admin,
+            "--ca-root-cert-path",
+            &pki.path("ca.pem"),
+            "--tls-client-cert",
+            &pki.path("client.pem"),
+            "--tls-client-key",
+            &pki.path("stranger.key"),
+        ],
+        &[("STILLPOINT_ADMIN_TOKEN", OPERATOR_TOKEN)],
+    );
+    let said = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("--tls-client-cert")
+            && said.contains("--tls-client-key")
+            && said.contains("KeyMismatch"),
+        "{said}"
+    );
+    assert!(!said.contains("transport error"), "{said}");
+    assert!(node.never_paused(&pki));
+}
+
+/// An `--override-authority` that no certificate can carry (empty, a wildcard, a
+/// newline) is refused up front naming the flag. Before, every node failed with
+/// "TLS settings for …: transport error".
+#[test]
+fn an_override_authority_that_is_not_a_name_is_refused() {
+    let pki = Pki::generate();
+    let node = SecureNode::start(&pki);
+    for name in ["", "*.example", "node\nexample"] {
+        let mut args = vec!["pause", "--hold-for", "10ms", "-a", &node.admin];
+        let flags = tls_flags(&pki);
+        args.extend(flags.iter().map(String::as_str));
+        args.extend(["--override-authority", name]);
+        let output = stillpoint(&args, &[("STILLPOINT_ADMIN_TOKEN", OPERATOR_TOKEN)]);
+        let said = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{name:?}: {said}");
+        assert!(said.contains("--override-authority"), "{said}");
+        assert!(!said.contains("transport error"), "{said}");
+    }
+    assert!(node.never_paused(&pki));
+}

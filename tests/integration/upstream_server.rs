@@ -17,11 +17,22 @@ pub struct Calls {
     pub unpauses: AtomicU32,
     /// `wait_outstanding` of the last Pause received.
     pub waited: AtomicBool,
+    /// Set: Unpause, CheckPaused and Stats are received and never answered, like a
+    /// node whose process hangs after accepting the connection.
+    pub hang: AtomicBool,
 }
 
 #[derive(Debug, Clone)]
 struct UpstreamOnly {
     calls: Arc<Calls>,
+}
+
+impl UpstreamOnly {
+    async fn hang_if_told(&self) {
+        if self.calls.hang.load(SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -36,18 +47,21 @@ impl Admin for UpstreamOnly {
     }
 
     async fn unpause(&self, _: Request<()>) -> Result<Response<()>, Status> {
+        self.hang_if_told().await;
         self.calls.unpauses.fetch_add(1, SeqCst);
         self.calls.paused.store(false, SeqCst);
         Ok(Response::new(()))
     }
 
     async fn check_paused(&self, _: Request<()>) -> Result<Response<CheckPausedResponse>, Status> {
+        self.hang_if_told().await;
         Ok(Response::new(CheckPausedResponse {
             paused: self.calls.paused.load(SeqCst),
         }))
     }
 
     async fn stats(&self, _: Request<()>) -> Result<Response<StatsResponse>, Status> {
+        self.hang_if_told().await;
         Err(Status::unimplemented("this node predates Stats"))
     }
 }
