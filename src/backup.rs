@@ -685,10 +685,11 @@ async fn cut_all(
 ) -> Result<Vec<CutMarker>, String> {
     let cuts = join_all(prepared.iter_mut().map(|database| database.cut(backup_id)));
     let deadline = tokio::time::timeout(pause.cut_deadline, cuts);
-    let renew_every = pause.lease / 3;
+    // Timed from the oldest lease granted, as every other renewal is: the first node
+    // paused has held its lease since before the pause phase ended.
     let renewing = async {
         loop {
-            tokio::time::sleep(renew_every).await;
+            tokio::time::sleep_until(paused.renewal_due()).await;
             if let Err(reason) = paused.renew().await {
                 tracing::warn!(%reason, "lease renewal failed during the cut");
             }

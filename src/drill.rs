@@ -963,16 +963,9 @@ async fn run_command(
         .spawn()
         .map_err(|error| format!("cannot run {}: {error}", argv[0]))?;
     let mut group = GroupKiller::new(&child);
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let run = async {
-        let (out, errout) = tokio::join!(
-            process::read_bounded(stdout, OUTPUT_LIMIT),
-            process::read_bounded(stderr, OUTPUT_LIMIT)
-        );
-        (out, errout, child.wait().await)
-    };
-    let Ok((out, errout, status)) = tokio::time::timeout(timeout, run).await else {
+    // Done when the command exits, even if a helper it started holds its output open.
+    let run = process::wait_with_output(&mut child, OUTPUT_LIMIT);
+    let Ok(waited) = tokio::time::timeout(timeout, run).await else {
         group.kill().await;
         let _ = child.wait().await;
         return Err(format!(
@@ -980,10 +973,9 @@ async fn run_command(
             crate::time::format_duration(timeout)
         ));
     };
-    let status = status.map_err(|error| format!("waiting for {shown}: {error}"))?;
+    let (status, out, errout) = waited.map_err(|error| format!("waiting for {shown}: {error}"))?;
     group.disarm();
-    let out = out.map(|bytes| bytes.text()).unwrap_or_default();
-    let errout = errout.map(|bytes| bytes.text()).unwrap_or_default();
+    let (out, errout) = (out.text(), errout.text());
     let output = [out.as_str(), errout.as_str()]
         .into_iter()
         .filter(|text| !text.is_empty())
@@ -1446,6 +1438,18 @@ mod tests {
         .await
         .unwrap_err();
         assert!(slow.contains("did not finish within"), "{slow}");
+        // A helper started in the background keeps the output pipes open: the check is
+        // still done when its command exits, with the command's verdict and output.
+        let helper = run_command(
+            &argv("sleep 20 & echo started a helper; exit 4"),
+            &env,
+            std::time::Duration::from_secs(5),
+            &targets,
+        )
+        .await
+        .unwrap_err();
+        assert!(helper.contains("exited with status 4"), "{helper}");
+        assert!(helper.contains("started a helper"), "{helper}");
 
         targets.insert(
             "db",

@@ -51,26 +51,9 @@ impl Bounded {
     }
 }
 
-/// Reads `r` to its end, keeping the first `limit` bytes. Reading on past the limit
-/// (rather than stopping) matters: a child that writes more than a pipe holds would
-/// otherwise block forever and never exit.
-pub(crate) async fn read_bounded<R: AsyncRead + Unpin>(
-    mut r: R,
-    limit: usize,
-) -> io::Result<Bounded> {
-    let mut bounded = Bounded::new();
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(bounded);
-        }
-        bounded.push(&buf[..n], limit);
-    }
-}
-
-/// Reads `pipe` like [`read_bounded`] until it closes or until `exited` is cancelled
-/// (the child has exited), and then only what the pipe already holds. A background
+/// Reads `pipe`, keeping the first `limit` bytes (and reading on past them, so a child
+/// that writes more than a pipe holds never blocks), until it closes or until `exited`
+/// is cancelled (the child has exited), and then only what the pipe already holds. A background
 /// process the child started (`helper &` in a hook) inherits the pipe and may hold it
 /// open long after the child exited: waiting for it to close could wait forever.
 pub(crate) async fn read_bounded_until<R: AsyncRead + Unpin + std::os::fd::AsFd>(
