@@ -79,7 +79,7 @@ async fn run(args: DemoArgs) -> Result<u8, Failure> {
     let auditor_db = format!("sqlite:{}", auditor_path.display());
     let say = |line: &str| {
         if args.output == OutputFormat::Text {
-            println!("{line}");
+            crate::outln!("{line}");
         }
     };
 
@@ -306,13 +306,13 @@ url = "file://{storage}"
 }
 
 fn print_text(report: &DemoReport) {
-    println!();
+    crate::outln!();
     print!("{}", render_text(&report.window));
-    println!(
+    crate::outln!(
         "  requests held during the pause: {} (clients saw latency, not errors)",
         report.requests_held_during_pause
     );
-    println!(
+    crate::outln!(
         "load: {} ok, {} rejected, {} failed; p99 {:.1} ms",
         report.load["ok"],
         report.load["rejected"],
@@ -321,7 +321,7 @@ fn print_text(report: &DemoReport) {
             .as_f64()
             .unwrap_or_default()
     );
-    println!(
+    crate::outln!(
         "backup {}: {} stored in {:.1}s (zstd + age)",
         report.backup_id,
         human_bytes(report.stored_bytes),
@@ -335,13 +335,13 @@ fn print_text(report: &DemoReport) {
         .filter(|check| check["name"] == "quiet_window");
     for check in quiet {
         let mark = if check["ok"] == true { "ok  " } else { "FAIL" };
-        println!(
+        crate::outln!(
             "live check {mark} {}: {}",
             check["name"].as_str().unwrap_or("?"),
             check["detail"].as_str().unwrap_or("")
         );
     }
-    println!(
+    crate::outln!(
         "{} in {:.1}s",
         if report.ok {
             "demo passed"

@@ -109,19 +109,19 @@ async fn cleanup(args: &DrillArgs) -> Result<u8, Failure> {
         OutputFormat::Json => print_json(&report),
         OutputFormat::Text => {
             if report.removed.is_empty() && report.failed.is_empty() && report.in_use.is_empty() {
-                println!("no scratch targets of earlier drills found");
+                crate::outln!("no scratch targets of earlier drills found");
             }
             for in_use in &report.in_use {
-                println!("left alone, in use: {in_use}");
+                crate::outln!("left alone, in use: {in_use}");
             }
             for removed in &report.removed {
-                println!("removed {removed}");
+                crate::outln!("removed {removed}");
             }
             for failed in &report.failed {
-                println!("NOT removed: {failed}");
+                crate::outln!("NOT removed: {failed}");
             }
             for why in &report.not_searched {
-                println!("not searched: {why}");
+                crate::outln!("not searched: {why}");
             }
         }
     }

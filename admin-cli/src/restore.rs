@@ -246,7 +246,7 @@ pub async fn base_backup(args: BaseBackupArgs) -> Result<u8, Failure> {
             })?;
     match args.output {
         OutputFormat::Json => print_json(&report),
-        OutputFormat::Text => println!(
+        OutputFormat::Text => crate::outln!(
             "base backup of {} in {} (starts at WAL {}) in {:.1}s",
             args.database,
             report.dir.display(),
@@ -336,7 +336,7 @@ pub async fn pitr(args: PitrArgs) -> Result<u8, Failure> {
             "recovery": report,
         })),
         OutputFormat::Text => {
-            println!(
+            crate::outln!(
                 "recovered to {} in {:.1}s: replayed to LSN {}, last transaction at {}",
                 report.target,
                 report.recovery_ms as f64 / 1000.0,
@@ -344,11 +344,11 @@ pub async fn pitr(args: PitrArgs) -> Result<u8, Failure> {
                 report.last_transaction_date_time.as_deref().unwrap_or("-")
             );
             for (table, hash) in &report.content.tables {
-                println!("  {table}: {} rows, md5 {}", hash.rows, hash.md5);
+                crate::outln!("  {table}: {} rows, md5 {}", hash.rows, hash.md5);
             }
-            println!("  content digest {}", report.content.digest);
+            crate::outln!("  content digest {}", report.content.digest);
             if let Some(dir) = &report.data_dir {
-                println!(
+                crate::outln!(
                     "  kept {} (stopped; start it with pg_ctl -D {} -o \"-c config_file={}\" \
                      start)",
                     dir.display(),
