@@ -307,7 +307,7 @@ url = "file://{storage}"
 
 fn print_text(report: &DemoReport) {
     crate::outln!();
-    print!("{}", render_text(&report.window));
+    crate::output::write_stdout(&render_text(&report.window));
     crate::outln!(
         "  requests held during the pause: {} (clients saw latency, not errors)",
         report.requests_held_during_pause
@@ -327,7 +327,7 @@ fn print_text(report: &DemoReport) {
         human_bytes(report.stored_bytes),
         report.backup_ms as f64 / 1000.0
     );
-    print!("{}", crate::drill::render_text(&report.drill));
+    crate::output::write_stdout(&crate::drill::render_text(&report.drill));
     let quiet = report.live_check["checks"]
         .as_array()
         .into_iter()

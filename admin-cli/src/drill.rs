@@ -88,7 +88,7 @@ pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
     })?;
     match args.output {
         OutputFormat::Json => print_json(&report),
-        OutputFormat::Text => print!("{}", render_text(&report)),
+        OutputFormat::Text => crate::output::write_stdout(&render_text(&report)),
     }
     // After the report is out, so that a failure here does not lose it.
     if let Some((path, file)) = junit {
