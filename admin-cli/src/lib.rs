@@ -44,8 +44,43 @@ pub fn finish(result: Result<u8, exit::Failure>) -> std::process::ExitCode {
     match result {
         Ok(code) => std::process::ExitCode::from(code),
         Err(failure) => {
-            errln!("error: {:#}", failure.error);
+            errln!("error: {}", error_chain(&failure.error));
             std::process::ExitCode::from(failure.code)
         }
+    }
+}
+
+/// The error and its causes joined by ": ", each said once: many errors already quote
+/// their cause in their own message (so that logs and JSON carry it), and `{:#}` would
+/// print it a second time.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain().map(ToString::to_string) {
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_already_in_the_message_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let error = anyhow::Error::new(io).context("cannot read runbook r.toml: no such file");
+        assert_eq!(
+            super::error_chain(&error),
+            "cannot read runbook r.toml: no such file"
+        );
+        let error = anyhow::anyhow!("the socket closed").context("connecting to the node");
+        assert_eq!(
+            super::error_chain(&error),
+            "connecting to the node: the socket closed"
+        );
     }
 }
