@@ -391,11 +391,7 @@ impl Adapter for Mariadb {
         _dir: &Path,
         _cut: &CutMarker,
     ) -> Result<String, AdapterError> {
-        let server = self
-            .config
-            .drill_server_url
-            .as_deref()
-            .unwrap_or(&self.config.url);
+        let server = self.config.drill_server();
         let target = with_database(server, label).map_err(|message| AdapterError::Restore {
             database: self.name.clone(),
             message,
@@ -474,11 +470,7 @@ impl Adapter for Mariadb {
         let Some(database) = opts.db_name().map(str::to_owned) else {
             return Ok(None);
         };
-        let server = self
-            .config
-            .drill_server_url
-            .as_deref()
-            .unwrap_or(&self.config.url);
+        let server = self.config.drill_server();
         let mut conn = self.connect_target(server).await?;
         let holder: Option<Option<u64>> = conn
             .exec_first("SELECT IS_USED_LOCK(?)", (&database,))
@@ -491,11 +483,7 @@ impl Adapter for Mariadb {
     }
 
     async fn list_scratch(&self, marker: &str) -> Result<Vec<String>, AdapterError> {
-        let server = self
-            .config
-            .drill_server_url
-            .as_deref()
-            .unwrap_or(&self.config.url);
+        let server = self.config.drill_server();
         let mut conn = self.connect_target(server).await?;
         let names: Vec<String> = conn
             .exec(

@@ -240,6 +240,13 @@ pub struct PostgresConfig {
     pub drill_server_url: Option<String>,
 }
 
+impl PostgresConfig {
+    /// The server drills create their scratch databases on.
+    pub fn drill_server(&self) -> &str {
+        self.drill_server_url.as_deref().unwrap_or(&self.url)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MariadbConfig {
@@ -252,6 +259,13 @@ pub struct MariadbConfig {
     /// database on it. Default: the source database's own server.
     #[serde(default)]
     pub drill_server_url: Option<String>,
+}
+
+impl MariadbConfig {
+    /// The server drills create their scratch databases on.
+    pub fn drill_server(&self) -> &str {
+        self.drill_server_url.as_deref().unwrap_or(&self.url)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]

@@ -336,11 +336,7 @@ impl Adapter for Postgres {
         _dir: &Path,
         cut: &CutMarker,
     ) -> Result<String, AdapterError> {
-        let server = self
-            .config
-            .drill_server_url
-            .as_deref()
-            .unwrap_or(&self.config.url);
+        let server = self.config.drill_server();
         let target = with_database(server, label).map_err(|message| AdapterError::Restore {
             database: self.name.clone(),
             message,
@@ -407,11 +403,7 @@ impl Adapter for Postgres {
         let database = scratch_database(&self.name, target)?;
         // A session in the scratch database could not drop it: connect to the database
         // it was created from instead.
-        let server = self
-            .config
-            .drill_server_url
-            .as_deref()
-            .unwrap_or(&self.config.url);
+        let server = self.config.drill_server();
         let conn = self.connect_target(server).await?;
         conn.client
             .batch_execute(&format!(
@@ -434,11 +426,7 @@ impl Adapter for Postgres {
 
     async fn scratch_in_use(&self, target: &str) -> Result<Option<String>, AdapterError> {
         let database = scratch_database(&self.name, target)?;
-        let server = self
-            .config
-            .drill_server_url
-            .as_deref()
-            .unwrap_or(&self.config.url);
+        let server = self.config.drill_server();
         let conn = self.connect_target(server).await?;
         let holder = conn
             .client
@@ -460,11 +448,7 @@ impl Adapter for Postgres {
     }
 
     async fn list_scratch(&self, marker: &str) -> Result<Vec<String>, AdapterError> {
-        let server = self
-            .config
-            .drill_server_url
-            .as_deref()
-            .unwrap_or(&self.config.url);
+        let server = self.config.drill_server();
         let conn = self.connect_target(server).await?;
         let names = conn
             .client

@@ -55,6 +55,24 @@ impl Source {
     }
 
     /// (Re)writes the runbook with `url` for the database and its tools in `bin_dir`.
+    /// A runbook whose pg_basebackup copies at 32 kB/s (the real one, wrapped), so that
+    /// a signal or a second command lands while it copies.
+    pub fn write_runbook_with_a_slow_pg_basebackup(&self) {
+        let slow = self.dir.path().join("slow-bin");
+        std::fs::create_dir(&slow).unwrap();
+        let wrapper = slow.join("pg_basebackup");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec {} --max-rate=32k \"$@\"\n",
+                self.postgres.bin_dir().join("pg_basebackup").display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        self.write_runbook_with(&self.postgres.url("app"), &slow);
+    }
+
     pub fn write_runbook_with(&self, url: &str, bin_dir: &Path) {
         let storage = self.dir.path().join("backups");
         std::fs::create_dir_all(&storage).unwrap();
@@ -713,19 +731,7 @@ fn the_scratch_server_ignores_commands_and_log_destinations_of_the_base_backup()
 fn an_interrupted_base_backup_stops_pg_basebackup_and_removes_what_it_wrote() {
     let source = Source::start();
     source.insert(10);
-    let slow = source.dir.path().join("slow-bin");
-    std::fs::create_dir(&slow).unwrap();
-    let wrapper = slow.join("pg_basebackup");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec {} --max-rate=32k \"$@\"\n",
-            source.postgres.bin_dir().join("pg_basebackup").display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    source.write_runbook_with(&source.postgres.url("app"), &slow);
+    source.write_runbook_with_a_slow_pg_basebackup();
     for signal in ["TERM", "INT"] {
         let to = source.dir.path().join(format!("base-{signal}"));
         let child = Command::new(bin("stillpoint"))
@@ -1227,19 +1233,7 @@ fn a_moved_base_backup_with_a_tablespace_is_recovered() {
 fn pitr_refuses_a_base_backup_still_being_written() {
     let source = Source::start();
     source.insert(10);
-    let slow = source.dir.path().join("slow-bin");
-    std::fs::create_dir(&slow).unwrap();
-    let wrapper = slow.join("pg_basebackup");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec {} --max-rate=32k \"$@\"\n",
-            source.postgres.bin_dir().join("pg_basebackup").display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    source.write_runbook_with(&source.postgres.url("app"), &slow);
+    source.write_runbook_with_a_slow_pg_basebackup();
     let base = source.dir.path().join("base");
     let child = Command::new(bin("stillpoint"))
         .args([
