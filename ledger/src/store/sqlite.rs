@@ -105,6 +105,23 @@ fn url_of(path: &Path) -> String {
     format!("sqlite:{}", path.display())
 }
 
+/// Runs `open` again while it fails with SQLITE_BUSY, until [`BUSY_TIMEOUT`]. Nodes
+/// that open a new file at the same moment get SQLITE_BUSY without SQLite's busy
+/// handler being consulted (switching the file to WAL and recovering its WAL index
+/// take locks that are not waited for), so opening waits here as every write does in
+/// the busy handler.
+fn retry_while_busy<T>(mut open: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match open() {
+            Err(StoreError::Busy { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 /// Opens a connection for a node, creating the file if needed, in WAL mode.
 fn open_for_node(path: &Path) -> Result<Db, StoreError> {
     let url = url_of(path);
@@ -158,7 +175,10 @@ pub struct SqliteLedger {
 impl SqliteLedger {
     pub async fn open(path: &Path, seed: Seed, initial_total: i64) -> Result<Self, StoreError> {
         let owned = path.to_owned();
-        let db = blocking(path, move || open_ledger(&owned, seed, initial_total)).await?;
+        let db = blocking(path, move || {
+            retry_while_busy(|| open_ledger(&owned, seed, initial_total))
+        })
+        .await?;
         Ok(SqliteLedger {
             db: Arc::new(db),
             path: path.to_owned(),
@@ -370,11 +390,13 @@ impl SqliteAuditor {
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         let owned = path.to_owned();
         let db = blocking(path, move || {
-            let db = open_for_node(&owned)?;
-            db.lock()
-                .execute_batch(AUDIT_SCHEMA)
-                .map_err(|source| db.error(source))?;
-            Ok(db)
+            retry_while_busy(|| {
+                let db = open_for_node(&owned)?;
+                db.lock()
+                    .execute_batch(AUDIT_SCHEMA)
+                    .map_err(|source| db.error(source))?;
+                Ok(db)
+            })
         })
         .await?;
         Ok(SqliteAuditor {
