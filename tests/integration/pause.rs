@@ -1470,30 +1470,39 @@ fn a_node_whose_log_pipe_died_still_pauses_and_reopens_at_its_lease() {
     );
 }
 
-/// A node that lost its pause during a hold (here a 3ms lease no renewal can keep) is
-/// named once among the window's reasons, with the first cause. Before, every later
-/// renewal added the same reason again: hundreds of lines for half a second.
+/// A node that lost its pause during a hold (here released by another operator's
+/// `unpause -a` while `pause --hold-for` renews it every third of a second) is named once
+/// among the window's reasons, with the first cause. Before, every later renewal added
+/// the same reason again: hundreds of lines for half a second of a short lease.
 #[test]
 fn a_node_that_lost_its_pause_is_named_once() {
     let cluster = Cluster::start(1);
     let ledger = cluster.ledgers[0].address.clone();
-    let (code, window) = run_json(
+    let (holder, _stderr) = spawn_reading_stderr(
         "stillpoint",
         &[
             "pause",
             "--hold-for",
-            "500ms",
+            "3s",
             "--lease",
-            "3ms",
+            "1s",
             "--max-pause-wait",
-            "1ms",
+            "500ms",
             "-a",
             &ledger,
             "--output",
             "json",
         ],
+        &[],
     );
-    assert_eq!(code, 5, "{window:#}");
+    wait_until(Duration::from_secs(20), "the node to pause", || {
+        paused_flags(&ledger) == [true]
+    });
+    let other = run("stillpoint", &["unpause", "-a", &ledger]);
+    assert_eq!(other.status.code(), Some(0), "{}", stderr(&other));
+    let output = holder.wait_output(Duration::from_secs(20));
+    let window: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(output.status.code(), Some(5), "{window:#}");
     let lost = window["invalid_reasons"]
         .as_array()
         .unwrap()
