@@ -821,7 +821,9 @@ impl Runbook {
             }
         }
         if self.archive.partial_interval.is_zero() {
-            return Err("[archive] partial_interval is 0ms; it must be positive (e.g. 1s)".to_owned());
+            return Err(
+                "[archive] partial_interval is 0ms; it must be positive (e.g. 1s)".to_owned(),
+            );
         }
         let mut check_names = HashSet::new();
         for check in &self.drill.checks {

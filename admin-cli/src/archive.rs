@@ -9,9 +9,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use clap::Args;
 use stillpoint::adapters::AdapterConfig;
-use stillpoint::archive::postgres::{
-    self, ArchiverConfig, ArchiverStatus, Fetched, PgArchiver,
-};
+use stillpoint::archive::postgres::{self, ArchiverConfig, ArchiverStatus, Fetched, PgArchiver};
 use stillpoint::archive::{Archive, ArchiveError, PushOutcome};
 use stillpoint::backup;
 use stillpoint::runbook::Runbook;
@@ -93,10 +91,7 @@ pub async fn archive(args: ArchiveArgs) -> Result<u8, Failure> {
                 .iter()
                 .find(|db| &db.name == name)
                 .ok_or_else(|| {
-                    Failure::new(
-                        exit::USAGE,
-                        anyhow!("the runbook has no database {name:?}"),
-                    )
+                    Failure::new(exit::USAGE, anyhow!("the runbook has no database {name:?}"))
                 })?;
             vec![database]
         }
@@ -160,13 +155,20 @@ pub async fn archive(args: ArchiveArgs) -> Result<u8, Failure> {
     if failures.is_empty() {
         Ok(exit::OK)
     } else {
-        Err(Failure::new(exit::BACKUP_FAILED, anyhow!(failures.join("; "))))
+        Err(Failure::new(
+            exit::BACKUP_FAILED,
+            anyhow!(failures.join("; ")),
+        ))
     }
 }
 
 /// A line whenever an archiver stores a chunk or fails, until `cancel` fires (and
 /// once more after, for the final flush).
-async fn print_progress(archivers: &[PgArchiver], output: OutputFormat, cancel: &CancellationToken) {
+async fn print_progress(
+    archivers: &[PgArchiver],
+    output: OutputFormat,
+    cancel: &CancellationToken,
+) {
     let mut receivers: Vec<_> = archivers.iter().map(PgArchiver::status).collect();
     let mut shown: Vec<ArchiverStatus> = vec![ArchiverStatus::default(); archivers.len()];
     let mut stopping = false;

@@ -98,7 +98,9 @@ impl<'de> serde::Deserialize<'de> for Lsn {
 ///
 /// MariaDB chunks will add `Binlog { file, offset }` here (ordered by the file's
 /// sequence number, then the offset), with their GTID sets in the record's `details`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Position {
     Lsn(Lsn),
@@ -359,7 +361,11 @@ impl Archive {
                 record.name, record.database
             )));
         }
-        if !record.artifact.path.starts_with(&format!("{}/", self.prefix())) {
+        if !record
+            .artifact
+            .path
+            .starts_with(&format!("{}/", self.prefix()))
+        {
             return Err(bad(format!(
                 "its artifact {} is outside {}",
                 record.artifact.path,
@@ -432,15 +438,13 @@ impl Archive {
         let hasher = Arc::new(Mutex::new(blake3::Hasher::new()));
         let input: ByteStream = match &content {
             ChunkContent::Bytes(bytes) => Box::pin(std::io::Cursor::new(bytes.clone())),
-            ChunkContent::File(path) => {
-                Box::pin(tokio::fs::File::open(path).await.map_err(|source| {
-                    ArchiveError::Io {
-                        database: self.database.clone(),
-                        path: path.display().to_string(),
-                        source,
-                    }
-                })?)
-            }
+            ChunkContent::File(path) => Box::pin(tokio::fs::File::open(path).await.map_err(
+                |source| ArchiveError::Io {
+                    database: self.database.clone(),
+                    path: path.display().to_string(),
+                    source,
+                },
+            )?),
         };
         let input = Box::pin(HashingRead {
             inner: input,
@@ -518,10 +522,9 @@ impl Archive {
 
     async fn plaintext_hash(&self, content: &ChunkContent) -> Result<(u64, String), ArchiveError> {
         match content {
-            ChunkContent::Bytes(bytes) => Ok((
-                bytes.len() as u64,
-                blake3::hash(bytes).to_hex().to_string(),
-            )),
+            ChunkContent::Bytes(bytes) => {
+                Ok((bytes.len() as u64, blake3::hash(bytes).to_hex().to_string()))
+            }
             ChunkContent::File(path) => {
                 let owned = path.clone();
                 let hashed = tokio::task::spawn_blocking(move || hash_file(&owned))

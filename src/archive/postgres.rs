@@ -162,7 +162,9 @@ pub async fn wait_archived(
 ) -> Result<(), String> {
     let reached = {
         let reached = status.wait_for(|status| status.archived_to.is_some_and(|to| to >= lsn));
-        tokio::time::timeout(timeout, reached).await.map(|r| r.is_ok())
+        tokio::time::timeout(timeout, reached)
+            .await
+            .map(|r| r.is_ok())
     };
     match reached {
         Ok(true) => Ok(()),
@@ -241,7 +243,8 @@ impl PgArchiver {
                 Err(error) => {
                     let text = crate::error_chain(&error);
                     tracing::warn!(database = %self.config.database, "{text}; trying again");
-                    self.status.send_modify(|status| status.last_error = Some(text));
+                    self.status
+                        .send_modify(|status| status.last_error = Some(text));
                 }
             }
             first = false;
@@ -266,12 +269,13 @@ impl PgArchiver {
             .await
             .map_err(|message| self.server_error(message))?;
         let _driver = AbortOnDropHandle::new(tokio::spawn(connection));
-        let facts = check_connected(&client, &source)
-            .await
-            .map_err(|message| ArchiveError::Settings {
-                database: self.config.database.clone(),
-                message,
-            })?;
+        let facts =
+            check_connected(&client, &source)
+                .await
+                .map_err(|message| ArchiveError::Settings {
+                    database: self.config.database.clone(),
+                    message,
+                })?;
         let slot = ensure_slot(&client, &self.config.slot)
             .await
             .map_err(|message| self.server_error(message))?;
@@ -306,7 +310,10 @@ impl PgArchiver {
             .last()
             .and_then(|chunk| chunk.timeline)
             .unwrap_or(state.facts.timeline);
-        let start = state.archived_to.or(slot.restart_lsn).unwrap_or(slot.current);
+        let start = state
+            .archived_to
+            .or(slot.restart_lsn)
+            .unwrap_or(slot.current);
         self.seed_spool(timeline, start, state.facts.segment_size)
             .map_err(|message| self.server_error(message))?;
 
@@ -478,11 +485,13 @@ impl PgArchiver {
             }
             let covered = end.0 - start.0;
             let path = self.config.spool_dir.join(name);
-            let bytes = read_prefix(&path, covered).await.map_err(|source| ArchiveError::Io {
-                database: self.config.database.clone(),
-                path: path.display().to_string(),
-                source,
-            })?;
+            let bytes = read_prefix(&path, covered)
+                .await
+                .map_err(|source| ArchiveError::Io {
+                    database: self.config.database.clone(),
+                    path: path.display().to_string(),
+                    source,
+                })?;
             let chunk = NewChunk {
                 name: wal::partial_chunk_name(segment_name, covered),
                 kind: ChunkKind::PgWalPartial,
@@ -499,8 +508,9 @@ impl PgArchiver {
             self.stored(state, &outcome);
             // The shorter partials of this segment are superseded now.
             let kept = state.partials.entry(segment_name.to_owned()).or_default();
-            let (older, newer): (Vec<ChunkRecord>, Vec<ChunkRecord>) =
-                kept.drain(..).partition(|old| old.end < outcome.record().end);
+            let (older, newer): (Vec<ChunkRecord>, Vec<ChunkRecord>) = kept
+                .drain(..)
+                .partition(|old| old.end < outcome.record().end);
             *kept = newer;
             if !kept.iter().any(|r| r.name == outcome.record().name) {
                 kept.push(outcome.record().clone());
@@ -653,9 +663,8 @@ impl ArchiveSettings {
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.in_recovery {
-            problems.push(
-                "the server is a standby (in recovery); archive from the primary".to_owned(),
-            );
+            problems
+                .push("the server is a standby (in recovery); archive from the primary".to_owned());
         }
         if !matches!(self.wal_level.as_str(), "replica" | "logical") {
             problems.push(format!(
@@ -761,7 +770,9 @@ async fn check_connected(client: &Client, source: &ConnString) -> Result<ServerF
     let walfile: String = row.get(1);
     let segment_size = segment_size as u64;
     if !wal::valid_segment_size(segment_size) {
-        return Err(format!("the server reports a WAL segment size of {segment_size}"));
+        return Err(format!(
+            "the server reports a WAL segment size of {segment_size}"
+        ));
     }
     let timeline = u32::from_str_radix(&walfile[..8.min(walfile.len())], 16)
         .map_err(|_| format!("the server names its WAL file {walfile:?}"))?;
@@ -892,9 +903,7 @@ impl SpoolLock {
                  its own",
                 dir.display()
             )),
-            Err(std::fs::TryLockError::Error(e)) => {
-                Err(format!("locking {}: {e}", path.display()))
-            }
+            Err(std::fs::TryLockError::Error(e)) => Err(format!("locking {}: {e}", path.display())),
         }
     }
 }
@@ -983,7 +992,9 @@ pub async fn wal_push(archive: &Archive, path: &Path) -> Result<PushOutcome, Arc
             path.display()
         )));
     };
-    archive.push(chunk, ChunkContent::File(path.to_owned())).await
+    archive
+        .push(chunk, ChunkContent::File(path.to_owned()))
+        .await
 }
 
 /// What [`wal_fetch`] served.
@@ -1008,12 +1019,13 @@ pub async fn wal_fetch(
     let (record, fetched) = match archive.record(name).await? {
         Some(record) => (record.clone(), Fetched::Whole(record)),
         None if wal::is_segment_name(name) => {
-            let newest = newest_partial(archive, name).await?.ok_or_else(|| {
-                ArchiveError::NotFound {
-                    database: archive.database().to_owned(),
-                    name: name.to_owned(),
-                }
-            })?;
+            let newest =
+                newest_partial(archive, name)
+                    .await?
+                    .ok_or_else(|| ArchiveError::NotFound {
+                        database: archive.database().to_owned(),
+                        name: name.to_owned(),
+                    })?;
             (newest.clone(), Fetched::Partial(newest))
         }
         None => {

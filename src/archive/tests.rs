@@ -74,11 +74,18 @@ async fn a_chunk_is_listed_only_once_its_record_is_written() {
     let PushOutcome::Stored(record) = pushed else {
         panic!("a new chunk is stored: {pushed:?}");
     };
-    assert_eq!(archive.catalog().await.unwrap().chunks, vec![record.clone()]);
+    assert_eq!(
+        archive.catalog().await.unwrap().chunks,
+        vec![record.clone()]
+    );
 
     // An artifact stored whole but without its record (a push killed between the
     // two) is not a chunk: nothing lists it, and it is found as unrecorded.
-    let orphan = format!("{}/{}.deadbeef0000.zst.age", archive.prefix(), segment(4).name);
+    let orphan = format!(
+        "{}/{}.deadbeef0000.zst.age",
+        archive.prefix(),
+        segment(4).name
+    );
     fixture
         .storage
         .put_atomic(&orphan, Bytes::from_static(b"whole, but unrecorded"))
@@ -160,7 +167,8 @@ async fn the_same_name_with_other_content_is_refused_naming_both() {
 #[tokio::test]
 async fn the_catalog_orders_chunks_and_sets_superseded_partials_aside() {
     let fixture = fixture();
-    let archive = Archive::new(fixture.storage.clone(), PipelineSettings::default(), "app").unwrap();
+    let archive =
+        Archive::new(fixture.storage.clone(), PipelineSettings::default(), "app").unwrap();
     // Pushed out of order; segment 4 also has two partials, segment 5 only partials.
     for (chunk, content) in [
         (segment(4), bytes(4, 10)),
@@ -212,24 +220,33 @@ async fn the_catalog_orders_chunks_and_sets_superseded_partials_aside() {
         "{short}"
     );
     // Before the first chunk: never archived.
-    let early = catalog.covers(&lsn(SEGMENT), &lsn(3 * SEGMENT)).unwrap_err();
+    let early = catalog
+        .covers(&lsn(SEGMENT), &lsn(3 * SEGMENT))
+        .unwrap_err();
     assert!(matches!(early, NotReached::StartsAfter { .. }), "{early}");
 }
 
 #[tokio::test]
 async fn a_gap_is_named_with_the_positions_on_each_side() {
     let fixture = fixture();
-    let archive = Archive::new(fixture.storage.clone(), PipelineSettings::default(), "app").unwrap();
+    let archive =
+        Archive::new(fixture.storage.clone(), PipelineSettings::default(), "app").unwrap();
     for number in [2, 3, 4, 5] {
         archive.push(segment(number), bytes(1, 10)).await.unwrap();
     }
     let catalog = archive.catalog().await.unwrap();
     assert!(catalog.gaps().is_empty());
-    catalog.covers(&lsn(2 * SEGMENT), &lsn(6 * SEGMENT)).unwrap();
+    catalog
+        .covers(&lsn(2 * SEGMENT), &lsn(6 * SEGMENT))
+        .unwrap();
 
     // Negative control: the same archive with segments 3 and 4 gone.
     for number in [3, 4] {
-        let record = archive.record(&segment(number).name).await.unwrap().unwrap();
+        let record = archive
+            .record(&segment(number).name)
+            .await
+            .unwrap()
+            .unwrap();
         archive.remove(&record).await.unwrap();
     }
     let catalog = archive.catalog().await.unwrap();
@@ -269,7 +286,8 @@ async fn names_that_are_not_plain_are_refused() {
             "{bad:?}"
         );
     }
-    let archive = Archive::new(fixture.storage.clone(), PipelineSettings::default(), "app").unwrap();
+    let archive =
+        Archive::new(fixture.storage.clone(), PipelineSettings::default(), "app").unwrap();
     let mut chunk = segment(1);
     chunk.name = "x.json".to_owned();
     assert!(matches!(

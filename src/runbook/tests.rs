@@ -413,7 +413,8 @@ url = "file:///tmp/backups"
     assert_eq!(runbook.archive.partial_interval, Duration::from_secs(1));
     assert!(runbook.spool_root().ends_with("stillpoint-archive/c"));
 
-    let tuned = format!("{postgres}[archive]\npartial_interval = \"250ms\"\nspool_dir = \"spool\"\n");
+    let tuned =
+        format!("{postgres}[archive]\npartial_interval = \"250ms\"\nspool_dir = \"spool\"\n");
     let runbook = parse(&tuned).unwrap();
     assert_eq!(runbook.archive.partial_interval, Duration::from_millis(250));
     assert_eq!(runbook.spool_root(), Path::new("/etc/stillpoint/spool"));
