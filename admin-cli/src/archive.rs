@@ -1,7 +1,8 @@
-//! `stillpoint archive`, `wal-push` and `wal-fetch`: a database's log into the
-//! runbook's storage. `archive` streams it continuously (in the foreground, until
-//! SIGINT or SIGTERM); `wal-push` and `wal-fetch` move one file at a time, as
-//! PostgreSQL's `archive_command` and `restore_command`.
+//! `stillpoint archive`, `archive-list`, `wal-push` and `wal-fetch`: a database's log
+//! into the runbook's storage. `archive` streams it continuously (in the foreground,
+//! until SIGINT or SIGTERM); `archive-list` shows each archive's coverage and gaps;
+//! `wal-push` and `wal-fetch` move one file at a time, as PostgreSQL's
+//! `archive_command` and `restore_command`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use anyhow::anyhow;
 use clap::Args;
 use stillpoint::adapters::AdapterConfig;
 use stillpoint::archive::postgres::{self, ArchiverConfig, ArchiverStatus, Fetched, PgArchiver};
-use stillpoint::archive::{Archive, ArchiveError, PushOutcome};
+use stillpoint::archive::{self as archives, Archive, ArchiveError, PushOutcome};
 use stillpoint::backup;
 use stillpoint::runbook::Runbook;
 use stillpoint::storage::Storage;
@@ -32,6 +33,18 @@ pub struct ArchiveArgs {
     #[arg(long, value_name = "NAME")]
     pub database: Option<String>,
     /// `text`: a line per chunk stored; `json`: one JSON object per line.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ArchiveListArgs {
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// Only this database's archive. Default: every database with `archive = true`
+    /// and every archive the storage holds.
+    #[arg(long, value_name = "NAME")]
+    pub database: Option<String>,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
 }
@@ -293,4 +306,85 @@ pub async fn wal_fetch(args: WalFetchArgs) -> Result<u8, Failure> {
         }
         Err(error) => Err(Failure::new(exit::BACKUP_FAILED, error)),
     }
+}
+
+/// `stillpoint archive-list`: each archive's chunks, coverage and gaps. Exit 6 when
+/// an archive has a gap or a record that cannot be read.
+pub async fn archive_list(args: ArchiveListArgs) -> Result<u8, Failure> {
+    let runbook = load_runbook(&args.config)?;
+    let names: Vec<String> = match &args.database {
+        Some(name) => vec![name.clone()],
+        None => {
+            let storage =
+                Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)
+                    .map_err(|error| Failure::new(exit::USAGE, error))?;
+            let mut names: Vec<String> = runbook
+                .databases
+                .iter()
+                .filter(|db| db.archive)
+                .map(|db| db.name.clone())
+                .collect();
+            names.extend(archives::archived_databases(&storage).await?);
+            names.sort();
+            names.dedup();
+            names
+        }
+    };
+    let mut damaged = false;
+    let mut reports = Vec::new();
+    for name in &names {
+        let storage = Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)
+            .map_err(|error| Failure::new(exit::USAGE, error))?;
+        let settings = backup::pipeline_settings(&runbook)
+            .map_err(|error| Failure::new(exit::USAGE, error))?;
+        let archive = Archive::new(storage, settings, name)
+            .map_err(|error| Failure::new(exit::USAGE, error))?;
+        let catalog = archive.catalog().await?;
+        let gaps = catalog.gaps();
+        damaged |= !gaps.is_empty() || !catalog.unreadable.is_empty();
+        let coverage = catalog.coverage();
+        match args.output {
+            OutputFormat::Json => reports.push(serde_json::json!({
+                "database": name,
+                "chunks": catalog.chunks.len(),
+                "from": coverage.as_ref().map(|c| c.from.to_string()),
+                "to": coverage.as_ref().map(|c| c.to.to_string()),
+                "gaps": gaps,
+                "superseded": catalog.superseded.len(),
+                "others": catalog.others.len(),
+                "unreadable": catalog.unreadable,
+            })),
+            OutputFormat::Text => {
+                let mut text = match &coverage {
+                    Some(c) => format!(
+                        "{name}: {} chunks, {} to {}",
+                        catalog.chunks.len(),
+                        c.from,
+                        c.to
+                    ),
+                    None => format!("{name}: empty"),
+                };
+                if gaps.is_empty() {
+                    text.push_str(", no gaps\n");
+                } else {
+                    text.push_str(&format!(", {} gap(s):\n", gaps.len()));
+                    for gap in &gaps {
+                        text.push_str(&format!("  {gap}\n"));
+                    }
+                }
+                for (path, problem) in &catalog.unreadable {
+                    text.push_str(&format!("  unreadable record {path}: {problem}\n"));
+                }
+                write_stdout(&text);
+            }
+        }
+    }
+    if args.output == OutputFormat::Json {
+        write_stdout(&format!("{}\n", serde_json::Value::Array(reports)));
+    }
+    Ok(if damaged {
+        exit::BACKUP_FAILED
+    } else {
+        exit::OK
+    })
 }

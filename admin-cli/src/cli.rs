@@ -2,7 +2,7 @@
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
-use crate::archive::{self, ArchiveArgs, WalFetchArgs, WalPushArgs};
+use crate::archive::{self, ArchiveArgs, ArchiveListArgs, WalFetchArgs, WalPushArgs};
 use crate::backup::{self, BackupArgs};
 use crate::catalog::{self, CatalogArgs, PruneArgs, ShowArgs};
 use crate::demo::{self, DemoArgs};
@@ -94,6 +94,9 @@ pub enum Command {
     /// (or --database) into the storage, continuously, until SIGINT/SIGTERM.
     #[command(after_help = exit::HELP)]
     Archive(ArchiveArgs),
+    /// Show each archive's chunks, coverage (from, to) and gaps; exit 6 if one has a
+    /// gap.
+    ArchiveList(ArchiveListArgs),
     /// PostgreSQL's archive_command: store one WAL file in a database's archive
     /// (`archive_command = 'stillpoint wal-push -c RUNBOOK --database NAME %p'`).
     WalPush(WalPushArgs),
@@ -125,6 +128,7 @@ pub async fn run() -> Result<u8, Failure> {
         Command::BaseBackup(args) => restore::base_backup(args).await,
         Command::Pitr(args) => restore::pitr(args).await,
         Command::Archive(args) => archive::archive(args).await,
+        Command::ArchiveList(args) => archive::archive_list(args).await,
         Command::WalPush(args) => archive::wal_push(args).await,
         Command::WalFetch(args) => archive::wal_fetch(args).await,
         Command::Demo(args) => demo::demo(args).await,

@@ -1076,3 +1076,79 @@ async fn newest_partial(
         None => Ok(None),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready() -> ArchiveSettings {
+        ArchiveSettings {
+            wal_level: "replica".to_owned(),
+            max_wal_senders: 10,
+            max_replication_slots: 10,
+            role: "stillpoint".to_owned(),
+            can_replicate: true,
+            in_recovery: false,
+        }
+    }
+
+    /// Each missing setting is named with what to set, one problem per setting.
+    #[test]
+    fn each_setting_archiving_needs_is_named_with_its_fix() {
+        assert!(ready().problems().is_empty());
+        let logical = ArchiveSettings {
+            wal_level: "logical".to_owned(),
+            ..ready()
+        };
+        assert!(logical.problems().is_empty());
+        let cases: [(ArchiveSettings, &str); 5] = [
+            (
+                ArchiveSettings {
+                    wal_level: "minimal".to_owned(),
+                    ..ready()
+                },
+                "wal_level is minimal; set wal_level = replica",
+            ),
+            (
+                ArchiveSettings {
+                    max_wal_senders: 0,
+                    ..ready()
+                },
+                "max_wal_senders is 0; set max_wal_senders = 10",
+            ),
+            (
+                ArchiveSettings {
+                    max_replication_slots: 0,
+                    ..ready()
+                },
+                "max_replication_slots is 0; set max_replication_slots = 10",
+            ),
+            (
+                ArchiveSettings {
+                    can_replicate: false,
+                    ..ready()
+                },
+                "run ALTER ROLE stillpoint REPLICATION",
+            ),
+            (
+                ArchiveSettings {
+                    in_recovery: true,
+                    ..ready()
+                },
+                "archive from the primary",
+            ),
+        ];
+        for (settings, expected) in cases {
+            let problems = settings.problems();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].contains(expected), "{problems:?}");
+        }
+    }
+
+    #[test]
+    fn slot_names_are_what_postgres_accepts() {
+        assert_eq!(slot_name("ledger"), "stillpoint_ledger");
+        assert_eq!(slot_name("Ledger-DB.1"), "stillpoint_ledger_db_1");
+        assert_eq!(slot_name(&"x".repeat(80)).len(), 63);
+    }
+}

@@ -326,6 +326,15 @@ fn the_archive_trails_the_server_survives_kills_and_replays_through_wal_fetch() 
     assert_eq!(recovered, rows_at_point, "rows at the restore point");
     assert!(source.rows() > rows_at_point);
 
+    let list = |source: &Source| run("stillpoint", &["archive-list", "--config", source.config()]);
+    let listed = list(&source);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let text = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(
+        text.starts_with("app: ") && text.contains("no gaps"),
+        "{text}"
+    );
+
     // Negative control: a segment deleted from the archive is a gap, named by the
     // chunks and positions on each side, and the range is no longer covered.
     let archive = source.archive();
@@ -355,6 +364,13 @@ fn the_archive_trails_the_server_survives_kills_and_replays_through_wal_fetch() 
     let text = error.to_string();
     assert!(
         text.contains(&before.name) && text.contains(&after.name),
+        "{text}"
+    );
+    let listed = list(&source);
+    assert_eq!(listed.status.code(), Some(6), "{}", stderr(&listed));
+    let text = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(
+        text.contains("1 gap(s)") && text.contains(&gaps[0].to_string()),
         "{text}"
     );
     // And wal-fetch says it is not there, with restore_command's exit status 1.
