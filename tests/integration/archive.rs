@@ -142,17 +142,42 @@ fn children(pid: u32) -> Vec<u32> {
     found
 }
 
-/// SIGKILLs the archiver and its pg_receivewal: nothing gets to clean up.
-fn kill_hard(archiver: Process) {
+/// SIGKILLs the archiver, and its pg_receivewal too unless `orphan`: nothing gets to
+/// clean up. Returns the pg_receivewal's pid.
+fn kill_hard(archiver: Process, orphan: bool) -> u32 {
     let receivers = children(archiver.pid());
-    assert!(!receivers.is_empty(), "the archiver runs no pg_receivewal");
+    assert_eq!(receivers.len(), 1, "the archiver runs one pg_receivewal");
     archiver.signal("KILL");
-    for pid in receivers {
+    if !orphan {
         let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
+            .args(["-KILL", &receivers[0].to_string()])
             .status();
     }
     drop(archiver);
+    receivers[0]
+}
+
+/// Kills a process we left running when dropped (a failing test must not leak it).
+struct Orphan(u32);
+
+impl Drop for Orphan {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
 }
 
 /// Every chunk that counts follows the one before it exactly: no gap, no overlap,
@@ -259,10 +284,12 @@ fn the_archive_trails_the_server_survives_kills_and_replays_through_wal_fetch() 
         .parse()
         .unwrap();
 
-    // Under load: killed outright once with its spool kept, and once more with the
-    // spool lost, each time started again.
+    // Under load, killed outright and started again: first the archiver alone (its
+    // pg_receivewal keeps streaming into the spool, holding the slot, until the next
+    // run ends it), then both, with the spool lost.
     let mut load = start_load(&source, 60);
     let mut archiver = Some(archiver);
+    let mut orphan = None;
     for round in 0..2 {
         let before = source.archived_to().unwrap();
         wait_until(
@@ -274,11 +301,21 @@ fn the_archive_trails_the_server_survives_kills_and_replays_through_wal_fetch() 
                     .is_some_and(|to| to.0 > before.0 + (4 << 20))
             },
         );
-        kill_hard(archiver.take().unwrap());
-        if round == 1 {
+        let receiver = kill_hard(archiver.take().unwrap(), round == 0);
+        if round == 0 {
+            assert!(is_running(receiver), "the orphaned pg_receivewal runs on");
+            orphan = Some(Orphan(receiver));
+        } else {
             std::fs::remove_dir_all(source.spool_root()).unwrap();
         }
         archiver = Some(source.start_archiver());
+        if let Some(Orphan(pid)) = &orphan {
+            wait_until(
+                Duration::from_secs(20),
+                "the next run to end the orphaned pg_receivewal",
+                || !is_running(*pid),
+            );
+        }
     }
     assert!(load.wait().unwrap().success(), "the load failed");
 
