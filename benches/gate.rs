@@ -11,7 +11,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use stillpoint::gate::{ClosedPolicy, Gate};
+use stillpoint_node::gate::{ClosedPolicy, Gate};
 
 /// The floor: count in, count out, nothing else.
 struct BareCounter(AtomicU64);

@@ -27,7 +27,6 @@ use crate::adapters::{self, AdapterConfig, AdapterError, CutMarker, Prepared};
 use crate::coordinator::{
     self, PauseFailed, PausePlan, PauseReport, PausedCluster, required_window,
 };
-use crate::grpc::auth::{AdminToken, ClientIdentity, read_certificate_pem};
 use crate::grpc::client::{ConnectOptions, TlsOptions};
 use crate::manifest::{self, DatabaseEntry, Manifest, Timings};
 use crate::pipeline::{self, PipelineError, PipelineSettings};
@@ -35,6 +34,7 @@ use crate::resolve::{NodeAddress, parse_address_list, resolve_srv};
 use crate::runbook::{PauseConfig, Runbook};
 use crate::storage::{Storage, StorageError};
 use crate::time::{Zone, unix_ms};
+use stillpoint_node::grpc::auth::{AdminToken, ClientIdentity, read_certificate_pem};
 
 /// How often a running backup rewrites its in-progress marker
 /// ([`manifest::MARKER_FILE`]). Orphan cleanup waits far longer (an hour) before it

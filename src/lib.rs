@@ -1,4 +1,6 @@
 //! stillpoint: transactionally-consistent backups of a paused application cluster.
+//! This is the coordinator side; what a node embeds (the gate, its pause state and the
+//! admin services) is the `stillpoint-node` crate.
 //!
 //! Layout, in the direction data flows (see docs/ARCHITECTURE.md):
 //!
@@ -19,10 +21,8 @@
 //!   restore point.
 //! - [`coordinator`]: pauses a cluster tier by tier, holds it under a lease, releases
 //!   it and proves the window (the only caller of Unpause).
-//! - [`grpc`]: the wire edge — admin services a node serves, and the client the
-//!   coordinator uses. The only module that sees prost types.
-//! - [`node`]: a node's pause state (pause id, lease, boot id) around its [`gate`].
-//! - [`gate`]: per-node admission control every transaction passes through.
+//! - [`grpc`]: the wire edge — the client the coordinator talks to nodes with. The
+//!   only module that sees prost types.
 //! - [`time`]: Unix milliseconds, human durations, time zones.
 
 pub mod adapters;
@@ -31,10 +31,8 @@ pub mod backup;
 pub mod catalog;
 pub mod coordinator;
 pub mod drill;
-pub mod gate;
 pub mod grpc;
 pub mod manifest;
-pub mod node;
 pub mod pipeline;
 pub mod pitr;
 pub mod resolve;
@@ -43,16 +41,4 @@ pub mod runbook;
 pub mod storage;
 pub mod time;
 
-/// An error and its sources, joined with `: `. Drivers and transports put the useful
-/// part (the server's message, the refused connection) in a source and show only a
-/// summary themselves.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use stillpoint_node::error_chain;

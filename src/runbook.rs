@@ -12,10 +12,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::adapters::AdapterConfig;
-use crate::node::MAX_LEASE;
 use crate::resolve::{AddressError, NodeAddress, ensure_unique};
 use crate::storage::redact_url;
 use crate::time::{deserialize_duration, format_duration};
+use stillpoint_node::pause::MAX_LEASE;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Runbook {

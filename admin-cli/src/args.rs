@@ -8,12 +8,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use stillpoint::grpc::auth::{
-    AdminToken, ClientIdentity, certificate_pem_problem, read_certificate_pem, read_private_key_pem,
-};
 use stillpoint::grpc::client::{ConnectOptions, TlsOptions};
 use stillpoint::resolve::{NodeAddress, ensure_unique, parse_address_list, resolve_srv};
 use stillpoint::time::{Zone, parse_duration};
+use stillpoint_node::grpc::auth::{
+    AdminToken, ClientIdentity, certificate_pem_problem, read_certificate_pem, read_private_key_pem,
+};
 
 use crate::exit::{Failure, USAGE};
 
@@ -134,7 +134,7 @@ impl ConnectArgs {
         };
         if let Some(problem) = client_identity
             .as_ref()
-            .and_then(stillpoint::grpc::handshake::client_identity_problem)
+            .and_then(stillpoint::grpc::probe::client_identity_problem)
         {
             return Err(Failure::new(
                 USAGE,
@@ -152,7 +152,7 @@ impl ConnectArgs {
         if let Some(problem) = self
             .override_authority
             .as_deref()
-            .and_then(stillpoint::grpc::handshake::server_name_problem)
+            .and_then(stillpoint::grpc::probe::server_name_problem)
         {
             return Err(Failure::new(
                 USAGE,

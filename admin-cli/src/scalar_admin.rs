@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use clap::Parser;
 use stillpoint::coordinator::{PausePlan, PauseReport};
-use stillpoint::grpc::UPSTREAM_DEFAULT_MAX_WAIT;
 use stillpoint::time::{Zone, unix_ms};
+use stillpoint_node::grpc::UPSTREAM_DEFAULT_MAX_WAIT;
 
 use crate::args::{ConnectArgs, OutputFormat, TierSource, resolve_tiers};
 use crate::exit::{self, Failure};

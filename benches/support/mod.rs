@@ -12,8 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use stillpoint::gate::{ClosedPolicy, Gate};
-use stillpoint::node::NodeAdmin;
+use stillpoint_node::gate::{ClosedPolicy, Gate};
+use stillpoint_node::pause::NodeAdmin;
 use tokio_util::sync::CancellationToken;
 use tower::util::MapRequestLayer;
 
@@ -259,7 +259,7 @@ pub async fn start_admin_nodes_watched(
         ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         addresses.push(listener.local_addr().unwrap().to_string());
-        let routes = stillpoint::grpc::server::admin_routes(admin.clone()).await;
+        let routes = stillpoint_node::grpc::server::admin_routes(admin.clone()).await;
         // No Nagle delay, as ledger-node serves: without it a small response can wait
         // for the client's delayed ACK, and every pause gains tens of milliseconds.
         let incoming =

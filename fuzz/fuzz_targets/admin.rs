@@ -17,11 +17,11 @@ use std::time::Duration;
 use http_body_util::BodyExt as _;
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
-use stillpoint::gate::{ClosedPolicy, Gate};
-use stillpoint::grpc::auth::{AdminSecurity, AdminToken, Role};
-use stillpoint::grpc::server::admin_routes_with;
-use stillpoint::grpc::wire::lease;
-use stillpoint::node::{NodeAdmin, NodeStatus};
+use stillpoint_node::gate::{ClosedPolicy, Gate};
+use stillpoint_node::grpc::auth::{AdminSecurity, AdminToken, Role};
+use stillpoint_node::grpc::server::admin_routes_with;
+use stillpoint_node::grpc::wire::lease;
+use stillpoint_node::pause::{NodeAdmin, NodeStatus};
 use tower::ServiceExt as _;
 
 const METHODS: &[&str] = &[

@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use stillpoint::node::MAX_LEASE;
+use stillpoint_node::pause::MAX_LEASE;
 
 use crate::chain::{GENESIS_HASH, link_hash};
 use crate::store::{AuditRow, LedgerSnapshot};

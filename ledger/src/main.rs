@@ -15,16 +15,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use stillpoint::gate::ClosedPolicy;
-use stillpoint::grpc::auth::{AdminSecurity, AdminToken, Role as TokenRole, ServerTls};
-use stillpoint::node::MAX_LEASE;
-use stillpoint::time::{format_duration, parse_duration};
 use stillpoint_ledger::check::{self, Window};
 use stillpoint_ledger::load::{self, Bound, LoadConfig};
 use stillpoint_ledger::node::{DEFAULT_RECORD_RETRY_FOR, LedgerOptions};
 use stillpoint_ledger::serve::{self, Role, ServeConfig};
 use stillpoint_ledger::signal::cancel_on_signal;
 use stillpoint_ledger::store::{self, DbUrl, Seed};
+use stillpoint_node::gate::ClosedPolicy;
+use stillpoint_node::grpc::auth::{AdminSecurity, AdminToken, Role as TokenRole, ServerTls};
+use stillpoint_node::pause::MAX_LEASE;
+use stillpoint_node::time::{format_duration, parse_duration};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -324,7 +324,7 @@ fn admin_security(args: &ServeArgs) -> anyhow::Result<AdminSecurity> {
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let mut tls = ServerTls::from_files(cert, key)?;
         if let Some(ca) = &args.client_ca {
-            tls = tls.with_client_ca(stillpoint::grpc::auth::read_certificate_pem(
+            tls = tls.with_client_ca(stillpoint_node::grpc::auth::read_certificate_pem(
                 "client CA",
                 ca,
             )?);

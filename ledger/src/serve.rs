@@ -14,10 +14,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use stillpoint::gate::{ClosedPolicy, Gate};
-use stillpoint::grpc::auth::{AdminSecurity, ServerTls};
-use stillpoint::grpc::server::admin_routes_with;
-use stillpoint::node::NodeAdmin;
+use stillpoint_node::gate::{ClosedPolicy, Gate};
+use stillpoint_node::grpc::auth::{AdminSecurity, ServerTls};
+use stillpoint_node::grpc::server::admin_routes_with;
+use stillpoint_node::pause::NodeAdmin;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

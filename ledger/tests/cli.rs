@@ -248,7 +248,7 @@ fn check_windows_have_one_rule_and_absurd_ones_are_refused() {
             &end.to_string(),
         ])
     };
-    let now = stillpoint::time::unix_ms(std::time::SystemTime::now());
+    let now = stillpoint_node::time::unix_ms(std::time::SystemTime::now());
     let sound = check(now - 5_000, now - 4_000);
     assert!(sound.status.success(), "{}", text(&sound.stderr));
 

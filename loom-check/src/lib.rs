@@ -1,6 +1,6 @@
 //! Model-checks the gate's admission counter with loom.
 //!
-//! This crate compiles the very file the gate uses, `src/gate/admission.rs`, against
+//! This crate compiles the very file the gate uses, `node/src/gate/admission.rs`, against
 //! loom's atomics instead of std's (the file reaches them through `super::atomic`), and
 //! explores every interleaving of requests entering and leaving while a pauser closes,
 //! drains and reopens the gate. It is a separate crate so that loom never touches the
@@ -12,7 +12,7 @@ mod atomic {
 }
 
 #[cfg(test)]
-#[path = "../../src/gate/admission.rs"]
+#[path = "../../node/src/gate/admission.rs"]
 #[allow(dead_code)]
 mod admission;
 

@@ -33,9 +33,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::grpc::client::{CallError, ClockReading, ConnectOptions, NodeClient, Protocol};
-use crate::node::{Holder, MAX_LEASE, NodeStatus, PauseOwner, check_id};
 use crate::resolve::{AddressError, NodeAddress, ensure_unique};
 use crate::time::unix_ms;
+use stillpoint_node::pause::{Holder, MAX_LEASE, NodeStatus, PauseOwner, check_id};
 
 /// Added to twice the clock-skew bound: the shortest window that still proves an order
 /// between the coordinator's clock and every node's.

@@ -110,7 +110,7 @@ fn the_first_tiers_lowest_address_is_paused_alone_first() {
 /// port, whose answers to LeaseAdmin/Pause can be lost on the way back.
 struct TestNode {
     address: NodeAddress,
-    admin: std::sync::Arc<crate::node::NodeAdmin>,
+    admin: std::sync::Arc<stillpoint_node::pause::NodeAdmin>,
     shutdown: tokio_util::sync::CancellationToken,
     served: tokio::task::JoinHandle<()>,
 }
@@ -119,9 +119,11 @@ impl TestNode {
     async fn start(lose_pause_answers: bool) -> TestNode {
         use std::sync::Arc;
 
-        let gate = Arc::new(crate::gate::Gate::new(crate::gate::ClosedPolicy::Reject));
-        let admin = Arc::new(crate::node::NodeAdmin::new(gate, None));
-        let routes = crate::grpc::server::admin_routes(admin.clone()).await;
+        let gate = Arc::new(stillpoint_node::gate::Gate::new(
+            stillpoint_node::gate::ClosedPolicy::Reject,
+        ));
+        let admin = Arc::new(stillpoint_node::pause::NodeAdmin::new(gate, None));
+        let routes = stillpoint_node::grpc::server::admin_routes(admin.clone()).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let shutdown = tokio_util::sync::CancellationToken::new();
@@ -234,7 +236,7 @@ async fn a_clock_step_on_the_coordinator_inside_the_window_invalidates_it() {
     let node = TestNode::start(false).await;
     let plan = PausePlan::new(
         vec![vec![node.address.clone()]],
-        crate::node::MAX_LEASE,
+        stillpoint_node::pause::MAX_LEASE,
         Duration::from_secs(5),
     );
     let paused = super::pause(&plan).await.unwrap();
@@ -289,7 +291,7 @@ fn a_restart_is_caught_by_the_boot_id() {
         clock_offset_ms: Some(0),
         rtt_ms: Some(1),
     };
-    let status = |boot_id: &str, pause_seq: u64| crate::node::NodeStatus {
+    let status = |boot_id: &str, pause_seq: u64| stillpoint_node::pause::NodeStatus {
         paused: true,
         holder: None,
         boot_id: boot_id.to_owned(),

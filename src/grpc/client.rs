@@ -18,15 +18,15 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
-use super::auth::{
+use super::probe::{PortSpeaks, client_certificate_refusal, what_port_speaks};
+use crate::resolve::NodeAddress;
+use stillpoint_node::grpc::auth::{
     AdminToken, ClientIdentity, MALFORMED_TOKEN, NO_CLIENT_CERT, NO_TOKEN, WRONG_TOKEN,
 };
-use super::handshake::{PortSpeaks, client_certificate_refusal, what_port_speaks};
-use super::wire::lease::lease_admin_client::LeaseAdminClient;
-use super::wire::rpc::admin_client::AdminClient;
-use super::wire::{lease, rpc};
-use crate::node::{Holder, NodeStatus, PauseOwner, Released};
-use crate::resolve::NodeAddress;
+use stillpoint_node::grpc::wire::lease::lease_admin_client::LeaseAdminClient;
+use stillpoint_node::grpc::wire::rpc::admin_client::AdminClient;
+use stillpoint_node::grpc::wire::{lease, rpc};
+use stillpoint_node::pause::{NodeStatus, PauseOwner, Released};
 
 /// How to reach nodes. TLS verifies the server certificate against the given CA (or the
 /// system roots) and the node's host name, or `override_authority` when set.
@@ -510,7 +510,7 @@ async fn channel(address: &NodeAddress, options: &ConnectOptions) -> Result<Chan
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true);
     if let Some(tls) = &options.tls {
-        super::auth::install_crypto_provider();
+        stillpoint_node::grpc::auth::install_crypto_provider();
         let mut config = ClientTlsConfig::new();
         config = match &tls.ca_pem {
             Some(pem) => config.ca_certificate(Certificate::from_pem(pem)),
@@ -572,33 +572,6 @@ fn connect_error(chain: &str) -> CallError {
         CallError::Tls(chain.to_owned())
     } else {
         CallError::Unreachable(chain.to_owned())
-    }
-}
-
-impl From<lease::NodeStatus> for NodeStatus {
-    fn from(wire: lease::NodeStatus) -> Self {
-        let holder = match (wire.paused, wire.pause_id.is_empty()) {
-            (_, false) => Some(Holder::Coordinator(PauseOwner::new(
-                wire.pause_id,
-                wire.coordinator_id,
-            ))),
-            (true, true) => Some(Holder::Upstream),
-            (false, true) => None,
-        };
-        NodeStatus {
-            paused: wire.paused,
-            holder,
-            boot_id: wire.boot_id,
-            node_time_ms: wire.node_time_ms,
-            paused_since_ms: (wire.paused_since_ms != 0).then_some(wire.paused_since_ms),
-            pause_seq: wire.pause_seq,
-            in_flight: wire.in_flight,
-            drained_in_flight: wire.drained_in_flight,
-            in_flight_at_pause: wire.in_flight_at_pause,
-            lease_remaining: (wire.lease_remaining_ms != 0)
-                .then(|| Duration::from_millis(wire.lease_remaining_ms)),
-            held_now: wire.held_now,
-        }
     }
 }
 

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 
-use stillpoint::grpc::wire::rpc::admin_server::{Admin, AdminServer};
-use stillpoint::grpc::wire::rpc::{CheckPausedResponse, PauseRequest, StatsResponse};
+use stillpoint_node::grpc::wire::rpc::admin_server::{Admin, AdminServer};
+use stillpoint_node::grpc::wire::rpc::{CheckPausedResponse, PauseRequest, StatsResponse};
 use tonic::{Request, Response, Status};
 
 #[derive(Debug, Default)]

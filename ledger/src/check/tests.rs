@@ -370,7 +370,7 @@ async fn a_commit_inside_the_window_is_named(backend: Backend) {
     cluster.transfers("before", 3).await;
     cluster.transfers("inside", 1).await;
     // A window after every write so far: the check passes.
-    let now = stillpoint::time::unix_ms(std::time::SystemTime::now());
+    let now = stillpoint_node::time::unix_ms(std::time::SystemTime::now());
     let window = Window {
         start_ms: now + 60_000,
         end_ms: now + 120_000,

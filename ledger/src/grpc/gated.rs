@@ -8,11 +8,11 @@
 //! `TaskTracker` that the server waits for at shutdown. A call held at a closed gate
 //! is not admitted yet: it waits in its own request future, and a caller that gives up
 //! (deadline, disconnect) takes it away with it, so it never runs after the pause
-//! (`stillpoint::gate::GateLayer::run_to_completion`). Nothing is detached.
+//! (`stillpoint_node::gate::GateLayer::run_to_completion`). Nothing is detached.
 
 use std::sync::Arc;
 
-use stillpoint::gate::{Gate, GateLayer, Gated};
+use stillpoint_node::gate::{Gate, GateLayer, Gated};
 use tokio_util::task::TaskTracker;
 use tower::Layer;
 

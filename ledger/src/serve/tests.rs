@@ -7,10 +7,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use stillpoint::grpc::client::{ConnectOptions, NodeClient};
-use stillpoint::node::PauseOwner;
-use stillpoint::resolve::NodeAddress;
+use stillpoint_node::grpc::wire::lease;
+use stillpoint_node::grpc::wire::lease::lease_admin_client::LeaseAdminClient;
+use stillpoint_node::grpc::wire::rpc::admin_client::AdminClient;
+use stillpoint_node::pause::NodeStatus;
+use stillpoint_node::pause::PauseOwner;
 use tonic::Code;
+use tonic::transport::Channel;
 
 use super::*;
 use crate::check::check;
@@ -23,8 +26,8 @@ struct Cluster {
     ledger_db: DbUrl,
     auditor_db: DbUrl,
     ledger: SocketAddr,
-    ledger_admin: NodeAddress,
-    auditor_admin: NodeAddress,
+    ledger_admin: String,
+    auditor_admin: String,
     shutdown: CancellationToken,
 }
 
@@ -68,9 +71,9 @@ async fn start(
         ledger_db,
         auditor_db,
         ledger: ledger_listener.local_addr().unwrap(),
-        ledger_admin: NodeAddress::new("127.0.0.1", admin_port),
+        ledger_admin: format!("http://127.0.0.1:{admin_port}"),
         // The auditor serves its admin services on its application port.
-        auditor_admin: NodeAddress::new("127.0.0.1", auditor_port),
+        auditor_admin: format!("http://127.0.0.1:{auditor_port}"),
         shutdown: CancellationToken::new(),
     };
     let shutdown = cluster.shutdown.clone();
@@ -86,16 +89,12 @@ async fn start(
 }
 
 impl Cluster {
-    async fn admin(&self) -> NodeClient {
-        NodeClient::connect(&self.ledger_admin, &ConnectOptions::default())
-            .await
-            .unwrap()
+    async fn admin(&self) -> Admin {
+        Admin::connect(&self.ledger_admin).await
     }
 
-    async fn auditor_admin(&self) -> NodeClient {
-        NodeClient::connect(&self.auditor_admin, &ConnectOptions::default())
-            .await
-            .unwrap()
+    async fn auditor_admin(&self) -> Admin {
+        Admin::connect(&self.auditor_admin).await
     }
 
     async fn check(&self) -> crate::check::CheckReport {
@@ -396,4 +395,66 @@ async fn a_ledger_on_postgres_and_an_auditor_on_mariadb_stay_consistent_under_lo
         committed,
         mariadb.sql("auditor", "SELECT COUNT(*) FROM audit")
     );
+}
+
+/// A node's admin services on the wire, as a coordinator calls them: the ledger embeds
+/// only `stillpoint-node`, so its tests speak the protocol directly.
+struct Admin {
+    lease: LeaseAdminClient<Channel>,
+    upstream: AdminClient<Channel>,
+}
+
+impl Admin {
+    async fn connect(url: &str) -> Admin {
+        let channel = Channel::from_shared(url.to_owned())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Admin {
+            lease: LeaseAdminClient::new(channel.clone()),
+            upstream: AdminClient::new(channel),
+        }
+    }
+
+    /// The node's gate and pause counters (upstream `Stats`, JSON).
+    async fn stats(&mut self) -> Result<serde_json::Value, tonic::Status> {
+        let text = self.upstream.stats(()).await?.into_inner().stats;
+        Ok(serde_json::from_str(&text).expect("Stats answers JSON"))
+    }
+
+    async fn pause_leased(
+        &mut self,
+        owner: &PauseOwner,
+        lease: Duration,
+        max_wait: Duration,
+        wait_outstanding: bool,
+    ) -> Result<NodeStatus, tonic::Status> {
+        let request = lease::LeasedPauseRequest {
+            pause_id: owner.pause_id.clone(),
+            coordinator_id: owner.coordinator_id.clone(),
+            lease_ms: lease.as_millis() as u64,
+            max_pause_wait_ms: max_wait.as_millis() as u64,
+            wait_outstanding,
+        };
+        let status = self.lease.pause(request).await?.into_inner();
+        Ok(status.into())
+    }
+
+    async fn unpause_leased(&mut self, owner: Option<&PauseOwner>) -> Result<(), tonic::Status> {
+        let request = lease::UnpauseRequest {
+            pause_id: owner.map(|o| o.pause_id.clone()).unwrap_or_default(),
+            coordinator_id: owner.map(|o| o.coordinator_id.clone()).unwrap_or_default(),
+        };
+        self.lease.unpause(request).await.map(drop)
+    }
+
+    async fn status(&mut self) -> Result<NodeStatus, tonic::Status> {
+        let status = self
+            .lease
+            .status(lease::StatusRequest {})
+            .await?
+            .into_inner();
+        Ok(status.into())
+    }
 }

@@ -108,7 +108,7 @@ impl std::str::FromStr for DbUrl {
                 // when the first connection is made.
                 let config: tokio_postgres::Config = url
                     .parse()
-                    .map_err(|error| unsupported(stillpoint::error_chain(&error)))?;
+                    .map_err(|error| unsupported(stillpoint_node::error_chain(&error)))?;
                 if config.get_hosts().is_empty() {
                     return Err(unsupported(format!("no host; {URL_FORMS}")));
                 }
@@ -227,7 +227,7 @@ pub struct AuditRow {
 pub enum DriverError {
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
-    #[error("{}", stillpoint::error_chain(.0))]
+    #[error("{}", stillpoint_node::error_chain(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error(transparent)]
     MySql(#[from] mysql_async::Error),

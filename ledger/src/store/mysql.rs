@@ -26,7 +26,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, IsolationLevel, Opts, OptsBuilder, Transaction, TxOpts};
 use tokio::sync::{Mutex, MutexGuard};
 
-use stillpoint::time::unix_ms;
+use stillpoint_node::time::unix_ms;
 
 use super::{
     AuditRow, AuditorStore, Committed, DriverError, IfMissing, LedgerRow, LedgerSnapshot,

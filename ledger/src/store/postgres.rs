@@ -29,7 +29,7 @@ use tokio_postgres::{
     Client, Config, Connection, IsolationLevel, NoTls, Socket, Statement, Transaction,
 };
 
-use stillpoint::time::unix_ms;
+use stillpoint_node::time::unix_ms;
 
 use super::{
     AuditRow, AuditorStore, Committed, DriverError, IfMissing, LedgerRow, LedgerSnapshot,
@@ -214,7 +214,7 @@ async fn connect(url: &ServerUrl, missing: IfMissing) -> Result<Session, StoreEr
         .parse()
         .map_err(|error| StoreError::UnsupportedUrl {
             url: shown.clone(),
-            reason: stillpoint::error_chain(&error),
+            reason: stillpoint_node::error_chain(&error),
         })?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);

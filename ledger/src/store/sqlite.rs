@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use stillpoint::time::unix_ms;
+use stillpoint_node::time::unix_ms;
 
 use super::{
     AuditRow, AuditorStore, Committed, DriverError, LedgerRow, LedgerSnapshot, LedgerStore, Seed,

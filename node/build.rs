@@ -12,9 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("admin_descriptor.bin"))
         .compile_with_config(
             config,
-            &["proto/admin.proto", "proto/stillpoint_admin.proto"],
-            &["proto"],
+            &["../proto/admin.proto", "../proto/stillpoint_admin.proto"],
+            &["../proto"],
         )?;
-    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=../proto");
     Ok(())
 }

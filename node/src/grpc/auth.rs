@@ -16,8 +16,9 @@
 //! load balancers carry no credentials. Reflection is guarded like a read call.
 //!
 //! The client side ([`AdminToken`] in `ConnectOptions`, [`ClientIdentity`] in
-//! `TlsOptions`) lives in `client.rs`; the token type and its redaction are here so
-//! that both sides share one notion of a secret.
+//! `TlsOptions`) lives in the coordinator's `stillpoint::grpc::client`; the token and
+//! identity types and their redaction are here so that both sides share one notion of
+//! a secret, and the refusal texts below are what that client recognises.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -33,9 +34,9 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// Makes ring the process's rustls provider, once, before any TLS configuration is
-/// built. Both ring (tonic's `tls-ring`) and aws-lc-rs (object_store's HTTP client)
-/// are compiled in, and rustls then panics rather than choose; an embedder that
-/// installed a provider of its own keeps it.
+/// built. When aws-lc-rs is compiled in too (the coordinator's object_store brings
+/// it, and so may an embedder's HTTP client), rustls panics rather than choose; an
+/// embedder that installed a provider of its own keeps it.
 pub fn install_crypto_provider() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -327,8 +328,8 @@ impl ServerTls {
 
     /// Fails when the certificate, key or client CA cannot be used: for checking them
     /// before anything listens.
-    pub fn check(&self) -> Result<(), super::handshake::TlsConfigError> {
-        super::handshake::server_config(
+    pub fn check(&self) -> Result<(), super::tls::TlsConfigError> {
+        super::tls::server_config(
             &self.cert_pem,
             self.key_pem.expose(),
             self.client_ca_pem.as_deref(),
@@ -349,14 +350,14 @@ impl ServerTls {
             Item = Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
         > + Send
         + 'static,
-        super::handshake::TlsConfigError,
+        super::tls::TlsConfigError,
     > {
-        let config = super::handshake::server_config(
+        let config = super::tls::server_config(
             &self.cert_pem,
             self.key_pem.expose(),
             self.client_ca_pem.as_deref(),
         )?;
-        Ok(super::handshake::accept_tls(config, incoming))
+        Ok(super::tls::accept_tls(config, incoming))
     }
 
     /// The tonic server configuration. Client certificates are verified whenever they
@@ -442,11 +443,11 @@ pub(crate) struct Policy {
     require_client_cert: bool,
 }
 
-/// Messages of refusals, which `client.rs` recognises to add the matching CLI hint.
-pub(crate) const NO_TOKEN: &str = "no bearer token";
-pub(crate) const WRONG_TOKEN: &str = "wrong bearer token";
-pub(crate) const MALFORMED_TOKEN: &str = "malformed authorization header";
-pub(crate) const NO_CLIENT_CERT: &str = "no client certificate";
+/// Messages of refusals, which the coordinator's client (`stillpoint::grpc::client`) recognises to add the matching CLI hint.
+pub const NO_TOKEN: &str = "no bearer token";
+pub const WRONG_TOKEN: &str = "wrong bearer token";
+pub const MALFORMED_TOKEN: &str = "malformed authorization header";
+pub const NO_CLIENT_CERT: &str = "no client certificate";
 
 impl Policy {
     /// `Ok` or the status to answer with; logs every refusal.

@@ -14,7 +14,9 @@ use super::auth::{AdminSecurity, Guarded};
 use super::wire::lease::lease_admin_server::{LeaseAdmin, LeaseAdminServer};
 use super::wire::rpc::admin_server::{Admin, AdminServer};
 use super::wire::{FILE_DESCRIPTOR_SET, lease, rpc};
-use crate::node::{AdminError, ErrorKind, Holder, NodeAdmin, NodeStatus, PauseCommand, PauseOwner};
+use crate::pause::{
+    AdminError, ErrorKind, Holder, NodeAdmin, NodeStatus, PauseCommand, PauseOwner,
+};
 
 /// Every admin service of a node, open to any caller, ready to add to a tonic server
 /// (or to merge with the application's own services when they share a port). Right
@@ -230,6 +232,35 @@ impl From<NodeStatus> for lease::NodeStatus {
             in_flight_at_pause: status.in_flight_at_pause,
             lease_remaining_ms: status.lease_remaining.map_or(0, |d| d.as_millis() as u64),
             held_now: status.held_now,
+        }
+    }
+}
+
+/// The way back, for the coordinator's client (`stillpoint::grpc::client`): a status
+/// read off the wire. Here beside its inverse, since both types are this crate's.
+impl From<lease::NodeStatus> for NodeStatus {
+    fn from(wire: lease::NodeStatus) -> Self {
+        let holder = match (wire.paused, wire.pause_id.is_empty()) {
+            (_, false) => Some(Holder::Coordinator(PauseOwner::new(
+                wire.pause_id,
+                wire.coordinator_id,
+            ))),
+            (true, true) => Some(Holder::Upstream),
+            (false, true) => None,
+        };
+        NodeStatus {
+            paused: wire.paused,
+            holder,
+            boot_id: wire.boot_id,
+            node_time_ms: wire.node_time_ms,
+            paused_since_ms: (wire.paused_since_ms != 0).then_some(wire.paused_since_ms),
+            pause_seq: wire.pause_seq,
+            in_flight: wire.in_flight,
+            drained_in_flight: wire.drained_in_flight,
+            in_flight_at_pause: wire.in_flight_at_pause,
+            lease_remaining: (wire.lease_remaining_ms != 0)
+                .then(|| Duration::from_millis(wire.lease_remaining_ms)),
+            held_now: wire.held_now,
         }
     }
 }

@@ -1,22 +1,7 @@
-//! The admin guard: token rules, what each role may call, that secrets never show in
-//! `Debug`, and an in-process node on port 0 that refuses, answers and leaves health
-//! open exactly as docs/security.md says.
-
-use std::sync::Arc;
-use std::time::Duration;
-
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
+//! Who may call: tokens, roles and client certificates, checked on the policy itself.
+//! Calls over the wire through the coordinator's client are `stillpoint::grpc::tests`.
 
 use super::*;
-use crate::gate::{ClosedPolicy, Gate};
-use crate::grpc::client::{CallError, ConnectOptions, NodeClient, TlsOptions};
-use crate::grpc::server::admin_routes_with;
-use crate::node::NodeAdmin;
-use crate::node::PauseOwner;
-use crate::resolve::NodeAddress;
 
 const OPERATOR: &str = "op-0123456789abcdef-secret";
 const OBSERVER: &str = "obs-0123456789abcdef-secret";
@@ -94,21 +79,10 @@ fn secrets_never_show_in_debug() {
         cert_pem: "CERT".to_owned(),
         key_pem: Secret::new("KEY-MATERIAL"),
     };
-    let options = ConnectOptions {
-        tls: Some(TlsOptions {
-            ca_pem: None,
-            override_authority: None,
-            client_identity: Some(identity.clone()),
-        }),
-        token: Some(token(OPERATOR)),
-        ..ConnectOptions::default()
-    };
     let server = ServerTls::new("CERT", Secret::new("KEY-MATERIAL")).with_client_ca("CA");
     let security = security().with_tls(server.clone());
     for printed in [
         format!("{:?}", token(OPERATOR)),
-        format!("{options:?}"),
-        format!("{options:#?}"),
         format!("{identity:?}"),
         format!("{server:?}"),
         format!("{security:?}"),
@@ -119,7 +93,7 @@ fn secrets_never_show_in_debug() {
         }
     }
     // And the redaction is visible, so nobody mistakes it for an empty value.
-    assert!(format!("{options:?}").contains("redacted"));
+    assert!(format!("{identity:?}").contains("redacted"));
 }
 
 #[test]
@@ -219,158 +193,4 @@ fn mutual_tls_without_a_client_certificate_is_unauthenticated() {
     // TLS without a client CA asks for no certificate.
     let tls_only = AdminSecurity::default().with_tls(ServerTls::new("CERT", Secret::new("KEY")));
     assert!(!tls_only.checks_calls());
-}
-
-/// A node served in-process; `stop` cancels it and waits for the server to end.
-struct Served {
-    address: NodeAddress,
-    admin: Arc<NodeAdmin>,
-    shutdown: CancellationToken,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Served {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.server.await.unwrap();
-    }
-}
-
-/// Serves `admin_routes_with(security)` on a free port.
-async fn serve(security: AdminSecurity) -> Served {
-    let admin = Arc::new(NodeAdmin::new(
-        Arc::new(Gate::new(ClosedPolicy::Reject)),
-        None,
-    ));
-    let routes = admin_routes_with(admin.clone(), &security).await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = NodeAddress::new("127.0.0.1", listener.local_addr().unwrap().port());
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    let server = tokio::spawn(async move {
-        Server::builder()
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop.cancelled_owned())
-            .await
-            .unwrap();
-    });
-    Served {
-        address,
-        admin,
-        shutdown,
-        server,
-    }
-}
-
-fn with_token(text: Option<&str>) -> ConnectOptions {
-    ConnectOptions {
-        token: text.map(token),
-        connect_timeout: Duration::from_secs(5),
-        ..ConnectOptions::default()
-    }
-}
-
-#[tokio::test]
-async fn a_node_refuses_calls_without_the_token_and_says_how_to_fix_it() {
-    let node = serve(security()).await;
-    let (address, admin) = (&node.address, &node.admin);
-
-    let refused = NodeClient::connect(address, &with_token(None))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&refused, CallError::Unauthenticated { message } if message.starts_with(NO_TOKEN)),
-        "{refused:?}"
-    );
-    let text = refused.to_string();
-    assert!(text.contains("UNAUTHENTICATED"), "{text}");
-    assert!(text.contains("--token-file"), "{text}");
-    assert!(text.contains("STILLPOINT_ADMIN_TOKEN"), "{text}");
-
-    let wrong = NodeClient::connect(address, &with_token(Some("a-wrong-token-of-length")))
-        .await
-        .unwrap_err();
-    assert!(wrong.to_string().contains(WRONG_TOKEN), "{wrong}");
-    assert!(!wrong.to_string().contains(OPERATOR), "{wrong}");
-
-    // An observer reads, and may not pause.
-    let mut observer = NodeClient::connect(address, &with_token(Some(OBSERVER)))
-        .await
-        .unwrap();
-    assert!(!observer.status().await.unwrap().paused);
-    let denied = observer
-        .pause_leased(
-            &PauseOwner::new("p1", ""),
-            Duration::from_secs(10),
-            Duration::from_secs(1),
-            true,
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(denied, CallError::PermissionDenied(_)),
-        "{denied:?}"
-    );
-    assert!(!admin.status().paused, "a refused pause paused the node");
-
-    let mut operator = NodeClient::connect(address, &with_token(Some(OPERATOR)))
-        .await
-        .unwrap();
-    let paused = operator
-        .pause_leased(
-            &PauseOwner::new("p1", ""),
-            Duration::from_secs(10),
-            Duration::from_secs(1),
-            true,
-        )
-        .await
-        .unwrap();
-    assert!(paused.paused && admin.gate().is_closed());
-    assert!(
-        operator
-            .unpause_leased(Some(&PauseOwner::new("p1", "")))
-            .await
-            .unwrap()
-            .was_paused
-    );
-    node.stop().await;
-}
-
-#[tokio::test]
-async fn health_stays_open_and_reflection_is_guarded() {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-
-    let node = serve(security()).await;
-    let address = &node.address;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let health = HealthClient::new(channel.clone())
-        .check(HealthCheckRequest {
-            service: "rpc.Admin".to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        health.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
-
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let refused = ServerReflectionClient::new(channel)
-        .server_reflection_info(futures::stream::iter([request]))
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
-    node.stop().await;
 }
