@@ -105,7 +105,7 @@ pub struct DatabaseConfig {
     pub role: Option<String>,
     pub adapter: AdapterConfig,
     /// `archive = true`: the database's log is archived continuously into the
-    /// storage (`stillpoint archive`; PostgreSQL only for now).
+    /// storage (`stillpoint archive`; PostgreSQL and MariaDB).
     pub archive: bool,
 }
 
@@ -120,7 +120,14 @@ pub struct ArchiveConfig {
         deserialize_with = "deserialize_duration"
     )]
     pub partial_interval: Duration,
-    /// Where pg_receivewal writes before a chunk is pushed (one directory per
+    /// How often a MariaDB binlog file still being written is cut into a chunk: about
+    /// how far the archive trails the server.
+    #[serde(
+        default = "default_chunk_interval",
+        deserialize_with = "deserialize_duration"
+    )]
+    pub chunk_interval: Duration,
+    /// Where pg_receivewal or mariadb-binlog writes before a chunk is pushed (one directory per
     /// database under it). Default: `stillpoint-archive/<cluster>` in the system's
     /// temporary directory. Losing it loses nothing archived; it only saves
     /// streaming a segment again.
@@ -132,6 +139,7 @@ impl Default for ArchiveConfig {
     fn default() -> Self {
         ArchiveConfig {
             partial_interval: default_partial_interval(),
+            chunk_interval: default_chunk_interval(),
             spool_dir: None,
         }
     }
@@ -812,13 +820,23 @@ impl Runbook {
                     database.name
                 ));
             }
-            if database.archive && !matches!(database.adapter, AdapterConfig::Postgres(_)) {
+            if database.archive
+                && !matches!(
+                    database.adapter,
+                    AdapterConfig::Postgres(_) | AdapterConfig::Mariadb(_)
+                )
+            {
                 return Err(format!(
-                    "database {:?}: archive = true is supported for the postgres adapter \
-                     only (binlog archiving for MariaDB is not there yet); remove it",
+                    "database {:?}: archive = true is supported for the postgres and mariadb \
+                     adapters only; remove it",
                     database.name
                 ));
             }
+        }
+        if self.archive.chunk_interval.is_zero() {
+            return Err(
+                "[archive] chunk_interval is 0ms; it must be positive (e.g. 1s)".to_owned(),
+            );
         }
         if self.archive.partial_interval.is_zero() {
             return Err(
@@ -969,6 +987,10 @@ fn default_connect_timeout() -> Duration {
 }
 
 fn default_partial_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_chunk_interval() -> Duration {
     Duration::from_secs(1)
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use clap::Args;
 use stillpoint::adapters::AdapterConfig;
+use stillpoint::archive::mariadb::{BinlogArchiver, BinlogArchiverConfig, BinlogArchiverStatus};
 use stillpoint::archive::postgres::{self, ArchiverConfig, ArchiverStatus, Fetched, PgArchiver};
 use stillpoint::archive::{self as archives, Archive, ArchiveError, PushOutcome};
 use stillpoint::backup;
@@ -28,8 +29,8 @@ pub struct ArchiveArgs {
     /// The runbook: its storage, pipeline and the databases with `archive = true`.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: PathBuf,
-    /// Archive only this PostgreSQL database of the runbook (with or without
-    /// `archive = true`).
+    /// Archive only this PostgreSQL or MariaDB database of the runbook (with or
+    /// without `archive = true`).
     #[arg(long, value_name = "NAME")]
     pub database: Option<String>,
     /// `text`: a line per chunk stored; `json`: one JSON object per line.
@@ -115,40 +116,57 @@ pub async fn archive(args: ArchiveArgs) -> Result<u8, Failure> {
             exit::USAGE,
             anyhow!(
                 "no database of the runbook has archive = true; set it on the PostgreSQL \
-                 databases to archive, or pass --database NAME"
+                 and MariaDB databases to archive, or pass --database NAME"
             ),
         ));
     }
     let mut archivers = Vec::new();
     for database in chosen {
-        let AdapterConfig::Postgres(config) = &database.adapter else {
-            return Err(Failure::new(
-                exit::USAGE,
-                anyhow!(
-                    "database {:?} is not PostgreSQL; only PostgreSQL WAL is archived for now",
-                    database.name
-                ),
-            ));
-        };
         let archive = open_archive(&runbook, &database.name)?;
-        let config = ArchiverConfig::new(
-            &database.name,
-            config.clone(),
-            &runbook.spool_root(),
-            runbook.archive.partial_interval,
-        );
-        archivers.push(PgArchiver::new(config, archive));
+        match &database.adapter {
+            AdapterConfig::Postgres(config) => {
+                let config = ArchiverConfig::new(
+                    &database.name,
+                    config.clone(),
+                    &runbook.spool_root(),
+                    runbook.archive.partial_interval,
+                );
+                archivers.push(Archiver::Wal(PgArchiver::new(config, archive)));
+            }
+            AdapterConfig::Mariadb(config) => {
+                let config = BinlogArchiverConfig::new(
+                    &database.name,
+                    config.clone(),
+                    &runbook.spool_root(),
+                    runbook.archive.chunk_interval,
+                );
+                archivers.push(Archiver::Binlog(BinlogArchiver::new(config, archive)));
+            }
+            _ => {
+                return Err(Failure::new(
+                    exit::USAGE,
+                    anyhow!(
+                        "database {:?} is neither PostgreSQL nor MariaDB; only their logs are \
+                         archived",
+                        database.name
+                    ),
+                ));
+            }
+        }
     }
 
     let cancel = CancellationToken::new();
     let runs = futures::future::join_all(archivers.iter().map(|archiver| async {
-        let result = archiver.run(&cancel).await;
+        let result = match archiver {
+            Archiver::Wal(archiver) => archiver.run(&cancel).await,
+            Archiver::Binlog(archiver) => archiver.run(&cancel).await,
+        };
         if result.is_err() {
             // One archiver that cannot go on stops the command: the others flush and
             // stop too, rather than leave an operator believing all is archived.
             cancel.cancel();
         }
-        (archiver.config().database.clone(), result)
+        (archiver.database().to_owned(), result)
     }));
     let progress = print_progress(&archivers, args.output, &cancel);
     let signal = async {
@@ -175,25 +193,84 @@ pub async fn archive(args: ArchiveArgs) -> Result<u8, Failure> {
     }
 }
 
+/// One database's archiver, whichever log it archives.
+enum Archiver {
+    Wal(PgArchiver),
+    Binlog(BinlogArchiver),
+}
+
+impl Archiver {
+    fn database(&self) -> &str {
+        match self {
+            Archiver::Wal(archiver) => &archiver.config().database,
+            Archiver::Binlog(archiver) => &archiver.config().database,
+        }
+    }
+
+    fn status(&self) -> Status {
+        match self {
+            Archiver::Wal(archiver) => Status::Wal(archiver.status()),
+            Archiver::Binlog(archiver) => Status::Binlog(archiver.status()),
+        }
+    }
+}
+
+enum Status {
+    Wal(tokio::sync::watch::Receiver<ArchiverStatus>),
+    Binlog(tokio::sync::watch::Receiver<BinlogArchiverStatus>),
+}
+
+/// What progress lines are printed on: chunks stored, the last error, and the line.
+struct Seen {
+    chunks_stored: u64,
+    last_error: Option<String>,
+    line: String,
+}
+
+impl Status {
+    fn look(&mut self, database: &str, output: OutputFormat) -> Seen {
+        match self {
+            Status::Wal(receiver) => {
+                let now = receiver.borrow_and_update().clone();
+                Seen {
+                    chunks_stored: now.chunks_stored,
+                    last_error: now.last_error.clone(),
+                    line: render(database, &now, output),
+                }
+            }
+            Status::Binlog(receiver) => {
+                let now = receiver.borrow_and_update().clone();
+                Seen {
+                    chunks_stored: now.chunks_stored,
+                    last_error: now.last_error.clone(),
+                    line: render_binlog(database, &now, output),
+                }
+            }
+        }
+    }
+
+    async fn stopped(&mut self) {
+        let _ = match self {
+            Status::Wal(receiver) => receiver.wait_for(|s| !s.streaming).await.map(|_| ()),
+            Status::Binlog(receiver) => receiver.wait_for(|s| !s.streaming).await.map(|_| ()),
+        };
+    }
+}
+
 /// A line whenever an archiver stores a chunk or fails, until `cancel` fires (and
 /// once more after, for the final flush).
-async fn print_progress(
-    archivers: &[PgArchiver],
-    output: OutputFormat,
-    cancel: &CancellationToken,
-) {
-    let mut receivers: Vec<_> = archivers.iter().map(PgArchiver::status).collect();
-    let mut shown: Vec<ArchiverStatus> = vec![ArchiverStatus::default(); archivers.len()];
+async fn print_progress(archivers: &[Archiver], output: OutputFormat, cancel: &CancellationToken) {
+    let mut receivers: Vec<Status> = archivers.iter().map(Archiver::status).collect();
+    let mut shown: Vec<(u64, Option<String>)> = vec![(0, None); archivers.len()];
     let mut stopping = false;
     loop {
         for (index, receiver) in receivers.iter_mut().enumerate() {
-            let now = receiver.borrow_and_update().clone();
+            let now = receiver.look(archivers[index].database(), output);
             let before = &shown[index];
-            if now.chunks_stored != before.chunks_stored || now.last_error != before.last_error {
-                let database = &archivers[index].config().database;
-                write_stdout(&format!("{}\n", render(database, &now, output)));
+            if now.chunks_stored != before.0 || now.last_error != before.1 {
+                write_stdout(&format!("{}\n", now.line));
             }
-            shown[index] = now;
+            shown[index] = (now.chunks_stored, now.last_error);
         }
         if stopping {
             return;
@@ -203,12 +280,48 @@ async fn print_progress(
             () = cancel.cancelled() => {
                 // Let the archivers push what they have before the last look.
                 for receiver in &mut receivers {
-                    let _ = receiver
-                        .wait_for(|status| !status.streaming)
-                        .await;
+                    receiver.stopped().await;
                 }
                 stopping = true;
             }
+        }
+    }
+}
+
+fn render_binlog(database: &str, status: &BinlogArchiverStatus, output: OutputFormat) -> String {
+    match output {
+        OutputFormat::Json => serde_json::json!({
+            "database": database,
+            "archived_to": status.archived_to.as_ref().map(ToString::to_string),
+            "server_position": status.server_position.as_ref().map(ToString::to_string),
+            "lag_bytes": status.lag_bytes(),
+            "last_chunk": status.last_chunk,
+            "chunks_stored": status.chunks_stored,
+            "restarts": status.restarts,
+            "last_error": status.last_error,
+        })
+        .to_string(),
+        OutputFormat::Text => {
+            let mut line = format!(
+                "{database}: archived to {}",
+                status
+                    .archived_to
+                    .as_ref()
+                    .map_or("nothing yet".to_owned(), ToString::to_string)
+            );
+            if let Some(chunk) = &status.last_chunk {
+                line.push_str(&format!(" (last stored: {chunk})"));
+            }
+            if let Some(server) = &status.server_position {
+                line.push_str(&format!(", server at {server}"));
+            }
+            if let Some(lag) = status.lag_bytes() {
+                line.push_str(&format!(", lag {}", human_bytes(lag)));
+            }
+            if let Some(error) = &status.last_error {
+                line.push_str(&format!("; last error: {error}"));
+            }
+            line
         }
     }
 }

@@ -84,7 +84,7 @@ impl Mariadb {
 }
 
 /// A URL for messages: everything but the password.
-fn shown(opts: &Opts) -> String {
+pub(crate) fn shown(opts: &Opts) -> String {
     format!(
         "mysql://{}@{}:{}/{}",
         opts.user().unwrap_or(""),
@@ -94,7 +94,7 @@ fn shown(opts: &Opts) -> String {
     )
 }
 
-fn parse_url(url: &str) -> Result<Opts, String> {
+pub(crate) fn parse_url(url: &str) -> Result<Opts, String> {
     // A password with a raw `/`, `?` or `#` leaves part of itself after what the URL
     // parser takes for the host: `mysql://u:12/x@h/db` reads as host `u`, port 12 and
     // database `x@h/db`, which would be connected to and shown in messages. An `@`
@@ -141,7 +141,7 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// the dump must read every row.
 const MAX_PACKET: usize = 1 << 30;
 
-async fn connect(opts: &Opts) -> Result<Conn, String> {
+pub(crate) async fn connect(opts: &Opts) -> Result<Conn, String> {
     let reading =
         mysql_async::OptsBuilder::from_opts(opts.clone()).max_allowed_packet(Some(MAX_PACKET));
     match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(reading)).await {

@@ -1,4 +1,4 @@
-//! Continuous archives: a database's log (PostgreSQL WAL; later MariaDB binlogs) kept
+//! Continuous archives: a database's log (PostgreSQL WAL, MariaDB binlogs) kept
 //! in the runbook's storage as a sequence of *chunks*, each stored through the
 //! pipeline (zstd → age → BLAKE3) and catalogued by a small JSON record.
 //!
@@ -26,6 +26,12 @@
 //! - `postgres.rs`: the PostgreSQL archiver (a supervised `pg_receivewal` on a
 //!   physical replication slot), the server checks archiving needs, `wal-push` and
 //!   `wal-fetch`.
+//! - `binlog.rs`: MariaDB binlog file names, their order, and walking events.
+//! - `mariadb.rs`: the MariaDB binlog archiver (a supervised `mariadb-binlog --raw
+//!   --stop-never`), its server checks, replay of a range into a target, and MariaDB
+//!   base backups in storage.
+//! - `base.rs`: base backups in storage (`bases/<database>/<id>/`) and their record,
+//!   shared by every adapter.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -43,7 +49,10 @@ use crate::adapters::ByteStream;
 use crate::pipeline::{self, ArtifactInfo, Decryption, PipelineError, PipelineSettings};
 use crate::storage::{Storage, StorageError};
 
+pub mod base;
+pub mod binlog;
 mod catalog;
+pub mod mariadb;
 pub mod postgres;
 pub mod wal;
 
@@ -96,21 +105,50 @@ impl<'de> serde::Deserialize<'de> for Lsn {
 /// A position in a database's log. Positions of one database's archive are of one
 /// kind and ordered; a chunk covers `[start, end)`.
 ///
-/// MariaDB chunks will add `Binlog { file, offset }` here (ordered by the file's
-/// sequence number, then the offset), with their GTID sets in the record's `details`.
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+/// - `Lsn`: PostgreSQL WAL, `{"lsn": "0/3000000"}`.
+/// - `Binlog`: a byte offset in a MariaDB binlog file, `{"binlog": {"file":
+///   "binlog.000003", "offset": 4}}`, ordered by the file's numeric suffix, then the
+///   offset (`binlog.000010` after `binlog.000009`, also past six digits). The end of a
+///   closed file is the same place in the log as the next file's first event, and is
+///   written so: `(next file, 4)` (`binlog.rs`). GTID positions go in a chunk record's
+///   `details`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Position {
     Lsn(Lsn),
+    Binlog { file: String, offset: u64 },
 }
 
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Position::Lsn(lsn) => write!(f, "{lsn}"),
+            Position::Binlog { file, offset } => write!(f, "{file}:{offset}"),
         }
+    }
+}
+
+impl Ord for Position {
+    fn cmp(&self, other: &Position) -> std::cmp::Ordering {
+        use std::cmp::Ordering;
+        match (self, other) {
+            (Position::Lsn(a), Position::Lsn(b)) => a.cmp(b),
+            (Position::Binlog { file: a, offset: x }, Position::Binlog { file: b, offset: y }) => {
+                binlog::sequence(a)
+                    .cmp(&binlog::sequence(b))
+                    .then_with(|| a.cmp(b))
+                    .then(x.cmp(y))
+            }
+            // Never compared within one archive; any fixed order will do.
+            (Position::Lsn(_), Position::Binlog { .. }) => Ordering::Less,
+            (Position::Binlog { .. }, Position::Lsn(_)) => Ordering::Greater,
+        }
+    }
+}
+
+impl PartialOrd for Position {
+    fn partial_cmp(&self, other: &Position) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -118,6 +156,22 @@ impl Position {
     pub fn lsn(&self) -> Option<Lsn> {
         match self {
             Position::Lsn(lsn) => Some(*lsn),
+            Position::Binlog { .. } => None,
+        }
+    }
+
+    pub fn binlog(file: &str, offset: u64) -> Position {
+        Position::Binlog {
+            file: file.to_owned(),
+            offset,
+        }
+    }
+
+    /// The binlog file and offset, for a binlog position.
+    pub fn as_binlog(&self) -> Option<(&str, u64)> {
+        match self {
+            Position::Binlog { file, offset } => Some((file, *offset)),
+            Position::Lsn(_) => None,
         }
     }
 }
@@ -134,6 +188,10 @@ pub enum ChunkKind {
     /// Any other file PostgreSQL archives (a timeline history, a backup history, a
     /// `.partial` left by a promotion): kept and served as is, outside the coverage.
     PgOther,
+    /// Whole events of one MariaDB binlog file, `[start, end)` (`mariadb.rs`); the
+    /// chunk that ends a file ends at the next file's `(file, 4)`. Chunks never
+    /// overlap, so none is ever superseded.
+    MariadbBinlog,
 }
 
 impl ChunkKind {
@@ -149,6 +207,7 @@ impl fmt::Display for ChunkKind {
             ChunkKind::PgWalSegment => "WAL segment",
             ChunkKind::PgWalPartial => "partial WAL segment",
             ChunkKind::PgOther => "PostgreSQL archive file",
+            ChunkKind::MariadbBinlog => "binlog chunk",
         })
     }
 }
@@ -282,6 +341,9 @@ pub enum ArchiveError {
     /// and the fix. An archiver that finds it at start stops instead of retrying.
     #[error("archive of {database}: {message}")]
     Settings { database: String, message: String },
+    /// The archive lacks part of a range a restore needs (a gap, or not reached yet).
+    #[error("{0}")]
+    NotCovered(Box<NotReached>),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
     #[error(transparent)]

@@ -885,12 +885,12 @@ fn tool(config: &PostgresConfig, name: &str) -> PathBuf {
 }
 
 /// The spool directory, created if missing and held with an exclusive lock.
-struct SpoolLock {
+pub(super) struct SpoolLock {
     _file: std::fs::File,
 }
 
 impl SpoolLock {
-    fn take(dir: &Path) -> Result<SpoolLock, String> {
+    pub(super) fn take(dir: &Path) -> Result<SpoolLock, String> {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("creating the spool directory {}: {e}", dir.display()))?;
         let path = dir.join(".stillpoint-archiver.lock");

@@ -304,3 +304,88 @@ fn lsns_print_and_parse_as_postgres_does() {
     let json = serde_json::to_string(&Position::Lsn(Lsn(0x3000000))).unwrap();
     assert_eq!(json, r#"{"lsn":"0/3000000"}"#);
 }
+
+/// A binlog chunk of `file` holding bytes `[start, end_in_file)`, ending at `end`.
+fn binlog_chunk(file: &str, start: u64, end_in_file: u64, end: Position) -> NewChunk {
+    NewChunk {
+        name: binlog::chunk_name(file, start, end_in_file),
+        kind: ChunkKind::MariadbBinlog,
+        timeline: None,
+        start: Some(Position::binlog(file, start)),
+        end: Some(end),
+        segment_size: None,
+        details: BTreeMap::new(),
+    }
+}
+
+/// Binlog chunks are ordered by the file's number (past six digits too), a file
+/// closed by a ROTATE ends where the next file's first chunk starts, and a file
+/// whose end is not known closed leaves a gap, named, until its end chunk says so.
+#[tokio::test]
+async fn binlog_files_follow_each_other_only_when_the_first_is_closed() {
+    let fixture = fixture();
+    let archive =
+        Archive::new(fixture.storage.clone(), PipelineSettings::default(), "app").unwrap();
+    let at = Position::binlog;
+    for chunk in [
+        binlog_chunk("binlog.999999", 4, 500, at("binlog.999999", 500)),
+        // Its last event is the ROTATE: it ends at the next file's start.
+        binlog_chunk("binlog.999999", 500, 900, at("binlog.1000000", 4)),
+        binlog_chunk("binlog.1000000", 4, 300, at("binlog.1000000", 300)),
+        // The server crashed: binlog.1000001 follows, but nothing closed 1000000.
+        binlog_chunk("binlog.1000001", 4, 200, at("binlog.1000001", 200)),
+    ] {
+        archive.push(chunk, bytes(1, 10)).await.unwrap();
+    }
+    let catalog = archive.catalog().await.unwrap();
+    let names: Vec<&str> = catalog.chunks.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "binlog.999999.000000000004-0000000001F4",
+            "binlog.999999.0000000001F4-000000000384",
+            "binlog.1000000.000000000004-00000000012C",
+            "binlog.1000001.000000000004-0000000000C8",
+        ]
+    );
+    catalog
+        .covers(&at("binlog.999999", 4), &at("binlog.1000000", 300))
+        .unwrap();
+    let gaps = catalog.gaps();
+    assert_eq!(
+        gaps,
+        vec![Gap {
+            database: "app".to_owned(),
+            after: "binlog.1000000.000000000004-00000000012C".to_owned(),
+            from: at("binlog.1000000", 300),
+            before: "binlog.1000001.000000000004-0000000000C8".to_owned(),
+            to: at("binlog.1000001", 4),
+        }]
+    );
+    assert!(
+        gaps[0].to_string().contains("binlog.1000000:300"),
+        "{}",
+        gaps[0]
+    );
+    assert!(matches!(
+        catalog.covers(&at("binlog.999999", 4), &at("binlog.1000001", 100)),
+        Err(NotReached::Gap(_))
+    ));
+
+    // The end chunk (empty) closes the file: one continuous log.
+    let mut end = binlog_chunk("binlog.1000000", 300, 300, at("binlog.1000001", 4));
+    end.name = binlog::end_chunk_name("binlog.1000000", 300);
+    archive
+        .push(end, ChunkContent::Bytes(Bytes::new()))
+        .await
+        .unwrap();
+    let catalog = archive.catalog().await.unwrap();
+    assert!(catalog.gaps().is_empty(), "{:?}", catalog.gaps());
+    assert!(catalog.superseded.is_empty());
+    catalog
+        .covers(&at("binlog.999999", 4), &at("binlog.1000001", 200))
+        .unwrap();
+    assert_eq!(catalog.coverage().unwrap().to, at("binlog.1000001", 200));
+    let json = serde_json::to_string(&at("binlog.000003", 4)).unwrap();
+    assert_eq!(json, r#"{"binlog":{"file":"binlog.000003","offset":4}}"#);
+}

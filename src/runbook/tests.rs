@@ -425,7 +425,24 @@ url = "file:///tmp/backups"
     let zero = format!("{postgres}[archive]\npartial_interval = \"0s\"\n");
     assert!(parse(&zero).unwrap_err().contains("partial_interval"));
     let error = parse(&minimal("archive = true")).unwrap_err();
-    assert!(error.contains("postgres adapter only"), "{error}");
+    assert!(
+        error.contains("postgres and mariadb adapters only"),
+        "{error}"
+    );
+    // MariaDB binlogs: archive = true, and the chunk interval.
+    let mariadb = postgres
+        .replace("adapter = \"postgres\"", "adapter = \"mariadb\"")
+        .replace("postgres://u@127.0.0.1/db", "mysql://u@127.0.0.1/db");
+    let runbook = parse(&mariadb).unwrap();
+    assert!(runbook.databases[0].archive);
+    assert_eq!(runbook.archive.chunk_interval, Duration::from_secs(1));
+    let tuned = format!("{mariadb}[archive]\nchunk_interval = \"500ms\"\n");
+    assert_eq!(
+        parse(&tuned).unwrap().archive.chunk_interval,
+        Duration::from_millis(500)
+    );
+    let zero = format!("{mariadb}[archive]\nchunk_interval = \"0s\"\n");
+    assert!(parse(&zero).unwrap_err().contains("chunk_interval"));
     let error = parse(&minimal("archive = \"yes\"")).unwrap_err();
     assert!(error.contains("archive must be true or false"), "{error}");
     assert!(!parse(&minimal("")).unwrap().databases[0].archive);

@@ -128,7 +128,7 @@ spool_dir = "{spool}"
 }
 
 /// The children of `pid` (any of its threads may have started them).
-fn children(pid: u32) -> Vec<u32> {
+pub(crate) fn children(pid: u32) -> Vec<u32> {
     let mut found = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let path = task.unwrap().path().join("children");
@@ -158,7 +158,7 @@ fn kill_hard(archiver: Process, orphan: bool) -> u32 {
 }
 
 /// Kills a process we left running when dropped (a failing test must not leak it).
-struct Orphan(u32);
+pub(crate) struct Orphan(pub u32);
 
 impl Drop for Orphan {
     fn drop(&mut self) {
@@ -169,7 +169,7 @@ impl Drop for Orphan {
     }
 }
 
-fn is_running(pid: u32) -> bool {
+pub(crate) fn is_running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         !stat
             .rsplit(')')

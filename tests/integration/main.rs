@@ -3,6 +3,7 @@
 
 mod archive;
 mod backup;
+mod binlog;
 mod cluster;
 mod dns;
 mod drill;
