@@ -33,10 +33,10 @@
 //! killed archiver stops streaming when the next run starts. The password goes by
 //! `MYSQL_PWD`, never the command line.
 //!
-//! **Replay** ([`replay`]): the chunks from the start of the base's file to the
-//! target position are read (every one checked) *before* anything is written,
-//! reassembled into binlog files (the magic, then the chunks' bytes) in a work
-//! directory, and applied with `mariadb-binlog --start-position --stop-position
+//! **Replay** ([`replay`], [`restore_point`] = base + replay): the chunks from the
+//! start of the base's file to the target position are read (every one checked)
+//! *before* anything is written ([`fetch_range`]), reassembled into binlog files
+//! (the magic, then the chunks' bytes) in a work directory, and applied with `mariadb-binlog --start-position --stop-position
 //! --database <source> [--rewrite-db source->target] files… | mariadb`.
 //!
 //! **Base backups** ([`base_backup`], [`restore_base`]): the adapter's consistent
@@ -855,59 +855,210 @@ pub async fn replay(
     to: &Position,
     target: &ReplayTarget,
 ) -> Result<ReplayReport, ArchiveError> {
+    fetch_range(archive, decryption, from, to, &target.work_dir)
+        .await?
+        .apply(target)
+        .await
+}
+
+/// A point restore of one MariaDB database into `target.url` (a new, empty
+/// database): the archive from the base to `to` is read and checked first, then the
+/// base is restored and the binlog replayed. A missing or damaged chunk, or a
+/// damaged base, is refused before anything is written.
+pub async fn restore_point(
+    archive: &Archive,
+    decryption: &Decryption,
+    base: &BaseRecord,
+    to: &Position,
+    target: &ReplayTarget,
+) -> Result<ReplayReport, ArchiveError> {
+    if base.database != archive.database() {
+        return Err(ArchiveError::Settings {
+            database: archive.database().to_owned(),
+            message: format!(
+                "base {} is of database {}, not {}",
+                base.id,
+                base.database,
+                archive.database()
+            ),
+        });
+    }
+    let fetched = fetch_range(archive, decryption, &base.start, to, &target.work_dir).await?;
+    pipeline::verify_checksum(archive.storage(), &base.artifact).await?;
+    restore_base(
+        archive.storage(),
+        decryption,
+        base,
+        &target.url,
+        target.bin_dir.as_deref(),
+    )
+    .await?;
+    fetched.apply(target).await
+}
+
+/// The binlog of a range, read from the archive, checked and reassembled into
+/// files in a work directory (removed when dropped): what [`replay`] applies.
+#[derive(Debug)]
+pub struct FetchedRange {
+    database: String,
+    work: tempfile::TempDir,
+    /// The reassembled files, in order.
+    files: Vec<String>,
+    report: ReplayReport,
+}
+
+impl FetchedRange {
+    /// What was read.
+    pub fn report(&self) -> &ReplayReport {
+        &self.report
+    }
+
+    /// Applies the range to the target: `mariadb-binlog` reads the reassembled
+    /// files (`--start-position` applies to the first, `--stop-position` to the
+    /// last) and prints SQL, which the `mariadb` client applies.
+    pub async fn apply(self, target: &ReplayTarget) -> Result<ReplayReport, ArchiveError> {
+        let database = self.database.clone();
+        let refuse = |message: String| ArchiveError::Settings {
+            database: database.clone(),
+            message,
+        };
+        let (from, to) = (&self.report.from, &self.report.to);
+        let (Some((_, from_offset)), Some((to_file, to_offset))) =
+            (from.as_binlog(), to.as_binlog())
+        else {
+            return Err(refuse(format!("{from} and {to} are not binlog positions")));
+        };
+        let target_opts = parse_url(&target.url).map_err(|m| refuse(format!("the target: {m}")))?;
+        let target_db = target_opts
+            .db_name()
+            .filter(|db| !db.is_empty())
+            .ok_or_else(|| {
+                refuse(format!(
+                    "the target {} names no database",
+                    shown(&target_opts)
+                ))
+            })?
+            .to_owned();
+        if from == to {
+            return Ok(self.report);
+        }
+        let bin = |name: &str| match &target.bin_dir {
+            Some(dir) => dir.join(name),
+            None => PathBuf::from(name),
+        };
+        let mut decoder = Command::new(bin("mariadb-binlog"));
+        decoder
+            .arg("--no-defaults")
+            .arg(format!("--start-position={from_offset}"))
+            .arg(format!("--database={}", target.source_database));
+        if target.source_database != target_db {
+            decoder.arg(format!(
+                "--rewrite-db={}->{target_db}",
+                target.source_database
+            ));
+        }
+        if self.files.last().map(String::as_str) == Some(to_file) {
+            decoder.arg(format!("--stop-position={to_offset}"));
+        }
+        decoder
+            .args(self.files.iter().map(|name| self.work.path().join(name)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut decoding = decoder.spawn().map_err(|e| {
+            refuse(format!(
+                "cannot run {}: {e}; set bin_dir to the MariaDB client tools' directory",
+                bin("mariadb-binlog").display()
+            ))
+        })?;
+        let sql = decoding.stdout.take().expect("stdout is piped");
+        let decoder_stderr = decoding.stderr.take().expect("stderr is piped");
+        let decoder_said = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = BufReader::new(decoder_stderr)
+                .take(64 * 1024)
+                .read_to_string(&mut text)
+                .await;
+            text
+        }));
+        let mut client = Command::new(bin("mariadb"));
+        client
+            .arg("--no-defaults")
+            .arg("--batch")
+            .arg("--max-allowed-packet=1073741824");
+        client_args(&mut client, &target_opts);
+        client.arg(format!("--database={target_db}"));
+        let applied =
+            adapters::process::run_with_stdin(client, "the mariadb client", Box::pin(sql), false)
+                .await;
+        let decoded = decoding.wait().await;
+        let decoder_said = decoder_said.await.unwrap_or_default();
+        let server_error = |message: String| ArchiveError::Server {
+            database: database.clone(),
+            message,
+        };
+        match decoded {
+            Ok(status) if status.success() => {}
+            Ok(status) => {
+                return Err(server_error(format!(
+                    "mariadb-binlog failed ({status}) replaying {from} to {to}: {}",
+                    decoder_said.trim()
+                )));
+            }
+            Err(e) => return Err(server_error(format!("waiting for mariadb-binlog: {e}"))),
+        }
+        applied.map_err(|message| {
+            server_error(format!(
+                "applying the binlog from {from} to {to} to {}: {message}",
+                shown(&target_opts)
+            ))
+        })?;
+        Ok(self.report)
+    }
+}
+
+/// Reads every chunk of `[replay_from(from), to)` (each checked: the stored
+/// checksum, the plaintext BLAKE3), and reassembles the binlog files in a new
+/// directory under `work_dir`. A gap or a missing or damaged chunk is an error
+/// naming it.
+pub async fn fetch_range(
+    archive: &Archive,
+    decryption: &Decryption,
+    from: &Position,
+    to: &Position,
+    work_dir: &Path,
+) -> Result<FetchedRange, ArchiveError> {
     let database = archive.database().to_owned();
     let refuse = |message: String| ArchiveError::Settings {
         database: database.clone(),
         message,
     };
-    let (Some((from_file, from_offset)), Some((to_file, to_offset))) =
-        (from.as_binlog(), to.as_binlog())
-    else {
+    let io = |path: &Path, source: std::io::Error| ArchiveError::Io {
+        database: database.clone(),
+        path: path.display().to_string(),
+        source,
+    };
+    let Some((from_file, _)) = from.as_binlog() else {
         return Err(refuse(format!(
-            "replay of a binlog needs binlog positions, not {from} and {to}"
+            "replay of a binlog needs binlog positions, not {from}"
         )));
     };
-    if to < from {
+    if to.as_binlog().is_none() || to < from {
         return Err(refuse(format!(
-            "replay from {from} to {to}: {to} comes first"
+            "cannot replay from {from} to {to}: the end must be a binlog position at or \
+             after the start"
         )));
     }
-    let target_opts = parse_url(&target.url).map_err(|m| refuse(format!("the target: {m}")))?;
-    let target_db = target_opts
-        .db_name()
-        .filter(|db| !db.is_empty())
-        .ok_or_else(|| {
-            refuse(format!(
-                "the target {} names no database",
-                shown(&target_opts)
-            ))
-        })?
-        .to_owned();
     let catalog = archive.catalog().await?;
     let start = replay_from(from);
     catalog
         .covers(&start, to)
         .map_err(|reason| ArchiveError::NotCovered(Box::new(reason)))?;
-    // The chunks that hold [start, to), in order, all read (and so checked) before
-    // anything is applied.
-    let needed: Vec<_> = catalog
-        .chunks
-        .iter()
-        .filter(|chunk| {
-            chunk
-                .range()
-                .is_some_and(|(chunk_start, chunk_end)| *chunk_end > start && chunk_start < to)
-        })
-        .collect();
     let work = tempfile::Builder::new()
         .prefix("stillpoint-replay-")
-        .tempdir_in(&target.work_dir)
-        .map_err(|source| ArchiveError::Io {
-            database: database.clone(),
-            path: target.work_dir.display().to_string(),
-            source,
-        })?;
-    let mut files: Vec<(String, std::fs::File, u64)> = Vec::new();
+        .tempdir_in(work_dir)
+        .map_err(|e| io(work_dir, e))?;
     let mut report = ReplayReport {
         from: from.clone(),
         to: to.clone(),
@@ -915,28 +1066,23 @@ pub async fn replay(
         bytes: 0,
         gtid_binlog_pos: None,
     };
-    for chunk in needed {
-        let (Some((file, offset)), _) = (
-            chunk.start.as_ref().and_then(Position::as_binlog),
-            chunk.end.as_ref(),
-        ) else {
+    // (name, open file, bytes written so far = the next offset)
+    let mut files: Vec<(String, std::fs::File, u64)> = Vec::new();
+    for chunk in &catalog.chunks {
+        let Some((chunk_start, chunk_end)) = chunk.range() else {
+            continue;
+        };
+        if *chunk_end <= start || chunk_start >= to {
+            continue;
+        }
+        let Some((file, offset)) = chunk_start.as_binlog() else {
             continue;
         };
         let bytes = archive.read(chunk, decryption).await?;
         if files.last().is_none_or(|(name, _, _)| name != file) {
             let path = work.path().join(file);
-            let mut created = std::fs::File::create(&path).map_err(|source| ArchiveError::Io {
-                database: database.clone(),
-                path: path.display().to_string(),
-                source,
-            })?;
-            std::io::Write::write_all(&mut created, &binlog::MAGIC).map_err(|source| {
-                ArchiveError::Io {
-                    database: database.clone(),
-                    path: path.display().to_string(),
-                    source,
-                }
-            })?;
+            let mut created = std::fs::File::create(&path).map_err(|e| io(&path, e))?;
+            std::io::Write::write_all(&mut created, &binlog::MAGIC).map_err(|e| io(&path, e))?;
             files.push((file.to_owned(), created, binlog::FIRST_EVENT));
         }
         let (name, written, at) = files.last_mut().expect("pushed above");
@@ -947,109 +1093,31 @@ pub async fn replay(
                 chunk.name
             )));
         }
-        std::io::Write::write_all(written, &bytes).map_err(|source| ArchiveError::Io {
-            database: database.clone(),
-            path: work.path().join(&*name).display().to_string(),
-            source,
-        })?;
+        let path = work.path().join(&*name);
+        std::io::Write::write_all(written, &bytes).map_err(|e| io(&path, e))?;
         *at += bytes.len() as u64;
         report.bytes += bytes.len() as u64;
         report.chunks.push(chunk.name.clone());
-        if chunk.end.as_ref().is_some_and(|end| end <= to) {
+        if chunk_end <= to {
             report.gtid_binlog_pos = chunk.details.get("gtid_binlog_pos").cloned();
         }
     }
-    drop(
-        files
-            .iter_mut()
-            .map(|(_, file, _)| file.sync_all())
-            .collect::<Vec<_>>(),
-    );
-    let names: Vec<String> = files.iter().map(|(name, _, _)| name.clone()).collect();
+    for (name, file, _) in &files {
+        file.sync_all()
+            .map_err(|e| io(&work.path().join(name), e))?;
+    }
+    let names: Vec<String> = files.into_iter().map(|(name, _, _)| name).collect();
     if names.first().map(String::as_str) != Some(from_file) {
         return Err(refuse(format!(
             "the archive holds no chunk of {from_file}, where the replay starts"
         )));
     }
-    if from == to {
-        return Ok(report);
-    }
-
-    // mariadb-binlog reads the reassembled files (--start-position applies to the
-    // first, --stop-position to the last) and prints SQL; the client applies it.
-    let bin = |name: &str| match &target.bin_dir {
-        Some(dir) => dir.join(name),
-        None => PathBuf::from(name),
-    };
-    let mut decoder = Command::new(bin("mariadb-binlog"));
-    decoder
-        .arg("--no-defaults")
-        .arg(format!("--start-position={from_offset}"))
-        .arg(format!("--database={}", target.source_database));
-    if target.source_database != target_db {
-        decoder.arg(format!(
-            "--rewrite-db={}->{target_db}",
-            target.source_database
-        ));
-    }
-    let last = names.last().expect("at least the first file");
-    if last == to_file {
-        decoder.arg(format!("--stop-position={to_offset}"));
-    }
-    decoder
-        .args(names.iter().map(|name| work.path().join(name)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut decoding = decoder.spawn().map_err(|e| {
-        refuse(format!(
-            "cannot run {}: {e}; set bin_dir to the MariaDB client tools' directory",
-            bin("mariadb-binlog").display()
-        ))
-    })?;
-    let sql = decoding.stdout.take().expect("stdout is piped");
-    let decoder_stderr = decoding.stderr.take().expect("stderr is piped");
-    let decoder_said = tokio::spawn(async move {
-        let mut text = String::new();
-        let _ = BufReader::new(decoder_stderr)
-            .take(64 * 1024)
-            .read_to_string(&mut text)
-            .await;
-        text
-    });
-    let mut client = Command::new(bin("mariadb"));
-    client
-        .arg("--no-defaults")
-        .arg("--batch")
-        .arg("--max-allowed-packet=1073741824");
-    client_args(&mut client, &target_opts);
-    client.arg(format!("--database={target_db}"));
-    let applied =
-        adapters::process::run_with_stdin(client, "the mariadb client", Box::pin(sql), false).await;
-    let decoded = decoding.wait().await;
-    let decoder_said = decoder_said.await.unwrap_or_default();
-    let server_error = |message: String| ArchiveError::Server {
-        database: database.clone(),
-        message,
-    };
-    match decoded {
-        Ok(status) if status.success() => {}
-        Ok(status) => {
-            return Err(server_error(format!(
-                "mariadb-binlog failed ({status}) replaying {from} to {to}: {}",
-                decoder_said.trim()
-            )));
-        }
-        Err(e) => return Err(server_error(format!("waiting for mariadb-binlog: {e}"))),
-    }
-    applied.map_err(|message| {
-        server_error(format!(
-            "applying the binlog from {from} to {to} to {}: {message}",
-            shown(&target_opts)
-        ))
-    })?;
-    Ok(report)
+    Ok(FetchedRange {
+        database,
+        work,
+        files: names,
+        report,
+    })
 }
 
 /// Takes a base backup of a MariaDB database into `bases/<database>/<id>/`: the
@@ -1258,5 +1326,143 @@ mod tests {
             replay_from(&Position::binlog("binlog.000007", 12345)),
             Position::binlog("binlog.000007", 4)
         );
+    }
+
+    /// An event of `length` bytes of type `kind` at `offset`.
+    fn event(offset: u64, kind: u8, length: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; length];
+        bytes[4] = kind;
+        bytes[9..13].copy_from_slice(&(length as u32).to_le_bytes());
+        bytes[13..17].copy_from_slice(&((offset + length as u64) as u32).to_le_bytes());
+        bytes
+    }
+
+    fn write(dir: &Path, file: &str, events: &[Vec<u8>]) {
+        let mut bytes = binlog::MAGIC.to_vec();
+        for event in events {
+            bytes.extend(event);
+        }
+        std::fs::write(dir.join(file), bytes).unwrap();
+    }
+
+    /// What the archiver pushes from a spool, without a server: whole events only,
+    /// a ROTATE ends a file at the next one's start, a file the server left without
+    /// one (a crash) is closed by an end chunk once the next file appears, and a new
+    /// run that streams the file again pushes only what lies past the archive's end.
+    #[tokio::test]
+    async fn the_spool_is_cut_at_whole_events_and_files_follow_each_other() {
+        let storage_dir = tempfile::tempdir().unwrap();
+        let spool = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&format!("file://{}", storage_dir.path().display())).unwrap();
+        let archive = Archive::new(storage, PipelineSettings::default(), "app").unwrap();
+        let config = BinlogArchiverConfig::new(
+            "app",
+            MariadbConfig {
+                url: "mysql://u@127.0.0.1:1/app".to_owned(),
+                bin_dir: None,
+                drill_server_url: None,
+            },
+            spool.path(),
+            Duration::from_secs(1),
+        );
+        let archiver = BinlogArchiver::new(config, archive.clone());
+        let run = |archived_to| {
+            let dir = fresh_run_dir(spool.path()).unwrap();
+            SessionState {
+                dir,
+                archived_to,
+                gtids: None,
+            }
+        };
+        let mut state = run(None);
+        let dir = state.dir.clone();
+        // Two whole events and the first 10 bytes of a third.
+        let third = event(154, 2, 31);
+        write(
+            &dir,
+            "binlog.000001",
+            &[event(4, 15, 100), event(104, 2, 50), third[..10].to_vec()],
+        );
+        archiver.sweep(&mut state).await.unwrap();
+        assert_eq!(
+            state.archived_to,
+            Some(Position::binlog("binlog.000001", 154))
+        );
+        // The rest of it, then the ROTATE.
+        write(
+            &dir,
+            "binlog.000001",
+            &[
+                event(4, 15, 100),
+                event(104, 2, 50),
+                third.clone(),
+                event(185, binlog::ROTATE_EVENT, 40),
+            ],
+        );
+        write(&dir, "binlog.000002", &[event(4, 15, 100)]);
+        archiver.sweep(&mut state).await.unwrap();
+        assert_eq!(
+            state.archived_to,
+            Some(Position::binlog("binlog.000002", 104))
+        );
+        assert!(
+            !dir.join("binlog.000001").exists(),
+            "archived files leave the spool"
+        );
+        // The server crashed: binlog.000003 appears, binlog.000002 never got a ROTATE.
+        write(&dir, "binlog.000003", &[event(4, 15, 60)]);
+        archiver.sweep(&mut state).await.unwrap();
+        assert_eq!(
+            state.archived_to,
+            Some(Position::binlog("binlog.000003", 64))
+        );
+
+        // A new run streams binlog.000003 again, longer now.
+        let mut state = run(archive.catalog().await.unwrap().end());
+        write(
+            &state.dir,
+            "binlog.000003",
+            &[event(4, 15, 60), event(64, 2, 30)],
+        );
+        assert!(!dir.exists(), "the earlier run's directory is removed");
+        archiver.sweep(&mut state).await.unwrap();
+
+        let catalog = archive.catalog().await.unwrap();
+        let chunks: Vec<(&str, Option<&str>)> = catalog
+            .chunks
+            .iter()
+            .map(|c| {
+                (
+                    c.name.as_str(),
+                    c.details.get("closed_by").map(String::as_str),
+                )
+            })
+            .collect();
+        assert_eq!(
+            chunks,
+            [
+                ("binlog.000001.000000000004-00000000009A", None),
+                ("binlog.000001.00000000009A-0000000000E1", Some("rotate")),
+                ("binlog.000002.000000000004-000000000068", None),
+                ("binlog.000002.000000000068.end", Some("next file")),
+                ("binlog.000003.000000000004-000000000040", None),
+                ("binlog.000003.000000000040-00000000005E", None),
+            ]
+        );
+        assert!(catalog.gaps().is_empty(), "{:?}", catalog.gaps());
+        catalog
+            .covers(
+                &Position::binlog("binlog.000001", 4),
+                &Position::binlog("binlog.000003", 94),
+            )
+            .unwrap();
+        // Each chunk holds exactly its file's bytes.
+        let second = archive
+            .read(&catalog.chunks[1], &Decryption::None)
+            .await
+            .unwrap();
+        let mut expected = third;
+        expected.extend(event(185, binlog::ROTATE_EVENT, 40));
+        assert!(second == expected);
     }
 }

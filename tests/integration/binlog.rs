@@ -485,21 +485,45 @@ fn the_binlog_archive_trails_the_server_survives_kills_and_replays_to_a_position
         &catalog.chunks[middle + 1],
     );
 
-    // A chunk damaged in storage: refused, naming its artifact.
+    // A chunk damaged in storage: a point restore (base + replay) into an empty
+    // database is refused, naming its artifact, and writes nothing, not even the base.
     let path = source.storage_dir().join(&chosen.artifact.path);
     let intact = std::fs::read(&path).unwrap();
     let mut bytes = intact.clone();
     bytes[intact.len() / 2] ^= 0xFF;
     std::fs::write(&path, bytes).unwrap();
-    restore_fresh("damaged");
-    let error = replay_into("damaged").unwrap_err();
+    target.create_database("damaged");
+    let error = source
+        .runtime
+        .block_on(mariadb::restore_point(
+            &source.archive(),
+            &Decryption::None,
+            &base,
+            &point,
+            &replay_target("damaged"),
+        ))
+        .unwrap_err();
     assert!(error.to_string().contains(&chosen.artifact.path), "{error}");
     assert_eq!(
-        rows(&target, "damaged"),
-        "100 rows, id sum 5050",
+        target.sql(
+            "",
+            "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = 'damaged'"
+        ),
+        "0",
         "nothing written"
     );
     std::fs::write(&path, intact).unwrap();
+    let report = source
+        .runtime
+        .block_on(mariadb::restore_point(
+            &source.archive(),
+            &Decryption::None,
+            &base,
+            &point,
+            &replay_target("damaged"),
+        ))
+        .unwrap();
+    assert_eq!(rows(&target, "damaged"), rows_at_point, "{report:?}");
 
     // The same chunk missing: a gap named by its neighbours, listed by archive-list
     // (exit 6), and the replay refused.
