@@ -469,11 +469,32 @@ impl BinlogArchiver {
             if state.gtids.is_none() {
                 // The GTID state at the archive's end: from the file's GTID list and
                 // the transactions before the end.
-                let before = read_range(&path, binlog::FIRST_EVENT, offset - binlog::FIRST_EVENT)
-                    .await
-                    .map_err(|e| self.io(&path, e))?;
+                // Read a chunk's worth at a time: the file may be large.
                 let mut gtids = GtidState::new();
-                binlog::track_gtids(&before, &mut gtids);
+                let mut at = binlog::FIRST_EVENT;
+                while at < offset {
+                    let before = read_range(&path, at, (offset - at).min(CHUNK_MAX))
+                        .await
+                        .map_err(|e| self.io(&path, e))?;
+                    let walked = binlog::walk(&before, at, CHUNK_MAX).map_err(|problem| {
+                        self.server_error(format!("spool file {}: {problem}", path.display()))
+                    })?;
+                    if walked.events == 0 {
+                        // One event longer than a chunk holds no GTID list or GTID:
+                        // step over it by its length.
+                        let length = before
+                            .get(9..13)
+                            .map(|b| u64::from(u32::from_le_bytes(b.try_into().expect("4"))))
+                            .unwrap_or(0);
+                        if length == 0 {
+                            break;
+                        }
+                        at += length;
+                        continue;
+                    }
+                    binlog::track_gtids(&before[..(walked.end - at) as usize], &mut gtids);
+                    at = walked.end;
+                }
                 state.gtids = Some(gtids);
             }
             let mut bytes = read_range(&path, offset, (len - offset).min(CHUNK_MAX))
