@@ -5,6 +5,7 @@ use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use crate::backup::{self, BackupArgs};
 use crate::catalog::{self, CatalogArgs, PruneArgs, ShowArgs};
 use crate::demo::{self, DemoArgs};
+use crate::docs::{self, CompletionsArgs, ManArgs};
 use crate::drill::{self, DrillArgs};
 use crate::exit::{self, Failure};
 use crate::pause::{self, InspectArgs, PauseArgs, UnpauseArgs};
@@ -92,6 +93,15 @@ pub enum Command {
     /// Start a local reference cluster (3 ledger nodes + 1 auditor on SQLite) under
     /// load, back it up, drill the backup, print a report and clean up.
     Demo(DemoArgs),
+    /// Print a shell completion script (bash, zsh or fish) on stdout. Load it for this
+    /// shell with `source <(stillpoint completions bash)`, or install it, e.g.
+    /// `stillpoint completions bash > /etc/bash_completion.d/stillpoint`,
+    /// `stillpoint completions zsh > ~/.zfunc/_stillpoint`,
+    /// `stillpoint completions fish > ~/.config/fish/completions/stillpoint.fish`.
+    Completions(CompletionsArgs),
+    /// Print the stillpoint(1) man page (roff) on stdout, e.g. `stillpoint man | man -l -`,
+    /// or with --dir write one page per command (stillpoint-pause.1, …) into a directory.
+    Man(ManArgs),
 }
 
 pub async fn run() -> Result<u8, Failure> {
@@ -113,5 +123,7 @@ pub async fn run() -> Result<u8, Failure> {
         Command::BaseBackup(args) => restore::base_backup(args).await,
         Command::Pitr(args) => restore::pitr(args).await,
         Command::Demo(args) => demo::demo(args).await,
+        Command::Completions(args) => docs::completions(args),
+        Command::Man(args) => docs::man(args),
     }
 }

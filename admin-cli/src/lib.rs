@@ -8,6 +8,7 @@
 //! - `restore.rs`: `restore`, and PostgreSQL's `base-backup` and `pitr`.
 //! - `drill.rs`: `drill`, with its table, JSON and JUnit reports.
 //! - `demo.rs`: `demo`, a local reference cluster paused and checked.
+//! - `docs.rs`: `completions` and `man`, generated from the clap command tree.
 //! - `scalar_admin.rs`: the upstream-compatible `scalar-admin` flags.
 //! - `signal.rs`: SIGINT/SIGTERM, and cancelling long work so it cleans up first.
 //! - `state.rs`: the state file that carries a pause from `pause` to `unpause`.
@@ -19,6 +20,7 @@ pub mod backup;
 pub mod catalog;
 pub mod cli;
 pub mod demo;
+pub mod docs;
 pub mod drill;
 pub mod exit;
 pub mod output;

@@ -436,3 +436,212 @@ fn node_commands_keep_their_exit_code_with_stdout_closed() {
         );
     }
 }
+
+/// The subcommands `stillpoint --help` lists, read from its "Commands:" section (so a
+/// new command is checked without editing this test).
+fn subcommands() -> Vec<String> {
+    let help = run("stillpoint", &["--help"]);
+    let text = String::from_utf8_lossy(&help.stdout).into_owned();
+    let commands: Vec<String> = text
+        .split("Commands:")
+        .nth(1)
+        .expect("stillpoint --help has a Commands: section")
+        .lines()
+        .skip(1)
+        .take_while(|line| !line.trim().is_empty())
+        .filter(|line| line.starts_with("  ") && !line.starts_with("   "))
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+        .filter(|name| name != "help")
+        .collect();
+    assert!(
+        commands.len() >= 10 && commands.iter().any(|name| name == "check-paused"),
+        "cannot read the commands from stillpoint --help: {commands:?}\n{text}"
+    );
+    commands
+}
+
+/// What bash's completion for `stillpoint` offers for `words` (the last one being
+/// completed), through the function the script registers with `complete -F`.
+fn bash_completes(script: &std::path::Path, words: &[&str]) -> Vec<String> {
+    let quoted: Vec<String> = words.iter().map(|word| format!("'{word}'")).collect();
+    let line = words.join(" ");
+    let program = format!(
+        r#"source '{script}' || exit 90
+function=$(complete -p stillpoint | sed -n 's/.*-F \([^ ]*\) .*/\1/p')
+[ -n "$function" ] || {{ echo "no completion function registered" >&2; exit 91; }}
+COMP_WORDS=({words})
+COMP_CWORD={cword}
+COMP_LINE='{line}'
+COMP_POINT=${{#COMP_LINE}}
+"$function" stillpoint '{current}' '{previous}'
+printf '%s\n' "${{COMPREPLY[@]}}""#,
+        script = script.display(),
+        words = quoted.join(" "),
+        cword = words.len() - 1,
+        current = words[words.len() - 1],
+        previous = words[words.len() - 2],
+    );
+    let output = std::process::Command::new("bash")
+        .args(["--norc", "--noprofile", "-c", &program])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "completing {words:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|word| word.trim().to_owned())
+        .filter(|word| !word.is_empty())
+        .collect()
+}
+
+/// Issue 13.4: `stillpoint completions bash` is a script bash accepts, and once
+/// sourced it completes subcommand names and a subcommand's flags; zsh and fish
+/// scripts name every subcommand.
+#[test]
+fn completions_complete_subcommands_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let commands = subcommands();
+
+    let bash = run("stillpoint", &["completions", "bash"]);
+    assert!(bash.status.success(), "{}", stderr(&bash));
+    let script = dir.path().join("stillpoint.bash");
+    std::fs::write(&script, &bash.stdout).unwrap();
+    let syntax = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        syntax.status.success(),
+        "bash -n rejects the completion script: {}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+    assert_eq!(bash_completes(&script, &["stillpoint", "pa"]), ["pause"]);
+    assert_eq!(
+        bash_completes(&script, &["stillpoint", "check"]),
+        ["check-paused"]
+    );
+    let all = bash_completes(&script, &["stillpoint", ""]);
+    for command in &commands {
+        assert!(
+            all.contains(command),
+            "bash does not offer {command}: {all:?}"
+        );
+    }
+    assert_eq!(
+        bash_completes(&script, &["stillpoint", "pause", "--hold"]),
+        ["--hold-for"]
+    );
+    assert_eq!(
+        bash_completes(&script, &["stillpoint", "completions", "f"]),
+        ["fish"]
+    );
+
+    let zsh = run("stillpoint", &["completions", "zsh"]);
+    assert!(zsh.status.success(), "{}", stderr(&zsh));
+    let zsh = String::from_utf8_lossy(&zsh.stdout);
+    assert!(zsh.starts_with("#compdef stillpoint"), "{zsh}");
+    let fish = run("stillpoint", &["completions", "fish"]);
+    assert!(fish.status.success(), "{}", stderr(&fish));
+    let fish = String::from_utf8_lossy(&fish.stdout);
+    for command in &commands {
+        assert!(
+            zsh.contains(&format!("'{command}:")),
+            "the zsh script lacks {command}"
+        );
+        assert!(
+            fish.contains(&format!("-a \"{command}\"")),
+            "the fish script lacks {command}:\n{fish}"
+        );
+    }
+
+    let unknown = run("stillpoint", &["completions", "tcsh"]);
+    assert_eq!(unknown.status.code(), Some(2), "{}", stderr(&unknown));
+}
+
+/// Renders a man page with groff (as `man` does, UTF-8 input through preconv) and
+/// fails on any warning.
+fn render_man(page: &std::path::Path) -> String {
+    let output = std::process::Command::new("groff")
+        .args(["-k", "-man", "-Tutf8", "-ww"])
+        .arg(page)
+        .env("GROFF_NO_SGR", "1")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success() && output.stderr.is_empty(),
+        "groff cannot render {}: {}",
+        page.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Strip the overstrike groff uses for bold and underline (`c\bc`, `_\bc`).
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut plain = String::new();
+    for c in text.chars() {
+        if c == '\u{8}' {
+            plain.pop();
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+/// Issue 13.4: `stillpoint man` prints a page that `man -l` and groff render without
+/// a warning and that lists every subcommand; `--dir` writes one page per command,
+/// each with its own flags.
+#[test]
+fn man_pages_render_and_cover_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let commands = subcommands();
+
+    let man = run("stillpoint", &["man"]);
+    assert!(man.status.success(), "{}", stderr(&man));
+    let page = dir.path().join("stillpoint.1");
+    std::fs::write(&page, &man.stdout).unwrap();
+    let rendered = render_man(&page);
+    for command in &commands {
+        assert!(
+            rendered.contains(&format!("stillpoint-{command}(1)")),
+            "the man page lacks {command}:\n{rendered}"
+        );
+    }
+    let viewed = std::process::Command::new("man")
+        .args(["-P", "cat", "-l"])
+        .arg(&page)
+        .env("MANWIDTH", "100")
+        .output()
+        .unwrap();
+    assert!(viewed.status.success(), "man -l: {}", stderr(&viewed));
+    let viewed = String::from_utf8_lossy(&viewed.stdout).replace(['\u{8}'], "");
+    assert!(viewed.contains("SUBCOMMANDS"), "{viewed}");
+
+    let pages = dir.path().join("man1");
+    let output = run("stillpoint", &["man", "--dir", pages.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(render_man(&pages.join("stillpoint.1")).contains("SUBCOMMANDS"));
+    for command in &commands {
+        let page = pages.join(format!("stillpoint-{command}.1"));
+        assert!(
+            page.exists(),
+            "no page for {command} in {}",
+            pages.display()
+        );
+        let rendered = render_man(&page);
+        assert!(
+            rendered.contains(&format!("stillpoint-{command}")),
+            "{}:\n{rendered}",
+            page.display()
+        );
+    }
+    let pause = render_man(&pages.join("stillpoint-pause.1"));
+    for flag in ["--hold-for", "--lease", "--max-pause-wait"] {
+        assert!(
+            pause.contains(flag),
+            "stillpoint-pause(1) lacks {flag}:\n{pause}"
+        );
+    }
+}
