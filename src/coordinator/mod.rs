@@ -214,6 +214,11 @@ pub struct PauseRecord {
     /// `None` when no node could report its clock (upstream-only nodes).
     pub skew_bound_ms: Option<u64>,
     pub tiers: Vec<Vec<PausedNode>>,
+    /// The coordinator chose to speak only upstream `rpc.Admin`
+    /// ([`PausePlan::upstream_only`], the `scalar-admin` binary): a node paused that way
+    /// is no cause for a warning, whatever else it speaks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub upstream_only: bool,
 }
 
 /// One node as it was when it paused.
@@ -570,6 +575,7 @@ pub async fn pause_cancellable(
             paused_at_ms: unix_ms(now),
             skew_bound_ms,
             tiers,
+            upstream_only: plan.upstream_only,
         },
         clients,
         connect: plan.connect.clone(),
@@ -823,6 +829,7 @@ async fn roll_back(
         paused_at_ms: unix_ms(SystemTime::now()),
         skew_bound_ms: None,
         tiers,
+        upstream_only: plan.upstream_only,
     };
     let mut to_release: Vec<Vec<PausedNode>> = record.tiers.clone();
     if let Some(last) = to_release.last_mut() {
@@ -1168,6 +1175,9 @@ fn judge(
                     .map(|why| format!(": {why}"))
                     .unwrap_or_default()
             )),
+            // Only a node that offered no more than upstream's API is worth a word;
+            // when the coordinator chose it (scalar-admin), that was the point.
+            Ok(None) if record.upstream_only => {}
             Ok(None) => warnings.push(format!(
                 "{} speaks only the upstream admin API: it has no lease, no pause id and no \
                  boot id, so a restart inside the window cannot be ruled out",

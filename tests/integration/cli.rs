@@ -645,3 +645,84 @@ fn man_pages_render_and_cover_every_command() {
         );
     }
 }
+
+/// Issue 13.4: a `--lease` not longer than the default max wait (30s) no longer makes
+/// `pause` refuse: it gives the nodes half the lease to drain and says so, naming both
+/// values and the flag. With `--max-pause-wait` given, a wait that does not fit the
+/// lease is still refused, and nothing is contacted.
+#[test]
+fn a_short_lease_picks_a_max_wait_that_fits_unless_one_was_given() {
+    let cluster = crate::cluster::Cluster::start(1);
+    let node = cluster.auditor.address.as_str();
+    let output = run(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "50ms",
+            "--lease",
+            "5s",
+            "-a",
+            node,
+            "--output",
+            "json",
+        ],
+    );
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    let notes: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("--max-pause-wait"))
+        .collect();
+    assert_eq!(notes.len(), 1, "one line about the max wait: {text}");
+    for needle in ["--lease 5s", "30s", "2500ms", "--max-pause-wait"] {
+        assert!(
+            notes[0].contains(needle),
+            "{needle:?} not in {:?}",
+            notes[0]
+        );
+    }
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["lease_ms"], 5000, "{report:#}");
+    assert_eq!(report["window_valid"], true, "{report:#}");
+
+    // A lease with room for the default max wait: nothing to say.
+    let output = run(
+        "stillpoint",
+        &["pause", "--hold-for", "50ms", "--lease", "31s", "-a", node],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        !stderr(&output).contains("--max-pause-wait"),
+        "{}",
+        stderr(&output)
+    );
+
+    // Given explicitly, it is the operator's value: refused, not changed.
+    let output = run(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "50ms",
+            "--lease",
+            "5s",
+            "--max-pause-wait",
+            "30s",
+            "-a",
+            node,
+        ],
+    );
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("max pause wait (30000ms) must be shorter than the lease (5000ms)"),
+        "{text}"
+    );
+    assert!(!text.contains("half the lease"), "{text}");
+    let (_, checked) = crate::util::run_json(
+        "stillpoint",
+        &["check-paused", "-a", node, "--output", "json"],
+    );
+    assert_eq!(checked["nodes"][0]["paused"], false, "{checked:#}");
+}
