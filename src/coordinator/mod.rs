@@ -899,11 +899,14 @@ async fn roll_back(
     let failed: Vec<String> = failures
         .iter()
         .map(|node| {
-            format!(
-                "{}: {}",
-                node.address,
-                node.error.as_deref().unwrap_or("failed")
-            )
+            let error = node.error.as_deref().unwrap_or("failed");
+            // Some errors already begin with the node's address ("… speaks plaintext
+            // gRPC, not TLS"): naming it twice in a row reads as a stutter.
+            if error.starts_with(&node.address.to_string()) {
+                error.to_owned()
+            } else {
+                format!("{}: {error}", node.address)
+            }
         })
         .collect();
     let paused_count = record.nodes().count();

@@ -726,3 +726,148 @@ fn a_short_lease_picks_a_max_wait_that_fits_unless_one_was_given() {
     );
     assert_eq!(checked["nodes"][0]["paused"], false, "{checked:#}");
 }
+
+/// A port that takes connections and then misbehaves: closes each at once, or answers
+/// HTTP/1.1 instead of gRPC. Stops with the test.
+struct BadPort {
+    address: String,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl BadPort {
+    fn start(answer: &'static [u8]) -> BadPort {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                use std::io::Write as _;
+                let _ = stream.write_all(answer);
+                // Dropped: closed.
+            }
+        });
+        BadPort {
+            address,
+            _thread: thread,
+        }
+    }
+}
+
+/// Every line of `text` says each cause once: no part of an error chain ("a: b: c")
+/// comes twice, no transport phrase comes twice (in any spelling), and no Rust
+/// `Debug` output of an error type stands in for a message.
+fn assert_each_cause_once(what: &str, text: &str) {
+    for line in text.lines() {
+        let parts: Vec<String> = line
+            .split(": ")
+            .flat_map(|part| part.split(['(', ')', ';', ',']))
+            .map(|part| part.trim().trim_matches('"').to_ascii_lowercase())
+            .filter(|part| part.len() >= 8)
+            .collect();
+        for (index, part) in parts.iter().enumerate() {
+            assert!(
+                !parts[index + 1..].contains(part),
+                "{what}: {part:?} is said twice in {line:?}"
+            );
+        }
+        let lower = line.to_ascii_lowercase();
+        for phrase in [
+            "transport error",
+            "tcp connect error",
+            "connection refused",
+            "operation was cancel",
+            "connection closed",
+            "dns error",
+            "broken pipe",
+        ] {
+            assert!(
+                lower.matches(phrase).count() <= 1,
+                "{what}: {phrase:?} is said twice in {line:?}"
+            );
+        }
+        // An address, then an error that begins with it again.
+        for word in line.split_whitespace() {
+            let address = word.trim_start_matches('(').trim_end_matches(':');
+            if address.contains(':') && address.len() > 3 {
+                assert!(
+                    !line.contains(&format!("{address}: {address}")),
+                    "{what}: {address} is said twice in {line:?}"
+                );
+            }
+        }
+        for debug in ["::Error(", "code: '", "Custom {", "kind: "] {
+            assert!(
+                !line.contains(debug),
+                "{what}: Debug output ({debug:?}) in {line:?}"
+            );
+        }
+    }
+}
+
+/// Issue 13.4: the messages of common transport failures say each cause once, in the
+/// pause report and the error line, for `stillpoint` and `scalar-admin` alike: a
+/// closed port, a port that closes every connection, one that answers HTTP/1.1, a
+/// host name that does not resolve, and TLS to a plaintext node.
+#[test]
+fn transport_failures_name_each_cause_once() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let closes = BadPort::start(b"");
+    let http1 = BadPort::start(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+    let cluster = crate::cluster::Cluster::start(1);
+    let plaintext = cluster.auditor.address.clone();
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("a closed port", vec![closed.as_str()], "Connection refused"),
+        ("a port that closes", vec![closes.address.as_str()], ""),
+        ("a port speaking HTTP/1.1", vec![http1.address.as_str()], ""),
+        (
+            "a name that does not resolve",
+            vec!["no-such-node.invalid:50051"],
+            "",
+        ),
+        (
+            "TLS to a plaintext node",
+            vec![plaintext.as_str(), "--tls"],
+            "plaintext",
+        ),
+    ];
+    for (what, target, needle) in &cases {
+        let mut commands: Vec<(&str, Vec<&str>)> = vec![
+            (
+                "stillpoint",
+                vec![
+                    "pause",
+                    "--hold-for",
+                    "10ms",
+                    "--connect-timeout",
+                    "2s",
+                    "-a",
+                ],
+            ),
+            (
+                "stillpoint",
+                vec!["check-paused", "--connect-timeout", "2s", "-a"],
+            ),
+            (
+                "scalar-admin",
+                vec!["-c", "PAUSE", "--connect-timeout", "2s", "-a"],
+            ),
+        ];
+        for (program, args) in &mut commands {
+            args.extend(target);
+            let output = run(program, args);
+            let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), stderr(&output));
+            assert_ne!(output.status.code(), Some(0), "{what}: {stderr}");
+            assert!(
+                stderr.contains(needle) || stdout.contains(needle),
+                "{what}: {needle:?} in neither {stdout} nor {stderr}"
+            );
+            let shown = format!("{program} {}", args.join(" "));
+            println!("{shown}\n{stdout}{stderr}");
+            assert_each_cause_once(&shown, &stdout);
+            assert_each_cause_once(&shown, &stderr);
+        }
+    }
+}
