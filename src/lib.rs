@@ -22,6 +22,7 @@
 //! - [`grpc`]: the wire edge — the client the coordinator talks to nodes with. The
 //!   only module that sees prost types.
 //! - [`time`]: Unix milliseconds, human durations, time zones.
+//! - [`redact`]: `Debug` of configuration without its secrets (URLs, credentials).
 
 pub mod adapters;
 pub mod backup;
@@ -32,6 +33,7 @@ pub mod grpc;
 pub mod manifest;
 pub mod pipeline;
 pub mod pitr;
+pub mod redact;
 pub mod resolve;
 pub mod restore;
 pub mod runbook;
