@@ -35,7 +35,8 @@ pub struct DrillArgs {
     /// Leave the scratch targets in place (their names are in the report).
     #[arg(long)]
     pub keep: bool,
-    /// `text` for people, `json` for scripts.
+    /// `text` for people (with a progress bar per database on a terminal), `json` for
+    /// scripts.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
 }
@@ -71,6 +72,7 @@ pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
             manifest.databases.len()
         );
     }
+    let (bars, progress) = crate::backup::progress(args.output, "drill");
     let report = crate::signal::run_cancellable(|cancel| {
         drill::run(
             &runbook,
@@ -79,10 +81,14 @@ pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
             &decryption,
             args.keep,
             cancel,
+            progress,
         )
     })
-    .await
-    .map_err(|error| match error {
+    .await;
+    if let Some(bars) = &bars {
+        bars.clear();
+    }
+    let report = report.map_err(|error| match error {
         drill::DrillError::Interrupted { .. } => Failure::new(exit::ERROR, error),
         drill::DrillError::Setup(_) => Failure::new(exit::USAGE, error),
     })?;

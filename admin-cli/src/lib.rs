@@ -3,7 +3,8 @@
 //!
 //! - `args.rs`: flags shared by every cluster command (targets, TLS, output).
 //! - `pause.rs`: `pause`, `unpause`, `check-paused`, `stats`.
-//! - `backup.rs`: `backup`, with progress bars.
+//! - `backup.rs`: `backup`, and the progress bars `backup`, `restore` and `drill`
+//!   show on a terminal.
 //! - `catalog.rs`: `list`, `show`, `verify`, `prune`.
 //! - `restore.rs`: `restore`, and PostgreSQL's `base-backup` and `pitr`.
 //! - `drill.rs`: `drill`, with its table, JSON and JUnit reports.

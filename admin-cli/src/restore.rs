@@ -40,7 +40,7 @@ pub struct RestoreArgs {
     /// holds anything is refused.
     #[arg(long)]
     pub force: bool,
-    /// `text` for people, `json` for scripts.
+    /// `text` for people (with a progress bar on a terminal), `json` for scripts.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
 }
@@ -175,6 +175,7 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
             stillpoint::storage::redact_url(&args.to)
         );
     }
+    let (bars, progress) = crate::backup::progress(args.output, "restore");
     let restoring = restore::restore_database(
         &storage,
         &manifest,
@@ -183,6 +184,7 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         &args.to,
         &decryption,
         args.force,
+        progress,
     );
     // SIGINT/SIGTERM stop the restore: dropping it kills the restore tool (pg_restore
     // rolls its one transaction back) and removes a SQLite copy being written beside
@@ -190,6 +192,9 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
     let outcome = tokio::select! {
         outcome = restoring => outcome,
         () = shutdown_signal() => {
+            if let Some(bars) = &bars {
+                bars.clear();
+            }
             return Err(Failure::new(
                 exit::ERROR,
                 anyhow::anyhow!(
@@ -202,6 +207,9 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
             ));
         }
     };
+    if let Some(bars) = &bars {
+        bars.clear();
+    }
     let report = outcome.map_err(|error| {
         let code = match error {
             RestoreError::NoSuchDatabase { .. }

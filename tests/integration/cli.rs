@@ -871,3 +871,142 @@ fn transport_failures_name_each_cause_once() {
         }
     }
 }
+
+/// Runs `program args…` in a pseudo-terminal (`script` from util-linux), so that its
+/// stderr is a terminal; returns what the terminal showed (stdout and stderr).
+fn run_in_terminal(program: &str, args: &[&str]) -> (Option<i32>, String) {
+    let mut command = format!("'{}'", crate::util::bin(program).display());
+    for arg in args {
+        assert!(!arg.contains('\''), "{arg}");
+        command.push_str(&format!(" '{arg}'"));
+    }
+    let output = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+/// The progress bar lines the terminal showed for `database`: indicatif redraws a bar
+/// in place (`\r`, erase line), each time with the bytes so far and the rate.
+fn bar_lines<'a>(shown: &'a str, database: &str) -> Vec<&'a str> {
+    shown
+        .split(['\r', '\n'])
+        .filter(|line| line.contains(database) && line.contains("B/s)"))
+        .collect()
+}
+
+/// What a terminal's progress bar leaves in a stream: carriage returns, escape
+/// sequences, rates.
+fn assert_no_bar_noise(what: &str, stderr: &str) {
+    for noise in ["\r", "\u{1b}[", "B/s)"] {
+        assert!(
+            !stderr.contains(noise),
+            "{what}: progress bar noise {noise:?} in stderr without a terminal:\n{stderr:?}"
+        );
+    }
+}
+
+/// Issue 13.4: `restore` and `drill` show a progress bar per database on a terminal,
+/// as `backup` does, and print none when stderr is not one.
+#[test]
+fn restore_and_drill_show_progress_on_a_terminal_only() {
+    let cluster = crate::cluster::Cluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let path = |url: &str| url.strip_prefix("sqlite:").unwrap().to_owned();
+    let runbook = dir.path().join("runbook.toml");
+    std::fs::write(
+        &runbook,
+        format!(
+            r#"cluster = "progress"
+[pause]
+tiers = [{{ addresses = ["{ledger}"] }}, {{ addresses = ["{auditor}"] }}]
+[[databases]]
+name = "ledger"
+adapter = "sqlite"
+path = "{ledger_db}"
+[[databases]]
+name = "auditor"
+adapter = "sqlite"
+path = "{auditor_db}"
+[pipeline]
+zstd_level = 3
+[storage]
+url = "file://{storage}"
+"#,
+            ledger = cluster.ledgers[0].address,
+            auditor = cluster.auditor.address,
+            ledger_db = path(&cluster.ledger_db),
+            auditor_db = path(&cluster.auditor_db),
+            storage = dir.path().join("backups").display(),
+        ),
+    )
+    .unwrap();
+    let runbook = runbook.to_str().unwrap();
+    let (code, backup) =
+        crate::util::run_json("stillpoint", &["backup", "-c", runbook, "--output", "json"]);
+    assert_eq!(code, 0, "{backup:#}");
+
+    // restore, on a terminal: a bar for the database, ending at the whole copy.
+    let target = dir.path().join("restored-on-a-terminal.sqlite");
+    let (code, shown) = run_in_terminal(
+        "stillpoint",
+        &[
+            "restore",
+            "latest",
+            "-c",
+            runbook,
+            "--database",
+            "ledger",
+            "--to",
+            target.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(0), "{shown}");
+    let bars = bar_lines(&shown, "ledger");
+    assert!(
+        !bars.is_empty(),
+        "no progress bar on the terminal:\n{shown:?}"
+    );
+    assert!(shown.contains("restored ledger"), "{shown:?}");
+
+    // restore, without a terminal: the report and no bar.
+    let target = dir.path().join("restored-in-a-pipe.sqlite");
+    let output = run(
+        "stillpoint",
+        &[
+            "restore",
+            "latest",
+            "-c",
+            runbook,
+            "--database",
+            "ledger",
+            "--to",
+            target.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("restored ledger"));
+    assert_no_bar_noise("restore", &stderr(&output));
+
+    // drill, on a terminal: a bar per database, restored in parallel.
+    let (code, shown) = run_in_terminal("stillpoint", &["drill", "latest", "-c", runbook]);
+    assert_eq!(code, Some(0), "{shown}");
+    for database in ["ledger", "auditor"] {
+        assert!(
+            !bar_lines(&shown, database).is_empty(),
+            "no progress bar for {database} on the terminal:\n{shown:?}"
+        );
+    }
+    assert!(shown.contains("PASSED"), "{shown:?}");
+
+    // drill, without a terminal.
+    let output = run("stillpoint", &["drill", "latest", "-c", runbook]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("PASSED"));
+    assert_no_bar_noise("drill", &stderr(&output));
+}
