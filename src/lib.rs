@@ -35,6 +35,7 @@ pub mod grpc;
 pub mod manifest;
 pub mod pipeline;
 pub mod pitr;
+pub mod points;
 pub mod resolve;
 pub mod restore;
 pub mod runbook;

@@ -9,6 +9,7 @@ use crate::demo::{self, DemoArgs};
 use crate::drill::{self, DrillArgs};
 use crate::exit::{self, Failure};
 use crate::pause::{self, InspectArgs, PauseArgs, UnpauseArgs};
+use crate::points::{self, PointArgs};
 use crate::restore::{self, BaseBackupArgs, PitrArgs, RestoreArgs};
 
 const ABOUT: &str = "Transactionally-consistent backups of a paused application cluster.";
@@ -84,8 +85,15 @@ pub enum Command {
     /// JUnit), and remove the scratch targets.
     #[command(after_help = exit::HELP)]
     Drill(DrillArgs),
-    /// Take a PostgreSQL base backup (pg_basebackup) for point-in-time recovery.
+    /// Take a PostgreSQL base backup (pg_basebackup): into the storage for points
+    /// (the database must be archived), or with --to DIR into a local directory.
+    #[command(after_help = exit::HELP)]
     BaseBackup(BaseBackupArgs),
+    /// Take a point: pause, mark every database (a named restore point and LSN),
+    /// unpause, wait until every archive has reached its marker, commit the point
+    /// (only when restorable: a base backup before it, an archive without gaps).
+    #[command(after_help = exit::HELP)]
+    Point(PointArgs),
     /// PostgreSQL point-in-time recovery into a scratch server: base backup + WAL
     /// archive replayed to a backup's restore point, LSN or mid-time.
     #[command(after_help = exit::HELP)]
@@ -126,6 +134,7 @@ pub async fn run() -> Result<u8, Failure> {
         Command::Restore(args) => restore::restore(args).await,
         Command::Drill(args) => drill::drill(args).await,
         Command::BaseBackup(args) => restore::base_backup(args).await,
+        Command::Point(args) => points::point(args).await,
         Command::Pitr(args) => restore::pitr(args).await,
         Command::Archive(args) => archive::archive(args).await,
         Command::ArchiveList(args) => archive::archive_list(args).await,

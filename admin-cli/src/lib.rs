@@ -25,6 +25,7 @@ pub mod drill;
 pub mod exit;
 pub mod output;
 pub mod pause;
+pub mod points;
 pub mod restore;
 pub mod scalar_admin;
 pub mod signal;
