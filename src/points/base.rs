@@ -7,8 +7,12 @@
 //! database that is not archived (`archive = true`) is refused before anything runs.
 //! pg_basebackup writes only one tar to stdout, so a server with tablespaces outside
 //! its data directory is refused too (take a local base backup with `--to DIR`).
-//! Where replay starts and where the base becomes consistent are the WAL start and
-//! end points pg_basebackup reports (`--verbose`); both go into the record.
+//! Where replay starts and where the base becomes consistent are recorded as bounds
+//! read from the server itself: its WAL insert position just before pg_basebackup
+//! starts (at or before the backup's checkpoint redo point, where replay starts) and
+//! just after it ends (at or after the backup's end, which replay must pass). A
+//! restore asks the archive for a little more WAL than it strictly needs, never less;
+//! pg_basebackup reports the exact points only when it streams WAL itself.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -58,7 +62,7 @@ pub async fn take(
         return Err(BaseError::Setup(format!(
             "database {database} uses the {} adapter; base backups into the storage are for \
              PostgreSQL (MariaDB's comes with its binlog archive)",
-            adapter_kind(&config.adapter)
+            super::take::adapter_kind(&config.adapter)
         )));
     };
     if !config.archive {
@@ -88,6 +92,12 @@ pub async fn take(
         )));
     }
 
+    let (client, connection) = source
+        .connect()
+        .await
+        .map_err(|message| BaseError::Setup(format!("database {database}: {message}")))?;
+    let driver = tokio::spawn(connection);
+    let before = insert_position(&client).await.map_err(BaseError::Setup)?;
     let id = new_id();
     let artifact_path = format!(
         "{}/base.tar{}",
@@ -104,7 +114,6 @@ pub async fn take(
         "--format=tar",
         "--wal-method=none",
         "--checkpoint=fast",
-        "--verbose",
         "--no-password",
     ]);
     let failed = |message: String| BaseError::Failed {
@@ -147,12 +156,20 @@ pub async fn take(
             return Err(failed(error.to_string()));
         }
     };
-    let Some(positions) = wal_positions(&stderr) else {
-        remove().await;
-        return Err(failed(format!(
-            "pg_basebackup did not report its WAL start and end points: {}",
-            stderr.trim()
-        )));
+    tracing::debug!(%stderr, "pg_basebackup finished");
+    let after = insert_position(&client).await;
+    drop(client);
+    let _ = driver.await;
+    let positions = match after {
+        Ok(after) => WalPositions {
+            start: before.0,
+            end: after.0,
+            timeline: Some(after.1),
+        },
+        Err(why) => {
+            remove().await;
+            return Err(failed(why));
+        }
     };
     let record = BaseRecord {
         format: FORMAT,
@@ -182,15 +199,6 @@ pub async fn take(
     Ok(record)
 }
 
-fn adapter_kind(config: &AdapterConfig) -> &'static str {
-    match config {
-        AdapterConfig::Sqlite(_) => "sqlite",
-        AdapterConfig::Postgres(_) => "postgres",
-        AdapterConfig::Mariadb(_) => "mariadb",
-        AdapterConfig::Exec(_) => "exec",
-    }
-}
-
 #[derive(Debug, PartialEq, Eq)]
 struct WalPositions {
     start: Lsn,
@@ -198,55 +206,23 @@ struct WalPositions {
     timeline: Option<u32>,
 }
 
-/// `pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1` and
-/// `pg_basebackup: write-ahead log end point: 0/2000100` from `--verbose`.
-fn wal_positions(stderr: &str) -> Option<WalPositions> {
-    let after = |marker: &str| {
-        stderr
-            .lines()
-            .find_map(|line| line.split_once(marker).map(|(_, rest)| rest.trim()))
-    };
-    let start_line = after("write-ahead log start point:")?;
-    let mut words = start_line.split_whitespace();
-    let start: Lsn = words.next()?.parse().ok()?;
-    let timeline = match (words.next(), words.next(), words.next()) {
-        (Some("on"), Some("timeline"), Some(tli)) => tli.parse().ok(),
-        _ => None,
-    };
-    let end: Lsn = after("write-ahead log end point:")?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(WalPositions {
-        start,
-        end,
-        timeline,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wal_positions_are_read_from_pg_basebackup_verbose_output() {
-        let stderr = "pg_basebackup: initiating base backup, waiting for checkpoint to complete\n\
-                      pg_basebackup: checkpoint completed\n\
-                      pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1\n\
-                      pg_basebackup: write-ahead log end point: 0/2000100\n\
-                      pg_basebackup: base backup completed\n";
-        assert_eq!(
-            wal_positions(stderr),
-            Some(WalPositions {
-                start: Lsn(0x2000028),
-                end: Lsn(0x2000100),
-                timeline: Some(1),
-            })
-        );
-        assert_eq!(
-            wal_positions("pg_basebackup: error: could not connect"),
-            None
-        );
-    }
+/// The server's WAL insert position and timeline now.
+async fn insert_position(client: &tokio_postgres::Client) -> Result<(Lsn, u32), String> {
+    let row = client
+        .query_one(
+            "SELECT pg_current_wal_insert_lsn()::text, \
+                    (SELECT timeline_id FROM pg_control_checkpoint())",
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "reading the WAL position: {}",
+                crate::adapters::postgres::error_text(&e)
+            )
+        })?;
+    let lsn: String = row.get(0);
+    let timeline: i32 = row.get(1);
+    let lsn = lsn.parse().map_err(|e: String| e)?;
+    Ok((lsn, timeline as u32))
 }

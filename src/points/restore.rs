@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{BaseRecord, PointDatabase, PointManifest, read_base};
 use crate::adapters::{self, Adapter, AdapterConfig, CutMarker, PostgresConfig, process};
-use crate::archive::{Archive, ChunkKind, ChunkRecord, Position, wal};
+use crate::archive::{Archive, ChunkKind, ChunkRecord, Lsn, NotReached, Position, wal};
 use crate::drill::CheckResult;
 use crate::manifest::DatabaseEntry;
 use crate::pipeline::{self, Decryption, PipelineSettings};
@@ -133,9 +133,15 @@ pub async fn needs(
         .catalog()
         .await
         .map_err(|error| missing(format!("the archive of {name}: {error}")))?;
-    catalog
-        .covers(&base.start, target)
-        .map_err(|why| missing(format!("database {name}: {why}")))?;
+    catalog.covers(&base.start, target).map_err(|why| {
+        let segments = missing_segments(&catalog, &why);
+        let named = if segments.is_empty() {
+            String::new()
+        } else {
+            format!(" (missing WAL: {})", segments.join(", "))
+        };
+        missing(format!("database {name}: {why}{named}"))
+    })?;
     // From the chunk that holds the base's start to the first that reaches the target.
     let first = catalog
         .chunks
@@ -165,6 +171,41 @@ pub async fn needs(
     })
 }
 
+/// The WAL segments a stretch the archive lacks would be in, by name (at most a few):
+/// what an operator looks for in a server's pg_wal or another copy.
+fn missing_segments(catalog: &crate::archive::Catalog, why: &NotReached) -> Vec<String> {
+    let (from, to) = match why {
+        NotReached::Gap(gap) => (&gap.from, &gap.to),
+        NotReached::StartsAfter {
+            first_start, from, ..
+        } => (from, first_start),
+        NotReached::EndsBefore { end, target, .. } => (end, target),
+        NotReached::Empty { .. } => return Vec::new(),
+    };
+    let (Some(from), Some(to)) = (from.lsn(), to.lsn()) else {
+        return Vec::new();
+    };
+    let Some(sample) = catalog.chunks.first() else {
+        return Vec::new();
+    };
+    let (Some(size), Some(timeline)) = (sample.segment_size, sample.timeline) else {
+        return Vec::new();
+    };
+    let first = wal::Segment::containing(timeline, from, size);
+    let last = wal::Segment::containing(timeline, Lsn(to.0.saturating_sub(1).max(from.0)), size);
+    let mut names = Vec::new();
+    let mut at = first.start(size);
+    while at <= last.start(size) {
+        if names.len() == 5 {
+            names.push("…".to_owned());
+            break;
+        }
+        names.push(wal::Segment::containing(timeline, at, size).name(size));
+        at = Lsn(at.0 + size);
+    }
+    names
+}
+
 /// Re-reads every stored artifact `needed` names and checks its checksum: the first
 /// one missing or damaged is named.
 pub async fn check(
@@ -184,17 +225,54 @@ pub async fn check(
                 needed.base.id, needed.database
             ))
         })?;
+    let archive = Archive::new(
+        storage.clone(),
+        PipelineSettings::default(),
+        &needed.database,
+    )
+    .map_err(|error| PointRestoreError::Setup(error.to_string()))?;
     for chunk in needed.chunks.iter().chain(&needed.others) {
-        pipeline::verify_checksum(storage, &chunk.artifact)
-            .await
-            .map_err(|error| {
-                missing(format!(
-                    "chunk {} of the archive of {}: {error}",
-                    chunk.name, needed.database
-                ))
-            })?;
+        let mut checked = pipeline::verify_checksum(storage, &chunk.artifact).await;
+        // A running archiver replaces the growing segment's partial chunk with a
+        // longer one (or the whole segment) and removes it: check the one that holds
+        // at least as much now.
+        if let Err(error) = &checked
+            && error.is_not_found()
+            && let Some(current) = superseding(&archive, chunk).await
+        {
+            checked = pipeline::verify_checksum(storage, &current.artifact).await;
+        }
+        checked.map_err(|error| {
+            missing(format!(
+                "chunk {} of the archive of {}: {error}",
+                chunk.name, needed.database
+            ))
+        })?;
     }
     Ok(())
+}
+
+/// The chunk that now holds at least what the partial chunk `chunk` held: the whole
+/// segment, or a longer partial of it.
+async fn superseding(archive: &Archive, chunk: &ChunkRecord) -> Option<ChunkRecord> {
+    if chunk.kind != ChunkKind::PgWalPartial {
+        return None;
+    }
+    let (segment, covered) = wal::parse_partial_chunk_name(&chunk.name)?;
+    if let Ok(Some(whole)) = archive.record(segment).await {
+        return Some(whole);
+    }
+    let listing = archive.storage().list(&archive.prefix()).await.ok()?;
+    let (_, name) = listing
+        .iter()
+        .filter_map(|entry| entry.path.rsplit('/').next())
+        .filter_map(|file| file.strip_suffix(".json"))
+        .filter_map(|name| {
+            let (of, longer) = wal::parse_partial_chunk_name(name)?;
+            (of == segment && longer >= covered).then(|| (longer, name.to_owned()))
+        })
+        .max()?;
+    archive.record(&name).await.ok().flatten()
 }
 
 /// Everything [`restore_one`] needs.
@@ -394,10 +472,14 @@ async fn stage(
     let archive = Archive::new(storage.clone(), settings.clone(), &needed.database)
         .map_err(|error| fail(error.to_string()))?;
     for chunk in needed.chunks.iter().chain(&needed.others) {
-        let mut bytes = archive
-            .read(chunk, decryption)
-            .await
-            .map_err(|error| fail(format!("reading chunk {}: {error}", chunk.name)))?;
+        let mut read = archive.read(chunk, decryption).await;
+        if read.is_err()
+            && let Some(current) = superseding(&archive, chunk).await
+        {
+            read = archive.read(&current, decryption).await;
+        }
+        let mut bytes =
+            read.map_err(|error| fail(format!("reading chunk {}: {error}", chunk.name)))?;
         let file = match chunk.kind {
             ChunkKind::PgWalPartial => {
                 let (segment, _) = wal::parse_partial_chunk_name(&chunk.name)

@@ -128,7 +128,7 @@ enum Member {
     /// An archived PostgreSQL database, connected in prepare, with the newest base
     /// backup there was then.
     Postgres {
-        client: Client,
+        client: Box<Client>,
         driver: tokio::task::JoinHandle<()>,
         bases: Vec<BaseRecord>,
         archive: Archive,
@@ -377,7 +377,7 @@ async fn prepare(
                 ));
             }
             Ok(Member::Postgres {
-                client,
+                client: Box::new(client),
                 driver,
                 bases,
                 archive,

@@ -18,5 +18,6 @@ mod cli;
 mod passwords;
 mod pause;
 mod pitr;
+mod points;
 mod protocols;
 mod security;
