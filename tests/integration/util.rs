@@ -28,6 +28,22 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Path of one of the workspace's examples (`cargo build --examples`; scripts/test
+/// builds them).
+pub fn example(name: &str) -> PathBuf {
+    let path = bin("stillpoint")
+        .parent()
+        .expect("the target directory")
+        .join("examples")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace --examples` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
 /// Polls `condition` every 20ms until it holds or `within` passes.
 pub fn wait_until(within: Duration, what: &str, mut condition: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
@@ -113,9 +129,29 @@ pub fn spawn_listening_logged(
     log_level: &str,
     stderr: Stdio,
 ) -> (Process, Vec<String>) {
+    spawn_listening_with_env(
+        program,
+        args,
+        &[("RUST_LOG", log_level)],
+        expected_lines,
+        stderr,
+    )
+}
+
+/// Like [`spawn_listening`], with extra environment variables (`RUST_LOG` among them
+/// when the default level will not do) and stderr chosen.
+pub fn spawn_listening_with_env(
+    program: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    expected_lines: usize,
+    stderr: Stdio,
+) -> (Process, Vec<String>) {
+    let default_log_level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned());
     let mut child = Command::new(program)
         .args(args)
-        .env("RUST_LOG", log_level)
+        .env("RUST_LOG", default_log_level)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()
@@ -245,6 +281,11 @@ pub fn stderr(output: &Output) -> String {
 /// Whether each node is paused, asked in-process (no CLI start-up in the loop), so
 /// that polling observes a change within milliseconds even on a loaded machine.
 pub fn paused_flags(addresses: &str) -> Vec<bool> {
+    paused_flags_as(addresses, None)
+}
+
+/// [`paused_flags`], asked with an admin token (for nodes that require one).
+pub fn paused_flags_as(addresses: &str, token: Option<&str>) -> Vec<bool> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -252,7 +293,12 @@ pub fn paused_flags(addresses: &str) -> Vec<bool> {
     runtime.block_on(async {
         let mut flags = Vec::new();
         for address in stillpoint::resolve::parse_address_list(addresses).unwrap() {
-            let options = stillpoint::grpc::client::ConnectOptions::default();
+            let options = stillpoint::grpc::client::ConnectOptions {
+                token: token.map(|text| {
+                    stillpoint_node::AdminToken::parse(text, "the test").expect("a valid token")
+                }),
+                ..Default::default()
+            };
             let mut client = stillpoint::grpc::client::NodeClient::connect(&address, &options)
                 .await
                 .unwrap_or_else(|error| panic!("{address}: {error}"));
