@@ -10,6 +10,8 @@
 //! - [`adapters`]: prepare, cut, copy and restore each kind of database.
 //! - [`pipeline`]: compression, encryption and checksums between a copy and storage.
 //! - [`storage`]: local directories and S3-compatible object storage.
+//! - [`archive`]: each database's log (PostgreSQL WAL) archived continuously into
+//!   storage in chunks, and the catalog of those chunks.
 //! - [`manifest`]: the JSON record whose presence commits a backup, and the storage
 //!   layout of a backup.
 //! - [`catalog`]: the backups a storage holds: list, verify, retention and prune.
@@ -24,6 +26,7 @@
 //! - [`time`]: Unix milliseconds, human durations, time zones.
 
 pub mod adapters;
+pub mod archive;
 pub mod backup;
 pub mod catalog;
 pub mod coordinator;

@@ -2,6 +2,7 @@
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
+use crate::archive::{self, ArchiveArgs, ArchiveListArgs, WalFetchArgs, WalPushArgs};
 use crate::backup::{self, BackupArgs};
 use crate::catalog::{self, CatalogArgs, PruneArgs, ShowArgs};
 use crate::demo::{self, DemoArgs};
@@ -89,6 +90,20 @@ pub enum Command {
     /// archive replayed to a backup's restore point, LSN or mid-time.
     #[command(after_help = exit::HELP)]
     Pitr(PitrArgs),
+    /// Stream the WAL of the runbook's PostgreSQL databases with `archive = true`
+    /// (or --database) into the storage, continuously, until SIGINT/SIGTERM.
+    #[command(after_help = exit::HELP)]
+    Archive(ArchiveArgs),
+    /// Show each archive's chunks, coverage (from, to) and gaps; exit 6 if one has a
+    /// gap.
+    ArchiveList(ArchiveListArgs),
+    /// PostgreSQL's archive_command: store one WAL file in a database's archive
+    /// (`archive_command = 'stillpoint wal-push -c RUNBOOK --database NAME %p'`).
+    WalPush(WalPushArgs),
+    /// PostgreSQL's restore_command: fetch one WAL file from a database's archive; exit
+    /// 1 when it is not there (`restore_command = 'stillpoint wal-fetch -c RUNBOOK
+    /// --database NAME %f %p'`).
+    WalFetch(WalFetchArgs),
     /// Start a local reference cluster (3 ledger nodes + 1 auditor on SQLite) under
     /// load, back it up, drill the backup, print a report and clean up.
     Demo(DemoArgs),
@@ -112,6 +127,10 @@ pub async fn run() -> Result<u8, Failure> {
         Command::Drill(args) => drill::drill(args).await,
         Command::BaseBackup(args) => restore::base_backup(args).await,
         Command::Pitr(args) => restore::pitr(args).await,
+        Command::Archive(args) => archive::archive(args).await,
+        Command::ArchiveList(args) => archive::archive_list(args).await,
+        Command::WalPush(args) => archive::wal_push(args).await,
+        Command::WalFetch(args) => archive::wal_fetch(args).await,
         Command::Demo(args) => demo::demo(args).await,
     }
 }

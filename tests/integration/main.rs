@@ -1,6 +1,7 @@
 //! stillpoint's integration tests: one test binary, real processes, real ports. Each
 //! test reads like a runbook; `util.rs` and `cluster.rs` hold the harness.
 
+mod archive;
 mod backup;
 mod cluster;
 mod dns;
