@@ -6,6 +6,7 @@ mod backup;
 mod cluster;
 mod dns;
 mod drill;
+mod example_service;
 mod faults;
 // The storage unit tests use all of this server; these tests only part of it.
 #[allow(dead_code)]
