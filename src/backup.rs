@@ -784,7 +784,7 @@ fn collect<T, E: std::fmt::Display>(results: Vec<Result<T, E>>) -> Result<Vec<T>
     }
 }
 
-async fn pause_plan(pause: &PauseConfig) -> Result<PausePlan, BackupError> {
+pub(crate) async fn pause_plan(pause: &PauseConfig) -> Result<PausePlan, BackupError> {
     let mut tiers: Vec<Vec<NodeAddress>> = Vec::new();
     for tier in &pause.tiers {
         let nodes = match &tier.srv {
@@ -838,7 +838,9 @@ async fn pause_plan(pause: &PauseConfig) -> Result<PausePlan, BackupError> {
     Ok(plan)
 }
 
-fn pipeline_settings(runbook: &Runbook) -> Result<PipelineSettings, BackupError> {
+/// The encoding side of the runbook's pipeline (a passphrase read from its file), for
+/// backups and archives.
+pub fn pipeline_settings(runbook: &Runbook) -> Result<PipelineSettings, BackupError> {
     let config = &runbook.pipeline;
     let encryption = match (&config.age_recipients[..], &config.age_passphrase_file) {
         ([], None) => pipeline::Encryption::None,

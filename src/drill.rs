@@ -844,7 +844,7 @@ fn compare_counts(
     }
 }
 
-async fn run_check(
+pub(crate) async fn run_check(
     check: &DrillCheck,
     targets: &BTreeMap<&str, (Arc<dyn Adapter>, String)>,
     restored: &[&str],

@@ -10,11 +10,15 @@
 //! - [`adapters`]: prepare, cut, copy and restore each kind of database.
 //! - [`pipeline`]: compression, encryption and checksums between a copy and storage.
 //! - [`storage`]: local directories and S3-compatible object storage.
+//! - [`archive`]: each database's log (PostgreSQL WAL) archived continuously into
+//!   storage in chunks, and the catalog of those chunks.
 //! - [`manifest`]: the JSON record whose presence commits a backup, and the storage
 //!   layout of a backup.
 //! - [`catalog`]: the backups a storage holds: list, verify, retention and prune.
 //! - [`restore`]: one database of a backup into a target, checksum first.
 //! - [`drill`]: every database of a backup into scratch targets, then checks.
+//! - [`points`]: base backups in storage, points (a pause that marks every database),
+//!   and restoring or drilling a point from its bases and archives.
 //! - [`pitr`]: PostgreSQL base backups and point-in-time recovery to a backup's
 //!   restore point.
 //! - [`coordinator`]: pauses a cluster tier by tier, holds it under a lease, releases
@@ -25,6 +29,7 @@
 //! - [`redact`]: `Debug` of configuration without its secrets (URLs, credentials).
 
 pub mod adapters;
+pub mod archive;
 pub mod backup;
 pub mod catalog;
 pub mod coordinator;
@@ -33,6 +38,7 @@ pub mod grpc;
 pub mod manifest;
 pub mod pipeline;
 pub mod pitr;
+pub mod points;
 pub mod redact;
 pub mod resolve;
 pub mod restore;

@@ -1,6 +1,6 @@
-//! The runbook file (TOML): which cluster to pause and how, which databases to cut,
-//! how to process copies, where to store them, how long to keep them, and what a
-//! drill checks in a restored backup. Parsed and
+//! The runbook file (TOML): which cluster to pause and how, which databases to cut
+//! (and which to archive continuously), how to process copies, where to store them,
+//! how long to keep them, and what a drill checks in a restored backup. Parsed and
 //! validated here, before anything is contacted; every unknown key is an error that
 //! names it. docs/runbook.md documents the format with a commented example.
 
@@ -27,6 +27,7 @@ pub struct Runbook {
     pub storage: StorageConfig,
     pub retention: RetentionConfig,
     pub drill: DrillConfig,
+    pub archive: ArchiveConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -103,6 +104,48 @@ pub struct DatabaseConfig {
     /// Free text such as "ledger" or "auditor", recorded in the manifest.
     pub role: Option<String>,
     pub adapter: AdapterConfig,
+    /// `archive = true`: the database's log is archived continuously into the
+    /// storage (`stillpoint archive`; PostgreSQL only for now).
+    pub archive: bool,
+}
+
+/// `[archive]`: how the databases with `archive = true` are archived.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveConfig {
+    /// How often the WAL segment still being written is pushed: about how far the
+    /// archive trails the server.
+    #[serde(
+        default = "default_partial_interval",
+        deserialize_with = "deserialize_duration"
+    )]
+    pub partial_interval: Duration,
+    /// Where pg_receivewal writes before a chunk is pushed (one directory per
+    /// database under it). Default: `stillpoint-archive/<cluster>` in the system's
+    /// temporary directory. Losing it loses nothing archived; it only saves
+    /// streaming a segment again.
+    #[serde(default)]
+    pub spool_dir: Option<PathBuf>,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig {
+            partial_interval: default_partial_interval(),
+            spool_dir: None,
+        }
+    }
+}
+
+impl Runbook {
+    /// The directory an archiver of this runbook spools into, per database under it.
+    pub fn spool_root(&self) -> PathBuf {
+        self.archive.spool_dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir()
+                .join("stillpoint-archive")
+                .join(&self.cluster)
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -633,6 +676,8 @@ struct RawRunbook {
     retention: RetentionConfig,
     #[serde(default)]
     drill: RawDrill,
+    #[serde(default)]
+    archive: ArchiveConfig,
 }
 
 impl Runbook {
@@ -690,6 +735,10 @@ impl Runbook {
                 .map(RawCheck::into_check)
                 .collect::<Result<_, _>>()?,
         };
+        let mut archive = raw.archive;
+        if let Some(dir) = archive.spool_dir.as_mut() {
+            *dir = base.join(&*dir);
+        }
         let runbook = Runbook {
             cluster: raw.cluster,
             pause,
@@ -698,6 +747,7 @@ impl Runbook {
             storage: raw.storage,
             retention: raw.retention,
             drill,
+            archive,
         };
         runbook.validate()?;
         Ok(runbook)
@@ -803,6 +853,18 @@ impl Runbook {
                     database.name
                 ));
             }
+            if database.archive && !matches!(database.adapter, AdapterConfig::Postgres(_)) {
+                return Err(format!(
+                    "database {:?}: archive = true is supported for the postgres adapter \
+                     only (binlog archiving for MariaDB is not there yet); remove it",
+                    database.name
+                ));
+            }
+        }
+        if self.archive.partial_interval.is_zero() {
+            return Err(
+                "[archive] partial_interval is 0ms; it must be positive (e.g. 1s)".to_owned(),
+            );
         }
         let mut check_names = HashSet::new();
         for check in &self.drill.checks {
@@ -856,6 +918,11 @@ fn database(index: usize, mut table: toml::Table, base: &Path) -> Result<Databas
         Some(toml::Value::String(role)) => Some(role),
         Some(_) => return Err(format!("database {name:?}: role must be a string")),
     };
+    let archive = match table.remove("archive") {
+        None => false,
+        Some(toml::Value::Boolean(archive)) => archive,
+        Some(_) => return Err(format!("database {name:?}: archive must be true or false")),
+    };
     let mut adapter: AdapterConfig =
         toml::Value::Table(table)
             .try_into()
@@ -869,6 +936,7 @@ fn database(index: usize, mut table: toml::Table, base: &Path) -> Result<Databas
         name,
         role,
         adapter,
+        archive,
     })
 }
 
@@ -939,6 +1007,10 @@ fn default_cut_deadline() -> Duration {
 
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_partial_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn deserialize_duration_opt<'de, D: serde::Deserializer<'de>>(

@@ -2,6 +2,7 @@
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
+use crate::archive::{self, ArchiveArgs, ArchiveListArgs, WalFetchArgs, WalPushArgs};
 use crate::backup::{self, BackupArgs};
 use crate::catalog::{self, CatalogArgs, PruneArgs, ShowArgs};
 use crate::demo::{self, DemoArgs};
@@ -9,6 +10,7 @@ use crate::docs::{self, CompletionsArgs, ManArgs};
 use crate::drill::{self, DrillArgs};
 use crate::exit::{self, Failure};
 use crate::pause::{self, InspectArgs, PauseArgs, UnpauseArgs};
+use crate::points::{self, PointArgs};
 use crate::restore::{self, BaseBackupArgs, PitrArgs, RestoreArgs};
 
 const ABOUT: &str = "Transactionally-consistent backups of a paused application cluster.";
@@ -84,12 +86,33 @@ pub enum Command {
     /// JUnit), and remove the scratch targets.
     #[command(after_help = exit::HELP)]
     Drill(DrillArgs),
-    /// Take a PostgreSQL base backup (pg_basebackup) for point-in-time recovery.
+    /// Take a PostgreSQL base backup (pg_basebackup): into the storage for points
+    /// (the database must be archived), or with --to DIR into a local directory.
+    #[command(after_help = exit::HELP)]
     BaseBackup(BaseBackupArgs),
+    /// Take a point: pause, mark every database (a named restore point and LSN),
+    /// unpause, wait until every archive has reached its marker, commit the point
+    /// (only when restorable: a base backup before it, an archive without gaps).
+    #[command(after_help = exit::HELP)]
+    Point(PointArgs),
     /// PostgreSQL point-in-time recovery into a scratch server: base backup + WAL
     /// archive replayed to a backup's restore point, LSN or mid-time.
     #[command(after_help = exit::HELP)]
     Pitr(PitrArgs),
+    /// Stream the WAL of the runbook's PostgreSQL databases with `archive = true`
+    /// (or --database) into the storage, continuously, until SIGINT/SIGTERM.
+    #[command(after_help = exit::HELP)]
+    Archive(ArchiveArgs),
+    /// Show each archive's chunks, coverage (from, to) and gaps; exit 6 if one has a
+    /// gap.
+    ArchiveList(ArchiveListArgs),
+    /// PostgreSQL's archive_command: store one WAL file in a database's archive
+    /// (`archive_command = 'stillpoint wal-push -c RUNBOOK --database NAME %p'`).
+    WalPush(WalPushArgs),
+    /// PostgreSQL's restore_command: fetch one WAL file from a database's archive; exit
+    /// 1 when it is not there (`restore_command = 'stillpoint wal-fetch -c RUNBOOK
+    /// --database NAME %f %p'`).
+    WalFetch(WalFetchArgs),
     /// Start a local reference cluster (3 ledger nodes + 1 auditor on SQLite) under
     /// load, back it up, drill the backup, print a report and clean up.
     Demo(DemoArgs),
@@ -121,7 +144,12 @@ pub async fn run() -> Result<u8, Failure> {
         Command::Restore(args) => restore::restore(args).await,
         Command::Drill(args) => drill::drill(args).await,
         Command::BaseBackup(args) => restore::base_backup(args).await,
+        Command::Point(args) => points::point(args).await,
         Command::Pitr(args) => restore::pitr(args).await,
+        Command::Archive(args) => archive::archive(args).await,
+        Command::ArchiveList(args) => archive::archive_list(args).await,
+        Command::WalPush(args) => archive::wal_push(args).await,
+        Command::WalFetch(args) => archive::wal_fetch(args).await,
         Command::Demo(args) => demo::demo(args).await,
         Command::Completions(args) => docs::completions(args),
         Command::Man(args) => docs::man(args),

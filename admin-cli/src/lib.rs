@@ -1,6 +1,7 @@
 //! The `stillpoint` and `scalar-admin` command lines. Clap structs live here and only
 //! here; they are validated and turned into `stillpoint` library calls.
 //!
+//! - `archive.rs`: `archive`, `wal-push`, `wal-fetch`: a database's log into storage.
 //! - `args.rs`: flags shared by every cluster command (targets, TLS, output).
 //! - `pause.rs`: `pause`, `unpause`, `check-paused`, `stats`.
 //! - `backup.rs`: `backup`, and the progress bars `backup`, `restore` and `drill`
@@ -16,6 +17,7 @@
 //! - `output.rs`: JSON for machines, text for people.
 //! - `exit.rs`: exit codes.
 
+pub mod archive;
 pub mod args;
 pub mod backup;
 pub mod catalog;
@@ -26,6 +28,7 @@ pub mod drill;
 pub mod exit;
 pub mod output;
 pub mod pause;
+pub mod points;
 pub mod restore;
 pub mod scalar_admin;
 pub mod signal;

@@ -393,3 +393,40 @@ fn command_checks_are_checked_before_anything_runs() {
         "a=URL {x}"
     );
 }
+
+#[test]
+fn archive_keys_are_parsed_and_checked() {
+    let postgres = r#"
+cluster = "c"
+[pause]
+tiers = [{ addresses = ["127.0.0.1:5000"] }]
+[[databases]]
+name = "db"
+adapter = "postgres"
+url = "postgres://u@127.0.0.1/db"
+archive = true
+[storage]
+url = "file:///tmp/backups"
+"#;
+    let runbook = parse(postgres).unwrap();
+    assert!(runbook.databases[0].archive);
+    assert_eq!(runbook.archive.partial_interval, Duration::from_secs(1));
+    assert!(runbook.spool_root().ends_with("stillpoint-archive/c"));
+
+    let tuned =
+        format!("{postgres}[archive]\npartial_interval = \"250ms\"\nspool_dir = \"spool\"\n");
+    let runbook = parse(&tuned).unwrap();
+    assert_eq!(runbook.archive.partial_interval, Duration::from_millis(250));
+    assert_eq!(runbook.spool_root(), Path::new("/etc/stillpoint/spool"));
+
+    let unknown = format!("{postgres}[archive]\npartial_intervall = \"1s\"\n");
+    let error = parse(&unknown).unwrap_err();
+    assert!(error.contains("partial_intervall"), "{error}");
+    let zero = format!("{postgres}[archive]\npartial_interval = \"0s\"\n");
+    assert!(parse(&zero).unwrap_err().contains("partial_interval"));
+    let error = parse(&minimal("archive = true")).unwrap_err();
+    assert!(error.contains("postgres adapter only"), "{error}");
+    let error = parse(&minimal("archive = \"yes\"")).unwrap_err();
+    assert!(error.contains("archive must be true or false"), "{error}");
+    assert!(!parse(&minimal("")).unwrap().databases[0].archive);
+}

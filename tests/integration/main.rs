@@ -1,10 +1,12 @@
 //! stillpoint's integration tests: one test binary, real processes, real ports. Each
 //! test reads like a runbook; `util.rs` and `cluster.rs` hold the harness.
 
+mod archive;
 mod backup;
 mod cluster;
 mod dns;
 mod drill;
+mod example_service;
 mod faults;
 // The storage unit tests use all of this server; these tests only part of it.
 #[allow(dead_code)]
@@ -17,5 +19,6 @@ mod cli;
 mod passwords;
 mod pause;
 mod pitr;
+mod points;
 mod protocols;
 mod security;

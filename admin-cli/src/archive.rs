@@ -1,0 +1,390 @@
+//! `stillpoint archive`, `archive-list`, `wal-push` and `wal-fetch`: a database's log
+//! into the runbook's storage. `archive` streams it continuously (in the foreground,
+//! until SIGINT or SIGTERM); `archive-list` shows each archive's coverage and gaps;
+//! `wal-push` and `wal-fetch` move one file at a time, as PostgreSQL's
+//! `archive_command` and `restore_command`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use clap::Args;
+use stillpoint::adapters::AdapterConfig;
+use stillpoint::archive::postgres::{self, ArchiverConfig, ArchiverStatus, Fetched, PgArchiver};
+use stillpoint::archive::{self as archives, Archive, ArchiveError, PushOutcome};
+use stillpoint::backup;
+use stillpoint::runbook::Runbook;
+use stillpoint::storage::Storage;
+use tokio_util::sync::CancellationToken;
+
+use crate::args::OutputFormat;
+use crate::backup::{human_bytes, load_runbook};
+use crate::exit::{self, Failure};
+use crate::output::{write_stderr, write_stdout};
+use crate::signal::shutdown_signal;
+
+#[derive(Debug, Clone, Args)]
+pub struct ArchiveArgs {
+    /// The runbook: its storage, pipeline and the databases with `archive = true`.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// Archive only this PostgreSQL database of the runbook (with or without
+    /// `archive = true`).
+    #[arg(long, value_name = "NAME")]
+    pub database: Option<String>,
+    /// `text`: a line per chunk stored; `json`: one JSON object per line.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ArchiveListArgs {
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// Only this database's archive. Default: every database with `archive = true`
+    /// and every archive the storage holds.
+    #[arg(long, value_name = "NAME")]
+    pub database: Option<String>,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WalPushArgs {
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// The runbook's database whose archive this is.
+    #[arg(long, value_name = "NAME")]
+    pub database: String,
+    /// The file PostgreSQL hands over (`%p`).
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WalFetchArgs {
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    #[arg(long, value_name = "NAME")]
+    pub database: String,
+    /// The file PostgreSQL asks for (`%f`).
+    pub segment: String,
+    /// Where to write it (`%p`).
+    pub dest: PathBuf,
+}
+
+fn open_archive(runbook: &Runbook, database: &str) -> Result<Archive, Failure> {
+    if !runbook.databases.iter().any(|db| db.name == database) {
+        return Err(Failure::new(
+            exit::USAGE,
+            anyhow!(
+                "the runbook has no database {database:?}; it has: {}",
+                runbook
+                    .databases
+                    .iter()
+                    .map(|db| db.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    let storage = Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
+    let settings =
+        backup::pipeline_settings(runbook).map_err(|error| Failure::new(exit::USAGE, error))?;
+    Archive::new(storage, settings, database).map_err(|error| Failure::new(exit::USAGE, error))
+}
+
+/// `stillpoint archive`: every chosen database's archiver, until a signal.
+pub async fn archive(args: ArchiveArgs) -> Result<u8, Failure> {
+    let runbook = load_runbook(&args.config)?;
+    let chosen: Vec<_> = match &args.database {
+        Some(name) => {
+            let database = runbook
+                .databases
+                .iter()
+                .find(|db| &db.name == name)
+                .ok_or_else(|| {
+                    Failure::new(exit::USAGE, anyhow!("the runbook has no database {name:?}"))
+                })?;
+            vec![database]
+        }
+        None => runbook.databases.iter().filter(|db| db.archive).collect(),
+    };
+    if chosen.is_empty() {
+        return Err(Failure::new(
+            exit::USAGE,
+            anyhow!(
+                "no database of the runbook has archive = true; set it on the PostgreSQL \
+                 databases to archive, or pass --database NAME"
+            ),
+        ));
+    }
+    let mut archivers = Vec::new();
+    for database in chosen {
+        let AdapterConfig::Postgres(config) = &database.adapter else {
+            return Err(Failure::new(
+                exit::USAGE,
+                anyhow!(
+                    "database {:?} is not PostgreSQL; only PostgreSQL WAL is archived for now",
+                    database.name
+                ),
+            ));
+        };
+        let archive = open_archive(&runbook, &database.name)?;
+        let config = ArchiverConfig::new(
+            &database.name,
+            config.clone(),
+            &runbook.spool_root(),
+            runbook.archive.partial_interval,
+        );
+        archivers.push(PgArchiver::new(config, archive));
+    }
+
+    let cancel = CancellationToken::new();
+    let runs = futures::future::join_all(archivers.iter().map(|archiver| async {
+        let result = archiver.run(&cancel).await;
+        if result.is_err() {
+            // One archiver that cannot go on stops the command: the others flush and
+            // stop too, rather than leave an operator believing all is archived.
+            cancel.cancel();
+        }
+        (archiver.config().database.clone(), result)
+    }));
+    let progress = print_progress(&archivers, args.output, &cancel);
+    let signal = async {
+        tokio::select! {
+            () = shutdown_signal() => {
+                tracing::warn!("interrupted: pushing what was received, then stopping");
+                cancel.cancel();
+            }
+            () = cancel.cancelled() => {}
+        }
+    };
+    let (results, (), ()) = tokio::join!(runs, progress, signal);
+    let failures: Vec<String> = results
+        .into_iter()
+        .filter_map(|(name, result)| result.err().map(|e| format!("{name}: {e}")))
+        .collect();
+    if failures.is_empty() {
+        Ok(exit::OK)
+    } else {
+        Err(Failure::new(
+            exit::BACKUP_FAILED,
+            anyhow!(failures.join("; ")),
+        ))
+    }
+}
+
+/// A line whenever an archiver stores a chunk or fails, until `cancel` fires (and
+/// once more after, for the final flush).
+async fn print_progress(
+    archivers: &[PgArchiver],
+    output: OutputFormat,
+    cancel: &CancellationToken,
+) {
+    let mut receivers: Vec<_> = archivers.iter().map(PgArchiver::status).collect();
+    let mut shown: Vec<ArchiverStatus> = vec![ArchiverStatus::default(); archivers.len()];
+    let mut stopping = false;
+    loop {
+        for (index, receiver) in receivers.iter_mut().enumerate() {
+            let now = receiver.borrow_and_update().clone();
+            let before = &shown[index];
+            if now.chunks_stored != before.chunks_stored || now.last_error != before.last_error {
+                let database = &archivers[index].config().database;
+                write_stdout(&format!("{}\n", render(database, &now, output)));
+            }
+            shown[index] = now;
+        }
+        if stopping {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = cancel.cancelled() => {
+                // Let the archivers push what they have before the last look.
+                for receiver in &mut receivers {
+                    let _ = receiver
+                        .wait_for(|status| !status.streaming)
+                        .await;
+                }
+                stopping = true;
+            }
+        }
+    }
+}
+
+fn render(database: &str, status: &ArchiverStatus, output: OutputFormat) -> String {
+    match output {
+        OutputFormat::Json => serde_json::json!({
+            "database": database,
+            "archived_to": status.archived_to.map(|lsn| lsn.to_string()),
+            "server_lsn": status.server_lsn.map(|lsn| lsn.to_string()),
+            "lag_bytes": status.lag_bytes(),
+            "last_chunk": status.last_chunk,
+            "chunks_stored": status.chunks_stored,
+            "restarts": status.restarts,
+            "last_error": status.last_error,
+        })
+        .to_string(),
+        OutputFormat::Text => {
+            let mut line = format!(
+                "{database}: archived to {}",
+                status
+                    .archived_to
+                    .map_or("nothing yet".to_owned(), |lsn| lsn.to_string())
+            );
+            if let Some(chunk) = &status.last_chunk {
+                line.push_str(&format!(" (last stored: {chunk})"));
+            }
+            if let (Some(server), Some(lag)) = (status.server_lsn, status.lag_bytes()) {
+                line.push_str(&format!(", server at {server}, lag {}", human_bytes(lag)));
+            }
+            if let Some(error) = &status.last_error {
+                line.push_str(&format!("; last error: {error}"));
+            }
+            line
+        }
+    }
+}
+
+/// `stillpoint wal-push`: PostgreSQL's `archive_command`. Exit 0 once the file is in
+/// the archive (also when it already was, with the same content).
+pub async fn wal_push(args: WalPushArgs) -> Result<u8, Failure> {
+    let runbook = load_runbook(&args.config)?;
+    let archive = open_archive(&runbook, &args.database)?;
+    match postgres::wal_push(&archive, &args.path).await {
+        Ok(PushOutcome::Stored(record)) => {
+            write_stderr(&format!(
+                "archived {} ({} bytes) to {}\n",
+                record.name,
+                record.size,
+                archive.storage()
+            ));
+            Ok(exit::OK)
+        }
+        Ok(PushOutcome::AlreadyArchived(record)) => {
+            write_stderr(&format!(
+                "{} is already archived with the same content; nothing was stored\n",
+                record.name
+            ));
+            Ok(exit::OK)
+        }
+        Err(error) => Err(Failure::new(exit::BACKUP_FAILED, error)),
+    }
+}
+
+/// `stillpoint wal-fetch`: PostgreSQL's `restore_command`. Exit 1 when the archive
+/// does not have the file (PostgreSQL's "not there", which ends replay); 6 for any
+/// other failure.
+pub async fn wal_fetch(args: WalFetchArgs) -> Result<u8, Failure> {
+    let runbook = load_runbook(&args.config)?;
+    let archive = open_archive(&runbook, &args.database)?;
+    let decryption =
+        backup::decryption(&runbook).map_err(|error| Failure::new(exit::USAGE, error))?;
+    match postgres::wal_fetch(&archive, &decryption, &args.segment, &args.dest).await {
+        Ok(Fetched::Whole(_)) => Ok(exit::OK),
+        Ok(Fetched::Partial(record)) => {
+            write_stderr(&format!(
+                "{} is archived only up to {} ({}): served padded\n",
+                args.segment,
+                record
+                    .end
+                    .as_ref()
+                    .map_or("?".to_owned(), ToString::to_string),
+                record.name
+            ));
+            Ok(exit::OK)
+        }
+        Err(ArchiveError::NotFound { .. }) => {
+            // PostgreSQL asks for files past the end of the archive on purpose: a
+            // short line, no "error:".
+            write_stderr(&format!(
+                "{} is not in the archive of {}\n",
+                args.segment, args.database
+            ));
+            Ok(exit::ERROR)
+        }
+        Err(error) => Err(Failure::new(exit::BACKUP_FAILED, error)),
+    }
+}
+
+/// `stillpoint archive-list`: each archive's chunks, coverage and gaps. Exit 6 when
+/// an archive has a gap or a record that cannot be read.
+pub async fn archive_list(args: ArchiveListArgs) -> Result<u8, Failure> {
+    let runbook = load_runbook(&args.config)?;
+    let names: Vec<String> = match &args.database {
+        Some(name) => vec![name.clone()],
+        None => {
+            let storage =
+                Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)
+                    .map_err(|error| Failure::new(exit::USAGE, error))?;
+            let mut names: Vec<String> = runbook
+                .databases
+                .iter()
+                .filter(|db| db.archive)
+                .map(|db| db.name.clone())
+                .collect();
+            names.extend(archives::archived_databases(&storage).await?);
+            names.sort();
+            names.dedup();
+            names
+        }
+    };
+    let mut damaged = false;
+    let mut reports = Vec::new();
+    for name in &names {
+        let storage = Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)
+            .map_err(|error| Failure::new(exit::USAGE, error))?;
+        let settings = backup::pipeline_settings(&runbook)
+            .map_err(|error| Failure::new(exit::USAGE, error))?;
+        let archive = Archive::new(storage, settings, name)
+            .map_err(|error| Failure::new(exit::USAGE, error))?;
+        let catalog = archive.catalog().await?;
+        let gaps = catalog.gaps();
+        damaged |= !gaps.is_empty() || !catalog.unreadable.is_empty();
+        let coverage = catalog.coverage();
+        match args.output {
+            OutputFormat::Json => reports.push(serde_json::json!({
+                "database": name,
+                "chunks": catalog.chunks.len(),
+                "from": coverage.as_ref().map(|c| c.from.to_string()),
+                "to": coverage.as_ref().map(|c| c.to.to_string()),
+                "gaps": gaps,
+                "superseded": catalog.superseded.len(),
+                "others": catalog.others.len(),
+                "unreadable": catalog.unreadable,
+            })),
+            OutputFormat::Text => {
+                let mut text = match &coverage {
+                    Some(c) => format!(
+                        "{name}: {} chunks, {} to {}",
+                        catalog.chunks.len(),
+                        c.from,
+                        c.to
+                    ),
+                    None => format!("{name}: empty"),
+                };
+                if gaps.is_empty() {
+                    text.push_str(", no gaps\n");
+                } else {
+                    text.push_str(&format!(", {} gap(s):\n", gaps.len()));
+                    for gap in &gaps {
+                        text.push_str(&format!("  {gap}\n"));
+                    }
+                }
+                for (path, problem) in &catalog.unreadable {
+                    text.push_str(&format!("  unreadable record {path}: {problem}\n"));
+                }
+                write_stdout(&text);
+            }
+        }
+    }
+    if args.output == OutputFormat::Json {
+        write_stdout(&format!("{}\n", serde_json::Value::Array(reports)));
+    }
+    Ok(if damaged {
+        exit::BACKUP_FAILED
+    } else {
+        exit::OK
+    })
+}

@@ -1,0 +1,1154 @@
+//! PostgreSQL WAL into the archive, continuously.
+//!
+//! [`PgArchiver`] supervises `pg_receivewal` (from the server's own bin dir, as
+//! pg_dump and pg_basebackup are found) on a physical replication slot,
+//! `stillpoint_<database>`, created if missing. pg_receivewal writes into a local
+//! *spool* directory: the segment being received as `<segment>.partial`, renamed to
+//! `<segment>` when whole. Every `partial_interval` the archiver
+//!
+//! 1. asks the server how far *our* pg_receivewal has flushed (its walsender's
+//!    `flush_lsn`; with `--synchronous` it reports each flush at once, and only after
+//!    the bytes are in the file, so the file holds at least that much);
+//! 2. pushes every whole segment in the spool, then removes it from the spool (and
+//!    the partial copies of it from the archive);
+//! 3. pushes the beginning of the `.partial` segment, up to that flush position, as a
+//!    partial chunk (`<segment>.<bytes>.partial`) when it reaches further than the
+//!    archive, and removes the shorter partial it supersedes.
+//!
+//! So the archive trails the server by about `partial_interval`, without forcing
+//! segment switches. The slot keeps the server's WAL until pg_receivewal has it.
+//!
+//! Resuming: pg_receivewal starts at the beginning of the newest segment in its
+//! directory (PostgreSQL's `FindStreamingStart`), and it has no `--startpos`. A kept
+//! spool resumes where it was (a segment streamed again holds the same bytes). An
+//! empty one is seeded with an empty `.partial` file of the segment where the
+//! archive ends (or, for an empty archive, where the slot's WAL starts): streaming
+//! starts there, and the bytes already archived are streamed again and pushed as
+//! no-ops. Nothing is lost, nothing is stored twice.
+//!
+//! Only flush positions reported by the walsender of the pg_receivewal this archiver
+//! started are trusted: before starting one, the archiver waits until the slot is
+//! free (ending a walsender left by an earlier run of *this* archiver, recognised by
+//! its application_name, which names the host and spool), so any walsender on the
+//! slot afterwards is ours. A position reported by an older one could be ahead of
+//! what a seeded (empty) file holds.
+//!
+//! A pg_receivewal that exits is started again with backoff (1 s doubling to 30 s);
+//! a cancellation stops it with SIGINT, pushes what it flushed, and returns. The
+//! password goes by `PGPASSWORD`, never the command line.
+//!
+//! Also here: [`check_server`] (what archiving needs of the server, each problem
+//! named with its fix), [`wal_push`] and [`wal_fetch`] (for `archive_command` and
+//! `restore_command`).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::watch;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::wal::{self, Segment};
+use super::{
+    Archive, ArchiveError, ChunkContent, ChunkKind, ChunkRecord, Lsn, NewChunk, Position,
+    PushOutcome,
+};
+use crate::adapters::PostgresConfig;
+use crate::adapters::postgres::conninfo::ConnString;
+use crate::adapters::process;
+use crate::pipeline::Decryption;
+
+/// How long a pg_receivewal that was asked to stop (SIGINT) gets before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long the archiver waits for a slot another process holds before giving up on
+/// this attempt (a later attempt tries again).
+const SLOT_BUSY_LIMIT: Duration = Duration::from_secs(30);
+/// After this long, a walsender of an earlier run of this archiver still on the slot
+/// is ended (its pg_receivewal outlived the archiver that started it).
+const ORPHAN_GRACE: Duration = Duration::from_secs(2);
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A session that lasted this long resets the backoff.
+const BACKOFF_RESET: Duration = Duration::from_secs(60);
+/// pg_receivewal's last stderr lines kept to explain its exit.
+const STDERR_LINES: usize = 20;
+
+/// What the archiver of one database needs.
+#[derive(Debug, Clone)]
+pub struct ArchiverConfig {
+    pub database: String,
+    pub postgres: PostgresConfig,
+    /// pg_receivewal's directory, of this archiver alone (it is locked).
+    pub spool_dir: PathBuf,
+    /// How often the growing segment is pushed.
+    pub partial_interval: Duration,
+    /// The physical replication slot.
+    pub slot: String,
+}
+
+impl ArchiverConfig {
+    /// The defaults: slot [`slot_name`], spool `<spool_root>/<database>`.
+    pub fn new(
+        database: &str,
+        postgres: PostgresConfig,
+        spool_root: &Path,
+        partial_interval: Duration,
+    ) -> ArchiverConfig {
+        ArchiverConfig {
+            database: database.to_owned(),
+            postgres,
+            spool_dir: spool_root.join(database),
+            partial_interval,
+            slot: slot_name(database),
+        }
+    }
+}
+
+/// `stillpoint_<database>`, lowercased, with anything a slot name may not hold
+/// (only `a-z`, `0-9`, `_`) replaced by `_`, at most 63 bytes.
+pub fn slot_name(database: &str) -> String {
+    let mut name: String = format!("stillpoint_{database}")
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    name.truncate(63);
+    name
+}
+
+/// What an archiver has done, for progress output, metrics and a point waiting for
+/// its marker.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ArchiverStatus {
+    /// The archive holds the log without a gap up to here (the end of its last
+    /// stretch without a gap).
+    pub archived_to: Option<Lsn>,
+    /// The server's WAL position at the archiver's last look.
+    pub server_lsn: Option<Lsn>,
+    /// The last chunk stored, and how many this archiver stored.
+    pub last_chunk: Option<String>,
+    pub chunks_stored: u64,
+    /// Whether a pg_receivewal is streaming now.
+    pub streaming: bool,
+    /// How often pg_receivewal was started again after it stopped.
+    pub restarts: u32,
+    pub last_error: Option<String>,
+}
+
+impl ArchiverStatus {
+    /// How many bytes of WAL the server has that the archive has not.
+    pub fn lag_bytes(&self) -> Option<u64> {
+        Some(self.server_lsn?.0.saturating_sub(self.archived_to?.0))
+    }
+}
+
+/// Waits until the archiver reports the archive has reached `lsn`, or `timeout`.
+pub async fn wait_archived(
+    status: &mut watch::Receiver<ArchiverStatus>,
+    lsn: Lsn,
+    timeout: Duration,
+) -> Result<(), String> {
+    let reached = {
+        let reached = status.wait_for(|status| status.archived_to.is_some_and(|to| to >= lsn));
+        tokio::time::timeout(timeout, reached)
+            .await
+            .map(|r| r.is_ok())
+    };
+    match reached {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(format!("the archiver stopped before reaching {lsn}")),
+        Err(_) => {
+            let now = status.borrow().clone();
+            Err(format!(
+                "the archive did not reach {lsn} within {}s (it is at {}; last error: {})",
+                timeout.as_secs(),
+                now.archived_to
+                    .map_or("nothing yet".to_owned(), |to| to.to_string()),
+                now.last_error.as_deref().unwrap_or("none")
+            ))
+        }
+    }
+}
+
+/// The archiver of one PostgreSQL database.
+#[derive(Debug)]
+pub struct PgArchiver {
+    config: ArchiverConfig,
+    archive: Archive,
+    status: watch::Sender<ArchiverStatus>,
+}
+
+impl PgArchiver {
+    pub fn new(config: ArchiverConfig, archive: Archive) -> PgArchiver {
+        PgArchiver {
+            config,
+            archive,
+            status: watch::Sender::new(ArchiverStatus::default()),
+        }
+    }
+
+    pub fn status(&self) -> watch::Receiver<ArchiverStatus> {
+        self.status.subscribe()
+    }
+
+    pub fn config(&self) -> &ArchiverConfig {
+        &self.config
+    }
+
+    fn server_error(&self, message: String) -> ArchiveError {
+        ArchiveError::Server {
+            database: self.config.database.clone(),
+            message,
+        }
+    }
+
+    /// Archives until `cancel` fires, then pushes what pg_receivewal flushed and
+    /// returns. Fails only for what retrying cannot fix: the server's settings, the
+    /// spool in use by another archiver, a chunk that conflicts with the archive.
+    pub async fn run(&self, cancel: &CancellationToken) -> Result<(), ArchiveError> {
+        let _spool = SpoolLock::take(&self.config.spool_dir)
+            .map_err(|message| self.server_error(message))?;
+        let mut backoff = BACKOFF_FIRST;
+        let mut first = true;
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            let started = Instant::now();
+            let outcome = self.session(cancel).await;
+            self.status.send_modify(|status| status.streaming = false);
+            match outcome {
+                Ok(Ended::Cancelled) => return Ok(()),
+                Ok(Ended::Exited(why)) => {
+                    tracing::warn!(database = %self.config.database, "{why}; starting it again");
+                    self.status
+                        .send_modify(|status| status.last_error = Some(why.clone()));
+                }
+                Err(error @ (ArchiveError::Conflict { .. } | ArchiveError::InvalidName(_))) => {
+                    return Err(error);
+                }
+                Err(error @ ArchiveError::Settings { .. }) if first => return Err(error),
+                Err(error) => {
+                    let text = crate::error_chain(&error);
+                    tracing::warn!(database = %self.config.database, "{text}; trying again");
+                    self.status
+                        .send_modify(|status| status.last_error = Some(text));
+                }
+            }
+            first = false;
+            if started.elapsed() >= BACKOFF_RESET {
+                backoff = BACKOFF_FIRST;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = cancel.cancelled() => return Ok(()),
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            self.status.send_modify(|status| status.restarts += 1);
+        }
+    }
+
+    /// One connection and one pg_receivewal, until it exits or `cancel` fires.
+    async fn session(&self, cancel: &CancellationToken) -> Result<Ended, ArchiveError> {
+        let source = ConnString::parse(&self.config.postgres.url)
+            .map_err(|message| self.server_error(format!("the database's URL: {message}")))?;
+        let (client, connection) = source
+            .connect()
+            .await
+            .map_err(|message| self.server_error(message))?;
+        let _driver = AbortOnDropHandle::new(tokio::spawn(connection));
+        let facts =
+            check_connected(&client, &source)
+                .await
+                .map_err(|message| ArchiveError::Settings {
+                    database: self.config.database.clone(),
+                    message,
+                })?;
+        let slot = ensure_slot(&client, &self.config.slot)
+            .await
+            .map_err(|message| self.server_error(message))?;
+
+        let catalog = self.archive.catalog().await?;
+        // Partial chunks left superseded by a run stopped between its two steps.
+        for stale in &catalog.superseded {
+            self.archive.remove(stale).await?;
+        }
+        let mut state = SessionState {
+            facts,
+            archived_to: catalog.end().and_then(|end| end.lsn()),
+            partials: BTreeMap::new(),
+            flush: None,
+        };
+        for chunk in &catalog.chunks {
+            if chunk.kind == ChunkKind::PgWalPartial
+                && let Some((segment, _)) = wal::parse_partial_chunk_name(&chunk.name)
+            {
+                state
+                    .partials
+                    .entry(segment.to_owned())
+                    .or_default()
+                    .push(chunk.clone());
+            }
+        }
+        self.publish(&state, None);
+        // Whole segments a previous run left in the spool go first.
+        self.sweep(&mut state).await?;
+        let timeline = catalog
+            .chunks
+            .last()
+            .and_then(|chunk| chunk.timeline)
+            .unwrap_or(state.facts.timeline);
+        let start = state
+            .archived_to
+            .or(slot.restart_lsn)
+            .unwrap_or(slot.current);
+        self.seed_spool(timeline, start, state.facts.segment_size)
+            .map_err(|message| self.server_error(message))?;
+
+        let app_name = application_name(&self.config.spool_dir);
+        if let Some(ended) = self.wait_for_free_slot(&client, &app_name, cancel).await? {
+            return Ok(ended);
+        }
+        let mut command = Command::new(tool(&self.config.postgres, "pg_receivewal"));
+        source.libpq_args(&mut command);
+        command
+            .arg("--directory")
+            .arg(&self.config.spool_dir)
+            .arg("--slot")
+            .arg(&self.config.slot)
+            .args([
+                "--no-loop",
+                "--synchronous",
+                "--no-password",
+                "--status-interval=1",
+            ])
+            .env("PGAPPNAME", &app_name)
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(|error| ArchiveError::Settings {
+            database: self.config.database.clone(),
+            message: format!(
+                "cannot run {}: {error}; set bin_dir to the server's PostgreSQL bin directory",
+                tool(&self.config.postgres, "pg_receivewal").display()
+            ),
+        })?;
+        let mut stderr = child.stderr.take().map(|pipe| BufReader::new(pipe).lines());
+        let mut said: VecDeque<String> = VecDeque::new();
+        let mut walsender: Option<i32> = None;
+        self.status.send_modify(|status| status.streaming = true);
+        let mut ticks = tokio::time::interval(self.config.partial_interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        let ended = loop {
+            tokio::select! {
+                () = cancel.cancelled() => {
+                    if let Some(pid) = child.id() {
+                        process::send_signal(pid, "INT").await;
+                    }
+                    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+                        let _ = child.kill().await;
+                    }
+                    break Ended::Cancelled;
+                }
+                status = child.wait() => {
+                    // What it said last explains why it stopped.
+                    if let Some(lines) = stderr.as_mut() {
+                        while let Ok(Ok(Some(line))) =
+                            tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await
+                        {
+                            remember(&mut said, line);
+                        }
+                    }
+                    let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+                    break Ended::Exited(format!(
+                        "pg_receivewal stopped ({status}): {}",
+                        said.iter().cloned().collect::<Vec<_>>().join(" / ")
+                    ));
+                }
+                line = async {
+                    match stderr.as_mut() {
+                        Some(lines) => lines.next_line().await,
+                        None => std::future::pending().await,
+                    }
+                } => match line {
+                    Ok(Some(line)) => {
+                        tracing::info!(database = %self.config.database, "pg_receivewal: {line}");
+                        remember(&mut said, line);
+                    }
+                    _ => stderr = None,
+                },
+                _ = ticks.tick() => {
+                    if walsender.is_none() {
+                        walsender = active_pid(&client, &self.config.slot)
+                            .await
+                            .map_err(|message| self.server_error(message))?;
+                    }
+                    let (flush, current) = positions(&client, walsender)
+                        .await
+                        .map_err(|message| self.server_error(message))?;
+                    if let Some(flush) = flush {
+                        state.flush = state.flush.max(Some(flush));
+                    }
+                    self.sweep(&mut state).await?;
+                    self.publish(&state, current);
+                }
+            }
+        };
+        // The last flush our pg_receivewal reported is in the slot once it is gone
+        // (a physical slot's restart_lsn is the flush position its receiver reports,
+        // overwritten by each report): only if it reported at all.
+        if state.flush.is_some()
+            && let Ok(slot) = slot_state(&client, &self.config.slot).await
+            && slot.active_pid.is_none()
+        {
+            state.flush = state.flush.max(slot.restart_lsn);
+        }
+        self.sweep(&mut state).await?;
+        let current = positions(&client, None).await.ok().and_then(|(_, c)| c);
+        self.publish(&state, current);
+        Ok(ended)
+    }
+
+    fn publish(&self, state: &SessionState, server_lsn: Option<Lsn>) {
+        self.status.send_modify(|status| {
+            status.archived_to = state.archived_to;
+            if server_lsn.is_some() {
+                status.server_lsn = server_lsn;
+            }
+        });
+    }
+
+    /// Pushes what the spool holds: whole segments and history files (then removed
+    /// from the spool), and the partial segment up to the flush position.
+    async fn sweep(&self, state: &mut SessionState) -> Result<(), ArchiveError> {
+        let segment_size = state.facts.segment_size;
+        let files = spool_files(&self.config.spool_dir).map_err(|source| ArchiveError::Io {
+            database: self.config.database.clone(),
+            path: self.config.spool_dir.display().to_string(),
+            source,
+        })?;
+        for name in &files {
+            let path = self.config.spool_dir.join(name);
+            if let Some(segment) = Segment::parse(name, segment_size) {
+                let chunk = segment_chunk(name, segment, segment_size);
+                let outcome = self
+                    .archive
+                    .push(chunk, ChunkContent::File(path.clone()))
+                    .await?;
+                self.stored(state, &outcome);
+                for partial in state.partials.remove(name.as_str()).unwrap_or_default() {
+                    self.archive.remove(&partial).await?;
+                }
+                remove_file(&path).map_err(|source| ArchiveError::Io {
+                    database: self.config.database.clone(),
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            } else if name.ends_with(".history") {
+                let outcome = self
+                    .archive
+                    .push(other_chunk(name), ChunkContent::File(path.clone()))
+                    .await?;
+                self.stored(state, &outcome);
+                let _ = remove_file(&path);
+            }
+        }
+        let Some(flush) = state.flush else {
+            return Ok(());
+        };
+        for name in &files {
+            let Some(segment_name) = name.strip_suffix(".partial") else {
+                continue;
+            };
+            let Some(segment) = Segment::parse(segment_name, segment_size) else {
+                continue;
+            };
+            let start = segment.start(segment_size);
+            let end = flush.min(segment.end(segment_size));
+            if end <= start || state.archived_to.is_some_and(|to| end <= to) {
+                continue;
+            }
+            let covered = end.0 - start.0;
+            let path = self.config.spool_dir.join(name);
+            let bytes = read_prefix(&path, covered)
+                .await
+                .map_err(|source| ArchiveError::Io {
+                    database: self.config.database.clone(),
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            let chunk = NewChunk {
+                name: wal::partial_chunk_name(segment_name, covered),
+                kind: ChunkKind::PgWalPartial,
+                timeline: Some(segment.timeline),
+                start: Some(Position::Lsn(start)),
+                end: Some(Position::Lsn(end)),
+                segment_size: Some(segment_size),
+                details: BTreeMap::new(),
+            };
+            let outcome = self
+                .archive
+                .push(chunk, ChunkContent::Bytes(Bytes::from(bytes)))
+                .await?;
+            self.stored(state, &outcome);
+            // The shorter partials of this segment are superseded now.
+            let kept = state.partials.entry(segment_name.to_owned()).or_default();
+            let (older, newer): (Vec<ChunkRecord>, Vec<ChunkRecord>) = kept
+                .drain(..)
+                .partition(|old| old.end < outcome.record().end);
+            *kept = newer;
+            if !kept.iter().any(|r| r.name == outcome.record().name) {
+                kept.push(outcome.record().clone());
+            }
+            for old in older {
+                self.archive.remove(&old).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn stored(&self, state: &mut SessionState, outcome: &PushOutcome) {
+        let record = outcome.record();
+        if let Some((Position::Lsn(start), Position::Lsn(end))) = record.range() {
+            // Only a chunk that continues the archive moves its end.
+            if state.archived_to.is_none_or(|to| *start <= to) {
+                state.archived_to = state.archived_to.max(Some(*end));
+            }
+        }
+        if let PushOutcome::Stored(record) = outcome {
+            tracing::info!(database = %self.config.database, chunk = %record.name, "archived");
+            self.status.send_modify(|status| {
+                status.last_chunk = Some(record.name.clone());
+                status.chunks_stored += 1;
+                status.archived_to = state.archived_to;
+            });
+        } else {
+            self.status
+                .send_modify(|status| status.archived_to = state.archived_to);
+        }
+    }
+
+    /// An empty spool gets an empty `.partial` of the segment holding `start`, where
+    /// pg_receivewal then starts streaming (see the module header).
+    fn seed_spool(&self, timeline: u32, start: Lsn, segment_size: u64) -> Result<(), String> {
+        let dir = &self.config.spool_dir;
+        let files = spool_files(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+        let has_wal = files.iter().any(|name| {
+            wal::is_segment_name(name)
+                || name
+                    .strip_suffix(".partial")
+                    .is_some_and(wal::is_segment_name)
+        });
+        if has_wal {
+            return Ok(());
+        }
+        let segment = Segment::containing(timeline, start, segment_size);
+        let path = dir.join(format!("{}.partial", segment.name(segment_size)));
+        let file = std::fs::File::create(&path)
+            .map_err(|e| format!("creating {}: {e}", path.display()))?;
+        // pg_receivewal takes a .partial of exactly one segment's size and writes into
+        // it from its start.
+        file.set_len(segment_size)
+            .map_err(|e| format!("sizing {}: {e}", path.display()))?;
+        Ok(())
+    }
+
+    /// Waits until nothing holds the slot. A walsender of an earlier run of this
+    /// archiver (same host and spool: its pg_receivewal outlived us) is ended.
+    async fn wait_for_free_slot(
+        &self,
+        client: &Client,
+        app_name: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Ended>, ArchiveError> {
+        let began = Instant::now();
+        loop {
+            let row = client
+                .query_one(
+                    "SELECT s.active_pid, a.application_name FROM pg_replication_slots s \
+                     LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid \
+                     WHERE s.slot_name = $1",
+                    &[&self.config.slot],
+                )
+                .await
+                .map_err(|e| self.server_error(format!("reading the slot: {e}")))?;
+            let pid: Option<i32> = row.get(0);
+            let holder: Option<String> = row.get(1);
+            let Some(pid) = pid else {
+                return Ok(None);
+            };
+            if holder.as_deref() == Some(app_name) && began.elapsed() >= ORPHAN_GRACE {
+                tracing::warn!(
+                    database = %self.config.database,
+                    "ending walsender {pid}: a pg_receivewal of an earlier run of this archiver \
+                     still holds slot {}",
+                    self.config.slot
+                );
+                let _ = client
+                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await;
+            } else if began.elapsed() >= SLOT_BUSY_LIMIT {
+                return Err(self.server_error(format!(
+                    "replication slot {} is in use by process {pid} ({}): another archiver of \
+                     this database may be running; stop it, or give this one another slot",
+                    self.config.slot,
+                    holder.as_deref().unwrap_or("unknown application")
+                )));
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                () = cancel.cancelled() => return Ok(Some(Ended::Cancelled)),
+            }
+        }
+    }
+}
+
+enum Ended {
+    Cancelled,
+    Exited(String),
+}
+
+struct SessionState {
+    facts: ServerFacts,
+    archived_to: Option<Lsn>,
+    /// Partial chunks in the archive per segment, removed once superseded.
+    partials: BTreeMap<String, Vec<ChunkRecord>>,
+    /// The furthest flush position our pg_receivewal reported.
+    flush: Option<Lsn>,
+}
+
+fn remember(said: &mut VecDeque<String>, line: String) {
+    if said.len() == STDERR_LINES {
+        said.pop_front();
+    }
+    said.push_back(line);
+}
+
+/// What the archiver learned about the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerFacts {
+    pub segment_size: u64,
+    pub timeline: u32,
+}
+
+/// The settings streaming archiving needs, as read from a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveSettings {
+    pub wal_level: String,
+    pub max_wal_senders: i64,
+    pub max_replication_slots: i64,
+    pub role: String,
+    pub can_replicate: bool,
+    pub in_recovery: bool,
+}
+
+impl ArchiveSettings {
+    /// Every setting that keeps WAL from being streamed, each with its fix; empty
+    /// when archiving can run.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.in_recovery {
+            problems
+                .push("the server is a standby (in recovery); archive from the primary".to_owned());
+        }
+        if !matches!(self.wal_level.as_str(), "replica" | "logical") {
+            problems.push(format!(
+                "wal_level is {}; set wal_level = replica in postgresql.conf and restart the \
+                 server",
+                self.wal_level
+            ));
+        }
+        if self.max_wal_senders < 1 {
+            problems.push(format!(
+                "max_wal_senders is {}; set max_wal_senders = 10 (each archiver uses one) in \
+                 postgresql.conf and restart the server",
+                self.max_wal_senders
+            ));
+        }
+        if self.max_replication_slots < 1 {
+            problems.push(format!(
+                "max_replication_slots is {}; set max_replication_slots = 10 (each archiver \
+                 uses one) in postgresql.conf and restart the server",
+                self.max_replication_slots
+            ));
+        }
+        if !self.can_replicate {
+            problems.push(format!(
+                "role {role} has neither REPLICATION nor SUPERUSER; run ALTER ROLE {role} \
+                 REPLICATION, and allow it a `replication` line in pg_hba.conf",
+                role = self.role
+            ));
+        }
+        problems
+    }
+}
+
+/// Reads the settings archiving needs from the server `config.url` names.
+pub async fn archive_settings(config: &PostgresConfig) -> Result<ArchiveSettings, String> {
+    let source = ConnString::parse(&config.url)?;
+    let (client, connection) = source.connect().await?;
+    let _driver = AbortOnDropHandle::new(tokio::spawn(connection));
+    read_settings(&client, &source).await
+}
+
+async fn read_settings(client: &Client, source: &ConnString) -> Result<ArchiveSettings, String> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'), current_setting('max_wal_senders')::bigint, \
+                    current_setting('max_replication_slots')::bigint, current_user::text, \
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), \
+                    pg_is_in_recovery()",
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "reading the WAL settings of {}: {}",
+                source.shown(),
+                crate::adapters::postgres::error_text(&e)
+            )
+        })?;
+    Ok(ArchiveSettings {
+        wal_level: row.get(0),
+        max_wal_senders: row.get(1),
+        max_replication_slots: row.get(2),
+        role: row.get(3),
+        can_replicate: row.get::<_, Option<bool>>(4).unwrap_or(false),
+        in_recovery: row.get(5),
+    })
+}
+
+/// Checks that the server `config.url` names can be archived; the error names every
+/// setting to change and how.
+pub async fn check_server(config: &PostgresConfig) -> Result<(), String> {
+    let source = ConnString::parse(&config.url)?;
+    let problems = archive_settings(config).await?.problems();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} cannot stream its WAL to the archive: {}",
+            source.shown(),
+            problems.join("; ")
+        ))
+    }
+}
+
+async fn check_connected(client: &Client, source: &ConnString) -> Result<ServerFacts, String> {
+    let problems = read_settings(client, source).await?.problems();
+    if !problems.is_empty() {
+        return Err(format!(
+            "{} cannot stream its WAL to the archive: {}",
+            source.shown(),
+            problems.join("; ")
+        ));
+    }
+    let row = client
+        .query_one(
+            "SELECT (SELECT bytes_per_wal_segment::bigint FROM pg_control_init()), \
+                    pg_walfile_name(pg_current_wal_lsn())",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("reading the WAL segment size: {e}"))?;
+    let segment_size: i64 = row.get(0);
+    let walfile: String = row.get(1);
+    let segment_size = segment_size as u64;
+    if !wal::valid_segment_size(segment_size) {
+        return Err(format!(
+            "the server reports a WAL segment size of {segment_size}"
+        ));
+    }
+    let timeline = u32::from_str_radix(&walfile[..8.min(walfile.len())], 16)
+        .map_err(|_| format!("the server names its WAL file {walfile:?}"))?;
+    Ok(ServerFacts {
+        segment_size,
+        timeline,
+    })
+}
+
+struct SlotState {
+    restart_lsn: Option<Lsn>,
+    active_pid: Option<i32>,
+    /// The server's WAL position now, where a new slot's WAL starts.
+    current: Lsn,
+}
+
+async fn slot_state(client: &Client, slot: &str) -> Result<SlotState, String> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = $1), \
+                    (SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1), \
+                    pg_current_wal_lsn()::text",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| format!("reading slot {slot}: {e}"))?;
+    Ok(SlotState {
+        restart_lsn: row.get::<_, Option<String>>(0).and_then(|t| t.parse().ok()),
+        active_pid: row.get(1),
+        current: row
+            .get::<_, String>(2)
+            .parse()
+            .map_err(|e| format!("the server's WAL position: {e}"))?,
+    })
+}
+
+/// The slot, created (reserving WAL from now) if missing.
+async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, String> {
+    let kind: Option<String> = client
+        .query_opt(
+            "SELECT slot_type FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| format!("reading slot {slot}: {e}"))?
+        .map(|row| row.get(0));
+    match kind.as_deref() {
+        Some("physical") => {}
+        Some(other) => {
+            return Err(format!(
+                "replication slot {slot} exists but is {other}, not physical; drop it or give \
+                 the archiver another slot"
+            ));
+        }
+        None => {
+            client
+                .execute(
+                    "SELECT pg_create_physical_replication_slot($1, true)",
+                    &[&slot],
+                )
+                .await
+                .map_err(|e| {
+                    format!(
+                        "creating replication slot {slot}: {}",
+                        crate::adapters::postgres::error_text(&e)
+                    )
+                })?;
+            tracing::info!("created physical replication slot {slot}");
+        }
+    }
+    slot_state(client, slot).await
+}
+
+async fn active_pid(client: &Client, slot: &str) -> Result<Option<i32>, String> {
+    Ok(slot_state(client, slot).await?.active_pid)
+}
+
+/// Our walsender's flush position (when it has reported one) and the server's WAL
+/// position.
+async fn positions(
+    client: &Client,
+    walsender: Option<i32>,
+) -> Result<(Option<Lsn>, Option<Lsn>), String> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT flush_lsn::text FROM pg_stat_replication WHERE pid = $1), \
+                    pg_current_wal_lsn()::text",
+            &[&walsender],
+        )
+        .await
+        .map_err(|e| format!("reading the WAL positions: {e}"))?;
+    let parse = |text: Option<String>| text.and_then(|t| t.parse::<Lsn>().ok());
+    Ok((parse(row.get(0)), parse(row.get(1))))
+}
+
+/// `stillpoint-archive <hash>` of this host and spool: recognises a pg_receivewal a
+/// previous run of the same archiver left behind.
+fn application_name(spool: &Path) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let spool = std::path::absolute(spool).unwrap_or_else(|_| spool.to_owned());
+    let hash = blake3::hash(format!("{}\n{}", host.trim(), spool.display()).as_bytes());
+    format!("stillpoint-archive {}", &hash.to_hex()[..16])
+}
+
+fn tool(config: &PostgresConfig, name: &str) -> PathBuf {
+    match &config.bin_dir {
+        Some(dir) => dir.join(name),
+        None => PathBuf::from(name),
+    }
+}
+
+/// The spool directory, created if missing and held with an exclusive lock.
+struct SpoolLock {
+    _file: std::fs::File,
+}
+
+impl SpoolLock {
+    fn take(dir: &Path) -> Result<SpoolLock, String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("creating the spool directory {}: {e}", dir.display()))?;
+        let path = dir.join(".stillpoint-archiver.lock");
+        let file = std::fs::File::create(&path)
+            .map_err(|e| format!("creating {}: {e}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(SpoolLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+                "the spool directory {} is in use by another archiver; each archiver needs \
+                 its own",
+                dir.display()
+            )),
+            Err(std::fs::TryLockError::Error(e)) => Err(format!("locking {}: {e}", path.display())),
+        }
+    }
+}
+
+/// File names in the spool, sorted (so segments go in log order).
+fn spool_files(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| entry.file_name().to_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn remove_file(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+async fn read_prefix(path: &Path, len: u64) -> std::io::Result<Vec<u8>> {
+    let mut file = tokio::fs::File::open(path).await?;
+    let mut bytes = vec![0u8; len as usize];
+    file.read_exact(&mut bytes).await?;
+    Ok(bytes)
+}
+
+fn segment_chunk(name: &str, segment: Segment, segment_size: u64) -> NewChunk {
+    NewChunk {
+        name: name.to_owned(),
+        kind: ChunkKind::PgWalSegment,
+        timeline: Some(segment.timeline),
+        start: Some(Position::Lsn(segment.start(segment_size))),
+        end: Some(Position::Lsn(segment.end(segment_size))),
+        segment_size: Some(segment_size),
+        details: BTreeMap::new(),
+    }
+}
+
+fn other_chunk(name: &str) -> NewChunk {
+    NewChunk {
+        name: name.to_owned(),
+        kind: ChunkKind::PgOther,
+        timeline: None,
+        start: None,
+        end: None,
+        segment_size: None,
+        details: BTreeMap::new(),
+    }
+}
+
+/// `archive_command`: stores the file PostgreSQL hands over (`%p`) as a chunk named
+/// after it. A WAL segment must be whole (its size is the segment size); timeline
+/// history, backup history and `.partial` files are kept as they are.
+pub async fn wal_push(archive: &Archive, path: &Path) -> Result<PushOutcome, ArchiveError> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| ArchiveError::InvalidName(format!("{} has no file name", path.display())))?;
+    let io = |source| ArchiveError::Io {
+        database: archive.database().to_owned(),
+        path: path.display().to_string(),
+        source,
+    };
+    let size = tokio::fs::metadata(path).await.map_err(io)?.len();
+    let chunk = if wal::is_segment_name(name) {
+        let segment = Segment::parse(name, size)
+            .filter(|_| wal::valid_segment_size(size))
+            .ok_or_else(|| {
+                ArchiveError::InvalidName(format!(
+                    "{} is named like a WAL segment but holds {size} bytes, which is not a \
+                     WAL segment size (a power of two from 1 MiB to 1 GiB): a segment is only \
+                     archived whole",
+                    path.display()
+                ))
+            })?;
+        segment_chunk(name, segment, size)
+    } else if name.ends_with(".history") || name.ends_with(".backup") || name.ends_with(".partial")
+    {
+        other_chunk(name)
+    } else {
+        return Err(ArchiveError::InvalidName(format!(
+            "{} is not a file PostgreSQL archives (a WAL segment, .history, .backup or \
+             .partial file)",
+            path.display()
+        )));
+    };
+    archive
+        .push(chunk, ChunkContent::File(path.to_owned()))
+        .await
+}
+
+/// What [`wal_fetch`] served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    /// The chunk of that name.
+    Whole(ChunkRecord),
+    /// Only the beginning of the segment is archived: the newest partial chunk,
+    /// padded with zeros to the segment size (what replay reads as the end of WAL).
+    Partial(ChunkRecord),
+}
+
+/// `restore_command`: writes the file PostgreSQL asks for (`%f`) to `dest` (`%p`). A
+/// segment only archived partially is served from its newest partial chunk, padded
+/// to the segment size. [`ArchiveError::NotFound`] when the archive has neither.
+pub async fn wal_fetch(
+    archive: &Archive,
+    decryption: &Decryption,
+    name: &str,
+    dest: &Path,
+) -> Result<Fetched, ArchiveError> {
+    let (record, fetched) = match archive.record(name).await? {
+        Some(record) => (record.clone(), Fetched::Whole(record)),
+        None if wal::is_segment_name(name) => {
+            let newest =
+                newest_partial(archive, name)
+                    .await?
+                    .ok_or_else(|| ArchiveError::NotFound {
+                        database: archive.database().to_owned(),
+                        name: name.to_owned(),
+                    })?;
+            (newest.clone(), Fetched::Partial(newest))
+        }
+        None => {
+            return Err(ArchiveError::NotFound {
+                database: archive.database().to_owned(),
+                name: name.to_owned(),
+            });
+        }
+    };
+    let mut bytes = archive.read(&record, decryption).await?;
+    if let (Fetched::Partial(_), Some(size)) = (&fetched, record.segment_size) {
+        bytes.resize(size as usize, 0);
+    }
+    // Written beside the destination and renamed over it: PostgreSQL never reads a
+    // half-written file.
+    let io = |source| ArchiveError::Io {
+        database: archive.database().to_owned(),
+        path: dest.display().to_string(),
+        source,
+    };
+    let file_name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = dest.with_file_name(format!(".{file_name}.stillpoint-fetch"));
+    tokio::fs::write(&temporary, &bytes).await.map_err(io)?;
+    tokio::fs::rename(&temporary, dest).await.map_err(io)?;
+    Ok(fetched)
+}
+
+/// The partial chunk of `segment` that covers the most.
+async fn newest_partial(
+    archive: &Archive,
+    segment: &str,
+) -> Result<Option<ChunkRecord>, ArchiveError> {
+    let listing = archive.storage().list(&archive.prefix()).await?;
+    let newest = listing
+        .iter()
+        .filter_map(|entry| entry.path.rsplit('/').next())
+        .filter_map(|file| file.strip_suffix(super::RECORD_SUFFIX))
+        .filter_map(|name| {
+            let (of, covered) = wal::parse_partial_chunk_name(name)?;
+            (of == segment).then(|| (covered, name.to_owned()))
+        })
+        .max();
+    match newest {
+        Some((_, name)) => archive.record(&name).await,
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready() -> ArchiveSettings {
+        ArchiveSettings {
+            wal_level: "replica".to_owned(),
+            max_wal_senders: 10,
+            max_replication_slots: 10,
+            role: "stillpoint".to_owned(),
+            can_replicate: true,
+            in_recovery: false,
+        }
+    }
+
+    /// Each missing setting is named with what to set, one problem per setting.
+    #[test]
+    fn each_setting_archiving_needs_is_named_with_its_fix() {
+        assert!(ready().problems().is_empty());
+        let logical = ArchiveSettings {
+            wal_level: "logical".to_owned(),
+            ..ready()
+        };
+        assert!(logical.problems().is_empty());
+        let cases: [(ArchiveSettings, &str); 5] = [
+            (
+                ArchiveSettings {
+                    wal_level: "minimal".to_owned(),
+                    ..ready()
+                },
+                "wal_level is minimal; set wal_level = replica",
+            ),
+            (
+                ArchiveSettings {
+                    max_wal_senders: 0,
+                    ..ready()
+                },
+                "max_wal_senders is 0; set max_wal_senders = 10",
+            ),
+            (
+                ArchiveSettings {
+                    max_replication_slots: 0,
+                    ..ready()
+                },
+                "max_replication_slots is 0; set max_replication_slots = 10",
+            ),
+            (
+                ArchiveSettings {
+                    can_replicate: false,
+                    ..ready()
+                },
+                "run ALTER ROLE stillpoint REPLICATION",
+            ),
+            (
+                ArchiveSettings {
+                    in_recovery: true,
+                    ..ready()
+                },
+                "archive from the primary",
+            ),
+        ];
+        for (settings, expected) in cases {
+            let problems = settings.problems();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].contains(expected), "{problems:?}");
+        }
+    }
+
+    #[test]
+    fn slot_names_are_what_postgres_accepts() {
+        assert_eq!(slot_name("ledger"), "stillpoint_ledger");
+        assert_eq!(slot_name("Ledger-DB.1"), "stillpoint_ledger_db_1");
+        assert_eq!(slot_name(&"x".repeat(80)).len(), 63);
+    }
+}
