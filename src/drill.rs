@@ -19,6 +19,7 @@ use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 
 use crate::adapters::{self, Adapter, Rows, Value};
+use crate::backup::{Progress, ProgressSink};
 use crate::manifest::{DatabaseEntry, Manifest};
 use crate::pipeline::Decryption;
 use crate::restore::{self, RestoreError, RestoreReport};
@@ -110,7 +111,8 @@ fn interrupted(left_behind: &[String]) -> String {
 /// Restores every database of `manifest` into scratch targets and checks them.
 /// Check failures are in the report (`ok == false`); `Err` means the drill could not
 /// start at all, or was interrupted through `cancel`. Either way, every scratch target
-/// it made is removed before it returns, unless `keep` says otherwise.
+/// it made is removed before it returns, unless `keep` says otherwise. `progress`
+/// hears the phases and each database's bytes loaded, for progress bars or logs.
 pub async fn run(
     runbook: &Runbook,
     storage: &Storage,
@@ -118,6 +120,7 @@ pub async fn run(
     decryption: &Decryption,
     keep: bool,
     cancel: CancellationToken,
+    progress: ProgressSink,
 ) -> Result<DrillReport, DrillError> {
     let started = Instant::now();
     let mut planned = Vec::new();
@@ -162,6 +165,7 @@ pub async fn run(
     let work =
         async {
             let restoring = Instant::now();
+            progress(Progress::Phase("restore"));
             let restored = join_all(planned.iter().zip(created).map(
                 |((entry, adapter), created)| {
                     restore_one(
@@ -171,10 +175,12 @@ pub async fn run(
                         adapter.clone(),
                         decryption,
                         created,
+                        progress.clone(),
                     )
                 },
             ))
             .await;
+            progress(Progress::Phase("checks"));
             let rto_ms = restoring.elapsed().as_millis() as u64;
 
             let mut checks = vec![window_check(manifest)];
@@ -486,6 +492,7 @@ async fn restore_one(
     adapter: Arc<dyn Adapter>,
     decryption: &Decryption,
     created: Result<Option<String>, String>,
+    progress: ProgressSink,
 ) -> RestoreOutcome {
     let started = Instant::now();
     let name = &entry.name;
@@ -523,7 +530,7 @@ async fn restore_one(
     };
     outcome.target = Some(target.clone());
     let result = restore::restore_database(
-        storage, manifest, entry, adapter, &target, decryption, false,
+        storage, manifest, entry, adapter, &target, decryption, false, progress,
     )
     .await;
     match result {
@@ -837,7 +844,7 @@ fn compare_counts(
     }
 }
 
-async fn run_check(
+pub(crate) async fn run_check(
     check: &DrillCheck,
     targets: &BTreeMap<&str, (Arc<dyn Adapter>, String)>,
     restored: &[&str],

@@ -17,6 +17,8 @@
 //! - [`catalog`]: the backups a storage holds: list, verify, retention and prune.
 //! - [`restore`]: one database of a backup into a target, checksum first.
 //! - [`drill`]: every database of a backup into scratch targets, then checks.
+//! - [`points`]: base backups in storage, points (a pause that marks every database),
+//!   and restoring or drilling a point from its bases and archives.
 //! - [`pitr`]: PostgreSQL base backups and point-in-time recovery to a backup's
 //!   restore point.
 //! - [`coordinator`]: pauses a cluster tier by tier, holds it under a lease, releases
@@ -24,6 +26,7 @@
 //! - [`grpc`]: the wire edge — the client the coordinator talks to nodes with. The
 //!   only module that sees prost types.
 //! - [`time`]: Unix milliseconds, human durations, time zones.
+//! - [`redact`]: `Debug` of configuration without its secrets (URLs, credentials).
 
 pub mod adapters;
 pub mod archive;
@@ -35,6 +38,8 @@ pub mod grpc;
 pub mod manifest;
 pub mod pipeline;
 pub mod pitr;
+pub mod points;
+pub mod redact;
 pub mod resolve;
 pub mod restore;
 pub mod runbook;

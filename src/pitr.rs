@@ -298,7 +298,7 @@ fn remove_written(dir: &Path, existed: bool) -> std::io::Result<()> {
 const TABLESPACES_DIR: &str = "stillpoint-tablespaces";
 
 /// The source's tablespaces outside its data directory: (oid, absolute location).
-async fn tablespaces(source: &ConnString) -> Result<Vec<(String, String)>, PitrError> {
+pub(crate) async fn tablespaces(source: &ConnString) -> Result<Vec<(String, String)>, PitrError> {
     let (client, connection) = source.connect().await.map_err(|error| {
         PitrError::BaseBackup(format!("listing the source's tablespaces: {error}"))
     })?;
@@ -400,6 +400,44 @@ pub async fn recover(
     request: Recovery<'_>,
     cancel: &CancellationToken,
 ) -> Result<RecoveryReport, PitrError> {
+    Ok(recover_held(request, cancel).await?.stop().await)
+}
+
+/// A recovered scratch server left running for its caller (a point drill's checks),
+/// reached only through its unix socket ([`HeldRecovery::url`]). [`HeldRecovery::stop`]
+/// stops it and removes its data directory unless kept; dropped without it, the
+/// server is killed and the directory removed all the same.
+pub struct HeldRecovery {
+    report: RecoveryReport,
+    url: String,
+    scratch: Scratch,
+}
+
+impl HeldRecovery {
+    pub fn report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// A `postgres://` URL of the recovered database through the scratch server's
+    /// socket: the source URL's user and database.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stops the server (then the data directory goes, unless kept).
+    pub async fn stop(mut self) -> RecoveryReport {
+        if let Some(server) = self.scratch.server.as_mut() {
+            server.stop().await;
+        }
+        self.report
+    }
+}
+
+/// [`recover`], leaving the recovered server running: see [`HeldRecovery`].
+pub async fn recover_held(
+    request: Recovery<'_>,
+    cancel: &CancellationToken,
+) -> Result<HeldRecovery, PitrError> {
     let started = Instant::now();
     // The server runs in the data directory and every path it is given is absolute:
     // a relative one is resolved here, once, so that all checks and reports use the
@@ -438,11 +476,17 @@ pub async fn recover(
             )
         })),
     };
-    if let Some(server) = scratch.server.as_mut() {
-        server.stop().await;
-    }
-    let reached = outcome?;
-    Ok(RecoveryReport {
+    let reached = match outcome {
+        Ok(reached) => reached,
+        Err(error) => {
+            if let Some(server) = scratch.server.as_mut() {
+                server.stop().await;
+            }
+            return Err(error);
+        }
+    };
+    let url = socket_url(&request.config.url, request.data_dir, request.port)?;
+    let report = RecoveryReport {
         target: request.target.clone(),
         base_backup_start_lsn: format_lsn(base_start),
         reached_lsn: reached.lsn,
@@ -454,7 +498,29 @@ pub async fn recover(
         recovery_ms: started.elapsed().as_millis() as u64,
         content: reached.content,
         data_dir: request.keep.then(|| request.data_dir.to_owned()),
+    };
+    Ok(HeldRecovery {
+        report,
+        url,
+        scratch,
     })
+}
+
+/// `postgres://<user>@<socket dir, percent-encoded>:<port>/<database>`: a URL libpq,
+/// tokio-postgres and the adapters read as the unix socket in `data_dir`.
+fn socket_url(source: &str, data_dir: &Path, port: u16) -> Result<String, PitrError> {
+    let source = ConnString::parse(source)
+        .map_err(|message| PitrError::Setup(format!("the database's URL: {message}")))?;
+    let encode = |text: &str| {
+        percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    let user = source.user().map(|user| format!("{}@", encode(user)));
+    Ok(format!(
+        "postgres://{}{}:{port}/{}",
+        user.unwrap_or_default(),
+        encode(&data_dir.display().to_string()),
+        encode(source.dbname().unwrap_or("postgres"))
+    ))
 }
 
 /// A shared lock on the base backup directory while it is read. `base-backup` holds
@@ -1586,7 +1652,7 @@ pub fn running_as_root() -> bool {
         .unwrap_or(false)
 }
 
-fn tool(config: &PostgresConfig, name: &str) -> PathBuf {
+pub(crate) fn tool(config: &PostgresConfig, name: &str) -> PathBuf {
     match &config.bin_dir {
         Some(dir) => dir.join(name),
         None => PathBuf::from(name),

@@ -12,10 +12,15 @@
 //! using it. A SQLite target is not emptied at all: the new file replaces it whole
 //! once written and checked.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-use crate::adapters::{Adapter, AdapterError};
+use tokio::io::{AsyncRead, ReadBuf};
+
+use crate::adapters::{Adapter, AdapterError, ByteStream};
+use crate::backup::{Progress, ProgressSink};
 use crate::manifest::{DatabaseEntry, Manifest};
 use crate::pipeline::{self, Decryption, PipelineError};
 use crate::storage::Storage;
@@ -100,7 +105,10 @@ pub fn entry<'a>(
 /// Restores `entry` (a database of `manifest`) into `target` with `adapter`, which
 /// must be the kind of adapter that made the copy. With `force`, what the target holds
 /// is replaced ([`Adapter::restore_replacing`], after the checksum and key checks);
-/// without it a non-empty target is refused.
+/// without it a non-empty target is refused. `progress` hears the bytes loaded into the
+/// target (decrypted and decompressed) as they go, then the end of the load, as a
+/// backup's copies report theirs.
+#[allow(clippy::too_many_arguments)]
 pub async fn restore_database(
     storage: &Storage,
     manifest: &Manifest,
@@ -109,6 +117,7 @@ pub async fn restore_database(
     target: &str,
     decryption: &Decryption,
     force: bool,
+    progress: ProgressSink,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
     let database = entry.name.clone();
@@ -155,6 +164,12 @@ pub async fn restore_database(
             database: database.clone(),
             source,
         })?;
+    let stream: ByteStream = Box::pin(Counted {
+        inner: stream,
+        bytes: 0,
+        database: database.clone(),
+        progress: progress.clone(),
+    });
     if force {
         // Checks the target is reachable and unused before it empties (or, for
         // SQLite, replaces) it.
@@ -162,6 +177,9 @@ pub async fn restore_database(
     } else {
         adapter.restore(stream, target).await?;
     }
+    progress(Progress::CopyDone {
+        database: database.clone(),
+    });
     Ok(RestoreReport {
         database,
         stored_bytes: artifact.stored_size,
@@ -169,4 +187,32 @@ pub async fn restore_database(
         load_ms: loading.elapsed().as_millis() as u64,
         total_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// The artifact's plain bytes on their way into the target, counted for `progress`.
+struct Counted {
+    inner: ByteStream,
+    bytes: u64,
+    database: String,
+    progress: ProgressSink,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = self.inner.as_mut().poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.bytes += read as u64;
+            (self.progress)(Progress::Copied {
+                database: self.database.clone(),
+                bytes: self.bytes,
+            });
+        }
+        polled
+    }
 }

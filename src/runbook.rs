@@ -173,7 +173,9 @@ pub struct PipelineConfig {
     pub age_identity_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// `Debug` by hand: the URL without a password, and option values that may be
+/// credentials (`secret_access_key`, …) hidden.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     /// `file:///var/backups/stillpoint` or `s3://bucket/prefix`.
@@ -182,6 +184,15 @@ pub struct StorageConfig {
     /// from the environment (AWS_ACCESS_KEY_ID, …), never from the runbook.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageConfig")
+            .field("url", &crate::redact::Url(&self.url))
+            .field("options", &crate::redact::StorageOptions(&self.options))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -215,7 +226,9 @@ pub struct DrillCheck {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Debug` by hand: a command check's `env` may carry a password (target URLs with
+/// one must go there, not on the command line), so only its names are shown.
+#[derive(Clone, PartialEq, Eq)]
 pub enum CheckKind {
     /// One query on one restored database; its result must equal `expect`, value for
     /// value, as typed values.
@@ -237,6 +250,33 @@ pub enum CheckKind {
         argv: Vec<String>,
         env: BTreeMap<String, String>,
     },
+}
+
+impl std::fmt::Debug for CheckKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckKind::Expect { query, expect } => f
+                .debug_struct("Expect")
+                .field("query", query)
+                .field("expect", expect)
+                .finish(),
+            CheckKind::Equal {
+                left,
+                right,
+                allow_empty,
+            } => f
+                .debug_struct("Equal")
+                .field("left", left)
+                .field("right", right)
+                .field("allow_empty", allow_empty)
+                .finish(),
+            CheckKind::Command { argv, env } => f
+                .debug_struct("Command")
+                .field("argv", argv)
+                .field("env", &crate::redact::Environment(env))
+                .finish(),
+        }
+    }
 }
 
 /// The `{name}` placeholders of a command check's argument or environment value, in
@@ -445,7 +485,8 @@ pub struct CheckQuery {
     pub sql: String,
 }
 
-#[derive(Debug, Default, Deserialize)]
+// The raw shapes have no `Debug`: they hold URLs and environment values as written.
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDrill {
     #[serde(default)]
@@ -454,7 +495,7 @@ struct RawDrill {
     checks: Vec<RawCheck>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCheck {
     name: String,
@@ -630,7 +671,7 @@ pub enum RunbookError {
 }
 
 /// The file's shape before the databases are split into name/role and adapter.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRunbook {
     cluster: String,

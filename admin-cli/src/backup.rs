@@ -46,15 +46,7 @@ pub fn load_runbook(path: &std::path::Path) -> Result<Runbook, Failure> {
 
 pub async fn backup(args: BackupArgs) -> Result<u8, Failure> {
     let runbook = load_runbook(&args.config)?;
-    let bars =
-        (args.output == OutputFormat::Text && std::io::stderr().is_terminal()).then(Bars::default);
-    let progress: backup::ProgressSink = match &bars {
-        Some(bars) => {
-            let bars = bars.clone();
-            Arc::new(move |event| bars.show(event))
-        }
-        None => Arc::new(|event| tracing::info!(?event, "backup progress")),
-    };
+    let (bars, progress) = progress(args.output, "backup");
     let mode = match (args.no_pause, args.i_know_this_is_unsafe) {
         (false, _) => backup::Mode::Paused,
         (true, true) => {
@@ -219,9 +211,28 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
-/// One spinner per database while copying, on stderr.
+/// Progress bars on stderr when it is a terminal and the output is for people;
+/// otherwise progress goes to the log (at info, not shown by default), so that a
+/// redirected stderr carries no bar noise. `command` names the log lines.
+pub(crate) fn progress(
+    output: OutputFormat,
+    command: &'static str,
+) -> (Option<Bars>, backup::ProgressSink) {
+    let bars =
+        (output == OutputFormat::Text && std::io::stderr().is_terminal()).then(Bars::default);
+    let sink: backup::ProgressSink = match &bars {
+        Some(bars) => {
+            let bars = bars.clone();
+            Arc::new(move |event| bars.show(event))
+        }
+        None => Arc::new(move |event| tracing::info!(?event, command, "progress")),
+    };
+    (bars, sink)
+}
+
+/// One spinner per database while copying (or restoring), on stderr.
 #[derive(Clone, Default)]
-struct Bars {
+pub(crate) struct Bars {
     multi: MultiProgress,
     bars: Arc<Mutex<HashMap<String, ProgressBar>>>,
 }
@@ -264,7 +275,7 @@ impl Bars {
         }
     }
 
-    fn clear(&self) {
+    pub(crate) fn clear(&self) {
         let _ = self.multi.clear();
     }
 }

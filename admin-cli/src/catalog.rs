@@ -62,11 +62,13 @@ async fn open(args: &CatalogArgs) -> Result<(stillpoint::runbook::Runbook, Stora
 }
 
 pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
-    let (_, storage) = open(&args).await?;
+    let (runbook, storage) = open(&args).await?;
     let found = catalog::list(&storage).await?;
+    let points = crate::points::list_json(&runbook, &storage).await?;
     match args.output {
         OutputFormat::Json => print_json(&serde_json::json!({
             "storage": found.storage,
+            "points": points,
             "backups": found.backups.iter().map(|manifest| summary(&found, manifest)).collect::<Vec<_>>(),
             "damaged": found.damaged.iter().map(|d| serde_json::json!({"path": d.path, "error": d.error})).collect::<Vec<_>>(),
             "incomplete": found.orphans().iter().map(|o| serde_json::json!({
@@ -140,6 +142,7 @@ pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
                     orphan.last_modified.format("%Y-%m-%d %H:%M:%S UTC"),
                 );
             }
+            crate::output::write_stdout(&crate::points::list_text(&points));
         }
     }
     Ok(exit::OK)

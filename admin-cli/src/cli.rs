@@ -6,9 +6,11 @@ use crate::archive::{self, ArchiveArgs, ArchiveListArgs, WalFetchArgs, WalPushAr
 use crate::backup::{self, BackupArgs};
 use crate::catalog::{self, CatalogArgs, PruneArgs, ShowArgs};
 use crate::demo::{self, DemoArgs};
+use crate::docs::{self, CompletionsArgs, ManArgs};
 use crate::drill::{self, DrillArgs};
 use crate::exit::{self, Failure};
 use crate::pause::{self, InspectArgs, PauseArgs, UnpauseArgs};
+use crate::points::{self, PointArgs};
 use crate::restore::{self, BaseBackupArgs, PitrArgs, RestoreArgs};
 
 const ABOUT: &str = "Transactionally-consistent backups of a paused application cluster.";
@@ -84,8 +86,15 @@ pub enum Command {
     /// JUnit), and remove the scratch targets.
     #[command(after_help = exit::HELP)]
     Drill(DrillArgs),
-    /// Take a PostgreSQL base backup (pg_basebackup) for point-in-time recovery.
+    /// Take a PostgreSQL base backup (pg_basebackup): into the storage for points
+    /// (the database must be archived), or with --to DIR into a local directory.
+    #[command(after_help = exit::HELP)]
     BaseBackup(BaseBackupArgs),
+    /// Take a point: pause, mark every database (a named restore point and LSN),
+    /// unpause, wait until every archive has reached its marker, commit the point
+    /// (only when restorable: a base backup before it, an archive without gaps).
+    #[command(after_help = exit::HELP)]
+    Point(PointArgs),
     /// PostgreSQL point-in-time recovery into a scratch server: base backup + WAL
     /// archive replayed to a backup's restore point, LSN or mid-time.
     #[command(after_help = exit::HELP)]
@@ -107,6 +116,15 @@ pub enum Command {
     /// Start a local reference cluster (3 ledger nodes + 1 auditor on SQLite) under
     /// load, back it up, drill the backup, print a report and clean up.
     Demo(DemoArgs),
+    /// Print a shell completion script (bash, zsh or fish) on stdout. Load it for this
+    /// shell with `source <(stillpoint completions bash)`, or install it, e.g.
+    /// `stillpoint completions bash > /etc/bash_completion.d/stillpoint`,
+    /// `stillpoint completions zsh > ~/.zfunc/_stillpoint`,
+    /// `stillpoint completions fish > ~/.config/fish/completions/stillpoint.fish`.
+    Completions(CompletionsArgs),
+    /// Print the stillpoint(1) man page (roff) on stdout, e.g. `stillpoint man | man -l -`,
+    /// or with --dir write one page per command (stillpoint-pause.1, …) into a directory.
+    Man(ManArgs),
 }
 
 pub async fn run() -> Result<u8, Failure> {
@@ -126,11 +144,14 @@ pub async fn run() -> Result<u8, Failure> {
         Command::Restore(args) => restore::restore(args).await,
         Command::Drill(args) => drill::drill(args).await,
         Command::BaseBackup(args) => restore::base_backup(args).await,
+        Command::Point(args) => points::point(args).await,
         Command::Pitr(args) => restore::pitr(args).await,
         Command::Archive(args) => archive::archive(args).await,
         Command::ArchiveList(args) => archive::archive_list(args).await,
         Command::WalPush(args) => archive::wal_push(args).await,
         Command::WalFetch(args) => archive::wal_fetch(args).await,
         Command::Demo(args) => demo::demo(args).await,
+        Command::Completions(args) => docs::completions(args),
+        Command::Man(args) => docs::man(args),
     }
 }

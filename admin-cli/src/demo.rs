@@ -165,6 +165,7 @@ async fn run(args: DemoArgs) -> Result<u8, Failure> {
         &decryption,
         false,
         tokio_util::sync::CancellationToken::new(),
+        std::sync::Arc::new(|_| {}),
     )
     .await
     .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?;

@@ -17,8 +17,16 @@ use crate::restore::open_backup;
 #[derive(Debug, Clone, Args)]
 pub struct DrillArgs {
     /// A backup id, or `latest` (the newest backup that is a valid restore point).
-    #[arg(required_unless_present = "cleanup")]
+    #[arg(required_unless_present_any = ["cleanup", "point"])]
     pub backup: Option<String>,
+    /// Drill a point instead of a backup: its id, `latest`, or a time (RFC 3339). Each
+    /// PostgreSQL database is replayed from its base backup into a scratch server, the
+    /// runbook's [drill] checks run on them, and RTO is reported.
+    #[arg(long, value_name = "ID|latest|TIME", conflicts_with_all = ["backup", "cleanup", "keep"])]
+    pub point: Option<String>,
+    /// --point: give up if replay has not reached the point by then.
+    #[arg(long, default_value = "10m", value_parser = crate::args::duration, value_name = "DURATION")]
+    pub timeout: std::time::Duration,
     /// Instead of a drill: find the scratch databases and directories that drills
     /// killed outright (SIGKILL, a crash) left on the runbook's drill servers and in
     /// its scratch directory (their names begin with `stillpoint_drill_` /
@@ -35,12 +43,16 @@ pub struct DrillArgs {
     /// Leave the scratch targets in place (their names are in the report).
     #[arg(long)]
     pub keep: bool,
-    /// `text` for people, `json` for scripts.
+    /// `text` for people (with a progress bar per database on a terminal), `json` for
+    /// scripts.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
 }
 
 pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
+    if let Some(point) = &args.point {
+        return crate::points::drill_point(&args, point).await;
+    }
     let Some(backup) = &args.backup else {
         return cleanup(&args).await;
     };
@@ -71,6 +83,7 @@ pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
             manifest.databases.len()
         );
     }
+    let (bars, progress) = crate::backup::progress(args.output, "drill");
     let report = crate::signal::run_cancellable(|cancel| {
         drill::run(
             &runbook,
@@ -79,10 +92,14 @@ pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
             &decryption,
             args.keep,
             cancel,
+            progress,
         )
     })
-    .await
-    .map_err(|error| match error {
+    .await;
+    if let Some(bars) = &bars {
+        bars.clear();
+    }
+    let report = report.map_err(|error| match error {
         drill::DrillError::Interrupted { .. } => Failure::new(exit::ERROR, error),
         drill::DrillError::Setup(_) => Failure::new(exit::USAGE, error),
     })?;

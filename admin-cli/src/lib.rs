@@ -4,11 +4,13 @@
 //! - `archive.rs`: `archive`, `wal-push`, `wal-fetch`: a database's log into storage.
 //! - `args.rs`: flags shared by every cluster command (targets, TLS, output).
 //! - `pause.rs`: `pause`, `unpause`, `check-paused`, `stats`.
-//! - `backup.rs`: `backup`, with progress bars.
+//! - `backup.rs`: `backup`, and the progress bars `backup`, `restore` and `drill`
+//!   show on a terminal.
 //! - `catalog.rs`: `list`, `show`, `verify`, `prune`.
 //! - `restore.rs`: `restore`, and PostgreSQL's `base-backup` and `pitr`.
 //! - `drill.rs`: `drill`, with its table, JSON and JUnit reports.
 //! - `demo.rs`: `demo`, a local reference cluster paused and checked.
+//! - `docs.rs`: `completions` and `man`, generated from the clap command tree.
 //! - `scalar_admin.rs`: the upstream-compatible `scalar-admin` flags.
 //! - `signal.rs`: SIGINT/SIGTERM, and cancelling long work so it cleans up first.
 //! - `state.rs`: the state file that carries a pause from `pause` to `unpause`.
@@ -21,10 +23,12 @@ pub mod backup;
 pub mod catalog;
 pub mod cli;
 pub mod demo;
+pub mod docs;
 pub mod drill;
 pub mod exit;
 pub mod output;
 pub mod pause;
+pub mod points;
 pub mod restore;
 pub mod scalar_admin;
 pub mod signal;

@@ -12,7 +12,7 @@ use stillpoint::coordinator::{
 };
 use stillpoint::grpc::client::{CallError, ConnectOptions, NodeClient, Protocol};
 use stillpoint::resolve::NodeAddress;
-use stillpoint::time::{Zone, from_unix_ms, unix_ms};
+use stillpoint::time::{Zone, format_duration, from_unix_ms, unix_ms};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -45,7 +45,8 @@ pub struct PauseArgs {
 
     /// Nodes reopen by themselves if the pause is neither renewed nor released within
     /// this long, so a lost coordinator cannot leave the cluster paused. Must be longer
-    /// than --max-pause-wait.
+    /// than --max-pause-wait; a lease not longer than the default max wait (30s) makes
+    /// the max wait half the lease, unless --max-pause-wait is given.
     #[arg(long, default_value = "60s", value_parser = duration, value_name = "DURATION")]
     pub lease: Duration,
 
@@ -72,6 +73,27 @@ pub struct PauseArgs {
     /// Use this pause id instead of a random one (1 to 128 bytes, no control characters).
     #[arg(long, value_name = "ID")]
     pub pause_id: Option<String>,
+}
+
+/// The max wait a pause uses: `max_wait`, unless it is the default and the lease given
+/// is too short for it; then half the lease, said on stderr (a short lease is a choice
+/// the operator made, the default max wait is not). A max wait given on the command
+/// line is kept, and the plan's validation refuses it if it does not fit.
+fn fit_max_wait(lease: Duration, max_wait: Duration, given: bool) -> Duration {
+    let fitted = lease / 2;
+    if given || max_wait < lease || fitted < Duration::from_millis(1) {
+        return max_wait;
+    }
+    // Whole milliseconds: the wire and the reports count them.
+    let fitted = Duration::from_millis(fitted.as_millis() as u64);
+    crate::errln!(
+        "note: --lease {} is not longer than the default --max-pause-wait {}; nodes get \
+         {} (half the lease) to drain instead: set --max-pause-wait to choose another",
+        format_duration(lease),
+        format_duration(max_wait),
+        format_duration(fitted)
+    );
+    fitted
 }
 
 #[derive(Debug, Clone, Args)]
@@ -127,7 +149,10 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
         None
     };
     let tiers = resolve_tiers(&sources, args.targets.dns_server).await?;
-    let mut plan = PausePlan::new(tiers, args.lease, args.max_pause_wait);
+    let max_wait_given =
+        matches.value_source("max_pause_wait") == Some(clap::parser::ValueSource::CommandLine);
+    let max_wait = fit_max_wait(args.lease, args.max_pause_wait, max_wait_given);
+    let mut plan = PausePlan::new(tiers, args.lease, max_wait);
     plan.connect = args.connect.options()?;
     plan.wait_outstanding = !args.no_wait;
     if let Some(id) = &args.pause_id {

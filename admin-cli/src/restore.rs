@@ -25,22 +25,37 @@ use crate::signal::{run_cancellable, shutdown_signal};
 #[derive(Debug, Clone, Args)]
 pub struct RestoreArgs {
     /// A backup id, or `latest` (the newest backup that is a valid restore point).
-    pub backup: String,
+    #[arg(required_unless_present = "point")]
+    pub backup: Option<String>,
+    /// Restore a point instead of a backup: its id, `latest`, or a time (RFC 3339),
+    /// which picks the newest point at or before it. Every database of the point (or
+    /// --database) is replayed from its base backup into a new data directory: --to
+    /// DIR for one database, DIR/<database> for several.
+    #[arg(long, value_name = "ID|latest|TIME", conflicts_with_all = ["backup", "force"])]
+    pub point: Option<String>,
     /// The runbook: its storage, decryption key and the database's adapter settings.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: PathBuf,
-    /// The database to restore, by its name in the runbook and manifest.
+    /// The database to restore, by its name in the runbook and manifest (required for
+    /// a backup; a point restores all its databases without it).
     #[arg(long, value_name = "NAME")]
-    pub database: String,
+    pub database: Option<String>,
     /// Where to: a new SQLite file path, or the URL of an empty PostgreSQL or MariaDB
-    /// database (postgres://…, mysql://…).
+    /// database (postgres://…, mysql://…); for --point, a new data directory.
     #[arg(long, value_name = "TARGET")]
     pub to: String,
+    /// --point: give up if replay has not reached the point by then.
+    #[arg(long, default_value = "10m", value_parser = duration, value_name = "DURATION")]
+    pub timeout: Duration,
+    /// --point: run the recovery server as this system user (PostgreSQL refuses
+    /// root). Default when run as root: postgres.
+    #[arg(long, value_name = "USER")]
+    pub run_as: Option<String>,
     /// Empty a non-empty target first (drops its tables). Without it, a target that
     /// holds anything is refused.
     #[arg(long)]
     pub force: bool,
-    /// `text` for people, `json` for scripts.
+    /// `text` for people (with a progress bar on a terminal), `json` for scripts.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
 }
@@ -50,11 +65,15 @@ pub struct BaseBackupArgs {
     /// The runbook; the database must use the postgres adapter.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: PathBuf,
+    /// The database. Without --to, default: every archived (`archive = true`)
+    /// PostgreSQL database of the runbook.
     #[arg(long, value_name = "NAME")]
-    pub database: String,
-    /// A new (or empty) directory for the plain-format base backup.
-    #[arg(long, value_name = "DIR")]
-    pub to: PathBuf,
+    pub database: Option<String>,
+    /// A new (or empty) local directory for a plain-format base backup. Without it the
+    /// base backup goes into the runbook's storage (a tar, through the pipeline), for
+    /// points: the database must be archived.
+    #[arg(long, value_name = "DIR", requires = "database")]
+    pub to: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
 }
@@ -156,16 +175,26 @@ fn postgres_config<'a>(
 }
 
 pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
-    let (runbook, storage, manifest) = open_backup(&args.config, &args.backup).await?;
+    let Some(backup) = &args.backup else {
+        return crate::points::restore_point(&args).await;
+    };
+    let Some(database) = &args.database else {
+        return Err(Failure::new(
+            exit::USAGE,
+            anyhow::anyhow!("restoring a backup needs --database NAME"),
+        ));
+    };
+    let database = database.as_str();
+    let (runbook, storage, manifest) = open_backup(&args.config, backup).await?;
     let decryption = stillpoint::backup::decryption(&runbook)
         .map_err(|error| Failure::new(exit::USAGE, error))?;
-    let entry = restore::entry(&manifest, &args.database)
-        .map_err(|error| Failure::new(exit::USAGE, error))?;
-    let adapter = adapters::build(&args.database, adapter_config(&runbook, &args.database)?);
+    let entry =
+        restore::entry(&manifest, database).map_err(|error| Failure::new(exit::USAGE, error))?;
+    let adapter = adapters::build(database, adapter_config(&runbook, database)?);
     if args.output == OutputFormat::Text {
         crate::errln!(
             "restoring {} of backup {} (restore point {}) into {} …",
-            args.database,
+            database,
             manifest.backup_id,
             manifest
                 .window
@@ -175,6 +204,7 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
             stillpoint::storage::redact_url(&args.to)
         );
     }
+    let (bars, progress) = crate::backup::progress(args.output, "restore");
     let restoring = restore::restore_database(
         &storage,
         &manifest,
@@ -183,6 +213,7 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         &args.to,
         &decryption,
         args.force,
+        progress,
     );
     // SIGINT/SIGTERM stop the restore: dropping it kills the restore tool (pg_restore
     // rolls its one transaction back) and removes a SQLite copy being written beside
@@ -190,18 +221,24 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
     let outcome = tokio::select! {
         outcome = restoring => outcome,
         () = shutdown_signal() => {
+            if let Some(bars) = &bars {
+                bars.clear();
+            }
             return Err(Failure::new(
                 exit::ERROR,
                 anyhow::anyhow!(
                     "interrupted: the restore of {} into {} was stopped before it finished. \
                      A SQLite target is as it was; a PostgreSQL or MariaDB target may be \
                      empty or hold part of the copy (restore again with --force)",
-                    args.database,
+                    database,
                     stillpoint::storage::redact_url(&args.to)
                 ),
             ));
         }
     };
+    if let Some(bars) = &bars {
+        bars.clear();
+    }
     let report = outcome.map_err(|error| {
         let code = match error {
             RestoreError::NoSuchDatabase { .. }
@@ -231,11 +268,14 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
 }
 
 pub async fn base_backup(args: BaseBackupArgs) -> Result<u8, Failure> {
+    let (Some(to), Some(database)) = (&args.to, &args.database) else {
+        return crate::points::base_backup(&args).await;
+    };
     let runbook = load_runbook(&args.config)?;
-    let config = postgres_config(&runbook, &args.database)?;
+    let config = postgres_config(&runbook, database)?;
     // SIGINT/SIGTERM stop pg_basebackup and remove the partial base backup.
     let report =
-        run_cancellable(|cancel| async move { pitr::base_backup(config, &args.to, &cancel).await })
+        run_cancellable(|cancel| async move { pitr::base_backup(config, to, &cancel).await })
             .await
             .map_err(|error| {
                 let code = match error {
@@ -248,7 +288,7 @@ pub async fn base_backup(args: BaseBackupArgs) -> Result<u8, Failure> {
         OutputFormat::Json => print_json(&report),
         OutputFormat::Text => crate::outln!(
             "base backup of {} in {} (starts at WAL {}) in {:.1}s",
-            args.database,
+            database,
             report.dir.display(),
             report.start_lsn.as_deref().unwrap_or("?"),
             report.took_ms as f64 / 1000.0

@@ -4,6 +4,9 @@
 //! ones in flight, so every counted transfer has a known outcome. On request it also
 //! keeps every transfer's start time, latency and outcome ([`Sample`]), so a benchmark
 //! can tell the transfers that met a pause from those that did not.
+//!
+//! It drives ledger nodes through [`LedgerClient`] and counts the client's
+//! [`TransferOutcome`]s; the client knows nothing of it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,19 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::grpc::client::{ClientError, LedgerClient};
-
-/// How a transfer ended, as the load generator counts it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TransferOutcome {
-    Committed,
-    /// A paused node refused it (gate in reject mode, or a hold that timed out).
-    Rejected(String),
-    /// Insufficient funds: the ledger said no, correctly.
-    Declined,
-    /// Anything else.
-    Failed(String),
-}
+use crate::grpc::client::{ClientError, LedgerClient, TransferOutcome};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bound {

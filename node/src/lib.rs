@@ -31,29 +31,34 @@
 //! let gate = Arc::new(Gate::new(ClosedPolicy::Hold { timeout: Duration::from_secs(5) }));
 //! let admin = Arc::new(NodeAdmin::new(gate.clone(), None));
 //!
-//! // A pause the coordinator stops renewing reopens the gate by itself.
-//! let shutdown = CancellationToken::new();
-//! tokio::spawn({
-//!     let admin = admin.clone();
-//!     let shutdown = shutdown.clone();
-//!     async move { admin.run_lease_watchdog(shutdown).await }
-//! });
-//!
 //! // The application's services behind the gate, the admin services on their own port
 //! // (production nodes add TLS and tokens with `admin_routes_with`).
 //! let app = tonic::transport::Server::builder()
 //!     .layer(GateLayer::new(gate))
 //!     .add_routes(app)
 //!     .serve("127.0.0.1:50051".parse()?);
-//! let admin = tonic::transport::Server::builder()
-//!     .add_routes(admin_routes(admin).await)
+//! let admin_server = tonic::transport::Server::builder()
+//!     .add_routes(admin_routes(admin.clone()).await)
 //!     .serve("127.0.0.1:50052".parse()?);
-//! tokio::try_join!(app, admin)?;
+//! // A pause the coordinator stops renewing reopens the gate by itself. The watchdog
+//! // is awaited with the servers (a real service cancels `shutdown` when it stops).
+//! let shutdown = CancellationToken::new();
+//! let watchdog = async {
+//!     admin.run_lease_watchdog(shutdown.clone()).await;
+//!     Ok(())
+//! };
+//! tokio::try_join!(app, admin_server, watchdog)?;
 //! # Ok(())
 //! # }
 //! ```
 //!
 //! `stillpoint pause --addresses 127.0.0.1:50052 --hold-for 5s` then pauses it.
+//!
+//! `examples/pausable_service.rs` is the same for an axum app, as a program: a token
+//! from the environment, the gate's hold time, and one shutdown for both servers and
+//! the watchdog (`cargo run -p stillpoint-node --example pausable_service`). The
+//! integration tests run it and pause it with `stillpoint pause --hold-for` and with
+//! `scalar-admin`.
 
 pub mod gate;
 pub mod grpc;

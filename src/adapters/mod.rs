@@ -221,7 +221,8 @@ pub struct SqliteConfig {
     pub path: std::path::PathBuf,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+/// `Debug` by hand, as for every config that holds a URL: without its password.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     /// `postgres://user[:password]@host:port/dbname`
@@ -240,6 +241,20 @@ pub struct PostgresConfig {
     pub drill_server_url: Option<String>,
 }
 
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &crate::redact::Url(&self.url))
+            .field("require_archiving", &self.require_archiving)
+            .field("bin_dir", &self.bin_dir)
+            .field(
+                "drill_server_url",
+                &crate::redact::OptionalUrl(self.drill_server_url.as_deref()),
+            )
+            .finish()
+    }
+}
+
 impl PostgresConfig {
     /// The server drills create their scratch databases on.
     pub fn drill_server(&self) -> &str {
@@ -247,7 +262,8 @@ impl PostgresConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+/// `Debug` by hand: the URLs without their passwords.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MariadbConfig {
     /// `mysql://user[:password]@host:port/dbname`
@@ -261,6 +277,19 @@ pub struct MariadbConfig {
     pub drill_server_url: Option<String>,
 }
 
+impl std::fmt::Debug for MariadbConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MariadbConfig")
+            .field("url", &crate::redact::Url(&self.url))
+            .field("bin_dir", &self.bin_dir)
+            .field(
+                "drill_server_url",
+                &crate::redact::OptionalUrl(self.drill_server_url.as_deref()),
+            )
+            .finish()
+    }
+}
+
 impl MariadbConfig {
     /// The server drills create their scratch databases on.
     pub fn drill_server(&self) -> &str {
@@ -268,7 +297,8 @@ impl MariadbConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+/// `Debug` by hand: `env` values (a password handed to a hook) are hidden.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecConfig {
     /// Run by `sh -c` inside the pause; its stdout becomes the cut marker.
@@ -293,6 +323,19 @@ pub struct ExecConfig {
     /// `AWS_PROFILE`); every other variable is withheld.
     #[serde(default)]
     pub pass_env: Vec<String>,
+}
+
+impl std::fmt::Debug for ExecConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecConfig")
+            .field("cut", &self.cut)
+            .field("cut_timeout", &self.cut_timeout)
+            .field("copy", &self.copy)
+            .field("restore", &self.restore)
+            .field("env", &crate::redact::Environment(&self.env))
+            .field("pass_env", &self.pass_env)
+            .finish()
+    }
 }
 
 fn default_cut_timeout() -> std::time::Duration {

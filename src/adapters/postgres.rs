@@ -1017,7 +1017,9 @@ fn restore_point_name(backup_id: &str) -> String {
 /// Rows per ordinary table, counted in the connection's current transaction (the
 /// snapshot), as `schema.table`. Partitioned parents are skipped: their rows are
 /// counted in their partitions.
-async fn row_counts(client: &Client) -> Result<BTreeMap<String, u64>, tokio_postgres::Error> {
+pub(crate) async fn row_counts(
+    client: &Client,
+) -> Result<BTreeMap<String, u64>, tokio_postgres::Error> {
     let tables = client
         .query(
             "SELECT n.nspname, c.relname FROM pg_class c \

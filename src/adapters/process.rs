@@ -371,7 +371,13 @@ impl<R: AsyncRead + Unpin> AsyncRead for ExitAware<R> {
 
 impl Producer {
     /// Waits for the child to exit; `Err` carries its exit status and stderr.
-    pub async fn wait(mut self) -> Result<(), String> {
+    pub async fn wait(self) -> Result<(), String> {
+        self.wait_stderr().await.map(|_| ())
+    }
+
+    /// [`Producer::wait`], also returning what the child wrote to stderr when it
+    /// succeeded (pg_basebackup reports its WAL positions there).
+    pub async fn wait_stderr(mut self) -> Result<String, String> {
         let status = self
             .child
             .wait()
@@ -387,7 +393,7 @@ impl Producer {
             Err(e) => format!("(reading its stderr failed: {e})"),
         };
         if status.success() {
-            Ok(())
+            Ok(stderr)
         } else {
             Err(describe_failure(&self.what, status, &stderr))
         }

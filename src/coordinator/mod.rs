@@ -214,6 +214,11 @@ pub struct PauseRecord {
     /// `None` when no node could report its clock (upstream-only nodes).
     pub skew_bound_ms: Option<u64>,
     pub tiers: Vec<Vec<PausedNode>>,
+    /// The coordinator chose to speak only upstream `rpc.Admin`
+    /// ([`PausePlan::upstream_only`], the `scalar-admin` binary): a node paused that way
+    /// is no cause for a warning, whatever else it speaks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub upstream_only: bool,
 }
 
 /// One node as it was when it paused.
@@ -570,6 +575,7 @@ pub async fn pause_cancellable(
             paused_at_ms: unix_ms(now),
             skew_bound_ms,
             tiers,
+            upstream_only: plan.upstream_only,
         },
         clients,
         connect: plan.connect.clone(),
@@ -823,6 +829,7 @@ async fn roll_back(
         paused_at_ms: unix_ms(SystemTime::now()),
         skew_bound_ms: None,
         tiers,
+        upstream_only: plan.upstream_only,
     };
     let mut to_release: Vec<Vec<PausedNode>> = record.tiers.clone();
     if let Some(last) = to_release.last_mut() {
@@ -892,11 +899,14 @@ async fn roll_back(
     let failed: Vec<String> = failures
         .iter()
         .map(|node| {
-            format!(
-                "{}: {}",
-                node.address,
-                node.error.as_deref().unwrap_or("failed")
-            )
+            let error = node.error.as_deref().unwrap_or("failed");
+            // Some errors already begin with the node's address ("… speaks plaintext
+            // gRPC, not TLS"): naming it twice in a row reads as a stutter.
+            if error.starts_with(&node.address.to_string()) {
+                error.to_owned()
+            } else {
+                format!("{}: {error}", node.address)
+            }
         })
         .collect();
     let paused_count = record.nodes().count();
@@ -1035,7 +1045,14 @@ impl PausedCluster {
 
     /// Releases every node (reverse tier order, retrying, each under a deadline) and
     /// checks the window.
-    pub async fn release(mut self) -> Released {
+    pub async fn release(self) -> Released {
+        self.release_with(SkewFloor::Required).await
+    }
+
+    /// [`PausedCluster::release`], saying whether the window must be longer than the
+    /// clock-skew floor to be valid: only when something restores by the window's
+    /// mid-time (a point whose every database has an exact marker does not).
+    pub async fn release_with(mut self, floor: SkewFloor) -> Released {
         self.finished = true;
         let lost = std::mem::take(&mut self.lost);
         release_checked(
@@ -1045,6 +1062,7 @@ impl PausedCluster {
             self.last_renewal_attempt,
             self.paused_at,
             lost,
+            floor,
         )
         .await
     }
@@ -1119,7 +1137,28 @@ pub async fn release_record(
     connect: &ConnectOptions,
     renewed_at: SystemTime,
 ) -> Released {
-    release_checked(record, clients, connect, renewed_at, None, Vec::new()).await
+    release_checked(
+        record,
+        clients,
+        connect,
+        renewed_at,
+        None,
+        Vec::new(),
+        SkewFloor::Required,
+    )
+    .await
+}
+
+/// Whether a window shorter than twice the clock-skew bound (plus margin) is invalid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkewFloor {
+    /// The window's mid-time restores something (a PITR by time): a window too short
+    /// for the skew bound cannot order it against every node's clock.
+    Required,
+    /// Every database has an exact marker made inside the pause (a named restore
+    /// point, a log position): the mid-time restores nothing, so a short window is
+    /// only a warning.
+    NotNeeded,
 }
 
 /// Releases every node and judges the window: `paused_at` is its start on the
@@ -1131,12 +1170,13 @@ async fn release_checked(
     renewed_at: SystemTime,
     paused_at: Option<Instant>,
     lost: Vec<(NodeAddress, String)>,
+    floor: SkewFloor,
 ) -> Released {
     // Read together, just before the first node is released.
     let window_end = SystemTime::now();
     let monotonic = paused_at.map(|start| start.elapsed());
     let nodes = release_tiers(&record.owner(), &record.tiers, clients, connect).await;
-    let mut released = judge(record, unix_ms(window_end), monotonic, nodes);
+    let mut released = judge(record, unix_ms(window_end), monotonic, nodes, floor);
     for (address, reason) in lost {
         released.invalid_reasons.push(format!(
             "{address} lost the pause during the window ({reason})"
@@ -1153,6 +1193,7 @@ fn judge(
     window_end_ms: i64,
     monotonic: Option<Duration>,
     nodes: Vec<NodeRelease>,
+    floor: SkewFloor,
 ) -> Released {
     let owner = record.owner();
     let mut invalid_reasons = Vec::new();
@@ -1168,6 +1209,9 @@ fn judge(
                     .map(|why| format!(": {why}"))
                     .unwrap_or_default()
             )),
+            // Only a node that offered no more than upstream's API is worth a word;
+            // when the coordinator chose it (scalar-admin), that was the point.
+            Ok(None) if record.upstream_only => {}
             Ok(None) => warnings.push(format!(
                 "{} speaks only the upstream admin API: it has no lease, no pause id and no \
                  boot id, so a restart inside the window cannot be ruled out",
@@ -1199,10 +1243,16 @@ fn judge(
         Some(bound) => {
             let needed =
                 (bound.saturating_mul(2) as i64).saturating_add(SKEW_MARGIN.as_millis() as i64);
-            if window_ms <= needed {
+            if window_ms <= needed && floor == SkewFloor::Required {
                 invalid_reasons.push(format!(
                     "the window ({window_ms}ms) is not longer than twice the clock-skew bound \
                      plus margin ({needed}ms); hold the pause longer (--min-window)"
+                ));
+            } else if window_ms <= needed {
+                warnings.push(format!(
+                    "the window ({window_ms}ms) is not longer than twice the clock-skew bound \
+                     plus margin ({needed}ms): its mid-time is no restore target, but every \
+                     database has an exact marker"
                 ));
             }
         }

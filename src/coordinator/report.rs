@@ -272,10 +272,13 @@ fn nodes_of(
         .collect()
 }
 
+/// Nodes that offered only upstream `rpc.Admin` when the coordinator would have used
+/// leases; none when it chose upstream itself (`scalar-admin`), which asked for exactly
+/// that.
 fn upstream_warnings(record: &PauseRecord) -> Vec<String> {
     record
         .nodes()
-        .filter(|node| node.protocol == Protocol::Upstream)
+        .filter(|node| node.protocol == Protocol::Upstream && !record.upstream_only)
         .map(|node| {
             format!(
                 "{} speaks only the upstream admin API: no lease (it stays paused if nobody \

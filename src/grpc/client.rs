@@ -161,16 +161,36 @@ impl From<Status> for CallError {
             Code::FailedPrecondition => CallError::Precondition(message),
             Code::Aborted => CallError::Conflict(message),
             Code::InvalidArgument => CallError::Invalid(message),
-            Code::Unavailable => CallError::Unavailable(message),
+            Code::Unavailable => CallError::Unavailable(status_chain(&status)),
             Code::Unauthenticated => CallError::Unauthenticated { message },
             Code::PermissionDenied => CallError::PermissionDenied(message),
             Code::DeadlineExceeded => CallError::TimedOut(Duration::ZERO),
             code => CallError::Other {
                 code: format!("{code:?}"),
-                message,
+                message: status_chain(&status),
             },
         }
     }
+}
+
+/// A status's message and then its causes (a transport failure carries them as its
+/// source), each said once. Not `Status`'s own `Display`, which prints the code, the
+/// message and the source's `Debug` form in one line, and then its source chain said
+/// everything a second time.
+fn status_chain(status: &Status) -> String {
+    let mut text = status.message().to_owned();
+    if let Some(source) = std::error::Error::source(status) {
+        for cause in crate::error_chain(source).split(": ") {
+            if cause.is_empty() || text.contains(cause) {
+                continue;
+            }
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(cause);
+        }
+    }
+    dedupe_chain(&text)
 }
 
 /// What to tell a person about an UNAUTHENTICATED answer, from the node's reason.
@@ -319,8 +339,7 @@ impl NodeClient {
                     Code::Unknown | Code::Cancelled | Code::Unavailable | Code::Internal
                 ) =>
             {
-                let chain = dedupe_chain(&crate::error_chain(&status));
-                return Err(explain_broken_call(address, options, chain).await);
+                return Err(explain_broken_call(address, options, status_chain(&status)).await);
             }
             Err(status) => return Err(status.into()),
         };

@@ -272,6 +272,13 @@ pub enum PipelineError {
 }
 
 impl PipelineError {
+    /// The stored artifact is not there (deleted, or never whole).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, PipelineError::Storage(error) if error.is_not_found())
+    }
+}
+
+impl PipelineError {
     /// The damage stage, if the artifact itself is damaged.
     pub fn damage(&self) -> Option<DamageStage> {
         match self {

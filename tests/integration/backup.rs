@@ -10,60 +10,25 @@ use serde_json::Value;
 use stillpoint_testkit::{MariaDb, Postgres};
 
 use crate::cluster::{Cluster, Load};
-use crate::util::{run, run_json, stderr, wait_until};
+use crate::util::{Database, Runbook, run, run_json, stderr, wait_until};
 
-/// A runbook for `cluster` with the given `[[databases]]` and `[pipeline]` sections,
-/// storing into `dir/backups`.
-fn write_runbook(dir: &Path, cluster: &Cluster, databases: &str, pipeline: &str) -> PathBuf {
-    let storage = dir.join("backups");
-    std::fs::create_dir_all(&storage).unwrap();
-    let storage = format!("url = \"file://{}\"", storage.display());
-    write_runbook_to(dir, "runbook.toml", cluster, databases, pipeline, &storage)
+/// The runbook most of these tests start from: `cluster` in its two tiers, with room
+/// for a loaded machine. Each test adds its databases, pipeline and storage.
+fn cluster_runbook(cluster: &Cluster) -> Runbook {
+    Runbook::for_cluster("test", cluster).timeouts()
 }
 
-fn write_runbook_to(
-    dir: &Path,
-    name: &str,
-    cluster: &Cluster,
-    databases: &str,
-    pipeline: &str,
-    storage: &str,
-) -> PathBuf {
-    let text = format!(
-        r#"
-cluster = "test"
-[pause]
-tiers = [{{ addresses = [{ledgers}] }}, {{ addresses = ["{auditor}"] }}]
-lease = "30s"
-max_wait = "10s"
-cut_deadline = "10s"
-{databases}
-[pipeline]
-{pipeline}
-[storage]
-{storage}
-"#,
-        ledgers = cluster
-            .ledgers
-            .iter()
-            .map(|node| format!("\"{}\"", node.address))
-            .collect::<Vec<_>>()
-            .join(", "),
-        auditor = cluster.auditor.address,
-    );
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
+/// `cluster`'s own SQLite databases, stored in `dir/backups`.
+fn sqlite_runbook(cluster: &Cluster, dir: &Path) -> Runbook {
+    cluster_runbook(cluster)
+        .cluster_sqlite(cluster)
+        .file_storage(dir)
 }
 
-fn sqlite_databases(cluster: &Cluster) -> String {
-    let path = |url: &str| url.strip_prefix("sqlite:").unwrap().to_owned();
-    format!(
-        "[[databases]]\nname = \"ledger\"\nrole = \"ledger\"\nadapter = \"sqlite\"\npath = \"{}\"\n\
-         [[databases]]\nname = \"auditor\"\nrole = \"auditor\"\nadapter = \"sqlite\"\npath = \"{}\"\n",
-        path(&cluster.ledger_db),
-        path(&cluster.auditor_db)
-    )
+/// A runbook whose pause names a node nobody listens on: for `--no-pause` copies and
+/// for the catalog commands, which never contact the cluster.
+fn standalone_runbook() -> Runbook {
+    Runbook::standalone("test").timeouts()
 }
 
 fn shell(script: &str) -> std::process::Output {
@@ -120,20 +85,14 @@ fn postgres_ledger_and_mariadb_auditor_back_up_consistently_under_load() {
         .last()
         .unwrap()
         .to_owned();
-    let runbook = write_runbook(
-        dir.path(),
-        &cluster,
-        &format!(
-            "[[databases]]\nname = \"ledger\"\nrole = \"ledger\"\nadapter = \"postgres\"\nurl = \"{}\"\n\
-             [[databases]]\nname = \"auditor\"\nrole = \"auditor\"\nadapter = \"mariadb\"\nurl = \"{}\"\n",
-            postgres.url("ledger"),
-            mariadb.url("auditor")
-        ),
-        &format!(
-            "zstd_level = 3\nage_recipients = [\"{recipient}\"]\nage_identity_file = \"{}\"",
-            key.display()
-        ),
-    );
+    let runbook = cluster_runbook(&cluster)
+        .database(Database::postgres("ledger", &postgres.url("ledger")).role("ledger"))
+        .database(Database::mariadb("auditor", &mariadb.url("auditor")).role("auditor"))
+        .zstd_level(3)
+        .age_recipient(&recipient)
+        .age_identity_file(&key)
+        .file_storage(dir.path())
+        .write_in(dir.path());
     let (code, report) = run_json(
         "stillpoint",
         &[
@@ -229,11 +188,14 @@ fn postgres_ledger_and_mariadb_auditor_back_up_consistently_under_load() {
 fn a_failed_cut_releases_the_cluster_and_lists_nothing() {
     let cluster = Cluster::start(1);
     let dir = tempfile::tempdir().unwrap();
-    let databases = format!(
-        "{}[[databases]]\nname = \"broken\"\nadapter = \"exec\"\ncut = \"echo no snapshot today >&2; exit 3\"\n",
-        sqlite_databases(&cluster)
-    );
-    let runbook = write_runbook(dir.path(), &cluster, &databases, "");
+    let runbook = cluster_runbook(&cluster)
+        .cluster_sqlite(&cluster)
+        .database(Database::exec(
+            "broken",
+            "echo no snapshot today >&2; exit 3",
+        ))
+        .file_storage(dir.path())
+        .write_in(dir.path());
     let config = runbook.to_str().unwrap();
     let output = run(
         "stillpoint",
@@ -269,12 +231,9 @@ fn catalog_commands_list_show_verify_and_prune() {
     let cluster = Cluster::start(2);
     let load = Load::start(&cluster.ledger_tier(), 4, &[]);
     let dir = tempfile::tempdir().unwrap();
-    let runbook = write_runbook(
-        dir.path(),
-        &cluster,
-        &sqlite_databases(&cluster),
-        "zstd_level = 3",
-    );
+    let runbook = sqlite_runbook(&cluster, dir.path())
+        .zstd_level(3)
+        .write_in(dir.path());
     let config = runbook.to_str().unwrap();
     let mut ids = Vec::new();
     for _ in 0..3 {
@@ -393,16 +352,11 @@ fn a_storage_failure_mid_copy_lists_nothing_and_the_next_backup_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let started = dir.path().join("copy-started");
     let runbook_for = |server: &S3TestServer, name: &str, copy: &str| {
-        let databases = format!(
-            "{}[[databases]]\nname = \"blobs\"\nadapter = \"exec\"\ncut = \"echo cut\"\ncopy = \"{copy}\"\n",
-            sqlite_databases(&cluster)
-        );
-        let storage = format!(
-            "url = \"{}\"\noptions = {{ endpoint = \"{}\", allow_http = \"true\", region = \"us-east-1\" }}",
-            server.url("backups"),
-            server.endpoint()
-        );
-        write_runbook_to(dir.path(), name, &cluster, &databases, "", &storage)
+        cluster_runbook(&cluster)
+            .cluster_sqlite(&cluster)
+            .database(Database::exec("blobs", "echo cut").set("copy", copy))
+            .s3_storage(&server.url("backups"), &server.endpoint(), &[])
+            .write(&dir.path().join(name))
     };
     let stillpoint = |args: &[&str]| {
         Command::new(crate::util::bin("stillpoint"))
@@ -496,31 +450,6 @@ fn pause_sequences(cluster: &Cluster) -> Vec<u64> {
     })
 }
 
-/// A runbook whose `[pause]` names a node nobody listens on: for `--no-pause` copies
-/// and for the catalog commands, which never contact the cluster.
-fn write_standalone_runbook(
-    dir: &Path,
-    name: &str,
-    databases: &str,
-    pipeline: &str,
-    storage: &str,
-) -> PathBuf {
-    let text = format!(
-        "cluster = \"test\"\n[pause]\ntiers = [{{ addresses = [\"127.0.0.1:1\"] }}]\n\
-         lease = \"30s\"\nmax_wait = \"10s\"\ncut_deadline = \"10s\"\n{databases}\n\
-         [pipeline]\n{pipeline}\n[storage]\n{storage}\n"
-    );
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn file_storage(dir: &Path) -> String {
-    let storage = dir.join("backups");
-    std::fs::create_dir_all(&storage).unwrap();
-    format!("url = \"file://{}\"", storage.display())
-}
-
 /// `age-keygen` into `path`; returns the public key.
 fn age_keygen(path: &Path) -> String {
     let keygen = shell(&format!("age-keygen -o {} 2>&1", path.display()));
@@ -567,7 +496,7 @@ fn backup_id(config: &str, extra: &[&str]) -> String {
 fn prune_never_counts_unsafe_copies_and_keeps_a_restore_point() {
     let cluster = Cluster::start(1);
     let dir = tempfile::tempdir().unwrap();
-    let runbook = write_runbook(dir.path(), &cluster, &sqlite_databases(&cluster), "");
+    let runbook = sqlite_runbook(&cluster, dir.path()).write_in(dir.path());
     let config = runbook.to_str().unwrap();
     let _first = backup_id(config, &[]);
     let second = backup_id(config, &[]);
@@ -662,12 +591,14 @@ fn verify_without_a_key_says_it_checked_only_the_checksum() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("age-key.txt");
     let recipient = age_keygen(&key);
-    let without_key = write_runbook(
-        dir.path(),
-        &cluster,
-        &sqlite_databases(&cluster),
-        &format!("zstd_level = 3\nage_recipients = [\"{recipient}\"]"),
-    );
+    let without_key = sqlite_runbook(&cluster, dir.path())
+        .zstd_level(3)
+        .age_recipient(&recipient);
+    let with_key = without_key
+        .clone()
+        .age_identity_file(&key)
+        .write(&dir.path().join("with-key.toml"));
+    let without_key = without_key.write_in(dir.path());
     let config = without_key.to_str().unwrap();
     backup_id(config, &[]);
 
@@ -679,17 +610,6 @@ fn verify_without_a_key_says_it_checked_only_the_checksum() {
     assert!(text.contains("not decrypted"), "{text}");
 
     // Negative control: with the identity, the text says everything was checked.
-    let with_key = write_runbook_to(
-        dir.path(),
-        "with-key.toml",
-        &cluster,
-        &sqlite_databases(&cluster),
-        &format!(
-            "zstd_level = 3\nage_recipients = [\"{recipient}\"]\nage_identity_file = \"{}\"",
-            key.display()
-        ),
-        &file_storage(dir.path()),
-    );
     let output = run(
         "stillpoint",
         &["verify", "latest", "--config", with_key.to_str().unwrap()],
@@ -706,7 +626,7 @@ fn verify_without_a_key_says_it_checked_only_the_checksum() {
 fn list_and_latest_compare_artifacts_with_the_storage_listing() {
     let cluster = Cluster::start(1);
     let dir = tempfile::tempdir().unwrap();
-    let runbook = write_runbook(dir.path(), &cluster, &sqlite_databases(&cluster), "");
+    let runbook = sqlite_runbook(&cluster, dir.path()).write_in(dir.path());
     let config = runbook.to_str().unwrap();
     let older = backup_id(config, &[]);
     let newer = backup_id(config, &[]);
@@ -788,36 +708,33 @@ fn bad_pipeline_settings_and_unwritable_storage_fail_before_anything_is_paused()
     let blocked = dir.path().join("blocked");
     std::fs::create_dir_all(&blocked).unwrap();
     std::fs::write(blocked.join("backups"), "not a directory").unwrap();
+    let runbook = cluster_runbook(&cluster).cluster_sqlite(&cluster);
     let cases = [
         (
             "typo.toml",
-            "age_recipients = [\"age1typo\"]".to_owned(),
-            file_storage(dir.path()),
+            runbook
+                .clone()
+                .age_recipient("age1typo")
+                .file_storage(dir.path()),
             "age1typo",
         ),
         (
             "empty.toml",
-            format!("age_passphrase_file = \"{}\"", empty.display()),
-            file_storage(dir.path()),
+            runbook
+                .clone()
+                .age_passphrase_file(&empty)
+                .file_storage(dir.path()),
             "passphrase",
         ),
         (
             "blocked.toml",
-            String::new(),
-            format!("url = \"file://{}\"", blocked.display()),
+            runbook.storage_url(&format!("file://{}", blocked.display())),
             "blocked",
         ),
     ];
-    for (name, pipeline, storage, named) in cases {
+    for (name, runbook, named) in cases {
         let before = pause_sequences(&cluster);
-        let runbook = write_runbook_to(
-            dir.path(),
-            name,
-            &cluster,
-            &sqlite_databases(&cluster),
-            &pipeline,
-            &storage,
-        );
+        let runbook = runbook.write(&dir.path().join(name));
         let output = run(
             "stillpoint",
             &["backup", "--config", runbook.to_str().unwrap()],
@@ -841,7 +758,7 @@ fn bad_pipeline_settings_and_unwritable_storage_fail_before_anything_is_paused()
     }
     // Negative control: a good runbook does pause.
     let before = pause_sequences(&cluster);
-    let good = write_runbook(dir.path(), &cluster, &sqlite_databases(&cluster), "");
+    let good = sqlite_runbook(&cluster, dir.path()).write_in(dir.path());
     backup_id(good.to_str().unwrap(), &[]);
     assert!(pause_sequences(&cluster) > before);
 }
@@ -858,30 +775,26 @@ fn unusable_s3_storage_fails_before_anything_is_paused() {
     let moto = Moto::start();
     let cluster = Cluster::start(1);
     let dir = tempfile::tempdir().unwrap();
+    let runbook = cluster_runbook(&cluster).cluster_sqlite(&cluster);
     let cases = [
         (
             "no-bucket.toml",
-            moto.storage("p")
-                .replace("s3://bucket/", "s3://no-such-bucket/"),
+            moto.storage(runbook.clone(), "no-such-bucket", "p"),
         ),
         (
             "bad-key.toml",
-            format!(
-                "url = \"{}\"\noptions = {{ endpoint = \"{}\", allow_http = \"true\", region = \"us-east-1\", access_key_id = \"{ACCESS_KEY}\", secret_access_key = \"not-the-secret\" }}",
-                s3s.url("p"),
-                s3s.endpoint()
+            runbook.s3_storage(
+                &s3s.url("p"),
+                &s3s.endpoint(),
+                &[
+                    ("access_key_id", ACCESS_KEY),
+                    ("secret_access_key", "not-the-secret"),
+                ],
             ),
         ),
     ];
-    for (name, storage) in cases {
-        let runbook = write_runbook_to(
-            dir.path(),
-            name,
-            &cluster,
-            &sqlite_databases(&cluster),
-            "",
-            &storage,
-        );
+    for (name, runbook) in cases {
+        let runbook = runbook.write(&dir.path().join(name));
         let before = pause_sequences(&cluster);
         let output = run(
             "stillpoint",
@@ -920,18 +833,15 @@ fn a_failed_copy_whose_cleanup_fails_does_not_claim_the_backup_was_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let started = dir.path().join("started");
     let go = dir.path().join("go");
-    let databases = format!(
-        "[[databases]]\nname = \"blobs\"\nadapter = \"exec\"\ncut = \"echo cut\"\n\
-         copy = \"echo partial; touch {}; while [ ! -e {} ]; do sleep 0.05; done; exit 1\"\n",
+    let copy = format!(
+        "echo partial; touch {}; while [ ! -e {} ]; do sleep 0.05; done; exit 1",
         started.display(),
         go.display()
     );
-    let storage = format!(
-        "url = \"{}\"\noptions = {{ endpoint = \"{}\", allow_http = \"true\", region = \"us-east-1\" }}",
-        server.url("p"),
-        server.endpoint()
-    );
-    let runbook = write_runbook_to(dir.path(), "r.toml", &cluster, &databases, "", &storage);
+    let runbook = cluster_runbook(&cluster)
+        .database(Database::exec("blobs", "echo cut").set("copy", &copy))
+        .s3_storage(&server.url("p"), &server.endpoint(), &[])
+        .write(&dir.path().join("r.toml"));
     let child = Command::new(crate::util::bin("stillpoint"))
         .args(["backup", "--config", runbook.to_str().unwrap()])
         .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
@@ -964,14 +874,15 @@ fn a_running_backups_finished_artifacts_are_never_pruned_as_an_orphan() {
     let dir = tempfile::tempdir().unwrap();
     let started = dir.path().join("started");
     let go = dir.path().join("go");
-    let databases = format!(
-        "{}[[databases]]\nname = \"blobs\"\nadapter = \"exec\"\ncut = \"echo cut\"\n\
-         copy = \"head -c 1000 /dev/urandom; touch {}; while [ ! -e {} ]; do sleep 0.05; done; head -c 1000 /dev/urandom\"\n",
-        sqlite_databases(&cluster),
+    let copy = format!(
+        "head -c 1000 /dev/urandom; touch {}; while [ ! -e {} ]; do sleep 0.05; done; \
+         head -c 1000 /dev/urandom",
         started.display(),
         go.display()
     );
-    let runbook = write_runbook(dir.path(), &cluster, &databases, "");
+    let runbook = sqlite_runbook(&cluster, dir.path())
+        .database(Database::exec("blobs", "echo cut").set("copy", &copy))
+        .write_in(dir.path());
     let config = runbook.to_str().unwrap();
     let backup = crate::util::Process::new(
         Command::new(crate::util::bin("stillpoint"))
@@ -1056,12 +967,14 @@ fn a_copy_killed_mid_upload_leaves_nothing_that_list_and_prune_do_not_find() {
     let cluster = Cluster::start(1);
     let dir = tempfile::tempdir().unwrap();
     let started = dir.path().join("started");
-    let databases = format!(
-        "[[databases]]\nname = \"blobs\"\nadapter = \"exec\"\ncut = \"echo cut\"\n\
-         copy = \"head -c 40000000 /dev/urandom; touch {}; sleep 60\"\n",
+    let copy = format!(
+        "head -c 40000000 /dev/urandom; touch {}; sleep 60",
         started.display()
     );
-    let runbook = write_runbook(dir.path(), &cluster, &databases, "");
+    let runbook = cluster_runbook(&cluster)
+        .database(Database::exec("blobs", "echo cut").set("copy", &copy))
+        .file_storage(dir.path())
+        .write_in(dir.path());
     let config = runbook.to_str().unwrap();
     let backup = crate::util::Process::new(
         Command::new(crate::util::bin("stillpoint"))
@@ -1145,41 +1058,21 @@ fn restore_force_checks_the_key_before_it_empties_the_target() {
     let recipient = age_keygen(&key);
     let wrong_key = dir.path().join("wrong-key.txt");
     age_keygen(&wrong_key);
-    let databases = format!(
-        "[[databases]]\nname = \"pg\"\nadapter = \"postgres\"\nurl = \"{}\"\n\
-         [[databases]]\nname = \"lite\"\nadapter = \"sqlite\"\npath = \"{}\"\n",
-        postgres.url("source"),
-        source_sqlite.display()
-    );
-    let storage = file_storage(dir.path());
-    let pipeline = |identity: Option<&Path>| {
-        let mut text = format!("zstd_level = 3\nage_recipients = [\"{recipient}\"]\n");
-        if let Some(identity) = identity {
-            text.push_str(&format!("age_identity_file = \"{}\"\n", identity.display()));
-        }
-        text
-    };
-    let no_key = write_standalone_runbook(
-        dir.path(),
-        "no-key.toml",
-        &databases,
-        &pipeline(None),
-        &storage,
-    );
-    let wrong = write_standalone_runbook(
-        dir.path(),
-        "wrong.toml",
-        &databases,
-        &pipeline(Some(&wrong_key)),
-        &storage,
-    );
-    let right = write_standalone_runbook(
-        dir.path(),
-        "right.toml",
-        &databases,
-        &pipeline(Some(&key)),
-        &storage,
-    );
+    let no_key = standalone_runbook()
+        .database(Database::postgres("pg", &postgres.url("source")))
+        .database(Database::sqlite("lite", &source_sqlite))
+        .zstd_level(3)
+        .age_recipient(&recipient)
+        .file_storage(dir.path());
+    let wrong = no_key
+        .clone()
+        .age_identity_file(&wrong_key)
+        .write(&dir.path().join("wrong.toml"));
+    let right = no_key
+        .clone()
+        .age_identity_file(&key)
+        .write(&dir.path().join("right.toml"));
+    let no_key = no_key.write(&dir.path().join("no-key.toml"));
     let id = backup_id(
         no_key.to_str().unwrap(),
         &["--no-pause", "--i-know-this-is-unsafe"],
@@ -1276,16 +1169,10 @@ fn restore_force_never_drops_a_target_in_use_even_when_killed() {
         "CREATE TABLE keep_me (x int); INSERT INTO keep_me VALUES (1)",
     );
     let dir = tempfile::tempdir().unwrap();
-    let runbook = write_standalone_runbook(
-        dir.path(),
-        "r.toml",
-        &format!(
-            "[[databases]]\nname = \"pg\"\nadapter = \"postgres\"\nurl = \"{}\"\n",
-            postgres.url("source")
-        ),
-        "",
-        &file_storage(dir.path()),
-    );
+    let runbook = standalone_runbook()
+        .database(Database::postgres("pg", &postgres.url("source")))
+        .file_storage(dir.path())
+        .write(&dir.path().join("r.toml"));
     let config = runbook.to_str().unwrap();
     let id = backup_id(config, &["--no-pause", "--i-know-this-is-unsafe"]);
 
@@ -1379,7 +1266,7 @@ fn restore_force_never_drops_a_target_in_use_even_when_killed() {
 fn restore_force_refuses_a_live_sqlite_target_and_replaces_a_dead_one() {
     let cluster = Cluster::start(1);
     let dir = tempfile::tempdir().unwrap();
-    let runbook = write_runbook(dir.path(), &cluster, &sqlite_databases(&cluster), "");
+    let runbook = sqlite_runbook(&cluster, dir.path()).write_in(dir.path());
     let config = runbook.to_str().unwrap();
     let load = Load::start(&cluster.ledger_tier(), 2, &[]);
     wait_until(Duration::from_secs(60), "some transfers", || {
@@ -1483,13 +1370,10 @@ fn restore_force_refuses_a_live_sqlite_target_and_replaces_a_dead_one() {
 #[test]
 fn output_into_a_closed_pipe_ends_quietly() {
     let dir = tempfile::tempdir().unwrap();
-    let runbook = write_standalone_runbook(
-        dir.path(),
-        "r.toml",
-        "[[databases]]\nname = \"x\"\nadapter = \"exec\"\ncut = \"true\"\n",
-        "",
-        &file_storage(dir.path()),
-    );
+    let runbook = standalone_runbook()
+        .database(Database::exec("x", "true"))
+        .file_storage(dir.path())
+        .write(&dir.path().join("r.toml"));
     for format in ["text", "json"] {
         let mut child = Command::new(crate::util::bin("stillpoint"))
             .args([
@@ -1565,10 +1449,22 @@ impl Moto {
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
-    fn storage(&self, prefix: &str) -> String {
-        format!(
-            "url = \"s3://bucket/{prefix}\"\noptions = {{ endpoint = \"{}\", allow_http = \"true\", region = \"us-east-1\", access_key_id = \"k\", secret_access_key = \"s\" }}",
-            self.endpoint
+    /// A standalone runbook with one exec database, storing into
+    /// `s3://bucket/prefix` on this server.
+    fn standalone_runbook(&self, bucket: &str, prefix: &str) -> Runbook {
+        self.storage(
+            standalone_runbook().database(Database::exec("x", "true")),
+            bucket,
+            prefix,
+        )
+    }
+
+    /// `runbook` storing into `s3://bucket/prefix` on this server.
+    fn storage(&self, runbook: Runbook, bucket: &str, prefix: &str) -> Runbook {
+        runbook.s3_storage(
+            &format!("s3://{bucket}/{prefix}"),
+            &self.endpoint,
+            &[("access_key_id", "k"), ("secret_access_key", "s")],
         )
     }
 }
@@ -1580,13 +1476,9 @@ impl Moto {
 fn incomplete_s3_multipart_uploads_under_the_backups_are_listed() {
     let moto = Moto::start();
     let dir = tempfile::tempdir().unwrap();
-    let runbook = write_standalone_runbook(
-        dir.path(),
-        "r.toml",
-        "[[databases]]\nname = \"x\"\nadapter = \"exec\"\ncut = \"true\"\n",
-        "",
-        &moto.storage("team"),
-    );
+    let runbook = moto
+        .standalone_runbook("bucket", "team")
+        .write(&dir.path().join("r.toml"));
     let id = "20240101T000000Z-abcdef";
     moto.python(&format!(
         "u = s3.create_multipart_upload(Bucket='bucket', Key='team/backups/{id}/blobs.bin')\n\
@@ -1672,22 +1564,20 @@ fn a_signal_during_a_backup_releases_the_cluster_at_once_and_removes_the_partial
     let cluster = Cluster::start(1);
     let dir = tempfile::tempdir().unwrap();
     let nodes = format!("{},{}", cluster.ledger_tier(), cluster.auditor.address);
-    let runbook_with = |name: &str, hook: &str| {
-        let databases = format!("{}{hook}", sqlite_databases(&cluster));
-        let path = write_runbook_to(
-            dir.path(),
-            name,
-            &cluster,
-            &databases,
-            "zstd_level = 3",
-            &file_storage(dir.path()),
-        );
+    let runbook_with = |name: &str, hook: Option<Database>| {
         // A lease far longer than the test waits: only a release can reopen the nodes.
-        let text = std::fs::read_to_string(&path)
-            .unwrap()
-            .replace("lease = \"30s\"", "lease = \"2m\"")
-            .replace("cut_deadline = \"10s\"", "cut_deadline = \"110s\"");
-        std::fs::write(&path, text).unwrap();
+        let mut runbook = Runbook::for_cluster("test", &cluster)
+            .pause("lease", "2m")
+            .pause("max_wait", "10s")
+            .pause("cut_deadline", "110s")
+            .cluster_sqlite(&cluster);
+        if let Some(hook) = hook {
+            runbook = runbook.database(hook);
+        }
+        let path = runbook
+            .zstd_level(3)
+            .file_storage(dir.path())
+            .write(&dir.path().join(name));
         path.to_str().unwrap().to_owned()
     };
     let no_incomplete_backup = |config: &str| {
@@ -1708,10 +1598,12 @@ fn a_signal_during_a_backup_releases_the_cluster_at_once_and_removes_the_partial
     let cut_pid = dir.path().join("cut.pid");
     let config = runbook_with(
         "cut.toml",
-        &format!(
-            "[[databases]]\nname = \"slow_cut\"\nadapter = \"exec\"\n\
-             cut = \"echo $$ > {}; exec sleep 100\"\ncut_timeout = \"100s\"\n",
-            cut_pid.display()
+        Some(
+            Database::exec(
+                "slow_cut",
+                &format!("echo $$ > {}; exec sleep 100", cut_pid.display()),
+            )
+            .set("cut_timeout", "100s"),
         ),
     );
     let (hook, output) = interrupt_backup(&cluster, &config, &cut_pid, true, "TERM");
@@ -1737,11 +1629,13 @@ fn a_signal_during_a_backup_releases_the_cluster_at_once_and_removes_the_partial
     let copy_pid = dir.path().join("copy.pid");
     let config = runbook_with(
         "copy.toml",
-        &format!(
-            "[[databases]]\nname = \"slow_copy\"\nadapter = \"exec\"\ncut = \"echo cut\"\n\
-             copy = \"echo $$ > {}; head -c 100000 /dev/zero; exec sleep 100\"\n",
-            copy_pid.display()
-        ),
+        Some(Database::exec("slow_copy", "echo cut").set(
+            "copy",
+            &format!(
+                "echo $$ > {}; head -c 100000 /dev/zero; exec sleep 100",
+                copy_pid.display()
+            ),
+        )),
     );
     let (hook, output) = interrupt_backup(&cluster, &config, &copy_pid, false, "INT");
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
@@ -1755,7 +1649,7 @@ fn a_signal_during_a_backup_releases_the_cluster_at_once_and_removes_the_partial
     no_incomplete_backup(&config);
 
     // The cluster and the storage are fine: the next backup works.
-    let config = runbook_with("plain.toml", "");
+    let config = runbook_with("plain.toml", None);
     let id = backup_id(&config, &[]);
     assert_eq!(listed_count(&config), 1, "{id}");
 }
@@ -1787,22 +1681,14 @@ fn a_closed_stdout_keeps_the_exit_code_and_a_wrong_key_is_not_damage() {
     age_keygen(&other_key);
     let db = dir.path().join("app.sqlite");
     sqlite_db(&db, "t", 100);
-    let databases = format!(
-        "[[databases]]\nname = \"app\"\nadapter = \"sqlite\"\npath = \"{}\"\n",
-        db.display()
-    );
-    let storage = file_storage(dir.path());
     let runbook = |name: &str, identity: &Path| {
-        write_standalone_runbook(
-            dir.path(),
-            name,
-            &databases,
-            &format!(
-                "zstd_level = 3\nage_recipients = [\"{recipient}\"]\nage_identity_file = \"{}\"",
-                identity.display()
-            ),
-            &storage,
-        )
+        standalone_runbook()
+            .database(Database::sqlite("app", &db))
+            .zstd_level(3)
+            .age_recipient(&recipient)
+            .age_identity_file(identity)
+            .file_storage(dir.path())
+            .write(&dir.path().join(name))
     };
     let right = runbook("right.toml", &key);
     let right = right.to_str().unwrap();
@@ -1889,19 +1775,12 @@ fn an_interrupted_restore_force_leaves_the_old_sqlite_database_and_no_partial_co
          c.commit(); c.close()\"",
         db.display()
     ));
-    let runbook = write_standalone_runbook(
-        dir.path(),
-        "r.toml",
-        &format!(
-            "[[databases]]\nname = \"app\"\nadapter = \"sqlite\"\npath = \"{}\"\n",
-            db.display()
-        ),
-        &format!(
-            "age_recipients = [\"{recipient}\"]\nage_identity_file = \"{}\"",
-            key.display()
-        ),
-        &file_storage(dir.path()),
-    );
+    let runbook = standalone_runbook()
+        .database(Database::sqlite("app", &db))
+        .age_recipient(&recipient)
+        .age_identity_file(&key)
+        .file_storage(dir.path())
+        .write(&dir.path().join("r.toml"));
     let config = runbook.to_str().unwrap();
     let id = backup_id(config, &["--no-pause", "--i-know-this-is-unsafe"]);
 
@@ -1975,15 +1854,9 @@ fn an_interrupted_restore_force_leaves_the_old_sqlite_database_and_no_partial_co
 fn a_missing_s3_bucket_is_named_once() {
     let moto = Moto::start();
     let dir = tempfile::tempdir().unwrap();
-    let runbook = write_standalone_runbook(
-        dir.path(),
-        "r.toml",
-        "[[databases]]\nname = \"x\"\nadapter = \"exec\"\ncut = \"true\"\n",
-        "",
-        &moto
-            .storage("prefix")
-            .replace("s3://bucket/", "s3://no-such-bucket/"),
-    );
+    let runbook = moto
+        .standalone_runbook("no-such-bucket", "prefix")
+        .write(&dir.path().join("r.toml"));
     let config = runbook.to_str().unwrap();
 
     let output = run("stillpoint", &["backup", "--config", config]);
@@ -2014,22 +1887,13 @@ fn a_backup_whose_identity_opens_none_of_its_recipients_is_refused() {
     let other_recipient = age_keygen(&other);
     let db = dir.path().join("app.sqlite");
     sqlite_db(&db, "t", 10);
-    let databases = format!(
-        "[[databases]]\nname = \"app\"\nadapter = \"sqlite\"\npath = \"{}\"\n",
-        db.display()
-    );
-    let storage = file_storage(dir.path());
     let runbook = |name: &str, identity: &Path| {
-        let path = write_standalone_runbook(
-            dir.path(),
-            name,
-            &databases,
-            &format!(
-                "age_recipients = [\"{other_recipient}\"]\nage_identity_file = \"{}\"",
-                identity.display()
-            ),
-            &storage,
-        );
+        let path = standalone_runbook()
+            .database(Database::sqlite("app", &db))
+            .age_recipient(&other_recipient)
+            .age_identity_file(identity)
+            .file_storage(dir.path())
+            .write(&dir.path().join(name));
         path.to_str().unwrap().to_owned()
     };
 

@@ -436,3 +436,577 @@ fn node_commands_keep_their_exit_code_with_stdout_closed() {
         );
     }
 }
+
+/// The subcommands `stillpoint --help` lists, read from its "Commands:" section (so a
+/// new command is checked without editing this test).
+fn subcommands() -> Vec<String> {
+    let help = run("stillpoint", &["--help"]);
+    let text = String::from_utf8_lossy(&help.stdout).into_owned();
+    let commands: Vec<String> = text
+        .split("Commands:")
+        .nth(1)
+        .expect("stillpoint --help has a Commands: section")
+        .lines()
+        .skip(1)
+        .take_while(|line| !line.trim().is_empty())
+        .filter(|line| line.starts_with("  ") && !line.starts_with("   "))
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+        .filter(|name| name != "help")
+        .collect();
+    assert!(
+        commands.len() >= 10 && commands.iter().any(|name| name == "check-paused"),
+        "cannot read the commands from stillpoint --help: {commands:?}\n{text}"
+    );
+    commands
+}
+
+/// What bash's completion for `stillpoint` offers for `words` (the last one being
+/// completed), through the function the script registers with `complete -F`.
+fn bash_completes(script: &std::path::Path, words: &[&str]) -> Vec<String> {
+    let quoted: Vec<String> = words.iter().map(|word| format!("'{word}'")).collect();
+    let line = words.join(" ");
+    let program = format!(
+        r#"source '{script}' || exit 90
+function=$(complete -p stillpoint | sed -n 's/.*-F \([^ ]*\) .*/\1/p')
+[ -n "$function" ] || {{ echo "no completion function registered" >&2; exit 91; }}
+COMP_WORDS=({words})
+COMP_CWORD={cword}
+COMP_LINE='{line}'
+COMP_POINT=${{#COMP_LINE}}
+"$function" stillpoint '{current}' '{previous}'
+printf '%s\n' "${{COMPREPLY[@]}}""#,
+        script = script.display(),
+        words = quoted.join(" "),
+        cword = words.len() - 1,
+        current = words[words.len() - 1],
+        previous = words[words.len() - 2],
+    );
+    let output = std::process::Command::new("bash")
+        .args(["--norc", "--noprofile", "-c", &program])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "completing {words:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|word| word.trim().to_owned())
+        .filter(|word| !word.is_empty())
+        .collect()
+}
+
+/// Issue 13.4: `stillpoint completions bash` is a script bash accepts, and once
+/// sourced it completes subcommand names and a subcommand's flags; zsh and fish
+/// scripts name every subcommand.
+#[test]
+fn completions_complete_subcommands_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let commands = subcommands();
+
+    let bash = run("stillpoint", &["completions", "bash"]);
+    assert!(bash.status.success(), "{}", stderr(&bash));
+    let script = dir.path().join("stillpoint.bash");
+    std::fs::write(&script, &bash.stdout).unwrap();
+    let syntax = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        syntax.status.success(),
+        "bash -n rejects the completion script: {}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+    assert_eq!(bash_completes(&script, &["stillpoint", "pa"]), ["pause"]);
+    assert_eq!(
+        bash_completes(&script, &["stillpoint", "check"]),
+        ["check-paused"]
+    );
+    let all = bash_completes(&script, &["stillpoint", ""]);
+    for command in &commands {
+        assert!(
+            all.contains(command),
+            "bash does not offer {command}: {all:?}"
+        );
+    }
+    assert_eq!(
+        bash_completes(&script, &["stillpoint", "pause", "--hold"]),
+        ["--hold-for"]
+    );
+    assert_eq!(
+        bash_completes(&script, &["stillpoint", "completions", "f"]),
+        ["fish"]
+    );
+
+    let zsh = run("stillpoint", &["completions", "zsh"]);
+    assert!(zsh.status.success(), "{}", stderr(&zsh));
+    let zsh = String::from_utf8_lossy(&zsh.stdout);
+    assert!(zsh.starts_with("#compdef stillpoint"), "{zsh}");
+    let fish = run("stillpoint", &["completions", "fish"]);
+    assert!(fish.status.success(), "{}", stderr(&fish));
+    let fish = String::from_utf8_lossy(&fish.stdout);
+    for command in &commands {
+        assert!(
+            zsh.contains(&format!("'{command}:")),
+            "the zsh script lacks {command}"
+        );
+        assert!(
+            fish.contains(&format!("-a \"{command}\"")),
+            "the fish script lacks {command}:\n{fish}"
+        );
+    }
+
+    let unknown = run("stillpoint", &["completions", "tcsh"]);
+    assert_eq!(unknown.status.code(), Some(2), "{}", stderr(&unknown));
+}
+
+/// Renders a man page with groff (as `man` does, UTF-8 input through preconv) and
+/// fails on any warning.
+fn render_man(page: &std::path::Path) -> String {
+    let output = std::process::Command::new("groff")
+        .args(["-k", "-man", "-Tutf8", "-ww"])
+        .arg(page)
+        .env("GROFF_NO_SGR", "1")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success() && output.stderr.is_empty(),
+        "groff cannot render {}: {}",
+        page.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Strip the overstrike groff uses for bold and underline (`c\bc`, `_\bc`).
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut plain = String::new();
+    for c in text.chars() {
+        if c == '\u{8}' {
+            plain.pop();
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+/// Issue 13.4: `stillpoint man` prints a page that `man -l` and groff render without
+/// a warning and that lists every subcommand; `--dir` writes one page per command,
+/// each with its own flags.
+#[test]
+fn man_pages_render_and_cover_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let commands = subcommands();
+
+    let man = run("stillpoint", &["man"]);
+    assert!(man.status.success(), "{}", stderr(&man));
+    let page = dir.path().join("stillpoint.1");
+    std::fs::write(&page, &man.stdout).unwrap();
+    let rendered = render_man(&page);
+    for command in &commands {
+        assert!(
+            rendered.contains(&format!("stillpoint-{command}(1)")),
+            "the man page lacks {command}:\n{rendered}"
+        );
+    }
+    let viewed = std::process::Command::new("man")
+        .args(["-P", "cat", "-l"])
+        .arg(&page)
+        .env("MANWIDTH", "100")
+        .output()
+        .unwrap();
+    assert!(viewed.status.success(), "man -l: {}", stderr(&viewed));
+    let viewed = String::from_utf8_lossy(&viewed.stdout).replace(['\u{8}'], "");
+    assert!(viewed.contains("SUBCOMMANDS"), "{viewed}");
+
+    let pages = dir.path().join("man1");
+    let output = run("stillpoint", &["man", "--dir", pages.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(render_man(&pages.join("stillpoint.1")).contains("SUBCOMMANDS"));
+    for command in &commands {
+        let page = pages.join(format!("stillpoint-{command}.1"));
+        assert!(
+            page.exists(),
+            "no page for {command} in {}",
+            pages.display()
+        );
+        let rendered = render_man(&page);
+        assert!(
+            rendered.contains(&format!("stillpoint-{command}")),
+            "{}:\n{rendered}",
+            page.display()
+        );
+    }
+    let pause = render_man(&pages.join("stillpoint-pause.1"));
+    for flag in ["--hold-for", "--lease", "--max-pause-wait"] {
+        assert!(
+            pause.contains(flag),
+            "stillpoint-pause(1) lacks {flag}:\n{pause}"
+        );
+    }
+}
+
+/// Issue 13.4: a `--lease` not longer than the default max wait (30s) no longer makes
+/// `pause` refuse: it gives the nodes half the lease to drain and says so, naming both
+/// values and the flag. With `--max-pause-wait` given, a wait that does not fit the
+/// lease is still refused, and nothing is contacted.
+#[test]
+fn a_short_lease_picks_a_max_wait_that_fits_unless_one_was_given() {
+    let cluster = crate::cluster::Cluster::start(1);
+    let node = cluster.auditor.address.as_str();
+    let output = run(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "50ms",
+            "--lease",
+            "5s",
+            "-a",
+            node,
+            "--output",
+            "json",
+        ],
+    );
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    let notes: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("--max-pause-wait"))
+        .collect();
+    assert_eq!(notes.len(), 1, "one line about the max wait: {text}");
+    for needle in ["--lease 5s", "30s", "2500ms", "--max-pause-wait"] {
+        assert!(
+            notes[0].contains(needle),
+            "{needle:?} not in {:?}",
+            notes[0]
+        );
+    }
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["lease_ms"], 5000, "{report:#}");
+    assert_eq!(report["window_valid"], true, "{report:#}");
+
+    // A lease with room for the default max wait: nothing to say.
+    let output = run(
+        "stillpoint",
+        &["pause", "--hold-for", "50ms", "--lease", "31s", "-a", node],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        !stderr(&output).contains("--max-pause-wait"),
+        "{}",
+        stderr(&output)
+    );
+
+    // Given explicitly, it is the operator's value: refused, not changed.
+    let output = run(
+        "stillpoint",
+        &[
+            "pause",
+            "--hold-for",
+            "50ms",
+            "--lease",
+            "5s",
+            "--max-pause-wait",
+            "30s",
+            "-a",
+            node,
+        ],
+    );
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("max pause wait (30000ms) must be shorter than the lease (5000ms)"),
+        "{text}"
+    );
+    assert!(!text.contains("half the lease"), "{text}");
+    let (_, checked) = crate::util::run_json(
+        "stillpoint",
+        &["check-paused", "-a", node, "--output", "json"],
+    );
+    assert_eq!(checked["nodes"][0]["paused"], false, "{checked:#}");
+}
+
+/// A port that takes connections and then misbehaves: closes each at once, or answers
+/// HTTP/1.1 instead of gRPC. Stops with the test.
+struct BadPort {
+    address: String,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl BadPort {
+    fn start(answer: &'static [u8]) -> BadPort {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                use std::io::Write as _;
+                let _ = stream.write_all(answer);
+                // Dropped: closed.
+            }
+        });
+        BadPort {
+            address,
+            _thread: thread,
+        }
+    }
+}
+
+/// Every line of `text` says each cause once: no part of an error chain ("a: b: c")
+/// comes twice, no transport phrase comes twice (in any spelling), and no Rust
+/// `Debug` output of an error type stands in for a message.
+fn assert_each_cause_once(what: &str, text: &str) {
+    for line in text.lines() {
+        let parts: Vec<String> = line
+            .split(": ")
+            .flat_map(|part| part.split(['(', ')', ';', ',']))
+            .map(|part| part.trim().trim_matches('"').to_ascii_lowercase())
+            .filter(|part| part.len() >= 8)
+            .collect();
+        for (index, part) in parts.iter().enumerate() {
+            assert!(
+                !parts[index + 1..].contains(part),
+                "{what}: {part:?} is said twice in {line:?}"
+            );
+        }
+        let lower = line.to_ascii_lowercase();
+        for phrase in [
+            "transport error",
+            "tcp connect error",
+            "connection refused",
+            "operation was cancel",
+            "connection closed",
+            "dns error",
+            "broken pipe",
+        ] {
+            assert!(
+                lower.matches(phrase).count() <= 1,
+                "{what}: {phrase:?} is said twice in {line:?}"
+            );
+        }
+        // An address, then an error that begins with it again.
+        for word in line.split_whitespace() {
+            let address = word.trim_start_matches('(').trim_end_matches(':');
+            if address.contains(':') && address.len() > 3 {
+                assert!(
+                    !line.contains(&format!("{address}: {address}")),
+                    "{what}: {address} is said twice in {line:?}"
+                );
+            }
+        }
+        for debug in ["::Error(", "code: '", "Custom {", "kind: "] {
+            assert!(
+                !line.contains(debug),
+                "{what}: Debug output ({debug:?}) in {line:?}"
+            );
+        }
+    }
+}
+
+/// Issue 13.4: the messages of common transport failures say each cause once, in the
+/// pause report and the error line, for `stillpoint` and `scalar-admin` alike: a
+/// closed port, a port that closes every connection, one that answers HTTP/1.1, a
+/// host name that does not resolve, and TLS to a plaintext node.
+#[test]
+fn transport_failures_name_each_cause_once() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let closes = BadPort::start(b"");
+    let http1 = BadPort::start(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+    let cluster = crate::cluster::Cluster::start(1);
+    let plaintext = cluster.auditor.address.clone();
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("a closed port", vec![closed.as_str()], "Connection refused"),
+        ("a port that closes", vec![closes.address.as_str()], ""),
+        ("a port speaking HTTP/1.1", vec![http1.address.as_str()], ""),
+        (
+            "a name that does not resolve",
+            vec!["no-such-node.invalid:50051"],
+            "",
+        ),
+        (
+            "TLS to a plaintext node",
+            vec![plaintext.as_str(), "--tls"],
+            "plaintext",
+        ),
+    ];
+    for (what, target, needle) in &cases {
+        let mut commands: Vec<(&str, Vec<&str>)> = vec![
+            (
+                "stillpoint",
+                vec![
+                    "pause",
+                    "--hold-for",
+                    "10ms",
+                    "--connect-timeout",
+                    "2s",
+                    "-a",
+                ],
+            ),
+            (
+                "stillpoint",
+                vec!["check-paused", "--connect-timeout", "2s", "-a"],
+            ),
+            (
+                "scalar-admin",
+                vec!["-c", "PAUSE", "--connect-timeout", "2s", "-a"],
+            ),
+        ];
+        for (program, args) in &mut commands {
+            args.extend(target);
+            let output = run(program, args);
+            let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), stderr(&output));
+            assert_ne!(output.status.code(), Some(0), "{what}: {stderr}");
+            assert!(
+                stderr.contains(needle) || stdout.contains(needle),
+                "{what}: {needle:?} in neither {stdout} nor {stderr}"
+            );
+            let shown = format!("{program} {}", args.join(" "));
+            println!("{shown}\n{stdout}{stderr}");
+            assert_each_cause_once(&shown, &stdout);
+            assert_each_cause_once(&shown, &stderr);
+        }
+    }
+}
+
+/// Runs `program args…` in a pseudo-terminal (`script` from util-linux), so that its
+/// stderr is a terminal; returns what the terminal showed (stdout and stderr).
+fn run_in_terminal(program: &str, args: &[&str]) -> (Option<i32>, String) {
+    let mut command = format!("'{}'", crate::util::bin(program).display());
+    for arg in args {
+        assert!(!arg.contains('\''), "{arg}");
+        command.push_str(&format!(" '{arg}'"));
+    }
+    let output = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+/// The progress bar lines the terminal showed for `database`: indicatif redraws a bar
+/// in place (`\r`, erase line), each time with the bytes so far and the rate.
+fn bar_lines<'a>(shown: &'a str, database: &str) -> Vec<&'a str> {
+    shown
+        .split(['\r', '\n'])
+        .filter(|line| line.contains(database) && line.contains("B/s)"))
+        .collect()
+}
+
+/// What a terminal's progress bar leaves in a stream: carriage returns, escape
+/// sequences, rates.
+fn assert_no_bar_noise(what: &str, stderr: &str) {
+    for noise in ["\r", "\u{1b}[", "B/s)"] {
+        assert!(
+            !stderr.contains(noise),
+            "{what}: progress bar noise {noise:?} in stderr without a terminal:\n{stderr:?}"
+        );
+    }
+}
+
+/// Issue 13.4: `restore` and `drill` show a progress bar per database on a terminal,
+/// as `backup` does, and print none when stderr is not one.
+#[test]
+fn restore_and_drill_show_progress_on_a_terminal_only() {
+    let cluster = crate::cluster::Cluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let path = |url: &str| url.strip_prefix("sqlite:").unwrap().to_owned();
+    let runbook = dir.path().join("runbook.toml");
+    std::fs::write(
+        &runbook,
+        format!(
+            r#"cluster = "progress"
+[pause]
+tiers = [{{ addresses = ["{ledger}"] }}, {{ addresses = ["{auditor}"] }}]
+[[databases]]
+name = "ledger"
+adapter = "sqlite"
+path = "{ledger_db}"
+[[databases]]
+name = "auditor"
+adapter = "sqlite"
+path = "{auditor_db}"
+[pipeline]
+zstd_level = 3
+[storage]
+url = "file://{storage}"
+"#,
+            ledger = cluster.ledgers[0].address,
+            auditor = cluster.auditor.address,
+            ledger_db = path(&cluster.ledger_db),
+            auditor_db = path(&cluster.auditor_db),
+            storage = dir.path().join("backups").display(),
+        ),
+    )
+    .unwrap();
+    let runbook = runbook.to_str().unwrap();
+    let (code, backup) =
+        crate::util::run_json("stillpoint", &["backup", "-c", runbook, "--output", "json"]);
+    assert_eq!(code, 0, "{backup:#}");
+
+    // restore, on a terminal: a bar for the database, ending at the whole copy.
+    let target = dir.path().join("restored-on-a-terminal.sqlite");
+    let (code, shown) = run_in_terminal(
+        "stillpoint",
+        &[
+            "restore",
+            "latest",
+            "-c",
+            runbook,
+            "--database",
+            "ledger",
+            "--to",
+            target.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(0), "{shown}");
+    let bars = bar_lines(&shown, "ledger");
+    assert!(
+        !bars.is_empty(),
+        "no progress bar on the terminal:\n{shown:?}"
+    );
+    assert!(shown.contains("restored ledger"), "{shown:?}");
+
+    // restore, without a terminal: the report and no bar.
+    let target = dir.path().join("restored-in-a-pipe.sqlite");
+    let output = run(
+        "stillpoint",
+        &[
+            "restore",
+            "latest",
+            "-c",
+            runbook,
+            "--database",
+            "ledger",
+            "--to",
+            target.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("restored ledger"));
+    assert_no_bar_noise("restore", &stderr(&output));
+
+    // drill, on a terminal: a bar per database, restored in parallel.
+    let (code, shown) = run_in_terminal("stillpoint", &["drill", "latest", "-c", runbook]);
+    assert_eq!(code, Some(0), "{shown}");
+    for database in ["ledger", "auditor"] {
+        assert!(
+            !bar_lines(&shown, database).is_empty(),
+            "no progress bar for {database} on the terminal:\n{shown:?}"
+        );
+    }
+    assert!(shown.contains("PASSED"), "{shown:?}");
+
+    // drill, without a terminal.
+    let output = run("stillpoint", &["drill", "latest", "-c", runbook]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("PASSED"));
+    assert_no_bar_noise("drill", &stderr(&output));
+}

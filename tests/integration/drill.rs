@@ -11,7 +11,7 @@ use serde_json::Value;
 use stillpoint_testkit::{MariaDb, Postgres, PostgresOptions};
 
 use crate::cluster::{Cluster, Load};
-use crate::util::{bin, run, run_json, run_json_with_env, stderr, wait_until};
+use crate::util::{Database, Runbook, bin, run, run_json, run_json_with_env, stderr, wait_until};
 
 /// The reference cluster on PostgreSQL + MariaDB under load, with the shipped
 /// `ledger/runbook.toml` pointed at it.
@@ -518,36 +518,11 @@ fn a_damaged_artifact_stops_restore_and_drill_before_the_target_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = Cluster::start(1);
     let storage = dir.path().join("backups");
-    std::fs::create_dir_all(&storage).unwrap();
-    let path = |url: &str| url.strip_prefix("sqlite:").unwrap().to_owned();
-    let runbook = dir.path().join("runbook.toml");
-    std::fs::write(
-        &runbook,
-        format!(
-            r#"cluster = "test"
-[pause]
-tiers = [{{ addresses = ["{}"] }}, {{ addresses = ["{}"] }}]
-[[databases]]
-name = "ledger"
-adapter = "sqlite"
-path = "{}"
-[[databases]]
-name = "auditor"
-adapter = "sqlite"
-path = "{}"
-[pipeline]
-zstd_level = 3
-[storage]
-url = "file://{}"
-"#,
-            cluster.ledger_tier(),
-            cluster.auditor.address,
-            path(&cluster.ledger_db),
-            path(&cluster.auditor_db),
-            storage.display()
-        ),
-    )
-    .unwrap();
+    let runbook = Runbook::for_cluster("test", &cluster)
+        .cluster_sqlite(&cluster)
+        .zstd_level(3)
+        .file_storage(dir.path())
+        .write_in(dir.path());
     let config = runbook.to_str().unwrap();
     let (code, backup) = run_json("stillpoint", &["backup", "-c", config, "--output", "json"]);
     assert_eq!(code, 0, "{backup:#}");
@@ -810,52 +785,22 @@ impl MixedExample {
         self.dir.path().join("scratch")
     }
 
-    /// (Re)writes the runbook with `drill` as its `[drill]` checks.
+    /// (Re)writes the runbook with `drill` as its `[[drill.checks]]`.
     fn write_runbook(&self, drill: &str) {
-        let path = |url: &str| url.strip_prefix("sqlite:").unwrap().to_owned();
-        let mut text = format!(
-            r#"cluster = "mixed"
-[pause]
-tiers = [{{ addresses = ["{}"] }}, {{ addresses = ["{}"] }}]
-[[databases]]
-name = "ledger"
-adapter = "sqlite"
-path = "{}"
-[[databases]]
-name = "auditor"
-adapter = "sqlite"
-path = "{}"
-"#,
-            self.cluster.ledger_tier(),
-            self.cluster.auditor.address,
-            path(&self.cluster.ledger_db),
-            path(&self.cluster.auditor_db),
-        );
+        let mut runbook =
+            Runbook::for_cluster("mixed", &self.cluster).cluster_sqlite(&self.cluster);
         if let (Some(postgres), Some(mariadb)) = (&self.postgres, &self.mariadb) {
-            text.push_str(&format!(
-                r#"[[databases]]
-name = "pg"
-adapter = "postgres"
-url = "{}"
-bin_dir = "{}"
-[[databases]]
-name = "maria"
-adapter = "mariadb"
-url = "{}"
-bin_dir = "{}"
-"#,
-                postgres.url("pg"),
-                postgres.bin_dir().display(),
-                mariadb.url("maria"),
-                mariadb.bin_dir().display(),
-            ));
+            runbook = runbook
+                .database(Database::postgres("pg", &postgres.url("pg")).bin_dir(postgres.bin_dir()))
+                .database(
+                    Database::mariadb("maria", &mariadb.url("maria")).bin_dir(mariadb.bin_dir()),
+                );
         }
-        text.push_str(&format!(
-            "[storage]\nurl = \"file://{}\"\n[drill]\nscratch_dir = \"{}\"\n{drill}\n",
-            self.dir.path().join("backups").display(),
-            self.scratch().display(),
-        ));
-        std::fs::write(&self.config, text).unwrap();
+        runbook
+            .file_storage(self.dir.path())
+            .scratch_dir(&self.scratch())
+            .drill_checks(drill)
+            .write(Path::new(&self.config));
     }
 
     fn backup(&self, extra: &[&str]) -> String {

@@ -4,62 +4,33 @@
 //! pause and backup tests already cover are listed in docs/reliability.md.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::cluster::{Cluster, Load};
-use crate::util::{Process, bin, paused_flags, run, run_json, stderr, wait_until};
+use crate::util::{
+    Database, Process, Runbook, bin, paused_flags, run, run_json, stderr, wait_until,
+};
 
 fn all_nodes(cluster: &Cluster) -> String {
     format!("{},{}", cluster.ledger_tier(), cluster.auditor.address)
 }
 
-/// A runbook for `cluster`'s SQLite databases plus `extra` databases, with `pause`
-/// keys (lease, max_wait, cut_deadline) added to `[pause]`, storing into `dir/backups`.
-fn runbook(dir: &Path, cluster: &Cluster, pause: &str, extra: &str) -> PathBuf {
-    let path = |url: &str| url.strip_prefix("sqlite:").unwrap().to_owned();
-    let text = format!(
-        r#"cluster = "faults"
-[pause]
-tiers = [{{ addresses = [{ledgers}] }}, {{ addresses = ["{auditor}"] }}]
-{pause}
-[[databases]]
-name = "ledger"
-adapter = "sqlite"
-path = "{ledger}"
-[[databases]]
-name = "auditor"
-adapter = "sqlite"
-path = "{auditor_db}"
-{extra}
-[pipeline]
-zstd_level = 3
-[storage]
-url = "file://{storage}"
-"#,
-        ledgers = cluster
-            .ledgers
-            .iter()
-            .map(|node| format!("\"{}\"", node.address))
-            .collect::<Vec<_>>()
-            .join(", "),
-        auditor = cluster.auditor.address,
-        ledger = path(&cluster.ledger_db),
-        auditor_db = path(&cluster.auditor_db),
-        storage = dir.join("backups").display(),
-    );
-    std::fs::create_dir_all(dir.join("backups")).unwrap();
-    let file = dir.join("runbook.toml");
-    std::fs::write(&file, text).unwrap();
-    file
+/// The runbook these tests start from: `cluster`'s SQLite databases, compressed, in
+/// `dir/backups`. Each test adds the pause keys and databases it breaks.
+fn runbook(dir: &Path, cluster: &Cluster) -> Runbook {
+    Runbook::for_cluster("faults", cluster)
+        .cluster_sqlite(cluster)
+        .zstd_level(3)
+        .file_storage(dir)
 }
 
 /// An exec database whose cut takes `seconds`: it keeps the cluster paused that long.
-fn slow_cut(seconds: &str) -> String {
-    format!("[[databases]]\nname = \"slow\"\nadapter = \"exec\"\ncut = \"sleep {seconds}\"\n")
+fn slow_cut(seconds: &str) -> Database {
+    Database::exec("slow", &format!("sleep {seconds}"))
 }
 
 fn spawn_backup(config: &Path) -> Process {
@@ -104,12 +75,12 @@ fn a_backup_killed_inside_the_pause_leaves_reopening_to_the_lease_and_lists_noth
     let cluster = Cluster::start(2);
     let nodes = all_nodes(&cluster);
     let dir = tempfile::tempdir().unwrap();
-    let config = runbook(
-        dir.path(),
-        &cluster,
-        "lease = \"2s\"\nmax_wait = \"1s\"\ncut_deadline = \"1900ms\"",
-        &slow_cut("1.8"),
-    );
+    let config = runbook(dir.path(), &cluster)
+        .pause("lease", "2s")
+        .pause("max_wait", "1s")
+        .pause("cut_deadline", "1900ms")
+        .database(slow_cut("1.8"))
+        .write_in(dir.path());
     let coordinator = spawn_backup(&config);
     wait_until(Duration::from_secs(20), "every node to pause", || {
         paused_flags(&nodes).iter().all(|paused| *paused)
@@ -139,7 +110,9 @@ fn a_node_restarted_during_a_backup_makes_the_backup_refuse_the_window() {
     let mut cluster = Cluster::start(2);
     let nodes = all_nodes(&cluster);
     let dir = tempfile::tempdir().unwrap();
-    let config = runbook(dir.path(), &cluster, "", &slow_cut("2"));
+    let config = runbook(dir.path(), &cluster)
+        .database(slow_cut("2"))
+        .write_in(dir.path());
     let coordinator = spawn_backup(&config);
     wait_until(Duration::from_secs(20), "every node to pause", || {
         paused_flags(&nodes).iter().all(|paused| *paused)
@@ -286,12 +259,10 @@ fn a_database_that_goes_away_during_the_pause_releases_it_and_lists_nothing() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "[[databases]]\nname = \"side\"\nadapter = \"postgres\"\nurl = \"{url}\"\nbin_dir = \"{bin}\"\n",
-        url = postgres.url("side"),
-        bin = postgres.bin_dir().display(),
-    );
-    let config = runbook(dir.path(), &cluster, "max_wait = \"5s\"", &extra);
+    let config = runbook(dir.path(), &cluster)
+        .pause("max_wait", "5s")
+        .database(Database::postgres("side", &postgres.url("side")).bin_dir(postgres.bin_dir()))
+        .write_in(dir.path());
     let coordinator = spawn_backup(&config);
     // The gate closes only after every database was prepared.
     wait_until(
@@ -337,7 +308,7 @@ fn gate(address: &str) -> Value {
 fn damaged_artifacts_and_manifests_are_named_not_crashed_on() {
     let cluster = Cluster::start(1);
     let dir = tempfile::tempdir().unwrap();
-    let config = runbook(dir.path(), &cluster, "", "");
+    let config = runbook(dir.path(), &cluster).write_in(dir.path());
     let config_text = config.to_str().unwrap();
     let mut ids = Vec::new();
     for _ in 0..3 {

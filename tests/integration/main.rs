@@ -7,6 +7,7 @@ mod binlog;
 mod cluster;
 mod dns;
 mod drill;
+mod example_service;
 mod faults;
 // The storage unit tests use all of this server; these tests only part of it.
 #[allow(dead_code)]
@@ -19,5 +20,6 @@ mod cli;
 mod passwords;
 mod pause;
 mod pitr;
+mod points;
 mod protocols;
 mod security;

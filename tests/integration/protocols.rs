@@ -291,3 +291,66 @@ fn an_srv_target_of_dot_says_the_service_is_not_available() {
         "{said}"
     );
 }
+
+/// Issue 13.4: `scalar-admin` chose the upstream API itself, so it does not warn that a
+/// node "speaks only the upstream admin API", neither for a node that also offers
+/// leases nor for one that offers nothing else; `stillpoint pause`, which would have
+/// used leases, still warns about the upstream-only node when it pauses and releases.
+#[test]
+fn scalar_admin_does_not_warn_about_the_protocol_it_chose() {
+    const WARNING: &str = "speaks only the upstream admin API";
+    let cluster = Cluster::start(1);
+    let upstream = UpstreamOnlyServer::start();
+    for node in [
+        cluster.auditor.address.clone(),
+        upstream.address.to_string(),
+    ] {
+        let paused = run("scalar-admin", &["-c", "PAUSE", "-a", &node]);
+        assert_eq!(paused.status.code(), Some(0), "{}", stderr(&paused));
+        let report: serde_json::Value = serde_json::from_slice(&paused.stdout).unwrap();
+        assert_eq!(report["nodes"][0]["protocol"], "upstream", "{report:#}");
+        assert_eq!(report["warnings"], serde_json::json!([]), "{report:#}");
+        assert!(!stderr(&paused).contains(WARNING), "{}", stderr(&paused));
+        let unpaused = run("scalar-admin", &["-c", "UNPAUSE", "-a", &node]);
+        assert_eq!(unpaused.status.code(), Some(0), "{}", stderr(&unpaused));
+        assert!(
+            !String::from_utf8_lossy(&unpaused.stdout).contains(WARNING)
+                && !stderr(&unpaused).contains(WARNING),
+            "{}",
+            stderr(&unpaused)
+        );
+    }
+    assert_eq!(upstream.calls.pauses.load(SeqCst), 1);
+    assert_eq!(upstream.calls.unpauses.load(SeqCst), 1);
+
+    // The same upstream-only node, paused by `stillpoint pause` and left open, then
+    // closed by `stillpoint unpause`: both reports warn.
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("pause.json");
+    let state = state.to_str().unwrap();
+    let address = upstream.address.to_string();
+    let (code, open) = run_json(
+        "stillpoint",
+        &[
+            "pause",
+            "-a",
+            &address,
+            "--state-file",
+            state,
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{open:#}");
+    let warning = format!("{address} {WARNING}");
+    assert!(open["warnings"].to_string().contains(&warning), "{open:#}");
+    let (code, closed) = run_json(
+        "stillpoint",
+        &["unpause", "--state-file", state, "--output", "json"],
+    );
+    assert_eq!(code, 0, "{closed:#}");
+    assert!(
+        closed["warnings"].to_string().contains(&warning),
+        "{closed:#}"
+    );
+}

@@ -160,6 +160,16 @@ impl SecureNode {
         std::fs::read_to_string(&self.log).unwrap()
     }
 
+    /// SIGTERM, and waits for the node to exit.
+    fn stop(&mut self) {
+        self._process.signal("TERM");
+        crate::util::wait_until(
+            std::time::Duration::from_secs(20),
+            "the node to exit after SIGTERM",
+            || self._process.has_exited(),
+        );
+    }
+
     /// The node's Stats, read with the observer token.
     fn stats(&self, pki: &Pki) -> Value {
         let mut args = vec!["stats", "-a", &self.admin, "--output", "json"];
@@ -364,6 +374,56 @@ fn calls_without_the_token_or_the_client_certificate_are_refused_and_logged() {
         assert!(line.contains("peer=127.0.0.1:"), "{line}");
     }
     assert_secret_free("the node's log", &log);
+}
+
+/// Issue 13.5: a client hammering a node with a wrong token does not flood its log.
+/// 100 refused calls from one address make one line at once; the node counts the rest
+/// and, when it stops, logs how many it refused since, in one line.
+#[test]
+fn a_hundred_refused_calls_make_a_bounded_number_of_log_lines_with_the_count() {
+    let pki = Pki::generate();
+    let mut node = SecureNode::start(&pki);
+    let wrong = pki.dir.path().join("wrong.token");
+    std::fs::write(&wrong, "not-the-operator-token-at-all\n").unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let wrong = wrong.display().to_string();
+    let flags = tls_flags(&pki);
+    let mut args = vec!["check-paused", "-a", &node.admin, "--token-file", &wrong];
+    args.extend(flags.iter().map(String::as_str));
+    let calls = 100;
+    for _ in 0..calls {
+        let output = run_with_env("stillpoint", &args, &[]);
+        assert_ne!(output.status.code(), Some(0), "{}", stderr(&output));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains("wrong bearer token"), "{stdout}");
+    }
+    let refusals = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|line| line.contains("refused") && line.contains("wrong bearer token"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let lines = refusals(&node.log());
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].contains("refused an admin call"), "{lines:#?}");
+
+    // Stopped as an operator would: the count not logged yet is.
+    node.stop();
+    let lines = refusals(&node.log());
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let counted: u64 = lines[1]
+        .split("refused=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {:?}", lines[1]));
+    assert!(
+        counted >= calls - 1,
+        "{counted} counted for {calls} calls: {lines:#?}"
+    );
+    assert!(lines[1].contains("from 127.0.0.1"), "{lines:#?}");
+    assert_secret_free("the node's log", &node.log());
 }
 
 #[test]

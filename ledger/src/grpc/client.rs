@@ -1,5 +1,6 @@
 //! Clients of the cluster's own services, answering in domain types: the auditor client
 //! a ledger node records through, and the ledger client the load generator drives.
+//! Dependencies flow one way: `load` uses this module, never the reverse.
 
 use std::time::Duration;
 
@@ -10,7 +11,6 @@ use super::wire::auditor_client::AuditorClient as WireAuditorClient;
 use super::wire::ledger_client::LedgerClient as WireLedgerClient;
 use super::wire::{RecordRequest, TransferRequest};
 use super::{ERROR_KIND_KEY, INSUFFICIENT_FUNDS};
-use crate::load::TransferOutcome;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -86,6 +86,19 @@ impl AuditorClient {
             }),
         }
     }
+}
+
+/// How a transfer ended, as a client of the ledger sees it (and the load generator
+/// counts it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransferOutcome {
+    Committed,
+    /// A paused node refused it (gate in reject mode, or a hold that timed out).
+    Rejected(String),
+    /// Insufficient funds: the ledger said no, correctly.
+    Declined,
+    /// Anything else.
+    Failed(String),
 }
 
 #[derive(Debug, Clone)]

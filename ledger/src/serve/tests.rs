@@ -17,9 +17,8 @@ use tonic::transport::Channel;
 
 use super::*;
 use crate::check::check;
-use crate::grpc::client::LedgerClient;
+use crate::grpc::client::{LedgerClient, TransferOutcome};
 use crate::grpc::wire;
-use crate::load::TransferOutcome;
 
 struct Cluster {
     _dir: tempfile::TempDir,

@@ -9,8 +9,10 @@
 //!
 //! [`Guarded`] wraps each admin service and refuses a call before it reaches the
 //! service: UNAUTHENTICATED when the token or the client certificate is missing or
-//! wrong, PERMISSION_DENIED when an observer asks to change state. Every refusal is
-//! logged at `warn` with the peer address and the method, never with the token.
+//! wrong, PERMISSION_DENIED when an observer asks to change state. Refusals are logged
+//! at `warn` with the peer address, the method and the reason, never with the token:
+//! the first of a peer for a reason at once, then a count at most every 10 s
+//! (`refusals.rs`), so a client hammering with a wrong token cannot flood the log.
 //!
 //! Health stays outside the guard: it says only which services are up, and probes and
 //! load balancers carry no credentials. Reflection is guarded like a read call.
@@ -27,6 +29,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::{Either, Ready, ready};
+use refusals::RefusalLog;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
@@ -427,6 +430,7 @@ impl AdminSecurity {
 
     pub(crate) fn policy(&self) -> Arc<Policy> {
         Arc::new(Policy {
+            refusals: RefusalLog::default(),
             tokens: self.tokens.clone(),
             require_client_cert: self
                 .tls
@@ -439,6 +443,8 @@ impl AdminSecurity {
 /// The checks [`Guarded`] runs on every call, shared by every guarded service.
 #[derive(Debug)]
 pub(crate) struct Policy {
+    /// Shared by every service the policy guards: one count per peer and reason.
+    refusals: RefusalLog,
     tokens: Vec<(blake3::Hash, Role)>,
     require_client_cert: bool,
 }
@@ -450,21 +456,15 @@ pub const MALFORMED_TOKEN: &str = "malformed authorization header";
 pub const NO_CLIENT_CERT: &str = "no client certificate";
 
 impl Policy {
-    /// `Ok` or the status to answer with; logs every refusal.
+    /// `Ok` or the status to answer with; notes every refusal in the refusal log.
     pub(crate) fn check(
         &self,
         path: &str,
         headers: &http::HeaderMap,
         ext: &http::Extensions,
     ) -> Result<(), Status> {
-        let peer = peer_address(ext);
-        let refuse = |status: Status, reason: &str| {
-            tracing::warn!(
-                peer = %peer.map_or_else(|| "unknown".to_owned(), |peer| peer.to_string()),
-                method = path,
-                reason,
-                "refused an admin call"
-            );
+        let refuse = |status: Status, reason: &'static str| {
+            self.refusals.refused(peer_address(ext), path, reason);
             Err(status)
         };
         if self.require_client_cert && !has_client_certificate(ext) {
@@ -629,5 +629,6 @@ impl ClientIdentity {
     }
 }
 
+mod refusals;
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,10 @@ use std::time::Instant;
 use stillpoint_testkit::MariaDb as Server;
 
 use super::*;
-use crate::adapters::testing::{read_to_end, scratch_round_trip, shared, unique_name};
+use crate::adapters::testing::{
+    self, Copied, copy_of, cut_and_copy, pairs_read_back_differently, read_to_end,
+    restore_into_new, scratch_database_round_trip, shared, unique_name,
+};
 
 static SERVER: Mutex<Weak<Server>> = Mutex::new(Weak::new());
 
@@ -128,24 +131,17 @@ async fn copy_holds_the_cut_snapshot_not_later_writes() {
     let after = ledger_facts(&db, &name);
     assert_ne!(before, after, "the later writes happened");
 
-    let mut copy = prepared.copy().await.unwrap();
-    let bytes = read_to_end(&mut copy).await;
-    let summary = copy.finished.await.unwrap();
+    let (bytes, row_counts) = copy_of(prepared).await;
     assert_eq!(
-        summary.row_counts,
-        Some(BTreeMap::from([
+        row_counts,
+        BTreeMap::from([
             ("accounts".to_owned(), 1000),
             ("audit".to_owned(), 10),
             ("owners".to_owned(), 100),
-        ]))
+        ])
     );
 
-    let restored = unique_name("restored");
-    db.create_database(&restored);
-    adapter
-        .restore(Box::pin(std::io::Cursor::new(bytes)), &db.url(&restored))
-        .await
-        .unwrap();
+    let restored = restore_into_new(&adapter, &*db, "restored", bytes).await;
     assert_eq!(ledger_facts(&db, &restored), before);
     // The awkward row, read back column by column.
     assert_eq!(
@@ -192,12 +188,7 @@ async fn a_dump_outside_the_snapshot_has_the_later_writes() {
     dump(conn, objects, &mut unbound, String::new())
         .await
         .unwrap();
-    let restored = unique_name("control_restored");
-    db.create_database(&restored);
-    adapter
-        .restore(Box::pin(std::io::Cursor::new(unbound)), &db.url(&restored))
-        .await
-        .unwrap();
+    let restored = restore_into_new(&adapter, &*db, "control_restored", unbound).await;
     // Rows, balance, checksum and audit rows show the later writes (`late` itself is
     // not in the hand-made table list).
     let first_four = |facts: &str| facts.split('\t').take(4).collect::<Vec<_>>().join("\t");
@@ -225,9 +216,7 @@ async fn cut_time_does_not_grow_with_size() {
         let started = Instant::now();
         prepared.cut("b-1").await.unwrap();
         let took = started.elapsed();
-        let mut copy = prepared.copy().await.unwrap();
-        let bytes = read_to_end(&mut copy).await;
-        let counts = copy.finished.await.unwrap().row_counts.unwrap();
+        let (bytes, counts) = copy_of(prepared).await;
         assert_eq!(counts["t"], rows);
         report.push(format!(
             "{rows} rows ({} MiB dumped): {took:?}",
@@ -241,15 +230,14 @@ async fn cut_time_does_not_grow_with_size() {
 async fn restore_refuses_a_non_empty_target() {
     let db = server();
     let name = ledger_db(&db, "nonempty");
-    let err = adapter(&db, &name)
-        .restore(Box::pin(tokio::io::empty()), &db.url(&name))
-        .await
-        .unwrap_err();
-    let msg = err.to_string();
-    assert!(matches!(err, AdapterError::Restore { .. }), "{msg}");
-    assert!(msg.contains("not empty"), "{msg}");
-    assert!(msg.contains("accounts"), "{msg}");
-    assert_eq!(db.sql(&name, "SELECT COUNT(*) FROM accounts"), "1000");
+    testing::restore_refuses_a_non_empty_target(
+        &adapter(&db, &name),
+        &*db,
+        &name,
+        "accounts",
+        ("SELECT COUNT(*) FROM accounts", "1000"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,37 +303,24 @@ async fn a_failing_client_fails_the_restore_with_its_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepare_needs_a_database_and_keeps_passwords_out_of_messages() {
     let db = server();
-    let url = db.url("");
-    let msg = Mariadb::new(
-        "ledger-maria",
-        MariadbConfig {
+    let refusal = |url: String| async move {
+        let config = MariadbConfig {
             url,
             bin_dir: None,
             drill_server_url: None,
-        },
-    )
-    .prepare()
-    .await
-    .err()
-    .unwrap()
-    .to_string();
+        };
+        let prepared = Mariadb::new("ledger-maria", config).prepare().await;
+        prepared.err().unwrap().to_string()
+    };
+    let msg = refusal(db.url("")).await;
     assert!(msg.contains("names no database"), "{msg}");
 
     // A refused login names the server, never the password.
-    let url = format!("mysql://root:hunter2@127.0.0.1:{}/mysql", db.port());
-    let msg = Mariadb::new(
-        "ledger-maria",
-        MariadbConfig {
-            url,
-            bin_dir: None,
-            drill_server_url: None,
-        },
-    )
-    .prepare()
-    .await
-    .err()
-    .unwrap()
-    .to_string();
+    let msg = refusal(format!(
+        "mysql://root:hunter2@127.0.0.1:{}/mysql",
+        db.port()
+    ))
+    .await;
     assert!(msg.contains("database ledger-maria"), "{msg}");
     assert!(msg.contains(&format!("127.0.0.1:{}", db.port())), "{msg}");
     assert!(!msg.contains("hunter2"), "{msg}");
@@ -426,10 +401,9 @@ fn view_definitions_lose_their_definer() {
 async fn a_scratch_database_is_restored_read_back_emptied_and_dropped() {
     let db = server();
     let name = ledger_db(&db, "scratch_src");
-    let dir = tempfile::tempdir().unwrap();
-    let target = scratch_round_trip(
+    scratch_database_round_trip(
         &adapter(&db, &name),
-        dir.path(),
+        &*db,
         "SELECT COUNT(*), SUM(balance), NULL, x'00FF', CAST(0.5 AS DOUBLE), 'it''s' FROM accounts",
         &[&[
             crate::adapters::Value::Number("1000".to_owned()),
@@ -441,10 +415,6 @@ async fn a_scratch_database_is_restored_read_back_emptied_and_dropped() {
         ]],
     )
     .await;
-    let scratch = target.rsplit('/').next().unwrap();
-    assert!(scratch.starts_with("scratch_"), "{target}");
-    let left = db.sql(&name, &format!("SHOW DATABASES LIKE '{scratch}'"));
-    assert!(left.trim().is_empty(), "{scratch} was not dropped");
 }
 
 /// Issue 18 defect 3: a password with a raw `/`, `?`, `@` or `#` is refused before
@@ -629,21 +599,17 @@ async fn emptying_a_target_needs_a_user_that_sees_every_connection() {
 async fn values_of_different_types_or_bytes_stay_different() {
     let db = server();
     let name = ledger_db(&db, "typed");
-    let adapter = adapter(&db, &name);
-    let target = db.url(&name);
-    for (left, right) in [
-        ("SELECT x'FF00112233'", "SELECT x'FE00112233'"),
-        ("SELECT CAST(x'6162' AS BINARY)", "SELECT 'ab'"),
-        ("SELECT 1", "SELECT '1'"),
-        ("SELECT NULL", "SELECT 'NULL'"),
-    ] {
-        let l = adapter.query(&target, left).await.unwrap();
-        let r = adapter.query(&target, right).await.unwrap();
-        assert_ne!(
-            l, r,
-            "{left} and {right} must not read back as the same value"
-        );
-    }
+    pairs_read_back_differently(
+        &adapter(&db, &name),
+        &db.url(&name),
+        &[
+            ("SELECT x'FF00112233'", "SELECT x'FE00112233'"),
+            ("SELECT CAST(x'6162' AS BINARY)", "SELECT 'ab'"),
+            ("SELECT 1", "SELECT '1'"),
+            ("SELECT NULL", "SELECT 'NULL'"),
+        ],
+    )
+    .await;
 }
 
 /// Issue 20.3: a consistent snapshot does not cover MyISAM or Aria tables, so a backup
@@ -674,21 +640,18 @@ async fn prepare_refuses_non_transactional_tables() {
 async fn checks_cannot_write() {
     let db = server();
     let name = ledger_db(&db, "readonly");
-    let adapter = adapter(&db, &name);
-    let target = db.url(&name);
-    for sql in [
-        "DELETE FROM audit; SELECT 0",
-        "COMMIT; DELETE FROM audit; SELECT 0",
-        "DELETE FROM audit",
-    ] {
-        let result = adapter.query(&target, sql).await;
-        assert!(result.is_err(), "{sql:?} ran: {result:?}");
-        assert_eq!(
-            db.sql(&name, "SELECT COUNT(*) FROM audit"),
-            "10",
-            "{sql:?} wrote"
-        );
-    }
+    testing::checks_cannot_write(
+        &adapter(&db, &name),
+        &*db,
+        &name,
+        &[
+            "DELETE FROM audit; SELECT 0",
+            "COMMIT; DELETE FROM audit; SELECT 0",
+            "DELETE FROM audit",
+        ],
+        ("SELECT COUNT(*) FROM audit", "10"),
+    )
+    .await;
 }
 
 /// Issue 20.9: a system-versioned table was counted at the cut but not on the restored
@@ -718,20 +681,15 @@ async fn system_versioned_tables_are_counted_and_keep_their_history() {
         )
     };
     let adapter = adapter(&db, &name);
-    let mut prepared = adapter.prepare().await.unwrap();
-    prepared.cut("b-1").await.unwrap();
-    let mut copy = prepared.copy().await.unwrap();
-    let bytes = read_to_end(&mut copy).await;
-    let at_cut = copy.finished.await.unwrap().row_counts.unwrap();
+    let Copied {
+        bytes,
+        row_counts: at_cut,
+        ..
+    } = cut_and_copy(&adapter).await;
     assert_eq!(at_cut["prices"], 2);
     assert_eq!(at_cut["rates"], 1);
 
-    let restored = unique_name("versioned_restored");
-    db.create_database(&restored);
-    adapter
-        .restore(Box::pin(std::io::Cursor::new(bytes)), &db.url(&restored))
-        .await
-        .unwrap();
+    let restored = restore_into_new(&adapter, &*db, "versioned_restored", bytes).await;
     assert_eq!(
         adapter.row_counts(&db.url(&restored)).await.unwrap(),
         at_cut
@@ -796,12 +754,7 @@ async fn ddl_right_after_the_release_waits_for_the_copy() {
     let counts = finished.unwrap().row_counts.unwrap();
     assert_eq!(counts["audit"], 10, "{counts:?}");
     assert_eq!(counts["owners"], 100, "{counts:?}");
-    let restored = unique_name("ddl_restored");
-    db.create_database(&restored);
-    adapter
-        .restore(Box::pin(std::io::Cursor::new(bytes)), &db.url(&restored))
-        .await
-        .unwrap();
+    let restored = restore_into_new(&adapter, &*db, "ddl_restored", bytes).await;
     assert_eq!(ledger_facts(&db, &restored), before);
 }
 
@@ -850,17 +803,8 @@ async fn floats_are_copied_exactly_and_compare_by_their_shortest_decimal() {
     let exact = "SELECT id, HEX(CAST(x AS DOUBLE)), CAST(x AS DOUBLE), CAST(u AS DOUBLE), d \
                  FROM f ORDER BY id";
     let adapter = adapter(&db, &name);
-    let mut prepared = adapter.prepare().await.unwrap();
-    prepared.cut("b-1").await.unwrap();
-    let mut copy = prepared.copy().await.unwrap();
-    let bytes = read_to_end(&mut copy).await;
-    copy.finished.await.unwrap();
-    let restored = unique_name("floats_restored");
-    db.create_database(&restored);
-    adapter
-        .restore(Box::pin(std::io::Cursor::new(bytes)), &db.url(&restored))
-        .await
-        .unwrap();
+    let Copied { bytes, .. } = cut_and_copy(&adapter).await;
+    let restored = restore_into_new(&adapter, &*db, "floats_restored", bytes).await;
     assert_eq!(db.sql(&restored, exact), db.sql(&name, exact));
 
     let rows = adapter
@@ -904,17 +848,12 @@ async fn a_large_blob_and_awkward_names_are_restored() {
                    IFNULL(HEX(`ü é`), 'N')) ORDER BY 1) FROM `order`), \
                  (SELECT GROUP_CONCAT(CONCAT(id, ':', LENGTH(b), ':', MD5(b)) ORDER BY id) FROM `a'b\"c``d üé`)";
     let adapter = adapter(&db, &name);
-    let mut prepared = adapter.prepare().await.unwrap();
-    prepared.cut("b-1").await.unwrap();
-    let mut copy = prepared.copy().await.unwrap();
-    let bytes = read_to_end(&mut copy).await;
-    let at_cut = copy.finished.await.unwrap().row_counts.unwrap();
-    let restored = unique_name("large_restored");
-    db.create_database(&restored);
-    adapter
-        .restore(Box::pin(std::io::Cursor::new(bytes)), &db.url(&restored))
-        .await
-        .unwrap();
+    let Copied {
+        bytes,
+        row_counts: at_cut,
+        ..
+    } = cut_and_copy(&adapter).await;
+    let restored = restore_into_new(&adapter, &*db, "large_restored", bytes).await;
     assert_eq!(db.sql(&restored, facts), db.sql(&name, facts));
     assert_eq!(
         adapter.row_counts(&db.url(&restored)).await.unwrap(),
@@ -939,17 +878,8 @@ async fn views_on_views_are_restored_in_dependency_order() {
          CREATE VIEW a_totals AS SELECT SUM(x) AS total FROM b_rows;",
     );
     let adapter = adapter(&db, &name);
-    let mut prepared = adapter.prepare().await.unwrap();
-    prepared.cut("b-1").await.unwrap();
-    let mut copy = prepared.copy().await.unwrap();
-    let bytes = read_to_end(&mut copy).await;
-    copy.finished.await.unwrap();
-    let restored = unique_name("views_restored");
-    db.create_database(&restored);
-    adapter
-        .restore(Box::pin(std::io::Cursor::new(bytes)), &db.url(&restored))
-        .await
-        .unwrap();
+    let Copied { bytes, .. } = cut_and_copy(&adapter).await;
+    let restored = restore_into_new(&adapter, &*db, "views_restored", bytes).await;
     assert_eq!(db.sql(&restored, "SELECT total FROM a_totals"), "5");
 }
 
@@ -971,18 +901,13 @@ async fn a_row_larger_than_max_allowed_packet_is_copied() {
     );
     let facts = "SELECT id, LENGTH(a), MD5(a), LENGTH(b), MD5(b) FROM w";
     let adapter = adapter(&db, &name);
-    let mut prepared = adapter.prepare().await.unwrap();
-    prepared.cut("b-1").await.unwrap();
-    let mut copy = prepared.copy().await.unwrap();
-    let bytes = read_to_end(&mut copy).await;
-    let at_cut = copy.finished.await.unwrap().row_counts.unwrap();
+    let Copied {
+        bytes,
+        row_counts: at_cut,
+        ..
+    } = cut_and_copy(&adapter).await;
     assert_eq!(at_cut["w"], 1);
     db.sql("", "SET GLOBAL max_allowed_packet = 64 * 1024 * 1024");
-    let restored = unique_name("wide_restored");
-    db.create_database(&restored);
-    adapter
-        .restore(Box::pin(std::io::Cursor::new(bytes)), &db.url(&restored))
-        .await
-        .unwrap();
+    let restored = restore_into_new(&adapter, &*db, "wide_restored", bytes).await;
     assert_eq!(db.sql(&restored, facts), db.sql(&name, facts));
 }

@@ -8,7 +8,10 @@ use std::time::Instant;
 use stillpoint_testkit::{Postgres as Server, PostgresOptions};
 
 use super::*;
-use crate::adapters::testing::{read_to_end, scratch_round_trip, shared, unique_name};
+use crate::adapters::testing::{
+    self, Copied, copy_of, cut_and_copy, pairs_read_back_differently, read_to_end,
+    restore_into_new, scratch_database_round_trip, shared, unique_name,
+};
 
 static PLAIN: Mutex<Weak<Server>> = Mutex::new(Weak::new());
 static ARCHIVING: Mutex<Weak<Server>> = Mutex::new(Weak::new());
@@ -100,24 +103,17 @@ async fn copy_holds_the_cut_snapshot_not_later_writes() {
         "the later writes happened"
     );
 
-    let mut copy = prepared.copy().await.unwrap();
-    let bytes = read_to_end(&mut copy).await;
-    let summary = copy.finished.await.unwrap();
+    let (bytes, row_counts) = copy_of(prepared).await;
     assert_eq!(
-        summary.row_counts,
-        Some(BTreeMap::from([
+        row_counts,
+        BTreeMap::from([
             ("public.accounts".to_owned(), 1000),
             ("public.audit".to_owned(), 10),
             ("public.owners".to_owned(), 100),
-        ]))
+        ])
     );
 
-    let restored = unique_name("restored");
-    pg.create_database(&restored);
-    adapter
-        .restore(Box::pin(std::io::Cursor::new(bytes)), &pg.url(&restored))
-        .await
-        .unwrap();
+    let restored = restore_into_new(&adapter, &*pg, "restored", bytes).await;
     assert_eq!(
         ledger_facts(&pg, &restored),
         "1000|100000|10|f|it's row 2|00ff"
@@ -142,15 +138,7 @@ async fn a_dump_without_the_snapshot_has_the_later_writes() {
         .output()
         .unwrap();
     assert!(unbound.status.success(), "{unbound:?}");
-    let restored = unique_name("control_restored");
-    pg.create_database(&restored);
-    adapter
-        .restore(
-            Box::pin(std::io::Cursor::new(unbound.stdout)),
-            &pg.url(&restored),
-        )
-        .await
-        .unwrap();
+    let restored = restore_into_new(&adapter, &*pg, "control_restored", unbound.stdout).await;
     assert_eq!(
         ledger_facts(&pg, &restored),
         "1500|100400|5|t|it's row 2|00ff"
@@ -181,9 +169,7 @@ async fn cut_time_does_not_grow_with_size() {
         prepared.cut("b-1").await.unwrap();
         let took = started.elapsed();
         report.push(format!("{rows} rows ({size}): {took:?}"));
-        let mut copy = prepared.copy().await.unwrap();
-        read_to_end(&mut copy).await;
-        let counts = copy.finished.await.unwrap().row_counts.unwrap();
+        let (_, counts) = copy_of(prepared).await;
         assert_eq!(counts["public.t"], rows);
     }
     println!("postgres cut time: {}", report.join("; "));
@@ -193,16 +179,14 @@ async fn cut_time_does_not_grow_with_size() {
 async fn restore_refuses_a_non_empty_target() {
     let pg = plain();
     let db = ledger_db(&pg, "nonempty");
-    let adapter = adapter(&pg, &db, false);
-    let err = adapter
-        .restore(Box::pin(tokio::io::empty()), &pg.url(&db))
-        .await
-        .unwrap_err();
-    let msg = err.to_string();
-    assert!(matches!(err, AdapterError::Restore { .. }), "{msg}");
-    assert!(msg.contains("not empty"), "{msg}");
-    assert!(msg.contains("public.accounts"), "{msg}");
-    assert_eq!(pg.psql(&db, "SELECT count(*) FROM accounts"), "1000");
+    testing::restore_refuses_a_non_empty_target(
+        &adapter(&pg, &db, false),
+        &*pg,
+        &db,
+        "public.accounts",
+        ("SELECT count(*) FROM accounts", "1000"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,9 +270,7 @@ async fn cut_with_archiving_creates_a_named_restore_point_in_the_wal() {
         String::from_utf8_lossy(&waldump.stderr)
     );
 
-    let mut copy = prepared.copy().await.unwrap();
-    read_to_end(&mut copy).await;
-    copy.finished.await.unwrap();
+    copy_of(prepared).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,12 +304,9 @@ async fn a_refused_restore_point_fails_the_cut_only_when_archiving_is_required()
         marker.details["restore_point_error"].contains("permission denied"),
         "{marker:?}"
     );
-    let mut copy = prepared.copy().await.unwrap();
-    assert!(!read_to_end(&mut copy).await.is_empty());
-    assert_eq!(
-        copy.finished.await.unwrap().row_counts.unwrap()["public.accounts"],
-        1000
-    );
+    let (bytes, counts) = copy_of(prepared).await;
+    assert!(!bytes.is_empty());
+    assert_eq!(counts["public.accounts"], 1000);
 }
 
 #[test]
@@ -360,10 +339,9 @@ fn restore_point_names_fit_postgres_limit() {
 async fn a_scratch_database_is_restored_read_back_emptied_and_dropped() {
     let pg = plain();
     let db = ledger_db(&pg, "scratch_src");
-    let dir = tempfile::tempdir().unwrap();
-    let target = scratch_round_trip(
+    scratch_database_round_trip(
         &adapter(&pg, &db, false),
-        dir.path(),
+        &*pg,
         "SELECT count(*), sum(balance), NULL, '\\x00ff'::bytea, 0.5::float8 FROM accounts",
         &[&[
             Value::Number("1000".to_owned()),
@@ -374,12 +352,6 @@ async fn a_scratch_database_is_restored_read_back_emptied_and_dropped() {
         ]],
     )
     .await;
-    let scratch = target.rsplit('/').next().unwrap();
-    let left = pg.psql(
-        &db,
-        &format!("SELECT count(*) FROM pg_database WHERE datname = '{scratch}'"),
-    );
-    assert_eq!(left.trim(), "0", "{scratch} was not dropped");
 }
 
 /// Polls `query` (run on the `postgres` database) until it prints `expected`.
@@ -625,12 +597,7 @@ async fn a_truncate_right_after_the_release_fails_the_copy_or_waits_for_it() {
     truncate.join().unwrap();
     let counts = finished.unwrap().row_counts.unwrap();
     assert_eq!(counts["public.audit"], 10, "{counts:?}");
-    let restored = unique_name("truncate_restored");
-    pg.create_database(&restored);
-    adapter
-        .restore(Box::pin(std::io::Cursor::new(bytes)), &pg.url(&restored))
-        .await
-        .unwrap();
+    let restored = restore_into_new(&adapter, &*pg, "truncate_restored", bytes).await;
     assert_eq!(pg.psql(&restored, "SELECT count(*) FROM audit"), "10");
     assert_eq!(
         pg.psql(&db, "SELECT count(*) FROM audit"),
@@ -646,23 +613,20 @@ async fn values_of_different_types_or_bytes_stay_different() {
     let pg = plain();
     let db = ledger_db(&pg, "typed");
     let adapter = adapter(&pg, &db, false);
-    let target = pg.url(&db);
-    for (left, right) in [
-        ("SELECT '\\xff00'::bytea", "SELECT '\\xff00'::text"),
-        (
-            "SELECT '\\xff00112233'::bytea",
-            "SELECT '\\xfe00112233'::bytea",
-        ),
-        ("SELECT 1", "SELECT '1'::text"),
-        ("SELECT NULL::text", "SELECT 'NULL'::text"),
-    ] {
-        let l = adapter.query(&target, left).await.unwrap();
-        let r = adapter.query(&target, right).await.unwrap();
-        assert_ne!(
-            l, r,
-            "{left} and {right} must not read back as the same value"
-        );
-    }
+    pairs_read_back_differently(
+        &adapter,
+        &pg.url(&db),
+        &[
+            ("SELECT '\\xff00'::bytea", "SELECT '\\xff00'::text"),
+            (
+                "SELECT '\\xff00112233'::bytea",
+                "SELECT '\\xfe00112233'::bytea",
+            ),
+            ("SELECT 1", "SELECT '1'::text"),
+            ("SELECT NULL::text", "SELECT 'NULL'::text"),
+        ],
+    )
+    .await;
 }
 
 /// Issue 20.8: drill checks are read-only. A statement that writes fails, and so does
@@ -671,22 +635,19 @@ async fn values_of_different_types_or_bytes_stay_different() {
 async fn checks_cannot_write() {
     let pg = plain();
     let db = ledger_db(&pg, "readonly");
-    let adapter = adapter(&pg, &db, false);
-    let target = pg.url(&db);
-    for sql in [
-        "DELETE FROM audit; SELECT 0",
-        "COMMIT; DELETE FROM audit; SELECT 0",
-        "DELETE FROM audit",
-        "WITH gone AS (DELETE FROM audit RETURNING 1) SELECT count(*) FROM gone",
-    ] {
-        let result = adapter.query(&target, sql).await;
-        assert!(result.is_err(), "{sql:?} ran: {result:?}");
-        assert_eq!(
-            pg.psql(&db, "SELECT count(*) FROM audit"),
-            "10",
-            "{sql:?} wrote"
-        );
-    }
+    testing::checks_cannot_write(
+        &adapter(&pg, &db, false),
+        &*pg,
+        &db,
+        &[
+            "DELETE FROM audit; SELECT 0",
+            "COMMIT; DELETE FROM audit; SELECT 0",
+            "DELETE FROM audit",
+            "WITH gone AS (DELETE FROM audit RETURNING 1) SELECT count(*) FROM gone",
+        ],
+        ("SELECT count(*) FROM audit", "10"),
+    )
+    .await;
 }
 
 /// Scratch databases were created from template1 in the drill server's default
@@ -713,12 +674,10 @@ async fn a_scratch_database_has_the_source_encoding_and_locale() {
              INSERT INTO t VALUES (1, E'caf\\xe9 \\xff\\xfe'), (2, 'plain')",
         );
         let adapter = std::sync::Arc::new(adapter(&pg, &source, false));
-        let mut prepared = adapter.prepare().await.unwrap();
-        let cut = prepared.cut("b-1").await.unwrap();
+        let Copied {
+            marker: cut, bytes, ..
+        } = cut_and_copy(&*adapter).await;
         assert_eq!(cut.details["encoding"], encoding, "{cut:?}");
-        let mut copy = prepared.copy().await.unwrap();
-        let bytes = read_to_end(&mut copy).await;
-        copy.finished.await.unwrap();
 
         let label = unique_name("encoding_scratch");
         let target = adapter
@@ -786,11 +745,9 @@ async fn a_drill_on_another_server_restores_without_the_source_roles() {
             drill_server_url: Some(drill_server.url("postgres")),
         },
     );
-    let mut prepared = adapter.prepare().await.unwrap();
-    let cut = prepared.cut("b-1").await.unwrap();
-    let mut copy = prepared.copy().await.unwrap();
-    let bytes = read_to_end(&mut copy).await;
-    copy.finished.await.unwrap();
+    let Copied {
+        marker: cut, bytes, ..
+    } = cut_and_copy(&adapter).await;
     let dir = tempfile::tempdir().unwrap();
     let label = unique_name("grants_scratch");
     let target = adapter

@@ -1,0 +1,494 @@
+//! `stillpoint point`, `base-backup` into the storage, `restore --point`, `drill
+//! --point`, and the points part of `list`: restore points without copies
+//! (docs/runbooks/points.md). Flags are checked here, then each is a library call in
+//! `stillpoint::points`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::anyhow;
+use clap::Args;
+use stillpoint::points::restore::{
+    self as point_restore, DrillRequest, PointRestoreError, RestoreRequest,
+};
+use stillpoint::points::take::{self, PointError, PointOptions};
+use stillpoint::points::{self, PointManifest, base};
+use stillpoint::runbook::Runbook;
+use stillpoint::storage::Storage;
+
+use crate::args::{OutputFormat, duration};
+use crate::backup::{human_bytes, load_runbook};
+use crate::drill::DrillArgs;
+use crate::exit::{self, Failure};
+use crate::output::print_json;
+use crate::restore::{BaseBackupArgs, RestoreArgs};
+use crate::signal::run_cancellable;
+
+#[derive(Debug, Clone, Args)]
+pub struct PointArgs {
+    /// The runbook: the cluster to pause, its databases (PostgreSQL with `archive =
+    /// true`, exec), the storage.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// How long to wait after the release for every archive to reach its marker
+    /// before giving up (no point is written then).
+    #[arg(long, default_value = "30s", value_parser = duration, value_name = "DURATION")]
+    pub wait: Duration,
+    /// Also count rows per table in each PostgreSQL marker's snapshot (a scan of every
+    /// table, after the release); restores and drills of the point then check them.
+    #[arg(long)]
+    pub count_rows: bool,
+    /// `text` for people, `json` for scripts.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+fn open_storage(runbook: &Runbook) -> Result<Storage, Failure> {
+    Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)
+        .map_err(|error| Failure::new(exit::USAGE, error))
+}
+
+fn usage(error: impl std::fmt::Display) -> Failure {
+    Failure::new(exit::USAGE, anyhow!("{error}"))
+}
+
+/// `stillpoint point`.
+pub async fn point(args: PointArgs) -> Result<u8, Failure> {
+    let runbook = load_runbook(&args.config)?;
+    let storage = open_storage(&runbook)?;
+    let settings = stillpoint::backup::pipeline_settings(&runbook).map_err(usage)?;
+    let options = PointOptions {
+        wait: args.wait,
+        count_rows: args.count_rows,
+    };
+    let result = take::run(&runbook, &storage, &settings, &options).await;
+    let manifest = match result {
+        Ok(manifest) => manifest,
+        Err(error) => {
+            if args.output == OutputFormat::Json
+                && let Some(window) = error.window()
+            {
+                print_json(&serde_json::json!({
+                    "ok": false,
+                    "error": error.to_string(),
+                    "window": window,
+                }));
+            }
+            let code = match &error {
+                PointError::Setup(_) => exit::USAGE,
+                PointError::Pause(_) => exit::PAUSE_FAILED,
+                PointError::Unpause { .. } => exit::UNPAUSE_FAILED,
+                PointError::WindowInvalid { .. } => exit::WINDOW_INVALID,
+                PointError::Marker { .. }
+                | PointError::NotRestorable { .. }
+                | PointError::Commit { .. } => exit::BACKUP_FAILED,
+            };
+            return Err(Failure::new(code, error));
+        }
+    };
+    match args.output {
+        OutputFormat::Json => print_json(&manifest),
+        OutputFormat::Text => {
+            crate::outln!(
+                "point {} (mid-time {}), window {} ms, pause to commit {} ms",
+                manifest.point_id,
+                manifest
+                    .window
+                    .restore_point_date_time
+                    .as_deref()
+                    .unwrap_or("-"),
+                manifest.window.window_ms.unwrap_or_default(),
+                manifest.timings.pause_to_commit_ms
+            );
+            for database in &manifest.databases {
+                let marker = database
+                    .marker
+                    .details
+                    .get("restore_point")
+                    .map(|point| {
+                        format!(
+                            "restore point {point} at {}",
+                            database
+                                .marker
+                                .details
+                                .get("lsn")
+                                .map_or("?", String::as_str)
+                        )
+                    })
+                    .unwrap_or_else(|| format!("{:?}", database.marker.details));
+                crate::outln!(
+                    "  {}: {marker}{}",
+                    database.name,
+                    database
+                        .base
+                        .as_ref()
+                        .map(|base| format!(", from base backup {}", base.id))
+                        .unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// `stillpoint base-backup` without `--to`: into the storage.
+pub async fn base_backup(args: &BaseBackupArgs) -> Result<u8, Failure> {
+    let runbook = load_runbook(&args.config)?;
+    let storage = open_storage(&runbook)?;
+    let settings = stillpoint::backup::pipeline_settings(&runbook).map_err(usage)?;
+    let names: Vec<String> = match &args.database {
+        Some(name) => vec![name.clone()],
+        None => runbook
+            .databases
+            .iter()
+            .filter(|db| db.archive)
+            .filter(|db| matches!(db.adapter, stillpoint::adapters::AdapterConfig::Postgres(_)))
+            .map(|db| db.name.clone())
+            .collect(),
+    };
+    if names.is_empty() {
+        return Err(usage(
+            "the runbook has no PostgreSQL database with `archive = true`; name one with \
+             --database, or give --to DIR for a local base backup",
+        ));
+    }
+    let mut records = Vec::new();
+    for name in &names {
+        let record = run_cancellable(|cancel| {
+            let (runbook, storage, settings) = (&runbook, &storage, &settings);
+            async move { base::take(runbook, name, storage, settings, &cancel).await }
+        })
+        .await
+        .map_err(|error| {
+            let code = match error {
+                base::BaseError::Setup(_) => exit::USAGE,
+                base::BaseError::Cancelled { .. } => exit::ERROR,
+                base::BaseError::Failed { .. } => exit::BACKUP_FAILED,
+            };
+            Failure::new(code, error)
+        })?;
+        if args.output == OutputFormat::Text {
+            crate::outln!(
+                "base backup {} of {}: WAL {} to {}, {} ({} stored)",
+                record.id,
+                record.database,
+                record.start,
+                record.end,
+                human_bytes(record.artifact.size),
+                human_bytes(record.artifact.stored_size)
+            );
+        }
+        records.push(record);
+    }
+    if args.output == OutputFormat::Json {
+        print_json(&records);
+    }
+    Ok(exit::OK)
+}
+
+async fn resolve_point(storage: &Storage, which: &str) -> Result<PointManifest, Failure> {
+    let (found, _) = points::list_points(storage).await.map_err(usage)?;
+    points::resolve(&found, which).cloned().map_err(usage)
+}
+
+fn run_as(flag: &Option<String>) -> Option<String> {
+    flag.clone()
+        .or_else(|| stillpoint::pitr::running_as_root().then(|| "postgres".to_owned()))
+}
+
+fn restore_code(error: &PointRestoreError) -> u8 {
+    match error {
+        PointRestoreError::Setup(_) => exit::USAGE,
+        PointRestoreError::Recovery(stillpoint::pitr::PitrError::Cancelled(_)) => exit::ERROR,
+        _ => exit::BACKUP_FAILED,
+    }
+}
+
+/// `stillpoint restore --point`.
+pub async fn restore_point(args: &RestoreArgs) -> Result<u8, Failure> {
+    let which = args
+        .point
+        .as_deref()
+        .expect("restore without a backup has --point");
+    let runbook = load_runbook(&args.config)?;
+    let storage = open_storage(&runbook)?;
+    let settings = stillpoint::backup::pipeline_settings(&runbook).map_err(usage)?;
+    let decryption = stillpoint::backup::decryption(&runbook).map_err(usage)?;
+    let point = resolve_point(&storage, which).await?;
+    let names: Vec<String> = match &args.database {
+        Some(name) => vec![name.clone()],
+        None => point.databases.iter().map(|db| db.name.clone()).collect(),
+    };
+    // Everything every database needs, checked before anything is written.
+    for name in &names {
+        let needed = point_restore::needs(&storage, &settings, &point, name)
+            .await
+            .map_err(|error| Failure::new(restore_code(&error), error))?;
+        point_restore::check(&storage, &point, &needed)
+            .await
+            .map_err(|error| Failure::new(restore_code(&error), error))?;
+    }
+    let to = Path::new(&args.to);
+    let mut reports = Vec::new();
+    for name in &names {
+        let data_dir = if names.len() == 1 {
+            to.to_owned()
+        } else {
+            to.join(name)
+        };
+        if args.output == OutputFormat::Text {
+            crate::errln!(
+                "restoring {name} of point {} (mid-time {}) into {} …",
+                point.point_id,
+                point
+                    .window
+                    .restore_point_date_time
+                    .as_deref()
+                    .unwrap_or("-"),
+                data_dir.display()
+            );
+        }
+        let port = free_port()?;
+        let report = run_cancellable(|cancel| {
+            let request = RestoreRequest {
+                runbook: &runbook,
+                storage: &storage,
+                settings: &settings,
+                decryption: &decryption,
+                point: &point,
+                database: name,
+                data_dir: &data_dir,
+                staging_in: None,
+                port,
+                timeout: args.timeout,
+                keep: true,
+                run_as: run_as(&args.run_as),
+            };
+            async move { point_restore::restore_one(request, &cancel).await }
+        })
+        .await
+        .map_err(|error| Failure::new(restore_code(&error), error))?;
+        if args.output == OutputFormat::Text {
+            crate::outln!(
+                "restored {name} to {} from base backup {} + {} chunk(s) in {:.1}s (check {} \
+                 ms, staging {} ms, replay {} ms); rows per table {}",
+                report.recovery.target,
+                report.base_id,
+                report.chunks,
+                report.total_ms as f64 / 1000.0,
+                report.check_ms,
+                report.staging_ms,
+                report.recovery.recovery_ms,
+                if report.recovery.row_counts_match_cut {
+                    "match the point's counts"
+                } else {
+                    "not compared (the point has no counts)"
+                }
+            );
+            crate::outln!(
+                "  {} (stopped; start it with pg_ctl -D {} -o \"-c config_file={}\" start)",
+                data_dir.display(),
+                data_dir.display(),
+                data_dir.join("stillpoint-pitr.conf").display()
+            );
+        }
+        reports.push(report);
+    }
+    if args.output == OutputFormat::Json {
+        print_json(&serde_json::json!({
+            "point_id": point.point_id,
+            "restore_point_timestamp_ms": point.time_ms(),
+            "databases": reports,
+        }));
+    }
+    Ok(exit::OK)
+}
+
+/// `stillpoint drill --point`.
+pub async fn drill_point(args: &DrillArgs, which: &str) -> Result<u8, Failure> {
+    let runbook = load_runbook(&args.config)?;
+    let storage = open_storage(&runbook)?;
+    let settings = stillpoint::backup::pipeline_settings(&runbook).map_err(usage)?;
+    let decryption = stillpoint::backup::decryption(&runbook).map_err(usage)?;
+    let point = resolve_point(&storage, which).await?;
+    if args.output == OutputFormat::Text {
+        crate::errln!(
+            "drill of point {}: replaying {} database(s) into scratch servers …",
+            point.point_id,
+            point.databases.len()
+        );
+    }
+    let report = run_cancellable(|cancel| {
+        let request = DrillRequest {
+            runbook: &runbook,
+            storage: &storage,
+            settings: &settings,
+            decryption: &decryption,
+            point: &point,
+            timeout: args.timeout,
+            run_as: run_as(&None),
+        };
+        async move { point_restore::drill(request, &cancel).await }
+    })
+    .await
+    .map_err(|error| Failure::new(restore_code(&error), error))?;
+    match args.output {
+        OutputFormat::Json => print_json(&report),
+        OutputFormat::Text => {
+            crate::outln!(
+                "point {}: {} (RTO {:.1}s, RPO {})",
+                report.point_id,
+                if report.ok { "PASSED" } else { "FAILED" },
+                report.rto_ms as f64 / 1000.0,
+                report
+                    .rpo_ms
+                    .map_or("-".to_owned(), |ms| format!("{:.1}s", ms as f64 / 1000.0))
+            );
+            for check in &report.checks {
+                crate::outln!(
+                    "  {:<4} {}: {}",
+                    if check.ok { "ok" } else { "FAIL" },
+                    check.name,
+                    check.detail
+                );
+            }
+        }
+    }
+    Ok(if report.ok {
+        exit::OK
+    } else {
+        exit::DRILL_FAILED
+    })
+}
+
+/// The points part of `stillpoint list`: base backups, points, archive coverage.
+pub async fn list_json(runbook: &Runbook, storage: &Storage) -> Result<serde_json::Value, Failure> {
+    let settings = stillpoint::backup::pipeline_settings(runbook).map_err(usage)?;
+    let mut names: Vec<String> = runbook
+        .databases
+        .iter()
+        .filter(|db| db.archive)
+        .map(|db| db.name.clone())
+        .collect();
+    names.extend(stillpoint::archive::archived_databases(storage).await?);
+    names.extend(
+        points::based_databases(storage)
+            .await
+            .map_err(anyhow::Error::from)?,
+    );
+    names.sort();
+    names.dedup();
+    let mut databases = Vec::new();
+    for name in &names {
+        let (bases, _) = points::list_bases(storage, name)
+            .await
+            .map_err(anyhow::Error::from)?;
+        let archive = stillpoint::archive::Archive::new(storage.clone(), settings.clone(), name)
+            .map_err(usage)?;
+        let catalog = archive.catalog().await?;
+        let coverage = catalog.coverage();
+        databases.push(serde_json::json!({
+            "database": name,
+            "bases": bases.iter().map(|base| serde_json::json!({
+                "id": base.id, "start": base.start.to_string(), "end": base.end.to_string(),
+                "size": base.artifact.size, "stored_size": base.artifact.stored_size,
+            })).collect::<Vec<_>>(),
+            "archive": {
+                "chunks": catalog.chunks.len(),
+                "from": coverage.as_ref().map(|c| c.from.to_string()),
+                "to": coverage.as_ref().map(|c| c.to.to_string()),
+                "gaps": catalog.gaps(),
+            },
+        }));
+    }
+    let (found, damaged) = points::list_points(storage)
+        .await
+        .map_err(anyhow::Error::from)?;
+    Ok(serde_json::json!({
+        "databases": databases,
+        "points": found.iter().map(|point| serde_json::json!({
+            "point_id": point.point_id,
+            "restore_point_date_time": point.window.restore_point_date_time,
+            "window_ms": point.window.window_ms,
+            "exact": point.exact,
+            "databases": point.databases.iter().map(|db| serde_json::json!({
+                "name": db.name,
+                "base": db.base.as_ref().map(|base| &base.id),
+                "target": db.target.as_ref().map(ToString::to_string),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "damaged_points": damaged.iter().map(|(path, problem)| serde_json::json!({"path": path, "error": problem})).collect::<Vec<_>>(),
+    }))
+}
+
+/// The same, for people.
+pub fn list_text(listing: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    let empty = Vec::new();
+    let databases = listing["databases"].as_array().unwrap_or(&empty);
+    let found = listing["points"].as_array().unwrap_or(&empty);
+    if databases.is_empty() && found.is_empty() {
+        return text;
+    }
+    let _ = writeln!(text, "\nARCHIVES AND BASE BACKUPS");
+    for database in databases {
+        let archive = &database["archive"];
+        let gaps = archive["gaps"].as_array().map_or(0, Vec::len);
+        let _ = writeln!(
+            text,
+            "{}: archive {} chunks, {} to {}{}",
+            database["database"].as_str().unwrap_or("?"),
+            archive["chunks"],
+            archive["from"].as_str().unwrap_or("-"),
+            archive["to"].as_str().unwrap_or("-"),
+            if gaps == 0 {
+                ", no gaps".to_owned()
+            } else {
+                format!(", {gaps} GAP(S) (archive-list names them)")
+            }
+        );
+        for base in database["bases"].as_array().unwrap_or(&empty) {
+            let _ = writeln!(
+                text,
+                "  base {} WAL {} to {}, {} stored",
+                base["id"].as_str().unwrap_or("?"),
+                base["start"].as_str().unwrap_or("?"),
+                base["end"].as_str().unwrap_or("?"),
+                human_bytes(base["stored_size"].as_u64().unwrap_or(0))
+            );
+        }
+    }
+    let _ = writeln!(text, "\nPOINTS");
+    if found.is_empty() {
+        let _ = writeln!(text, "no points");
+    }
+    for point in found {
+        let _ = writeln!(
+            text,
+            "{:<26} {:<30} window {:>5} ms  {}",
+            point["point_id"].as_str().unwrap_or("?"),
+            point["restore_point_date_time"].as_str().unwrap_or("-"),
+            point["window_ms"],
+            point["databases"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .map(|db| format!(
+                    "{} (base {})",
+                    db["name"].as_str().unwrap_or("?"),
+                    db["base"].as_str().unwrap_or("-")
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    text
+}
+
+/// A port nothing listens on now (the OS picks it).
+fn free_port() -> Result<u16, Failure> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|error| anyhow!("finding a free port: {error}"))?;
+    Ok(listener.local_addr().map_err(anyhow::Error::from)?.port())
+}

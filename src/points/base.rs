@@ -1,0 +1,228 @@
+//! `stillpoint base-backup` into the storage: a PostgreSQL physical base backup,
+//! `pg_basebackup --format=tar --pgdata=- --wal-method=none`, streamed through the
+//! pipeline (zstd → age → BLAKE3) as one tar, then its record written last
+//! (`bases/<database>/<id>/base.json`), so a base is listed only when whole.
+//!
+//! No WAL goes into the base: the database's archive holds it (`-X none`), so a
+//! database that is not archived (`archive = true`) is refused before anything runs.
+//! pg_basebackup writes only one tar to stdout, so a server with tablespaces outside
+//! its data directory is refused too (take a local base backup with `--to DIR`).
+//! Where replay starts and where the base becomes consistent are recorded as bounds
+//! read from the server itself: its WAL insert position just before pg_basebackup
+//! starts (at or before the backup's checkpoint redo point, where replay starts) and
+//! just after it ends (at or after the backup's end, which replay must pass). A
+//! restore asks the archive for a little more WAL than it strictly needs, never less;
+//! pg_basebackup reports the exact points only when it streams WAL itself.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use super::{BaseRecord, FORMAT, PointsError, base_prefix, base_record_path, new_id};
+use crate::adapters::postgres::conninfo::ConnString;
+use crate::adapters::{AdapterConfig, process};
+use crate::archive::{Lsn, Position};
+use crate::pipeline::{self, PipelineSettings};
+use crate::runbook::Runbook;
+use crate::storage::Storage;
+use crate::time::unix_ms;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BaseError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("base backup of {database} failed: {message}; nothing was kept")]
+    Failed { database: String, message: String },
+    #[error("base backup of {database} was interrupted; what it stored was removed")]
+    Cancelled { database: String },
+}
+
+impl From<PointsError> for BaseError {
+    fn from(error: PointsError) -> Self {
+        BaseError::Setup(error.to_string())
+    }
+}
+
+/// Takes a base backup of the runbook's database `database` into `storage`.
+pub async fn take(
+    runbook: &Runbook,
+    database: &str,
+    storage: &Storage,
+    settings: &PipelineSettings,
+    cancel: &CancellationToken,
+) -> Result<BaseRecord, BaseError> {
+    let config = runbook
+        .databases
+        .iter()
+        .find(|db| db.name == database)
+        .ok_or_else(|| BaseError::Setup(format!("the runbook has no database {database:?}")))?;
+    let AdapterConfig::Postgres(postgres) = &config.adapter else {
+        return Err(BaseError::Setup(format!(
+            "database {database} uses the {} adapter; base backups into the storage are for \
+             PostgreSQL (MariaDB's comes with its binlog archive)",
+            super::take::adapter_kind(&config.adapter)
+        )));
+    };
+    if !config.archive {
+        return Err(BaseError::Setup(format!(
+            "database {database} is not archived: a base backup in the storage holds no WAL \
+             and replays from the archive. Set `archive = true` in its [[databases]] entry \
+             and run `stillpoint archive` first"
+        )));
+    }
+    let source = ConnString::parse(&postgres.url)
+        .map_err(|message| BaseError::Setup(format!("the URL of {database}: {message}")))?;
+    let listed = crate::pitr::tablespaces(&source)
+        .await
+        .map_err(|error| BaseError::Setup(error.to_string()))?;
+    if !listed.is_empty() {
+        return Err(BaseError::Setup(format!(
+            "{} has {} tablespace(s) outside its data directory ({}); pg_basebackup streams \
+             only one tar, so a base backup into the storage cannot hold them. Take a local \
+             one with `stillpoint base-backup --to DIR`",
+            source.shown(),
+            listed.len(),
+            listed
+                .iter()
+                .map(|(_, location)| location.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+
+    let (client, connection) = source
+        .connect()
+        .await
+        .map_err(|message| BaseError::Setup(format!("database {database}: {message}")))?;
+    let driver = tokio::spawn(connection);
+    let before = insert_position(&client).await.map_err(BaseError::Setup)?;
+    let id = new_id();
+    let artifact_path = format!(
+        "{}/base.tar{}",
+        base_prefix(database, &id),
+        settings.suffix()
+    );
+    let started_at_ms = unix_ms(std::time::SystemTime::now());
+    let started = Instant::now();
+    let tool = crate::pitr::tool(postgres, "pg_basebackup");
+    let mut command = Command::new(&tool);
+    source.libpq_args(&mut command);
+    command.args([
+        "--pgdata=-",
+        "--format=tar",
+        "--wal-method=none",
+        "--checkpoint=fast",
+        "--no-password",
+    ]);
+    let failed = |message: String| BaseError::Failed {
+        database: database.to_owned(),
+        message,
+    };
+    let (stream, producer) = process::spawn_producer(command, "pg_basebackup", true)
+        .map_err(|error| failed(format!("cannot run {}: {error}", tool.display())))?;
+    let work = async {
+        let stored = pipeline::store(stream, settings, storage, &artifact_path, |_| {}).await;
+        let waited = producer.wait_stderr().await;
+        (stored, waited)
+    };
+    // Dropping the work kills pg_basebackup (and its process group).
+    let finished = tokio::select! {
+        finished = work => Some(finished),
+        () = cancel.cancelled() => None,
+    };
+    let remove = || async {
+        if let Err(error) = storage.delete(&artifact_path).await
+            && !error.is_not_found()
+        {
+            tracing::warn!(path = %artifact_path, %error, "could not remove a failed base backup's artifact");
+        }
+    };
+    let Some((stored, waited)) = finished else {
+        remove().await;
+        return Err(BaseError::Cancelled {
+            database: database.to_owned(),
+        });
+    };
+    let (artifact, stderr) = match (stored, waited) {
+        (Ok(artifact), Ok(stderr)) => (artifact, stderr),
+        (_, Err(why)) => {
+            remove().await;
+            return Err(failed(why));
+        }
+        (Err(error), Ok(_)) => {
+            remove().await;
+            return Err(failed(error.to_string()));
+        }
+    };
+    tracing::debug!(%stderr, "pg_basebackup finished");
+    let after = insert_position(&client).await;
+    drop(client);
+    let _ = driver.await;
+    let positions = match after {
+        Ok(after) => WalPositions {
+            start: before.0,
+            end: after.0,
+            timeline: Some(after.1),
+        },
+        Err(why) => {
+            remove().await;
+            return Err(failed(why));
+        }
+    };
+    let record = BaseRecord {
+        format: FORMAT,
+        id: id.clone(),
+        database: database.to_owned(),
+        adapter: "postgres".to_owned(),
+        kind: "pg_basebackup_tar".to_owned(),
+        start: Position::Lsn(positions.start),
+        end: Position::Lsn(positions.end),
+        timeline: positions.timeline,
+        started_at_ms,
+        finished_at_ms: unix_ms(std::time::SystemTime::now()),
+        artifact,
+        details: BTreeMap::from([(
+            "took_ms".to_owned(),
+            started.elapsed().as_millis().to_string(),
+        )]),
+    };
+    let json = serde_json::to_vec_pretty(&record).expect("a base record serializes");
+    if let Err(error) = storage
+        .put_atomic(&base_record_path(database, &id), json.into())
+        .await
+    {
+        remove().await;
+        return Err(failed(format!("writing its record: {error}")));
+    }
+    Ok(record)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct WalPositions {
+    start: Lsn,
+    end: Lsn,
+    timeline: Option<u32>,
+}
+
+/// The server's WAL insert position and timeline now.
+async fn insert_position(client: &tokio_postgres::Client) -> Result<(Lsn, u32), String> {
+    let row = client
+        .query_one(
+            "SELECT pg_current_wal_insert_lsn()::text, \
+                    (SELECT timeline_id FROM pg_control_checkpoint())",
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "reading the WAL position: {}",
+                crate::adapters::postgres::error_text(&e)
+            )
+        })?;
+    let lsn: String = row.get(0);
+    let timeline: i32 = row.get(1);
+    let lsn = lsn.parse().map_err(|e: String| e)?;
+    Ok((lsn, timeline as u32))
+}

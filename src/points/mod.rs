@@ -1,0 +1,406 @@
+//! Points: restore points without copies (../shared/PRODUCT.md, "Points"). A *base
+//! backup* of each database in the storage, its log archived continuously
+//! ([`crate::archive`]), and a *point*: a pause that marks every database. A point is
+//! restorable when every database has a base backup from before its marker and an
+//! archive without gaps from that base to the marker; only then is it written.
+//!
+//! Storage layout (`docs/runbooks/points.md`):
+//!
+//! ```text
+//! bases/<database>/<base id>/base.tar<suffix>   the base backup (pg_basebackup tar), pipelined
+//! bases/<database>/<base id>/base.json          its record, written last
+//! points/<point id>/point.json                  a restorable point, written last
+//! ```
+//!
+//! A base backup exists if and only if its record exists; a point if and only if its
+//! manifest exists, and it is written only once the point is restorable.
+//!
+//! - `mod.rs` (here): the records, the layout, reading them back, resolving
+//!   `--point ID|latest|TIME`.
+//! - `base.rs`: `stillpoint base-backup` into the storage (PostgreSQL).
+//! - `take.rs`: `stillpoint point`: prepare → pause → markers → unpause → wait for the
+//!   archives → commit.
+//! - `restore.rs`: what a point needs (checked before anything is written), and a
+//!   database of a point restored from its base and archive; drills of a point.
+//!
+//! How a kind of database takes part is one match on its adapter
+//! ([`take::Member`], [`restore`]): PostgreSQL is complete; MariaDB records its marker
+//! but is refused until the binlog archive lands; exec contributes its cut command's
+//! marker and restores by time (so it keeps the clock-skew floor).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+
+use crate::adapters::CutMarker;
+use crate::archive::Position;
+use crate::coordinator::PauseReport;
+use crate::pipeline::ArtifactInfo;
+use crate::storage::{Storage, StorageError};
+
+pub mod base;
+pub mod restore;
+pub mod take;
+
+/// The top directory of every base backup in a storage.
+pub const BASES_DIR: &str = "bases";
+/// The top directory of every point in a storage.
+pub const POINTS_DIR: &str = "points";
+const BASE_RECORD: &str = "base.json";
+const POINT_MANIFEST: &str = "point.json";
+/// The version of the base record and point manifest formats this code writes.
+pub const FORMAT: u32 = 1;
+/// Records read at once.
+const READS: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PointsError {
+    /// Wrong runbook, flags or environment; nothing was paused or written.
+    #[error("{0}")]
+    Setup(String),
+    /// A record that cannot be read.
+    #[error("{path} cannot be read: {problem}")]
+    BadRecord { path: String, problem: String },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// The record that makes a base backup exist: `bases/<database>/<id>/base.json`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BaseRecord {
+    pub format: u32,
+    pub id: String,
+    pub database: String,
+    /// "postgres".
+    pub adapter: String,
+    /// "pg_basebackup_tar": one tar of the data directory, without WAL.
+    pub kind: String,
+    /// Where replay of this base starts (the backup's checkpoint redo point).
+    pub start: Position,
+    /// Where the base becomes consistent: replay must reach this before any target.
+    pub end: Position,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+    pub artifact: ArtifactInfo,
+    /// Kind-specific facts (the server's version, …).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<String, String>,
+}
+
+/// The manifest that makes a point exist: `points/<id>/point.json`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PointManifest {
+    pub format: u32,
+    pub point_id: String,
+    pub cluster: String,
+    /// The pause window that proved the point.
+    pub window: PauseReport,
+    /// Every database has an exact marker (a restore point, a log position), so the
+    /// window was not held open to the clock-skew floor: its mid-time is not what
+    /// restores.
+    pub exact: bool,
+    pub databases: Vec<PointDatabase>,
+    pub timings: PointTimings,
+    pub committed_at_ms: i64,
+}
+
+/// One database of a point.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PointDatabase {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    pub adapter: String,
+    /// What the pause fixed: for PostgreSQL `restore_point` (its name), `lsn` (the
+    /// insert position after it) and `restore_point_lsn`.
+    pub marker: CutMarker,
+    /// How far the archive must reach for the point to restore (exact markers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Position>,
+    /// The base backup it restores from (none for a database restored by time, exec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseRef>,
+    /// Rows per table in the marker's snapshot (`point --count-rows`): what a restore
+    /// of the point must hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_counts: Option<BTreeMap<String, u64>>,
+}
+
+/// A point's reference to the base backup a database restores from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BaseRef {
+    pub id: String,
+    pub start: Position,
+    pub end: Position,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PointTimings {
+    pub prepare_ms: u64,
+    /// From asking the first node to pause to every node released.
+    pub pause_ms: u64,
+    /// The markers, inside the pause.
+    pub marker_ms: u64,
+    /// Waiting for every archive to reach its marker.
+    pub wait_ms: u64,
+    /// From asking the first node to pause to the manifest written.
+    pub pause_to_commit_ms: u64,
+}
+
+impl PointManifest {
+    /// The point's time: the window's mid-time.
+    pub fn time_ms(&self) -> Option<i64> {
+        self.window.restore_point_timestamp_ms
+    }
+
+    pub fn database(&self, name: &str) -> Option<&PointDatabase> {
+        self.databases.iter().find(|database| database.name == name)
+    }
+}
+
+/// `bases/<database>/<id>`.
+pub fn base_prefix(database: &str, id: &str) -> String {
+    format!("{BASES_DIR}/{database}/{id}")
+}
+
+pub fn base_record_path(database: &str, id: &str) -> String {
+    format!("{}/{BASE_RECORD}", base_prefix(database, id))
+}
+
+pub fn point_path(id: &str) -> String {
+    format!("{POINTS_DIR}/{id}/{POINT_MANIFEST}")
+}
+
+/// A new id, `20261122T010203Z-a1b2c3`: sorts by time, like backup ids.
+pub fn new_id() -> String {
+    crate::manifest::new_backup_id()
+}
+
+/// The base backups of `database` whose record exists, oldest first, and records that
+/// cannot be read (path, problem).
+pub async fn list_bases(
+    storage: &Storage,
+    database: &str,
+) -> Result<(Vec<BaseRecord>, Vec<(String, String)>), PointsError> {
+    let prefix = format!("{BASES_DIR}/{database}");
+    let (mut found, bad) = read_all::<BaseRecord>(storage, &prefix, BASE_RECORD).await?;
+    found.retain(|base| base.database == database);
+    found.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok((found, bad))
+}
+
+/// Every database with a base backup in `storage`.
+pub async fn based_databases(storage: &Storage) -> Result<Vec<String>, PointsError> {
+    let listing = storage.list(BASES_DIR).await?;
+    let mut names: Vec<String> = listing
+        .iter()
+        .filter_map(|entry| entry.path.strip_prefix(&format!("{BASES_DIR}/")))
+        .filter_map(|rest| rest.split_once('/').map(|(db, _)| db.to_owned()))
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// Every point whose manifest exists, oldest first, and manifests that cannot be
+/// read (path, problem).
+pub async fn list_points(
+    storage: &Storage,
+) -> Result<(Vec<PointManifest>, Vec<(String, String)>), PointsError> {
+    let (mut found, bad) = read_all::<PointManifest>(storage, POINTS_DIR, POINT_MANIFEST).await?;
+    found.sort_by(|a, b| a.point_id.cmp(&b.point_id));
+    Ok((found, bad))
+}
+
+pub async fn read_point(storage: &Storage, id: &str) -> Result<PointManifest, PointsError> {
+    let path = point_path(id);
+    let bytes = storage.get_bytes(&path).await?;
+    parse(&path, &bytes)
+}
+
+pub async fn read_base(
+    storage: &Storage,
+    database: &str,
+    id: &str,
+) -> Result<Option<BaseRecord>, PointsError> {
+    let path = base_record_path(database, id);
+    match storage.get_bytes(&path).await {
+        Ok(bytes) => parse(&path, &bytes).map(Some),
+        Err(error) if error.is_not_found() => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
+trait Formatted {
+    fn format(&self) -> u32;
+}
+
+impl Formatted for BaseRecord {
+    fn format(&self) -> u32 {
+        self.format
+    }
+}
+
+impl Formatted for PointManifest {
+    fn format(&self) -> u32 {
+        self.format
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned + Formatted>(
+    path: &str,
+    bytes: &[u8],
+) -> Result<T, PointsError> {
+    let bad = |problem: String| PointsError::BadRecord {
+        path: path.to_owned(),
+        problem,
+    };
+    let record: T = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+    if record.format() != FORMAT {
+        return Err(bad(format!(
+            "it is format {}, this stillpoint reads format {FORMAT}; use a newer stillpoint",
+            record.format()
+        )));
+    }
+    Ok(record)
+}
+
+async fn read_all<T: serde::de::DeserializeOwned + Formatted + Send>(
+    storage: &Storage,
+    prefix: &str,
+    file: &str,
+) -> Result<(Vec<T>, Vec<(String, String)>), PointsError> {
+    let suffix = format!("/{file}");
+    let paths: Vec<String> = storage
+        .list(prefix)
+        .await?
+        .into_iter()
+        .map(|entry| entry.path)
+        .filter(|path| path.ends_with(&suffix))
+        .collect();
+    let read: Vec<(String, Result<T, PointsError>)> = futures::stream::iter(paths)
+        .map(|path| async move {
+            let result = match storage.get_bytes(&path).await {
+                Ok(bytes) => parse(&path, &bytes),
+                Err(error) => Err(error.into()),
+            };
+            (path, result)
+        })
+        .buffer_unordered(READS)
+        .collect()
+        .await;
+    let mut found = Vec::new();
+    let mut bad = Vec::new();
+    for (path, result) in read {
+        match result {
+            Ok(record) => found.push(record),
+            // Removed between the listing and the read (a prune).
+            Err(PointsError::Storage(error)) if error.is_not_found() => {}
+            Err(PointsError::Storage(error)) => return Err(error.into()),
+            Err(error) => bad.push((path, error.to_string())),
+        }
+    }
+    Ok((found, bad))
+}
+
+/// The point `which` names among `points` (oldest first): an id, `latest`, or a time
+/// (RFC 3339, e.g. `2026-11-22T01:02:03Z`), which picks the newest point whose
+/// mid-time is at or before it: never an instant no pause proved.
+pub fn resolve<'a>(
+    points: &'a [PointManifest],
+    which: &str,
+) -> Result<&'a PointManifest, PointsError> {
+    let newest = || {
+        points
+            .iter()
+            .rev()
+            .take(3)
+            .map(|point| point.point_id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if points.is_empty() {
+        return Err(PointsError::Setup(
+            "the storage holds no restorable point; `stillpoint point` takes one (it needs a \
+             base backup and an archive of every database)"
+                .to_owned(),
+        ));
+    }
+    if which == "latest" {
+        return Ok(points.last().expect("not empty"));
+    }
+    if let Some(point) = points.iter().find(|point| point.point_id == which) {
+        return Ok(point);
+    }
+    if let Ok(at) = DateTime::parse_from_rfc3339(which) {
+        let at_ms = at.with_timezone(&Utc).timestamp_millis();
+        return points
+            .iter()
+            .rev()
+            .find(|point| point.time_ms().is_some_and(|ms| ms <= at_ms))
+            .ok_or_else(|| {
+                PointsError::Setup(format!(
+                    "no point at or before {which}; the oldest is {} (`stillpoint list` shows \
+                     them)",
+                    points[0].point_id
+                ))
+            });
+    }
+    Err(PointsError::Setup(format!(
+        "no point {which:?} (an id, `latest`, or a time like 2026-11-22T01:02:03Z); the \
+         newest: {}",
+        newest()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(id: &str, mid_ms: i64) -> PointManifest {
+        let mut window = PauseReport::unpaused(mid_ms, mid_ms, crate::time::Zone::UTC);
+        window.restore_point_timestamp_ms = Some(mid_ms);
+        PointManifest {
+            format: FORMAT,
+            point_id: id.to_owned(),
+            cluster: "c".to_owned(),
+            window,
+            exact: true,
+            databases: Vec::new(),
+            timings: PointTimings::default(),
+            committed_at_ms: mid_ms,
+        }
+    }
+
+    /// A time picks the newest point at or before it, never one after; before the
+    /// first point there is nothing to restore.
+    #[test]
+    fn a_time_resolves_to_the_newest_point_at_or_before_it() {
+        let at = |text: &str| {
+            DateTime::parse_from_rfc3339(text)
+                .unwrap()
+                .timestamp_millis()
+        };
+        let points = vec![
+            point("a", at("2026-01-01T00:00:00Z")),
+            point("b", at("2026-01-01T00:01:00Z")),
+            point("c", at("2026-01-01T00:02:00Z")),
+        ];
+        assert_eq!(
+            resolve(&points, "2026-01-01T00:01:30Z").unwrap().point_id,
+            "b"
+        );
+        assert_eq!(
+            resolve(&points, "2026-01-01T00:01:00Z").unwrap().point_id,
+            "b"
+        );
+        assert_eq!(resolve(&points, "latest").unwrap().point_id, "c");
+        assert_eq!(resolve(&points, "a").unwrap().point_id, "a");
+        assert!(resolve(&points, "2025-12-31T23:59:59Z").is_err());
+        assert!(resolve(&points, "nonsense").is_err());
+        assert!(resolve(&[], "latest").is_err());
+    }
+}
