@@ -485,13 +485,20 @@ impl PgArchiver {
             }
             let covered = end.0 - start.0;
             let path = self.config.spool_dir.join(name);
-            let bytes = read_prefix(&path, covered)
-                .await
-                .map_err(|source| ArchiveError::Io {
-                    database: self.config.database.clone(),
-                    path: path.display().to_string(),
-                    source,
-                })?;
+            let bytes = match read_prefix(&path, covered).await {
+                Ok(bytes) => bytes,
+                // pg_receivewal finished the segment and renamed it since the listing:
+                // the next sweep stores it whole. (Failing the session here would stop
+                // pg_receivewal, perhaps while it zero-fills its next file.)
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(ArchiveError::Io {
+                        database: self.config.database.clone(),
+                        path: path.display().to_string(),
+                        source,
+                    });
+                }
+            };
             let chunk = NewChunk {
                 name: wal::partial_chunk_name(segment_name, covered),
                 kind: ChunkKind::PgWalPartial,
@@ -548,6 +555,14 @@ impl PgArchiver {
     fn seed_spool(&self, timeline: u32, start: Lsn, segment_size: u64) -> Result<(), String> {
         let dir = &self.config.spool_dir;
         let files = spool_files(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+        for name in &files {
+            if name
+                .strip_suffix(".partial")
+                .is_some_and(wal::is_segment_name)
+            {
+                reset_unfinished_zero_fill(&dir.join(name), segment_size)?;
+            }
+        }
         let has_wal = files.iter().any(|name| {
             wal::is_segment_name(name)
                 || name
@@ -925,6 +940,38 @@ fn remove_file(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// pg_receivewal makes a new `.partial` by writing zeros up to the segment size and
+/// only then writes WAL into it; stopped in between, it leaves a file of another size,
+/// which every later run refuses ("has N bytes, should be 0 or 16777216"). Such a file
+/// holds nothing but zeros, so it is emptied, which pg_receivewal accepts and fills
+/// again. A file of another size that holds anything else is not ours to touch.
+fn reset_unfinished_zero_fill(path: &Path, segment_size: u64) -> Result<(), String> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| format!("reading {}: {e}", path.display()))?
+        .len();
+    if size == 0 || size == segment_size {
+        return Ok(());
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if bytes.iter().any(|&byte| byte != 0) {
+        return Err(format!(
+            "{} has {size} bytes, not 0 or a segment ({segment_size}), and holds WAL: \
+             pg_receivewal cannot resume from it; move it aside",
+            path.display()
+        ));
+    }
+    tracing::warn!(
+        path = %path.display(),
+        size,
+        "emptying a WAL file pg_receivewal was stopped while zero-filling"
+    );
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|file| file.set_len(0))
+        .map_err(|e| format!("emptying {}: {e}", path.display()))
+}
+
 async fn read_prefix(path: &Path, len: u64) -> std::io::Result<Vec<u8>> {
     let mut file = tokio::fs::File::open(path).await?;
     let mut bytes = vec![0u8; len as usize];
@@ -1080,6 +1127,34 @@ async fn newest_partial(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pg_receivewal stopped while zero-filling its next file left a file no later
+    /// run accepts; the archiver restarted it forever (the points tests' stalls).
+    #[test]
+    fn an_unfinished_zero_fill_is_emptied_and_a_file_holding_wal_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = 16 * 1024 * 1024;
+        let zeros = dir.path().join("000000010000000000000003.partial");
+        std::fs::write(&zeros, vec![0u8; 10_264_576]).unwrap();
+        reset_unfinished_zero_fill(&zeros, segment).unwrap();
+        assert_eq!(std::fs::metadata(&zeros).unwrap().len(), 0);
+
+        let whole = dir.path().join("000000010000000000000004.partial");
+        std::fs::File::create(&whole)
+            .unwrap()
+            .set_len(segment)
+            .unwrap();
+        reset_unfinished_zero_fill(&whole, segment).unwrap();
+        assert_eq!(std::fs::metadata(&whole).unwrap().len(), segment);
+
+        let wal = dir.path().join("000000010000000000000005.partial");
+        let mut bytes = vec![0u8; 4096];
+        bytes[100] = 0xd1;
+        std::fs::write(&wal, &bytes).unwrap();
+        let refused = reset_unfinished_zero_fill(&wal, segment).unwrap_err();
+        assert!(refused.contains("holds WAL"), "{refused}");
+        assert_eq!(std::fs::read(&wal).unwrap(), bytes);
+    }
 
     fn ready() -> ArchiveSettings {
         ArchiveSettings {
