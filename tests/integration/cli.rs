@@ -437,6 +437,33 @@ fn node_commands_keep_their_exit_code_with_stdout_closed() {
     }
 }
 
+/// A stdout that refuses the write for another reason than a closed pipe (a full disk
+/// behind `> window.json`, here /dev/full) loses the output: the command says so on
+/// stderr and exits 1. Before, `completions` and `man` ended in a panic with its
+/// backtrace and exit 101.
+#[test]
+fn a_full_stdout_is_an_error_not_a_panic() {
+    for args in [&["completions", "bash"][..], &["man"][..]] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let child = std::process::Command::new(crate::util::bin("stillpoint"))
+            .args(args)
+            .stdout(full)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = crate::util::Process::new(child, format!("stillpoint {}", args.join(" ")))
+            .wait_output(std::time::Duration::from_secs(30));
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {text}");
+        assert!(text.contains("cannot write the output to stdout"), "{text}");
+        assert!(text.contains("No space left on device"), "{text}");
+        assert!(!text.contains("panicked"), "{text}");
+    }
+}
+
 /// The subcommands `stillpoint --help` lists, read from its "Commands:" section (so a
 /// new command is checked without editing this test).
 fn subcommands() -> Vec<String> {
