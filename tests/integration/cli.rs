@@ -754,6 +754,23 @@ fn a_short_lease_picks_a_max_wait_that_fits_unless_one_was_given() {
     assert_eq!(checked["nodes"][0]["paused"], false, "{checked:#}");
 }
 
+/// `--lease 1ms` leaves no half to give the nodes: it is refused as too short, in
+/// terms of the lease the operator gave. Before, the refusal named a max wait of
+/// 30000ms that nobody had given ("max pause wait (30000ms) must be shorter than the
+/// lease (1ms)").
+#[test]
+fn a_lease_too_short_to_halve_is_refused_in_its_own_words() {
+    let output = run(
+        "stillpoint",
+        &["pause", "--hold-for", "50ms", "--lease", "1ms", "-a", "127.0.0.1:1"],
+    );
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(text.contains("--lease 1ms is too short"), "{text}");
+    assert!(!text.contains("30000ms"), "{text}");
+    assert_eq!(text.matches("error:").count(), 1, "{text}");
+}
+
 /// A port that takes connections and then misbehaves: closes each at once, or answers
 /// HTTP/1.1 instead of gRPC. Stops with the test.
 struct BadPort {
