@@ -771,6 +771,39 @@ fn a_lease_too_short_to_halve_is_refused_in_its_own_words() {
     assert_eq!(text.matches("error:").count(), 1, "{text}");
 }
 
+/// A MariaDB server that is not there is named with the refusal said once. Before,
+/// the driver's message was shown as it is, and it quotes its own I/O error:
+/// "Input/output error: Input/output error: Connection refused". Nothing listens on the
+/// ports used (each taken and let go), so `prepare` fails before any node is paused.
+#[test]
+fn a_refused_mariadb_connection_says_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let runbook = dir.path().join("runbook.toml");
+    std::fs::write(
+        &runbook,
+        format!(
+            "cluster = \"c\"\n[pause]\ntiers = [{{ addresses = [\"127.0.0.1:{}\"] }}]\n\
+             [[databases]]\nname = \"aud\"\nadapter = \"mariadb\"\n\
+             url = \"mysql://bob@127.0.0.1:{}/aud\"\n\
+             [storage]\nurl = \"file://{}/store\"\n",
+            closed(),
+            closed(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let output = run("stillpoint", &["backup", "-c", runbook.to_str().unwrap()]);
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(6), "{text}");
+    assert!(text.contains("database aud: connecting to mysql://bob@127.0.0.1:"), "{text}");
+    assert_each_cause_once("a refused MariaDB connection", &text);
+    assert!(!text.contains("Input/output error: Input/output error"), "{text}");
+}
+
 /// A port that takes connections and then misbehaves: closes each at once, or answers
 /// HTTP/1.1 instead of gRPC. Stops with the test.
 struct BadPort {
