@@ -22,7 +22,9 @@ use crate::args::OutputFormat;
 /// the write fails with EPIPE, and `println!` turns that into a panic): that panic is
 /// caught here, after it has unwound (every destructor, a held pause's release among
 /// them, has run), and ends the command quietly with exit 0. ripgrep's `main.rs` ends
-/// the same way, from an error rather than a panic.
+/// the same way, from an error rather than a panic. Any other failed write to stdout
+/// (a full disk behind `> window.json`) is caught the same way but is an error: the
+/// report was lost, so the command says so and exits 1, without a panic's backtrace.
 pub async fn quiet_on_closed_stdout<F>(command: F) -> Result<u8, crate::exit::Failure>
 where
     F: Future<Output = Result<u8, crate::exit::Failure>>,
@@ -31,7 +33,7 @@ where
     HOOK.call_once(|| {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if !is_closed_stdout(info.payload_as_str()) {
+            if !is_failed_stdout(info.payload_as_str()) {
                 default(info);
             }
         }));
@@ -39,6 +41,15 @@ where
     match AssertUnwindSafe(command).catch_unwind().await {
         Ok(result) => result,
         Err(panic) if is_closed_stdout(panic_text(&*panic)) => Ok(crate::exit::OK),
+        Err(panic) if is_failed_stdout(panic_text(&*panic)) => Err(crate::exit::Failure::new(
+            crate::exit::ERROR,
+            anyhow::anyhow!(
+                "cannot write the output to stdout{}",
+                panic_text(&*panic)
+                    .and_then(|text| text.strip_prefix(STDOUT_PANIC))
+                    .unwrap_or_default()
+            ),
+        )),
         Err(panic) => std::panic::resume_unwind(panic),
     }
 }
@@ -50,18 +61,25 @@ fn panic_text(panic: &(dyn Any + Send)) -> Option<&str> {
         .or_else(|| panic.downcast_ref::<&str>().copied())
 }
 
+/// How `println!` (and [`write_stdout`]) begin their panic on a failed write.
+const STDOUT_PANIC: &str = "failed printing to stdout";
+
+/// `println!`'s panic on any failed write to stdout.
+fn is_failed_stdout(message: Option<&str>) -> bool {
+    message.is_some_and(|message| message.starts_with(STDOUT_PANIC))
+}
+
 /// `println!`'s panic when stdout's reader has gone: "failed printing to stdout:
 /// Broken pipe (os error 32)".
 fn is_closed_stdout(message: Option<&str>) -> bool {
-    message.is_some_and(|message| {
-        message.starts_with("failed printing to stdout")
-            && message.to_ascii_lowercase().contains("broken pipe")
-    })
+    is_failed_stdout(message)
+        && message.is_some_and(|message| message.to_ascii_lowercase().contains("broken pipe"))
 }
 
 /// Writes `text` to stdout. Once stdout's reader has gone (EPIPE) the text is
 /// dropped, and the command carries on to its own exit code; any other write error
-/// (a full disk behind a redirection) panics, as `println!` does.
+/// (a full disk behind a redirection) panics, as `println!` does, and
+/// [`quiet_on_closed_stdout`] turns that panic into an error (exit 1).
 pub fn write_stdout(text: &str) {
     use std::io::Write as _;
     let mut stdout = std::io::stdout().lock();
@@ -71,7 +89,7 @@ pub fn write_stdout(text: &str) {
     {
         Ok(()) => {}
         Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => {}
-        Err(error) => panic!("failed printing to stdout: {error}"),
+        Err(error) => panic!("{STDOUT_PANIC}: {error}"),
     }
 }
 

@@ -78,11 +78,21 @@ pub struct PauseArgs {
 /// The max wait a pause uses: `max_wait`, unless it is the default and the lease given
 /// is too short for it; then half the lease, said on stderr (a short lease is a choice
 /// the operator made, the default max wait is not). A max wait given on the command
-/// line is kept, and the plan's validation refuses it if it does not fit.
-fn fit_max_wait(lease: Duration, max_wait: Duration, given: bool) -> Duration {
+/// line is kept, and the plan's validation refuses it if it does not fit. A lease too
+/// short to halve (1ms) is refused here, in its own words: the plan's message would
+/// name a max wait of 30000ms the operator never gave.
+fn fit_max_wait(lease: Duration, max_wait: Duration, given: bool) -> Result<Duration, Failure> {
     let fitted = lease / 2;
-    if given || max_wait < lease || fitted < Duration::from_millis(1) {
-        return max_wait;
+    // A zero lease is left to the plan, whose refusal gives the lease's whole range.
+    if given || max_wait < lease || lease.is_zero() {
+        return Ok(max_wait);
+    }
+    if fitted < Duration::from_millis(1) {
+        return Err(usage(format!(
+            "--lease {} is too short: the nodes need at least 1ms to drain and the lease \
+             must be longer than that (2ms or more)",
+            format_duration(lease)
+        )));
     }
     // Whole milliseconds: the wire and the reports count them.
     let fitted = Duration::from_millis(fitted.as_millis() as u64);
@@ -93,7 +103,7 @@ fn fit_max_wait(lease: Duration, max_wait: Duration, given: bool) -> Duration {
         format_duration(max_wait),
         format_duration(fitted)
     );
-    fitted
+    Ok(fitted)
 }
 
 #[derive(Debug, Clone, Args)]
@@ -151,7 +161,7 @@ pub async fn pause(args: PauseArgs, matches: &clap::ArgMatches) -> Result<u8, Fa
     let tiers = resolve_tiers(&sources, args.targets.dns_server).await?;
     let max_wait_given =
         matches.value_source("max_pause_wait") == Some(clap::parser::ValueSource::CommandLine);
-    let max_wait = fit_max_wait(args.lease, args.max_pause_wait, max_wait_given);
+    let max_wait = fit_max_wait(args.lease, args.max_pause_wait, max_wait_given)?;
     let mut plan = PausePlan::new(tiers, args.lease, max_wait);
     plan.connect = args.connect.options()?;
     plan.wait_outstanding = !args.no_wait;

@@ -47,18 +47,31 @@ fn app() -> Router {
 
 type BoxError = Box<dyn Error + Send + Sync>;
 
+/// Errors end the program with their message (not `main`'s `Debug` of them) and exit 1.
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    let mut args = std::env::args().skip(1);
-    let app_listener = TcpListener::bind(args.next().unwrap_or("127.0.0.1:0".into())).await?;
-    let admin_listener = TcpListener::bind(args.next().unwrap_or("127.0.0.1:0".into())).await?;
-    println!("app listening on {}", app_listener.local_addr()?);
-    println!("admin listening on {}", admin_listener.local_addr()?);
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("pausable_service: {}", stillpoint_node::error_chain(&*error));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
 
-    // The glue. One gate for the node, and the node's pause state around it.
+/// Binds `address` (`127.0.0.1:0` when not given), naming it when that fails.
+async fn listen(address: Option<String>) -> Result<TcpListener, BoxError> {
+    let address = address.unwrap_or("127.0.0.1:0".into());
+    let listener = TcpListener::bind(&address).await;
+    Ok(listener.map_err(|error| format!("cannot listen on {address:?}: {error}"))?)
+}
+
+async fn run() -> Result<(), BoxError> {
+    // The glue. One gate for the node, and the node's pause state around it; its
+    // settings are read before anything binds, so a bad one is said first.
     let policy = match std::env::var("PAUSABLE_HOLD") {
         Ok(hold) => ClosedPolicy::Hold {
-            timeout: parse_duration(&hold)?,
+            timeout: parse_duration(&hold).map_err(|e| format!("PAUSABLE_HOLD: {e}"))?,
         },
         Err(_) => ClosedPolicy::Reject,
     };
@@ -68,6 +81,12 @@ async fn main() -> Result<(), BoxError> {
     if let Some(token) = AdminToken::from_env("STILLPOINT_ADMIN_TOKEN")? {
         security = security.with_token(&token, Role::Operator)?;
     }
+    let mut args = std::env::args().skip(1);
+    let app_listener = listen(args.next()).await?;
+    let admin_listener = listen(args.next()).await?;
+    println!("app listening on {}", app_listener.local_addr()?);
+    println!("admin listening on {}", admin_listener.local_addr()?);
+
     // Ctrl-C stops both servers and the lease watchdog; all three are awaited.
     let shutdown = CancellationToken::new();
     let app = axum::serve(app_listener, app().layer(GateLayer::new(gate)))

@@ -74,7 +74,9 @@ pub use pause::{NodeAdmin, PauseOwner};
 /// put the useful part (the server's message, the refused connection) in a source and
 /// show only a summary themselves; others already quote their source in their own
 /// message (tonic's "tcp connect error" wraps an error of the same text), so a cause
-/// the text already holds is not repeated.
+/// the text already holds is not repeated. Some say it twice in one message (mysql_async:
+/// "Input/output error: Input/output error: Connection refused"): a part said twice in a
+/// row is said once.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -86,7 +88,13 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         }
         source = cause.source();
     }
-    text
+    let mut parts: Vec<&str> = Vec::new();
+    for part in text.split(": ") {
+        if parts.last() != Some(&part) {
+            parts.push(part);
+        }
+    }
+    parts.join(": ")
 }
 
 #[cfg(test)]
@@ -123,6 +131,16 @@ mod tests {
         assert_eq!(
             super::error_chain(&error),
             "transport error: tcp connect error: Connection refused (os error 111)"
+        );
+        // mysql_async's I/O error quotes its own I/O error, which quotes the OS error.
+        let doubled = chain(&[
+            "Input/output error: Input/output error: Connection refused (os error 111)",
+            "Input/output error: Connection refused (os error 111)",
+            "Connection refused (os error 111)",
+        ]);
+        assert_eq!(
+            super::error_chain(&doubled),
+            "Input/output error: Connection refused (os error 111)"
         );
         let quoted = chain(&["cannot read r.toml: no such file", "no such file"]);
         assert_eq!(

@@ -437,6 +437,33 @@ fn node_commands_keep_their_exit_code_with_stdout_closed() {
     }
 }
 
+/// A stdout that refuses the write for another reason than a closed pipe (a full disk
+/// behind `> window.json`, here /dev/full) loses the output: the command says so on
+/// stderr and exits 1. Before, `completions` and `man` ended in a panic with its
+/// backtrace and exit 101.
+#[test]
+fn a_full_stdout_is_an_error_not_a_panic() {
+    for args in [&["completions", "bash"][..], &["man"][..]] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let child = std::process::Command::new(crate::util::bin("stillpoint"))
+            .args(args)
+            .stdout(full)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = crate::util::Process::new(child, format!("stillpoint {}", args.join(" ")))
+            .wait_output(std::time::Duration::from_secs(30));
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {text}");
+        assert!(text.contains("cannot write the output to stdout"), "{text}");
+        assert!(text.contains("No space left on device"), "{text}");
+        assert!(!text.contains("panicked"), "{text}");
+    }
+}
+
 /// The subcommands `stillpoint --help` lists, read from its "Commands:" section (so a
 /// new command is checked without editing this test).
 fn subcommands() -> Vec<String> {
@@ -725,6 +752,56 @@ fn a_short_lease_picks_a_max_wait_that_fits_unless_one_was_given() {
         &["check-paused", "-a", node, "--output", "json"],
     );
     assert_eq!(checked["nodes"][0]["paused"], false, "{checked:#}");
+}
+
+/// `--lease 1ms` leaves no half to give the nodes: it is refused as too short, in
+/// terms of the lease the operator gave. Before, the refusal named a max wait of
+/// 30000ms that nobody had given ("max pause wait (30000ms) must be shorter than the
+/// lease (1ms)").
+#[test]
+fn a_lease_too_short_to_halve_is_refused_in_its_own_words() {
+    let output = run(
+        "stillpoint",
+        &["pause", "--hold-for", "50ms", "--lease", "1ms", "-a", "127.0.0.1:1"],
+    );
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(text.contains("--lease 1ms is too short"), "{text}");
+    assert!(!text.contains("30000ms"), "{text}");
+    assert_eq!(text.matches("error:").count(), 1, "{text}");
+}
+
+/// A MariaDB server that is not there is named with the refusal said once. Before,
+/// the driver's message was shown as it is, and it quotes its own I/O error:
+/// "Input/output error: Input/output error: Connection refused". Nothing listens on the
+/// ports used (each taken and let go), so `prepare` fails before any node is paused.
+#[test]
+fn a_refused_mariadb_connection_says_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let runbook = dir.path().join("runbook.toml");
+    std::fs::write(
+        &runbook,
+        format!(
+            "cluster = \"c\"\n[pause]\ntiers = [{{ addresses = [\"127.0.0.1:{}\"] }}]\n\
+             [[databases]]\nname = \"aud\"\nadapter = \"mariadb\"\n\
+             url = \"mysql://bob@127.0.0.1:{}/aud\"\n\
+             [storage]\nurl = \"file://{}/store\"\n",
+            closed(),
+            closed(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let output = run("stillpoint", &["backup", "-c", runbook.to_str().unwrap()]);
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(6), "{text}");
+    assert!(text.contains("database aud: connecting to mysql://bob@127.0.0.1:"), "{text}");
+    assert_each_cause_once("a refused MariaDB connection", &text);
+    assert!(!text.contains("Input/output error: Input/output error"), "{text}");
 }
 
 /// A port that takes connections and then misbehaves: closes each at once, or answers

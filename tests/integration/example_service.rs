@@ -185,3 +185,40 @@ fn the_upstream_client_pauses_the_example_service_and_its_requests_are_refused_m
         "the refused increment changed the counter: {after:?}"
     );
 }
+
+/// The example refuses bad settings in words and exits 1, without listening first: a
+/// port already taken (named), an address that is not one, a bad `PAUSABLE_HOLD`, a
+/// token too short. Before, `main` returned its error, which Rust prints with `Debug`
+/// (`Error: Os { code: 98, kind: AddrInUse, … }`, `Error: TooShort { len: 9 }`), and
+/// the hold and the token were read only after both ports were bound and announced.
+#[test]
+fn bad_settings_are_said_in_words_and_exit_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+        (&["127.0.0.1:0", &taken], &[], "cannot listen on"),
+        (&["not-an-address"], &[], "not-an-address"),
+        (&[], &[("PAUSABLE_HOLD", "soon")], "PAUSABLE_HOLD"),
+        (&[], &[("STILLPOINT_ADMIN_TOKEN", "short")], "at least"),
+    ];
+    for (args, env, expected) in cases {
+        let child = Command::new(example("pausable_service"))
+            .args(args)
+            .env_remove("PAUSABLE_HOLD")
+            .env_remove("STILLPOINT_ADMIN_TOKEN")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = Process::new(child, format!("pausable_service {args:?} {env:?}"))
+            .wait_output(Duration::from_secs(30));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(output.status.code(), Some(1), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.starts_with("pausable_service: "), "{stderr}");
+        assert!(stderr.contains(expected), "{expected:?} not in {stderr}");
+        assert!(!stderr.contains("Error: "), "a Debug-printed error: {stderr}");
+        assert!(!stdout.contains("admin listening"), "{stdout}");
+    }
+}
