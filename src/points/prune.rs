@@ -36,7 +36,8 @@ pub enum PruneError {
     #[error("the archive of {database}: {source}")]
     Archive {
         database: String,
-        source: archive::ArchiveError,
+        // Boxed: an archive error is large, and this enum is every prune's result.
+        source: Box<archive::ArchiveError>,
     },
     #[error(
         "prune stopped at {what} after removing {removed} object(s): {source}; what was \
@@ -116,19 +117,19 @@ pub async fn holdings(
         .await
         .map_err(|source| PruneError::Archive {
             database: "(all)".to_owned(),
-            source,
+            source: Box::new(source),
         })?;
     for database in archived {
         let catalog = Archive::new(storage.clone(), settings.clone(), &database)
             .map_err(|source| PruneError::Archive {
                 database: database.clone(),
-                source,
+                source: Box::new(source),
             })?
             .catalog()
             .await
             .map_err(|source| PruneError::Archive {
                 database: database.clone(),
-                source,
+                source: Box::new(source),
             })?;
         archives.insert(database, catalog);
     }
@@ -299,7 +300,7 @@ pub async fn apply(storage: &Storage, plan: &PointsPrunePlan) -> Result<usize, P
         )
         .map_err(|source| PruneError::Archive {
             database: chunks.database.clone(),
-            source,
+            source: Box::new(source),
         })?;
         for record in &chunks.records {
             archive
@@ -307,7 +308,7 @@ pub async fn apply(storage: &Storage, plan: &PointsPrunePlan) -> Result<usize, P
                 .await
                 .map_err(|source| PruneError::Archive {
                     database: chunks.database.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             removed += 2;
         }
