@@ -363,9 +363,14 @@ pub async fn verify(args: VerifyArgs) -> Result<u8, Failure> {
         None if everything => found.latest(),
         None => None,
     };
-    let (all_points, damaged_points) = stillpoint::points::list_points(&storage)
-        .await
-        .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?;
+    // A backup asked for by itself reads nothing of points.
+    let (all_points, damaged_points) = if args.point.is_some() || everything {
+        stillpoint::points::list_points(&storage)
+            .await
+            .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?
+    } else {
+        Default::default()
+    };
     let points: Vec<&PointManifest> = match &args.point {
         Some(which) => {
             vec![stillpoint::points::resolve(&all_points, which).map_err(|error| usage(&error))?]
