@@ -619,4 +619,17 @@ fn prune_keeps_what_the_kept_point_needs_and_verify_names_a_gap() {
     ] {
         assert!(problem.contains(&named), "{named} must be named: {problem}");
     }
+    // The text form names it too; the other database still verifies.
+    let output = crate::util::run_with_env(
+        "stillpoint",
+        &["verify", "--point", kept_id, "--config", setup.config()],
+        &[("PATH", &path_with_our_binaries())],
+    );
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("FAIL ledger") && text.contains(&chain[2].name),
+        "{text}"
+    );
+    assert!(text.contains("ok   auditor"), "{text}");
 }
