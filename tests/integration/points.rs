@@ -427,6 +427,28 @@ fn prune_keeps_what_the_kept_point_needs_and_verify_names_a_gap() {
             setup.cluster.transactions() > before
         });
         setup.postgres.psql("ledger", "SELECT pg_switch_wal()");
+        // Each switch archived before the next, so that a stalled archiver fails here,
+        // by name, rather than as a point that timed out. (On feat/points-catalog this
+        // wait timed out in about half the runs, for minutes: the archiver stalls at a
+        // segment boundary after pg_switch_wal. An archiver bug, not prune's.)
+        let switched: stillpoint::archive::Lsn = setup
+            .postgres
+            .psql("ledger", "SELECT pg_current_wal_lsn()")
+            .parse()
+            .unwrap();
+        wait_until(
+            Duration::from_secs(60),
+            "both archives to hold the switched WAL",
+            || {
+                ["ledger", "auditor"].iter().all(|database| {
+                    let catalog = setup.runtime.block_on(setup.archive(database).catalog());
+                    catalog
+                        .ok()
+                        .and_then(|catalog| catalog.end())
+                        .is_some_and(|end| end >= Position::Lsn(switched))
+                })
+            },
+        );
     }
     let kept = setup.point();
     load.stop();
