@@ -510,14 +510,42 @@ pub fn plan_prune(
     retention: Retention,
     now: DateTime<Utc>,
 ) -> Result<PrunePlan, CatalogError> {
+    plan_retention(
+        catalog.backups.iter().map(|manifest| Retained {
+            id: manifest.backup_id.clone(),
+            at_ms: manifest.created_at_ms,
+            eligible: catalog.is_restorable(manifest),
+        }),
+        retention,
+        now,
+    )
+}
+
+/// One thing a retention policy places: a backup, or a point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retained {
+    pub id: String,
+    /// Its time, the one the rules bucket by (UTC).
+    pub at_ms: i64,
+    /// Whether a rule may keep it (a restore point); one that is not takes no place.
+    pub eligible: bool,
+}
+
+/// The policy of [`plan_prune`] over any set of timed things (backups, points), so
+/// that every kind of restore point is kept by the same rules.
+pub fn plan_retention(
+    items: impl IntoIterator<Item = Retained>,
+    retention: Retention,
+    now: DateTime<Utc>,
+) -> Result<PrunePlan, CatalogError> {
     if retention == Retention::default() {
         return Err(CatalogError::NoRetentionRule);
     }
-    let mut sorted: Vec<&Manifest> = catalog.backups.iter().collect();
-    sorted.sort_by(|a, b| (b.created_at_ms, &b.backup_id).cmp(&(a.created_at_ms, &a.backup_id)));
+    let mut sorted: Vec<Retained> = items.into_iter().collect();
+    sorted.sort_by(|a, b| (b.at_ms, &b.id).cmp(&(a.at_ms, &a.id)));
 
-    /// A rule keeps the first backup of each new bucket, newest first, while it has
-    /// count left. keep-last's bucket is the backup itself.
+    /// A rule keeps the first item of each new bucket, newest first, while it has
+    /// count left. keep-last's bucket is the item itself.
     struct Rule {
         left: usize,
         last_bucket: Option<String>,
@@ -544,16 +572,16 @@ pub fn plan_prune(
 
     let mut plan = PrunePlan::default();
     let mut position = 0usize;
-    for manifest in sorted {
-        let created = DateTime::from_timestamp_millis(manifest.created_at_ms).unwrap_or_default();
+    for item in sorted {
+        let created = DateTime::from_timestamp_millis(item.at_ms).unwrap_or_default();
         let mut reasons = Vec::new();
         if created > now {
             reasons.push("newer than now".to_owned());
-        } else if catalog.is_restorable(manifest) {
+        } else if item.eligible {
             position += 1;
             apply(
                 &mut last,
-                manifest.backup_id.clone(),
+                item.id.clone(),
                 format!("last {position}"),
                 &mut reasons,
             );
@@ -574,9 +602,9 @@ pub fn plan_prune(
             );
         }
         if reasons.is_empty() {
-            plan.delete.push(manifest.backup_id.clone());
+            plan.delete.push(item.id);
         } else {
-            plan.keep.push((manifest.backup_id.clone(), reasons));
+            plan.keep.push((item.id, reasons));
         }
     }
     Ok(plan)

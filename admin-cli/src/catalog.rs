@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use clap::Args;
 use stillpoint::catalog::{self, CheckOutcome};
 use stillpoint::manifest::Manifest;
+use stillpoint::points::PointManifest;
+use stillpoint::points::prune as points_prune;
+use stillpoint::points::verify::PointVerdict;
 use stillpoint::storage::Storage;
 
 use crate::args::OutputFormat;
@@ -36,7 +39,8 @@ pub struct ShowArgs {
 pub struct PruneArgs {
     #[command(flatten)]
     pub catalog: CatalogArgs,
-    /// Keep the N newest backups (overrides the runbook's [retention]).
+    /// Keep the N newest backups, and the N newest points (overrides the runbook's
+    /// [retention]).
     #[arg(long, value_name = "N")]
     pub keep_last: Option<u32>,
     /// Keep the newest backup of each of the last D days that have backups.
@@ -205,14 +209,35 @@ pub async fn show(args: ShowArgs) -> Result<u8, Failure> {
     Ok(exit::OK)
 }
 
-pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
-    let (runbook, storage) = open(&args.catalog).await?;
-    let decryption = stillpoint::backup::decryption(&runbook)
-        .map_err(|error| Failure::new(exit::USAGE, error))?;
-    let found = catalog::list(&storage).await?;
-    let manifest =
-        catalog::resolve(&found, &args.backup).map_err(|error| Failure::new(exit::USAGE, error))?;
-    let checks = catalog::verify(&storage, manifest, &decryption).await;
+#[derive(Debug, Clone, Args)]
+pub struct VerifyArgs {
+    /// A backup id, or `latest`. Without it (and without `--point`): the newest
+    /// restorable backup, if any, and every point.
+    pub backup: Option<String>,
+    /// A point to verify (an id, `latest`, or a time): its base backups and every
+    /// chunk from each base to the marker, re-read, and the chain without a gap.
+    #[arg(long, value_name = "ID|latest|TIME")]
+    pub point: Option<String>,
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
+}
+
+/// One backup, verified: its JSON, its text lines, whether it is sound and whether
+/// anything was found damaged.
+struct BackupVerdict {
+    backup_id: String,
+    json: serde_json::Value,
+    text: Vec<String>,
+    ok: bool,
+    damaged: bool,
+}
+
+async fn verify_backup(
+    storage: &Storage,
+    manifest: &Manifest,
+    decryption: &stillpoint::pipeline::Decryption,
+) -> BackupVerdict {
+    let checks = catalog::verify(storage, manifest, decryption).await;
     let ok = checks.iter().all(|check| check.is_sound());
     // A wrong key, a missing one or a storage that cannot be read says nothing about
     // the artifact: "damaged" is only what the checksum, decryption or decompression
@@ -247,66 +272,183 @@ pub async fn verify(args: ShowArgs) -> Result<u8, Failure> {
             }
         })
         .collect();
-    match args.catalog.output {
-        OutputFormat::Json => print_json(
-            &serde_json::json!({"backup_id": manifest.backup_id, "ok": ok, "damaged": damaged, "artifacts": results}),
-        ),
-        OutputFormat::Text => {
-            for (result, check) in results.iter().zip(&checks) {
-                let verdict = if result["ok"] == true { "ok  " } else { "FAIL" };
-                let detail = match &check.outcome {
-                    CheckOutcome::Failed(error) => error.to_string(),
-                    CheckOutcome::ChecksumOnly { .. } => CHECKSUM_ONLY.to_owned(),
-                    CheckOutcome::NoArtifact => "the cut made no copy".to_owned(),
-                    CheckOutcome::Sound(_) => {
-                        "checksum, decryption and decompression ok".to_owned()
-                    }
-                };
-                crate::outln!(
-                    "{verdict} {} {}: {detail}",
-                    check.database,
-                    result["path"].as_str().unwrap_or("(no artifact)")
-                );
+    let mut text = Vec::new();
+    for (result, check) in results.iter().zip(&checks) {
+        let verdict = if result["ok"] == true { "ok  " } else { "FAIL" };
+        let detail = match &check.outcome {
+            CheckOutcome::Failed(error) => error.to_string(),
+            CheckOutcome::ChecksumOnly { .. } => CHECKSUM_ONLY.to_owned(),
+            CheckOutcome::NoArtifact => "the cut made no copy".to_owned(),
+            CheckOutcome::Sound(_) => "checksum, decryption and decompression ok".to_owned(),
+        };
+        text.push(format!(
+            "{verdict} {} {}: {detail}",
+            check.database,
+            result["path"].as_str().unwrap_or("(no artifact)")
+        ));
+    }
+    let checksum_only = checks
+        .iter()
+        .any(|check| matches!(check.outcome, CheckOutcome::ChecksumOnly { .. }));
+    text.push(format!(
+        "backup {}: {}",
+        manifest.backup_id,
+        match (ok, checksum_only) {
+            (false, _) if damaged => "DAMAGED",
+            (false, _) => {
+                "NOT VERIFIED: some artifacts could not be checked (see above); none was \
+                 found damaged"
             }
-            let checksum_only = checks
-                .iter()
-                .any(|check| matches!(check.outcome, CheckOutcome::ChecksumOnly { .. }));
-            crate::outln!(
-                "backup {}: {}",
-                manifest.backup_id,
-                match (ok, checksum_only) {
-                    (false, _) if damaged => "DAMAGED",
-                    (false, _) => {
-                        "NOT VERIFIED: some artifacts could not be checked (see above); \
-                         none was found damaged"
-                    }
-                    (true, true) => {
-                        "checksums verified, not decrypted (set age_identity_file or \
-                         age_passphrase_file in the runbook to check decryption and \
-                         decompression too)"
-                    }
-                    (true, false) => "verified",
-                }
-            );
+            (true, true) => {
+                "checksums verified, not decrypted (set age_identity_file or \
+                 age_passphrase_file in the runbook to check decryption and decompression \
+                 too)"
+            }
+            (true, false) => "verified",
+        }
+    ));
+    BackupVerdict {
+        backup_id: manifest.backup_id.clone(),
+        json: serde_json::json!({"backup_id": manifest.backup_id, "ok": ok, "damaged": damaged, "artifacts": results}),
+        text,
+        ok,
+        damaged,
+    }
+}
+
+/// The text lines of a verified point.
+fn point_text(verdict: &PointVerdict) -> Vec<String> {
+    let mut text = Vec::new();
+    for database in &verdict.databases {
+        let line = match (&database.problem, &database.skipped) {
+            (Some(problem), _) => format!("FAIL {}: {problem}", database.database),
+            (None, Some(why)) => format!("skip {}: {why}", database.database),
+            (None, None) => format!(
+                "ok   {}: base {} and {} chunk(s), {} stored, checksums ok, no gap to the \
+                 marker",
+                database.database,
+                database.base_id.as_deref().unwrap_or("-"),
+                database.chunks,
+                human_bytes(database.stored_bytes)
+            ),
+        };
+        text.push(line);
+    }
+    text.push(format!(
+        "point {}: {}",
+        verdict.point_id,
+        if verdict.ok {
+            "verified"
+        } else {
+            "NOT RESTORABLE (see above)"
+        }
+    ));
+    text
+}
+
+pub async fn verify(args: VerifyArgs) -> Result<u8, Failure> {
+    let (runbook, storage) = open(&args.catalog).await?;
+    let decryption = stillpoint::backup::decryption(&runbook)
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
+    let settings = stillpoint::backup::pipeline_settings(&runbook)
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
+    let usage =
+        |error: &dyn std::fmt::Display| Failure::new(exit::USAGE, anyhow::anyhow!("{error}"));
+    // Which backup and which points: the ones named, or (with neither) the newest
+    // restorable backup if there is one and every point.
+    let everything = args.backup.is_none() && args.point.is_none();
+    let found = catalog::list(&storage).await?;
+    let backup = match &args.backup {
+        Some(which) => Some(catalog::resolve(&found, which).map_err(|error| usage(&error))?),
+        None if everything => found.latest(),
+        None => None,
+    };
+    // A backup asked for by itself reads nothing of points.
+    let (all_points, damaged_points) = if args.point.is_some() || everything {
+        stillpoint::points::list_points(&storage)
+            .await
+            .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?
+    } else {
+        Default::default()
+    };
+    let points: Vec<&PointManifest> = match &args.point {
+        Some(which) => {
+            vec![stillpoint::points::resolve(&all_points, which).map_err(|error| usage(&error))?]
+        }
+        None if everything => all_points.iter().collect(),
+        None => Vec::new(),
+    };
+    if everything && backup.is_none() && points.is_empty() && damaged_points.is_empty() {
+        return Err(usage(&format!(
+            "{} holds no backup and no point to verify; `stillpoint list` shows what is there",
+            found.storage
+        )));
+    }
+    let backup = match backup {
+        Some(manifest) => Some(verify_backup(&storage, manifest, &decryption).await),
+        None => None,
+    };
+    let mut verdicts = Vec::with_capacity(points.len());
+    for point in points {
+        verdicts.push(stillpoint::points::verify::verify_point(&storage, &settings, point).await);
+    }
+    // Only a backup asked for by itself keeps the output it always had.
+    let backup_only = args.point.is_none() && args.backup.is_some();
+    let points_ok = verdicts.iter().all(|verdict| verdict.ok) && damaged_points.is_empty();
+    match args.catalog.output {
+        OutputFormat::Json if backup_only => {
+            print_json(&backup.as_ref().expect("a backup was named").json)
+        }
+        OutputFormat::Json => print_json(&serde_json::json!({
+            "ok": backup.as_ref().is_none_or(|b| b.ok) && points_ok,
+            "backup": backup.as_ref().map(|b| &b.json),
+            "points": verdicts,
+            "damaged_points": damaged_points.iter().map(|(path, error)| serde_json::json!({"path": path, "error": error})).collect::<Vec<_>>(),
+        })),
+        OutputFormat::Text => {
+            for line in backup.iter().flat_map(|b| &b.text) {
+                crate::outln!("{line}");
+            }
+            for line in verdicts.iter().flat_map(point_text) {
+                crate::outln!("{line}");
+            }
+            for (path, error) in &damaged_points {
+                crate::outln!("FAIL damaged point manifest {path}: {error}");
+            }
         }
     }
-    if ok {
-        Ok(exit::OK)
-    } else if damaged {
-        Err(Failure::new(
+    if let Some(backup) = backup.as_ref().filter(|backup| !backup.ok) {
+        return Err(Failure::new(
             exit::BACKUP_FAILED,
-            anyhow::anyhow!("backup {} has damaged artifacts", manifest.backup_id),
-        ))
-    } else {
-        Err(Failure::new(
+            if backup.damaged {
+                anyhow::anyhow!("backup {} has damaged artifacts", backup.backup_id)
+            } else {
+                anyhow::anyhow!(
+                    "backup {} could not be verified (a key that does not open it, or \
+                     storage that could not be read: see above); no artifact was found \
+                     damaged",
+                    backup.backup_id
+                )
+            },
+        ));
+    }
+    if !points_ok {
+        let failed: Vec<&str> = verdicts
+            .iter()
+            .filter(|verdict| !verdict.ok)
+            .map(|verdict| verdict.point_id.as_str())
+            .chain(damaged_points.iter().map(|(path, _)| path.as_str()))
+            .collect();
+        return Err(Failure::new(
             exit::BACKUP_FAILED,
             anyhow::anyhow!(
-                "backup {} could not be verified (a key that does not open it, or storage \
-                 that could not be read: see above); no artifact was found damaged",
-                manifest.backup_id
+                "{} point(s) cannot be restored as they are: {} (see above)",
+                failed.len(),
+                failed.join(", ")
             ),
-        ))
+        ));
     }
+    Ok(exit::OK)
 }
 
 /// What `verify` says of an encrypted artifact it could only checksum.
@@ -336,15 +478,26 @@ pub async fn prune(args: PruneArgs) -> Result<u8, Failure> {
     // ones nothing has written to for an hour: a running backup refreshes its marker
     // every minute.
     let stale = catalog::stale_orphans(&found, now, INCOMPLETE_GRACE);
+    // Points by the same rules, then the bases and chunks no kept point needs.
+    let settings = stillpoint::backup::pipeline_settings(&runbook)
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
+    let holdings = points_prune::holdings(&storage, &settings)
+        .await
+        .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?;
+    let points_plan = points_prune::plan(&holdings, rules, now)
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
     let verb = |doing: &'static str, would: &'static str| if args.dry_run { would } else { doing };
-    let deleted = if args.dry_run {
-        Vec::new()
+    let (deleted, points_removed) = if args.dry_run {
+        (Vec::new(), 0)
     } else {
         let deleted = catalog::apply_prune(&storage, &plan).await?;
         for orphan in &stale {
             catalog::remove_orphan(&storage, orphan).await?;
         }
-        deleted
+        let removed = points_prune::apply(&storage, &points_plan)
+            .await
+            .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?;
+        (deleted, removed)
     };
     match args.catalog.output {
         OutputFormat::Json => print_json(&serde_json::json!({
@@ -353,6 +506,15 @@ pub async fn prune(args: PruneArgs) -> Result<u8, Failure> {
             "delete": plan.delete,
             "deleted": deleted.iter().map(|(id, objects)| serde_json::json!({"backup_id": id, "objects": objects})).collect::<Vec<_>>(),
             "incomplete_removed": stale.iter().map(|orphan| &orphan.prefix).collect::<Vec<_>>(),
+            "points": {
+                "keep": points_plan.points.keep.iter().map(|(id, reasons)| serde_json::json!({"point_id": id, "reasons": reasons})).collect::<Vec<_>>(),
+                "delete": points_plan.points.delete,
+                "keep_bases": points_plan.keep_bases.iter().map(|(base, reasons)| serde_json::json!({"database": base.database, "id": base.id, "reasons": reasons})).collect::<Vec<_>>(),
+                "delete_bases": points_plan.delete_bases,
+                "delete_chunks": points_plan.delete_chunks,
+                "notes": points_plan.notes,
+                "removed_objects": points_removed,
+            },
         })),
         OutputFormat::Text => {
             for (id, reasons) in &plan.keep {
@@ -367,6 +529,42 @@ pub async fn prune(args: PruneArgs) -> Result<u8, Failure> {
                     verb("remove", "would remove"),
                     orphan.prefix
                 );
+            }
+            for (id, reasons) in &points_plan.points.keep {
+                crate::outln!("keep   point {id}  ({})", reasons.join(", "));
+            }
+            for id in &points_plan.points.delete {
+                crate::outln!("{} point {id}", verb("delete", "would delete"));
+            }
+            for (base, reasons) in &points_plan.keep_bases {
+                crate::outln!(
+                    "keep   base {} of {}  ({})",
+                    base.id,
+                    base.database,
+                    reasons.join(", ")
+                );
+            }
+            for base in &points_plan.delete_bases {
+                crate::outln!(
+                    "{} base {} of {}",
+                    verb("delete", "would delete"),
+                    base.id,
+                    base.database
+                );
+            }
+            for chunks in &points_plan.delete_chunks {
+                crate::outln!(
+                    "{} {} chunk(s) of the archive of {} before {} ({} to {})",
+                    verb("delete", "would delete"),
+                    chunks.chunks.len(),
+                    chunks.database,
+                    chunks.floor,
+                    chunks.chunks.first().map(String::as_str).unwrap_or("-"),
+                    chunks.chunks.last().map(String::as_str).unwrap_or("-"),
+                );
+            }
+            for note in &points_plan.notes {
+                crate::outln!("note   {note}");
             }
         }
     }

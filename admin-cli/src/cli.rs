@@ -4,7 +4,7 @@ use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 use crate::archive::{self, ArchiveArgs, ArchiveListArgs, WalFetchArgs, WalPushArgs};
 use crate::backup::{self, BackupArgs};
-use crate::catalog::{self, CatalogArgs, PruneArgs, ShowArgs};
+use crate::catalog::{self, CatalogArgs, PruneArgs, ShowArgs, VerifyArgs};
 use crate::demo::{self, DemoArgs};
 use crate::docs::{self, CompletionsArgs, ManArgs};
 use crate::drill::{self, DrillArgs};
@@ -73,8 +73,10 @@ pub enum Command {
     Show(ShowArgs),
     /// Re-read every artifact of a backup: its checksum always; decryption and
     /// decompression only when the runbook gives a key (`age_identity_file` or
-    /// `age_passphrase_file`) or the artifacts are not encrypted.
-    Verify(ShowArgs),
+    /// `age_passphrase_file`) or the artifacts are not encrypted. Points too: each base
+    /// backup and chunk a point needs, re-read, and its archive without a gap from the
+    /// base to the marker.
+    Verify(VerifyArgs),
     /// Delete backups the retention policy does not keep (manifest first).
     Prune(PruneArgs),
     /// Restore one database of a backup into a new SQLite file or an empty PostgreSQL

@@ -22,6 +22,10 @@
 //!   archives → commit.
 //! - `restore.rs`: what a point needs (checked before anything is written), and a
 //!   database of a point restored from its base and archive; drills of a point.
+//! - `verify.rs`: `stillpoint verify` of a point: what it needs, re-read (the checks
+//!   a restore runs first).
+//! - `prune.rs`: `stillpoint prune` of points, then of the bases and chunks no kept
+//!   point needs.
 //!
 //! How a kind of database takes part is one match on its adapter
 //! ([`take::Member`], [`restore`]): PostgreSQL is complete; MariaDB records its marker
@@ -40,8 +44,10 @@ use crate::pipeline::ArtifactInfo;
 use crate::storage::{Storage, StorageError};
 
 pub mod base;
+pub mod prune;
 pub mod restore;
 pub mod take;
+pub mod verify;
 
 /// The top directory of every base backup in a storage.
 pub const BASES_DIR: &str = "bases";

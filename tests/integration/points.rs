@@ -5,7 +5,9 @@
 //! check` and hold exactly the rows counted inside each point's pause. Negative
 //! controls: a chunk a point needs deleted (or damaged) makes `restore` and `drill`
 //! refuse before writing anything, naming it; a point in a storage without base
-//! backups is refused before anything is paused.
+//! backups is refused before anything is paused. Catalog: `prune` by the runbook's
+//! retention removes old points, the base and the chunks only they needed, and the
+//! point kept still drills; `verify` passes on a whole chain and names a gap.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -382,4 +384,274 @@ fn points_under_load_restore_exactly_their_cut_and_refuse_missing_chunks() {
             "nothing may be written before the checks pass"
         );
     }
+}
+
+/// Points on two base backups; `prune` with `keep_last = 1` keeps the newest point,
+/// the base it restores from and the chunks from that base's start, removes the
+/// older points, the older base and the chunks before the kept base, and the kept
+/// point still drills (ledger-node check and row counts). `verify` passes on every
+/// point while the chain is whole; a chunk the kept point needs deleted from the
+/// middle of its chain makes `verify` fail and name the gap by the chunks and
+/// positions on each side (the negative control).
+#[test]
+fn prune_keeps_what_the_kept_point_needs_and_verify_names_a_gap() {
+    let mut setup = Setup::start();
+    let mut runbook = std::fs::read_to_string(&setup.runbook).unwrap();
+    runbook.push_str("[retention]\nkeep_last = 1\n");
+    std::fs::write(&setup.runbook, runbook).unwrap();
+    setup.start_archiver();
+    let load = Load::start(&setup.cluster.ledger_tier(), 2, &[]);
+    wait_until(
+        Duration::from_secs(60),
+        "the load to commit transfers",
+        || setup.cluster.transactions() >= 10,
+    );
+    let base_backup = |setup: &Setup| {
+        let (code, bases) = setup.stillpoint(&[
+            "base-backup",
+            "--config",
+            setup.config(),
+            "--output",
+            "json",
+        ]);
+        assert_eq!(code, 0, "base-backup: {bases}");
+    };
+    base_backup(&setup);
+    let old = [setup.point(), setup.point()];
+    base_backup(&setup);
+    // WAL over several segments between the new base and the kept point, so that a
+    // chunk from the middle of its chain can go missing.
+    for _ in 0..3 {
+        let before = setup.cluster.transactions();
+        wait_until(Duration::from_secs(30), "more transfers", || {
+            setup.cluster.transactions() > before
+        });
+        setup.postgres.psql("ledger", "SELECT pg_switch_wal()");
+        // Each switch archived before the next, so that a stalled archiver fails here,
+        // by name, rather than as a point that timed out. (On feat/points-catalog this
+        // wait timed out in about half the runs, for minutes: the archiver stalls at a
+        // segment boundary after pg_switch_wal. An archiver bug, not prune's.)
+        let switched: stillpoint::archive::Lsn = setup
+            .postgres
+            .psql("ledger", "SELECT pg_current_wal_lsn()")
+            .parse()
+            .unwrap();
+        wait_until(
+            Duration::from_secs(60),
+            "both archives to hold the switched WAL",
+            || {
+                ["ledger", "auditor"].iter().all(|database| {
+                    let catalog = setup.runtime.block_on(setup.archive(database).catalog());
+                    catalog
+                        .ok()
+                        .and_then(|catalog| catalog.end())
+                        .is_some_and(|end| end >= Position::Lsn(switched))
+                })
+            },
+        );
+    }
+    let kept = setup.point();
+    load.stop();
+    let kept_id = kept["point_id"].as_str().unwrap();
+    let old_base = old[0]["databases"][0]["base"]["id"].as_str().unwrap();
+    let kept_base = kept["databases"][0]["base"]["id"].as_str().unwrap();
+    assert_ne!(old_base, kept_base);
+    assert_eq!(old[1]["databases"][0]["base"]["id"], old_base);
+    let kept_start: Position =
+        serde_json::from_value(kept["databases"][0]["base"]["start"].clone()).unwrap();
+
+    // Whole: every point verifies.
+    let (code, verified) =
+        setup.stillpoint(&["verify", "--config", setup.config(), "--output", "json"]);
+    assert_eq!(code, 0, "verify: {verified}");
+    assert_eq!(
+        verified["points"].as_array().unwrap().len(),
+        3,
+        "{verified}"
+    );
+    assert_eq!(verified["ok"], true, "{verified}");
+
+    // A dry run shows the plan and removes nothing.
+    let (code, plan) = setup.stillpoint(&[
+        "prune",
+        "--config",
+        setup.config(),
+        "--dry-run",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "prune --dry-run: {plan}");
+    let deleted: Vec<&str> = plan["points"]["delete"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap())
+        .collect();
+    let mut expected = vec![
+        old[0]["point_id"].as_str().unwrap(),
+        old[1]["point_id"].as_str().unwrap(),
+    ];
+    expected.sort();
+    let mut sorted = deleted.clone();
+    sorted.sort();
+    assert_eq!(sorted, expected, "{plan}");
+    let bases_dir = |database: &str| -> Vec<String> {
+        let mut ids: Vec<String> =
+            std::fs::read_dir(setup.storage_dir().join("bases").join(database))
+                .unwrap()
+                .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(bases_dir("ledger").len(), 2);
+    assert!(setup.storage_dir().join("points").join(deleted[0]).exists());
+
+    let (code, pruned) =
+        setup.stillpoint(&["prune", "--config", setup.config(), "--output", "json"]);
+    assert_eq!(code, 0, "prune: {pruned}");
+    assert_eq!(
+        pruned["points"]["delete_bases"].as_array().unwrap().len(),
+        2,
+        "{pruned}"
+    );
+    let ledger_chunks = pruned["points"]["delete_chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|chunks| chunks["database"] == "ledger")
+        .unwrap_or_else(|| panic!("no ledger chunk pruned: {pruned}"));
+    assert!(
+        !ledger_chunks["chunks"].as_array().unwrap().is_empty(),
+        "{pruned}"
+    );
+
+    let (code, listing) = run_json(
+        "stillpoint",
+        &["list", "--config", setup.config(), "--output", "json"],
+    );
+    assert_eq!(code, 0);
+    let listed: Vec<&str> = listing["points"]["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|point| point["point_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, vec![kept_id], "{listing}");
+    for database in ["ledger", "auditor"] {
+        let base = kept["databases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == database)
+            .unwrap()["base"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(bases_dir(database), vec![base], "{database}");
+    }
+    // No ledger chunk ends at or before the kept base's start; the one holding it stays.
+    let archive = setup.archive("ledger");
+    let catalog = setup.runtime.block_on(archive.catalog()).unwrap();
+    assert!(
+        catalog
+            .chunks
+            .iter()
+            .all(|chunk| chunk.range().is_some_and(|(_, end)| *end > kept_start)),
+        "a chunk before the kept base's start survived"
+    );
+    assert!(catalog.covers(&kept_start, &kept_start).is_ok());
+
+    // The kept point still restores, and verifies.
+    if let Some(archiver) = setup.archiver.take() {
+        archiver.signal("TERM");
+        let _ = archiver.wait_output(Duration::from_secs(30));
+    }
+    let (code, drill) = setup.stillpoint(&[
+        "drill",
+        "--point",
+        "latest",
+        "--config",
+        setup.config(),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "drill of the kept point: {drill}");
+    let (code, verified) = setup.stillpoint(&[
+        "verify",
+        "--point",
+        "latest",
+        "--config",
+        setup.config(),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "verify: {verified}");
+
+    // Negative control: a chunk from the middle of the kept point's chain deleted.
+    let target: Position = serde_json::from_value(kept["databases"][0]["target"].clone()).unwrap();
+    let chain: Vec<_> = catalog
+        .chunks
+        .iter()
+        .filter(|chunk| {
+            chunk
+                .range()
+                .is_some_and(|(start, end)| *end > kept_start && *start < target)
+        })
+        .cloned()
+        .collect();
+    assert!(
+        chain.len() >= 3,
+        "the chain should span several chunks: {}",
+        chain.len()
+    );
+    let victim = &chain[1];
+    setup.runtime.block_on(archive.remove(victim)).unwrap();
+    // And any shorter partial copy of it an archiver left behind, which would
+    // otherwise fill part of the hole.
+    let (victim_start, victim_end) = victim.range().unwrap();
+    for leftover in catalog.superseded.iter().filter(|chunk| {
+        chunk
+            .range()
+            .is_some_and(|(start, end)| start >= victim_start && end <= victim_end)
+    }) {
+        setup.runtime.block_on(archive.remove(leftover)).unwrap();
+    }
+    let (code, verified) =
+        setup.stillpoint(&["verify", "--config", setup.config(), "--output", "json"]);
+    assert_eq!(code, 6, "verify with a chunk gone: {verified}");
+    assert_eq!(verified["ok"], false, "{verified}");
+    let problem = verified["points"][0]["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["database"] == "ledger")
+        .unwrap()["problem"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, before_end) = chain[0].range().unwrap();
+    let (after_start, _) = chain[2].range().unwrap();
+    for named in [
+        "has a gap".to_owned(),
+        chain[0].name.clone(),
+        chain[2].name.clone(),
+        before_end.to_string(),
+        after_start.to_string(),
+    ] {
+        assert!(problem.contains(&named), "{named} must be named: {problem}");
+    }
+    // The text form names it too; the other database still verifies.
+    let output = crate::util::run_with_env(
+        "stillpoint",
+        &["verify", "--point", kept_id, "--config", setup.config()],
+        &[("PATH", &path_with_our_binaries())],
+    );
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("FAIL ledger") && text.contains(&chain[2].name),
+        "{text}"
+    );
+    assert!(text.contains("ok   auditor"), "{text}");
 }
