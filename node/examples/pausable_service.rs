@@ -53,7 +53,10 @@ async fn main() -> std::process::ExitCode {
     match run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("pausable_service: {}", stillpoint_node::error_chain(&*error));
+            eprintln!(
+                "pausable_service: {}",
+                stillpoint_node::error_chain(&*error)
+            );
             std::process::ExitCode::FAILURE
         }
     }

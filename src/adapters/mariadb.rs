@@ -145,9 +145,8 @@ pub(crate) async fn connect(opts: &Opts) -> Result<Conn, String> {
     let reading =
         mysql_async::OptsBuilder::from_opts(opts.clone()).max_allowed_packet(Some(MAX_PACKET));
     match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(reading)).await {
-        Ok(connected) => connected.map_err(|e| {
-            format!("connecting to {}: {}", shown(opts), crate::error_chain(&e))
-        }),
+        Ok(connected) => connected
+            .map_err(|e| format!("connecting to {}: {}", shown(opts), crate::error_chain(&e))),
         Err(_) => Err(format!(
             "connecting to {}: the server did not answer within {}s (is it stopped, hung \
              or overloaded? check that it runs and accepts connections)",

@@ -762,7 +762,15 @@ fn a_short_lease_picks_a_max_wait_that_fits_unless_one_was_given() {
 fn a_lease_too_short_to_halve_is_refused_in_its_own_words() {
     let output = run(
         "stillpoint",
-        &["pause", "--hold-for", "50ms", "--lease", "1ms", "-a", "127.0.0.1:1"],
+        &[
+            "pause",
+            "--hold-for",
+            "50ms",
+            "--lease",
+            "1ms",
+            "-a",
+            "127.0.0.1:1",
+        ],
     );
     let text = stderr(&output);
     assert_eq!(output.status.code(), Some(2), "{text}");
@@ -799,9 +807,15 @@ fn a_refused_mariadb_connection_says_each_cause_once() {
     let output = run("stillpoint", &["backup", "-c", runbook.to_str().unwrap()]);
     let text = stderr(&output);
     assert_eq!(output.status.code(), Some(6), "{text}");
-    assert!(text.contains("database aud: connecting to mysql://bob@127.0.0.1:"), "{text}");
+    assert!(
+        text.contains("database aud: connecting to mysql://bob@127.0.0.1:"),
+        "{text}"
+    );
     assert_each_cause_once("a refused MariaDB connection", &text);
-    assert!(!text.contains("Input/output error: Input/output error"), "{text}");
+    assert!(
+        !text.contains("Input/output error: Input/output error"),
+        "{text}"
+    );
 }
 
 /// A port that takes connections and then misbehaves: closes each at once, or answers

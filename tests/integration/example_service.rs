@@ -191,11 +191,14 @@ fn the_upstream_client_pauses_the_example_service_and_its_requests_are_refused_m
 /// token too short. Before, `main` returned its error, which Rust prints with `Debug`
 /// (`Error: Os { code: 98, kind: AddrInUse, … }`, `Error: TooShort { len: 9 }`), and
 /// the hold and the token were read only after both ports were bound and announced.
+/// Arguments, environment, and what stderr must say.
+type BadSetting<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
 #[test]
 fn bad_settings_are_said_in_words_and_exit_1() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = taken.local_addr().unwrap().to_string();
-    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+    let cases: [BadSetting<'_>; 4] = [
         (&["127.0.0.1:0", &taken], &[], "cannot listen on"),
         (&["not-an-address"], &[], "not-an-address"),
         (&[], &[("PAUSABLE_HOLD", "soon")], "PAUSABLE_HOLD"),
@@ -218,7 +221,10 @@ fn bad_settings_are_said_in_words_and_exit_1() {
         assert_eq!(output.status.code(), Some(1), "{args:?} {env:?}: {stderr}");
         assert!(stderr.starts_with("pausable_service: "), "{stderr}");
         assert!(stderr.contains(expected), "{expected:?} not in {stderr}");
-        assert!(!stderr.contains("Error: "), "a Debug-printed error: {stderr}");
+        assert!(
+            !stderr.contains("Error: "),
+            "a Debug-printed error: {stderr}"
+        );
         assert!(!stdout.contains("admin listening"), "{stdout}");
     }
 }
