@@ -218,6 +218,7 @@ fn points_under_load_restore_exactly_their_cut_and_refuse_missing_chunks() {
             assert!(database["row_counts"].is_object(), "{point}");
         }
         points.push(point);
+        // Spaced under load as a schedule would take them, so each point holds other rows.
         std::thread::sleep(Duration::from_millis(700));
     }
     load.stop();
