@@ -466,13 +466,7 @@ async fn marked(
             .into());
         }
     };
-    if !released.all_released() {
-        let nodes = released
-            .still_paused()
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
+    if let Some(nodes) = released.still_paused_names() {
         return Err(BackupError::Unpause {
             nodes,
             window: Box::new(window),

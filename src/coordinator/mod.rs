@@ -392,6 +392,19 @@ impl Released {
             .map(|node| &node.address)
             .collect()
     }
+
+    /// The nodes that may still be paused, named for an error: `None` when every node
+    /// was released.
+    pub fn still_paused_names(&self) -> Option<String> {
+        let nodes = self.still_paused();
+        (!nodes.is_empty()).then(|| {
+            nodes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    }
 }
 
 /// Pauses every node of `plan`, tier by tier. On any failure, releases every node that

@@ -230,13 +230,7 @@ pub async fn run(
             });
         }
     };
-    if !released.all_released() {
-        let nodes = released
-            .still_paused()
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
+    if let Some(nodes) = released.still_paused_names() {
         return Err(PointError::Unpause {
             nodes,
             window: Box::new(window),
