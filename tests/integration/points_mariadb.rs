@@ -353,7 +353,8 @@ fn points_of_postgres_and_mariadb_restore_exactly_their_cut_and_refuse_a_missing
     let victim = catalog
         .chunks
         .iter()
-        .filter(|chunk| {
+        .rev()
+        .find(|chunk| {
             chunk.range().is_some_and(|(start, end)| {
                 *end > base_start
                     && *end <= target
@@ -361,7 +362,6 @@ fn points_of_postgres_and_mariadb_restore_exactly_their_cut_and_refuse_a_missing
                         == end.as_binlog().map(|(file, _)| file)
             })
         })
-        .last()
         .expect("a chunk inside the replay")
         .clone();
     setup.runtime.block_on(archive.remove(&victim)).unwrap();
