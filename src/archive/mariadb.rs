@@ -1036,7 +1036,13 @@ impl FetchedRange {
         client
             .arg("--no-defaults")
             .arg("--batch")
-            .arg("--max-allowed-packet=1073741824");
+            .arg("--max-allowed-packet=1073741824")
+            // The replayed transactions are the source's, with its GTIDs: written to
+            // the target server's binlog they would repeat those GTIDs there (and, for
+            // a drill's scratch database on the source server, in the source's own
+            // binlog, which its replicas follow). A restored copy starts a history of
+            // its own.
+            .arg("--init-command=SET SESSION sql_log_bin = 0");
         client_args(&mut client, &target_opts);
         client.arg(format!("--database={target_db}"));
         let applied =
