@@ -6,8 +6,8 @@
 //! check` (ledger = auditor across the two) and hold exactly the rows counted inside
 //! each point's pause. One MariaDB database restored alone with `restore --point`.
 //! Negative control: a binlog chunk the newest point needs deleted makes `restore
-//! --point` refuse before writing anything, naming the chunk, and `verify` name the
-//! gap.
+//! --point` (and `drill --point`) refuse before writing anything, naming the chunk,
+//! and `verify` name the gap.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -393,6 +393,17 @@ fn points_of_postgres_and_mariadb_restore_exactly_their_cut_and_refuse_a_missing
         setup.tables("auditor_refused").trim(),
         "0",
         "nothing may be written before the checks pass"
+    );
+
+    // A drill of that point refuses the same way, before any scratch target exists.
+    let output =
+        setup.stillpoint_output(&["drill", "--point", newest_id, "--config", setup.config()]);
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&victim.name),
+        "the deleted chunk {} must be named: {}",
+        victim.name,
+        stderr(&output)
     );
 
     let (code, verified) = setup.stillpoint(&[
