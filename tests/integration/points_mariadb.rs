@@ -255,6 +255,25 @@ fn points_of_postgres_and_mariadb_restore_exactly_their_cut_and_refuse_a_missing
     }
     load.stop();
 
+    // What an operator reads: the markers of both adapters, and the bases and
+    // archives of both in `list`.
+    let output = setup.stillpoint_output(&["point", "--config", setup.config()]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("ledger: restore point stillpoint-point-")
+            && text.contains("auditor: binlog binlog.")
+            && text.contains("(GTID 0-"),
+        "{text}"
+    );
+    let output = setup.stillpoint_output(&["list", "--config", setup.config()]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("auditor: archive") && text.contains("from binlog."),
+        "{text}"
+    );
+
     // The first point and one other at random, drilled across both adapters.
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
