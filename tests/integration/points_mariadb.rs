@@ -4,7 +4,8 @@
 //! into the storage, points under load, then points drilled into a fresh scratch
 //! server (PostgreSQL) and a scratch database (MariaDB) that must pass `ledger-node
 //! check` (ledger = auditor across the two) and hold exactly the rows counted inside
-//! each point's pause. One MariaDB database restored alone with `restore --point`.
+//! each point's pause. Both restored with `restore --point` (a data directory and a
+//! new database).
 //! Negative control: a binlog chunk the newest point needs deleted makes `restore
 //! --point` (and `drill --point`) refuse before writing anything, naming the chunk,
 //! and `verify` name the gap.
@@ -338,26 +339,38 @@ fn points_of_postgres_and_mariadb_restore_exactly_their_cut_and_refuse_a_missing
     );
     assert_eq!(leftovers.trim(), "0");
 
-    // `restore --point` of the MariaDB database alone, into a new empty database.
+    // `restore --point` of both databases: the ledger into a new data directory, the
+    // auditor into a new empty database (one plain --to of each kind).
     setup.mariadb.create_database("auditor_restored");
+    let restored = setup.dir.path().join("restored");
     let (code, restore) = setup.stillpoint(&[
         "restore",
         "--point",
         points[1]["point_id"].as_str().unwrap(),
-        "--database",
-        "auditor",
         "--config",
         setup.config(),
+        "--to",
+        restored.to_str().unwrap(),
         "--to",
         &setup.mariadb.url("auditor_restored"),
         "--output",
         "json",
     ]);
     assert_eq!(code, 0, "restore: {restore}");
+    let databases = restore["databases"].as_array().unwrap();
+    let of = |name: &str| databases.iter().find(|d| d["database"] == name).unwrap();
     assert_eq!(
-        restore["databases"][0]["binlog"]["row_counts_match_point"], true,
+        of("ledger")["recovery"]["row_counts_match_cut"],
+        true,
         "{restore}"
     );
+    assert!(restored.join("PG_VERSION").exists());
+    assert_eq!(
+        of("auditor")["binlog"]["row_counts_match_point"],
+        true,
+        "{restore}"
+    );
+    assert_ne!(setup.tables("auditor_restored").trim(), "0");
 
     // Negative control: a binlog chunk inside the newest point's replay deleted
     // (record and artifact). The archiver is stopped first, so nothing re-pushes it.
