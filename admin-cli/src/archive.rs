@@ -387,9 +387,17 @@ pub async fn wal_push(args: WalPushArgs) -> Result<u8, Failure> {
 }
 
 /// `stillpoint wal-fetch`: PostgreSQL's `restore_command`. Exit 1 when the archive
-/// does not have the file (PostgreSQL's "not there", which ends replay); 6 for any
-/// other failure.
+/// does not have the file (PostgreSQL's "not there", which ends replay); 126 for any
+/// other failure, which makes PostgreSQL abort recovery rather than take an archive
+/// it could not read as one that ended.
 pub async fn wal_fetch(args: WalFetchArgs) -> Result<u8, Failure> {
+    fetch_one(&args).await.map_err(|failure| Failure {
+        code: exit::WAL_FETCH_FAILED,
+        ..failure
+    })
+}
+
+async fn fetch_one(args: &WalFetchArgs) -> Result<u8, Failure> {
     let runbook = load_runbook(&args.config)?;
     let archive = open_archive(&runbook, &args.database)?;
     let decryption =
