@@ -354,6 +354,11 @@ pub struct Recovery<'a> {
     pub timeout: Duration,
     /// Leave the (stopped) data directory in place afterwards.
     pub keep: bool,
+    /// With `keep`, leave it also when recovery fails or is interrupted (`pitr
+    /// --keep`: its server log explains the failure). A point restore's target is
+    /// removed instead: half-copied or half-replayed, it is no restore, and an
+    /// operator would find a data directory that looks like one.
+    pub keep_unfinished: bool,
     /// The system user to run the scratch server as (through `setpriv`), for a caller
     /// running as root: PostgreSQL refuses to run as root.
     pub run_as: Option<String>,
@@ -459,7 +464,7 @@ pub async fn recover_held(
     let _reading = lock_for_reading(request.base_backup)?;
     // Claimed before anything is checked or written: whatever happens next, what we
     // wrote goes (unless kept) when this is dropped, after the server has been stopped.
-    let dir = ClaimedDir::claim(request.data_dir, request.keep)?;
+    let dir = ClaimedDir::claim(request.data_dir, request.keep && request.keep_unfinished)?;
     let base_start = check_inputs(&request).await?;
     let mut scratch = Scratch {
         _dir: dir,
@@ -467,7 +472,7 @@ pub async fn recover_held(
     };
     let outcome = tokio::select! {
         outcome = replay(&request, &mut scratch) => outcome,
-        () = cancel.cancelled() => Err(PitrError::Cancelled(if request.keep {
+        () = cancel.cancelled() => Err(PitrError::Cancelled(if request.keep && request.keep_unfinished {
             format!("the scratch server was stopped; {} was kept", request.data_dir.display())
         } else {
             format!(
@@ -485,6 +490,8 @@ pub async fn recover_held(
             return Err(error);
         }
     };
+    // Whole now: kept if asked (until here, only `keep_unfinished` kept it).
+    scratch._dir.keep = request.keep;
     let url = socket_url(&request.config.url, request.data_dir, request.port)?;
     let report = RecoveryReport {
         target: request.target.clone(),
@@ -796,7 +803,7 @@ async fn replay(request: &Recovery<'_>, scratch: &mut Scratch) -> Result<Reached
     let probe = probe_config(&request.config.url, &data_dir, request.port)?;
     let explain = Explain {
         log_path: &log_path,
-        kept: request.keep,
+        kept: request.keep && request.keep_unfinished,
         port: request.port,
         archive: &archive,
         run_as: request.run_as.as_deref(),

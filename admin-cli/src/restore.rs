@@ -358,6 +358,7 @@ pub async fn pitr(args: PitrArgs) -> Result<u8, Failure> {
         port,
         timeout: args.timeout,
         keep: args.keep,
+        keep_unfinished: args.keep,
         run_as: args
             .run_as
             .clone()

@@ -230,6 +230,7 @@ fn the_scratch_configuration_file_parses_back_and_keeps_the_source_apart() {
         port: 6543,
         timeout: Duration::from_secs(1),
         keep: false,
+        keep_unfinished: false,
         run_as: None,
     };
     let scratch = ScratchConfig::new(&request, &data_dir);

@@ -568,6 +568,8 @@ pub async fn restore_held(
         port: request.port,
         timeout: request.timeout,
         keep: request.keep,
+        // A point restore's target is whole or gone.
+        keep_unfinished: false,
         run_as: request.run_as.clone(),
     };
     let held = pitr::recover_held(recovery, cancel).await?;

@@ -21,6 +21,7 @@ mod passwords;
 mod pause;
 mod pitr;
 mod points;
+mod points_breaker;
 mod points_mariadb;
 mod protocols;
 mod security;

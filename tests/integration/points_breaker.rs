@@ -1,0 +1,200 @@
+//! Points attacked as an operator would (issue 11's breaker): each test is a defect
+//! found by running the built binaries against real servers, kept as a regression
+//! test. A small ledger cluster on one throwaway PostgreSQL server, its two databases
+//! archived by `stillpoint archive` into file:// storage.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use stillpoint_testkit::{Postgres, PostgresOptions};
+
+use crate::cluster::Cluster;
+use crate::util::{Process, bin, run, stderr, wait_until};
+
+struct Setup {
+    _postgres: Postgres,
+    _cluster: Cluster,
+    dir: tempfile::TempDir,
+    runbook: PathBuf,
+    archiver: Option<Process>,
+}
+
+impl Setup {
+    /// The cluster, its archiver running, a base backup of each database.
+    fn start() -> Setup {
+        let postgres = Postgres::start_with(PostgresOptions { wal_archive: true });
+        postgres.create_database("ledger");
+        postgres.create_database("auditor");
+        let cluster = Cluster::start_on(
+            1,
+            postgres.url("ledger"),
+            postgres.url("auditor"),
+            &[],
+            tempfile::tempdir().unwrap(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        // The scratch servers run as `postgres` and read what is staged under it.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let runbook = dir.path().join("runbook.toml");
+        let text = format!(
+            r#"
+cluster = "points-breaker-test"
+[pause]
+tiers = [{{ addresses = ["{ledger_node}"] }}, {{ addresses = ["{auditor_node}"] }}]
+[[databases]]
+name = "ledger"
+adapter = "postgres"
+url = "{ledger}"
+bin_dir = "{bin_dir}"
+archive = true
+[[databases]]
+name = "auditor"
+adapter = "postgres"
+url = "{auditor}"
+bin_dir = "{bin_dir}"
+archive = true
+[storage]
+url = "file://{storage}"
+[archive]
+partial_interval = "200ms"
+spool_dir = "{spool}"
+"#,
+            ledger_node = cluster.ledgers[0].address,
+            auditor_node = cluster.auditor.address,
+            ledger = postgres.url("ledger"),
+            auditor = postgres.url("auditor"),
+            bin_dir = postgres.bin_dir().display(),
+            storage = dir.path().join("storage").display(),
+            spool = dir.path().join("spool").display(),
+        );
+        std::fs::write(&runbook, text).unwrap();
+        let mut setup = Setup {
+            _postgres: postgres,
+            _cluster: cluster,
+            dir,
+            runbook,
+            archiver: None,
+        };
+        let child = Command::new(bin("stillpoint"))
+            .args(["archive", "--config", setup.config()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        setup.archiver = Some(Process::new(child, "stillpoint archive".to_owned()));
+        // A base is usable once the archive holds the WAL from its start: wait for
+        // the archiver's first chunks.
+        for database in ["ledger", "auditor"] {
+            let archive = setup.path("storage").join("archive").join(database);
+            wait_until(
+                Duration::from_secs(60),
+                "the archiver's first chunk",
+                || {
+                    std::fs::read_dir(&archive).is_ok_and(|entries| {
+                        entries
+                            .flatten()
+                            .any(|entry| entry.path().extension().is_some_and(|ext| ext == "json"))
+                    })
+                },
+            );
+        }
+        let output = setup.stillpoint(&["base-backup", "--config", setup.config()]);
+        assert!(output.status.success(), "base-backup: {}", stderr(&output));
+        setup
+    }
+
+    fn config(&self) -> &str {
+        self.runbook.to_str().unwrap()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn stillpoint(&self, args: &[&str]) -> std::process::Output {
+        run("stillpoint", args)
+    }
+
+    fn point(&self) {
+        let output = self.stillpoint(&["point", "--config", self.config(), "--wait", "60s"]);
+        assert!(output.status.success(), "point: {}", stderr(&output));
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if let Some(archiver) = self.archiver.take() {
+            archiver.signal("TERM");
+            let _ = archiver.wait_output(Duration::from_secs(30));
+        }
+    }
+}
+
+fn has_entries(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
+}
+
+/// `restore --point` stopped by SIGINT while the base is copied into the target or
+/// replayed there: the half-written data directory is removed, not left at `--to`
+/// looking like a restore. Defect: it was kept ("the scratch server was stopped; …
+/// was kept"), holding part of the base. Control: the same restore left alone keeps
+/// a whole data directory.
+#[test]
+fn an_interrupted_point_restore_leaves_no_half_written_target() {
+    let setup = Setup::start();
+    setup.point();
+
+    let target = setup.path("interrupted");
+    let child = Command::new(bin("stillpoint"))
+        .args(["restore", "--point", "latest", "--config", setup.config()])
+        .args(["--database", "ledger", "--to", target.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut restore = Process::new(child, "stillpoint restore --point".to_owned());
+    // The target fills once staging is done: the base is being copied into it.
+    wait_until(Duration::from_secs(120), "the target to be written", || {
+        assert!(
+            !restore.has_exited(),
+            "the restore ended before it was interrupted"
+        );
+        has_entries(&target)
+    });
+    restore.signal("INT");
+    let output = restore.wait_output(Duration::from_secs(60));
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{message}");
+    assert!(message.contains("interrupted"), "{message}");
+    assert!(
+        message.contains(&format!("{} removed", target.display())),
+        "the message says the target went: {message}"
+    );
+    assert!(
+        !target.exists(),
+        "an interrupted restore left {} behind: {:?}",
+        target.display(),
+        std::fs::read_dir(&target).map(|entries| entries.count())
+    );
+
+    // Control: uninterrupted, the same restore keeps its target, whole.
+    let whole = setup.path("whole");
+    let output = setup.stillpoint(&[
+        "restore",
+        "--point",
+        "latest",
+        "--config",
+        setup.config(),
+        "--database",
+        "ledger",
+        "--to",
+        whole.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "restore: {}", stderr(&output));
+    assert!(whole.join("PG_VERSION").exists());
+    assert!(whole.join("stillpoint-pitr.conf").exists());
+}
