@@ -26,7 +26,7 @@ use super::PointsError;
 use crate::adapters::postgres::conninfo::ConnString;
 use crate::adapters::{AdapterConfig, process};
 use crate::archive::base::{self, BASE_FORMAT, BaseRecord};
-use crate::archive::{ArchiveError, Lsn, Position};
+use crate::archive::{Archive, ArchiveError, Lsn, Position};
 use crate::pipeline::{self, PipelineSettings};
 use crate::runbook::Runbook;
 use crate::storage::Storage;
@@ -123,6 +123,7 @@ pub async fn take(
         .map_err(|message| BaseError::Setup(format!("database {database}: {message}")))?;
     let driver = tokio::spawn(connection);
     let before = insert_position(&client).await.map_err(BaseError::Setup)?;
+    require_archived_from(storage, settings, database, &Position::Lsn(before.0)).await?;
     let id = base::new_base_id();
     let prefix = base::base_prefix(database, &id).map_err(|e| BaseError::Setup(e.to_string()))?;
     let artifact_path = format!("{prefix}/base.tar{}", settings.suffix());
@@ -225,6 +226,38 @@ struct WalPositions {
 }
 
 /// The server's WAL insert position and timeline now.
+/// A base replays from the archive, so the archive must already hold the WAL from
+/// where this base starts: a base taken before the archiver stored its first chunk
+/// (it starts at its slot's position, possibly after `from`) would be listed while
+/// no point could ever replay from it.
+async fn require_archived_from(
+    storage: &Storage,
+    settings: &PipelineSettings,
+    database: &str,
+    from: &Position,
+) -> Result<(), BaseError> {
+    let archive = Archive::new(storage.clone(), settings.clone(), database)
+        .map_err(|error| BaseError::Setup(format!("database {database}: {error}")))?;
+    let catalog = archive.catalog().await.map_err(|error| {
+        BaseError::Setup(format!("database {database}: reading its archive: {error}"))
+    })?;
+    match catalog.coverage() {
+        Some(coverage) if coverage.from <= *from => Ok(()),
+        coverage => Err(BaseError::Setup(format!(
+            "the archive of {database} {}, so no point could replay a base backup taken \
+             now: start `stillpoint archive --config RUNBOOK` and take the base backup once \
+             `stillpoint archive-list` shows a chunk of {database}; nothing was taken",
+            match coverage {
+                Some(coverage) => format!(
+                    "starts at {}, after the server's WAL position {from}",
+                    coverage.from
+                ),
+                None => "holds no WAL yet".to_owned(),
+            }
+        ))),
+    }
+}
+
 async fn insert_position(client: &tokio_postgres::Client) -> Result<(Lsn, u32), String> {
     let row = client
         .query_one(

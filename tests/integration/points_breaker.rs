@@ -198,3 +198,85 @@ fn an_interrupted_point_restore_leaves_no_half_written_target() {
     assert!(whole.join("PG_VERSION").exists());
     assert!(whole.join("stillpoint-pitr.conf").exists());
 }
+
+/// `base-backup` run right after `archive` starts (as a script would run the
+/// runbook's steps 1 and 2), before the archive holds any WAL: refused (exit 2),
+/// naming the archive and the fix, with no base listed. Defect: the base was stored
+/// and listed though the archive would start after its start, so every point on it
+/// failed ("the log before it was never archived") until another base was taken.
+/// Control: once the archive holds a chunk, the same command takes a base.
+#[test]
+fn a_base_backup_before_the_archive_holds_wal_is_refused() {
+    let postgres = Postgres::start_with(PostgresOptions { wal_archive: true });
+    postgres.create_database("ledger");
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    let runbook = dir.path().join("runbook.toml");
+    std::fs::write(
+        &runbook,
+        format!(
+            r#"
+cluster = "points-breaker-base"
+[pause]
+tiers = [{{ addresses = ["127.0.0.1:1"] }}]
+[[databases]]
+name = "ledger"
+adapter = "postgres"
+url = "{url}"
+bin_dir = "{bin_dir}"
+archive = true
+[storage]
+url = "file://{storage}"
+[archive]
+spool_dir = "{spool}"
+"#,
+            url = postgres.url("ledger"),
+            bin_dir = postgres.bin_dir().display(),
+            storage = storage.display(),
+            spool = dir.path().join("spool").display(),
+        ),
+    )
+    .unwrap();
+    let config = runbook.to_str().unwrap();
+
+    // No archiver yet: the archive is empty.
+    let output = run("stillpoint", &["base-backup", "--config", config]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{message}");
+    assert!(message.contains("the archive of ledger"), "{message}");
+    assert!(message.contains("stillpoint archive"), "{message}");
+    assert!(
+        !storage.join("bases").join("ledger").exists()
+            || std::fs::read_dir(storage.join("bases").join("ledger"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "a refused base backup stored something"
+    );
+
+    // Control: with the archiver running and a chunk stored, a base is taken.
+    let child = Command::new(bin("stillpoint"))
+        .args(["archive", "--config", config])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let archiver = Process::new(child, "stillpoint archive".to_owned());
+    let archive = storage.join("archive").join("ledger");
+    wait_until(
+        Duration::from_secs(60),
+        "the archiver's first chunk",
+        || {
+            std::fs::read_dir(&archive).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .any(|entry| entry.path().extension().is_some_and(|ext| ext == "json"))
+            })
+        },
+    );
+    let output = run("stillpoint", &["base-backup", "--config", config]);
+    archiver.signal("TERM");
+    let _ = archiver.wait_output(Duration::from_secs(30));
+    assert!(output.status.success(), "base-backup: {}", stderr(&output));
+}
