@@ -257,10 +257,26 @@ pub async fn run(
         });
     }
 
-    // After the release: row counts in the markers' snapshots, if asked.
+    // After the release: row counts in the markers' snapshots, if asked. A server
+    // that stops answering now (hung, stopped) would hold the point forever: each
+    // gets `--wait` to close its snapshot.
     let mut finished = Vec::new();
-    for (member, marker) in members.into_iter().zip(markers) {
-        finished.push(finish(member, marker, options.count_rows).await);
+    for ((member, marker), database) in members.into_iter().zip(markers).zip(&runbook.databases) {
+        let finishing = finish(member, marker, options.count_rows);
+        finished.push(match tokio::time::timeout(options.wait, finishing).await {
+            Ok(done) => done,
+            Err(_) => Err(format!(
+                "database {}: the server did not answer within {:?} (--wait) while the \
+                 marker's snapshot was closed{}; is it stopped, hung or overloaded?",
+                database.name,
+                options.wait,
+                if options.count_rows {
+                    " and its rows counted"
+                } else {
+                    ""
+                }
+            )),
+        });
     }
 
     // Wait until every archive has reached its marker, from the base it restores from.

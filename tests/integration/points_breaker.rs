@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use stillpoint_testkit::{Postgres, PostgresOptions};
+use stillpoint_testkit::{MariaDb, Postgres, PostgresOptions};
 
 use crate::cluster::Cluster;
 use crate::util::{Process, bin, run, stderr, wait_until};
@@ -279,4 +279,140 @@ spool_dir = "{spool}"
     archiver.signal("TERM");
     let _ = archiver.wait_output(Duration::from_secs(30));
     assert!(output.status.success(), "base-backup: {}", stderr(&output));
+}
+
+/// The MariaDB server hangs (SIGSTOP) after `point` marked it inside the pause but
+/// before it closed the marker's snapshot: `point` gives up within `--wait`, naming
+/// the database, writes no point, and the cluster is not left paused. Defect: it
+/// waited on the hung server forever (no deadline after the release). Control: the
+/// same point with the server running is written.
+#[test]
+fn a_point_whose_database_hangs_after_its_mark_gives_up_within_its_wait() {
+    let mariadb = MariaDb::start();
+    mariadb.create_database("app");
+    let cluster = Cluster::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    let runbook = dir.path().join("runbook.toml");
+    std::fs::write(
+        &runbook,
+        format!(
+            r#"
+cluster = "points-breaker-hang"
+[pause]
+tiers = [{{ addresses = ["{ledger}"] }}, {{ addresses = ["{auditor}"] }}]
+# Held open long enough for the test to stop the server between the mark and the
+# release.
+min_window = "2s"
+[[databases]]
+name = "app"
+adapter = "mariadb"
+url = "{url}"
+bin_dir = "{bin_dir}"
+archive = true
+[storage]
+url = "file://{storage}"
+[archive]
+chunk_interval = "200ms"
+spool_dir = "{spool}"
+"#,
+            ledger = cluster.ledgers[0].address,
+            auditor = cluster.auditor.address,
+            url = mariadb.url("app"),
+            bin_dir = mariadb.bin_dir().display(),
+            storage = storage.display(),
+            spool = dir.path().join("spool").display(),
+        ),
+    )
+    .unwrap();
+    let config = runbook.to_str().unwrap();
+    let child = Command::new(bin("stillpoint"))
+        .args(["archive", "--config", config])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let archiver = Process::new(child, "stillpoint archive".to_owned());
+    let archive = storage.join("archive").join("app");
+    wait_until(
+        Duration::from_secs(60),
+        "the archiver's first chunk",
+        || {
+            std::fs::read_dir(&archive).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .any(|entry| entry.path().extension().is_some_and(|ext| ext == "json"))
+            })
+        },
+    );
+    let output = run("stillpoint", &["base-backup", "--config", config]);
+    assert!(output.status.success(), "base-backup: {}", stderr(&output));
+    let nodes = format!("{},{}", cluster.ledgers[0].address, cluster.auditor.address);
+    let server = mariadb_server_pid(&mariadb);
+
+    let child = Command::new(bin("stillpoint"))
+        .args(["point", "--config", config, "--wait", "5s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let point = Process::new(child, "stillpoint point".to_owned());
+    wait_until(Duration::from_secs(30), "the point's pause", || {
+        crate::util::paused_flags(&nodes)
+            .iter()
+            .all(|paused| *paused)
+    });
+    // The marks are taken right after the pause; the window is held 2 s.
+    std::thread::sleep(Duration::from_millis(500));
+    signal(server, "STOP");
+    let output = point.wait_output(Duration::from_secs(60));
+    signal(server, "CONT");
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(6), "{message}");
+    assert!(message.contains("database app"), "{message}");
+    assert!(message.contains("no point was written"), "{message}");
+    assert!(
+        crate::util::paused_flags(&nodes)
+            .iter()
+            .all(|paused| !paused),
+        "the cluster was left paused"
+    );
+    assert!(
+        std::fs::read_dir(storage.join("points"))
+            .map_or(true, |mut entries| entries.next().is_none()),
+        "a point was written"
+    );
+
+    // Control: the server answering, the same point is written.
+    let output = run(
+        "stillpoint",
+        &["point", "--config", config, "--wait", "30s"],
+    );
+    archiver.signal("TERM");
+    let _ = archiver.wait_output(Duration::from_secs(30));
+    assert!(output.status.success(), "point: {}", stderr(&output));
+}
+
+/// The pid of the test's mariadbd: the one whose command line names its data
+/// directory.
+fn mariadb_server_pid(mariadb: &MariaDb) -> u32 {
+    let output = Command::new("pgrep")
+        .args(["-f", &format!("mariadbd.*{}", mariadb.data_dir().display())])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .and_then(|line| line.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no mariadbd for {}", mariadb.data_dir().display()))
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
 }
