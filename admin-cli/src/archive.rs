@@ -95,6 +95,34 @@ fn open_archive(runbook: &Runbook, database: &str) -> Result<Archive, Failure> {
     Archive::new(storage, settings, database).map_err(|error| Failure::new(exit::USAGE, error))
 }
 
+/// [`open_archive`] for wal-push and wal-fetch: the database must be PostgreSQL. Its
+/// archive of another adapter holds no WAL, so a fetch from it would answer "not in
+/// the archive", which PostgreSQL reads as the archive's end and promotes early.
+fn open_wal_archive(runbook: &Runbook, database: &str) -> Result<Archive, Failure> {
+    let archive = open_archive(runbook, database)?;
+    match runbook.databases.iter().find(|db| db.name == database) {
+        Some(db) if !matches!(db.adapter, AdapterConfig::Postgres(_)) => Err(Failure::new(
+            exit::USAGE,
+            anyhow!(
+                "database {database} is {}, not PostgreSQL: wal-push and wal-fetch serve a \
+                 PostgreSQL database's WAL archive; give --database the PostgreSQL \
+                 database this server is",
+                adapter_name(&db.adapter)
+            ),
+        )),
+        _ => Ok(archive),
+    }
+}
+
+fn adapter_name(adapter: &AdapterConfig) -> &'static str {
+    match adapter {
+        AdapterConfig::Postgres(_) => "PostgreSQL",
+        AdapterConfig::Mariadb(_) => "MariaDB",
+        AdapterConfig::Sqlite(_) => "SQLite",
+        AdapterConfig::Exec(_) => "an exec database",
+    }
+}
+
 /// `stillpoint archive`: every chosen database's archiver, until a signal.
 pub async fn archive(args: ArchiveArgs) -> Result<u8, Failure> {
     let runbook = load_runbook(&args.config)?;
@@ -348,7 +376,7 @@ fn render(database: &str, progress: &Progress, output: OutputFormat) -> String {
 /// the archive (also when it already was, with the same content).
 pub async fn wal_push(args: WalPushArgs) -> Result<u8, Failure> {
     let runbook = load_runbook(&args.config)?;
-    let archive = open_archive(&runbook, &args.database)?;
+    let archive = open_wal_archive(&runbook, &args.database)?;
     match postgres::wal_push(&archive, &args.path).await {
         Ok(PushOutcome::Stored(record)) => {
             write_stderr(&format!(
@@ -383,7 +411,7 @@ pub async fn wal_fetch(args: WalFetchArgs) -> Result<u8, Failure> {
 
 async fn fetch_one(args: &WalFetchArgs) -> Result<u8, Failure> {
     let runbook = load_runbook(&args.config)?;
-    let archive = open_archive(&runbook, &args.database)?;
+    let archive = open_wal_archive(&runbook, &args.database)?;
     let decryption =
         backup::decryption(&runbook).map_err(|error| Failure::new(exit::USAGE, error))?;
     match postgres::wal_fetch(&archive, &decryption, &args.segment, &args.dest).await {

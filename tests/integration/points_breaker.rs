@@ -416,3 +416,99 @@ fn signal(pid: u32, signal: &str) {
         .unwrap();
     assert!(status.success(), "kill -{signal} {pid}");
 }
+
+/// `wal-fetch` as restore_command with `--database` naming a MariaDB database (a
+/// runbook slip): exit 126, so PostgreSQL aborts recovery, naming the database and
+/// its adapter. Defect: it answered "not in the archive" (exit 1), which PostgreSQL
+/// reads as the archive's end and promotes early. `wal-push` refuses it too. Control:
+/// a PostgreSQL database's archive without the segment still exits 1.
+#[test]
+fn wal_fetch_for_a_database_that_is_not_postgres_aborts_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let runbook = dir.path().join("runbook.toml");
+    std::fs::write(
+        &runbook,
+        format!(
+            r#"
+cluster = "points-breaker-wal-fetch"
+[pause]
+tiers = [{{ addresses = ["127.0.0.1:1"] }}]
+[[databases]]
+name = "ledger"
+adapter = "postgres"
+url = "postgres://postgres@127.0.0.1:1/ledger"
+archive = true
+[[databases]]
+name = "auditor"
+adapter = "mariadb"
+url = "mysql://root@127.0.0.1:1/auditor"
+archive = true
+[storage]
+url = "file://{storage}"
+"#,
+            storage = dir.path().join("storage").display(),
+        ),
+    )
+    .unwrap();
+    let config = runbook.to_str().unwrap();
+    let segment = "000000010000000000000001";
+    let dest = dir.path().join("fetched");
+    let dest = dest.to_str().unwrap();
+
+    let output = run(
+        "stillpoint",
+        &[
+            "wal-fetch",
+            "--config",
+            config,
+            "--database",
+            "auditor",
+            segment,
+            dest,
+        ],
+    );
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(126), "{message}");
+    assert!(message.contains("auditor"), "{message}");
+    assert!(message.contains("MariaDB"), "{message}");
+
+    let wal = dir.path().join(segment);
+    std::fs::write(&wal, vec![0u8; 16 * 1024 * 1024]).unwrap();
+    let output = run(
+        "stillpoint",
+        &[
+            "wal-push",
+            "--config",
+            config,
+            "--database",
+            "auditor",
+            wal.to_str().unwrap(),
+        ],
+    );
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{message}");
+    assert!(message.contains("MariaDB"), "{message}");
+    assert!(
+        !dir.path()
+            .join("storage")
+            .join("archive")
+            .join("auditor")
+            .exists(),
+        "wal-push wrote into a MariaDB archive"
+    );
+
+    // Control: a PostgreSQL archive without the segment is "not there" (exit 1).
+    let output = run(
+        "stillpoint",
+        &[
+            "wal-fetch",
+            "--config",
+            config,
+            "--database",
+            "ledger",
+            segment,
+            dest,
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+}
