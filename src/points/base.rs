@@ -123,7 +123,7 @@ pub async fn take(
         .map_err(|message| BaseError::Setup(format!("database {database}: {message}")))?;
     let driver = tokio::spawn(connection);
     let before = insert_position(&client).await.map_err(BaseError::Setup)?;
-    require_archived_from(storage, settings, database, &Position::Lsn(before.0)).await?;
+    require_archived_from(&client, storage, settings, database, before.0).await?;
     let id = base::new_base_id();
     let prefix = base::base_prefix(database, &id).map_err(|e| BaseError::Setup(e.to_string()))?;
     let artifact_path = format!("{prefix}/base.tar{}", settings.suffix());
@@ -226,36 +226,55 @@ struct WalPositions {
 }
 
 /// The server's WAL insert position and timeline now.
-/// A base replays from the archive, so the archive must already hold the WAL from
-/// where this base starts: a base taken before the archiver stored its first chunk
-/// (it starts at its slot's position, possibly after `from`) would be listed while
-/// no point could ever replay from it.
+/// A base replays from the archive, so the archive must hold the WAL from where this
+/// base starts: it does already, or the archiver's slot holds that WAL for it (a new
+/// archive starts at its slot's position). A base taken before the archiver made its
+/// slot would be listed while no point could ever replay from it.
 async fn require_archived_from(
+    client: &tokio_postgres::Client,
     storage: &Storage,
     settings: &PipelineSettings,
     database: &str,
-    from: &Position,
+    from: Lsn,
 ) -> Result<(), BaseError> {
     let archive = Archive::new(storage.clone(), settings.clone(), database)
         .map_err(|error| BaseError::Setup(format!("database {database}: {error}")))?;
     let catalog = archive.catalog().await.map_err(|error| {
         BaseError::Setup(format!("database {database}: reading its archive: {error}"))
     })?;
-    match catalog.coverage() {
-        Some(coverage) if coverage.from <= *from => Ok(()),
-        coverage => Err(BaseError::Setup(format!(
-            "the archive of {database} {}, so no point could replay a base backup taken \
-             now: start `stillpoint archive --config RUNBOOK` and take the base backup once \
-             `stillpoint archive-list` shows a chunk of {database}; nothing was taken",
-            match coverage {
-                Some(coverage) => format!(
-                    "starts at {}, after the server's WAL position {from}",
-                    coverage.from
-                ),
-                None => "holds no WAL yet".to_owned(),
+    let from_position = Position::Lsn(from);
+    let why = match catalog.coverage() {
+        Some(coverage) if coverage.from <= from_position => return Ok(()),
+        Some(coverage) => format!(
+            "starts at {}, after the server's WAL position {from_position}",
+            coverage.from
+        ),
+        None => {
+            let slot = crate::archive::postgres::slot_name(database);
+            let restart: Option<String> = client
+                .query_opt(
+                    "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .map_err(|e| {
+                    BaseError::Setup(format!(
+                        "database {database}: reading the replication slot {slot}: {}",
+                        crate::adapters::postgres::error_text(&e)
+                    ))
+                })?
+                .and_then(|row| row.get(0));
+            match restart.and_then(|lsn| lsn.parse::<Lsn>().ok()) {
+                Some(restart) if restart <= from => return Ok(()),
+                _ => format!("holds no WAL yet and the archiver's slot {slot} does not hold it"),
             }
-        ))),
-    }
+        }
+    };
+    Err(BaseError::Setup(format!(
+        "the archive of {database} {why}, so no point could replay a base backup taken now: \
+         start `stillpoint archive --config RUNBOOK` and take the base backup once \
+         `stillpoint archive-list` shows a chunk of {database}; nothing was taken"
+    )))
 }
 
 async fn insert_position(client: &tokio_postgres::Client) -> Result<(Lsn, u32), String> {
