@@ -123,7 +123,6 @@ pub async fn take(
         .map_err(|message| BaseError::Setup(format!("database {database}: {message}")))?;
     let driver = tokio::spawn(connection);
     let before = insert_position(&client).await.map_err(BaseError::Setup)?;
-    require_archived_from(&client, storage, settings, database, before.0).await?;
     let id = base::new_base_id();
     let prefix = base::base_prefix(database, &id).map_err(|e| BaseError::Setup(e.to_string()))?;
     let artifact_path = format!("{prefix}/base.tar{}", settings.suffix());
@@ -194,6 +193,15 @@ pub async fn take(
             return Err(failed(why));
         }
     };
+    // Interrupted while it waits, the base goes like one interrupted while taken.
+    let archived = tokio::select! {
+        archived = require_archived_from(storage, settings, database, positions.start) => archived,
+        () = cancel.cancelled() => Err(BaseError::Cancelled { database: database.to_owned() }),
+    };
+    if let Err(error) = archived {
+        remove().await;
+        return Err(error);
+    }
     let record = BaseRecord {
         format: BASE_FORMAT,
         id: id.clone(),
@@ -226,12 +234,16 @@ struct WalPositions {
 }
 
 /// The server's WAL insert position and timeline now.
-/// A base replays from the archive, so the archive must hold the WAL from where this
-/// base starts: it does already, or the archiver's slot holds that WAL for it (a new
-/// archive starts at its slot's position). A base taken before the archiver made its
-/// slot would be listed while no point could ever replay from it.
+/// How long a base backup waits for an archive that holds nothing yet (an archiver
+/// just started) to store its first chunk.
+const FIRST_CHUNK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A base replays from the archive, so its record is written only once the archive
+/// holds the WAL from where the base starts: a base taken right after the archiver
+/// started may start before the archive does (it starts where its slot was made),
+/// and would be listed while no point could ever replay from it. An empty archive
+/// gets [`FIRST_CHUNK_WAIT`] for its first chunk.
 async fn require_archived_from(
-    client: &tokio_postgres::Client,
     storage: &Storage,
     settings: &PipelineSettings,
     database: &str,
@@ -239,41 +251,30 @@ async fn require_archived_from(
 ) -> Result<(), BaseError> {
     let archive = Archive::new(storage.clone(), settings.clone(), database)
         .map_err(|error| BaseError::Setup(format!("database {database}: {error}")))?;
-    let catalog = archive.catalog().await.map_err(|error| {
-        BaseError::Setup(format!("database {database}: reading its archive: {error}"))
-    })?;
-    let from_position = Position::Lsn(from);
-    let why = match catalog.coverage() {
-        Some(coverage) if coverage.from <= from_position => return Ok(()),
-        Some(coverage) => format!(
-            "starts at {}, after the server's WAL position {from_position}",
-            coverage.from
-        ),
-        None => {
-            let slot = crate::archive::postgres::slot_name(database);
-            let restart: Option<String> = client
-                .query_opt(
-                    "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&slot],
-                )
-                .await
-                .map_err(|e| {
-                    BaseError::Setup(format!(
-                        "database {database}: reading the replication slot {slot}: {}",
-                        crate::adapters::postgres::error_text(&e)
-                    ))
-                })?
-                .and_then(|row| row.get(0));
-            match restart.and_then(|lsn| lsn.parse::<Lsn>().ok()) {
-                Some(restart) if restart <= from => return Ok(()),
-                _ => format!("holds no WAL yet and the archiver's slot {slot} does not hold it"),
+    let from = Position::Lsn(from);
+    let deadline = tokio::time::Instant::now() + FIRST_CHUNK_WAIT;
+    let why = loop {
+        let catalog = archive.catalog().await.map_err(|error| {
+            BaseError::Setup(format!("database {database}: reading its archive: {error}"))
+        })?;
+        match catalog.coverage() {
+            Some(coverage) if coverage.from <= from => return Ok(()),
+            Some(coverage) => {
+                break format!(
+                    "starts at {}, after this base's start {from}",
+                    coverage.from
+                );
             }
+            None if tokio::time::Instant::now() >= deadline => {
+                break format!("held no WAL after {}s", FIRST_CHUNK_WAIT.as_secs());
+            }
+            None => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
         }
     };
     Err(BaseError::Setup(format!(
-        "the archive of {database} {why}, so no point could replay a base backup taken now: \
+        "the archive of {database} {why}, so no point could replay this base backup: \
          start `stillpoint archive --config RUNBOOK` and take the base backup once \
-         `stillpoint archive-list` shows a chunk of {database}; nothing was taken"
+         `stillpoint archive-list` shows a chunk of {database}; nothing was kept"
     )))
 }
 

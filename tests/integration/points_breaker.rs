@@ -199,12 +199,14 @@ fn an_interrupted_point_restore_leaves_no_half_written_target() {
     assert!(whole.join("stillpoint-pitr.conf").exists());
 }
 
-/// `base-backup` run right after `archive` starts (as a script would run the
-/// runbook's steps 1 and 2), before the archive holds any WAL: refused (exit 2),
-/// naming the archive and the fix, with no base listed. Defect: the base was stored
-/// and listed though the archive would start after its start, so every point on it
+/// `base-backup` while the archive holds no WAL (no archiver, or one started a moment
+/// ago, as a script running the runbook's steps 1 and 2 would): the base's record is
+/// written only once the archive holds the WAL from its start; with no archiver it
+/// is refused (exit 2) after a bounded wait, naming the archive and the fix, with no
+/// base listed. Defect: the base was stored and listed though the archive could start
+/// after it (it starts where the archiver's slot was made), so every point on it
 /// failed ("the log before it was never archived") until another base was taken.
-/// Control: once the archive holds a chunk, the same command takes a base.
+/// Control: with the archiver running, the same command takes a base.
 #[test]
 fn a_base_backup_before_the_archive_holds_wal_is_refused() {
     let postgres = Postgres::start_with(PostgresOptions { wal_archive: true });
