@@ -207,9 +207,41 @@ pub async fn base_backup(args: &BaseBackupArgs) -> Result<u8, Failure> {
     Ok(exit::OK)
 }
 
+/// The point `which` names. A manifest that cannot be read is named, never passed
+/// over in silence: asked for by its id, it is the error (exit 6); newer than the
+/// point `latest` resolves to, it is a warning (a restore of an older point than the
+/// operator thinks loses data).
 async fn resolve_point(storage: &Storage, which: &str) -> Result<PointManifest, Failure> {
-    let (found, _) = points::list_points(storage).await.map_err(usage)?;
-    points::resolve(&found, which).cloned().map_err(usage)
+    let (found, damaged) = points::list_points(storage).await.map_err(usage)?;
+    let id_of = |path: &str| {
+        path.strip_prefix("points/")
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    if let Some((path, problem)) = damaged.iter().find(|(path, _)| id_of(path) == which) {
+        return Err(Failure::new(
+            exit::BACKUP_FAILED,
+            anyhow::anyhow!(
+                "point {which} cannot be restored: its manifest {path} cannot be read \
+                 ({problem}); nothing was written. `stillpoint list` shows the readable points"
+            ),
+        ));
+    }
+    let point = points::resolve(&found, which).cloned().map_err(usage)?;
+    if which == "latest" {
+        for (path, problem) in damaged
+            .iter()
+            .filter(|(path, _)| id_of(path) > point.point_id)
+        {
+            crate::errln!(
+                "warning: {path} is newer than point {} but cannot be read ({problem}); \
+                 `latest` is the newest readable point",
+                point.point_id
+            );
+        }
+    }
+    Ok(point)
 }
 
 fn run_as(flag: &Option<String>) -> Option<String> {

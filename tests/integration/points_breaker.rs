@@ -514,3 +514,71 @@ url = "file://{storage}"
     );
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
 }
+
+/// The newest point's manifest damaged: `restore --point latest` still restores the
+/// newest readable point, but says which newer one it passed over; `restore --point`
+/// of the damaged point's id names the damage (exit 6) instead of "no point".
+/// Defect: `latest` silently restored an older point (the operator loses data without
+/// a word) and the damaged id was "no point". Control: the readable point restores.
+#[test]
+fn a_damaged_newest_point_is_named_not_silently_skipped() {
+    let setup = Setup::start();
+    setup.point();
+    // Ids start with the second: a second apart, their order is the points' order.
+    std::thread::sleep(Duration::from_millis(1100));
+    setup.point();
+    let points = setup.path("storage").join("points");
+    let mut ids: Vec<String> = std::fs::read_dir(&points)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    ids.sort();
+    let (older, newest) = (&ids[0], &ids[1]);
+    std::fs::write(
+        points.join(newest).join("point.json"),
+        "{\"format\": 1, \"poi",
+    )
+    .unwrap();
+
+    let output = setup.stillpoint(&[
+        "restore",
+        "--point",
+        newest,
+        "--config",
+        setup.config(),
+        "--database",
+        "ledger",
+        "--to",
+        setup.path("damaged").to_str().unwrap(),
+    ]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(6), "{message}");
+    assert!(
+        message.contains(&format!("points/{newest}/point.json")),
+        "{message}"
+    );
+    assert!(message.contains("cannot be read"), "{message}");
+    assert!(!setup.path("damaged").exists());
+
+    let target = setup.path("latest");
+    let output = setup.stillpoint(&[
+        "restore",
+        "--point",
+        "latest",
+        "--config",
+        setup.config(),
+        "--database",
+        "ledger",
+        "--to",
+        target.to_str().unwrap(),
+    ]);
+    let message = stderr(&output);
+    assert!(output.status.success(), "{message}");
+    assert!(message.contains(older.as_str()), "{message}");
+    assert!(
+        message.contains(&format!("points/{newest}/point.json")),
+        "latest passed over the damaged newer point without a word: {message}"
+    );
+    assert!(target.join("PG_VERSION").exists());
+}
