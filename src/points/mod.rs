@@ -159,13 +159,15 @@ pub fn new_id() -> String {
     crate::manifest::new_backup_id()
 }
 
-/// Every point whose manifest exists, oldest first, and manifests that cannot be
+/// Every point whose manifest exists, oldest (mid-time) first, and manifests that cannot be
 /// read (path, problem).
 pub async fn list_points(
     storage: &Storage,
 ) -> Result<(Vec<PointManifest>, Vec<(String, String)>), PointsError> {
     let (mut found, bad) = read_all::<PointManifest>(storage, POINTS_DIR, POINT_MANIFEST).await?;
-    found.sort_by(|a, b| a.point_id.cmp(&b.point_id));
+    // By mid-time: ids carry only the second (then a random suffix), so two points of
+    // one second would otherwise sort by chance, and `latest` be the older.
+    found.sort_by(|a, b| (a.time_ms(), &a.point_id).cmp(&(b.time_ms(), &b.point_id)));
     Ok((found, bad))
 }
 
@@ -337,5 +339,42 @@ mod tests {
         assert!(resolve(&points, "2025-12-31T23:59:59Z").is_err());
         assert!(resolve(&points, "nonsense").is_err());
         assert!(resolve(&[], "latest").is_err());
+    }
+
+    /// Ids start with the second the point was taken, then a random suffix: two points
+    /// in one second (two operators, a script) sort by chance. The list, and so
+    /// `latest` and a time, go by the points' mid-times. Defect: sorted by id,
+    /// `latest` could be the older of the two.
+    #[test]
+    fn points_of_one_second_are_ordered_by_their_mid_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&format!("file://{}", dir.path().display())).unwrap();
+        let older = point("20260101T000000Z-ffffff", 1_767_225_600_100);
+        let newer = point("20260101T000000Z-000000", 1_767_225_600_900);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (found, bad) = runtime.block_on(async {
+            for manifest in [&older, &newer] {
+                let json = serde_json::to_vec_pretty(manifest).unwrap();
+                storage
+                    .put_atomic(&point_path(&manifest.point_id), json.into())
+                    .await
+                    .unwrap();
+            }
+            list_points(&storage).await.unwrap()
+        });
+        assert!(bad.is_empty(), "{bad:?}");
+        let ids: Vec<&str> = found.iter().map(|point| point.point_id.as_str()).collect();
+        assert_eq!(ids, [older.point_id.as_str(), newer.point_id.as_str()]);
+        assert_eq!(resolve(&found, "latest").unwrap().point_id, newer.point_id);
+        // Control: a time between them picks the older.
+        assert_eq!(
+            resolve(&found, "2026-01-01T00:00:00.500Z")
+                .unwrap()
+                .point_id,
+            older.point_id
+        );
     }
 }
