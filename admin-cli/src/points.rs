@@ -22,7 +22,7 @@ use crate::drill::DrillArgs;
 use crate::exit::{self, Failure};
 use crate::output::print_json;
 use crate::restore::{BaseBackupArgs, RestoreArgs};
-use crate::signal::run_cancellable;
+use crate::signal::{Interrupts, run_cancellable};
 
 #[derive(Debug, Clone, Args)]
 pub struct PointArgs {
@@ -62,7 +62,23 @@ pub async fn point(args: PointArgs) -> Result<u8, Failure> {
         wait: args.wait,
         count_rows: args.count_rows,
     };
-    let result = take::run(&runbook, &storage, &settings, &options).await;
+    // SIGINT/SIGTERM stop the point: dropping its work releases a paused cluster at
+    // once (PausedCluster's drop, bounded; the lease covers the rest) and nothing has
+    // been written, since the manifest goes last.
+    let mut interrupts =
+        Interrupts::new().map_err(|error| anyhow!("cannot listen for SIGINT/SIGTERM: {error}"))?;
+    let result = tokio::select! {
+        result = take::run(&runbook, &storage, &settings, &options) => result,
+        () = interrupts.recv() => {
+            return Err(Failure::new(
+                exit::ERROR,
+                anyhow!(
+                    "interrupted: the point was stopped and the cluster released; no point \
+                     was written"
+                ),
+            ));
+        }
+    };
     let manifest = match result {
         Ok(manifest) => manifest,
         Err(error) => {

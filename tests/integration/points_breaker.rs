@@ -24,6 +24,11 @@ struct Setup {
 impl Setup {
     /// The cluster, its archiver running, a base backup of each database.
     fn start() -> Setup {
+        Setup::start_with("")
+    }
+
+    /// [`Setup::start`], with more lines in the runbook's `[pause]`.
+    fn start_with(pause: &str) -> Setup {
         let postgres = Postgres::start_with(PostgresOptions { wal_archive: true });
         postgres.create_database("ledger");
         postgres.create_database("auditor");
@@ -43,6 +48,7 @@ impl Setup {
 cluster = "points-breaker-test"
 [pause]
 tiers = [{{ addresses = ["{ledger_node}"] }}, {{ addresses = ["{auditor_node}"] }}]
+{pause}
 [[databases]]
 name = "ledger"
 adapter = "postgres"
@@ -104,6 +110,13 @@ spool_dir = "{spool}"
         let output = setup.stillpoint(&["base-backup", "--config", setup.config()]);
         assert!(output.status.success(), "base-backup: {}", stderr(&output));
         setup
+    }
+
+    fn nodes(&self) -> String {
+        format!(
+            "{},{}",
+            self._cluster.ledgers[0].address, self._cluster.auditor.address
+        )
     }
 
     fn config(&self) -> &str {
@@ -581,4 +594,46 @@ fn a_damaged_newest_point_is_named_not_silently_skipped() {
         "latest passed over the damaged newer point without a word: {message}"
     );
     assert!(target.join("PG_VERSION").exists());
+}
+
+/// `point` stopped by SIGTERM (systemd, `timeout`) inside its pause: it releases the
+/// cluster, says so, exits 1 as `--help` says for other errors, and writes no point.
+/// Defect: it had no signal handling and died of the signal (exit 143, no word).
+/// Control: the same point left alone is written.
+#[test]
+fn a_point_stopped_by_sigterm_in_its_pause_releases_and_says_so() {
+    let setup = Setup::start_with("min_window = \"2s\"");
+    let nodes = setup.nodes();
+    let child = Command::new(bin("stillpoint"))
+        .args(["point", "--config", setup.config()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let point = Process::new(child, "stillpoint point".to_owned());
+    wait_until(Duration::from_secs(30), "the point's pause", || {
+        crate::util::paused_flags(&nodes)
+            .iter()
+            .all(|paused| *paused)
+    });
+    point.signal("TERM");
+    let output = point.wait_output(Duration::from_secs(30));
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{message}");
+    assert!(message.contains("interrupted"), "{message}");
+    assert!(message.contains("no point was written"), "{message}");
+    assert!(
+        crate::util::paused_flags(&nodes)
+            .iter()
+            .all(|paused| !paused),
+        "the cluster was left paused"
+    );
+    let points = setup.path("storage").join("points");
+    assert!(
+        std::fs::read_dir(&points).map_or(true, |mut entries| entries.next().is_none()),
+        "a point was written"
+    );
+
+    setup.point();
 }
