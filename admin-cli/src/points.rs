@@ -427,6 +427,24 @@ fn point_targets(
                     return Err(format!("--to names {name} twice"));
                 }
             }
+            // NAME=… with a NAME the point lacks is a typo, not a directory named
+            // `NAME=…` under the working directory.
+            Some((name, _))
+                if !flag.contains("://")
+                    && !name.is_empty()
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) =>
+            {
+                return Err(format!(
+                    "--to {flag}: the point has no database {name:?}; it has: {}",
+                    databases
+                        .iter()
+                        .map(|(db, _)| db.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
             _ => plain.push(flag.clone()),
         }
     }
@@ -695,6 +713,22 @@ mod tests {
 
     fn flags(list: &[&str]) -> Vec<String> {
         list.iter().map(|flag| flag.to_string()).collect()
+    }
+
+    /// `--to NAME=TARGET` with a NAME the point does not have (a typo) is refused,
+    /// naming the point's databases. Defect: it was taken for a plain directory and
+    /// the restore written to `./ledgr=/srv/restore`, under the working directory.
+    /// Control: a directory with `=` in a path component is still a directory.
+    #[test]
+    fn a_to_naming_no_database_is_refused() {
+        let databases = dbs(&[("ledger", "postgres"), ("auditor", "mariadb")]);
+        let error = point_targets(&databases, &flags(&["ledgr=/srv/restore"])).unwrap_err();
+        assert!(error.contains("ledgr"), "{error}");
+        assert!(error.contains("ledger, auditor"), "{error}");
+        assert_eq!(
+            point_targets(&dbs(&[("ledger", "postgres")]), &flags(&["/srv/a=b"])).unwrap(),
+            [PointTarget::DataDir("/srv/a=b".into())]
+        );
     }
 
     /// One plain --to serves what it fits (a directory PostgreSQL, a URL MariaDB);
