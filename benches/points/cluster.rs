@@ -17,7 +17,7 @@ use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{self, Process, Row, Target, median, percentile};
-use crate::{Archiver, Server, lsn, stillpoint};
+use crate::{Archiver, Server, lsn, set_mode, stillpoint};
 
 const LEDGERS: usize = 3;
 const LOAD_CONCURRENCY: usize = 8;
@@ -42,6 +42,8 @@ pub struct ClusterRun {
 
 pub fn run(runtime: &tokio::runtime::Runtime, sizes: &crate::Sizes) -> ClusterRun {
     let dir = tempfile::tempdir().unwrap();
+    // The server runs as `postgres` when we are root: it must reach its directory.
+    set_mode(dir.path(), 0o755);
     let postgres = Server::init(&dir.path().join("pg"), "server", &[]);
     for database in DATABASES {
         postgres.create_database(database);
@@ -122,6 +124,7 @@ spool_dir = "{spool}"
     .unwrap();
     let config = runbook.to_str().unwrap();
     let mut archiver = Archiver::start(&runbook);
+    archiver.wait_streaming(&postgres, DATABASES.len());
     // The tables exist once the nodes serve; the base backups hold them.
     stillpoint(&["base-backup", "--config", config]);
 

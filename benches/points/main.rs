@@ -95,11 +95,21 @@ fn main() {
     let shutdown = CancellationToken::new();
     let (nodes, servers) = runtime.block_on(support::start_admin_nodes(1, shutdown.clone()));
 
-    let mut fixture = Fixture::create(&sizes, &nodes);
-    let bases = base::compare(&fixture, sizes.base_rounds);
-    let prepared = restore::prepare(&fixture, sizes.wal_bytes);
-    let restores = restore::compare(&fixture, &prepared, sizes.restores);
-    fixture.archiver.stop();
+    let mut rows = Vec::new();
+    {
+        let mut fixture = Fixture::create(&sizes, &nodes);
+        let bases = base::compare(&fixture, sizes.base_rounds);
+        let prepared = restore::prepare(&fixture, sizes.wal_bytes);
+        let restores = restore::compare(&fixture, &prepared, sizes.restores);
+        fixture.archiver.stop();
+        let (body, row) = bases.report(&fixture);
+        flags.section("points-base", &body);
+        rows.push(row);
+        let (body, mut more) = restores.report(&fixture, &prepared);
+        flags.section("points-restore", &body);
+        rows.append(&mut more);
+        // The server, its archives and pgBackRest's repository go before the next part.
+    }
     let cluster = cluster::run(&runtime, &sizes);
     let mariadb = mariadb::compare(&runtime, sizes.mariadb_rows, sizes.restores);
 
@@ -110,13 +120,6 @@ fn main() {
         }
     });
 
-    let mut rows = Vec::new();
-    let (body, row) = bases.report(&fixture);
-    flags.section("points-base", &body);
-    rows.push(row);
-    let (body, mut more) = restores.report(&fixture, &prepared);
-    flags.section("points-restore", &body);
-    rows.append(&mut more);
     let (body, mut more) = cluster.report(&sizes);
     flags.section("points-load", &body);
     rows.append(&mut more);
@@ -216,6 +219,7 @@ spool_dir = "{spool}"
         )
         .unwrap();
         let archiver = Archiver::start(&runbook);
+        archiver.wait_streaming(&postgres, 1);
         Fixture {
             postgres,
             rows: sizes.rows,
@@ -360,6 +364,21 @@ impl Archiver {
         }
     }
 
+    /// Waits until `server` streams to every archiver (`databases` replication slots
+    /// active): a base backup started earlier could begin before the archive does.
+    pub fn wait_streaming(&self, server: &Server, databases: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let sql = "SELECT count(*) FROM pg_replication_slots \
+                   WHERE active AND slot_name LIKE 'stillpoint\\_%'";
+        while server.psql("postgres", sql) != databases.to_string() {
+            assert!(
+                Instant::now() < deadline,
+                "stillpoint archive did not start streaming within 2 minutes"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGTERM: it pushes what it received, stops pg_receivewal and exits.
     pub fn stop(&mut self) {
         if let Some(process) = self.process.take() {
@@ -495,16 +514,13 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(3600);
         loop {
             // Connections open while a standby still replays; only the end counts.
-            if server
-                .try_psql("postgres", "SELECT pg_is_in_recovery()")
-                .as_deref()
-                == Some("f")
-            {
+            let answer = server.try_psql("postgres", "SELECT pg_is_in_recovery()");
+            if answer.as_deref() == Ok("f") {
                 return server;
             }
             assert!(
                 Instant::now() < deadline,
-                "the server in {} did not finish recovery: {}",
+                "the server in {} did not finish recovery ({answer:?}): {}",
                 data_dir.display(),
                 std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default()
             );
@@ -523,16 +539,12 @@ impl Server {
     /// Runs SQL (statements one after another, as a file: VACUUM included); the
     /// output without its trailing newline, or a panic with the error.
     pub fn psql(&self, database: &str, sql: &str) -> String {
-        self.try_psql(database, sql).unwrap_or_else(|| {
-            panic!(
-                "{sql} failed on {}: {}",
-                self.url(database),
-                std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
-            )
-        })
+        self.try_psql(database, sql)
+            .unwrap_or_else(|error| panic!("{sql} failed on {}: {error}", self.url(database)))
     }
 
-    fn try_psql(&self, database: &str, sql: &str) -> Option<String> {
+    /// [`Server::psql`], with psql's error instead of a panic.
+    fn try_psql(&self, database: &str, sql: &str) -> Result<String, String> {
         use std::io::Write;
         let mut child = Command::new(self.bin_dir.join("psql"))
             .args(["--no-psqlrc", "--quiet", "--tuples-only", "--no-align"])
@@ -543,22 +555,20 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .ok()?;
-        child.stdin.take().unwrap().write_all(sql.as_bytes()).ok()?;
-        let output = child.wait_with_output().ok()?;
+            .map_err(|e| format!("cannot run psql: {e}"))?;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(sql.as_bytes())
+            .map_err(|e| format!("cannot write to psql: {e}"))?;
+        let output = child.wait_with_output().map_err(|e| e.to_string())?;
         if !output.status.success() {
-            let error = String::from_utf8_lossy(&output.stderr);
-            // Not up yet is expected while starting; anything else is worth seeing.
-            if !error.contains("Connection refused") && !error.contains("starting up") {
-                eprintln!("psql on {}: {error}", self.url(database));
-            }
-            return None;
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
         }
-        Some(
-            String::from_utf8_lossy(&output.stdout)
-                .trim_end()
-                .to_owned(),
-        )
+        Ok(String::from_utf8_lossy(&output.stdout)
+            .trim_end()
+            .to_owned())
     }
 }
 

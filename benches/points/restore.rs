@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use crate::support::{self, Row, Target, median};
 use crate::{DATABASE, Fixture, Server, chown_to_postgres, lsn, set_mode, stillpoint};
 
-/// Rows per batch of the updates that write the WAL.
+/// Rows per batch of the updates that write the WAL, at most.
 const BATCH: u64 = 250_000;
 
 pub struct Prepared {
@@ -46,6 +46,8 @@ pub fn prepare(fixture: &Fixture, wal_bytes: u64) -> Prepared {
     let postgres = &fixture.postgres;
     let from = lsn(&postgres.psql(DATABASE, "SELECT pg_current_wal_lsn()"));
     let mut next = 0;
+    // Small batches on a small table, so --quick writes about what it asks.
+    let batch = (fixture.rows / 8).clamp(1, BATCH);
     let started = Instant::now();
     loop {
         let written = lsn(&postgres.psql(DATABASE, "SELECT pg_current_wal_lsn()")) - from;
@@ -58,10 +60,10 @@ pub fn prepare(fixture: &Fixture, wal_bytes: u64) -> Prepared {
             DATABASE,
             &format!(
                 "UPDATE ledger SET amount = amount + 1 WHERE seq > {next} AND seq <= {}",
-                next + BATCH
+                next + batch
             ),
         );
-        next = (next + BATCH) % fixture.rows;
+        next = (next + batch) % fixture.rows;
     }
     eprintln!("wrote the WAL in {:.0?}", started.elapsed());
     let sum = || postgres.psql(DATABASE, "SELECT sum(amount) FROM ledger");
@@ -87,7 +89,7 @@ pub fn prepare(fixture: &Fixture, wal_bytes: u64) -> Prepared {
         sum_at_point,
         sum_after,
         backup_id: manifest["backup_id"].as_str().unwrap().to_owned(),
-        backup_stored: manifest["databases"][0]["artifact"]["stored_size"]
+        backup_stored: manifest["manifest"]["databases"][0]["artifact"]["stored_size"]
             .as_u64()
             .unwrap_or_default(),
         point_wait_ms: point["timings"]["wait_ms"].as_u64().unwrap_or_default(),
