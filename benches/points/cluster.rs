@@ -31,6 +31,8 @@ pub struct ClusterRun {
     pub with_points: Vec<f64>,
     pub without: Vec<f64>,
     pub pause_to_commit_ms: Vec<f64>,
+    /// Of which the wait for every archive to reach its marker.
+    pub wait_ms: Vec<f64>,
     pub window_ms: Vec<f64>,
     /// Per sample and archive, ms.
     pub lag_ms: Vec<f64>,
@@ -156,6 +158,9 @@ spool_dir = "{spool}"
                         .pause_to_commit_ms
                         .push(point["timings"]["pause_to_commit_ms"].as_f64().unwrap());
                     result
+                        .wait_ms
+                        .push(point["timings"]["wait_ms"].as_f64().unwrap());
+                    result
                         .window_ms
                         .push(point["window"]["window_ms"].as_f64().unwrap_or(f64::NAN));
                     next += POINT_EVERY;
@@ -244,6 +249,8 @@ impl ClusterRun {
              | point | p50 | p99 |\n|---|---|---|\n\
              | pause to commit (`timings.pause_to_commit_ms`) | {commit_p50:.0} ms | \
              {commit_p99:.0} ms |\n\
+             | of which the wait for the archives to reach the markers | {wait_p50:.0} ms | \
+             {wait_p99:.0} ms |\n\
              | pause window | {window_p50:.0} ms | {window_p99:.0} ms |\n\
              | archive lag under load ({lags} samples over both archives) | {lag_p50:.0} \
              ms | {lag_p99:.0} ms (max {lag_max:.0} ms) |\n\n\
@@ -252,19 +259,31 @@ impl ClusterRun {
              from reading the server's flushed WAL position to the first report of the \
              archiver whose archive reaches it (the archiver reports each chunk it \
              stores); {unreached} samples were reached by no report before the archiver \
-             stopped. A point's pause-to-commit is mostly its wait for the archive to \
-             reach its marker. Committed transfers: {transfers}; failed or refused: {failed}.",
+             stopped.{lag_why} Committed transfers: {transfers}; failed or refused: \
+             {failed}.",
             measured = support::measured_line(crate::COMMAND),
             segments = sizes.segments,
             secs = sizes.segment.as_secs(),
             points = self.pause_to_commit_ms.len(),
             every = POINT_EVERY.as_secs(),
+            wait_p50 = median(&self.wait_ms),
+            wait_p99 = percentile(&self.wait_ms, 99.0),
             window_p50 = median(&self.window_ms),
             window_p99 = percentile(&self.window_ms, 99.0),
             lags = self.lag_ms.len(),
             unreached = self.unreached,
             failed = self.failed,
             transfers = self.transfers,
+            lag_why = if lag_p99 > 1000.0 {
+                " Why over 1 s: the archiver pushes the segment being written as a \
+                 partial chunk every `partial_interval` (1 s by default), up to what \
+                 pg_receivewal has flushed then; WAL written just after a push waits \
+                 for the next one, and the push itself (zstd, age, storage) comes on \
+                 top. A shorter `partial_interval` trades more, smaller chunks for less \
+                 lag."
+            } else {
+                ""
+            },
         );
         let section = crate::SECTION;
         let rows = vec![
