@@ -33,6 +33,10 @@ pub struct ClusterRun {
     pub pause_to_commit_ms: Vec<f64>,
     /// Of which the wait for every archive to reach its marker.
     pub wait_ms: Vec<f64>,
+    /// From asking the first node to pause to every node released.
+    pub pause_ms: Vec<f64>,
+    /// CPU time of each `stillpoint point` process (user + system), ms.
+    pub cpu_ms: Vec<f64>,
     pub window_ms: Vec<f64>,
     /// Per sample and archive, ms.
     pub lag_ms: Vec<f64>,
@@ -153,7 +157,13 @@ spool_dir = "{spool}"
                 let mut next = POINT_EVERY / 2;
                 while next + Duration::from_secs(1) < sizes.segment {
                     std::thread::sleep(next.saturating_sub(started.elapsed()));
+                    let cpu_before = children_cpu_ms();
                     let point = stillpoint(&["point", "--config", config, "--wait", "60s"]);
+                    // The only child reaped meanwhile: the load generator still runs.
+                    result.cpu_ms.push(children_cpu_ms() - cpu_before);
+                    result
+                        .pause_ms
+                        .push(point["timings"]["pause_ms"].as_f64().unwrap());
                     result
                         .pause_to_commit_ms
                         .push(point["timings"]["pause_to_commit_ms"].as_f64().unwrap());
@@ -201,6 +211,23 @@ spool_dir = "{spool}"
         }
     }
     result
+}
+
+/// CPU time (user + system) of this process's children that have been waited for,
+/// in ms (`cutime` + `cstime` of /proc/self/stat).
+fn children_cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name (in parentheses, which may hold spaces).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // cutime and cstime are fields 16 and 17 of the whole line: 13 and 14 here.
+    let ticks: f64 = fields[13].parse::<f64>().unwrap() + fields[14].parse::<f64>().unwrap();
+    // Clock ticks are 100 per second on Linux (USER_HZ).
+    ticks * 10.0
 }
 
 /// The server's flushed WAL position every [`SAMPLE_EVERY`] until `stop`: what an
@@ -251,7 +278,10 @@ impl ClusterRun {
              {commit_p99:.0} ms |\n\
              | of which the wait for the archives to reach the markers | {wait_p50:.0} ms | \
              {wait_p99:.0} ms |\n\
+             | pause (first node asked to pause → every node released) | {pause_p50:.0} \
+             ms | {pause_p99:.0} ms |\n\
              | pause window | {window_p50:.0} ms | {window_p99:.0} ms |\n\
+             | CPU of the `stillpoint point` process | {cpu_p50:.0} ms | {cpu_p99:.0} ms |\n\
              | archive lag under load ({lags} samples over both archives) | {lag_p50:.0} \
              ms | {lag_p99:.0} ms (max {lag_max:.0} ms) |\n\n\
              Throughput with points / without: **{ratio:.3}×** (target ≥ 0.99×). Archive \
@@ -268,6 +298,10 @@ impl ClusterRun {
             every = POINT_EVERY.as_secs(),
             wait_p50 = median(&self.wait_ms),
             wait_p99 = percentile(&self.wait_ms, 99.0),
+            pause_p50 = median(&self.pause_ms),
+            pause_p99 = percentile(&self.pause_ms, 99.0),
+            cpu_p50 = median(&self.cpu_ms),
+            cpu_p99 = percentile(&self.cpu_ms, 99.0),
             window_p50 = median(&self.window_ms),
             window_p99 = percentile(&self.window_ms, 99.0),
             lags = self.lag_ms.len(),

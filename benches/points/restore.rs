@@ -102,8 +102,15 @@ pub struct Restores {
     pub point: Vec<Duration>,
     /// Of which `stillpoint restore --point` alone.
     pub point_command: Vec<Duration>,
-    /// Of which replay in its scratch server (from the command's report).
+    /// Of which, from the command's report: finding and checking what the point
+    /// needs; extracting the base and writing the WAL; the recovery (the base copied
+    /// into the data directory, replay, every table read back, the server stopped).
+    pub point_check: Vec<Duration>,
+    pub point_staging: Vec<Duration>,
     pub point_replay: Vec<Duration>,
+    /// Redo alone, as each server logs it ("redo done at … elapsed: N s").
+    pub point_redo: Vec<Duration>,
+    pub pgbackrest_redo: Vec<Duration>,
     pub pgbackrest: Vec<Duration>,
     /// Of which `pgbackrest restore` alone (the files; replay is in the start).
     pub pgbackrest_command: Vec<Duration>,
@@ -142,11 +149,18 @@ pub fn compare(fixture: &Fixture, prepared: &Prepared, runs: usize) -> Restores 
                     restores.point_command.push(started.elapsed());
                     let server = Server::start(bin_dir, &target, &restored_settings);
                     restores.point.push(started.elapsed());
-                    restores.point_replay.push(Duration::from_millis(
-                        report["databases"][0]["recovery"]["recovery_ms"]
-                            .as_u64()
-                            .unwrap_or_default(),
-                    ));
+                    let report = &report["databases"][0];
+                    let ms = |value: &serde_json::Value| {
+                        Duration::from_millis(value.as_u64().unwrap_or_default())
+                    };
+                    restores.point_check.push(ms(&report["check_ms"]));
+                    restores.point_staging.push(ms(&report["staging_ms"]));
+                    restores
+                        .point_replay
+                        .push(ms(&report["recovery"]["recovery_ms"]));
+                    restores
+                        .point_redo
+                        .push(redo_time(&target.join("stillpoint-recovery.log")));
                     check_sum(
                         &server.psql(DATABASE, "SELECT sum(amount) FROM ledger"),
                         prepared,
@@ -166,6 +180,9 @@ pub fn compare(fixture: &Fixture, prepared: &Prepared, runs: usize) -> Restores 
                     restores.pgbackrest_command.push(started.elapsed());
                     let server = Server::start(bin_dir, &target, &restored_settings);
                     restores.pgbackrest.push(started.elapsed());
+                    restores
+                        .pgbackrest_redo
+                        .push(redo_time(&target.with_extension("log")));
                     check_sum(
                         &server.psql(DATABASE, "SELECT sum(amount) FROM ledger"),
                         prepared,
@@ -194,6 +211,19 @@ pub fn compare(fixture: &Fixture, prepared: &Prepared, runs: usize) -> Restores 
         }
     }
     restores
+}
+
+/// How long redo took, from the server's log line `redo done at … elapsed: N s`
+/// (zero when the log has none).
+fn redo_time(log: &Path) -> Duration {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|line| line.contains("redo done at"))
+        .filter_map(|line| line.rsplit_once("elapsed: "))
+        .filter_map(|(_, rest)| rest.trim().trim_end_matches(" s").parse::<f64>().ok())
+        .map(Duration::from_secs_f64)
+        .next_back()
+        .unwrap_or_default()
 }
 
 fn check_sum(sum: &str, prepared: &Prepared) {
@@ -233,9 +263,14 @@ impl Restores {
              `stillpoint point` waited {wait:.1} s for the archive to reach the point.\n\n\
              | | time | of which |\n|---|---|---|\n\
              | `stillpoint restore --point` + server start | {point:.2} s | the command \
-             {point_command:.2} s (replay {point_replay:.2} s), start {point_start:.2} s |\n\
-             | `pgbackrest restore --type=name` + server start (replay) | {pgbackrest:.2} s \
-             | the command {pgbackrest_command:.2} s, start and replay {pgbackrest_start:.2} s |\n\
+             {point_command:.2} s (checks {point_check:.2} s, base and WAL staged \
+             {point_staging:.2} s, recovery {point_replay:.2} s: the base copied into the \
+             data directory, redo {point_redo:.2} s, every table read back, stop), start \
+             {point_start:.2} s |\n\
+             | `pgbackrest restore --type=name` + server start | {pgbackrest:.2} s \
+             | the command {pgbackrest_command:.2} s (the base into the data directory), \
+             start {pgbackrest_start:.2} s (redo {pgbackrest_redo:.2} s, WAL fetched by \
+             `archive-get` as it goes) |\n\
              | logical: `stillpoint restore BACKUP --to postgres://…` ({backup_mib:.0} MiB \
              stored) | {logical:.2} s | |\n\n\
              **Point restore stillpoint / pgBackRest: {ratio:.2}×** (target ≤ 1.1×). \
@@ -246,7 +281,11 @@ impl Restores {
             restore_point = prepared.restore_point,
             wait = prepared.point_wait_ms as f64 / 1000.0,
             point_command = seconds(&self.point_command),
+            point_check = seconds(&self.point_check),
+            point_staging = seconds(&self.point_staging),
             point_replay = seconds(&self.point_replay),
+            point_redo = seconds(&self.point_redo),
+            pgbackrest_redo = seconds(&self.pgbackrest_redo),
             point_start = point - seconds(&self.point_command),
             pgbackrest_command = seconds(&self.pgbackrest_command),
             pgbackrest_start = pgbackrest - seconds(&self.pgbackrest_command),
