@@ -21,5 +21,6 @@ mod passwords;
 mod pause;
 mod pitr;
 mod points;
+mod points_mariadb;
 mod protocols;
 mod security;
