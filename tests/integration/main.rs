@@ -21,5 +21,6 @@ mod passwords;
 mod pause;
 mod pitr;
 mod points;
+mod points_scenario;
 mod protocols;
 mod security;

@@ -165,7 +165,7 @@ impl Drop for Setup {
 }
 
 /// PATH with the directory of our binaries first, for the drill's command check.
-fn path_with_our_binaries() -> String {
+pub(crate) fn path_with_our_binaries() -> String {
     let ours = bin("ledger-node").parent().unwrap().display().to_string();
     match std::env::var("PATH") {
         Ok(path) => format!("{ours}:{path}"),

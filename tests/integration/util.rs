@@ -332,6 +332,7 @@ pub struct Runbook {
     age_recipients: Vec<String>,
     storage: Vec<String>,
     storage_options: Vec<String>,
+    archive: Vec<String>,
     drill: Vec<String>,
     drill_checks: String,
 }
@@ -347,6 +348,7 @@ impl Runbook {
             age_recipients: Vec::new(),
             storage: Vec::new(),
             storage_options: Vec::new(),
+            archive: Vec::new(),
             drill: Vec::new(),
             drill_checks: String::new(),
         }
@@ -450,6 +452,17 @@ impl Runbook {
         self
     }
 
+    /// An `[archive]` key with a string value (`partial_interval`, `chunk_interval`…).
+    pub fn archive(mut self, key: &str, value: &str) -> Self {
+        self.archive.push(format!("{key} = {}", toml_string(value)));
+        self
+    }
+
+    pub fn archive_spool_dir(mut self, dir: &Path) -> Self {
+        self.archive.push(path_key("spool_dir", dir));
+        self
+    }
+
     pub fn scratch_dir(mut self, dir: &Path) -> Self {
         self.drill.push(path_key("scratch_dir", dir));
         self
@@ -496,6 +509,10 @@ impl Runbook {
         if !self.storage_options.is_empty() {
             let options = self.storage_options.join(", ");
             text.push_str(&format!("options = {{ {options} }}\n"));
+        }
+        if !self.archive.is_empty() {
+            text.push_str("[archive]\n");
+            push_lines(&mut text, &self.archive);
         }
         if !self.drill.is_empty() {
             text.push_str("[drill]\n");
@@ -548,6 +565,12 @@ impl Database {
     /// An exec database: `cut` runs inside the pause (and `copy`, when set, after it).
     pub fn exec(name: &str, cut: &str) -> Self {
         Self::of(name, "exec").set("cut", cut)
+    }
+
+    /// `archive = true`: its log is archived into the storage (for points).
+    pub fn archived(mut self) -> Self {
+        self.keys.push("archive = true".to_owned());
+        self
     }
 
     pub fn role(self, role: &str) -> Self {
@@ -609,6 +632,7 @@ fn the_runbook_builder_writes_what_the_parser_reads() {
         .timeouts()
         .database(Database::sqlite("app", odd_path).role("ledger"))
         .database(Database::exec("hook", cut).set("copy", "head -c 1 /dev/zero"))
+        .database(Database::postgres("pg", "postgres://u@127.0.0.1/db").archived())
         .zstd_level(3)
         .age_recipient("age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p")
         .s3_storage(
@@ -616,6 +640,8 @@ fn the_runbook_builder_writes_what_the_parser_reads() {
             "http://127.0.0.1:9000",
             &[("access_key_id", "k")],
         )
+        .archive("chunk_interval", "200ms")
+        .archive_spool_dir(Path::new("/tmp/spool"))
         .scratch_dir(Path::new("/tmp/scratch"))
         .drill_checks(
             "[[drill.checks]]\nname = \"one\"\ndatabase = \"app\"\nsql = \"SELECT 1\"\nexpect = 1",
@@ -637,7 +663,7 @@ fn the_runbook_builder_writes_what_the_parser_reads() {
     assert_eq!(parsed.pause.lease, Duration::from_secs(30));
     assert_eq!(parsed.pause.max_wait, Duration::from_secs(10));
     assert_eq!(parsed.pause.cut_deadline, Duration::from_secs(10));
-    assert_eq!(parsed.databases.len(), 2, "{text}");
+    assert_eq!(parsed.databases.len(), 3, "{text}");
     assert_eq!(parsed.databases[0].role.as_deref(), Some("ledger"));
     match &parsed.databases[0].adapter {
         AdapterConfig::Sqlite(config) => assert_eq!(config.path, Path::new(odd_path)),
@@ -650,6 +676,12 @@ fn the_runbook_builder_writes_what_the_parser_reads() {
         }
         other => panic!("not exec: {other:?}"),
     }
+    assert!(!parsed.databases[1].archive && parsed.databases[2].archive);
+    assert_eq!(parsed.archive.chunk_interval, Duration::from_millis(200));
+    assert_eq!(
+        parsed.archive.spool_dir.as_deref(),
+        Some(Path::new("/tmp/spool"))
+    );
     assert_eq!(parsed.pipeline.zstd_level, Some(3));
     assert_eq!(parsed.pipeline.age_recipients.len(), 1);
     assert_eq!(parsed.storage.url, "s3://bucket/prefix");
