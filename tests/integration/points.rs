@@ -119,14 +119,7 @@ command = ["ledger-node", "check", "--ledger-db", "{{ledger}}", "--auditor-db", 
     }
 
     fn start_archiver(&mut self) {
-        let child = Command::new(bin("stillpoint"))
-            .args(["archive", "--config", self.config()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        self.archiver = Some(Process::new(child, "stillpoint archive".to_owned()));
+        self.archiver = Some(start_archiver(self.config()));
     }
 
     fn archive(&self, database: &str) -> Archive {
@@ -135,37 +128,66 @@ command = ["ledger-node", "check", "--ledger-db", "{{ledger}}", "--auditor-db", 
     }
 
     fn stillpoint(&self, args: &[&str]) -> (i32, Value) {
-        run_json_with_env("stillpoint", args, &[("PATH", &path_with_our_binaries())])
+        stillpoint_json(args)
     }
 
     fn point(&self) -> Value {
-        let (code, point) = run_json(
-            "stillpoint",
-            &[
-                "point",
-                "--config",
-                self.config(),
-                "--count-rows",
-                "--output",
-                "json",
-            ],
-        );
-        assert_eq!(code, 0, "point: {point}");
-        point
+        take_point(self.config())
     }
 }
 
 impl Drop for Setup {
     fn drop(&mut self) {
-        if let Some(archiver) = self.archiver.take() {
-            archiver.signal("TERM");
-            let _ = archiver.wait_output(Duration::from_secs(30));
-        }
+        stop_archiver(self.archiver.take());
     }
 }
 
+/// `stillpoint archive --config CONFIG`, in the background (its log on the test's
+/// stderr).
+pub(crate) fn start_archiver(config: &str) -> Process {
+    let child = Command::new(bin("stillpoint"))
+        .args(["archive", "--config", config])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Process::new(child, "stillpoint archive".to_owned())
+}
+
+/// Stops an archiver as its supervisor would (SIGTERM: it pushes what it has first).
+pub(crate) fn stop_archiver(archiver: Option<Process>) {
+    if let Some(archiver) = archiver {
+        archiver.signal("TERM");
+        let _ = archiver.wait_output(Duration::from_secs(30));
+    }
+}
+
+/// `stillpoint ARGS` printing JSON, with our binaries on PATH (for the drill's
+/// `ledger-node check`).
+pub(crate) fn stillpoint_json(args: &[&str]) -> (i32, Value) {
+    run_json_with_env("stillpoint", args, &[("PATH", &path_with_our_binaries())])
+}
+
+/// `stillpoint point --count-rows`, which must succeed.
+pub(crate) fn take_point(config: &str) -> Value {
+    let (code, point) = run_json(
+        "stillpoint",
+        &[
+            "point",
+            "--config",
+            config,
+            "--count-rows",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "point: {point}");
+    point
+}
+
 /// PATH with the directory of our binaries first, for the drill's command check.
-pub(crate) fn path_with_our_binaries() -> String {
+fn path_with_our_binaries() -> String {
     let ours = bin("ledger-node").parent().unwrap().display().to_string();
     match std::env::var("PATH") {
         Ok(path) => format!("{ours}:{path}"),
@@ -304,10 +326,7 @@ fn points_under_load_restore_exactly_their_cut_and_refuse_missing_chunks() {
 
     // Negative control: delete a chunk the newest point needs (record and artifact, as
     // a careless clean-up would). Stop the archiver first, so nothing re-pushes it.
-    if let Some(archiver) = setup.archiver.take() {
-        archiver.signal("TERM");
-        let _ = archiver.wait_output(Duration::from_secs(30));
-    }
+    stop_archiver(setup.archiver.take());
     let newest = points[3]["point_id"].as_str().unwrap();
     let base_start: Position =
         serde_json::from_value(points[3]["databases"][0]["base"]["start"].clone()).unwrap();
@@ -564,10 +583,7 @@ fn prune_keeps_what_the_kept_point_needs_and_verify_names_a_gap() {
     assert!(catalog.covers(&kept_start, &kept_start).is_ok());
 
     // The kept point still restores, and verifies.
-    if let Some(archiver) = setup.archiver.take() {
-        archiver.signal("TERM");
-        let _ = archiver.wait_output(Duration::from_secs(30));
-    }
+    stop_archiver(setup.archiver.take());
     let (code, drill) = setup.stillpoint(&[
         "drill",
         "--point",

@@ -14,7 +14,6 @@
 //! and `restore --point` refuse before writing anything.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -30,11 +29,10 @@ use stillpoint_testkit::{MariaDb, Postgres, PostgresOptions, free_port};
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::{Orphan, children, is_running};
-use crate::cluster::{Cluster, Load};
-use crate::points::path_with_our_binaries;
-use crate::util::{
-    Database, Process, Runbook, bin, run_json, run_json_with_env, stderr, wait_until,
-};
+use crate::cluster::{self, Cluster, Load};
+use crate::drill;
+use crate::points::{start_archiver, stillpoint_json, stop_archiver, take_point};
+use crate::util::{Database, Process, Runbook, stderr, wait_until};
 
 /// Points: one every `INTERVAL` for 3 minutes.
 const POINTS: usize = 18;
@@ -140,21 +138,7 @@ impl Scenario {
     }
 
     fn start_archiver(&mut self) {
-        let child = Command::new(bin("stillpoint"))
-            .args(["archive", "--config", self.config()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        self.archiver = Some(Process::new(child, "stillpoint archive".to_owned()));
-    }
-
-    fn stop_archiver(&mut self) {
-        if let Some(archiver) = self.archiver.take() {
-            archiver.signal("TERM");
-            let _ = archiver.wait_output(Duration::from_secs(30));
-        }
+        self.archiver = Some(start_archiver(self.config()));
     }
 
     /// SIGKILLs the archiver, nothing else: its pg_receivewal and mariadb-binlog are
@@ -169,23 +153,8 @@ impl Scenario {
         streamers.into_iter().map(Orphan).collect()
     }
 
-    fn stillpoint(&self, args: &[&str]) -> (i32, Value) {
-        run_json_with_env("stillpoint", args, &[("PATH", &path_with_our_binaries())])
-    }
-
     fn point(&self) -> Value {
-        let (code, point) = run_json(
-            "stillpoint",
-            &[
-                "point",
-                "--config",
-                self.config(),
-                "--count-rows",
-                "--output",
-                "json",
-            ],
-        );
-        assert_eq!(code, 0, "point: {point}");
+        let point = take_point(self.config());
         assert_eq!(point["exact"], true, "both markers are exact: {point}");
         for database in point["databases"].as_array().unwrap() {
             assert!(database["target"].is_object(), "{point}");
@@ -194,27 +163,11 @@ impl Scenario {
         }
         point
     }
-
-    /// `ledger-node check` of a ledger and an auditor database.
-    fn check(&self, ledger: &str, auditor: &str) -> (i32, Value) {
-        run_json(
-            "ledger-node",
-            &[
-                "check",
-                "--ledger-db",
-                ledger,
-                "--auditor-db",
-                auditor,
-                "--output",
-                "json",
-            ],
-        )
-    }
 }
 
 impl Drop for Scenario {
     fn drop(&mut self) {
-        self.stop_archiver();
+        stop_archiver(self.archiver.take());
     }
 }
 
@@ -248,7 +201,7 @@ fn points_under_load_restore_consistently_and_plain_pitr_does_not() {
         || scenario.cluster.transactions() >= 20,
     );
 
-    let (code, bases) = scenario.stillpoint(&[
+    let (code, bases) = stillpoint_json(&[
         "base-backup",
         "--config",
         scenario.config(),
@@ -259,7 +212,7 @@ fn points_under_load_restore_consistently_and_plain_pitr_does_not() {
     // For the plain-PITR control, the ledger's base also as a plain directory (what
     // pitr replays); the auditor's is the one in the storage.
     let pitr_base = scenario.dir.path().join("pitr-base");
-    let (code, report) = scenario.stillpoint(&[
+    let (code, report) = stillpoint_json(&[
         "base-backup",
         "--config",
         scenario.config(),
@@ -307,7 +260,7 @@ fn points_under_load_restore_consistently_and_plain_pitr_does_not() {
         "{POINTS} points in {:?}; load: {load_report}",
         started.elapsed()
     );
-    let listing = scenario.stillpoint(&["list", "--config", scenario.config(), "--output", "json"]);
+    let listing = stillpoint_json(&["list", "--config", scenario.config(), "--output", "json"]);
     assert_eq!(
         listing.1["points"]["points"].as_array().unwrap().len(),
         POINTS,
@@ -353,7 +306,7 @@ fn points_under_load_restore_consistently_and_plain_pitr_does_not() {
     for index in &chosen {
         let point = &points[*index];
         let id = point["point_id"].as_str().unwrap();
-        let (code, drill) = scenario.stillpoint(&[
+        let (code, drill) = stillpoint_json(&[
             "drill",
             "--point",
             id,
@@ -363,18 +316,15 @@ fn points_under_load_restore_consistently_and_plain_pitr_does_not() {
             "json",
         ]);
         assert_eq!(code, 0, "drill of point {index} ({id}): {drill}");
-        let checks = drill["checks"].as_array().unwrap();
         for name in [
             "ledger_node_check",
             "row_counts:ledger",
             "row_counts:auditor",
         ] {
-            let check = checks
-                .iter()
-                .find(|check| check["name"] == name)
-                .unwrap_or_else(|| panic!("no check {name}: {drill}"));
+            let check = drill::check(&drill, name);
             assert_eq!(check["ok"], true, "point {index}: {check}");
         }
+        let checks = drill["checks"].as_array().unwrap();
         assert!(
             checks.iter().all(|check| check["ok"] == true),
             "point {index}: {drill}"
@@ -384,13 +334,13 @@ fn points_under_load_restore_consistently_and_plain_pitr_does_not() {
     // Nothing lost to the kill: verify re-reads every chunk of every point and
     // finds no gap in either archive.
     let (code, verified) =
-        scenario.stillpoint(&["verify", "--config", scenario.config(), "--output", "json"]);
+        stillpoint_json(&["verify", "--config", scenario.config(), "--output", "json"]);
     assert_eq!(code, 0, "verify: {verified}");
     assert_eq!(verified["ok"], true, "{verified}");
     for catalog in ["ledger", "auditor"].map(|database| scenario.catalog(database)) {
         assert!(catalog.gaps().is_empty(), "{:?}", catalog.gaps());
     }
-    scenario.stop_archiver();
+    stop_archiver(scenario.archiver.take());
 
     plain_pitr_control(&scenario, &pitr_base, &instants_ms);
     deleted_binlog_chunk(&scenario, &points[POINTS - 1]);
@@ -504,7 +454,7 @@ fn plain_pitr_control(scenario: &Scenario, base_dir: &Path, instants_ms: &[i64])
             .runtime
             .block_on(pitr::recover_held(recovery, &CancellationToken::new()))
             .unwrap_or_else(|error| panic!("plain PITR of the ledger to {instant}: {error}"));
-        let (code, check) = scenario.check(held.url(), &auditors.url(&name));
+        let (code, check) = cluster::check(held.url(), &auditors.url(&name), None);
         eprintln!("plain PITR to {instant} ms: ledger-node check exit {code}: {check}");
         if code != 0 {
             failed.push(*instant);
@@ -551,7 +501,7 @@ fn deleted_binlog_chunk(scenario: &Scenario, newest: &Value) {
         .block_on(scenario.archive("auditor").remove(victim))
         .unwrap();
 
-    let (code, verified) = scenario.stillpoint(&[
+    let (code, verified) = stillpoint_json(&[
         "verify",
         "--point",
         id,
