@@ -88,12 +88,14 @@ pub enum Command {
     /// JUnit), and remove the scratch targets.
     #[command(after_help = exit::HELP)]
     Drill(DrillArgs),
-    /// Take a PostgreSQL base backup (pg_basebackup): into the storage for points
-    /// (the database must be archived), or with --to DIR into a local directory.
+    /// Take a base backup: into the storage for points, of every archived database
+    /// (PostgreSQL: pg_basebackup; MariaDB: a consistent dump and its binlog
+    /// position), or with --to DIR a PostgreSQL one into a local directory.
     #[command(after_help = exit::HELP)]
     BaseBackup(BaseBackupArgs),
-    /// Take a point: pause, mark every database (a named restore point and LSN),
-    /// unpause, wait until every archive has reached its marker, commit the point
+    /// Take a point: pause, mark every database (PostgreSQL: a named restore point
+    /// and LSN; MariaDB: its GTID and binlog position), unpause, wait until every
+    /// archive has reached its marker, commit the point
     /// (only when restorable: a base backup before it, an archive without gaps).
     #[command(after_help = exit::HELP)]
     Point(PointArgs),

@@ -26,16 +26,17 @@ use crate::signal::run_cancellable;
 
 #[derive(Debug, Clone, Args)]
 pub struct PointArgs {
-    /// The runbook: the cluster to pause, its databases (PostgreSQL with `archive =
-    /// true`, exec), the storage.
+    /// The runbook: the cluster to pause, its databases (PostgreSQL and MariaDB with
+    /// `archive = true`, exec), the storage.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: PathBuf,
     /// How long to wait after the release for every archive to reach its marker
     /// before giving up (no point is written then).
     #[arg(long, default_value = "30s", value_parser = duration, value_name = "DURATION")]
     pub wait: Duration,
-    /// Also count rows per table in each PostgreSQL marker's snapshot (a scan of every
-    /// table, after the release); restores and drills of the point then check them.
+    /// Also count rows per table in each PostgreSQL or MariaDB marker's snapshot (a
+    /// scan of every table, after the release); restores and drills of the point then
+    /// check them.
     #[arg(long)]
     pub count_rows: bool,
     /// `text` for people, `json` for scripts.
@@ -115,6 +116,15 @@ pub async fn point(args: PointArgs) -> Result<u8, Failure> {
                                 .map_or("?", String::as_str)
                         )
                     })
+                    .or_else(|| {
+                        let details = &database.marker.details;
+                        Some(format!(
+                            "binlog {}:{} (GTID {})",
+                            details.get("binlog_file")?,
+                            details.get("binlog_position")?,
+                            details.get("gtid_binlog_pos").map_or("-", String::as_str)
+                        ))
+                    })
                     .unwrap_or_else(|| format!("{:?}", database.marker.details));
                 crate::outln!(
                     "  {}: {marker}{}",
@@ -142,14 +152,20 @@ pub async fn base_backup(args: &BaseBackupArgs) -> Result<u8, Failure> {
             .databases
             .iter()
             .filter(|db| db.archive)
-            .filter(|db| matches!(db.adapter, stillpoint::adapters::AdapterConfig::Postgres(_)))
+            .filter(|db| {
+                matches!(
+                    db.adapter,
+                    stillpoint::adapters::AdapterConfig::Postgres(_)
+                        | stillpoint::adapters::AdapterConfig::Mariadb(_)
+                )
+            })
             .map(|db| db.name.clone())
             .collect(),
     };
     if names.is_empty() {
         return Err(usage(
-            "the runbook has no PostgreSQL database with `archive = true`; name one with \
-             --database, or give --to DIR for a local base backup",
+            "the runbook has no PostgreSQL or MariaDB database with `archive = true`; name \
+             one with --database, or give --to DIR for a local base backup",
         ));
     }
     let mut records = Vec::new();
@@ -169,9 +185,14 @@ pub async fn base_backup(args: &BaseBackupArgs) -> Result<u8, Failure> {
         })?;
         if args.output == OutputFormat::Text {
             crate::outln!(
-                "base backup {} of {}: WAL {} to {}, {} ({} stored)",
+                "base backup {} of {}: {} {} to {}, {} ({} stored)",
                 record.id,
                 record.database,
+                if record.adapter == "mariadb" {
+                    "binlog"
+                } else {
+                    "WAL"
+                },
                 record.start,
                 record.end,
                 human_bytes(record.artifact.size),
@@ -371,18 +392,12 @@ pub async fn list_json(runbook: &Runbook, storage: &Storage) -> Result<serde_jso
         .map(|db| db.name.clone())
         .collect();
     names.extend(stillpoint::archive::archived_databases(storage).await?);
-    names.extend(
-        points::based_databases(storage)
-            .await
-            .map_err(anyhow::Error::from)?,
-    );
+    names.extend(stillpoint::archive::base::databases(storage).await?);
     names.sort();
     names.dedup();
     let mut databases = Vec::new();
     for name in &names {
-        let (bases, _) = points::list_bases(storage, name)
-            .await
-            .map_err(anyhow::Error::from)?;
+        let (bases, _) = stillpoint::archive::base::list(storage, name).await?;
         let archive = stillpoint::archive::Archive::new(storage.clone(), settings.clone(), name)
             .map_err(usage)?;
         let catalog = archive.catalog().await?;
@@ -451,7 +466,7 @@ pub fn list_text(listing: &serde_json::Value) -> String {
         for base in database["bases"].as_array().unwrap_or(&empty) {
             let _ = writeln!(
                 text,
-                "  base {} WAL {} to {}, {} stored",
+                "  base {} from {} to {}, {} stored",
                 base["id"].as_str().unwrap_or("?"),
                 base["start"].as_str().unwrap_or("?"),
                 base["end"].as_str().unwrap_or("?"),

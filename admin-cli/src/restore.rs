@@ -62,11 +62,12 @@ pub struct RestoreArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct BaseBackupArgs {
-    /// The runbook; the database must use the postgres adapter.
+    /// The runbook. Into the storage: its archived PostgreSQL and MariaDB databases;
+    /// with --to: a PostgreSQL database.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: PathBuf,
     /// The database. Without --to, default: every archived (`archive = true`)
-    /// PostgreSQL database of the runbook.
+    /// PostgreSQL and MariaDB database of the runbook.
     #[arg(long, value_name = "NAME")]
     pub database: Option<String>,
     /// A new (or empty) local directory for a plain-format base backup. Without it the

@@ -1246,6 +1246,7 @@ pub async fn base_backup(
     let id = base::new_base_id();
     let prefix = base::base_prefix(database, &id)?;
     settings.check()?;
+    let started_at_ms = chrono::Utc::now().timestamp_millis();
     let adapter_error = |e: adapters::AdapterError| ArchiveError::Server {
         database: database.to_owned(),
         message: e.to_string(),
@@ -1296,13 +1297,23 @@ pub async fn base_backup(
     for (table, rows) in summary.row_counts.unwrap_or_default() {
         details.insert(format!("rows.{table}"), rows.to_string());
     }
+    let finished_at_ms = chrono::Utc::now().timestamp_millis();
+    details.insert(
+        "took_ms".to_owned(),
+        (finished_at_ms - started_at_ms).max(0).to_string(),
+    );
     let record = BaseRecord {
         format: base::BASE_FORMAT,
+        id,
         database: database.to_owned(),
         adapter: "mariadb".to_owned(),
-        id,
+        kind: "mariadb_dump".to_owned(),
+        // One snapshot: consistent where it starts.
+        end: start.clone(),
         start,
-        created_at_ms: chrono::Utc::now().timestamp_millis(),
+        timeline: None,
+        started_at_ms,
+        finished_at_ms,
         artifact,
         details,
     };

@@ -1,4 +1,6 @@
-//! `stillpoint base-backup` into the storage: a PostgreSQL physical base backup,
+//! `stillpoint base-backup` into the storage, for every archived database of a
+//! runbook: MariaDB's is `archive::mariadb::base_backup` (the adapter's consistent
+//! dump and its binlog position); PostgreSQL's, here, is a physical base backup,
 //! `pg_basebackup --format=tar --pgdata=- --wal-method=none`, streamed through the
 //! pipeline (zstd → age → BLAKE3) as one tar, then its record written last
 //! (`bases/<database>/<id>/base.json`), so a base is listed only when whole.
@@ -20,10 +22,11 @@ use std::time::Instant;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use super::{BaseRecord, FORMAT, PointsError, base_prefix, base_record_path, new_id};
+use super::PointsError;
 use crate::adapters::postgres::conninfo::ConnString;
 use crate::adapters::{AdapterConfig, process};
-use crate::archive::{Lsn, Position};
+use crate::archive::base::{self, BASE_FORMAT, BaseRecord};
+use crate::archive::{ArchiveError, Lsn, Position};
 use crate::pipeline::{self, PipelineSettings};
 use crate::runbook::Runbook;
 use crate::storage::Storage;
@@ -58,20 +61,42 @@ pub async fn take(
         .iter()
         .find(|db| db.name == database)
         .ok_or_else(|| BaseError::Setup(format!("the runbook has no database {database:?}")))?;
-    let AdapterConfig::Postgres(postgres) = &config.adapter else {
-        return Err(BaseError::Setup(format!(
-            "database {database} uses the {} adapter; base backups into the storage are for \
-             PostgreSQL (MariaDB's comes with its binlog archive)",
-            super::take::adapter_kind(&config.adapter)
-        )));
-    };
     if !config.archive {
         return Err(BaseError::Setup(format!(
-            "database {database} is not archived: a base backup in the storage holds no WAL \
+            "database {database} is not archived: a base backup in the storage holds no log \
              and replays from the archive. Set `archive = true` in its [[databases]] entry \
              and run `stillpoint archive` first"
         )));
     }
+    let postgres = match &config.adapter {
+        AdapterConfig::Postgres(postgres) => postgres,
+        AdapterConfig::Mariadb(mariadb) => {
+            // A failed dump removes what it stored; one dropped here by a signal
+            // leaves at most an artifact without a record, which is not a base.
+            let taken = tokio::select! {
+                taken = crate::archive::mariadb::base_backup(storage, settings, database, mariadb) => taken,
+                () = cancel.cancelled() => {
+                    return Err(BaseError::Cancelled { database: database.to_owned() });
+                }
+            };
+            return taken.map_err(|error| match error {
+                ArchiveError::Settings { message, .. } => {
+                    BaseError::Setup(format!("database {database}: {message}"))
+                }
+                other => BaseError::Failed {
+                    database: database.to_owned(),
+                    message: other.to_string(),
+                },
+            });
+        }
+        other => {
+            return Err(BaseError::Setup(format!(
+                "database {database} uses the {} adapter; base backups into the storage are \
+                 for PostgreSQL and MariaDB",
+                super::take::adapter_kind(other)
+            )));
+        }
+    };
     let source = ConnString::parse(&postgres.url)
         .map_err(|message| BaseError::Setup(format!("the URL of {database}: {message}")))?;
     let listed = crate::pitr::tablespaces(&source)
@@ -98,12 +123,9 @@ pub async fn take(
         .map_err(|message| BaseError::Setup(format!("database {database}: {message}")))?;
     let driver = tokio::spawn(connection);
     let before = insert_position(&client).await.map_err(BaseError::Setup)?;
-    let id = new_id();
-    let artifact_path = format!(
-        "{}/base.tar{}",
-        base_prefix(database, &id),
-        settings.suffix()
-    );
+    let id = base::new_base_id();
+    let prefix = base::base_prefix(database, &id).map_err(|e| BaseError::Setup(e.to_string()))?;
+    let artifact_path = format!("{prefix}/base.tar{}", settings.suffix());
     let started_at_ms = unix_ms(std::time::SystemTime::now());
     let started = Instant::now();
     let tool = crate::pitr::tool(postgres, "pg_basebackup");
@@ -172,7 +194,7 @@ pub async fn take(
         }
     };
     let record = BaseRecord {
-        format: FORMAT,
+        format: BASE_FORMAT,
         id: id.clone(),
         database: database.to_owned(),
         adapter: "postgres".to_owned(),
@@ -188,11 +210,7 @@ pub async fn take(
             started.elapsed().as_millis().to_string(),
         )]),
     };
-    let json = serde_json::to_vec_pretty(&record).expect("a base record serializes");
-    if let Err(error) = storage
-        .put_atomic(&base_record_path(database, &id), json.into())
-        .await
-    {
+    if let Err(error) = base::write_record(storage, &record).await {
         remove().await;
         return Err(failed(format!("writing its record: {error}")));
     }

@@ -7,17 +7,19 @@
 //! Storage layout (`docs/runbooks/points.md`):
 //!
 //! ```text
-//! bases/<database>/<base id>/base.tar<suffix>   the base backup (pg_basebackup tar), pipelined
+//! bases/<database>/<base id>/<artifact>        the base backup, pipelined
 //! bases/<database>/<base id>/base.json          its record, written last
 //! points/<point id>/point.json                  a restorable point, written last
 //! ```
 //!
-//! A base backup exists if and only if its record exists; a point if and only if its
-//! manifest exists, and it is written only once the point is restorable.
+//! A base backup exists if and only if its record exists (one record type for every
+//! adapter: [`crate::archive::base`]); a point if and only if its manifest exists, and
+//! it is written only once the point is restorable.
 //!
-//! - `mod.rs` (here): the records, the layout, reading them back, resolving
+//! - `mod.rs` (here): the point manifest, its layout, reading it back, resolving
 //!   `--point ID|latest|TIME`.
-//! - `base.rs`: `stillpoint base-backup` into the storage (PostgreSQL).
+//! - `base.rs`: `stillpoint base-backup` into the storage (PostgreSQL here, MariaDB
+//!   through [`crate::archive::mariadb::base_backup`]).
 //! - `take.rs`: `stillpoint point`: prepare → pause → markers → unpause → wait for the
 //!   archives → commit.
 //! - `restore.rs`: what a point needs (checked before anything is written), and a
@@ -38,9 +40,8 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 
 use crate::adapters::CutMarker;
-use crate::archive::Position;
+use crate::archive::{ArchiveError, Position};
 use crate::coordinator::PauseReport;
-use crate::pipeline::ArtifactInfo;
 use crate::storage::{Storage, StorageError};
 
 pub mod base;
@@ -49,13 +50,10 @@ pub mod restore;
 pub mod take;
 pub mod verify;
 
-/// The top directory of every base backup in a storage.
-pub const BASES_DIR: &str = "bases";
 /// The top directory of every point in a storage.
 pub const POINTS_DIR: &str = "points";
-const BASE_RECORD: &str = "base.json";
 const POINT_MANIFEST: &str = "point.json";
-/// The version of the base record and point manifest formats this code writes.
+/// The version of the point manifest format this code writes.
 pub const FORMAT: u32 = 1;
 /// Records read at once.
 const READS: usize = 16;
@@ -70,30 +68,15 @@ pub enum PointsError {
     BadRecord { path: String, problem: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
+    // Boxed: an archive error is large, and this is every points call's result.
+    #[error(transparent)]
+    Archive(Box<ArchiveError>),
 }
 
-/// The record that makes a base backup exist: `bases/<database>/<id>/base.json`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct BaseRecord {
-    pub format: u32,
-    pub id: String,
-    pub database: String,
-    /// "postgres".
-    pub adapter: String,
-    /// "pg_basebackup_tar": one tar of the data directory, without WAL.
-    pub kind: String,
-    /// Where replay of this base starts (the backup's checkpoint redo point).
-    pub start: Position,
-    /// Where the base becomes consistent: replay must reach this before any target.
-    pub end: Position,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeline: Option<u32>,
-    pub started_at_ms: i64,
-    pub finished_at_ms: i64,
-    pub artifact: ArtifactInfo,
-    /// Kind-specific facts (the server's version, …).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub details: BTreeMap<String, String>,
+impl From<ArchiveError> for PointsError {
+    fn from(error: ArchiveError) -> Self {
+        PointsError::Archive(Box::new(error))
+    }
 }
 
 /// The manifest that makes a point exist: `points/<id>/point.json`.
@@ -167,15 +150,6 @@ impl PointManifest {
     }
 }
 
-/// `bases/<database>/<id>`.
-pub fn base_prefix(database: &str, id: &str) -> String {
-    format!("{BASES_DIR}/{database}/{id}")
-}
-
-pub fn base_record_path(database: &str, id: &str) -> String {
-    format!("{}/{BASE_RECORD}", base_prefix(database, id))
-}
-
 pub fn point_path(id: &str) -> String {
     format!("{POINTS_DIR}/{id}/{POINT_MANIFEST}")
 }
@@ -183,32 +157,6 @@ pub fn point_path(id: &str) -> String {
 /// A new id, `20261122T010203Z-a1b2c3`: sorts by time, like backup ids.
 pub fn new_id() -> String {
     crate::manifest::new_backup_id()
-}
-
-/// The base backups of `database` whose record exists, oldest first, and records that
-/// cannot be read (path, problem).
-pub async fn list_bases(
-    storage: &Storage,
-    database: &str,
-) -> Result<(Vec<BaseRecord>, Vec<(String, String)>), PointsError> {
-    let prefix = format!("{BASES_DIR}/{database}");
-    let (mut found, bad) = read_all::<BaseRecord>(storage, &prefix, BASE_RECORD).await?;
-    found.retain(|base| base.database == database);
-    found.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok((found, bad))
-}
-
-/// Every database with a base backup in `storage`.
-pub async fn based_databases(storage: &Storage) -> Result<Vec<String>, PointsError> {
-    let listing = storage.list(BASES_DIR).await?;
-    let mut names: Vec<String> = listing
-        .iter()
-        .filter_map(|entry| entry.path.strip_prefix(&format!("{BASES_DIR}/")))
-        .filter_map(|rest| rest.split_once('/').map(|(db, _)| db.to_owned()))
-        .collect();
-    names.sort();
-    names.dedup();
-    Ok(names)
 }
 
 /// Every point whose manifest exists, oldest first, and manifests that cannot be
@@ -227,27 +175,8 @@ pub async fn read_point(storage: &Storage, id: &str) -> Result<PointManifest, Po
     parse(&path, &bytes)
 }
 
-pub async fn read_base(
-    storage: &Storage,
-    database: &str,
-    id: &str,
-) -> Result<Option<BaseRecord>, PointsError> {
-    let path = base_record_path(database, id);
-    match storage.get_bytes(&path).await {
-        Ok(bytes) => parse(&path, &bytes).map(Some),
-        Err(error) if error.is_not_found() => Ok(None),
-        Err(error) => Err(error.into()),
-    }
-}
-
 trait Formatted {
     fn format(&self) -> u32;
-}
-
-impl Formatted for BaseRecord {
-    fn format(&self) -> u32 {
-        self.format
-    }
 }
 
 impl Formatted for PointManifest {

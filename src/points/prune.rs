@@ -5,7 +5,8 @@
 //! - a base backup goes when no kept point restores from it *and* it is not the
 //!   newest base of its database (the next point will need that one);
 //! - a chunk goes when it ends at or before the *floor* of its archive: the oldest
-//!   start of a base that stays. Every kept point replays from its base's start, so
+//!   position a base that stays replays from ([`base::replay_from`]: its start for
+//!   PostgreSQL, the beginning of its binlog file for MariaDB). Every kept point replays from its base's start, so
 //!   nothing at or after the floor is touched, and a kept point is never orphaned.
 //!
 //! Removal order is what makes a crash mid-prune harmless: point manifests first
@@ -21,7 +22,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 
-use super::{BaseRecord, PointManifest, PointsError};
+use super::{PointManifest, PointsError};
+use crate::archive::base::{self, BaseRecord};
 use crate::archive::{self, Archive, ChunkRecord, Position};
 use crate::catalog::{self, CatalogError, PrunePlan, Retained, Retention};
 use crate::pipeline::PipelineSettings;
@@ -108,8 +110,10 @@ pub async fn holdings(
 ) -> Result<Holdings, PruneError> {
     let (points, damaged_points) = super::list_points(storage).await?;
     let mut bases = BTreeMap::new();
-    for database in super::based_databases(storage).await? {
-        let (found, _) = super::list_bases(storage, &database).await?;
+    for database in base::databases(storage).await.map_err(PointsError::from)? {
+        let (found, _) = base::list(storage, &database)
+            .await
+            .map_err(PointsError::from)?;
         bases.insert(database, found);
     }
     let mut archives = BTreeMap::new();
@@ -201,7 +205,7 @@ pub fn plan(
                     .entry(base.id.as_str())
                     .or_default()
                     .push(point.point_id.as_str());
-                lower(&mut floors, &database.name, &base.start);
+                lower(&mut floors, &database.name, &base::replay_from(&base.start));
             }
         }
     }
@@ -223,7 +227,7 @@ pub fn plan(
             if reasons.is_empty() {
                 plan.delete_bases.push(which);
             } else {
-                lower(&mut floors, database, &base.start);
+                lower(&mut floors, database, &base::replay_from(&base.start));
                 plan.keep_bases.push((which, reasons));
             }
         }
@@ -282,13 +286,19 @@ pub async fn apply(storage: &Storage, plan: &PointsPrunePlan) -> Result<usize, P
     }
     for base in &plan.delete_bases {
         let what = format!("base backup {} of {}", base.id, base.database);
+        let paths = base::record_path(&base.database, &base.id)
+            .and_then(|record| Ok((record, base::base_prefix(&base.database, &base.id)?)));
+        let (record, prefix) = paths.map_err(|source| PruneError::Archive {
+            database: base.database.clone(),
+            source: Box::new(source),
+        })?;
         storage
-            .delete(&super::base_record_path(&base.database, &base.id))
+            .delete(&record)
             .await
             .map_err(stop(what.clone(), removed))?;
         removed += 1;
         removed += storage
-            .delete_prefix(&super::base_prefix(&base.database, &base.id))
+            .delete_prefix(&prefix)
             .await
             .map_err(stop(what, removed))?;
     }

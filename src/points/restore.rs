@@ -24,8 +24,9 @@ use futures::future::join_all;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use super::{BaseRecord, PointDatabase, PointManifest, read_base};
+use super::{PointDatabase, PointManifest};
 use crate::adapters::{self, Adapter, AdapterConfig, CutMarker, PostgresConfig, process};
+use crate::archive::base::{self, BaseRecord};
 use crate::archive::{Archive, ChunkKind, ChunkRecord, Lsn, NotReached, Position, wal};
 use crate::drill::CheckResult;
 use crate::manifest::DatabaseEntry;
@@ -117,14 +118,14 @@ pub async fn needs(
              manifest"
         )));
     };
-    let base = read_base(storage, name, &base_ref.id)
+    let base = base::read_record(storage, name, &base_ref.id)
         .await
         .map_err(|error| missing(format!("base backup {} of {name}: {error}", base_ref.id)))?
         .ok_or_else(|| {
             missing(format!(
                 "base backup {} of {name} is not in the storage (its record {} is gone)",
                 base_ref.id,
-                super::base_record_path(name, &base_ref.id)
+                base::record_path(name, &base_ref.id).unwrap_or_default()
             ))
         })?;
     let archive = Archive::new(storage.clone(), settings.clone(), name)

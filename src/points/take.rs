@@ -15,8 +15,14 @@
 //!   table: what a restore of the point must hold.
 //! - exec: its cut command (via the exec adapter), a marker restored by time; a point
 //!   with one keeps the clock-skew floor.
-//! - MariaDB: the adapter's cut (consistent snapshot + GTID and binlog position) is the
-//!   marker, but its binlog archive is not in this build yet, so prepare refuses it.
+//! - MariaDB (`archive = true`): on a connection opened in prepare, `START TRANSACTION
+//!   WITH CONSISTENT SNAPSHOT, READ ONLY`, then the binlog position of exactly that
+//!   snapshot (`binlog_snapshot_file` / `_position`) and `@@gtid_binlog_pos`. The
+//!   archive must cover the binlog from the start of the base's file
+//!   ([`base::replay_from`]) to that position. As for PostgreSQL, `count_rows` counts
+//!   rows per table in that snapshot after the release. The wait polls the archive's
+//!   catalog in the storage, as for PostgreSQL: `stillpoint archive` is another
+//!   process, so its archiver's in-memory status (`wait_archived`) is not visible here.
 //!
 //! When every database has an exact marker the window is not held open to the
 //! clock-skew floor (the mid-time restores nothing), only to `[pause] min_window`.
@@ -26,14 +32,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::join_all;
+use mysql_async::prelude::Queryable;
 use tokio_postgres::Client;
 
 use super::{
-    BaseRecord, BaseRef, FORMAT, PointDatabase, PointManifest, PointTimings, PointsError,
-    list_bases, new_id, point_path,
+    BaseRef, FORMAT, PointDatabase, PointManifest, PointTimings, PointsError, new_id, point_path,
 };
 use crate::adapters::postgres::conninfo::ConnString;
 use crate::adapters::{self, Adapter, AdapterConfig, CutMarker, Prepared};
+use crate::archive::base::{self, BaseRecord};
 use crate::archive::{Archive, Lsn, NotReached, Position};
 use crate::backup::pause_plan;
 use crate::coordinator::{self, PauseFailed, PauseReport, PausedCluster, SkewFloor};
@@ -133,6 +140,13 @@ enum Member {
         bases: Vec<BaseRecord>,
         archive: Archive,
     },
+    /// An archived MariaDB database, connected in prepare (REPEATABLE READ set), with
+    /// the newest base backup there was then.
+    Mariadb {
+        conn: Box<mysql_async::Conn>,
+        bases: Vec<BaseRecord>,
+        archive: Archive,
+    },
     /// A marker taken by the adapter's own cut (exec: restored by time).
     ViaAdapter {
         adapter: Arc<dyn Adapter>,
@@ -144,7 +158,7 @@ enum Member {
 impl Member {
     fn exact(&self) -> bool {
         match self {
-            Member::Postgres { .. } => true,
+            Member::Postgres { .. } | Member::Mariadb { .. } => true,
             Member::ViaAdapter { exact, .. } => *exact,
         }
     }
@@ -330,26 +344,7 @@ async fn prepare(
     let name = &database.name;
     match &database.adapter {
         AdapterConfig::Postgres(config) => {
-            if !database.archive {
-                return Err(format!(
-                    "database {name} is not archived, so no point can restore it: set \
-                     `archive = true` in its [[databases]] entry and run `stillpoint archive`"
-                ));
-            }
-            let (bases, unreadable) = list_bases(storage, name)
-                .await
-                .map_err(|error| format!("database {name}: {error}"))?;
-            if let Some((path, problem)) = unreadable.first() {
-                tracing::warn!(%path, %problem, "a base backup record cannot be read");
-            }
-            if bases.is_empty() {
-                return Err(format!(
-                    "database {name} has no base backup in the storage: run `stillpoint \
-                     base-backup --config RUNBOOK --database {name}` first"
-                ));
-            }
-            let archive = Archive::new(storage.clone(), settings.clone(), name)
-                .map_err(|error| error.to_string())?;
+            let (bases, archive) = archived(database, storage, settings).await?;
             let source = ConnString::parse(&config.url)
                 .map_err(|message| format!("the URL of {name}: {message}"))?;
             let (client, connection) = source
@@ -377,11 +372,33 @@ async fn prepare(
                 archive,
             })
         }
-        AdapterConfig::Mariadb(_) => Err(format!(
-            "database {name} is MariaDB: points need its binlog archive, which this build \
-             does not have yet (not yet supported); take backups of it with `stillpoint \
-             backup` meanwhile"
-        )),
+        AdapterConfig::Mariadb(config) => {
+            let (bases, archive) = archived(database, storage, settings).await?;
+            let opts = crate::adapters::mariadb::parse_url(&config.url)
+                .map_err(|message| format!("the URL of {name}: {message}"))?;
+            let mut conn = crate::adapters::mariadb::connect(&opts)
+                .await
+                .map_err(|message| format!("database {name}: {message}"))?;
+            let log_bin: Option<String> = conn
+                .query_first("SELECT @@log_bin")
+                .await
+                .map_err(|e| format!("database {name}: reading log_bin: {e}"))?;
+            if !log_bin.is_some_and(|on| on == "1" || on.eq_ignore_ascii_case("on")) {
+                return Err(format!(
+                    "database {name} has its binlog off, so it has no position to mark; set \
+                     log_bin (and binlog_format = ROW) in the server's configuration and \
+                     restart it"
+                ));
+            }
+            conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .await
+                .map_err(|e| format!("database {name}: setting the isolation level: {e}"))?;
+            Ok(Member::Mariadb {
+                conn: Box::new(conn),
+                bases,
+                archive,
+            })
+        }
         AdapterConfig::Exec(_) => {
             let adapter = adapters::build(name, &database.adapter);
             let prepared = adapter.prepare().await.map_err(|error| error.to_string())?;
@@ -396,6 +413,37 @@ async fn prepare(
              it (use `stillpoint backup`)"
         )),
     }
+}
+
+/// The base backups and archive of an archived database: refused when it is not
+/// archived or has no base backup yet.
+async fn archived(
+    database: &DatabaseConfig,
+    storage: &Storage,
+    settings: &PipelineSettings,
+) -> Result<(Vec<BaseRecord>, Archive), String> {
+    let name = &database.name;
+    if !database.archive {
+        return Err(format!(
+            "database {name} is not archived, so no point can restore it: set `archive = \
+             true` in its [[databases]] entry and run `stillpoint archive`"
+        ));
+    }
+    let (bases, unreadable) = base::list(storage, name)
+        .await
+        .map_err(|error| format!("database {name}: {error}"))?;
+    if let Some((path, problem)) = unreadable.first() {
+        tracing::warn!(%path, %problem, "a base backup record cannot be read");
+    }
+    if bases.is_empty() {
+        return Err(format!(
+            "database {name} has no base backup in the storage: run `stillpoint base-backup \
+             --config RUNBOOK --database {name}` first"
+        ));
+    }
+    let archive =
+        Archive::new(storage.clone(), settings.clone(), name).map_err(|error| error.to_string())?;
+    Ok((bases, archive))
 }
 
 /// Every database's marker, in parallel, under the cut deadline, the lease renewed
@@ -486,11 +534,78 @@ async fn mark(
                 ]),
             })
         }
+        Member::Mariadb { conn, .. } => {
+            // WITH CONSISTENT SNAPSHOT takes the read view now, inside the pause, and
+            // MariaDB reports the binlog position of exactly that view.
+            conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+                .await
+                .map_err(|e| format!("starting the snapshot transaction: {e}"))?;
+            let status: Vec<(String, String)> = conn
+                .query("SHOW STATUS LIKE 'binlog_snapshot_%'")
+                .await
+                .map_err(|e| format!("reading the binlog position: {e}"))?;
+            let facts: Option<(Option<String>, Option<String>)> = conn
+                .query_first("SELECT @@gtid_binlog_pos, DATABASE()")
+                .await
+                .map_err(|e| format!("reading the GTID position: {e}"))?;
+            let (gtid, source) = facts.unwrap_or_default();
+            mariadb_marker(
+                &status,
+                gtid.unwrap_or_default(),
+                source.unwrap_or_default(),
+            )
+        }
         Member::ViaAdapter { prepared, .. } => prepared
             .cut(point_id)
             .await
             .map_err(|error| error.to_string()),
     }
+}
+
+/// The marker of a MariaDB snapshot: its binlog position (from `SHOW STATUS LIKE
+/// 'binlog_snapshot_%'`), GTID state and database.
+fn mariadb_marker(
+    status: &[(String, String)],
+    gtid: String,
+    database: String,
+) -> Result<CutMarker, String> {
+    let value = |key: &str| {
+        status
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(key))
+            .map(|(_, value)| value.clone())
+    };
+    let (Some(file), Some(position)) = (
+        value("binlog_snapshot_file").filter(|file| !file.is_empty()),
+        value("binlog_snapshot_position").filter(|p| p.parse::<u64>().is_ok_and(|p| p > 0)),
+    ) else {
+        return Err(
+            "the server reports no binlog position for the snapshot (binlog_snapshot_file \
+             / _position): is log_bin on?"
+                .to_owned(),
+        );
+    };
+    Ok(CutMarker {
+        kind: "mariadb-binlog-position".to_owned(),
+        details: BTreeMap::from([
+            ("binlog_file".to_owned(), file),
+            ("binlog_position".to_owned(), position),
+            ("gtid_binlog_pos".to_owned(), gtid),
+            ("database".to_owned(), database),
+        ]),
+    })
+}
+
+/// Where the archive must reach for a point's marker to restore: the LSN of a
+/// PostgreSQL one, the binlog position of a MariaDB one.
+pub(crate) fn marker_target(marker: &CutMarker) -> Option<Position> {
+    let details = &marker.details;
+    if let Some(lsn) = details.get("lsn") {
+        return lsn.parse::<Lsn>().ok().map(Position::Lsn);
+    }
+    let file = details.get("binlog_file")?;
+    let offset = details.get("binlog_position")?.parse().ok()?;
+    Some(Position::binlog(file, offset))
 }
 
 type Finished = (
@@ -530,6 +645,25 @@ async fn finish(member: Member, marker: CutMarker, count_rows: bool) -> Result<F
             let _ = driver.await;
             Ok((marker, counts, Some(archive), bases))
         }
+        Member::Mariadb {
+            mut conn,
+            bases,
+            archive,
+        } => {
+            let counts = if count_rows {
+                Some(mariadb_row_counts(&mut conn).await.map_err(|e| {
+                    format!(
+                        "database {}: counting rows in the marker's snapshot: {e}",
+                        archive.database()
+                    )
+                })?)
+            } else {
+                None
+            };
+            let _ = conn.query_drop("COMMIT").await;
+            let _ = conn.disconnect().await;
+            Ok((marker, counts, Some(archive), bases))
+        }
         Member::ViaAdapter {
             adapter, prepared, ..
         } => {
@@ -539,6 +673,30 @@ async fn finish(member: Member, marker: CutMarker, count_rows: bool) -> Result<F
             Ok((marker, None, None, Vec::new()))
         }
     }
+}
+
+/// Rows per table of the database, in the connection's transaction (the marker's
+/// snapshot): the tables `Adapter::row_counts` counts in a restore.
+async fn mariadb_row_counts(
+    conn: &mut mysql_async::Conn,
+) -> Result<BTreeMap<String, u64>, mysql_async::Error> {
+    let tables: Vec<String> = conn
+        .query(
+            "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() \
+             AND TABLE_TYPE IN ('BASE TABLE', 'SYSTEM VERSIONED') ORDER BY TABLE_NAME",
+        )
+        .await?;
+    let mut counts = BTreeMap::new();
+    for table in tables {
+        let count: Option<u64> = conn
+            .query_first(format!(
+                "SELECT COUNT(*) FROM `{}`",
+                table.replace('`', "``")
+            ))
+            .await?;
+        counts.insert(table, count.unwrap_or(0));
+    }
+    Ok(counts)
 }
 
 /// Waits until the archive covers the log from the newest base backup that ends
@@ -551,13 +709,8 @@ async fn restorable(
     deadline: tokio::time::Instant,
 ) -> Result<(Position, BaseRef), String> {
     let name = &entry.name;
-    let target: Lsn = entry
-        .marker
-        .details
-        .get("lsn")
-        .and_then(|lsn| lsn.parse().ok())
-        .ok_or_else(|| format!("database {name}: its marker has no LSN"))?;
-    let target = Position::Lsn(target);
+    let target = marker_target(&entry.marker)
+        .ok_or_else(|| format!("database {name}: its marker has no log position"))?;
     let base = bases
         .iter()
         .rev()
@@ -573,7 +726,7 @@ async fn restorable(
             .catalog()
             .await
             .map_err(|error| format!("database {name}: reading its archive: {error}"))?;
-        match catalog.covers(&base.start, &target) {
+        match catalog.covers(&base::replay_from(&base.start), &target) {
             Ok(()) => {
                 return Ok((
                     target,
@@ -612,4 +765,55 @@ pub(crate) fn adapter_kind(config: &AdapterConfig) -> &'static str {
 
 fn elapsed_ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(file: &str, position: &str) -> Vec<(String, String)> {
+        vec![
+            ("Binlog_snapshot_file".to_owned(), file.to_owned()),
+            ("Binlog_snapshot_position".to_owned(), position.to_owned()),
+        ]
+    }
+
+    /// A MariaDB marker is the snapshot's binlog position (what the archive must
+    /// reach); a server without a binlog has none, and is refused by name.
+    #[test]
+    fn a_mariadb_marker_is_its_snapshots_binlog_position() {
+        let marker = mariadb_marker(
+            &status("binlog.000003", "1234"),
+            "0-1-42".into(),
+            "app".into(),
+        )
+        .unwrap();
+        assert_eq!(marker.details["gtid_binlog_pos"], "0-1-42");
+        assert_eq!(
+            marker_target(&marker),
+            Some(Position::binlog("binlog.000003", 1234))
+        );
+        for (file, position) in [("", "1234"), ("binlog.000003", "0"), ("binlog.000003", "")] {
+            let refused = mariadb_marker(&status(file, position), String::new(), String::new());
+            assert!(refused.unwrap_err().contains("is log_bin on?"));
+        }
+        assert!(mariadb_marker(&[], String::new(), String::new()).is_err());
+    }
+
+    #[test]
+    fn a_postgres_marker_targets_its_lsn() {
+        let marker = CutMarker {
+            kind: "postgres-restore-point".to_owned(),
+            details: BTreeMap::from([("lsn".to_owned(), "0/16B3748".to_owned())]),
+        };
+        assert_eq!(
+            marker_target(&marker),
+            Some(Position::Lsn("0/16B3748".parse().unwrap()))
+        );
+        let exec = CutMarker {
+            kind: "exec".to_owned(),
+            details: BTreeMap::new(),
+        };
+        assert_eq!(marker_target(&exec), None);
+    }
 }

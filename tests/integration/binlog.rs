@@ -283,7 +283,8 @@ fn the_binlog_archive_trails_the_server_survives_kills_and_replays_to_a_position
     let listed = source
         .runtime
         .block_on(stillpoint::archive::base::list(&source.storage(), "app"))
-        .unwrap();
+        .unwrap()
+        .0;
     assert_eq!(listed, vec![base.clone()]);
 
     // Under load: killed outright with its mariadb-binlog, then a rotation, then the
