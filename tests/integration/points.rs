@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use stillpoint::archive::{Archive, Position};
+use stillpoint::archive::{Archive, Catalog, ChunkRecord, Position};
 use stillpoint::pipeline::PipelineSettings;
 use stillpoint::storage::Storage;
 use stillpoint_testkit::{Postgres, PostgresOptions};
@@ -167,6 +167,21 @@ pub(crate) fn stop_archiver(archiver: Option<Process>) {
 /// `ledger-node check`).
 pub(crate) fn stillpoint_json(args: &[&str]) -> (i32, Value) {
     run_json_with_env("stillpoint", args, &[("PATH", &path_with_our_binaries())])
+}
+
+/// Deletes a chunk from the storage (record and artifact, as a careless clean-up
+/// would), and any shorter partial copy of it an archiver left behind, which would
+/// otherwise fill part of the hole.
+pub(crate) async fn remove_chunk(archive: &Archive, catalog: &Catalog, victim: &ChunkRecord) {
+    archive.remove(victim).await.unwrap();
+    let (victim_start, victim_end) = victim.range().unwrap();
+    for leftover in catalog.superseded.iter().filter(|chunk| {
+        chunk
+            .range()
+            .is_some_and(|(start, end)| start >= victim_start && end <= victim_end)
+    }) {
+        archive.remove(leftover).await.unwrap();
+    }
 }
 
 /// `stillpoint point --count-rows`, which must succeed.
@@ -623,17 +638,9 @@ fn prune_keeps_what_the_kept_point_needs_and_verify_names_a_gap() {
         chain.len()
     );
     let victim = &chain[1];
-    setup.runtime.block_on(archive.remove(victim)).unwrap();
-    // And any shorter partial copy of it an archiver left behind, which would
-    // otherwise fill part of the hole.
-    let (victim_start, victim_end) = victim.range().unwrap();
-    for leftover in catalog.superseded.iter().filter(|chunk| {
-        chunk
-            .range()
-            .is_some_and(|(start, end)| start >= victim_start && end <= victim_end)
-    }) {
-        setup.runtime.block_on(archive.remove(leftover)).unwrap();
-    }
+    setup
+        .runtime
+        .block_on(remove_chunk(&archive, &catalog, victim));
     let (code, verified) =
         setup.stillpoint(&["verify", "--config", setup.config(), "--output", "json"]);
     assert_eq!(code, 6, "verify with a chunk gone: {verified}");

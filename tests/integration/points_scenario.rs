@@ -9,9 +9,9 @@
 //!
 //! Negative controls in the same run: both databases restored by plain point-in-time
 //! recovery to the same instant that is not a point (no pause) fail `ledger-node
-//! check` in most runs (the test prints how many); and a binlog chunk a point needs
-//! deleted from the storage makes `verify` name the gap by the positions on each side
-//! and `restore --point` refuse before writing anything.
+//! check` in most runs (the test prints how many); and a chunk a point needs deleted
+//! from each archive (a WAL segment, a binlog chunk) makes `verify` name each gap by
+//! the positions on each side and `restore --point` refuse before writing anything.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::archive::{Orphan, children, is_running};
 use crate::cluster::{self, Cluster, Load};
 use crate::drill;
-use crate::points::{start_archiver, stillpoint_json, stop_archiver, take_point};
+use crate::points::{remove_chunk, start_archiver, stillpoint_json, stop_archiver, take_point};
 use crate::util::{Database, Process, Runbook, stderr, wait_until};
 
 /// Points: one every `INTERVAL` for 3 minutes.
@@ -361,7 +361,7 @@ fn points_under_load_restore_consistently_and_plain_pitr_does_not() {
     stop_archiver(scenario.archiver.take());
 
     plain_pitr_control(&scenario, &points[0], &pitr_base, &instants_ms);
-    deleted_binlog_chunk(&scenario, &points[POINTS - 1]);
+    deleted_chunks(&scenario, &points[POINTS - 1]);
 }
 
 /// The negative control: both databases restored by plain point-in-time recovery to
@@ -494,33 +494,42 @@ fn plain_pitr_control(scenario: &Scenario, point: &Value, base_dir: &Path, insta
     );
 }
 
-/// A binlog chunk the newest point needs, deleted from the storage (record and
-/// artifact, as a careless clean-up would): `verify` names the gap by the chunks and
-/// positions on each side, and `restore --point` refuses before writing anything.
-fn deleted_binlog_chunk(scenario: &Scenario, newest: &Value) {
+/// A chunk from the middle of each archive's chain that the newest point needs
+/// (a WAL segment of the ledger, a binlog chunk of the auditor), deleted from the
+/// storage: `verify` names each gap by the chunks and positions on each side, and
+/// `restore --point` refuses before writing anything.
+fn deleted_chunks(scenario: &Scenario, newest: &Value) {
     let id = newest["point_id"].as_str().unwrap();
-    let auditor = database(newest, "auditor");
-    let base_start: Position = serde_json::from_value(auditor["base"]["start"].clone()).unwrap();
-    let target: Position = serde_json::from_value(auditor["target"].clone()).unwrap();
-    let from = mariadb::replay_from(&base_start);
-    let catalog = scenario.catalog("auditor");
-    let chain: Vec<_> = catalog
-        .chunks
-        .iter()
-        .filter(|chunk| {
-            chunk
-                .range()
-                .is_some_and(|(start, end)| *end > from && *start < target)
-        })
-        .cloned()
-        .collect();
-    assert!(chain.len() >= 3, "the chain spans {} chunks", chain.len());
-    let middle = chain.len() / 2;
-    let (before, victim, after) = (&chain[middle - 1], &chain[middle], &chain[middle + 1]);
-    scenario
-        .runtime
-        .block_on(scenario.archive("auditor").remove(victim))
-        .unwrap();
+    let mut gaps = Vec::new();
+    for name in ["ledger", "auditor"] {
+        let entry = database(newest, name);
+        let base_start: Position = serde_json::from_value(entry["base"]["start"].clone()).unwrap();
+        let target: Position = serde_json::from_value(entry["target"].clone()).unwrap();
+        let from = base::replay_from(&base_start);
+        let catalog = scenario.catalog(name);
+        let chain: Vec<_> = catalog
+            .chunks
+            .iter()
+            .filter(|chunk| {
+                chunk
+                    .range()
+                    .is_some_and(|(start, end)| *end > from && *start < target)
+            })
+            .cloned()
+            .collect();
+        assert!(
+            chain.len() >= 3,
+            "{name}: the chain spans {} chunks",
+            chain.len()
+        );
+        let middle = chain.len() / 2;
+        scenario.runtime.block_on(remove_chunk(
+            &scenario.archive(name),
+            &catalog,
+            &chain[middle],
+        ));
+        gaps.push((name, chain[middle - 1].clone(), chain[middle + 1].clone()));
+    }
 
     let (code, verified) = stillpoint_json(&[
         "verify",
@@ -531,55 +540,64 @@ fn deleted_binlog_chunk(scenario: &Scenario, newest: &Value) {
         "--output",
         "json",
     ]);
-    assert_eq!(code, 6, "verify with a chunk gone: {verified}");
-    let problem = verified["points"][0]["databases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|database| database["database"] == "auditor")
-        .unwrap()["problem"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no problem named: {verified}"))
-        .to_owned();
-    for named in [
-        "has a gap".to_owned(),
-        before.name.clone(),
-        after.name.clone(),
-        before.end.as_ref().unwrap().to_string(),
-        after.start.as_ref().unwrap().to_string(),
-    ] {
-        assert!(problem.contains(&named), "{named} must be named: {problem}");
+    assert_eq!(code, 6, "verify with chunks gone: {verified}");
+    for (name, before, after) in &gaps {
+        let problem = verified["points"][0]["databases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|database| database["database"] == *name)
+            .unwrap()["problem"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no problem named for {name}: {verified}"))
+            .to_owned();
+        for named in [
+            "has a gap".to_owned(),
+            before.name.clone(),
+            after.name.clone(),
+            before.end.as_ref().unwrap().to_string(),
+            after.start.as_ref().unwrap().to_string(),
+        ] {
+            assert!(problem.contains(&named), "{named} must be named: {problem}");
+        }
     }
 
-    // The restore is refused before the base is written: the target stays empty.
-    let target_server = &scenario.mariadb;
-    target_server.create_database("refused");
-    let output = crate::util::run(
-        "stillpoint",
-        &[
-            "restore",
-            "--point",
-            id,
-            "--database",
-            "auditor",
-            "--to",
-            &target_server.url("refused"),
-            "--config",
-            scenario.config(),
-        ],
-    );
-    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
-    let said = stderr(&output);
-    assert!(
-        said.contains(&before.name) && said.contains(&after.name),
-        "the gap must be named by the chunks on each side: {said}"
-    );
+    // Each restore is refused before anything is written: no data directory, an
+    // auditor database without a table.
+    scenario.mariadb.create_database("refused");
+    let refused_dir = scenario.dir.path().join("refused");
+    for ((name, before, after), to) in gaps.iter().zip([
+        refused_dir.to_str().unwrap().to_owned(),
+        scenario.mariadb.url("refused"),
+    ]) {
+        let output = crate::util::run(
+            "stillpoint",
+            &[
+                "restore",
+                "--point",
+                id,
+                "--database",
+                name,
+                "--to",
+                &to,
+                "--config",
+                scenario.config(),
+            ],
+        );
+        assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+        let said = stderr(&output);
+        assert!(
+            said.contains(&before.name) && said.contains(&after.name),
+            "{name}: the gap must be named by the chunks on each side: {said}"
+        );
+    }
+    assert!(!refused_dir.exists(), "nothing may be written");
     assert_eq!(
-        target_server.sql(
+        scenario.mariadb.sql(
             "",
             "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = 'refused'"
         ),
         "0",
-        "nothing may be written before the checks pass"
+        "nothing may be written"
     );
 }
