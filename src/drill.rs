@@ -586,7 +586,7 @@ async fn restore_one(
 /// short enough for PostgreSQL's 63-byte identifiers, unique per drill run. The
 /// readable part folds case and punctuation (`a-x`, `a_x` and `A.x` read alike), so a
 /// hash of the exact name follows it: two databases never share a scratch target.
-fn scratch_label(run_id: &str, database: &str) -> String {
+pub(crate) fn scratch_label(run_id: &str, database: &str) -> String {
     const HASH_HEX: usize = 8;
     let fixed = format!("{SCRATCH_MARKER}{run_id}__").len() + HASH_HEX;
     let safe: String = database

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use clap::Args;
 use stillpoint::points::restore::{
-    self as point_restore, DrillRequest, PointRestoreError, RestoreRequest,
+    self as point_restore, Destination, DrillRequest, PointRestoreError, RestoreRequest,
 };
 use stillpoint::points::take::{self, PointError, PointOptions};
 use stillpoint::points::{self, PointManifest, base};
@@ -249,14 +249,18 @@ pub async fn restore_point(args: &RestoreArgs) -> Result<u8, Failure> {
             .await
             .map_err(|error| Failure::new(restore_code(&error), error))?;
     }
-    let to = Path::new(&args.to);
+    let adapters: Vec<(String, String)> = names
+        .iter()
+        .map(|name| {
+            let adapter = point
+                .database(name)
+                .map_or("postgres", |db| db.adapter.as_str());
+            (name.clone(), adapter.to_owned())
+        })
+        .collect();
+    let targets = point_targets(&adapters, &args.to).map_err(usage)?;
     let mut reports = Vec::new();
-    for name in &names {
-        let data_dir = if names.len() == 1 {
-            to.to_owned()
-        } else {
-            to.join(name)
-        };
+    for (name, target) in names.iter().zip(&targets) {
         if args.output == OutputFormat::Text {
             crate::errln!(
                 "restoring {name} of point {} (mid-time {}) into {} …",
@@ -266,7 +270,10 @@ pub async fn restore_point(args: &RestoreArgs) -> Result<u8, Failure> {
                     .restore_point_date_time
                     .as_deref()
                     .unwrap_or("-"),
-                data_dir.display()
+                match target {
+                    PointTarget::DataDir(dir) => dir.display().to_string(),
+                    PointTarget::Database(url) => stillpoint::storage::redact_url(url),
+                }
             );
         }
         let port = free_port()?;
@@ -278,7 +285,10 @@ pub async fn restore_point(args: &RestoreArgs) -> Result<u8, Failure> {
                 decryption: &decryption,
                 point: &point,
                 database: name,
-                data_dir: &data_dir,
+                destination: match target {
+                    PointTarget::DataDir(dir) => Destination::DataDir(dir),
+                    PointTarget::Database(url) => Destination::Database(url),
+                },
                 staging_in: None,
                 port,
                 timeout: args.timeout,
@@ -290,28 +300,47 @@ pub async fn restore_point(args: &RestoreArgs) -> Result<u8, Failure> {
         .await
         .map_err(|error| Failure::new(restore_code(&error), error))?;
         if args.output == OutputFormat::Text {
-            crate::outln!(
-                "restored {name} to {} from base backup {} + {} chunk(s) in {:.1}s (check {} \
-                 ms, staging {} ms, replay {} ms); rows per table {}",
-                report.recovery.target,
-                report.base_id,
-                report.chunks,
-                report.total_ms as f64 / 1000.0,
-                report.check_ms,
-                report.staging_ms,
-                report.recovery.recovery_ms,
-                if report.recovery.row_counts_match_cut {
-                    "match the point's counts"
-                } else {
-                    "not compared (the point has no counts)"
+            let rows = if report.row_counts_checked() {
+                "match the point's counts"
+            } else {
+                "not compared (the point has no counts)"
+            };
+            match (&report.recovery, &report.binlog, target) {
+                (Some(recovery), _, PointTarget::DataDir(data_dir)) => {
+                    crate::outln!(
+                        "restored {name} to {} from base backup {} + {} chunk(s) in {:.1}s \
+                         (check {} ms, staging {} ms, replay {} ms); rows per table {rows}",
+                        recovery.target,
+                        report.base_id,
+                        report.chunks,
+                        report.total_ms as f64 / 1000.0,
+                        report.check_ms,
+                        report.staging_ms,
+                        recovery.recovery_ms,
+                    );
+                    crate::outln!(
+                        "  {} (stopped; start it with pg_ctl -D {} -o \"-c config_file={}\" \
+                         start)",
+                        data_dir.display(),
+                        data_dir.display(),
+                        data_dir.join("stillpoint-pitr.conf").display()
+                    );
                 }
-            );
-            crate::outln!(
-                "  {} (stopped; start it with pg_ctl -D {} -o \"-c config_file={}\" start)",
-                data_dir.display(),
-                data_dir.display(),
-                data_dir.join("stillpoint-pitr.conf").display()
-            );
+                (_, Some(binlog), _) => crate::outln!(
+                    "restored {name} into {} from base backup {} + {} binlog chunk(s) to {} \
+                     (GTID {}) in {:.1}s (check {} ms, load and replay {} ms); rows per table \
+                     {rows}",
+                    binlog.target,
+                    report.base_id,
+                    binlog.replay.chunks.len(),
+                    binlog.replay.to,
+                    binlog.replay.gtid_binlog_pos.as_deref().unwrap_or("?"),
+                    report.total_ms as f64 / 1000.0,
+                    report.check_ms,
+                    binlog.replay_ms,
+                ),
+                _ => crate::outln!("restored {name}"),
+            }
         }
         reports.push(report);
     }
@@ -323,6 +352,104 @@ pub async fn restore_point(args: &RestoreArgs) -> Result<u8, Failure> {
         }));
     }
     Ok(exit::OK)
+}
+
+/// Where `restore --point` puts one database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PointTarget {
+    DataDir(PathBuf),
+    Database(String),
+}
+
+/// Each database's target from the `--to` flags, for `(name, adapter)` in order:
+/// `NAME=TARGET` names one database; a plain TARGET is for every database not named
+/// (a directory: DIR itself for one PostgreSQL database, DIR/<name> for several; a
+/// URL: the one MariaDB database). A MariaDB database needs a URL, a PostgreSQL one
+/// a directory.
+fn point_targets(
+    databases: &[(String, String)],
+    flags: &[String],
+) -> Result<Vec<PointTarget>, String> {
+    let mut named = std::collections::BTreeMap::new();
+    let mut plain = Vec::new();
+    for flag in flags {
+        match flag.split_once('=') {
+            Some((name, target)) if databases.iter().any(|(db, _)| db == name) => {
+                if named.insert(name.to_owned(), target.to_owned()).is_some() {
+                    return Err(format!("--to names {name} twice"));
+                }
+            }
+            _ => plain.push(flag.clone()),
+        }
+    }
+    let is_url = |target: &str| target.contains("://");
+    let unnamed: Vec<&(String, String)> = databases
+        .iter()
+        .filter(|(name, _)| !named.contains_key(name))
+        .collect();
+    let plain_dir = plain.iter().find(|target| !is_url(target));
+    let plain_url = plain.iter().find(|target| is_url(target));
+    if plain.len() > 2
+        || plain.iter().filter(|t| is_url(t)).count() > 1
+        || plain.iter().filter(|t| !is_url(t)).count() > 1
+    {
+        return Err(
+            "give one plain --to DIR and one --to URL at most; name the others' targets with              --to NAME=TARGET"
+                .to_owned(),
+        );
+    }
+    let unnamed_postgres = unnamed
+        .iter()
+        .filter(|(_, adapter)| adapter != "mariadb")
+        .count();
+    let unnamed_mariadb = unnamed.len() - unnamed_postgres;
+    if unnamed_mariadb > 1 && plain_url.is_some() {
+        return Err(format!(
+            "the point has {unnamed_mariadb} MariaDB databases: give each its own empty              database with --to NAME=mysql://…"
+        ));
+    }
+    let mut targets = Vec::new();
+    for (name, adapter) in databases {
+        let target = if let Some(target) = named.get(name) {
+            target.clone()
+        } else if adapter == "mariadb" {
+            plain_url.cloned().ok_or_else(|| {
+                format!(
+                    "database {name} is MariaDB: a point restores it into a new, empty \
+                     database; give --to {name}=mysql://user@host:port/new_database"
+                )
+            })?
+        } else {
+            let dir = plain_dir.ok_or_else(|| {
+                format!(
+                    "database {name} is PostgreSQL: a point restores it into a new data \
+                     directory; give --to DIR (or --to {name}=DIR)"
+                )
+            })?;
+            if unnamed_postgres == 1 {
+                dir.clone()
+            } else {
+                Path::new(dir).join(name).display().to_string()
+            }
+        };
+        targets.push(match (adapter.as_str(), is_url(&target)) {
+            ("mariadb", true) => PointTarget::Database(target),
+            ("mariadb", false) => {
+                return Err(format!(
+                    "database {name} is MariaDB: its target must be the URL of a new, empty \
+                     database (mysql://…), not {target}"
+                ));
+            }
+            (_, false) => PointTarget::DataDir(PathBuf::from(target)),
+            (_, true) => {
+                return Err(format!(
+                    "database {name} is PostgreSQL: a point restores it into a new data \
+                     directory, not a URL"
+                ));
+            }
+        });
+    }
+    Ok(targets)
 }
 
 /// `stillpoint drill --point`.
@@ -506,4 +633,79 @@ fn free_port() -> Result<u16, Failure> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|error| anyhow!("finding a free port: {error}"))?;
     Ok(listener.local_addr().map_err(anyhow::Error::from)?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dbs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(name, adapter)| (name.to_string(), adapter.to_string()))
+            .collect()
+    }
+
+    fn flags(list: &[&str]) -> Vec<String> {
+        list.iter().map(|flag| flag.to_string()).collect()
+    }
+
+    /// One plain --to serves what it fits (a directory PostgreSQL, a URL MariaDB);
+    /// NAME=TARGET names one; what fits no database is refused with the flag to give.
+    #[test]
+    fn point_targets_follow_each_databases_adapter() {
+        let url = "mysql://root@127.0.0.1:3306/auditor_new";
+        assert_eq!(
+            point_targets(&dbs(&[("ledger", "postgres")]), &flags(&["/r"])).unwrap(),
+            [PointTarget::DataDir("/r".into())]
+        );
+        assert_eq!(
+            point_targets(
+                &dbs(&[("a", "postgres"), ("b", "postgres")]),
+                &flags(&["/r"])
+            )
+            .unwrap(),
+            [
+                PointTarget::DataDir("/r/a".into()),
+                PointTarget::DataDir("/r/b".into())
+            ]
+        );
+        assert_eq!(
+            point_targets(
+                &dbs(&[("ledger", "postgres"), ("auditor", "mariadb")]),
+                &flags(&["/r", url])
+            )
+            .unwrap(),
+            [
+                PointTarget::DataDir("/r".into()),
+                PointTarget::Database(url.into())
+            ]
+        );
+        assert_eq!(
+            point_targets(
+                &dbs(&[("ledger", "postgres"), ("auditor", "mariadb")]),
+                &flags(&["ledger=/x", &format!("auditor={url}")])
+            )
+            .unwrap(),
+            [
+                PointTarget::DataDir("/x".into()),
+                PointTarget::Database(url.into())
+            ]
+        );
+        let refused = |databases: &[(&str, &str)], given: &[&str], says: &str| {
+            let error = point_targets(&dbs(databases), &flags(given)).unwrap_err();
+            assert!(error.contains(says), "{error}");
+        };
+        refused(&[("auditor", "mariadb")], &["/r"], "--to auditor=mysql://");
+        refused(&[("ledger", "postgres")], &[url], "give --to DIR");
+        refused(
+            &[("auditor", "mariadb")],
+            &["auditor=/r"],
+            "must be the URL",
+        );
+        refused(
+            &[("a", "mariadb"), ("b", "mariadb")],
+            &[url],
+            "give each its own",
+        );
+    }
 }

@@ -41,9 +41,12 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "NAME")]
     pub database: Option<String>,
     /// Where to: a new SQLite file path, or the URL of an empty PostgreSQL or MariaDB
-    /// database (postgres://…, mysql://…); for --point, a new data directory.
-    #[arg(long, value_name = "TARGET")]
-    pub to: String,
+    /// database (postgres://…, mysql://…). For --point: a new data directory for a
+    /// PostgreSQL database (DIR/<database> for several), the URL of a new, empty
+    /// database for a MariaDB one; given once per database as NAME=TARGET when the
+    /// point has both (`--to ledger=/srv/ledger --to auditor=mysql://…/auditor_new`).
+    #[arg(long, value_name = "TARGET", required = true, action = clap::ArgAction::Append)]
+    pub to: Vec<String>,
     /// --point: give up if replay has not reached the point by then.
     #[arg(long, default_value = "10m", value_parser = duration, value_name = "DURATION")]
     pub timeout: Duration,
@@ -186,6 +189,12 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         ));
     };
     let database = database.as_str();
+    let [to] = args.to.as_slice() else {
+        return Err(Failure::new(
+            exit::USAGE,
+            anyhow::anyhow!("restoring a backup takes one --to TARGET"),
+        ));
+    };
     let (runbook, storage, manifest) = open_backup(&args.config, backup).await?;
     let decryption = stillpoint::backup::decryption(&runbook)
         .map_err(|error| Failure::new(exit::USAGE, error))?;
@@ -202,7 +211,7 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
                 .restore_point_date_time
                 .as_deref()
                 .unwrap_or("-"),
-            stillpoint::storage::redact_url(&args.to)
+            stillpoint::storage::redact_url(to)
         );
     }
     let (bars, progress) = crate::backup::progress(args.output, "restore");
@@ -211,7 +220,7 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         &manifest,
         entry,
         Arc::clone(&adapter),
-        &args.to,
+        to,
         &decryption,
         args.force,
         progress,
@@ -232,7 +241,7 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
                      A SQLite target is as it was; a PostgreSQL or MariaDB target may be \
                      empty or hold part of the copy (restore again with --force)",
                     database,
-                    stillpoint::storage::redact_url(&args.to)
+                    stillpoint::storage::redact_url(to)
                 ),
             ));
         }
@@ -253,7 +262,7 @@ pub async fn restore(args: RestoreArgs) -> Result<u8, Failure> {
         OutputFormat::Json => print_json(&serde_json::json!({
             "backup_id": manifest.backup_id,
             "restore_point_timestamp_ms": manifest.window.restore_point_timestamp_ms,
-            "target": stillpoint::storage::redact_url(&args.to),
+            "target": stillpoint::storage::redact_url(to),
             "restore": report,
         })),
         OutputFormat::Text => crate::outln!(

@@ -11,9 +11,13 @@
 //! each recovered server running, reached through its unix socket, while the
 //! runbook's `[drill]` checks run on them, then stops them and removes everything.
 //!
-//! Only PostgreSQL restores from a point in this build: MariaDB (base + binlog replay
-//! to the marker's GTID) plugs in at [`needs`] and [`restore_one`] once its archive
-//! exists; exec databases restore by time, which a point does not do for them.
+//! A MariaDB database of a point is restored into a database on a server (a new,
+//! empty one: `restore --to mysql://…`; a scratch database on the runbook's
+//! `drill_server_url` or source server for a drill, as a backup's drill does): the
+//! base's dump is loaded, then the archived binlog is replayed from the start of the
+//! base's file to the point's marker ([`crate::archive::mariadb::restore_point`]),
+//! after the same checks first. exec databases restore by time, which a point does
+//! not do for them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,8 +29,11 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use super::{PointDatabase, PointManifest};
-use crate::adapters::{self, Adapter, AdapterConfig, CutMarker, PostgresConfig, process};
+use crate::adapters::{
+    self, Adapter, AdapterConfig, CutMarker, MariadbConfig, PostgresConfig, process,
+};
 use crate::archive::base::{self, BaseRecord};
+use crate::archive::mariadb::{self as binlog_archive, ReplayReport, ReplayTarget};
 use crate::archive::{Archive, ChunkKind, ChunkRecord, Lsn, NotReached, Position, wal};
 use crate::drill::CheckResult;
 use crate::manifest::DatabaseEntry;
@@ -49,18 +56,25 @@ pub enum PointRestoreError {
     Staging(String),
     #[error(transparent)]
     Recovery(#[from] PitrError),
+    /// Loading a MariaDB base or replaying its binlog failed, or what it restored is
+    /// not what the point holds.
+    #[error("{0}")]
+    Replay(String),
 }
 
 /// What one database of a point needs, all present and checked.
 #[derive(Debug, Clone)]
 pub struct Needed {
     pub database: String,
+    /// `postgres` or `mariadb`.
+    pub adapter: String,
     pub base: BaseRecord,
     /// The chunks from the one holding the base's start to the one holding the marker.
     pub chunks: Vec<ChunkRecord>,
     /// Timeline history files (replay asks for them).
     pub others: Vec<ChunkRecord>,
-    pub restore_point: String,
+    /// PostgreSQL's named restore point.
+    pub restore_point: Option<String>,
     pub target: Position,
 }
 
@@ -101,17 +115,18 @@ pub async fn needs(
                 .join(", ")
         ))
     })?;
-    if entry.adapter != "postgres" {
+    if !restores_from_base(&entry.adapter) {
         return Err(PointRestoreError::Setup(format!(
-            "database {name} of point {} is {}: restoring a point is for PostgreSQL in this \
-             build (MariaDB needs its binlog archive; exec databases restore by time)",
+            "database {name} of point {} is {}: a point restores PostgreSQL and MariaDB \
+             databases (from a base and an archive); exec databases restore by time",
             point.point_id, entry.adapter
         )));
     }
-    let (Some(base_ref), Some(target), Some(restore_point)) = (
+    let restore_point = entry.marker.details.get("restore_point").cloned();
+    let (Some(base_ref), Some(target), true) = (
         &entry.base,
         &entry.target,
-        entry.marker.details.get("restore_point"),
+        restore_point.is_some() || entry.adapter == "mariadb",
     ) else {
         return Err(missing(format!(
             "database {name} has no base backup, target or restore point in the point's \
@@ -134,20 +149,24 @@ pub async fn needs(
         .catalog()
         .await
         .map_err(|error| missing(format!("the archive of {name}: {error}")))?;
-    catalog.covers(&base.start, target).map_err(|why| {
+    let from = base::replay_from(&base.start);
+    catalog.covers(&from, target).map_err(|why| {
         let segments = missing_segments(&catalog, &why);
-        let named = if segments.is_empty() {
+        let named = if let Some(chunk) = missing_binlog(&why) {
+            format!(" (missing binlog chunk: {chunk})")
+        } else if segments.is_empty() {
             String::new()
         } else {
             format!(" (missing WAL: {})", segments.join(", "))
         };
         missing(format!("database {name}: {why}{named}"))
     })?;
-    // From the chunk that holds the base's start to the first that reaches the target.
+    // From the chunk that holds where replay starts to the first that reaches the
+    // target.
     let first = catalog
         .chunks
         .iter()
-        .rposition(|chunk| chunk.range().is_some_and(|(start, _)| *start <= base.start))
+        .rposition(|chunk| chunk.range().is_some_and(|(start, _)| *start <= from))
         .expect("covers() found the holder");
     let mut chunks = Vec::new();
     for chunk in &catalog.chunks[first..] {
@@ -164,12 +183,28 @@ pub async fn needs(
         .collect();
     Ok(Needed {
         database: name.to_owned(),
+        adapter: entry.adapter.clone(),
         base,
         chunks,
         others,
-        restore_point: restore_point.clone(),
+        restore_point,
         target: target.clone(),
     })
+}
+
+/// Whether a point restores a database of this adapter from a base and an archive.
+pub fn restores_from_base(adapter: &str) -> bool {
+    matches!(adapter, "postgres" | "mariadb")
+}
+
+/// The chunk a stretch of binlog the archive lacks was, by name, when the stretch
+/// lies in one file (a chunk is cut within one file): what an operator looks for.
+fn missing_binlog(why: &NotReached) -> Option<String> {
+    let NotReached::Gap(gap) = why else {
+        return None;
+    };
+    let ((file, from), (to_file, to)) = (gap.from.as_binlog()?, gap.to.as_binlog()?);
+    (file == to_file).then(|| crate::archive::binlog::chunk_name(file, from, to))
 }
 
 /// The WAL segments a stretch the archive lacks would be in, by name (at most a few):
@@ -285,9 +320,9 @@ pub struct RestoreRequest<'a> {
     pub decryption: &'a Decryption,
     pub point: &'a PointManifest,
     pub database: &'a str,
-    /// The new data directory (empty or absent).
-    pub data_dir: &'a Path,
-    /// Where the base is extracted and the WAL written while replay runs (removed
+    /// Where the database goes.
+    pub destination: Destination<'a>,
+    /// Where the base is extracted and the log written while replay runs (removed
     /// afterwards); default: the system's temporary directory.
     pub staging_in: Option<&'a Path>,
     pub port: u16,
@@ -295,6 +330,28 @@ pub struct RestoreRequest<'a> {
     /// Keep the recovered (stopped) data directory.
     pub keep: bool,
     pub run_as: Option<String>,
+}
+
+/// Where a database of a point is restored.
+#[derive(Debug, Clone, Copy)]
+pub enum Destination<'a> {
+    /// PostgreSQL: a new data directory (empty or absent).
+    DataDir(&'a Path),
+    /// MariaDB: the URL of a new, empty database (`mysql://…/name`).
+    Database(&'a str),
+}
+
+/// A MariaDB database of a point restored: its base loaded, its binlog replayed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BinlogRestoreReport {
+    /// The target, without its password.
+    pub target: String,
+    pub replay: ReplayReport,
+    /// Whether the rows per table were compared with (and equal) those counted in
+    /// the point's snapshot; false only for a point without counts.
+    pub row_counts_match_point: bool,
+    /// Loading the base and replaying the binlog.
+    pub replay_ms: u64,
 }
 
 /// A database of a point restored.
@@ -307,21 +364,163 @@ pub struct PointRestoreReport {
     pub stored_bytes: u64,
     /// Finding and checking what the point needs.
     pub check_ms: u64,
-    /// Extracting the base and writing the WAL.
+    /// Extracting the base and writing the WAL (PostgreSQL).
     pub staging_ms: u64,
-    pub recovery: RecoveryReport,
+    /// PostgreSQL: the recovery to the named restore point.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<RecoveryReport>,
+    /// MariaDB: the base loaded and the binlog replayed to the marker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub binlog: Option<BinlogRestoreReport>,
     pub total_ms: u64,
 }
 
-/// Restores one database of a point into a new data directory (left stopped when
-/// `keep`).
+impl PointRestoreReport {
+    /// Whether the restored rows per table were compared with the point's counts
+    /// (and equal them: a difference fails the restore).
+    pub fn row_counts_checked(&self) -> bool {
+        self.recovery
+            .as_ref()
+            .map(|recovery| recovery.row_counts_match_cut)
+            .or(self.binlog.as_ref().map(|b| b.row_counts_match_point))
+            .unwrap_or(false)
+    }
+}
+
+/// Restores one database of a point: PostgreSQL into a new data directory (left
+/// stopped when `keep`), MariaDB into a new database.
 pub async fn restore_one(
     request: RestoreRequest<'_>,
     cancel: &CancellationToken,
 ) -> Result<PointRestoreReport, PointRestoreError> {
+    if let Destination::Database(url) = request.destination {
+        return restore_binlog(request, url, cancel).await;
+    }
     let (held, report) = restore_held(request, cancel).await?;
     let recovery = held.stop().await;
-    Ok(PointRestoreReport { recovery, ..report })
+    Ok(PointRestoreReport {
+        recovery: Some(recovery),
+        ..report
+    })
+}
+
+/// A MariaDB database of a point into the new, empty database `url`: what it needs
+/// checked first, then its base loaded and the binlog replayed to the marker, then
+/// the rows per table compared with the point's counts.
+async fn restore_binlog(
+    request: RestoreRequest<'_>,
+    url: &str,
+    cancel: &CancellationToken,
+) -> Result<PointRestoreReport, PointRestoreError> {
+    let started = Instant::now();
+    let name = request.database;
+    let config = mariadb_config(request.runbook, name)?;
+    let needed = needs(request.storage, request.settings, request.point, name).await?;
+    if needed.adapter != "mariadb" {
+        return Err(PointRestoreError::Setup(format!(
+            "database {name} of point {} is {}, which restores into a data directory, not \
+             a database URL",
+            request.point.point_id, needed.adapter
+        )));
+    }
+    check(request.storage, request.point, &needed).await?;
+    let check_ms = elapsed_ms(started);
+    let replay_started = Instant::now();
+    let archive = Archive::new(
+        request.storage.clone(),
+        request.settings.clone(),
+        &needed.database,
+    )
+    .map_err(|error| PointRestoreError::Setup(error.to_string()))?;
+    let target = ReplayTarget {
+        url: url.to_owned(),
+        // The database the archived events were written to on the source.
+        source_database: needed
+            .base
+            .details
+            .get("database")
+            .cloned()
+            .unwrap_or_else(|| name.to_owned()),
+        bin_dir: config.bin_dir.clone(),
+        work_dir: request
+            .staging_in
+            .map_or_else(std::env::temp_dir, Path::to_owned),
+    };
+    let replayed = tokio::select! {
+        replayed = binlog_archive::restore_point(&archive, request.decryption, &needed.base, &needed.target, &target) => replayed,
+        () = cancel.cancelled() => {
+            return Err(PointRestoreError::Recovery(PitrError::Cancelled(format!(
+                "stopped while restoring {name}; the target database may hold part of it: \
+                 drop it"
+            ))));
+        }
+    };
+    let replay = replayed.map_err(|error| PointRestoreError::Replay(error.to_string()))?;
+    let replay_ms = elapsed_ms(replay_started);
+    let entry = point_entry(request.point, name)?;
+    let mut row_counts_match_point = false;
+    if let Some(expected) = &entry.row_counts {
+        let adapter = adapters::mariadb::Mariadb::new(
+            name,
+            MariadbConfig {
+                url: url.to_owned(),
+                bin_dir: config.bin_dir.clone(),
+                drill_server_url: None,
+            },
+        );
+        let found = adapter
+            .row_counts(url)
+            .await
+            .map_err(|error| PointRestoreError::Replay(error.to_string()))?;
+        if let Some(difference) = row_count_difference(expected, &found) {
+            return Err(PointRestoreError::Replay(format!(
+                "database {name} restored to point {} holds other rows than the point's \
+                 snapshot: {difference}",
+                request.point.point_id
+            )));
+        }
+        row_counts_match_point = true;
+    }
+    Ok(PointRestoreReport {
+        point_id: request.point.point_id.clone(),
+        database: name.to_owned(),
+        base_id: needed.base.id.clone(),
+        chunks: needed.chunks.len(),
+        stored_bytes: needed.stored_bytes(),
+        check_ms,
+        staging_ms: 0,
+        recovery: None,
+        binlog: Some(BinlogRestoreReport {
+            target: crate::storage::redact_url(url),
+            replay,
+            row_counts_match_point,
+            replay_ms,
+        }),
+        total_ms: elapsed_ms(started),
+    })
+}
+
+/// The first tables whose rows differ between what a point counted and what a
+/// restore holds, or `None` when they are equal.
+fn row_count_difference(
+    expected: &BTreeMap<String, u64>,
+    found: &BTreeMap<String, u64>,
+) -> Option<String> {
+    let tables: std::collections::BTreeSet<&String> = expected.keys().chain(found.keys()).collect();
+    let differ: Vec<String> = tables
+        .into_iter()
+        .filter(|table| expected.get(*table) != found.get(*table))
+        .take(5)
+        .map(|table| {
+            let shown = |count: Option<&u64>| count.map_or("none".to_owned(), u64::to_string);
+            format!(
+                "{table}: {} in the point, {} restored",
+                shown(expected.get(table)),
+                shown(found.get(table))
+            )
+        })
+        .collect();
+    (!differ.is_empty()).then(|| differ.join(", "))
 }
 
 /// [`restore_one`], with the recovered server left running (a drill's checks).
@@ -331,6 +530,13 @@ pub async fn restore_held(
 ) -> Result<(HeldRecovery, PointRestoreReport), PointRestoreError> {
     let started = Instant::now();
     let config = postgres_config(request.runbook, request.database)?;
+    let Destination::DataDir(data_dir) = request.destination else {
+        return Err(PointRestoreError::Setup(format!(
+            "database {} is PostgreSQL: a point restores it into a new data directory, not \
+             a database URL",
+            request.database
+        )));
+    };
     let needed = needs(
         request.storage,
         request.settings,
@@ -357,8 +563,8 @@ pub async fn restore_held(
         entry: &entry,
         base_backup: &base_dir,
         wal_archive: &wal_dir,
-        data_dir: request.data_dir,
-        target: Target::Name(needed.restore_point.clone()),
+        data_dir,
+        target: Target::Name(needed.restore_point.clone().unwrap_or_default()),
         port: request.port,
         timeout: request.timeout,
         keep: request.keep,
@@ -375,7 +581,8 @@ pub async fn restore_held(
         stored_bytes: needed.stored_bytes(),
         check_ms,
         staging_ms,
-        recovery: held.report().clone(),
+        recovery: Some(held.report().clone()),
+        binlog: None,
         total_ms: elapsed_ms(started),
     };
     Ok((held, report))
@@ -398,6 +605,27 @@ fn postgres_config<'a>(
         None => Err(PointRestoreError::Setup(format!(
             "the runbook has no database {database:?}: it says how to reach the server's \
              tools (bin_dir) and which user and database to read back"
+        ))),
+    }
+}
+
+fn mariadb_config<'a>(
+    runbook: &'a Runbook,
+    database: &str,
+) -> Result<&'a MariadbConfig, PointRestoreError> {
+    match runbook
+        .databases
+        .iter()
+        .find(|db| db.name == database)
+        .map(|db| &db.adapter)
+    {
+        Some(AdapterConfig::Mariadb(config)) => Ok(config),
+        Some(_) => Err(PointRestoreError::Setup(format!(
+            "database {database} of the runbook is not MariaDB"
+        ))),
+        None => Err(PointRestoreError::Setup(format!(
+            "the runbook has no database {database:?}: it says where the server's tools \
+             (bin_dir) are"
         ))),
     }
 }
@@ -557,33 +785,108 @@ pub async fn drill(
         });
     }
     let scratch = staging_dir(request.runbook.drill.scratch_dir.as_deref())?;
-    let mut ports = Vec::new();
-    for _ in &point.databases {
-        ports.push(free_port().map_err(PointRestoreError::Setup)?);
+    // MariaDB databases go into scratch databases on their drill server (as a
+    // backup's drill does), made first so that whatever comes next knows what to
+    // drop; PostgreSQL ones into scratch servers, on free ports.
+    let run_id = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    let mut destinations: Vec<DrillDestination> = Vec::new();
+    let mut scratch_databases: Vec<(Arc<dyn Adapter>, String)> = Vec::new();
+    let mut setup_error = None;
+    for database in &point.databases {
+        let config = request
+            .runbook
+            .databases
+            .iter()
+            .find(|db| db.name == database.name)
+            .ok_or_else(|| {
+                PointRestoreError::Setup(format!(
+                    "point {} has database {:?}, which the runbook does not configure; add it \
+                     to [[databases]] so the drill knows how to restore it",
+                    point.point_id, database.name
+                ))
+            });
+        let destination = match config {
+            Ok(config) if matches!(config.adapter, AdapterConfig::Mariadb(_)) => {
+                let adapter = adapters::build(&database.name, &config.adapter);
+                let label = crate::drill::scratch_label(run_id, &database.name);
+                match adapter
+                    .create_scratch(&label, scratch.path(), &database.marker)
+                    .await
+                {
+                    Ok(url) => {
+                        scratch_databases.push((adapter, url.clone()));
+                        Ok(DrillDestination::Database(url))
+                    }
+                    Err(error) => Err(PointRestoreError::Setup(format!(
+                        "creating a scratch database for {}: {error}",
+                        database.name
+                    ))),
+                }
+            }
+            Ok(_) => free_port()
+                .map(|port| DrillDestination::Server {
+                    data_dir: scratch.path().join(format!("{}-data", database.name)),
+                    port,
+                })
+                .map_err(PointRestoreError::Setup),
+            Err(error) => Err(error),
+        };
+        match destination {
+            Ok(destination) => destinations.push(destination),
+            Err(error) => {
+                setup_error = Some(error);
+                break;
+            }
+        }
+    }
+    let drop_scratch = |scratch_databases: Vec<(Arc<dyn Adapter>, String)>| async move {
+        for (adapter, url) in scratch_databases {
+            if let Err(error) = adapter.drop_scratch(&url).await {
+                tracing::warn!(target = %crate::storage::redact_url(&url), %error, "could not remove a drill's scratch database (`stillpoint drill --cleanup` removes it)");
+            }
+        }
+    };
+    if let Some(error) = setup_error {
+        drop_scratch(scratch_databases).await;
+        return Err(error);
     }
     let restoring = Instant::now();
-    let restores = join_all(point.databases.iter().zip(&ports).map(|(database, port)| {
-        let data_dir = scratch.path().join(format!("{}-data", database.name));
-        let staging = scratch.path().to_owned();
-        let request = request.clone();
-        async move {
-            let restore = RestoreRequest {
-                runbook: request.runbook,
-                storage: request.storage,
-                settings: request.settings,
-                decryption: request.decryption,
-                point,
-                database: &database.name,
-                data_dir: &data_dir,
-                staging_in: Some(&staging),
-                port: *port,
-                timeout: request.timeout,
-                keep: false,
-                run_as: request.run_as.clone(),
-            };
-            restore_held(restore, cancel).await
-        }
-    }))
+    let restores = join_all(point.databases.iter().zip(&destinations).map(
+        |(database, destination)| {
+            let staging = scratch.path().to_owned();
+            let request = request.clone();
+            async move {
+                let restore = RestoreRequest {
+                    runbook: request.runbook,
+                    storage: request.storage,
+                    settings: request.settings,
+                    decryption: request.decryption,
+                    point,
+                    database: &database.name,
+                    destination: match destination {
+                        DrillDestination::Server { data_dir, .. } => Destination::DataDir(data_dir),
+                        DrillDestination::Database(url) => Destination::Database(url),
+                    },
+                    staging_in: Some(&staging),
+                    port: match destination {
+                        DrillDestination::Server { port, .. } => *port,
+                        DrillDestination::Database(_) => 0,
+                    },
+                    timeout: request.timeout,
+                    keep: false,
+                    run_as: request.run_as.clone(),
+                };
+                match destination {
+                    DrillDestination::Server { .. } => restore_held(restore, cancel)
+                        .await
+                        .map(|(server, report)| (Held::Server(Box::new(server)), report)),
+                    DrillDestination::Database(url) => restore_binlog(restore, url, cancel)
+                        .await
+                        .map(|report| (Held::Database(url.clone()), report)),
+                }
+            }
+        },
+    ))
     .await;
     let rto_ms = elapsed_ms(restoring);
     let mut held = Vec::new();
@@ -599,9 +902,12 @@ pub async fn drill(
         .find(|(_, error)| matches!(error, PointRestoreError::Recovery(PitrError::Cancelled(_))))
     {
         let why = why.clone();
-        for (_, (server, _)) in held {
-            server.stop().await;
+        for (_, (restored, _)) in held {
+            if let Held::Server(server) = restored {
+                server.stop().await;
+            }
         }
+        drop_scratch(scratch_databases).await;
         return Err(PointRestoreError::Recovery(PitrError::Cancelled(why)));
     }
     for (name, error) in &failed {
@@ -613,23 +919,37 @@ pub async fn drill(
         });
     }
     for (name, (_, report)) in &held {
-        checks.push(CheckResult {
-            name: format!("restore:{name}"),
-            ok: true,
-            detail: format!(
+        let detail = match (&report.recovery, &report.binlog) {
+            (Some(recovery), _) => format!(
                 "replayed base backup {} + {} chunk(s) to {} (LSN {}) in {} ms",
                 report.base_id,
                 report.chunks,
-                report.recovery.target,
-                report.recovery.reached_lsn.as_deref().unwrap_or("?"),
+                recovery.target,
+                recovery.reached_lsn.as_deref().unwrap_or("?"),
                 report.total_ms
             ),
+            (None, Some(binlog)) => format!(
+                "loaded base backup {} and replayed {} chunk(s) of binlog from {} to {} \
+                 (GTID {}) in {} ms",
+                report.base_id,
+                binlog.replay.chunks.len(),
+                binlog.replay.from,
+                binlog.replay.to,
+                binlog.replay.gtid_binlog_pos.as_deref().unwrap_or("?"),
+                report.total_ms
+            ),
+            (None, None) => format!("restored in {} ms", report.total_ms),
+        };
+        checks.push(CheckResult {
+            name: format!("restore:{name}"),
+            ok: true,
+            detail,
             duration_ms: report.total_ms,
         });
         checks.push(CheckResult {
             name: format!("row_counts:{name}"),
             ok: true,
-            detail: if report.recovery.row_counts_match_cut {
+            detail: if report.row_counts_checked() {
                 "rows per table equal those counted in the point's snapshot".to_owned()
             } else {
                 "not compared: the point has no row counts (point --count-rows)".to_owned()
@@ -637,22 +957,20 @@ pub async fn drill(
             duration_ms: 0,
         });
     }
-    // The runbook's checks, on the running scratch servers.
+    // The runbook's checks, on the running scratch servers and databases.
     let targets: BTreeMap<&str, (Arc<dyn Adapter>, String)> = held
         .iter()
-        .filter_map(|(name, (server, _))| {
+        .filter_map(|(name, (restored, _))| {
             let config = request
                 .runbook
                 .databases
                 .iter()
                 .find(|db| &db.name == name)?;
-            Some((
-                name.as_str(),
-                (
-                    adapters::build(name, &config.adapter),
-                    server.url().to_owned(),
-                ),
-            ))
+            let url = match restored {
+                Held::Server(server) => server.url().to_owned(),
+                Held::Database(url) => url.clone(),
+            };
+            Some((name.as_str(), (adapters::build(name, &config.adapter), url)))
         })
         .collect();
     let restored: Vec<&str> = targets.keys().copied().collect();
@@ -668,15 +986,27 @@ pub async fn drill(
         () = cancel.cancelled() => None,
         results = checking => Some(results),
     };
+    drop(targets);
     let mut databases = Vec::new();
-    for (_, (server, report)) in held {
-        let recovery = server.stop().await;
-        databases.push(PointRestoreReport { recovery, ..report });
+    for (_, (restored, report)) in held {
+        match restored {
+            Held::Server(server) => {
+                let recovery = server.stop().await;
+                databases.push(PointRestoreReport {
+                    recovery: Some(recovery),
+                    ..report
+                });
+            }
+            Held::Database(_) => databases.push(report),
+        }
     }
+    drop_scratch(scratch_databases).await;
     drop(scratch);
     let Some(results) = results else {
         return Err(PointRestoreError::Recovery(PitrError::Cancelled(
-            "the drill was interrupted; its scratch servers were stopped and removed".to_owned(),
+            "the drill was interrupted; its scratch servers and databases were stopped and \
+             removed"
+                .to_owned(),
         )));
     };
     checks.extend(results);
@@ -693,6 +1023,20 @@ pub async fn drill(
     })
 }
 
+/// Where a drill restores one database.
+enum DrillDestination {
+    /// PostgreSQL: a scratch server on a new data directory.
+    Server { data_dir: PathBuf, port: u16 },
+    /// MariaDB: a scratch database (its URL).
+    Database(String),
+}
+
+/// A database a drill restored, while its checks run.
+enum Held {
+    Server(Box<HeldRecovery>),
+    Database(String),
+}
+
 /// A port nothing listens on now (the OS picks it).
 fn free_port() -> Result<u16, String> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")
@@ -705,4 +1049,61 @@ fn free_port() -> Result<u16, String> {
 
 fn elapsed_ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::Gap;
+
+    /// A binlog gap within one file names the chunk that held it; across files, or
+    /// in WAL, there is no one chunk to name.
+    #[test]
+    fn a_binlog_gap_names_the_missing_chunk() {
+        let gap = |from: Position, to: Position| {
+            NotReached::Gap(Gap {
+                database: "auditor".to_owned(),
+                after: "a".to_owned(),
+                from,
+                before: "b".to_owned(),
+                to,
+            })
+        };
+        assert_eq!(
+            missing_binlog(&gap(
+                Position::binlog("binlog.000002", 0x68),
+                Position::binlog("binlog.000002", 0x9A)
+            ))
+            .as_deref(),
+            Some("binlog.000002.000000000068-00000000009A")
+        );
+        assert_eq!(
+            missing_binlog(&gap(
+                Position::binlog("binlog.000002", 0x68),
+                Position::binlog("binlog.000003", 4)
+            )),
+            None
+        );
+        assert_eq!(
+            missing_binlog(&gap(Position::Lsn(Lsn(1)), Position::Lsn(Lsn(2)))),
+            None
+        );
+    }
+
+    #[test]
+    fn row_counts_that_differ_are_named_per_table() {
+        let counts = |list: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            list.iter().map(|(t, n)| (t.to_string(), *n)).collect()
+        };
+        let point = counts(&[("ledger", 10), ("accounts", 3)]);
+        assert_eq!(row_count_difference(&point, &point.clone()), None);
+        assert_eq!(
+            row_count_difference(&point, &counts(&[("ledger", 11), ("accounts", 3)])).as_deref(),
+            Some("ledger: 10 in the point, 11 restored")
+        );
+        assert_eq!(
+            row_count_difference(&point, &counts(&[("ledger", 10)])).as_deref(),
+            Some("accounts: 3 in the point, none restored")
+        );
+    }
 }

@@ -54,9 +54,8 @@ pub async fn verify_point(
             problem: None,
             skipped: None,
         };
-        if entry.adapter != "postgres" {
-            // Not a base + archive: an exec database restores by time, MariaDB waits
-            // for its binlog archive (take.rs refuses it).
+        if !restore::restores_from_base(&entry.adapter) {
+            // Not a base + archive: an exec database restores by time.
             verdict.skipped = Some(format!(
                 "a {} database restores by time, not from a base and an archive",
                 entry.adapter
