@@ -312,6 +312,7 @@ fn points_under_load_restore_consistently_and_plain_pitr_does_not() {
         }
     }
     eprintln!("points scenario: drilling points {chosen:?}");
+    let drilling = Instant::now();
     for index in &chosen {
         let point = &points[*index];
         let id = point["point_id"].as_str().unwrap();
@@ -340,8 +341,11 @@ fn points_under_load_restore_consistently_and_plain_pitr_does_not() {
         );
     }
 
+    eprintln!("points scenario: drills took {:?}", drilling.elapsed());
+
     // Nothing lost to the kill: verify re-reads every chunk of every point and
     // finds no gap in either archive.
+    let verifying = Instant::now();
     let (code, verified) =
         stillpoint_json(&["verify", "--config", scenario.config(), "--output", "json"]);
     assert_eq!(code, 0, "verify: {verified}");
@@ -358,6 +362,7 @@ fn points_under_load_restore_consistently_and_plain_pitr_does_not() {
     for catalog in ["ledger", "auditor"].map(|database| scenario.catalog(database)) {
         assert!(catalog.gaps().is_empty(), "{:?}", catalog.gaps());
     }
+    eprintln!("points scenario: verify took {:?}", verifying.elapsed());
     stop_archiver(scenario.archiver.take());
 
     plain_pitr_control(&scenario, &points[0], &pitr_base, &instants_ms);

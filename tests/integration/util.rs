@@ -91,12 +91,36 @@ impl Process {
     }
 
     /// Waits (bounded) for the process to exit by itself; returns what it printed.
+    /// Its pipes are read while it runs: a child that fills one (64 KiB, e.g. a
+    /// drill's JSON report) would otherwise block on the write and never exit.
     pub fn wait_output(mut self, within: Duration) -> Output {
+        let child = self.child.as_mut().expect("running");
+        let stdout = child.stdout.take().map(read_in_background);
+        let stderr = child.stderr.take().map(read_in_background);
         wait_until(within, &format!("{} to exit", self.name), || {
             self.has_exited()
         });
-        self.child.take().unwrap().wait_with_output().unwrap()
+        let status = self.child.take().unwrap().wait().unwrap();
+        let read = |reader: Option<std::thread::JoinHandle<Vec<u8>>>| {
+            reader.map_or_else(Vec::new, |reader| reader.join().unwrap())
+        };
+        Output {
+            status,
+            stdout: read(stdout),
+            stderr: read(stderr),
+        }
     }
+}
+
+/// Reads a pipe to its end on a thread of its own.
+fn read_in_background(
+    mut pipe: impl std::io::Read + Send + 'static,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
 }
 
 impl Drop for Process {
