@@ -184,6 +184,50 @@ pub(crate) async fn remove_chunk(archive: &Archive, catalog: &Catalog, victim: &
     }
 }
 
+/// The chunks of `catalog` a replay from `from` to `target` reads, in order.
+pub(crate) fn chain(catalog: &Catalog, from: &Position, target: &Position) -> Vec<ChunkRecord> {
+    catalog
+        .chunks
+        .iter()
+        .filter(|chunk| {
+            chunk
+                .range()
+                .is_some_and(|(start, end)| end > from && start < target)
+        })
+        .cloned()
+        .collect()
+}
+
+/// `verify`'s JSON reports, for `database` of its first point, a gap between
+/// `before` and `after`, naming both chunks and the positions on each side.
+pub(crate) fn assert_gap_named(
+    verified: &Value,
+    database: &str,
+    before: &ChunkRecord,
+    after: &ChunkRecord,
+) {
+    let problem = verified["points"][0]["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["database"] == database)
+        .unwrap()["problem"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no problem named for {database}: {verified}"))
+        .to_owned();
+    let (_, before_end) = before.range().unwrap();
+    let (after_start, _) = after.range().unwrap();
+    for named in [
+        "has a gap".to_owned(),
+        before.name.clone(),
+        after.name.clone(),
+        before_end.to_string(),
+        after_start.to_string(),
+    ] {
+        assert!(problem.contains(&named), "{named} must be named: {problem}");
+    }
+}
+
 /// `stillpoint point --count-rows`, which must succeed.
 pub(crate) fn take_point(config: &str) -> Value {
     let (code, point) = run_json(
@@ -622,16 +666,7 @@ fn prune_keeps_what_the_kept_point_needs_and_verify_names_a_gap() {
 
     // Negative control: a chunk from the middle of the kept point's chain deleted.
     let target: Position = serde_json::from_value(kept["databases"][0]["target"].clone()).unwrap();
-    let chain: Vec<_> = catalog
-        .chunks
-        .iter()
-        .filter(|chunk| {
-            chunk
-                .range()
-                .is_some_and(|(start, end)| *end > kept_start && *start < target)
-        })
-        .cloned()
-        .collect();
+    let chain = chain(&catalog, &kept_start, &target);
     assert!(
         chain.len() >= 3,
         "the chain should span several chunks: {}",
@@ -645,26 +680,7 @@ fn prune_keeps_what_the_kept_point_needs_and_verify_names_a_gap() {
         setup.stillpoint(&["verify", "--config", setup.config(), "--output", "json"]);
     assert_eq!(code, 6, "verify with a chunk gone: {verified}");
     assert_eq!(verified["ok"], false, "{verified}");
-    let problem = verified["points"][0]["databases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["database"] == "ledger")
-        .unwrap()["problem"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (_, before_end) = chain[0].range().unwrap();
-    let (after_start, _) = chain[2].range().unwrap();
-    for named in [
-        "has a gap".to_owned(),
-        chain[0].name.clone(),
-        chain[2].name.clone(),
-        before_end.to_string(),
-        after_start.to_string(),
-    ] {
-        assert!(problem.contains(&named), "{named} must be named: {problem}");
-    }
+    assert_gap_named(&verified, "ledger", &chain[0], &chain[2]);
     // The text form names it too; the other database still verifies.
     let output = crate::util::run_with_env(
         "stillpoint",

@@ -31,7 +31,10 @@ use tokio_util::sync::CancellationToken;
 use crate::archive::{Orphan, children, is_running};
 use crate::cluster::{self, Cluster, Load};
 use crate::drill;
-use crate::points::{remove_chunk, start_archiver, stillpoint_json, stop_archiver, take_point};
+use crate::points::{
+    assert_gap_named, chain, remove_chunk, start_archiver, stillpoint_json, stop_archiver,
+    take_point,
+};
 use crate::util::{Database, Process, Runbook, stderr, wait_until};
 
 /// Points: one every `INTERVAL` for 3 minutes.
@@ -512,16 +515,7 @@ fn deleted_chunks(scenario: &Scenario, newest: &Value) {
         let target: Position = serde_json::from_value(entry["target"].clone()).unwrap();
         let from = base::replay_from(&base_start);
         let catalog = scenario.catalog(name);
-        let chain: Vec<_> = catalog
-            .chunks
-            .iter()
-            .filter(|chunk| {
-                chunk
-                    .range()
-                    .is_some_and(|(start, end)| *end > from && *start < target)
-            })
-            .cloned()
-            .collect();
+        let chain = chain(&catalog, &from, &target);
         assert!(
             chain.len() >= 3,
             "{name}: the chain spans {} chunks",
@@ -547,24 +541,7 @@ fn deleted_chunks(scenario: &Scenario, newest: &Value) {
     ]);
     assert_eq!(code, 6, "verify with chunks gone: {verified}");
     for (name, before, after) in &gaps {
-        let problem = verified["points"][0]["databases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|database| database["database"] == *name)
-            .unwrap()["problem"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no problem named for {name}: {verified}"))
-            .to_owned();
-        for named in [
-            "has a gap".to_owned(),
-            before.name.clone(),
-            after.name.clone(),
-            before.end.as_ref().unwrap().to_string(),
-            after.start.as_ref().unwrap().to_string(),
-        ] {
-            assert!(problem.contains(&named), "{named} must be named: {problem}");
-        }
+        assert_gap_named(&verified, name, before, after);
     }
 
     // Each restore is refused before anything is written: no data directory, an
