@@ -220,30 +220,47 @@ enum Status {
     Binlog(tokio::sync::watch::Receiver<BinlogArchiverStatus>),
 }
 
-/// What progress lines are printed on: chunks stored, the last error, and the line.
-struct Seen {
+/// What a progress line shows, the same for both kinds of archiver.
+struct Progress {
+    archived_to: Option<String>,
+    /// The server's position, under its kind's JSON key (`server_lsn` for WAL,
+    /// `server_position` for binlogs).
+    server: (&'static str, Option<String>),
+    lag_bytes: Option<u64>,
+    last_chunk: Option<String>,
     chunks_stored: u64,
+    restarts: u32,
     last_error: Option<String>,
-    line: String,
 }
 
 impl Status {
-    fn look(&mut self, database: &str, output: OutputFormat) -> Seen {
+    fn look(&mut self) -> Progress {
         match self {
             Status::Wal(receiver) => {
-                let now = receiver.borrow_and_update().clone();
-                Seen {
+                let now = receiver.borrow_and_update();
+                Progress {
+                    archived_to: now.archived_to.map(|lsn| lsn.to_string()),
+                    server: ("server_lsn", now.server_lsn.map(|lsn| lsn.to_string())),
+                    lag_bytes: now.lag_bytes(),
+                    last_chunk: now.last_chunk.clone(),
                     chunks_stored: now.chunks_stored,
+                    restarts: now.restarts,
                     last_error: now.last_error.clone(),
-                    line: render(database, &now, output),
                 }
             }
             Status::Binlog(receiver) => {
-                let now = receiver.borrow_and_update().clone();
-                Seen {
+                let now = receiver.borrow_and_update();
+                Progress {
+                    archived_to: now.archived_to.as_ref().map(ToString::to_string),
+                    server: (
+                        "server_position",
+                        now.server_position.as_ref().map(ToString::to_string),
+                    ),
+                    lag_bytes: now.lag_bytes(),
+                    last_chunk: now.last_chunk.clone(),
                     chunks_stored: now.chunks_stored,
+                    restarts: now.restarts,
                     last_error: now.last_error.clone(),
-                    line: render_binlog(database, &now, output),
                 }
             }
         }
@@ -265,10 +282,11 @@ async fn print_progress(archivers: &[Archiver], output: OutputFormat, cancel: &C
     let mut stopping = false;
     loop {
         for (index, receiver) in receivers.iter_mut().enumerate() {
-            let now = receiver.look(archivers[index].database(), output);
+            let now = receiver.look();
             let before = &shown[index];
             if now.chunks_stored != before.0 || now.last_error != before.1 {
-                write_stdout(&format!("{}\n", now.line));
+                let line = render(archivers[index].database(), &now, output);
+                write_stdout(&format!("{line}\n"));
             }
             shown[index] = (now.chunks_stored, now.last_error);
         }
@@ -288,71 +306,37 @@ async fn print_progress(archivers: &[Archiver], output: OutputFormat, cancel: &C
     }
 }
 
-fn render_binlog(database: &str, status: &BinlogArchiverStatus, output: OutputFormat) -> String {
+fn render(database: &str, progress: &Progress, output: OutputFormat) -> String {
     match output {
-        OutputFormat::Json => serde_json::json!({
-            "database": database,
-            "archived_to": status.archived_to.as_ref().map(ToString::to_string),
-            "server_position": status.server_position.as_ref().map(ToString::to_string),
-            "lag_bytes": status.lag_bytes(),
-            "last_chunk": status.last_chunk,
-            "chunks_stored": status.chunks_stored,
-            "restarts": status.restarts,
-            "last_error": status.last_error,
-        })
-        .to_string(),
+        OutputFormat::Json => {
+            let mut line = serde_json::json!({
+                "database": database,
+                "archived_to": progress.archived_to,
+                "lag_bytes": progress.lag_bytes,
+                "last_chunk": progress.last_chunk,
+                "chunks_stored": progress.chunks_stored,
+                "restarts": progress.restarts,
+                "last_error": progress.last_error,
+            });
+            let (key, server) = &progress.server;
+            line[*key] = serde_json::json!(server);
+            line.to_string()
+        }
         OutputFormat::Text => {
             let mut line = format!(
                 "{database}: archived to {}",
-                status
-                    .archived_to
-                    .as_ref()
-                    .map_or("nothing yet".to_owned(), ToString::to_string)
+                progress.archived_to.as_deref().unwrap_or("nothing yet")
             );
-            if let Some(chunk) = &status.last_chunk {
+            if let Some(chunk) = &progress.last_chunk {
                 line.push_str(&format!(" (last stored: {chunk})"));
             }
-            if let Some(server) = &status.server_position {
+            if let Some(server) = &progress.server.1 {
                 line.push_str(&format!(", server at {server}"));
             }
-            if let Some(lag) = status.lag_bytes() {
+            if let Some(lag) = progress.lag_bytes {
                 line.push_str(&format!(", lag {}", human_bytes(lag)));
             }
-            if let Some(error) = &status.last_error {
-                line.push_str(&format!("; last error: {error}"));
-            }
-            line
-        }
-    }
-}
-
-fn render(database: &str, status: &ArchiverStatus, output: OutputFormat) -> String {
-    match output {
-        OutputFormat::Json => serde_json::json!({
-            "database": database,
-            "archived_to": status.archived_to.map(|lsn| lsn.to_string()),
-            "server_lsn": status.server_lsn.map(|lsn| lsn.to_string()),
-            "lag_bytes": status.lag_bytes(),
-            "last_chunk": status.last_chunk,
-            "chunks_stored": status.chunks_stored,
-            "restarts": status.restarts,
-            "last_error": status.last_error,
-        })
-        .to_string(),
-        OutputFormat::Text => {
-            let mut line = format!(
-                "{database}: archived to {}",
-                status
-                    .archived_to
-                    .map_or("nothing yet".to_owned(), |lsn| lsn.to_string())
-            );
-            if let Some(chunk) = &status.last_chunk {
-                line.push_str(&format!(" (last stored: {chunk})"));
-            }
-            if let (Some(server), Some(lag)) = (status.server_lsn, status.lag_bytes()) {
-                line.push_str(&format!(", server at {server}, lag {}", human_bytes(lag)));
-            }
-            if let Some(error) = &status.last_error {
+            if let Some(error) = &progress.last_error {
                 line.push_str(&format!("; last error: {error}"));
             }
             line
@@ -387,9 +371,17 @@ pub async fn wal_push(args: WalPushArgs) -> Result<u8, Failure> {
 }
 
 /// `stillpoint wal-fetch`: PostgreSQL's `restore_command`. Exit 1 when the archive
-/// does not have the file (PostgreSQL's "not there", which ends replay); 6 for any
-/// other failure.
+/// does not have the file (PostgreSQL's "not there", which ends replay); 126 for any
+/// other failure, which makes PostgreSQL abort recovery rather than take an archive
+/// it could not read as one that ended.
 pub async fn wal_fetch(args: WalFetchArgs) -> Result<u8, Failure> {
+    fetch_one(&args).await.map_err(|failure| Failure {
+        code: exit::WAL_FETCH_FAILED,
+        ..failure
+    })
+}
+
+async fn fetch_one(args: &WalFetchArgs) -> Result<u8, Failure> {
     let runbook = load_runbook(&args.config)?;
     let archive = open_archive(&runbook, &args.database)?;
     let decryption =

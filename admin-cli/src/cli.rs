@@ -114,8 +114,8 @@ pub enum Command {
     /// (`archive_command = 'stillpoint wal-push -c RUNBOOK --database NAME %p'`).
     WalPush(WalPushArgs),
     /// PostgreSQL's restore_command: fetch one WAL file from a database's archive; exit
-    /// 1 when it is not there (`restore_command = 'stillpoint wal-fetch -c RUNBOOK
-    /// --database NAME %f %p'`).
+    /// 1 when it is not there, 126 when the archive cannot be read (`restore_command =
+    /// 'stillpoint wal-fetch -c RUNBOOK --database NAME %f %p'`).
     WalFetch(WalFetchArgs),
     /// Start a local reference cluster (3 ledger nodes + 1 auditor on SQLite) under
     /// load, back it up, drill the backup, print a report and clean up.

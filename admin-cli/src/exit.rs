@@ -20,6 +20,10 @@ pub const BACKUP_FAILED: u8 = 6;
 /// A drill restored the backup, but a check of the restored data failed: the backup
 /// is not a consistent restore point (or a check is wrong). The report names it.
 pub const DRILL_FAILED: u8 = 7;
+/// `wal-fetch` only: the archive could not be read (storage, damage, runbook).
+/// PostgreSQL takes any exit from 1 to 125 of its `restore_command` as "not in the
+/// archive", which ends recovery early; above 125 it aborts recovery instead.
+pub const WAL_FETCH_FAILED: u8 = 126;
 
 pub const HELP: &str = "\
 Exit codes:
@@ -32,7 +36,9 @@ Exit codes:
      or the window was too short for the clock-skew bound)
   6  backup, verify or restore failed (database, storage or artifact); the cluster
      is not paused and nothing incomplete is listed
-  7  drill: a check of the restored data failed (the report names it)";
+  7  drill: a check of the restored data failed (the report names it)
+126  wal-fetch: the archive could not be read (so PostgreSQL aborts recovery
+     instead of ending it early)";
 
 /// An error carrying the exit code it should end the process with.
 #[derive(Debug)]

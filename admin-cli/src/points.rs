@@ -389,12 +389,11 @@ fn point_targets(
         .collect();
     let plain_dir = plain.iter().find(|target| !is_url(target));
     let plain_url = plain.iter().find(|target| is_url(target));
-    if plain.len() > 2
-        || plain.iter().filter(|t| is_url(t)).count() > 1
-        || plain.iter().filter(|t| !is_url(t)).count() > 1
-    {
+    let urls = plain.iter().filter(|target| is_url(target)).count();
+    if urls > 1 || plain.len() - urls > 1 {
         return Err(
-            "give one plain --to DIR and one --to URL at most; name the others' targets with              --to NAME=TARGET"
+            "give one plain --to DIR and one --to URL at most; name the others' targets with \
+             --to NAME=TARGET"
                 .to_owned(),
         );
     }
@@ -405,7 +404,8 @@ fn point_targets(
     let unnamed_mariadb = unnamed.len() - unnamed_postgres;
     if unnamed_mariadb > 1 && plain_url.is_some() {
         return Err(format!(
-            "the point has {unnamed_mariadb} MariaDB databases: give each its own empty              database with --to NAME=mysql://…"
+            "the point has {unnamed_mariadb} MariaDB databases: give each its own empty \
+             database with --to NAME=mysql://…"
         ));
     }
     let mut targets = Vec::new();

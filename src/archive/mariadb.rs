@@ -52,7 +52,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use mysql_async::prelude::Queryable;
@@ -64,16 +64,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::base::{self, BaseRecord};
 use super::binlog::{self, GtidState};
+use super::supervise::{Ended, Supervised, supervise};
 use super::{Archive, ArchiveError, ChunkContent, ChunkKind, NewChunk, Position, PushOutcome};
 use crate::adapters::mariadb::{connect, parse_url, shown};
 use crate::adapters::{self, Adapter, MariadbConfig};
 use crate::pipeline::{self, Decryption, PipelineSettings};
 use crate::storage::Storage;
 
-const BACKOFF_FIRST: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// A session that lasted this long resets the backoff.
-const BACKOFF_RESET: Duration = Duration::from_secs(60);
 /// The most bytes of events one chunk takes (one event longer than this goes whole).
 const CHUNK_MAX: u64 = 64 << 20;
 /// mariadb-binlog's last stderr lines kept to explain its exit.
@@ -149,6 +146,18 @@ impl BinlogArchiverStatus {
     }
 }
 
+impl Supervised for BinlogArchiverStatus {
+    fn set_streaming(&mut self, streaming: bool) {
+        self.streaming = streaming;
+    }
+    fn set_last_error(&mut self, error: String) {
+        self.last_error = Some(error);
+    }
+    fn count_restart(&mut self) {
+        self.restarts += 1;
+    }
+}
+
 /// Waits until the archiver reports the archive has reached `to`, or `timeout`.
 pub async fn wait_archived(
     status: &mut watch::Receiver<BinlogArchiverStatus>,
@@ -184,11 +193,6 @@ pub struct BinlogArchiver {
     config: BinlogArchiverConfig,
     archive: Archive,
     status: watch::Sender<BinlogArchiverStatus>,
-}
-
-enum Ended {
-    Cancelled,
-    Exited(String),
 }
 
 /// Where the archive ends, and the GTID state there.
@@ -244,44 +248,10 @@ impl BinlogArchiver {
     pub async fn run(&self, cancel: &CancellationToken) -> Result<(), ArchiveError> {
         let _spool = super::postgres::SpoolLock::take(&self.config.spool_dir)
             .map_err(|message| self.server_error(message))?;
-        let mut backoff = BACKOFF_FIRST;
-        let mut first = true;
-        loop {
-            if cancel.is_cancelled() {
-                return Ok(());
-            }
-            let started = Instant::now();
-            let outcome = self.session(cancel).await;
-            self.status.send_modify(|status| status.streaming = false);
-            match outcome {
-                Ok(Ended::Cancelled) => return Ok(()),
-                Ok(Ended::Exited(why)) => {
-                    tracing::warn!(database = %self.config.database, "{why}; starting it again");
-                    self.status
-                        .send_modify(|status| status.last_error = Some(why.clone()));
-                }
-                Err(error @ (ArchiveError::Conflict { .. } | ArchiveError::InvalidName(_))) => {
-                    return Err(error);
-                }
-                Err(error @ ArchiveError::Settings { .. }) if first => return Err(error),
-                Err(error) => {
-                    let text = crate::error_chain(&error);
-                    tracing::warn!(database = %self.config.database, "{text}; trying again");
-                    self.status
-                        .send_modify(|status| status.last_error = Some(text));
-                }
-            }
-            first = false;
-            if started.elapsed() >= BACKOFF_RESET {
-                backoff = BACKOFF_FIRST;
-            }
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = cancel.cancelled() => return Ok(()),
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-            self.status.send_modify(|status| status.restarts += 1);
-        }
+        supervise(&self.config.database, &self.status, cancel, || {
+            self.session(cancel)
+        })
+        .await
     }
 
     /// One connection and one mariadb-binlog, until it exits or `cancel` fires.
@@ -1099,7 +1069,13 @@ impl FetchedRange {
         client
             .arg("--no-defaults")
             .arg("--batch")
-            .arg("--max-allowed-packet=1073741824");
+            .arg("--max-allowed-packet=1073741824")
+            // The replayed transactions are the source's, with its GTIDs: written to
+            // the target server's binlog they would repeat those GTIDs there (and, for
+            // a drill's scratch database on the source server, in the source's own
+            // binlog, which its replicas follow). A restored copy starts a history of
+            // its own.
+            .arg("--init-command=SET SESSION sql_log_bin = 0");
         client_args(&mut client, &target_opts);
         client.arg(format!("--database={target_db}"));
         let applied =

@@ -30,6 +30,8 @@
 //! - `mariadb.rs`: the MariaDB binlog archiver (a supervised `mariadb-binlog --raw
 //!   --stop-never`), its server checks, replay of a range into a target, and MariaDB
 //!   base backups in storage.
+//! - `supervise.rs`: the loop both archivers share: their session started again with
+//!   backoff, and the errors retrying cannot fix.
 //! - `base.rs`: base backups in storage (`bases/<database>/<id>/`) and their record,
 //!   shared by every adapter.
 
@@ -54,6 +56,7 @@ pub mod binlog;
 mod catalog;
 pub mod mariadb;
 pub mod postgres;
+mod supervise;
 pub mod wal;
 
 pub use catalog::{Catalog, Coverage, Gap, NotReached};

@@ -54,6 +54,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::supervise::{Ended, Supervised, supervise};
 use super::wal::{self, Segment};
 use super::{
     Archive, ArchiveError, ChunkContent, ChunkKind, ChunkRecord, Lsn, NewChunk, Position,
@@ -72,10 +73,6 @@ const SLOT_BUSY_LIMIT: Duration = Duration::from_secs(30);
 /// After this long, a walsender of an earlier run of this archiver still on the slot
 /// is ended (its pg_receivewal outlived the archiver that started it).
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
-const BACKOFF_FIRST: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// A session that lasted this long resets the backoff.
-const BACKOFF_RESET: Duration = Duration::from_secs(60);
 /// pg_receivewal's last stderr lines kept to explain its exit.
 const STDERR_LINES: usize = 20;
 
@@ -154,6 +151,18 @@ impl ArchiverStatus {
     }
 }
 
+impl Supervised for ArchiverStatus {
+    fn set_streaming(&mut self, streaming: bool) {
+        self.streaming = streaming;
+    }
+    fn set_last_error(&mut self, error: String) {
+        self.last_error = Some(error);
+    }
+    fn count_restart(&mut self) {
+        self.restarts += 1;
+    }
+}
+
 /// Waits until the archiver reports the archive has reached `lsn`, or `timeout`.
 pub async fn wait_archived(
     status: &mut watch::Receiver<ArchiverStatus>,
@@ -220,44 +229,10 @@ impl PgArchiver {
     pub async fn run(&self, cancel: &CancellationToken) -> Result<(), ArchiveError> {
         let _spool = SpoolLock::take(&self.config.spool_dir)
             .map_err(|message| self.server_error(message))?;
-        let mut backoff = BACKOFF_FIRST;
-        let mut first = true;
-        loop {
-            if cancel.is_cancelled() {
-                return Ok(());
-            }
-            let started = Instant::now();
-            let outcome = self.session(cancel).await;
-            self.status.send_modify(|status| status.streaming = false);
-            match outcome {
-                Ok(Ended::Cancelled) => return Ok(()),
-                Ok(Ended::Exited(why)) => {
-                    tracing::warn!(database = %self.config.database, "{why}; starting it again");
-                    self.status
-                        .send_modify(|status| status.last_error = Some(why.clone()));
-                }
-                Err(error @ (ArchiveError::Conflict { .. } | ArchiveError::InvalidName(_))) => {
-                    return Err(error);
-                }
-                Err(error @ ArchiveError::Settings { .. }) if first => return Err(error),
-                Err(error) => {
-                    let text = crate::error_chain(&error);
-                    tracing::warn!(database = %self.config.database, "{text}; trying again");
-                    self.status
-                        .send_modify(|status| status.last_error = Some(text));
-                }
-            }
-            first = false;
-            if started.elapsed() >= BACKOFF_RESET {
-                backoff = BACKOFF_FIRST;
-            }
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = cancel.cancelled() => return Ok(()),
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-            self.status.send_modify(|status| status.restarts += 1);
-        }
+        supervise(&self.config.database, &self.status, cancel, || {
+            self.session(cancel)
+        })
+        .await
     }
 
     /// One connection and one pg_receivewal, until it exits or `cancel` fires.
@@ -631,11 +606,6 @@ impl PgArchiver {
             }
         }
     }
-}
-
-enum Ended {
-    Cancelled,
-    Exited(String),
 }
 
 struct SessionState {

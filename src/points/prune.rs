@@ -576,4 +576,58 @@ mod tests {
             plan.notes
         );
     }
+
+    /// A MariaDB base replays its binlog file from the start (the file's format
+    /// description event first), so prune keeps the chunks of that file before the
+    /// base's position: only what ends at or before the file's start goes.
+    #[test]
+    fn a_mariadb_bases_whole_binlog_file_stays() {
+        let at = |file: &str, offset: u64| Position::binlog(file, offset);
+        let binlog_chunk = |name: &str, from: Position, to: Position| ChunkRecord {
+            format: 1,
+            database: "auditor".to_owned(),
+            name: name.to_owned(),
+            kind: ChunkKind::MariadbBinlog,
+            timeline: None,
+            start: Some(from),
+            end: Some(to),
+            segment_size: None,
+            size: 1,
+            plaintext_blake3: String::new(),
+            artifact: artifact(format!("archive/auditor/{name}.x")),
+            archived_at_ms: 0,
+            details: BTreeMap::new(),
+        };
+        let base = BaseRecord {
+            database: "auditor".to_owned(),
+            adapter: "mariadb".to_owned(),
+            kind: "mariadb_dump".to_owned(),
+            start: at("binlog.000002", 500),
+            end: at("binlog.000002", 500),
+            timeline: None,
+            artifact: artifact("bases/auditor/m/auditor.sql".to_owned()),
+            ..base("m", 0)
+        };
+        let mut kept = point("p", 1, &base, 0);
+        kept.databases[0].name = "auditor".to_owned();
+        kept.databases[0].adapter = "mariadb".to_owned();
+        kept.databases[0].target = Some(at("binlog.000002", 800));
+        let chunks = vec![
+            binlog_chunk("one", at("binlog.000001", 4), at("binlog.000002", 4)),
+            binlog_chunk("two-a", at("binlog.000002", 4), at("binlog.000002", 300)),
+            binlog_chunk("two-b", at("binlog.000002", 300), at("binlog.000002", 800)),
+        ];
+        let holdings = Holdings {
+            points: vec![kept],
+            damaged_points: Vec::new(),
+            bases: BTreeMap::from([("auditor".to_owned(), vec![base])]),
+            archives: BTreeMap::from([(
+                "auditor".to_owned(),
+                archive::Catalog::new("auditor", chunks, Vec::new()),
+            )]),
+        };
+        let plan = plan(&holdings, keep_last(1), now()).unwrap();
+        assert_eq!(deleted_chunks(&plan), ["one"]);
+        assert_eq!(plan.delete_chunks[0].floor, at("binlog.000002", 4));
+    }
 }

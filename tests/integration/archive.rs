@@ -585,7 +585,8 @@ fn is_root() -> bool {
 }
 
 /// `wal-push` as an archive_command calls it: a file archived once, again as a no-op,
-/// refused with other content under the same name (naming both), and fetched back.
+/// refused with other content under the same name (naming both), and fetched back;
+/// damaged, `wal-fetch` exits 126 (abort recovery), not 1 (end of archive).
 #[test]
 fn wal_push_is_idempotent_and_refuses_other_content() {
     let dir = tempfile::tempdir().unwrap();
@@ -679,6 +680,41 @@ url = "file://{}"
     );
     assert!(fetched.status.success(), "{}", stderr(&fetched));
     assert!(std::fs::read(&dest).unwrap() == content);
+
+    // A chunk that cannot be read is not "not in the archive": exit 126, which makes
+    // PostgreSQL abort recovery rather than end it early on an archive it believed over.
+    let artifact = std::fs::read_dir(storage.join("archive/app"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| {
+            let name = path.file_name().unwrap().to_str().unwrap();
+            name.starts_with("000000010000000000000007.") && !name.ends_with(".json")
+        })
+        .expect("the stored chunk");
+    let mut stored = std::fs::read(&artifact).unwrap();
+    let middle = stored.len() / 2;
+    stored[middle] ^= 0xff;
+    std::fs::write(&artifact, stored).unwrap();
+    std::fs::remove_file(&dest).unwrap();
+    let damaged = run(
+        "stillpoint",
+        &[
+            "wal-fetch",
+            "--config",
+            config,
+            "--database",
+            "app",
+            "000000010000000000000007",
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(damaged.status.code(), Some(126), "{}", stderr(&damaged));
+    assert!(
+        stderr(&damaged).contains("000000010000000000000007"),
+        "{}",
+        stderr(&damaged)
+    );
+    assert!(!dest.exists(), "nothing is written from a damaged chunk");
 }
 
 /// The checks archiving needs name the setting and the fix: a role without

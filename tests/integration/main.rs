@@ -21,6 +21,7 @@ mod passwords;
 mod pause;
 mod pitr;
 mod points;
+mod points_mariadb;
 mod points_scenario;
 mod protocols;
 mod security;

@@ -1,0 +1,84 @@
+//! The supervision every archiver shares: run its session (one connection, one
+//! `pg_receivewal` or `mariadb-binlog`) again and again with backoff until cancelled,
+//! and decide which errors retrying cannot fix. The archivers differ only in their
+//! session; this loop and the status fields it keeps are the same for both.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::ArchiveError;
+
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A session that lasted this long resets the backoff.
+const BACKOFF_RESET: Duration = Duration::from_secs(60);
+
+/// How a session ended without an error.
+pub(super) enum Ended {
+    Cancelled,
+    /// The log's client exited; why, in words.
+    Exited(String),
+}
+
+/// The fields of an archiver's status that supervision keeps.
+pub(super) trait Supervised {
+    fn set_streaming(&mut self, streaming: bool);
+    fn set_last_error(&mut self, error: String);
+    fn count_restart(&mut self);
+}
+
+/// Runs `session` until `cancel` fires, starting it again with backoff after it ends
+/// or fails. Returns an error only for what retrying cannot fix: a chunk that
+/// conflicts with the archive, a name that is not valid, or the server's settings on
+/// the first attempt (later, a settings error is taken as the server restarting).
+pub(super) async fn supervise<S, F, Fut>(
+    database: &str,
+    status: &watch::Sender<S>,
+    cancel: &CancellationToken,
+    mut session: F,
+) -> Result<(), ArchiveError>
+where
+    S: Supervised,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Ended, ArchiveError>>,
+{
+    let mut backoff = BACKOFF_FIRST;
+    let mut first = true;
+    loop {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let outcome = session().await;
+        status.send_modify(|status| status.set_streaming(false));
+        match outcome {
+            Ok(Ended::Cancelled) => return Ok(()),
+            Ok(Ended::Exited(why)) => {
+                tracing::warn!(database, "{why}; starting it again");
+                status.send_modify(|status| status.set_last_error(why));
+            }
+            Err(error @ (ArchiveError::Conflict { .. } | ArchiveError::InvalidName(_))) => {
+                return Err(error);
+            }
+            Err(error @ ArchiveError::Settings { .. }) if first => return Err(error),
+            Err(error) => {
+                let text = crate::error_chain(&error);
+                tracing::warn!(database, "{text}; trying again");
+                status.send_modify(|status| status.set_last_error(text));
+            }
+        }
+        first = false;
+        if started.elapsed() >= BACKOFF_RESET {
+            backoff = BACKOFF_FIRST;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = cancel.cancelled() => return Ok(()),
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        status.send_modify(S::count_restart);
+    }
+}

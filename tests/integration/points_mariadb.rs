@@ -1,0 +1,459 @@
+//! Points across both adapters, as an operator runs them: a ledger cluster whose
+//! ledger database is on PostgreSQL and whose auditor database is on MariaDB, both
+//! archived by one `stillpoint archive` (WAL and binlog), a base backup of each
+//! into the storage, points under load, then points drilled into a fresh scratch
+//! server (PostgreSQL) and a scratch database (MariaDB) that must pass `ledger-node
+//! check` (ledger = auditor across the two) and hold exactly the rows counted inside
+//! each point's pause. Both restored with `restore --point` (a data directory and a
+//! new database).
+//! Negative control: a binlog chunk the newest point needs deleted makes `restore
+//! --point` (and `drill --point`) refuse before writing anything, naming the chunk,
+//! and `verify` name the gap.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use stillpoint::archive::{Archive, Position};
+use stillpoint::pipeline::PipelineSettings;
+use stillpoint::storage::Storage;
+use stillpoint_testkit::{MariaDb, Postgres, PostgresOptions};
+
+use crate::cluster::{Cluster, Load};
+use crate::util::{Process, bin, run_json_with_env, run_with_env, stderr, wait_until};
+
+struct Setup {
+    // Held for its lifetime: the ledger's server.
+    _postgres: Postgres,
+    mariadb: MariaDb,
+    cluster: Cluster,
+    dir: tempfile::TempDir,
+    runbook: PathBuf,
+    archiver: Option<Process>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Setup {
+    fn start() -> Setup {
+        let postgres = Postgres::start_with(PostgresOptions { wal_archive: true });
+        postgres.create_database("ledger");
+        let mariadb = MariaDb::start();
+        mariadb.create_database("auditor");
+        let cluster = Cluster::start_on(
+            2,
+            postgres.url("ledger"),
+            mariadb.url("auditor"),
+            &[],
+            tempfile::tempdir().unwrap(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        // The scratch servers run as `postgres` and read what is staged under it.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let runbook = dir.path().join("runbook.toml");
+        let text = format!(
+            r#"
+cluster = "points-mariadb-test"
+[pause]
+tiers = [{{ addresses = [{ledgers}] }}, {{ addresses = ["{auditor}"] }}]
+[[databases]]
+name = "ledger"
+adapter = "postgres"
+url = "{ledger_db}"
+bin_dir = "{pg_bin}"
+archive = true
+[[databases]]
+name = "auditor"
+adapter = "mariadb"
+url = "{auditor_db}"
+bin_dir = "{mariadb_bin}"
+archive = true
+[storage]
+url = "file://{storage}"
+[archive]
+partial_interval = "200ms"
+chunk_interval = "200ms"
+spool_dir = "{spool}"
+[drill]
+scratch_dir = "{scratch}"
+[[drill.checks]]
+name = "ledger_node_check"
+command = ["ledger-node", "check", "--ledger-db", "{{ledger}}", "--auditor-db", "{{auditor}}"]
+"#,
+            ledgers = cluster
+                .ledgers
+                .iter()
+                .map(|node| format!("\"{}\"", node.address))
+                .collect::<Vec<_>>()
+                .join(", "),
+            auditor = cluster.auditor.address,
+            ledger_db = postgres.url("ledger"),
+            pg_bin = postgres.bin_dir().display(),
+            auditor_db = mariadb.url("auditor"),
+            mariadb_bin = mariadb.bin_dir().display(),
+            storage = dir.path().join("storage").display(),
+            spool = dir.path().join("spool").display(),
+            scratch = dir.path().display(),
+        );
+        std::fs::write(&runbook, text).unwrap();
+        Setup {
+            _postgres: postgres,
+            mariadb,
+            cluster,
+            dir,
+            runbook,
+            archiver: None,
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
+    }
+
+    fn config(&self) -> &str {
+        self.runbook.to_str().unwrap()
+    }
+
+    fn start_archiver(&mut self) {
+        let child = Command::new(bin("stillpoint"))
+            .args(["archive", "--config", self.config()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        self.archiver = Some(Process::new(child, "stillpoint archive".to_owned()));
+    }
+
+    fn stop_archiver(&mut self) {
+        if let Some(archiver) = self.archiver.take() {
+            archiver.signal("TERM");
+            let _ = archiver.wait_output(Duration::from_secs(30));
+        }
+    }
+
+    fn archive(&self, database: &str) -> Archive {
+        let storage = Storage::open(&format!(
+            "file://{}",
+            self.dir.path().join("storage").display()
+        ))
+        .unwrap();
+        Archive::new(storage, PipelineSettings::default(), database).unwrap()
+    }
+
+    fn env(&self) -> [(&'static str, String); 1] {
+        [("PATH", path_with_our_binaries())]
+    }
+
+    fn stillpoint(&self, args: &[&str]) -> (i32, Value) {
+        let env = self.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        run_json_with_env("stillpoint", args, &env)
+    }
+
+    fn stillpoint_output(&self, args: &[&str]) -> std::process::Output {
+        let env = self.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        run_with_env("stillpoint", args, &env)
+    }
+
+    /// The tables of a MariaDB database.
+    fn tables(&self, database: &str) -> String {
+        self.mariadb.sql(
+            "information_schema",
+            &format!(
+                "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = \
+                 '{database}'"
+            ),
+        )
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.stop_archiver();
+    }
+}
+
+/// PATH with the directory of our binaries first, for the drill's command check.
+fn path_with_our_binaries() -> String {
+    let ours = bin("ledger-node").parent().unwrap().display().to_string();
+    match std::env::var("PATH") {
+        Ok(path) => format!("{ours}:{path}"),
+        Err(_) => ours,
+    }
+}
+
+fn total_rows(database: &Value) -> u64 {
+    database["row_counts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|count| count.as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn points_of_postgres_and_mariadb_restore_exactly_their_cut_and_refuse_a_missing_binlog_chunk() {
+    let mut setup = Setup::start();
+    setup.start_archiver();
+    let load = Load::start(&setup.cluster.ledger_tier(), 4, &[]);
+    wait_until(
+        Duration::from_secs(60),
+        "the load to commit transfers",
+        || setup.cluster.transactions() >= 20,
+    );
+
+    let (code, bases) = setup.stillpoint(&[
+        "base-backup",
+        "--config",
+        setup.config(),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "base-backup: {bases}");
+    let bases = bases.as_array().unwrap();
+    assert_eq!(bases.len(), 2, "{bases:?}");
+    let auditor_base = bases.iter().find(|b| b["database"] == "auditor").unwrap();
+    assert_eq!(auditor_base["adapter"], "mariadb", "{auditor_base}");
+    assert_eq!(auditor_base["kind"], "mariadb_dump", "{auditor_base}");
+    assert!(
+        auditor_base["start"]["binlog"]["file"].is_string(),
+        "{auditor_base}"
+    );
+
+    let mut points = Vec::new();
+    for _ in 0..3 {
+        let (code, point) = setup.stillpoint(&[
+            "point",
+            "--config",
+            setup.config(),
+            "--count-rows",
+            "--output",
+            "json",
+        ]);
+        assert_eq!(code, 0, "point: {point}");
+        // Both markers are exact positions: no clock-skew floor.
+        assert_eq!(point["exact"], true, "{point}");
+        let auditor = &point["databases"][1];
+        assert_eq!(auditor["name"], "auditor", "{point}");
+        assert_eq!(
+            auditor["marker"]["kind"], "mariadb-binlog-position",
+            "{point}"
+        );
+        assert!(
+            auditor["marker"]["details"]["gtid_binlog_pos"]
+                .as_str()
+                .is_some_and(|gtid| gtid.starts_with("0-")),
+            "{point}"
+        );
+        assert!(auditor["base"]["id"].is_string(), "{point}");
+        assert!(auditor["row_counts"].is_object(), "{point}");
+        points.push(point);
+        // Spaced under load as a schedule would take them, so each holds other rows.
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    load.stop();
+
+    // What an operator reads: the markers of both adapters, and the bases and
+    // archives of both in `list`.
+    let output = setup.stillpoint_output(&["point", "--config", setup.config()]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("ledger: restore point stillpoint-point-")
+            && text.contains("auditor: binlog binlog.")
+            && text.contains("(GTID 0-"),
+        "{text}"
+    );
+    let output = setup.stillpoint_output(&["list", "--config", setup.config()]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("auditor: archive") && text.contains("from binlog."),
+        "{text}"
+    );
+
+    // The first point and one other at random, drilled across both adapters.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as usize;
+    let chosen = [0, 1 + seed % 2];
+    for index in chosen {
+        let id = points[index]["point_id"].as_str().unwrap();
+        let (code, drill) = setup.stillpoint(&[
+            "drill",
+            "--point",
+            id,
+            "--config",
+            setup.config(),
+            "--output",
+            "json",
+        ]);
+        assert_eq!(code, 0, "drill of point {id}: {drill}");
+        let checks = drill["checks"].as_array().unwrap();
+        for name in [
+            "ledger_node_check",
+            "row_counts:ledger",
+            "row_counts:auditor",
+        ] {
+            let check = checks.iter().find(|c| c["name"] == name).unwrap();
+            assert_eq!(check["ok"], true, "{check}");
+        }
+        let auditor = drill["databases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["database"] == "auditor")
+            .unwrap();
+        assert_eq!(
+            auditor["binlog"]["row_counts_match_point"], true,
+            "{auditor}"
+        );
+        // The base was loaded and the binlog replayed from it, not a copy made at
+        // the point.
+        assert!(
+            !auditor["binlog"]["replay"]["chunks"]
+                .as_array()
+                .unwrap()
+                .is_empty(),
+            "{auditor}"
+        );
+        assert!(drill["rto_ms"].as_u64().is_some(), "{drill}");
+    }
+    // Under load, the points hold different auditor states: the replay stopped at
+    // each one's own marker, and the row check is not vacuous.
+    let first = total_rows(&points[0]["databases"][1]);
+    let other = total_rows(&points[chosen[1]]["databases"][1]);
+    assert!(
+        first < other,
+        "points under load should differ: {first} vs {other}"
+    );
+    // The drills left no scratch database behind.
+    let leftovers = setup.mariadb.sql(
+        "information_schema",
+        "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE \
+         'stillpoint_drill_%'",
+    );
+    assert_eq!(leftovers.trim(), "0");
+
+    // `restore --point` of both databases: the ledger into a new data directory, the
+    // auditor into a new empty database (one plain --to of each kind).
+    setup.mariadb.create_database("auditor_restored");
+    let restored = setup.dir.path().join("restored");
+    let (code, restore) = setup.stillpoint(&[
+        "restore",
+        "--point",
+        points[1]["point_id"].as_str().unwrap(),
+        "--config",
+        setup.config(),
+        "--to",
+        restored.to_str().unwrap(),
+        "--to",
+        &setup.mariadb.url("auditor_restored"),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "restore: {restore}");
+    let databases = restore["databases"].as_array().unwrap();
+    let of = |name: &str| databases.iter().find(|d| d["database"] == name).unwrap();
+    assert_eq!(
+        of("ledger")["recovery"]["row_counts_match_cut"],
+        true,
+        "{restore}"
+    );
+    assert!(restored.join("PG_VERSION").exists());
+    assert_eq!(
+        of("auditor")["binlog"]["row_counts_match_point"],
+        true,
+        "{restore}"
+    );
+    assert_ne!(setup.tables("auditor_restored").trim(), "0");
+
+    // Negative control: a binlog chunk inside the newest point's replay deleted
+    // (record and artifact). The archiver is stopped first, so nothing re-pushes it.
+    setup.stop_archiver();
+    let newest = &points[2];
+    let newest_id = newest["point_id"].as_str().unwrap();
+    let auditor = &newest["databases"][1];
+    let base_start: Position = serde_json::from_value(auditor["base"]["start"].clone()).unwrap();
+    let target: Position = serde_json::from_value(auditor["target"].clone()).unwrap();
+    let archive = setup.archive("auditor");
+    let catalog = setup.runtime.block_on(archive.catalog()).unwrap();
+    let victim = catalog
+        .chunks
+        .iter()
+        .rev()
+        .find(|chunk| {
+            chunk.range().is_some_and(|(start, end)| {
+                *end > base_start
+                    && *end <= target
+                    && start.as_binlog().map(|(file, _)| file)
+                        == end.as_binlog().map(|(file, _)| file)
+            })
+        })
+        .expect("a chunk inside the replay")
+        .clone();
+    setup.runtime.block_on(archive.remove(&victim)).unwrap();
+    setup.mariadb.create_database("auditor_refused");
+    let data_dir = setup.dir.path().join("refused");
+    let output = setup.stillpoint_output(&[
+        "restore",
+        "--point",
+        newest_id,
+        "--config",
+        setup.config(),
+        "--to",
+        &format!("ledger={}", data_dir.display()),
+        "--to",
+        &format!("auditor={}", setup.mariadb.url("auditor_refused")),
+    ]);
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&victim.name),
+        "the deleted chunk {} must be named: {}",
+        victim.name,
+        stderr(&output)
+    );
+    assert!(
+        !data_dir.exists(),
+        "nothing may be written before the checks pass"
+    );
+    assert_eq!(
+        setup.tables("auditor_refused").trim(),
+        "0",
+        "nothing may be written before the checks pass"
+    );
+
+    // A drill of that point refuses the same way, before any scratch target exists.
+    let output =
+        setup.stillpoint_output(&["drill", "--point", newest_id, "--config", setup.config()]);
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&victim.name),
+        "the deleted chunk {} must be named: {}",
+        victim.name,
+        stderr(&output)
+    );
+
+    let (code, verified) = setup.stillpoint(&[
+        "verify",
+        "--point",
+        newest_id,
+        "--config",
+        setup.config(),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 6, "verify with a chunk gone: {verified}");
+    let databases = verified["points"][0]["databases"].as_array().unwrap();
+    let of = |name: &str| databases.iter().find(|d| d["database"] == name).unwrap();
+    assert_eq!(of("ledger")["ok"], true, "{verified}");
+    let problem = of("auditor")["problem"].as_str().unwrap();
+    assert!(
+        problem.contains("gap") && problem.contains(&victim.name),
+        "verify must name the gap and the chunk: {problem}"
+    );
+}
