@@ -22,5 +22,6 @@ mod pause;
 mod pitr;
 mod points;
 mod points_mariadb;
+mod points_scenario;
 mod protocols;
 mod security;
