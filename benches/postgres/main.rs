@@ -188,36 +188,9 @@ url = "{storage}"
     }
 }
 
-/// A ledger table shaped like `ledger-node`'s own (a hash chain of transfers), filled
-/// by SQL: generating it through the application would take hours. Each row's
-/// `prev_hash` is the previous row's `hash`, as in the real chain, so the data
-/// compresses the way a real ledger does (hashes do not; repeated ones do).
+/// The ledger table of [`support::create_ledger_table`] in a new database.
 fn create_ledger(postgres: &Postgres, name: &'static str, rows: u64) -> Database {
     postgres.create_database(name);
-    postgres.psql(
-        name,
-        &format!(
-            "CREATE TABLE ledger (
-                 seq bigint NOT NULL, tx_id text NOT NULL,
-                 from_account bigint NOT NULL, to_account bigint NOT NULL,
-                 amount bigint NOT NULL, prev_hash text NOT NULL, hash text NOT NULL,
-                 committed_at_ms bigint NOT NULL);
-             INSERT INTO ledger
-             SELECT g, md5('tx' || g), 1 + (g * 7919) % 1000, 1 + (g * 104729) % 1000,
-                    1 + g % 100, md5((g - 1)::text) || md5('p' || (g - 1)),
-                    md5(g::text) || md5('p' || g), 1700000000000 + g * 7
-             FROM generate_series(1::bigint, {rows}) g;
-             -- Indexes after the load, as a restore builds them.
-             ALTER TABLE ledger ADD PRIMARY KEY (seq);
-             ALTER TABLE ledger ADD CONSTRAINT ledger_tx_id_key UNIQUE (tx_id);
-             -- Frozen and analysed now, so the first dump does not pay for hint bits.
-             VACUUM (FREEZE, ANALYZE) ledger;"
-        ),
-    );
-    let bytes = postgres
-        .psql(name, "SELECT pg_database_size(current_database())")
-        .trim()
-        .parse()
-        .unwrap();
+    let bytes = support::create_ledger_table(|db, sql| postgres.psql(db, sql), name, rows);
     Database { name, rows, bytes }
 }

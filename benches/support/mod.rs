@@ -327,6 +327,11 @@ impl Process {
         assert!(status.success(), "kill -{signal} {pid} failed");
     }
 
+    /// Its stdout, to read as it comes (a long-running process reporting progress).
+    pub fn take_stdout(&mut self) -> std::process::ChildStdout {
+        self.child.as_mut().unwrap().stdout.take().unwrap()
+    }
+
     /// Waits for the process to exit and returns what it printed on stdout.
     pub fn wait_stdout(mut self) -> String {
         let output = self.child.take().unwrap().wait_with_output().unwrap();
@@ -341,4 +346,36 @@ impl Drop for Process {
             let _ = child.wait();
         }
     }
+}
+
+/// A table shaped like `ledger-node`'s own ledger (a hash chain of transfers) with
+/// `rows` rows, in the (new) database `name`, through `psql(database, sql)`, filled by SQL: generating it through the
+/// application would take hours. Each row's `prev_hash` is the previous row's `hash`,
+/// as in the real chain, so the data compresses the way a real ledger does (hashes do
+/// not; repeated ones do). Returns `pg_database_size` afterwards.
+pub fn create_ledger_table(psql: impl Fn(&str, &str) -> String, name: &str, rows: u64) -> u64 {
+    psql(
+        name,
+        &format!(
+            "CREATE TABLE ledger (
+                 seq bigint NOT NULL, tx_id text NOT NULL,
+                 from_account bigint NOT NULL, to_account bigint NOT NULL,
+                 amount bigint NOT NULL, prev_hash text NOT NULL, hash text NOT NULL,
+                 committed_at_ms bigint NOT NULL);
+             INSERT INTO ledger
+             SELECT g, md5('tx' || g), 1 + (g * 7919) % 1000, 1 + (g * 104729) % 1000,
+                    1 + g % 100, md5((g - 1)::text) || md5('p' || (g - 1)),
+                    md5(g::text) || md5('p' || g), 1700000000000 + g * 7
+             FROM generate_series(1::bigint, {rows}) g;
+             -- Indexes after the load, as a restore builds them.
+             ALTER TABLE ledger ADD PRIMARY KEY (seq);
+             ALTER TABLE ledger ADD CONSTRAINT ledger_tx_id_key UNIQUE (tx_id);
+             -- Frozen and analysed now, so the first copy does not pay for hint bits.
+             VACUUM (FREEZE, ANALYZE) ledger;"
+        ),
+    );
+    psql(name, "SELECT pg_database_size(current_database())")
+        .trim()
+        .parse()
+        .unwrap()
 }

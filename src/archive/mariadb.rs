@@ -38,6 +38,8 @@
 //! *before* anything is written ([`fetch_range`]), reassembled into binlog files
 //! (the magic, then the chunks' bytes) in a work directory, and applied with `mariadb-binlog --start-position --stop-position
 //! --database <source> [--rewrite-db source->target] files… | mariadb`.
+//! [`replay_until_time`] stops at an instant instead (`--stop-datetime`): plain
+//! point-in-time recovery, which no pause proves consistent with other databases.
 //!
 //! **Base backups** ([`base_backup`], [`restore_base`]): the adapter's consistent
 //! dump (one snapshot, its binlog position read in the same transaction) stored
@@ -916,6 +918,51 @@ pub async fn restore_point(
     fetched.apply(target).await
 }
 
+/// Plain point-in-time replay, to an instant rather than a point's marker: applies
+/// the archived binlog from `from` (a base's position) up to the archive's end,
+/// stopped before the first event at or after `until_ms` (Unix ms, a whole second:
+/// binlog event times have one-second resolution). Nothing proves the state at an
+/// arbitrary instant consistent with the application's other databases; this exists
+/// to show the difference (the points scenario's negative control). Every chunk is
+/// read and checked before anything is written, as for [`replay`].
+pub async fn replay_until_time(
+    archive: &Archive,
+    decryption: &Decryption,
+    from: &Position,
+    until_ms: i64,
+    target: &ReplayTarget,
+) -> Result<ReplayReport, ArchiveError> {
+    let stop = stop_datetime(until_ms).map_err(|message| ArchiveError::Settings {
+        database: archive.database().to_owned(),
+        message,
+    })?;
+    let end = archive
+        .catalog()
+        .await?
+        .end()
+        .ok_or_else(|| ArchiveError::Settings {
+            database: archive.database().to_owned(),
+            message: "the archive is empty: there is no binlog to replay".to_owned(),
+        })?;
+    fetch_range(archive, decryption, from, &end, &target.work_dir)
+        .await?
+        .apply_stopping(target, Some(stop))
+        .await
+}
+
+/// `until_ms` as `mariadb-binlog --stop-datetime` takes it (UTC, whole seconds).
+fn stop_datetime(until_ms: i64) -> Result<String, String> {
+    if until_ms % 1000 != 0 {
+        return Err(format!(
+            "replay can stop only at a whole second (binlog event times are whole seconds), \
+             not at {until_ms} ms"
+        ));
+    }
+    chrono::DateTime::from_timestamp_millis(until_ms)
+        .map(|at| at.format("%Y-%m-%d %H:%M:%S").to_string())
+        .ok_or_else(|| format!("{until_ms} ms is not a time"))
+}
+
 /// The binlog of a range, read from the archive, checked and reassembled into
 /// files in a work directory (removed when dropped): what [`replay`] applies.
 #[derive(Debug)]
@@ -937,6 +984,16 @@ impl FetchedRange {
     /// files (`--start-position` applies to the first, `--stop-position` to the
     /// last) and prints SQL, which the `mariadb` client applies.
     pub async fn apply(self, target: &ReplayTarget) -> Result<ReplayReport, ArchiveError> {
+        self.apply_stopping(target, None).await
+    }
+
+    /// [`apply`](Self::apply), also stopped before the first event at or after
+    /// `stop_datetime` (`mariadb-binlog --stop-datetime`, in UTC), when given.
+    async fn apply_stopping(
+        self,
+        target: &ReplayTarget,
+        stop_datetime: Option<String>,
+    ) -> Result<ReplayReport, ArchiveError> {
         let database = self.database.clone();
         let refuse = |message: String| ArchiveError::Settings {
             database: database.clone(),
@@ -979,6 +1036,12 @@ impl FetchedRange {
         }
         if self.files.last().map(String::as_str) == Some(to_file) {
             decoder.arg(format!("--stop-position={to_offset}"));
+        }
+        if let Some(at) = &stop_datetime {
+            // mariadb-binlog reads the datetime in its own local time zone.
+            decoder
+                .env("TZ", "UTC")
+                .arg(format!("--stop-datetime={at}"));
         }
         decoder
             .args(self.files.iter().map(|name| self.work.path().join(name)))
@@ -1291,6 +1354,17 @@ mod tests {
                     .to_owned(),
             ],
         }
+    }
+
+    /// A replay by time stops at a whole second, given to mariadb-binlog in UTC.
+    #[test]
+    fn a_replay_stops_at_a_whole_second_in_utc() {
+        assert_eq!(
+            stop_datetime(1_764_479_419_000).as_deref(),
+            Ok("2025-11-30 05:10:19")
+        );
+        let error = stop_datetime(1_764_479_419_500).unwrap_err();
+        assert!(error.contains("whole second"), "{error}");
     }
 
     /// Each missing setting or grant is named with what to change, one problem each.

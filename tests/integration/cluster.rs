@@ -121,30 +121,36 @@ impl Cluster {
 
     /// `ledger-node check`, optionally asserting nothing committed inside a window.
     pub fn check(&self, window: Option<(i64, i64)>) -> (i32, Value) {
-        let mut args = strings(&[
-            "check",
-            "--ledger-db",
-            &self.ledger_db,
-            "--auditor-db",
-            &self.auditor_db,
-            "--output",
-            "json",
-        ]);
-        if let Some((start, end)) = window {
-            args.extend([
-                "--window-start-ms".to_owned(),
-                start.to_string(),
-                "--window-end-ms".to_owned(),
-                end.to_string(),
-            ]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_json("ledger-node", &args)
+        check(&self.ledger_db, &self.auditor_db, window)
     }
 
     pub fn transactions(&self) -> u64 {
         self.check(None).1["transactions"].as_u64().unwrap()
     }
+}
+
+/// `ledger-node check` of a ledger and an auditor database (the cluster's own, or
+/// restored copies), optionally asserting nothing committed inside a window.
+pub fn check(ledger_db: &str, auditor_db: &str, window: Option<(i64, i64)>) -> (i32, Value) {
+    let mut args = strings(&[
+        "check",
+        "--ledger-db",
+        ledger_db,
+        "--auditor-db",
+        auditor_db,
+        "--output",
+        "json",
+    ]);
+    if let Some((start, end)) = window {
+        args.extend([
+            "--window-start-ms".to_owned(),
+            start.to_string(),
+            "--window-end-ms".to_owned(),
+            end.to_string(),
+        ]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_json("ledger-node", &args)
 }
 
 /// A `ledger-node load` running in the background until stopped.

@@ -601,7 +601,7 @@ fn a_damaged_artifact_stops_restore_and_drill_before_the_target_is_written() {
     assert!(xml.contains("<failure message="), "{xml}");
 }
 
-fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
     report["checks"]
         .as_array()
         .unwrap()

@@ -23,5 +23,6 @@ mod pitr;
 mod points;
 mod points_breaker;
 mod points_mariadb;
+mod points_scenario;
 mod protocols;
 mod security;

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use stillpoint::archive::{Archive, Position};
+use stillpoint::archive::{Archive, Catalog, ChunkRecord, Position};
 use stillpoint::pipeline::PipelineSettings;
 use stillpoint::storage::Storage;
 use stillpoint_testkit::{Postgres, PostgresOptions};
@@ -119,14 +119,7 @@ command = ["ledger-node", "check", "--ledger-db", "{{ledger}}", "--auditor-db", 
     }
 
     fn start_archiver(&mut self) {
-        let child = Command::new(bin("stillpoint"))
-            .args(["archive", "--config", self.config()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        self.archiver = Some(Process::new(child, "stillpoint archive".to_owned()));
+        self.archiver = Some(start_archiver(self.config()));
     }
 
     fn archive(&self, database: &str) -> Archive {
@@ -135,33 +128,121 @@ command = ["ledger-node", "check", "--ledger-db", "{{ledger}}", "--auditor-db", 
     }
 
     fn stillpoint(&self, args: &[&str]) -> (i32, Value) {
-        run_json_with_env("stillpoint", args, &[("PATH", &path_with_our_binaries())])
+        stillpoint_json(args)
     }
 
     fn point(&self) -> Value {
-        let (code, point) = run_json(
-            "stillpoint",
-            &[
-                "point",
-                "--config",
-                self.config(),
-                "--count-rows",
-                "--output",
-                "json",
-            ],
-        );
-        assert_eq!(code, 0, "point: {point}");
-        point
+        take_point(self.config())
     }
 }
 
 impl Drop for Setup {
     fn drop(&mut self) {
-        if let Some(archiver) = self.archiver.take() {
-            archiver.signal("TERM");
-            let _ = archiver.wait_output(Duration::from_secs(30));
-        }
+        stop_archiver(self.archiver.take());
     }
+}
+
+/// `stillpoint archive --config CONFIG`, in the background (its log on the test's
+/// stderr).
+pub(crate) fn start_archiver(config: &str) -> Process {
+    let child = Command::new(bin("stillpoint"))
+        .args(["archive", "--config", config])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Process::new(child, "stillpoint archive".to_owned())
+}
+
+/// Stops an archiver as its supervisor would (SIGTERM: it pushes what it has first).
+pub(crate) fn stop_archiver(archiver: Option<Process>) {
+    if let Some(archiver) = archiver {
+        archiver.signal("TERM");
+        let _ = archiver.wait_output(Duration::from_secs(30));
+    }
+}
+
+/// `stillpoint ARGS` printing JSON, with our binaries on PATH (for the drill's
+/// `ledger-node check`).
+pub(crate) fn stillpoint_json(args: &[&str]) -> (i32, Value) {
+    run_json_with_env("stillpoint", args, &[("PATH", &path_with_our_binaries())])
+}
+
+/// Deletes a chunk from the storage (record and artifact, as a careless clean-up
+/// would), and any shorter partial copy of it an archiver left behind, which would
+/// otherwise fill part of the hole.
+pub(crate) async fn remove_chunk(archive: &Archive, catalog: &Catalog, victim: &ChunkRecord) {
+    archive.remove(victim).await.unwrap();
+    let (victim_start, victim_end) = victim.range().unwrap();
+    for leftover in catalog.superseded.iter().filter(|chunk| {
+        chunk
+            .range()
+            .is_some_and(|(start, end)| start >= victim_start && end <= victim_end)
+    }) {
+        archive.remove(leftover).await.unwrap();
+    }
+}
+
+/// The chunks of `catalog` a replay from `from` to `target` reads, in order.
+pub(crate) fn chain(catalog: &Catalog, from: &Position, target: &Position) -> Vec<ChunkRecord> {
+    catalog
+        .chunks
+        .iter()
+        .filter(|chunk| {
+            chunk
+                .range()
+                .is_some_and(|(start, end)| end > from && start < target)
+        })
+        .cloned()
+        .collect()
+}
+
+/// `verify`'s JSON reports, for `database` of its first point, a gap between
+/// `before` and `after`, naming both chunks and the positions on each side.
+pub(crate) fn assert_gap_named(
+    verified: &Value,
+    database: &str,
+    before: &ChunkRecord,
+    after: &ChunkRecord,
+) {
+    let problem = verified["points"][0]["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["database"] == database)
+        .unwrap()["problem"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no problem named for {database}: {verified}"))
+        .to_owned();
+    let (_, before_end) = before.range().unwrap();
+    let (after_start, _) = after.range().unwrap();
+    for named in [
+        "has a gap".to_owned(),
+        before.name.clone(),
+        after.name.clone(),
+        before_end.to_string(),
+        after_start.to_string(),
+    ] {
+        assert!(problem.contains(&named), "{named} must be named: {problem}");
+    }
+}
+
+/// `stillpoint point --count-rows`, which must succeed.
+pub(crate) fn take_point(config: &str) -> Value {
+    let (code, point) = run_json(
+        "stillpoint",
+        &[
+            "point",
+            "--config",
+            config,
+            "--count-rows",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "point: {point}");
+    point
 }
 
 /// PATH with the directory of our binaries first, for the drill's command check.
@@ -304,10 +385,7 @@ fn points_under_load_restore_exactly_their_cut_and_refuse_missing_chunks() {
 
     // Negative control: delete a chunk the newest point needs (record and artifact, as
     // a careless clean-up would). Stop the archiver first, so nothing re-pushes it.
-    if let Some(archiver) = setup.archiver.take() {
-        archiver.signal("TERM");
-        let _ = archiver.wait_output(Duration::from_secs(30));
-    }
+    stop_archiver(setup.archiver.take());
     let newest = points[3]["point_id"].as_str().unwrap();
     let base_start: Position =
         serde_json::from_value(points[3]["databases"][0]["base"]["start"].clone()).unwrap();
@@ -564,10 +642,7 @@ fn prune_keeps_what_the_kept_point_needs_and_verify_names_a_gap() {
     assert!(catalog.covers(&kept_start, &kept_start).is_ok());
 
     // The kept point still restores, and verifies.
-    if let Some(archiver) = setup.archiver.take() {
-        archiver.signal("TERM");
-        let _ = archiver.wait_output(Duration::from_secs(30));
-    }
+    stop_archiver(setup.archiver.take());
     let (code, drill) = setup.stillpoint(&[
         "drill",
         "--point",
@@ -591,57 +666,21 @@ fn prune_keeps_what_the_kept_point_needs_and_verify_names_a_gap() {
 
     // Negative control: a chunk from the middle of the kept point's chain deleted.
     let target: Position = serde_json::from_value(kept["databases"][0]["target"].clone()).unwrap();
-    let chain: Vec<_> = catalog
-        .chunks
-        .iter()
-        .filter(|chunk| {
-            chunk
-                .range()
-                .is_some_and(|(start, end)| *end > kept_start && *start < target)
-        })
-        .cloned()
-        .collect();
+    let chain = chain(&catalog, &kept_start, &target);
     assert!(
         chain.len() >= 3,
         "the chain should span several chunks: {}",
         chain.len()
     );
     let victim = &chain[1];
-    setup.runtime.block_on(archive.remove(victim)).unwrap();
-    // And any shorter partial copy of it an archiver left behind, which would
-    // otherwise fill part of the hole.
-    let (victim_start, victim_end) = victim.range().unwrap();
-    for leftover in catalog.superseded.iter().filter(|chunk| {
-        chunk
-            .range()
-            .is_some_and(|(start, end)| start >= victim_start && end <= victim_end)
-    }) {
-        setup.runtime.block_on(archive.remove(leftover)).unwrap();
-    }
+    setup
+        .runtime
+        .block_on(remove_chunk(&archive, &catalog, victim));
     let (code, verified) =
         setup.stillpoint(&["verify", "--config", setup.config(), "--output", "json"]);
     assert_eq!(code, 6, "verify with a chunk gone: {verified}");
     assert_eq!(verified["ok"], false, "{verified}");
-    let problem = verified["points"][0]["databases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["database"] == "ledger")
-        .unwrap()["problem"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (_, before_end) = chain[0].range().unwrap();
-    let (after_start, _) = chain[2].range().unwrap();
-    for named in [
-        "has a gap".to_owned(),
-        chain[0].name.clone(),
-        chain[2].name.clone(),
-        before_end.to_string(),
-        after_start.to_string(),
-    ] {
-        assert!(problem.contains(&named), "{named} must be named: {problem}");
-    }
+    assert_gap_named(&verified, "ledger", &chain[0], &chain[2]);
     // The text form names it too; the other database still verifies.
     let output = crate::util::run_with_env(
         "stillpoint",

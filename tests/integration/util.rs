@@ -91,12 +91,36 @@ impl Process {
     }
 
     /// Waits (bounded) for the process to exit by itself; returns what it printed.
+    /// Its pipes are read while it runs: a child that fills one (64 KiB, e.g. a
+    /// drill's JSON report) would otherwise block on the write and never exit.
     pub fn wait_output(mut self, within: Duration) -> Output {
+        let child = self.child.as_mut().expect("running");
+        let stdout = child.stdout.take().map(read_in_background);
+        let stderr = child.stderr.take().map(read_in_background);
         wait_until(within, &format!("{} to exit", self.name), || {
             self.has_exited()
         });
-        self.child.take().unwrap().wait_with_output().unwrap()
+        let status = self.child.take().unwrap().wait().unwrap();
+        let read = |reader: Option<std::thread::JoinHandle<Vec<u8>>>| {
+            reader.map_or_else(Vec::new, |reader| reader.join().unwrap())
+        };
+        Output {
+            status,
+            stdout: read(stdout),
+            stderr: read(stderr),
+        }
     }
+}
+
+/// Reads a pipe to its end on a thread of its own.
+fn read_in_background(
+    mut pipe: impl std::io::Read + Send + 'static,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
 }
 
 impl Drop for Process {
@@ -332,6 +356,7 @@ pub struct Runbook {
     age_recipients: Vec<String>,
     storage: Vec<String>,
     storage_options: Vec<String>,
+    archive: Vec<String>,
     drill: Vec<String>,
     drill_checks: String,
 }
@@ -347,6 +372,7 @@ impl Runbook {
             age_recipients: Vec::new(),
             storage: Vec::new(),
             storage_options: Vec::new(),
+            archive: Vec::new(),
             drill: Vec::new(),
             drill_checks: String::new(),
         }
@@ -450,6 +476,17 @@ impl Runbook {
         self
     }
 
+    /// An `[archive]` key with a string value (`partial_interval`, `chunk_interval`…).
+    pub fn archive(mut self, key: &str, value: &str) -> Self {
+        self.archive.push(format!("{key} = {}", toml_string(value)));
+        self
+    }
+
+    pub fn archive_spool_dir(mut self, dir: &Path) -> Self {
+        self.archive.push(path_key("spool_dir", dir));
+        self
+    }
+
     pub fn scratch_dir(mut self, dir: &Path) -> Self {
         self.drill.push(path_key("scratch_dir", dir));
         self
@@ -496,6 +533,10 @@ impl Runbook {
         if !self.storage_options.is_empty() {
             let options = self.storage_options.join(", ");
             text.push_str(&format!("options = {{ {options} }}\n"));
+        }
+        if !self.archive.is_empty() {
+            text.push_str("[archive]\n");
+            push_lines(&mut text, &self.archive);
         }
         if !self.drill.is_empty() {
             text.push_str("[drill]\n");
@@ -548,6 +589,12 @@ impl Database {
     /// An exec database: `cut` runs inside the pause (and `copy`, when set, after it).
     pub fn exec(name: &str, cut: &str) -> Self {
         Self::of(name, "exec").set("cut", cut)
+    }
+
+    /// `archive = true`: its log is archived into the storage (for points).
+    pub fn archived(mut self) -> Self {
+        self.keys.push("archive = true".to_owned());
+        self
     }
 
     pub fn role(self, role: &str) -> Self {
@@ -609,6 +656,7 @@ fn the_runbook_builder_writes_what_the_parser_reads() {
         .timeouts()
         .database(Database::sqlite("app", odd_path).role("ledger"))
         .database(Database::exec("hook", cut).set("copy", "head -c 1 /dev/zero"))
+        .database(Database::postgres("pg", "postgres://u@127.0.0.1/db").archived())
         .zstd_level(3)
         .age_recipient("age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p")
         .s3_storage(
@@ -616,6 +664,8 @@ fn the_runbook_builder_writes_what_the_parser_reads() {
             "http://127.0.0.1:9000",
             &[("access_key_id", "k")],
         )
+        .archive("chunk_interval", "200ms")
+        .archive_spool_dir(Path::new("/tmp/spool"))
         .scratch_dir(Path::new("/tmp/scratch"))
         .drill_checks(
             "[[drill.checks]]\nname = \"one\"\ndatabase = \"app\"\nsql = \"SELECT 1\"\nexpect = 1",
@@ -637,7 +687,7 @@ fn the_runbook_builder_writes_what_the_parser_reads() {
     assert_eq!(parsed.pause.lease, Duration::from_secs(30));
     assert_eq!(parsed.pause.max_wait, Duration::from_secs(10));
     assert_eq!(parsed.pause.cut_deadline, Duration::from_secs(10));
-    assert_eq!(parsed.databases.len(), 2, "{text}");
+    assert_eq!(parsed.databases.len(), 3, "{text}");
     assert_eq!(parsed.databases[0].role.as_deref(), Some("ledger"));
     match &parsed.databases[0].adapter {
         AdapterConfig::Sqlite(config) => assert_eq!(config.path, Path::new(odd_path)),
@@ -650,6 +700,12 @@ fn the_runbook_builder_writes_what_the_parser_reads() {
         }
         other => panic!("not exec: {other:?}"),
     }
+    assert!(!parsed.databases[1].archive && parsed.databases[2].archive);
+    assert_eq!(parsed.archive.chunk_interval, Duration::from_millis(200));
+    assert_eq!(
+        parsed.archive.spool_dir.as_deref(),
+        Some(Path::new("/tmp/spool"))
+    );
     assert_eq!(parsed.pipeline.zstd_level, Some(3));
     assert_eq!(parsed.pipeline.age_recipients.len(), 1);
     assert_eq!(parsed.storage.url, "s3://bucket/prefix");
