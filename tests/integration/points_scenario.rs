@@ -480,6 +480,7 @@ fn plain_pitr_control(scenario: &Scenario, point: &Value, base_dir: &Path, insta
             port: free_port(),
             timeout: Duration::from_secs(120),
             keep: false,
+            keep_unfinished: false,
             run_as: pitr::running_as_root().then(|| "postgres".to_owned()),
         };
         let held = scenario
