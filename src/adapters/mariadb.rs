@@ -253,7 +253,16 @@ impl Adapter for Mariadb {
         let Some(db) = opts.db_name().filter(|d| !d.is_empty()) else {
             return Err(err(format!("the target {url} names no database")));
         };
-        let mut conn = connect(&opts).await.map_err(err)?;
+        let mut conn = connect(&opts).await.map_err(|message| {
+            if message.contains("Unknown database") {
+                err(format!(
+                    "{message}: a restore goes into a new, empty database; create it first \
+                     (CREATE DATABASE `{db}`)"
+                ))
+            } else {
+                err(message)
+            }
+        })?;
         let existing: Vec<String> = conn
             .query(
                 "SELECT TABLE_NAME FROM information_schema.TABLES \

@@ -240,6 +240,27 @@ async fn restore_refuses_a_non_empty_target() {
     .await;
 }
 
+/// A target database that does not exist is named with the fix, not only the server's
+/// "Unknown database".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_target_database_is_named_with_the_fix() {
+    let db = server();
+    let missing = unique_name("missing");
+    let msg = adapter(&db, "mysql")
+        .restore(
+            Box::pin(std::io::Cursor::new(b"CREATE TABLE t (x INT);\n".to_vec())),
+            &db.url(&missing),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("Unknown database"), "{msg}");
+    assert!(
+        msg.contains(&format!("create it first (CREATE DATABASE `{missing}`)")),
+        "{msg}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_dump_fails_finished_and_its_truncated_copy_is_refused() {
     let db = server();
