@@ -49,7 +49,7 @@
 //! Also here: [`check_server`], what archiving needs of the server, each problem
 //! named with the one setting or grant to change.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -57,14 +57,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::base::{self, BaseRecord};
 use super::binlog::{self, GtidState};
-use super::supervise::{Ended, Supervised, supervise};
+use super::supervise::{ClientStderr, Ended, Supervised, supervise};
 use super::{Archive, ArchiveError, ChunkContent, ChunkKind, NewChunk, Position, PushOutcome};
 use crate::adapters::mariadb::{connect, parse_url, shown};
 use crate::adapters::{self, Adapter, MariadbConfig};
@@ -73,8 +73,6 @@ use crate::storage::Storage;
 
 /// The most bytes of events one chunk takes (one event longer than this goes whole).
 const CHUNK_MAX: u64 = 64 << 20;
-/// mariadb-binlog's last stderr lines kept to explain its exit.
-const STDERR_LINES: usize = 20;
 
 /// What the archiver of one MariaDB database needs.
 #[derive(Debug, Clone)]
@@ -346,8 +344,7 @@ impl BinlogArchiver {
                 tool(&self.config.mariadb, "mariadb-binlog").display()
             ))
         })?;
-        let mut stderr = child.stderr.take().map(|pipe| BufReader::new(pipe).lines());
-        let mut said: VecDeque<String> = VecDeque::new();
+        let mut stderr = ClientStderr::new("mariadb-binlog", &self.config.database, &mut child);
         self.status.send_modify(|status| status.streaming = true);
         let mut ticks = tokio::time::interval(self.config.chunk_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -360,32 +357,8 @@ impl BinlogArchiver {
                     let _ = child.kill().await;
                     break Ended::Cancelled;
                 }
-                status = child.wait() => {
-                    if let Some(lines) = stderr.as_mut() {
-                        while let Ok(Ok(Some(line))) =
-                            tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await
-                        {
-                            remember(&mut said, line);
-                        }
-                    }
-                    let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
-                    break Ended::Exited(format!(
-                        "mariadb-binlog stopped ({status}): {}",
-                        said.iter().cloned().collect::<Vec<_>>().join(" / ")
-                    ));
-                }
-                line = async {
-                    match stderr.as_mut() {
-                        Some(lines) => lines.next_line().await,
-                        None => std::future::pending().await,
-                    }
-                } => match line {
-                    Ok(Some(line)) => {
-                        tracing::info!(database = %self.config.database, "mariadb-binlog: {line}");
-                        remember(&mut said, line);
-                    }
-                    _ => stderr = None,
-                },
+                status = child.wait() => break Ended::Exited(stderr.exit_reason(status).await),
+                () = stderr.next_line() => {}
                 _ = ticks.tick() => {
                     self.sweep(&mut state).await?;
                     let server = server_position(&mut conn)
@@ -606,13 +579,6 @@ fn binlog_chunk(
         segment_size: None,
         details,
     }
-}
-
-fn remember(said: &mut VecDeque<String>, line: String) {
-    if said.len() == STDERR_LINES {
-        said.pop_front();
-    }
-    said.push_back(line);
 }
 
 fn tool(config: &MariadbConfig, name: &str) -> PathBuf {

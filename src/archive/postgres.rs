@@ -41,20 +41,20 @@
 //! named with its fix), [`wal_push`] and [`wal_fetch`] (for `archive_command` and
 //! `restore_command`).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::supervise::{Ended, Supervised, supervise};
+use super::supervise::{ClientStderr, Ended, Supervised, supervise};
 use super::wal::{self, Segment};
 use super::{
     Archive, ArchiveError, ChunkContent, ChunkKind, ChunkRecord, Lsn, NewChunk, Position,
@@ -73,8 +73,6 @@ const SLOT_BUSY_LIMIT: Duration = Duration::from_secs(30);
 /// After this long, a walsender of an earlier run of this archiver still on the slot
 /// is ended (its pg_receivewal outlived the archiver that started it).
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
-/// pg_receivewal's last stderr lines kept to explain its exit.
-const STDERR_LINES: usize = 20;
 
 /// What the archiver of one database needs.
 #[derive(Debug, Clone)]
@@ -322,8 +320,7 @@ impl PgArchiver {
                 tool(&self.config.postgres, "pg_receivewal").display()
             ),
         })?;
-        let mut stderr = child.stderr.take().map(|pipe| BufReader::new(pipe).lines());
-        let mut said: VecDeque<String> = VecDeque::new();
+        let mut stderr = ClientStderr::new("pg_receivewal", &self.config.database, &mut child);
         let mut walsender: Option<i32> = None;
         self.status.send_modify(|status| status.streaming = true);
         let mut ticks = tokio::time::interval(self.config.partial_interval);
@@ -340,33 +337,8 @@ impl PgArchiver {
                     }
                     break Ended::Cancelled;
                 }
-                status = child.wait() => {
-                    // What it said last explains why it stopped.
-                    if let Some(lines) = stderr.as_mut() {
-                        while let Ok(Ok(Some(line))) =
-                            tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await
-                        {
-                            remember(&mut said, line);
-                        }
-                    }
-                    let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
-                    break Ended::Exited(format!(
-                        "pg_receivewal stopped ({status}): {}",
-                        said.iter().cloned().collect::<Vec<_>>().join(" / ")
-                    ));
-                }
-                line = async {
-                    match stderr.as_mut() {
-                        Some(lines) => lines.next_line().await,
-                        None => std::future::pending().await,
-                    }
-                } => match line {
-                    Ok(Some(line)) => {
-                        tracing::info!(database = %self.config.database, "pg_receivewal: {line}");
-                        remember(&mut said, line);
-                    }
-                    _ => stderr = None,
-                },
+                status = child.wait() => break Ended::Exited(stderr.exit_reason(status).await),
+                () = stderr.next_line() => {}
                 _ = ticks.tick() => {
                     if walsender.is_none() {
                         walsender = active_pid(&client, &self.config.slot)
@@ -615,13 +587,6 @@ struct SessionState {
     partials: BTreeMap<String, Vec<ChunkRecord>>,
     /// The furthest flush position our pg_receivewal reported.
     flush: Option<Lsn>,
-}
-
-fn remember(said: &mut VecDeque<String>, line: String) {
-    if said.len() == STDERR_LINES {
-        said.pop_front();
-    }
-    said.push_back(line);
 }
 
 /// What the archiver learned about the server.

@@ -1,11 +1,16 @@
 //! The supervision every archiver shares: run its session (one connection, one
 //! `pg_receivewal` or `mariadb-binlog`) again and again with backoff until cancelled,
 //! and decide which errors retrying cannot fix. The archivers differ only in their
-//! session; this loop and the status fields it keeps are the same for both.
+//! session; this loop, the status fields it keeps and the reading of their client's
+//! stderr are the same for both.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStderr};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -81,4 +86,63 @@ where
         backoff = (backoff * 2).min(BACKOFF_MAX);
         status.send_modify(S::count_restart);
     }
+}
+
+/// The last lines of a log client's stderr kept to explain its exit.
+const STDERR_LINES: usize = 20;
+
+/// The stderr of an archiver's log client (`pg_receivewal`, `mariadb-binlog`): each
+/// line logged as it comes, the last ones kept to say why the client stopped.
+pub(super) struct ClientStderr {
+    client: &'static str,
+    database: String,
+    lines: Option<Lines<BufReader<ChildStderr>>>,
+    said: VecDeque<String>,
+}
+
+impl ClientStderr {
+    pub(super) fn new(client: &'static str, database: &str, child: &mut Child) -> ClientStderr {
+        ClientStderr {
+            client,
+            database: database.to_owned(),
+            lines: child.stderr.take().map(|pipe| BufReader::new(pipe).lines()),
+            said: VecDeque::new(),
+        }
+    }
+
+    /// Logs the next line; pending for ever once stderr is closed (for `select!`).
+    pub(super) async fn next_line(&mut self) {
+        let Some(lines) = self.lines.as_mut() else {
+            return std::future::pending().await;
+        };
+        match lines.next_line().await {
+            Ok(Some(line)) => {
+                tracing::info!(database = %self.database, "{}: {line}", self.client);
+                remember(&mut self.said, line);
+            }
+            _ => self.lines = None,
+        }
+    }
+
+    /// Why the client stopped: its exit status and the last lines it wrote (read
+    /// to the end first, briefly: what it said last explains the exit).
+    pub(super) async fn exit_reason(&mut self, status: std::io::Result<ExitStatus>) -> String {
+        if let Some(lines) = self.lines.as_mut() {
+            while let Ok(Ok(Some(line))) =
+                tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await
+            {
+                remember(&mut self.said, line);
+            }
+        }
+        let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+        let said: Vec<&str> = self.said.iter().map(String::as_str).collect();
+        format!("{} stopped ({status}): {}", self.client, said.join(" / "))
+    }
+}
+
+fn remember(said: &mut VecDeque<String>, line: String) {
+    if said.len() == STDERR_LINES {
+        said.pop_front();
+    }
+    said.push_back(line);
 }
