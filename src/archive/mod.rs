@@ -68,6 +68,8 @@ pub const RECORD_FORMAT: u32 = 1;
 const RECORD_SUFFIX: &str = ".json";
 /// Records read at once when a catalog is loaded.
 const RECORD_READS: usize = 16;
+/// How many more times a listing that shows a gap is read again (see `Archive::catalog`).
+const GAP_RELISTS: usize = 3;
 
 /// A PostgreSQL WAL position, printed as PostgreSQL prints it (`0/16B3748`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -475,9 +477,30 @@ impl Archive {
     }
 
     /// The catalog of this archive: chunks in order, coverage and gaps.
+    ///
+    /// A listing taken while an archiver stores chunks can miss records that exist: a
+    /// directory read is no snapshot (a local file system may skip entries while
+    /// others are added beside them), so the newest chunks can appear with a hole
+    /// before them. A gap is therefore listed again, a few times, and the catalog
+    /// built from every record seen; a real gap stays in all of them.
     pub async fn catalog(&self) -> Result<Catalog, ArchiveError> {
         let (records, unreadable) = self.records().await?;
-        Ok(Catalog::new(&self.database, records, unreadable))
+        let mut catalog = Catalog::new(&self.database, records.clone(), unreadable);
+        let mut seen: BTreeMap<String, ChunkRecord> = records
+            .into_iter()
+            .map(|record| (record.name.clone(), record))
+            .collect();
+        for _ in 0..GAP_RELISTS {
+            if catalog.gaps().is_empty() {
+                break;
+            }
+            let (again, unreadable) = self.records().await?;
+            for record in again {
+                seen.insert(record.name.clone(), record);
+            }
+            catalog = Catalog::new(&self.database, seen.values().cloned().collect(), unreadable);
+        }
+        Ok(catalog)
     }
 
     /// Stores a chunk unless the archive already has it. The same name with the same
