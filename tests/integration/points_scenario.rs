@@ -233,12 +233,18 @@ fn points_under_load_restore_consistently_and_plain_pitr_does_not() {
     // SIGKILLed and restarted partway; the plain-PITR instants picked between points.
     let started = Instant::now();
     let mut points = Vec::new();
-    let mut instants_ms = Vec::new();
+    let mut instants_ms: Vec<i64> = Vec::new();
     let mut orphans = Vec::new();
     let mut first_after_restart = None;
     for index in 0..POINTS {
         let due = started + INTERVAL * index as u32;
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        // A point running late (a busy machine) must still come after the last
+        // instant, with a second to spare, so that instant is not a point's.
+        if let Some(instant) = instants_ms.last() {
+            let wait = (instant + 1000 - unix_ms()).max(0) as u64;
+            std::thread::sleep(Duration::from_millis(wait));
+        }
         points.push(scenario.point());
         if PITR_AFTER.contains(&index) {
             // A whole second (binlog event times have one-second resolution), a few
