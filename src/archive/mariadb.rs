@@ -119,8 +119,7 @@ pub fn replica_server_id(spool: &Path) -> u32 {
     (1 << 30) | (u32::from_le_bytes(bytes) & ((1 << 30) - 1))
 }
 
-/// What a binlog archiver has done, for progress output and a point waiting for its
-/// marker.
+/// What a binlog archiver has done, for progress output and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct BinlogArchiverStatus {
     /// The archive's end: it holds the log up to here.
@@ -153,35 +152,6 @@ impl Supervised for BinlogArchiverStatus {
     }
     fn count_restart(&mut self) {
         self.restarts += 1;
-    }
-}
-
-/// Waits until the archiver reports the archive has reached `to`, or `timeout`.
-pub async fn wait_archived(
-    status: &mut watch::Receiver<BinlogArchiverStatus>,
-    to: &Position,
-    timeout: Duration,
-) -> Result<(), String> {
-    let reached = {
-        let reached =
-            status.wait_for(|status| status.archived_to.as_ref().is_some_and(|at| at >= to));
-        tokio::time::timeout(timeout, reached)
-            .await
-            .map(|r| r.is_ok())
-    };
-    match reached {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(format!("the archiver stopped before reaching {to}")),
-        Err(_) => {
-            let now = status.borrow().clone();
-            Err(format!(
-                "the archive did not reach {to} within {}s (it is at {}; last error: {})",
-                timeout.as_secs(),
-                now.archived_to
-                    .map_or("nothing yet".to_owned(), |at| at.to_string()),
-                now.last_error.as_deref().unwrap_or("none")
-            ))
-        }
     }
 }
 

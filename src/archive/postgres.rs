@@ -123,8 +123,7 @@ pub fn slot_name(database: &str) -> String {
     name
 }
 
-/// What an archiver has done, for progress output, metrics and a point waiting for
-/// its marker.
+/// What an archiver has done, for progress output and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ArchiverStatus {
     /// The archive holds the log without a gap up to here (the end of its last
@@ -158,34 +157,6 @@ impl Supervised for ArchiverStatus {
     }
     fn count_restart(&mut self) {
         self.restarts += 1;
-    }
-}
-
-/// Waits until the archiver reports the archive has reached `lsn`, or `timeout`.
-pub async fn wait_archived(
-    status: &mut watch::Receiver<ArchiverStatus>,
-    lsn: Lsn,
-    timeout: Duration,
-) -> Result<(), String> {
-    let reached = {
-        let reached = status.wait_for(|status| status.archived_to.is_some_and(|to| to >= lsn));
-        tokio::time::timeout(timeout, reached)
-            .await
-            .map(|r| r.is_ok())
-    };
-    match reached {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(format!("the archiver stopped before reaching {lsn}")),
-        Err(_) => {
-            let now = status.borrow().clone();
-            Err(format!(
-                "the archive did not reach {lsn} within {}s (it is at {}; last error: {})",
-                timeout.as_secs(),
-                now.archived_to
-                    .map_or("nothing yet".to_owned(), |to| to.to_string()),
-                now.last_error.as_deref().unwrap_or("none")
-            ))
-        }
     }
 }
 

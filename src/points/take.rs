@@ -22,7 +22,7 @@
 //!   ([`base::replay_from`]) to that position. As for PostgreSQL, `count_rows` counts
 //!   rows per table in that snapshot after the release. The wait polls the archive's
 //!   catalog in the storage, as for PostgreSQL: `stillpoint archive` is another
-//!   process, so its archiver's in-memory status (`wait_archived`) is not visible here.
+//!   process, so its archiver's in-memory status is not visible here.
 //!
 //! When every database has an exact marker the window is not held open to the
 //! clock-skew floor (the mid-time restores nothing), only to `[pause] min_window`.
