@@ -188,16 +188,35 @@ mod tests {
     /// The script as PostgreSQL runs it (`sh -c` with %f and %p replaced), in a
     /// directory that stands for the data directory.
     fn fetch(spool: &Spool, data_dir: &Path, name: &str) -> tokio::process::Child {
-        let command = spool
-            .restore_command()
-            .replace("%%", "%")
-            .replace("%f", name)
-            .replace("%p", "RECOVERYXLOG");
+        let mut command = String::new();
+        let template = spool.restore_command();
+        let mut chars = template.chars();
+        // As PostgreSQL expands it: %f, %p, and %% for a `%`.
+        while let Some(c) = chars.next() {
+            if c != '%' {
+                command.push(c);
+                continue;
+            }
+            match chars.next() {
+                Some('f') => command.push_str(name),
+                Some('p') => command.push_str("RECOVERYXLOG"),
+                Some('%') => command.push('%'),
+                other => panic!("unexpected %{other:?} in {template}"),
+            }
+        }
         Command::new("sh")
             .args(["-c", &command])
             .current_dir(data_dir)
             .kill_on_drop(true)
             .spawn()
+            .unwrap()
+    }
+
+    /// The script's exit, which must come within seconds: it must not wait for ever.
+    async fn exits(mut script: tokio::process::Child) -> std::process::ExitStatus {
+        tokio::time::timeout(Duration::from_secs(10), script.wait())
+            .await
+            .expect("the script must not wait for ever here")
             .unwrap()
     }
 
@@ -220,10 +239,7 @@ mod tests {
         .await
         .unwrap();
 
-        let status = fetch(&spool, &data_dir, "00000003.history")
-            .wait()
-            .await
-            .unwrap();
+        let status = exits(fetch(&spool, &data_dir, "00000003.history")).await;
         assert_eq!(status.code(), Some(1), "not expected: not in the archive");
 
         let mut waiting = fetch(&spool, &data_dir, A);
@@ -242,14 +258,14 @@ mod tests {
             "it must wait for {A}"
         );
         spool.publish(A, b"segment a").await.unwrap();
-        assert!(waiting.wait().await.unwrap().success());
+        assert!(exits(waiting).await.success());
         assert_eq!(
             std::fs::read(data_dir.join("RECOVERYXLOG")).unwrap(),
             b"segment a"
         );
 
         spool.finish().await.unwrap();
-        let status = fetch(&spool, &data_dir, B).wait().await.unwrap();
+        let status = exits(fetch(&spool, &data_dir, B)).await;
         assert_eq!(
             status.code(),
             Some(1),
@@ -266,12 +282,9 @@ mod tests {
         let spool = Spool::create(&dir.path().join("wal"), &[], vec![A.to_owned()], None)
             .await
             .unwrap();
-        let mut waiting = fetch(&spool, dir.path(), A);
+        let waiting = fetch(&spool, dir.path(), A);
         std::fs::remove_file(dir.path().join("postmaster.pid")).unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(10), waiting.wait())
-            .await
-            .expect("the script must stop waiting")
-            .unwrap();
+        let status = exits(waiting).await;
         assert_eq!(status.code(), Some(1));
     }
 

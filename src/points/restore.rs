@@ -1221,7 +1221,7 @@ mod tests {
             segment_size: Some(SEGMENT),
             size: to - from,
             plaintext_blake3: String::new(),
-            artifact: crate::manifest::ArtifactInfo {
+            artifact: crate::pipeline::ArtifactInfo {
                 path: String::new(),
                 size: 0,
                 stored_size: 0,
