@@ -160,8 +160,14 @@ d={dir}
 # Not among what the spool will hold (a timeline history probe): not in the archive.
 grep -qxF -- "$1" "$d/{EXPECTED}" || exit 1
 printf '%s\n' "$1" > "$d/{ASKED}"
+w=0
 while :; do
-    if [ -e "$d/$1" ]; then exec cp "$d/$1" "$2"; fi
+    if [ -e "$d/$1" ]; then
+        # In the server's log: replay outran the feeder (the restore's bottleneck).
+        [ $w -gt 0 ] && echo "stillpoint spool: replay waited $w x 20 ms for $1" >&2
+        exec cp "$d/$1" "$2"
+    fi
+    w=$((w+1))
     if [ -e "$d/{DONE}" ]; then
         [ -e "$d/$1" ] && exec cp "$d/$1" "$2"
         exit 1

@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::FutureExt as _;
 use futures::future::join_all;
+use futures::{FutureExt as _, StreamExt as _};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
@@ -765,13 +765,22 @@ async fn feed_spool(
         let (_, bytes) = read_chunk(archive, decryption, chunk).await?;
         spool.publish(&chunk.name, &bytes).await?;
     }
-    for (index, (segment, pieces)) in segments.iter().enumerate() {
-        spool.wait_for_room(index).await;
-        let mut file = Vec::new();
-        for piece in pieces {
-            let (chunk, bytes) = read_chunk(archive, decryption, piece).await?;
-            place(&mut file, &chunk, &bytes)?;
-        }
+    // Two segments read at once (each chunk is decompressed on a worker thread of
+    // its own), published in order: replay on the other core must not outrun us.
+    let mut files = futures::stream::iter(0..segments.len())
+        .map(|index| async move {
+            let (segment, pieces) = &segments[index];
+            spool.wait_for_room(index).await;
+            let mut file = Vec::new();
+            for piece in pieces {
+                let (chunk, bytes) = read_chunk(archive, decryption, piece).await?;
+                place(&mut file, &chunk, &bytes)?;
+            }
+            Ok::<_, String>((segment, file))
+        })
+        .buffered(2);
+    while let Some(file) = files.next().await {
+        let (segment, file) = file?;
         spool.publish(segment, &file).await?;
     }
     spool.finish().await
