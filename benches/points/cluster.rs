@@ -267,7 +267,7 @@ impl ClusterRun {
         let lag_max = percentile(&self.lag_ms, 100.0);
         let body = format!(
             "{measured} {LEDGERS} ledger nodes + 1 auditor on one PostgreSQL (both databases \
-             archived, `partial_interval` 1 s, the default), requests held during a pause; \
+             archived, `partial_interval` 200 ms, the default), requests held during a pause; \
              `ledger-node load --concurrency {LOAD_CONCURRENCY}` in {segments} segments of \
              {secs} s of each kind, alternating. {points} points in all.\n\n\
              | | with a point every {every} s | without | ratio |\n|---|---|---|---|\n\
@@ -309,12 +309,12 @@ impl ClusterRun {
             failed = self.failed,
             transfers = self.transfers,
             lag_why = if lag_p99 > 1000.0 {
-                " Why over 1 s: the archiver pushes the segment being written as a \
-                 partial chunk every `partial_interval` (1 s by default), up to what \
+                " Why over 1 s: the archiver pushes what the segment being written \
+                 gained every `partial_interval` (200 ms by default), up to what \
                  pg_receivewal has flushed then; WAL written just after a push waits \
-                 for the next one, and the push itself (zstd, age, storage) comes on \
-                 top. A shorter `partial_interval` trades more, smaller chunks for less \
-                 lag."
+                 for the next one, and the push itself (zstd, age, storage) and the \
+                 archiver's report come on top: on a busy machine each of them waits \
+                 for a core."
             } else {
                 ""
             },

@@ -274,7 +274,7 @@ pub async fn check(
         // at least as much now.
         if let Err(error) = &checked
             && error.is_not_found()
-            && let Some(current) = superseding(&archive, chunk).await
+            && let Some(current) = crate::archive::postgres::superseding(&archive, chunk).await
         {
             checked = pipeline::verify_checksum(storage, &current.artifact).await;
         }
@@ -286,29 +286,6 @@ pub async fn check(
         })?;
     }
     Ok(())
-}
-
-/// The chunk that now holds at least what the partial chunk `chunk` held: the whole
-/// segment, or a longer partial of it.
-async fn superseding(archive: &Archive, chunk: &ChunkRecord) -> Option<ChunkRecord> {
-    if chunk.kind != ChunkKind::PgWalPartial {
-        return None;
-    }
-    let (segment, covered) = wal::parse_partial_chunk_name(&chunk.name)?;
-    if let Ok(Some(whole)) = archive.record(segment).await {
-        return Some(whole);
-    }
-    let listing = archive.storage().list(&archive.prefix()).await.ok()?;
-    let (_, name) = listing
-        .iter()
-        .filter_map(|entry| entry.path.rsplit('/').next())
-        .filter_map(|file| file.strip_suffix(".json"))
-        .filter_map(|name| {
-            let (of, longer) = wal::parse_partial_chunk_name(name)?;
-            (of == segment && longer >= covered).then(|| (longer, name.to_owned()))
-        })
-        .max()?;
-    archive.record(&name).await.ok().flatten()
 }
 
 /// Everything [`restore_one`] needs.
@@ -704,30 +681,57 @@ async fn stage(
         .map_err(|error| fail(error.to_string()))?;
     for chunk in needed.chunks.iter().chain(&needed.others) {
         let mut read = archive.read(chunk, decryption).await;
+        let mut source = chunk.clone();
         if read.is_err()
-            && let Some(current) = superseding(&archive, chunk).await
+            && let Some(current) = crate::archive::postgres::superseding(&archive, chunk).await
         {
             read = archive.read(&current, decryption).await;
+            source = current;
         }
-        let mut bytes =
-            read.map_err(|error| fail(format!("reading chunk {}: {error}", chunk.name)))?;
-        let file = match chunk.kind {
+        let bytes = read.map_err(|error| fail(format!("reading chunk {}: {error}", chunk.name)))?;
+        let written = match source.kind {
+            // A piece of a growing segment goes to its place in the segment's file,
+            // the rest of which is zeros (what replay reads as the end of WAL).
             ChunkKind::PgWalPartial => {
-                let (segment, _) = wal::parse_partial_chunk_name(&chunk.name)
-                    .ok_or_else(|| fail(format!("{} is not a partial chunk's name", chunk.name)))?;
-                if let Some(size) = chunk.segment_size {
-                    bytes.resize(size as usize, 0);
-                }
-                segment.to_owned()
+                let (segment, from, _) =
+                    wal::parse_partial_chunk_name(&source.name).ok_or_else(|| {
+                        fail(format!("{} is not a partial chunk's name", source.name))
+                    })?;
+                let path = wal_dir.join(segment);
+                write_piece(&path, from, &bytes, source.segment_size)
+                    .map_err(|error| fail(format!("writing {}: {error}", path.display())))
             }
-            _ => chunk.name.clone(),
+            _ => {
+                let path = wal_dir.join(&source.name);
+                std::fs::write(&path, &bytes)
+                    .map_err(|error| fail(format!("writing {}: {error}", path.display())))
+            }
         };
-        let path = wal_dir.join(&file);
-        tokio::fs::write(&path, &bytes)
-            .await
-            .map_err(|error| fail(format!("writing {}: {error}", path.display())))?;
+        written?;
     }
     Ok((base_dir, wal_dir))
+}
+
+/// `bytes` written at `offset` of the file at `path` (created if missing), which is
+/// then at least `segment_size` long.
+fn write_piece(
+    path: &Path,
+    offset: u64,
+    bytes: &[u8],
+    segment_size: Option<u64>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    file.write_all_at(bytes, offset)?;
+    let length = file.metadata()?.len();
+    if let Some(size) = segment_size.filter(|size| *size > length) {
+        file.set_len(size)?;
+    }
+    Ok(())
 }
 
 /// A point drilled: every database restored into a scratch server, then checked.
