@@ -273,6 +273,8 @@ impl ClusterRun {
              | | with a point every {every} s | without | ratio |\n|---|---|---|---|\n\
              | client throughput (mean of the segments) | {with:.0} transfers/s | \
              {without:.0} transfers/s | **{ratio:.3}×** |\n\n\
+             Each pair of segments (with / without, in the order run): {pairs}. The spread \
+             between pairs is the noise the mean ratio carries.\n\n\
              | point | p50 | p99 |\n|---|---|---|\n\
              | pause to commit (`timings.pause_to_commit_ms`) | {commit_p50:.0} ms | \
              {commit_p99:.0} ms |\n\
@@ -293,6 +295,13 @@ impl ClusterRun {
              {failed}.",
             measured = support::measured_line(crate::COMMAND),
             segments = sizes.segments,
+            pairs = self
+                .with_points
+                .iter()
+                .zip(&self.without)
+                .map(|(with, without)| format!("{:.3}×", with / without))
+                .collect::<Vec<_>>()
+                .join(", "),
             secs = sizes.segment.as_secs(),
             points = self.pause_to_commit_ms.len(),
             every = POINT_EVERY.as_secs(),
