@@ -416,15 +416,16 @@ async fn fetch_one(args: &WalFetchArgs) -> Result<u8, Failure> {
         backup::decryption(&runbook).map_err(|error| Failure::new(exit::USAGE, error))?;
     match postgres::wal_fetch(&archive, &decryption, &args.segment, &args.dest).await {
         Ok(Fetched::Whole(_)) => Ok(exit::OK),
-        Ok(Fetched::Partial(record)) => {
+        Ok(Fetched::Partial(pieces)) => {
+            let last = pieces.last();
             write_stderr(&format!(
-                "{} is archived only up to {} ({}): served padded\n",
+                "{} is archived only up to {} ({} partial chunk{}, the last {}): served padded\n",
                 args.segment,
-                record
-                    .end
-                    .as_ref()
+                last.and_then(|piece| piece.end.as_ref())
                     .map_or("?".to_owned(), ToString::to_string),
-                record.name
+                pieces.len(),
+                if pieces.len() == 1 { "" } else { "s" },
+                last.map_or("?", |piece| piece.name.as_str()),
             ));
             Ok(exit::OK)
         }

@@ -267,12 +267,14 @@ impl ClusterRun {
         let lag_max = percentile(&self.lag_ms, 100.0);
         let body = format!(
             "{measured} {LEDGERS} ledger nodes + 1 auditor on one PostgreSQL (both databases \
-             archived, `partial_interval` 1 s, the default), requests held during a pause; \
+             archived, `partial_interval` 200 ms, the default), requests held during a pause; \
              `ledger-node load --concurrency {LOAD_CONCURRENCY}` in {segments} segments of \
              {secs} s of each kind, alternating. {points} points in all.\n\n\
              | | with a point every {every} s | without | ratio |\n|---|---|---|---|\n\
              | client throughput (mean of the segments) | {with:.0} transfers/s | \
              {without:.0} transfers/s | **{ratio:.3}×** |\n\n\
+             Each pair of segments (with / without, in the order run): {pairs}. The spread \
+             between pairs is the noise the mean ratio carries.\n\n\
              | point | p50 | p99 |\n|---|---|---|\n\
              | pause to commit (`timings.pause_to_commit_ms`) | {commit_p50:.0} ms | \
              {commit_p99:.0} ms |\n\
@@ -293,6 +295,13 @@ impl ClusterRun {
              {failed}.",
             measured = support::measured_line(crate::COMMAND),
             segments = sizes.segments,
+            pairs = self
+                .with_points
+                .iter()
+                .zip(&self.without)
+                .map(|(with, without)| format!("{:.3}×", with / without))
+                .collect::<Vec<_>>()
+                .join(", "),
             secs = sizes.segment.as_secs(),
             points = self.pause_to_commit_ms.len(),
             every = POINT_EVERY.as_secs(),
@@ -309,12 +318,12 @@ impl ClusterRun {
             failed = self.failed,
             transfers = self.transfers,
             lag_why = if lag_p99 > 1000.0 {
-                " Why over 1 s: the archiver pushes the segment being written as a \
-                 partial chunk every `partial_interval` (1 s by default), up to what \
+                " Why over 1 s: the archiver pushes what the segment being written \
+                 gained every `partial_interval` (200 ms by default), up to what \
                  pg_receivewal has flushed then; WAL written just after a push waits \
-                 for the next one, and the push itself (zstd, age, storage) comes on \
-                 top. A shorter `partial_interval` trades more, smaller chunks for less \
-                 lag."
+                 for the next one, and the push itself (zstd, age, storage) and the \
+                 archiver's report come on top: on a busy machine each of them waits \
+                 for a core."
             } else {
                 ""
             },

@@ -86,7 +86,7 @@ fn main() {
             base_rounds: 3,
             wal_bytes: 512 << 20,
             restores: 2,
-            segments: 3,
+            segments: 4,
             segment: Duration::from_secs(30),
             mariadb_rows: 1_000_000,
         }

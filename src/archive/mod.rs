@@ -355,6 +355,18 @@ pub enum ArchiveError {
     Storage(#[from] StorageError),
 }
 
+impl ArchiveError {
+    /// What was to be read is not in the storage (removed, or never whole).
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            ArchiveError::NotFound { .. } => true,
+            ArchiveError::Pipeline(error) => error.is_not_found(),
+            ArchiveError::Storage(error) => error.is_not_found(),
+            _ => false,
+        }
+    }
+}
+
 /// One database's archive in a storage: pushes, reads and removes its chunks.
 #[derive(Debug, Clone)]
 pub struct Archive {

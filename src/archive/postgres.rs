@@ -11,9 +11,12 @@
 //!    the bytes are in the file, so the file holds at least that much);
 //! 2. pushes every whole segment in the spool, then removes it from the spool (and
 //!    the partial copies of it from the archive);
-//! 3. pushes the beginning of the `.partial` segment, up to that flush position, as a
-//!    partial chunk (`<segment>.<bytes>.partial`) when it reaches further than the
-//!    archive, and removes the shorter partial it supersedes.
+//! 3. pushes what the `.partial` segment gained since the archive's end, up to that
+//!    flush position, as a piece (a partial chunk `<segment>.<from>-<to>.partial`), so
+//!    a push costs only what was written since the last one. After [`MAX_PIECES`]
+//!    pieces of one segment, one chunk of its whole beginning (`<segment>.<to>.partial`)
+//!    replaces them, and the whole segment replaces that: a segment that fills slowly
+//!    keeps the catalog short.
 //!
 //! So the archive trails the server by about `partial_interval`, without forcing
 //! segment switches. The slot keeps the server's WAL until pg_receivewal has it.
@@ -47,7 +50,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::process::Command;
 use tokio::sync::watch;
 use tokio_postgres::Client;
@@ -73,6 +76,9 @@ const SLOT_BUSY_LIMIT: Duration = Duration::from_secs(30);
 /// After this long, a walsender of an earlier run of this archiver still on the slot
 /// is ended (its pg_receivewal outlived the archiver that started it).
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
+/// How many pieces of a growing segment are pushed before one chunk of its whole
+/// beginning replaces them (see [`PgArchiver::sweep`]).
+const MAX_PIECES: usize = 30;
 
 /// What the archiver of one database needs.
 #[derive(Debug, Clone)]
@@ -237,7 +243,7 @@ impl PgArchiver {
         };
         for chunk in &catalog.chunks {
             if chunk.kind == ChunkKind::PgWalPartial
-                && let Some((segment, _)) = wal::parse_partial_chunk_name(&chunk.name)
+                && let Some((segment, _, _)) = wal::parse_partial_chunk_name(&chunk.name)
             {
                 state
                     .partials
@@ -401,9 +407,17 @@ impl PgArchiver {
             if end <= start || state.archived_to.is_some_and(|to| end <= to) {
                 continue;
             }
-            let covered = end.0 - start.0;
+            let kept = state.partials.entry(segment_name.to_owned()).or_default();
+            // A piece continues the archive where it ends inside this segment, so a
+            // push costs what was written since the last one. After MAX_PIECES pieces,
+            // one chunk of the segment's whole beginning replaces them: a segment that
+            // fills slowly keeps the catalog short.
+            let from = match state.archived_to {
+                Some(to) if to > start && kept.len() < MAX_PIECES => to,
+                _ => start,
+            };
             let path = self.config.spool_dir.join(name);
-            let bytes = match read_prefix(&path, covered).await {
+            let bytes = match read_range(&path, from.0 - start.0, end.0 - start.0).await {
                 Ok(bytes) => bytes,
                 // pg_receivewal finished the segment and renamed it since the listing:
                 // the next sweep stores it whole. (Failing the session here would stop
@@ -418,10 +432,10 @@ impl PgArchiver {
                 }
             };
             let chunk = NewChunk {
-                name: wal::partial_chunk_name(segment_name, covered),
+                name: wal::partial_chunk_name(segment_name, from.0 - start.0, end.0 - start.0),
                 kind: ChunkKind::PgWalPartial,
                 timeline: Some(segment.timeline),
-                start: Some(Position::Lsn(start)),
+                start: Some(Position::Lsn(from)),
                 end: Some(Position::Lsn(end)),
                 segment_size: Some(segment_size),
                 details: BTreeMap::new(),
@@ -431,14 +445,15 @@ impl PgArchiver {
                 .push(chunk, ChunkContent::Bytes(Bytes::from(bytes)))
                 .await?;
             self.stored(state, &outcome);
-            // The shorter partials of this segment are superseded now.
+            // The pieces this chunk holds all of are superseded now.
+            let record = outcome.record();
             let kept = state.partials.entry(segment_name.to_owned()).or_default();
-            let (older, newer): (Vec<ChunkRecord>, Vec<ChunkRecord>) = kept
+            let (older, others): (Vec<ChunkRecord>, Vec<ChunkRecord>) = kept
                 .drain(..)
-                .partition(|old| old.end < outcome.record().end);
-            *kept = newer;
-            if !kept.iter().any(|r| r.name == outcome.record().name) {
-                kept.push(outcome.record().clone());
+                .partition(|old| old.name != record.name && holds(record, old));
+            *kept = others;
+            if !kept.iter().any(|r| r.name == record.name) {
+                kept.push(record.clone());
             }
             for old in older {
                 self.archive.remove(&old).await?;
@@ -878,11 +893,23 @@ fn reset_unfinished_zero_fill(path: &Path, segment_size: u64) -> Result<(), Stri
         .map_err(|e| format!("emptying {}: {e}", path.display()))
 }
 
-async fn read_prefix(path: &Path, len: u64) -> std::io::Result<Vec<u8>> {
+/// The bytes `[from, to)` of the file at `path`.
+async fn read_range(path: &Path, from: u64, to: u64) -> std::io::Result<Vec<u8>> {
     let mut file = tokio::fs::File::open(path).await?;
-    let mut bytes = vec![0u8; len as usize];
+    file.seek(std::io::SeekFrom::Start(from)).await?;
+    let mut bytes = vec![0u8; (to - from) as usize];
     file.read_exact(&mut bytes).await?;
     Ok(bytes)
+}
+
+/// Whether chunk `outer` holds every position chunk `inner` holds.
+pub fn holds(outer: &ChunkRecord, inner: &ChunkRecord) -> bool {
+    match (outer.range(), inner.range()) {
+        (Some((outer_start, outer_end)), Some((inner_start, inner_end))) => {
+            outer_start <= inner_start && inner_end <= outer_end
+        }
+        _ => false,
+    }
 }
 
 fn segment_chunk(name: &str, segment: Segment, segment_size: u64) -> NewChunk {
@@ -954,44 +981,54 @@ pub async fn wal_push(archive: &Archive, path: &Path) -> Result<PushOutcome, Arc
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fetched {
     /// The chunk of that name.
-    Whole(ChunkRecord),
-    /// Only the beginning of the segment is archived: the newest partial chunk,
-    /// padded with zeros to the segment size (what replay reads as the end of WAL).
-    Partial(ChunkRecord),
+    Whole(Box<ChunkRecord>),
+    /// Only the beginning of the segment is archived: its partial chunks, in order
+    /// and without a gap, padded with zeros to the segment size (what replay reads
+    /// as the end of WAL).
+    Partial(Vec<ChunkRecord>),
 }
 
+/// How often [`wal_fetch`] lists a growing segment's pieces again when one it chose
+/// was removed before it was read (a running archiver replaced it with a chunk that
+/// holds it).
+const FETCH_ATTEMPTS: usize = 3;
+
 /// `restore_command`: writes the file PostgreSQL asks for (`%f`) to `dest` (`%p`). A
-/// segment only archived partially is served from its newest partial chunk, padded
-/// to the segment size. [`ArchiveError::NotFound`] when the archive has neither.
+/// segment only archived partially is served from its partial chunks, padded to the
+/// segment size. [`ArchiveError::NotFound`] when the archive has neither.
 pub async fn wal_fetch(
     archive: &Archive,
     decryption: &Decryption,
     name: &str,
     dest: &Path,
 ) -> Result<Fetched, ArchiveError> {
-    let (record, fetched) = match archive.record(name).await? {
-        Some(record) => (record.clone(), Fetched::Whole(record)),
-        None if wal::is_segment_name(name) => {
-            let newest =
-                newest_partial(archive, name)
-                    .await?
-                    .ok_or_else(|| ArchiveError::NotFound {
-                        database: archive.database().to_owned(),
-                        name: name.to_owned(),
-                    })?;
-            (newest.clone(), Fetched::Partial(newest))
-        }
-        None => {
-            return Err(ArchiveError::NotFound {
-                database: archive.database().to_owned(),
-                name: name.to_owned(),
-            });
-        }
+    let not_found = || ArchiveError::NotFound {
+        database: archive.database().to_owned(),
+        name: name.to_owned(),
     };
-    let mut bytes = archive.read(&record, decryption).await?;
-    if let (Fetched::Partial(_), Some(size)) = (&fetched, record.segment_size) {
-        bytes.resize(size as usize, 0);
-    }
+    let (bytes, fetched) = match archive.record(name).await? {
+        Some(record) => (
+            archive.read(&record, decryption).await?,
+            Fetched::Whole(Box::new(record)),
+        ),
+        None if wal::is_segment_name(name) => {
+            let mut attempt = 1;
+            loop {
+                let pieces = partial_pieces(archive, name).await?;
+                if pieces.is_empty() {
+                    return Err(not_found());
+                }
+                match assemble_segment(archive, decryption, &pieces).await {
+                    Ok(bytes) => break (bytes, Fetched::Partial(pieces)),
+                    Err(error) if error.is_not_found() && attempt < FETCH_ATTEMPTS => {
+                        attempt += 1;
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        None => return Err(not_found()),
+    };
     // Written beside the destination and renamed over it: PostgreSQL never reads a
     // half-written file.
     let io = |source| ArchiveError::Io {
@@ -1009,25 +1046,105 @@ pub async fn wal_fetch(
     Ok(fetched)
 }
 
-/// The partial chunk of `segment` that covers the most.
-async fn newest_partial(
+/// A segment from chunks of it that follow one another from its start: each one's
+/// bytes at its offset, zeros after the last.
+async fn assemble_segment(
+    archive: &Archive,
+    decryption: &Decryption,
+    pieces: &[ChunkRecord],
+) -> Result<Vec<u8>, ArchiveError> {
+    let mut segment = Vec::new();
+    for piece in pieces {
+        let bytes = archive.read(piece, decryption).await?;
+        let offset = piece_offset(piece).ok_or_else(|| {
+            ArchiveError::InvalidName(format!(
+                "{} is not a partial chunk with a WAL range",
+                piece.name
+            ))
+        })?;
+        let end = offset + bytes.len();
+        if segment.len() < end {
+            segment.resize(end, 0);
+        }
+        segment[offset..end].copy_from_slice(&bytes);
+        if let Some(size) = piece.segment_size {
+            segment.resize(segment.len().max(size as usize), 0);
+        }
+    }
+    Ok(segment)
+}
+
+/// Where a chunk's bytes start within its segment.
+fn piece_offset(chunk: &ChunkRecord) -> Option<usize> {
+    let start = chunk.start.as_ref()?.lsn()?;
+    let size = chunk.segment_size?;
+    Some((start.0 % size) as usize)
+}
+
+/// The partial chunks of `segment` that hold its beginning without a gap, in order;
+/// a piece another one holds all of is left out. Empty when none starts the segment.
+async fn partial_pieces(
     archive: &Archive,
     segment: &str,
-) -> Result<Option<ChunkRecord>, ArchiveError> {
+) -> Result<Vec<ChunkRecord>, ArchiveError> {
+    let mut ranges = partial_names(archive, segment).await?;
+    // By start, the longest first: each piece must start where the ones before it
+    // reach, or the chain ends there.
+    ranges.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    let mut chain = Vec::new();
+    let mut reach = 0;
+    for (from, to, name) in ranges {
+        if from > reach {
+            break;
+        }
+        if to <= reach {
+            continue;
+        }
+        let Some(record) = archive.record(&name).await? else {
+            break;
+        };
+        chain.push(record);
+        reach = to;
+    }
+    Ok(chain)
+}
+
+/// Every partial chunk of `segment` in the archive's listing: `(from, to, name)`.
+async fn partial_names(
+    archive: &Archive,
+    segment: &str,
+) -> Result<Vec<(u64, u64, String)>, ArchiveError> {
     let listing = archive.storage().list(&archive.prefix()).await?;
-    let newest = listing
+    Ok(listing
         .iter()
         .filter_map(|entry| entry.path.rsplit('/').next())
         .filter_map(|file| file.strip_suffix(super::RECORD_SUFFIX))
         .filter_map(|name| {
-            let (of, covered) = wal::parse_partial_chunk_name(name)?;
-            (of == segment).then(|| (covered, name.to_owned()))
+            let (of, from, to) = wal::parse_partial_chunk_name(name)?;
+            (of == segment).then(|| (from, to, name.to_owned()))
         })
-        .max();
-    match newest {
-        Some((_, name)) => archive.record(&name).await,
-        None => Ok(None),
+        .collect())
+}
+
+/// The chunk that now holds everything the partial chunk `chunk` held, after a
+/// running archiver replaced it (and removed it): the whole segment, or a partial
+/// chunk of the segment's beginning that reaches as far.
+pub async fn superseding(archive: &Archive, chunk: &ChunkRecord) -> Option<ChunkRecord> {
+    if chunk.kind != ChunkKind::PgWalPartial {
+        return None;
     }
+    let (segment, from, to) = wal::parse_partial_chunk_name(&chunk.name)?;
+    if let Ok(Some(whole)) = archive.record(segment).await {
+        return Some(whole);
+    }
+    let (_, name) = partial_names(archive, segment)
+        .await
+        .ok()?
+        .into_iter()
+        .filter(|(other_from, other_to, _)| *other_from <= from && to <= *other_to)
+        .map(|(other_from, other_to, name)| (other_to - other_from, name))
+        .max()?;
+    archive.record(&name).await.ok().flatten()
 }
 
 #[cfg(test)]

@@ -53,11 +53,17 @@ fn segment(number: u64) -> NewChunk {
 }
 
 fn partial(number: u64, covered: u64) -> NewChunk {
+    piece(number, 0, covered)
+}
+
+/// The bytes `[from, to)` of segment `number`, as a partial chunk.
+fn piece(number: u64, from: u64, to: u64) -> NewChunk {
     let whole = segment(number);
     NewChunk {
-        name: wal::partial_chunk_name(&whole.name, covered),
+        name: wal::partial_chunk_name(&whole.name, from, to),
         kind: ChunkKind::PgWalPartial,
-        end: Some(lsn(number * SEGMENT + covered)),
+        start: Some(lsn(number * SEGMENT + from)),
+        end: Some(lsn(number * SEGMENT + to)),
         ..whole
     }
 }
@@ -161,6 +167,77 @@ async fn the_same_name_with_other_content_is_refused_naming_both() {
     assert_eq!(
         archive.record("000000010000000000000003").await.unwrap(),
         Some(first.record().clone())
+    );
+}
+
+/// A growing segment archived as pieces reads back as one segment (each piece at
+/// its place, zeros after the last); a chunk of the segment's beginning that reaches
+/// further holds them all, and is what replaces one removed under a reader.
+#[tokio::test]
+async fn pieces_of_a_growing_segment_chain_and_read_back_as_one_segment() {
+    let fixture = fixture();
+    let archive =
+        Archive::new(fixture.storage.clone(), PipelineSettings::default(), "app").unwrap();
+    let name = segment(5).name;
+    let mut pieces = Vec::new();
+    for (chunk, content) in [
+        (segment(4), bytes(4, SEGMENT as usize)),
+        (piece(5, 0, 100), bytes(1, 100)),
+        (piece(5, 100, 250), bytes(2, 150)),
+        (piece(5, 250, 260), bytes(3, 10)),
+    ] {
+        pieces.push(archive.push(chunk, content).await.unwrap().record().clone());
+    }
+    let catalog = archive.catalog().await.unwrap();
+    assert!(catalog.gaps().is_empty(), "{:?}", catalog.gaps());
+    assert!(catalog.superseded.is_empty(), "{:?}", catalog.superseded);
+    catalog
+        .covers(&lsn(4 * SEGMENT), &lsn(5 * SEGMENT + 260))
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join(&name);
+    let fetched = postgres::wal_fetch(&archive, &Decryption::None, &name, &dest)
+        .await
+        .unwrap();
+    assert_eq!(fetched, postgres::Fetched::Partial(pieces[1..].to_vec()));
+    let mut expected = vec![1u8; 100];
+    expected.extend([2u8; 150]);
+    expected.extend([3u8; 10]);
+    expected.resize(SEGMENT as usize, 0);
+    assert!(
+        std::fs::read(&dest).unwrap() == expected,
+        "pieces at their places, then zeros"
+    );
+
+    // A piece that does not continue the others is not served past the gap.
+    archive
+        .push(piece(5, 300, 400), bytes(9, 100))
+        .await
+        .unwrap();
+    postgres::wal_fetch(&archive, &Decryption::None, &name, &dest)
+        .await
+        .unwrap();
+    assert!(
+        std::fs::read(&dest).unwrap() == expected,
+        "nothing after the gap"
+    );
+
+    // The beginning up to 400 holds every piece: the catalog sets them aside, and a
+    // reader of a removed piece is pointed to it.
+    let beginning = archive
+        .push(piece(5, 0, 400), bytes(7, 400))
+        .await
+        .unwrap()
+        .record()
+        .clone();
+    let catalog = archive.catalog().await.unwrap();
+    assert_eq!(catalog.chunks.last(), Some(&beginning));
+    assert_eq!(catalog.superseded.len(), 4, "{:?}", catalog.superseded);
+    archive.remove(&pieces[2]).await.unwrap();
+    assert_eq!(
+        postgres::superseding(&archive, &pieces[2]).await,
+        Some(beginning)
     );
 }
 

@@ -74,21 +74,36 @@ pub fn is_segment_name(name: &str) -> bool {
     name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// The chunk name of a partial segment holding its first `covered` bytes:
-/// `<segment>.<covered, 8 hex digits>.partial`. The length in the name makes every
-/// stage of a growing segment a chunk of its own (same name, same content).
-pub fn partial_chunk_name(segment: &str, covered: u64) -> String {
-    format!("{segment}.{covered:08X}.partial")
+/// The chunk name of the bytes `[from, to)` of a segment still being written (offsets
+/// within the segment): `<segment>.<to>.partial` when it holds the segment's
+/// beginning, `<segment>.<from>-<to>.partial` for a later piece (each offset 8 hex
+/// digits). The range in the name makes every piece a chunk of its own (same name,
+/// same content).
+pub fn partial_chunk_name(segment: &str, from: u64, to: u64) -> String {
+    if from == 0 {
+        format!("{segment}.{to:08X}.partial")
+    } else {
+        format!("{segment}.{from:08X}-{to:08X}.partial")
+    }
 }
 
-/// The segment a partial chunk name belongs to, and the bytes it covers.
-pub fn parse_partial_chunk_name(name: &str) -> Option<(&str, u64)> {
+/// The segment a partial chunk name belongs to, and the offsets `[from, to)` it holds.
+pub fn parse_partial_chunk_name(name: &str) -> Option<(&str, u64, u64)> {
     let rest = name.strip_suffix(".partial")?;
-    let (segment, covered) = rest.split_once('.')?;
-    if !is_segment_name(segment) || covered.len() != 8 {
+    let (segment, range) = rest.split_once('.')?;
+    if !is_segment_name(segment) {
         return None;
     }
-    Some((segment, u64::from_str_radix(covered, 16).ok()?))
+    let offset = |hex: &str| {
+        (hex.len() == 8 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| u64::from_str_radix(hex, 16).ok())
+            .flatten()
+    };
+    let (from, to) = match range.split_once('-') {
+        Some((from, to)) => (offset(from)?, offset(to)?),
+        None => (0, offset(range)?),
+    };
+    (from < to).then_some((segment, from, to))
 }
 
 #[cfg(test)]
@@ -117,17 +132,29 @@ mod tests {
     }
 
     #[test]
-    fn partial_names_carry_their_length() {
-        let name = partial_chunk_name("000000010000000000000003", 0x2A_1B2C);
-        assert_eq!(name, "000000010000000000000003.002A1B2C.partial");
+    fn partial_names_carry_their_range() {
+        let segment = "000000010000000000000003";
+        let beginning = partial_chunk_name(segment, 0, 0x2A_1B2C);
+        assert_eq!(beginning, "000000010000000000000003.002A1B2C.partial");
         assert_eq!(
-            parse_partial_chunk_name(&name),
-            Some(("000000010000000000000003", 0x2A_1B2C))
+            parse_partial_chunk_name(&beginning),
+            Some((segment, 0, 0x2A_1B2C))
         );
+        let piece = partial_chunk_name(segment, 0x2A_1B2C, 0x2B_0000);
+        assert_eq!(piece, "000000010000000000000003.002A1B2C-002B0000.partial");
         assert_eq!(
-            parse_partial_chunk_name("000000010000000000000003.partial"),
-            None
+            parse_partial_chunk_name(&piece),
+            Some((segment, 0x2A_1B2C, 0x2B_0000))
         );
+        for wrong in [
+            "000000010000000000000003.partial",
+            "000000010000000000000003.002B0000-002A1B2C.partial",
+            "000000010000000000000003.00000000.partial",
+            "000000010000000000000003.2A1B2C.partial",
+            "000000010000000000000003.+02A1B2C.partial",
+        ] {
+            assert_eq!(parse_partial_chunk_name(wrong), None, "{wrong}");
+        }
     }
 
     #[test]

@@ -281,7 +281,7 @@ pub async fn check(
         // at least as much now.
         if let Err(error) = &checked
             && error.is_not_found()
-            && let Some(current) = superseding(&archive, chunk).await
+            && let Some(current) = crate::archive::postgres::superseding(&archive, chunk).await
         {
             checked = pipeline::verify_checksum(storage, &current.artifact).await;
         }
@@ -293,29 +293,6 @@ pub async fn check(
         })?;
     }
     Ok(())
-}
-
-/// The chunk that now holds at least what the partial chunk `chunk` held: the whole
-/// segment, or a longer partial of it.
-async fn superseding(archive: &Archive, chunk: &ChunkRecord) -> Option<ChunkRecord> {
-    if chunk.kind != ChunkKind::PgWalPartial {
-        return None;
-    }
-    let (segment, covered) = wal::parse_partial_chunk_name(&chunk.name)?;
-    if let Ok(Some(whole)) = archive.record(segment).await {
-        return Some(whole);
-    }
-    let listing = archive.storage().list(&archive.prefix()).await.ok()?;
-    let (_, name) = listing
-        .iter()
-        .filter_map(|entry| entry.path.rsplit('/').next())
-        .filter_map(|file| file.strip_suffix(".json"))
-        .filter_map(|name| {
-            let (of, longer) = wal::parse_partial_chunk_name(name)?;
-            (of == segment && longer >= covered).then(|| (longer, name.to_owned()))
-        })
-        .max()?;
-    archive.record(&name).await.ok().flatten()
 }
 
 /// Everything [`restore_one`] needs.
@@ -733,7 +710,7 @@ fn wal_segments(
     for chunk in chunks {
         let segment = match chunk.kind {
             ChunkKind::PgWalPartial => wal::parse_partial_chunk_name(&chunk.name)
-                .map(|(segment, _)| segment.to_owned())
+                .map(|(segment, _, _)| segment.to_owned())
                 .ok_or_else(|| {
                     PointRestoreError::Staging(format!(
                         "{} is not a partial chunk's name",
@@ -798,7 +775,7 @@ async fn read_chunk(
         .await
         .map(|bytes| (chunk.clone(), bytes));
     if read.is_err()
-        && let Some(current) = superseding(archive, chunk).await
+        && let Some(current) = crate::archive::postgres::superseding(archive, chunk).await
     {
         read = archive
             .read(&current, decryption)
@@ -1217,7 +1194,7 @@ mod tests {
             name: if whole {
                 segment.to_owned()
             } else {
-                wal::partial_chunk_name(segment, to)
+                wal::partial_chunk_name(segment, from, to)
             },
             kind: if whole {
                 ChunkKind::PgWalSegment

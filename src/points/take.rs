@@ -51,6 +51,11 @@ use crate::time::{Zone, unix_ms};
 
 /// How often the archives are looked at while a point waits for them.
 const ARCHIVE_POLL: Duration = Duration::from_millis(200);
+/// How many catalog reads in a row, [`ARCHIVE_POLL`] apart, must show the same gap
+/// before a point fails on it. A listing of `file://` storage taken while an archiver
+/// replaces pieces of a segment can miss both the old and the new chunk, a gap that
+/// the next read does not show.
+const GAP_READS: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PointError {
@@ -737,12 +742,18 @@ async fn restorable(
                  (take one with `stillpoint base-backup`)"
             )
         })?;
+    let mut gap_reads = 0;
     loop {
         let catalog = archive
             .catalog()
             .await
             .map_err(|error| format!("database {name}: reading its archive: {error}"))?;
-        match catalog.covers(&base::replay_from(&base.start), &target) {
+        let covered = catalog.covers(&base::replay_from(&base.start), &target);
+        gap_reads = match &covered {
+            Err(NotReached::Gap(_)) => gap_reads + 1,
+            _ => 0,
+        };
+        match covered {
             Ok(()) => {
                 return Ok((
                     target,
@@ -753,7 +764,11 @@ async fn restorable(
                     },
                 ));
             }
-            Err(why @ (NotReached::Gap(_) | NotReached::StartsAfter { .. })) => {
+            // An archive that starts after the base fails at once; a gap once it has
+            // been read GAP_READS times (gap_reads is 0 for anything but a gap).
+            Err(why @ (NotReached::Gap(_) | NotReached::StartsAfter { .. }))
+                if gap_reads == 0 || gap_reads >= GAP_READS =>
+            {
                 return Err(format!(
                     "database {name} cannot replay from base backup {} to its marker: {why}",
                     base.id
@@ -831,5 +846,102 @@ mod tests {
             details: BTreeMap::new(),
         };
         assert_eq!(marker_target(&exec), None);
+    }
+
+    /// A point waits out a gap that the next catalog reads no longer show (a listing
+    /// taken while the archiver replaced chunks), and fails on one that stays, naming
+    /// it.
+    #[tokio::test]
+    async fn a_gap_fails_a_point_only_once_it_stays() {
+        use crate::archive::{ChunkContent, ChunkKind, NewChunk};
+        use crate::pipeline::ArtifactInfo;
+        const SEGMENT: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&format!("file://{}", dir.path().display())).unwrap();
+        let archive = Archive::new(storage, PipelineSettings::default(), "app").unwrap();
+        let segment = |number: u64| {
+            let name = crate::archive::wal::Segment {
+                timeline: 1,
+                number,
+            }
+            .name(SEGMENT);
+            NewChunk {
+                name,
+                kind: ChunkKind::PgWalSegment,
+                timeline: Some(1),
+                start: Some(Position::Lsn(Lsn(number * SEGMENT))),
+                end: Some(Position::Lsn(Lsn((number + 1) * SEGMENT))),
+                segment_size: Some(SEGMENT),
+                details: BTreeMap::new(),
+            }
+        };
+        let bytes = || ChunkContent::Bytes(vec![0u8; 16].into());
+        for number in [2, 4] {
+            archive.push(segment(number), bytes()).await.unwrap();
+        }
+        let entry = PointDatabase {
+            name: "app".to_owned(),
+            role: None,
+            adapter: "postgres".to_owned(),
+            marker: CutMarker {
+                kind: "postgres-restore-point".to_owned(),
+                details: BTreeMap::from([("lsn".to_owned(), format!("{}", Lsn(4 * SEGMENT + 8)))]),
+            },
+            target: None,
+            base: None,
+            row_counts: None,
+        };
+        let base = BaseRecord {
+            format: 1,
+            id: "base".to_owned(),
+            database: "app".to_owned(),
+            adapter: "postgres".to_owned(),
+            kind: "pg_basebackup_tar".to_owned(),
+            start: Position::Lsn(Lsn(2 * SEGMENT)),
+            end: Position::Lsn(Lsn(2 * SEGMENT + 8)),
+            timeline: Some(1),
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            artifact: ArtifactInfo {
+                path: "bases/app/base/base.tar".to_owned(),
+                size: 0,
+                stored_size: 0,
+                blake3: String::new(),
+                compression: None,
+                encryption: None,
+            },
+            details: BTreeMap::new(),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+
+        // Segment 3 arrives while the point reads the catalog: no failure.
+        let healing = {
+            let archive = archive.clone();
+            async move {
+                tokio::time::sleep(ARCHIVE_POLL / 2).await;
+                archive.push(segment(3), bytes()).await.unwrap();
+            }
+        };
+        let (waited, ()) = tokio::join!(
+            restorable(&entry, &archive, std::slice::from_ref(&base), deadline),
+            healing
+        );
+        waited.unwrap();
+
+        // Gone again, for good: the point fails well before its deadline, naming it.
+        let catalog = archive.catalog().await.unwrap();
+        let third = catalog.chunk(&segment(3).name).unwrap().clone();
+        archive.remove(&third).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let failed = restorable(&entry, &archive, std::slice::from_ref(&base), deadline)
+            .await
+            .unwrap_err();
+        assert!(failed.contains("has a gap"), "{failed}");
+        assert!(failed.contains(&segment(2).name), "{failed}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

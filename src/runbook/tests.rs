@@ -410,7 +410,7 @@ url = "file:///tmp/backups"
 "#;
     let runbook = parse(postgres).unwrap();
     assert!(runbook.databases[0].archive);
-    assert_eq!(runbook.archive.partial_interval, Duration::from_secs(1));
+    assert_eq!(runbook.archive.partial_interval, Duration::from_millis(200));
     assert!(runbook.spool_root().ends_with("stillpoint-archive/c"));
 
     let tuned =

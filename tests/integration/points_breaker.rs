@@ -651,3 +651,64 @@ fn a_point_stopped_by_sigterm_in_its_pause_releases_and_says_so() {
 
     setup.point();
 }
+
+/// Two operators take a point of one cluster at the same moment (two `stillpoint
+/// point` processes, each holding its pause 300 ms so they overlap). A node takes a
+/// pause from one coordinator at a time, so each point either commits or fails as a
+/// pause failure (exit 3) naming the pause that holds the node; none leaves the
+/// cluster paused, and every point listed afterwards verifies.
+#[test]
+fn two_points_at_once_commit_or_name_the_other_pause_and_leave_the_cluster_running() {
+    let setup = Setup::start_with("min_window = \"300ms\"");
+    let nodes = setup.nodes();
+    let spawn = || {
+        Command::new(bin("stillpoint"))
+            .args(["point", "--config", setup.config(), "--wait", "60s"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (spawn(), spawn());
+    let outputs = [
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    ];
+    let committed = outputs
+        .iter()
+        .filter(|output| output.status.success())
+        .count();
+    assert!(
+        committed >= 1,
+        "neither point committed: {} / {}",
+        stderr(&outputs[0]),
+        stderr(&outputs[1])
+    );
+    for failed in outputs.iter().filter(|output| !output.status.success()) {
+        let message = stderr(failed);
+        assert_eq!(failed.status.code(), Some(3), "{message}");
+        assert!(
+            message.contains("paused by"),
+            "the other pause is named: {message}"
+        );
+    }
+    assert!(
+        crate::util::paused_flags(&nodes)
+            .iter()
+            .all(|paused| !paused),
+        "the cluster was left paused"
+    );
+    let output = setup.stillpoint(&["verify", "--config", setup.config(), "--output", "json"]);
+    assert!(output.status.success(), "verify: {}", stderr(&output));
+    let verified: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        verified["points"].as_array().map(Vec::len),
+        Some(committed),
+        "every committed point is listed and verifies: {verified}"
+    );
+    for output in &outputs {
+        eprintln!("{}", stderr(output));
+    }
+    eprintln!("{committed} of 2 points committed");
+}
