@@ -698,7 +698,42 @@ async fn extract_base(
         .arg("--no-same-owner")
         .arg("--directory")
         .arg(data_dir);
-    process::run_with_stdin(tar, "tar", stream, false).await
+    process::run_with_stdin(tar, "tar", stream, false)
+        .await
+        .map_err(|error| tar_failure(&error, data_dir))
+}
+
+/// How many lines of tar's complaint an extraction error keeps.
+const TAR_ERROR_LINES: usize = 4;
+
+/// tar's failure, short: tar goes on after a write fails, one line per file, so a full
+/// or read-only target gave thousands of lines. The first few say why; the target and
+/// the fix are named when the cause is the target's disk.
+fn tar_failure(error: &str, data_dir: &Path) -> String {
+    let mut lines = error.lines();
+    let mut message = lines
+        .by_ref()
+        .take(TAR_ERROR_LINES)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let more = lines.count();
+    if more > 0 {
+        message.push_str(&format!("\n(and {more} more line(s) from tar)"));
+    }
+    let cause = if error.contains("No space left on device") {
+        Some("is full")
+    } else if error.contains("Read-only file system") {
+        Some("is on a read-only file system")
+    } else {
+        None
+    };
+    if let Some(cause) = cause {
+        message.push_str(&format!(
+            "\nthe target {} {cause}: free space there or give another --to",
+            data_dir.display()
+        ));
+    }
+    message
 }
 
 /// The WAL segment files replay reads, in order, each with the chunks that fill it
@@ -1265,6 +1300,31 @@ mod tests {
                 ("000000010000000000000004", 1)
             ]
         );
+    }
+
+    #[test]
+    fn a_tar_flood_on_a_full_target_is_cut_short_and_names_the_target() {
+        let mut error =
+            String::from("tar exited with status 2: tar: base/1/1: Wrote only 512 of 10240 bytes");
+        for file in 0..500 {
+            error.push_str(&format!(
+                "\ntar: base/1/{file}: Cannot write: No space left on device"
+            ));
+        }
+        let message = tar_failure(&error, Path::new("/srv/restore/ledger"));
+        assert_eq!(message.lines().count(), TAR_ERROR_LINES + 2, "{message}");
+        assert!(
+            message.contains("(and 497 more line(s) from tar)"),
+            "{message}"
+        );
+        assert!(
+            message.contains("the target /srv/restore/ledger is full"),
+            "{message}"
+        );
+        // Control: a short complaint about the base itself is kept whole, with no
+        // word about the target.
+        let damaged = "tar exited with status 2: tar: Unexpected EOF in archive";
+        assert_eq!(tar_failure(damaged, Path::new("/srv/x")), damaged);
     }
 
     #[test]

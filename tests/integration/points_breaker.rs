@@ -712,3 +712,86 @@ fn two_points_at_once_commit_or_name_the_other_pause_and_leave_the_cluster_runni
     }
     eprintln!("{committed} of 2 points committed");
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(dir: PathBuf, options: &str) -> Mount {
+        std::fs::create_dir_all(&dir).unwrap();
+        let output = sys(
+            "mount",
+            &["-t", "tmpfs", "-o", options, "tmpfs", dir.to_str().unwrap()],
+        );
+        assert!(
+            output.status.success(),
+            "mount (the test runs as root): {}",
+            stderr(&output)
+        );
+        Mount(dir)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = sys("umount", &[self.0.to_str().unwrap()]);
+    }
+}
+
+/// `restore --point` into a target on a full disk (a 3 MiB tmpfs) and on a read-only
+/// one: the error is a few lines that name the target and why (full; read-only), and
+/// nothing is left there. Defect: the error was tar's complaint about every file of
+/// the base, thousands of lines ("tar: base/5/2655: Cannot write: No space left on
+/// device" …), with the target named nowhere. Control: the same restore into a
+/// directory with room succeeds.
+#[test]
+fn a_point_restore_onto_a_full_or_read_only_disk_says_so_in_a_few_lines() {
+    let setup = Setup::start();
+    setup.point();
+    let restore = |target: &Path| {
+        setup.stillpoint(&[
+            "restore",
+            "--point",
+            "latest",
+            "--config",
+            setup.config(),
+            "--database",
+            "ledger",
+            "--to",
+            target.to_str().unwrap(),
+        ])
+    };
+    let full = Mount::tmpfs(setup.path("full"), "size=3m");
+    let ro = Mount::tmpfs(setup.path("ro"), "size=50m,ro");
+    for (target, cause) in [
+        (full.0.join("data"), "is full"),
+        (ro.0.clone(), "is on a read-only file system"),
+    ] {
+        let output = restore(&target);
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(6), "{message}");
+        assert!(
+            message.lines().count() <= 10,
+            "the error is {} lines: {message}",
+            message.lines().count()
+        );
+        assert!(
+            message.contains(&format!("the target {} {cause}", target.display())),
+            "{message}"
+        );
+        assert!(
+            !has_entries(&full.0) && !has_entries(&ro.0),
+            "a failed restore left files"
+        );
+    }
+
+    // Control: with room, the same restore succeeds.
+    let roomy = setup.path("roomy");
+    let output = restore(&roomy);
+    assert!(output.status.success(), "restore: {}", stderr(&output));
+    assert!(roomy.join("PG_VERSION").exists());
+}
+
+fn sys(program: &str, args: &[&str]) -> std::process::Output {
+    Command::new(program).args(args).output().unwrap()
+}
