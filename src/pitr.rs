@@ -1675,7 +1675,7 @@ impl ClaimedDir {
             .map_err(|error| PitrError::Setup(format!("opening {}: {error}", path.display())))?;
         let in_use = || {
             PitrError::Setup(format!(
-                "{} is in use by another stillpoint command (base-backup or pitr), which \
+                "{} is in use by another stillpoint command (base-backup, pitr or restore --point), which \
                  holds a lock on it; choose another directory, or wait for that one to \
                  finish",
                 path.display()

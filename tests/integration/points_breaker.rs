@@ -792,6 +792,72 @@ fn a_point_restore_onto_a_full_or_read_only_disk_says_so_in_a_few_lines() {
     assert!(roomy.join("PG_VERSION").exists());
 }
 
+/// Two `restore --point` into the same new target at once (an operator re-running a
+/// restore that seemed stuck): one restores, the other is refused (exit 6) naming the
+/// target and the command holding it, and leaves the winner's data directory whole.
+/// Defect: the refusal named "base-backup or pitr", not the `restore --point` that
+/// held the target. Control: the winner's data directory is whole (PG_VERSION, its
+/// configuration) and a third restore into it afterwards is refused as not empty.
+#[test]
+fn two_point_restores_into_one_target_one_wins_the_other_names_it() {
+    let setup = Setup::start();
+    setup.point();
+    let target = setup.path("same");
+    let spawn = || {
+        let child = Command::new(bin("stillpoint"))
+            .args(["restore", "--point", "latest", "--config", setup.config()])
+            .args(["--database", "ledger", "--to", target.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Process::new(child, "stillpoint restore --point".to_owned())
+    };
+    let (first, second) = (spawn(), spawn());
+    let outputs = [
+        first.wait_output(Duration::from_secs(120)),
+        second.wait_output(Duration::from_secs(120)),
+    ];
+    let (won, lost): (Vec<_>, Vec<_>) = outputs.iter().partition(|output| output.status.success());
+    assert_eq!(
+        (won.len(), lost.len()),
+        (1, 1),
+        "{:?}",
+        outputs.iter().map(stderr).collect::<Vec<_>>()
+    );
+    let message = stderr(lost[0]);
+    assert_eq!(lost[0].status.code(), Some(6), "{message}");
+    assert!(
+        message.contains(&format!("{} is in use", target.display()))
+            && message.contains("restore --point"),
+        "{message}"
+    );
+    assert!(target.join("PG_VERSION").exists());
+    assert!(target.join("stillpoint-pitr.conf").exists());
+
+    // Control: once restored, the target is no longer the new directory a restore needs.
+    let output = setup.stillpoint(&[
+        "restore",
+        "--point",
+        "latest",
+        "--config",
+        setup.config(),
+        "--database",
+        "ledger",
+        "--to",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(6), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("is not empty"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(target.join("PG_VERSION").exists());
+}
+
+/// A system program run to its end (`util::run` runs our own binaries only).
 fn sys(program: &str, args: &[&str]) -> std::process::Output {
     Command::new(program).args(args).output().unwrap()
 }
