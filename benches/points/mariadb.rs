@@ -184,7 +184,12 @@ pub fn compare(runtime: &tokio::runtime::Runtime, rows: u64, runs: usize) -> Mar
 /// Rows of the ledger table on the scratch server at `socket`.
 fn count_rows(bin_dir: &Path, socket: &Path) -> String {
     let output = Command::new(bin_dir.join("mariadb"))
-        .args(["--no-defaults", "--batch", "--skip-column-names", "--user=root"])
+        .args([
+            "--no-defaults",
+            "--batch",
+            "--skip-column-names",
+            "--user=root",
+        ])
         .arg(format!("--socket={}", socket.display()))
         .args(["-e", "SELECT count(*) FROM auditor.ledger"])
         .stderr(Stdio::inherit())

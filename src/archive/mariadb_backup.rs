@@ -210,9 +210,7 @@ pub async fn base_backup(
 /// server on another host), or its listing or InnoDB's system tablespace cannot be
 /// opened (another user's files).
 fn check_readable(dir: &Path) -> Result<(), String> {
-    std::fs::read_dir(dir)
-        .map_err(|e| format!("this host cannot list it ({e})"))?
-        .next();
+    std::fs::read_dir(dir).map_err(|e| format!("this host cannot list it ({e})"))?;
     let ibdata = dir.join("ibdata1");
     std::fs::File::open(&ibdata)
         .map(drop)

@@ -619,7 +619,9 @@ impl HeldMariadb {
     /// Shuts the server down cleanly; the directory stays when `keep` (and the
     /// shutdown worked), and is removed otherwise.
     async fn stop(self, keep: bool) -> Result<(), String> {
-        let HeldMariadb { server, mut dir, .. } = self;
+        let HeldMariadb {
+            server, mut dir, ..
+        } = self;
         let data_dir = server.data_dir().to_owned();
         server.stop().await.map_err(|why| {
             format!(

@@ -424,17 +424,25 @@ fn points_of_postgres_and_mariadb_restore_exactly_their_cut_and_refuse_a_missing
         .unwrap();
     let expected = points[1]["databases"][1]["row_counts"].as_object().unwrap();
     for (table, rows) in expected {
-        let counted = setup.runtime.block_on(count_rows(&server.url("auditor"), table));
-        assert_eq!(counted, rows.as_u64().unwrap(), "{table} in the restored auditor");
+        let counted = setup
+            .runtime
+            .block_on(count_rows(&server.url("auditor"), table));
+        assert_eq!(
+            counted,
+            rows.as_u64().unwrap(),
+            "{table} in the restored auditor"
+        );
     }
     setup.runtime.block_on(server.stop()).unwrap();
 
     // Negative control: the auditor's base damaged (one byte of its stored artifact):
     // the restore is refused naming the base, before anything is written.
     let auditor_base_id = points[2]["databases"][1]["base"]["id"].as_str().unwrap();
-    let artifact = setup.dir.path().join("storage").join(
-        auditor_base["artifact"]["path"].as_str().unwrap(),
-    );
+    let artifact = setup
+        .dir
+        .path()
+        .join("storage")
+        .join(auditor_base["artifact"]["path"].as_str().unwrap());
     assert_eq!(auditor_base["id"], auditor_base_id);
     let original = std::fs::read(&artifact).unwrap();
     let mut damaged = original.clone();
@@ -603,7 +611,13 @@ fn a_point_restores_mariadb_from_a_dump_base_into_a_new_database() {
     let id = point["point_id"].as_str().unwrap();
 
     let (code, drill) = setup.stillpoint(&[
-        "drill", "--point", id, "--config", setup.config(), "--output", "json",
+        "drill",
+        "--point",
+        id,
+        "--config",
+        setup.config(),
+        "--output",
+        "json",
     ]);
     assert_eq!(code, 0, "drill: {drill}");
     for name in ["ledger_node_check", "row_counts:auditor"] {
