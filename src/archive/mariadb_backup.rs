@@ -229,8 +229,13 @@ fn defaults_file(dir: &Path, password: Option<&str>) -> std::io::Result<PathBuf>
         .mode(0o600)
         .open(&path)?;
     if let Some(password) = password {
-        // Option-file values in double quotes take \\ and \" escapes.
-        let quoted = password.replace('\\', "\\\\").replace('"', "\\\"");
+        // An option-file value in double quotes keeps `#` and spaces, and reads the
+        // escapes \\, \", \n and \r (the file is line-based).
+        let quoted = password
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+            .replace('\r', "\\r");
         for group in ["client", "mariadb-backup"] {
             writeln!(file, "[{group}]\npassword=\"{quoted}\"")?;
         }

@@ -676,11 +676,24 @@ fn a_point_restores_mariadb_from_a_dump_base_into_a_new_database() {
 /// mariadb-backup reads the server's files: where this host cannot read the data
 /// directory (here: the server's directory moved away under it, as a remote
 /// server's path is absent here), base-backup says so and names both fixes, and
-/// keeps nothing. Control: the same command with the directory back takes a base.
+/// keeps nothing. Control: the same command with the directory back takes a base,
+/// as a user with only mariadb-backup's privileges and a password that quoting
+/// would break (it reaches mariadb-backup in a defaults file).
 #[test]
 fn a_mariadb_base_backup_names_a_data_directory_it_cannot_read() {
     let mariadb = MariaDb::start();
     mariadb.create_database("auditor");
+    // In SQL, \\ is one backslash: the password is p"w\d #1.
+    mariadb.sql(
+        "",
+        r#"CREATE USER 'backup'@'%' IDENTIFIED BY 'p"w\\d #1';
+           GRANT RELOAD, PROCESS, LOCK TABLES, BINLOG MONITOR ON *.* TO 'backup'@'%';
+           GRANT SELECT ON auditor.* TO 'backup'@'%';"#,
+    );
+    let url = format!(
+        "mysql://backup:p%22w%5Cd%20%231@127.0.0.1:{}/auditor",
+        mariadb.port()
+    );
     let dir = tempfile::tempdir().unwrap();
     let runbook = dir.path().join("runbook.toml");
     std::fs::write(
@@ -699,7 +712,6 @@ archive = true
 [storage]
 url = "file://{storage}"
 "#,
-            url = mariadb.url("auditor"),
             bin = mariadb.bin_dir().display(),
             storage = dir.path().join("storage").display(),
         ),
