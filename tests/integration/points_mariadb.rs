@@ -1,14 +1,18 @@
 //! Points across both adapters, as an operator runs them: a ledger cluster whose
 //! ledger database is on PostgreSQL and whose auditor database is on MariaDB, both
 //! archived by one `stillpoint archive` (WAL and binlog), a base backup of each
-//! into the storage, points under load, then points drilled into a fresh scratch
-//! server (PostgreSQL) and a scratch database (MariaDB) that must pass `ledger-node
-//! check` (ledger = auditor across the two) and hold exactly the rows counted inside
-//! each point's pause. Both restored with `restore --point` (a data directory and a
-//! new database).
-//! Negative control: a binlog chunk the newest point needs deleted makes `restore
-//! --point` (and `drill --point`) refuse before writing anything, naming the chunk,
-//! and `verify` name the gap.
+//! into the storage (the auditor's by mariadb-backup, the default), points under
+//! load, then points drilled into fresh scratch servers (a PostgreSQL one and a
+//! MariaDB one on the restored data directory) that must pass `ledger-node check`
+//! (ledger = auditor across the two) and hold exactly the rows counted inside each
+//! point's pause. Both restored with `restore --point` into data directories; the
+//! auditor's is started and its rows counted again.
+//! Negative controls: a database URL for a mariadb-backup base, a damaged base, and
+//! a binlog chunk the newest point needs deleted each make `restore --point` refuse
+//! before writing anything, naming what is wrong (the chunk also for `drill --point`
+//! and `verify`); an interrupted restore removes its directory.
+//! The dump base (`base_method = "dump"`) restores into a new database; a data
+//! directory the host cannot read makes `base-backup` name both fixes.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -381,6 +385,48 @@ fn points_of_postgres_and_mariadb_restore_exactly_their_cut_and_refuse_a_missing
     );
     assert!(!ledger_unwritten.exists(), "nothing may be written");
     assert_eq!(setup.tables("auditor_refused_url").trim(), "0");
+
+    // Interrupted (SIGINT) once the auditor's data directory is being written, the
+    // restore stops its scratch server and removes the directory.
+    let interrupted = setup.dir.path().join("interrupted");
+    let child = Command::new(bin("stillpoint"))
+        .args([
+            "restore",
+            "--point",
+            points[1]["point_id"].as_str().unwrap(),
+        ])
+        .args(["--config", setup.config(), "--database", "auditor"])
+        .args(["--to", interrupted.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut restore = Process::new(child, "stillpoint restore --point".to_owned());
+    wait_until(
+        Duration::from_secs(120),
+        "the data directory to be written",
+        || {
+            assert!(
+                !restore.has_exited(),
+                "the restore ended before it was interrupted"
+            );
+            std::fs::read_dir(&interrupted).is_ok_and(|mut entries| entries.next().is_some())
+        },
+    );
+    restore.signal("INT");
+    let output = restore.wait_output(Duration::from_secs(60));
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{message}");
+    assert!(
+        message.contains("interrupted")
+            && message.contains(&format!("{} removed", interrupted.display())),
+        "{message}"
+    );
+    assert!(
+        !interrupted.exists(),
+        "an interrupted restore left its directory"
+    );
 
     // `restore --point` of both databases into new data directories (one plain --to:
     // DIR/<database> each): the auditor's base extracted and prepared, a server
