@@ -1268,7 +1268,8 @@ pub async fn restore_base(
         return Err(ArchiveError::Settings {
             database: record.database.clone(),
             message: format!(
-                "base {} is a mariadb-backup copy of the whole server: it restores into a                  new data directory, not into a database",
+                "base {} is a mariadb-backup copy of the whole server: it restores into a \
+                 new data directory, not into a database",
                 record.id
             ),
         });
