@@ -13,7 +13,8 @@
 //!   streamer and what it wrote removed.
 //! - [`recover`]: refuses a base backup that starts after the cut (it already holds
 //!   later commits, which no target can take back); copies the base backup into a
-//!   scratch data directory without the source's lock file (`postmaster.pid`), and
+//!   scratch data directory without the source's lock file (`postmaster.pid`) (or has
+//!   the caller extract it there: [`BaseBackup::Extract`]), and
 //!   starts a throwaway server there on a configuration of its own
 //!   (`stillpoint-pitr.conf`: the base backup's postgresql.conf when it has one, then
 //!   ours; our own pg_hba.conf), with `recovery.signal` and the target. It listens on
@@ -21,7 +22,9 @@
 //!   to it: nothing else can answer there. Archiving is off so it can never write into
 //!   the source's archive. It waits until the server has replayed to the target and
 //!   promoted, checks the rows per table against those counted at the cut, and reports
-//!   the state with a content hash. The server is stopped through the process we
+//!   the state, with a content hash when asked (every table read back). WAL comes from
+//!   an archive directory, or from a [`spool`] the caller fills while replay runs
+//!   ([`WalArchive::Spool`]). The server is stopped through the process we
 //!   started (never a pid file we did not write), also when the caller cancels; the
 //!   data directory (made absolute, and locked so two recoveries cannot share it)
 //!   stays only if asked; one the operator made is emptied, not removed. PostgreSQL refuses to run as root, so a root
@@ -331,20 +334,86 @@ fn label_start_lsn(dir: &Path) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Work the caller hands recovery, run when recovery gets to it: extracting a base
+/// backup into the data directory, or feeding a WAL spool. An `Err` names what failed.
+pub type Job<'a> =
+    dyn Fn() -> futures::future::BoxFuture<'a, Result<(), String>> + Send + Sync + 'a;
+
+/// Where the base backup comes from.
+#[derive(Clone, Copy)]
+pub enum BaseBackup<'a> {
+    /// A plain-format base backup directory (from [`base_backup`] or pg_basebackup),
+    /// or a file-level copy or snapshot of a data directory: copied into the data
+    /// directory.
+    Dir(&'a Path),
+    /// `extract` writes the base backup straight into the data directory (claimed and
+    /// empty when it runs): a tar extracted once, no second copy. `name` names it.
+    Extract { name: &'a str, extract: &'a Job<'a> },
+}
+
+impl std::fmt::Debug for BaseBackup<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BaseBackup::Dir(dir) => f.debug_tuple("Dir").field(dir).finish(),
+            BaseBackup::Extract { name, .. } => {
+                f.debug_struct("Extract").field("name", name).finish()
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for BaseBackup<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BaseBackup::Dir(dir) => write!(f, "{}", dir.display()),
+            BaseBackup::Extract { name, .. } => write!(f, "{name}"),
+        }
+    }
+}
+
+/// Where restore_command finds the WAL.
+#[derive(Clone, Copy)]
+pub enum WalArchive<'a> {
+    /// A directory holding the segments (`archive_command`'s copies): `cp` from it.
+    Dir(&'a Path),
+    /// A [`spool::Spool`] that `feed` fills while the base is put in place and the
+    /// server replays; restore_command waits there for each segment. A failed feed
+    /// fails the recovery.
+    Spool {
+        spool: &'a spool::Spool,
+        feed: &'a Job<'a>,
+    },
+}
+
+impl WalArchive<'_> {
+    fn dir(&self) -> &Path {
+        match self {
+            WalArchive::Dir(dir) => dir,
+            WalArchive::Spool { spool, .. } => spool.dir(),
+        }
+    }
+}
+
+impl std::fmt::Debug for WalArchive<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WalArchive::Dir(dir) => f.debug_tuple("Dir").field(dir).finish(),
+            WalArchive::Spool { spool, .. } => f.debug_tuple("Spool").field(spool).finish(),
+        }
+    }
+}
+
 /// What [`recover`] needs.
 #[derive(Debug, Clone)]
-pub struct Recovery<'a> {
+pub struct Recovery<'a, 'j> {
     /// The source database's config: its URL names the database and user to read
     /// back, its `bin_dir` where `postgres` lives.
     pub config: &'a PostgresConfig,
     /// The database's entry in the backup's manifest: its cut LSN bounds the base
     /// backup, its row counts are what the recovered state must hold.
     pub entry: &'a DatabaseEntry,
-    /// A plain-format base backup directory (from [`base_backup`] or pg_basebackup),
-    /// or a file-level copy or snapshot of a data directory.
-    pub base_backup: &'a Path,
-    /// The directory PostgreSQL's `archive_command` copies WAL segments into.
-    pub wal_archive: &'a Path,
+    pub base_backup: BaseBackup<'j>,
+    pub wal_archive: WalArchive<'j>,
     /// The scratch data directory (must be empty or absent; a relative path is taken
     /// from the working directory). It is locked while recovery uses it.
     pub data_dir: &'a Path,
@@ -362,6 +431,10 @@ pub struct Recovery<'a> {
     /// The system user to run the scratch server as (through `setpriv`), for a caller
     /// running as root: PostgreSQL refuses to run as root.
     pub run_as: Option<String>,
+    /// Read every table back for a [`ContentHash`] of the state reached (`pitr`, a
+    /// drill). A plain point restore does not: it only counts rows, when the cut has
+    /// counts to compare with.
+    pub content_hash: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -378,8 +451,11 @@ pub struct RecoveryReport {
     /// Whether the rows per table were compared with (and equal) those counted at the
     /// cut; false only for a manifest without row counts.
     pub row_counts_match_cut: bool,
+    /// Of `recovery_ms`: the base backup copied or extracted into the data directory.
+    pub base_ms: u64,
     pub recovery_ms: u64,
-    pub content: ContentHash,
+    /// `null` when the tables were not read back (`Recovery::content_hash` off).
+    pub content: Option<ContentHash>,
     /// The data directory, when kept.
     pub data_dir: Option<PathBuf>,
 }
@@ -402,7 +478,7 @@ pub struct TableHash {
 /// it reached. The scratch server is always stopped before this returns, also when
 /// `cancel` fires (then the error is [`PitrError::Cancelled`]).
 pub async fn recover(
-    request: Recovery<'_>,
+    request: Recovery<'_, '_>,
     cancel: &CancellationToken,
 ) -> Result<RecoveryReport, PitrError> {
     Ok(recover_held(request, cancel).await?.stop().await)
@@ -440,7 +516,7 @@ impl HeldRecovery {
 
 /// [`recover`], leaving the recovered server running: see [`HeldRecovery`].
 pub async fn recover_held(
-    request: Recovery<'_>,
+    request: Recovery<'_, '_>,
     cancel: &CancellationToken,
 ) -> Result<HeldRecovery, PitrError> {
     let started = Instant::now();
@@ -456,16 +532,20 @@ pub async fn recover_held(
     };
     for (what, path) in [
         ("scratch data directory", request.data_dir),
-        ("WAL archive", request.wal_archive),
+        ("WAL archive", request.wal_archive.dir()),
     ] {
         require_configurable(what, path)?;
     }
-    refuse_overlap(request.data_dir, request.base_backup, request.wal_archive)?;
-    let _reading = lock_for_reading(request.base_backup)?;
+    let base_dir = match request.base_backup {
+        BaseBackup::Dir(dir) => Some(dir),
+        BaseBackup::Extract { .. } => None,
+    };
+    refuse_overlap(request.data_dir, base_dir, request.wal_archive.dir())?;
+    let _reading = base_dir.map(lock_for_reading).transpose()?.flatten();
     // Claimed before anything is checked or written: whatever happens next, what we
     // wrote goes (unless kept) when this is dropped, after the server has been stopped.
     let dir = ClaimedDir::claim(request.data_dir, request.keep && request.keep_unfinished)?;
-    let base_start = check_inputs(&request).await?;
+    check_setup(&request)?;
     let mut scratch = Scratch {
         _dir: dir,
         server: None,
@@ -495,13 +575,14 @@ pub async fn recover_held(
     let url = socket_url(&request.config.url, request.data_dir, request.port)?;
     let report = RecoveryReport {
         target: request.target.clone(),
-        base_backup_start_lsn: format_lsn(base_start),
+        base_backup_start_lsn: format_lsn(reached.base_start),
         reached_lsn: reached.lsn,
         last_transaction_at_ms: reached.last_transaction_at_ms,
         last_transaction_date_time: reached
             .last_transaction_at_ms
             .map(|ms| Zone::UTC.format_ms(ms)),
         row_counts_match_cut: reached.row_counts_checked,
+        base_ms: reached.base_ms,
         recovery_ms: started.elapsed().as_millis() as u64,
         content: reached.content,
         data_dir: request.keep.then(|| request.data_dir.to_owned()),
@@ -575,9 +656,17 @@ fn require_configurable(what: &str, path: &Path) -> Result<(), PitrError> {
 /// archive nor around them: recovery would copy the base backup into itself, or write
 /// into what it reads from (a killed recovery left its half-copy inside the base
 /// backup, which the next recovery copied along).
-fn refuse_overlap(data_dir: &Path, base_backup: &Path, archive: &Path) -> Result<(), PitrError> {
+fn refuse_overlap(
+    data_dir: &Path,
+    base_backup: Option<&Path>,
+    archive: &Path,
+) -> Result<(), PitrError> {
     let scratch = resolve_existing_prefix(data_dir);
-    for (what, other) in [("base backup", base_backup), ("WAL archive", archive)] {
+    let inputs = base_backup
+        .map(|base| ("base backup", base))
+        .into_iter()
+        .chain([("WAL archive", archive)]);
+    for (what, other) in inputs {
         // A missing one is reported by the checks that read it.
         let Ok(other) = std::fs::canonicalize(other) else {
             continue;
@@ -612,29 +701,12 @@ fn resolve_existing_prefix(path: &Path) -> PathBuf {
     }
 }
 
-/// Everything that can be checked before a byte is copied; returns where replay of
-/// the base backup starts.
-async fn check_inputs(request: &Recovery<'_>) -> Result<u64, PitrError> {
-    let version =
-        std::fs::read_to_string(request.base_backup.join("PG_VERSION")).map_err(|_| {
-            PitrError::Setup(format!(
-                "{} is not a plain-format base backup (it has no PG_VERSION); take one with \
-             `stillpoint base-backup` or pg_basebackup --format=plain",
-                request.base_backup.display()
-            ))
-        })?;
-    let major: u32 = version.trim().parse().unwrap_or(0);
-    if major < 12 {
-        return Err(PitrError::Setup(format!(
-            "the base backup is PostgreSQL {}; point-in-time recovery here needs 12 or newer \
-             (recovery.signal)",
-            version.trim()
-        )));
-    }
-    if !request.wal_archive.is_dir() {
+/// What can be checked before the base backup is read.
+fn check_setup(request: &Recovery<'_, '_>) -> Result<(), PitrError> {
+    if !request.wal_archive.dir().is_dir() {
         return Err(PitrError::Setup(format!(
             "the WAL archive {} is not a directory",
-            request.wal_archive.display()
+            request.wal_archive.dir().display()
         )));
     }
     // The server's unix socket lives in the data directory; the kernel limits its path.
@@ -652,8 +724,28 @@ async fn check_inputs(request: &Recovery<'_>) -> Result<u64, PitrError> {
     // What recovery reads back: the user and database of the source's URL.
     ConnString::parse(&request.config.url)
         .map_err(|message| PitrError::Setup(format!("the database's URL: {message}")))?;
+    Ok(())
+}
 
-    let start = base_backup_start(request.config, request.base_backup).await?;
+/// The base backup at `base` (its directory, or the data directory it was extracted
+/// into), checked before the server starts on it; returns where its replay starts.
+async fn check_base(request: &Recovery<'_, '_>, base: &Path) -> Result<u64, PitrError> {
+    let version = std::fs::read_to_string(base.join("PG_VERSION")).map_err(|_| {
+        PitrError::Setup(format!(
+            "{} is not a plain-format base backup (it has no PG_VERSION); take one with \
+             `stillpoint base-backup` or pg_basebackup --format=plain",
+            request.base_backup
+        ))
+    })?;
+    let major: u32 = version.trim().parse().unwrap_or(0);
+    if major < 12 {
+        return Err(PitrError::Setup(format!(
+            "the base backup is PostgreSQL {}; point-in-time recovery here needs 12 or newer \
+             (recovery.signal)",
+            version.trim()
+        )));
+    }
+    let start = base_backup_start(request.config, base).await?;
     if let Some(cut) = request.entry.cut.details.get("lsn") {
         let cut_lsn = parse_lsn(cut).ok_or_else(|| {
             PitrError::Setup(format!("the manifest's cut LSN {cut:?} is not an LSN"))
@@ -663,7 +755,7 @@ async fn check_inputs(request: &Recovery<'_>) -> Result<u64, PitrError> {
                 "the base backup {} starts at WAL {}, after the backup's cut at {cut}: it \
                  already holds changes committed after the restore point, and no recovery \
                  target can take them back; use a base backup taken before the backup",
-                request.base_backup.display(),
+                request.base_backup,
                 format_lsn(start)
             )));
         }
@@ -727,21 +819,64 @@ struct Scratch {
 
 /// What recovery reached.
 struct Reached {
+    /// Where replay of the base backup started.
+    base_start: u64,
+    base_ms: u64,
     lsn: Option<String>,
     last_transaction_at_ms: Option<i64>,
-    content: ContentHash,
+    content: Option<ContentHash>,
     row_counts_checked: bool,
 }
 
-/// Copy, configure, start, wait for the promotion, read the state back. The caller
-/// stops the server.
-async fn replay(request: &Recovery<'_>, scratch: &mut Scratch) -> Result<Reached, PitrError> {
+/// [`replay_base`], with a WAL spool fed alongside: a feed that fails ends it.
+async fn replay(request: &Recovery<'_, '_>, scratch: &mut Scratch) -> Result<Reached, PitrError> {
+    let WalArchive::Spool { feed, .. } = request.wal_archive else {
+        return replay_base(request, scratch).await;
+    };
+    let replaying = replay_base(request, scratch);
+    tokio::pin!(replaying);
+    tokio::select! {
+        reached = &mut replaying => reached,
+        fed = feed() => match fed {
+            Ok(()) => replaying.await,
+            Err(message) => Err(PitrError::Recovery {
+                target: request.target.to_string(),
+                message: format!("feeding the WAL spool {}: {message}", request.wal_archive.dir().display()),
+            }),
+        },
+    }
+}
+
+/// Put the base in place, configure, start, wait for the promotion, read the state
+/// back. The caller stops the server.
+async fn replay_base(
+    request: &Recovery<'_, '_>,
+    scratch: &mut Scratch,
+) -> Result<Reached, PitrError> {
     let target_text = request.target.to_string();
     let fail = |message: String| PitrError::Recovery {
         target: target_text.clone(),
         message,
     };
-    copy_dir(request.base_backup, request.data_dir).await?;
+    let placing = Instant::now();
+    let base_start = match request.base_backup {
+        BaseBackup::Dir(dir) => {
+            let start = check_base(request, dir).await?;
+            copy_dir(dir, request.data_dir).await?;
+            start
+        }
+        BaseBackup::Extract { name, extract } => {
+            extract()
+                .await
+                .map_err(|why| PitrError::Setup(format!("extracting base backup {name}: {why}")))?;
+            set_private(request.data_dir)?;
+            check_base(request, request.data_dir).await?
+        }
+    };
+    // `--wal-method=none` leaves pg_wal empty, and a tar may leave it out.
+    std::fs::create_dir_all(request.data_dir.join("pg_wal"))
+        .map_err(|error| PitrError::Setup(format!("creating pg_wal: {error}")))?;
+    let base_ms = placing.elapsed().as_millis() as u64;
     let data_dir = std::fs::canonicalize(request.data_dir).map_err(|error| {
         PitrError::Setup(format!("resolving {}: {error}", request.data_dir.display()))
     })?;
@@ -760,14 +895,22 @@ async fn replay(request: &Recovery<'_>, scratch: &mut Scratch) -> Result<Reached
             _ => {}
         }
     }
-    relocate_tablespaces(request.base_backup, &data_dir).await?;
+    let base_dir = match request.base_backup {
+        BaseBackup::Dir(dir) => dir,
+        BaseBackup::Extract { .. } => &data_dir,
+    };
+    relocate_tablespaces(base_dir, &data_dir).await?;
     // restore_command runs in the data directory: a relative archive path would miss.
-    let archive = std::fs::canonicalize(request.wal_archive).map_err(|error| {
+    let archive = std::fs::canonicalize(request.wal_archive.dir()).map_err(|error| {
         PitrError::Setup(format!(
             "resolving {}: {error}",
-            request.wal_archive.display()
+            request.wal_archive.dir().display()
         ))
     })?;
+    let restore = match request.wal_archive {
+        WalArchive::Dir(_) => restore_command(&archive),
+        WalArchive::Spool { spool, .. } => spool.restore_command(),
+    };
     let scratch_config = ScratchConfig::new(request, &data_dir);
     scratch_config.write()?;
     std::fs::write(data_dir.join("recovery.signal"), b"")
@@ -785,7 +928,7 @@ async fn replay(request: &Recovery<'_>, scratch: &mut Scratch) -> Result<Reached
     command
         .arg("-D")
         .arg(&data_dir)
-        .args(scratch_config.args(request, &archive))
+        .args(scratch_config.args(request, &restore))
         // cp's messages in the log are read back to explain a failure.
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
@@ -811,15 +954,29 @@ async fn replay(request: &Recovery<'_>, scratch: &mut Scratch) -> Result<Reached
     wait_for_promotion(server, &probe, request.timeout, &explain)
         .await
         .map_err(&fail)?;
-    let (lsn, last_transaction_at_ms, content) = read_state(&probe).await.map_err(&fail)?;
-    let row_counts_checked = match &request.entry.row_counts {
-        Some(expected) => {
-            compare_with_cut(&content, expected).map_err(&fail)?;
+    let state = read_state(
+        &probe,
+        request.content_hash,
+        request.entry.row_counts.is_some(),
+    )
+    .await
+    .map_err(&fail)?;
+    let row_counts_checked = match (&request.entry.row_counts, &state.rows) {
+        (Some(expected), Some(rows)) => {
+            compare_with_cut(rows, expected).map_err(&fail)?;
             true
         }
-        None => false,
+        _ => false,
     };
+    let State {
+        lsn,
+        last_transaction_at_ms,
+        content,
+        ..
+    } = state;
     Ok(Reached {
+        base_start,
+        base_ms,
         lsn,
         last_transaction_at_ms,
         content,
@@ -828,24 +985,23 @@ async fn replay(request: &Recovery<'_>, scratch: &mut Scratch) -> Result<Reached
 }
 
 /// The rows per table of the recovered state against those counted at the cut.
-fn compare_with_cut(content: &ContentHash, expected: &BTreeMap<String, u64>) -> Result<(), String> {
+fn compare_with_cut(
+    found: &BTreeMap<String, u64>,
+    expected: &BTreeMap<String, u64>,
+) -> Result<(), String> {
     let mut differences = Vec::new();
     for (table, rows) in expected {
-        match content.tables.get(table) {
-            Some(hash) if hash.rows == *rows => {}
-            Some(hash) => differences.push(format!(
-                "{table} has {} rows, the cut had {rows}",
-                hash.rows
-            )),
+        match found.get(table) {
+            Some(found) if found == rows => {}
+            Some(found) => {
+                differences.push(format!("{table} has {found} rows, the cut had {rows}"))
+            }
             None => differences.push(format!("{table} is missing (the cut had {rows} rows)")),
         }
     }
-    for (table, hash) in &content.tables {
+    for (table, rows) in found {
         if !expected.contains_key(table) {
-            differences.push(format!(
-                "{table} ({} rows) did not exist at the cut",
-                hash.rows
-            ));
+            differences.push(format!("{table} ({rows} rows) did not exist at the cut"));
         }
     }
     if differences.is_empty() {
@@ -873,7 +1029,7 @@ struct ScratchConfig {
 }
 
 impl ScratchConfig {
-    fn new(request: &Recovery<'_>, data_dir: &Path) -> ScratchConfig {
+    fn new(request: &Recovery<'_, '_>, data_dir: &Path) -> ScratchConfig {
         let path = |name: &str| data_dir.join(name).display().to_string();
         let mut settings = vec![
             ("data_directory", data_dir.display().to_string()),
@@ -961,7 +1117,7 @@ impl ScratchConfig {
 
     /// `-c name=value` for every setting (values as they are: the command line is not
     /// parsed like a file), then the recovery settings.
-    fn args(&self, request: &Recovery<'_>, archive: &Path) -> Vec<String> {
+    fn args(&self, request: &Recovery<'_, '_>, restore_command: &str) -> Vec<String> {
         let mut settings: Vec<String> =
             vec![format!("config_file={}", self.config_file().display())];
         settings.extend(
@@ -969,7 +1125,7 @@ impl ScratchConfig {
                 .iter()
                 .map(|(name, value)| format!("{name}={value}")),
         );
-        settings.push(format!("restore_command={}", restore_command(archive)));
+        settings.push(format!("restore_command={restore_command}"));
         settings.push("recovery_target_action=promote".to_owned());
         let (ours, value) = match &request.target {
             Target::Name(name) => ("recovery_target_name", name.clone()),
@@ -1011,8 +1167,17 @@ fn config_quote(value: &str) -> String {
 /// `%f`, `%p` and `%%`: the archive path is quoted for `sh` (a `'` closes the quote,
 /// is escaped, and reopens it), and its own `%` signs are doubled.
 fn restore_command(archive: &Path) -> String {
-    let quoted = format!("'{}'", archive.display().to_string().replace('\'', "'\\''"));
-    format!("cp {}/%f \"%p\"", quoted.replace('%', "%%"))
+    format!("cp {}/%f \"%p\"", shell_path(archive))
+}
+
+/// A path quoted for `sh` inside restore_command (its `%` signs doubled).
+fn shell_path(path: &Path) -> String {
+    sh_quote(&path.display().to_string()).replace('%', "%%")
+}
+
+/// `text` single-quoted for `sh` (a `'` closes the quote, is escaped, and reopens it).
+fn sh_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
 }
 
 /// `2026-11-22 01:02:03.456+00`, which recovery_target_time reads exactly.
@@ -1332,9 +1497,22 @@ fn archived_segments(archive: &Path) -> Vec<String> {
     names
 }
 
-type State = (Option<String>, Option<i64>, ContentHash);
+/// The recovered server's state.
+struct State {
+    lsn: Option<String>,
+    last_transaction_at_ms: Option<i64>,
+    content: Option<ContentHash>,
+    /// Rows per table, when counted (or hashed).
+    rows: Option<BTreeMap<String, u64>>,
+}
 
-async fn read_state(probe: &tokio_postgres::Config) -> Result<State, String> {
+/// The replay position and last commit; with `hash`, the content hash (and the rows
+/// from it); else with `count`, the rows per table only.
+async fn read_state(
+    probe: &tokio_postgres::Config,
+    hash: bool,
+    count: bool,
+) -> Result<State, String> {
     let (client, connection) = probe
         .connect(tokio_postgres::NoTls)
         .await
@@ -1353,12 +1531,32 @@ async fn read_state(probe: &tokio_postgres::Config) -> Result<State, String> {
         )
         .await
         .map_err(|error| format!("reading the replay position: {error}"))?;
-    let content = content_hash_with(&client)
-        .await
-        .map_err(|error| format!("hashing the recovered database: {error}"))?;
+    let (content, rows) = if hash {
+        let content = content_hash_with(&client)
+            .await
+            .map_err(|error| format!("hashing the recovered database: {error}"))?;
+        let rows = content
+            .tables
+            .iter()
+            .map(|(table, hash)| (table.clone(), hash.rows))
+            .collect();
+        (Some(content), Some(rows))
+    } else if count {
+        let rows = row_counts_with(&client)
+            .await
+            .map_err(|error| format!("counting the recovered database's rows: {error}"))?;
+        (None, Some(rows))
+    } else {
+        (None, None)
+    };
     drop(client);
     let _ = driver.await;
-    Ok((row.get(0), row.get(1), content))
+    Ok(State {
+        lsn: row.get(0),
+        last_transaction_at_ms: row.get(1),
+        content,
+        rows,
+    })
 }
 
 /// The [`ContentHash`] of the PostgreSQL database `url` names: compare a recovered
@@ -1374,9 +1572,11 @@ pub async fn content_hash(url: &str) -> Result<ContentHash, String> {
     hash
 }
 
-async fn content_hash_with(
+/// The user tables, each named `schema.table` as the manifest's row counts name them,
+/// and quoted to query.
+async fn user_tables(
     client: &tokio_postgres::Client,
-) -> Result<ContentHash, tokio_postgres::Error> {
+) -> Result<Vec<(String, String)>, tokio_postgres::Error> {
     let tables = client
         .query(
             "SELECT n.nspname || '.' || c.relname, \
@@ -1387,12 +1587,29 @@ async fn content_hash_with(
             &[],
         )
         .await?;
+    Ok(tables.iter().map(|row| (row.get(0), row.get(1))).collect())
+}
+
+/// Rows per table: what comparing with the cut's counts needs, without hashing.
+async fn row_counts_with(
+    client: &tokio_postgres::Client,
+) -> Result<BTreeMap<String, u64>, tokio_postgres::Error> {
+    let mut rows = BTreeMap::new();
+    for (table, quoted) in user_tables(client).await? {
+        let row = client
+            .query_one(&format!("SELECT count(*) FROM {quoted}"), &[])
+            .await?;
+        rows.insert(table, row.get::<_, i64>(0) as u64);
+    }
+    Ok(rows)
+}
+
+async fn content_hash_with(
+    client: &tokio_postgres::Client,
+) -> Result<ContentHash, tokio_postgres::Error> {
     let mut hashes = BTreeMap::new();
     let mut digest = blake3::Hasher::new();
-    for row in tables {
-        // Named `schema.table` as the manifest's row counts name them; quoted to query.
-        let table: String = row.get(0);
-        let quoted: String = row.get(1);
+    for (table, quoted) in user_tables(client).await? {
         // Each row's text form, sorted: independent of physical order and of how the
         // rows got there (replayed WAL or a pg_restore).
         let row = client
@@ -1666,6 +1883,8 @@ pub(crate) fn tool(config: &PostgresConfig, name: &str) -> PathBuf {
         None => PathBuf::from(name),
     }
 }
+
+pub mod spool;
 
 #[cfg(test)]
 mod tests;

@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use stillpoint::adapters::{self, AdapterConfig, PostgresConfig};
 use stillpoint::catalog;
 use stillpoint::manifest::Manifest;
-use stillpoint::pitr::{self, PitrError, Recovery, TargetKind};
+use stillpoint::pitr::{self, BaseBackup, PitrError, Recovery, TargetKind, WalArchive};
 use stillpoint::restore::{self, RestoreError};
 use stillpoint::runbook::Runbook;
 use stillpoint::storage::Storage;
@@ -351,8 +351,8 @@ pub async fn pitr(args: PitrArgs) -> Result<u8, Failure> {
     let request = Recovery {
         config,
         entry,
-        base_backup: &args.base_backup,
-        wal_archive: &args.wal_archive,
+        base_backup: BaseBackup::Dir(&args.base_backup),
+        wal_archive: WalArchive::Dir(&args.wal_archive),
         data_dir: &data_dir,
         target,
         port,
@@ -363,6 +363,7 @@ pub async fn pitr(args: PitrArgs) -> Result<u8, Failure> {
             .run_as
             .clone()
             .or_else(|| pitr::running_as_root().then(|| "postgres".to_owned())),
+        content_hash: true,
     };
     // SIGINT/SIGTERM stop the scratch server and remove its directory before we exit.
     let outcome =
@@ -394,10 +395,12 @@ pub async fn pitr(args: PitrArgs) -> Result<u8, Failure> {
                 report.reached_lsn.as_deref().unwrap_or("?"),
                 report.last_transaction_date_time.as_deref().unwrap_or("-")
             );
-            for (table, hash) in &report.content.tables {
-                crate::outln!("  {table}: {} rows, md5 {}", hash.rows, hash.md5);
+            if let Some(content) = &report.content {
+                for (table, hash) in &content.tables {
+                    crate::outln!("  {table}: {} rows, md5 {}", hash.rows, hash.md5);
+                }
+                crate::outln!("  content digest {}", content.digest);
             }
-            crate::outln!("  content digest {}", report.content.digest);
             if let Some(dir) = &report.data_dir {
                 crate::outln!(
                     "  kept {} (stopped; start it with pg_ctl -D {} -o \"-c config_file={}\" \

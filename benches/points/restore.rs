@@ -103,11 +103,11 @@ pub struct Restores {
     /// Of which `stillpoint restore --point` alone.
     pub point_command: Vec<Duration>,
     /// Of which, from the command's report: finding and checking what the point
-    /// needs; extracting the base and writing the WAL; the recovery (the base copied
-    /// into the data directory, replay, every table read back, the server stopped).
+    /// needs; the recovery (the base extracted into the data directory, replay with
+    /// the WAL fed alongside, the server stopped), and of that the base's extraction.
     pub point_check: Vec<Duration>,
-    pub point_staging: Vec<Duration>,
     pub point_replay: Vec<Duration>,
+    pub point_base: Vec<Duration>,
     /// Redo alone, as each server logs it ("redo done at … elapsed: N s").
     pub point_redo: Vec<Duration>,
     pub pgbackrest_redo: Vec<Duration>,
@@ -154,7 +154,7 @@ pub fn compare(fixture: &Fixture, prepared: &Prepared, runs: usize) -> Restores 
                         Duration::from_millis(value.as_u64().unwrap_or_default())
                     };
                     restores.point_check.push(ms(&report["check_ms"]));
-                    restores.point_staging.push(ms(&report["staging_ms"]));
+                    restores.point_base.push(ms(&report["recovery"]["base_ms"]));
                     restores
                         .point_replay
                         .push(ms(&report["recovery"]["recovery_ms"]));
@@ -263,9 +263,9 @@ impl Restores {
              `stillpoint point` waited {wait:.1} s for the archive to reach the point.\n\n\
              | | time | of which |\n|---|---|---|\n\
              | `stillpoint restore --point` + server start | {point:.2} s | the command \
-             {point_command:.2} s (checks {point_check:.2} s, base and WAL staged \
-             {point_staging:.2} s, recovery {point_replay:.2} s: the base copied into the \
-             data directory, redo {point_redo:.2} s, every table read back, stop), start \
+             {point_command:.2} s (checks {point_check:.2} s, recovery {point_replay:.2} s: \
+             the base extracted into the data directory {point_base:.2} s, redo \
+             {point_redo:.2} s with the WAL read from the storage alongside, stop), start \
              {point_start:.2} s |\n\
              | `pgbackrest restore --type=name` + server start | {pgbackrest:.2} s \
              | the command {pgbackrest_command:.2} s (the base into the data directory), \
@@ -282,7 +282,7 @@ impl Restores {
             wait = prepared.point_wait_ms as f64 / 1000.0,
             point_command = seconds(&self.point_command),
             point_check = seconds(&self.point_check),
-            point_staging = seconds(&self.point_staging),
+            point_base = seconds(&self.point_base),
             point_replay = seconds(&self.point_replay),
             point_redo = seconds(&self.point_redo),
             pgbackrest_redo = seconds(&self.pgbackrest_redo),

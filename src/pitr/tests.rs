@@ -163,22 +163,11 @@ fn a_timeout_carries_the_log_tail_and_names_the_file_only_when_kept() {
     );
 }
 
-fn content(tables: &[(&str, u64)]) -> ContentHash {
-    ContentHash {
-        tables: tables
-            .iter()
-            .map(|(name, rows)| {
-                (
-                    (*name).to_owned(),
-                    TableHash {
-                        rows: *rows,
-                        md5: String::new(),
-                    },
-                )
-            })
-            .collect(),
-        digest: String::new(),
-    }
+fn content(tables: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    tables
+        .iter()
+        .map(|(name, rows)| ((*name).to_owned(), *rows))
+        .collect()
 }
 
 /// The reached state must have exactly the cut's rows per table; the negative
@@ -223,8 +212,8 @@ fn the_scratch_configuration_file_parses_back_and_keeps_the_source_apart() {
     let request = Recovery {
         config: &config,
         entry: &entry,
-        base_backup: dir.path(),
-        wal_archive: dir.path(),
+        base_backup: BaseBackup::Dir(dir.path()),
+        wal_archive: WalArchive::Dir(dir.path()),
         data_dir: &data_dir,
         target: Target::Lsn("0/3000000".to_owned()),
         port: 6543,
@@ -232,6 +221,7 @@ fn the_scratch_configuration_file_parses_back_and_keeps_the_source_apart() {
         keep: false,
         keep_unfinished: false,
         run_as: None,
+        content_hash: true,
     };
     let scratch = ScratchConfig::new(&request, &data_dir);
     scratch.write().unwrap();
@@ -250,7 +240,7 @@ fn the_scratch_configuration_file_parses_back_and_keeps_the_source_apart() {
             .collect::<Vec<_>>(),
         ["local all all trust"]
     );
-    let args = scratch.args(&request, dir.path());
+    let args = scratch.args(&request, &restore_command(dir.path()));
     assert!(args.contains(&"archive_mode=off".to_owned()));
     assert!(args.contains(&"recovery_target_lsn=0/3000000".to_owned()));
     assert!(args.contains(&format!(

@@ -1,11 +1,14 @@
 //! Restoring and drilling a point. For each database: what it needs (its base backup
 //! and every chunk from the base's start to the marker) is found and *checked first*,
-//! every stored artifact's checksum re-read, before anything is written; then the base
-//! tar is extracted and the chunks written as WAL files into a staging directory, and
-//! [`crate::pitr`]'s scratch server replays the base to the point's named restore
-//! point (`restore_command` copies from the staging directory: the WAL was already
-//! read back and checked). The rows per table are compared with the point's counts,
-//! when it has them.
+//! every stored artifact's checksum re-read, before anything is written; then
+//! [`crate::pitr`] claims the new data directory, the base tar is extracted straight
+//! into it (once: no staging copy), and its scratch server replays to the point's
+//! named restore point while the chunks are read back again and written, segment by
+//! segment in replay order, into a small WAL spool (`pitr::spool`: a bounded
+//! look-ahead, consumed segments removed) that `restore_command` waits on. Each chunk
+//! goes at its offset in its segment (`ChunkRecord::range`), the file padded to the
+//! segment's size. The rows per table are compared with the point's counts, when it
+//! has them; only a drill reads every table back for a content hash.
 //!
 //! `restore` leaves the recovered (stopped) data directory where asked; a drill keeps
 //! each recovered server running, reached through its unix socket, while the
@@ -31,6 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::join_all;
+use futures::{FutureExt as _, StreamExt as _};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
@@ -45,7 +49,10 @@ use crate::archive::{Archive, ChunkKind, ChunkRecord, Lsn, NotReached, Position,
 use crate::drill::CheckResult;
 use crate::manifest::DatabaseEntry;
 use crate::pipeline::{self, Decryption, PipelineSettings};
-use crate::pitr::{self, HeldRecovery, PitrError, Recovery, RecoveryReport, Target};
+use crate::pitr::spool::Spool;
+use crate::pitr::{
+    self, BaseBackup, HeldRecovery, PitrError, Recovery, RecoveryReport, Target, WalArchive,
+};
 use crate::runbook::Runbook;
 use crate::storage::Storage;
 use crate::time::unix_ms;
@@ -306,14 +313,18 @@ pub struct RestoreRequest<'a> {
     pub database: &'a str,
     /// Where the database goes.
     pub destination: Destination<'a>,
-    /// Where the base is extracted and the log written while replay runs (removed
-    /// afterwards); default: the system's temporary directory.
+    /// Where the WAL is spooled while replay runs (a few segments at a time; removed
+    /// afterwards), and a MariaDB binlog reassembled; default: the system's temporary
+    /// directory. A PostgreSQL base goes straight into its data directory.
     pub staging_in: Option<&'a Path>,
     pub port: u16,
     pub timeout: Duration,
     /// Keep the recovered (stopped) data directory.
     pub keep: bool,
     pub run_as: Option<String>,
+    /// PostgreSQL: read every table back for a content hash (a drill reports it); a
+    /// restore only counts rows, when the point has counts.
+    pub content_hash: bool,
 }
 
 /// Where a database of a point is restored.
@@ -348,7 +359,9 @@ pub struct PointRestoreReport {
     pub stored_bytes: u64,
     /// Finding and checking what the point needs.
     pub check_ms: u64,
-    /// Extracting the base and writing the WAL (PostgreSQL).
+    /// Before recovery starts (PostgreSQL): the WAL spool set up. The base is
+    /// extracted in the recovery (`recovery.base_ms`), the WAL written while it
+    /// replays.
     pub staging_ms: u64,
     /// PostgreSQL: the recovery to the named restore point.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -718,21 +731,41 @@ pub async fn restore_held(
     let check_ms = elapsed_ms(started);
     let staging_started = Instant::now();
     let staging = staging_dir(request.staging_in)?;
-    let (base_dir, wal_dir) = tokio::select! {
-        staged = stage(request.storage, request.settings, request.decryption, &needed, staging.path()) => staged?,
-        () = cancel.cancelled() => {
-            return Err(PointRestoreError::Recovery(PitrError::Cancelled(
-                "stopped while extracting the base backup; nothing was kept".to_owned(),
-            )));
-        }
-    };
+    let archive = Archive::new(
+        request.storage.clone(),
+        request.settings.clone(),
+        &needed.database,
+    )
+    .map_err(|error| PointRestoreError::Setup(error.to_string()))?;
+    let segments = wal_segments(&needed.chunks)?;
+    let spool = Spool::create(
+        &staging.path().join("wal"),
+        &needed
+            .others
+            .iter()
+            .map(|chunk| chunk.name.clone())
+            .collect::<Vec<_>>(),
+        segments.iter().map(|(name, _)| name.clone()).collect(),
+        request.run_as.as_deref(),
+    )
+    .await
+    .map_err(PointRestoreError::Staging)?;
     let staging_ms = elapsed_ms(staging_started);
+    let extract =
+        || extract_base(request.storage, request.decryption, &needed.base, data_dir).boxed();
+    let feed = || feed_spool(&archive, request.decryption, &needed, &segments, &spool).boxed();
     let entry = point_entry(request.point, request.database)?;
     let recovery = Recovery {
         config,
         entry: &entry,
-        base_backup: &base_dir,
-        wal_archive: &wal_dir,
+        base_backup: BaseBackup::Extract {
+            name: &needed.base.id,
+            extract: &extract,
+        },
+        wal_archive: WalArchive::Spool {
+            spool: &spool,
+            feed: &feed,
+        },
         data_dir,
         target: Target::Name(needed.restore_point.clone().unwrap_or_default()),
         port: request.port,
@@ -741,9 +774,11 @@ pub async fn restore_held(
         // A point restore's target is whole or gone.
         keep_unfinished: false,
         run_as: request.run_as.clone(),
+        content_hash: request.content_hash,
     };
     let held = pitr::recover_held(recovery, cancel).await?;
-    // Replay is over: the staging copy is no longer read.
+    // Replay is over: the spool is no longer read.
+    drop(spool);
     drop(staging);
     let report = PointRestoreReport {
         point_id: request.point.point_id.clone(),
@@ -839,91 +874,139 @@ fn staging_dir(within: Option<&Path>) -> Result<tempfile::TempDir, PointRestoreE
     Ok(dir)
 }
 
-/// The base extracted into `<staging>/base`, the WAL into `<staging>/wal` (a partial
-/// chunk padded to its segment's size, as `wal-fetch` serves it).
-async fn stage(
+/// The base backup's tar extracted into `data_dir` (claimed and empty: recovery runs
+/// this), straight from the storage.
+async fn extract_base(
     storage: &Storage,
-    settings: &PipelineSettings,
     decryption: &Decryption,
-    needed: &Needed,
-    staging: &Path,
-) -> Result<(PathBuf, PathBuf), PointRestoreError> {
-    let fail = |what: String| PointRestoreError::Staging(what);
-    let base_dir = staging.join("base");
-    let wal_dir = staging.join("wal");
-    for dir in [&base_dir, &wal_dir] {
-        std::fs::create_dir(dir)
-            .map_err(|error| fail(format!("creating {}: {error}", dir.display())))?;
-    }
-    let stream = pipeline::open(storage, &needed.base.artifact, decryption)
+    base: &BaseRecord,
+    data_dir: &Path,
+) -> Result<(), String> {
+    let stream = pipeline::open(storage, &base.artifact, decryption)
         .await
-        .map_err(|error| fail(format!("opening base backup {}: {error}", needed.base.id)))?;
+        .map_err(|error| format!("opening it: {error}"))?;
     let mut tar = Command::new("tar");
     tar.arg("--extract")
         .arg("--file=-")
         .arg("--no-same-owner")
         .arg("--directory")
-        .arg(&base_dir);
-    process::run_with_stdin(tar, "tar", stream, false)
-        .await
-        .map_err(|why| fail(format!("extracting base backup {}: {why}", needed.base.id)))?;
-    // `--wal-method=none` leaves pg_wal empty, and a tar may leave it out.
-    std::fs::create_dir_all(base_dir.join("pg_wal"))
-        .map_err(|error| fail(format!("creating pg_wal: {error}")))?;
-    let archive = Archive::new(storage.clone(), settings.clone(), &needed.database)
-        .map_err(|error| fail(error.to_string()))?;
-    for chunk in needed.chunks.iter().chain(&needed.others) {
-        let mut read = archive.read(chunk, decryption).await;
-        let mut source = chunk.clone();
-        if read.is_err()
-            && let Some(current) = crate::archive::postgres::superseding(&archive, chunk).await
-        {
-            read = archive.read(&current, decryption).await;
-            source = current;
-        }
-        let bytes = read.map_err(|error| fail(format!("reading chunk {}: {error}", chunk.name)))?;
-        let written = match source.kind {
-            // A piece of a growing segment goes to its place in the segment's file,
-            // the rest of which is zeros (what replay reads as the end of WAL).
-            ChunkKind::PgWalPartial => {
-                let (segment, from, _) =
-                    wal::parse_partial_chunk_name(&source.name).ok_or_else(|| {
-                        fail(format!("{} is not a partial chunk's name", source.name))
-                    })?;
-                let path = wal_dir.join(segment);
-                write_piece(&path, from, &bytes, source.segment_size)
-                    .map_err(|error| fail(format!("writing {}: {error}", path.display())))
-            }
-            _ => {
-                let path = wal_dir.join(&source.name);
-                std::fs::write(&path, &bytes)
-                    .map_err(|error| fail(format!("writing {}: {error}", path.display())))
-            }
-        };
-        written?;
-    }
-    Ok((base_dir, wal_dir))
+        .arg(data_dir);
+    process::run_with_stdin(tar, "tar", stream, false).await
 }
 
-/// `bytes` written at `offset` of the file at `path` (created if missing), which is
-/// then at least `segment_size` long.
-fn write_piece(
-    path: &Path,
-    offset: u64,
-    bytes: &[u8],
-    segment_size: Option<u64>,
-) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt as _;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)?;
-    file.write_all_at(bytes, offset)?;
-    let length = file.metadata()?.len();
-    if let Some(size) = segment_size.filter(|size| *size > length) {
-        file.set_len(size)?;
+/// The WAL segment files replay reads, in order, each with the chunks that fill it
+/// (a whole segment's one chunk, or the partial chunks, "pieces", of one).
+fn wal_segments(
+    chunks: &[ChunkRecord],
+) -> Result<Vec<(String, Vec<ChunkRecord>)>, PointRestoreError> {
+    let mut segments: Vec<(String, Vec<ChunkRecord>)> = Vec::new();
+    for chunk in chunks {
+        let segment = match chunk.kind {
+            ChunkKind::PgWalPartial => wal::parse_partial_chunk_name(&chunk.name)
+                .map(|(segment, _, _)| segment.to_owned())
+                .ok_or_else(|| {
+                    PointRestoreError::Staging(format!(
+                        "{} is not a partial chunk's name",
+                        chunk.name
+                    ))
+                })?,
+            _ => chunk.name.clone(),
+        };
+        match segments.last_mut() {
+            Some((last, pieces)) if *last == segment => pieces.push(chunk.clone()),
+            _ => segments.push((segment, vec![chunk.clone()])),
+        }
     }
+    Ok(segments)
+}
+
+/// Writes the timeline history files, then each WAL segment in replay order into the
+/// spool, while recovery replays from it: each chunk read back (its checksum again)
+/// and placed at its offset in its segment, the file padded to the segment's size (a
+/// partial chunk as `wal-fetch` serves it).
+async fn feed_spool(
+    archive: &Archive,
+    decryption: &Decryption,
+    needed: &Needed,
+    segments: &[(String, Vec<ChunkRecord>)],
+    spool: &Spool,
+) -> Result<(), String> {
+    for chunk in &needed.others {
+        let (_, bytes) = read_chunk(archive, decryption, chunk).await?;
+        spool.publish(&chunk.name, &bytes).await?;
+    }
+    // Two segments read at once (each chunk is decompressed on a worker thread of
+    // its own), published in order: replay on the other core must not outrun us.
+    let mut files = futures::stream::iter(0..segments.len())
+        .map(|index| async move {
+            let (segment, pieces) = &segments[index];
+            spool.wait_for_room(index).await;
+            let mut file = Vec::new();
+            for piece in pieces {
+                let (chunk, bytes) = read_chunk(archive, decryption, piece).await?;
+                place(&mut file, &chunk, &bytes)?;
+            }
+            Ok::<_, String>((segment, file))
+        })
+        .buffered(2);
+    while let Some(file) = files.next().await {
+        let (segment, file) = file?;
+        spool.publish(segment, &file).await?;
+    }
+    spool.finish().await
+}
+
+/// A chunk's bytes (checked against its record), or those of the chunk that
+/// superseded it since (a longer partial, the whole segment), with that chunk.
+async fn read_chunk(
+    archive: &Archive,
+    decryption: &Decryption,
+    chunk: &ChunkRecord,
+) -> Result<(ChunkRecord, Vec<u8>), String> {
+    let mut read = archive
+        .read(chunk, decryption)
+        .await
+        .map(|bytes| (chunk.clone(), bytes));
+    if read.is_err()
+        && let Some(current) = crate::archive::postgres::superseding(archive, chunk).await
+    {
+        read = archive
+            .read(&current, decryption)
+            .await
+            .map(|bytes| (current, bytes));
+    }
+    read.map_err(|error| format!("reading chunk {}: {error}", chunk.name))
+}
+
+/// Puts a WAL chunk's `bytes` into its segment's file at the chunk's offset in the
+/// segment (its start LSN less the segment's), padded to the segment's size: a chunk
+/// may hold any stretch `[from, to)` of its segment, not only its beginning.
+fn place(file: &mut Vec<u8>, chunk: &ChunkRecord, bytes: &[u8]) -> Result<(), String> {
+    let wrong = |why: &str| {
+        format!(
+            "chunk {} cannot be placed in its segment: {why}",
+            chunk.name
+        )
+    };
+    let (Some(size), Some(timeline), Some((start, end))) =
+        (chunk.segment_size, chunk.timeline, chunk.range())
+    else {
+        return Err(wrong("its record has no segment size, timeline or range"));
+    };
+    let (Some(start), Some(end)) = (start.lsn(), end.lsn()) else {
+        return Err(wrong("its range is not WAL positions"));
+    };
+    let segment_start = wal::Segment::containing(timeline, start, size).start(size);
+    let offset = start.0 - segment_start.0;
+    let length = end.0.checked_sub(start.0).unwrap_or(u64::MAX);
+    if length != bytes.len() as u64 || offset + length > size {
+        return Err(wrong(&format!(
+            "its range {start}..{end} holds {length} bytes of a {size}-byte segment, it has {}",
+            bytes.len()
+        )));
+    }
+    file.resize(size as usize, 0);
+    file[offset as usize..(offset + length) as usize].copy_from_slice(bytes);
     Ok(())
 }
 
@@ -1088,6 +1171,8 @@ pub async fn drill(
                     timeout: request.timeout,
                     keep: false,
                     run_as: request.run_as.clone(),
+                    // A drill reports what it restored by its content.
+                    content_hash: true,
                 };
                 match destination {
                     DrillDestination::Server { .. } => restore_held(restore, cancel)
@@ -1325,6 +1410,92 @@ mod tests {
         assert_eq!(
             missing_binlog(&gap(Position::Lsn(Lsn(1)), Position::Lsn(Lsn(2)))),
             None
+        );
+    }
+
+    const SEGMENT: u64 = 16 << 20;
+
+    /// A WAL chunk of segment 3 (timeline 1) holding `[from, to)` of it (offsets).
+    fn piece(from: u64, to: u64) -> ChunkRecord {
+        let segment = "000000010000000000000003";
+        let start = 3 * SEGMENT;
+        let whole = from == 0 && to == SEGMENT;
+        ChunkRecord {
+            format: 1,
+            database: "ledger".to_owned(),
+            name: if whole {
+                segment.to_owned()
+            } else {
+                wal::partial_chunk_name(segment, from, to)
+            },
+            kind: if whole {
+                ChunkKind::PgWalSegment
+            } else {
+                ChunkKind::PgWalPartial
+            },
+            timeline: Some(1),
+            start: Some(Position::Lsn(Lsn(start + from))),
+            end: Some(Position::Lsn(Lsn(start + to))),
+            segment_size: Some(SEGMENT),
+            size: to - from,
+            plaintext_blake3: String::new(),
+            artifact: crate::pipeline::ArtifactInfo {
+                path: String::new(),
+                size: 0,
+                stored_size: 0,
+                blake3: String::new(),
+                compression: None,
+                encryption: None,
+            },
+            archived_at_ms: 0,
+            details: BTreeMap::new(),
+        }
+    }
+
+    /// A chunk's bytes go at its range's offset in the segment, not at 0, and the
+    /// file is padded to the segment's size; pieces fill one file together. Negative
+    /// controls: bytes that do not fit the range, a range past the segment.
+    #[test]
+    fn chunks_are_placed_at_their_offset_in_their_segment() {
+        let mut file = Vec::new();
+        place(&mut file, &piece(0, 4096), &[1; 4096]).unwrap();
+        assert_eq!(file.len() as u64, SEGMENT);
+        place(&mut file, &piece(8192, 12288), &[2; 4096]).unwrap();
+        assert!(file[..4096].iter().all(|b| *b == 1));
+        assert!(file[4096..8192].iter().all(|b| *b == 0));
+        assert!(file[8192..12288].iter().all(|b| *b == 2));
+        assert!(file[12288..].iter().all(|b| *b == 0));
+
+        let mut whole = Vec::new();
+        place(&mut whole, &piece(0, SEGMENT), &vec![7; SEGMENT as usize]).unwrap();
+        assert!(whole.iter().all(|b| *b == 7));
+
+        let error = place(&mut Vec::new(), &piece(8192, 12288), &[2; 100]).unwrap_err();
+        assert!(error.contains("holds 4096 bytes"), "{error}");
+        let mut past = piece(8192, 12288);
+        past.end = Some(Position::Lsn(Lsn(5 * SEGMENT)));
+        assert!(place(&mut Vec::new(), &past, &[0; 4096]).is_err());
+    }
+
+    /// The chunks of one segment (a partial, or several pieces) make one file, in
+    /// replay order.
+    #[test]
+    fn chunks_are_grouped_into_segment_files_in_order() {
+        let mut next = piece(0, SEGMENT);
+        next.name = "000000010000000000000004".to_owned();
+        next.start = Some(Position::Lsn(Lsn(4 * SEGMENT)));
+        next.end = Some(Position::Lsn(Lsn(5 * SEGMENT)));
+        let segments = wal_segments(&[piece(0, 4096), piece(4096, 8192), next]).unwrap();
+        let names: Vec<(&str, usize)> = segments
+            .iter()
+            .map(|(name, pieces)| (name.as_str(), pieces.len()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("000000010000000000000003", 2),
+                ("000000010000000000000004", 1)
+            ]
         );
     }
 

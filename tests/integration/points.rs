@@ -348,6 +348,11 @@ fn points_under_load_restore_exactly_their_cut_and_refuse_missing_chunks() {
                 database["recovery"]["row_counts_match_cut"], true,
                 "{database}"
             );
+            // A drill reads every table back: its report has the content hash.
+            assert!(
+                database["recovery"]["content"]["digest"].is_string(),
+                "{database}"
+            );
         }
         ledger_rows.push(
             points[index]["databases"][0]["row_counts"]["public.ledger"]
@@ -379,6 +384,11 @@ fn points_under_load_restore_exactly_their_cut_and_refuse_missing_chunks() {
     assert_eq!(code, 0, "restore: {restore}");
     assert_eq!(
         restore["databases"][0]["recovery"]["row_counts_match_cut"], true,
+        "{restore}"
+    );
+    // A restore counts rows but does not hash the content, and says so (no zeros).
+    assert!(
+        restore["databases"][0]["recovery"]["content"].is_null(),
         "{restore}"
     );
     assert!(restored.join("PG_VERSION").exists());

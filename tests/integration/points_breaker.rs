@@ -150,66 +150,80 @@ fn has_entries(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
 }
 
-/// `restore --point` stopped by SIGINT while the base is copied into the target or
-/// replayed there: the half-written data directory is removed, not left at `--to`
-/// looking like a restore. Defect: it was kept ("the scratch server was stopped; …
-/// was kept"), holding part of the base. Control: the same restore left alone keeps
-/// a whole data directory.
+/// `restore --point` stopped by SIGINT while the base is extracted into the target,
+/// and again while the scratch server replays there (its restore_command waiting on
+/// the WAL spool): the half-written data directory is removed, not left at `--to`
+/// looking like a restore, and so is the staging directory (the WAL spool) under
+/// TMPDIR. Defect: it was kept ("the scratch server was stopped; … was kept"),
+/// holding part of the base. Control: the same restore left alone keeps a whole data
+/// directory, and its staging goes too.
 #[test]
 fn an_interrupted_point_restore_leaves_no_half_written_target() {
     let setup = Setup::start();
     setup.point();
-
-    let target = setup.path("interrupted");
-    let child = Command::new(bin("stillpoint"))
-        .args(["restore", "--point", "latest", "--config", setup.config()])
-        .args(["--database", "ledger", "--to", target.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut restore = Process::new(child, "stillpoint restore --point".to_owned());
-    // The target fills once staging is done: the base is being copied into it.
-    wait_until(Duration::from_secs(120), "the target to be written", || {
+    let staging = setup.path("tmp");
+    std::fs::create_dir(&staging).unwrap();
+    let restore = |target: &Path| {
+        Command::new(bin("stillpoint"))
+            .args(["restore", "--point", "latest", "--config", setup.config()])
+            .args(["--database", "ledger", "--to", target.to_str().unwrap()])
+            .env("TMPDIR", &staging)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let phases = [
+        "the base to be extracted into the target",
+        "the scratch server to replay",
+    ];
+    for (index, phase) in phases.into_iter().enumerate() {
+        let target = setup.path(&format!("interrupted-{index}"));
+        let mut restore = Process::new(restore(&target), "stillpoint restore --point".to_owned());
+        wait_until(Duration::from_secs(120), phase, || {
+            assert!(
+                !restore.has_exited(),
+                "the restore ended before it was interrupted ({phase})"
+            );
+            if index == 0 {
+                has_entries(&target)
+            } else {
+                // The server's log is made just before it starts on the data directory.
+                target.join("stillpoint-recovery.log").exists()
+            }
+        });
+        restore.signal("INT");
+        let output = restore.wait_output(Duration::from_secs(60));
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{phase}: {message}");
+        assert!(message.contains("interrupted"), "{phase}: {message}");
         assert!(
-            !restore.has_exited(),
-            "the restore ended before it was interrupted"
+            message.contains(&format!("{} removed", target.display())),
+            "the message says the target went ({phase}): {message}"
         );
-        has_entries(&target)
-    });
-    restore.signal("INT");
-    let output = restore.wait_output(Duration::from_secs(60));
-    let message = stderr(&output);
-    assert_eq!(output.status.code(), Some(1), "{message}");
-    assert!(message.contains("interrupted"), "{message}");
-    assert!(
-        message.contains(&format!("{} removed", target.display())),
-        "the message says the target went: {message}"
-    );
-    assert!(
-        !target.exists(),
-        "an interrupted restore left {} behind: {:?}",
-        target.display(),
-        std::fs::read_dir(&target).map(|entries| entries.count())
-    );
+        assert!(
+            !target.exists(),
+            "an interrupted restore ({phase}) left {} behind: {:?}",
+            target.display(),
+            std::fs::read_dir(&target).map(|entries| entries.count())
+        );
+        assert!(
+            !has_entries(&staging),
+            "an interrupted restore ({phase}) left its staging behind: {:?}",
+            std::fs::read_dir(&staging)
+                .map(|entries| entries.flatten().map(|e| e.path()).collect::<Vec<_>>())
+        );
+    }
 
     // Control: uninterrupted, the same restore keeps its target, whole.
     let whole = setup.path("whole");
-    let output = setup.stillpoint(&[
-        "restore",
-        "--point",
-        "latest",
-        "--config",
-        setup.config(),
-        "--database",
-        "ledger",
-        "--to",
-        whole.to_str().unwrap(),
-    ]);
+    let output = Process::new(restore(&whole), "stillpoint restore --point".to_owned())
+        .wait_output(Duration::from_secs(120));
     assert!(output.status.success(), "restore: {}", stderr(&output));
     assert!(whole.join("PG_VERSION").exists());
     assert!(whole.join("stillpoint-pitr.conf").exists());
+    assert!(!has_entries(&staging), "a restore left its staging behind");
 }
 
 /// `base-backup` while the archive holds no WAL (no archiver, or one started a moment

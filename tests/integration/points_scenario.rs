@@ -487,8 +487,8 @@ fn plain_pitr_control(scenario: &Scenario, point: &Value, base_dir: &Path, insta
         let recovery = Recovery {
             config: &ledger_config,
             entry: &entry,
-            base_backup: base_dir,
-            wal_archive: &wal_dir,
+            base_backup: pitr::BaseBackup::Dir(base_dir),
+            wal_archive: pitr::WalArchive::Dir(&wal_dir),
             data_dir: &scenario.dir.path().join(format!("pitr-{k}")),
             target: Target::Time(*instant),
             port: free_port(),
@@ -496,6 +496,7 @@ fn plain_pitr_control(scenario: &Scenario, point: &Value, base_dir: &Path, insta
             keep: false,
             keep_unfinished: false,
             run_as: pitr::running_as_root().then(|| "postgres".to_owned()),
+            content_hash: true,
         };
         let held = scenario
             .runtime
