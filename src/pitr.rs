@@ -1640,9 +1640,10 @@ async fn content_hash_with(
 /// required to be empty. When dropped, what was
 /// written is removed unless it is to be kept: the directory itself if the claim made
 /// it, only its contents if the operator did.
-struct ClaimedDir {
+pub(crate) struct ClaimedDir {
     path: PathBuf,
-    keep: bool,
+    /// Whether dropping leaves what was written (set once the work is whole).
+    pub(crate) keep: bool,
     created: bool,
     /// Holds the lock until the directory has been cleaned up (fields drop after
     /// `drop` has run).
@@ -1650,7 +1651,7 @@ struct ClaimedDir {
 }
 
 impl ClaimedDir {
-    fn claim(path: &Path, keep: bool) -> Result<ClaimedDir, PitrError> {
+    pub(crate) fn claim(path: &Path, keep: bool) -> Result<ClaimedDir, PitrError> {
         // Parents are made as `mkdir -p` (and pg_basebackup) would; only the directory
         // itself counts as made by the claim.
         if let Some(parent) = path

@@ -288,15 +288,6 @@ pub async fn restore_point(args: &RestoreArgs) -> Result<u8, Failure> {
         Some(name) => vec![name.clone()],
         None => point.databases.iter().map(|db| db.name.clone()).collect(),
     };
-    // Everything every database needs, checked before anything is written.
-    for name in &names {
-        let needed = point_restore::needs(&storage, &settings, &point, name)
-            .await
-            .map_err(|error| Failure::new(restore_code(&error), error))?;
-        point_restore::check(&storage, &point, &needed)
-            .await
-            .map_err(|error| Failure::new(restore_code(&error), error))?;
-    }
     let adapters: Vec<(String, String)> = names
         .iter()
         .map(|name| {
@@ -307,6 +298,18 @@ pub async fn restore_point(args: &RestoreArgs) -> Result<u8, Failure> {
         })
         .collect();
     let targets = point_targets(&adapters, &args.to).map_err(usage)?;
+    // Everything every database needs, checked before anything is written, and
+    // whether its base can go where it is sent.
+    for (name, target) in names.iter().zip(&targets) {
+        let needed = point_restore::needs(&storage, &settings, &point, name)
+            .await
+            .map_err(|error| Failure::new(restore_code(&error), error))?;
+        point_restore::check(&storage, &point, &needed)
+            .await
+            .map_err(|error| Failure::new(restore_code(&error), error))?;
+        point_restore::check_destination(&point, &needed, &target.destination())
+            .map_err(|error| Failure::new(restore_code(&error), error))?;
+    }
     let mut reports = Vec::new();
     for (name, target) in names.iter().zip(&targets) {
         if args.output == OutputFormat::Text {
@@ -333,10 +336,7 @@ pub async fn restore_point(args: &RestoreArgs) -> Result<u8, Failure> {
                 decryption: &decryption,
                 point: &point,
                 database: name,
-                destination: match target {
-                    PointTarget::DataDir(dir) => Destination::DataDir(dir),
-                    PointTarget::Database(url) => Destination::Database(url),
-                },
+                destination: target.destination(),
                 staging_in: None,
                 port,
                 timeout: args.timeout,
@@ -379,19 +379,29 @@ pub async fn restore_point(args: &RestoreArgs) -> Result<u8, Failure> {
                         data_dir.join("stillpoint-pitr.conf").display()
                     );
                 }
-                (_, Some(binlog), _) => crate::outln!(
-                    "restored {name} into {} from base backup {} + {} binlog chunk(s) to {} \
-                     (GTID {}) in {:.1}s (check {} ms, load and replay {} ms); rows per table \
-                     {rows}",
-                    binlog.target,
-                    report.base_id,
-                    binlog.replay.chunks.len(),
-                    binlog.replay.to,
-                    binlog.replay.gtid_binlog_pos.as_deref().unwrap_or("?"),
-                    report.total_ms as f64 / 1000.0,
-                    report.check_ms,
-                    binlog.replay_ms,
-                ),
+                (_, Some(binlog), _) => {
+                    crate::outln!(
+                        "restored {name} into {} from base backup {} + {} binlog chunk(s) to \
+                         {} (GTID {}) in {:.1}s (check {} ms, load and replay {} ms); rows per \
+                         table {rows}",
+                        binlog.target,
+                        report.base_id,
+                        binlog.replay.chunks.len(),
+                        binlog.replay.to,
+                        binlog.replay.gtid_binlog_pos.as_deref().unwrap_or("?"),
+                        report.total_ms as f64 / 1000.0,
+                        report.check_ms,
+                        binlog.replay_ms,
+                    );
+                    if let PointTarget::DataDir(data_dir) = target {
+                        crate::outln!(
+                            "  {} (stopped; a MariaDB data directory: start mariadbd \
+                             --datadir={} on it, or copy it where the database should run)",
+                            data_dir.display(),
+                            data_dir.display()
+                        );
+                    }
+                }
                 _ => crate::outln!("restored {name}"),
             }
         }
@@ -412,6 +422,15 @@ pub async fn restore_point(args: &RestoreArgs) -> Result<u8, Failure> {
 enum PointTarget {
     DataDir(PathBuf),
     Database(String),
+}
+
+impl PointTarget {
+    fn destination(&self) -> Destination<'_> {
+        match self {
+            PointTarget::DataDir(dir) => Destination::DataDir(dir),
+            PointTarget::Database(url) => Destination::Database(url),
+        }
+    }
 }
 
 /// Each database's target from the `--to` flags, for `(name, adapter)` in order:
@@ -479,25 +498,37 @@ fn point_targets(
              database with --to NAME=mysql://…"
         ));
     }
+    // A MariaDB database takes the plain URL when there is one, else the plain
+    // directory (a mariadb-backup base becomes a data directory): DIR itself for the
+    // one database that takes it, DIR/<name> for each of several.
+    let in_dir = unnamed_postgres
+        + if plain_url.is_none() {
+            unnamed_mariadb
+        } else {
+            0
+        };
     let mut targets = Vec::new();
     for (name, adapter) in databases {
         let target = if let Some(target) = named.get(name) {
             target.clone()
-        } else if adapter == "mariadb" {
-            plain_url.cloned().ok_or_else(|| {
-                format!(
-                    "database {name} is MariaDB: a point restores it into a new, empty \
-                     database; give --to {name}=mysql://user@host:port/new_database"
-                )
-            })?
+        } else if adapter == "mariadb" && plain_url.is_some() {
+            plain_url.cloned().expect("checked")
         } else {
             let dir = plain_dir.ok_or_else(|| {
-                format!(
-                    "database {name} is PostgreSQL: a point restores it into a new data \
-                     directory; give --to DIR (or --to {name}=DIR)"
-                )
+                if adapter == "mariadb" {
+                    format!(
+                        "database {name} is MariaDB: a point restores it into a new data \
+                         directory (a mariadb-backup base) or a new, empty database (a dump \
+                         base); give --to {name}=DIR or --to {name}=mysql://user@host:port/db"
+                    )
+                } else {
+                    format!(
+                        "database {name} is PostgreSQL: a point restores it into a new data \
+                         directory; give --to DIR (or --to {name}=DIR)"
+                    )
+                }
             })?;
-            if unnamed_postgres == 1 {
+            if in_dir == 1 {
                 dir.clone()
             } else {
                 Path::new(dir).join(name).display().to_string()
@@ -505,12 +536,7 @@ fn point_targets(
         };
         targets.push(match (adapter.as_str(), is_url(&target)) {
             ("mariadb", true) => PointTarget::Database(target),
-            ("mariadb", false) => {
-                return Err(format!(
-                    "database {name} is MariaDB: its target must be the URL of a new, empty \
-                     database (mysql://…), not {target}"
-                ));
-            }
+            ("mariadb", false) => PointTarget::DataDir(PathBuf::from(target)),
             (_, false) => PointTarget::DataDir(PathBuf::from(target)),
             (_, true) => {
                 return Err(format!(
@@ -736,11 +762,28 @@ mod tests {
         );
     }
 
-    /// One plain --to serves what it fits (a directory PostgreSQL, a URL MariaDB);
+    /// One plain --to serves what it fits (a directory PostgreSQL, a URL MariaDB,
+    /// else a directory for MariaDB too: a mariadb-backup base is a data directory);
     /// NAME=TARGET names one; what fits no database is refused with the flag to give.
+    /// Whether a MariaDB base fits its target is the restore's check (its kind).
     #[test]
     fn point_targets_follow_each_databases_adapter() {
         let url = "mysql://root@127.0.0.1:3306/auditor_new";
+        assert_eq!(
+            point_targets(&dbs(&[("auditor", "mariadb")]), &flags(&["/r"])).unwrap(),
+            [PointTarget::DataDir("/r".into())]
+        );
+        assert_eq!(
+            point_targets(
+                &dbs(&[("ledger", "postgres"), ("auditor", "mariadb")]),
+                &flags(&["/r"])
+            )
+            .unwrap(),
+            [
+                PointTarget::DataDir("/r/ledger".into()),
+                PointTarget::DataDir("/r/auditor".into())
+            ]
+        );
         assert_eq!(
             point_targets(&dbs(&[("ledger", "postgres")]), &flags(&["/r"])).unwrap(),
             [PointTarget::DataDir("/r".into())]
@@ -782,13 +825,8 @@ mod tests {
             let error = point_targets(&dbs(databases), &flags(given)).unwrap_err();
             assert!(error.contains(says), "{error}");
         };
-        refused(&[("auditor", "mariadb")], &["/r"], "--to auditor=mysql://");
+        refused(&[("auditor", "mariadb")], &[], "--to auditor=DIR");
         refused(&[("ledger", "postgres")], &[url], "give --to DIR");
-        refused(
-            &[("auditor", "mariadb")],
-            &["auditor=/r"],
-            "must be the URL",
-        );
         refused(
             &[("a", "mariadb"), ("b", "mariadb")],
             &[url],

@@ -1,12 +1,15 @@
 //! MariaDB base restore: which base format to keep (issue 11, "Base backups in
-//! storage"). On one throwaway MariaDB holding a ledger table, alternating:
+//! storage"). On one throwaway MariaDB holding a ledger table, alternating, both
+//! through the library as `base-backup` and `restore --point` run them:
 //!
-//! - ours: the consistent dump `archive::mariadb::base_backup` stores (zstd 3 → age →
-//!   BLAKE3), restored by `archive::mariadb::restore_base` (checksum, then the dump
-//!   into the `mariadb` client) into a new, empty database of the running server;
-//! - `mariadb-backup --backup --stream=xbstream | zstd -3 | age`, restored by
-//!   `age -d | zstd -d | mbstream -x`, `mariadb-backup --prepare`, and a server
-//!   started on the result, until it accepts connections.
+//! - ours: what `base-backup` takes by default, `mariadb-backup --backup
+//!   --stream=xbstream` (zstd 3 → age → BLAKE3, `archive::mariadb::base_backup`),
+//!   restored by `archive::mariadb_backup::restore_base` (checksum, `mbstream -x`,
+//!   `mariadb-backup --prepare`) and a scratch server started on the result, until it
+//!   accepts connections;
+//! - the dump (`base_method = "dump"`), restored by `archive::mariadb::restore_base`
+//!   (checksum, then the dump into the `mariadb` client) into a new, empty database
+//!   of the running server.
 //!
 //! Both end with the table's rows readable, checked. Both backups are timed too.
 
@@ -14,14 +17,15 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use stillpoint::adapters::MariadbConfig;
+use stillpoint::adapters::{MariadbBaseMethod, MariadbConfig};
 use stillpoint::archive::base::BaseRecord;
 use stillpoint::archive::mariadb;
+use stillpoint::archive::mariadb_backup::{self, ScratchServer};
 use stillpoint::pipeline::{Decryption, Encryption, PipelineSettings};
 use stillpoint::storage::Storage;
 use stillpoint_testkit::MariaDb;
 
-use crate::support::{self, Process, Row, Target, median};
+use crate::support::{self, Row, Target, median};
 
 const DATABASE: &str = "auditor";
 
@@ -79,64 +83,82 @@ pub fn compare(runtime: &tokio::runtime::Runtime, rows: u64, runs: usize) -> Mar
     let dir = tempfile::tempdir().unwrap();
     let key = age::x25519::Identity::generate();
     let identity = age::secrecy::ExposeSecret::expose_secret(&key.to_string()).to_owned();
-    let identity_file = dir.path().join("key.txt");
-    std::fs::write(&identity_file, format!("{identity}\n")).unwrap();
     let recipient = key.to_public().to_string();
     let storage =
         Storage::open(&format!("file://{}", dir.path().join("storage").display())).unwrap();
     let settings = PipelineSettings {
         zstd_level: Some(crate::ZSTD_LEVEL as i32),
-        encryption: Encryption::Recipients(vec![recipient.clone()]),
+        encryption: Encryption::Recipients(vec![recipient]),
     };
     let decryption = Decryption::Identities(vec![identity]);
-    let config = MariadbConfig {
+    let config = |base_method| MariadbConfig {
         url: server.url(DATABASE),
         bin_dir: Some(server.bin_dir().to_owned()),
         drill_server_url: None,
+        base_method,
     };
-    let stream = dir.path().join("physical.xbstream.zst.age");
+    // Ours: what `base-backup` takes by default.
+    let physical_config = config(MariadbBaseMethod::default());
+    let dump_config = config(MariadbBaseMethod::Dump);
 
     let mut result = MariadbRuns {
         rows,
         bytes,
         ..MariadbRuns::default()
     };
-    let mut record: Option<BaseRecord> = None;
+    let mut physical_record: Option<BaseRecord> = None;
+    let mut dump_record: Option<BaseRecord> = None;
     for run in 0..runs {
         eprintln!("MariaDB bases, round {} of {runs}", run + 1);
         for ours in [run % 2 == 0, run % 2 == 1] {
+            let config = if ours { &physical_config } else { &dump_config };
+            let started = Instant::now();
+            let base = runtime
+                .block_on(mariadb::base_backup(&storage, &settings, DATABASE, config))
+                .expect("MariaDB base backup");
+            let took = started.elapsed();
             if ours {
-                let started = Instant::now();
-                let base = runtime
-                    .block_on(mariadb::base_backup(&storage, &settings, DATABASE, &config))
-                    .expect("MariaDB base backup");
-                result.dump_backup.push(started.elapsed());
-                result.dump_stored = base.artifact.stored_size;
-                record = Some(base);
+                assert_eq!(base.kind, mariadb_backup::KIND);
+                result.physical_backup.push(took);
+                result.physical_stored = base.artifact.stored_size;
+                physical_record = Some(base);
             } else {
-                let script = format!(
-                    "set -o pipefail; mariadb-backup --backup --stream=xbstream --user=root \
-                     --host=127.0.0.1 --port={port} --target-dir='{tmp}' 2>/dev/null \
-                     | zstd -{level} -q | age -r {recipient} > '{stream}'",
-                    port = server.port(),
-                    tmp = dir.path().display(),
-                    level = crate::ZSTD_LEVEL,
-                    stream = stream.display(),
-                );
-                let started = Instant::now();
-                crate::run(Command::new("bash").args(["-c", &script]));
-                std::fs::File::open(&stream).unwrap().sync_all().unwrap();
-                result.physical_backup.push(started.elapsed());
-                result.physical_stored = std::fs::metadata(&stream).unwrap().len();
+                result.dump_backup.push(took);
+                result.dump_stored = base.artifact.stored_size;
+                dump_record = Some(base);
             }
         }
     }
-    let record = record.expect("at least one round");
+    let physical_record = physical_record.expect("at least one round");
+    let dump_record = dump_record.expect("at least one round");
 
     for run in 0..runs {
         eprintln!("MariaDB restores, round {} of {runs}", run + 1);
         for ours in [run % 2 == 0, run % 2 == 1] {
             if ours {
+                let data_dir = dir.path().join("physical-restored");
+                let started = Instant::now();
+                std::fs::create_dir(&data_dir).unwrap();
+                let restored = runtime.block_on(async {
+                    mariadb_backup::restore_base(
+                        &storage,
+                        &decryption,
+                        &physical_record,
+                        &data_dir,
+                        Some(server.bin_dir()),
+                    )
+                    .await
+                    .expect("MariaDB base restore");
+                    ScratchServer::start(&data_dir, Some(server.bin_dir()))
+                        .await
+                        .expect("a server on the restored base")
+                });
+                result.physical_restore.push(started.elapsed());
+                let count = count_rows(server.bin_dir(), &restored.socket());
+                assert_eq!(count, rows.to_string(), "the physical restore lost rows");
+                runtime.block_on(restored.stop()).unwrap();
+                std::fs::remove_dir_all(&data_dir).unwrap();
+            } else {
                 let target = "restored";
                 server.create_database(target);
                 let started = Instant::now();
@@ -144,7 +166,7 @@ pub fn compare(runtime: &tokio::runtime::Runtime, rows: u64, runs: usize) -> Mar
                     .block_on(mariadb::restore_base(
                         &storage,
                         &decryption,
-                        &record,
+                        &dump_record,
                         &server.url(target),
                         Some(server.bin_dir()),
                     ))
@@ -153,121 +175,28 @@ pub fn compare(runtime: &tokio::runtime::Runtime, rows: u64, runs: usize) -> Mar
                 let count = server.sql(target, "SELECT count(*) FROM ledger");
                 assert_eq!(count.trim(), rows.to_string(), "the dump restore lost rows");
                 server.sql("", &format!("DROP DATABASE {target}"));
-            } else {
-                let data_dir = dir.path().join("physical-restored");
-                let started = Instant::now();
-                std::fs::create_dir(&data_dir).unwrap();
-                let script = format!(
-                    "set -o pipefail; age -d -i '{key}' '{stream}' | zstd -d -q \
-                     | mbstream -x -C '{data}' && mariadb-backup --prepare \
-                     --target-dir='{data}' 2>/dev/null",
-                    key = identity_file.display(),
-                    stream = stream.display(),
-                    data = data_dir.display(),
-                );
-                crate::run(Command::new("bash").args(["-c", &script]));
-                let restored = RestoredMariaDb::start(&data_dir, server.bin_dir());
-                result.physical_restore.push(started.elapsed());
-                let count = restored.sql("SELECT count(*) FROM auditor.ledger");
-                assert_eq!(
-                    count.trim(),
-                    rows.to_string(),
-                    "the physical restore lost rows"
-                );
-                drop(restored);
-                std::fs::remove_dir_all(&data_dir).unwrap();
             }
         }
     }
     result
 }
 
-/// mariadbd on a restored data directory, with the testkit's settings; killed when
-/// dropped (its data is about to be deleted).
-struct RestoredMariaDb {
-    _process: Process,
-    port: u16,
-    bin_dir: std::path::PathBuf,
-}
-
-impl RestoredMariaDb {
-    /// Returns once it accepts connections.
-    fn start(data_dir: &Path, bin_dir: &Path) -> RestoredMariaDb {
-        let port = stillpoint_testkit::free_port();
-        let parent = data_dir.parent().unwrap();
-        let mut command = Command::new("/usr/sbin/mariadbd");
-        command.arg("--no-defaults");
-        if stillpoint::pitr::running_as_root() {
-            command.arg("--user=root");
-        }
-        command
-            .arg(format!("--datadir={}", data_dir.display()))
-            .arg(format!(
-                "--socket={}",
-                parent.join("restored.sock").display()
-            ))
-            .arg(format!(
-                "--pid-file={}",
-                parent.join("restored.pid").display()
-            ))
-            .arg(format!(
-                "--log-error={}",
-                parent.join("restored.log").display()
-            ))
-            .arg(format!("--port={port}"))
-            .args(["--bind-address=127.0.0.1", "--skip-log-bin"])
-            // As the testkit's server (testkit/src/mariadb.rs), so both restores meet
-            // the same settings.
-            .args([
-                "--innodb-buffer-pool-size=64M",
-                "--innodb-log-file-size=16M",
-                "--innodb-flush-log-at-trx-commit=0",
-                "--innodb-doublewrite=0",
-                "--innodb-use-native-aio=0",
-                "--skip-name-resolve",
-            ])
-            .stderr(Stdio::null());
-        let process = Process::spawn(&mut command);
-        let restored = RestoredMariaDb {
-            _process: process,
-            port,
-            bin_dir: bin_dir.to_owned(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while restored.try_sql("SELECT 1").is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "the restored MariaDB did not start: {}",
-                std::fs::read_to_string(parent.join("restored.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        restored
-    }
-
-    fn try_sql(&self, sql: &str) -> Option<String> {
-        let output = Command::new(self.bin_dir.join("mariadb"))
-            .args([
-                "--batch",
-                "--skip-column-names",
-                "--user=root",
-                "--host=127.0.0.1",
-            ])
-            .arg(format!("--port={}", self.port))
-            .args(["-e", sql])
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        output
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
-    }
-
-    fn sql(&self, sql: &str) -> String {
-        self.try_sql(sql)
-            .unwrap_or_else(|| panic!("{sql} failed on the restored MariaDB"))
-    }
+/// Rows of the ledger table on the scratch server at `socket`.
+fn count_rows(bin_dir: &Path, socket: &Path) -> String {
+    let output = Command::new(bin_dir.join("mariadb"))
+        .args([
+            "--no-defaults",
+            "--batch",
+            "--skip-column-names",
+            "--user=root",
+        ])
+        .arg(format!("--socket={}", socket.display()))
+        .args(["-e", "SELECT count(*) FROM auditor.ledger"])
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "counting the restored rows failed");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
 impl MariadbRuns {
@@ -276,21 +205,23 @@ impl MariadbRuns {
             median(&values.iter().map(Duration::as_secs_f64).collect::<Vec<_>>())
         };
         let (dump, physical) = (seconds(&self.dump_restore), seconds(&self.physical_restore));
-        let ratio = dump / physical;
+        // Ours over the other row, as the other parts' ratios are.
+        let ratio = physical / dump;
         let body = format!(
             "{measured} {runs} backups and {runs} restores of each, alternating; medians. \
              A MariaDB ledger table of {rows} rows, {mib:.0} MiB of data and indexes.\n\n\
              | | backup | stored | restore |\n|---|---|---|---|\n\
-             | ours: the consistent dump (`archive::mariadb::base_backup`, zstd {level} → \
-             age), restored into a new database of the running server \
-             (`restore_base`) | {dump_backup:.2} s | {dump_stored:.0} MiB | {dump:.2} s |\n\
-             | `mariadb-backup --backup --stream=xbstream \\| zstd -{level} \\| age`, \
-             restored by `age -d \\| zstd -d \\| mbstream -x`, `--prepare`, a server \
-             started on it | {physical_backup:.2} s | {physical_stored:.0} MiB | \
-             {physical:.2} s |\n\n\
-             **Base restore dump / mariadb-backup: {ratio:.2}×** (the lower restores \
-             faster). The dump restores one database into any server under any name; \
-             mariadb-backup restores a whole server.",
+             | ours: `base-backup`'s default, `mariadb-backup --backup --stream=xbstream` \
+             (`archive::mariadb::base_backup`, zstd {level} → age), restored by \
+             `archive::mariadb_backup::restore_base` (`mbstream -x`, `--prepare`) and a \
+             server started on it | {physical_backup:.2} s | {physical_stored:.0} MiB | \
+             {physical:.2} s |\n\
+             | the consistent dump (`base_method = \"dump\"`), restored into a new \
+             database of the running server (`archive::mariadb::restore_base`) | \
+             {dump_backup:.2} s | {dump_stored:.0} MiB | {dump:.2} s |\n\n\
+             **Base restore ours (mariadb-backup) / dump: {ratio:.2}×** (below 1: ours \
+             restores faster). The dump restores one database into any server under any \
+             name; mariadb-backup restores a whole server's data directory.",
             measured = support::measured_line(crate::COMMAND),
             runs = self.dump_restore.len(),
             rows = self.rows,
@@ -304,12 +235,12 @@ impl MariadbRuns {
         let row = Row::new(
             crate::SECTION,
             &format!(
-                "MariaDB base restore, {:.0} MiB table: our consistent dump vs \
-                 `mariadb-backup --stream`",
+                "MariaDB base restore, {:.0} MiB table: ours (`mariadb-backup --stream`) vs \
+                 the consistent dump",
                 support::mib(self.bytes)
             ),
-            format!("{dump:.1} s"),
             format!("{physical:.1} s"),
+            format!("{dump:.1} s"),
             Some(ratio),
             Target::None,
         );

@@ -275,6 +275,27 @@ pub struct MariadbConfig {
     /// database on it. Default: the source database's own server.
     #[serde(default)]
     pub drill_server_url: Option<String>,
+    /// How `base-backup` copies this database for points (`mariadb_backup`, the
+    /// default, or `dump`).
+    #[serde(default)]
+    pub base_method: MariadbBaseMethod,
+}
+
+/// How a MariaDB base backup for points is taken (`base_method` of a MariaDB
+/// database in the runbook).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MariadbBaseMethod {
+    /// `mariadb-backup --backup --stream=xbstream`: a physical copy of the whole
+    /// server, read from its data directory, which must be readable where stillpoint
+    /// runs. Restores into a data directory, many times faster than a dump loads
+    /// (docs/performance.md, "MariaDB base restore").
+    #[default]
+    MariadbBackup,
+    /// The adapter's consistent dump of the one database, over a connection: for
+    /// servers whose files stillpoint cannot read (remote servers). Restores into a
+    /// new, empty database of any server.
+    Dump,
 }
 
 impl std::fmt::Debug for MariadbConfig {
@@ -286,6 +307,7 @@ impl std::fmt::Debug for MariadbConfig {
                 "drill_server_url",
                 &crate::redact::OptionalUrl(self.drill_server_url.as_deref()),
             )
+            .field("base_method", &self.base_method)
             .finish()
     }
 }

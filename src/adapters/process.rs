@@ -249,13 +249,27 @@ pub(crate) struct Producer {
 /// [`Producer`] is dropped, so a copy abandoned half-way leaves no child behind. With
 /// `own_group` the child gets its own process group and the whole group is killed.
 pub(crate) fn spawn_producer(
-    mut cmd: Command,
+    cmd: Command,
     what: &str,
     own_group: bool,
 ) -> io::Result<(ByteStream, Producer)> {
+    spawn_producer_logging(cmd, what, own_group, None)
+}
+
+/// [`spawn_producer`], with the child's stderr written whole to `log` instead of
+/// kept bounded in memory: for a child that reports what the caller needs at the
+/// end of a long log (mariadb-backup prints a line per file copied, then the binlog
+/// position). [`Producer::wait_stderr`] then returns nothing; the caller reads `log`.
+pub(crate) fn spawn_producer_logging(
+    mut cmd: Command,
+    what: &str,
+    own_group: bool,
+    log: Option<std::fs::File>,
+) -> io::Result<(ByteStream, Producer)> {
+    let logged = log.is_some();
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(log.map_or_else(Stdio::piped, Stdio::from))
         .kill_on_drop(true);
     if own_group {
         cmd.process_group(0);
@@ -267,15 +281,20 @@ pub(crate) fn spawn_producer(
         child.id(),
         what,
     );
-    let stderr = child.stderr.take().expect("stderr is piped");
     // The stream's reader polls stdout only, so stderr needs its own task; the handle
     // is awaited in `wait` and the task is aborted if the Producer is dropped.
     let exited = CancellationToken::new();
-    let stderr = AbortOnDropHandle::new(tokio::spawn(read_bounded_until(
-        stderr,
-        OUTPUT_LIMIT,
-        exited.clone(),
-    )));
+    let stderr = match child.stderr.take() {
+        Some(stderr) => AbortOnDropHandle::new(tokio::spawn(read_bounded_until(
+            stderr,
+            OUTPUT_LIMIT,
+            exited.clone(),
+        ))),
+        None => {
+            debug_assert!(logged, "stderr is piped unless logged");
+            AbortOnDropHandle::new(tokio::spawn(async { Ok(Bounded::new()) }))
+        }
+    };
     Ok((
         Box::pin(stdout),
         Producer {

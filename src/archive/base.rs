@@ -11,14 +11,17 @@
 //! As with backups and chunks, a base exists if and only if its record exists: the
 //! artifact is stored whole first, then the record goes up in one atomic PUT. The
 //! record's `start` is the log position the archive replays from (MariaDB: the
-//! binlog position of the copy's snapshot; PostgreSQL: a bound at or before the base
+//! binlog position where the copy is consistent: a dump's snapshot, or where
+//! mariadb-backup blocked commits; PostgreSQL: a bound at or before the base
 //! backup's checkpoint redo point) and `end` where the copy is consistent (MariaDB:
-//! the same position, a dump is one snapshot; PostgreSQL: a bound at or after the
-//! backup's end). A point at marker M can restore from a base with `end <= M` when
-//! the archive covers [`replay_from`]`(start)` to M.
+//! the same position; PostgreSQL: a bound at or after the backup's end). A point at
+//! marker M can restore from a base with `end <= M` when the archive covers
+//! [`replay_from`]`(start)` to M.
 //!
 //! The adapter-specific parts live with their adapters: `archive::mariadb::base_backup`
-//! / `restore_base` (a consistent dump), `points::base` (PostgreSQL, pg_basebackup).
+//! (by `base_method`), `archive::mariadb_backup` (mariadb-backup's copy, the default)
+//! and `archive::mariadb::restore_base` (a consistent dump), `points::base`
+//! (PostgreSQL, pg_basebackup).
 
 use std::collections::BTreeMap;
 
@@ -46,7 +49,9 @@ pub struct BaseRecord {
     /// The adapter that made it (`postgres`, `mariadb`): who can restore it.
     pub adapter: String,
     /// What the artifact is: `pg_basebackup_tar` (one tar of the data directory,
-    /// without WAL) or `mariadb_dump` (the adapter's logical dump of one snapshot).
+    /// without WAL), `mariadb_backup` (`mariadb-backup --stream=xbstream`: the whole
+    /// server's files, restored into a data directory) or `mariadb_dump` (the
+    /// adapter's logical dump of one snapshot).
     pub kind: String,
     /// Where the archive replays from: the copy holds every change before it.
     pub start: Position,

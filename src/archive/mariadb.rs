@@ -41,10 +41,12 @@
 //! [`replay_until_time`] stops at an instant instead (`--stop-datetime`): plain
 //! point-in-time recovery, which no pause proves consistent with other databases.
 //!
-//! **Base backups** ([`base_backup`], [`restore_base`]): the adapter's consistent
-//! dump (one snapshot, its binlog position read in the same transaction) stored
-//! through the pipeline under `bases/<database>/<id>/` (`base.rs`), with the
-//! snapshot's binlog position as the base's `start`.
+//! **Base backups** ([`base_backup`]): by the database's `base_method`,
+//! `mariadb-backup --stream` (the default: `mariadb_backup.rs`, restored into a data
+//! directory) or the adapter's consistent dump (one snapshot, its binlog position
+//! read in the same transaction; [`restore_base`] loads it into a new database),
+//! stored through the pipeline under `bases/<database>/<id>/` (`base.rs`), with the
+//! binlog position where the copy is consistent as the base's `start`.
 //!
 //! Also here: [`check_server`], what archiving needs of the server, each problem
 //! named with the one setting or grant to change.
@@ -67,7 +69,7 @@ use super::binlog::{self, GtidState};
 use super::supervise::{ClientStderr, Ended, Supervised, supervise};
 use super::{Archive, ArchiveError, ChunkContent, ChunkKind, NewChunk, Position, PushOutcome};
 use crate::adapters::mariadb::{connect, parse_url, shown};
-use crate::adapters::{self, Adapter, MariadbConfig};
+use crate::adapters::{self, Adapter, MariadbBaseMethod, MariadbConfig};
 use crate::pipeline::{self, Decryption, PipelineSettings};
 use crate::storage::Storage;
 
@@ -1145,16 +1147,21 @@ pub async fn fetch_range(
     })
 }
 
-/// Takes a base backup of a MariaDB database into `bases/<database>/<id>/`: the
-/// adapter's consistent dump (one snapshot; no pause needed, a point replays from
-/// the snapshot's binlog position to its own marker), stored through the pipeline,
-/// then the record. The server's binlog must be on.
+/// Takes a base backup of a MariaDB database into `bases/<database>/<id>/` by the
+/// database's `base_method`: `mariadb-backup --stream` (the default,
+/// `archive::mariadb_backup`), or the adapter's consistent dump (one snapshot; no
+/// pause needed, a point replays from the snapshot's binlog position to its own
+/// marker), stored through the pipeline, then the record. The server's binlog must
+/// be on.
 pub async fn base_backup(
     storage: &Storage,
     settings: &PipelineSettings,
     database: &str,
     config: &MariadbConfig,
 ) -> Result<BaseRecord, ArchiveError> {
+    if config.base_method == MariadbBaseMethod::MariadbBackup {
+        return super::mariadb_backup::base_backup(storage, settings, database, config).await;
+    }
     let id = base::new_base_id();
     let prefix = base::base_prefix(database, &id)?;
     settings.check()?;
@@ -1236,9 +1243,11 @@ pub async fn base_backup(
     Ok(record)
 }
 
-/// Restores a MariaDB base backup into `target` (a new, empty database): the
+/// Restores a MariaDB dump base backup into `target` (a new, empty database): the
 /// artifact's checksum is checked first (nothing written yet), then the dump is
-/// streamed into the `mariadb` client, which must see its end marker.
+/// streamed into the `mariadb` client, which must see its end marker. A
+/// `mariadb_backup` base restores into a data directory instead
+/// (`archive::mariadb_backup::restore_base`).
 pub async fn restore_base(
     storage: &Storage,
     decryption: &Decryption,
@@ -1255,6 +1264,16 @@ pub async fn restore_base(
             ),
         });
     }
+    if record.kind == super::mariadb_backup::KIND {
+        return Err(ArchiveError::Settings {
+            database: record.database.clone(),
+            message: format!(
+                "base {} is a mariadb-backup copy of the whole server: it restores into a \
+                 new data directory, not into a database",
+                record.id
+            ),
+        });
+    }
     pipeline::verify_checksum(storage, &record.artifact).await?;
     let stream = pipeline::open(storage, &record.artifact, decryption).await?;
     let adapter = adapters::mariadb::Mariadb::new(
@@ -1263,6 +1282,7 @@ pub async fn restore_base(
             url: target.to_owned(),
             bin_dir: bin_dir.map(Path::to_owned),
             drill_server_url: None,
+            base_method: Default::default(),
         },
     );
     adapter
@@ -1408,6 +1428,7 @@ mod tests {
                 url: "mysql://u@127.0.0.1:1/app".to_owned(),
                 bin_dir: None,
                 drill_server_url: None,
+                base_method: Default::default(),
             },
             spool.path(),
             Duration::from_secs(1),

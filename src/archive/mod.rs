@@ -55,6 +55,7 @@ pub mod base;
 pub mod binlog;
 mod catalog;
 pub mod mariadb;
+pub mod mariadb_backup;
 pub mod postgres;
 mod supervise;
 pub mod wal;

@@ -1,6 +1,7 @@
 //! `stillpoint base-backup` into the storage, for every archived database of a
-//! runbook: MariaDB's is `archive::mariadb::base_backup` (the adapter's consistent
-//! dump and its binlog position); PostgreSQL's, here, is a physical base backup,
+//! runbook: MariaDB's is `archive::mariadb::base_backup` (`mariadb-backup --stream`
+//! by default, or the adapter's consistent dump with `base_method = "dump"`, each
+//! with the binlog position where it is consistent); PostgreSQL's, here, is a physical base backup,
 //! `pg_basebackup --format=tar --pgdata=- --wal-method=none`, streamed through the
 //! pipeline (zstd → age → BLAKE3) as one tar, then its record written last
 //! (`bases/<database>/<id>/base.json`), so a base is listed only when whole.

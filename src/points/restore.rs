@@ -14,13 +14,19 @@
 //! each recovered server running, reached through its unix socket, while the
 //! runbook's `[drill]` checks run on them, then stops them and removes everything.
 //!
-//! A MariaDB database of a point is restored into a database on a server (a new,
-//! empty one: `restore --to mysql://…`; a scratch database on the runbook's
-//! `drill_server_url` or source server for a drill, as a backup's drill does): the
-//! base's dump is loaded, then the archived binlog is replayed from the start of the
-//! base's file to the point's marker ([`crate::archive::mariadb::restore_point`]),
-//! after the same checks first. exec databases restore by time, which a point does
-//! not do for them.
+//! A MariaDB database of a point whose base is mariadb-backup's (the default) is
+//! restored into a new data directory, as PostgreSQL's: the base extracted and
+//! prepared there (`archive::mariadb_backup`), a scratch server started on it, the
+//! archived binlog replayed from the base's position to the point's marker, the rows
+//! compared, the server stopped (a drill keeps it running for its checks, then stops
+//! it and removes the directory). One whose base is a dump is restored into a
+//! database on a server (a new, empty one: `restore --to mysql://…`; a scratch
+//! database on the runbook's `drill_server_url` or source server for a drill, as a
+//! backup's drill does): the dump loaded, then the binlog replayed
+//! ([`crate::archive::mariadb::restore_point`]). [`check_destination`] refuses a
+//! base sent where it cannot go, before anything is written; the same checks come
+//! first in every case. exec databases restore by time, which a point does not do
+//! for them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +44,7 @@ use crate::adapters::{
 };
 use crate::archive::base::{self, BaseRecord};
 use crate::archive::mariadb::{self as binlog_archive, ReplayReport, ReplayTarget};
+use crate::archive::mariadb_backup;
 use crate::archive::{Archive, ChunkKind, ChunkRecord, Lsn, NotReached, Position, wal};
 use crate::drill::CheckResult;
 use crate::manifest::DatabaseEntry;
@@ -386,6 +393,17 @@ pub async fn restore_one(
     if let Destination::Database(url) = request.destination {
         return restore_binlog(request, url, cancel).await;
     }
+    if let (Destination::DataDir(data_dir), Some("mariadb")) = (
+        request.destination,
+        request
+            .point
+            .database(request.database)
+            .map(|db| db.adapter.as_str()),
+    ) {
+        let (held, report) = restore_mariadb_server(request, data_dir, cancel).await?;
+        held.stop(true).await.map_err(PointRestoreError::Replay)?;
+        return Ok(report);
+    }
     let (held, report) = restore_held(request, cancel).await?;
     let recovery = held.stop().await;
     Ok(PointRestoreReport {
@@ -406,13 +424,7 @@ async fn restore_binlog(
     let name = request.database;
     let config = mariadb_config(request.runbook, name)?;
     let needed = needs(request.storage, request.settings, request.point, name).await?;
-    if needed.adapter != "mariadb" {
-        return Err(PointRestoreError::Setup(format!(
-            "database {name} of point {} is {}, which restores into a data directory, not \
-             a database URL",
-            request.point.point_id, needed.adapter
-        )));
-    }
+    check_destination(request.point, &needed, &request.destination)?;
     check(request.storage, request.point, &needed).await?;
     let check_ms = elapsed_ms(started);
     let replay_started = Instant::now();
@@ -447,30 +459,8 @@ async fn restore_binlog(
     };
     let replay = replayed.map_err(|error| PointRestoreError::Replay(error.to_string()))?;
     let replay_ms = elapsed_ms(replay_started);
-    let entry = point_entry(request.point, name)?;
-    let mut row_counts_match_point = false;
-    if let Some(expected) = &entry.row_counts {
-        let adapter = adapters::mariadb::Mariadb::new(
-            name,
-            MariadbConfig {
-                url: url.to_owned(),
-                bin_dir: config.bin_dir.clone(),
-                drill_server_url: None,
-            },
-        );
-        let found = adapter
-            .row_counts(url)
-            .await
-            .map_err(|error| PointRestoreError::Replay(error.to_string()))?;
-        if let Some(difference) = row_count_difference(expected, &found) {
-            return Err(PointRestoreError::Replay(format!(
-                "database {name} restored to point {} holds other rows than the point's \
-                 snapshot: {difference}",
-                request.point.point_id
-            )));
-        }
-        row_counts_match_point = true;
-    }
+    let row_counts_match_point =
+        compare_mariadb_rows(request.point, name, url, config.bin_dir.as_deref()).await?;
     Ok(PointRestoreReport {
         point_id: request.point.point_id.clone(),
         database: name.to_owned(),
@@ -488,6 +478,209 @@ async fn restore_binlog(
         }),
         total_ms: elapsed_ms(started),
     })
+}
+
+/// Whether `destination` is where database `needed.database` of `point` can go:
+/// PostgreSQL and a `mariadb_backup` base (a whole server's files) into a data
+/// directory, a MariaDB dump into a database. Checked before anything is written.
+pub fn check_destination(
+    point: &PointManifest,
+    needed: &Needed,
+    destination: &Destination<'_>,
+) -> Result<(), PointRestoreError> {
+    let name = &needed.database;
+    let physical = needed.adapter == "postgres" || needed.base.kind == mariadb_backup::KIND;
+    match (destination, physical) {
+        (Destination::DataDir(_), true) | (Destination::Database(_), false) => Ok(()),
+        (Destination::Database(_), true) if needed.adapter == "mariadb" => {
+            Err(PointRestoreError::Setup(format!(
+                "database {name} of point {} restores from base backup {}, a mariadb-backup \
+                 copy of the whole server, which becomes a data directory, not a database on \
+                 a running server: give --to {name}=DIR (a new, empty directory), then start \
+                 mariadbd on it. Nothing was written",
+                point.point_id, needed.base.id
+            )))
+        }
+        (Destination::Database(_), _) => Err(PointRestoreError::Setup(format!(
+            "database {name} of point {} is {}: a point restores it into a new data \
+             directory, not a database URL",
+            point.point_id, needed.adapter
+        ))),
+        (Destination::DataDir(_), false) => Err(PointRestoreError::Setup(format!(
+            "database {name} of point {} restores from base backup {}, a dump of one \
+             database ({}): it loads into a new, empty database; give --to \
+             {name}=mysql://user@host:port/new_database. Nothing was written",
+            point.point_id, needed.base.id, needed.base.kind
+        ))),
+    }
+}
+
+/// A MariaDB database of a point restored into a data directory from a
+/// `mariadb_backup` base: what it needs checked first, then the base extracted and
+/// prepared in the claimed directory, a scratch server started on it, the binlog
+/// replayed to the marker and the rows per table compared with the point's counts.
+/// The server is left running (a drill's checks); anything failing removes what was
+/// written.
+async fn restore_mariadb_server(
+    request: RestoreRequest<'_>,
+    data_dir: &Path,
+    cancel: &CancellationToken,
+) -> Result<(HeldMariadb, PointRestoreReport), PointRestoreError> {
+    let started = Instant::now();
+    let name = request.database;
+    let config = mariadb_config(request.runbook, name)?;
+    let bin_dir = config.bin_dir.as_deref();
+    let needed = needs(request.storage, request.settings, request.point, name).await?;
+    check_destination(request.point, &needed, &request.destination)?;
+    check(request.storage, request.point, &needed).await?;
+    let check_ms = elapsed_ms(started);
+    let replay_started = Instant::now();
+    let archive = Archive::new(
+        request.storage.clone(),
+        request.settings.clone(),
+        &needed.database,
+    )
+    .map_err(|error| PointRestoreError::Setup(error.to_string()))?;
+    let work_dir = request
+        .staging_in
+        .map_or_else(std::env::temp_dir, Path::to_owned);
+    let source_database = needed
+        .base
+        .details
+        .get("database")
+        .cloned()
+        .unwrap_or_else(|| name.to_owned());
+    let replay_error = |error: crate::archive::ArchiveError| {
+        PointRestoreError::Replay(format!("restoring {name}: {error}"))
+    };
+    let work = async {
+        // Every chunk read and checked before the directory is touched.
+        let fetched = binlog_archive::fetch_range(
+            &archive,
+            request.decryption,
+            &needed.base.start,
+            &needed.target,
+            &work_dir,
+        )
+        .await
+        .map_err(replay_error)?;
+        let dir = pitr::ClaimedDir::claim(data_dir, false)?;
+        mariadb_backup::restore_base(
+            request.storage,
+            request.decryption,
+            &needed.base,
+            data_dir,
+            bin_dir,
+        )
+        .await
+        .map_err(replay_error)?;
+        let server = mariadb_backup::ScratchServer::start(data_dir, bin_dir)
+            .await
+            .map_err(|why| PointRestoreError::Replay(format!("restoring {name}: {why}")))?;
+        let url = server.url(&source_database);
+        let held = HeldMariadb { server, dir, url };
+        let target = ReplayTarget {
+            url: held.url.clone(),
+            source_database: source_database.clone(),
+            bin_dir: config.bin_dir.clone(),
+            work_dir: work_dir.clone(),
+        };
+        let replay = fetched.apply(&target).await.map_err(replay_error)?;
+        let rows = compare_mariadb_rows(request.point, name, &held.url, bin_dir).await?;
+        Ok::<_, PointRestoreError>((held, replay, rows))
+    };
+    let (held, replay, row_counts_match_point) = tokio::select! {
+        done = work => done?,
+        () = cancel.cancelled() => {
+            return Err(PointRestoreError::Recovery(PitrError::Cancelled(format!(
+                "stopped while restoring {name}; its scratch server was stopped and {} removed",
+                data_dir.display()
+            ))));
+        }
+    };
+    let replay_ms = elapsed_ms(replay_started);
+    let report = PointRestoreReport {
+        point_id: request.point.point_id.clone(),
+        database: name.to_owned(),
+        base_id: needed.base.id.clone(),
+        chunks: needed.chunks.len(),
+        stored_bytes: needed.stored_bytes(),
+        check_ms,
+        staging_ms: 0,
+        recovery: None,
+        binlog: Some(BinlogRestoreReport {
+            target: data_dir.display().to_string(),
+            replay,
+            row_counts_match_point,
+            replay_ms,
+        }),
+        total_ms: elapsed_ms(started),
+    };
+    Ok((held, report))
+}
+
+/// A MariaDB data directory restored to a point, its scratch server running.
+struct HeldMariadb {
+    server: mariadb_backup::ScratchServer,
+    /// Removed when dropped unless kept.
+    dir: pitr::ClaimedDir,
+    /// The restored database on the scratch server.
+    url: String,
+}
+
+impl HeldMariadb {
+    /// Shuts the server down cleanly; the directory stays when `keep` (and the
+    /// shutdown worked), and is removed otherwise.
+    async fn stop(self, keep: bool) -> Result<(), String> {
+        let HeldMariadb {
+            server, mut dir, ..
+        } = self;
+        let data_dir = server.data_dir().to_owned();
+        server.stop().await.map_err(|why| {
+            format!(
+                "{why}; {} was removed (a data directory left there is whole)",
+                data_dir.display()
+            )
+        })?;
+        dir.keep = keep;
+        Ok(())
+    }
+}
+
+/// Compares the rows per table of the restored MariaDB database at `url` with the
+/// point's counts: `Ok(false)` when the point has none, an error naming the tables
+/// that differ.
+async fn compare_mariadb_rows(
+    point: &PointManifest,
+    name: &str,
+    url: &str,
+    bin_dir: Option<&Path>,
+) -> Result<bool, PointRestoreError> {
+    let entry = point_entry(point, name)?;
+    let Some(expected) = &entry.row_counts else {
+        return Ok(false);
+    };
+    let adapter = adapters::mariadb::Mariadb::new(
+        name,
+        MariadbConfig {
+            url: url.to_owned(),
+            bin_dir: bin_dir.map(Path::to_owned),
+            drill_server_url: None,
+            base_method: Default::default(),
+        },
+    );
+    let found = adapter
+        .row_counts(url)
+        .await
+        .map_err(|error| PointRestoreError::Replay(error.to_string()))?;
+    if let Some(difference) = row_count_difference(expected, &found) {
+        return Err(PointRestoreError::Replay(format!(
+            "database {name} restored to point {} holds other rows than the point's \
+             snapshot: {difference}",
+            point.point_id
+        )));
+    }
+    Ok(true)
 }
 
 /// The first tables whose rows differ between what a point counted and what a
@@ -891,11 +1084,17 @@ pub async fn drill(
     let started = Instant::now();
     let point = request.point;
     let mut checks = Vec::new();
+    // What each MariaDB database's base is: a mariadb-backup copy restores into a
+    // scratch server of its own, a dump into a scratch database.
+    let mut physical_mariadb = std::collections::BTreeSet::new();
     // Every database's needs, found and checked before anything is written.
     for database in &point.databases {
         let checked = Instant::now();
         let needed = needs(request.storage, request.settings, point, &database.name).await?;
         check(request.storage, point, &needed).await?;
+        if needed.adapter == "mariadb" && needed.base.kind == mariadb_backup::KIND {
+            physical_mariadb.insert(database.name.clone());
+        }
         checks.push(CheckResult {
             name: format!("checksum:{}", database.name),
             ok: true,
@@ -930,6 +1129,11 @@ pub async fn drill(
                 ))
             });
         let destination = match config {
+            Ok(_) if physical_mariadb.contains(&database.name) => {
+                Ok(DrillDestination::MariadbServer {
+                    data_dir: scratch.path().join(format!("{}-data", database.name)),
+                })
+            }
             Ok(config) if matches!(config.adapter, AdapterConfig::Mariadb(_)) => {
                 let adapter = adapters::build(&database.name, &config.adapter);
                 let label = crate::drill::scratch_label(run_id, &database.name);
@@ -988,13 +1192,16 @@ pub async fn drill(
                     point,
                     database: &database.name,
                     destination: match destination {
-                        DrillDestination::Server { data_dir, .. } => Destination::DataDir(data_dir),
+                        DrillDestination::Server { data_dir, .. }
+                        | DrillDestination::MariadbServer { data_dir } => {
+                            Destination::DataDir(data_dir)
+                        }
                         DrillDestination::Database(url) => Destination::Database(url),
                     },
                     staging_in: Some(&staging),
                     port: match destination {
                         DrillDestination::Server { port, .. } => *port,
-                        DrillDestination::Database(_) => 0,
+                        _ => 0,
                     },
                     timeout: request.timeout,
                     keep: false,
@@ -1009,6 +1216,11 @@ pub async fn drill(
                     DrillDestination::Database(url) => restore_binlog(restore, url, cancel)
                         .await
                         .map(|report| (Held::Database(url.clone()), report)),
+                    DrillDestination::MariadbServer { data_dir } => {
+                        restore_mariadb_server(restore, data_dir, cancel)
+                            .await
+                            .map(|(server, report)| (Held::MariadbServer(Box::new(server)), report))
+                    }
                 }
             }
         },
@@ -1029,8 +1241,12 @@ pub async fn drill(
     {
         let why = why.clone();
         for (_, (restored, _)) in held {
-            if let Held::Server(server) = restored {
-                server.stop().await;
+            match restored {
+                Held::Server(server) => {
+                    server.stop().await;
+                }
+                Held::MariadbServer(server) => stop_scratch_mariadb(*server).await,
+                Held::Database(_) => {}
             }
         }
         drop_scratch(scratch_databases).await;
@@ -1094,6 +1310,7 @@ pub async fn drill(
                 .find(|db| &db.name == name)?;
             let url = match restored {
                 Held::Server(server) => server.url().to_owned(),
+                Held::MariadbServer(server) => server.url.clone(),
                 Held::Database(url) => url.clone(),
             };
             Some((name.as_str(), (adapters::build(name, &config.adapter), url)))
@@ -1122,6 +1339,10 @@ pub async fn drill(
                     recovery: Some(recovery),
                     ..report
                 });
+            }
+            Held::MariadbServer(server) => {
+                stop_scratch_mariadb(*server).await;
+                databases.push(report);
             }
             Held::Database(_) => databases.push(report),
         }
@@ -1153,14 +1374,25 @@ pub async fn drill(
 enum DrillDestination {
     /// PostgreSQL: a scratch server on a new data directory.
     Server { data_dir: PathBuf, port: u16 },
-    /// MariaDB: a scratch database (its URL).
+    /// MariaDB from a mariadb-backup base: a scratch server on a new data directory
+    /// (reached through its own socket).
+    MariadbServer { data_dir: PathBuf },
+    /// MariaDB from a dump: a scratch database (its URL).
     Database(String),
 }
 
 /// A database a drill restored, while its checks run.
 enum Held {
     Server(Box<HeldRecovery>),
+    MariadbServer(Box<HeldMariadb>),
     Database(String),
+}
+
+/// Stops a drill's scratch MariaDB server and removes its data directory.
+async fn stop_scratch_mariadb(server: HeldMariadb) {
+    if let Err(why) = server.stop(false).await {
+        tracing::warn!(%why, "a drill's scratch MariaDB server did not stop cleanly");
+    }
 }
 
 /// A port nothing listens on now (the OS picks it).

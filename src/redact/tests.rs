@@ -160,6 +160,7 @@ fn config_types_built_by_hand_print_redacted() {
         drill_server_url: Some(format!(
             "mysql://root:{MARIADB_DRILL_PASSWORD}@drill.internal/mysql"
         )),
+        base_method: Default::default(),
     };
     assert_redacted("MariadbConfig", &mariadb);
     let exec = ExecConfig {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use stillpoint::adapters::MariadbConfig;
+use stillpoint::adapters::{MariadbBaseMethod, MariadbConfig};
 use stillpoint::archive::mariadb::{self, ReplayTarget};
 use stillpoint::archive::{Archive, ArchiveError, Catalog, ChunkKind, Position, binlog};
 use stillpoint::pipeline::{Decryption, PipelineSettings};
@@ -266,6 +266,8 @@ fn the_binlog_archive_trails_the_server_survives_kills_and_replays_to_a_position
         url: source.server.url("app"),
         bin_dir: Some(source.server.bin_dir().to_owned()),
         drill_server_url: None,
+        // This test is about the dump base and its replay into a database.
+        base_method: MariadbBaseMethod::Dump,
     };
     let base = source
         .runtime

@@ -20,6 +20,7 @@ use serde_json::Value;
 use stillpoint::adapters::{CutMarker, PostgresConfig};
 use stillpoint::archive::base::{self, BaseRecord};
 use stillpoint::archive::mariadb::{self, ReplayTarget};
+use stillpoint::archive::mariadb_backup::{self, ScratchServer};
 use stillpoint::archive::{Archive, Catalog, Position, postgres as wal_archive, wal};
 use stillpoint::manifest::DatabaseEntry;
 use stillpoint::pipeline::{Decryption, PipelineSettings};
@@ -442,30 +443,35 @@ fn plain_pitr_control(scenario: &Scenario, point: &Value, base_dir: &Path, insta
         artifact: None,
         row_counts: None,
     };
-    let auditors = MariaDb::start();
+    // The auditor's base is mariadb-backup's (the default): each instant gets its
+    // own data directory and a scratch server on it.
+    assert_eq!(auditor_base.kind, mariadb_backup::KIND);
+    let bin_dir = scenario.mariadb.bin_dir().to_owned();
     let work = scenario.dir.path().join("pitr-work");
     std::fs::create_dir(&work).unwrap();
     let mut failed = Vec::new();
     for (k, instant) in instants_ms.iter().enumerate() {
-        let name = format!("auditor_{k}");
-        auditors.create_database(&name);
-        let target = ReplayTarget {
-            url: auditors.url(&name),
-            source_database: "auditor".to_owned(),
-            bin_dir: Some(auditors.bin_dir().to_owned()),
-            work_dir: work.clone(),
-        };
-        scenario
+        let auditor_dir = scenario.dir.path().join(format!("pitr-auditor-{k}"));
+        std::fs::create_dir(&auditor_dir).unwrap();
+        let auditor = scenario
             .runtime
             .block_on(async {
-                mariadb::restore_base(
+                mariadb_backup::restore_base(
                     &scenario.storage(),
                     &Decryption::None,
                     &auditor_base,
-                    &target.url,
-                    target.bin_dir.as_deref(),
+                    &auditor_dir,
+                    Some(&bin_dir),
                 )
-                .await?;
+                .await
+                .map_err(|error| error.to_string())?;
+                let server = ScratchServer::start(&auditor_dir, Some(&bin_dir)).await?;
+                let target = ReplayTarget {
+                    url: server.url("auditor"),
+                    source_database: "auditor".to_owned(),
+                    bin_dir: Some(bin_dir.clone()),
+                    work_dir: work.clone(),
+                };
                 mariadb::replay_until_time(
                     &scenario.archive("auditor"),
                     &Decryption::None,
@@ -474,6 +480,8 @@ fn plain_pitr_control(scenario: &Scenario, point: &Value, base_dir: &Path, insta
                     &target,
                 )
                 .await
+                .map_err(|error| error.to_string())?;
+                Ok::<_, String>(server)
             })
             .unwrap();
         let recovery = Recovery {
@@ -494,12 +502,14 @@ fn plain_pitr_control(scenario: &Scenario, point: &Value, base_dir: &Path, insta
             .runtime
             .block_on(pitr::recover_held(recovery, &CancellationToken::new()))
             .unwrap_or_else(|error| panic!("plain PITR of the ledger to {instant}: {error}"));
-        let (code, check) = cluster::check(held.url(), &auditors.url(&name), None);
+        let (code, check) = cluster::check(held.url(), &auditor.url("auditor"), None);
         eprintln!("plain PITR to {instant} ms: ledger-node check exit {code}: {check}");
         if code != 0 {
             failed.push(*instant);
         }
         scenario.runtime.block_on(held.stop());
+        scenario.runtime.block_on(auditor.stop()).unwrap();
+        std::fs::remove_dir_all(&auditor_dir).unwrap();
     }
     println!(
         "plain PITR: {} of {} instants failed ledger-node check",
@@ -555,13 +565,12 @@ fn deleted_chunks(scenario: &Scenario, newest: &Value) {
         assert_gap_named(&verified, name, before, after);
     }
 
-    // Each restore is refused before anything is written: no data directory, an
-    // auditor database without a table.
-    scenario.mariadb.create_database("refused");
+    // Each restore is refused before anything is written: no data directory.
     let refused_dir = scenario.dir.path().join("refused");
+    let refused_auditor = scenario.dir.path().join("refused-auditor");
     for ((name, before, after), to) in gaps.iter().zip([
         refused_dir.to_str().unwrap().to_owned(),
-        scenario.mariadb.url("refused"),
+        refused_auditor.to_str().unwrap().to_owned(),
     ]) {
         let output = crate::util::run(
             "stillpoint",
@@ -584,13 +593,8 @@ fn deleted_chunks(scenario: &Scenario, newest: &Value) {
             "{name}: the gap must be named by the chunks on each side: {said}"
         );
     }
-    assert!(!refused_dir.exists(), "nothing may be written");
-    assert_eq!(
-        scenario.mariadb.sql(
-            "",
-            "SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = 'refused'"
-        ),
-        "0",
+    assert!(
+        !refused_dir.exists() && !refused_auditor.exists(),
         "nothing may be written"
     );
 }

@@ -26,6 +26,7 @@ fn adapter(db: &Server, name: &str) -> Mariadb {
             url: db.url(name),
             bin_dir: Some(db.bin_dir().to_owned()),
             drill_server_url: None,
+            base_method: Default::default(),
         },
     )
 }
@@ -329,6 +330,7 @@ async fn prepare_needs_a_database_and_keeps_passwords_out_of_messages() {
             url,
             bin_dir: None,
             drill_server_url: None,
+            base_method: Default::default(),
         };
         let prepared = Mariadb::new("ledger-maria", config).prepare().await;
         prepared.err().unwrap().to_string()
