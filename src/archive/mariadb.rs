@@ -563,6 +563,16 @@ fn tool(config: &MariadbConfig, name: &str) -> PathBuf {
 /// How a MariaDB client tool reaches the server `opts` name: host and port (or the
 /// socket) and user on the command line, the password in `MYSQL_PWD`.
 fn client_args(command: &mut Command, opts: &Opts) {
+    connection_args(command, opts);
+    match opts.pass() {
+        Some(password) => command.env("MYSQL_PWD", password),
+        None => command.env_remove("MYSQL_PWD"),
+    };
+}
+
+/// Host and port (or the socket) and user of the server `opts` name, as MariaDB's
+/// tools take them on the command line; the password is the caller's to pass.
+pub(crate) fn connection_args(command: &mut Command, opts: &Opts) {
     match opts.socket() {
         Some(socket) => command
             .arg("--protocol=SOCKET")
@@ -575,10 +585,6 @@ fn client_args(command: &mut Command, opts: &Opts) {
     if let Some(user) = opts.user() {
         command.arg(format!("--user={user}"));
     }
-    match opts.pass() {
-        Some(password) => command.env("MYSQL_PWD", password),
-        None => command.env_remove("MYSQL_PWD"),
-    };
 }
 
 /// `opts` without the database: the binlog is the server's, and the archiver's

@@ -112,18 +112,7 @@ pub async fn base_backup(
             .map_err(|e| server_error(format!("writing mariadb-backup's options: {e}")))?
             .display()
     ));
-    match opts.socket() {
-        Some(socket) => command
-            .arg("--protocol=SOCKET")
-            .arg(format!("--socket={socket}")),
-        None => command
-            .arg("--protocol=TCP")
-            .arg(format!("--host={}", opts.ip_or_hostname()))
-            .arg(format!("--port={}", opts.tcp_port())),
-    };
-    if let Some(user) = opts.user() {
-        command.arg(format!("--user={user}"));
-    }
+    super::mariadb::connection_args(&mut command, &opts);
     command
         .env_remove("MYSQL_PWD")
         .arg("--backup")

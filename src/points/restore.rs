@@ -412,6 +412,37 @@ pub async fn restore_one(
     })
 }
 
+/// What restoring a MariaDB database of a point starts with, before anything is
+/// written: its runbook entry, what it needs (checked, and fit for where it goes) and
+/// its archive.
+async fn checked_mariadb<'a>(
+    request: &RestoreRequest<'a>,
+) -> Result<(&'a MariadbConfig, Needed, Archive), PointRestoreError> {
+    let name = request.database;
+    let config = mariadb_config(request.runbook, name)?;
+    let needed = needs(request.storage, request.settings, request.point, name).await?;
+    check_destination(request.point, &needed, &request.destination)?;
+    check(request.storage, request.point, &needed).await?;
+    let archive = Archive::new(
+        request.storage.clone(),
+        request.settings.clone(),
+        &needed.database,
+    )
+    .map_err(|error| PointRestoreError::Setup(error.to_string()))?;
+    Ok((config, needed, archive))
+}
+
+/// The database the archived events were written to on the source: the base's own
+/// record of it, or the runbook's name.
+fn source_database(needed: &Needed, name: &str) -> String {
+    needed
+        .base
+        .details
+        .get("database")
+        .cloned()
+        .unwrap_or_else(|| name.to_owned())
+}
+
 /// A MariaDB database of a point into the new, empty database `url`: what it needs
 /// checked first, then its base loaded and the binlog replayed to the marker, then
 /// the rows per table compared with the point's counts.
@@ -422,27 +453,12 @@ async fn restore_binlog(
 ) -> Result<PointRestoreReport, PointRestoreError> {
     let started = Instant::now();
     let name = request.database;
-    let config = mariadb_config(request.runbook, name)?;
-    let needed = needs(request.storage, request.settings, request.point, name).await?;
-    check_destination(request.point, &needed, &request.destination)?;
-    check(request.storage, request.point, &needed).await?;
+    let (config, needed, archive) = checked_mariadb(&request).await?;
     let check_ms = elapsed_ms(started);
     let replay_started = Instant::now();
-    let archive = Archive::new(
-        request.storage.clone(),
-        request.settings.clone(),
-        &needed.database,
-    )
-    .map_err(|error| PointRestoreError::Setup(error.to_string()))?;
     let target = ReplayTarget {
         url: url.to_owned(),
-        // The database the archived events were written to on the source.
-        source_database: needed
-            .base
-            .details
-            .get("database")
-            .cloned()
-            .unwrap_or_else(|| name.to_owned()),
+        source_database: source_database(&needed, name),
         bin_dir: config.bin_dir.clone(),
         work_dir: request
             .staging_in
@@ -528,28 +544,14 @@ async fn restore_mariadb_server(
 ) -> Result<(HeldMariadb, PointRestoreReport), PointRestoreError> {
     let started = Instant::now();
     let name = request.database;
-    let config = mariadb_config(request.runbook, name)?;
+    let (config, needed, archive) = checked_mariadb(&request).await?;
     let bin_dir = config.bin_dir.as_deref();
-    let needed = needs(request.storage, request.settings, request.point, name).await?;
-    check_destination(request.point, &needed, &request.destination)?;
-    check(request.storage, request.point, &needed).await?;
     let check_ms = elapsed_ms(started);
     let replay_started = Instant::now();
-    let archive = Archive::new(
-        request.storage.clone(),
-        request.settings.clone(),
-        &needed.database,
-    )
-    .map_err(|error| PointRestoreError::Setup(error.to_string()))?;
     let work_dir = request
         .staging_in
         .map_or_else(std::env::temp_dir, Path::to_owned);
-    let source_database = needed
-        .base
-        .details
-        .get("database")
-        .cloned()
-        .unwrap_or_else(|| name.to_owned());
+    let source_database = source_database(&needed, name);
     let replay_error = |error: crate::archive::ArchiveError| {
         PointRestoreError::Replay(format!("restoring {name}: {error}"))
     };
