@@ -2,7 +2,8 @@
 //! (and which to archive continuously), how to process copies, where to store them,
 //! how long to keep them, and what a drill checks in a restored backup. Parsed and
 //! validated here, before anything is contacted; every unknown key is an error that
-//! names it. docs/runbook.md documents the format with a commented example.
+//! names it. `[schedule]` (the jobs `stillpoint serve` runs) is in `schedule.rs`.
+//! docs/runbook.md documents the format with a commented example.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -10,6 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+pub mod schedule;
+
+use schedule::RawSchedule;
+pub use schedule::{JobKind, ScheduleConfig, ScheduleEntry};
 
 use crate::adapters::AdapterConfig;
 use crate::resolve::{AddressError, NodeAddress, ensure_unique};
@@ -28,6 +34,8 @@ pub struct Runbook {
     pub retention: RetentionConfig,
     pub drill: DrillConfig,
     pub archive: ArchiveConfig,
+    /// `[schedule]`: the jobs `stillpoint serve` runs by itself.
+    pub schedule: ScheduleConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -686,6 +694,8 @@ struct RawRunbook {
     drill: RawDrill,
     #[serde(default)]
     archive: ArchiveConfig,
+    #[serde(default)]
+    schedule: RawSchedule,
 }
 
 impl Runbook {
@@ -756,6 +766,7 @@ impl Runbook {
             retention: raw.retention,
             drill,
             archive,
+            schedule: raw.schedule.into_config()?,
         };
         runbook.validate()?;
         Ok(runbook)

@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::anyhow;
 use clap::Args;
 use stillpoint::adapters::AdapterConfig;
-use stillpoint::archive::mariadb::{BinlogArchiver, BinlogArchiverConfig, BinlogArchiverStatus};
-use stillpoint::archive::postgres::{self, ArchiverConfig, ArchiverStatus, Fetched, PgArchiver};
+use stillpoint::archive::archivers::{Archiver, Progress, ProgressWatch};
+use stillpoint::archive::postgres::{self, Fetched};
 use stillpoint::archive::{self as archives, Archive, ArchiveError, PushOutcome};
 use stillpoint::backup;
 use stillpoint::runbook::Runbook;
@@ -126,69 +126,11 @@ fn adapter_name(adapter: &AdapterConfig) -> &'static str {
 /// `stillpoint archive`: every chosen database's archiver, until a signal.
 pub async fn archive(args: ArchiveArgs) -> Result<u8, Failure> {
     let runbook = load_runbook(&args.config)?;
-    let chosen: Vec<_> = match &args.database {
-        Some(name) => {
-            let database = runbook
-                .databases
-                .iter()
-                .find(|db| &db.name == name)
-                .ok_or_else(|| {
-                    Failure::new(exit::USAGE, anyhow!("the runbook has no database {name:?}"))
-                })?;
-            vec![database]
-        }
-        None => runbook.databases.iter().filter(|db| db.archive).collect(),
-    };
-    if chosen.is_empty() {
-        return Err(Failure::new(
-            exit::USAGE,
-            anyhow!(
-                "no database of the runbook has archive = true; set it on the PostgreSQL \
-                 and MariaDB databases to archive, or pass --database NAME"
-            ),
-        ));
-    }
-    let mut archivers = Vec::new();
-    for database in chosen {
-        let archive = open_archive(&runbook, &database.name)?;
-        match &database.adapter {
-            AdapterConfig::Postgres(config) => {
-                let config = ArchiverConfig::new(
-                    &database.name,
-                    config.clone(),
-                    &runbook.spool_root(),
-                    runbook.archive.partial_interval,
-                );
-                archivers.push(Archiver::Wal(PgArchiver::new(config, archive)));
-            }
-            AdapterConfig::Mariadb(config) => {
-                let config = BinlogArchiverConfig::new(
-                    &database.name,
-                    config.clone(),
-                    &runbook.spool_root(),
-                    runbook.archive.chunk_interval,
-                );
-                archivers.push(Archiver::Binlog(BinlogArchiver::new(config, archive)));
-            }
-            _ => {
-                return Err(Failure::new(
-                    exit::USAGE,
-                    anyhow!(
-                        "database {:?} is neither PostgreSQL nor MariaDB; only their logs are \
-                         archived",
-                        database.name
-                    ),
-                ));
-            }
-        }
-    }
-
+    let archivers = Archiver::for_runbook(&runbook, args.database.as_deref())
+        .map_err(|error| Failure::new(exit::USAGE, error))?;
     let cancel = CancellationToken::new();
     let runs = futures::future::join_all(archivers.iter().map(|archiver| async {
-        let result = match archiver {
-            Archiver::Wal(archiver) => archiver.run(&cancel).await,
-            Archiver::Binlog(archiver) => archiver.run(&cancel).await,
-        };
+        let result = archiver.run(&cancel).await;
         if result.is_err() {
             // One archiver that cannot go on stops the command: the others flush and
             // stop too, rather than leave an operator believing all is archived.
@@ -221,91 +163,10 @@ pub async fn archive(args: ArchiveArgs) -> Result<u8, Failure> {
     }
 }
 
-/// One database's archiver, whichever log it archives.
-enum Archiver {
-    Wal(PgArchiver),
-    Binlog(BinlogArchiver),
-}
-
-impl Archiver {
-    fn database(&self) -> &str {
-        match self {
-            Archiver::Wal(archiver) => &archiver.config().database,
-            Archiver::Binlog(archiver) => &archiver.config().database,
-        }
-    }
-
-    fn status(&self) -> Status {
-        match self {
-            Archiver::Wal(archiver) => Status::Wal(archiver.status()),
-            Archiver::Binlog(archiver) => Status::Binlog(archiver.status()),
-        }
-    }
-}
-
-enum Status {
-    Wal(tokio::sync::watch::Receiver<ArchiverStatus>),
-    Binlog(tokio::sync::watch::Receiver<BinlogArchiverStatus>),
-}
-
-/// What a progress line shows, the same for both kinds of archiver.
-struct Progress {
-    archived_to: Option<String>,
-    /// The server's position, under its kind's JSON key (`server_lsn` for WAL,
-    /// `server_position` for binlogs).
-    server: (&'static str, Option<String>),
-    lag_bytes: Option<u64>,
-    last_chunk: Option<String>,
-    chunks_stored: u64,
-    restarts: u32,
-    last_error: Option<String>,
-}
-
-impl Status {
-    fn look(&mut self) -> Progress {
-        match self {
-            Status::Wal(receiver) => {
-                let now = receiver.borrow_and_update();
-                Progress {
-                    archived_to: now.archived_to.map(|lsn| lsn.to_string()),
-                    server: ("server_lsn", now.server_lsn.map(|lsn| lsn.to_string())),
-                    lag_bytes: now.lag_bytes(),
-                    last_chunk: now.last_chunk.clone(),
-                    chunks_stored: now.chunks_stored,
-                    restarts: now.restarts,
-                    last_error: now.last_error.clone(),
-                }
-            }
-            Status::Binlog(receiver) => {
-                let now = receiver.borrow_and_update();
-                Progress {
-                    archived_to: now.archived_to.as_ref().map(ToString::to_string),
-                    server: (
-                        "server_position",
-                        now.server_position.as_ref().map(ToString::to_string),
-                    ),
-                    lag_bytes: now.lag_bytes(),
-                    last_chunk: now.last_chunk.clone(),
-                    chunks_stored: now.chunks_stored,
-                    restarts: now.restarts,
-                    last_error: now.last_error.clone(),
-                }
-            }
-        }
-    }
-
-    async fn stopped(&mut self) {
-        let _ = match self {
-            Status::Wal(receiver) => receiver.wait_for(|s| !s.streaming).await.map(|_| ()),
-            Status::Binlog(receiver) => receiver.wait_for(|s| !s.streaming).await.map(|_| ()),
-        };
-    }
-}
-
 /// A line whenever an archiver stores a chunk or fails, until `cancel` fires (and
 /// once more after, for the final flush).
 async fn print_progress(archivers: &[Archiver], output: OutputFormat, cancel: &CancellationToken) {
-    let mut receivers: Vec<Status> = archivers.iter().map(Archiver::status).collect();
+    let mut receivers: Vec<ProgressWatch> = archivers.iter().map(Archiver::watch).collect();
     let mut shown: Vec<(u64, Option<String>)> = vec![(0, None); archivers.len()];
     let mut stopping = false;
     loop {
@@ -339,26 +200,29 @@ fn render(database: &str, progress: &Progress, output: OutputFormat) -> String {
         OutputFormat::Json => {
             let mut line = serde_json::json!({
                 "database": database,
-                "archived_to": progress.archived_to,
+                "archived_to": progress.archived_to.as_ref().map(ToString::to_string),
                 "lag_bytes": progress.lag_bytes,
                 "last_chunk": progress.last_chunk,
                 "chunks_stored": progress.chunks_stored,
                 "restarts": progress.restarts,
                 "last_error": progress.last_error,
             });
-            let (key, server) = &progress.server;
-            line[*key] = serde_json::json!(server);
+            line[progress.server_key] =
+                serde_json::json!(progress.server.as_ref().map(ToString::to_string));
             line.to_string()
         }
         OutputFormat::Text => {
             let mut line = format!(
                 "{database}: archived to {}",
-                progress.archived_to.as_deref().unwrap_or("nothing yet")
+                progress
+                    .archived_to
+                    .as_ref()
+                    .map_or("nothing yet".to_owned(), ToString::to_string)
             );
             if let Some(chunk) = &progress.last_chunk {
                 line.push_str(&format!(" (last stored: {chunk})"));
             }
-            if let Some(server) = &progress.server.1 {
+            if let Some(server) = &progress.server {
                 line.push_str(&format!(", server at {server}"));
             }
             if let Some(lag) = progress.lag_bytes {

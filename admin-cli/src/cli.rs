@@ -12,6 +12,7 @@ use crate::exit::{self, Failure};
 use crate::pause::{self, InspectArgs, PauseArgs, UnpauseArgs};
 use crate::points::{self, PointArgs};
 use crate::restore::{self, BaseBackupArgs, PitrArgs, RestoreArgs};
+use crate::serve::{self, ServeArgs};
 
 const ABOUT: &str = "Transactionally-consistent backups of a paused application cluster.";
 
@@ -117,6 +118,11 @@ pub enum Command {
     /// 1 when it is not there, 126 when the archive cannot be read (`restore_command =
     /// 'stillpoint wal-fetch -c RUNBOOK --database NAME %f %p'`).
     WalFetch(WalFetchArgs),
+    /// Run as a service for one runbook: its archivers, its [schedule] (points, base
+    /// backups, backups, drills, verify, prune), an HTTP API with bearer tokens,
+    /// Prometheus metrics at /metrics and a status page at /, until SIGINT/SIGTERM
+    /// (which releases any pause in progress and flushes the archives first).
+    Serve(ServeArgs),
     /// Start a local reference cluster (3 ledger nodes + 1 auditor on SQLite) under
     /// load, back it up, drill the backup, print a report and clean up.
     Demo(DemoArgs),
@@ -154,6 +160,7 @@ pub async fn run() -> Result<u8, Failure> {
         Command::ArchiveList(args) => archive::archive_list(args).await,
         Command::WalPush(args) => archive::wal_push(args).await,
         Command::WalFetch(args) => archive::wal_fetch(args).await,
+        Command::Serve(args) => serve::serve(args).await,
         Command::Demo(args) => demo::demo(args).await,
         Command::Completions(args) => docs::completions(args),
         Command::Man(args) => docs::man(args),

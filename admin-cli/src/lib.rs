@@ -9,6 +9,7 @@
 //! - `catalog.rs`: `list`, `show`, `verify`, `prune`.
 //! - `restore.rs`: `restore`, and PostgreSQL's `base-backup` and `pitr`.
 //! - `drill.rs`: `drill`, with its table, JSON and JUnit reports.
+//! - `serve.rs`: `serve`, the long-running service (the `stillpoint-service` crate).
 //! - `demo.rs`: `demo`, a local reference cluster paused and checked.
 //! - `docs.rs`: `completions` and `man`, generated from the clap command tree.
 //! - `scalar_admin.rs`: the upstream-compatible `scalar-admin` flags.
@@ -31,6 +32,7 @@ pub mod pause;
 pub mod points;
 pub mod restore;
 pub mod scalar_admin;
+pub mod serve;
 pub mod signal;
 pub mod state;
 

@@ -51,6 +51,7 @@ use crate::adapters::ByteStream;
 use crate::pipeline::{self, ArtifactInfo, Decryption, PipelineError, PipelineSettings};
 use crate::storage::{Storage, StorageError};
 
+pub mod archivers;
 pub mod base;
 pub mod binlog;
 mod catalog;

@@ -1,0 +1,406 @@
+//! The service's HTTP side (axum): the API under `/api/v1`, `/metrics`, the status
+//! page, `/healthz`, `/readyz` and `/openapi.json` (docs/api/openapi.json, the
+//! document every route here keeps to). Who may call what is decided here, in one
+//! place: bearer tokens with two roles, as the nodes' admin API has (docs/security.md):
+//! an operator token may trigger jobs, an observer token may only read. Every error is
+//! JSON that names the problem and the fix.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use stillpoint::runbook::JobKind;
+use stillpoint_node::grpc::auth::{AdminToken, MIN_TOKEN_LEN, ServerTls};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+
+use crate::Service;
+use crate::jobs::Trigger;
+
+/// The OpenAPI document, served as committed.
+pub const OPENAPI: &str = include_str!("../../docs/api/openapi.json");
+
+/// The tokens the API accepts; only their digests are kept (compared in constant time).
+pub struct Auth {
+    operator: blake3::Hash,
+    observer: Option<blake3::Hash>,
+}
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Observer,
+    Operator,
+}
+
+impl Auth {
+    pub fn new(operator: &AdminToken, observer: Option<&AdminToken>) -> Result<Auth, String> {
+        let digest = |token: &AdminToken, which: &str| {
+            let len = token.expose().len();
+            if len < MIN_TOKEN_LEN {
+                return Err(format!(
+                    "the {which} token is {len} characters; use at least {MIN_TOKEN_LEN} \
+                     (e.g. `openssl rand -hex 32`)"
+                ));
+            }
+            Ok(blake3::hash(token.expose().as_bytes()))
+        };
+        let operator_digest = digest(operator, "operator")?;
+        let observer = observer
+            .map(|token| digest(token, "observer"))
+            .transpose()?;
+        if observer == Some(operator_digest) {
+            return Err(
+                "the observer token is the operator token; give the observer a token of its own"
+                    .to_owned(),
+            );
+        }
+        Ok(Auth {
+            operator: operator_digest,
+            observer,
+        })
+    }
+
+    fn role(&self, headers: &HeaderMap) -> Result<Role, ApiError> {
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return Err(ApiError::unauthorized(
+                "no bearer token: send `Authorization: Bearer <token>` (the operator or \
+                 observer token `stillpoint serve` was started with)",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|text| text.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError::unauthorized("malformed Authorization header: write `Bearer <token>`")
+            })?;
+        let digest = blake3::hash(token.as_bytes());
+        if digest == self.operator {
+            Ok(Role::Operator)
+        } else if self.observer == Some(digest) {
+            Ok(Role::Observer)
+        } else {
+            Err(ApiError::unauthorized("wrong bearer token"))
+        }
+    }
+}
+
+/// An error answer: a status and a message that names the problem and the fix.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn unauthorized(message: &str) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, message)
+    }
+
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+type Shared = State<Arc<Service>>;
+type Answer = Result<Response, ApiError>;
+
+fn read(service: &Service, headers: &HeaderMap) -> Result<Role, ApiError> {
+    service.auth.role(headers)
+}
+
+fn operate(service: &Service, headers: &HeaderMap) -> Result<(), ApiError> {
+    match service.auth.role(headers)? {
+        Role::Operator => Ok(()),
+        Role::Observer => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the observer token may only read; triggering a job needs the operator token",
+        )),
+    }
+}
+
+/// Every route of the service.
+pub fn router(service: Arc<Service>) -> Router {
+    Router::new()
+        .route("/", get(status_page))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/backups", get(list_backups))
+        .route("/api/v1/backups/{id}", get(show_backup))
+        .route("/api/v1/points", get(list_points))
+        .route("/api/v1/points/{id}", get(show_point))
+        .route("/api/v1/archives", get(archives))
+        .route("/api/v1/schedule", get(schedule))
+        .route("/api/v1/jobs", get(list_jobs).post(trigger_job))
+        .route("/api/v1/jobs/{id}", get(show_job))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(service)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such path; /openapi.json lists the API's paths")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this path does not take that method; /openapi.json lists what each path takes",
+    )
+}
+
+async fn healthz() -> Response {
+    Json(json!({ "status": "ok" })).into_response()
+}
+
+async fn readyz(State(service): Shared) -> Response {
+    if service.ready.load(Ordering::Relaxed) {
+        Json(json!({ "ready": true })).into_response()
+    } else if service.shutdown.is_cancelled() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "reason": "the service is stopping" })),
+        )
+            .into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "reason": "the service is starting" })),
+        )
+            .into_response()
+    }
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn metrics(State(service): Shared, headers: HeaderMap) -> Answer {
+    if !service.public_status {
+        read(&service, &headers)?;
+    }
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        service.metrics.encode(),
+    )
+        .into_response())
+}
+
+async fn status_page(State(service): Shared, headers: HeaderMap) -> Answer {
+    if !service.public_status {
+        read(&service, &headers)?;
+    }
+    Ok(Html(crate::page::render(&service).await).into_response())
+}
+
+async fn list_backups(State(service): Shared, headers: HeaderMap) -> Answer {
+    read(&service, &headers)?;
+    let view = service.view.read().await;
+    Ok(Json(json!({ "backups": view.backups })).into_response())
+}
+
+async fn show_backup(State(service): Shared, headers: HeaderMap, Path(id): Path<String>) -> Answer {
+    read(&service, &headers)?;
+    let view = service.view.read().await;
+    let backup = view.backup(&id).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no backup {id:?} is listed; GET /api/v1/backups lists them"
+        ))
+    })?;
+    Ok(Json(json!({ "summary": backup, "manifest": backup.manifest })).into_response())
+}
+
+async fn list_points(State(service): Shared, headers: HeaderMap) -> Answer {
+    read(&service, &headers)?;
+    let view = service.view.read().await;
+    Ok(Json(json!({ "points": view.points })).into_response())
+}
+
+async fn show_point(State(service): Shared, headers: HeaderMap, Path(id): Path<String>) -> Answer {
+    read(&service, &headers)?;
+    let view = service.view.read().await;
+    let point = view.point(&id).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no point {id:?} is listed; GET /api/v1/points lists them"
+        ))
+    })?;
+    Ok(Json(json!({ "summary": point, "manifest": point.manifest })).into_response())
+}
+
+async fn archives(State(service): Shared, headers: HeaderMap) -> Answer {
+    read(&service, &headers)?;
+    let view = service.view.read().await;
+    Ok(Json(json!({
+        "archivers": service.archives.all(),
+        "archives": view.databases,
+        "problems": view.problems,
+    }))
+    .into_response())
+}
+
+async fn schedule(State(service): Shared, headers: HeaderMap) -> Answer {
+    read(&service, &headers)?;
+    Ok(Json(json!({ "entries": service.planned() })).into_response())
+}
+
+#[derive(Deserialize)]
+struct JobsQuery {
+    limit: Option<usize>,
+}
+
+async fn list_jobs(
+    State(service): Shared,
+    headers: HeaderMap,
+    query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Answer {
+    read(&service, &headers)?;
+    let Query(query) = query.map_err(|_| {
+        ApiError::bad_request("limit must be a whole number of jobs, e.g. ?limit=20")
+    })?;
+    let limit = query.limit.unwrap_or(100).min(500);
+    Ok(Json(json!({ "jobs": service.jobs.list(limit) })).into_response())
+}
+
+async fn show_job(State(service): Shared, headers: HeaderMap, Path(id): Path<String>) -> Answer {
+    read(&service, &headers)?;
+    let job = service.jobs.get(&id).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no job {id:?}; GET /api/v1/jobs lists the newest {}",
+            500
+        ))
+    })?;
+    Ok(Json(job).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobRequest {
+    kind: String,
+}
+
+async fn trigger_job(State(service): Shared, headers: HeaderMap, body: Bytes) -> Answer {
+    operate(&service, &headers)?;
+    let request: JobRequest = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::bad_request(format!(
+            "the body must be JSON like {{\"kind\": \"point\"}}: {error}"
+        ))
+    })?;
+    let kind: JobKind = request.kind.parse().map_err(ApiError::bad_request)?;
+    if service.shutdown.is_cancelled() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the service is stopping and takes no new jobs",
+        ));
+    }
+    let job = service.submit(kind, Trigger::Api);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/api/v1/jobs/{}", job.job_id))],
+        Json(job),
+    )
+        .into_response())
+}
+
+/// Serves the routes on `listener` (in TLS with `tls`) until the service shuts down.
+pub async fn serve(
+    service: Arc<Service>,
+    listener: TcpListener,
+    tls: Option<ServerTls>,
+) -> std::io::Result<()> {
+    let shutdown = service.shutdown.clone();
+    let app = router(service);
+    let stopping = async move { shutdown.cancelled().await };
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopping)
+                .await
+        }
+        Some(tls) => {
+            let local = listener.local_addr()?;
+            let incoming = tls
+                .incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .map_err(|error| std::io::Error::other(error.to_string()))?;
+            let listener = TlsListener {
+                incoming: Box::pin(incoming),
+                local,
+            };
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopping)
+                .await
+        }
+    }
+}
+
+/// TLS connections as axum takes them; refused handshakes are logged by
+/// [`ServerTls::incoming`] and skipped.
+struct TlsListener {
+    incoming: Pin<Box<dyn Stream<Item = std::io::Result<TlsStream<TcpStream>>> + Send>>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(stream)) => {
+                    let peer = stream
+                        .get_ref()
+                        .0
+                        .peer_addr()
+                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                    return (stream, peer);
+                }
+                Some(Err(_)) => continue,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}

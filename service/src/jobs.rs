@@ -1,0 +1,417 @@
+//! Jobs: what the service runs (a point, a base backup, a backup, a drill, verify,
+//! prune), whether the schedule or the API asked. Owns the rules that keep jobs apart
+//! (never two pauses at once; never two runs of one kind), each job's record (kept in
+//! memory, and in storage under `service/jobs/` once it ends, so a restarted service
+//! knows what ran), and the library call each kind is.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use stillpoint::runbook::JobKind;
+use stillpoint::storage::Storage;
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+
+use crate::work;
+
+/// Where finished jobs' records are kept in the runbook's storage.
+pub const JOBS_DIR: &str = "service/jobs/";
+/// How many records the service keeps in memory (the newest; storage keeps all).
+const KEPT: usize = 500;
+
+/// Who asked for a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    Schedule,
+    Api,
+}
+
+impl Trigger {
+    /// The `schedule` label of the job metrics: the kind's schedule, or `api`.
+    pub fn label(self, kind: JobKind) -> &'static str {
+        match self {
+            Trigger::Schedule => kind.as_str(),
+            Trigger::Api => "api",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for another job to release the cluster (or to finish its kind).
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    /// Not run: it would have overlapped another job (`note` names it).
+    Skipped,
+    /// Stopped by a shutdown before it finished; nothing it did is listed.
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+/// One job, as the API shows it and storage keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub job_id: String,
+    pub kind: JobKind,
+    pub trigger: Trigger,
+    pub state: JobState,
+    pub queued_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub duration_ms: Option<u64>,
+    /// What the job made or found (a point manifest, a drill report, …).
+    pub result: Option<serde_json::Value>,
+    pub error: Option<String>,
+    /// Why it waited or was skipped.
+    pub note: Option<String>,
+}
+
+/// A new job id: sortable by time, then kind, then a random part.
+fn new_job_id(kind: JobKind, at: DateTime<Utc>) -> String {
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!(
+        "{}-{kind}-{}",
+        at.format("%Y%m%dT%H%M%S%.3fZ"),
+        &random[..8]
+    )
+}
+
+/// The job table and the locks that keep jobs apart.
+pub struct Jobs {
+    records: Mutex<VecDeque<JobRecord>>,
+    /// Held by a job that pauses the cluster, for as long as it runs.
+    pause: Arc<AsyncMutex<String>>,
+    /// One per kind: held by the running job of that kind.
+    kinds: HashMap<JobKind, Arc<AsyncMutex<String>>>,
+}
+
+impl Jobs {
+    pub fn new(restored: Vec<JobRecord>) -> Jobs {
+        let mut records: VecDeque<JobRecord> = restored.into();
+        while records.len() > KEPT {
+            records.pop_front();
+        }
+        Jobs {
+            records: Mutex::new(records),
+            pause: Arc::new(AsyncMutex::new(String::new())),
+            kinds: JobKind::ALL
+                .into_iter()
+                .map(|kind| (kind, Arc::new(AsyncMutex::new(String::new()))))
+                .collect(),
+        }
+    }
+
+    /// The newest records first (at most `limit`).
+    pub fn list(&self, limit: usize) -> Vec<JobRecord> {
+        let records = self.records.lock().expect("job table");
+        records.iter().rev().take(limit).cloned().collect()
+    }
+
+    pub fn get(&self, job_id: &str) -> Option<JobRecord> {
+        let records = self.records.lock().expect("job table");
+        records.iter().rev().find(|r| r.job_id == job_id).cloned()
+    }
+
+    /// The newest record of `kind` run by the schedule that started (catch-up after
+    /// downtime compares it with the schedule's last due time).
+    pub fn last_scheduled_start(&self, kind: JobKind) -> Option<DateTime<Utc>> {
+        let records = self.records.lock().expect("job table");
+        records
+            .iter()
+            .filter(|r| r.kind == kind && r.trigger == Trigger::Schedule)
+            .filter_map(|r| r.started_at)
+            .max()
+    }
+
+    /// Whether a job of any kind is queued or running.
+    pub fn busy(&self) -> Vec<JobRecord> {
+        let records = self.records.lock().expect("job table");
+        records
+            .iter()
+            .filter(|r| !r.state.is_final())
+            .cloned()
+            .collect()
+    }
+
+    fn insert(&self, record: JobRecord) {
+        let mut records = self.records.lock().expect("job table");
+        records.push_back(record);
+        while records.len() > KEPT {
+            records.pop_front();
+        }
+    }
+
+    fn update(&self, job_id: &str, change: impl FnOnce(&mut JobRecord)) -> Option<JobRecord> {
+        let mut records = self.records.lock().expect("job table");
+        let record = records.iter_mut().rev().find(|r| r.job_id == job_id)?;
+        change(record);
+        Some(record.clone())
+    }
+}
+
+/// The locks a job holds while it runs.
+struct Held {
+    _kind: OwnedMutexGuard<String>,
+    _pause: Option<OwnedMutexGuard<String>>,
+}
+
+/// Reads every job record kept in storage (oldest first); unreadable ones are
+/// skipped with a warning: they only inform the schedule's catch-up.
+pub async fn restore_records(storage: &Storage) -> Vec<JobRecord> {
+    let entries = match storage.list(JOBS_DIR).await {
+        Ok(entries) => entries,
+        Err(error) => {
+            tracing::warn!("cannot list the job records in {JOBS_DIR}: {error}");
+            return Vec::new();
+        }
+    };
+    let mut records = Vec::new();
+    for entry in entries.iter().filter(|e| e.path.ends_with(".json")) {
+        match storage.get_bytes(&entry.path).await {
+            Ok(bytes) => match serde_json::from_slice::<JobRecord>(&bytes) {
+                Ok(record) => records.push(record),
+                Err(error) => tracing::warn!("job record {} is unreadable: {error}", entry.path),
+            },
+            Err(error) => tracing::warn!("job record {} is unreadable: {error}", entry.path),
+        }
+    }
+    records.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+    records
+}
+
+impl crate::Service {
+    /// Queues a job and starts it. A scheduled job that would overlap another is
+    /// skipped (a scheduled backup waits for a point instead: it is rarer and worth
+    /// more); a job the API asked for waits its turn.
+    pub fn submit(self: &Arc<Self>, kind: JobKind, trigger: Trigger) -> JobRecord {
+        let now = Utc::now();
+        let record = JobRecord {
+            job_id: new_job_id(kind, now),
+            kind,
+            trigger,
+            state: JobState::Queued,
+            queued_at: now,
+            started_at: None,
+            finished_at: None,
+            duration_ms: None,
+            result: None,
+            error: None,
+            note: None,
+        };
+        self.metrics.job_attempted(kind, trigger);
+        let waits = trigger == Trigger::Api || kind == JobKind::Backup;
+        let kind_lock = self.jobs.kinds[&kind].clone();
+        let pause_lock = self.jobs.pause.clone();
+        let job_id = record.job_id.clone();
+
+        // Scheduled jobs decide now whether they run, so the answer is immediate.
+        let kind_guard = match kind_lock.clone().try_lock_owned() {
+            Ok(guard) => Some(guard),
+            Err(_) if trigger == Trigger::Schedule => {
+                let holder = self.holder(&kind_lock);
+                return self.skip(
+                    record,
+                    format!("the previous {kind} ({holder}) is still running"),
+                );
+            }
+            Err(_) => None,
+        };
+        let pause_guard = if kind.pauses() {
+            match pause_lock.clone().try_lock_owned() {
+                Ok(guard) => Some(Some(guard)),
+                Err(_) if !waits => {
+                    let holder = self.holder(&pause_lock);
+                    return self.skip(
+                        record,
+                        format!("{holder} holds the cluster's pause; a point never waits for one"),
+                    );
+                }
+                Err(_) => None,
+            }
+        } else {
+            Some(None)
+        };
+        self.jobs.insert(record.clone());
+        let service = self.clone();
+        self.tasks.spawn(async move {
+            let mut waited = Vec::new();
+            let kind_guard = match kind_guard {
+                Some(guard) => guard,
+                None => {
+                    waited.push(service.holder(&kind_lock));
+                    kind_lock.lock_owned().await
+                }
+            };
+            let pause_guard = match pause_guard {
+                Some(guard) => guard,
+                None => {
+                    waited.push(service.holder(&pause_lock));
+                    Some(pause_lock.lock_owned().await)
+                }
+            };
+            let mut held = Held {
+                _kind: kind_guard,
+                _pause: pause_guard,
+            };
+            *held._kind = format!("job {job_id} ({kind})");
+            if let Some(pause) = held._pause.as_mut() {
+                **pause = format!("job {job_id} ({kind})");
+            }
+            let note = (!waited.is_empty()).then(|| format!("waited for {}", waited.join(" and ")));
+            service.run(job_id, kind, trigger, note, held).await;
+        });
+        record
+    }
+
+    fn holder(&self, lock: &AsyncMutex<String>) -> String {
+        match lock.try_lock() {
+            Ok(_) => "another job".to_owned(),
+            Err(_) => self
+                .jobs
+                .busy()
+                .into_iter()
+                .find(|r| r.state == JobState::Running)
+                .map_or("another job".to_owned(), |r| {
+                    format!("job {} ({})", r.job_id, r.kind)
+                }),
+        }
+    }
+
+    fn skip(&self, mut record: JobRecord, why: String) -> JobRecord {
+        tracing::warn!(job = %record.job_id, "scheduled {} skipped: {why}", record.kind);
+        record.state = JobState::Skipped;
+        record.finished_at = Some(Utc::now());
+        record.note = Some(why);
+        self.metrics.job_skipped(record.kind, record.trigger);
+        self.jobs.insert(record.clone());
+        record
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        job_id: String,
+        kind: JobKind,
+        trigger: Trigger,
+        note: Option<String>,
+        held: Held,
+    ) {
+        let started = Instant::now();
+        self.jobs.update(&job_id, |r| {
+            r.state = JobState::Running;
+            r.started_at = Some(Utc::now());
+            r.note = note;
+        });
+        tracing::info!(job = %job_id, "{kind} started ({})", trigger.label(kind));
+        // A shutdown drops the job's work: a paused cluster is released at once by the
+        // drop of its PausedCluster, and nothing the job stored is listed (manifests and
+        // records go last).
+        let outcome = tokio::select! {
+            outcome = work::run(&self, kind) => Some(outcome),
+            () = self.shutdown.cancelled() => None,
+        };
+        drop(held);
+        let elapsed = started.elapsed();
+        let record = self.jobs.update(&job_id, |r| {
+            r.finished_at = Some(Utc::now());
+            r.duration_ms = Some(elapsed.as_millis() as u64);
+            match outcome {
+                Some(Ok(result)) => {
+                    r.state = JobState::Succeeded;
+                    r.result = Some(result);
+                }
+                Some(Err(failure)) => {
+                    r.state = JobState::Failed;
+                    r.error = Some(failure.error);
+                    r.result = failure.result;
+                }
+                None => {
+                    r.state = JobState::Cancelled;
+                    r.error = Some("the service stopped before the job finished".to_owned());
+                }
+            }
+        });
+        let Some(record) = record else { return };
+        match record.state {
+            JobState::Succeeded => {
+                tracing::info!(job = %job_id, "{kind} succeeded in {} ms", elapsed.as_millis());
+                self.metrics.job_succeeded(kind, trigger, elapsed);
+            }
+            JobState::Failed => {
+                tracing::warn!(job = %job_id, "{kind} failed: {}", record.error.as_deref().unwrap_or("?"));
+                self.metrics.job_failed(kind, trigger, elapsed);
+            }
+            _ => {}
+        }
+        if kind == JobKind::Drill
+            && let Some(result) = &record.result
+            && let Some(passed) = result.get("ok").and_then(serde_json::Value::as_bool)
+        {
+            self.metrics.drill_finished(passed, Utc::now());
+        }
+        if kind == JobKind::Point
+            && let Some(window_ms) = record
+                .result
+                .as_ref()
+                .and_then(|result| result["window"]["window_ms"].as_f64())
+        {
+            self.metrics.pause_window(window_ms / 1000.0);
+        }
+        let path = format!("{JOBS_DIR}{job_id}.json");
+        let bytes = serde_json::to_vec_pretty(&record).expect("a job record serializes");
+        if let Err(error) = self.storage.put_atomic(&path, bytes.into()).await {
+            tracing::warn!(job = %job_id, "cannot store the job's record at {path}: {error}");
+        }
+        self.refresh_view().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_sort_by_time_and_name_their_kind() {
+        let early = new_job_id(JobKind::Point, "2026-11-30T12:00:00Z".parse().unwrap());
+        let late = new_job_id(JobKind::Drill, "2026-11-30T12:00:01Z".parse().unwrap());
+        assert!(early < late, "{early} {late}");
+        assert!(early.starts_with("20261130T120000.000Z-point-"), "{early}");
+    }
+
+    #[test]
+    fn the_newest_scheduled_start_of_a_kind_is_found() {
+        let record = |kind, trigger, at: &str| JobRecord {
+            job_id: new_job_id(kind, at.parse().unwrap()),
+            kind,
+            trigger,
+            state: JobState::Succeeded,
+            queued_at: at.parse().unwrap(),
+            started_at: Some(at.parse().unwrap()),
+            finished_at: None,
+            duration_ms: None,
+            result: None,
+            error: None,
+            note: None,
+        };
+        let jobs = Jobs::new(vec![
+            record(JobKind::Drill, Trigger::Schedule, "2026-11-29T04:00:00Z"),
+            record(JobKind::Drill, Trigger::Api, "2026-11-30T09:00:00Z"),
+            record(JobKind::Point, Trigger::Schedule, "2026-11-30T10:00:00Z"),
+        ]);
+        assert_eq!(
+            jobs.last_scheduled_start(JobKind::Drill),
+            Some("2026-11-29T04:00:00Z".parse().unwrap())
+        );
+        assert_eq!(jobs.last_scheduled_start(JobKind::Prune), None);
+    }
+}
