@@ -87,6 +87,23 @@ fn new_job_id(kind: JobKind, at: DateTime<Utc>) -> String {
     )
 }
 
+fn new_record(kind: JobKind, trigger: Trigger) -> JobRecord {
+    let now = Utc::now();
+    JobRecord {
+        job_id: new_job_id(kind, now),
+        kind,
+        trigger,
+        state: JobState::Queued,
+        queued_at: now,
+        started_at: None,
+        finished_at: None,
+        duration_ms: None,
+        result: None,
+        error: None,
+        note: None,
+    }
+}
+
 /// The job table and the locks that keep jobs apart.
 pub struct Jobs {
     records: Mutex<VecDeque<JobRecord>>,
@@ -195,20 +212,7 @@ impl crate::Service {
     /// skipped (a scheduled backup waits for a point instead: it is rarer and worth
     /// more); a job the API asked for waits its turn.
     pub fn submit(self: &Arc<Self>, kind: JobKind, trigger: Trigger) -> JobRecord {
-        let now = Utc::now();
-        let record = JobRecord {
-            job_id: new_job_id(kind, now),
-            kind,
-            trigger,
-            state: JobState::Queued,
-            queued_at: now,
-            started_at: None,
-            finished_at: None,
-            duration_ms: None,
-            result: None,
-            error: None,
-            note: None,
-        };
+        let record = new_record(kind, trigger);
         self.metrics.job_attempted(kind, trigger);
         let waits = trigger == Trigger::Api || kind == JobKind::Backup;
         let kind_lock = self.jobs.kinds[&kind].clone();
@@ -286,6 +290,12 @@ impl crate::Service {
                     format!("job {} ({})", r.job_id, r.kind)
                 }),
         }
+    }
+
+    /// Records a scheduled job that is not run, and why.
+    pub(crate) fn skip_scheduled(&self, kind: JobKind, why: String) {
+        self.metrics.job_attempted(kind, Trigger::Schedule);
+        self.skip(new_record(kind, Trigger::Schedule), why);
     }
 
     fn skip(&self, mut record: JobRecord, why: String) -> JobRecord {

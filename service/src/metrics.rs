@@ -222,6 +222,20 @@ impl Metrics {
         }
     }
 
+    /// Shows a scheduled kind's counters at 0 from the start: Prometheus' `increase()`
+    /// does not see the first failure of a series that appears already at 1.
+    pub fn declare_scheduled(&self, kind: JobKind) {
+        let labels = Self::job(kind, Trigger::Schedule);
+        for family in [
+            &self.attempts,
+            &self.successes,
+            &self.failures,
+            &self.skipped,
+        ] {
+            family.get_or_create(&labels);
+        }
+    }
+
     pub fn job_attempted(&self, kind: JobKind, trigger: Trigger) {
         self.attempts.get_or_create(&Self::job(kind, trigger)).inc();
     }

@@ -2,7 +2,8 @@
 //! submits its job. After downtime a kind whose last due time passed while the service
 //! was down runs once at start (one catch-up run, never a burst: the next due time is
 //! always computed from now). An archived database with no base backup yet gets one at
-//! start when points are scheduled, since no point can be restorable without it.
+//! start when points are scheduled, since no point can be restorable without it; until
+//! it is there, scheduled points are skipped (and say why), not failed.
 
 use std::sync::Arc;
 
@@ -59,6 +60,9 @@ fn missed(
 /// Runs every entry until shutdown.
 pub async fn run(service: Arc<Service>) {
     let schedule = &service.runbook.schedule;
+    for entry in &schedule.entries {
+        service.metrics.declare_scheduled(entry.kind);
+    }
     if schedule
         .entries
         .iter()
@@ -115,7 +119,17 @@ async fn run_entry(service: &Arc<Service>, entry: &ScheduleEntry) {
             () = tokio::time::sleep(wait) => {}
             () = service.shutdown.cancelled() => return,
         }
-        service.submit(entry.kind, Trigger::Schedule);
+        if entry.kind == JobKind::Point && needs_base(service).await {
+            // Not a failure to alert on: the first base backup is still being taken.
+            service.skip_scheduled(
+                entry.kind,
+                "an archived database has no base backup yet (the first one is being \
+                 taken, or take one: POST /api/v1/jobs {\"kind\": \"base_backup\"})"
+                    .to_owned(),
+            );
+        } else {
+            service.submit(entry.kind, Trigger::Schedule);
+        }
         // From now, not from `next`: a run that took longer than the interval is
         // followed by the next due time, not by the ones it missed.
         after = Utc::now().max(next);

@@ -26,3 +26,4 @@ mod points_mariadb;
 mod points_scenario;
 mod protocols;
 mod security;
+mod serve;
