@@ -232,27 +232,19 @@ fn configmap_runbook() -> String {
         .to_owned()
 }
 
-/// Parses the ConfigMap's runbook with the library. The library does not know the
-/// `[schedule]` table of `stillpoint serve` yet: when that is its only objection, the
-/// table is checked here for the keys it must have and parsed without it.
+/// Parses the ConfigMap's runbook with the library, `[schedule]` included: the
+/// service must take a point every minute.
 fn parsed_runbook() -> Runbook {
-    let text = configmap_runbook();
-    match Runbook::parse(&text, Path::new(RUNBOOK_DIR)) {
-        Ok(runbook) => runbook,
-        Err(error) if error.contains("unknown field `schedule`") => {
-            let mut table: toml::Table = toml::from_str(&text).expect("the runbook is TOML");
-            let schedule = table.remove("schedule").expect("a [schedule] table");
-            assert_eq!(
-                schedule.get("point").and_then(toml::Value::as_str),
-                Some("* * * * *"),
-                "the runbook should take a point every minute"
-            );
-            let without_schedule = toml::to_string(&table).unwrap();
-            Runbook::parse(&without_schedule, Path::new(RUNBOOK_DIR))
-                .unwrap_or_else(|error| panic!("the ConfigMap's runbook is invalid: {error}"))
-        }
-        Err(error) => panic!("the ConfigMap's runbook is invalid: {error}"),
-    }
+    let runbook = Runbook::parse(&configmap_runbook(), Path::new(RUNBOOK_DIR))
+        .unwrap_or_else(|error| panic!("the ConfigMap's runbook is invalid: {error}"));
+    let point = runbook
+        .schedule
+        .entries
+        .iter()
+        .find(|entry| entry.kind == stillpoint::runbook::JobKind::Point)
+        .expect("the ConfigMap's runbook schedules points");
+    assert_eq!(point.pattern, "* * * * *", "a point every minute");
+    runbook
 }
 
 /// Every secret file a pod's container sees: each secret volume's mount path joined with

@@ -232,7 +232,7 @@ impl Metrics {
             &self.failures,
             &self.skipped,
         ] {
-            family.get_or_create(&labels);
+            let _ = family.get_or_create(&labels);
         }
     }
 
