@@ -778,7 +778,7 @@ fn collect<T, E: std::fmt::Display>(results: Vec<Result<T, E>>) -> Result<Vec<T>
     }
 }
 
-pub(crate) async fn pause_plan(pause: &PauseConfig) -> Result<PausePlan, BackupError> {
+pub async fn pause_plan(pause: &PauseConfig) -> Result<PausePlan, BackupError> {
     let mut tiers: Vec<Vec<NodeAddress>> = Vec::new();
     for tier in &pause.tiers {
         let nodes = match &tier.srv {

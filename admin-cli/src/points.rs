@@ -61,6 +61,7 @@ pub async fn point(args: PointArgs) -> Result<u8, Failure> {
     let options = PointOptions {
         wait: args.wait,
         count_rows: args.count_rows,
+        pool: None,
     };
     // SIGINT/SIGTERM stop the point: dropping its work releases a paused cluster at
     // once (PausedCluster's drop, bounded; the lease covers the rest) and nothing has

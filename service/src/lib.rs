@@ -11,6 +11,7 @@
 //! - `jobs.rs`: the job table, the rules that keep jobs apart, job records.
 //! - `work.rs`: what each kind of job does (one library call each).
 //! - `archiving.rs`: the archivers, their progress and lag.
+//! - `nodes.rs`: connections to the nodes kept open between pauses; their pause state.
 //! - `view.rs`: what storage holds (points, backups, bases, archives), re-read after
 //!   each job and every few seconds.
 //! - `api.rs`: HTTP routes, bearer tokens and roles, JSON errors.
@@ -23,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use stillpoint::archive::archivers::Archiver;
+use stillpoint::grpc::pool::ConnectionPool;
 use stillpoint::pipeline::PipelineSettings;
 use stillpoint::runbook::Runbook;
 use stillpoint::storage::Storage;
@@ -36,6 +38,7 @@ pub mod api;
 mod archiving;
 pub mod jobs;
 pub mod metrics;
+mod nodes;
 mod page;
 mod schedule;
 mod view;
@@ -75,6 +78,8 @@ pub struct Service {
     archives: archiving::ArchiveBoard,
     view: RwLock<view::View>,
     auth: api::Auth,
+    /// Connections to the nodes, kept open between pauses.
+    pool: Arc<ConnectionPool>,
     public_status: bool,
     /// Set once storage answered and the archivers started: `/readyz` says so.
     ready: AtomicBool,
@@ -128,6 +133,7 @@ pub async fn run(
         archives: archiving::ArchiveBoard::default(),
         view: RwLock::new(view::View::default()),
         auth,
+        pool: Arc::new(ConnectionPool::default()),
         public_status: config.public_status,
         ready: AtomicBool::new(false),
         shutdown,
@@ -139,6 +145,7 @@ pub async fn run(
     service.ready.store(true, Ordering::Relaxed);
     let scheduling = tokio::spawn(schedule::run(service.clone()));
     let viewing = tokio::spawn(refresh_views(service.clone()));
+    let watching = tokio::spawn(nodes::watch(service.clone()));
     let serving = api::serve(service.clone(), listener, config.tls);
     tracing::info!(
         "serving runbook {} ({} scheduled job kinds)",
@@ -155,6 +162,7 @@ pub async fn run(
     service.tasks.wait().await;
     let _ = archiving.await;
     let _ = viewing.await;
+    let _ = watching.await;
     tracing::info!("stopped: every job ended and every archiver flushed");
     served.map_err(ServeError::Http)
 }

@@ -1,18 +1,23 @@
 //! The runbook's `[schedule]` at work: each entry waits for its next due time and
 //! submits its job. After downtime a kind whose last due time passed while the service
 //! was down runs once at start (one catch-up run, never a burst: the next due time is
-//! always computed from now). An archived database with no base backup yet gets one at
-//! start when points are scheduled, since no point can be restorable without it; until
-//! it is there, scheduled points are skipped (and say why), not failed.
+//! always computed from now). An archived database with no base backup yet gets one
+//! when points are scheduled (once its archive holds a first chunk; again until it
+//! succeeds), since no point can be restorable without it; until it is there,
+//! scheduled points are skipped (and say why), not failed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use stillpoint::runbook::{JobKind, ScheduleEntry};
 
 use crate::Service;
-use crate::jobs::Trigger;
+use crate::jobs::{JobState, Trigger};
+
+/// How long after a failed first base backup it is tried again.
+const FIRST_BASE_RETRY: Duration = Duration::from_secs(30);
 
 /// An entry of the schedule as the API shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -63,20 +68,62 @@ pub async fn run(service: Arc<Service>) {
     for entry in &schedule.entries {
         service.metrics.declare_scheduled(entry.kind);
     }
-    if schedule
-        .entries
-        .iter()
-        .any(|entry| entry.kind == JobKind::Point)
-        && needs_base(&service).await
-    {
-        tracing::info!("an archived database has no base backup yet: taking one now");
-        service.submit(JobKind::BaseBackup, Trigger::Schedule);
-    }
     let loops = schedule
         .entries
         .iter()
         .map(|entry| run_entry(&service, entry));
-    futures::future::join_all(loops).await;
+    let first_base = async {
+        if schedule
+            .entries
+            .iter()
+            .any(|entry| entry.kind == JobKind::Point)
+        {
+            take_first_base(&service).await;
+        }
+    };
+    tokio::join!(futures::future::join_all(loops), first_base);
+}
+
+/// Takes a base backup of the archived databases that have none, once each one's
+/// archive holds a first chunk (a base older than the archive's start could not be
+/// replayed); tried again every [`FIRST_BASE_RETRY`] until it succeeds.
+async fn take_first_base(service: &Arc<Service>) {
+    let bases = crate::work::base_databases(service);
+    while needs_base(service).await {
+        let archived = || {
+            let archives = service.archives.all();
+            bases.iter().all(|name| {
+                archives
+                    .iter()
+                    .any(|state| &state.database == name && state.archived_to.is_some())
+            })
+        };
+        while !archived() {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = service.shutdown.cancelled() => return,
+            }
+        }
+        tracing::info!("an archived database has no base backup yet: taking one now");
+        let job = service.submit(JobKind::BaseBackup, Trigger::Schedule);
+        let ended = loop {
+            match service.jobs.get(&job.job_id) {
+                Some(record) if !record.state.is_final() => {}
+                record => break record,
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = service.shutdown.cancelled() => return,
+            }
+        };
+        if ended.is_some_and(|record| record.state == JobState::Succeeded) {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(FIRST_BASE_RETRY) => {}
+            () = service.shutdown.cancelled() => return,
+        }
+    }
 }
 
 async fn needs_base(service: &Service) -> bool {

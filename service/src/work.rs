@@ -65,7 +65,10 @@ pub async fn run(service: &Arc<Service>, kind: JobKind) -> Result<Value, Failure
 }
 
 async fn point(service: &Service) -> Result<Value, Failure> {
-    let options = PointOptions::default();
+    let options = PointOptions {
+        pool: Some(service.pool.clone()),
+        ..PointOptions::default()
+    };
     match take::run(
         &service.runbook,
         &service.storage,

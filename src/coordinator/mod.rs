@@ -24,6 +24,7 @@ pub use report::{NodeOutcome, NodeReport, PauseReport};
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt as _;
@@ -33,6 +34,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::grpc::client::{CallError, ClockReading, ConnectOptions, NodeClient, Protocol};
+use crate::grpc::pool::ConnectionPool;
 use crate::resolve::{AddressError, NodeAddress, ensure_unique};
 use crate::time::unix_ms;
 use stillpoint_node::pause::{Holder, MAX_LEASE, NodeStatus, PauseOwner, check_id};
@@ -60,6 +62,9 @@ pub struct PausePlan {
     /// `scalar-admin` binary): the pause then outlives this process, bounded only by
     /// each node's own upstream lease.
     pub upstream_only: bool,
+    /// Connections kept open between pauses (`stillpoint serve`); `None`: connect
+    /// afresh, as one-shot commands do.
+    pub pool: Option<Arc<ConnectionPool>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -107,6 +112,7 @@ impl PausePlan {
             pause_id: new_pause_id(),
             coordinator_id: new_coordinator_id(),
             upstream_only: false,
+            pool: None,
         }
     }
 
@@ -733,9 +739,31 @@ struct ConnectedNode {
 }
 
 async fn connect_node(plan: &PausePlan, address: &NodeAddress) -> Result<ConnectedNode, CallError> {
+    let Some(pool) = &plan.pool else {
+        return connect_node_with(plan, address, None).await;
+    };
+    match connect_node_with(plan, address, Some(pool)).await {
+        Ok(node) => Ok(node),
+        Err(_) => {
+            // A pooled connection may have broken since the last pause (the node
+            // restarted): once more on a new one.
+            pool.forget(address);
+            connect_node_with(plan, address, Some(pool)).await
+        }
+    }
+}
+
+async fn connect_node_with(
+    plan: &PausePlan,
+    address: &NodeAddress,
+    pool: Option<&ConnectionPool>,
+) -> Result<ConnectedNode, CallError> {
     let deadline = plan.connect_deadline();
     let connect = async {
-        let (mut client, probe) = NodeClient::connect_sampled(address, &plan.connect).await?;
+        let (mut client, probe) = match pool {
+            Some(pool) => pool.client(address, &plan.connect).await?,
+            None => NodeClient::connect_sampled(address, &plan.connect).await?,
+        };
         let protocol = if plan.upstream_only {
             Protocol::Upstream
         } else {

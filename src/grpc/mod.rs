@@ -3,6 +3,7 @@
 //!
 //! - `client.rs`: [`client::NodeClient`], which the coordinator uses to talk to one node
 //!   in domain types, over upstream `rpc.Admin` or our `LeaseAdmin`.
+//! - `pool.rs`: connections kept open between pauses by a long-running coordinator.
 //! - `probe.rs`: TLS probes that name what went wrong when a call fails at the
 //!   transport (a TLS/plaintext mismatch, a refused client certificate).
 //!
@@ -11,6 +12,7 @@
 //! accept) is the `stillpoint-node` crate.
 
 pub mod client;
+pub mod pool;
 pub mod probe;
 
 #[cfg(test)]

@@ -44,6 +44,7 @@ use crate::archive::base::{self, BaseRecord};
 use crate::archive::{Archive, Lsn, NotReached, Position};
 use crate::backup::pause_plan;
 use crate::coordinator::{self, PauseFailed, PauseReport, PausedCluster, SkewFloor};
+use crate::grpc::pool::ConnectionPool;
 use crate::pipeline::PipelineSettings;
 use crate::runbook::{DatabaseConfig, Runbook};
 use crate::storage::Storage;
@@ -124,6 +125,8 @@ pub struct PointOptions {
     /// Count rows per table in each PostgreSQL marker's snapshot (a scan of every
     /// table, after the release): what a restore must hold.
     pub count_rows: bool,
+    /// Connections to the nodes kept open between points (`stillpoint serve`).
+    pub pool: Option<Arc<ConnectionPool>>,
 }
 
 impl Default for PointOptions {
@@ -131,6 +134,7 @@ impl Default for PointOptions {
         PointOptions {
             wait: Duration::from_secs(30),
             count_rows: false,
+            pool: None,
         }
     }
 }
@@ -182,9 +186,13 @@ pub async fn run(
     settings
         .check()
         .map_err(|error| PointError::Setup(format!("the [pipeline] settings: {error}")))?;
-    let plan = pause_plan(&runbook.pause)
+    let mut plan = pause_plan(&runbook.pause)
         .await
         .map_err(|error| PointError::Setup(error.to_string()))?;
+    if let Some(pool) = &options.pool {
+        pool.keep_only(plan.tiers.iter().flatten());
+        plan.pool = Some(pool.clone());
+    }
     // 2. Prepare every database before anything is paused.
     let prepared = join_all(
         runbook

@@ -164,7 +164,12 @@ command = ["ledger-node", "check", "--ledger-db", "{{ledger}}", "--auditor-db", 
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("no address in {line:?}"))
             .to_owned();
-        (Process::new(child, "stillpoint serve".to_owned()), address)
+        let mut service = Process::new(child, "stillpoint serve".to_owned());
+        wait_until(Duration::from_secs(60), "serve to be ready", || {
+            assert!(!service.has_exited(), "serve exited:\n{}", self.log());
+            try_http(&address, "GET", "/readyz", None, "").is_ok_and(|(status, _)| status == 200)
+        });
+        (service, address)
     }
 
     fn log(&self) -> String {
@@ -174,10 +179,19 @@ command = ["ledger-node", "check", "--ledger-db", "{{ledger}}", "--auditor-db", 
 
 /// One HTTP/1.1 request; the status and the body.
 fn http(address: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(address).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    try_http(address, method, path, token, body)
+        .unwrap_or_else(|error| panic!("{method} {path}: {error}"))
+}
+
+fn try_http(
+    address: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let auth = token.map_or(String::new(), |token| {
         format!("Authorization: Bearer {token}\r\n")
     });
@@ -186,20 +200,19 @@ fn http(address: &str, method: &str, path: &str, token: Option<&str>, body: &str
         "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{auth}Content-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )
-    .unwrap();
+    )?;
     let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
+    stream.read_to_string(&mut answer)?;
     let status = answer
         .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {answer:?}")))?;
     let body = answer
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_owned())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
 }
 
 fn get_json(address: &str, path: &str, token: &str) -> Value {
