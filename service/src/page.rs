@@ -656,4 +656,83 @@ mod tests {
         assert!(!title.contains('<') && !title.contains('"'), "{title}");
         assert!(title.contains("+1 more"), "{title}");
     }
+
+    fn archive(gaps: &[&str]) -> DatabaseArchive {
+        DatabaseArchive {
+            database: "ledger".to_owned(),
+            chunks: 3,
+            from: Some("0/1000000".to_owned()),
+            to: Some("0/4000000".to_owned()),
+            gaps: gaps.iter().map(|gap| (*gap).to_owned()).collect(),
+            bases: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_database_with_gaps_is_marked_bad_and_its_gap_text_escaped() {
+        let clean = databases(&[], &[archive(&[])]);
+        assert!(
+            clean.contains("class=\"gaps ok\" data-gaps=\"0\""),
+            "{clean}"
+        );
+        let broken = databases(&[], &[archive(&["after <b>x</b>"])]);
+        assert!(
+            broken.contains("class=\"gaps bad\" data-gaps=\"1\""),
+            "{broken}"
+        );
+        assert!(broken.contains("after &lt;b&gt;x&lt;/b&gt;"), "{broken}");
+        assert!(!broken.contains("<b>"), "{broken}");
+    }
+
+    fn drill(state: JobState, result: serde_json::Value) -> JobRecord {
+        JobRecord {
+            job_id: "20261130T040000.000Z-drill-1".to_owned(),
+            kind: JobKind::Drill,
+            trigger: crate::Trigger::Schedule,
+            state,
+            queued_at: at("2026-11-30T04:00:00Z"),
+            started_at: Some(at("2026-11-30T04:00:00Z")),
+            finished_at: Some(at("2026-11-30T04:01:00Z")),
+            duration_ms: Some(60_000),
+            result: Some(result),
+            error: None,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn the_last_drill_says_passed_or_failed_and_what_it_drilled() {
+        let passed = last_drill(&[drill(
+            JobState::Succeeded,
+            serde_json::json!({ "point_id": "p1", "ok": true }),
+        )]);
+        assert!(passed.contains("class=\"passed\""), "{passed}");
+        assert!(
+            passed.contains("point <span class=\"drilled\">p1</span>"),
+            "{passed}"
+        );
+        assert!(passed.contains("href=\"/api/v1/jobs/20261130T040000.000Z-drill-1\""));
+        let failed = last_drill(&[drill(
+            JobState::Failed,
+            serde_json::json!({ "backup_id": "b1", "ok": false }),
+        )]);
+        assert!(failed.contains("class=\"failed\""), "{failed}");
+        assert!(
+            failed.contains("backup <span class=\"drilled\">b1</span>"),
+            "{failed}"
+        );
+        // A drill still running does not hide the last one that ended.
+        let mut running = drill(JobState::Running, serde_json::Value::Null);
+        running.job_id = "20261130T050000.000Z-drill-2".to_owned();
+        let both = last_drill(&[
+            running,
+            drill(
+                JobState::Succeeded,
+                serde_json::json!({ "point_id": "p1", "ok": true }),
+            ),
+        ]);
+        assert!(both.contains("class=\"passed\""), "{both}");
+        assert!(both.contains("A drill is running now"), "{both}");
+        assert!(last_drill(&[]).contains("No drill has run yet"));
+    }
 }
