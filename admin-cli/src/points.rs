@@ -22,7 +22,7 @@ use crate::drill::DrillArgs;
 use crate::exit::{self, Failure};
 use crate::output::print_json;
 use crate::restore::{BaseBackupArgs, RestoreArgs};
-use crate::signal::{Interrupts, run_cancellable};
+use crate::signal::run_cancellable;
 
 #[derive(Debug, Clone, Args)]
 pub struct PointArgs {
@@ -63,23 +63,14 @@ pub async fn point(args: PointArgs) -> Result<u8, Failure> {
         count_rows: args.count_rows,
         pool: None,
     };
-    // SIGINT/SIGTERM stop the point: dropping its work releases a paused cluster at
-    // once (PausedCluster's drop, bounded; the lease covers the rest) and nothing has
-    // been written, since the manifest goes last.
-    let mut interrupts =
-        Interrupts::new().map_err(|error| anyhow!("cannot listen for SIGINT/SIGTERM: {error}"))?;
-    let result = tokio::select! {
-        result = take::run(&runbook, &storage, &settings, &options) => result,
-        () = interrupts.recv() => {
-            return Err(Failure::new(
-                exit::ERROR,
-                anyhow!(
-                    "interrupted: the point was stopped and the cluster released; no point \
-                     was written"
-                ),
-            ));
-        }
-    };
+    // SIGINT/SIGTERM stop the point: a paused cluster is released at once (a second
+    // signal gives up on that release; the lease covers it) and nothing is written,
+    // since the manifest goes last.
+    let result = run_cancellable(|cancel| {
+        let (runbook, storage, settings, options) = (&runbook, &storage, &settings, &options);
+        async move { take::run_cancellable(runbook, storage, settings, options, &cancel).await }
+    })
+    .await;
     let manifest = match result {
         Ok(manifest) => manifest,
         Err(error) => {
@@ -97,6 +88,7 @@ pub async fn point(args: PointArgs) -> Result<u8, Failure> {
                 PointError::Pause(_) => exit::PAUSE_FAILED,
                 PointError::Unpause { .. } => exit::UNPAUSE_FAILED,
                 PointError::WindowInvalid { .. } => exit::WINDOW_INVALID,
+                PointError::Cancelled { .. } => exit::ERROR,
                 PointError::Marker { .. }
                 | PointError::NotRestorable { .. }
                 | PointError::Commit { .. } => exit::BACKUP_FAILED,

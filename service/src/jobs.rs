@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,8 @@ use crate::work;
 
 /// Where finished jobs' records are kept in the runbook's storage.
 pub const JOBS_DIR: &str = "service/jobs/";
+/// How long a job has to stop by itself once the service shuts down.
+const CANCEL_GRACE: Duration = Duration::from_secs(20);
 /// How many records the service keeps in memory (the newest; storage keeps all).
 const KEPT: usize = 500;
 
@@ -323,13 +325,19 @@ impl crate::Service {
             r.note = note;
         });
         tracing::info!(job = %job_id, "{kind} started ({})", trigger.label(kind));
-        // A shutdown drops the job's work: a paused cluster is released at once by the
-        // drop of its PausedCluster, and nothing the job stored is listed (manifests and
-        // records go last).
+        // A shutdown cancels the job: it releases a paused cluster itself and removes
+        // what it made (nothing it stored is listed: manifests and records go last).
+        // Work that does not stop within the grace period is dropped, which releases a
+        // paused cluster too (PausedCluster's drop).
+        let work = work::run(&self, kind);
+        tokio::pin!(work);
         let outcome = tokio::select! {
-            outcome = work::run(&self, kind) => Some(outcome),
-            () = self.shutdown.cancelled() => None,
+            outcome = &mut work => Some(outcome),
+            () = self.shutdown.cancelled() => {
+                tokio::time::timeout(CANCEL_GRACE, &mut work).await.ok()
+            }
         };
+        let outcome = outcome.filter(|_| !self.shutdown.is_cancelled());
         drop(held);
         let elapsed = started.elapsed();
         let record = self.jobs.update(&job_id, |r| {

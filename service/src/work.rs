@@ -2,6 +2,7 @@
 //! one-shot commands make, and its result as JSON for the job's record. Rules about
 //! when jobs run live in `jobs.rs`; this file only runs them.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,33 +51,47 @@ fn to_json(value: &impl serde::Serialize) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }
 
-/// Runs one job of `kind` to its end. Dropping the future stops it: a pause in
-/// progress is released by the drop, and nothing half-made is listed.
+/// Runs one job of `kind` to its end, or until the service shuts down: each kind then
+/// stops by itself (a pause released, scratch servers removed, nothing half-made
+/// listed). Dropping the future is safe too, only less tidy.
 pub async fn run(service: &Arc<Service>, kind: JobKind) -> Result<Value, Failure> {
     let cancel = service.shutdown.child_token();
     match kind {
-        JobKind::Point => point(service).await,
+        JobKind::Point => point(service, &cancel).await,
         JobKind::BaseBackup => base_backup(service, &cancel).await,
         JobKind::Backup => full_backup(service, &cancel).await,
         JobKind::Drill => drill(service, &cancel).await,
-        JobKind::Verify => verify(service).await,
-        JobKind::Prune => prune(service).await,
+        // Reads, and removals each of which leaves the catalog whole: dropping them at
+        // any await is safe.
+        JobKind::Verify => until_cancelled(verify(service), &cancel).await,
+        JobKind::Prune => until_cancelled(prune(service), &cancel).await,
     }
 }
 
-async fn point(service: &Service) -> Result<Value, Failure> {
+async fn until_cancelled(
+    work: impl Future<Output = Result<Value, Failure>>,
+    cancel: &CancellationToken,
+) -> Result<Value, Failure> {
+    tokio::select! {
+        outcome = work => outcome,
+        () = cancel.cancelled() => Err(failure("stopped: the service is shutting down")),
+    }
+}
+
+async fn point(service: &Service, cancel: &CancellationToken) -> Result<Value, Failure> {
     let options = PointOptions {
         pool: Some(service.pool.clone()),
         ..PointOptions::default()
     };
-    match take::run(
+    let taken = take::run_cancellable(
         &service.runbook,
         &service.storage,
         &service.settings,
         &options,
+        cancel,
     )
-    .await
-    {
+    .await;
+    match taken {
         Ok(manifest) => Ok(to_json(&manifest)),
         Err(error) => Err(Failure {
             error: error.to_string(),

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::future::join_all;
 use mysql_async::prelude::Queryable;
 use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     BaseRef, FORMAT, PointDatabase, PointManifest, PointTimings, PointsError, new_id, point_path,
@@ -57,6 +58,8 @@ const ARCHIVE_POLL: Duration = Duration::from_millis(200);
 /// replaces pieces of a segment can miss both the old and the new chunk, a gap that
 /// the next read does not show.
 const GAP_READS: usize = 3;
+
+const CANCELLED: &str = "stopped: the cluster was released at once and no point was written";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PointError {
@@ -90,6 +93,10 @@ pub enum PointError {
         problems: Vec<String>,
         window: Box<PauseReport>,
     },
+    /// Stopped from outside (a signal, a service shutting down): the cluster was
+    /// released at once.
+    #[error("{CANCELLED}")]
+    Cancelled { window: Box<PauseReport> },
     #[error("writing the point manifest failed: {reason}; no point was written")]
     Commit {
         reason: String,
@@ -105,7 +112,8 @@ impl PointError {
             | PointError::Unpause { window, .. }
             | PointError::WindowInvalid { window, .. }
             | PointError::NotRestorable { window, .. }
-            | PointError::Commit { window, .. } => Some(window),
+            | PointError::Commit { window, .. }
+            | PointError::Cancelled { window } => Some(window),
             PointError::Setup(_) | PointError::Pause(_) => None,
         }
     }
@@ -180,6 +188,25 @@ pub async fn run(
     settings: &PipelineSettings,
     options: &PointOptions,
 ) -> Result<PointManifest, PointError> {
+    run_cancellable(
+        runbook,
+        storage,
+        settings,
+        options,
+        &CancellationToken::new(),
+    )
+    .await
+}
+
+/// [`run`], stopped when `cancel` fires: a pause under way is rolled back, a paused
+/// cluster released at once (its window closed and reported), and no point written.
+pub async fn run_cancellable(
+    runbook: &Runbook,
+    storage: &Storage,
+    settings: &PipelineSettings,
+    options: &PointOptions,
+    cancel: &CancellationToken,
+) -> Result<PointManifest, PointError> {
     let started = Instant::now();
     let point_id = new_id();
     let restore_point = format!("stillpoint-point-{point_id}");
@@ -217,17 +244,19 @@ pub async fn run(
 
     // 3–4. Pause, then mark every database inside the pause.
     let paused_at = Instant::now();
-    let mut paused = coordinator::pause(&plan).await?;
+    let mut paused = coordinator::pause_cancellable(&plan, cancel).await?;
     let window_started = tokio::time::Instant::now();
     let marker_started = Instant::now();
-    let markers = mark_all(
-        &mut members,
-        &restore_point,
-        &point_id,
-        &mut paused,
-        runbook.pause.cut_deadline,
-    )
-    .await;
+    let markers = tokio::select! {
+        markers = mark_all(
+            &mut members,
+            &restore_point,
+            &point_id,
+            &mut paused,
+            runbook.pause.cut_deadline,
+        ) => markers,
+        () = cancel.cancelled() => Err(CANCELLED.to_owned()),
+    };
     let marker_ms = elapsed_ms(marker_started);
     if markers.is_ok() {
         let floor = if exact {
@@ -236,7 +265,10 @@ pub async fn run(
             coordinator::required_window(paused.record().skew_bound_ms, Duration::ZERO)
         };
         let hold = floor.max(runbook.pause.min_window.unwrap_or_default());
-        paused.hold_until(window_started + hold).await;
+        tokio::select! {
+            () = paused.hold_until(window_started + hold) => {}
+            () = cancel.cancelled() => {}
+        }
     }
     // 5. Unpause, and prove the window.
     let released = paused
@@ -248,6 +280,11 @@ pub async fn run(
         .await;
     let pause_ms = elapsed_ms(paused_at);
     let window = PauseReport::closed(&released, Zone::UTC);
+    if cancel.is_cancelled() {
+        return Err(PointError::Cancelled {
+            window: Box::new(window),
+        });
+    }
     let markers = match markers {
         Ok(markers) => markers,
         Err(reason) => {

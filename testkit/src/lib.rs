@@ -8,6 +8,7 @@
 //!   roles that must log in with a password, for tests of how passwords travel.
 //! - [`MariaDb`] (`mariadb.rs`): `mariadb-install-db` + `mariadbd` with the binlog (and so
 //!   GTIDs) on, root without a password over TCP.
+//! - `chromium.rs`: [`rendered_dom`], a page as headless Chromium builds it.
 //! - `process.rs`: what both share: finding binaries, free ports, running a command and
 //!   failing loudly, polling for readiness with a deadline.
 //!
@@ -20,10 +21,12 @@
 //! while a failing test unwinds. A test process killed outright (SIGKILL) leaves its
 //! servers running; they hold nothing but their temp dir.
 
+mod chromium;
 mod mariadb;
 mod postgres;
 mod process;
 
+pub use chromium::rendered_dom;
 pub use mariadb::MariaDb;
 pub use postgres::{Postgres, PostgresOptions};
 pub use process::free_port;

@@ -2,7 +2,8 @@
 //! PostgreSQL, auditor on MariaDB) under load, the service archiving both, taking a
 //! base backup at start and a point every 5 s by its `[schedule]`. The API lists the
 //! points, `/metrics` (parsed by Python's prometheus_client, as Prometheus would)
-//! shows them and an archive lag under 5 s, and a drill the API triggers passes
+//! shows them and an archive lag under 5 s, the status page in headless Chromium
+//! draws them on its timeline, and a drill the API triggers passes
 //! `ledger-node check`. SIGTERM in the middle of a point's pause: the service
 //! releases the nodes itself (long before their lease), exits 0, and after a restart
 //! the schedule goes on with every point listed once.
@@ -15,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use stillpoint_testkit::{MariaDb, Postgres, PostgresOptions};
+use stillpoint_testkit::{MariaDb, Postgres, PostgresOptions, rendered_dom};
 
 use crate::cluster::{Cluster, Load};
 use crate::util::{Process, bin, paused_flags, wait_until};
@@ -122,6 +123,8 @@ command = ["ledger-node", "check", "--ledger-db", "{{ledger}}", "--auditor-db", 
             .arg(self.dir.path().join("operator.token"))
             .arg("--observer-token-file")
             .arg(self.dir.path().join("observer.token"))
+            // The status page is loaded by a browser, which sends no token.
+            .arg("--public-status")
             .env("PATH", path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -361,6 +364,27 @@ fn serve_takes_points_every_5s_under_load_and_shows_them_in_the_api_and_metrics(
         .unwrap()
             >= 10.0,
         "{metrics}"
+    );
+
+    // The status page in a browser: its timeline's marks stand for every point listed
+    // (dense points share a mark, which says how many it stands for).
+    let listed = point_ids(&address).len();
+    let dom = rendered_dom(
+        &format!("http://{address}/"),
+        &setup.dir.path().join("chromium"),
+    )
+    .unwrap_or_else(|error| panic!("{error}\n{}", setup.log()));
+    let marked: usize = dom
+        .match_indices("<circle class=\"point")
+        .map(|(start, _)| {
+            let tag = &dom[start..start + dom[start..].find('>').unwrap()];
+            let count = tag.split("data-count=\"").nth(1).unwrap();
+            count[..count.find('"').unwrap()].parse::<usize>().unwrap()
+        })
+        .sum();
+    assert!(
+        marked >= 10 && marked <= listed + 2,
+        "the timeline marks {marked} points; the API listed {listed}"
     );
 
     // A drill the API asks for restores the newest point and passes ledger-node check.
