@@ -3,7 +3,8 @@
 //! closed port and whose storage is a temporary directory (jobs that pause fail fast,
 //! which is all the API's shape needs). Owns the checks that the service keeps to
 //! docs/api/openapi.json (schemathesis, with a lying copy as the negative control),
-//! the auth and error contract, and HTTPS.
+//! the auth and error contract, HTTPS, a restart over the same storage, and the CLI's
+//! `--server` mode against the service.
 //!
 //! The binary is the one next to this test (`cargo build --workspace --bins` first, as
 //! scripts/test does); the check that it serves the committed document catches a stale one.
@@ -65,7 +66,18 @@ impl Served {
     /// Starts the service over a fresh runbook and waits until /readyz says ready.
     /// `tls` is the CA, certificate and key to serve HTTPS with.
     async fn start(tls: Option<(&Path, &Path, &Path)>) -> Served {
-        let dir = tempfile::tempdir().unwrap();
+        Served::start_in(tempfile::tempdir().unwrap(), tls).await
+    }
+
+    /// Stops the service (SIGKILL) and starts another over the same runbook and storage.
+    async fn restart(mut self) -> Served {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        Served::start_in(dir, None).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, tls: Option<(&Path, &Path, &Path)>) -> Served {
         let runbook = dir.path().join("runbook.toml");
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let closed_port = closed.local_addr().unwrap().port();
@@ -79,11 +91,10 @@ impl Served {
                  tiers = [{{ addresses = [\"127.0.0.1:{closed_port}\"] }}]\n\
                  [[databases]]\n\
                  name = \"app\"\n\
-                 adapter = \"sqlite\"\n\
-                 path = \"{}\"\n\
+                 adapter = \"exec\"\n\
+                 cut = \"true\"\n\
                  [storage]\n\
                  url = \"file://{}\"\n",
-                dir.path().join("app.db").display(),
                 dir.path().join("storage").display()
             ),
         )
@@ -216,6 +227,23 @@ impl Served {
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.to_owned());
         answer(request).await
+    }
+
+    /// Runs `stillpoint ARGS --server URL` with `token` in STILLPOINT_API_TOKEN: its
+    /// exit code, stdout and stderr.
+    fn cli(&self, args: &[&str], token: &str) -> (i32, String, String) {
+        let output = Command::new(bin("stillpoint"))
+            .args(args)
+            .args(["--server", &self.url])
+            .env("STILLPOINT_API_TOKEN", token)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            output.status.code().expect("stillpoint exited, not killed"),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     }
 
     /// Runs `schemathesis run LOCATION [--url URL]` with every check, as the operator.
@@ -472,4 +500,88 @@ async fn https_answers_a_client_that_trusts_the_ca_and_refuses_plain_http() {
         refused.is_err(),
         "a client without the CA trusted the service: {refused:?}"
     );
+
+    // The CLI trusts the service with --server-ca, and not without it.
+    let ca = ca.to_str().unwrap();
+    let (code, stdout, stderr) = served.cli(&["list", "--server-ca", ca], OBSERVER_TOKEN);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("no backups on https://127.0.0.1:"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = served.cli(&["list"], OBSERVER_TOKEN);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("cannot reach the service"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_restarted_service_reads_back_the_jobs_that_ended() {
+    let served = Served::start(None).await;
+    let (status, _, queued) = served
+        .trigger(r#"{"kind": "verify"}"#, OPERATOR_TOKEN)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
+    let job_id = queued["job_id"].as_str().unwrap().to_owned();
+    served
+        .poll("the verify job's record to be stored", || async {
+            let stored = served
+                .dir
+                .path()
+                .join(format!("storage/service/jobs/{job_id}.json"));
+            stored.exists().then_some(())
+        })
+        .await;
+
+    let served = served.restart().await;
+    let (status, _, job) = served
+        .get(&format!("/api/v1/jobs/{job_id}"), Some(OBSERVER_TOKEN))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{job}");
+    assert_eq!(job["state"], "succeeded", "{job}");
+}
+
+#[tokio::test]
+async fn the_cli_lists_and_triggers_through_the_service() {
+    let served = Served::start(None).await;
+
+    let (code, stdout, stderr) = served.cli(&["list", "--output", "json"], OBSERVER_TOKEN);
+    assert_eq!(code, 0, "{stderr}");
+    let listing: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(listing["backups"], json!([]), "{listing}");
+    assert_eq!(listing["points"], json!([]), "{listing}");
+    let (code, stdout, stderr) = served.cli(&["list"], OBSERVER_TOKEN);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("no backups on http://127.0.0.1:"),
+        "{stdout}"
+    );
+
+    // Verify over empty storage succeeds; its report is printed.
+    let (code, stdout, stderr) = served.cli(&["verify", "--output", "json"], OPERATOR_TOKEN);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let job: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(job["kind"], "verify");
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["result"]["ok"], true, "{job}");
+
+    // The pause tier is a closed port: the backup fails, exit 6 as `stillpoint backup`
+    // exits, with the job's error on stderr.
+    let (code, stdout, stderr) = served.cli(&["backup"], OPERATOR_TOKEN);
+    assert_eq!(code, 6, "{stdout}{stderr}");
+    assert!(stdout.contains("backup failed"), "{stdout}");
+    let (_, _, jobs) = served
+        .get("/api/v1/jobs?limit=1", Some(OBSERVER_TOKEN))
+        .await;
+    let error = jobs["jobs"][0]["error"]
+        .as_str()
+        .expect("the failed job's error");
+    assert!(
+        stderr.contains(error),
+        "the job's error {error:?} is not in:\n{stderr}"
+    );
+
+    // The observer token may not trigger: bad usage, the service's reason on stderr.
+    let (code, _, stderr) = served.cli(&["point", "--no-wait"], OBSERVER_TOKEN);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("operator token"), "{stderr}");
 }
