@@ -229,6 +229,34 @@ impl Served {
         answer(request).await
     }
 
+    /// Takes a backup into the service's storage with the one-shot CLI (`--no-pause`:
+    /// the pause tier is a closed port) and waits until the API lists it; its id.
+    async fn seed_backup(&self) -> String {
+        let output = Command::new(bin("stillpoint"))
+            .args([
+                "backup",
+                "--no-pause",
+                "--i-know-this-is-unsafe",
+                "--config",
+            ])
+            .arg(self.dir.path().join("runbook.toml"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "the seed backup failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        self.poll("the service to list the seed backup", || async {
+            let (_, _, listed) = self.get("/api/v1/backups", Some(OBSERVER_TOKEN)).await;
+            listed["backups"][0]["backup_id"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .await
+    }
+
     /// Runs `stillpoint ARGS --server URL` with `token` in STILLPOINT_API_TOKEN: its
     /// exit code, stdout and stderr.
     fn cli(&self, args: &[&str], token: &str) -> (i32, String, String) {
@@ -405,10 +433,17 @@ async fn schemathesis_finds_the_service_keeps_to_its_document_and_a_lie_fails() 
          (`cargo build --workspace --bins`)"
     );
 
+    // A backup to list and show, so those answers are checked against their schemas
+    // too (the document links the list to GET /api/v1/backups/{id}).
+    served.seed_backup().await;
     let (passed, output) = served.schemathesis(&served.at("/openapi.json"), None);
     assert!(
         passed,
         "schemathesis found the service breaking its document:\n{output}"
+    );
+    assert!(
+        !output.contains("- GET /api/v1/backups/{id}"),
+        "schemathesis never reached a listed backup:\n{output}"
     );
 
     // The negative control: the same service, a document that says a job's state is a
@@ -555,6 +590,26 @@ async fn the_cli_lists_and_triggers_through_the_service() {
         stdout.contains("no backups on http://127.0.0.1:"),
         "{stdout}"
     );
+
+    let backup_id = served.seed_backup().await;
+    let (code, stdout, stderr) = served.cli(&["list"], OBSERVER_TOKEN);
+    assert_eq!(code, 0, "{stderr}");
+    let row = stdout
+        .lines()
+        .find(|line| line.starts_with(&backup_id))
+        .unwrap_or_else(|| panic!("{backup_id} is not listed:\n{stdout}"));
+    // An unsafe --no-pause copy is no restore point, and the table says so.
+    assert!(row.contains("BROKEN") || row.contains("NO"), "{row}");
+    let (code, stdout, stderr) =
+        served.cli(&["show", &backup_id, "--output", "json"], OBSERVER_TOKEN);
+    assert_eq!(code, 0, "{stderr}");
+    let shown: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        shown["manifest"]["backup_id"],
+        backup_id.as_str(),
+        "{shown}"
+    );
+    assert_eq!(shown["manifest"]["unsafe_no_pause"], true, "{shown}");
 
     // Verify over empty storage succeeds; its report is printed.
     let (code, stdout, stderr) = served.cli(&["verify", "--output", "json"], OPERATOR_TOKEN);
