@@ -134,16 +134,29 @@ impl Remote {
         ))
     }
 
-    async fn get(&self, path: &str) -> Result<Value, Failure> {
-        let url = format!("{}{path}", self.base);
-        self.call(self.client.get(&url), &format!("GET {path}"))
-            .await
+    /// The API path `/api/v1/SEGMENTS…` under --server, each segment percent-encoded:
+    /// an id the user typed stays one segment.
+    fn url(&self, segments: &[&str]) -> Result<reqwest::Url, Failure> {
+        let mut url = reqwest::Url::parse(&self.base)
+            .map_err(|error| usage(format!("--server {}: {error}", self.base)))?;
+        url.path_segments_mut()
+            .map_err(|()| usage(format!("--server {} cannot take a path", self.base)))?
+            .pop_if_empty()
+            .extend(["api", "v1"])
+            .extend(segments);
+        Ok(url)
+    }
+
+    async fn get(&self, segments: &[&str]) -> Result<Value, Failure> {
+        let url = self.url(segments)?;
+        let what = format!("GET {}", url.path());
+        self.call(self.client.get(url), &what).await
     }
 
     /// `list`: the service's backups and points.
     pub async fn list(&self, output: OutputFormat) -> Result<u8, Failure> {
-        let backups = self.get("/api/v1/backups").await?;
-        let points = self.get("/api/v1/points").await?;
+        let backups = self.get(&["backups"]).await?;
+        let points = self.get(&["points"]).await?;
         let listing = json!({
             "server": self.base,
             "backups": backups["backups"],
@@ -159,7 +172,7 @@ impl Remote {
     /// `show ID|latest`: one backup's summary and manifest.
     pub async fn show(&self, backup: &str, output: OutputFormat) -> Result<u8, Failure> {
         let id = if backup == "latest" {
-            let listing = self.get("/api/v1/backups").await?;
+            let listing = self.get(&["backups"]).await?;
             let newest = listing["backups"]
                 .as_array()
                 .into_iter()
@@ -178,7 +191,7 @@ impl Remote {
         } else {
             backup.to_owned()
         };
-        let shown = self.get(&format!("/api/v1/backups/{id}")).await?;
+        let shown = self.get(&["backups", &id]).await?;
         match output {
             OutputFormat::Json => print_json(&shown),
             OutputFormat::Text => {
@@ -204,11 +217,11 @@ impl Remote {
         no_wait: bool,
         output: OutputFormat,
     ) -> Result<u8, Failure> {
-        let url = format!("{}/api/v1/jobs", self.base);
+        let url = self.url(&["jobs"])?;
         let queued = self
             .call(
                 self.client
-                    .post(&url)
+                    .post(url)
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(json!({ "kind": kind }).to_string()),
                 &format!("a {kind} job"),
@@ -229,7 +242,7 @@ impl Remote {
             return Ok(exit::OK);
         }
         let job = loop {
-            let job = self.get(&format!("/api/v1/jobs/{job_id}")).await?;
+            let job = self.get(&["jobs", &job_id]).await?;
             let state = job["state"].as_str().unwrap_or_default();
             if !matches!(state, "queued" | "running") {
                 break job;
@@ -325,7 +338,7 @@ fn list_text(listing: &Value) -> String {
                 "{:<26} {:<32} {valid:<6} {:>14}  {}",
                 or_dash(&backup["backup_id"]),
                 or_dash(&backup["restore_time"]),
-                backup["stored_bytes"],
+                backup["stored_bytes"].to_string(),
                 names(&backup["databases"])
             );
         }

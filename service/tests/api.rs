@@ -148,7 +148,7 @@ impl Served {
             .recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| {
                 panic!(
-                    "the service printed no address within 30 s:\n{}",
+                    "the service printed no address (it exited, or took over 30 s):\n{}",
                     log.lock().unwrap()
                 )
             });
