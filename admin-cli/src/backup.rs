@@ -17,13 +17,20 @@ use tokio_util::sync::CancellationToken;
 use crate::args::{OutputFormat, zone_arg};
 use crate::exit::{self, Failure};
 use crate::output::{print_json, render_text};
+use crate::remote::ServerArgs;
 use crate::signal::{Interrupts, unless_interrupted_again};
 
 #[derive(Debug, Clone, Args)]
 pub struct BackupArgs {
-    /// The runbook (TOML) naming the cluster, its databases and the storage.
-    #[arg(long, short = 'c', value_name = "FILE")]
-    pub config: PathBuf,
+    /// The runbook (TOML) naming the cluster, its databases and the storage (not
+    /// with --server).
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        required_unless_present = "server"
+    )]
+    pub config: Option<PathBuf>,
     /// `text` for people (with progress bars on a terminal), `json` for scripts.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
@@ -38,6 +45,22 @@ pub struct BackupArgs {
     /// Confirms --no-pause.
     #[arg(long, requires = "no_pause")]
     pub i_know_this_is_unsafe: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// With --server: print the queued job and exit without waiting for it.
+    #[arg(long, requires = "server")]
+    pub no_wait: bool,
+}
+
+/// The runbook `--config` names. Clap asks for it unless `--server` is given, and
+/// every `--server` path returns before a runbook is read.
+pub fn config_path(config: &Option<PathBuf>) -> Result<&std::path::Path, Failure> {
+    config.as_deref().ok_or_else(|| {
+        Failure::new(
+            exit::USAGE,
+            anyhow::anyhow!("give the runbook with --config FILE (or a service with --server URL)"),
+        )
+    })
 }
 
 pub fn load_runbook(path: &std::path::Path) -> Result<Runbook, Failure> {
@@ -45,7 +68,10 @@ pub fn load_runbook(path: &std::path::Path) -> Result<Runbook, Failure> {
 }
 
 pub async fn backup(args: BackupArgs) -> Result<u8, Failure> {
-    let runbook = load_runbook(&args.config)?;
+    if let Some(remote) = args.server.remote()? {
+        return remote.trigger("backup", args.no_wait, args.output).await;
+    }
+    let runbook = load_runbook(config_path(&args.config)?)?;
     let (bars, progress) = progress(args.output, "backup");
     let mode = match (args.no_pause, args.i_know_this_is_unsafe) {
         (false, _) => backup::Mode::Paused,

@@ -13,18 +13,26 @@ use stillpoint::points::verify::PointVerdict;
 use stillpoint::storage::Storage;
 
 use crate::args::OutputFormat;
-use crate::backup::{human_bytes, load_runbook};
+use crate::backup::{config_path, human_bytes, load_runbook};
 use crate::exit::{self, Failure};
 use crate::output::{print_json, render_text};
+use crate::remote::ServerArgs;
 
 #[derive(Debug, Clone, Args)]
 pub struct CatalogArgs {
-    /// The runbook whose storage to read.
-    #[arg(long, short = 'c', value_name = "FILE")]
-    pub config: PathBuf,
+    /// The runbook whose storage to read (not with --server).
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        required_unless_present = "server"
+    )]
+    pub config: Option<PathBuf>,
     /// `text` for people, `json` for scripts.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -59,13 +67,16 @@ pub struct PruneArgs {
 }
 
 async fn open(args: &CatalogArgs) -> Result<(stillpoint::runbook::Runbook, Storage), Failure> {
-    let runbook = load_runbook(&args.config)?;
+    let runbook = load_runbook(config_path(&args.config)?)?;
     let storage = Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)
         .map_err(|error| Failure::new(exit::USAGE, error))?;
     Ok((runbook, storage))
 }
 
 pub async fn list(args: CatalogArgs) -> Result<u8, Failure> {
+    if let Some(remote) = args.server.remote()? {
+        return remote.list(args.output).await;
+    }
     let (runbook, storage) = open(&args).await?;
     let found = catalog::list(&storage).await?;
     let points = crate::points::list_json(&runbook, &storage).await?;
@@ -170,6 +181,9 @@ fn summary(found: &catalog::Catalog, manifest: &Manifest) -> serde_json::Value {
 }
 
 pub async fn show(args: ShowArgs) -> Result<u8, Failure> {
+    if let Some(remote) = args.catalog.server.remote()? {
+        return remote.show(&args.backup, args.catalog.output).await;
+    }
     let (_, storage) = open(&args.catalog).await?;
     let found = catalog::list(&storage).await?;
     let manifest =
@@ -212,14 +226,18 @@ pub async fn show(args: ShowArgs) -> Result<u8, Failure> {
 #[derive(Debug, Clone, Args)]
 pub struct VerifyArgs {
     /// A backup id, or `latest`. Without it (and without `--point`): the newest
-    /// restorable backup, if any, and every point.
+    /// restorable backup, if any, and every point (all that --server verifies).
+    #[arg(conflicts_with = "server")]
     pub backup: Option<String>,
     /// A point to verify (an id, `latest`, or a time): its base backups and every
     /// chunk from each base to the marker, re-read, and the chain without a gap.
-    #[arg(long, value_name = "ID|latest|TIME")]
+    #[arg(long, value_name = "ID|latest|TIME", conflicts_with = "server")]
     pub point: Option<String>,
     #[command(flatten)]
     pub catalog: CatalogArgs,
+    /// With --server: print the queued job and exit without waiting for it.
+    #[arg(long, requires = "server")]
+    pub no_wait: bool,
 }
 
 /// One backup, verified: its JSON, its text lines, whether it is sound and whether
@@ -347,6 +365,11 @@ fn point_text(verdict: &PointVerdict) -> Vec<String> {
 }
 
 pub async fn verify(args: VerifyArgs) -> Result<u8, Failure> {
+    if let Some(remote) = args.catalog.server.remote()? {
+        return remote
+            .trigger("verify", args.no_wait, args.catalog.output)
+            .await;
+    }
     let (runbook, storage) = open(&args.catalog).await?;
     let decryption = stillpoint::backup::decryption(&runbook)
         .map_err(|error| Failure::new(exit::USAGE, error))?;
@@ -460,6 +483,15 @@ const CHECKSUM_ONLY: &str = "checksum only: no age identity or passphrase is con
 const INCOMPLETE_GRACE: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 
 pub async fn prune(args: PruneArgs) -> Result<u8, Failure> {
+    if args.catalog.server.server.is_some() {
+        return Err(Failure::new(
+            exit::USAGE,
+            anyhow::anyhow!(
+                "prune does not take --server: the service prunes by its runbook's [retention] \
+                 on its schedule; run prune with --config here to choose other rules"
+            ),
+        ));
+    }
     let (runbook, storage) = open(&args.catalog).await?;
     let retention = &runbook.retention;
     let rules = catalog::Retention {

@@ -12,12 +12,14 @@ use stillpoint::drill::{self, DrillReport};
 use crate::args::OutputFormat;
 use crate::exit::{self, Failure};
 use crate::output::print_json;
+use crate::remote::ServerArgs;
 use crate::restore::open_backup;
 
 #[derive(Debug, Clone, Args)]
 pub struct DrillArgs {
     /// A backup id, or `latest` (the newest backup that is a valid restore point).
-    #[arg(required_unless_present_any = ["cleanup", "point"])]
+    /// Not with --server: the service drills its newest point, else its newest backup.
+    #[arg(required_unless_present_any = ["cleanup", "point", "server"], conflicts_with = "server")]
     pub backup: Option<String>,
     /// Drill a point instead of a backup: its id, `latest`, or a time (RFC 3339). Each
     /// PostgreSQL database is replayed from its base backup into a scratch server, the
@@ -32,11 +34,17 @@ pub struct DrillArgs {
     /// its scratch directory (their names begin with `stillpoint_drill_` /
     /// `stillpoint-drill-`), and remove them. Targets a running drill holds are left
     /// alone and listed as in use.
-    #[arg(long, conflicts_with_all = ["backup", "junit", "keep"])]
+    #[arg(long, conflicts_with_all = ["backup", "junit", "keep", "server"])]
     pub cleanup: bool,
-    /// The runbook: storage, keys, databases, and the `[drill]` checks.
-    #[arg(long, short = 'c', value_name = "FILE")]
-    pub config: PathBuf,
+    /// The runbook: storage, keys, databases, and the `[drill]` checks (not with
+    /// --server).
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        required_unless_present = "server"
+    )]
+    pub config: Option<PathBuf>,
     /// Also write the checks as JUnit XML, one test case per check, for CI.
     #[arg(long, value_name = "FILE")]
     pub junit: Option<PathBuf>,
@@ -47,16 +55,25 @@ pub struct DrillArgs {
     /// scripts.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// With --server: print the queued job and exit without waiting for it.
+    #[arg(long, requires = "server")]
+    pub no_wait: bool,
 }
 
 pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
+    if let Some(remote) = args.server.remote()? {
+        return remote.trigger("drill", args.no_wait, args.output).await;
+    }
     if let Some(point) = &args.point {
         return crate::points::drill_point(&args, point).await;
     }
     let Some(backup) = &args.backup else {
         return cleanup(&args).await;
     };
-    let (runbook, storage, manifest) = open_backup(&args.config, backup).await?;
+    let (runbook, storage, manifest) =
+        open_backup(crate::backup::config_path(&args.config)?, backup).await?;
     let decryption = stillpoint::backup::decryption(&runbook)
         .map_err(|error| Failure::new(exit::USAGE, error))?;
     // Opened now, not after the drill: a path that cannot be written must not cost a
@@ -120,7 +137,7 @@ pub async fn drill(args: DrillArgs) -> Result<u8, Failure> {
 
 /// `stillpoint drill --cleanup`.
 async fn cleanup(args: &DrillArgs) -> Result<u8, Failure> {
-    let runbook = crate::backup::load_runbook(&args.config)?;
+    let runbook = crate::backup::load_runbook(crate::backup::config_path(&args.config)?)?;
     let report = drill::cleanup(&runbook).await;
     match args.output {
         OutputFormat::Json => print_json(&report),

@@ -10,6 +10,8 @@
 //! - `restore.rs`: `restore`, and PostgreSQL's `base-backup` and `pitr`.
 //! - `drill.rs`: `drill`, with its table, JSON and JUnit reports.
 //! - `serve.rs`: `serve`, the long-running service (the `stillpoint-service` crate).
+//! - `remote.rs`: `--server`: `list`, `show`, `point`, `backup`, `drill`, `verify`
+//!   asking a running `stillpoint serve` over its HTTP API.
 //! - `demo.rs`: `demo`, a local reference cluster paused and checked.
 //! - `docs.rs`: `completions` and `man`, generated from the clap command tree.
 //! - `scalar_admin.rs`: the upstream-compatible `scalar-admin` flags.
@@ -30,6 +32,7 @@ pub mod exit;
 pub mod output;
 pub mod pause;
 pub mod points;
+pub mod remote;
 pub mod restore;
 pub mod scalar_admin;
 pub mod serve;

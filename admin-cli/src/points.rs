@@ -17,19 +17,25 @@ use stillpoint::runbook::Runbook;
 use stillpoint::storage::Storage;
 
 use crate::args::{OutputFormat, duration};
-use crate::backup::{human_bytes, load_runbook};
+use crate::backup::{config_path, human_bytes, load_runbook};
 use crate::drill::DrillArgs;
 use crate::exit::{self, Failure};
 use crate::output::print_json;
+use crate::remote::ServerArgs;
 use crate::restore::{BaseBackupArgs, RestoreArgs};
 use crate::signal::run_cancellable;
 
 #[derive(Debug, Clone, Args)]
 pub struct PointArgs {
     /// The runbook: the cluster to pause, its databases (PostgreSQL and MariaDB with
-    /// `archive = true`, exec), the storage.
-    #[arg(long, short = 'c', value_name = "FILE")]
-    pub config: PathBuf,
+    /// `archive = true`, exec), the storage (not with --server).
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        required_unless_present = "server"
+    )]
+    pub config: Option<PathBuf>,
     /// How long to wait after the release for every archive to reach its marker
     /// before giving up (no point is written then).
     #[arg(long, default_value = "30s", value_parser = duration, value_name = "DURATION")]
@@ -37,11 +43,16 @@ pub struct PointArgs {
     /// Also count rows per table in each PostgreSQL or MariaDB marker's snapshot (a
     /// scan of every table, after the release); restores and drills of the point then
     /// check them.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "server")]
     pub count_rows: bool,
     /// `text` for people, `json` for scripts.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// With --server: print the queued job and exit without waiting for it.
+    #[arg(long, requires = "server")]
+    pub no_wait: bool,
 }
 
 fn open_storage(runbook: &Runbook) -> Result<Storage, Failure> {
@@ -55,7 +66,10 @@ fn usage(error: impl std::fmt::Display) -> Failure {
 
 /// `stillpoint point`.
 pub async fn point(args: PointArgs) -> Result<u8, Failure> {
-    let runbook = load_runbook(&args.config)?;
+    if let Some(remote) = args.server.remote()? {
+        return remote.trigger("point", args.no_wait, args.output).await;
+    }
+    let runbook = load_runbook(config_path(&args.config)?)?;
     let storage = open_storage(&runbook)?;
     let settings = stillpoint::backup::pipeline_settings(&runbook).map_err(usage)?;
     let options = PointOptions {
@@ -544,7 +558,7 @@ fn point_targets(
 
 /// `stillpoint drill --point`.
 pub async fn drill_point(args: &DrillArgs, which: &str) -> Result<u8, Failure> {
-    let runbook = load_runbook(&args.config)?;
+    let runbook = load_runbook(config_path(&args.config)?)?;
     let storage = open_storage(&runbook)?;
     let settings = stillpoint::backup::pipeline_settings(&runbook).map_err(usage)?;
     let decryption = stillpoint::backup::decryption(&runbook).map_err(usage)?;

@@ -320,11 +320,20 @@ struct JobRequest {
 
 async fn trigger_job(State(service): Shared, headers: HeaderMap, body: Bytes) -> Answer {
     operate(&service, &headers)?;
-    let request: JobRequest = serde_json::from_slice(&body).map_err(|error| {
+    let not_a_request = |error: String| {
         ApiError::bad_request(format!(
-            "the body must be JSON like {{\"kind\": \"point\"}}: {error}"
+            "the body must be a JSON object like {{\"kind\": \"point\"}}: {error}"
         ))
-    })?;
+    };
+    let body: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|error| not_a_request(error.to_string()))?;
+    // serde would also take `["point"]` (a struct from a sequence); the document
+    // promises an object and nothing else.
+    if !body.is_object() {
+        return Err(not_a_request(format!("got {body}")));
+    }
+    let request: JobRequest =
+        serde_json::from_value(body).map_err(|error| not_a_request(error.to_string()))?;
     let kind: JobKind = request.kind.parse().map_err(ApiError::bad_request)?;
     if service.shutdown.is_cancelled() {
         return Err(ApiError::new(

@@ -117,10 +117,11 @@ pub async fn run(
     };
     let auth = api::Auth::new(&config.operator_token, config.observer_token.as_ref())
         .map_err(ServeError::Setup)?;
-    // An object inside the service's folder, not one named like it: on file storage
-    // `service/` is the file `service`, which cannot be written once job records made
-    // it a directory, and a restarted service would refuse to start.
-    storage.probe("service/probe").await.map_err(|error| {
+    // An object of its own under service/: "service/" itself is where job records
+    // live, a directory on file storage once one job has ended, so a probe put there
+    // refused every restart.
+    let probe = format!("service/probe-{}", uuid::Uuid::new_v4().simple());
+    storage.probe(&probe).await.map_err(|error| {
         ServeError::Setup(format!(
             "the storage {} cannot be written: {error}",
             storage.url()
