@@ -154,6 +154,22 @@ impl Default for ArchiveConfig {
 }
 
 impl Runbook {
+    /// The databases base backups are taken of: PostgreSQL and MariaDB with
+    /// `archive = true`.
+    pub fn base_backup_databases(&self) -> Vec<String> {
+        self.databases
+            .iter()
+            .filter(|db| db.archive)
+            .filter(|db| {
+                matches!(
+                    db.adapter,
+                    AdapterConfig::Postgres(_) | AdapterConfig::Mariadb(_)
+                )
+            })
+            .map(|db| db.name.clone())
+            .collect()
+    }
+
     /// The directory an archiver of this runbook spools into, per database under it.
     pub fn spool_root(&self) -> PathBuf {
         self.archive.spool_dir.clone().unwrap_or_else(|| {

@@ -171,19 +171,7 @@ pub async fn base_backup(args: &BaseBackupArgs) -> Result<u8, Failure> {
     let settings = stillpoint::backup::pipeline_settings(&runbook).map_err(usage)?;
     let names: Vec<String> = match &args.database {
         Some(name) => vec![name.clone()],
-        None => runbook
-            .databases
-            .iter()
-            .filter(|db| db.archive)
-            .filter(|db| {
-                matches!(
-                    db.adapter,
-                    stillpoint::adapters::AdapterConfig::Postgres(_)
-                        | stillpoint::adapters::AdapterConfig::Mariadb(_)
-                )
-            })
-            .map(|db| db.name.clone())
-            .collect(),
+        None => runbook.base_backup_databases(),
     };
     if names.is_empty() {
         return Err(usage(

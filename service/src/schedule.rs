@@ -88,7 +88,7 @@ pub async fn run(service: Arc<Service>) {
 /// archive holds a first chunk (a base older than the archive's start could not be
 /// replayed); tried again every [`FIRST_BASE_RETRY`] until it succeeds.
 async fn take_first_base(service: &Arc<Service>) {
-    let bases = crate::work::base_databases(service);
+    let bases = service.runbook.base_backup_databases();
     while needs_base(service).await {
         let archived = || {
             let archives = service.archives.all();
@@ -128,7 +128,7 @@ async fn take_first_base(service: &Arc<Service>) {
 
 async fn needs_base(service: &Service) -> bool {
     let view = service.view.read().await;
-    crate::work::base_databases(service).iter().any(|name| {
+    service.runbook.base_backup_databases().iter().any(|name| {
         view.databases
             .iter()
             .find(|db| &db.database == name)

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use stillpoint::adapters::AdapterConfig;
 use stillpoint::backup::{self, Mode};
 use stillpoint::catalog;
 use stillpoint::points::prune as points_prune;
@@ -100,25 +99,8 @@ async fn point(service: &Service, cancel: &CancellationToken) -> Result<Value, F
     }
 }
 
-/// The databases a base backup is taken of: every archived PostgreSQL and MariaDB one.
-pub fn base_databases(service: &Service) -> Vec<String> {
-    service
-        .runbook
-        .databases
-        .iter()
-        .filter(|db| db.archive)
-        .filter(|db| {
-            matches!(
-                db.adapter,
-                AdapterConfig::Postgres(_) | AdapterConfig::Mariadb(_)
-            )
-        })
-        .map(|db| db.name.clone())
-        .collect()
-}
-
 async fn base_backup(service: &Service, cancel: &CancellationToken) -> Result<Value, Failure> {
-    let names = base_databases(service);
+    let names = service.runbook.base_backup_databases();
     if names.is_empty() {
         return Err(failure(
             "the runbook has no PostgreSQL or MariaDB database with archive = true: there is \

@@ -21,27 +21,12 @@ use rcgen::{
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use stillpoint_testkit::workspace_binary as bin;
 
 /// The document as committed; the service must serve exactly this.
 const OPENAPI: &str = include_str!("../../docs/api/openapi.json");
 const OPERATOR_TOKEN: &str = "operator-token-5b1e0c7d9a2f";
 const OBSERVER_TOKEN: &str = "observer-token-8c3f2a6e1d4b";
-
-/// Path of one of the workspace's binaries, next to this test executable.
-fn bin(name: &str) -> PathBuf {
-    let mut directory = std::env::current_exe().expect("test executable path");
-    directory.pop();
-    if directory.ends_with("deps") {
-        directory.pop();
-    }
-    let path = directory.join(name);
-    assert!(
-        path.exists(),
-        "{} is not built; run `cargo build --workspace --bins` first (scripts/test does)",
-        path.display()
-    );
-    path
-}
 
 /// A running `stillpoint serve`, stopped (killed) when dropped.
 struct Served {

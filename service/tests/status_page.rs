@@ -5,7 +5,7 @@
 //! built, not the HTML the server sent: what an operator's browser would show.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -22,28 +22,10 @@ use stillpoint::storage::Storage;
 use stillpoint::time::Zone;
 use stillpoint_service::jobs::JOBS_DIR;
 use stillpoint_service::{JobRecord, JobState, Trigger};
-use stillpoint_testkit::rendered_dom;
+use stillpoint_testkit::{rendered_dom, workspace_binary as bin};
 
 /// How long the service may take to say where it listens, and Chromium to render.
 const DEADLINE: Duration = Duration::from_secs(60);
-
-/// Path of a binary of the workspace, next to this test's own directory
-/// (target/debug/deps/status_page-… → target/debug/stillpoint), as tests/integration
-/// finds it.
-fn bin(name: &str) -> PathBuf {
-    let mut directory = std::env::current_exe().expect("test executable path");
-    directory.pop();
-    if directory.ends_with("deps") {
-        directory.pop();
-    }
-    let path = directory.join(name);
-    assert!(
-        path.exists(),
-        "{} is not built; run `cargo build --workspace` first (scripts/test does)",
-        path.display()
-    );
-    path
-}
 
 /// A window of 10 ms whose mid-time is `at`, as a point or backup records it.
 fn window(at: DateTime<Utc>) -> PauseReport {

@@ -7,22 +7,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::running_as_root;
+
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// How long a page may take to render.
 const DEADLINE: Duration = Duration::from_secs(60);
-
-/// Whether this process runs as root (its real uid, from /proc).
-fn running_as_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("Uid:"))
-                .and_then(|uids| uids.split_whitespace().next().map(|uid| uid == "0"))
-        })
-        .unwrap_or(false)
-}
 
 /// Chromium's stderr without its complaints about a missing D-Bus (no desktop session
 /// in a test container): what is left says why a page did not load.

@@ -9,8 +9,9 @@
 //! - [`MariaDb`] (`mariadb.rs`): `mariadb-install-db` + `mariadbd` with the binlog (and so
 //!   GTIDs) on, root without a password over TCP.
 //! - `chromium.rs`: [`rendered_dom`], a page as headless Chromium builds it.
-//! - `process.rs`: what both share: finding binaries, free ports, running a command and
-//!   failing loudly, polling for readiness with a deadline.
+//! - `process.rs`: what both share: finding binaries (the system's, and the
+//!   workspace's own), free ports, running a command and failing loudly, polling for
+//!   readiness with a deadline, whether the test runs as root.
 //!
 //! Everything here is synchronous and panics on failure: it is test scaffolding, and a
 //! panic that carries the server log is the most useful thing a broken setup can give.
@@ -29,7 +30,7 @@ mod process;
 pub use chromium::rendered_dom;
 pub use mariadb::MariaDb;
 pub use postgres::{Postgres, PostgresOptions};
-pub use process::free_port;
+pub use process::{free_port, running_as_root, workspace_binary};
 
 #[cfg(test)]
 mod tests;

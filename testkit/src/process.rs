@@ -172,3 +172,33 @@ pub(crate) fn chown_recursive(user: &str, path: &Path) {
         &format!("giving {} to the {user} user", path.display()),
     );
 }
+
+/// Path of one of the workspace's binaries (`ledger-node`, `stillpoint`), next to the
+/// running test executable (target/debug/deps/… → target/debug/NAME).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let mut directory = std::env::current_exe().expect("test executable path");
+    directory.pop();
+    if directory.ends_with("deps") {
+        directory.pop();
+    }
+    let path = directory.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Whether this process runs as root (its effective uid, from /proc).
+pub fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Uid:"))
+                .and_then(|uids| uids.split_whitespace().nth(1).map(|uid| uid == "0"))
+        })
+        .unwrap_or(false)
+}

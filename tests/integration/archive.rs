@@ -446,7 +446,7 @@ fn recover_with_wal_fetch(source: &Source, base: &Path, restore_point: &str) -> 
         let _ = std::fs::remove_file(scratch.join(file));
     }
     std::fs::write(scratch.join("recovery.signal"), b"").unwrap();
-    let root = is_root();
+    let root = stillpoint_testkit::running_as_root();
     // The test binaries live under the target directory, readable by others.
     let restore_command = format!(
         "{} wal-fetch --config {} --database app %f %p",
@@ -570,18 +570,6 @@ impl Drop for ScratchServer {
             .current_dir("/")
             .status();
     }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("Uid:"))
-                .and_then(|uids| uids.split_whitespace().nth(1).map(|uid| uid == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// `wal-push` as an archive_command calls it: a file archived once, again as a no-op,

@@ -12,21 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// Path of one of the workspace's binaries, next to this test executable.
-pub fn bin(name: &str) -> PathBuf {
-    let mut directory = std::env::current_exe().expect("test executable path");
-    directory.pop();
-    if directory.ends_with("deps") {
-        directory.pop();
-    }
-    let path = directory.join(name);
-    assert!(
-        path.exists(),
-        "{} is not built; run `cargo build --workspace` first (scripts/test does)",
-        path.display()
-    );
-    path
-}
+pub use stillpoint_testkit::workspace_binary as bin;
 
 /// Path of one of the workspace's examples (`cargo build --examples`; scripts/test
 /// builds them).
