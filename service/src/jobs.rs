@@ -110,9 +110,9 @@ fn new_record(kind: JobKind, trigger: Trigger) -> JobRecord {
 pub struct Jobs {
     records: Mutex<VecDeque<JobRecord>>,
     /// Held by a job that pauses the cluster, for as long as it runs.
-    pause: Arc<AsyncMutex<String>>,
+    pause: Arc<AsyncMutex<()>>,
     /// One per kind: held by the running job of that kind.
-    kinds: HashMap<JobKind, Arc<AsyncMutex<String>>>,
+    kinds: HashMap<JobKind, Arc<AsyncMutex<()>>>,
 }
 
 impl Jobs {
@@ -123,10 +123,10 @@ impl Jobs {
         }
         Jobs {
             records: Mutex::new(records),
-            pause: Arc::new(AsyncMutex::new(String::new())),
+            pause: Arc::new(AsyncMutex::new(())),
             kinds: JobKind::ALL
                 .into_iter()
-                .map(|kind| (kind, Arc::new(AsyncMutex::new(String::new()))))
+                .map(|kind| (kind, Arc::new(AsyncMutex::new(()))))
                 .collect(),
         }
     }
@@ -153,12 +153,12 @@ impl Jobs {
             .max()
     }
 
-    /// Whether a job of any kind is queued or running.
-    pub fn busy(&self) -> Vec<JobRecord> {
+    /// The jobs running now.
+    fn running(&self) -> Vec<JobRecord> {
         let records = self.records.lock().expect("job table");
         records
             .iter()
-            .filter(|r| !r.state.is_final())
+            .filter(|r| r.state == JobState::Running)
             .cloned()
             .collect()
     }
@@ -181,8 +181,8 @@ impl Jobs {
 
 /// The locks a job holds while it runs.
 struct Held {
-    _kind: OwnedMutexGuard<String>,
-    _pause: Option<OwnedMutexGuard<String>>,
+    _kind: OwnedMutexGuard<()>,
+    _pause: Option<OwnedMutexGuard<()>>,
 }
 
 /// Reads every job record kept in storage (oldest first); unreadable ones are
@@ -225,7 +225,7 @@ impl crate::Service {
         let kind_guard = match kind_lock.clone().try_lock_owned() {
             Ok(guard) => Some(guard),
             Err(_) if trigger == Trigger::Schedule => {
-                let holder = self.holder(&kind_lock);
+                let holder = self.holder(|job| job.kind == kind);
                 return self.skip(
                     record,
                     format!("the previous {kind} ({holder}) is still running"),
@@ -237,7 +237,7 @@ impl crate::Service {
             match pause_lock.clone().try_lock_owned() {
                 Ok(guard) => Some(Some(guard)),
                 Err(_) if !waits => {
-                    let holder = self.holder(&pause_lock);
+                    let holder = self.holder(|job| job.kind.pauses());
                     return self.skip(
                         record,
                         format!("{holder} holds the cluster's pause; a point never waits for one"),
@@ -255,43 +255,37 @@ impl crate::Service {
             let kind_guard = match kind_guard {
                 Some(guard) => guard,
                 None => {
-                    waited.push(service.holder(&kind_lock));
+                    waited.push(service.holder(|job| job.kind == kind));
                     kind_lock.lock_owned().await
                 }
             };
             let pause_guard = match pause_guard {
                 Some(guard) => guard,
                 None => {
-                    waited.push(service.holder(&pause_lock));
+                    waited.push(service.holder(|job| job.kind.pauses()));
                     Some(pause_lock.lock_owned().await)
                 }
             };
-            let mut held = Held {
+            let held = Held {
                 _kind: kind_guard,
                 _pause: pause_guard,
             };
-            *held._kind = format!("job {job_id} ({kind})");
-            if let Some(pause) = held._pause.as_mut() {
-                **pause = format!("job {job_id} ({kind})");
-            }
             let note = (!waited.is_empty()).then(|| format!("waited for {}", waited.join(" and ")));
             service.run(job_id, kind, trigger, note, held).await;
         });
         record
     }
 
-    fn holder(&self, lock: &AsyncMutex<String>) -> String {
-        match lock.try_lock() {
-            Ok(_) => "another job".to_owned(),
-            Err(_) => self
-                .jobs
-                .busy()
-                .into_iter()
-                .find(|r| r.state == JobState::Running)
-                .map_or("another job".to_owned(), |r| {
-                    format!("job {} ({})", r.job_id, r.kind)
-                }),
-        }
+    /// The running job that holds a lock, named: a running job holds its kind's lock,
+    /// and the pause lock when its kind pauses.
+    fn holder(&self, holds: impl Fn(&JobRecord) -> bool) -> String {
+        self.jobs
+            .running()
+            .into_iter()
+            .find(|job| holds(job))
+            .map_or("another job".to_owned(), |job| {
+                format!("job {} ({})", job.job_id, job.kind)
+            })
     }
 
     /// Records a scheduled job that is not run, and why.

@@ -6,7 +6,8 @@
 //! draws them on its timeline, and a drill the API triggers passes
 //! `ledger-node check`. SIGTERM in the middle of a point's pause: the service
 //! releases the nodes itself (long before their lease), exits 0, and after a restart
-//! the schedule goes on with every point listed once.
+//! the schedule goes on with every point listed once; a point asked for through the API
+//! while a scheduled one holds the pause waits for it.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -462,6 +463,33 @@ fn sigterm_during_a_scheduled_points_pause_releases_the_nodes_and_a_restart_goes
         "new points after the restart",
         || point_ids(&address).len() >= before.len() + 2,
     );
+
+    // Never two pauses at once: a point asked for while a scheduled one holds the
+    // pause waits for it, and says so.
+    wait_until(Duration::from_secs(30), "a point's pause", || {
+        paused_flags(&nodes).iter().all(|paused| *paused)
+    });
+    let (status, body) = http(
+        &address,
+        "POST",
+        "/api/v1/jobs",
+        Some(OPERATOR),
+        r#"{"kind":"point"}"#,
+    );
+    assert_eq!(status, 202, "{body}");
+    let job: Value = serde_json::from_str(&body).unwrap();
+    let record = wait_for_job(
+        &address,
+        job["job_id"].as_str().unwrap(),
+        Duration::from_secs(60),
+    );
+    assert_eq!(record["state"], "succeeded", "{record}");
+    let note = record["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("waited for job") && note.contains("(point)"),
+        "{record}"
+    );
+
     let after = point_ids(&address);
     let mut unique = after.clone();
     unique.sort();
