@@ -122,6 +122,7 @@ pub enum Command {
     /// backups, backups, drills, verify, prune), an HTTP API with bearer tokens,
     /// Prometheus metrics at /metrics and a status page at /, until SIGINT/SIGTERM
     /// (which releases any pause in progress and flushes the archives first).
+    #[command(after_help = serve::EXAMPLE)]
     Serve(ServeArgs),
     /// Start a local reference cluster (3 ledger nodes + 1 auditor on SQLite) under
     /// load, back it up, drill the backup, print a report and clean up.

@@ -16,6 +16,17 @@ use crate::backup::load_runbook;
 use crate::exit::{self, Failure};
 use crate::signal::shutdown_signal;
 
+pub const EXAMPLE: &str = "\
+Example (docs/runbooks/serve.md):
+  openssl rand -hex 32 > api.token && chmod 600 api.token
+  stillpoint serve -c runbook.toml --listen 0.0.0.0:9187 --token-file api.token
+  T=$(cat api.token)
+  curl -H \"Authorization: Bearer $T\" localhost:9187/api/v1/points
+  curl -H \"Authorization: Bearer $T\" localhost:9187/api/v1/jobs -d '{\"kind\":\"drill\"}'
+
+The runbook's [schedule] says what runs by itself, e.g. point = \"*/30 * * * * *\",
+drill = \"0 4 * * *\" (cron; 6 fields = seconds first; time_zone = \"Europe/Berlin\").";
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// The runbook: its cluster, databases (those with `archive = true` are archived
