@@ -4,7 +4,7 @@
 //! the library reads), loaded in headless Chromium. The checks read the DOM Chromium
 //! built, not the HTML the server sent: what an operator's browser would show.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
