@@ -110,9 +110,9 @@ fn new_record(kind: JobKind, trigger: Trigger) -> JobRecord {
 pub struct Jobs {
     records: Mutex<VecDeque<JobRecord>>,
     /// Held by a job that pauses the cluster, for as long as it runs.
-    pause: Arc<AsyncMutex<String>>,
+    pause: Arc<AsyncMutex<()>>,
     /// One per kind: held by the running job of that kind.
-    kinds: HashMap<JobKind, Arc<AsyncMutex<String>>>,
+    kinds: HashMap<JobKind, Arc<AsyncMutex<()>>>,
 }
 
 impl Jobs {
@@ -123,10 +123,10 @@ impl Jobs {
         }
         Jobs {
             records: Mutex::new(records),
-            pause: Arc::new(AsyncMutex::new(String::new())),
+            pause: Arc::new(AsyncMutex::new(())),
             kinds: JobKind::ALL
                 .into_iter()
-                .map(|kind| (kind, Arc::new(AsyncMutex::new(String::new()))))
+                .map(|kind| (kind, Arc::new(AsyncMutex::new(()))))
                 .collect(),
         }
     }
@@ -163,6 +163,17 @@ impl Jobs {
             .collect()
     }
 
+    /// The running job that `holds` says may hold a lock, for notes that name who is
+    /// in the way: the running job of a kind, or for the pause, one whose kind pauses
+    /// (not merely the first job running, which named a drill as holding the pause).
+    fn running(&self, holds: impl Fn(JobKind) -> bool) -> Option<JobRecord> {
+        let records = self.records.lock().expect("job table");
+        records
+            .iter()
+            .find(|r| r.state == JobState::Running && holds(r.kind))
+            .cloned()
+    }
+
     fn insert(&self, record: JobRecord) {
         let mut records = self.records.lock().expect("job table");
         records.push_back(record);
@@ -181,8 +192,8 @@ impl Jobs {
 
 /// The locks a job holds while it runs.
 struct Held {
-    _kind: OwnedMutexGuard<String>,
-    _pause: Option<OwnedMutexGuard<String>>,
+    _kind: OwnedMutexGuard<()>,
+    _pause: Option<OwnedMutexGuard<()>>,
 }
 
 /// Reads every job record kept in storage (oldest first); unreadable ones are
@@ -225,7 +236,7 @@ impl crate::Service {
         let kind_guard = match kind_lock.clone().try_lock_owned() {
             Ok(guard) => Some(guard),
             Err(_) if trigger == Trigger::Schedule => {
-                let holder = self.holder(&kind_lock);
+                let holder = self.holder(|running| running == kind);
                 return self.skip(
                     record,
                     format!("the previous {kind} ({holder}) is still running"),
@@ -237,7 +248,7 @@ impl crate::Service {
             match pause_lock.clone().try_lock_owned() {
                 Ok(guard) => Some(Some(guard)),
                 Err(_) if !waits => {
-                    let holder = self.holder(&pause_lock);
+                    let holder = self.holder(JobKind::pauses);
                     return self.skip(
                         record,
                         format!("{holder} holds the cluster's pause; a point never waits for one"),
@@ -255,43 +266,34 @@ impl crate::Service {
             let kind_guard = match kind_guard {
                 Some(guard) => guard,
                 None => {
-                    waited.push(service.holder(&kind_lock));
+                    waited.push(service.holder(|running| running == kind));
                     kind_lock.lock_owned().await
                 }
             };
             let pause_guard = match pause_guard {
                 Some(guard) => guard,
                 None => {
-                    waited.push(service.holder(&pause_lock));
+                    waited.push(service.holder(JobKind::pauses));
                     Some(pause_lock.lock_owned().await)
                 }
             };
-            let mut held = Held {
+            let held = Held {
                 _kind: kind_guard,
                 _pause: pause_guard,
             };
-            *held._kind = format!("job {job_id} ({kind})");
-            if let Some(pause) = held._pause.as_mut() {
-                **pause = format!("job {job_id} ({kind})");
-            }
             let note = (!waited.is_empty()).then(|| format!("waited for {}", waited.join(" and ")));
             service.run(job_id, kind, trigger, note, held).await;
         });
         record
     }
 
-    fn holder(&self, lock: &AsyncMutex<String>) -> String {
-        match lock.try_lock() {
-            Ok(_) => "another job".to_owned(),
-            Err(_) => self
-                .jobs
-                .busy()
-                .into_iter()
-                .find(|r| r.state == JobState::Running)
-                .map_or("another job".to_owned(), |r| {
-                    format!("job {} ({})", r.job_id, r.kind)
-                }),
-        }
+    /// Names the running job in the way (see [`Jobs::running`]).
+    fn holder(&self, holds: impl Fn(JobKind) -> bool) -> String {
+        self.jobs
+            .running(holds)
+            .map_or("another job".to_owned(), |r| {
+                format!("job {} ({})", r.job_id, r.kind)
+            })
     }
 
     /// Records a scheduled job that is not run, and why.
@@ -404,6 +406,29 @@ mod tests {
         let late = new_job_id(JobKind::Drill, "2026-11-30T12:00:01Z".parse().unwrap());
         assert!(early < late, "{early} {late}");
         assert!(early.starts_with("20261130T120000.000Z-point-"), "{early}");
+    }
+
+    #[test]
+    fn the_job_named_as_holding_the_pause_is_one_that_pauses() {
+        let running = |kind, at: &str| JobRecord {
+            state: JobState::Running,
+            started_at: Some(at.parse().unwrap()),
+            ..new_record(kind, Trigger::Api)
+        };
+        // A drill (which never pauses) started first; a backup holds the pause.
+        let drill = running(JobKind::Drill, "2026-11-30T04:00:00Z");
+        let backup = running(JobKind::Backup, "2026-11-30T04:01:00Z");
+        let jobs = Jobs::new(vec![drill.clone(), backup.clone()]);
+        assert_eq!(
+            jobs.running(JobKind::pauses).map(|r| r.job_id),
+            Some(backup.job_id)
+        );
+        assert_eq!(
+            jobs.running(|kind| kind == JobKind::Drill)
+                .map(|r| r.job_id),
+            Some(drill.job_id)
+        );
+        assert_eq!(jobs.running(|kind| kind == JobKind::Point), None);
     }
 
     #[test]
