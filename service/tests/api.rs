@@ -4,8 +4,8 @@
 //! which is all the API's shape needs). Owns the checks that the service keeps to
 //! docs/api/openapi.json (schemathesis, with a lying copy as the negative control),
 //! the auth and error contract, HTTPS, a restart over the same storage, the CLI's
-//! `--server` mode against the service, flags refused before it listens, and clients
-//! that send too much or never finish.
+//! `--server` mode against the service, flags refused before it listens, clients that
+//! send too much or never finish, and SIGTERM while storage keeps it starting.
 //!
 //! The binary is the one next to this test (`cargo build --workspace --bins` first, as
 //! scripts/test does); the check that it serves the committed document catches a stale one.
@@ -786,4 +786,72 @@ fn short_or_shared_tokens_and_a_key_not_the_certificates_are_refused_before_list
             "{flags:?}: it announced an address before refusing: {stderr}"
         );
     }
+}
+
+#[test]
+fn sigterm_stops_a_service_still_starting_on_storage_that_does_not_answer() {
+    // An S3 endpoint that takes connections and never answers (nothing accepts them
+    // from the backlog): the storage probe at start-up waits on it for minutes.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let runbook = dir.path().join("runbook.toml");
+    std::fs::write(
+        &runbook,
+        format!(
+            "cluster = \"slow-storage\"\n[pause]\ntiers = [{{ addresses = [\"127.0.0.1:1\"] }}]\n\
+             [[databases]]\nname = \"app\"\nadapter = \"exec\"\ncut = \"true\"\n\
+             [storage]\nurl = \"s3://bucket/prefix\"\n\
+             options = {{ endpoint = \"http://{}\", allow_http = \"true\", region = \"us-east-1\", \
+             access_key_id = \"test\", secret_access_key = \"test\" }}\n",
+            silent.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let token = dir.path().join("operator.token");
+    std::fs::write(&token, OPERATOR_TOKEN).unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let mut process = Command::new(bin("stillpoint"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&runbook)
+        .args(["--listen", "127.0.0.1:0", "--token-file"])
+        .arg(&token)
+        .env_remove("STILLPOINT_LISTEN")
+        .env_remove("STILLPOINT_API_TOKEN_FILE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(process.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    assert!(first.contains("http://"), "{first}");
+    // Inside the probe: it has started it by the time it announced its address, and
+    // a second more rules out a race with the signal handler's start.
+    std::thread::sleep(Duration::from_secs(1));
+    let status = Command::new("kill")
+        .args(["-TERM", &process.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let signalled = Instant::now();
+    let exited = loop {
+        if let Some(status) = process.try_wait().unwrap() {
+            break Some(status);
+        }
+        if signalled.elapsed() > Duration::from_secs(15) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let Some(status) = exited else {
+        let _ = process.kill();
+        let _ = process.wait();
+        panic!("still starting 15 s after SIGTERM");
+    };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(status.success(), "{status}: {rest}");
+    assert!(rest.contains("stopped"), "{rest}");
 }
