@@ -244,7 +244,14 @@ impl crate::Service {
             }
             Err(_) => None,
         };
-        let pause_guard = if kind.pauses() {
+        let pause_guard = if !kind.pauses() {
+            Some(None)
+        } else if kind_guard.is_none() {
+            // It waits for its kind first, then for the pause: a job that took the pause
+            // here and then waited for its kind deadlocked with the kind's holder when
+            // that one was about to wait for the pause.
+            None
+        } else {
             match pause_lock.clone().try_lock_owned() {
                 Ok(guard) => Some(Some(guard)),
                 Err(_) if !waits => {
@@ -256,8 +263,6 @@ impl crate::Service {
                 }
                 Err(_) => None,
             }
-        } else {
-            Some(None)
         };
         self.jobs.insert(record.clone());
         let service = self.clone();
@@ -406,6 +411,75 @@ mod tests {
         let late = new_job_id(JobKind::Drill, "2026-11-30T12:00:01Z".parse().unwrap());
         assert!(early < late, "{early} {late}");
         assert!(early.starts_with("20261130T120000.000Z-point-"), "{early}");
+    }
+
+    /// A service over a runbook whose one node is a closed port (a point fails at
+    /// once) and whose storage is `dir`.
+    fn service(dir: &std::path::Path) -> Arc<crate::Service> {
+        let text = format!(
+            "cluster = \"jobs-test\"\n[pause]\ntiers = [{{ addresses = [\"127.0.0.1:1\"] }}]\n\
+             [[databases]]\nname = \"app\"\nadapter = \"exec\"\ncut = \"true\"\n\
+             [storage]\nurl = \"file://{}\"\n",
+            dir.display()
+        );
+        let runbook = stillpoint::runbook::Runbook::parse(&text, dir).unwrap();
+        let storage =
+            Storage::open_with_options(&runbook.storage.url, &runbook.storage.options).unwrap();
+        let settings = stillpoint::backup::pipeline_settings(&runbook).unwrap();
+        let token =
+            stillpoint_node::grpc::auth::AdminToken::parse("operator-token-0123456789", "test")
+                .unwrap();
+        Arc::new(crate::Service {
+            runbook,
+            storage,
+            settings,
+            jobs: Jobs::new(Vec::new()),
+            metrics: crate::metrics::Metrics::new(),
+            archives: Default::default(),
+            view: Default::default(),
+            auth: crate::api::Auth::new(&token, None).unwrap(),
+            pool: Default::default(),
+            public_status: false,
+            ready: Default::default(),
+            shutdown: Default::default(),
+            tasks: Default::default(),
+        })
+    }
+
+    // One thread: spawned jobs run only when the test waits, so the interleaving is
+    // the one written here.
+    #[tokio::test(flavor = "current_thread")]
+    async fn two_api_points_submitted_around_a_pause_release_both_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(dir.path());
+        // Another job holds the pause: the first point takes its kind and will wait.
+        let other = service.jobs.pause.clone().try_lock_owned().unwrap();
+        let first = service.submit(JobKind::Point, Trigger::Api);
+        // The pause is let go before the first point's task asked for it; the second
+        // point finds its kind taken and the pause free.
+        drop(other);
+        let second = service.submit(JobKind::Point, Trigger::Api);
+        let ended = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let states: Vec<_> = [&first, &second]
+                    .iter()
+                    .map(|job| service.jobs.get(&job.job_id).unwrap().state)
+                    .collect();
+                if states.iter().all(|state| state.is_final()) {
+                    return states;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let states = ended.unwrap_or_else(|_| {
+            panic!(
+                "the two points wait on each other: {:?}",
+                service.jobs.list(10)
+            )
+        });
+        // The node is a closed port: each ran and failed.
+        assert_eq!(states, [JobState::Failed, JobState::Failed]);
     }
 
     #[test]
