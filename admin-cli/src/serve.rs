@@ -75,10 +75,20 @@ pub async fn serve(args: ServeArgs) -> Result<u8, Failure> {
         .map(AdminToken::from_file)
         .transpose()
         .map_err(usage)?;
+    // Checked before anything listens: a service that printed where it listens and
+    // then refused a short or shared token looked started to whoever read that line.
+    stillpoint_service::api::Auth::new(&operator_token, observer_token.as_ref()).map_err(usage)?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let tls = ServerTls::from_files(cert, key).map_err(usage)?;
-            tls.check().map_err(usage)?;
+            tls.check().map_err(|error| {
+                usage(format!(
+                    "{error}; --tls-cert {} and --tls-key {} must be a certificate and \
+                     its own private key",
+                    cert.display(),
+                    key.display()
+                ))
+            })?;
             Some(tls)
         }
         _ => None,

@@ -3,14 +3,16 @@
 //! document every route here keeps to). Who may call what is decided here, in one
 //! place: bearer tokens with two roles, as the nodes' admin API has (docs/security.md):
 //! an operator token may trigger jobs, an observer token may only read. Every error is
-//! JSON that names the problem and the fix.
+//! JSON that names the problem and the fix. Connections silent for 30 s are closed.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -21,6 +23,7 @@ use serde::Deserialize;
 use serde_json::json;
 use stillpoint::runbook::JobKind;
 use stillpoint_node::grpc::auth::{AdminToken, MIN_TOKEN_LEN, ServerTls};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 
@@ -78,11 +81,14 @@ impl Auth {
                  observer token `stillpoint serve` was started with)",
             ));
         };
+        // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` and `BEARER` are
+        // `Bearer`, as clients and proxies send it.
         let token = value
             .to_str()
             .ok()
-            .and_then(|text| text.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(|text| text.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
+            .map(|(_, token)| token.trim())
             .ok_or_else(|| {
                 ApiError::unauthorized("malformed Authorization header: write `Bearer <token>`")
             })?;
@@ -312,14 +318,29 @@ async fn show_job(State(service): Shared, headers: HeaderMap, Path(id): Path<Str
     Ok(Json(job).into_response())
 }
 
+/// The most a job request's body may hold: `{"kind": "base_backup"}` is 25 bytes.
+const MAX_JOB_REQUEST: usize = 4096;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JobRequest {
     kind: String,
 }
 
-async fn trigger_job(State(service): Shared, headers: HeaderMap, body: Bytes) -> Answer {
+async fn trigger_job(State(service): Shared, headers: HeaderMap, body: Body) -> Answer {
+    // The token first: a caller without one gets 401 before a byte of its body is read.
     operate(&service, &headers)?;
+    let body = axum::body::to_bytes(body, MAX_JOB_REQUEST)
+        .await
+        .map_err(|error| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the body could not be read within {MAX_JOB_REQUEST} bytes ({error}); \
+                     send only {{\"kind\": \"point\"}}"
+                ),
+            )
+        })?;
     let not_a_request = |error: String| {
         ApiError::bad_request(format!(
             "the body must be a JSON object like {{\"kind\": \"point\"}}: {error}"
@@ -361,7 +382,7 @@ pub async fn serve(
     let stopping = async move { shutdown.cancelled().await };
     match tls {
         None => {
-            axum::serve(listener, app)
+            axum::serve(IdleClosing(listener), app)
                 .with_graceful_shutdown(stopping)
                 .await
         }
@@ -374,10 +395,98 @@ pub async fn serve(
                 incoming: Box::pin(incoming),
                 local,
             };
-            axum::serve(listener, app)
+            axum::serve(IdleClosing(listener), app)
                 .with_graceful_shutdown(stopping)
                 .await
         }
+    }
+}
+
+/// How long a connection may stay silent (nothing read or written) before it is
+/// closed. The HTTP server has no timeout of its own: a client that connects and never
+/// finishes its request kept its socket forever, and a thousand of them used up the
+/// process's file descriptors (systemd's default limit is 1024), which locked out every
+/// other client and the storage and archivers too.
+const IDLE_CONNECTION: Duration = Duration::from_secs(30);
+
+/// A listener whose connections are closed after [`IDLE_CONNECTION`] of silence.
+struct IdleClosing<L>(L);
+
+impl<L: axum::serve::Listener> axum::serve::Listener for IdleClosing<L> {
+    type Io = IdleClosed<L::Io>;
+    type Addr = L::Addr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (io, peer) = self.0.accept().await;
+        let deadline = Box::pin(tokio::time::sleep(IDLE_CONNECTION));
+        (IdleClosed { io, deadline }, peer)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+/// A connection that fails its next read or write once it has been silent for
+/// [`IDLE_CONNECTION`]; the HTTP server then closes it.
+struct IdleClosed<Io> {
+    io: Io,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<Io> IdleClosed<Io> {
+    /// `poll` is one read, write, flush or shutdown of the connection: progress moves
+    /// the deadline; waiting past it is an error.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(Pin<&mut Io>, &mut Context<'_>) -> Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>>
+    where
+        Io: Unpin,
+    {
+        match poll(Pin::new(&mut self.io), cx) {
+            Poll::Ready(result) => {
+                let next = tokio::time::Instant::now() + IDLE_CONNECTION;
+                self.deadline.as_mut().reset(next);
+                Poll::Ready(result)
+            }
+            Poll::Pending if self.deadline.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the connection was silent for {IDLE_CONNECTION:?}"),
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<Io: AsyncRead + Unpin> AsyncRead for IdleClosed<Io> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.watch(cx, |io, cx| io.poll_read(cx, buf))
+    }
+}
+
+impl<Io: AsyncWrite + Unpin> AsyncWrite for IdleClosed<Io> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.watch(cx, |io, cx| io.poll_write(cx, buf))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.watch(cx, AsyncWrite::poll_flush)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.watch(cx, AsyncWrite::poll_shutdown)
     }
 }
 
@@ -411,5 +520,49 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OPERATOR: &str = "operator-token-0123456789";
+    const OBSERVER: &str = "observer-token-0123456789";
+
+    fn role_for(authorization: &str) -> Result<Role, ApiError> {
+        let token = |text| AdminToken::parse(text, "the test").unwrap();
+        let auth = Auth::new(&token(OPERATOR), Some(&token(OBSERVER))).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(authorization).unwrap(),
+        );
+        auth.role(&headers)
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case_and_nothing_else_is_taken() {
+        for scheme in ["Bearer", "bearer", "BEARER"] {
+            assert_eq!(
+                role_for(&format!("{scheme} {OPERATOR}")).unwrap(),
+                Role::Operator,
+                "{scheme}"
+            );
+        }
+        assert_eq!(
+            role_for(&format!("bearer {OBSERVER}")).unwrap(),
+            Role::Observer
+        );
+        for refused in [
+            format!("Basic {OPERATOR}"),
+            format!("Bearerx {OPERATOR}"),
+            OPERATOR.to_owned(),
+            "Bearer ".to_owned(),
+            "Bearer wrong-token-0123456789".to_owned(),
+        ] {
+            let error = role_for(&refused).unwrap_err();
+            assert_eq!(error.status, StatusCode::UNAUTHORIZED, "{refused}");
+        }
     }
 }

@@ -153,14 +153,15 @@ impl Jobs {
             .max()
     }
 
-    /// The jobs running now.
-    fn running(&self) -> Vec<JobRecord> {
+    /// The running job that `holds` says may hold a lock, for notes that name who is
+    /// in the way: the running job of a kind, or for the pause, one whose kind pauses
+    /// (not merely the first job running, which named a drill as holding the pause).
+    fn running(&self, holds: impl Fn(JobKind) -> bool) -> Option<JobRecord> {
         let records = self.records.lock().expect("job table");
         records
             .iter()
-            .filter(|r| r.state == JobState::Running)
+            .find(|r| r.state == JobState::Running && holds(r.kind))
             .cloned()
-            .collect()
     }
 
     fn insert(&self, record: JobRecord) {
@@ -225,7 +226,7 @@ impl crate::Service {
         let kind_guard = match kind_lock.clone().try_lock_owned() {
             Ok(guard) => Some(guard),
             Err(_) if trigger == Trigger::Schedule => {
-                let holder = self.holder(|job| job.kind == kind);
+                let holder = self.holder(|running| running == kind);
                 return self.skip(
                     record,
                     format!("the previous {kind} ({holder}) is still running"),
@@ -233,11 +234,18 @@ impl crate::Service {
             }
             Err(_) => None,
         };
-        let pause_guard = if kind.pauses() {
+        let pause_guard = if !kind.pauses() {
+            Some(None)
+        } else if kind_guard.is_none() {
+            // It waits for its kind first, then for the pause: a job that took the pause
+            // here and then waited for its kind deadlocked with the kind's holder when
+            // that one was about to wait for the pause.
+            None
+        } else {
             match pause_lock.clone().try_lock_owned() {
                 Ok(guard) => Some(Some(guard)),
                 Err(_) if !waits => {
-                    let holder = self.holder(|job| job.kind.pauses());
+                    let holder = self.holder(JobKind::pauses);
                     return self.skip(
                         record,
                         format!("{holder} holds the cluster's pause; a point never waits for one"),
@@ -245,8 +253,6 @@ impl crate::Service {
                 }
                 Err(_) => None,
             }
-        } else {
-            Some(None)
         };
         self.jobs.insert(record.clone());
         let service = self.clone();
@@ -255,14 +261,14 @@ impl crate::Service {
             let kind_guard = match kind_guard {
                 Some(guard) => guard,
                 None => {
-                    waited.push(service.holder(|job| job.kind == kind));
+                    waited.push(service.holder(|running| running == kind));
                     kind_lock.lock_owned().await
                 }
             };
             let pause_guard = match pause_guard {
                 Some(guard) => guard,
                 None => {
-                    waited.push(service.holder(|job| job.kind.pauses()));
+                    waited.push(service.holder(JobKind::pauses));
                     Some(pause_lock.lock_owned().await)
                 }
             };
@@ -276,15 +282,12 @@ impl crate::Service {
         record
     }
 
-    /// The running job that holds a lock, named: a running job holds its kind's lock,
-    /// and the pause lock when its kind pauses.
-    fn holder(&self, holds: impl Fn(&JobRecord) -> bool) -> String {
+    /// Names the running job in the way (see [`Jobs::running`]).
+    fn holder(&self, holds: impl Fn(JobKind) -> bool) -> String {
         self.jobs
-            .running()
-            .into_iter()
-            .find(|job| holds(job))
-            .map_or("another job".to_owned(), |job| {
-                format!("job {} ({})", job.job_id, job.kind)
+            .running(holds)
+            .map_or("another job".to_owned(), |r| {
+                format!("job {} ({})", r.job_id, r.kind)
             })
     }
 
@@ -398,6 +401,98 @@ mod tests {
         let late = new_job_id(JobKind::Drill, "2026-11-30T12:00:01Z".parse().unwrap());
         assert!(early < late, "{early} {late}");
         assert!(early.starts_with("20261130T120000.000Z-point-"), "{early}");
+    }
+
+    /// A service over a runbook whose one node is a closed port (a point fails at
+    /// once) and whose storage is `dir`.
+    fn service(dir: &std::path::Path) -> Arc<crate::Service> {
+        let text = format!(
+            "cluster = \"jobs-test\"\n[pause]\ntiers = [{{ addresses = [\"127.0.0.1:1\"] }}]\n\
+             [[databases]]\nname = \"app\"\nadapter = \"exec\"\ncut = \"true\"\n\
+             [storage]\nurl = \"file://{}\"\n",
+            dir.display()
+        );
+        let runbook = stillpoint::runbook::Runbook::parse(&text, dir).unwrap();
+        let storage =
+            Storage::open_with_options(&runbook.storage.url, &runbook.storage.options).unwrap();
+        let settings = stillpoint::backup::pipeline_settings(&runbook).unwrap();
+        let token =
+            stillpoint_node::grpc::auth::AdminToken::parse("operator-token-0123456789", "test")
+                .unwrap();
+        Arc::new(crate::Service {
+            runbook,
+            storage,
+            settings,
+            jobs: Jobs::new(Vec::new()),
+            metrics: crate::metrics::Metrics::new(),
+            archives: Default::default(),
+            view: Default::default(),
+            auth: crate::api::Auth::new(&token, None).unwrap(),
+            pool: Default::default(),
+            public_status: false,
+            ready: Default::default(),
+            shutdown: Default::default(),
+            tasks: Default::default(),
+        })
+    }
+
+    // One thread: spawned jobs run only when the test waits, so the interleaving is
+    // the one written here.
+    #[tokio::test(flavor = "current_thread")]
+    async fn two_api_points_submitted_around_a_pause_release_both_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(dir.path());
+        // Another job holds the pause: the first point takes its kind and will wait.
+        let other = service.jobs.pause.clone().try_lock_owned().unwrap();
+        let first = service.submit(JobKind::Point, Trigger::Api);
+        // The pause is let go before the first point's task asked for it; the second
+        // point finds its kind taken and the pause free.
+        drop(other);
+        let second = service.submit(JobKind::Point, Trigger::Api);
+        let ended = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let states: Vec<_> = [&first, &second]
+                    .iter()
+                    .map(|job| service.jobs.get(&job.job_id).unwrap().state)
+                    .collect();
+                if states.iter().all(|state| state.is_final()) {
+                    return states;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        let states = ended.unwrap_or_else(|_| {
+            panic!(
+                "the two points wait on each other: {:?}",
+                service.jobs.list(10)
+            )
+        });
+        // The node is a closed port: each ran and failed.
+        assert_eq!(states, [JobState::Failed, JobState::Failed]);
+    }
+
+    #[test]
+    fn the_job_named_as_holding_the_pause_is_one_that_pauses() {
+        let running = |kind, at: &str| JobRecord {
+            state: JobState::Running,
+            started_at: Some(at.parse().unwrap()),
+            ..new_record(kind, Trigger::Api)
+        };
+        // A drill (which never pauses) started first; a backup holds the pause.
+        let drill = running(JobKind::Drill, "2026-11-30T04:00:00Z");
+        let backup = running(JobKind::Backup, "2026-11-30T04:01:00Z");
+        let jobs = Jobs::new(vec![drill.clone(), backup.clone()]);
+        assert_eq!(
+            jobs.running(JobKind::pauses).map(|r| r.job_id),
+            Some(backup.job_id)
+        );
+        assert_eq!(
+            jobs.running(|kind| kind == JobKind::Drill)
+                .map(|r| r.job_id),
+            Some(drill.job_id)
+        );
+        assert_eq!(jobs.running(|kind| kind == JobKind::Point), None);
     }
 
     #[test]

@@ -121,13 +121,18 @@ pub async fn run(
     // live, a directory on file storage once one job has ended, so a probe put there
     // refused every restart.
     let probe = format!("service/probe-{}", uuid::Uuid::new_v4().simple());
-    storage.probe(&probe).await.map_err(|error| {
+    let Some(probed) = unless_stopped(&shutdown, storage.probe(&probe)).await else {
+        return Ok(());
+    };
+    probed.map_err(|error| {
         ServeError::Setup(format!(
             "the storage {} cannot be written: {error}",
             storage.url()
         ))
     })?;
-    let restored = jobs::restore_records(&storage).await;
+    let Some(restored) = unless_stopped(&shutdown, jobs::restore_records(&storage)).await else {
+        return Ok(());
+    };
     let service = Arc::new(Service {
         runbook,
         storage,
@@ -143,7 +148,12 @@ pub async fn run(
         shutdown,
         tasks: TaskTracker::new(),
     });
-    service.refresh_view().await;
+    if unless_stopped(&service.shutdown, service.refresh_view())
+        .await
+        .is_none()
+    {
+        return Ok(());
+    }
 
     let archiving = tokio::spawn(archiving::run(service.clone(), archivers));
     service.ready.store(true, Ordering::Relaxed);
@@ -169,6 +179,22 @@ pub async fn run(
     let _ = watching.await;
     tracing::info!("stopped: every job ended and every archiver flushed");
     served.map_err(ServeError::Http)
+}
+
+/// `work` unless `shutdown` fires first (then `None`). Start-up waits on storage, which
+/// may not answer for minutes (an S3 endpoint behind a dropped route): SIGTERM stopped
+/// nothing then, and systemd killed the service at its TimeoutStopSec.
+async fn unless_stopped<T>(
+    shutdown: &CancellationToken,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        value = work => Some(value),
+        () = shutdown.cancelled() => {
+            tracing::info!("stopped during start-up, before anything ran");
+            None
+        }
+    }
 }
 
 async fn refresh_views(service: Arc<Service>) {

@@ -3,8 +3,9 @@
 //! closed port and whose storage is a temporary directory (jobs that pause fail fast,
 //! which is all the API's shape needs). Owns the checks that the service keeps to
 //! docs/api/openapi.json (schemathesis, with a lying copy as the negative control),
-//! the auth and error contract, HTTPS, a restart over the same storage, and the CLI's
-//! `--server` mode against the service.
+//! the auth and error contract, HTTPS, a restart over the same storage, the CLI's
+//! `--server` mode against the service, flags refused before it listens, clients that
+//! send too much or never finish, and SIGTERM while storage keeps it starting.
 //!
 //! The binary is the one next to this test (`cargo build --workspace --bins` first, as
 //! scripts/test does); the check that it serves the committed document catches a stale one.
@@ -624,4 +625,218 @@ async fn the_cli_lists_and_triggers_through_the_service() {
     let (code, _, stderr) = served.cli(&["point", "--no-wait"], OBSERVER_TOKEN);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("operator token"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_job_request_body_is_read_only_after_its_token_and_a_huge_one_is_refused_in_json() {
+    let served = Served::start(None).await;
+    // 3 MB, past what the HTTP server would buffer by itself (2 MB): without a token it
+    // is refused for the token (401, JSON), not read and refused for its size.
+    let huge = " ".repeat(3 << 20);
+    for token in [None, Some("a-token-nobody-was-given-0000")] {
+        let mut request = served
+            .client()
+            .post(served.at("/api/v1/jobs"))
+            .body(huge.clone());
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let (status, _, body) = answer(request).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}: {body}");
+        error_message(&body);
+    }
+    // With the operator token a job request is a few bytes; 8 KB of padding around one
+    // is refused (413, JSON) and starts nothing.
+    let padded = format!(r#"{{"kind": "verify"}}{}"#, " ".repeat(8 << 10));
+    let (status, _, body) = served.trigger(&padded, OPERATOR_TOKEN).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    error_message(&body);
+    let (_, _, listed) = served.get("/api/v1/jobs", Some(OPERATOR_TOKEN)).await;
+    assert_eq!(listed["jobs"], json!([]), "{listed}");
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_request_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let served = Served::start(None).await;
+    let address = served.url.trim_start_matches("http://").to_owned();
+    // Half a request, then silence: the slowloris client. The server closes it (the
+    // idle limit is 30 s); before, it held the socket for as long as the client did.
+    let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stalled
+        .write_all(b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let silent = tokio::net::TcpStream::connect(&address).await.unwrap();
+    // Others are answered meanwhile.
+    let (status, _, _) = served.get("/healthz", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let started = Instant::now();
+    let mut buffer = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(45), stalled.read(&mut buffer)).await;
+    match read {
+        Ok(Ok(0) | Err(_)) => {}
+        Ok(Ok(read)) => panic!(
+            "the server answered half a request: {:?}",
+            String::from_utf8_lossy(&buffer[..read])
+        ),
+        Err(_) => panic!("the stalled connection was still open after 45 s"),
+    }
+    eprintln!("stalled connection closed after {:?}", started.elapsed());
+    let mut silent = silent;
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buffer)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "a connection that never sent a byte was still open: {read:?}"
+    );
+}
+
+#[test]
+fn short_or_shared_tokens_and_a_key_not_the_certificates_are_refused_before_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let runbook = dir.path().join("runbook.toml");
+    std::fs::write(
+        &runbook,
+        format!(
+            "cluster = \"flags-test\"\n[pause]\ntiers = [{{ addresses = [\"127.0.0.1:1\"] }}]\n\
+             [[databases]]\nname = \"app\"\nadapter = \"exec\"\ncut = \"true\"\n\
+             [storage]\nurl = \"file://{}\"\n",
+            dir.path().join("storage").display()
+        ),
+    )
+    .unwrap();
+    let token_file = |name: &str, token: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, token).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        path
+    };
+    let operator = token_file("operator.token", &format!("{OPERATOR_TOKEN}\n"));
+    let short = token_file("short.token", "short\n");
+    // The operator's token with Windows line ends is still the operator's token.
+    let shared = token_file("shared.token", &format!("{OPERATOR_TOKEN}\r\n"));
+    let (_, cert, _) = certificates(dir.path());
+    let other_key = dir.path().join("other.key");
+    std::fs::write(&other_key, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    let run = |extra: &[&std::ffi::OsStr]| {
+        Command::new(bin("stillpoint"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&runbook)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env_remove("STILLPOINT_LISTEN")
+            .env_remove("STILLPOINT_API_TOKEN_FILE")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let cases: [(Vec<&std::ffi::OsStr>, &str); 3] = [
+        (
+            vec!["--token-file".as_ref(), short.as_os_str()],
+            "at least 16",
+        ),
+        (
+            vec![
+                "--token-file".as_ref(),
+                operator.as_os_str(),
+                "--observer-token-file".as_ref(),
+                shared.as_os_str(),
+            ],
+            "the observer token is the operator token",
+        ),
+        (
+            vec![
+                "--token-file".as_ref(),
+                operator.as_os_str(),
+                "--tls-cert".as_ref(),
+                cert.as_os_str(),
+                "--tls-key".as_ref(),
+                other_key.as_os_str(),
+            ],
+            "other.key",
+        ),
+    ];
+    for (flags, says) in cases {
+        let output = run(&flags);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flags:?}: {stderr}");
+        assert!(
+            stderr.contains(says),
+            "{flags:?} should say {says:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("://"),
+            "{flags:?}: it announced an address before refusing: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn sigterm_stops_a_service_still_starting_on_storage_that_does_not_answer() {
+    // An S3 endpoint that takes connections and never answers (nothing accepts them
+    // from the backlog): the storage probe at start-up waits on it for minutes.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let runbook = dir.path().join("runbook.toml");
+    std::fs::write(
+        &runbook,
+        format!(
+            "cluster = \"slow-storage\"\n[pause]\ntiers = [{{ addresses = [\"127.0.0.1:1\"] }}]\n\
+             [[databases]]\nname = \"app\"\nadapter = \"exec\"\ncut = \"true\"\n\
+             [storage]\nurl = \"s3://bucket/prefix\"\n\
+             options = {{ endpoint = \"http://{}\", allow_http = \"true\", region = \"us-east-1\", \
+             access_key_id = \"test\", secret_access_key = \"test\" }}\n",
+            silent.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let token = dir.path().join("operator.token");
+    std::fs::write(&token, OPERATOR_TOKEN).unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let mut process = Command::new(bin("stillpoint"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&runbook)
+        .args(["--listen", "127.0.0.1:0", "--token-file"])
+        .arg(&token)
+        .env_remove("STILLPOINT_LISTEN")
+        .env_remove("STILLPOINT_API_TOKEN_FILE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(process.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    assert!(first.contains("http://"), "{first}");
+    // Inside the probe: it has started it by the time it announced its address, and
+    // a second more rules out a race with the signal handler's start.
+    std::thread::sleep(Duration::from_secs(1));
+    let status = Command::new("kill")
+        .args(["-TERM", &process.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let signalled = Instant::now();
+    let exited = loop {
+        if let Some(status) = process.try_wait().unwrap() {
+            break Some(status);
+        }
+        if signalled.elapsed() > Duration::from_secs(15) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let Some(status) = exited else {
+        let _ = process.kill();
+        let _ = process.wait();
+        panic!("still starting 15 s after SIGTERM");
+    };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(status.success(), "{status}: {rest}");
+    assert!(rest.contains("stopped"), "{rest}");
 }
