@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backup::load_runbook;
 use crate::exit::{self, Failure};
-use crate::signal::shutdown_signal;
+use crate::signal::Interrupts;
 
 pub const EXAMPLE: &str = "\
 Example (docs/runbooks/serve.md):
@@ -104,6 +104,10 @@ pub async fn serve(args: ServeArgs) -> Result<u8, Failure> {
     let address = listener
         .local_addr()
         .map_err(|error| anyhow!("the listening socket has no address: {error}"))?;
+    // SIGINT/SIGTERM are caught from before the address is announced: whoever starts
+    // the service on that line may stop it at once, and must not kill it instead.
+    let mut interrupts =
+        Interrupts::new().map_err(|error| anyhow!("cannot listen for SIGINT/SIGTERM: {error}"))?;
     crate::errln!(
         "stillpoint serve: {} on {}://{address} (runbook {})",
         runbook.cluster,
@@ -113,7 +117,7 @@ pub async fn serve(args: ServeArgs) -> Result<u8, Failure> {
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        interrupts.recv().await;
         tracing::warn!("stopping: no new jobs; releasing any pause; flushing the archives");
         crate::errln!("stillpoint serve: stopping");
         on_signal.cancel();

@@ -813,8 +813,7 @@ fn sigterm_stops_a_service_still_starting_on_storage_that_does_not_answer() {
     stderr.read_line(&mut first).unwrap();
     assert!(first.contains("http://"), "{first}");
     // Inside the probe: it has started it by the time it announced its address, and
-    // a second more rules out a race with the signal handler's start.
-    std::thread::sleep(Duration::from_secs(1));
+    // it catches signals from before that line.
     let status = Command::new("kill")
         .args(["-TERM", &process.id().to_string()])
         .status()
