@@ -154,6 +154,15 @@ impl Default for ArchiveConfig {
 }
 
 impl Runbook {
+    /// The message for a database name the runbook does not have, listing those it has.
+    pub fn unknown_database(&self, name: &str) -> String {
+        let names: Vec<&str> = self.databases.iter().map(|db| db.name.as_str()).collect();
+        format!(
+            "the runbook has no database {name:?}; it has: {}",
+            names.join(", ")
+        )
+    }
+
     /// The databases base backups are taken of: PostgreSQL and MariaDB with
     /// `archive = true`.
     pub fn base_backup_databases(&self) -> Vec<String> {

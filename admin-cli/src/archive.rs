@@ -77,15 +77,7 @@ fn open_archive(runbook: &Runbook, database: &str) -> Result<Archive, Failure> {
     if !runbook.databases.iter().any(|db| db.name == database) {
         return Err(Failure::new(
             exit::USAGE,
-            anyhow!(
-                "the runbook has no database {database:?}; it has: {}",
-                runbook
-                    .databases
-                    .iter()
-                    .map(|db| db.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            anyhow::anyhow!("{}", runbook.unknown_database(database)),
         ));
     }
     let storage = Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)

@@ -152,15 +152,7 @@ fn adapter_config<'a>(runbook: &'a Runbook, database: &str) -> Result<&'a Adapte
         .ok_or_else(|| {
             Failure::new(
                 exit::USAGE,
-                anyhow::anyhow!(
-                    "the runbook has no database {database:?}; it has: {}",
-                    runbook
-                        .databases
-                        .iter()
-                        .map(|db| db.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                anyhow::anyhow!("{}", runbook.unknown_database(database)),
             )
         })
 }

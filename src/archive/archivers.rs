@@ -39,17 +39,7 @@ impl Archiver {
                     .databases
                     .iter()
                     .find(|db| db.name == name)
-                    .ok_or_else(|| {
-                        ArchiversError(format!(
-                            "the runbook has no database {name:?}; it has: {}",
-                            runbook
-                                .databases
-                                .iter()
-                                .map(|db| db.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ))
-                    })?;
+                    .ok_or_else(|| ArchiversError(runbook.unknown_database(name)))?;
                 vec![database]
             }
             None => runbook.databases.iter().filter(|db| db.archive).collect(),
