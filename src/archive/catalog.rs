@@ -145,7 +145,7 @@ impl Catalog {
             .filter_map(|pair| {
                 let (_, end) = pair[0].range()?;
                 let (start, _) = pair[1].range()?;
-                (start > end).then(|| Gap {
+                (start > end && !start.starts_generation()).then(|| Gap {
                     database: self.database.clone(),
                     after: pair[0].name.clone(),
                     from: end.clone(),
@@ -169,6 +169,10 @@ impl Catalog {
     // asked once per point or restore, never in a loop that would feel it.
     #[allow(clippy::result_large_err)]
     pub fn covers(&self, from: &Position, to: &Position) -> Result<(), NotReached> {
+        // Nothing to replay (a SQLite point at its snapshot).
+        if to <= from {
+            return Ok(());
+        }
         let Some(first) = self.chunks.first() else {
             return Err(NotReached::Empty {
                 database: self.database.clone(),

@@ -256,10 +256,10 @@ impl BinlogArchiver {
             .map_err(|message| self.server_error(message))?;
         let start_file = match &archived_to {
             Some(Position::Binlog { file, .. }) => file.clone(),
-            Some(other @ Position::Lsn(_)) => {
+            Some(other) => {
                 return Err(self.settings_error(format!(
-                    "the archive of {} holds PostgreSQL WAL (it ends at {other}), not binlogs: \
-                     is the runbook's database the one archived there?",
+                    "the archive of {} holds another database's log (it ends at {other}), not \
+                     binlogs: is the runbook's database the one archived there?",
                     self.config.database
                 )));
             }
@@ -363,7 +363,7 @@ impl BinlogArchiver {
             let files = spool_binlogs(&state.dir).map_err(|e| self.io(&state.dir, e))?;
             let (file, offset) = match &state.archived_to {
                 Some(Position::Binlog { file, offset }) => (file.clone(), *offset),
-                Some(Position::Lsn(_)) => return Ok(()),
+                Some(_) => return Ok(()),
                 // A new archive starts at the first file streamed.
                 None => match files.first() {
                     Some(first) => (first.clone(), binlog::FIRST_EVENT),

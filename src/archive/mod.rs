@@ -58,6 +58,8 @@ mod catalog;
 pub mod mariadb;
 pub mod mariadb_backup;
 pub mod postgres;
+pub mod sqlite;
+pub mod sqlite_wal;
 mod supervise;
 pub mod wal;
 
@@ -123,7 +125,17 @@ impl<'de> serde::Deserialize<'de> for Lsn {
 #[serde(rename_all = "snake_case")]
 pub enum Position {
     Lsn(Lsn),
-    Binlog { file: String, offset: u64 },
+    Binlog {
+        file: String,
+        offset: u64,
+    },
+    /// SQLite: frames archived since the snapshot that began the generation
+    /// (`sqlite.rs`), `{"sqlite": {"generation": 2, "frame": 120}}`. A generation
+    /// begins at frame 0 with a snapshot; generations do not connect.
+    Sqlite {
+        generation: u64,
+        frame: u64,
+    },
 }
 
 impl fmt::Display for Position {
@@ -131,13 +143,13 @@ impl fmt::Display for Position {
         match self {
             Position::Lsn(lsn) => write!(f, "{lsn}"),
             Position::Binlog { file, offset } => write!(f, "{file}:{offset}"),
+            Position::Sqlite { generation, frame } => write!(f, "g{generation}:{frame}"),
         }
     }
 }
 
 impl Ord for Position {
     fn cmp(&self, other: &Position) -> std::cmp::Ordering {
-        use std::cmp::Ordering;
         match (self, other) {
             (Position::Lsn(a), Position::Lsn(b)) => a.cmp(b),
             (Position::Binlog { file: a, offset: x }, Position::Binlog { file: b, offset: y }) => {
@@ -146,9 +158,18 @@ impl Ord for Position {
                     .then_with(|| a.cmp(b))
                     .then(x.cmp(y))
             }
+            (
+                Position::Sqlite {
+                    generation: a,
+                    frame: x,
+                },
+                Position::Sqlite {
+                    generation: b,
+                    frame: y,
+                },
+            ) => a.cmp(b).then(x.cmp(y)),
             // Never compared within one archive; any fixed order will do.
-            (Position::Lsn(_), Position::Binlog { .. }) => Ordering::Less,
-            (Position::Binlog { .. }, Position::Lsn(_)) => Ordering::Greater,
+            (a, b) => a.kind_rank().cmp(&b.kind_rank()),
         }
     }
 }
@@ -160,11 +181,37 @@ impl PartialOrd for Position {
 }
 
 impl Position {
+    fn kind_rank(&self) -> u8 {
+        match self {
+            Position::Lsn(_) => 0,
+            Position::Binlog { .. } => 1,
+            Position::Sqlite { .. } => 2,
+        }
+    }
+
     pub fn lsn(&self) -> Option<Lsn> {
         match self {
             Position::Lsn(lsn) => Some(*lsn),
-            Position::Binlog { .. } => None,
+            _ => None,
         }
+    }
+
+    /// The generation and frame, for a SQLite position.
+    pub fn as_sqlite(&self) -> Option<(u64, u64)> {
+        match self {
+            Position::Sqlite { generation, frame } => Some((*generation, *frame)),
+            _ => None,
+        }
+    }
+
+    pub fn sqlite_generation(&self) -> Option<u64> {
+        self.as_sqlite().map(|(generation, _)| generation)
+    }
+
+    /// Where a SQLite generation begins: not a gap after the one before it, which
+    /// nothing replays across.
+    pub fn starts_generation(&self) -> bool {
+        matches!(self, Position::Sqlite { frame: 0, .. })
     }
 
     pub fn binlog(file: &str, offset: u64) -> Position {
@@ -178,7 +225,7 @@ impl Position {
     pub fn as_binlog(&self) -> Option<(&str, u64)> {
         match self {
             Position::Binlog { file, offset } => Some((file, *offset)),
-            Position::Lsn(_) => None,
+            _ => None,
         }
     }
 }
@@ -199,6 +246,8 @@ pub enum ChunkKind {
     /// chunk that ends a file ends at the next file's `(file, 4)`. Chunks never
     /// overlap, so none is ever superseded.
     MariadbBinlog,
+    /// Committed frames of one cycle of a SQLite WAL, raw (`sqlite.rs`).
+    SqliteFrames,
 }
 
 impl ChunkKind {
@@ -215,6 +264,7 @@ impl fmt::Display for ChunkKind {
             ChunkKind::PgWalPartial => "partial WAL segment",
             ChunkKind::PgOther => "PostgreSQL archive file",
             ChunkKind::MariadbBinlog => "binlog chunk",
+            ChunkKind::SqliteFrames => "SQLite WAL frames",
         })
     }
 }
