@@ -128,13 +128,20 @@ pub struct ArchiveConfig {
         deserialize_with = "deserialize_duration"
     )]
     pub partial_interval: Duration,
-    /// How often a MariaDB binlog file still being written is cut into a chunk: about
-    /// how far the archive trails the server.
+    /// How often a MariaDB binlog file still being written is cut into a chunk, and
+    /// how often SQLite's log is read: about how far the archive trails the server.
     #[serde(
         default = "default_chunk_interval",
         deserialize_with = "deserialize_duration"
     )]
     pub chunk_interval: Duration,
+    /// How often the SQLite archiver stores a new snapshot of the database while its
+    /// log goes on: a point's restore replays at most this much log.
+    #[serde(
+        default = "default_snapshot_interval",
+        deserialize_with = "deserialize_duration"
+    )]
+    pub snapshot_interval: Duration,
     /// Where pg_receivewal or mariadb-binlog writes before a chunk is pushed (one directory per
     /// database under it). Default: `stillpoint-archive/<cluster>` in the system's
     /// temporary directory. Losing it loses nothing archived; it only saves
@@ -148,6 +155,7 @@ impl Default for ArchiveConfig {
         ArchiveConfig {
             partial_interval: default_partial_interval(),
             chunk_interval: default_chunk_interval(),
+            snapshot_interval: default_snapshot_interval(),
             spool_dir: None,
         }
     }
@@ -897,15 +905,10 @@ impl Runbook {
                     database.name
                 ));
             }
-            if database.archive
-                && !matches!(
-                    database.adapter,
-                    AdapterConfig::Postgres(_) | AdapterConfig::Mariadb(_)
-                )
-            {
+            if database.archive && matches!(database.adapter, AdapterConfig::Exec(_)) {
                 return Err(format!(
-                    "database {:?}: archive = true is supported for the postgres and mariadb \
-                     adapters only; remove it",
+                    "database {:?}: archive = true is supported for the postgres, mariadb and \
+                     sqlite adapters only (an exec database has no log to archive); remove it",
                     database.name
                 ));
             }
@@ -913,6 +916,11 @@ impl Runbook {
         if self.archive.chunk_interval.is_zero() {
             return Err(
                 "[archive] chunk_interval is 0ms; it must be positive (e.g. 1s)".to_owned(),
+            );
+        }
+        if self.archive.snapshot_interval.is_zero() {
+            return Err(
+                "[archive] snapshot_interval is 0ms; it must be positive (e.g. 1h)".to_owned(),
             );
         }
         if self.archive.partial_interval.is_zero() {
@@ -1071,6 +1079,10 @@ fn default_partial_interval() -> Duration {
 
 fn default_chunk_interval() -> Duration {
     Duration::from_secs(1)
+}
+
+fn default_snapshot_interval() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn deserialize_duration_opt<'de, D: serde::Deserializer<'de>>(

@@ -317,7 +317,7 @@ pub async fn restore_point(args: &RestoreArgs) -> Result<u8, Failure> {
                     .as_deref()
                     .unwrap_or("-"),
                 match target {
-                    PointTarget::DataDir(dir) => dir.display().to_string(),
+                    PointTarget::DataDir(dir) | PointTarget::File(dir) => dir.display().to_string(),
                     PointTarget::Database(url) => stillpoint::storage::redact_url(url),
                 }
             );
@@ -397,6 +397,22 @@ pub async fn restore_point(args: &RestoreArgs) -> Result<u8, Failure> {
                         );
                     }
                 }
+                (_, _, PointTarget::File(path)) => {
+                    if let Some(file) = &report.file {
+                        crate::outln!(
+                            "restored {name} into {} from base backup {} + {} chunk(s) ({} \
+                             frames) in {:.1}s (check {} ms, rebuild {} ms); rows per table \
+                             {rows}",
+                            path.display(),
+                            report.base_id,
+                            report.chunks,
+                            file.frames,
+                            report.total_ms as f64 / 1000.0,
+                            report.check_ms,
+                            file.replay_ms,
+                        );
+                    }
+                }
                 _ => crate::outln!("restored {name}"),
             }
         }
@@ -417,6 +433,7 @@ pub async fn restore_point(args: &RestoreArgs) -> Result<u8, Failure> {
 enum PointTarget {
     DataDir(PathBuf),
     Database(String),
+    File(PathBuf),
 }
 
 impl PointTarget {
@@ -424,6 +441,7 @@ impl PointTarget {
         match self {
             PointTarget::DataDir(dir) => Destination::DataDir(dir),
             PointTarget::Database(url) => Destination::Database(url),
+            PointTarget::File(path) => Destination::File(path),
         }
     }
 }
@@ -484,9 +502,12 @@ fn point_targets(
     }
     let unnamed_postgres = unnamed
         .iter()
-        .filter(|(_, adapter)| adapter != "mariadb")
+        .filter(|(_, adapter)| adapter == "postgres")
         .count();
-    let unnamed_mariadb = unnamed.len() - unnamed_postgres;
+    let unnamed_mariadb = unnamed
+        .iter()
+        .filter(|(_, adapter)| adapter == "mariadb")
+        .count();
     if unnamed_mariadb > 1 && plain_url.is_some() {
         return Err(format!(
             "the point has {unnamed_mariadb} MariaDB databases: give each its own empty \
@@ -504,6 +525,27 @@ fn point_targets(
         };
     let mut targets = Vec::new();
     for (name, adapter) in databases {
+        // A SQLite database becomes a new file: the one named, or <name>.sqlite in the
+        // plain directory.
+        if adapter == "sqlite" {
+            let file = match (named.get(name), plain_dir) {
+                (Some(file), _) => PathBuf::from(file),
+                (None, Some(dir)) => Path::new(dir).join(format!("{name}.sqlite")),
+                (None, None) => {
+                    return Err(format!(
+                        "database {name} is SQLite: a point restores it into a new file; give \
+                         --to {name}=FILE or --to DIR (for DIR/{name}.sqlite)"
+                    ));
+                }
+            };
+            if is_url(&file.display().to_string()) {
+                return Err(format!(
+                    "database {name} is SQLite: a point restores it into a new file, not a URL"
+                ));
+            }
+            targets.push(PointTarget::File(file));
+            continue;
+        }
         let target = if let Some(target) = named.get(name) {
             target.clone()
         } else if adapter == "mariadb" && plain_url.is_some() {

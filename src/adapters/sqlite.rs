@@ -350,7 +350,7 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| format!("the SQLite worker thread failed: {e}"))?
 }
 
-fn open_checked(path: &Path) -> Result<Connection, String> {
+pub(crate) fn open_checked(path: &Path) -> Result<Connection, String> {
     let shown = path.display();
     if !path.is_file() {
         return Err(format!("{shown} does not exist or is not a file"));
@@ -381,7 +381,7 @@ fn open_checked(path: &Path) -> Result<Connection, String> {
 
 /// Opens a read transaction and reads from it, which is what makes SQLite take the
 /// snapshot (`BEGIN` alone is deferred). Returns facts for the marker.
-fn pin_snapshot(conn: &Connection) -> Result<BTreeMap<String, String>, String> {
+pub(crate) fn pin_snapshot(conn: &Connection) -> Result<BTreeMap<String, String>, String> {
     let read = || -> rusqlite::Result<(i64, i64, i64)> {
         conn.execute_batch("BEGIN DEFERRED")?;
         let objects: i64 =
@@ -448,7 +448,7 @@ fn backup_into(src: &Connection, dest: &Path) -> Result<(), String> {
 /// Rows in every ordinary table, read in `conn`'s current transaction. Virtual tables
 /// are skipped: their modules may not be loaded here, and their shadow tables (which
 /// hold the data) are counted anyway.
-fn row_counts(conn: &Connection) -> rusqlite::Result<BTreeMap<String, u64>> {
+pub(crate) fn row_counts(conn: &Connection) -> rusqlite::Result<BTreeMap<String, u64>> {
     let mut stmt = conn.prepare(
         "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' \
          ESCAPE '\\' AND sql NOT LIKE 'CREATE VIRTUAL%' ORDER BY name",

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::mariadb::{BinlogArchiver, BinlogArchiverConfig, BinlogArchiverStatus};
 use super::postgres::{ArchiverConfig, ArchiverStatus, PgArchiver};
+use super::sqlite::{SqliteArchiver, SqliteArchiverConfig, SqliteArchiverStatus};
 use super::{Archive, ArchiveError, Position};
 use crate::adapters::AdapterConfig;
 use crate::backup;
@@ -19,6 +20,7 @@ use crate::storage::Storage;
 pub enum Archiver {
     Wal(PgArchiver),
     Binlog(BinlogArchiver),
+    Sqlite(SqliteArchiver),
 }
 
 /// Why a runbook's archivers could not be built: a usage problem, named with its fix.
@@ -46,8 +48,8 @@ impl Archiver {
         };
         if chosen.is_empty() {
             return Err(ArchiversError(
-                "no database of the runbook has archive = true; set it on the PostgreSQL and \
-                 MariaDB databases to archive, or pass --database NAME"
+                "no database of the runbook has archive = true; set it on the PostgreSQL, \
+                 MariaDB and SQLite databases to archive, or pass --database NAME"
                     .to_owned(),
             ));
         }
@@ -78,10 +80,20 @@ impl Archiver {
                     ),
                     archive,
                 )),
-                _ => {
+                AdapterConfig::Sqlite(config) => {
+                    let mut sqlite = SqliteArchiverConfig::new(
+                        &database.name,
+                        &config.path,
+                        &runbook.spool_root(),
+                        runbook.archive.chunk_interval,
+                    );
+                    sqlite.snapshot_interval = runbook.archive.snapshot_interval;
+                    Archiver::Sqlite(SqliteArchiver::new(sqlite, archive))
+                }
+                AdapterConfig::Exec(_) => {
                     return Err(ArchiversError(format!(
-                        "database {:?} is neither PostgreSQL nor MariaDB; only their logs are \
-                         archived",
+                        "database {:?} is an exec database, which has no log to archive; only \
+                         PostgreSQL, MariaDB and SQLite databases are archived",
                         database.name
                     )));
                 }
@@ -94,6 +106,7 @@ impl Archiver {
         match self {
             Archiver::Wal(archiver) => &archiver.config().database,
             Archiver::Binlog(archiver) => &archiver.config().database,
+            Archiver::Sqlite(archiver) => &archiver.config().database,
         }
     }
 
@@ -103,6 +116,7 @@ impl Archiver {
         match self {
             Archiver::Wal(archiver) => archiver.run(cancel).await,
             Archiver::Binlog(archiver) => archiver.run(cancel).await,
+            Archiver::Sqlite(archiver) => archiver.run(cancel).await,
         }
     }
 
@@ -110,6 +124,7 @@ impl Archiver {
         match self {
             Archiver::Wal(archiver) => ProgressWatch::Wal(archiver.status()),
             Archiver::Binlog(archiver) => ProgressWatch::Binlog(archiver.status()),
+            Archiver::Sqlite(archiver) => ProgressWatch::Sqlite(archiver.status()),
         }
     }
 }
@@ -118,6 +133,7 @@ impl Archiver {
 pub enum ProgressWatch {
     Wal(watch::Receiver<ArchiverStatus>),
     Binlog(watch::Receiver<BinlogArchiverStatus>),
+    Sqlite(watch::Receiver<SqliteArchiverStatus>),
 }
 
 /// What an archiver has done, the same for both kinds of archiver.
@@ -126,7 +142,7 @@ pub struct Progress {
     /// The archive holds the log without a gap up to here.
     pub archived_to: Option<Position>,
     /// The server's position at the archiver's last look, and its kind's JSON key
-    /// (`server_lsn` for WAL, `server_position` for binlogs).
+    /// (`server_lsn` for WAL, `server_position` for binlogs and SQLite's log).
     pub server: Option<Position>,
     pub server_key: &'static str,
     pub lag_bytes: Option<u64>,
@@ -169,6 +185,20 @@ impl ProgressWatch {
                     last_error: now.last_error.clone(),
                 }
             }
+            ProgressWatch::Sqlite(receiver) => {
+                let now = receiver.borrow_and_update();
+                Progress {
+                    archived_to: now.archived_to.clone(),
+                    server: now.log_position.clone(),
+                    server_key: "server_position",
+                    lag_bytes: now.pending_bytes,
+                    last_chunk: now.last_chunk.clone(),
+                    chunks_stored: now.chunks_stored,
+                    streaming: now.streaming,
+                    restarts: now.restarts,
+                    last_error: now.last_error.clone(),
+                }
+            }
         }
     }
 
@@ -177,6 +207,9 @@ impl ProgressWatch {
         let _ = match self {
             ProgressWatch::Wal(receiver) => receiver.wait_for(|s| !s.streaming).await.map(|_| ()),
             ProgressWatch::Binlog(receiver) => {
+                receiver.wait_for(|s| !s.streaming).await.map(|_| ())
+            }
+            ProgressWatch::Sqlite(receiver) => {
                 receiver.wait_for(|s| !s.streaming).await.map(|_| ())
             }
         };

@@ -88,6 +88,9 @@ impl SqliteArchiverConfig {
 pub struct SqliteArchiverStatus {
     /// The archive's end: it holds the log up to here.
     pub archived_to: Option<Position>,
+    /// The end of the log's committed frames at the last look, as a position of the
+    /// archive (ahead of `archived_to` while a chunk is pushed).
+    pub log_position: Option<Position>,
     /// Committed bytes of the log not in the archive at the last look.
     pub pending_bytes: Option<u64>,
     pub generation: Option<u64>,
@@ -223,6 +226,7 @@ impl SqliteArchiver {
             status.streaming = true;
             status.generation = Some(cursor.generation);
             status.archived_to = Some(cursor.at());
+            status.log_position = Some(cursor.at());
         });
         let mut snapshot_at = Instant::now();
         loop {
@@ -414,6 +418,7 @@ impl SqliteArchiver {
             status.snapshots += 1;
             status.generation = Some(cursor.generation);
             status.archived_to = Some(cursor.at());
+            status.log_position = Some(cursor.at());
         });
         Ok(())
     }
@@ -423,17 +428,18 @@ impl SqliteArchiver {
         let Some(cycle) = cursor.cycle else {
             return Ok(());
         };
-        self.status.send_modify(|status| {
-            status.pending_bytes = Some(frames.bytes.len() as u64);
-        });
-        if frames.count == 0 {
-            return Ok(());
-        }
         let start = cursor.at();
         let end = Position::Sqlite {
             generation: cursor.generation,
             frame: cursor.position + u64::from(frames.count),
         };
+        self.status.send_modify(|status| {
+            status.log_position = Some(end.clone());
+            status.pending_bytes = Some(frames.bytes.len() as u64);
+        });
+        if frames.count == 0 {
+            return Ok(());
+        }
         let mut details = cursor.details();
         details.insert("first_frame".to_owned(), frames.first.to_string());
         details.insert(

@@ -90,10 +90,17 @@ pub async fn take(
                 },
             });
         }
+        AdapterConfig::Sqlite(_) => {
+            return Err(BaseError::Setup(format!(
+                "database {database} is SQLite: its archiver takes its base backups itself \
+                 (a snapshot when it starts a generation, then every [archive] \
+                 snapshot_interval), so run `stillpoint archive` or `stillpoint serve`"
+            )));
+        }
         other => {
             return Err(BaseError::Setup(format!(
                 "database {database} uses the {} adapter; base backups into the storage are \
-                 for PostgreSQL and MariaDB",
+                 for PostgreSQL, MariaDB and SQLite",
                 super::take::adapter_kind(other)
             )));
         }

@@ -27,6 +27,12 @@
 //! base sent where it cannot go, before anything is written; the same checks come
 //! first in every case. exec databases restore by time, which a point does not do
 //! for them.
+//!
+//! A SQLite database of a point is rebuilt into a new file
+//! ([`crate::archive::sqlite::restore`]: the snapshot, then the frames up to the
+//! marker, each checked against its chain), checked with `PRAGMA integrity_check`, its
+//! rows compared with the point's counts, and only then renamed into place; a drill
+//! rebuilds it into its scratch directory and runs the runbook's checks on the file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -131,8 +137,8 @@ pub async fn needs(
     })?;
     if !restores_from_base(&entry.adapter) {
         return Err(PointRestoreError::Setup(format!(
-            "database {name} of point {} is {}: a point restores PostgreSQL and MariaDB \
-             databases (from a base and an archive); exec databases restore by time",
+            "database {name} of point {} is {}: a point restores PostgreSQL, MariaDB and \
+             SQLite databases (from a base and an archive); exec databases restore by time",
             point.point_id, entry.adapter
         )));
     }
@@ -140,7 +146,7 @@ pub async fn needs(
     let (Some(base_ref), Some(target), true) = (
         &entry.base,
         &entry.target,
-        restore_point.is_some() || entry.adapter == "mariadb",
+        restore_point.is_some() || matches!(entry.adapter.as_str(), "mariadb" | "sqlite"),
     ) else {
         return Err(missing(format!(
             "database {name} has no base backup, target or restore point in the point's \
@@ -176,17 +182,20 @@ pub async fn needs(
         missing(format!("database {name}: {why}{named}"))
     })?;
     // From the chunk that holds where replay starts to the first that reaches the
-    // target.
-    let first = catalog
-        .chunks
-        .iter()
-        .rposition(|chunk| chunk.range().is_some_and(|(start, _)| *start <= from))
-        .expect("covers() found the holder");
+    // target (none when the target is where the base is: a SQLite point taken at
+    // its snapshot).
     let mut chunks = Vec::new();
-    for chunk in &catalog.chunks[first..] {
-        chunks.push(chunk.clone());
-        if chunk.range().is_some_and(|(_, end)| end >= target) {
-            break;
+    if target > &from {
+        let first = catalog
+            .chunks
+            .iter()
+            .rposition(|chunk| chunk.range().is_some_and(|(start, _)| *start <= from))
+            .expect("covers() found the holder");
+        for chunk in &catalog.chunks[first..] {
+            chunks.push(chunk.clone());
+            if chunk.range().is_some_and(|(_, end)| end >= target) {
+                break;
+            }
         }
     }
     let others = catalog
@@ -208,7 +217,7 @@ pub async fn needs(
 
 /// Whether a point restores a database of this adapter from a base and an archive.
 pub fn restores_from_base(adapter: &str) -> bool {
-    matches!(adapter, "postgres" | "mariadb")
+    matches!(adapter, "postgres" | "mariadb" | "sqlite")
 }
 
 /// The chunk a stretch of binlog the archive lacks was, by name, when the stretch
@@ -334,6 +343,8 @@ pub enum Destination<'a> {
     DataDir(&'a Path),
     /// MariaDB: the URL of a new, empty database (`mysql://…/name`).
     Database(&'a str),
+    /// SQLite: a new file (absent).
+    File(&'a Path),
 }
 
 /// A MariaDB database of a point restored: its base loaded, its binlog replayed.
@@ -346,6 +357,17 @@ pub struct BinlogRestoreReport {
     /// the point's snapshot; false only for a point without counts.
     pub row_counts_match_point: bool,
     /// Loading the base and replaying the binlog.
+    pub replay_ms: u64,
+}
+
+/// A SQLite database of a point rebuilt into a file.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileRestoreReport {
+    pub path: String,
+    /// Frames of the log applied to the snapshot.
+    pub frames: u64,
+    /// Whether the rows per table were compared with (and equal) the point's counts.
+    pub row_counts_match_point: bool,
     pub replay_ms: u64,
 }
 
@@ -369,6 +391,9 @@ pub struct PointRestoreReport {
     /// MariaDB: the base loaded and the binlog replayed to the marker.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub binlog: Option<BinlogRestoreReport>,
+    /// SQLite: the file rebuilt from its snapshot and frames.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileRestoreReport>,
     pub total_ms: u64,
 }
 
@@ -380,6 +405,7 @@ impl PointRestoreReport {
             .as_ref()
             .map(|recovery| recovery.row_counts_match_cut)
             .or(self.binlog.as_ref().map(|b| b.row_counts_match_point))
+            .or(self.file.as_ref().map(|f| f.row_counts_match_point))
             .unwrap_or(false)
     }
 }
@@ -392,6 +418,9 @@ pub async fn restore_one(
 ) -> Result<PointRestoreReport, PointRestoreError> {
     if let Destination::Database(url) = request.destination {
         return restore_binlog(request, url, cancel).await;
+    }
+    if let Destination::File(path) = request.destination {
+        return restore_sqlite(request, path, cancel).await;
     }
     if let (Destination::DataDir(data_dir), Some("mariadb")) = (
         request.destination,
@@ -492,8 +521,142 @@ async fn restore_binlog(
             row_counts_match_point,
             replay_ms,
         }),
+        file: None,
         total_ms: elapsed_ms(started),
     })
+}
+
+/// A SQLite database of a point into the new file `path`: what it needs checked
+/// first, then rebuilt beside `path` (the snapshot and the frames to the marker),
+/// checked (`PRAGMA integrity_check`, the rows per table against the point's counts)
+/// and only then renamed into place, so `path` never holds part of a database.
+async fn restore_sqlite(
+    request: RestoreRequest<'_>,
+    path: &Path,
+    cancel: &CancellationToken,
+) -> Result<PointRestoreReport, PointRestoreError> {
+    let started = Instant::now();
+    let name = request.database;
+    let needed = needs(request.storage, request.settings, request.point, name).await?;
+    check_destination(request.point, &needed, &request.destination)?;
+    check(request.storage, request.point, &needed).await?;
+    if path.exists() {
+        return Err(PointRestoreError::Setup(format!(
+            "{} exists: a point restores {name} into a new file; give a path that does not \
+             exist yet. Nothing was written",
+            path.display()
+        )));
+    }
+    let archive = Archive::new(
+        request.storage.clone(),
+        request.settings.clone(),
+        &needed.database,
+    )
+    .map_err(|error| PointRestoreError::Setup(error.to_string()))?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|error| {
+            PointRestoreError::Setup(format!("creating {}: {error}", parent.display()))
+        })?;
+    }
+    let check_ms = elapsed_ms(started);
+    let replay_started = Instant::now();
+    let beside = path.with_file_name(format!(
+        ".{}.stillpoint-restore-{}",
+        path.file_name().map_or_else(|| name.into(), |f| f.to_string_lossy()),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
+    let rebuilt = tokio::select! {
+        rebuilt = crate::archive::sqlite::restore(
+            &archive,
+            &needed.base,
+            &needed.chunks,
+            &needed.target,
+            request.decryption,
+            &beside,
+        ) => rebuilt,
+        () = cancel.cancelled() => Err(format!("stopped while restoring {name}")),
+    };
+    let compared = match rebuilt {
+        Ok(()) => compare_sqlite_rows(request.point, name, &beside).await,
+        Err(error) => Err(PointRestoreError::Replay(format!(
+            "database {name}: rebuilding it from base backup {}: {error}",
+            needed.base.id
+        ))),
+    };
+    let renamed = compared.and_then(|matched| {
+        std::fs::rename(&beside, path)
+            .map(|()| matched)
+            .map_err(|error| {
+                PointRestoreError::Staging(format!(
+                    "moving the restored {name} to {}: {error}",
+                    path.display()
+                ))
+            })
+    });
+    let row_counts_match_point = match renamed {
+        Ok(matched) => matched,
+        Err(error) => {
+            let _ = std::fs::remove_file(&beside);
+            if cancel.is_cancelled() {
+                return Err(PointRestoreError::Recovery(PitrError::Cancelled(format!(
+                    "stopped while restoring {name}; nothing was left at {}",
+                    path.display()
+                ))));
+            }
+            return Err(error);
+        }
+    };
+    Ok(PointRestoreReport {
+        point_id: request.point.point_id.clone(),
+        database: name.to_owned(),
+        base_id: needed.base.id.clone(),
+        chunks: needed.chunks.len(),
+        stored_bytes: needed.stored_bytes(),
+        check_ms,
+        staging_ms: 0,
+        recovery: None,
+        binlog: None,
+        file: Some(FileRestoreReport {
+            path: path.display().to_string(),
+            frames: needed.target.as_sqlite().map_or(0, |(_, frame)| frame)
+                - needed.base.start.as_sqlite().map_or(0, |(_, frame)| frame),
+            row_counts_match_point,
+            replay_ms: elapsed_ms(replay_started),
+        }),
+        total_ms: elapsed_ms(started),
+    })
+}
+
+/// Whether the restored file's rows per table equal the point's counts (false when
+/// the point has none); a difference is an error naming the tables.
+async fn compare_sqlite_rows(
+    point: &PointManifest,
+    name: &str,
+    file: &Path,
+) -> Result<bool, PointRestoreError> {
+    let Some(expected) = point.database(name).and_then(|db| db.row_counts.clone()) else {
+        return Ok(false);
+    };
+    let path = file.to_owned();
+    let counted = tokio::task::spawn_blocking(move || {
+        let conn = rusqlite::Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .map_err(|e| e.to_string())?;
+        crate::adapters::sqlite::row_counts(&conn).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| PointRestoreError::Replay(e.to_string()))?
+    .map_err(|error| PointRestoreError::Replay(format!("counting rows of {name}: {error}")))?;
+    match row_count_difference(&expected, &counted) {
+        None => Ok(true),
+        Some(difference) => Err(PointRestoreError::Replay(format!(
+            "database {name} restored from point {} does not hold the point's rows: \
+             {difference}",
+            point.point_id
+        ))),
+    }
 }
 
 /// Whether `destination` is where database `needed.database` of `point` can go:
@@ -505,9 +668,29 @@ pub fn check_destination(
     destination: &Destination<'_>,
 ) -> Result<(), PointRestoreError> {
     let name = &needed.database;
+    match (needed.adapter == "sqlite", destination) {
+        (true, Destination::File(_)) => return Ok(()),
+        (true, _) => {
+            return Err(PointRestoreError::Setup(format!(
+                "database {name} of point {} is SQLite: a point restores it into a new file; \
+                 give --to {name}=FILE (or a directory, where it becomes {name}.sqlite). \
+                 Nothing was written",
+                point.point_id
+            )));
+        }
+        (false, Destination::File(_)) => {
+            return Err(PointRestoreError::Setup(format!(
+                "database {name} of point {} is {}, not SQLite: it does not restore into a \
+                 file. Nothing was written",
+                point.point_id, needed.adapter
+            )));
+        }
+        (false, _) => {}
+    }
     let physical = needed.adapter == "postgres" || needed.base.kind == mariadb_backup::KIND;
     match (destination, physical) {
         (Destination::DataDir(_), true) | (Destination::Database(_), false) => Ok(()),
+        (Destination::File(_), _) => unreachable!("SQLite destinations are decided above"),
         (Destination::Database(_), true) if needed.adapter == "mariadb" => {
             Err(PointRestoreError::Setup(format!(
                 "database {name} of point {} restores from base backup {}, a mariadb-backup \
@@ -616,6 +799,7 @@ async fn restore_mariadb_server(
             row_counts_match_point,
             replay_ms,
         }),
+        file: None,
         total_ms: elapsed_ms(started),
     };
     Ok((held, report))
@@ -792,6 +976,7 @@ pub async fn restore_held(
         staging_ms,
         recovery: Some(held.report().clone()),
         binlog: None,
+        file: None,
         total_ms: elapsed_ms(started),
     };
     Ok((held, report))
@@ -1131,6 +1316,9 @@ pub async fn drill(
                 ))
             });
         let destination = match config {
+            Ok(_) if database.adapter == "sqlite" => Ok(DrillDestination::File(
+                scratch.path().join(format!("{}.sqlite", database.name)),
+            )),
             Ok(_) if physical_mariadb.contains(&database.name) => {
                 Ok(DrillDestination::MariadbServer {
                     data_dir: scratch.path().join(format!("{}-data", database.name)),
@@ -1199,6 +1387,7 @@ pub async fn drill(
                             Destination::DataDir(data_dir)
                         }
                         DrillDestination::Database(url) => Destination::Database(url),
+                        DrillDestination::File(path) => Destination::File(path),
                     },
                     staging_in: Some(&staging),
                     port: match destination {
@@ -1223,6 +1412,9 @@ pub async fn drill(
                             .await
                             .map(|(server, report)| (Held::MariadbServer(Box::new(server)), report))
                     }
+                    DrillDestination::File(path) => restore_sqlite(restore, path, cancel)
+                        .await
+                        .map(|report| (Held::Database(path.display().to_string()), report)),
                 }
             }
         },
@@ -1282,7 +1474,13 @@ pub async fn drill(
                 binlog.replay.gtid_binlog_pos.as_deref().unwrap_or("?"),
                 report.total_ms
             ),
-            (None, None) => format!("restored in {} ms", report.total_ms),
+            (None, None) => match &report.file {
+                Some(file) => format!(
+                    "rebuilt from base backup {} + {} chunk(s) ({} frames) in {} ms",
+                    report.base_id, report.chunks, file.frames, report.total_ms
+                ),
+                None => format!("restored in {} ms", report.total_ms),
+            },
         };
         checks.push(CheckResult {
             name: format!("restore:{name}"),
@@ -1381,12 +1579,15 @@ enum DrillDestination {
     MariadbServer { data_dir: PathBuf },
     /// MariaDB from a dump: a scratch database (its URL).
     Database(String),
+    /// SQLite: a file in the drill's scratch directory.
+    File(PathBuf),
 }
 
 /// A database a drill restored, while its checks run.
 enum Held {
     Server(Box<HeldRecovery>),
     MariadbServer(Box<HeldMariadb>),
+    /// A MariaDB scratch database's URL, or a SQLite file's path.
     Database(String),
 }
 

@@ -24,6 +24,12 @@
 //!   catalog in the storage, as for PostgreSQL: `stillpoint archive` is another
 //!   process, so its archiver's in-memory status is not visible here.
 //!
+//! - SQLite (`archive = true`): on a read-only connection opened in prepare, a read
+//!   transaction pinned inside the pause (for `count_rows`), and the log's last commit
+//!   read from its WAL file ([`crate::archive::sqlite::mark`]): cycle, frame and
+//!   checksum. Its position in the archive is known only once the archiver has pushed
+//!   that frame, so the wait resolves it ([`crate::archive::sqlite::position_of`]).
+//!
 //! When every database has an exact marker the window is not held open to the
 //! clock-skew floor (the mid-time restores nothing), only to `[pause] min_window`.
 
@@ -164,6 +170,15 @@ enum Member {
         bases: Vec<BaseRecord>,
         archive: Archive,
     },
+    /// An archived SQLite database, a read-only connection opened in prepare, with the
+    /// base backups (the archiver's snapshots) there were then.
+    Sqlite {
+        // Shared with the blocking thread each SQLite call runs on.
+        conn: Arc<std::sync::Mutex<rusqlite::Connection>>,
+        path: std::path::PathBuf,
+        bases: Vec<BaseRecord>,
+        archive: Archive,
+    },
     /// A marker taken by the adapter's own cut (exec: restored by time).
     ViaAdapter {
         adapter: Arc<dyn Adapter>,
@@ -175,7 +190,7 @@ enum Member {
 impl Member {
     fn exact(&self) -> bool {
         match self {
-            Member::Postgres { .. } | Member::Mariadb { .. } => true,
+            Member::Postgres { .. } | Member::Mariadb { .. } | Member::Sqlite { .. } => true,
             Member::ViaAdapter { exact, .. } => *exact,
         }
     }
@@ -474,10 +489,22 @@ async fn prepare(
                 exact: false,
             })
         }
-        AdapterConfig::Sqlite(_) => Err(format!(
-            "database {name} is SQLite, which has no log to archive: points cannot restore \
-             it (use `stillpoint backup`)"
-        )),
+        AdapterConfig::Sqlite(config) => {
+            let (bases, archive) = archived(database, storage, settings).await?;
+            let path = config.path.clone();
+            let conn = tokio::task::spawn_blocking(move || {
+                crate::adapters::sqlite::open_checked(&path)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|message| format!("database {name}: {message}"))?;
+            Ok(Member::Sqlite {
+                conn: Arc::new(std::sync::Mutex::new(conn)),
+                path: config.path.clone(),
+                bases,
+                archive,
+            })
+        }
     }
 }
 
@@ -502,10 +529,16 @@ async fn archived(
         tracing::warn!(%path, %problem, "a base backup record cannot be read");
     }
     if bases.is_empty() {
-        return Err(format!(
-            "database {name} has no base backup in the storage: run `stillpoint base-backup \
-             --config RUNBOOK --database {name}` first"
-        ));
+        return Err(match database.adapter {
+            AdapterConfig::Sqlite(_) => format!(
+                "database {name} has no snapshot in the storage yet: run `stillpoint archive \
+                 --config RUNBOOK` (or `stillpoint serve`), whose archiver takes the first one"
+            ),
+            _ => format!(
+                "database {name} has no base backup in the storage: run `stillpoint \
+                 base-backup --config RUNBOOK --database {name}` first"
+            ),
+        });
     }
     let archive =
         Archive::new(storage.clone(), settings.clone(), name).map_err(|error| error.to_string())?;
@@ -621,6 +654,23 @@ async fn mark(
                 source.unwrap_or_default(),
             )
         }
+        Member::Sqlite { conn, path, .. } => {
+            // The snapshot (for row counts) and the log's last commit, both inside the
+            // pause, when nothing commits: the same state.
+            let (conn, path) = (conn.clone(), path.clone());
+            let marked = tokio::task::spawn_blocking(move || {
+                let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                let mut facts = crate::adapters::sqlite::pin_snapshot(&conn)?;
+                facts.extend(crate::archive::sqlite::mark(&path)?);
+                Ok::<_, String>(facts)
+            })
+            .await
+            .map_err(|e| format!("the SQLite marker's task failed: {e}"))?;
+            Ok(CutMarker {
+                kind: "sqlite-wal-position".to_owned(),
+                details: marked?,
+            })
+        }
         Member::ViaAdapter { prepared, .. } => prepared
             .cut(point_id)
             .await
@@ -730,6 +780,30 @@ async fn finish(member: Member, marker: CutMarker, count_rows: bool) -> Result<F
             let _ = conn.disconnect().await;
             Ok((marker, counts, Some(archive), bases))
         }
+        Member::Sqlite {
+            conn,
+            bases,
+            archive,
+            ..
+        } => {
+            let counted = tokio::task::spawn_blocking(move || {
+                let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                let counts = count_rows
+                    .then(|| crate::adapters::sqlite::row_counts(&conn))
+                    .transpose();
+                let _ = conn.execute_batch("COMMIT");
+                counts
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            let counts = counted.map_err(|e| {
+                format!(
+                    "database {}: counting rows in the marker's snapshot: {e}",
+                    archive.database()
+                )
+            })?;
+            Ok((marker, counts, Some(archive), bases))
+        }
         Member::ViaAdapter {
             adapter, prepared, ..
         } => {
@@ -767,7 +841,8 @@ async fn mariadb_row_counts(
 
 /// Waits until the archive covers the log from the newest base backup that ends
 /// before the marker up to the marker, or `deadline`. A gap, or an archive that
-/// starts after the base, does not heal by waiting: it fails at once.
+/// starts after the base, does not heal by waiting: it fails at once. A SQLite
+/// marker's position is found in the archive first, once the archiver has pushed it.
 async fn restorable(
     entry: &PointDatabase,
     archive: &Archive,
@@ -775,24 +850,59 @@ async fn restorable(
     deadline: tokio::time::Instant,
 ) -> Result<(Position, BaseRef), String> {
     let name = &entry.name;
-    let target = marker_target(&entry.marker)
-        .ok_or_else(|| format!("database {name}: its marker has no log position"))?;
-    let base = bases
-        .iter()
-        .rev()
-        .find(|base| base.end <= target)
-        .ok_or_else(|| {
-            format!(
-                "database {name} has no base backup that ends before its marker at {target} \
-                 (take one with `stillpoint base-backup`)"
-            )
-        })?;
+    let sqlite = entry.adapter == "sqlite";
+    let fixed_target = marker_target(&entry.marker);
+    if fixed_target.is_none() && !sqlite {
+        return Err(format!("database {name}: its marker has no log position"));
+    }
+    let mut bases = bases.to_vec();
     let mut gap_reads = 0;
     loop {
         let catalog = archive
             .catalog()
             .await
             .map_err(|error| format!("database {name}: reading its archive: {error}"))?;
+        let target = match &fixed_target {
+            Some(target) => target.clone(),
+            None => {
+                // A snapshot taken since the prepare may be where the marker lies (a
+                // new generation began).
+                bases = base::list(archive.storage(), name)
+                    .await
+                    .map_err(|error| format!("database {name}: {error}"))?
+                    .0;
+                let position = crate::archive::sqlite::position_of(
+                    &entry.marker.details,
+                    &catalog,
+                    &bases,
+                );
+                match position {
+                    Some(target) => target,
+                    None if tokio::time::Instant::now() >= deadline => {
+                        return Err(format!(
+                            "database {name}: the archive did not reach the marker in time: \
+                             the log's frame {} is not archived (is `stillpoint archive` \
+                             running? `--wait` gives it longer)",
+                            entry.marker.details.get("frame").map_or("?", String::as_str)
+                        ));
+                    }
+                    None => {
+                        tokio::time::sleep(ARCHIVE_POLL).await;
+                        continue;
+                    }
+                }
+            }
+        };
+        let base = bases
+            .iter()
+            .rev()
+            .find(|base| base.end <= target)
+            .ok_or_else(|| {
+                format!(
+                    "database {name} has no base backup that ends before its marker at {target} \
+                     (take one with `stillpoint base-backup`)"
+                )
+            })?;
         let covered = catalog.covers(&base::replay_from(&base.start), &target);
         gap_reads = match &covered {
             Err(NotReached::Gap(_)) => gap_reads + 1,

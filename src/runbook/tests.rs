@@ -424,11 +424,17 @@ url = "file:///tmp/backups"
     assert!(error.contains("partial_intervall"), "{error}");
     let zero = format!("{postgres}[archive]\npartial_interval = \"0s\"\n");
     assert!(parse(&zero).unwrap_err().contains("partial_interval"));
-    let error = parse(&minimal("archive = true")).unwrap_err();
+    // SQLite is archived (its WAL, frame by frame); an exec database has no log.
+    assert!(parse(&minimal("archive = true")).unwrap().databases[0].archive);
+    let exec = minimal("archive = true")
+        .replace("adapter = \"sqlite\"\npath = \"data/app.db\"", "adapter = \"exec\"\ncut = \"true\"");
+    let error = parse(&exec).unwrap_err();
     assert!(
-        error.contains("postgres and mariadb adapters only"),
+        error.contains("postgres, mariadb and sqlite adapters only"),
         "{error}"
     );
+    let zero = format!("{postgres}[archive]\nsnapshot_interval = \"0s\"\n");
+    assert!(parse(&zero).unwrap_err().contains("snapshot_interval"));
     // MariaDB binlogs: archive = true, and the chunk interval.
     let mariadb = postgres
         .replace("adapter = \"postgres\"", "adapter = \"mariadb\"")

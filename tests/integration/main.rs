@@ -24,6 +24,7 @@ mod points;
 mod points_breaker;
 mod points_mariadb;
 mod points_scenario;
+mod points_sqlite;
 mod protocols;
 mod security;
 mod serve;
