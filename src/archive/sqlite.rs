@@ -53,6 +53,8 @@ use crate::pipeline::{self, Decryption};
 pub const SNAPSHOT_KIND: &str = "sqlite_snapshot";
 /// How long the archiver waits for SQLite's locks.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the archiver tries again for the write lock.
+const WRITE_LOCK_RETRY: Duration = Duration::from_micros(200);
 
 /// Where and how one SQLite database is archived.
 #[derive(Debug, Clone)]
@@ -136,6 +138,8 @@ struct Cursor {
     /// The archiver's checkpoint got every frame of the cycle into the database: the
     /// next cycle continues the generation.
     sealed: bool,
+    /// When the newest snapshot was taken (by this archiver: when it began).
+    snapshot_at: Instant,
 }
 
 impl Cursor {
@@ -228,7 +232,6 @@ impl SqliteArchiver {
             status.archived_to = Some(cursor.at());
             status.log_position = Some(cursor.at());
         });
-        let mut snapshot_at = Instant::now();
         loop {
             let stop = tokio::select! {
                 () = tokio::time::sleep(self.config.poll) => false,
@@ -240,38 +243,57 @@ impl SqliteArchiver {
                 Ok((look, log))
             })
             .await?;
-            log = log_back;
-            match look? {
-                Look::Frames(frames) => self.push(&mut cursor, frames).await?,
-                Look::NextCycle(header, frames) => {
-                    cursor.cycle = Some(header);
-                    cursor.next_frame = 1;
-                    cursor.chain = header.checksum;
-                    cursor.sealed = false;
-                    self.push(&mut cursor, frames).await?;
-                }
-                Look::Changed(reason) => {
-                    (cursor, log) = self.new_generation(log, &reason).await?;
-                    snapshot_at = Instant::now();
-                }
-            }
+            log = self.follow(look?, &mut cursor, log_back).await?;
             if stop {
                 return Ok(Ended::Cancelled);
             }
-            if cursor.next_frame > self.config.checkpoint_frames {
+            // A sealed cycle waits for its restart; one that went on is checkpointed
+            // again.
+            if cursor.next_frame > self.config.checkpoint_frames && !cursor.sealed {
                 let at = cursor.clone();
-                let ((frames, sealed), log_back) = blocking(&self.config.database, move || {
+                let ((look, sealed), log_back) = blocking(&self.config.database, move || {
                     let done = log.checkpoint(&at)?;
                     Ok((done, log))
                 })
                 .await?;
-                log = log_back;
-                self.push(&mut cursor, frames).await?;
-                cursor.sealed = sealed;
+                let frames_read = matches!(look, Look::Frames(_));
+                log = self.follow(look, &mut cursor, log_back).await?;
+                if frames_read {
+                    cursor.sealed = sealed;
+                }
             }
-            if snapshot_at.elapsed() >= self.config.snapshot_interval {
+            if cursor.snapshot_at.elapsed() >= self.config.snapshot_interval {
                 log = self.snapshot_within(log, &mut cursor).await?;
-                snapshot_at = Instant::now();
+                cursor.snapshot_at = Instant::now();
+            }
+        }
+    }
+
+    /// Acts on a look at the log: frames pushed, a new cycle followed, or a new
+    /// generation begun.
+    async fn follow(&self, look: Look, cursor: &mut Cursor, log: Log) -> Result<Log, ArchiveError> {
+        match look {
+            Look::Frames(frames) => {
+                // Frames after the seal: the cycle went on (a reader kept the log from
+                // restarting), so its end is no longer sealed.
+                if frames.count > 0 {
+                    cursor.sealed = false;
+                }
+                self.push(cursor, frames).await?;
+                Ok(log)
+            }
+            Look::NextCycle(header, frames) => {
+                cursor.cycle = Some(header);
+                cursor.next_frame = 1;
+                cursor.chain = header.checksum;
+                cursor.sealed = false;
+                self.push(cursor, frames).await?;
+                Ok(log)
+            }
+            Look::Changed(reason) => {
+                let (fresh, log) = self.new_generation(log, &reason).await?;
+                *cursor = fresh;
+                Ok(log)
             }
         }
     }
@@ -308,6 +330,7 @@ impl SqliteArchiver {
             next_frame: taken.wal.as_ref().map_or(1, |wal| wal.committed.last() + 1),
             chain: taken.wal.as_ref().map_or([0, 0], |wal| wal.committed.chain),
             sealed: false,
+            snapshot_at: Instant::now(),
         };
         self.store_snapshot(&taken, &cursor, reason).await?;
         Ok((cursor, log))
@@ -545,6 +568,15 @@ impl Log {
         writer
             .pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(|e| server(e.to_string()))?;
+        // SQLite's own busy handler sleeps longer and longer between tries, so among
+        // writers that commit back to back the archiver would seldom get the lock: try
+        // again every 200 µs instead, for as long as BUSY_TIMEOUT.
+        writer
+            .busy_handler(Some(|attempts| {
+                std::thread::sleep(WRITE_LOCK_RETRY);
+                WRITE_LOCK_RETRY * u32::try_from(attempts).unwrap_or(u32::MAX) < BUSY_TIMEOUT
+            }))
+            .map_err(|e| server(e.to_string()))?;
         let log = Log {
             database: config.database.clone(),
             path: config.path.clone(),
@@ -611,33 +643,44 @@ impl Log {
             })),
             // The generation began without a log: its first cycle continues it.
             None => Ok(Look::NextCycle(now.header, now.committed)),
+            // A restart adds one to the first salt of the log's shared header (the
+            // checkpoint sequence is each connection's own count, not the log's).
             Some(cycle)
-                if cursor.sealed
-                    && now.header.checkpoint_seq == cycle.checkpoint_seq.wrapping_add(1) =>
+                if cursor.sealed && now.header.salts[0] == cycle.salts[0].wrapping_add(1) =>
             {
                 Ok(Look::NextCycle(now.header, now.committed))
             }
             Some(cycle) => Ok(Look::Changed(format!(
-                "the log restarted without the archiver's checkpoint (checkpoint sequence {} \
-                 → {}): frames may have gone unread",
-                cycle.checkpoint_seq, now.header.checkpoint_seq
+                "the log restarted {} (salt {} → {}): frames may have gone unread",
+                if cursor.sealed {
+                    "more than once since the archiver's checkpoint"
+                } else {
+                    "without the archiver's checkpoint"
+                },
+                cycle.salts[0],
+                now.header.salts[0]
             ))),
         }
     }
 
     /// Stops writers, reads the last frames, checkpoints with the read transaction
-    /// ended, starts it again, lets writers go. Returns the frames read and whether
-    /// the checkpoint got every frame into the database (the cycle is sealed).
-    fn checkpoint(&self, cursor: &Cursor) -> Result<(Committed, bool), ArchiveError> {
+    /// ended, starts it again, lets writers go. Returns what the look under the lock
+    /// found and, when it found the cycle's frames, whether the checkpoint got every
+    /// frame into the database (the cycle is sealed).
+    fn checkpoint(&self, cursor: &Cursor) -> Result<(Look, bool), ArchiveError> {
         let writer = &self.writer;
-        writer
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(|e| self.fail("taking the write lock for a checkpoint", e))?;
+        if let Err(error) = writer.execute_batch("BEGIN IMMEDIATE") {
+            // Writers kept the lock: the next round tries again.
+            if error.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) {
+                return Ok((Look::Frames(Committed::default()), false));
+            }
+            return Err(self.fail("taking the write lock for a checkpoint", error));
+        }
         let result = (|| {
             let frames = match self.look(cursor)? {
                 Look::Frames(frames) => frames,
-                // Found again by the next look, which starts a new generation.
-                _ => return Ok((Committed::default(), false)),
+                // A new cycle or a change: no checkpoint until it is followed.
+                other => return Ok((other, false)),
             };
             self.end_read()?;
             let counts: Result<(i64, i64, i64), _> =
@@ -648,7 +691,8 @@ impl Log {
             self.begin_read()?;
             let (busy, log, done) = counts.map_err(|e| self.fail("checkpoint", e))?;
             let last = i64::from(frames.first + frames.count) - 1;
-            Ok((frames, busy == 0 && log == done && log == last))
+            let sealed = busy == 0 && log == done && log == last;
+            Ok((Look::Frames(frames), sealed))
         })();
         let _ = writer.execute_batch("ROLLBACK");
         result
@@ -785,6 +829,7 @@ fn stored_cursor(catalog: &Catalog, bases: &[BaseRecord]) -> Option<Cursor> {
                 next_frame: first + u32::try_from(frame - start_frame).ok()?,
                 chain: sqlite_wal::parse_checksum(chunk.details.get("end_chain")?)?,
                 sealed: false,
+                snapshot_at: Instant::now(),
             })
         }
         (_, Some(snapshot)) => {
@@ -797,6 +842,7 @@ fn stored_cursor(catalog: &Catalog, bases: &[BaseRecord]) -> Option<Cursor> {
                 next_frame: frame + 1,
                 chain: sqlite_wal::parse_checksum(snapshot.details.get("chain")?)?,
                 sealed: false,
+                snapshot_at: Instant::now(),
             })
         }
         _ => None,
@@ -897,6 +943,29 @@ pub fn position_of(
                 }
         })
         .map(|b| b.start.clone())
+}
+
+/// Why the archive will never hold a marker it does not hold now: a snapshot of the
+/// marker's cycle taken after it began a generation past it (the archiver started,
+/// or started again, after the point's pause).
+pub fn never_archived(marker: &BTreeMap<String, String>, bases: &[BaseRecord]) -> Option<String> {
+    let frame: u32 = marker.get("frame")?.parse().ok()?;
+    let salts = ["salt1", "salt2"].map(|key| marker.get(key));
+    bases
+        .iter()
+        .filter(|b| {
+            b.kind == SNAPSHOT_KIND && ["salt1", "salt2"].map(|k| b.details.get(k)) == salts
+        })
+        .filter_map(|b| Some((b, b.details.get("frame")?.parse::<u32>().ok()?)))
+        .find(|(_, snapshot_frame)| *snapshot_frame > frame)
+        .map(|(b, snapshot_frame)| {
+            format!(
+                "the archive of this log begins at frame {snapshot_frame} (snapshot {}, \
+                 {}), after the marker's frame {frame}: the archiver began after the point's \
+                 pause",
+                b.id, b.start
+            )
+        })
 }
 
 // ---------------------------------------------------------------------------------

@@ -10,9 +10,10 @@
 //! last valid commit belong to no committed transaction and are never used.
 //!
 //! Every restart of the log (a checkpoint that got everything into the database and a
-//! writer that began again from frame 1) adds one to the header's checkpoint sequence
-//! and changes the salts: a *cycle* of the log is named by `(checkpoint_seq, salts)`,
-//! and a frame by its cycle and index (from 1).
+//! writer that began again from frame 1) adds one to the header's first salt and draws
+//! a new second one: a *cycle* of the log is named by its salts, and a frame by its
+//! cycle and index (from 1). (The header's checkpoint sequence is the restarting
+//! connection's own count, so several writers write different ones.)
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -78,7 +79,7 @@ impl WalHeader {
 
     /// Whether two headers name the same cycle of the log.
     pub fn same_cycle(&self, other: &WalHeader) -> bool {
-        self.checkpoint_seq == other.checkpoint_seq && self.salts == other.salts
+        self.salts == other.salts
     }
 }
 

@@ -562,7 +562,8 @@ async fn restore_sqlite(
     let replay_started = Instant::now();
     let beside = path.with_file_name(format!(
         ".{}.stillpoint-restore-{}",
-        path.file_name().map_or_else(|| name.into(), |f| f.to_string_lossy()),
+        path.file_name()
+            .map_or_else(|| name.into(), |f| f.to_string_lossy()),
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     ));
     let rebuilt = tokio::select! {

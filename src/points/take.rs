@@ -492,12 +492,11 @@ async fn prepare(
         AdapterConfig::Sqlite(config) => {
             let (bases, archive) = archived(database, storage, settings).await?;
             let path = config.path.clone();
-            let conn = tokio::task::spawn_blocking(move || {
-                crate::adapters::sqlite::open_checked(&path)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|message| format!("database {name}: {message}"))?;
+            let conn =
+                tokio::task::spawn_blocking(move || crate::adapters::sqlite::open_checked(&path))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|message| format!("database {name}: {message}"))?;
             Ok(Member::Sqlite {
                 conn: Arc::new(std::sync::Mutex::new(conn)),
                 path: config.path.clone(),
@@ -871,19 +870,27 @@ async fn restorable(
                     .await
                     .map_err(|error| format!("database {name}: {error}"))?
                     .0;
-                let position = crate::archive::sqlite::position_of(
-                    &entry.marker.details,
-                    &catalog,
-                    &bases,
-                );
+                let position =
+                    crate::archive::sqlite::position_of(&entry.marker.details, &catalog, &bases);
+                let never =
+                    || crate::archive::sqlite::never_archived(&entry.marker.details, &bases);
                 match position {
                     Some(target) => target,
+                    None if let Some(why) = never() => {
+                        return Err(format!(
+                            "database {name} cannot be restored to its marker: {why}"
+                        ));
+                    }
                     None if tokio::time::Instant::now() >= deadline => {
                         return Err(format!(
                             "database {name}: the archive did not reach the marker in time: \
                              the log's frame {} is not archived (is `stillpoint archive` \
                              running? `--wait` gives it longer)",
-                            entry.marker.details.get("frame").map_or("?", String::as_str)
+                            entry
+                                .marker
+                                .details
+                                .get("frame")
+                                .map_or("?", String::as_str)
                         ));
                     }
                     None => {

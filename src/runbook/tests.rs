@@ -426,8 +426,10 @@ url = "file:///tmp/backups"
     assert!(parse(&zero).unwrap_err().contains("partial_interval"));
     // SQLite is archived (its WAL, frame by frame); an exec database has no log.
     assert!(parse(&minimal("archive = true")).unwrap().databases[0].archive);
-    let exec = minimal("archive = true")
-        .replace("adapter = \"sqlite\"\npath = \"data/app.db\"", "adapter = \"exec\"\ncut = \"true\"");
+    let exec = minimal("archive = true").replace(
+        "adapter = \"sqlite\"\npath = \"data/app.db\"",
+        "adapter = \"exec\"\ncut = \"true\"",
+    );
     let error = parse(&exec).unwrap_err();
     assert!(
         error.contains("postgres, mariadb and sqlite adapters only"),

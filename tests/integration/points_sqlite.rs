@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::cluster::{Cluster, Load};
 use crate::points::{start_archiver, stillpoint_json, stop_archiver};
-use crate::util::{Database, Runbook, run_json};
+use crate::util::{Database, Runbook, run_json, wait_until};
 
 struct Setup {
     cluster: Cluster,
@@ -53,6 +53,8 @@ impl Setup {
             .database(Database::sqlite("auditor", self.path("auditor")).role("auditor").archived())
             .file_storage(self.dir.path())
             .archive("chunk_interval", "100ms")
+            // A snapshot every 10 s within a generation: a restore replays at most that.
+            .archive("snapshot_interval", "10s")
             .archive_spool_dir(&self.dir.path().join("spool"))
             .scratch_dir(self.dir.path())
             .drill_checks(
@@ -70,13 +72,32 @@ command = ["ledger-node", "check", "--ledger-db", "sqlite:{ledger}", "--auditor-
     fn stop_load(&mut self) -> Value {
         self.load.take().unwrap().stop()
     }
+
+    /// Waits for the archiver's first snapshot of both databases.
+    fn wait_for_snapshots(&self) {
+        wait_until(Duration::from_secs(30), "the first snapshots", || {
+            ["ledger", "auditor"].iter().all(|db| {
+                self.dir.path().join("backups/bases").join(db).exists()
+                    && !snapshots(self, db).is_empty()
+            })
+        });
+    }
 }
 
 /// `stillpoint point --count-rows`, its exit code and JSON.
 fn point(config: &str) -> (i32, Value) {
     run_json(
         "stillpoint",
-        &["point", "--config", config, "--count-rows", "--wait", "20s", "--output", "json"],
+        &[
+            "point",
+            "--config",
+            config,
+            "--count-rows",
+            "--wait",
+            "20s",
+            "--output",
+            "json",
+        ],
     )
 }
 
@@ -114,6 +135,7 @@ fn sqlite_points_every_second_under_load_all_restore_and_pass_the_check() {
     let mut setup = Setup::start();
     let config = setup.runbook("runbook.toml", None);
     let mut archiver = Some(start_archiver(&config));
+    setup.wait_for_snapshots();
     let started = Instant::now();
     let mut points: Vec<Value> = Vec::new();
     let mut forced_checkpoint = None;
@@ -134,7 +156,10 @@ fn sqlite_points_every_second_under_load_all_restore_and_pass_the_check() {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })
                 .unwrap();
-            assert_eq!(result.0, 1, "the log was reset under the archiver: {result:?}");
+            assert_eq!(
+                result.0, 1,
+                "the log was reset under the archiver: {result:?}"
+            );
             forced_checkpoint = Some(points.len());
         }
         if !truncated && elapsed > Duration::from_secs(40) {
@@ -142,7 +167,20 @@ fn sqlite_points_every_second_under_load_all_restore_and_pass_the_check() {
             // meanwhile; the archiver started again cannot continue its chain.
             stop_archiver(archiver.take());
             truncate_log(&setup.path("ledger"));
+            let restarted = std::time::SystemTime::now();
             archiver = Some(start_archiver(&config));
+            // Points again once the new archiver follows both logs: the ledger's
+            // new generation snapshotted, the auditor's archive growing again.
+            wait_until(
+                Duration::from_secs(30),
+                "the archiver to follow again",
+                || {
+                    snapshots(&setup, "ledger")
+                        .iter()
+                        .any(|id| generation(&setup, "ledger", id) == 2)
+                        && newest_record(&setup, "auditor").is_some_and(|at| at > restarted)
+                },
+            );
             truncated = true;
             points.push(Value::Null); // marks where the truncation happened
         }
@@ -161,27 +199,42 @@ fn sqlite_points_every_second_under_load_all_restore_and_pass_the_check() {
     // it restore from its snapshot; those before from generation 1's.
     let cut = points.iter().position(Value::is_null).unwrap();
     let (before, after) = (&points[..cut], &points[cut + 1..]);
-    assert!(before.len() >= 20 && !after.is_empty(), "{} and {}", before.len(), after.len());
-    let ledger_snapshots = snapshots(&setup, "ledger");
-    assert_eq!(ledger_snapshots.len(), 2, "{ledger_snapshots:#?}");
-    let first_generation = base_of(&before[0], "ledger");
-    assert!(before.iter().all(|p| base_of(p, "ledger") == first_generation));
-    assert!(after.iter().all(|p| base_of(p, "ledger") != first_generation));
+    assert!(
+        before.len() >= 20 && !after.is_empty(),
+        "{} and {}",
+        before.len(),
+        after.len()
+    );
+    let generation_of = |point: &Value| generation(&setup, "ledger", &base_of(point, "ledger"));
+    assert!(before.iter().all(|p| generation_of(p) == 1));
+    assert!(after.iter().all(|p| generation_of(p) == 2));
+    // Snapshots within generation 1 (every 10 s), and points built on the later ones.
+    let bases: std::collections::BTreeSet<String> =
+        before.iter().map(|p| base_of(p, "ledger")).collect();
+    assert!(bases.len() >= 3, "points of generation 1 used {bases:?}");
     assert!(forced_checkpoint.is_some_and(|at| at < cut));
 
     // Every point drills and passes the check, with its pause's rows.
     let mut drilled = 0;
     for taken in before.iter().chain(after) {
         let id = taken["point_id"].as_str().unwrap();
-        let (code, drill) =
-            stillpoint_json(&["drill", "--config", &config, "--point", id, "--output", "json"]);
+        let (code, drill) = stillpoint_json(&[
+            "drill", "--config", &config, "--point", id, "--output", "json",
+        ]);
         assert_eq!(code, 0, "drill of point {id}: {drill:#}");
         let checks = drill["checks"].as_array().unwrap();
-        for name in ["ledger_node_check", "row_counts:ledger", "row_counts:auditor"] {
+        for name in [
+            "ledger_node_check",
+            "row_counts:ledger",
+            "row_counts:auditor",
+        ] {
             let check = checks.iter().find(|c| c["name"] == name).unwrap();
             assert_eq!(check["ok"], true, "point {id}: {check}");
         }
-        let rows = checks.iter().find(|c| c["name"] == "row_counts:ledger").unwrap();
+        let rows = checks
+            .iter()
+            .find(|c| c["name"] == "row_counts:ledger")
+            .unwrap();
         assert!(
             rows["detail"].as_str().unwrap().contains("equal"),
             "the rows were compared: {rows}"
@@ -189,6 +242,30 @@ fn sqlite_points_every_second_under_load_all_restore_and_pass_the_check() {
         drilled += 1;
     }
     eprintln!("{drilled} SQLite points taken in 60 s under load, all drilled and checked");
+}
+
+/// The generation a snapshot of `database` began or belongs to.
+fn generation(setup: &Setup, database: &str, id: &str) -> u64 {
+    let record = setup
+        .dir
+        .path()
+        .join("backups/bases")
+        .join(database)
+        .join(id)
+        .join("base.json");
+    let record: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    record["start"]["sqlite"]["generation"].as_u64().unwrap()
+}
+
+/// When the newest chunk record or snapshot of `database` was written.
+fn newest_record(setup: &Setup, database: &str) -> Option<std::time::SystemTime> {
+    let store = setup.dir.path().join("backups");
+    let chunks = std::fs::read_dir(store.join("archive").join(database)).ok()?;
+    let bases = std::fs::read_dir(store.join("bases").join(database)).ok()?;
+    chunks
+        .chain(bases)
+        .filter_map(|entry| entry.ok()?.metadata().ok()?.modified().ok())
+        .max()
 }
 
 /// A TRUNCATE checkpoint with no archiver holding the log: what an application (or
@@ -238,6 +315,7 @@ fn a_restored_sqlite_point_equals_a_copy_taken_inside_its_pause() {
         Some(Database::exec("inside_the_pause", &cut).set("cut_timeout", "20s")),
     );
     let archiver = start_archiver(&config);
+    setup.wait_for_snapshots();
     let mut ids = Vec::new();
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(700));
@@ -254,8 +332,17 @@ fn a_restored_sqlite_point_equals_a_copy_taken_inside_its_pause() {
             let file = restored.join(format!("{id}-{database}.db"));
             let target = format!("{database}={}", file.display());
             let (code, report) = stillpoint_json(&[
-                "restore", "--config", &config, "--point", id, "--database", database, "--to",
-                &target, "--output", "json",
+                "restore",
+                "--config",
+                &config,
+                "--point",
+                id,
+                "--database",
+                database,
+                "--to",
+                &target,
+                "--output",
+                "json",
             ]);
             assert_eq!(code, 0, "restore of {database} of {id}: {report:#}");
             let copied = copies.join(format!("{id}-{database}.db"));
@@ -301,5 +388,9 @@ fn content(file: &Path) -> String {
             rows += 1;
         }
     }
-    format!("{} tables, {rows} rows, {}", tables.len(), hasher.finalize().to_hex())
+    format!(
+        "{} tables, {rows} rows, {}",
+        tables.len(),
+        hasher.finalize().to_hex()
+    )
 }
