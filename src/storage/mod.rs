@@ -45,13 +45,13 @@ use tokio_util::io::ReaderStream;
 use crate::adapters::ByteStream;
 
 mod multipart;
-mod tracked;
 #[cfg(test)]
 // Shared with tests/integration, which use parts (`start_in`) these tests do not.
 #[allow(dead_code)]
 pub(crate) mod s3_test_server;
 #[cfg(test)]
 pub(crate) mod tests;
+mod tracked;
 
 /// The URL forms [`Storage::open`] accepts, for error messages.
 const SUPPORTED: &str = "file:///absolute/dir, s3://bucket[/prefix]";

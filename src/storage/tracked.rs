@@ -68,7 +68,10 @@ impl Writes {
             let _counted = counted;
             write.await
         });
-        async move { task.await.map_err(|source| object_store::Error::JoinError { source })? }
+        async move {
+            task.await
+                .map_err(|source| object_store::Error::JoinError { source })?
+        }
     }
 
     /// How many writes are under way now.
