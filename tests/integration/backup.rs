@@ -1699,7 +1699,7 @@ fn a_signal_while_an_artifact_is_being_stored_leaves_nothing_behind() {
     let waited = loop {
         match lines.recv_timeout(Duration::from_secs(60)) {
             Ok(line) => {
-                let waits = line.contains("waiting for 1 storage write");
+                let waits = line.contains("storage write(s) of the stopped backup to finish");
                 seen.push(line);
                 if waits {
                     break true;
