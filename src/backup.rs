@@ -743,7 +743,22 @@ async fn copy_one(
 /// Removes a backup that will not be committed: its objects and unfinished uploads.
 /// It is not listed either way (no manifest); this keeps the storage clean, and the
 /// outcome goes into the error the operator reads.
+///
+/// It first waits for every write of the backup to end: a copy dropped on a signal
+/// (or the marker's heartbeat, dropped with the work) may have a PUT or part under
+/// way that still lands, and a delete before it would leave that object behind.
+/// Only this backup writes through `storage` (opened by [`run_cancellable`]), so
+/// this waits for nothing else.
 async fn discard(storage: &Storage, backup_id: &str) -> Cleanup {
+    let under_way = storage.writes_under_way();
+    if under_way > 0 {
+        tracing::warn!(
+            %backup_id,
+            "waiting for {under_way} storage write(s) of the stopped backup to finish \
+             before removing it"
+        );
+    }
+    storage.writes_finished().await;
     let deleted = match manifest::backup_prefix(backup_id) {
         Ok(prefix) => storage
             .delete_prefix(&prefix)

@@ -14,7 +14,14 @@
 //! S3's ListMultipartUploads) and [`Storage::delete_prefix`] removes them with the
 //! objects.
 //!
+//! A write keeps going when its caller stops waiting for it (the local backend
+//! writes in `spawn_blocking`; S3 stores a PUT it has received). Every write runs as a
+//! counted task (`tracked.rs`), and [`Storage::writes_finished`] waits for them all:
+//! what deletes a stopped job's objects calls it first, or a write still under way
+//! could put an object back after the delete.
+//!
 //! - `multipart.rs`: S3's ListMultipartUploads, which object_store does not offer.
+//! - `tracked.rs`: the counted writes.
 //! - `tests.rs`: the same round-trip tests against `file://` and a real S3 server.
 //! - `s3_test_server.rs` (tests only): an in-process S3 server on loopback.
 
@@ -44,6 +51,7 @@ mod multipart;
 pub(crate) mod s3_test_server;
 #[cfg(test)]
 pub(crate) mod tests;
+mod tracked;
 
 /// The URL forms [`Storage::open`] accepts, for error messages.
 const SUPPORTED: &str = "file:///absolute/dir, s3://bucket[/prefix]";
@@ -182,7 +190,10 @@ enum Hidden {
 pub struct Storage {
     /// Redacted: safe to print.
     url: String,
+    /// The backend, wrapped in [`tracked::Tracked`].
     store: Arc<dyn ObjectStore>,
+    /// Its writes under way (shared by clones).
+    writes: tracked::Writes,
     hidden: Hidden,
     part_size: usize,
     max_concurrency: usize,
@@ -314,25 +325,40 @@ impl Storage {
                 });
             }
         };
-        Ok(Storage {
-            url: shown,
-            store,
-            hidden,
-            part_size: DEFAULT_PART_SIZE,
-            max_concurrency: DEFAULT_MAX_CONCURRENCY,
-        })
+        Ok(Self::tracking(shown, store, hidden))
     }
 
     /// Wraps any object store, e.g. one that fails on purpose.
     #[cfg(test)]
     pub(crate) fn from_object_store(store: Arc<dyn ObjectStore>, url: &str) -> Self {
+        Self::tracking(url.to_owned(), store, Hidden::Nothing)
+    }
+
+    fn tracking(url: String, store: Arc<dyn ObjectStore>, hidden: Hidden) -> Self {
+        let tracked = tracked::Tracked::new(store);
+        let writes = tracked.writes().clone();
         Storage {
-            url: url.to_owned(),
-            store,
-            hidden: Hidden::Nothing,
+            url,
+            store: Arc::new(tracked),
+            writes,
+            hidden,
             part_size: DEFAULT_PART_SIZE,
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
         }
+    }
+
+    /// Returns once no write through this storage (or a clone of it) is under way,
+    /// including writes whose caller stopped waiting for them: a `put_stream` dropped
+    /// mid-upload still finishes (or fails) the PUT or part it had started. Whatever
+    /// deletes the objects of a job that was stopped calls this first, so that no
+    /// write of that job lands after the delete.
+    pub async fn writes_finished(&self) {
+        self.writes.finished().await;
+    }
+
+    /// How many writes through this storage (or a clone of it) are under way now.
+    pub fn writes_under_way(&self) -> usize {
+        self.writes.under_way()
     }
 
     /// Size of one multipart-upload part, and of the largest artifact stored with a

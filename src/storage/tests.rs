@@ -454,3 +454,185 @@ fn s3_reads_are_not_cut_off_by_a_whole_request_timeout() {
         set("5s")
     );
 }
+
+/// A store whose PUTs go on after their caller drops them, as object_store's local
+/// backend does (it writes in `spawn_blocking`) and as an S3 server does with a PUT
+/// it has received; each waits for `gate` to open, says when it has started, and
+/// counts in `landed` once it has stored its object.
+#[derive(Debug)]
+struct DetachedPuts {
+    inner: std::sync::Arc<object_store::memory::InMemory>,
+    gate: tokio::sync::watch::Sender<bool>,
+    started: std::sync::Arc<tokio::sync::Notify>,
+    landed: std::sync::Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl std::fmt::Display for DetachedPuts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DetachedPuts")
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for DetachedPuts {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        let (inner, location) = (std::sync::Arc::clone(&self.inner), location.clone());
+        let mut gate = self.gate.subscribe();
+        let landed = std::sync::Arc::clone(&self.landed);
+        self.started.notify_one();
+        tokio::spawn(async move {
+            let _ = gate.wait_for(|open| *open).await;
+            let stored = inner.put_opts(&location, payload, opts).await;
+            landed.send_modify(|count| *count += 1);
+            stored
+        })
+        .await
+        .expect("the put task")
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<
+            'static,
+            object_store::Result<object_store::path::Path>,
+        >,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// A backup stopped by SIGINT left a partial backup listed as incomplete in one CI
+/// run: its copy was dropped while the local store's PUT of an artifact was under
+/// way in `spawn_blocking`, the clean-up deleted the backup's directory, and the PUT
+/// then renamed its file into place. A dropped write now still counts until it ends,
+/// and `writes_finished` waits for it, so a delete after it is the last word.
+#[tokio::test]
+async fn a_dropped_write_is_waited_for_so_a_delete_after_it_is_final() {
+    let (gate, _) = tokio::sync::watch::channel(false);
+    let started = std::sync::Arc::new(tokio::sync::Notify::new());
+    let store = std::sync::Arc::new(DetachedPuts {
+        inner: std::sync::Arc::new(object_store::memory::InMemory::new()),
+        gate,
+        started: std::sync::Arc::clone(&started),
+        landed: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+    });
+    // Waits (bounded) until `count` dropped writes have stored their objects.
+    let landed = |count: usize| {
+        let mut landed = store.landed.subscribe();
+        async move {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                landed.wait_for(|landed| *landed >= count),
+            )
+            .await
+            .expect("the dropped write to land")
+            .unwrap();
+        }
+    };
+    let storage = Storage::from_object_store(store.clone(), "memory://detached");
+    let listed = |storage: &Storage| {
+        let storage = storage.clone();
+        async move {
+            let mut paths: Vec<String> = storage
+                .list("backups")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|entry| entry.path)
+                .collect();
+            paths.sort();
+            paths
+        }
+    };
+    // Starts a PUT of `path` and drops it once the store has begun it, as a copy
+    // dropped on a signal does.
+    let drop_mid_write = |path: &'static str| {
+        let (storage, started) = (storage.clone(), std::sync::Arc::clone(&started));
+        async move {
+            let put = storage.put_stream(path, &b"part of a backup"[..]);
+            tokio::pin!(put);
+            tokio::select! {
+                stored = &mut put => panic!("the PUT ended with its gate shut: {stored:?}"),
+                () = started.notified() => {}
+            }
+        }
+    };
+
+    // The negative control: delete at once, as the clean-up did, and the dropped
+    // write puts its object back afterwards.
+    drop_mid_write("backups/raced/db.zst").await;
+    assert_eq!(storage.writes_under_way(), 1);
+    storage.delete_prefix("backups/raced").await.unwrap();
+    assert_eq!(listed(&storage).await, Vec::<String>::new());
+    store.gate.send_replace(true);
+    landed(1).await;
+    assert_eq!(
+        listed(&storage).await,
+        ["backups/raced/db.zst"],
+        "the control: a write dropped mid-way lands after a delete that did not wait"
+    );
+    storage.delete_prefix("backups/raced").await.unwrap();
+
+    // Waiting first: `writes_finished` does not return while the dropped write is
+    // still under way (its gate is shut, so no amount of polling can end it), and
+    // the delete after it leaves nothing behind.
+    store.gate.send_replace(false);
+    drop_mid_write("backups/waited/db.zst").await;
+    assert_eq!(storage.writes_under_way(), 1);
+    let finished = storage.writes_finished();
+    tokio::pin!(finished);
+    for _ in 0..100 {
+        assert!(
+            futures::poll!(&mut finished).is_pending(),
+            "writes_finished returned while a write was under way"
+        );
+        tokio::task::yield_now().await;
+    }
+    store.gate.send_replace(true);
+    tokio::time::timeout(std::time::Duration::from_secs(30), finished)
+        .await
+        .expect("the write ended once its gate opened");
+    assert_eq!(storage.writes_under_way(), 0);
+    assert_eq!(listed(&storage).await, ["backups/waited/db.zst"]);
+    storage.delete_prefix("backups/waited").await.unwrap();
+    landed(2).await;
+    assert_eq!(listed(&storage).await, Vec::<String>::new());
+}
