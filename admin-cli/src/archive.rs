@@ -29,7 +29,7 @@ pub struct ArchiveArgs {
     /// The runbook: its storage, pipeline and the databases with `archive = true`.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: PathBuf,
-    /// Archive only this PostgreSQL or MariaDB database of the runbook (with or
+    /// Archive only this PostgreSQL, MariaDB or SQLite database of the runbook (with or
     /// without `archive = true`).
     #[arg(long, value_name = "NAME")]
     pub database: Option<String>,
