@@ -180,6 +180,8 @@ enum Look {
     NextCycle(WalHeader, Committed),
     /// The log cannot be shown to continue the archive: why.
     Changed(String),
+    /// Another file is at the database's path: the connections are opened again.
+    Replaced(String),
 }
 
 impl SqliteArchiver {
@@ -291,6 +293,14 @@ impl SqliteArchiver {
                 Ok(log)
             }
             Look::Changed(reason) => {
+                let (fresh, log) = self.new_generation(log, &reason).await?;
+                *cursor = fresh;
+                Ok(log)
+            }
+            Look::Replaced(reason) => {
+                drop(log);
+                let config = self.config.clone();
+                let log = blocking(&self.config.database, move || Log::open(&config)).await?;
                 let (fresh, log) = self.new_generation(log, &reason).await?;
                 *cursor = fresh;
                 Ok(log)
@@ -521,6 +531,10 @@ struct Log {
     writer: Connection,
     /// The file the connections opened: a file put in its place is another database.
     inode: u64,
+    /// An exclusive `flock` on the database file while this archiver runs: a second
+    /// archiver of the same file would write a second chain. (SQLite locks with
+    /// `fcntl`, which `flock` does not touch.)
+    _only_archiver: std::fs::File,
 }
 
 impl Log {
@@ -533,11 +547,25 @@ impl Log {
             database: config.database.clone(),
             message,
         };
-        if !config.path.exists() {
+        if !config.path.is_file() {
             return Err(settings(format!(
-                "{} does not exist: check the path in the runbook",
+                "{} does not exist or is not a file: check the path in the runbook",
                 config.path.display()
             )));
+        }
+        let only_archiver = std::fs::File::open(&config.path)
+            .map_err(|e| server(format!("opening {}: {e}", config.path.display())))?;
+        if let Err(error) = only_archiver.try_lock() {
+            return Err(match error {
+                std::fs::TryLockError::WouldBlock => settings(format!(
+                    "another archiver is archiving {} (it holds the archiver's lock on the \
+                     file): stop it first; two archivers would write two chains of one log",
+                    config.path.display()
+                )),
+                std::fs::TryLockError::Error(e) => {
+                    server(format!("locking {}: {e}", config.path.display()))
+                }
+            });
         }
         let open = || {
             let conn = Connection::open_with_flags(
@@ -583,6 +611,7 @@ impl Log {
             reader,
             writer,
             inode: inode(&config.path).map_err(|e| server(e.to_string()))?,
+            _only_archiver: only_archiver,
         };
         log.begin_read()?;
         Ok(log)
@@ -618,7 +647,7 @@ impl Log {
         match inode(&self.path) {
             Ok(inode) if inode == self.inode => {}
             _ => {
-                return Ok(Look::Changed(format!(
+                return Ok(Look::Replaced(format!(
                     "{} was replaced by another file (a restore?)",
                     self.path.display()
                 )));
@@ -1019,6 +1048,21 @@ pub async fn restore(
         .write(true)
         .open(into)
         .map_err(|e| format!("opening {}: {e}", into.display()))?;
+    // Where the log stood at the snapshot: each chunk must go on from there (its
+    // cycle, frame and checksum), so chunks of another chain never meet.
+    let mut expected = Continuation {
+        cycle: cycle_of(&snapshot.details),
+        next_frame: snapshot
+            .details
+            .get("frame")
+            .and_then(|f| f.parse::<u32>().ok())
+            .map_or(1, |frame| frame + 1),
+        chain: snapshot
+            .details
+            .get("chain")
+            .and_then(|c| sqlite_wal::parse_checksum(c))
+            .unwrap_or_default(),
+    };
     for chunk in chunks {
         if at >= target_frame {
             break;
@@ -1049,6 +1093,21 @@ pub async fn restore(
             .get("first_frame")
             .and_then(|f| f.parse().ok())
             .ok_or_else(|| format!("chunk {}'s record has no first_frame", chunk.name))?;
+        if !expected.continued_by(&cycle, first) {
+            return Err(format!(
+                "chunk {} (frame {first} of the log cycle with salts {}/{}) does not go on \
+                 from where the replay is (frame {} of {}): it belongs to another chain; \
+                 refusing a wrong database",
+                chunk.name,
+                cycle.salts[0],
+                cycle.salts[1],
+                expected.next_frame,
+                expected.cycle.map_or("no log".to_owned(), |c| format!(
+                    "salts {}/{}",
+                    c.salts[0], c.salts[1]
+                ))
+            ));
+        }
         let bytes = archive
             .read(chunk, decryption)
             .await
@@ -1071,6 +1130,11 @@ pub async fn restore(
         sqlite_wal::apply_frames(&mut file, cycle.page_size, frames)
             .map_err(|e| format!("writing {}: {e}", into.display()))?;
         at += wanted;
+        expected = Continuation {
+            cycle: Some(cycle),
+            next_frame: first + checked.count,
+            chain: checked.chain,
+        };
     }
     if at != target_frame {
         return Err(format!(
@@ -1087,6 +1151,29 @@ pub async fn restore(
     tokio::task::spawn_blocking(move || integrity_check(&path))
         .await
         .map_err(|e| e.to_string())?
+}
+
+/// Where a replay stands in the log: what the next chunk must continue.
+struct Continuation {
+    cycle: Option<WalHeader>,
+    next_frame: u32,
+    chain: Checksum,
+}
+
+impl Continuation {
+    /// Whether a chunk of `cycle` (its `checksum` the chain its first frame continues)
+    /// starting at frame `first` goes on from here: the next frame of this cycle, or
+    /// the first frame of the next cycle (first salt one higher), or of the first
+    /// cycle after a snapshot taken with no log.
+    fn continued_by(&self, cycle: &WalHeader, first: u32) -> bool {
+        match &self.cycle {
+            Some(now) if now.same_cycle(cycle) => {
+                first == self.next_frame && cycle.checksum == self.chain
+            }
+            Some(now) => first == 1 && cycle.salts[0] == now.salts[0].wrapping_add(1),
+            None => first == 1,
+        }
+    }
 }
 
 fn integrity_check(path: &Path) -> Result<(), String> {

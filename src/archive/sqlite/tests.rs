@@ -286,6 +286,43 @@ async fn every_cut_under_load_restores_exactly_across_restarts_of_the_log() {
         error.contains(&stored.record().name) && error.contains("damaged"),
         "{error}"
     );
+
+    // Negative control: a whole chunk of a chain that does not go on from the one
+    // before it (here: its record says it starts one frame later) is refused.
+    let mut details = chunk.details.clone();
+    let first: u32 = details["first_frame"].parse().unwrap();
+    details.insert("first_frame".to_owned(), (first + 1).to_string());
+    let stray = NewChunk {
+        name: format!("{}-stray", chunk.name),
+        kind: chunk.kind,
+        timeline: None,
+        start: chunk.start.clone(),
+        end: chunk.end.clone(),
+        segment_size: chunk.segment_size,
+        details,
+    };
+    let bytes = fixture
+        .archive
+        .read(&chunk, &Decryption::None)
+        .await
+        .unwrap();
+    let stored = fixture
+        .archive
+        .push(stray, ChunkContent::Bytes(bytes.into()))
+        .await
+        .unwrap();
+    chunks[1] = stored.record().clone();
+    let error = restore(
+        &fixture.archive,
+        &bases[0],
+        &chunks,
+        last,
+        &Decryption::None,
+        &fixture.dir.path().join("stray.db"),
+    )
+    .await
+    .unwrap_err();
+    assert!(error.contains("another chain"), "{error}");
 }
 
 /// A byte inside the first frame's page (past its 24-byte header).
@@ -417,6 +454,29 @@ async fn a_file_put_in_place_of_the_database_starts_a_new_generation() {
     let got = restored(&fixture, &at, "new.db").await.unwrap();
     assert_eq!(got, new.1);
     assert!(got.starts_with("2 rows"), "{got}");
+}
+
+/// Two archivers of one database (two operators, or `serve` beside `archive`) would
+/// write two chains: the second is refused, naming the fix, while the first runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_archiver_of_the_same_database_is_refused() {
+    let fixture = fixture();
+    let running = start(config(&fixture), &fixture.archive);
+    let mut status = running.archiver.status();
+    status.wait_for(|s| s.streaming).await.unwrap();
+    let second = SqliteArchiver::new(config(&fixture), fixture.archive.clone());
+    let error = second
+        .run(&CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("another archiver is archiving"), "{error}");
+    running.stop().await;
+    // Once the first has stopped, the lock is free again.
+    let again = start(config(&fixture), &fixture.archive);
+    let mut status = again.archiver.status();
+    status.wait_for(|s| s.streaming).await.unwrap();
+    again.stop().await;
 }
 
 /// A database in rollback-journal mode has no log: the archiver says so and how to
