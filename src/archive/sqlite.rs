@@ -95,7 +95,6 @@ pub struct SqliteArchiverStatus {
     pub log_position: Option<Position>,
     /// Committed bytes of the log not in the archive at the last look.
     pub pending_bytes: Option<u64>,
-    pub generation: Option<u64>,
     /// Snapshots stored by this archiver (a new generation, or the interval).
     pub snapshots: u64,
     pub last_chunk: Option<String>,
@@ -230,7 +229,6 @@ impl SqliteArchiver {
         );
         self.status.send_modify(|status| {
             status.streaming = true;
-            status.generation = Some(cursor.generation);
             status.archived_to = Some(cursor.at());
             status.log_position = Some(cursor.at());
         });
@@ -449,7 +447,6 @@ impl SqliteArchiver {
         base::write_record(storage, &record).await?;
         self.status.send_modify(|status| {
             status.snapshots += 1;
-            status.generation = Some(cursor.generation);
             status.archived_to = Some(cursor.at());
             status.log_position = Some(cursor.at());
         });
