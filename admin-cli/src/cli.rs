@@ -104,8 +104,9 @@ pub enum Command {
     /// archive replayed to a backup's restore point, LSN or mid-time.
     #[command(after_help = exit::HELP)]
     Pitr(PitrArgs),
-    /// Stream the WAL of the runbook's PostgreSQL databases with `archive = true`
-    /// (or --database) into the storage, continuously, until SIGINT/SIGTERM.
+    /// Stream the log of the runbook's databases with `archive = true` (or
+    /// --database) into the storage, continuously, until SIGINT/SIGTERM: PostgreSQL's
+    /// WAL, MariaDB's binlog, SQLite's WAL frames (and its snapshots).
     #[command(after_help = exit::HELP)]
     Archive(ArchiveArgs),
     /// Show each archive's chunks, coverage (from, to) and gaps; exit 6 if one has a

@@ -40,7 +40,7 @@ pub struct PointArgs {
     /// before giving up (no point is written then).
     #[arg(long, default_value = "30s", value_parser = duration, value_name = "DURATION")]
     pub wait: Duration,
-    /// Also count rows per table in each PostgreSQL or MariaDB marker's snapshot (a
+    /// Also count rows per table in each PostgreSQL, MariaDB or SQLite marker's snapshot (a
     /// scan of every table, after the release); restores and drills of the point then
     /// check them.
     #[arg(long, conflicts_with = "server")]
@@ -175,8 +175,9 @@ pub async fn base_backup(args: &BaseBackupArgs) -> Result<u8, Failure> {
     };
     if names.is_empty() {
         return Err(usage(
-            "the runbook has no PostgreSQL or MariaDB database with `archive = true`; name \
-             one with --database, or give --to DIR for a local base backup",
+            "the runbook has no PostgreSQL or MariaDB database with `archive = true` (a SQLite \
+             one's archiver takes its own base backups); name one with --database, or give \
+             --to DIR for a local base backup",
         ));
     }
     let mut records = Vec::new();
@@ -529,7 +530,12 @@ fn point_targets(
         // plain directory.
         if adapter == "sqlite" {
             let file = match (named.get(name), plain_dir) {
-                (Some(file), _) => PathBuf::from(file),
+                // `sqlite:PATH` (as ledger-node and drill checks write it) is PATH.
+                (Some(file), _) => PathBuf::from(
+                    file.strip_prefix("sqlite://")
+                        .or_else(|| file.strip_prefix("sqlite:"))
+                        .unwrap_or(file),
+                ),
                 (None, Some(dir)) => Path::new(dir).join(format!("{name}.sqlite")),
                 (None, None) => {
                     return Err(format!(

@@ -43,8 +43,9 @@ pub struct RestoreArgs {
     /// Where to: a new SQLite file path, or the URL of an empty PostgreSQL or MariaDB
     /// database (postgres://…, mysql://…). For --point: a new data directory for a
     /// PostgreSQL database (DIR/<database> for several), the URL of a new, empty
-    /// database for a MariaDB one; given once per database as NAME=TARGET when the
-    /// point has both (`--to ledger=/srv/ledger --to auditor=mysql://…/auditor_new`).
+    /// database for a MariaDB one, a new file for a SQLite one (DIR/<database>.sqlite
+    /// for a plain DIR); given once per database as NAME=TARGET when the point has
+    /// several (`--to ledger=/srv/ledger --to auditor=mysql://…/auditor_new`).
     #[arg(long, value_name = "TARGET", required = true, action = clap::ArgAction::Append)]
     pub to: Vec<String>,
     /// --point: give up if replay has not reached the point by then.

@@ -213,12 +213,12 @@ impl SqliteArchiver {
     async fn session(&self, cancel: &CancellationToken) -> Result<Ended, ArchiveError> {
         let config = self.config.clone();
         let log = blocking(&self.config.database, move || Log::open(&config)).await?;
-        let (resumed, log) = self.resume(log).await?;
+        let (resumed, newest, log) = self.resume(log).await?;
         let (mut cursor, mut log) = match resumed {
             Some(cursor) => (cursor, log),
             None => {
                 let reason = "the archive holds no chain this database's log continues";
-                self.new_generation(log, reason).await?
+                self.new_generation(log, newest, reason).await?
             }
         };
         tracing::info!(
@@ -290,8 +290,12 @@ impl SqliteArchiver {
                 self.push(cursor, frames).await?;
                 Ok(log)
             }
+            // One archiver per database (its lock): the cursor's generation is the
+            // newest.
             Look::Changed(reason) => {
-                let (fresh, log) = self.new_generation(log, &reason).await?;
+                let (fresh, log) = self
+                    .new_generation(log, Some(cursor.generation), &reason)
+                    .await?;
                 *cursor = fresh;
                 Ok(log)
             }
@@ -299,7 +303,9 @@ impl SqliteArchiver {
                 drop(log);
                 let config = self.config.clone();
                 let log = blocking(&self.config.database, move || Log::open(&config)).await?;
-                let (fresh, log) = self.new_generation(log, &reason).await?;
+                let (fresh, log) = self
+                    .new_generation(log, Some(cursor.generation), &reason)
+                    .await?;
                 *cursor = fresh;
                 Ok(log)
             }
@@ -308,23 +314,31 @@ impl SqliteArchiver {
 
     /// The cursor the archive's newest chain ends at, when the log still continues it
     /// (the archiver was stopped and the log went on in the same cycle).
-    async fn resume(&self, log: Log) -> Result<(Option<Cursor>, Log), ArchiveError> {
+    /// Also the newest generation stored (read once: a catalog of many chunks takes a
+    /// while to read).
+    async fn resume(&self, log: Log) -> Result<(Option<Cursor>, Option<u64>, Log), ArchiveError> {
         let catalog = self.archive.catalog().await?;
         let (bases, _) = base::list(self.archive.storage(), &self.config.database).await?;
+        let newest = newest_generation(&catalog, &bases);
         let Some(stored) = stored_cursor(&catalog, &bases) else {
-            return Ok((None, log));
+            return Ok((None, newest, log));
         };
         blocking(&self.config.database, move || {
             let continues = log.continues(&stored)?.then_some(stored);
-            Ok((continues, log))
+            Ok((continues, newest, log))
         })
         .await
     }
 
-    /// A new generation: a snapshot under the write lock, stored as a base backup at
-    /// `(generation, 0)`.
-    async fn new_generation(&self, log: Log, reason: &str) -> Result<(Cursor, Log), ArchiveError> {
-        let generation = newest_generation(&self.archive).await?.map_or(1, |g| g + 1);
+    /// A new generation after `newest`: a snapshot under the write lock, stored as a
+    /// base backup at `(generation, 0)`.
+    async fn new_generation(
+        &self,
+        log: Log,
+        newest: Option<u64>,
+        reason: &str,
+    ) -> Result<(Cursor, Log), ArchiveError> {
+        let generation = newest.map_or(1, |g| g + 1);
         tracing::info!(
             database = %self.config.database,
             generation,
@@ -816,15 +830,13 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// The newest generation the archive or its bases have.
-async fn newest_generation(archive: &Archive) -> Result<Option<u64>, ArchiveError> {
-    let catalog = archive.catalog().await?;
-    let (bases, _) = base::list(archive.storage(), archive.database()).await?;
+fn newest_generation(catalog: &Catalog, bases: &[BaseRecord]) -> Option<u64> {
     let chunks = catalog.chunks.iter().filter_map(|c| c.start.as_ref());
     let snapshots = bases.iter().map(|b| &b.start);
-    Ok(chunks
+    chunks
         .chain(snapshots)
         .filter_map(Position::sqlite_generation)
-        .max())
+        .max()
 }
 
 /// The cursor at the end of the newest generation's chain: its last chunk, or its

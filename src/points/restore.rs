@@ -578,7 +578,17 @@ async fn restore_sqlite(
         () = cancel.cancelled() => Err(format!("stopped while restoring {name}")),
     };
     let compared = match rebuilt {
-        Ok(()) => compare_sqlite_rows(request.point, name, &beside).await,
+        Ok(()) => {
+            let compared = compare_sqlite_rows(request.point, name, &beside).await;
+            // The checks opened the file in WAL mode: their empty -wal and -shm files
+            // stay beside it, not in the restored database's place.
+            for suffix in ["-wal", "-shm"] {
+                let mut side = beside.clone().into_os_string();
+                side.push(suffix);
+                let _ = std::fs::remove_file(side);
+            }
+            compared
+        }
         Err(error) => Err(PointRestoreError::Replay(format!(
             "database {name}: rebuilding it from base backup {}: {error}",
             needed.base.id
