@@ -1,10 +1,15 @@
 //! `stillpoint demo`: the README's first command. Starts a local reference cluster (3
 //! ledger nodes sharing one SQLite ledger database, 1 auditor with its own) as real
 //! `ledger-node` processes under load, backs it up (one pause, both databases cut
-//! inside it, copies through zstd + age into a local directory), and ends with a
-//! drill: both copies restored into scratch files and the ledger's invariants checked
-//! across the pair (balances, hash chain, ledger = auditor). It also checks that
-//! nothing committed inside the window, prints a short report and cleans up.
+//! inside it, copies through zstd + age into a local directory), and drills the
+//! backup: both copies restored into scratch files and the ledger's invariants checked
+//! across the pair (balances, hash chain, ledger = auditor). Then, under the same
+//! load, the cluster goes continuous ([`points`]): both SQLite logs archived frame by
+//! frame, a point every 2 s, and two points rebuilt and checked. It also checks that
+//! nothing committed inside the backup's window, prints a short report with the
+//! points' timeline and cleans up.
+
+mod points;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -26,6 +31,8 @@ use crate::args::{OutputFormat, duration};
 use crate::backup::human_bytes;
 use crate::exit::{self, Failure};
 use crate::output::{print_json, render_text};
+
+use self::points::{ArchiverTasks, PointsReport};
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
@@ -53,28 +60,36 @@ struct DemoReport {
     drill: DrillReport,
     /// `ledger-node check` of the live databases: nothing committed inside the window.
     live_check: serde_json::Value,
+    /// The continuous part: archivers, points under load, two of them drilled.
+    points: PointsReport,
     elapsed_ms: u64,
 }
 
 /// Runs the demo until it ends or a signal (Ctrl-C, SIGTERM) arrives. On a signal the
-/// demo's future is dropped: its `Children` stop every process it started and its
-/// scratch directory is removed. The cluster is the demo's own, so nothing is left paused.
+/// demo's future is dropped: its `Children` stop every process it started. The
+/// archivers are tasks of their own, so they are stopped and awaited here, and only
+/// then is the scratch directory they write into removed. The cluster is the demo's
+/// own, so nothing is left paused.
 pub async fn demo(args: DemoArgs) -> Result<u8, Failure> {
-    tokio::select! {
-        result = run(args) => result,
+    let dir = tempfile::tempdir().context("creating a scratch directory")?;
+    let archivers = ArchiverTasks::default();
+    let result = tokio::select! {
+        result = run(args, dir.path(), &archivers) => result,
         () = crate::signal::shutdown_signal() => Err(Failure::new(
             exit::ERROR,
-            anyhow::anyhow!("interrupted: the demo's nodes and load were stopped and its scratch directory removed"),
+            anyhow::anyhow!("interrupted: the demo's nodes, load and archivers were stopped and its scratch directory removed"),
         )),
-    }
+    };
+    archivers.stop().await;
+    drop(dir);
+    result
 }
 
-async fn run(args: DemoArgs) -> Result<u8, Failure> {
+async fn run(args: DemoArgs, dir: &Path, archivers: &ArchiverTasks) -> Result<u8, Failure> {
     let started = Instant::now();
     let ledger_node = sibling_binary("ledger-node")?;
-    let dir = tempfile::tempdir().context("creating a scratch directory")?;
-    let ledger_path = dir.path().join("ledger.db");
-    let auditor_path = dir.path().join("auditor.db");
+    let ledger_path = dir.join("ledger.db");
+    let auditor_path = dir.join("auditor.db");
     let ledger_db = format!("sqlite:{}", ledger_path.display());
     let auditor_db = format!("sqlite:{}", auditor_path.display());
     let say = |line: &str| {
@@ -127,20 +142,23 @@ async fn run(args: DemoArgs) -> Result<u8, Failure> {
 
     say("backing up: pause ledgers then auditor, cut both databases, unpause, copy …");
     let key = age::x25519::Identity::generate();
-    let key_file = dir.path().join("age-key.txt");
+    let key_file = dir.join("age-key.txt");
     std::fs::write(&key_file, key.to_string().expose_secret())
         .context("writing the demo's age key")?;
-    let storage_dir = dir.path().join("backups");
+    let storage_dir = dir.join("backups");
     std::fs::create_dir_all(&storage_dir)?;
-    let runbook = demo_runbook(
-        &ledgers,
-        &auditor,
-        &args,
-        [&ledger_path, &auditor_path],
-        &key,
-        &key_file,
-        &storage_dir,
-    )?;
+    let inputs = RunbookInputs {
+        ledgers: &ledgers,
+        auditor: &auditor,
+        hold_for: args.hold_for,
+        ledger_path: &ledger_path,
+        auditor_path: &auditor_path,
+        key: &key,
+        key_file: &key_file,
+        storage: &storage_dir,
+        scratch: dir,
+    };
+    let runbook = inputs.runbook(None)?;
     let held_before = held_total(&ledgers).await;
     let backup_started = Instant::now();
     let manifest = backup::run(&runbook, Arc::new(|_| {}))
@@ -149,11 +167,6 @@ async fn run(args: DemoArgs) -> Result<u8, Failure> {
     let backup_ms = backup_started.elapsed().as_millis() as u64;
     let requests_held = held_total(&ledgers).await.saturating_sub(held_before);
     let window = manifest.window.clone();
-
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let load = children.stop_with_output(load)?;
-    let load: serde_json::Value =
-        serde_json::from_slice(&load).context("reading the load report")?;
 
     say("drill: restoring both copies into scratch files and checking them …");
     let storage = Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)?;
@@ -170,7 +183,14 @@ async fn run(args: DemoArgs) -> Result<u8, Failure> {
     .await
     .map_err(|error| Failure::new(exit::BACKUP_FAILED, error))?;
 
-    say("checking that nothing committed inside the window …");
+    // The same cluster, under the same load, goes continuous.
+    let continuous = inputs.runbook(Some(&ledger_node))?;
+    let points = points::run(&continuous, archivers, &say).await?;
+    let load = children.stop_with_output(load)?;
+    let load: serde_json::Value =
+        serde_json::from_slice(&load).context("reading the load report")?;
+
+    say("checking that nothing committed inside the backup's window …");
     let check = |ledger: &str, auditor: &str, (start, end): (i64, i64)| {
         let output = Command::new(&ledger_node)
             .args([
@@ -199,7 +219,11 @@ async fn run(args: DemoArgs) -> Result<u8, Failure> {
     );
     let live_check = check(&ledger_db, &auditor_db, bounds)?;
 
-    let ok = window.window_valid && load["failed"] == 0 && drill.ok && live_check["ok"] == true;
+    let ok = window.window_valid
+        && load["failed"] == 0
+        && drill.ok
+        && live_check["ok"] == true
+        && points.ok;
     let report = DemoReport {
         ok,
         backup_id: manifest.backup_id.clone(),
@@ -213,6 +237,7 @@ async fn run(args: DemoArgs) -> Result<u8, Failure> {
         load,
         drill,
         live_check,
+        points,
         elapsed_ms: started.elapsed().as_millis() as u64,
     };
     match args.output {
@@ -251,23 +276,62 @@ left = { database = "ledger", sql = "SELECT tx_id, hash FROM ledger" }
 right = { database = "auditor", sql = "SELECT tx_id, hash FROM audit" }
 "#;
 
-/// The runbook an operator would write for this cluster.
-fn demo_runbook(
-    ledgers: &[NodeAddress],
-    auditor: &NodeAddress,
-    args: &DemoArgs,
-    [ledger_path, auditor_path]: [&Path; 2],
-    key: &age::x25519::Identity,
-    key_file: &Path,
-    storage: &Path,
-) -> anyhow::Result<Runbook> {
-    let quoted = ledgers
-        .iter()
-        .map(|address| format!("\"{address}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let text = format!(
-        r#"cluster = "demo"
+/// What the demo's runbooks are written from.
+struct RunbookInputs<'a> {
+    ledgers: &'a [NodeAddress],
+    auditor: &'a NodeAddress,
+    hold_for: Duration,
+    ledger_path: &'a Path,
+    auditor_path: &'a Path,
+    key: &'a age::x25519::Identity,
+    key_file: &'a Path,
+    storage: &'a Path,
+    /// The demo's scratch directory: drills and the archivers' spool go there.
+    scratch: &'a Path,
+}
+
+impl RunbookInputs<'_> {
+    /// The runbook an operator would write for this cluster. With `ledger_node`, the
+    /// same cluster archived continuously for points: both SQLite databases with
+    /// `archive = true`, their logs read every 100 ms, and the drill check that a
+    /// point's rebuilt files pass `ledger-node check` (the drill replaces
+    /// `{ledger}` and `{auditor}` with the rebuilt files' paths).
+    fn runbook(&self, ledger_node: Option<&Path>) -> anyhow::Result<Runbook> {
+        let quoted = self
+            .ledgers
+            .iter()
+            .map(|address| format!("\"{address}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (archived, archiving) = match ledger_node {
+            None => ("", String::new()),
+            Some(ledger_node) => (
+                "archive = true\n",
+                format!(
+                    r#"
+[archive]
+chunk_interval = "{chunk_interval}"
+spool_dir = "{spool}"
+
+[[drill.checks]]
+name = "ledger_node_check"
+command = ["{ledger_node}", "check", "--ledger-db", "sqlite:{{ledger}}", "--auditor-db", "sqlite:{{auditor}}"]
+"#,
+                    chunk_interval = points::CHUNK_INTERVAL,
+                    spool = self.scratch.join("spool").display(),
+                    ledger_node = ledger_node.display(),
+                ),
+            ),
+        };
+        // The backup's drill runs the SQL checks; a point's, `ledger-node check`,
+        // which recomputes every hash the SQL checks only follow.
+        let checks = if ledger_node.is_none() {
+            DEMO_CHECKS
+        } else {
+            ""
+        };
+        let text = format!(
+            r#"cluster = "demo"
 [pause]
 tiers = [{{ addresses = [{quoted}] }}, {{ addresses = ["{auditor}"] }}]
 lease = "30s"
@@ -279,13 +343,13 @@ name = "ledger"
 role = "ledger"
 adapter = "sqlite"
 path = "{ledger}"
-
+{archived}
 [[databases]]
 name = "auditor"
 role = "auditor"
 adapter = "sqlite"
 path = "{auditor_db}"
-
+{archived}
 [pipeline]
 zstd_level = 3
 age_recipients = ["{recipient}"]
@@ -293,17 +357,22 @@ age_identity_file = "{key_file}"
 
 [storage]
 url = "file://{storage}"
-{checks}"#,
-        hold = args.hold_for.as_millis(),
-        ledger = ledger_path.display(),
-        auditor_db = auditor_path.display(),
-        recipient = key.to_public(),
-        key_file = key_file.display(),
-        storage = storage.display(),
-        checks = DEMO_CHECKS,
-    );
-    Runbook::parse(&text, Path::new("."))
-        .map_err(|error| anyhow::anyhow!("the demo's runbook is invalid: {error}"))
+
+[drill]
+scratch_dir = "{scratch}"
+{archiving}{checks}"#,
+            auditor = self.auditor,
+            hold = self.hold_for.as_millis(),
+            ledger = self.ledger_path.display(),
+            auditor_db = self.auditor_path.display(),
+            recipient = self.key.to_public(),
+            key_file = self.key_file.display(),
+            storage = self.storage.display(),
+            scratch = self.scratch.display(),
+        );
+        Runbook::parse(&text, Path::new("."))
+            .map_err(|error| anyhow::anyhow!("the demo's runbook is invalid: {error}"))
+    }
 }
 
 fn print_text(report: &DemoReport) {
@@ -342,6 +411,7 @@ fn print_text(report: &DemoReport) {
             check["detail"].as_str().unwrap_or("")
         );
     }
+    points::print_text(&report.points);
     crate::outln!(
         "{} in {:.1}s",
         if report.ok {

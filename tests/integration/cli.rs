@@ -137,7 +137,8 @@ fn unreachable_node_fails_the_pause_cleanly() {
 }
 
 /// The README's first command, run as a user would (JSON, to read the verdict): a
-/// backup of a live cluster, then a drill of it whose checks all pass.
+/// backup of a live cluster, then a drill of it whose checks all pass; then, under the
+/// same load, points every 2 s on the archived SQLite files, two of them drilled.
 #[test]
 fn demo_backs_up_and_drills_a_local_cluster() {
     let (code, report) = crate::util::run_json("stillpoint", &["demo", "--output", "json"]);
@@ -177,6 +178,65 @@ fn demo_backs_up_and_drills_a_local_cluster() {
         "something committed inside the window"
     );
     assert!(report["stored_bytes"].as_u64().unwrap() > 0);
+
+    // Then the same cluster goes continuous: both SQLite logs archived, a point every
+    // 2 s under load, every one taken, and two of them (one at random, the newest)
+    // rebuilt into scratch files where `ledger-node check` passes and the rows equal
+    // those counted inside each point's pause.
+    let points = &report["points"];
+    assert_eq!(points["ok"], true, "{points:#}");
+    assert_eq!(points["failed"], 0, "{points:#}");
+    let timeline = points["timeline"].as_array().unwrap();
+    let taken: Vec<&str> = timeline
+        .iter()
+        .filter(|point| point["ok"] == true)
+        .map(|point| point["point_id"].as_str().unwrap())
+        .collect();
+    assert!(taken.len() >= 5, "{points:#}");
+    assert_eq!(points["taken"], taken.len());
+    for point in timeline {
+        assert!(point["window_ms"].as_i64().unwrap() > 0, "{point}");
+        assert!(point["wait_ms"].is_u64(), "{point}");
+    }
+    // Each archiver's backlog when a point was asked for (none before its first look).
+    assert!(
+        timeline
+            .iter()
+            .any(|point| point["lag_bytes"]["ledger"].is_u64()
+                && point["lag_bytes"]["auditor"].is_u64()),
+        "{points:#}"
+    );
+    let drills = points["drills"].as_array().unwrap();
+    let picks: Vec<&str> = drills.iter().map(|d| d["pick"].as_str().unwrap()).collect();
+    assert_eq!(picks, ["random", "newest"]);
+    assert_eq!(drills[1]["point_id"], *taken.last().unwrap());
+    assert!(taken[..taken.len() - 1].contains(&drills[0]["point_id"].as_str().unwrap()));
+    for drill in drills {
+        assert_eq!(drill["ok"], true, "{drill:#}");
+        assert_eq!(drill["row_counts_compared"], true, "{drill:#}");
+        assert!(drill["restore_ms"].is_u64(), "{drill:#}");
+        let checks = drill["checks"].as_array().unwrap();
+        for name in [
+            "ledger_node_check",
+            "restore:ledger",
+            "restore:auditor",
+            "row_counts:ledger",
+            "row_counts:auditor",
+        ] {
+            let check = checks.iter().find(|c| c["name"] == name);
+            assert!(
+                check.is_some_and(|c| c["ok"] == true),
+                "{name} in {drill:#}"
+            );
+        }
+    }
+    for archiver in points["archivers"].as_array().unwrap() {
+        assert!(archiver["error"].is_null(), "{archiver}");
+        assert!(
+            archiver["chunks_stored"].as_u64().unwrap() > 0,
+            "{archiver}"
+        );
+    }
 }
 
 /// SIGTERM to the demo (a closed terminal, `timeout`) while its cluster serves load:
@@ -184,6 +244,20 @@ fn demo_backs_up_and_drills_a_local_cluster() {
 /// and reaped, and its scratch directory removed, before it exits 1.
 #[test]
 fn a_demo_stopped_by_sigterm_leaves_no_process_and_no_directory() {
+    // Printed once the load generator runs.
+    stop_demo_with_sigterm_at("backing up");
+}
+
+/// The same while its archivers (tasks in the demo's process) write into its scratch
+/// directory and points are taken: they are stopped before the directory is removed.
+#[test]
+fn a_demo_stopped_by_sigterm_while_taking_points_leaves_nothing() {
+    stop_demo_with_sigterm_at("taking a point every");
+}
+
+/// Starts `stillpoint demo`, sends it SIGTERM once it prints `line`, and checks that
+/// no process it started and nothing in its temporary directory is left.
+fn stop_demo_with_sigterm_at(line: &str) {
     let scratch = tempfile::tempdir().unwrap();
     let tmp = scratch.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
@@ -210,8 +284,7 @@ fn a_demo_stopped_by_sigterm_leaves_no_process_and_no_directory() {
         }
     });
     let mut demo = crate::util::Process::new(child, "stillpoint demo".to_owned());
-    // Printed once the load generator runs.
-    crate::util::wait_for_line(&lines, "backing up", std::time::Duration::from_secs(60));
+    crate::util::wait_for_line(&lines, line, std::time::Duration::from_secs(60));
     // A process's children are listed per thread that started them.
     let children: std::collections::BTreeSet<u32> =
         std::fs::read_dir(format!("/proc/{}/task", demo.pid()))
