@@ -330,7 +330,11 @@ fn a_restored_sqlite_point_equals_a_copy_taken_inside_its_pause() {
     for id in &ids {
         for database in ["ledger", "auditor"] {
             let file = restored.join(format!("{id}-{database}.db"));
-            let target = format!("{database}={}", file.display());
+            // `sqlite:PATH`, as ledger-node writes it, names the file too.
+            let target = match database {
+                "ledger" => format!("{database}={}", file.display()),
+                _ => format!("{database}=sqlite:{}", file.display()),
+            };
             let (code, report) = stillpoint_json(&[
                 "restore",
                 "--config",
@@ -353,6 +357,14 @@ fn a_restored_sqlite_point_equals_a_copy_taken_inside_its_pause() {
             );
         }
     }
+    // Only the restored files: nothing the checks opened is left beside them.
+    let mut left: Vec<String> = std::fs::read_dir(&restored)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left.len(), ids.len() * 2, "{left:?}");
+    assert!(left.iter().all(|name| name.ends_with(".db")), "{left:?}");
     let (first, last) = (&ids[0], &ids[2]);
     assert_ne!(
         content(&restored.join(format!("{last}-ledger.db"))),
