@@ -984,16 +984,16 @@ pub fn position_of(
 }
 
 /// Why the archive will never hold a marker it does not hold now: a snapshot of the
-/// marker's cycle taken after it began a generation past it (the archiver started,
-/// or started again, after the point's pause).
+/// marker's cycle that began a generation past it (the archiver started, or started
+/// again, after the point's pause). A snapshot within a generation says nothing: the
+/// frames before it were pushed first.
 pub fn never_archived(marker: &BTreeMap<String, String>, bases: &[BaseRecord]) -> Option<String> {
     let frame: u32 = marker.get("frame")?.parse().ok()?;
     let salts = ["salt1", "salt2"].map(|key| marker.get(key));
     bases
         .iter()
-        .filter(|b| {
-            b.kind == SNAPSHOT_KIND && ["salt1", "salt2"].map(|k| b.details.get(k)) == salts
-        })
+        .filter(|b| b.kind == SNAPSHOT_KIND && b.start.starts_generation())
+        .filter(|b| ["salt1", "salt2"].map(|k| b.details.get(k)) == salts)
         .filter_map(|b| Some((b, b.details.get("frame")?.parse::<u32>().ok()?)))
         .find(|(_, snapshot_frame)| *snapshot_frame > frame)
         .map(|(b, snapshot_frame)| {

@@ -857,6 +857,16 @@ async fn restorable(
     let mut bases = bases.to_vec();
     let mut gap_reads = 0;
     loop {
+        if fixed_target.is_none() {
+            // A snapshot taken since the prepare may be where the marker lies (a new
+            // generation began). Listed before the catalog is read: the archiver
+            // stores a snapshot after the chunks before it, so the catalog read next
+            // holds every chunk a snapshot listed here followed.
+            bases = base::list(archive.storage(), name)
+                .await
+                .map_err(|error| format!("database {name}: {error}"))?
+                .0;
+        }
         let catalog = archive
             .catalog()
             .await
@@ -864,12 +874,6 @@ async fn restorable(
         let target = match &fixed_target {
             Some(target) => target.clone(),
             None => {
-                // A snapshot taken since the prepare may be where the marker lies (a
-                // new generation began).
-                bases = base::list(archive.storage(), name)
-                    .await
-                    .map_err(|error| format!("database {name}: {error}"))?
-                    .0;
                 let position =
                     crate::archive::sqlite::position_of(&entry.marker.details, &catalog, &bases);
                 let never =
