@@ -572,9 +572,12 @@ async fn a_truncate_right_after_the_release_fails_the_copy_or_waits_for_it() {
     );
 
     // Once pg_dump holds its locks, a TRUNCATE waits for the copy, which has the rows.
+    // More rows than a pipe holds: pg_dump blocks on its output, still holding its
+    // locks, until the copy is read (with 10 rows it could finish and let them go
+    // between two looks at pg_locks, and the wait below never saw them).
     pg.psql(
         &db,
-        "INSERT INTO audit SELECT g, 'note ' || g FROM generate_series(1, 10) g",
+        "INSERT INTO audit SELECT g, 'note ' || g FROM generate_series(1, 20000) g",
     );
     let mut prepared = adapter.prepare().await.unwrap();
     prepared.cut("b-2").await.unwrap();
@@ -596,9 +599,9 @@ async fn a_truncate_right_after_the_release_fails_the_copy_or_waits_for_it() {
     let finished = copy.finished.await;
     truncate.join().unwrap();
     let counts = finished.unwrap().row_counts.unwrap();
-    assert_eq!(counts["public.audit"], 10, "{counts:?}");
+    assert_eq!(counts["public.audit"], 20000, "{counts:?}");
     let restored = restore_into_new(&adapter, &*pg, "truncate_restored", bytes).await;
-    assert_eq!(pg.psql(&restored, "SELECT count(*) FROM audit"), "10");
+    assert_eq!(pg.psql(&restored, "SELECT count(*) FROM audit"), "20000");
     assert_eq!(
         pg.psql(&db, "SELECT count(*) FROM audit"),
         "0",
