@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use stillpoint::archive::{Archive, Catalog, ChunkKind, Lsn, Position};
+use stillpoint::archive::{Archive, Catalog, ChunkKind, ChunkRecord, Lsn, Position};
 use stillpoint::pipeline::PipelineSettings;
 use stillpoint::storage::Storage;
 use stillpoint_testkit::{Postgres, PostgresOptions, free_port};
@@ -201,10 +201,34 @@ fn assert_seamless(catalog: &Catalog) {
             pair[0].name, pair[1].name
         );
     }
-    let mut segments: Vec<&str> = catalog.chunks.iter().map(|c| &c.name[..24]).collect();
-    let count = segments.len();
-    segments.dedup();
-    assert_eq!(segments.len(), count, "a segment is archived twice");
+    // Each whole segment once. The growing segment may be in several pieces (each
+    // continuing the one before, as checked above); no other segment is.
+    let segment = |chunk: &ChunkRecord| chunk.name[..24].to_owned();
+    let mut whole: Vec<String> = catalog
+        .chunks
+        .iter()
+        .filter(|chunk| chunk.kind == ChunkKind::PgWalSegment)
+        .map(segment)
+        .collect();
+    let count = whole.len();
+    whole.dedup();
+    assert_eq!(whole.len(), count, "a segment is archived twice");
+    let newest = catalog.chunks.last().map(segment);
+    for chunk in &catalog.chunks {
+        if chunk.kind == ChunkKind::PgWalPartial {
+            assert_eq!(
+                Some(segment(chunk)),
+                newest,
+                "{} is a piece of a segment before the newest",
+                chunk.name
+            );
+            assert!(
+                !whole.contains(&segment(chunk)),
+                "{} is also whole",
+                chunk.name
+            );
+        }
+    }
 }
 
 /// A load of about 1 MiB of WAL per statement, `statements` of them, committed one by
@@ -453,7 +477,83 @@ fn recover_with_wal_fetch(source: &Source, base: &Path, restore_point: &str) -> 
         bin("stillpoint").display(),
         source.config()
     );
-    let port = free_port();
+    if root {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&scratch)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let log_path = source.dir.path().join("scratch.log");
+    // The port free_port picked can be taken by another test's process before the
+    // server binds it; the server then exits before recovery began, and starts again
+    // on another port.
+    let mut attempts = 0;
+    let (server, port) = loop {
+        attempts += 1;
+        let port = free_port();
+        let mut server =
+            start_scratch_server(source, &scratch, &restore_command, restore_point, port);
+        let promoted = |server: &mut ScratchServer| -> Result<bool, String> {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            assert!(
+                !log.contains("FATAL:  recovery ended before"),
+                "recovery failed:\n{log}"
+            );
+            if server.process.has_exited() {
+                return Err(log);
+            }
+            Ok(scratch_psql(source, port, "SELECT pg_is_in_recovery()").as_deref() == Some("f"))
+        };
+        let mut exited = None;
+        wait_until(
+            Duration::from_secs(60),
+            "the scratch server to promote",
+            || match promoted(&mut server) {
+                Ok(promoted) => promoted,
+                Err(log) => {
+                    exited = Some(log);
+                    true
+                }
+            },
+        );
+        match exited {
+            None => break (server, port),
+            Some(log) if log.contains("could not bind") && attempts < 3 => {
+                eprintln!("scratch server: port {port} was taken; starting again");
+            }
+            Some(log) => panic!("the scratch server exited before it promoted:\n{log}"),
+        }
+    };
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains(&format!(
+            "recovery stopping at restore point \"{restore_point}\""
+        )),
+        "{log}"
+    );
+    // The restore point lies in the segment still being written: replay read it from
+    // the newest partial chunk, padded (wal-fetch says so on its stderr, in this log).
+    assert!(log.contains("served padded"), "{log}");
+    let rows = scratch_psql(source, port, "SELECT count(*) FROM items")
+        .unwrap()
+        .parse()
+        .unwrap();
+    drop(server);
+    rows
+}
+
+/// The scratch server on `scratch`, replaying with `restore_command` to
+/// `restore_point`, its stderr in `scratch.log`.
+fn start_scratch_server(
+    source: &Source,
+    scratch: &Path,
+    restore_command: &str,
+    restore_point: &str,
+    port: u16,
+) -> ScratchServer {
+    let root = stillpoint_testkit::running_as_root();
     let settings = [
         format!("port={port}"),
         "listen_addresses=127.0.0.1".to_owned(),
@@ -465,14 +565,6 @@ fn recover_with_wal_fetch(source: &Source, base: &Path, restore_point: &str) -> 
         "hot_standby=off".to_owned(),
         "logging_collector=off".to_owned(),
     ];
-    if root {
-        let status = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&scratch)
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
     let log = std::fs::File::create(source.dir.path().join("scratch.log")).unwrap();
     let postgres = source.postgres.bin_dir().join("postgres");
     let mut command = if root {
@@ -482,72 +574,50 @@ fn recover_with_wal_fetch(source: &Source, base: &Path, restore_point: &str) -> 
     } else {
         Command::new(&postgres)
     };
-    command.arg("-D").arg(&scratch);
+    command.arg("-D").arg(scratch);
     for setting in &settings {
         command.arg("-c").arg(setting);
     }
     let child = command
-        .current_dir(&scratch)
+        .current_dir(scratch)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .unwrap();
-    let server = ScratchServer {
-        _process: Process::new(child, "scratch postgres".to_owned()),
+    ScratchServer {
+        process: Process::new(child, "scratch postgres".to_owned()),
         pg_ctl: source.postgres.bin_dir().join("pg_ctl"),
-        data_dir: scratch.clone(),
+        data_dir: scratch.to_owned(),
         root,
-    };
-    let psql = |sql: &str| -> Option<String> {
-        let output = Command::new(source.postgres.bin_dir().join("psql"))
-            .args(["--no-psqlrc", "--tuples-only", "--no-align"])
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--username",
-                "postgres",
-                "--dbname",
-                "app",
-            ])
-            .arg("--port")
-            .arg(port.to_string())
-            .args(["--command", sql])
-            .output()
-            .ok()?;
-        output
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
-    };
-    let log_path = source.dir.path().join("scratch.log");
-    wait_until(
-        Duration::from_secs(60),
-        "the scratch server to promote",
-        || {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            assert!(
-                !log.contains("FATAL:  recovery ended before"),
-                "recovery failed:\n{log}"
-            );
-            psql("SELECT pg_is_in_recovery()").as_deref() == Some("f")
-        },
-    );
-    let log = std::fs::read_to_string(&log_path).unwrap();
-    assert!(
-        log.contains("recovery stopping at restore point \"after-restarts\""),
-        "{log}"
-    );
-    // The restore point lies in the segment still being written: replay read it from
-    // the newest partial chunk, padded (wal-fetch says so on its stderr, in this log).
-    assert!(log.contains("served padded"), "{log}");
-    let rows = psql("SELECT count(*) FROM items").unwrap().parse().unwrap();
-    drop(server);
-    rows
+    }
+}
+
+/// A query on the scratch server; `None` until it answers.
+fn scratch_psql(source: &Source, port: u16, sql: &str) -> Option<String> {
+    let output = Command::new(source.postgres.bin_dir().join("psql"))
+        .args(["--no-psqlrc", "--tuples-only", "--no-align"])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--username",
+            "postgres",
+            "--dbname",
+            "app",
+        ])
+        .arg("--port")
+        .arg(port.to_string())
+        .args(["--command", sql])
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
 struct ScratchServer {
-    _process: Process,
+    process: Process,
     pg_ctl: PathBuf,
     data_dir: PathBuf,
     root: bool,
