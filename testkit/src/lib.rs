@@ -28,7 +28,7 @@ mod postgres;
 mod process;
 
 pub use chromium::rendered_dom;
-pub use mariadb::MariaDb;
+pub use mariadb::{MariaDb, MariaDbOptions};
 pub use postgres::{Postgres, PostgresOptions};
 pub use process::{free_port, running_as_root, workspace_binary};
 

@@ -29,12 +29,24 @@ const SPEED_OPTIONS: &[&str] = &[
     "--skip-name-resolve",
 ];
 
+/// How a [`MariaDb`] is configured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MariaDbOptions {
+    /// Every commit written to the OS before it returns (InnoDB's log and the binlog),
+    /// so a killed server ([`MariaDb::kill`]) loses no committed transaction. Off, the
+    /// log is written once a second, and a killed server loses up to that second.
+    pub crash_safe: bool,
+}
+
 /// A running MariaDB server of its own, reachable as `mysql://root@127.0.0.1:{port}/{db}`
 /// without a password.
 #[derive(Debug)]
 pub struct MariaDb {
     port: u16,
     bin_dir: PathBuf,
+    /// `mariadbd`.
+    server: PathBuf,
+    options: MariaDbOptions,
     data_dir: PathBuf,
     child: Child,
     /// Dropped last, after the server has been killed, which removes everything.
@@ -45,6 +57,11 @@ impl MariaDb {
     /// Starts a server and returns once `root` can run `SELECT 1` over TCP; panics with
     /// the server log if it cannot within 30 s.
     pub fn start() -> MariaDb {
+        MariaDb::start_with(MariaDbOptions::default())
+    }
+
+    /// Starts a server with `options`; as [`MariaDb::start`] otherwise.
+    pub fn start_with(options: MariaDbOptions) -> MariaDb {
         let client = find_binary("mariadb", &[PathBuf::from("/usr/bin")])
             .unwrap_or_else(|| panic!("the mariadb client is not in PATH: {INSTALL_HINT}"));
         let bin_dir = client
@@ -58,9 +75,6 @@ impl MariaDb {
             &[PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")],
         )
         .unwrap_or_else(|| panic!("mariadbd is not in PATH nor /usr/sbin: {INSTALL_HINT}"));
-        // mariadbd refuses to run as root unless told to; the alternative, the `mysql`
-        // system user, would need the temp dir handed over as PostgreSQL does.
-        let user_args: &[&str] = if is_root() { &["--user=root"] } else { &[] };
 
         let dir = tempfile::Builder::new()
             .prefix("stillpoint-mariadb-")
@@ -83,7 +97,7 @@ impl MariaDb {
                 // other MariaDB processes (parallel tests, the system server) can
                 // remove them mid-install.
                 .arg(format!("--tmpdir={}", tmp_dir.display()))
-                .args(user_args)
+                .args(user_args())
                 .args(SPEED_OPTIONS)
                 .current_dir(dir.path()),
             "",
@@ -94,47 +108,7 @@ impl MariaDb {
         let mut attempt = 1;
         loop {
             let port = free_port();
-            // Created empty each attempt so that a retry's log shows only its own run.
-            File::create(&log_path)
-                .unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
-            let mut command = Command::new(&server);
-            command
-                .arg("--no-defaults")
-                .args(user_args)
-                .arg(format!("--datadir={}", data_dir.display()))
-                .arg(format!(
-                    "--socket={}",
-                    dir.path().join("mysqld.sock").display()
-                ))
-                .arg(format!(
-                    "--pid-file={}",
-                    dir.path().join("mysqld.pid").display()
-                ))
-                .arg(format!("--log-error={}", log_path.display()))
-                .arg(format!("--tmpdir={}", tmp_dir.display()))
-                .arg(format!("--port={port}"))
-                .arg("--bind-address=127.0.0.1")
-                // The binlog, in the data directory, is what point-in-time recovery and
-                // GTID positions need; row format records exact changes.
-                .arg("--log-bin=binlog")
-                .arg("--server-id=1")
-                .arg("--binlog-format=ROW")
-                .arg("--character-set-server=utf8mb4")
-                .arg("--collation-server=utf8mb4_general_ci")
-                .args(SPEED_OPTIONS)
-                .current_dir(dir.path())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            let mut child = command
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-            let ready = poll_until(READY_DEADLINE, || match child.try_wait() {
-                Ok(Some(status)) => Probe::Failed(format!("the server exited ({status})")),
-                Err(e) => Probe::Failed(format!("cannot watch the server process: {e}")),
-                Ok(None) if is_ready(&bin_dir, port) => Probe::Ready,
-                Ok(None) => Probe::NotYet,
-            });
+            let (mut child, ready) = launch(&server, dir.path(), &bin_dir, port, options);
             if let Err(why) = ready {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -150,6 +124,8 @@ impl MariaDb {
             return MariaDb {
                 port,
                 bin_dir,
+                server,
+                options,
                 data_dir,
                 child,
                 dir,
@@ -205,6 +181,92 @@ impl MariaDb {
     pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Kills the server as a crash would (SIGKILL). [`MariaDb::restart`] starts it again.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a killed server again on the same port (InnoDB recovers, the binlog is
+    /// reconciled with it) and returns once it answers; panics with the server log if it
+    /// does not within 30 s.
+    pub fn restart(&mut self) {
+        let (child, ready) = launch(
+            &self.server,
+            self.dir.path(),
+            &self.bin_dir,
+            self.port,
+            self.options,
+        );
+        self.child = child;
+        if let Err(why) = ready {
+            let log = read_log(&self.dir.path().join("server.log"));
+            panic!(
+                "MariaDB did not start again on port {}: {why}\n--- server log ---\n{log}",
+                self.port
+            );
+        }
+    }
+}
+
+/// Starts `mariadbd` on the data directory in `dir` and `port`, its log in
+/// `dir/server.log` (emptied first, so a retry's log shows only its own run), and waits
+/// until it answers or exits.
+fn launch(
+    server: &Path,
+    dir: &Path,
+    bin_dir: &Path,
+    port: u16,
+    options: MariaDbOptions,
+) -> (Child, Result<(), String>) {
+    let log_path = dir.join("server.log");
+    File::create(&log_path).unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
+    let mut command = Command::new(server);
+    command
+        .arg("--no-defaults")
+        .args(user_args())
+        .arg(format!("--datadir={}", dir.join("data").display()))
+        .arg(format!("--socket={}", dir.join("mysqld.sock").display()))
+        .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
+        .arg(format!("--log-error={}", log_path.display()))
+        .arg(format!("--tmpdir={}", dir.join("tmp").display()))
+        .arg(format!("--port={port}"))
+        .arg("--bind-address=127.0.0.1")
+        // The binlog, in the data directory, is what point-in-time recovery and
+        // GTID positions need; row format records exact changes.
+        .arg("--log-bin=binlog")
+        .arg("--server-id=1")
+        .arg("--binlog-format=ROW")
+        .arg("--character-set-server=utf8mb4")
+        .arg("--collation-server=utf8mb4_general_ci")
+        .args(SPEED_OPTIONS);
+    if options.crash_safe {
+        // Written to the OS at every commit (flushed to disk once a second): a killed
+        // process loses nothing, a power cut could.
+        command.arg("--innodb-flush-log-at-trx-commit=2");
+    }
+    command
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    let ready = poll_until(READY_DEADLINE, || match child.try_wait() {
+        Ok(Some(status)) => Probe::Failed(format!("the server exited ({status})")),
+        Err(e) => Probe::Failed(format!("cannot watch the server process: {e}")),
+        Ok(None) if is_ready(bin_dir, port) => Probe::Ready,
+        Ok(None) => Probe::NotYet,
+    });
+    (child, ready)
+}
+
+/// mariadbd refuses to run as root unless told to; the alternative, the `mysql`
+/// system user, would need the temp dir handed over as PostgreSQL does.
+fn user_args() -> &'static [&'static str] {
+    if is_root() { &["--user=root"] } else { &[] }
 }
 
 impl Drop for MariaDb {

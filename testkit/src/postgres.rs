@@ -104,30 +104,7 @@ impl Postgres {
         let mut attempt = 1;
         loop {
             let port = free_port();
-            let log = File::create(&log_path)
-                .unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
-            let mut command = server.command("postgres");
-            command
-                .arg("-D")
-                .arg(&data_dir)
-                .arg("-p")
-                .arg(port.to_string())
-                .arg("-k")
-                .arg(&socket_dir)
-                .args(["-h", "127.0.0.1"])
-                .args(setting_args(wal_archive.as_deref()))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(log));
-            let mut child = command
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
-            let ready = poll_until(READY_DEADLINE, || match child.try_wait() {
-                Ok(Some(status)) => Probe::Failed(format!("the server exited ({status})")),
-                Err(e) => Probe::Failed(format!("cannot watch the server process: {e}")),
-                Ok(None) if is_ready(&bin_dir, port) => Probe::Ready,
-                Ok(None) => Probe::NotYet,
-            });
+            let (mut child, ready) = server.launch(&data_dir, port, wal_archive.as_deref());
             if let Err(why) = ready {
                 server.stop(&data_dir, &mut child);
                 let log = read_log(&log_path);
@@ -230,9 +207,52 @@ impl Postgres {
         &self.data_dir
     }
 
+    /// Kills the server as a crash would: SIGKILL to the postmaster, no shutdown
+    /// checkpoint. Its backends notice and exit by themselves. [`Postgres::restart`]
+    /// starts it again.
+    pub fn kill(&mut self) {
+        let pid = self.postmaster_pid();
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a killed server again on the same port (it runs crash recovery) and
+    /// returns once it accepts connections; panics with the server log if it does not
+    /// within 30 s. The backends of the killed postmaster may still hold its shared
+    /// memory for a moment, which makes a start fail: it is tried again until then.
+    pub fn restart(&mut self) {
+        let server = ServerCommand {
+            bin_dir: &self.bin_dir,
+            dir: self.dir.path(),
+            as_system_user: self.as_system_user,
+        };
+        let log_path = self.dir.path().join("server.log");
+        let started = std::time::Instant::now();
+        let child = loop {
+            let (mut child, ready) =
+                server.launch(&self.data_dir, self.port, self.wal_archive.as_deref());
+            match ready {
+                Ok(()) => break child,
+                Err(why) => {
+                    server.stop(&self.data_dir, &mut child);
+                    if started.elapsed() > READY_DEADLINE {
+                        let log = read_log(&log_path);
+                        panic!(
+                            "PostgreSQL did not start again on port {}: {why}\n--- server log ---\n{log}",
+                            self.port
+                        );
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            }
+        };
+        self.child = child;
+    }
+
     /// The postmaster's process id, from its lock file.
-    #[cfg(test)]
-    pub(crate) fn postmaster_pid(&self) -> u32 {
+    pub fn postmaster_pid(&self) -> u32 {
         let pid_file = self.data_dir.join("postmaster.pid");
         read_log(&pid_file)
             .lines()
@@ -244,12 +264,20 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        let Postgres {
+            bin_dir,
+            data_dir,
+            child,
+            as_system_user,
+            dir,
+            ..
+        } = self;
         ServerCommand {
-            bin_dir: &self.bin_dir,
-            dir: self.dir.path(),
-            as_system_user: self.as_system_user,
+            bin_dir,
+            dir: dir.path(),
+            as_system_user: *as_system_user,
         }
-        .stop(&self.data_dir, &mut self.child);
+        .stop(data_dir, child);
     }
 }
 
@@ -327,6 +355,42 @@ impl ServerCommand<'_> {
         // The caller's working directory may be unreadable for the postgres user.
         command.current_dir(self.dir);
         command
+    }
+
+    /// Starts the postmaster on `port`, its log in `server.log`, and waits until it
+    /// accepts connections or exits.
+    fn launch(
+        &self,
+        data_dir: &Path,
+        port: u16,
+        wal_archive: Option<&Path>,
+    ) -> (Child, Result<(), String>) {
+        let log_path = self.dir.join("server.log");
+        let log = File::create(&log_path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
+        let mut command = self.command("postgres");
+        command
+            .arg("-D")
+            .arg(data_dir)
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-k")
+            .arg(self.dir.join("socket"))
+            .args(["-h", "127.0.0.1"])
+            .args(setting_args(wal_archive))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+        let ready = poll_until(READY_DEADLINE, || match child.try_wait() {
+            Ok(Some(status)) => Probe::Failed(format!("the server exited ({status})")),
+            Err(e) => Probe::Failed(format!("cannot watch the server process: {e}")),
+            Ok(None) if is_ready(self.bin_dir, port) => Probe::Ready,
+            Ok(None) => Probe::NotYet,
+        });
+        (child, ready)
     }
 
     /// Stops the server and waits for it; never panics, because it runs in `Drop`.

@@ -177,3 +177,36 @@ fn dropping_mariadb_stops_it_and_removes_its_directory() {
     assert!(!accepts_tcp(port), "port {port} still accepts connections");
     assert!(!data_dir.parent().unwrap().exists());
 }
+
+#[test]
+fn a_killed_postgres_restarts_on_its_port_with_what_it_committed() {
+    let mut pg = Postgres::start_with(PostgresOptions { wal_archive: true });
+    pg.create_database("app");
+    pg.psql(
+        "app",
+        "CREATE TABLE t (v int); INSERT INTO t VALUES (1), (2)",
+    );
+    let killed = pg.postmaster_pid();
+    pg.kill();
+    assert!(!process_exists(killed), "the postmaster survived SIGKILL");
+    assert!(!accepts_tcp(pg.port()));
+    pg.restart();
+    assert_ne!(pg.postmaster_pid(), killed);
+    assert_eq!(pg.psql("app", "SELECT count(*) FROM t"), "2");
+}
+
+#[test]
+fn a_killed_crash_safe_mariadb_restarts_on_its_port_with_what_it_committed() {
+    let mut db = MariaDb::start_with(MariaDbOptions { crash_safe: true });
+    db.create_database("app");
+    db.sql(
+        "app",
+        "CREATE TABLE t (v int) ENGINE=InnoDB; INSERT INTO t VALUES (1), (2)",
+    );
+    let killed = db.pid();
+    db.kill();
+    assert!(!process_exists(killed), "mariadbd survived SIGKILL");
+    assert!(!accepts_tcp(db.port()));
+    db.restart();
+    assert_eq!(db.sql("app", "SELECT count(*) FROM t"), "2");
+}
