@@ -189,6 +189,12 @@ struct CheckArgs {
     /// The end of the window; see --window-start-ms.
     #[arg(long, requires = "window_start_ms", allow_negative_numbers = true)]
     window_end_ms: Option<i64>,
+    /// A file of transaction ids, one per line, that may be in the ledger and missing
+    /// from the auditor: their ledger node was killed between the two writes (this
+    /// reference ledger has no outbox). For fault-injection runs (scripts/nemesis),
+    /// which know them from the live databases; any other difference still fails.
+    #[arg(long, value_name = "PATH")]
+    known_unaudited: Option<std::path::PathBuf>,
 }
 
 fn parse_db_url(url: &str) -> Result<DbUrl, String> {
@@ -418,7 +424,17 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         store::read_ledger(&args.ledger_db),
         store::read_auditor(&args.auditor_db),
     )?;
-    let report = check::check(&ledger, &audit, window);
+    let known_unaudited = match &args.known_unaudited {
+        None => Default::default(),
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|error| anyhow::anyhow!("--known-unaudited {}: {error}", path.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    };
+    let report = check::check_knowing_unaudited(&ledger, &audit, window, &known_unaudited);
     match args.output {
         Output::Json => println!("{}", serde_json::to_string(&report)?),
         Output::Text => print!("{report}"),
