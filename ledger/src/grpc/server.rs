@@ -100,8 +100,8 @@ fn transfer_status(error: TransferError) -> Status {
     }
 }
 
-/// A busy or unreachable auditor database is UNAVAILABLE, the one code ledger nodes
-/// retry: recording is idempotent, so a retry after a database restart is safe.
+/// A busy or unreachable auditor database is UNAVAILABLE, which ledger nodes retry (as a
+/// broken connection): recording is idempotent, so a retry after a database restart is safe.
 fn record_status(error: RecordError) -> Status {
     let message = error.to_string();
     match error {
