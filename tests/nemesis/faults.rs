@@ -262,12 +262,15 @@ pub fn inject(
     }
 }
 
-/// Runs the schedule until `duration` has passed: a fault, then a quiet gap.
+/// Runs the schedule until `duration` has passed (or `interrupted`): a fault, then a
+/// quiet gap.
+#[allow(clippy::too_many_arguments)]
 pub fn schedule(
     env: &mut Env,
     lanes: &Lanes,
     history: &History,
     paused: &AtomicBool,
+    interrupted: &AtomicBool,
     seed: u64,
     s3: bool,
     duration: Duration,
@@ -278,12 +281,13 @@ pub fn schedule(
     let mut injected = 0;
     // Every kind once per round, in an order shuffled each round: even a short run
     // meets each of them.
-    while started.elapsed() < duration {
+    let over = || started.elapsed() >= duration || interrupted.load(Ordering::Relaxed);
+    while !over() {
         for i in (1..kinds.len()).rev() {
             kinds.swap(i, rng.between(0, i as u64) as usize);
         }
         for kind in kinds.clone() {
-            if started.elapsed() >= duration {
+            if over() {
                 break;
             }
             std::thread::sleep(rng.millis(1000, 4000));

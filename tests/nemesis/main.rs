@@ -30,6 +30,7 @@ mod observe;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -89,6 +90,29 @@ fn parse_args() -> Result<Option<Args>, String> {
         }
     }
     Ok(Some(args))
+}
+
+/// Set by SIGINT or SIGTERM: the run stops injecting, stops what it started and
+/// removes it (a run killed outright would leave its processes and tc rules behind).
+fn on_signal() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let set = flag.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        });
+        set.store(true, Ordering::Relaxed);
+    });
+    flag
 }
 
 fn main() -> ExitCode {
@@ -159,16 +183,25 @@ fn main() -> ExitCode {
         history.clone(),
     );
 
+    let interrupted = on_signal();
     let injected = faults::schedule(
         &mut env,
         &lanes,
         &history,
         &observer.paused,
+        &interrupted,
         args.seed,
         args.s3,
         args.duration,
     );
     history.log("faults_over", json!({ "injected": injected }));
+    if interrupted.load(Ordering::Relaxed) {
+        // Everything this run started is stopped and removed on the way out; the tc
+        // rules too.
+        eprintln!("nemesis: interrupted; stopping everything it started, no check");
+        drop(observer);
+        return ExitCode::from(130);
+    }
 
     // With everything healed, the service must list a new point within 90 s.
     let mut violations = Vec::new();
