@@ -250,10 +250,12 @@ pub fn inject(
             let ballast = mount.join("ballast");
             let full = rng.millis(2000, 10_000);
             start("storage", json!({ "full_ms": full.as_millis() as u64 }));
-            // Everything that is left, as one file: writes fail with ENOSPC.
+            // Everything that is left, as one file: writes fail with ENOSPC (and so
+            // does dd, at the end, which is the point).
             let _ = Command::new("dd")
                 .args(["if=/dev/zero", "bs=1M", "status=none"])
                 .arg(format!("of={}", ballast.display()))
+                .stderr(std::process::Stdio::null())
                 .status();
             std::thread::sleep(full);
             std::fs::remove_file(&ballast).unwrap();
