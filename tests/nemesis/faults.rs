@@ -113,8 +113,8 @@ fn at_a_pause(paused: &AtomicBool) -> bool {
 }
 
 /// Injects one fault, holds it, heals it, and logs both ends. Returns when healed and
-/// whatever was restarted is up again. Half of the partitions and service kills wait
-/// for a pause first.
+/// whatever was restarted is up again; false when there was nothing to inject it
+/// into. Half of the partitions and service kills wait for a pause first.
 pub fn inject(
     env: &mut Env,
     lanes: &Lanes,
@@ -122,7 +122,7 @@ pub fn inject(
     rng: &mut Rng,
     paused: &AtomicBool,
     kind: Kind,
-) {
+) -> bool {
     let in_pause = matches!(kind, Kind::PartitionNode | Kind::KillService)
         && rng.next().is_multiple_of(2)
         && at_a_pause(paused);
@@ -162,7 +162,7 @@ pub fn inject(
                     "fault_skipped",
                     json!({ "kind": kind.name(), "why": "no streamer runs" }),
                 );
-                return;
+                return false;
             }
             let (pid, name) = &streamers[rng.between(0, streamers.len() as u64 - 1) as usize];
             start(name, json!({ "pid": pid }));
@@ -262,6 +262,7 @@ pub fn inject(
             end("storage");
         }
     }
+    true
 }
 
 /// Runs the schedule until `duration` has passed (or `interrupted`): a fault, then a
@@ -293,8 +294,9 @@ pub fn schedule(
                 break;
             }
             std::thread::sleep(rng.millis(1000, 4000));
-            inject(env, lanes, history, &mut rng, paused, kind);
-            injected += 1;
+            if inject(env, lanes, history, &mut rng, paused, kind) {
+                injected += 1;
+            }
         }
     }
     injected
