@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use super::{ChunkRecord, Position};
+use super::{ARCHIVE_DIR, ChunkRecord, Position, RECORD_SUFFIX};
 
 /// One database's archive, ordered. Built by [`super::Archive::catalog`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,14 +84,33 @@ pub enum NotReached {
 }
 
 impl Catalog {
-    /// Orders `records` and sets superseded ones aside.
+    /// Orders `records` and sets superseded ones aside. A record whose range is not
+    /// one (it ends before it starts, or its ends are different kinds of position)
+    /// never counts: it joins `unreadable`.
     pub fn new(
         database: &str,
         records: Vec<ChunkRecord>,
-        unreadable: Vec<(String, String)>,
+        mut unreadable: Vec<(String, String)>,
     ) -> Catalog {
         let (mut ranged, others): (Vec<ChunkRecord>, Vec<ChunkRecord>) =
             records.into_iter().partition(|r| r.range().is_some());
+        // Counted, an inverted range made the coverage end before it starts, and
+        // `covers` of it held despite a gap (found by the archive_catalog fuzz target).
+        ranged.retain(|record| {
+            let (start, end) = record.range().expect("partitioned on range");
+            if start.kind_rank() == end.kind_rank() && start <= end {
+                return true;
+            }
+            unreadable.push((
+                format!("{ARCHIVE_DIR}/{database}/{}{RECORD_SUFFIX}", record.name),
+                format!(
+                    "its range [{start}, {end}) is not a stretch of the log (it ends before \
+                     it starts, or mixes kinds of position), so the chunk does not count; \
+                     stillpoint never writes such a record: it is damaged, remove it"
+                ),
+            ));
+            false
+        });
         let mut others = others;
         others.sort_by(|a, b| a.name.cmp(&b.name));
         // By start; for one start the longest first, and of equal ranges the whole
@@ -230,5 +249,55 @@ impl Catalog {
             .iter()
             .chain(&self.others)
             .find(|chunk| chunk.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A SQLite frames record of `notes` from `start` to `end` (generation, frame).
+    fn frames(name: &str, start: (u64, u64), end: (u64, u64)) -> ChunkRecord {
+        serde_json::from_value(serde_json::json!({
+            "format": 1, "database": "notes", "name": name, "kind": "sqlite_frames",
+            "start": {"sqlite": {"generation": start.0, "frame": start.1}},
+            "end": {"sqlite": {"generation": end.0, "frame": end.1}},
+            "size": 1, "plaintext_blake3": "00",
+            "artifact": {"path": format!("archive/notes/{name}"), "size": 1, "stored_size": 1,
+                         "blake3": "00", "compression": null, "encryption": null},
+            "archived_at_ms": 0
+        }))
+        .unwrap()
+    }
+
+    /// The archive_catalog fuzz target's crash, reduced: two records that end before
+    /// they start made a coverage from g2:0 to g1:30 with a gap inside, and
+    /// `covers(g2:0, g1:30)` held (an end at or before the start is "nothing to
+    /// replay").
+    #[test]
+    fn records_that_end_before_they_start_never_count() {
+        let records = vec![
+            frames("a.frames", (2, 0), (1, 12)),
+            frames("b.frames", (2, 12), (1, 30)),
+            frames("c.frames", (1, 0), (1, 12)),
+        ];
+        let catalog = Catalog::new("notes", records, vec![]);
+        let names: Vec<&str> = catalog.chunks.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["c.frames"]);
+        let paths: Vec<&str> = catalog.unreadable.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["archive/notes/a.frames.json", "archive/notes/b.frames.json"]
+        );
+        let problem = &catalog.unreadable[0].1;
+        assert!(problem.contains("[g2:0, g1:12)"), "{problem}");
+        assert!(problem.contains("remove it"), "{problem}");
+        assert!(catalog.gaps().is_empty());
+        let coverage = catalog.coverage().unwrap();
+        assert_eq!(
+            (coverage.from.to_string(), coverage.to.to_string()),
+            ("g1:0".into(), "g1:12".into())
+        );
+        assert!(catalog.covers(&coverage.from, &coverage.to).is_ok());
     }
 }

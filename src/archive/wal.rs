@@ -88,6 +88,10 @@ pub fn partial_chunk_name(segment: &str, from: u64, to: u64) -> String {
 }
 
 /// The segment a partial chunk name belongs to, and the offsets `[from, to)` it holds.
+/// Only names as [`partial_chunk_name`] writes them: upper-case offsets, and the
+/// `<from>-<to>` form only for a piece that starts after the beginning. A range has
+/// one name, so no two chunks hold the same bytes under different names (a fuzzer
+/// found `<segment>.00000000-<to>.partial` accepted beside `<segment>.<to>.partial`).
 pub fn parse_partial_chunk_name(name: &str) -> Option<(&str, u64, u64)> {
     let rest = name.strip_suffix(".partial")?;
     let (segment, range) = rest.split_once('.')?;
@@ -95,12 +99,12 @@ pub fn parse_partial_chunk_name(name: &str) -> Option<(&str, u64, u64)> {
         return None;
     }
     let offset = |hex: &str| {
-        (hex.len() == 8 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        (hex.len() == 8 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'F')))
             .then(|| u64::from_str_radix(hex, 16).ok())
             .flatten()
     };
     let (from, to) = match range.split_once('-') {
-        Some((from, to)) => (offset(from)?, offset(to)?),
+        Some((from, to)) => (offset(from).filter(|&from| from > 0)?, offset(to)?),
         None => (0, offset(range)?),
     };
     (from < to).then_some((segment, from, to))
@@ -152,6 +156,11 @@ mod tests {
             "000000010000000000000003.00000000.partial",
             "000000010000000000000003.2A1B2C.partial",
             "000000010000000000000003.+02A1B2C.partial",
+            // Another name for a range that has one (found by the chunk_names fuzz
+            // target): the beginning's piece written as a range, lower-case offsets.
+            "000000010000000000000301.00000000-002A1B2C.partial",
+            "000000010000000000000003.002a1b2c.partial",
+            "000000010000000000000003.002A1B2C-002b0000.partial",
         ] {
             assert_eq!(parse_partial_chunk_name(wrong), None, "{wrong}");
         }

@@ -174,7 +174,13 @@ pub async fn list_points(
 pub async fn read_point(storage: &Storage, id: &str) -> Result<PointManifest, PointsError> {
     let path = point_path(id);
     let bytes = storage.get_bytes(&path).await?;
-    parse(&path, &bytes)
+    parse_point(&path, &bytes)
+}
+
+/// A point manifest read from `bytes` (stored at `path`, which errors name), with the
+/// checks [`read_point`] applies. Public for the `point_manifest` fuzz target.
+pub fn parse_point(path: &str, bytes: &[u8]) -> Result<PointManifest, PointsError> {
+    parse(path, bytes)
 }
 
 trait Formatted {

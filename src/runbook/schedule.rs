@@ -144,8 +144,12 @@ pub(super) struct RawSchedule {
 
 /// Parses a cron expression as the schedule accepts it: 5 fields, or 6 with seconds
 /// first (no year field).
+///
+/// A field that selects nothing (`,` parses as an empty list) is refused: such an
+/// expression never runs, and croner's search for its next run did not end within
+/// 10 s (the cron fuzz target's timeout, on `* , * * * *` in America/New_York).
 pub fn parse_cron(pattern: &str) -> Result<Cron, String> {
-    CronParser::builder()
+    let cron = CronParser::builder()
         .year(Year::Disallowed)
         .build()
         .parse(pattern)
@@ -155,7 +159,29 @@ pub fn parse_cron(pattern: &str) -> Result<Cron, String> {
                  day-of-month month day-of-week, e.g. \"0 3 * * *\") or 6 with seconds first \
                  (e.g. \"*/5 * * * * *\")"
             )
-        })
+        })?;
+    let fields = &cron.pattern;
+    for (name, field) in [
+        ("second", &fields.seconds),
+        ("minute", &fields.minutes),
+        ("hour", &fields.hours),
+        ("day-of-month", &fields.days),
+        ("month", &fields.months),
+        ("day-of-week", &fields.days_of_week),
+    ] {
+        // Any kind of bit (a value, `#n`, `W`) at any position, or a feature the field
+        // turned on (`L`), selects something.
+        let selects = (0..8).any(|bit| {
+            !field.get_set_values(1 << bit).is_empty() || field.is_feature_enabled(1 << bit)
+        });
+        if !selects {
+            return Err(format!(
+                "{pattern:?} selects no {name} (an empty list), so it would never run; \
+                 write a value, a range or `*` there (e.g. \"0 3 * * *\")"
+            ));
+        }
+    }
+    Ok(cron)
 }
 
 impl RawSchedule {
@@ -240,5 +266,29 @@ mod tests {
         assert!(error.contains("not a cron"), "{error}");
         let error = raw("time_zone = \"Mars/Olympus\"").unwrap_err();
         assert!(error.contains("IANA"), "{error}");
+    }
+
+    /// The cron fuzz target's hang, reduced: an empty list in a field parsed, and the
+    /// search for its next run took longer than 10 s.
+    #[test]
+    fn a_field_that_selects_nothing_is_refused() {
+        let error = parse_cron("* , * * * *").unwrap_err();
+        assert!(error.contains("selects no minute"), "{error}");
+        assert!(error.contains("never run"), "{error}");
+        let error = raw("point = \"0 , * * *\"").unwrap_err();
+        assert!(
+            error.contains("point: \"0 , * * *\" selects no hour"),
+            "{error}"
+        );
+        // Nothing that selects something is refused, `L`, `W` and `#` included.
+        for pattern in [
+            "0 0 L * *",
+            "0 0 15W * *",
+            "0 0 * * 5#3",
+            "0 0 * * 5L",
+            "0 3 * * *",
+        ] {
+            parse_cron(pattern).unwrap_or_else(|error| panic!("{error}"));
+        }
     }
 }
