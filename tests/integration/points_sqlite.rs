@@ -209,9 +209,12 @@ fn sqlite_points_every_second_under_load_all_restore_and_pass_the_check() {
     assert!(before.iter().all(|p| generation_of(p) == 1));
     assert!(after.iter().all(|p| generation_of(p) == 2));
     // Snapshots within generation 1 (every 10 s), and points built on the later ones.
+    // At least two: a loaded machine delays the periodic snapshots (a CI run saw only
+    // two bases in the 20-odd seconds of generation 1), and two already show points
+    // built on a snapshot taken within the generation.
     let bases: std::collections::BTreeSet<String> =
         before.iter().map(|p| base_of(p, "ledger")).collect();
-    assert!(bases.len() >= 3, "points of generation 1 used {bases:?}");
+    assert!(bases.len() >= 2, "points of generation 1 used {bases:?}");
     assert!(forced_checkpoint.is_some_and(|at| at < cut));
 
     // Every point drills and passes the check, with its pause's rows.
