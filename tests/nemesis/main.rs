@@ -124,6 +124,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // From the start: a signal during set-up must not kill the run before it can stop
+    // what it started.
+    let interrupted = on_signal();
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("target/nemesis")
         .join(format!("seed-{}", args.seed));
@@ -183,7 +186,6 @@ fn main() -> ExitCode {
         history.clone(),
     );
 
-    let interrupted = on_signal();
     let injected = faults::schedule(
         &mut env,
         &lanes,
@@ -229,8 +231,12 @@ fn main() -> ExitCode {
     }
     env.stop_service();
     history.log("service_stopped", json!({}));
-    // Long enough to see every node reopen after the service's release.
-    std::thread::sleep(Duration::from_secs(1));
+    // Watched until no ledger node is paused (or two leases have passed): a node left
+    // paused after the service's release is then seen outliving its lease.
+    let watching = Instant::now();
+    while observer.paused.load(Ordering::Relaxed) && watching.elapsed() < env::LEASE * 2 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     drop(observer);
     env.stop_load();
     drop(lanes);
