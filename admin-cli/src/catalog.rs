@@ -412,8 +412,12 @@ pub async fn verify(args: VerifyArgs) -> Result<u8, Failure> {
         None => None,
     };
     let mut verdicts = Vec::with_capacity(points.len());
+    let mut checked = Default::default();
     for point in points {
-        verdicts.push(stillpoint::points::verify::verify_point(&storage, &settings, point).await);
+        verdicts.push(
+            stillpoint::points::verify::verify_point(&storage, &settings, point, &mut checked)
+                .await,
+        );
     }
     // Only a backup asked for by itself keeps the output it always had.
     let backup_only = args.point.is_none() && args.backup.is_some();

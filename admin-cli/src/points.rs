@@ -300,7 +300,7 @@ pub async fn restore_point(args: &RestoreArgs) -> Result<u8, Failure> {
         let needed = point_restore::needs(&storage, &settings, &point, name)
             .await
             .map_err(|error| Failure::new(restore_code(&error), error))?;
-        point_restore::check(&storage, &point, &needed)
+        point_restore::check(&storage, &point, &needed, &mut Default::default())
             .await
             .map_err(|error| Failure::new(restore_code(&error), error))?;
         point_restore::check_destination(&point, &needed, &target.destination())

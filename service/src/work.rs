@@ -187,8 +187,17 @@ async fn verify(service: &Service) -> Result<Value, Failure> {
     let decryption = backup::decryption(&service.runbook)?;
     let (found, damaged) = points::list_points(&service.storage).await?;
     let mut verdicts = Vec::with_capacity(found.len());
+    let mut artifacts_checked = Default::default();
     for point in &found {
-        verdicts.push(verify_point(&service.storage, &service.settings, point).await);
+        verdicts.push(
+            verify_point(
+                &service.storage,
+                &service.settings,
+                point,
+                &mut artifacts_checked,
+            )
+            .await,
+        );
     }
     let listing = catalog::list(&service.storage).await?;
     let backup = match listing.latest() {

@@ -503,3 +503,45 @@ async fn a_catalog_read_during_pushes_shows_no_phantom_gap() {
         "the catalog was read only {reads} times during the pushes"
     );
 }
+
+/// A catalog read again fetches only the records it has not read (the others are
+/// taken as read, by path, size and time), and still sees records removed or written
+/// again.
+#[tokio::test]
+async fn a_catalog_read_again_fetches_only_new_records() {
+    let fixture = fixture();
+    let dir = fixture.storage.to_string().replacen("file://", "", 1);
+    let archive = Archive::new(fixture.storage.clone(), settings(), "app").unwrap();
+    for number in 1..=3 {
+        archive.push(segment(number), bytes(1, 100)).await.unwrap();
+    }
+    let names = |catalog: Catalog| -> Vec<String> {
+        catalog.chunks.into_iter().map(|chunk| chunk.name).collect()
+    };
+    assert_eq!(names(archive.catalog().await.unwrap()).len(), 3);
+
+    // Segment 1's record damaged in place with its size and time kept: it is not
+    // read again. The same damage with a new time is.
+    let first = std::path::Path::new(&dir).join(archive.record_path(&segment(1).name));
+    let modified = std::fs::metadata(&first).unwrap().modified().unwrap();
+    let damage = |path: &std::path::Path| {
+        let text = std::fs::read_to_string(path).unwrap();
+        std::fs::write(path, text.replacen("{", "[", 1)).unwrap();
+    };
+    damage(&first);
+    let file = std::fs::File::options().write(true).open(&first).unwrap();
+    file.set_modified(modified).unwrap();
+    let catalog = archive.catalog().await.unwrap();
+    assert!(catalog.unreadable.is_empty(), "{catalog:#?}");
+    assert_eq!(names(catalog).len(), 3);
+    file.set_modified(modified + std::time::Duration::from_secs(1))
+        .unwrap();
+    let catalog = archive.catalog().await.unwrap();
+    assert_eq!(catalog.unreadable.len(), 1, "{catalog:#?}");
+    assert_eq!(names(catalog), [segment(2).name, segment(3).name]);
+
+    // A removed record is gone from the next read.
+    let third = archive.record_path(&segment(3).name);
+    fixture.storage.delete(&third).await.unwrap();
+    assert_eq!(names(archive.catalog().await.unwrap()), [segment(2).name]);
+}

@@ -52,7 +52,7 @@ pub mod verify;
 
 /// The top directory of every point in a storage.
 pub const POINTS_DIR: &str = "points";
-const POINT_MANIFEST: &str = "point.json";
+pub const POINT_MANIFEST: &str = "point.json";
 /// The version of the point manifest format this code writes.
 pub const FORMAT: u32 = 1;
 /// Records read at once.

@@ -271,19 +271,23 @@ pub async fn check(
     storage: &Storage,
     point: &PointManifest,
     needed: &Needed,
+    checked: &mut Checked,
 ) -> Result<(), PointRestoreError> {
     let missing = |problem: String| PointRestoreError::Missing {
         point: point.point_id.clone(),
         problem,
     };
-    pipeline::verify_checksum(storage, &needed.base.artifact)
-        .await
-        .map_err(|error| {
-            missing(format!(
-                "base backup {} of {}: {error}",
-                needed.base.id, needed.database
-            ))
-        })?;
+    if !checked.contains(&needed.base.artifact.path) {
+        pipeline::verify_checksum(storage, &needed.base.artifact)
+            .await
+            .map_err(|error| {
+                missing(format!(
+                    "base backup {} of {}: {error}",
+                    needed.base.id, needed.database
+                ))
+            })?;
+        checked.insert(needed.base.artifact.path.clone());
+    }
     let archive = Archive::new(
         storage.clone(),
         PipelineSettings::default(),
@@ -291,25 +295,34 @@ pub async fn check(
     )
     .map_err(|error| PointRestoreError::Setup(error.to_string()))?;
     for chunk in needed.chunks.iter().chain(&needed.others) {
-        let mut checked = pipeline::verify_checksum(storage, &chunk.artifact).await;
+        if checked.contains(&chunk.artifact.path) {
+            continue;
+        }
+        let mut verified = pipeline::verify_checksum(storage, &chunk.artifact).await;
         // A running archiver replaces the growing segment's partial chunk with a
         // longer one (or the whole segment) and removes it: check the one that holds
         // at least as much now.
-        if let Err(error) = &checked
+        if let Err(error) = &verified
             && error.is_not_found()
             && let Some(current) = crate::archive::postgres::superseding(&archive, chunk).await
         {
-            checked = pipeline::verify_checksum(storage, &current.artifact).await;
+            verified = pipeline::verify_checksum(storage, &current.artifact).await;
         }
-        checked.map_err(|error| {
+        verified.map_err(|error| {
             missing(format!(
                 "chunk {} of the archive of {}: {error}",
                 chunk.name, needed.database
             ))
         })?;
+        checked.insert(chunk.artifact.path.clone());
     }
     Ok(())
 }
+
+/// Artifacts (by path) whose checksums one run of [`check`] has already verified:
+/// `verify` of many points reads a base or chunk they share once. A path names one
+/// push of one artifact, so it always holds the same bytes.
+pub type Checked = std::collections::BTreeSet<String>;
 
 /// Everything [`restore_one`] needs.
 #[derive(Debug, Clone)]
@@ -451,7 +464,7 @@ async fn checked_mariadb<'a>(
     let config = mariadb_config(request.runbook, name)?;
     let needed = needs(request.storage, request.settings, request.point, name).await?;
     check_destination(request.point, &needed, &request.destination)?;
-    check(request.storage, request.point, &needed).await?;
+    check(request.storage, request.point, &needed, &mut Checked::new()).await?;
     let archive = Archive::new(
         request.storage.clone(),
         request.settings.clone(),
@@ -539,7 +552,7 @@ async fn restore_sqlite(
     let name = request.database;
     let needed = needs(request.storage, request.settings, request.point, name).await?;
     check_destination(request.point, &needed, &request.destination)?;
-    check(request.storage, request.point, &needed).await?;
+    check(request.storage, request.point, &needed, &mut Checked::new()).await?;
     if path.exists() {
         return Err(PointRestoreError::Setup(format!(
             "{} exists: a point restores {name} into a new file; give a path that does not \
@@ -924,7 +937,7 @@ pub async fn restore_held(
         request.database,
     )
     .await?;
-    check(request.storage, request.point, &needed).await?;
+    check(request.storage, request.point, &needed, &mut Checked::new()).await?;
     let check_ms = elapsed_ms(started);
     let staging_started = Instant::now();
     let staging = staging_dir(request.staging_in)?;
@@ -1289,7 +1302,7 @@ pub async fn drill(
     for database in &point.databases {
         let checked = Instant::now();
         let needed = needs(request.storage, request.settings, point, &database.name).await?;
-        check(request.storage, point, &needed).await?;
+        check(request.storage, point, &needed, &mut Checked::new()).await?;
         if needed.adapter == "mariadb" && needed.base.kind == mariadb_backup::KIND {
             physical_mariadb.insert(database.name.clone());
         }

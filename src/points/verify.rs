@@ -38,10 +38,13 @@ pub struct DatabaseVerdict {
 
 /// Verifies every database of `point`; it does not stop at the first database with a
 /// problem (within one database, the first problem is named, as a restore would).
+/// Artifacts in `checked` were verified earlier in the same run and are not read
+/// again (points share bases and chunks); the ones verified here are added.
 pub async fn verify_point(
     storage: &Storage,
     settings: &PipelineSettings,
     point: &PointManifest,
+    checked: &mut restore::Checked,
 ) -> PointVerdict {
     let mut databases = Vec::with_capacity(point.databases.len());
     for entry in &point.databases {
@@ -63,13 +66,13 @@ pub async fn verify_point(
             databases.push(verdict);
             continue;
         }
-        let checked = async {
+        let result = async {
             let needed = restore::needs(storage, settings, point, &entry.name).await?;
-            restore::check(storage, point, &needed).await?;
+            restore::check(storage, point, &needed, checked).await?;
             Ok::<_, PointRestoreError>(needed)
         }
         .await;
-        match checked {
+        match result {
             Ok(needed) => {
                 verdict.chunks = needed.chunks.len() + needed.others.len();
                 verdict.stored_bytes = needed.stored_bytes();

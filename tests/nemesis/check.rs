@@ -4,9 +4,13 @@
 //! - **lease**: a node is never seen paused more than a second past the end of the
 //!   lease it last reported under that pause (the coordinator gone, cut off or slow,
 //!   the node must reopen by itself);
+//! - **partial**: every point is whole the moment it is listed (`watch.rs`): a
+//!   restore asked for it then would find its base and its archive to the marker;
 //! - **points**: every point drilled (a seeded sample and the newest) restores and
 //!   passes `ledger-node check`, and `verify` finds every listed point's base and
 //!   chunks whole and its chain without a gap;
+//! - **gap**: a chunk deleted from storage (`lose_chunk`) is reported by `verify` in
+//!   every point that needs it, and no point that needs it is listed after the loss;
 //! - **lost audits**: a transfer in the live ledger and not in the live auditor exists
 //!   only where a fault can make one (its ledger node or PostgreSQL killed between the
 //!   commit and the record, around that kill): the reference ledger has no outbox, so
@@ -23,6 +27,7 @@ use serde_json::{Value, json};
 use crate::env::Env;
 use crate::faults::Rng;
 use crate::history::History;
+use crate::store::{self, Lost};
 
 /// How long after a fault healed its effects may still show (reconnects, retries).
 const AFTERMATH_MS: i64 = 10_000;
@@ -41,6 +46,9 @@ pub struct Figures {
     pub lost_audits: usize,
     pub failed_requests: usize,
     pub paused_samples: usize,
+    pub points_seen: usize,
+    /// Points a lost chunk broke, each failing `verify` as it must.
+    pub gaps_reported: usize,
 }
 
 pub fn lease(lines: &[Value], violations: &mut Vec<Violation>) -> usize {
@@ -196,19 +204,56 @@ pub fn clients(env: &Env, lines: &[Value], violations: &mut Vec<Violation>) -> u
     failed
 }
 
-/// Drills `sample` points chosen with `seed` and the newest, with a runbook whose
-/// check knows the lost audits; then `verify` of every point.
+/// Points that were partial when listed: the watcher (`watch.rs`) found something a
+/// restore needs missing at once. Excused only when a `lose_chunk` fault struck
+/// between the listing and the look (the verify rules below judge those points).
+pub fn listing(lines: &[Value], violations: &mut Vec<Violation>) -> usize {
+    let losses: Vec<i64> = lines
+        .iter()
+        .filter(|line| line["event"] == "fault_start" && line["kind"] == "lose_chunk")
+        .map(|line| line["t"].as_i64().unwrap())
+        .collect();
+    let mut seen = 0;
+    for line in lines.iter().filter(|line| line["event"] == "point_seen") {
+        seen += 1;
+        let problems = line["problems"].as_array().unwrap();
+        let (listed, looked) = (
+            line["listed_ms"].as_i64().unwrap(),
+            line["t"].as_i64().unwrap(),
+        );
+        if problems.is_empty() || losses.iter().any(|t| (listed..=looked).contains(t)) {
+            continue;
+        }
+        violations.push(Violation {
+            kind: "partial",
+            detail: format!(
+                "point {} was listed at {listed} ms while a restore of it could not find \
+                 what it needs ({looked} ms): {problems:?}",
+                line["point_id"].as_str().unwrap()
+            ),
+        });
+    }
+    seen
+}
+
+/// `verify` of every listed point, judged against the chunks `lose_chunk` deleted: a
+/// point that needs a lost chunk must fail verify (the gap reported), and must have
+/// been listed before the loss (the gap check); every other point must verify. Then
+/// `sample` points chosen with `seed` and the newest, among those no loss touched,
+/// are drilled with a runbook whose check knows the lost audits.
+#[allow(clippy::too_many_arguments)]
 pub fn points(
     env: &Env,
     history: &History,
+    lines: &[Value],
     seed: u64,
     sample: usize,
-    lost: &[String],
+    lost_audits: &[String],
     violations: &mut Vec<Violation>,
     figures: &mut Figures,
 ) {
     let known = env.dir.join("known-unaudited.txt");
-    std::fs::write(&known, lost.join("\n")).unwrap();
+    std::fs::write(&known, lost_audits.join("\n")).unwrap();
     let runbook = std::fs::read_to_string(&env.runbook).unwrap().replace(
         "\"{auditor}\"]",
         &format!(
@@ -238,14 +283,101 @@ pub fn points(
         });
         return;
     }
-    // A seeded sample, and the newest always.
+
+    // Each point's manifest, and when its manifest was stored (listed).
+    let (storage, _) = store::open(&env.runbook);
+    let (manifests, listed_at) = store::runtime().block_on(async {
+        let (manifests, _) = stillpoint::points::list_points(&storage).await.unwrap();
+        let listed_at: BTreeMap<String, i64> = storage
+            .list(stillpoint::points::POINTS_DIR)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|entry| {
+                let id = entry.path.split('/').nth(1)?.to_owned();
+                Some((id, entry.last_modified.timestamp_millis()))
+            })
+            .collect();
+        (manifests, listed_at)
+    });
+    let losses: Vec<(i64, Lost)> = lines
+        .iter()
+        .filter(|line| line["event"] == "fault_start" && line["kind"] == "lose_chunk")
+        .map(|line| {
+            let lost = serde_json::from_value(line["lost"].clone()).unwrap();
+            (line["t"].as_i64().unwrap(), lost)
+        })
+        .collect();
+    let needs_lost = |id: &str| -> Vec<&(i64, Lost)> {
+        let Some(point) = manifests.iter().find(|point| point.point_id == id) else {
+            return Vec::new();
+        };
+        losses
+            .iter()
+            .filter(|(_, lost)| store::needs_lost(point, lost))
+            .collect()
+    };
+
+    let (code, verified) = run_json(env, &["verify", "--output", "json"], &checking);
+    history.log("verify", json!({ "exit": code, "ok": verified["ok"] }));
+    if verified["points"].as_array().is_none() {
+        violations.push(Violation {
+            kind: "verify",
+            detail: format!("verify did not report on the points (exit {code}): {verified}"),
+        });
+    }
+    for point in verified["points"].as_array().into_iter().flatten() {
+        let id = point["point_id"].as_str().unwrap_or_default();
+        let lost = needs_lost(id);
+        let listed = listed_at.get(id).copied().unwrap_or(i64::MAX);
+        for (when, chunk) in &lost {
+            if *when < listed {
+                violations.push(Violation {
+                    kind: "gap",
+                    detail: format!(
+                        "point {id} was listed at {listed} ms although chunk {} of {} was \
+                         lost at {when} ms, and a restore of it needs that chunk",
+                        chunk.chunk, chunk.database
+                    ),
+                });
+            }
+        }
+        match (point["ok"] == true, lost.first()) {
+            (true, None) => {}
+            (false, None) => violations.push(Violation {
+                kind: "verify",
+                detail: format!("verify finds a listed point unrestorable: {point}"),
+            }),
+            (true, Some((_, chunk))) => violations.push(Violation {
+                kind: "gap",
+                detail: format!(
+                    "verify passes point {id}, whose restore needs chunk {} of {}, which \
+                     was deleted: the gap is not reported",
+                    chunk.chunk, chunk.database
+                ),
+            }),
+            (false, Some(_)) => figures.gaps_reported += 1,
+        }
+    }
+    for damaged in verified["damaged_points"].as_array().into_iter().flatten() {
+        violations.push(Violation {
+            kind: "verify",
+            detail: format!("a point's manifest cannot be read: {damaged}"),
+        });
+    }
+
+    // A seeded sample, and the newest, of the points no lost chunk broke.
+    let whole: Vec<&String> = ids.iter().filter(|id| needs_lost(id).is_empty()).collect();
+    let Some(newest) = whole.len().checked_sub(1) else {
+        return;
+    };
     let mut rng = Rng::new(seed ^ 0x5eed);
-    let mut chosen = BTreeSet::from([ids.len() - 1]);
-    while chosen.len() < (sample + 1).min(ids.len()) {
-        chosen.insert(rng.between(0, ids.len() as u64 - 1) as usize);
+    let mut chosen = BTreeSet::from([newest]);
+    while chosen.len() < (sample + 1).min(whole.len()) {
+        chosen.insert(rng.between(0, whole.len() as u64 - 1) as usize);
     }
     for index in chosen {
-        let id = &ids[index];
+        let id = whole[index];
         let (code, drill) = run_json(
             env,
             &["drill", "--point", id, "--output", "json"],
@@ -265,31 +397,9 @@ pub fn points(
         } else {
             violations.push(Violation {
                 kind: "points",
-                detail: format!("point {id} (listed #{index}) failed its drill: {drill}"),
+                detail: format!("point {id} failed its drill: {drill}"),
             });
         }
-    }
-    let (code, verified) = run_json(env, &["verify", "--output", "json"], &checking);
-    history.log("verify", json!({ "exit": code, "ok": verified["ok"] }));
-    if verified["points"].as_array().is_none() {
-        violations.push(Violation {
-            kind: "verify",
-            detail: format!("verify did not report on the points (exit {code}): {verified}"),
-        });
-    }
-    for point in verified["points"].as_array().into_iter().flatten() {
-        if point["ok"] != true {
-            violations.push(Violation {
-                kind: "verify",
-                detail: format!("verify finds a listed point unrestorable: {point}"),
-            });
-        }
-    }
-    for damaged in verified["damaged_points"].as_array().into_iter().flatten() {
-        violations.push(Violation {
-            kind: "verify",
-            detail: format!("a point's manifest cannot be read: {damaged}"),
-        });
     }
 }
 

@@ -362,6 +362,8 @@ impl Env {
             .arg(format!("127.0.0.1:{}", self.service_port))
             .arg("--token-file")
             .arg(self.dir.join("operator.token"))
+            // Each job's start and end, with its duration: what a slow run is read from.
+            .env("STILLPOINT_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file(&self.dir.join("serve.log")))
@@ -511,7 +513,7 @@ archive = true
 {storage}
 [archive]
 partial_interval = "500ms"
-chunk_interval = "500ms"
+chunk_interval = "2s"
 spool_dir = "{spool}"
 [schedule]
 point = "*/3 * * * * *"

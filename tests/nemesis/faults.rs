@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::env::{Env, LEASE, STORAGE_HOST, Storage};
 use crate::history::History;
 use crate::net::{Lane, Lanes};
+use crate::store::{self, PATIENCE};
 
 /// A seeded generator (splitmix64): the same seed gives the same schedule.
 pub struct Rng(u64);
@@ -59,6 +60,9 @@ pub enum Kind {
     ClockStep,
     /// The file storage's filesystem full.
     DiskFull,
+    /// A chunk the next points need deleted from storage: a gap no archiver can
+    /// close, the log having moved past it. Healed by a base backup after it.
+    LoseChunk,
 }
 
 impl Kind {
@@ -75,6 +79,7 @@ impl Kind {
             Kind::PartitionNode => "partition_node",
             Kind::ClockStep => "clock_step",
             Kind::DiskFull => "disk_full",
+            Kind::LoseChunk => "lose_chunk",
         }
     }
 
@@ -89,6 +94,7 @@ impl Kind {
             Kind::KillMariadb,
             Kind::PartitionNode,
             Kind::ClockStep,
+            Kind::LoseChunk,
         ];
         if s3 {
             kinds.extend([Kind::StorageStopped, Kind::StorageSlow]);
@@ -242,6 +248,65 @@ pub fn inject(
             std::thread::sleep(hold);
             std::fs::write(&clock, "+0\n").unwrap();
             end(&ledger);
+        }
+        Kind::LoseChunk => {
+            // Points must stop being listed until a base backup after the gap (the
+            // point's gap check), and `verify` must name the gap in every point listed
+            // before that needs the chunk (the checker's rules).
+            let first = if rng.next().is_multiple_of(2) {
+                "ledger"
+            } else {
+                "auditor"
+            };
+            let second = if first == "ledger" {
+                "auditor"
+            } else {
+                "ledger"
+            };
+            let pick = rng.next();
+            let (storage, settings) = store::open(&env.runbook);
+            let runtime = store::runtime();
+            let lost = [first, second].into_iter().find_map(|database| {
+                let losing = store::lose_chunk(&storage, &settings, database, pick);
+                match runtime.block_on(async { tokio::time::timeout(PATIENCE, losing).await }) {
+                    Ok(Ok(lost)) => lost,
+                    Ok(Err(error)) => panic!("lose_chunk in {database}: {error}"),
+                    Err(_) => panic!("lose_chunk in {database}: the storage did not answer"),
+                }
+            });
+            let Some(lost) = lost else {
+                history.log(
+                    "fault_skipped",
+                    json!({ "kind": kind.name(), "why": "no whole chunk after the newest base yet" }),
+                );
+                return false;
+            };
+            start(&lost.database, json!({ "lost": lost }));
+            // A MariaDB base replays from the start of its binlog file: a new file
+            // first, so that the base's replay begins past the gap.
+            if lost.database == "auditor" {
+                env.mariadb.sql("auditor", "FLUSH BINARY LOGS");
+            }
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let base = env
+                    .stillpoint()
+                    .args(["base-backup", "--config"])
+                    .arg(&env.runbook)
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .unwrap();
+                if base.status.success() {
+                    break;
+                }
+                let why = String::from_utf8_lossy(&base.stderr).into_owned();
+                history.log("heal_failed", json!({ "kind": kind.name(), "why": why }));
+                if tries == 3 {
+                    break;
+                }
+            }
+            end(&lost.database);
         }
         Kind::DiskFull => {
             let Storage::File { mount } = &env.storage else {

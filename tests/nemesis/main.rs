@@ -26,6 +26,8 @@ mod faults;
 mod history;
 mod net;
 mod observe;
+mod store;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -185,6 +187,7 @@ fn main() -> ExitCode {
             .collect(),
         history.clone(),
     );
+    let watcher = watch::Watcher::start(&env.runbook, history.clone());
 
     let injected = faults::schedule(
         &mut env,
@@ -202,6 +205,7 @@ fn main() -> ExitCode {
         // rules too.
         eprintln!("nemesis: interrupted; stopping everything it started, no check");
         drop(observer);
+        drop(watcher);
         return ExitCode::from(130);
     }
 
@@ -231,6 +235,7 @@ fn main() -> ExitCode {
     }
     env.stop_service();
     history.log("service_stopped", json!({}));
+    drop(watcher);
     // Watched until no ledger node is paused (or two leases have passed): a node left
     // paused after the service's release is then seen outliving its lease.
     let watching = Instant::now();
@@ -245,6 +250,7 @@ fn main() -> ExitCode {
     let lines = history::read(&history.path);
     let mut figures = check::Figures {
         paused_samples: check::lease(&lines, &mut violations),
+        points_seen: check::listing(&lines, &mut violations),
         failed_requests: check::clients(&env, &lines, &mut violations),
         ..Default::default()
     };
@@ -253,6 +259,7 @@ fn main() -> ExitCode {
     check::points(
         &env,
         &history,
+        &lines,
         args.seed,
         args.drill_sample,
         &lost,
@@ -277,6 +284,8 @@ fn main() -> ExitCode {
         "points_listed": figures.points_listed,
         "points_drilled": figures.points_drilled,
         "points_passed": figures.points_passed,
+        "points_seen_at_listing": figures.points_seen,
+        "points_broken_by_lost_chunks": figures.gaps_reported,
         "lost_audits": figures.lost_audits,
         "failed_requests": figures.failed_requests,
         "paused_samples": figures.paused_samples,
