@@ -524,11 +524,8 @@ async fn a_catalog_read_again_fetches_only_new_records() {
     // read again. The same damage with a new time is.
     let first = std::path::Path::new(&dir).join(archive.record_path(&segment(1).name));
     let modified = std::fs::metadata(&first).unwrap().modified().unwrap();
-    let damage = |path: &std::path::Path| {
-        let text = std::fs::read_to_string(path).unwrap();
-        std::fs::write(path, text.replacen("{", "[", 1)).unwrap();
-    };
-    damage(&first);
+    let text = std::fs::read_to_string(&first).unwrap();
+    std::fs::write(&first, text.replacen("{", "[", 1)).unwrap();
     let file = std::fs::File::options().write(true).open(&first).unwrap();
     file.set_modified(modified).unwrap();
     let catalog = archive.catalog().await.unwrap();

@@ -266,7 +266,8 @@ fn missing_segments(catalog: &crate::archive::Catalog, why: &NotReached) -> Vec<
 }
 
 /// Re-reads every stored artifact `needed` names and checks its checksum: the first
-/// one missing or damaged is named.
+/// one missing or damaged is named. Artifacts already in `checked` are skipped; the
+/// ones checked here are added.
 pub async fn check(
     storage: &Storage,
     point: &PointManifest,

@@ -48,8 +48,12 @@ struct Args {
 }
 
 /// Our flags, and libtest's (`cargo test` passes them) skipped: a name filter that
-/// does not match "nemesis" skips the run, as it would skip a test.
+/// does not match "nemesis" skips the run, as it would skip a test. From
+/// scripts/nemesis (which sets `STILLPOINT_NEMESIS_SCRIPT`) nothing else is expected,
+/// so anything else is refused: `--durtion 30m` would otherwise be a flag skipped and
+/// a filter that skips the whole run.
 fn parse_args() -> Result<Option<Args>, String> {
+    let strict = std::env::var_os("STILLPOINT_NEMESIS_SCRIPT").is_some();
     let mut args = Args {
         duration: Duration::from_secs(90),
         seed: 1,
@@ -86,6 +90,12 @@ fn parse_args() -> Result<Option<Args>, String> {
                 println!("nemesis: test");
                 return Ok(None);
             }
+            other if strict => {
+                return Err(format!(
+                    "{other}: not a flag of scripts/nemesis (--duration, --seed, --storage, \
+                     --drill-sample)"
+                ));
+            }
             flag if flag.starts_with('-') => {}
             filter if !"nemesis".contains(filter) => return Ok(None),
             _ => {}
@@ -117,10 +127,35 @@ fn on_signal() -> Arc<AtomicBool> {
     flag
 }
 
+/// One run at a time on a machine: runs share loopback's tc rules (a second would
+/// replace the first's, and remove them when it ends) and the addresses
+/// 127.0.0.11–20. Held (an flock) until the process exits.
+fn lock_the_machine() -> Result<std::fs::File, String> {
+    let path = std::path::Path::new("/run/lock/stillpoint-nemesis.lock");
+    let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "another nemesis run is under way on this machine (it holds {}): runs share \
+             loopback's tc rules and the addresses 127.0.0.11-20, so they cannot overlap; \
+             wait for it to end, or stop it with SIGINT",
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(Some(args)) => args,
         Ok(None) => return ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("nemesis: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let _machine = match lock_the_machine() {
+        Ok(lock) => lock,
         Err(error) => {
             eprintln!("nemesis: {error}");
             return ExitCode::from(2);
