@@ -358,7 +358,14 @@ impl BinlogArchiver {
 
     /// Pushes the whole events the spool holds past the archive's end, file by
     /// file, and removes the files wholly archived.
+    ///
+    /// The file being written is taken up to its length when the sweep first looks
+    /// at it: under steady load it grows while a chunk is pushed, and a sweep that
+    /// chased it returned only when the load paused. The archiver then never looked
+    /// at its cancellation (the service could not stop while clients wrote) and
+    /// pushed a chunk as fast as storage took one, whatever `chunk_interval` said.
     async fn sweep(&self, state: &mut SessionState) -> Result<(), ArchiveError> {
+        let mut lengths = BTreeMap::new();
         loop {
             let files = spool_binlogs(&state.dir).map_err(|e| self.io(&state.dir, e))?;
             let (file, offset) = match &state.archived_to {
@@ -375,10 +382,16 @@ impl BinlogArchiver {
             };
             let next = files.get(index + 1);
             let path = state.dir.join(&file);
-            let len = tokio::fs::metadata(&path)
+            let current = tokio::fs::metadata(&path)
                 .await
                 .map_err(|e| self.io(&path, e))?
                 .len();
+            // A file with a next one is whole (raw mode writes the next file only
+            // after this one's last event): its length is final.
+            let len = match next {
+                Some(_) => current,
+                None => *lengths.entry(file.clone()).or_insert(current),
+            };
             if len < offset {
                 // Still streaming up to where the archive ends.
                 return Ok(());
@@ -1416,6 +1429,66 @@ mod tests {
             bytes.extend(event);
         }
         std::fs::write(dir.join(file), bytes).unwrap();
+    }
+
+    /// A sweep of a file that grows all the while (a server under steady load)
+    /// ends, at the length the file had when the sweep began.
+    #[tokio::test]
+    async fn a_sweep_ends_while_the_file_keeps_growing() {
+        let storage_dir = tempfile::tempdir().unwrap();
+        let spool = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&format!("file://{}", storage_dir.path().display())).unwrap();
+        let archive = Archive::new(storage, PipelineSettings::default(), "app").unwrap();
+        let config = BinlogArchiverConfig::new(
+            "app",
+            MariadbConfig {
+                url: "mysql://u@127.0.0.1:1/app".to_owned(),
+                bin_dir: None,
+                drill_server_url: None,
+                base_method: Default::default(),
+            },
+            spool.path(),
+            Duration::from_secs(1),
+        );
+        let archiver = BinlogArchiver::new(config, archive.clone());
+        let dir = fresh_run_dir(spool.path()).unwrap();
+        write(&dir, "binlog.000001", &[event(4, 15, 100)]);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (stop, path) = (stop.clone(), dir.join("binlog.000001"));
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+                let mut offset = 104;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    file.write_all(&event(offset, 2, 50)).unwrap();
+                    offset += 50;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                offset
+            })
+        };
+        let mut state = SessionState {
+            dir,
+            archived_to: None,
+            gtids: None,
+        };
+        // Many sweeps: one that chases the file would not come back while it grows.
+        for _ in 0..20 {
+            let sweep = archiver.sweep(&mut state);
+            let swept = tokio::time::timeout(Duration::from_secs(60), sweep).await;
+            assert!(swept.is_ok(), "a sweep did not end while the file grew");
+            swept.unwrap().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written = writer.join().unwrap();
+        // Once the file stops growing, one more sweep takes the rest.
+        archiver.sweep(&mut state).await.unwrap();
+        assert_eq!(
+            state.archived_to,
+            Some(Position::binlog("binlog.000001", written))
+        );
+        assert!(archive.catalog().await.unwrap().gaps().is_empty());
     }
 
     /// What the archiver pushes from a spool, without a server: whole events only,

@@ -542,3 +542,37 @@ async fn a_catalog_read_again_fetches_only_new_records() {
     fixture.storage.delete(&third).await.unwrap();
     assert_eq!(names(archive.catalog().await.unwrap()), [segment(2).name]);
 }
+
+/// A catalog read from a binlog position lists only the chunks of that file and
+/// later ones, and still sees a gap among them.
+#[tokio::test]
+async fn a_binlog_catalog_from_a_position_lists_from_its_file() {
+    let fixture = fixture();
+    let archive =
+        Archive::new(fixture.storage.clone(), PipelineSettings::default(), "app").unwrap();
+    let at = Position::binlog;
+    let chunks = [
+        binlog_chunk("binlog.000001", 4, 500, at("binlog.000002", 4)),
+        binlog_chunk("binlog.000002", 4, 300, at("binlog.000002", 300)),
+        binlog_chunk("binlog.000002", 300, 700, at("binlog.000002", 700)),
+        binlog_chunk("binlog.000002", 700, 900, at("binlog.000002", 900)),
+    ];
+    for chunk in chunks.clone() {
+        archive.push(chunk, bytes(1, 10)).await.unwrap();
+    }
+    let from = at("binlog.000002", 4);
+    let catalog = archive.catalog_from(&from).await.unwrap();
+    let names: Vec<&str> = catalog.chunks.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, [&chunks[1].name, &chunks[2].name, &chunks[3].name]);
+    catalog.covers(&from, &at("binlog.000002", 900)).unwrap();
+
+    let middle = archive.record_path(&chunks[2].name);
+    fixture.storage.delete(&middle).await.unwrap();
+    let catalog = archive.catalog_from(&from).await.unwrap();
+    assert!(matches!(
+        catalog.covers(&from, &at("binlog.000002", 900)),
+        Err(NotReached::Gap(_))
+    ));
+    // The records before the file, not listed then, are still known to a whole read.
+    assert_eq!(archive.catalog().await.unwrap().chunks.len(), 3);
+}

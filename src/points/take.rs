@@ -867,10 +867,17 @@ async fn restorable(
                 .map_err(|error| format!("database {name}: {error}"))?
                 .0;
         }
-        let catalog = archive
-            .catalog()
-            .await
-            .map_err(|error| format!("database {name}: reading its archive: {error}"))?;
+        // With the marker's position known, the base is too, and only the chunks
+        // from where its replay starts are read.
+        let replay_from = fixed_target.as_ref().and_then(|target| {
+            let base = bases.iter().rev().find(|base| base.end <= *target)?;
+            Some(base::replay_from(&base.start))
+        });
+        let catalog = match &replay_from {
+            Some(from) => archive.catalog_from(from).await,
+            None => archive.catalog().await,
+        }
+        .map_err(|error| format!("database {name}: reading its archive: {error}"))?;
         let target = match &fixed_target {
             Some(target) => target.clone(),
             None => {

@@ -510,6 +510,24 @@ impl Storage {
             .map_err(|e| self.backend_error("list", prefix, e))
     }
 
+    /// The objects under `prefix` whose paths sort after `after` (which lies under
+    /// `prefix`), in no particular order: on S3 one `ListObjectsV2` with `StartAfter`,
+    /// so the objects before it cost nothing.
+    pub async fn list_after(
+        &self,
+        prefix: &str,
+        after: &str,
+    ) -> Result<Vec<ObjectEntry>, StorageError> {
+        let location = self.prefix_location(prefix)?;
+        let offset = self.location(after)?;
+        self.store
+            .list_with_offset(location.as_ref(), &offset)
+            .map_ok(entry)
+            .try_collect()
+            .await
+            .map_err(|e| self.backend_error("list", prefix, e))
+    }
+
     /// Deletes one object. Deleting a missing object is not an error: S3 behaves so,
     /// and the local store is made to match, so that a retried prune converges.
     pub async fn delete(&self, path: &str) -> Result<(), StorageError> {
