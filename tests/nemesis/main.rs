@@ -3,8 +3,10 @@
 //! PostgreSQL, the auditor on MariaDB, S3-compatible storage in a process of its own —
 //! under continuous load, while a seeded random schedule injects faults one after
 //! another (`faults`): processes SIGKILLed and started again, the storage stopped or
-//! slowed, the service cut off from a node, a node's clock stepped, a full disk. Then
-//! the checker (`check`) reads the whole history and names every violation.
+//! slowed, the service cut off from a node, a node's clock stepped, a full disk, a
+//! chunk lost from the storage. A watcher (`watch`) looks at every point as it is
+//! listed. Then the checker (`check`) reads the whole history and names every
+//! violation.
 //!
 //! `cargo test` runs the short version (90 s of faults, seed 1: scripts/test); the long runs
 //! and their figures are in docs/reliability.md:
