@@ -284,7 +284,8 @@ pub fn points(
         return;
     }
 
-    // Each point's manifest, and when its manifest was stored (listed).
+    // Each point's manifest, and when its manifest was stored (listed): to the second
+    // on moto_server, so a loss within the second before a listing counts as after it.
     let (storage, _) = store::open(&env.runbook);
     let (manifests, listed_at) = store::runtime().block_on(async {
         let (manifests, _) = stillpoint::points::list_points(&storage).await.unwrap();

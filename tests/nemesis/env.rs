@@ -436,7 +436,9 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         self.loads.clear();
-        self.service = None;
+        // SIGTERM, not SIGKILL: the service's running jobs stop and clean up (a drill
+        // removes its scratch server, which a SIGKILL left running).
+        self.stop_service();
         for node in &mut self.nodes {
             node.kill();
         }
