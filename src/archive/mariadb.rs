@@ -1431,13 +1431,10 @@ mod tests {
         std::fs::write(dir.join(file), bytes).unwrap();
     }
 
-    /// A sweep of a file that grows all the while (a server under steady load)
-    /// ends, at the length the file had when the sweep began.
-    #[tokio::test]
-    async fn a_sweep_ends_while_the_file_keeps_growing() {
-        let storage_dir = tempfile::tempdir().unwrap();
-        let spool = tempfile::tempdir().unwrap();
-        let storage = Storage::open(&format!("file://{}", storage_dir.path().display())).unwrap();
+    /// An archiver of database `app` that sweeps `spool` into file storage at
+    /// `storage`, with no server behind it.
+    fn spool_archiver(storage: &Path, spool: &Path) -> (Archive, BinlogArchiver) {
+        let storage = Storage::open(&format!("file://{}", storage.display())).unwrap();
         let archive = Archive::new(storage, PipelineSettings::default(), "app").unwrap();
         let config = BinlogArchiverConfig::new(
             "app",
@@ -1447,10 +1444,18 @@ mod tests {
                 drill_server_url: None,
                 base_method: Default::default(),
             },
-            spool.path(),
+            spool,
             Duration::from_secs(1),
         );
-        let archiver = BinlogArchiver::new(config, archive.clone());
+        (archive.clone(), BinlogArchiver::new(config, archive))
+    }
+
+    /// A sweep of a file that grows all the while (a server under steady load)
+    /// ends, at the length the file had when the sweep began.
+    #[tokio::test]
+    async fn a_sweep_ends_while_the_file_keeps_growing() {
+        let (storage_dir, spool) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (archive, archiver) = spool_archiver(storage_dir.path(), spool.path());
         let dir = fresh_run_dir(spool.path()).unwrap();
         write(&dir, "binlog.000001", &[event(4, 15, 100)]);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1497,22 +1502,8 @@ mod tests {
     /// run that streams the file again pushes only what lies past the archive's end.
     #[tokio::test]
     async fn the_spool_is_cut_at_whole_events_and_files_follow_each_other() {
-        let storage_dir = tempfile::tempdir().unwrap();
-        let spool = tempfile::tempdir().unwrap();
-        let storage = Storage::open(&format!("file://{}", storage_dir.path().display())).unwrap();
-        let archive = Archive::new(storage, PipelineSettings::default(), "app").unwrap();
-        let config = BinlogArchiverConfig::new(
-            "app",
-            MariadbConfig {
-                url: "mysql://u@127.0.0.1:1/app".to_owned(),
-                bin_dir: None,
-                drill_server_url: None,
-                base_method: Default::default(),
-            },
-            spool.path(),
-            Duration::from_secs(1),
-        );
-        let archiver = BinlogArchiver::new(config, archive.clone());
+        let (storage_dir, spool) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (archive, archiver) = spool_archiver(storage_dir.path(), spool.path());
         let run = |archived_to| {
             let dir = fresh_run_dir(spool.path()).unwrap();
             SessionState {
