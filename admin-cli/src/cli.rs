@@ -100,6 +100,11 @@ pub enum Command {
     /// (only when restorable: a base backup before it, an archive without gaps).
     #[command(after_help = exit::HELP)]
     Point(PointArgs),
+    /// Clone a point: restore every database of it into the new databases another
+    /// runbook names (another cluster), all of them or none, each marked with where it
+    /// came from (a table stillpoint_clone).
+    #[command(after_help = crate::clone::EXAMPLE)]
+    Clone(crate::clone::CloneArgs),
     /// PostgreSQL point-in-time recovery into a scratch server: base backup + WAL
     /// archive replayed to a backup's restore point, LSN or mid-time.
     #[command(after_help = exit::HELP)]
@@ -162,6 +167,7 @@ pub async fn run() -> Result<u8, Failure> {
         Command::BaseBackup(args) => restore::base_backup(args).await,
         Command::Point(args) => points::point(args).await,
         Command::Pitr(args) => restore::pitr(args).await,
+        Command::Clone(args) => crate::clone::clone(args).await,
         Command::Archive(args) => archive::archive(args).await,
         Command::ArchiveList(args) => archive::archive_list(args).await,
         Command::WalPush(args) => archive::wal_push(args).await,

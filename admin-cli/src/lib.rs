@@ -8,6 +8,7 @@
 //!   show on a terminal.
 //! - `catalog.rs`: `list`, `show`, `verify`, `prune`.
 //! - `restore.rs`: `restore`, and PostgreSQL's `base-backup` and `pitr`.
+//! - `clone.rs`: `clone`, a point into another runbook's new databases.
 //! - `drill.rs`: `drill`, with its table, JSON and JUnit reports.
 //! - `serve.rs`: `serve`, the long-running service (the `stillpoint-service` crate).
 //! - `remote.rs`: `--server`: `list`, `show`, `point`, `backup`, `drill`, `verify`
@@ -25,6 +26,7 @@ pub mod args;
 pub mod backup;
 pub mod catalog;
 pub mod cli;
+pub mod clone;
 pub mod demo;
 pub mod docs;
 pub mod drill;

@@ -55,7 +55,7 @@ pub struct PointArgs {
     pub no_wait: bool,
 }
 
-fn open_storage(runbook: &Runbook) -> Result<Storage, Failure> {
+pub(crate) fn open_storage(runbook: &Runbook) -> Result<Storage, Failure> {
     Storage::open_with_options(&runbook.storage.url, &runbook.storage.options)
         .map_err(|error| Failure::new(exit::USAGE, error))
 }
@@ -223,7 +223,10 @@ pub async fn base_backup(args: &BaseBackupArgs) -> Result<u8, Failure> {
 /// over in silence: asked for by its id, it is the error (exit 6); newer than the
 /// point `latest` resolves to, it is a warning (a restore of an older point than the
 /// operator thinks loses data).
-async fn resolve_point(storage: &Storage, which: &str) -> Result<PointManifest, Failure> {
+pub(crate) async fn resolve_point(
+    storage: &Storage,
+    which: &str,
+) -> Result<PointManifest, Failure> {
     let (found, damaged) = points::list_points(storage).await.map_err(usage)?;
     let id_of = |path: &str| {
         path.strip_prefix("points/")
@@ -256,12 +259,12 @@ async fn resolve_point(storage: &Storage, which: &str) -> Result<PointManifest, 
     Ok(point)
 }
 
-fn run_as(flag: &Option<String>) -> Option<String> {
+pub(crate) fn run_as(flag: &Option<String>) -> Option<String> {
     flag.clone()
         .or_else(|| stillpoint::pitr::running_as_root().then(|| "postgres".to_owned()))
 }
 
-fn restore_code(error: &PointRestoreError) -> u8 {
+pub(crate) fn restore_code(error: &PointRestoreError) -> u8 {
     match error {
         PointRestoreError::Setup(_) => exit::USAGE,
         PointRestoreError::Recovery(stillpoint::pitr::PitrError::Cancelled(_)) => exit::ERROR,

@@ -567,6 +567,41 @@ impl Adapter for Mariadb {
         let _ = conn.disconnect().await;
         Ok(counts)
     }
+
+    async fn write_note(
+        &self,
+        target: &str,
+        table: &str,
+        fields: &[(String, String)],
+    ) -> Result<(), AdapterError> {
+        let mut conn = self.connect_target(target).await?;
+        // InnoDB and one transaction: the note is whole or absent (the CREATE commits
+        // by itself; the rows go in together).
+        conn.query_drop(format!(
+            "CREATE TABLE {} (field VARCHAR(64) PRIMARY KEY, value TEXT NOT NULL) \
+             ENGINE=InnoDB CHARACTER SET utf8mb4",
+            quote_ident(table)
+        ))
+        .await
+        .map_err(|e| self.target_error(target, e))?;
+        let mut tx = conn
+            .start_transaction(Default::default())
+            .await
+            .map_err(|e| self.target_error(target, e))?;
+        for (field, value) in fields {
+            tx.exec_drop(
+                format!("INSERT INTO {} VALUES (?, ?)", quote_ident(table)),
+                (field, value),
+            )
+            .await
+            .map_err(|e| self.target_error(target, e))?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| self.target_error(target, e))?;
+        let _ = conn.disconnect().await;
+        Ok(())
+    }
 }
 
 impl Mariadb {

@@ -182,6 +182,19 @@ pub trait Adapter: Send + Sync + 'static {
         Err(self.unsupported("row counts"))
     }
 
+    /// Creates the table `table` in `target` holding `fields` as rows of
+    /// (`field`, `value`) text: a note a restored copy carries about itself, such as
+    /// where a clone came from (`stillpoint clone`). Fails if the table exists.
+    async fn write_note(
+        &self,
+        target: &str,
+        table: &str,
+        fields: &[(String, String)],
+    ) -> Result<(), AdapterError> {
+        let _ = (target, table, fields);
+        Err(self.unsupported("notes in a restored copy"))
+    }
+
     fn unsupported(&self, what: &str) -> AdapterError {
         AdapterError::Restore {
             database: self.name().to_owned(),

@@ -546,6 +546,34 @@ impl Adapter for Postgres {
         conn.close().await;
         Ok(counts)
     }
+
+    async fn write_note(
+        &self,
+        target: &str,
+        table: &str,
+        fields: &[(String, String)],
+    ) -> Result<(), AdapterError> {
+        let conn = self.connect_target(target).await?;
+        let mut sql = format!(
+            "CREATE TABLE {} (field text PRIMARY KEY, value text NOT NULL); ",
+            quote_ident(table)
+        );
+        for (field, value) in fields {
+            sql.push_str(&format!(
+                "INSERT INTO {} VALUES ({}, {}); ",
+                quote_ident(table),
+                quote_literal(field),
+                quote_literal(value)
+            ));
+        }
+        // One transaction: the note is whole or absent.
+        conn.client
+            .batch_execute(&format!("BEGIN; {sql}COMMIT"))
+            .await
+            .map_err(|e| self.target_error(target, &e))?;
+        conn.close().await;
+        Ok(())
+    }
 }
 
 /// How long emptying a restore target waits for a lock before it gives up, having

@@ -160,6 +160,40 @@ impl Adapter for Sqlite {
             .await
             .map_err(|message| self.read_error(target, message))
     }
+
+    async fn write_note(
+        &self,
+        target: &str,
+        table: &str,
+        fields: &[(String, String)],
+    ) -> Result<(), AdapterError> {
+        let path = PathBuf::from(target);
+        let quoted = table.replace('"', "\"\"");
+        let fields = fields.to_vec();
+        blocking(move || {
+            let mut conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+                .map_err(|e| format!("opening {}: {e}", path.display()))?;
+            let tx = conn.transaction().map_err(|e| e.to_string())?;
+            tx.execute(
+                &format!("CREATE TABLE \"{quoted}\" (field TEXT PRIMARY KEY, value TEXT NOT NULL)"),
+                [],
+            )
+            .map_err(|e| e.to_string())?;
+            for (field, value) in &fields {
+                tx.execute(
+                    &format!("INSERT INTO \"{quoted}\" VALUES (?1, ?2)"),
+                    [field, value],
+                )
+                .map_err(|e| e.to_string())?;
+            }
+            tx.commit().map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|message| AdapterError::Restore {
+            database: self.name.clone(),
+            message: format!("writing table {table} into {target}: {message}"),
+        })
+    }
 }
 
 impl Sqlite {

@@ -45,6 +45,7 @@ use crate::coordinator::PauseReport;
 use crate::storage::{Storage, StorageError};
 
 pub mod base;
+pub mod clone;
 pub mod prune;
 pub mod restore;
 pub mod take;

@@ -489,7 +489,7 @@ fn source_database(needed: &Needed, name: &str) -> String {
 /// A MariaDB database of a point into the new, empty database `url`: what it needs
 /// checked first, then its base loaded and the binlog replayed to the marker, then
 /// the rows per table compared with the point's counts.
-async fn restore_binlog(
+pub(super) async fn restore_binlog(
     request: RestoreRequest<'_>,
     url: &str,
     cancel: &CancellationToken,
@@ -544,7 +544,7 @@ async fn restore_binlog(
 /// first, then rebuilt beside `path` (the snapshot and the frames to the marker),
 /// checked (`PRAGMA integrity_check`, the rows per table against the point's counts)
 /// and only then renamed into place, so `path` never holds part of a database.
-async fn restore_sqlite(
+pub(super) async fn restore_sqlite(
     request: RestoreRequest<'_>,
     path: &Path,
     cancel: &CancellationToken,
@@ -745,7 +745,7 @@ pub fn check_destination(
 /// replayed to the marker and the rows per table compared with the point's counts.
 /// The server is left running (a drill's checks); anything failing removes what was
 /// written.
-async fn restore_mariadb_server(
+pub(super) async fn restore_mariadb_server(
     request: RestoreRequest<'_>,
     data_dir: &Path,
     cancel: &CancellationToken,
@@ -831,18 +831,18 @@ async fn restore_mariadb_server(
 }
 
 /// A MariaDB data directory restored to a point, its scratch server running.
-struct HeldMariadb {
+pub(super) struct HeldMariadb {
     server: mariadb_backup::ScratchServer,
     /// Removed when dropped unless kept.
     dir: pitr::ClaimedDir,
     /// The restored database on the scratch server.
-    url: String,
+    pub(super) url: String,
 }
 
 impl HeldMariadb {
     /// Shuts the server down cleanly; the directory stays when `keep` (and the
     /// shutdown worked), and is removed otherwise.
-    async fn stop(self, keep: bool) -> Result<(), String> {
+    pub(super) async fn stop(self, keep: bool) -> Result<(), String> {
         let HeldMariadb {
             server, mut dir, ..
         } = self;
@@ -896,7 +896,7 @@ async fn compare_mariadb_rows(
 
 /// The first tables whose rows differ between what a point counted and what a
 /// restore holds, or `None` when they are equal.
-fn row_count_difference(
+pub(super) fn row_count_difference(
     expected: &BTreeMap<String, u64>,
     found: &BTreeMap<String, u64>,
 ) -> Option<String> {
@@ -1007,7 +1007,7 @@ pub async fn restore_held(
     Ok((held, report))
 }
 
-fn postgres_config<'a>(
+pub(super) fn postgres_config<'a>(
     runbook: &'a Runbook,
     database: &str,
 ) -> Result<&'a PostgresConfig, PointRestoreError> {
@@ -1069,7 +1069,7 @@ fn point_entry(point: &PointManifest, name: &str) -> Result<DatabaseEntry, Point
 }
 
 /// A directory the scratch server's user can read (it runs `restore_command` there).
-fn staging_dir(within: Option<&Path>) -> Result<tempfile::TempDir, PointRestoreError> {
+pub(super) fn staging_dir(within: Option<&Path>) -> Result<tempfile::TempDir, PointRestoreError> {
     let mut builder = tempfile::Builder::new();
     builder.prefix("stillpoint-point-");
     let dir = match within {
@@ -1624,7 +1624,7 @@ async fn stop_scratch_mariadb(server: HeldMariadb) {
 }
 
 /// A port nothing listens on now (the OS picks it).
-fn free_port() -> Result<u16, String> {
+pub(super) fn free_port() -> Result<u16, String> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|error| format!("finding a free port: {error}"))?;
     listener
@@ -1633,7 +1633,7 @@ fn free_port() -> Result<u16, String> {
         .map_err(|error| format!("finding a free port: {error}"))
 }
 
-fn elapsed_ms(since: Instant) -> u64 {
+pub(super) fn elapsed_ms(since: Instant) -> u64 {
     since.elapsed().as_millis() as u64
 }
 

@@ -17,6 +17,7 @@ mod upstream_server;
 mod util;
 
 mod cli;
+mod clone;
 mod passwords;
 mod pause;
 mod pitr;
