@@ -15,7 +15,7 @@ use stillpoint_testkit::{MariaDb, Postgres, PostgresOptions};
 
 use crate::cluster::{self, Cluster, Load};
 use crate::points::{start_archiver, stillpoint_json, stop_archiver, take_point};
-use crate::util::{Database, Runbook, run, stderr, wait_until};
+use crate::util::{Database, Runbook, run, spawn_reading_stderr, stderr, wait_until};
 
 /// The clone's runbook: the point's two databases by name, on the clone's servers.
 fn clone_runbook(dir: &Path, file: &str, ledger_url: &str, auditor_url: &str) -> PathBuf {
@@ -240,6 +240,54 @@ fn a_clone_of_a_point_under_load_is_consistent_marked_and_all_or_nothing() {
     // The control: the same check finds what the first clone made.
     assert!(postgres_has(&clone_pg, &ledger_name));
     assert!(mariadb_has(&mariadb, &auditor_name));
+
+    // An operator who gives up: SIGINT once the clone's databases exist (the ledger
+    // is being restored then) undoes it too.
+    let (interrupted_ledger, interrupted_auditor) =
+        (format!("{ledger_name}_i"), format!("{auditor_name}_i"));
+    let interrupted = clone_runbook(
+        dir.path(),
+        "interrupted.toml",
+        &clone_pg.url(&interrupted_ledger),
+        &mariadb.url(&interrupted_auditor),
+    );
+    let (process, lines) = spawn_reading_stderr(
+        "stillpoint",
+        &clone_args(&source, &interrupted, &second_id),
+        &[],
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the interrupted clone to create its databases",
+        || mariadb_has(&mariadb, &interrupted_auditor),
+    );
+    process.signal("INT");
+    let output = process.wait_output(Duration::from_secs(60));
+    // Until the reader sees stderr close.
+    let said: Vec<String> = lines.iter().collect();
+    let said = said.join("\n");
+    eprintln!("the interrupted clone: {said}");
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(said.contains("the clone was undone"), "{said}");
+    assert!(!postgres_has(&clone_pg, &interrupted_ledger));
+    assert!(!mariadb_has(&mariadb, &interrupted_auditor));
+
+    // A clone's runbook without one of the point's databases is refused before
+    // anything is created.
+    let partial = Runbook::standalone("clone")
+        .database(Database::postgres(
+            "ledger",
+            &clone_pg.url("ledger_partial"),
+        ))
+        .storage_url(&format!(
+            "file://{}",
+            dir.path().join("clone-storage").display()
+        ))
+        .write(&dir.path().join("partial.toml"));
+    let (code, refused) = failing_clone(&source, &partial, &second_id);
+    assert_eq!(code, 2, "{refused}");
+    assert!(refused.contains("has no database \"auditor\""), "{refused}");
+    assert!(!postgres_has(&clone_pg, "ledger_partial"));
 
     eprintln!("load: {}", load.stop());
     stop_archiver(Some(archiver));
