@@ -73,13 +73,10 @@ pub async fn lose_chunk(
         return Ok(None);
     }
     let chunk = candidates[(pick % candidates.len() as u64) as usize];
-    let record = format!("{}/{}.json", archive.prefix(), chunk.name);
-    for path in [&record, &chunk.artifact.path] {
-        storage
-            .delete(path)
-            .await
-            .map_err(|error| format!("deleting {path}: {error}"))?;
-    }
+    archive
+        .remove(chunk)
+        .await
+        .map_err(|error| format!("deleting chunk {}: {error}", chunk.name))?;
     Ok(Some(Lost {
         database: database.to_owned(),
         chunk: chunk.name.clone(),
