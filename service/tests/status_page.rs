@@ -295,11 +295,17 @@ archive = true
 [storage]
 url = "file://{}"
 
+[archive]
+spool_dir = "{}"
+
 [schedule]
 drill = "0 4 * * *"
 verify = "0 5 * * 0"
 "#,
-            storage_dir.display()
+            storage_dir.display(),
+            // Not the default under the system's temporary directory, which would
+            // outlive the test.
+            dir.path().join("spool").display()
         ),
     )
     .expect("write the runbook");
