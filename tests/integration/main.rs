@@ -28,3 +28,4 @@ mod points_sqlite;
 mod protocols;
 mod security;
 mod serve;
+mod standby;
