@@ -262,6 +262,28 @@ fn a_standby_promoted_at_one_point_is_consistent_and_one_promoted_at_each_archiv
     drop(load);
     eprintln!("standby: primary killed at {failure_ms} ms");
 
+    // A point older than the one every database already passed is refused: no server
+    // can go back to it. Nothing is promoted.
+    let oldest = points[0]["point_id"].as_str().unwrap();
+    let output = crate::util::run(
+        "stillpoint",
+        &[
+            "standby",
+            "promote",
+            "--config",
+            a.to_str().unwrap(),
+            "--point",
+            oldest,
+        ],
+    );
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let said = stderr(&output);
+    assert!(
+        said.contains(oldest) && said.contains("cannot go back"),
+        "{said}"
+    );
+    assert!(status(&a)["promoted"].is_null());
+
     // Standby A promoted at one point.
     let (code, promoted) = run_json(
         "stillpoint",
