@@ -193,7 +193,8 @@ spool_dir = "{spool}"
     .unwrap();
     let primary = primary.to_str().unwrap();
     let _archiver = Quiet::spawn(
-        Command::new(support::workspace_binary("stillpoint")).args(["archive", "--config", primary]),
+        Command::new(support::workspace_binary("stillpoint"))
+            .args(["archive", "--config", primary]),
     );
     let _load = Process::spawn(Command::new(&node).args([
         "load",
@@ -262,9 +263,9 @@ port = {port}
     );
     // Until the standby has passed its first point (the seed: a base extracted).
     let seeded = Instant::now();
-    while stillpoint(&["standby", "status", "--config", standby, "--output", "json"])
-        ["common_point"]
-        .is_null()
+    while
+        stillpoint(&["standby", "status", "--config", standby, "--output", "json"])["common_point"]
+            .is_null()
     {
         assert!(
             seeded.elapsed() < Duration::from_secs(300),

@@ -233,10 +233,6 @@ fn print_promoted(report: &PromoteReport) {
         );
     }
     for (name, database) in &report.databases {
-        crate::outln!(
-            "  {name}: {} at {}",
-            database.adapter,
-            database.position
-        );
+        crate::outln!("  {name}: {} at {}", database.adapter, database.position);
     }
 }

@@ -194,9 +194,12 @@ impl Standby {
         };
         standby.members()?;
         for name in standby.config.postgres.keys() {
-            if !standby.runbook.databases.iter().any(|db| {
-                db.name == *name && matches!(db.adapter, AdapterConfig::Postgres(_))
-            }) {
+            if !standby
+                .runbook
+                .databases
+                .iter()
+                .any(|db| db.name == *name && matches!(db.adapter, AdapterConfig::Postgres(_)))
+            {
                 return Err(StandbyError::Setup(format!(
                     "[standby.postgres.{name}] names no PostgreSQL database of the runbook"
                 )));
@@ -390,21 +393,11 @@ impl Standby {
             .await
             .map_err(|error| Moved::Untouched(error.into()))?;
         let position = match (member, current) {
-            (
-                Member::Postgres {
-                    config, server, ..
-                },
-                None,
-            ) => {
+            (Member::Postgres { config, server, .. }, None) => {
                 postgres::seed(self, name, config, server, point, &needed).await?;
                 needed.target.clone()
             }
-            (
-                Member::Postgres {
-                    config, server, ..
-                },
-                Some(_),
-            ) => {
+            (Member::Postgres { config, server, .. }, Some(_)) => {
                 postgres::advance(self, name, config, server, point, &needed).await?;
                 needed.target.clone()
             }
@@ -413,8 +406,15 @@ impl Standby {
                 needed.target.clone()
             }
             (Member::Mariadb { config, .. }, Some(current)) => {
-                mariadb::apply(self, name, config, &needed, &current.position, &needed.target)
-                    .await?;
+                mariadb::apply(
+                    self,
+                    name,
+                    config,
+                    &needed,
+                    &current.position,
+                    &needed.target,
+                )
+                .await?;
                 needed.target.clone()
             }
         };
@@ -450,9 +450,9 @@ impl Standby {
                 _ => None,
             };
             let server_replayed = match &member {
-                Member::Postgres { config, server, .. } => postgres::replayed(config, server)
-                    .await
-                    .map(Position::Lsn),
+                Member::Postgres { config, server, .. } => {
+                    postgres::replayed(config, server).await.map(Position::Lsn)
+                }
                 Member::Mariadb { .. } => None,
             };
             databases.push(DatabaseStatus {
@@ -588,9 +588,9 @@ impl Standby {
         for member in members {
             let name = member.name().to_owned();
             let result = match member {
-                Member::Postgres {
-                    config, server, ..
-                } => postgres::promote(self, &name, config, server).await,
+                Member::Postgres { config, server, .. } => {
+                    postgres::promote(self, &name, config, server).await
+                }
                 // Nothing applies to it any more once the state says promoted.
                 Member::Mariadb { .. } => Ok(()),
             };
@@ -643,14 +643,14 @@ impl Standby {
                 .end()
                 .unwrap_or_else(|| current.position.clone());
             let position = match member {
-                Member::Postgres {
-                    config, server, ..
-                } => postgres::promote_at_archive_end(self, &name, config, server)
-                    .await
-                    .map_err(|message| StandbyError::Database {
-                        database: name.clone(),
-                        message,
-                    })?,
+                Member::Postgres { config, server, .. } => {
+                    postgres::promote_at_archive_end(self, &name, config, server)
+                        .await
+                        .map_err(|message| StandbyError::Database {
+                            database: name.clone(),
+                            message,
+                        })?
+                }
                 Member::Mariadb { config, .. } => {
                     mariadb::apply_to(self, &name, config, &current, &end)
                         .await
@@ -732,7 +732,12 @@ fn lag_bytes(catalog: &crate::archive::Catalog, applied: &Position) -> u64 {
                     _ => chunk.size,
                 }
             } else {
-                match (applied.lsn(), end.lsn(), applied.as_binlog(), end.as_binlog()) {
+                match (
+                    applied.lsn(),
+                    end.lsn(),
+                    applied.as_binlog(),
+                    end.as_binlog(),
+                ) {
                     (Some(applied), Some(end), _, _) => end.0 - applied.0,
                     (_, _, Some((_, at)), Some((_, to))) if to > at => to - at,
                     _ => chunk.size,

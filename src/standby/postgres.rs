@@ -99,9 +99,14 @@ async fn make(
     let data_dir = &server.data_dir;
     std::fs::create_dir_all(data_dir)
         .map_err(|error| format!("creating {}: {error}", data_dir.display()))?;
-    point_restore::extract_base(&standby.storage, &standby.decryption, &needed.base, data_dir)
-        .await
-        .map_err(|why| format!("extracting base backup {}: {why}", needed.base.id))?;
+    point_restore::extract_base(
+        &standby.storage,
+        &standby.decryption,
+        &needed.base,
+        data_dir,
+    )
+    .await
+    .map_err(|why| format!("extracting base backup {}: {why}", needed.base.id))?;
     pitr::set_private(data_dir).map_err(|error| error.to_string())?;
     std::fs::create_dir_all(data_dir.join("pg_wal"))
         .map_err(|error| format!("creating pg_wal: {error}"))?;
@@ -119,12 +124,10 @@ async fn make(
         .map_err(|error| format!("writing standby.signal: {error}"))?;
     // A Debian cluster keeps its configuration in /etc: its base has none, and the
     // server needs a file (the settings that matter are on the command line).
-    for file in ["postgresql.conf"] {
-        let path = data_dir.join(file);
-        if !path.exists() {
-            std::fs::write(&path, b"# Written by stillpoint standby.\n")
-                .map_err(|error| format!("writing {}: {error}", path.display()))?;
-        }
+    let conf = data_dir.join("postgresql.conf");
+    if !conf.exists() {
+        std::fs::write(&conf, b"# Written by stillpoint standby.\n")
+            .map_err(|error| format!("writing {}: {error}", conf.display()))?;
     }
     if !data_dir.join("pg_hba.conf").exists() {
         return Err(format!(
@@ -162,7 +165,9 @@ pub(crate) async fn advance(
         start(standby, name, config, server, Some(&target)).await?;
         wait_at(standby, config, server, point, needed).await
     };
-    moved.await.map_err(|message| Moved::Broken(fail(name, message)))
+    moved
+        .await
+        .map_err(|message| Moved::Broken(fail(name, message)))
 }
 
 fn restore_point(needed: &Needed) -> Result<String, String> {
@@ -445,11 +450,7 @@ async fn replay_state(
         .await
         .map_err(|error| error.to_string())?;
     let lsn: Option<String> = row.get(2);
-    Ok((
-        row.get(0),
-        row.get(1),
-        lsn.and_then(|lsn| lsn.parse().ok()),
-    ))
+    Ok((row.get(0), row.get(1), lsn.and_then(|lsn| lsn.parse().ok())))
 }
 
 /// A connection through the server's socket in its data directory, as the

@@ -68,7 +68,7 @@ impl Drop for StandbyServer {
 }
 
 /// A standby runbook: the primary's storage, its own ledger (a standby server on
-/// `port`) and auditor (`auditor_url`), and a `[standby]` table.
+/// a free port) and auditor (`auditor_url`), and a `[standby]` table.
 fn standby_runbook(
     dir: &Path,
     name: &str,
@@ -77,8 +77,8 @@ fn standby_runbook(
     mariadb: &MariaDb,
     auditor_url: &str,
     storage: &Path,
-    port: u16,
 ) -> (PathBuf, String, StandbyServer) {
+    let port = free_port();
     let ledger_url = format!("postgres://postgres@127.0.0.1:{port}/ledger");
     let data_dir = dir.join(format!("{name}-ledger"));
     let mut text = Runbook::for_cluster(name, cluster)
@@ -106,7 +106,13 @@ fn standby_runbook(
 
 fn follower(config: &Path) -> Process {
     let child = Command::new(bin("stillpoint"))
-        .args(["standby", "--config", config.to_str().unwrap(), "--output", "json"])
+        .args([
+            "standby",
+            "--config",
+            config.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -199,7 +205,6 @@ fn a_standby_promoted_at_one_point_is_consistent_and_one_promoted_at_each_archiv
         &standby_mariadb,
         &standby_mariadb.url("auditor"),
         &storage,
-        free_port(),
     );
     let (b, b_ledger, _b_server) = standby_runbook(
         dir.path(),
@@ -209,7 +214,6 @@ fn a_standby_promoted_at_one_point_is_consistent_and_one_promoted_at_each_archiv
         &standby_mariadb,
         &standby_mariadb.url("auditor_b"),
         &storage,
-        free_port(),
     );
 
     let mut points = vec![take_point(primary)];
@@ -244,7 +248,13 @@ fn a_standby_promoted_at_one_point_is_consistent_and_one_promoted_at_each_archiv
     // The auditor alone paused: ledger nodes commit transfers on the ledger whose
     // auditor record waits. Then the whole primary dies.
     let hold = Command::new(bin("stillpoint"))
-        .args(["pause", "--hold-for", "6000ms", "-a", &cluster.auditor.address])
+        .args([
+            "pause",
+            "--hold-for",
+            "6000ms",
+            "-a",
+            &cluster.auditor.address,
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -321,7 +331,10 @@ fn a_standby_promoted_at_one_point_is_consistent_and_one_promoted_at_each_archiv
     let rto_ms = unix_ms() - failure_ms;
     let report = load.stop();
     let (code, check) = cluster::check(&a_ledger, &standby_mariadb.url("auditor"), None);
-    assert_eq!(code, 0, "ledger-node check on the promoted standby: {check}");
+    assert_eq!(
+        code, 0,
+        "ledger-node check on the promoted standby: {check}"
+    );
     println!(
         "standby failover: point {newest}; RPO {} ms (failure − the point's time); RTO {rto_ms} \
          ms (failure → first transfer served); load on the standby: {report}",
@@ -348,7 +361,9 @@ fn a_standby_promoted_at_one_point_is_consistent_and_one_promoted_at_each_archiv
         .block_on(control.promote_unsafe_each_at_archive_end())
         .unwrap();
     let (code, check) = cluster::check(&b_ledger, &standby_mariadb.url("auditor_b"), None);
-    println!("standby control (each database at its archive's end): ledger-node check exit {code}: {check}");
+    println!(
+        "standby control (each database at its archive's end): ledger-node check exit {code}: {check}"
+    );
     assert_ne!(
         code, 0,
         "promoted at each archive's end, with transfers in the ledger's archive that the \
