@@ -455,10 +455,7 @@ async fn replay_state(
 
 /// A connection through the server's socket in its data directory, as the
 /// runbook URL's user, to its database.
-async fn connect(
-    config: &PostgresConfig,
-    server: &StandbyPostgres,
-) -> Result<tokio_postgres::Client, String> {
+async fn connect(config: &PostgresConfig, server: &StandbyPostgres) -> Result<Connection, String> {
     let source = ConnString::parse(&config.url)?;
     let mut probe = tokio_postgres::Config::new();
     probe
@@ -476,9 +473,24 @@ async fn connect(
         .connect(tokio_postgres::NoTls)
         .await
         .map_err(|error| error.to_string())?;
-    // Ends when the client is dropped; awaited by nothing, it holds no state of ours.
-    tokio::spawn(connection);
-    Ok(client)
+    Ok(Connection {
+        client,
+        _driver: tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection)),
+    })
+}
+
+/// A client and the task that drives its connection, which ends with it (no task
+/// outlives the connection's user).
+struct Connection {
+    client: tokio_postgres::Client,
+    _driver: tokio_util::task::AbortOnDropHandle<Result<(), tokio_postgres::Error>>,
+}
+
+impl std::ops::Deref for Connection {
+    type Target = tokio_postgres::Client;
+    fn deref(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
 }
 
 /// The replay position of the running server, when it answers.
