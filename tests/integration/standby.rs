@@ -3,8 +3,9 @@
 //! (`stillpoint standby`, real processes) follow it. The primary (its nodes, both
 //! database servers, the archiver) is SIGKILLed while the auditor alone is paused, so
 //! the ledger's archive holds transfers the auditor's does not. `standby promote`
-//! brings standby A up at one point: ledger nodes started on it serve transfers and
-//! `ledger-node check` passes; the test prints RPO (failure − the point's time) and
+//! brings standby A up at one point (both databases hold exactly the rows the point
+//! counted in its pause); ledger nodes started on it serve transfers and
+//! `ledger-node check` passes; a point older than one already passed is refused; the test prints RPO (failure − the point's time) and
 //! RTO (failure → first transfer served on the standby).
 //!
 //! Negative control: standby B promoted with each database at its own archive's end
@@ -16,6 +17,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use std::collections::BTreeMap;
+use stillpoint::adapters::mariadb::Mariadb as Mariadb_;
+use stillpoint::adapters::postgres::Postgres as Postgres_;
+use stillpoint::adapters::{Adapter as _, MariadbConfig, PostgresConfig};
 use stillpoint::pipeline::{Decryption, PipelineSettings};
 use stillpoint::runbook::Runbook as LoadedRunbook;
 use stillpoint::standby::Standby;
@@ -314,6 +319,52 @@ fn a_standby_promoted_at_one_point_is_consistent_and_one_promoted_at_each_archiv
         "the follower to stop after the promotion",
         || follower_a.has_exited(),
     );
+    // Both databases hold exactly the rows the point counted inside its pause: each
+    // stopped at that point, not merely at consistent states.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let counted = |name: &str| -> BTreeMap<String, u64> {
+        let database = points.last().unwrap()["databases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|database| database["name"] == name)
+            .unwrap();
+        serde_json::from_value(database["row_counts"].clone()).unwrap()
+    };
+    let ledger_rows = runtime
+        .block_on(
+            Postgres_::new(
+                "ledger",
+                PostgresConfig {
+                    url: a_ledger.clone(),
+                    require_archiving: false,
+                    bin_dir: Some(postgres.bin_dir().to_owned()),
+                    drill_server_url: None,
+                },
+            )
+            .row_counts(&a_ledger),
+        )
+        .unwrap();
+    assert_eq!(ledger_rows, counted("ledger"), "the promoted ledger");
+    let auditor_url = standby_mariadb.url("auditor");
+    let auditor_rows = runtime
+        .block_on(
+            Mariadb_::new(
+                "auditor",
+                MariadbConfig {
+                    url: auditor_url.clone(),
+                    bin_dir: Some(standby_mariadb.bin_dir().to_owned()),
+                    drill_server_url: None,
+                    base_method: Default::default(),
+                },
+            )
+            .row_counts(&auditor_url),
+        )
+        .unwrap();
+    assert_eq!(auditor_rows, counted("auditor"), "the promoted auditor");
     let serving = Cluster::start_on(
         1,
         a_ledger.clone(),
@@ -345,10 +396,6 @@ fn a_standby_promoted_at_one_point_is_consistent_and_one_promoted_at_each_archiv
     follower_b.signal("TERM");
     let output = follower_b.wait_output(Duration::from_secs(120));
     assert!(output.status.success(), "{}", stderr(&output));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let mut control = Standby::new(
         LoadedRunbook::load(&b).unwrap(),
         &b,
