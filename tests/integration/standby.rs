@@ -5,8 +5,9 @@
 //! the ledger's archive holds transfers the auditor's does not. `standby promote`
 //! brings standby A up at one point (both databases hold exactly the rows the point
 //! counted in its pause); ledger nodes started on it serve transfers and
-//! `ledger-node check` passes; a point older than one already passed is refused; the test prints RPO (failure − the point's time) and
-//! RTO (failure → first transfer served on the standby).
+//! `ledger-node check` passes; a point older than one already passed is refused. The
+//! test prints RPO (failure − the point's time) and RTO (failure → first transfer
+//! served on the standby).
 //!
 //! Negative control: standby B promoted with each database at its own archive's end
 //! (`Standby::promote_unsafe_each_at_archive_end`) fails `ledger-node check`: the
