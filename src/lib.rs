@@ -43,6 +43,7 @@ pub mod redact;
 pub mod resolve;
 pub mod restore;
 pub mod runbook;
+pub mod standby;
 pub mod storage;
 pub mod time;
 

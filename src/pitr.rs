@@ -1194,7 +1194,19 @@ async fn server_command(
     run_as: Option<&str>,
     data_dir: &Path,
 ) -> Result<Command, String> {
-    let postgres = tool(config, "postgres");
+    tool_command(config, run_as, "postgres", data_dir).await
+}
+
+/// A command for the server's tool `name` (`postgres`, `pg_ctl`), as
+/// [`server_command`] runs `postgres`: as `run_as` through `setpriv` when given, in
+/// `data_dir`.
+pub(crate) async fn tool_command(
+    config: &PostgresConfig,
+    run_as: Option<&str>,
+    name: &str,
+    data_dir: &Path,
+) -> Result<Command, String> {
+    let postgres = tool(config, name);
     let mut command = match run_as {
         Some(user) => {
             let gid = Command::new("id")
@@ -1252,7 +1264,7 @@ impl Server {
 }
 
 /// `chown -R user: dir`, for a data directory the server's user must own.
-async fn chown(user: &str, dir: &Path) -> Result<(), PitrError> {
+pub(crate) async fn chown(user: &str, dir: &Path) -> Result<(), PitrError> {
     let status = Command::new("chown")
         .arg("-R")
         .arg(format!("{user}:"))
@@ -1858,7 +1870,7 @@ async fn copy_dir(from: &Path, to: &Path) -> Result<(), PitrError> {
 }
 
 /// PostgreSQL refuses a data directory others can read.
-fn set_private(dir: &Path) -> Result<(), PitrError> {
+pub(crate) fn set_private(dir: &Path) -> Result<(), PitrError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|error| PitrError::Setup(format!("chmod 700 {}: {error}", dir.display())))

@@ -36,6 +36,53 @@ pub struct Runbook {
     pub archive: ArchiveConfig,
     /// `[schedule]`: the jobs `stillpoint serve` runs by itself.
     pub schedule: ScheduleConfig,
+    /// `[standby]`: this runbook's databases as a standby of another cluster's
+    /// archives (`stillpoint standby`, docs/runbooks/dr.md).
+    pub standby: Option<StandbyConfig>,
+}
+
+/// `[standby]`: where `stillpoint standby` keeps its state and how it runs each
+/// PostgreSQL standby server. The databases are the runbook's own, by the same names
+/// as the primary's; the storage is the primary's.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandbyConfig {
+    /// Where the state file (`standby.json`) and its lock live.
+    pub dir: PathBuf,
+    /// How often the follower looks for a newer point.
+    #[serde(
+        default = "default_standby_interval",
+        deserialize_with = "deserialize_duration"
+    )]
+    pub interval: Duration,
+    /// `[standby.postgres.<database>]`: the standby server of each PostgreSQL database.
+    #[serde(default)]
+    pub postgres: std::collections::BTreeMap<String, StandbyPostgres>,
+}
+
+/// A PostgreSQL database's standby server: a data directory stillpoint makes from
+/// the point's base backup, and the port the server listens on (the database's `url`
+/// in this runbook is how clients reach it once promoted).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandbyPostgres {
+    pub data_dir: PathBuf,
+    pub port: u16,
+    /// Addresses it listens on (PostgreSQL's `listen_addresses`).
+    #[serde(default = "default_standby_listen")]
+    pub listen_addresses: String,
+    /// The system user the server runs as when stillpoint runs as root (PostgreSQL
+    /// refuses root). Default: `postgres` as root, else stillpoint's own user.
+    #[serde(default)]
+    pub run_as: Option<String>,
+}
+
+fn default_standby_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_standby_listen() -> String {
+    "127.0.0.1".to_owned()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -729,6 +776,8 @@ struct RawRunbook {
     archive: ArchiveConfig,
     #[serde(default)]
     schedule: RawSchedule,
+    #[serde(default)]
+    standby: Option<StandbyConfig>,
 }
 
 impl Runbook {
@@ -790,7 +839,15 @@ impl Runbook {
         if let Some(dir) = archive.spool_dir.as_mut() {
             *dir = base.join(&*dir);
         }
+        let mut standby = raw.standby;
+        if let Some(standby) = standby.as_mut() {
+            standby.dir = base.join(&standby.dir);
+            for server in standby.postgres.values_mut() {
+                server.data_dir = base.join(&server.data_dir);
+            }
+        }
         let runbook = Runbook {
+            standby,
             cluster: raw.cluster,
             pause,
             databases,

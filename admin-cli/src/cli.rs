@@ -13,6 +13,7 @@ use crate::pause::{self, InspectArgs, PauseArgs, UnpauseArgs};
 use crate::points::{self, PointArgs};
 use crate::restore::{self, BaseBackupArgs, PitrArgs, RestoreArgs};
 use crate::serve::{self, ServeArgs};
+use crate::standby::{self, StandbyArgs};
 
 const ABOUT: &str = "Transactionally-consistent backups of a paused application cluster.";
 
@@ -130,6 +131,12 @@ pub enum Command {
     /// (which releases any pause in progress and flushes the archives first).
     #[command(after_help = serve::EXAMPLE)]
     Serve(ServeArgs),
+    /// Keep a standby set of databases (another runbook's, by the same names) following
+    /// the primary's archives point by point, never past the newest point; `standby
+    /// status` shows each one's lag and the newest point all passed; `standby promote`
+    /// stops every one at the same point and promotes them (docs/runbooks/dr.md).
+    #[command(after_help = exit::HELP)]
+    Standby(StandbyArgs),
     /// Start a local reference cluster (3 ledger nodes + 1 auditor on SQLite) under
     /// load, back it up and drill the backup; then, under the same load, archive both
     /// SQLite logs, take a point every 2 s for 15 s, restore a point picked at random
@@ -173,6 +180,7 @@ pub async fn run() -> Result<u8, Failure> {
         Command::WalPush(args) => archive::wal_push(args).await,
         Command::WalFetch(args) => archive::wal_fetch(args).await,
         Command::Serve(args) => serve::serve(args).await,
+        Command::Standby(args) => standby::standby(args).await,
         Command::Demo(args) => demo::demo(args).await,
         Command::Completions(args) => docs::completions(args),
         Command::Man(args) => docs::man(args),

@@ -39,6 +39,7 @@ pub mod restore;
 pub mod scalar_admin;
 pub mod serve;
 pub mod signal;
+pub mod standby;
 pub mod state;
 
 /// Logs go to stderr so that stdout carries only the report.

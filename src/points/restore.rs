@@ -477,7 +477,7 @@ async fn checked_mariadb<'a>(
 
 /// The database the archived events were written to on the source: the base's own
 /// record of it, or the runbook's name.
-fn source_database(needed: &Needed, name: &str) -> String {
+pub(crate) fn source_database(needed: &Needed, name: &str) -> String {
     needed
         .base
         .details
@@ -1007,7 +1007,7 @@ pub async fn restore_held(
     Ok((held, report))
 }
 
-pub(super) fn postgres_config<'a>(
+pub(crate) fn postgres_config<'a>(
     runbook: &'a Runbook,
     database: &str,
 ) -> Result<&'a PostgresConfig, PointRestoreError> {
@@ -1028,7 +1028,7 @@ pub(super) fn postgres_config<'a>(
     }
 }
 
-fn mariadb_config<'a>(
+pub(crate) fn mariadb_config<'a>(
     runbook: &'a Runbook,
     database: &str,
 ) -> Result<&'a MariadbConfig, PointRestoreError> {
@@ -1088,7 +1088,7 @@ pub(super) fn staging_dir(within: Option<&Path>) -> Result<tempfile::TempDir, Po
 
 /// The base backup's tar extracted into `data_dir` (claimed and empty: recovery runs
 /// this), straight from the storage.
-async fn extract_base(
+pub(crate) async fn extract_base(
     storage: &Storage,
     decryption: &Decryption,
     base: &BaseRecord,

@@ -455,3 +455,25 @@ url = "file:///tmp/backups"
     assert!(error.contains("archive must be true or false"), "{error}");
     assert!(!parse(&minimal("")).unwrap().databases[0].archive);
 }
+
+/// The documented standby runbook parses: its `[standby]` table, paths taken from the
+/// runbook's directory, defaults for what it leaves out.
+#[test]
+fn the_documented_standby_example_parses() {
+    let text = include_str!("../../docs/standby.example.toml");
+    let runbook = parse(text).unwrap();
+    let standby = runbook.standby.expect("a [standby] table");
+    assert_eq!(standby.dir, Path::new("/var/lib/stillpoint/standby"));
+    assert_eq!(standby.interval, Duration::from_secs(2));
+    let ledger = &standby.postgres["ledger"];
+    assert_eq!(ledger.port, 5433);
+    assert_eq!(ledger.listen_addresses, "127.0.0.1");
+    // Control: an unknown key in it is refused, as everywhere in a runbook.
+    let typo = text.replace("port = 5433", "prot = 5433");
+    let error = parse(&typo).unwrap_err();
+    assert!(error.contains("prot"), "{error}");
+    // A relative dir is taken from the runbook's directory.
+    let relative = text.replace("/var/lib/stillpoint/standby\"", "state\"");
+    let standby = parse(&relative).unwrap().standby.unwrap();
+    assert_eq!(standby.dir, Path::new("/etc/stillpoint/state"));
+}

@@ -29,3 +29,4 @@ mod points_sqlite;
 mod protocols;
 mod security;
 mod serve;
+mod standby;
