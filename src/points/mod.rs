@@ -34,7 +34,8 @@
 //! but is refused until the binlog archive lands; exec contributes its cut command's
 //! marker and restores by time (so it keeps the clock-skew floor).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{LazyLock, Mutex};
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -42,7 +43,7 @@ use futures::StreamExt;
 use crate::adapters::CutMarker;
 use crate::archive::{ArchiveError, Position};
 use crate::coordinator::PauseReport;
-use crate::storage::{Storage, StorageError};
+use crate::storage::{ObjectEntry, Storage, StorageError};
 
 pub mod base;
 pub mod clone;
@@ -165,7 +166,7 @@ pub fn new_id() -> String {
 pub async fn list_points(
     storage: &Storage,
 ) -> Result<(Vec<PointManifest>, Vec<(String, String)>), PointsError> {
-    let (mut found, bad) = read_all::<PointManifest>(storage, POINTS_DIR, POINT_MANIFEST).await?;
+    let (mut found, bad) = read_all(storage, POINTS_DIR, POINT_MANIFEST).await?;
     // By mid-time: ids carry only the second (then a random suffix), so two points of
     // one second would otherwise sort by chance, and `latest` be the older.
     found.sort_by(|a, b| (a.time_ms(), &a.point_id).cmp(&(b.time_ms(), &b.point_id)));
@@ -212,39 +213,87 @@ fn parse<T: serde::de::DeserializeOwned + Formatted>(
     Ok(record)
 }
 
-async fn read_all<T: serde::de::DeserializeOwned + Formatted + Send>(
+/// Point manifests this process has read, by storage and path, with the size and
+/// time they were listed with. A manifest is written once and never changed, so a
+/// listing that shows it as it was needs no GET: `stillpoint serve`, a standby
+/// follower and the status page list the points again and again, and the points
+/// grow by one a minute.
+static MANIFESTS_READ: LazyLock<Mutex<HashMap<String, ManifestRead>>> =
+    LazyLock::new(Default::default);
+
+struct ManifestRead {
+    size: u64,
+    last_modified: DateTime<Utc>,
+    manifest: PointManifest,
+}
+
+/// Every `<prefix>/<id>/<file>` manifest: those listed as already read come from
+/// [`MANIFESTS_READ`], the others are fetched (several at once) and remembered.
+async fn read_all(
     storage: &Storage,
     prefix: &str,
     file: &str,
-) -> Result<(Vec<T>, Vec<(String, String)>), PointsError> {
+) -> Result<(Vec<PointManifest>, Vec<(String, String)>), PointsError> {
     let suffix = format!("/{file}");
-    let paths: Vec<String> = storage
+    let listed: Vec<ObjectEntry> = storage
         .list(prefix)
         .await?
         .into_iter()
-        .map(|entry| entry.path)
-        .filter(|path| path.ends_with(&suffix))
+        .filter(|entry| entry.path.ends_with(&suffix))
         .collect();
-    let read: Vec<(String, Result<T, PointsError>)> = futures::stream::iter(paths)
-        .map(|path| async move {
-            let result = match storage.get_bytes(&path).await {
-                Ok(bytes) => parse(&path, &bytes),
-                Err(error) => Err(error.into()),
-            };
-            (path, result)
-        })
-        .buffer_unordered(READS)
-        .collect()
-        .await;
+    let key = |path: &str| format!("{storage}\n{path}");
+    let scope = key(&format!("{prefix}/"));
     let mut found = Vec::new();
+    let mut unread = Vec::new();
+    {
+        let mut read = MANIFESTS_READ.lock().unwrap_or_else(|p| p.into_inner());
+        // Manifests no longer listed (pruned points) are forgotten.
+        let keys: BTreeSet<String> = listed.iter().map(|entry| key(&entry.path)).collect();
+        read.retain(|cached, _| !cached.starts_with(&scope) || keys.contains(cached));
+        for entry in listed {
+            match read.get(&key(&entry.path)) {
+                Some(known)
+                    if known.size == entry.size && known.last_modified == entry.last_modified =>
+                {
+                    found.push(known.manifest.clone());
+                }
+                _ => unread.push(entry),
+            }
+        }
+    }
+    let read: Vec<(ObjectEntry, Result<PointManifest, PointsError>)> =
+        futures::stream::iter(unread)
+            .map(|entry| async move {
+                let result = match storage.get_bytes(&entry.path).await {
+                    Ok(bytes) => parse(&entry.path, &bytes),
+                    Err(error) => Err(error.into()),
+                };
+                (entry, result)
+            })
+            .buffer_unordered(READS)
+            .collect()
+            .await;
     let mut bad = Vec::new();
-    for (path, result) in read {
+    for (entry, result) in read {
         match result {
-            Ok(record) => found.push(record),
+            Ok(manifest) => {
+                MANIFESTS_READ
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(
+                        key(&entry.path),
+                        ManifestRead {
+                            size: entry.size,
+                            last_modified: entry.last_modified,
+                            manifest: manifest.clone(),
+                        },
+                    );
+                found.push(manifest);
+            }
             // Removed between the listing and the read (a prune).
             Err(PointsError::Storage(error)) if error.is_not_found() => {}
             Err(PointsError::Storage(error)) => return Err(error.into()),
-            Err(error) => bad.push((path, error.to_string())),
+            Err(error) => bad.push((entry.path, error.to_string())),
         }
     }
     Ok((found, bad))
@@ -346,6 +395,52 @@ mod tests {
         assert!(resolve(&points, "2025-12-31T23:59:59Z").is_err());
         assert!(resolve(&points, "nonsense").is_err());
         assert!(resolve(&[], "latest").is_err());
+    }
+
+    /// A manifest listed as it was when read is not fetched again; one changed (a new
+    /// time) is, and one removed is forgotten.
+    #[tokio::test]
+    async fn points_listed_again_fetch_only_new_manifests() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&format!("file://{}", dir.path().display())).unwrap();
+        for (index, id) in ["20260101T000001Z-aaaaaa", "20260101T000002Z-bbbbbb"]
+            .iter()
+            .enumerate()
+        {
+            let json = serde_json::to_vec(&point(id, 1_767_225_601_000 + index as i64)).unwrap();
+            storage
+                .put_atomic(&point_path(id), json.into())
+                .await
+                .unwrap();
+        }
+        let ids = |found: &[PointManifest]| -> Vec<String> {
+            found.iter().map(|point| point.point_id.clone()).collect()
+        };
+        assert_eq!(list_points(&storage).await.unwrap().0.len(), 2);
+
+        // The first manifest damaged in place, its size and time kept: not read again.
+        let first = dir.path().join(point_path("20260101T000001Z-aaaaaa"));
+        let modified = std::fs::metadata(&first).unwrap().modified().unwrap();
+        let text = std::fs::read_to_string(&first).unwrap();
+        std::fs::write(&first, text.replacen('{', "[", 1)).unwrap();
+        let file = std::fs::File::options().write(true).open(&first).unwrap();
+        file.set_modified(modified).unwrap();
+        let (found, bad) = list_points(&storage).await.unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(found.len(), 2);
+        // Control: with a new time it is read, and found damaged.
+        file.set_modified(modified + std::time::Duration::from_secs(1))
+            .unwrap();
+        let (found, bad) = list_points(&storage).await.unwrap();
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert_eq!(ids(&found), ["20260101T000002Z-bbbbbb"]);
+
+        // A removed manifest is gone from the next listing.
+        storage
+            .delete(&point_path("20260101T000002Z-bbbbbb"))
+            .await
+            .unwrap();
+        assert!(list_points(&storage).await.unwrap().0.is_empty());
     }
 
     /// Ids start with the second the point was taken, then a random suffix: two points
