@@ -4,6 +4,7 @@ use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 use crate::archive::{self, ArchiveArgs, ArchiveListArgs, WalFetchArgs, WalPushArgs};
 use crate::backup::{self, BackupArgs};
+use crate::changes::{self, ChangesArgs};
 use crate::catalog::{self, CatalogArgs, PruneArgs, ShowArgs, VerifyArgs};
 use crate::demo::{self, DemoArgs};
 use crate::docs::{self, CompletionsArgs, ManArgs};
@@ -100,6 +101,12 @@ pub enum Command {
     /// (only when restorable: a base backup before it, an archive without gaps).
     #[command(after_help = exit::HELP)]
     Point(PointArgs),
+    /// Every committed change between two points (their markers), in commit order, as
+    /// JSON Lines or CSV records: commit time, transaction id, kind, table, primary
+    /// key, columns after and before. MariaDB databases, from their archived binlog
+    /// (binlog_row_metadata = FULL).
+    #[command(after_help = exit::HELP)]
+    Changes(ChangesArgs),
     /// PostgreSQL point-in-time recovery into a scratch server: base backup + WAL
     /// archive replayed to a backup's restore point, LSN or mid-time.
     #[command(after_help = exit::HELP)]
@@ -161,6 +168,7 @@ pub async fn run() -> Result<u8, Failure> {
         Command::Drill(args) => drill::drill(args).await,
         Command::BaseBackup(args) => restore::base_backup(args).await,
         Command::Point(args) => points::point(args).await,
+        Command::Changes(args) => changes::changes(args).await,
         Command::Pitr(args) => restore::pitr(args).await,
         Command::Archive(args) => archive::archive(args).await,
         Command::ArchiveList(args) => archive::archive_list(args).await,

@@ -7,6 +7,7 @@
 //! - `backup.rs`: `backup`, and the progress bars `backup`, `restore` and `drill`
 //!   show on a terminal.
 //! - `catalog.rs`: `list`, `show`, `verify`, `prune`.
+//! - `changes.rs`: `changes`, the change records between two points.
 //! - `restore.rs`: `restore`, and PostgreSQL's `base-backup` and `pitr`.
 //! - `drill.rs`: `drill`, with its table, JSON and JUnit reports.
 //! - `serve.rs`: `serve`, the long-running service (the `stillpoint-service` crate).
@@ -24,6 +25,7 @@ pub mod archive;
 pub mod args;
 pub mod backup;
 pub mod catalog;
+pub mod changes;
 pub mod cli;
 pub mod demo;
 pub mod docs;

@@ -937,6 +937,15 @@ impl FetchedRange {
         &self.report
     }
 
+    /// The reassembled files, in order (each starts with the magic and its format
+    /// description event): what `stillpoint changes` decodes.
+    pub fn paths(&self) -> Vec<(String, PathBuf)> {
+        self.files
+            .iter()
+            .map(|name| (name.clone(), self.work.path().join(name)))
+            .collect()
+    }
+
     /// Applies the range to the target: `mariadb-binlog` reads the reassembled
     /// files (`--start-position` applies to the first, `--stop-position` to the
     /// last) and prints SQL, which the `mariadb` client applies.
