@@ -110,9 +110,12 @@ pub async fn changes(args: ChangesArgs) -> Result<u8, Failure> {
                     )
                 })?;
             let mut writer =
-                RecordWriter::new(std::io::BufWriter::new(temp.reopen().map_err(|e| {
-                    Failure::new(exit::ERROR, anyhow!("{}: {e}", dir.display()))
-                })?), format);
+                RecordWriter::new(
+                    std::io::BufWriter::new(temp.reopen().map_err(|e| {
+                        Failure::new(exit::ERROR, anyhow!("{}: {e}", dir.display()))
+                    })?),
+                    format,
+                );
             let report = changes::export(&request, &mut writer).await;
             match report {
                 Ok(report) => {

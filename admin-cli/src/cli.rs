@@ -4,8 +4,8 @@ use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 use crate::archive::{self, ArchiveArgs, ArchiveListArgs, WalFetchArgs, WalPushArgs};
 use crate::backup::{self, BackupArgs};
-use crate::changes::{self, ChangesArgs};
 use crate::catalog::{self, CatalogArgs, PruneArgs, ShowArgs, VerifyArgs};
+use crate::changes::{self, ChangesArgs};
 use crate::demo::{self, DemoArgs};
 use crate::docs::{self, CompletionsArgs, ManArgs};
 use crate::drill::{self, DrillArgs};

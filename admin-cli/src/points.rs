@@ -223,7 +223,10 @@ pub async fn base_backup(args: &BaseBackupArgs) -> Result<u8, Failure> {
 /// over in silence: asked for by its id, it is the error (exit 6); newer than the
 /// point `latest` resolves to, it is a warning (a restore of an older point than the
 /// operator thinks loses data).
-pub(crate) async fn resolve_point(storage: &Storage, which: &str) -> Result<PointManifest, Failure> {
+pub(crate) async fn resolve_point(
+    storage: &Storage,
+    which: &str,
+) -> Result<PointManifest, Failure> {
     let (found, damaged) = points::list_points(storage).await.map_err(usage)?;
     let id_of = |path: &str| {
         path.strip_prefix("points/")

@@ -162,7 +162,9 @@ impl Format {
     /// Its own checksum is checked when it has one.
     pub fn from_description(bytes: &[u8]) -> Result<Format, DecodeError> {
         if bytes.len() < HEADER_LEN + 57 + 5 || bytes[4] != FORMAT_DESCRIPTION_EVENT {
-            return Err(damaged("the file does not start with a format description event"));
+            return Err(damaged(
+                "the file does not start with a format description event",
+            ));
         }
         let body = &bytes[HEADER_LEN..];
         // Since MySQL 5.6.1 / MariaDB 5.3 the description ends with the checksum
@@ -638,7 +640,10 @@ pub fn rows(
     }
     let present = bitmap(cursor.take(count.div_ceil(8), "the columns bitmap")?, count);
     let present_after = if kind == Kind::Update {
-        bitmap(cursor.take(count.div_ceil(8), "the after columns bitmap")?, count)
+        bitmap(
+            cursor.take(count.div_ceil(8), "the after columns bitmap")?,
+            count,
+        )
     } else {
         present.clone()
     };
@@ -672,7 +677,10 @@ fn bitmap(bytes: &[u8], count: usize) -> Vec<bool> {
 
 fn image(cursor: &mut Cursor<'_>, map: &TableMap, present: &[bool]) -> Result<Image, DecodeError> {
     let in_image = present.iter().filter(|p| **p).count();
-    let nulls = bitmap(cursor.take(in_image.div_ceil(8), "a row's null bitmap")?, in_image);
+    let nulls = bitmap(
+        cursor.take(in_image.div_ceil(8), "a row's null bitmap")?,
+        in_image,
+    );
     let mut values = Vec::with_capacity(present.len());
     let mut nth = 0;
     for (column, present) in map.columns.iter().zip(present) {

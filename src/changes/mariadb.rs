@@ -15,9 +15,7 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 
-use super::binlog_rows::{
-    self as rows, DecodeError, Event, Format, Gtid, Kind, TableMap, Value,
-};
+use super::binlog_rows::{self as rows, DecodeError, Event, Format, Gtid, Kind, TableMap, Value};
 use super::{Change, ChangesError};
 use crate::archive::binlog::{self, HEADER_LEN};
 
@@ -97,7 +95,7 @@ impl Events {
 
     /// The header of the next event, its body skipped unless it is one that can end
     /// a transaction (XID, QUERY), which is read whole.
-    fn next_header(&mut self) -> std::io::Result<Option<(u64, u8, Option<&[u8]>)>> {
+    fn next_header(&mut self) -> std::io::Result<Option<Header<'_>>> {
         let mut header = [0u8; HEADER_LEN];
         if !read_or_end(&mut self.reader, &mut header)? {
             return Ok(None);
@@ -123,6 +121,9 @@ impl Events {
         }
     }
 }
+
+/// An event's offset, type, and its bytes when they were read.
+type Header<'a> = (u64, u8, Option<&'a [u8]>);
 
 /// Fills `buf`, or says the file ended cleanly before it (false); a file that ends
 /// inside it is an error.
@@ -222,8 +223,8 @@ fn decode_file(
                     continue;
                 }
                 let next = offset + bytes.len() as u64;
-                let end = look_ahead(path, next, stop, gtid.standalone, format)
-                    .map_err(|e| match e {
+                let end =
+                    look_ahead(path, next, stop, gtid.standalone, format).map_err(|e| match e {
                         LookAhead::Io(e) => io(e),
                         LookAhead::Decode(at, e) => damaged(at, e),
                     })?;
@@ -252,11 +253,12 @@ fn decode_file(
                 let Some(transaction) = current.as_ref().filter(|t| t.emit) else {
                     continue;
                 };
-                write_rows(range, format, &event, &tables, transaction, stats, emit)
-                    .map_err(|e| match e {
+                write_rows(range, format, &event, &tables, transaction, stats, emit).map_err(
+                    |e| match e {
                         Emit::Decode(e) => damaged(offset, e),
                         Emit::Output(e) => ChangesError::Output(e),
-                    })?;
+                    },
+                )?;
             }
             rows::XID_EVENT => current = None,
             rows::QUERY_EVENT => {
@@ -373,18 +375,17 @@ fn write_rows(
             Kind::Insert => change.after.as_ref(),
             Kind::Update | Kind::Delete => change.before.as_ref(),
         };
-        let key = (!map.primary_key.is_empty())
-            .then(|| {
-                map.primary_key
-                    .iter()
-                    .map(|&index| {
-                        let value = keyed
-                            .and_then(|image| image.get(index).cloned().flatten())
-                            .unwrap_or(Value::Null);
-                        (names[index].to_owned(), value)
-                    })
-                    .collect::<Vec<_>>()
-            });
+        let key = (!map.primary_key.is_empty()).then(|| {
+            map.primary_key
+                .iter()
+                .map(|&index| {
+                    let value = keyed
+                        .and_then(|image| image.get(index).cloned().flatten())
+                        .unwrap_or(Value::Null);
+                    (names[index].to_owned(), value)
+                })
+                .collect::<Vec<_>>()
+        });
         let record = Change {
             commit_ms: transaction.commit_ms,
             transaction: transaction.gtid.clone(),
@@ -482,10 +483,7 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        let kinds: Vec<(&str, Kind)> = changes
-            .iter()
-            .map(|c| (c.table.as_str(), c.kind))
-            .collect();
+        let kinds: Vec<(&str, Kind)> = changes.iter().map(|c| (c.table.as_str(), c.kind)).collect();
         assert_eq!(
             kinds,
             [
@@ -549,7 +547,10 @@ mod tests {
         assert_eq!(changes[3].key, None, "a table without a primary key");
         let delete = &changes[4];
         assert!(delete.after.is_none());
-        assert_eq!(column(&delete.before, "price"), &Value::Decimal("-1234.567".to_owned()));
+        assert_eq!(
+            column(&delete.before, "price"),
+            &Value::Decimal("-1234.567".to_owned())
+        );
 
         // One table only.
         let only = Range {

@@ -275,7 +275,10 @@ fn plan<'a>(
         return Err(setup(format!(
             "--from {} (mid-time {}) is after --to {} ({}); give the older point as --from",
             from.point_id,
-            from.window.restore_point_date_time.as_deref().unwrap_or("-"),
+            from.window
+                .restore_point_date_time
+                .as_deref()
+                .unwrap_or("-"),
             to.point_id,
             to.window.restore_point_date_time.as_deref().unwrap_or("-"),
         )));
@@ -352,14 +355,9 @@ pub async fn export<W: Write>(
         let schema = source_schema(request.storage, database).await?;
         let archive = Archive::new(request.storage.clone(), request.settings.clone(), name)?;
         let fetching = Instant::now();
-        let fetched = binlog_archive::fetch_range(
-            &archive,
-            request.decryption,
-            &from,
-            &to,
-            request.work_dir,
-        )
-        .await?;
+        let fetched =
+            binlog_archive::fetch_range(&archive, request.decryption, &from, &to, request.work_dir)
+                .await?;
         let fetch_ms = fetching.elapsed().as_millis() as u64;
         let files = fetched.paths();
         let (Some(start), Some(end)) = (from.as_binlog(), to.as_binlog()) else {
@@ -470,6 +468,9 @@ mod tests {
         let empty = RecordWriter::new(Vec::new(), OutputFormat::Csv)
             .finish()
             .unwrap();
-        assert_eq!(String::from_utf8(empty).unwrap(), format!("{CSV_HEADER}\r\n"));
+        assert_eq!(
+            String::from_utf8(empty).unwrap(),
+            format!("{CSV_HEADER}\r\n")
+        );
     }
 }
