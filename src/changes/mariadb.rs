@@ -193,6 +193,9 @@ fn decode_file(
     let mut format: Option<Format> = None;
     let mut tables: std::collections::HashMap<u64, TableMap> = Default::default();
     let mut current: Option<Transaction> = None;
+    // The look-ahead's reader, kept: each transaction starts after the last one's
+    // end, where it stopped, so it only moves forward.
+    let mut ahead = Events::open(path).map_err(io)?;
     loop {
         let Some((offset, bytes)) = events.next().map_err(io)? else {
             break;
@@ -223,11 +226,12 @@ fn decode_file(
                     continue;
                 }
                 let next = offset + bytes.len() as u64;
-                let end =
-                    look_ahead(path, next, stop, gtid.standalone, format).map_err(|e| match e {
+                let end = look_ahead(&mut ahead, next, stop, gtid.standalone, format).map_err(
+                    |e| match e {
                         LookAhead::Io(e) => io(e),
                         LookAhead::Decode(at, e) => damaged(at, e),
-                    })?;
+                    },
+                )?;
                 let (emit, commit_ms) = match end {
                     End::Committed(seconds) => {
                         stats.transactions += 1;
@@ -297,20 +301,27 @@ enum LookAhead {
     Decode(u64, DecodeError),
 }
 
-/// How the transaction whose events start at `from` ends: a second read of the file
+/// How the transaction whose events start at `from` ends: a second reader of the file
 /// that skips every body but a terminator's.
 fn look_ahead(
-    path: &Path,
+    events: &mut Events,
     from: u64,
     stop: Option<u64>,
     standalone: bool,
     format: &Format,
 ) -> Result<End, LookAhead> {
-    let mut events = Events::open(path).map_err(LookAhead::Io)?;
-    events
-        .reader
-        .seek(std::io::SeekFrom::Start(from))
-        .map_err(LookAhead::Io)?;
+    if events.offset <= from {
+        // Forward within its buffer: no system call.
+        events
+            .reader
+            .seek_relative((from - events.offset) as i64)
+            .map_err(LookAhead::Io)?;
+    } else {
+        events
+            .reader
+            .seek(std::io::SeekFrom::Start(from))
+            .map_err(LookAhead::Io)?;
+    }
     events.offset = from;
     while let Some((offset, kind, bytes)) = events.next_header().map_err(LookAhead::Io)? {
         if stop.is_some_and(|stop| offset >= stop) {
