@@ -14,6 +14,8 @@
 //!   storage in chunks, and the catalog of those chunks.
 //! - [`manifest`]: the JSON record whose presence commits a backup, and the storage
 //!   layout of a backup.
+//! - [`changes`]: the committed changes between two points, as records (MariaDB
+//!   from its archived binlog).
 //! - [`catalog`]: the backups a storage holds: list, verify, retention and prune.
 //! - [`restore`]: one database of a backup into a target, checksum first.
 //! - [`drill`]: every database of a backup into scratch targets, then checks.
@@ -32,6 +34,7 @@ pub mod adapters;
 pub mod archive;
 pub mod backup;
 pub mod catalog;
+pub mod changes;
 pub mod coordinator;
 pub mod drill;
 pub mod grpc;

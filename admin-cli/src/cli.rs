@@ -5,6 +5,7 @@ use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use crate::archive::{self, ArchiveArgs, ArchiveListArgs, WalFetchArgs, WalPushArgs};
 use crate::backup::{self, BackupArgs};
 use crate::catalog::{self, CatalogArgs, PruneArgs, ShowArgs, VerifyArgs};
+use crate::changes::{self, ChangesArgs};
 use crate::demo::{self, DemoArgs};
 use crate::docs::{self, CompletionsArgs, ManArgs};
 use crate::drill::{self, DrillArgs};
@@ -106,6 +107,12 @@ pub enum Command {
     /// came from (a table stillpoint_clone).
     #[command(after_help = crate::clone::EXAMPLE)]
     Clone(crate::clone::CloneArgs),
+    /// Every committed change between two points (their markers), in commit order, as
+    /// JSON Lines or CSV records: commit time, transaction id, kind, table, primary
+    /// key, columns after and before. MariaDB databases, from their archived binlog
+    /// (binlog_row_metadata = FULL).
+    #[command(after_help = exit::HELP)]
+    Changes(ChangesArgs),
     /// PostgreSQL point-in-time recovery into a scratch server: base backup + WAL
     /// archive replayed to a backup's restore point, LSN or mid-time.
     #[command(after_help = exit::HELP)]
@@ -173,6 +180,7 @@ pub async fn run() -> Result<u8, Failure> {
         Command::Drill(args) => drill::drill(args).await,
         Command::BaseBackup(args) => restore::base_backup(args).await,
         Command::Point(args) => points::point(args).await,
+        Command::Changes(args) => changes::changes(args).await,
         Command::Pitr(args) => restore::pitr(args).await,
         Command::Clone(args) => crate::clone::clone(args).await,
         Command::Archive(args) => archive::archive(args).await,

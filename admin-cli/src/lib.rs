@@ -7,6 +7,7 @@
 //! - `backup.rs`: `backup`, and the progress bars `backup`, `restore` and `drill`
 //!   show on a terminal.
 //! - `catalog.rs`: `list`, `show`, `verify`, `prune`.
+//! - `changes.rs`: `changes`, the change records between two points.
 //! - `restore.rs`: `restore`, and PostgreSQL's `base-backup` and `pitr`.
 //! - `clone.rs`: `clone`, a point into another runbook's new databases.
 //! - `drill.rs`: `drill`, with its table, JSON and JUnit reports.
@@ -25,6 +26,7 @@ pub mod archive;
 pub mod args;
 pub mod backup;
 pub mod catalog;
+pub mod changes;
 pub mod cli;
 pub mod clone;
 pub mod demo;

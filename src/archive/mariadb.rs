@@ -241,6 +241,9 @@ impl BinlogArchiver {
         let settings = read_settings(&mut conn)
             .await
             .map_err(|message| self.server_error(message))?;
+        for warning in settings.warnings() {
+            tracing::warn!(database = %self.archive.database(), "{warning}");
+        }
         let problems = settings.problems();
         if !problems.is_empty() {
             return Err(self.settings_error(format!(
@@ -675,6 +678,10 @@ pub struct BinlogSettings {
     pub log_bin: bool,
     pub binlog_format: String,
     pub binlog_row_image: String,
+    /// `binlog_row_metadata` (MariaDB 10.5+; none on older servers): `FULL` puts
+    /// column names and the primary key in the binlog, which `stillpoint changes`
+    /// needs (archiving and restores do not).
+    pub binlog_row_metadata: Option<String>,
     pub user: String,
     /// The account's grants, as `SHOW GRANTS` prints them.
     pub grants: Vec<String>,
@@ -720,6 +727,18 @@ impl BinlogSettings {
         problems
     }
 
+    /// What keeps `stillpoint changes` from exporting this server's binlog, with the
+    /// fix; archiving runs without it, so these are warnings only.
+    pub fn warnings(&self) -> Vec<String> {
+        match self.binlog_row_metadata.as_deref() {
+            Some(value) if value.eq_ignore_ascii_case("FULL") => Vec::new(),
+            value => vec![format!(
+                "binlog_row_metadata is {}; set binlog_row_metadata = FULL (MariaDB 10.5+)                  so that `stillpoint changes` can name the columns and primary key of each                  change (archiving and restores do not need it)",
+                value.unwrap_or("not available on this server")
+            )],
+        }
+    }
+
     fn has_global(&self, privilege: &str) -> bool {
         // REPLICATION CLIENT is the old name of BINLOG MONITOR (10.5+ prints the new
         // one); SUPER grants both on older servers.
@@ -748,6 +767,13 @@ async fn read_settings(conn: &mut Conn) -> Result<BinlogSettings, String> {
         .map_err(|e| format!("reading the binlog settings: {e}"))?;
     let (log_bin, binlog_format, binlog_row_image, user) =
         row.ok_or("reading the binlog settings: no row")?;
+    // A query of its own: servers before MariaDB 10.5 lack the variable, and that
+    // must not keep them from being archived.
+    let binlog_row_metadata: Option<String> = conn
+        .query_first("SELECT @@binlog_row_metadata")
+        .await
+        .ok()
+        .flatten();
     let grants: Vec<String> = conn
         .query("SHOW GRANTS")
         .await
@@ -760,6 +786,7 @@ async fn read_settings(conn: &mut Conn) -> Result<BinlogSettings, String> {
         log_bin: log_bin == "1" || log_bin.eq_ignore_ascii_case("on"),
         binlog_format,
         binlog_row_image,
+        binlog_row_metadata,
         user,
         grants,
     })
@@ -935,6 +962,15 @@ impl FetchedRange {
     /// What was read.
     pub fn report(&self) -> &ReplayReport {
         &self.report
+    }
+
+    /// The reassembled files, in order (each starts with the magic and its format
+    /// description event): what `stillpoint changes` decodes.
+    pub fn paths(&self) -> Vec<(String, PathBuf)> {
+        self.files
+            .iter()
+            .map(|name| (name.clone(), self.work.path().join(name)))
+            .collect()
     }
 
     /// Applies the range to the target: `mariadb-binlog` reads the reassembled
@@ -1322,6 +1358,7 @@ mod tests {
             log_bin: true,
             binlog_format: "ROW".to_owned(),
             binlog_row_image: "FULL".to_owned(),
+            binlog_row_metadata: Some("FULL".to_owned()),
             user: "'archiver'@'%'".to_owned(),
             grants: vec![
                 "GRANT REPLICATION SLAVE, BINLOG MONITOR ON *.* TO `archiver`@`%` IDENTIFIED \
@@ -1340,6 +1377,26 @@ mod tests {
         );
         let error = stop_datetime(1_764_479_419_500).unwrap_err();
         assert!(error.contains("whole second"), "{error}");
+    }
+
+    /// binlog_row_metadata is what `changes` needs, not archiving: a warning naming
+    /// the setting, never a problem.
+    #[test]
+    fn row_metadata_is_a_warning_for_changes_not_a_problem_for_archiving() {
+        assert!(ready().warnings().is_empty());
+        for value in [Some("MINIMAL".to_owned()), None] {
+            let settings = BinlogSettings {
+                binlog_row_metadata: value,
+                ..ready()
+            };
+            assert!(settings.problems().is_empty());
+            let warnings = settings.warnings();
+            assert_eq!(warnings.len(), 1);
+            assert!(
+                warnings[0].contains("set binlog_row_metadata = FULL"),
+                "{warnings:?}"
+            );
+        }
     }
 
     /// Each missing setting or grant is named with what to change, one problem each.

@@ -238,6 +238,9 @@ fn launch(
         .arg("--log-bin=binlog")
         .arg("--server-id=1")
         .arg("--binlog-format=ROW")
+        // Column names and the primary key in every table map: what `stillpoint
+        // changes` needs to name the columns of a change.
+        .arg("--binlog-row-metadata=FULL")
         .arg("--character-set-server=utf8mb4")
         .arg("--collation-server=utf8mb4_general_ci")
         .args(SPEED_OPTIONS);

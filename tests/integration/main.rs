@@ -4,6 +4,7 @@
 mod archive;
 mod backup;
 mod binlog;
+mod changes;
 mod cluster;
 mod dns;
 mod drill;

@@ -11,6 +11,7 @@
 //! a binlog chunk the newest point needs deleted each make `restore --point` refuse
 //! before writing anything, naming what is wrong (the chunk also for `drill --point`
 //! and `verify`); an interrupted restore removes its directory.
+//! `Setup` is shared with `changes.rs`.
 //! The dump base (`base_method = "dump"`) restores into a new database; a data
 //! directory the host cannot read makes `base-backup` name both fixes.
 
@@ -29,20 +30,20 @@ use stillpoint_testkit::{MariaDb, Postgres, PostgresOptions};
 use crate::cluster::{Cluster, Load};
 use crate::util::{Process, bin, run_json_with_env, run_with_env, stderr, wait_until};
 
-struct Setup {
+pub(crate) struct Setup {
     // Held for its lifetime: the ledger's server.
     _postgres: Postgres,
-    mariadb: MariaDb,
-    cluster: Cluster,
-    dir: tempfile::TempDir,
+    pub(crate) mariadb: MariaDb,
+    pub(crate) cluster: Cluster,
+    pub(crate) dir: tempfile::TempDir,
     runbook: PathBuf,
     archiver: Option<Process>,
-    runtime: tokio::runtime::Runtime,
+    pub(crate) runtime: tokio::runtime::Runtime,
 }
 
 impl Setup {
     /// `base_method`: the auditor's, when not the default (mariadb-backup).
-    fn start(base_method: Option<&str>) -> Setup {
+    pub(crate) fn start(base_method: Option<&str>) -> Setup {
         let postgres = Postgres::start_with(PostgresOptions { wal_archive: true });
         postgres.create_database("ledger");
         let mariadb = MariaDb::start();
@@ -121,11 +122,11 @@ command = ["ledger-node", "check", "--ledger-db", "{{ledger}}", "--auditor-db", 
         }
     }
 
-    fn config(&self) -> &str {
+    pub(crate) fn config(&self) -> &str {
         self.runbook.to_str().unwrap()
     }
 
-    fn start_archiver(&mut self) {
+    pub(crate) fn start_archiver(&mut self) {
         let child = Command::new(bin("stillpoint"))
             .args(["archive", "--config", self.config()])
             .stdin(Stdio::null())
@@ -136,7 +137,7 @@ command = ["ledger-node", "check", "--ledger-db", "{{ledger}}", "--auditor-db", 
         self.archiver = Some(Process::new(child, "stillpoint archive".to_owned()));
     }
 
-    fn stop_archiver(&mut self) {
+    pub(crate) fn stop_archiver(&mut self) {
         if let Some(archiver) = self.archiver.take() {
             archiver.signal("TERM");
             let _ = archiver.wait_output(Duration::from_secs(30));
@@ -156,13 +157,13 @@ command = ["ledger-node", "check", "--ledger-db", "{{ledger}}", "--auditor-db", 
         [("PATH", path_with_our_binaries())]
     }
 
-    fn stillpoint(&self, args: &[&str]) -> (i32, Value) {
+    pub(crate) fn stillpoint(&self, args: &[&str]) -> (i32, Value) {
         let env = self.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         run_json_with_env("stillpoint", args, &env)
     }
 
-    fn stillpoint_output(&self, args: &[&str]) -> std::process::Output {
+    pub(crate) fn stillpoint_output(&self, args: &[&str]) -> std::process::Output {
         let env = self.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         run_with_env("stillpoint", args, &env)
