@@ -354,7 +354,9 @@ impl Standby {
                     continue;
                 }
             }
-            let moved = self.move_to(&member, current.as_ref(), newest).await;
+            let moved = self
+                .move_to(&member, current.as_ref(), newest, &state)
+                .await;
             match moved {
                 Ok(database) => {
                     state.databases.insert(name, database);
@@ -382,11 +384,15 @@ impl Standby {
 
     /// Moves one database to `point`: seeds it when it has no state, advances it
     /// otherwise.
+    ///
+    /// `state` is the state before the move: a MariaDB apply writes it with this
+    /// database marked unfinished just before it starts (see [`unfinished_apply`]).
     async fn move_to(
         &self,
         member: &Member<'_>,
         current: Option<&DatabaseState>,
         point: &PointManifest,
+        state: &State,
     ) -> Result<DatabaseState, Moved> {
         let name = member.name();
         let needed = point_restore::needs(&self.storage, &self.settings, point, name)
@@ -406,15 +412,20 @@ impl Standby {
                 needed.target.clone()
             }
             (Member::Mariadb { config, .. }, Some(current)) => {
-                mariadb::apply(
-                    self,
-                    name,
-                    config,
-                    &needed,
-                    &current.position,
-                    &needed.target,
-                )
-                .await?;
+                let (from, to) = (&current.position, &needed.target);
+                let mark = || {
+                    let mut marked = state.clone();
+                    marked.databases.insert(
+                        name.to_owned(),
+                        DatabaseState {
+                            phase: Phase::Broken(unfinished_apply(from, to, &point.point_id)),
+                            updated_at_ms: now_ms(),
+                            ..current.clone()
+                        },
+                    );
+                    self.write_state(&marked)
+                };
+                mariadb::apply(self, name, config, &needed, from, to, &mark).await?;
                 needed.target.clone()
             }
         };
@@ -545,12 +556,30 @@ impl Standby {
             {
                 continue;
             }
-            match self.move_to(member, current.as_ref(), &point).await {
+            match self.move_to(member, current.as_ref(), &point, &state).await {
                 Ok(database) => {
                     state.databases.insert(member.name().to_owned(), database);
                     self.write_state(&state)?;
                 }
-                Err(Moved::Untouched(error) | Moved::Broken(error)) => {
+                Err(moved) => {
+                    let error = match moved {
+                        Moved::Untouched(error) => error,
+                        Moved::Broken(error) => {
+                            // Replaces the mark of an apply under way with what failed.
+                            if let Some(current) = current {
+                                state.databases.insert(
+                                    member.name().to_owned(),
+                                    DatabaseState {
+                                        phase: Phase::Broken(error.to_string()),
+                                        updated_at_ms: now_ms(),
+                                        ..current
+                                    },
+                                );
+                                self.write_state(&state)?;
+                            }
+                            error
+                        }
+                    };
                     return Err(StandbyError::Database {
                         database: member.name().to_owned(),
                         message: format!(
@@ -652,7 +681,7 @@ impl Standby {
                         })?
                 }
                 Member::Mariadb { config, .. } => {
-                    mariadb::apply_to(self, &name, config, &current, &end)
+                    mariadb::apply_to(self, &name, config, &current, &end, &|| Ok(()))
                         .await
                         .map_err(|error| match error {
                             Moved::Untouched(error) | Moved::Broken(error) => error,
@@ -680,6 +709,21 @@ impl Standby {
         self.write_state(&state)?;
         Ok(state)
     }
+}
+
+/// The phase a MariaDB database is written with just before the binlog from `from`
+/// to `to` is applied to it, replaced once the apply ends. A follower killed part way
+/// (SIGKILL, a second signal, the machine down) leaves it: the database then holds an
+/// unknown part of the range (each transaction whole or not at all), and applying the
+/// range again would repeat what it holds, so the next round refuses instead of
+/// guessing.
+fn unfinished_apply(from: &Position, to: &Position, point_id: &str) -> String {
+    format!(
+        "an apply of the binlog from {from} to {to} (to point {point_id}) started at {} and \
+         did not finish: the follower was stopped part way (killed, or its machine went \
+         down), so the database holds an unknown part of that range",
+        crate::time::Zone::UTC.format_ms(now_ms())
+    )
 }
 
 /// Now, Unix ms.
