@@ -1044,6 +1044,18 @@ impl FetchedRange {
             database: database.clone(),
             message,
         };
+        // A client that stopped on an error (a duplicate key, a lost server) closes
+        // the pipe, and the decoder then dies of SIGPIPE: the client's error is the
+        // cause, the decoder's death says nothing.
+        let broken_pipe = matches!(&decoded, Ok(status)
+            if std::os::unix::process::ExitStatusExt::signal(status) == Some(13));
+        if broken_pipe && applied.is_err() {
+            return Err(server_error(format!(
+                "applying the binlog from {from} to {to} to {}: {}",
+                shown(&target_opts),
+                applied.err().unwrap_or_default()
+            )));
+        }
         match decoded {
             Ok(status) if status.success() => {}
             Ok(status) => {

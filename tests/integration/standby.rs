@@ -64,6 +64,18 @@ fn signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid}");
 }
 
+/// Polls `condition` until it holds (true) or `within` has passed (false).
+fn wait_for(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 /// Whether a process whose command line matches `pattern` (pgrep -f) runs.
 fn process_running(pattern: &str) -> bool {
     Command::new("pgrep")
@@ -256,7 +268,7 @@ fn a_standby_promoted_at_one_point_is_consistent_and_one_promoted_at_each_archiv
 
     let mut points = vec![take_point(primary)];
     let mut follower_a = follower(&a);
-    let follower_b = follower(&b);
+    let mut follower_b = follower(&b);
     let started = Instant::now();
     let mut lags = Vec::new();
     for index in 1..POINTS {
@@ -294,20 +306,39 @@ fn a_standby_promoted_at_one_point_is_consistent_and_one_promoted_at_each_archiv
     let state_a = dir.path().join("standby-a-state/standby.json");
     signal(server, "STOP");
     points.push(take_point(primary));
-    let waiting = Instant::now();
-    let marked = loop {
-        let state = std::fs::read_to_string(&state_a).unwrap_or_default();
-        if state.contains("did not finish") {
-            break true;
-        }
-        if waiting.elapsed() > Duration::from_secs(30) {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let marked = wait_for(Duration::from_secs(30), || {
+        std::fs::read_to_string(&state_a).is_ok_and(|state| state.contains("did not finish"))
+    });
     follower_a.signal("KILL");
     let _ = follower_a.wait_output(Duration::from_secs(10));
+    // Follower B's round hangs on the same server: asked to stop (SIGTERM), it waits
+    // for the round; a second SIGTERM stops it at once (defect: it was ignored, and
+    // only SIGKILL stopped it). It leaves what a killed follower leaves.
+    let state_b = dir.path().join("standby-b-state/standby.json");
+    let b_marked = wait_for(Duration::from_secs(30), || {
+        std::fs::read_to_string(&state_b).is_ok_and(|state| state.contains("did not finish"))
+    });
+    follower_b.signal("TERM");
+    std::thread::sleep(Duration::from_millis(500));
+    let b_stopped_by_one = follower_b.has_exited();
+    follower_b.signal("TERM");
+    let b_stopped =
+        b_stopped_by_one || wait_for(Duration::from_secs(10), || follower_b.has_exited());
+    if !b_stopped {
+        follower_b.signal("KILL");
+    }
+    let b_exit = follower_b.wait_output(Duration::from_secs(10)).status;
     signal(server, "CONT");
+    assert!(b_marked, "follower B's apply was not marked in its state");
+    assert!(
+        !b_stopped_by_one,
+        "follower B stopped on one SIGTERM in the middle of its round"
+    );
+    assert!(
+        b_stopped,
+        "a second SIGTERM did not stop follower B's hung round"
+    );
+    assert_eq!(b_exit.code(), Some(1), "follower B stopped twice: {b_exit}");
     assert!(
         marked,
         "the state did not record the auditor's apply under way: {}",
@@ -332,15 +363,21 @@ fn a_standby_promoted_at_one_point_is_consistent_and_one_promoted_at_each_archiv
             && said.contains("make it again"),
         "{said}"
     );
-    // The repair it names: the database made empty, its entry removed.
-    standby_mariadb.sql("", "DROP DATABASE auditor; CREATE DATABASE auditor");
-    let mut state: Value = serde_json::from_slice(&std::fs::read(&state_a).unwrap()).unwrap();
-    state["databases"]
-        .as_object_mut()
-        .unwrap()
-        .remove("auditor");
-    std::fs::write(&state_a, serde_json::to_vec(&state).unwrap()).unwrap();
+    // The repair it names, for A and B: the database made empty, its entry removed.
+    for (state_path, database) in [(&state_a, "auditor"), (&state_b, "auditor_b")] {
+        standby_mariadb.sql(
+            "",
+            &format!("DROP DATABASE {database}; CREATE DATABASE {database}"),
+        );
+        let mut state: Value = serde_json::from_slice(&std::fs::read(state_path).unwrap()).unwrap();
+        state["databases"]
+            .as_object_mut()
+            .unwrap()
+            .remove("auditor");
+        std::fs::write(state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    }
     follower_a = follower(&a);
+    follower_b = follower(&b);
     let newest = points.last().unwrap()["point_id"]
         .as_str()
         .unwrap()
