@@ -331,6 +331,21 @@ impl Standby {
         if state.promoted.is_some() {
             return Ok(state);
         }
+        // A promotion that failed part way leaves some databases promoted (primaries
+        // now) and the standby not marked promoted: moving any of them on to a newer
+        // point would take the promoted ones past the point the others stop at.
+        if let Some((name, _)) = state
+            .databases
+            .iter()
+            .find(|(_, database)| database.phase == Phase::Promoted)
+        {
+            return Err(StandbyError::Refused(format!(
+                "database {name} was promoted by a promotion that did not finish: nothing \
+                 is moved on any more; run `stillpoint standby promote --config {}` again \
+                 (it promotes the rest at the same point)",
+                self.runbook_path.display()
+            )));
+        }
         let (points, _bad) = points::list_points(&self.storage).await?;
         let Some(newest) = points.last() else {
             return Ok(state);
@@ -898,6 +913,57 @@ mod tests {
 
     /// The common point is the oldest any database stopped at; until every database
     /// has one, there is none. Control: a database further ahead does not move it.
+    /// A promotion that failed part way (one database promoted, the standby not
+    /// marked promoted) is not followed: the follower would move the promoted
+    /// database past the point. Control: the same state, following, is followed.
+    #[tokio::test]
+    async fn a_standby_promoted_part_way_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("standby.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "cluster = \"dr\"\n[pause]\ntiers = [ {{ addresses = [\"127.0.0.1:1\"] }} ]\n\
+                 [[databases]]\nname = \"auditor\"\nadapter = \"mariadb\"\n\
+                 url = \"mysql://root@127.0.0.1:1/auditor\"\n\
+                 [storage]\nurl = \"file://{0}/storage\"\n[standby]\ndir = \"{0}/state\"\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("storage")).unwrap();
+        let standby = Standby::new(
+            Runbook::load(&path).unwrap(),
+            &path,
+            PipelineSettings::default(),
+            Decryption::None,
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        let mut state = State {
+            format: FORMAT,
+            ..State::default()
+        };
+        state.databases.insert(
+            "auditor".to_owned(),
+            DatabaseState {
+                phase: Phase::Promoted,
+                ..database("p1", 1_000)
+            },
+        );
+        standby.write_state(&state).unwrap();
+        match standby.follow_once().await {
+            Err(StandbyError::Refused(message)) => {
+                assert!(message.contains("auditor"), "{message}");
+                assert!(message.contains("standby promote"), "{message}");
+            }
+            other => panic!("a standby promoted part way was followed: {other:?}"),
+        }
+        state.databases.get_mut("auditor").unwrap().phase = Phase::Following;
+        standby.write_state(&state).unwrap();
+        standby.follow_once().await.unwrap();
+    }
+
     #[test]
     fn the_common_point_is_the_oldest_any_database_passed() {
         let points = vec![point("a", 1), point("b", 2), point("c", 3)];
