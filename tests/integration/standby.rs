@@ -9,6 +9,11 @@
 //! test prints RPO (failure − the point's time) and RTO (failure → first transfer
 //! served on the standby).
 //!
+//! On the way, an operator's accidents: standby A's follower SIGKILLed mid-apply of
+//! the auditor's binlog (its MariaDB hung) is refused by the next round, naming the
+//! unfinished apply and the repair, which then works; follower B, hung the same way,
+//! stops on a second SIGTERM.
+//!
 //! Negative control: standby B promoted with each database at its own archive's end
 //! (`Standby::promote_unsafe_each_at_archive_end`) fails `ledger-node check`: the
 //! ledger holds the transfers committed during the auditor's pause, the auditor not.
@@ -378,6 +383,9 @@ fn a_standby_promoted_at_one_point_is_consistent_and_one_promoted_at_each_archiv
     }
     follower_a = follower(&a);
     follower_b = follower(&b);
+    // A fresh point once both follow again: the failover below measures RPO from the
+    // newest point, as it would without the repair before it.
+    points.push(take_point(primary));
     let newest = points.last().unwrap()["point_id"]
         .as_str()
         .unwrap()
