@@ -17,7 +17,7 @@ use crate::args::OutputFormat;
 use crate::backup::load_runbook;
 use crate::exit::{self, Failure};
 use crate::output::print_json;
-use crate::signal::shutdown_signal;
+use crate::signal::{Interrupts, unless_interrupted_again};
 
 #[derive(Debug, Clone, Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -98,21 +98,45 @@ pub async fn standby(args: StandbyArgs) -> Result<u8, Failure> {
 
 /// Rounds every `[standby] interval` until a signal (the round in progress is
 /// finished first: a round stopped part way would leave a server heading to a point
-/// the state does not name) or a promotion.
+/// the state does not name) or a promotion. A second signal stops at once, even in
+/// the middle of a round that hangs (a standby server stopped or unreachable): an
+/// operator or a service manager is never stuck behind it. What such a round leaves
+/// is what a killed follower leaves, and the next round finds it (a MariaDB apply
+/// under way is marked in the state first).
 async fn follow(config: &std::path::Path, once: bool, output: OutputFormat) -> Result<u8, Failure> {
     let standby = open(config)?;
-    let signal = shutdown_signal();
-    tokio::pin!(signal);
+    let mut interrupts = Interrupts::new().map_err(|error| {
+        Failure::new(
+            exit::ERROR,
+            anyhow!("cannot listen for SIGINT/SIGTERM: {error}"),
+        )
+    })?;
     let mut stopping = false;
     loop {
         let round = standby.follow_once();
         tokio::pin!(round);
         let state = tokio::select! {
             state = &mut round => state,
-            () = &mut signal, if !stopping => {
+            () = interrupts.recv(), if !stopping => {
                 stopping = true;
-                crate::errln!("stopping after this round (it moves a database to a point)…");
-                round.await
+                crate::errln!(
+                    "stopping after this round (it moves a database to a point; interrupt \
+                     again to stop at once)…"
+                );
+                match unless_interrupted_again(&mut round, &mut interrupts).await {
+                    Some(state) => state,
+                    None => {
+                        return Err(Failure::new(
+                            exit::ERROR,
+                            anyhow!(
+                                "interrupted twice: stopped in the middle of a round. The \
+                                 next round carries on from {}, or refuses a database it \
+                                 left part way and says what to do",
+                                standby.state_path().display()
+                            ),
+                        ));
+                    }
+                }
             }
         };
         let state = state.map_err(|error| failure(&error))?;
@@ -133,7 +157,7 @@ async fn follow(config: &std::path::Path, once: bool, output: OutputFormat) -> R
         }
         tokio::select! {
             () = tokio::time::sleep(standby.interval()) => {}
-            () = &mut signal => return Ok(exit::OK),
+            () = interrupts.recv() => return Ok(exit::OK),
         }
     }
 }

@@ -85,6 +85,9 @@ pub(crate) async fn seed(
 
 /// Applies the archived binlog `[from, to)` to the database. A failure before the
 /// apply starts leaves it as it was; one during it, in an unknown state (broken).
+/// `mark` runs once the range is fetched and checked, just before anything is
+/// applied: it records in the state that an apply is under way, so a follower killed
+/// during it is found out by the next one.
 pub(crate) async fn apply(
     standby: &Standby,
     name: &str,
@@ -92,13 +95,14 @@ pub(crate) async fn apply(
     needed: &Needed,
     from: &Position,
     to: &Position,
+    mark: &dyn Fn() -> Result<(), StandbyError>,
 ) -> Result<(), Moved> {
     let target = target(
         standby,
         config,
         point_restore::source_database(needed, name),
     );
-    apply_range(standby, name, &target, from, to).await
+    apply_range(standby, name, &target, from, to, mark).await
 }
 
 /// [`apply`] from the database's state up to `to` (the negative control's archive
@@ -109,6 +113,7 @@ pub(crate) async fn apply_to(
     config: &MariadbConfig,
     current: &DatabaseState,
     to: &Position,
+    mark: &dyn Fn() -> Result<(), StandbyError>,
 ) -> Result<(), Moved> {
     let record = base::read_record(&standby.storage, name, &current.base_id)
         .await
@@ -125,7 +130,7 @@ pub(crate) async fn apply_to(
         .cloned()
         .unwrap_or_else(|| name.to_owned());
     let target = target(standby, config, source);
-    apply_range(standby, name, &target, &current.position, to).await
+    apply_range(standby, name, &target, &current.position, to, mark).await
 }
 
 async fn apply_range(
@@ -134,6 +139,7 @@ async fn apply_range(
     target: &ReplayTarget,
     from: &Position,
     to: &Position,
+    mark: &dyn Fn() -> Result<(), StandbyError>,
 ) -> Result<(), Moved> {
     if from >= to {
         return Ok(());
@@ -143,6 +149,7 @@ async fn apply_range(
         binlog_archive::fetch_range(&archive, &standby.decryption, from, to, &target.work_dir)
             .await
             .map_err(|error| Moved::Untouched(fail(name, error.to_string())))?;
+    mark().map_err(Moved::Untouched)?;
     fetched.apply(target).await.map_err(|error| {
         Moved::Broken(fail(
             name,

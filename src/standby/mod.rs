@@ -331,6 +331,21 @@ impl Standby {
         if state.promoted.is_some() {
             return Ok(state);
         }
+        // A promotion that failed part way leaves some databases promoted (primaries
+        // now) and the standby not marked promoted: moving any of them on to a newer
+        // point would take the promoted ones past the point the others stop at.
+        if let Some((name, _)) = state
+            .databases
+            .iter()
+            .find(|(_, database)| database.phase == Phase::Promoted)
+        {
+            return Err(StandbyError::Refused(format!(
+                "database {name} was promoted by a promotion that did not finish: nothing \
+                 is moved on any more; run `stillpoint standby promote --config {}` again \
+                 (it promotes the rest at the same point)",
+                self.runbook_path.display()
+            )));
+        }
         let (points, _bad) = points::list_points(&self.storage).await?;
         let Some(newest) = points.last() else {
             return Ok(state);
@@ -354,7 +369,9 @@ impl Standby {
                     continue;
                 }
             }
-            let moved = self.move_to(&member, current.as_ref(), newest).await;
+            let moved = self
+                .move_to(&member, current.as_ref(), newest, &state)
+                .await;
             match moved {
                 Ok(database) => {
                     state.databases.insert(name, database);
@@ -382,11 +399,15 @@ impl Standby {
 
     /// Moves one database to `point`: seeds it when it has no state, advances it
     /// otherwise.
+    ///
+    /// `state` is the state before the move: a MariaDB apply writes it with this
+    /// database marked unfinished just before it starts (see [`unfinished_apply`]).
     async fn move_to(
         &self,
         member: &Member<'_>,
         current: Option<&DatabaseState>,
         point: &PointManifest,
+        state: &State,
     ) -> Result<DatabaseState, Moved> {
         let name = member.name();
         let needed = point_restore::needs(&self.storage, &self.settings, point, name)
@@ -406,15 +427,20 @@ impl Standby {
                 needed.target.clone()
             }
             (Member::Mariadb { config, .. }, Some(current)) => {
-                mariadb::apply(
-                    self,
-                    name,
-                    config,
-                    &needed,
-                    &current.position,
-                    &needed.target,
-                )
-                .await?;
+                let (from, to) = (&current.position, &needed.target);
+                let mark = || {
+                    let mut marked = state.clone();
+                    marked.databases.insert(
+                        name.to_owned(),
+                        DatabaseState {
+                            phase: Phase::Broken(unfinished_apply(from, to, &point.point_id)),
+                            updated_at_ms: now_ms(),
+                            ..current.clone()
+                        },
+                    );
+                    self.write_state(&marked)
+                };
+                mariadb::apply(self, name, config, &needed, from, to, &mark).await?;
                 needed.target.clone()
             }
         };
@@ -545,12 +571,30 @@ impl Standby {
             {
                 continue;
             }
-            match self.move_to(member, current.as_ref(), &point).await {
+            match self.move_to(member, current.as_ref(), &point, &state).await {
                 Ok(database) => {
                     state.databases.insert(member.name().to_owned(), database);
                     self.write_state(&state)?;
                 }
-                Err(Moved::Untouched(error) | Moved::Broken(error)) => {
+                Err(moved) => {
+                    let error = match moved {
+                        Moved::Untouched(error) => error,
+                        Moved::Broken(error) => {
+                            // Replaces the mark of an apply under way with what failed.
+                            if let Some(current) = current {
+                                state.databases.insert(
+                                    member.name().to_owned(),
+                                    DatabaseState {
+                                        phase: Phase::Broken(error.to_string()),
+                                        updated_at_ms: now_ms(),
+                                        ..current
+                                    },
+                                );
+                                self.write_state(&state)?;
+                            }
+                            error
+                        }
+                    };
                     return Err(StandbyError::Database {
                         database: member.name().to_owned(),
                         message: format!(
@@ -652,7 +696,7 @@ impl Standby {
                         })?
                 }
                 Member::Mariadb { config, .. } => {
-                    mariadb::apply_to(self, &name, config, &current, &end)
+                    mariadb::apply_to(self, &name, config, &current, &end, &|| Ok(()))
                         .await
                         .map_err(|error| match error {
                             Moved::Untouched(error) | Moved::Broken(error) => error,
@@ -680,6 +724,21 @@ impl Standby {
         self.write_state(&state)?;
         Ok(state)
     }
+}
+
+/// The phase a MariaDB database is written with just before the binlog from `from`
+/// to `to` is applied to it, replaced once the apply ends. A follower killed part way
+/// (SIGKILL, a second signal, the machine down) leaves it: the database then holds an
+/// unknown part of the range (each transaction whole or not at all), and applying the
+/// range again would repeat what it holds, so the next round refuses instead of
+/// guessing.
+fn unfinished_apply(from: &Position, to: &Position, point_id: &str) -> String {
+    format!(
+        "an apply of the binlog from {from} to {to} (to point {point_id}) started at {} and \
+         did not finish: the follower was stopped part way (killed, or its machine went \
+         down), so the database holds an unknown part of that range",
+        crate::time::Zone::UTC.format_ms(now_ms())
+    )
 }
 
 /// Now, Unix ms.
@@ -854,6 +913,57 @@ mod tests {
 
     /// The common point is the oldest any database stopped at; until every database
     /// has one, there is none. Control: a database further ahead does not move it.
+    /// A promotion that failed part way (one database promoted, the standby not
+    /// marked promoted) is not followed: the follower would move the promoted
+    /// database past the point. Control: the same state, following, is followed.
+    #[tokio::test]
+    async fn a_standby_promoted_part_way_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("standby.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "cluster = \"dr\"\n[pause]\ntiers = [ {{ addresses = [\"127.0.0.1:1\"] }} ]\n\
+                 [[databases]]\nname = \"auditor\"\nadapter = \"mariadb\"\n\
+                 url = \"mysql://root@127.0.0.1:1/auditor\"\n\
+                 [storage]\nurl = \"file://{0}/storage\"\n[standby]\ndir = \"{0}/state\"\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("storage")).unwrap();
+        let standby = Standby::new(
+            Runbook::load(&path).unwrap(),
+            &path,
+            PipelineSettings::default(),
+            Decryption::None,
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        let mut state = State {
+            format: FORMAT,
+            ..State::default()
+        };
+        state.databases.insert(
+            "auditor".to_owned(),
+            DatabaseState {
+                phase: Phase::Promoted,
+                ..database("p1", 1_000)
+            },
+        );
+        standby.write_state(&state).unwrap();
+        match standby.follow_once().await {
+            Err(StandbyError::Refused(message)) => {
+                assert!(message.contains("auditor"), "{message}");
+                assert!(message.contains("standby promote"), "{message}");
+            }
+            other => panic!("a standby promoted part way was followed: {other:?}"),
+        }
+        state.databases.get_mut("auditor").unwrap().phase = Phase::Following;
+        standby.write_state(&state).unwrap();
+        standby.follow_once().await.unwrap();
+    }
+
     #[test]
     fn the_common_point_is_the_oldest_any_database_passed() {
         let points = vec![point("a", 1), point("b", 2), point("c", 3)];

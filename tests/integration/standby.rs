@@ -9,6 +9,11 @@
 //! test prints RPO (failure − the point's time) and RTO (failure → first transfer
 //! served on the standby).
 //!
+//! On the way, an operator's accidents: standby A's follower SIGKILLed mid-apply of
+//! the auditor's binlog (its MariaDB hung) is refused by the next round, naming the
+//! unfinished apply and the repair, which then works; follower B, hung the same way,
+//! stops on a second SIGTERM.
+//!
 //! Negative control: standby B promoted with each database at its own archive's end
 //! (`Standby::promote_unsafe_each_at_archive_end`) fails `ledger-node check`: the
 //! ledger holds the transfers committed during the auditor's pause, the auditor not.
@@ -40,6 +45,50 @@ fn unix_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+/// The pid of a test MariaDB server: the mariadbd whose command line names its data
+/// directory.
+fn mariadb_server_pid(mariadb: &MariaDb) -> u32 {
+    let output = Command::new("pgrep")
+        .args(["-f", &format!("mariadbd.*{}", mariadb.data_dir().display())])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .and_then(|line| line.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no mariadbd for {}", mariadb.data_dir().display()))
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Polls `condition` until it holds (true) or `within` has passed (false).
+fn wait_for(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Whether a process whose command line matches `pattern` (pgrep -f) runs.
+fn process_running(pattern: &str) -> bool {
+    Command::new("pgrep")
+        .args(["-f", pattern])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
 }
 
 /// A standby's PostgreSQL server, stopped (immediate) when dropped: `stillpoint
@@ -224,7 +273,7 @@ fn a_standby_promoted_at_one_point_is_consistent_and_one_promoted_at_each_archiv
 
     let mut points = vec![take_point(primary)];
     let mut follower_a = follower(&a);
-    let follower_b = follower(&b);
+    let mut follower_b = follower(&b);
     let started = Instant::now();
     let mut lags = Vec::new();
     for index in 1..POINTS {
@@ -250,6 +299,104 @@ fn a_standby_promoted_at_one_point_is_consistent_and_one_promoted_at_each_archiv
         );
     }
     eprintln!("standby: lag samples while following (database, ms since its point): {lags:?}");
+
+    // Standby A's follower SIGKILLed in the middle of applying the auditor's binlog
+    // (the standby MariaDB server hung with SIGSTOP, so the apply cannot end; the
+    // client applies what it was fed once the server runs again). The next round must
+    // not apply the range again over the part that reached the database: it refuses,
+    // naming the unfinished apply and what to do. Done as it says, A is seeded again
+    // and follows. Defect: the state still named the old position, and the range was
+    // applied a second time.
+    let server = mariadb_server_pid(&standby_mariadb);
+    let state_a = dir.path().join("standby-a-state/standby.json");
+    signal(server, "STOP");
+    points.push(take_point(primary));
+    let marked = wait_for(Duration::from_secs(30), || {
+        std::fs::read_to_string(&state_a).is_ok_and(|state| state.contains("did not finish"))
+    });
+    follower_a.signal("KILL");
+    let _ = follower_a.wait_output(Duration::from_secs(10));
+    // Follower B's round hangs on the same server: asked to stop (SIGTERM), it waits
+    // for the round; a second SIGTERM stops it at once (defect: it was ignored, and
+    // only SIGKILL stopped it). It leaves what a killed follower leaves.
+    let state_b = dir.path().join("standby-b-state/standby.json");
+    let b_marked = wait_for(Duration::from_secs(30), || {
+        std::fs::read_to_string(&state_b).is_ok_and(|state| state.contains("did not finish"))
+    });
+    follower_b.signal("TERM");
+    std::thread::sleep(Duration::from_millis(500));
+    let b_stopped_by_one = follower_b.has_exited();
+    follower_b.signal("TERM");
+    let b_stopped =
+        b_stopped_by_one || wait_for(Duration::from_secs(10), || follower_b.has_exited());
+    if !b_stopped {
+        follower_b.signal("KILL");
+    }
+    let b_exit = follower_b.wait_output(Duration::from_secs(10)).status;
+    signal(server, "CONT");
+    assert!(b_marked, "follower B's apply was not marked in its state");
+    assert!(
+        !b_stopped_by_one,
+        "follower B stopped on one SIGTERM in the middle of its round"
+    );
+    assert!(
+        b_stopped,
+        "a second SIGTERM did not stop follower B's hung round"
+    );
+    assert_eq!(b_exit.code(), Some(1), "follower B stopped twice: {b_exit}");
+    assert!(
+        marked,
+        "the state did not record the auditor's apply under way: {}",
+        std::fs::read_to_string(&state_a).unwrap_or_default()
+    );
+    // The killed follower's client ends once it has applied what it was fed.
+    wait_until(
+        Duration::from_secs(30),
+        "the killed follower's mariadb client to end",
+        || !process_running("[-]-database=auditor( |$)"),
+    );
+    let output = crate::util::run(
+        "stillpoint",
+        &["standby", "--config", a.to_str().unwrap(), "--once"],
+    );
+    let said = stderr(&output);
+    eprintln!("standby: the round after the killed one: {said}");
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("auditor")
+            && said.contains("did not finish")
+            && said.contains("make it again"),
+        "{said}"
+    );
+    // The repair it names, for A and B: the database made empty, its entry removed.
+    for (state_path, database) in [(&state_a, "auditor"), (&state_b, "auditor_b")] {
+        standby_mariadb.sql(
+            "",
+            &format!("DROP DATABASE {database}; CREATE DATABASE {database}"),
+        );
+        let mut state: Value = serde_json::from_slice(&std::fs::read(state_path).unwrap()).unwrap();
+        state["databases"]
+            .as_object_mut()
+            .unwrap()
+            .remove("auditor");
+        std::fs::write(state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    }
+    follower_a = follower(&a);
+    follower_b = follower(&b);
+    // A fresh point once both follow again: the failover below measures RPO from the
+    // newest point, as it would without the repair before it.
+    points.push(take_point(primary));
+    let newest = points.last().unwrap()["point_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for config in [&a, &b] {
+        wait_until(
+            Duration::from_secs(90),
+            "the standby to reach the newest point after the repair",
+            || status(config)["common_point"]["point_id"] == newest.as_str(),
+        );
+    }
 
     // The auditor alone paused: ledger nodes commit transfers on the ledger whose
     // auditor record waits. Then the whole primary dies.
