@@ -29,7 +29,9 @@ pub async fn shutdown_signal() {
 }
 
 /// Runs `work` with a token that a signal cancels, and waits for `work` to finish its
-/// own clean-up: the work must watch the token and return soon after it fires.
+/// own clean-up: the work must watch the token and return soon after it fires. A
+/// second signal gives up on the clean-up (a server it waits for may hang) and exits
+/// at once with status 1, saying so.
 pub async fn run_cancellable<F, T>(work: impl FnOnce(CancellationToken) -> F) -> T
 where
     F: Future<Output = T>,
@@ -37,14 +39,31 @@ where
     let cancel = CancellationToken::new();
     let work = work(cancel.clone());
     tokio::pin!(work);
+    let mut interrupts = match Interrupts::new() {
+        Ok(interrupts) => interrupts,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGINT/SIGTERM; they end the command at once");
+            return work.await;
+        }
+    };
     tokio::select! {
         output = &mut work => return output,
-        () = shutdown_signal() => {
-            tracing::warn!("interrupted: stopping and cleaning up");
+        () = interrupts.recv() => {
+            tracing::warn!("interrupted: stopping and cleaning up (interrupt again to stop at once)");
             cancel.cancel();
         }
     }
-    work.await
+    match unless_interrupted_again(work, &mut interrupts).await {
+        Some(output) => output,
+        None => {
+            crate::errln!(
+                "error: interrupted again: stopped without finishing the clean-up; what it \
+                 made may be left (a scratch server or database, a clone's new databases): \
+                 see the log above"
+            );
+            std::process::exit(i32::from(crate::exit::ERROR));
+        }
+    }
 }
 
 /// SIGINT and SIGTERM, counted, from the moment this is made: a signal that arrives

@@ -306,10 +306,12 @@ async fn run(
             .database(&plan.name)
             .expect("the plan is of the point's databases")
             .marker;
-        let url = plan
+        let database = database_of(&plan.target);
+        let creating = plan
             .target_adapter
-            .create_scratch(&database_of(&plan.target), Path::new(""), marker)
-            .await
+            .create_scratch(&database, Path::new(""), marker);
+        let url = until_cancelled(creating, &plan.name, cancel)
+            .await?
             .map_err(|error| {
                 PointRestoreError::Setup(format!(
                     "creating the clone's database for {} ({}): {error}; a clone makes new \
@@ -428,8 +430,9 @@ async fn run(
             }
         }
         let restore_ms = elapsed_ms(restoring) - copy_ms;
-        let row_counts_match_point = check_rows(request.point, plan).await?;
-        write_note(request, plan).await?;
+        let row_counts_match_point =
+            until_cancelled(check_rows(request.point, plan), &plan.name, cancel).await??;
+        until_cancelled(write_note(request, plan), &plan.name, cancel).await??;
         databases.push(ClonedDatabase {
             name: plan.name.clone(),
             adapter: plan.adapter.clone(),
@@ -526,6 +529,19 @@ async fn write_note(request: &CloneRequest<'_>, plan: &Plan) -> Result<(), Point
         .write_note(&plan.target, NOTE_TABLE, &fields)
         .await
         .map_err(|error| PointRestoreError::Replay(error.to_string()))
+}
+
+/// `work`, unless the clone is cancelled first: a target server that stopped
+/// answering must not hold up the undo.
+async fn until_cancelled<T>(
+    work: impl std::future::Future<Output = T>,
+    name: &str,
+    cancel: &CancellationToken,
+) -> Result<T, PointRestoreError> {
+    tokio::select! {
+        done = work => Ok(done),
+        () = cancel.cancelled() => Err(cancelled(name)),
+    }
 }
 
 fn cancelled(name: &str) -> PointRestoreError {
