@@ -649,6 +649,7 @@ pub fn rows(
     };
     let mut changes = Vec::new();
     while cursor.remaining() > 0 {
+        let before_row = cursor.remaining();
         let change = match kind {
             Kind::Insert => RowChange {
                 before: None,
@@ -663,6 +664,14 @@ pub fn rows(
                 after: Some(image(&mut cursor, map, &present_after)?),
             },
         };
+        // An image of no columns takes no bytes: the same bytes would make rows
+        // forever (a damaged event, never one a server writes).
+        if cursor.remaining() == before_row {
+            return Err(damaged(format!(
+                "a rows event of {} holds a row of no columns",
+                map.name()
+            )));
+        }
         changes.push(change);
     }
     Ok((kind, changes))
@@ -1022,6 +1031,51 @@ mod tests {
         let bytes = raw.to_be_bytes()[1..].to_vec();
         let mut cursor = Cursor::new(&bytes);
         assert_eq!(time2(&mut cursor, 0).unwrap(), "-01:02:03");
+    }
+
+    /// Found by the `binlog_rows` fuzz target: a rows event whose column bitmap names
+    /// no column made rows of no bytes until memory ran out.
+    #[test]
+    fn a_row_of_no_columns_is_refused_not_repeated() {
+        let mut post_header = vec![0; 40];
+        post_header[usize::from(WRITE_ROWS_V1) - 1] = 8;
+        let format = Format {
+            checksum: false,
+            post_header,
+        };
+        let map = TableMap {
+            table_id: 7,
+            schema: "s".to_owned(),
+            table: "t".to_owned(),
+            columns: vec![Column {
+                name: Some("id".to_owned()),
+                kind: types::LONG,
+                meta: 0,
+                unsigned: false,
+                binary: false,
+                members: Vec::new(),
+            }],
+            primary_key: vec![0],
+        };
+        // Table id 7 (6 bytes), flags, 1 column, a bitmap naming none, then a byte.
+        let body = [7, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0xaa];
+        let event = Event {
+            kind: WRITE_ROWS_V1,
+            timestamp: 0,
+            server_id: 0,
+            body: &body,
+        };
+        let error = rows(&format, &event, &map).unwrap_err();
+        assert!(error.to_string().contains("a row of no columns"), "{error}");
+        // Control: the bitmap naming the column decodes the row.
+        let body = [7, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 5, 0, 0, 0];
+        let event = Event {
+            body: &body,
+            ..event
+        };
+        let (kind, decoded) = rows(&format, &event, &map).unwrap();
+        assert_eq!(kind, Kind::Insert);
+        assert_eq!(decoded.len(), 1);
     }
 
     #[test]
