@@ -162,6 +162,10 @@ pub struct DatabaseConfig {
     /// `archive = true`: the database's log is archived continuously into the
     /// storage (`stillpoint archive`; PostgreSQL and MariaDB).
     pub archive: bool,
+    /// `changes = true` (PostgreSQL, with `archive = true`): its archiver also records
+    /// a logical change stream beside the WAL, which `stillpoint changes` exports
+    /// (docs/runbooks/changes.md). MariaDB's changes come from its binlog archive.
+    pub changes: bool,
 }
 
 /// `[archive]`: how the databases with `archive = true` are archived.
@@ -969,6 +973,16 @@ impl Runbook {
                     database.name
                 ));
             }
+            if database.changes
+                && !(database.archive && matches!(database.adapter, AdapterConfig::Postgres(_)))
+            {
+                return Err(format!(
+                    "database {:?}: changes = true is for PostgreSQL databases with archive = \
+                     true (their change stream is recorded beside the WAL); a MariaDB \
+                     database's changes come from its binlog archive without it",
+                    database.name
+                ));
+            }
         }
         if self.archive.chunk_interval.is_zero() {
             return Err(
@@ -1042,6 +1056,11 @@ fn database(index: usize, mut table: toml::Table, base: &Path) -> Result<Databas
         Some(toml::Value::Boolean(archive)) => archive,
         Some(_) => return Err(format!("database {name:?}: archive must be true or false")),
     };
+    let changes = match table.remove("changes") {
+        None => false,
+        Some(toml::Value::Boolean(changes)) => changes,
+        Some(_) => return Err(format!("database {name:?}: changes must be true or false")),
+    };
     let mut adapter: AdapterConfig =
         toml::Value::Table(table)
             .try_into()
@@ -1056,6 +1075,7 @@ fn database(index: usize, mut table: toml::Table, base: &Path) -> Result<Databas
         role,
         adapter,
         archive,
+        changes,
     })
 }
 

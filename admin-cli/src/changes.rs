@@ -36,10 +36,11 @@ pub struct ChangesArgs {
     #[arg(long, value_name = "POINT")]
     pub to: String,
     /// One database of the points (by its runbook name); default: every one (each
-    /// must be MariaDB).
+    /// must be MariaDB, or PostgreSQL with `changes = true`).
     #[arg(long, value_name = "NAME")]
     pub database: Option<String>,
-    /// Only this table's changes.
+    /// Only this table's changes (PostgreSQL: `schema.table`, or the table's name in
+    /// any schema).
     #[arg(long, value_name = "TABLE")]
     pub table: Option<String>,
     /// How records are written.
@@ -169,16 +170,21 @@ pub async fn changes(args: ChangesArgs) -> Result<u8, Failure> {
                 report.elapsed_ms as f64 / 1000.0
             );
             for db in &report.databases {
+                let log = if db.adapter == "postgres" {
+                    "change stream"
+                } else {
+                    "binlog"
+                };
                 crate::errln!(
-                    "  {}: binlog {} to {}: {} record(s) of {} committed transaction(s), {} \
-                     chunk(s), {} bytes of binlog read (fetch {} ms, decode {} ms){}",
+                    "  {}: {log} {} to {}: {} record(s) of {} committed transaction(s), {} \
+                     chunk(s), {} bytes of {log} read (fetch {} ms, decode {} ms){}",
                     db.database,
                     db.from,
                     db.to,
                     db.stats.records,
                     db.stats.transactions,
                     db.chunks,
-                    db.stats.binlog_bytes,
+                    db.stats.log_bytes,
                     db.fetch_ms,
                     db.decode_ms,
                     if db.stats.not_committed > 0 {

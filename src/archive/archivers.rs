@@ -7,6 +7,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::mariadb::{BinlogArchiver, BinlogArchiverConfig, BinlogArchiverStatus};
+use super::pg_changes::ChangeCapture;
 use super::postgres::{ArchiverConfig, ArchiverStatus, PgArchiver};
 use super::sqlite::{SqliteArchiver, SqliteArchiverConfig, SqliteArchiverStatus};
 use super::{Archive, ArchiveError, Position};
@@ -62,15 +63,32 @@ impl Archiver {
             let archive = Archive::new(storage.clone(), settings.clone(), &database.name)
                 .map_err(|error| ArchiversError(error.to_string()))?;
             archivers.push(match &database.adapter {
-                AdapterConfig::Postgres(config) => Archiver::Wal(PgArchiver::new(
-                    ArchiverConfig::new(
-                        &database.name,
-                        config.clone(),
-                        &runbook.spool_root(),
-                        runbook.archive.partial_interval,
-                    ),
-                    archive,
-                )),
+                AdapterConfig::Postgres(config) => {
+                    let mut archiver = PgArchiver::new(
+                        ArchiverConfig::new(
+                            &database.name,
+                            config.clone(),
+                            &runbook.spool_root(),
+                            runbook.archive.partial_interval,
+                        ),
+                        archive,
+                    );
+                    if database.changes {
+                        let stream = Archive::change_stream(
+                            storage.clone(),
+                            settings.clone(),
+                            &database.name,
+                        )
+                        .map_err(|error| ArchiversError(error.to_string()))?;
+                        archiver = archiver.with_changes(ChangeCapture::new(
+                            &database.name,
+                            config.clone(),
+                            runbook.archive.chunk_interval,
+                            stream,
+                        ));
+                    }
+                    Archiver::Wal(archiver)
+                }
                 AdapterConfig::Mariadb(config) => Archiver::Binlog(BinlogArchiver::new(
                     BinlogArchiverConfig::new(
                         &database.name,

@@ -23,6 +23,8 @@
 //! - `catalog.rs`: [`Catalog`], the ordered view of one database's archive: chunks
 //!   in order, superseded ones set aside, coverage, gaps, "has it reached Y?".
 //! - `wal.rs`: PostgreSQL WAL file names and their LSN ranges.
+//! - `pg_changes.rs`: a PostgreSQL database's change stream (logical decoding),
+//!   recorded beside its WAL for `stillpoint changes`, under `changes/<database>`.
 //! - `postgres.rs`: the PostgreSQL archiver (a supervised `pg_receivewal` on a
 //!   physical replication slot), the server checks archiving needs, `wal-push` and
 //!   `wal-fetch`.
@@ -57,6 +59,7 @@ pub mod binlog;
 mod catalog;
 pub mod mariadb;
 pub mod mariadb_backup;
+pub mod pg_changes;
 pub mod postgres;
 pub mod sqlite;
 pub mod sqlite_wal;
@@ -67,6 +70,9 @@ pub use catalog::{Catalog, Coverage, Gap, NotReached};
 
 /// The top directory of every archive in a storage.
 pub const ARCHIVE_DIR: &str = "archive";
+/// The top directory of every PostgreSQL change stream (`pg_changes.rs`), kept apart
+/// so that it is never taken for a database's log.
+pub const CHANGES_DIR: &str = "changes";
 /// The version of the chunk record format this code writes and reads.
 pub const RECORD_FORMAT: u32 = 1;
 const RECORD_SUFFIX: &str = ".json";
@@ -263,6 +269,9 @@ pub enum ChunkKind {
     MariadbBinlog,
     /// Committed frames of one cycle of a SQLite WAL, raw (`sqlite.rs`).
     SqliteFrames,
+    /// PostgreSQL's logical change stream: the transactions whose commit record
+    /// ends in `(start, end]` (`pg_changes.rs`).
+    PgChanges,
 }
 
 impl ChunkKind {
@@ -280,6 +289,7 @@ impl fmt::Display for ChunkKind {
             ChunkKind::PgOther => "PostgreSQL archive file",
             ChunkKind::MariadbBinlog => "binlog chunk",
             ChunkKind::SqliteFrames => "SQLite WAL frames",
+            ChunkKind::PgChanges => "PostgreSQL change stream chunk",
         })
     }
 }
@@ -440,6 +450,8 @@ pub struct Archive {
     storage: Storage,
     settings: PipelineSettings,
     database: String,
+    /// [`ARCHIVE_DIR`], or [`CHANGES_DIR`] for a change stream.
+    dir: &'static str,
 }
 
 impl Archive {
@@ -456,6 +468,20 @@ impl Archive {
             storage,
             settings,
             database: database.to_owned(),
+            dir: ARCHIVE_DIR,
+        })
+    }
+
+    /// The change stream of PostgreSQL `database` (`changes/<database>`): chunks and
+    /// records as an archive's, of the logical decoding output.
+    pub fn change_stream(
+        storage: Storage,
+        settings: PipelineSettings,
+        database: &str,
+    ) -> Result<Archive, ArchiveError> {
+        Ok(Archive {
+            dir: CHANGES_DIR,
+            ..Archive::new(storage, settings, database)?
         })
     }
 
@@ -467,9 +493,9 @@ impl Archive {
         &self.storage
     }
 
-    /// `archive/<database>`.
+    /// `archive/<database>` (`changes/<database>` for a change stream).
     pub fn prefix(&self) -> String {
-        format!("{ARCHIVE_DIR}/{}", self.database)
+        format!("{}/{}", self.dir, self.database)
     }
 
     fn record_path(&self, name: &str) -> String {

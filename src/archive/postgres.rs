@@ -57,6 +57,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::pg_changes::ChangeCapture;
 use super::supervise::{ClientStderr, Ended, Supervised, supervise};
 use super::wal::{self, Segment};
 use super::{
@@ -172,6 +173,9 @@ pub struct PgArchiver {
     config: ArchiverConfig,
     archive: Archive,
     status: watch::Sender<ArchiverStatus>,
+    /// The change stream recorded beside the WAL (`changes = true`).
+    /// (Boxed: most archivers have none.)
+    changes: Option<Box<ChangeCapture>>,
 }
 
 impl PgArchiver {
@@ -180,7 +184,19 @@ impl PgArchiver {
             config,
             archive,
             status: watch::Sender::new(ArchiverStatus::default()),
+            changes: None,
         }
+    }
+
+    /// Records `capture`'s change stream while the WAL is archived.
+    pub fn with_changes(mut self, capture: ChangeCapture) -> PgArchiver {
+        self.changes = Some(Box::new(capture));
+        self
+    }
+
+    /// The change stream's capture, when there is one.
+    pub fn changes(&self) -> Option<&ChangeCapture> {
+        self.changes.as_deref()
     }
 
     pub fn status(&self) -> watch::Receiver<ArchiverStatus> {
@@ -204,10 +220,29 @@ impl PgArchiver {
     pub async fn run(&self, cancel: &CancellationToken) -> Result<(), ArchiveError> {
         let _spool = SpoolLock::take(&self.config.spool_dir)
             .map_err(|message| self.server_error(message))?;
-        supervise(&self.config.database, &self.status, cancel, || {
-            self.session(cancel)
-        })
-        .await
+        let Some(capture) = &self.changes else {
+            return supervise(&self.config.database, &self.status, cancel, || {
+                self.session(cancel)
+            })
+            .await;
+        };
+        // Both until `cancel`; what stops one for good stops the other.
+        let stop = cancel.child_token();
+        let wal = async {
+            let result = supervise(&self.config.database, &self.status, &stop, || {
+                self.session(&stop)
+            })
+            .await;
+            stop.cancel();
+            result
+        };
+        let changes = async {
+            let result = capture.run(&stop).await;
+            stop.cancel();
+            result
+        };
+        let (wal, changes) = tokio::join!(wal, changes);
+        wal.and(changes)
     }
 
     /// One connection and one pg_receivewal, until it exits or `cancel` fires.

@@ -568,6 +568,8 @@ pub enum Value {
     Text(String),
     /// Binary strings and BLOBs.
     Bytes(Vec<u8>),
+    /// PostgreSQL's boolean (MariaDB's BOOLEAN is a TINYINT).
+    Bool(bool),
 }
 
 /// What a rows event did.
@@ -577,6 +579,8 @@ pub enum Kind {
     Insert,
     Update,
     Delete,
+    /// PostgreSQL's TRUNCATE of a table (no key, no columns).
+    Truncate,
 }
 
 impl Kind {
@@ -594,6 +598,7 @@ impl Kind {
             Kind::Insert => "insert",
             Kind::Update => "update",
             Kind::Delete => "delete",
+            Kind::Truncate => "truncate",
         }
     }
 }
@@ -663,6 +668,8 @@ pub fn rows(
                 before: Some(image(&mut cursor, map, &present)?),
                 after: Some(image(&mut cursor, map, &present_after)?),
             },
+            // `Kind::of` gives none: a TRUNCATE is PostgreSQL's.
+            Kind::Truncate => return Err(damaged("a rows event of no kind".to_owned())),
         };
         // An image of no columns takes no bytes: the same bytes would make rows
         // forever (a damaged event, never one a server writes).

@@ -16,22 +16,8 @@ use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use super::binlog_rows::{self as rows, DecodeError, Event, Format, Gtid, Kind, TableMap, Value};
-use super::{Change, ChangesError};
+use super::{Change, ChangesError, DecodeStats};
 use crate::archive::binlog::{self, HEADER_LEN};
-
-/// What one database's export read and wrote.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct DecodeStats {
-    pub events: u64,
-    /// Bytes of binlog read (the reassembled files from the range's first file on).
-    pub binlog_bytes: u64,
-    /// Committed transactions in the range (with or without rows of the database).
-    pub transactions: u64,
-    pub records: u64,
-    /// Transactions begun in the range whose end is past it, or rolled back: not
-    /// written.
-    pub not_committed: u64,
-}
 
 /// What to decode: the reassembled files and where in them the range is.
 pub struct Range<'a> {
@@ -204,7 +190,7 @@ fn decode_file(
             break;
         }
         stats.events += 1;
-        stats.binlog_bytes += bytes.len() as u64;
+        stats.log_bytes += bytes.len() as u64;
         if bytes[4] == rows::FORMAT_DESCRIPTION_EVENT {
             format = Some(Format::from_description(bytes).map_err(|e| damaged(offset, e))?);
             continue;
@@ -384,7 +370,7 @@ fn write_rows(
         // The row as it was identifies it (update, delete); an insert by its new values.
         let keyed = match kind {
             Kind::Insert => change.after.as_ref(),
-            Kind::Update | Kind::Delete => change.before.as_ref(),
+            Kind::Update | Kind::Delete | Kind::Truncate => change.before.as_ref(),
         };
         let key = (!map.primary_key.is_empty()).then(|| {
             map.primary_key

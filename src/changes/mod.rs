@@ -8,14 +8,12 @@
 //! - `mariadb.rs`: MariaDB, from the archived binlog chunks between the two points'
 //!   markers (ROW format, FULL images, `binlog_row_metadata = FULL` for the names).
 //! - `binlog_rows.rs`: the binlog row events decoded.
+//! - `postgres.rs`: PostgreSQL, from the change stream its archiver records beside
+//!   the WAL (`crate::archive::pg_changes`, `changes = true`).
 //!
-//! PostgreSQL is not exported yet: it needs a logical decoding stream archived beside
-//! the WAL, which physical WAL alone cannot give (its tuples carry no column names
-//! and need the catalog of their time).
-//!
-//! Output streams: each record is written as its rows event is decoded, so memory
-//! holds one event, whatever the range's size. The binlog itself is reassembled on
-//! disk in `work_dir` (removed at the end), as a restore does.
+//! Output streams: each record is written as it is decoded, so memory holds one
+//! binlog event or one change stream chunk, whatever the range's size. A binlog is
+//! reassembled on disk in `work_dir` (removed at the end), as a restore does.
 
 use std::io::Write;
 use std::path::Path;
@@ -31,6 +29,7 @@ use crate::storage::Storage;
 
 pub mod binlog_rows;
 pub mod mariadb;
+pub mod postgres;
 
 pub use binlog_rows::{DecodeError, Kind, Value};
 
@@ -56,9 +55,32 @@ pub enum ChangesError {
         #[source]
         source: std::io::Error,
     },
+    /// The change stream does not hold the range (none, a gap, not reached).
+    #[error("{0}")]
+    NotCovered(String),
+    /// A change stream chunk that cannot be read.
+    #[error("change stream chunk {chunk}: {problem}")]
+    Stream { chunk: String, problem: String },
     /// Writing the records failed (a closed pipe, a full disk).
     #[error("writing the change records: {0}")]
     Output(#[source] std::io::Error),
+}
+
+/// What one database's export read and wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DecodeStats {
+    /// Binlog events, or change stream rows, read.
+    pub events: u64,
+    /// Bytes of log read: the reassembled binlog files from the range's first file on,
+    /// or the change stream chunks.
+    pub log_bytes: u64,
+    /// Committed transactions in the range (MariaDB: with or without rows of the
+    /// database).
+    pub transactions: u64,
+    pub records: u64,
+    /// MariaDB: transactions begun in the range whose end is past it, or rolled back:
+    /// not written.
+    pub not_committed: u64,
 }
 
 impl From<ArchiveError> for ChangesError {
@@ -71,13 +93,14 @@ impl From<ArchiveError> for ChangesError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
     /// The transaction's commit, ms since the epoch (MariaDB: whole seconds, the
-    /// binlog's resolution).
+    /// binlog's resolution; PostgreSQL: ms).
     pub commit_ms: i64,
-    /// MariaDB: the GTID, `domain-server-sequence`.
+    /// MariaDB: the GTID, `domain-server-sequence`; PostgreSQL: the xid.
     pub transaction: String,
     pub kind: Kind,
     /// The runbook's name of the database.
     pub database: String,
+    /// MariaDB: the table; PostgreSQL: `schema.table`.
     pub table: String,
     /// The primary key's columns (of the row before, for an update or delete); none
     /// when the table has no primary key.
@@ -95,6 +118,7 @@ impl serde::Serialize for Value {
         match self {
             Value::Null => serializer.serialize_unit(),
             Value::Int(v) => serializer.serialize_i64(*v),
+            Value::Bool(v) => serializer.serialize_bool(*v),
             Value::UInt(v) => serializer.serialize_u64(*v),
             Value::Float(v) => serializer.serialize_f64(*v),
             Value::Decimal(v) | Value::Text(v) => serializer.serialize_str(v),
@@ -258,7 +282,7 @@ pub struct DatabaseReport {
     pub to: Position,
     pub chunks: usize,
     #[serde(flatten)]
-    pub stats: mariadb::DecodeStats,
+    pub stats: DecodeStats,
     pub fetch_ms: u64,
     pub decode_ms: u64,
 }
@@ -301,21 +325,24 @@ fn plan<'a>(
                     .join(", ")
             )));
         };
-        if b.adapter != "mariadb" {
+        let (start, end) = match b.adapter.as_str() {
+            "mariadb" => (a.target.clone(), b.target.clone()),
+            "postgres" => (pg_marker(a), pg_marker(b)),
+            adapter => {
+                return Err(setup(format!(
+                    "database {name} is {adapter}: `stillpoint changes` exports MariaDB and \
+                     PostgreSQL databases{}",
+                    if request.database.is_none() {
+                        "; name one with --database"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        };
+        let (Some(start), Some(end)) = (start, end) else {
             return Err(setup(format!(
-                "database {name} is {}: `stillpoint changes` exports MariaDB databases \
-                 (from their archived binlog){}",
-                b.adapter,
-                if request.database.is_none() {
-                    "; name one with --database"
-                } else {
-                    ""
-                }
-            )));
-        }
-        let (Some(start), Some(end)) = (&a.target, &b.target) else {
-            return Err(setup(format!(
-                "database {name} has no binlog marker in point {}",
+                "database {name} has no log marker in point {}",
                 if a.target.is_none() {
                     &from.point_id
                 } else {
@@ -330,9 +357,22 @@ fn plan<'a>(
                 from.point_id, to.point_id
             )));
         }
-        planned.push((b, start.clone(), end.clone()));
+        planned.push((b, start, end));
     }
     Ok(planned)
+}
+
+/// A PostgreSQL point's marker as the change stream counts it: where its restore
+/// point record ends (a transaction is after the point when its commit record ends
+/// after that), else the insert position read after it.
+fn pg_marker(database: &crate::points::PointDatabase) -> Option<Position> {
+    database
+        .marker
+        .details
+        .get("restore_point_lsn")
+        .and_then(|lsn| lsn.parse().ok())
+        .map(Position::Lsn)
+        .or_else(|| database.target.clone())
 }
 
 /// Writes every committed change between the two points' markers to `out`, database
@@ -352,6 +392,32 @@ pub async fn export<W: Write>(
     };
     for (database, from, to) in planned {
         let name = database.name.as_str();
+        if let (Some(start), Some(end)) = (from.lsn(), to.lsn()) {
+            let stream =
+                Archive::change_stream(request.storage.clone(), request.settings.clone(), name)?;
+            let range = postgres::Range {
+                stream: &stream,
+                decryption: request.decryption,
+                from: start,
+                to: end,
+                database: name,
+                table: request.table,
+            };
+            let started = Instant::now();
+            let exported = postgres::export(&range, &mut |change| out.write(&change)).await?;
+            report.records += exported.stats.records;
+            report.databases.push(DatabaseReport {
+                database: name.to_owned(),
+                adapter: database.adapter.clone(),
+                from,
+                to,
+                chunks: exported.chunks,
+                stats: exported.stats,
+                fetch_ms: exported.fetch_ms,
+                decode_ms: (started.elapsed().as_millis() as u64).saturating_sub(exported.fetch_ms),
+            });
+            continue;
+        }
         let schema = source_schema(request.storage, database).await?;
         let archive = Archive::new(request.storage.clone(), request.settings.clone(), name)?;
         let fetching = Instant::now();
@@ -361,7 +427,7 @@ pub async fn export<W: Write>(
         let fetch_ms = fetching.elapsed().as_millis() as u64;
         let files = fetched.paths();
         let (Some(start), Some(end)) = (from.as_binlog(), to.as_binlog()) else {
-            unreachable!("plan() keeps binlog positions only");
+            unreachable!("plan() keeps binlog positions for MariaDB");
         };
         let range = mariadb::Range {
             files: &files,

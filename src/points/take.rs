@@ -446,6 +446,12 @@ async fn prepare(
                      set wal_level = replica and restart the server"
                 ));
             }
+            if database.changes && level != "logical" {
+                return Err(format!(
+                    "database {name} has changes = true but wal_level = {level}, which records \
+                     no change stream; set wal_level = logical and restart the server"
+                ));
+            }
             Ok(Member::Postgres {
                 client: Box::new(client),
                 driver,

@@ -26,7 +26,7 @@ const SYSTEM_USER: &str = "postgres";
 /// How a [`Postgres`] is configured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PostgresOptions {
-    /// Archive WAL into `<tempdir>/wal_archive` (`wal_level=replica`, `archive_mode=on`)
+    /// Archive WAL into `<tempdir>/wal_archive` (`wal_level=logical`, `archive_mode=on`)
     /// and keep the durability settings PITR needs, for tests that restore to a point in
     /// time. Off, the server trades durability for start-up and write speed.
     pub wal_archive: bool,
@@ -292,7 +292,9 @@ fn setting_args(wal_archive: Option<&Path>) -> Vec<OsString> {
         Some(archive) => {
             let archive = archive.display();
             settings.extend([
-                "wal_level=replica".into(),
+                // Logical: what a change stream (`changes = true`) needs; a superset
+                // of replica, which PITR needs.
+                "wal_level=logical".into(),
                 "archive_mode=on".into(),
                 // `test ! -f` refuses to overwrite a segment, as the PostgreSQL docs
                 // recommend, so a mistake cannot silently corrupt the archive. Copying

@@ -118,7 +118,7 @@ fn postgres_archives_wal_when_asked() {
             "postgres",
             "SELECT current_setting('archive_mode'), current_setting('wal_level'), current_setting('fsync'), current_setting('full_page_writes');",
         ),
-        "on|replica|on|on"
+        "on|logical|on|on"
     );
     pg.psql(
         "postgres",

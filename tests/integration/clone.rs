@@ -18,7 +18,12 @@ use crate::points::{start_archiver, stillpoint_json, stop_archiver, take_point};
 use crate::util::{Database, Runbook, run, spawn_reading_stderr, stderr, wait_until};
 
 /// The clone's runbook: the point's two databases by name, on the clone's servers.
-fn clone_runbook(dir: &Path, file: &str, ledger_url: &str, auditor_url: &str) -> PathBuf {
+pub(crate) fn clone_runbook(
+    dir: &Path,
+    file: &str,
+    ledger_url: &str,
+    auditor_url: &str,
+) -> PathBuf {
     Runbook::standalone("clone")
         .database(Database::postgres("ledger", ledger_url))
         .database(Database::mariadb("auditor", auditor_url))

@@ -31,8 +31,8 @@ use crate::cluster::{Cluster, Load};
 use crate::util::{Process, bin, run_json_with_env, run_with_env, stderr, wait_until};
 
 pub(crate) struct Setup {
-    // Held for its lifetime: the ledger's server.
-    _postgres: Postgres,
+    /// The ledger's server.
+    pub(crate) postgres: Postgres,
     pub(crate) mariadb: MariaDb,
     pub(crate) cluster: Cluster,
     pub(crate) dir: tempfile::TempDir,
@@ -109,7 +109,7 @@ command = ["ledger-node", "check", "--ledger-db", "{{ledger}}", "--auditor-db", 
         );
         std::fs::write(&runbook, text).unwrap();
         Setup {
-            _postgres: postgres,
+            postgres,
             mariadb,
             cluster,
             dir,
@@ -120,6 +120,13 @@ command = ["ledger-node", "check", "--ledger-db", "{{ledger}}", "--auditor-db", 
                 .build()
                 .unwrap(),
         }
+    }
+
+    /// `changes = true` on the ledger: its archiver records a change stream.
+    pub(crate) fn record_ledger_changes(&self) {
+        let text = std::fs::read_to_string(&self.runbook).unwrap();
+        let text = text.replacen("archive = true\n", "archive = true\nchanges = true\n", 1);
+        std::fs::write(&self.runbook, text).unwrap();
     }
 
     pub(crate) fn config(&self) -> &str {
