@@ -590,9 +590,14 @@ pub async fn prune(args: PruneArgs) -> Result<u8, Failure> {
             }
             for chunks in &points_plan.delete_chunks {
                 crate::outln!(
-                    "{} {} chunk(s) of the archive of {} before {} ({} to {})",
+                    "{} {} chunk(s) of the {} of {} before {} ({} to {})",
                     verb("delete", "would delete"),
                     chunks.chunks.len(),
+                    if chunks.change_stream {
+                        "change stream"
+                    } else {
+                        "archive"
+                    },
                     chunks.database,
                     chunks.floor,
                     chunks.chunks.first().map(String::as_str).unwrap_or("-"),

@@ -931,10 +931,19 @@ impl AsyncRead for HashingRead {
 
 /// Every database that has an archive in `storage`.
 pub async fn archived_databases(storage: &Storage) -> Result<Vec<String>, ArchiveError> {
-    let listing = storage.list(ARCHIVE_DIR).await?;
+    databases_under(storage, ARCHIVE_DIR).await
+}
+
+/// Every database that has a change stream in `storage`.
+pub async fn change_stream_databases(storage: &Storage) -> Result<Vec<String>, ArchiveError> {
+    databases_under(storage, CHANGES_DIR).await
+}
+
+async fn databases_under(storage: &Storage, dir: &str) -> Result<Vec<String>, ArchiveError> {
+    let listing = storage.list(dir).await?;
     let mut names: Vec<String> = listing
         .iter()
-        .filter_map(|entry| entry.path.strip_prefix(&format!("{ARCHIVE_DIR}/")))
+        .filter_map(|entry| entry.path.strip_prefix(&format!("{dir}/")))
         .filter_map(|rest| rest.split_once('/').map(|(db, _)| db.to_owned()))
         .collect();
     names.sort();

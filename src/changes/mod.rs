@@ -327,7 +327,7 @@ fn plan<'a>(
         };
         let (start, end) = match b.adapter.as_str() {
             "mariadb" => (a.target.clone(), b.target.clone()),
-            "postgres" => (pg_marker(a), pg_marker(b)),
+            "postgres" => (a.change_marker(), b.change_marker()),
             adapter => {
                 return Err(setup(format!(
                     "database {name} is {adapter}: `stillpoint changes` exports MariaDB and \
@@ -360,19 +360,6 @@ fn plan<'a>(
         planned.push((b, start, end));
     }
     Ok(planned)
-}
-
-/// A PostgreSQL point's marker as the change stream counts it: where its restore
-/// point record ends (a transaction is after the point when its commit record ends
-/// after that), else the insert position read after it.
-fn pg_marker(database: &crate::points::PointDatabase) -> Option<Position> {
-    database
-        .marker
-        .details
-        .get("restore_point_lsn")
-        .and_then(|lsn| lsn.parse().ok())
-        .map(Position::Lsn)
-        .or_else(|| database.target.clone())
 }
 
 /// Writes every committed change between the two points' markers to `out`, database

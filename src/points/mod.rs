@@ -120,6 +120,23 @@ pub struct PointDatabase {
     pub row_counts: Option<BTreeMap<String, u64>>,
 }
 
+impl PointDatabase {
+    /// Where a PostgreSQL point's change range starts or ends (none for other
+    /// adapters): where its restore point record ends (a transaction is after the point exactly when its commit
+    /// record ends after that), else the insert position read after it.
+    pub fn change_marker(&self) -> Option<Position> {
+        if self.adapter != "postgres" {
+            return None;
+        }
+        self.marker
+            .details
+            .get("restore_point_lsn")
+            .and_then(|lsn| lsn.parse().ok())
+            .map(Position::Lsn)
+            .or_else(|| self.target.clone())
+    }
+}
+
 /// A point's reference to the base backup a database restores from.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BaseRef {

@@ -9,6 +9,10 @@
 //!   PostgreSQL, the beginning of its binlog file for MariaDB). Every kept point replays from its base's start, so
 //!   nothing at or after the floor is touched, and a kept point is never orphaned.
 //!
+//! - a change stream chunk (`changes = true`) goes when it ends at or before the
+//!   oldest kept point's marker of its database: it holds only transactions committed
+//!   before every kept point, which no `changes --from` a kept point reads.
+//!
 //! Removal order is what makes a crash mid-prune harmless: point manifests first
 //! (from then on the point is not listed), then base backups (record first, then the
 //! tar), then chunks, oldest first (record first, [`Archive::remove`]): at every step
@@ -61,6 +65,8 @@ pub struct Holdings {
     /// Per database, oldest first.
     pub bases: BTreeMap<String, Vec<BaseRecord>>,
     pub archives: BTreeMap<String, archive::Catalog>,
+    /// PostgreSQL change streams.
+    pub change_streams: BTreeMap<String, archive::Catalog>,
 }
 
 /// A base backup a prune removes.
@@ -75,6 +81,9 @@ pub struct BaseRemoval {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ChunkRemoval {
     pub database: String,
+    /// Chunks of the database's change stream, not of its archive.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub change_stream: bool,
     pub floor: Position,
     /// Names, oldest first.
     pub chunks: Vec<String>,
@@ -116,32 +125,43 @@ pub async fn holdings(
             .map_err(PointsError::from)?;
         bases.insert(database, found);
     }
-    let mut archives = BTreeMap::new();
-    let archived = archive::archived_databases(storage)
-        .await
-        .map_err(|source| PruneError::Archive {
-            database: "(all)".to_owned(),
+    let failed = |database: &str| {
+        let database = database.to_owned();
+        move |source| PruneError::Archive {
+            database,
             source: Box::new(source),
-        })?;
-    for database in archived {
+        }
+    };
+    let mut archives = BTreeMap::new();
+    for database in archive::archived_databases(storage)
+        .await
+        .map_err(failed("(all)"))?
+    {
         let catalog = Archive::new(storage.clone(), settings.clone(), &database)
-            .map_err(|source| PruneError::Archive {
-                database: database.clone(),
-                source: Box::new(source),
-            })?
+            .map_err(failed(&database))?
             .catalog()
             .await
-            .map_err(|source| PruneError::Archive {
-                database: database.clone(),
-                source: Box::new(source),
-            })?;
+            .map_err(failed(&database))?;
         archives.insert(database, catalog);
+    }
+    let mut change_streams = BTreeMap::new();
+    for database in archive::change_stream_databases(storage)
+        .await
+        .map_err(failed("(all)"))?
+    {
+        let catalog = Archive::change_stream(storage.clone(), settings.clone(), &database)
+            .map_err(failed(&database))?
+            .catalog()
+            .await
+            .map_err(failed(&database))?;
+        change_streams.insert(database, catalog);
     }
     Ok(Holdings {
         points,
         damaged_points,
         bases,
         archives,
+        change_streams,
     })
 }
 
@@ -240,25 +260,55 @@ pub fn plan(
             ));
             continue;
         };
-        let mut records: Vec<ChunkRecord> = catalog
-            .chunks
-            .iter()
-            .chain(&catalog.superseded)
-            .filter(|chunk| chunk.range().is_some_and(|(_, end)| end <= floor))
-            .cloned()
-            .collect();
-        records.sort_by(|a, b| a.start.cmp(&b.start).then(a.name.cmp(&b.name)));
-        if records.is_empty() {
-            continue;
+        plan.delete_chunks
+            .extend(chunks_before(database, false, catalog, floor));
+    }
+    // A change stream's floor: the oldest kept point's marker of its database.
+    let mut stream_floors: BTreeMap<&str, Position> = BTreeMap::new();
+    for point in &kept_points {
+        for database in &point.databases {
+            if let Some(marker) = database.change_marker() {
+                lower(&mut stream_floors, &database.name, &marker);
+            }
         }
-        plan.delete_chunks.push(ChunkRemoval {
-            database: database.clone(),
-            floor: floor.clone(),
-            chunks: records.iter().map(|chunk| chunk.name.clone()).collect(),
-            records,
-        });
+    }
+    for (database, catalog) in &holdings.change_streams {
+        let Some(floor) = stream_floors.get(database.as_str()) else {
+            plan.notes.push(format!(
+                "the change stream of {database} has no kept point: none of its chunks is \
+                 removed"
+            ));
+            continue;
+        };
+        plan.delete_chunks
+            .extend(chunks_before(database, true, catalog, floor));
     }
     Ok(plan)
+}
+
+/// Every chunk of `catalog` that ends at or before `floor`, oldest first (none: no
+/// removal).
+fn chunks_before(
+    database: &str,
+    change_stream: bool,
+    catalog: &archive::Catalog,
+    floor: &Position,
+) -> Option<ChunkRemoval> {
+    let mut records: Vec<ChunkRecord> = catalog
+        .chunks
+        .iter()
+        .chain(&catalog.superseded)
+        .filter(|chunk| chunk.range().is_some_and(|(_, end)| end <= floor))
+        .cloned()
+        .collect();
+    records.sort_by(|a, b| a.start.cmp(&b.start).then(a.name.cmp(&b.name)));
+    (!records.is_empty()).then(|| ChunkRemoval {
+        database: database.to_owned(),
+        change_stream,
+        floor: floor.clone(),
+        chunks: records.iter().map(|chunk| chunk.name.clone()).collect(),
+        records,
+    })
 }
 
 /// Carries out `plan`: point manifests, then base backups (record first), then chunks
@@ -303,7 +353,12 @@ pub async fn apply(storage: &Storage, plan: &PointsPrunePlan) -> Result<usize, P
             .map_err(stop(what, removed))?;
     }
     for chunks in &plan.delete_chunks {
-        let archive = Archive::new(
+        let open = if chunks.change_stream {
+            Archive::change_stream
+        } else {
+            Archive::new
+        };
+        let archive = open(
             storage.clone(),
             PipelineSettings::default(),
             &chunks.database,
@@ -421,8 +476,21 @@ mod tests {
         }
     }
 
+    /// Chunk `n` of the ledger's change stream: `(n * SEGMENT, (n + 1) * SEGMENT]`.
+    fn stream_chunk(n: u64) -> ChunkRecord {
+        ChunkRecord {
+            name: format!("changes{n:02}"),
+            kind: ChunkKind::PgChanges,
+            timeline: None,
+            segment_size: None,
+            artifact: artifact(format!("changes/ledger/changes{n:02}.x")),
+            ..chunk(n)
+        }
+    }
+
     /// Bases a (segment 1), b (segment 4), c (segment 8, newest, no point on it);
-    /// points p1, p2 on a, p3 on b, p4 on b; the archive holds segments 0 to 9.
+    /// points p1, p2 on a, p3 on b, p4 on b; the archive holds segments 0 to 9, the
+    /// change stream the same stretch.
     fn holdings() -> Holdings {
         let (a, b, c) = (
             base("a", SEGMENT + 0x28),
@@ -441,6 +509,10 @@ mod tests {
             damaged_points: Vec::new(),
             bases: BTreeMap::from([("ledger".to_owned(), vec![a, b, c])]),
             archives: BTreeMap::from([("ledger".to_owned(), catalog)]),
+            change_streams: BTreeMap::from([(
+                "ledger".to_owned(),
+                archive::Catalog::new("ledger", (0..10).map(stream_chunk).collect(), Vec::new()),
+            )]),
         }
     }
 
@@ -460,10 +532,50 @@ mod tests {
     }
 
     fn deleted_chunks(plan: &PointsPrunePlan) -> Vec<&str> {
+        deleted(plan, false)
+    }
+
+    fn deleted(plan: &PointsPrunePlan, change_stream: bool) -> Vec<&str> {
         plan.delete_chunks
             .iter()
+            .filter(|c| c.change_stream == change_stream)
             .flat_map(|c| c.chunks.iter().map(String::as_str))
             .collect()
+    }
+
+    /// The change stream keeps what a `changes --from` the oldest kept point reads:
+    /// keep_last 2 keeps p3 (marker 5 segments + 5) and p4, so the stream's chunks
+    /// ending at or before that go (0–4) and the one holding it stays. Every point
+    /// kept: only what ends before p1's marker. No kept point: nothing, with a note.
+    #[test]
+    fn change_stream_chunks_before_the_oldest_kept_point_go() {
+        let plan = plan(&holdings(), keep_last(2), now()).unwrap();
+        assert_eq!(
+            deleted(&plan, true),
+            [
+                "changes00",
+                "changes01",
+                "changes02",
+                "changes03",
+                "changes04"
+            ]
+        );
+        let removal = plan.delete_chunks.iter().find(|c| c.change_stream).unwrap();
+        assert_eq!(removal.floor, lsn(5 * SEGMENT + 5));
+        let plan_all = super::plan(&holdings(), keep_last(10), now()).unwrap();
+        assert_eq!(deleted(&plan_all, true), ["changes00", "changes01"]);
+
+        let mut none_kept = holdings();
+        none_kept.points.clear();
+        let plan = super::plan(&none_kept, keep_last(10), now()).unwrap();
+        assert!(deleted(&plan, true).is_empty());
+        assert!(
+            plan.notes
+                .iter()
+                .any(|n| n.contains("change stream of ledger has no kept point")),
+            "{:?}",
+            plan.notes
+        );
     }
 
     /// keep_last 2 keeps p3 and p4 (both on b): base a goes, b stays for them, c
@@ -625,6 +737,7 @@ mod tests {
                 "auditor".to_owned(),
                 archive::Catalog::new("auditor", chunks, Vec::new()),
             )]),
+            change_streams: BTreeMap::new(),
         };
         let plan = plan(&holdings, keep_last(1), now()).unwrap();
         assert_eq!(deleted_chunks(&plan), ["one"]);

@@ -674,4 +674,49 @@ fn changes_between_two_points_applied_to_a_restore_of_the_first_give_the_second(
         );
         assert!(!refused.exists(), "nothing may be written");
     }
+
+    // Prune keeping B alone removes the change stream's chunks before B's marker,
+    // and keeps what a range from B needs: changes from B to a new point C export.
+    let (code, pruned) = setup.stillpoint(&[
+        "prune",
+        "--config",
+        setup.config(),
+        "--keep-last",
+        "1",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "prune: {pruned}");
+    let removed: usize = pruned["points"]["delete_chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["change_stream"] == true && c["database"] == "ledger")
+        .map(|c| c["chunks"].as_array().unwrap().len())
+        .sum();
+    assert!(removed > 0, "stream chunks before B go: {pruned}");
+    setup.postgres.psql(
+        "ledger",
+        "INSERT INTO kinds (id, name) VALUES (5000, 'after B')",
+    );
+    let c = take_point(&setup);
+    let output = setup.stillpoint_output(&[
+        "changes",
+        "--config",
+        setup.config(),
+        "--from",
+        &b,
+        "--to",
+        &c,
+        "--database",
+        "ledger",
+        "--table",
+        "kinds",
+        "--format",
+        "jsonl",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let after_b = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(after_b.lines().count(), 1, "{after_b}");
+    assert!(after_b.contains("after B"), "{after_b}");
 }
