@@ -159,17 +159,21 @@ pub async fn archive(args: ArchiveArgs) -> Result<u8, Failure> {
 /// once more after, for the final flush).
 async fn print_progress(archivers: &[Archiver], output: OutputFormat, cancel: &CancellationToken) {
     let mut receivers: Vec<ProgressWatch> = archivers.iter().map(Archiver::watch).collect();
-    let mut shown: Vec<(u64, Option<String>)> = vec![(0, None); archivers.len()];
+    let mut shown: Vec<(u64, Option<String>, Option<String>)> =
+        vec![(0, None, None); archivers.len()];
     let mut stopping = false;
     loop {
         for (index, receiver) in receivers.iter_mut().enumerate() {
             let now = receiver.look();
             let before = &shown[index];
-            if now.chunks_stored != before.0 || now.last_error != before.1 {
+            if now.chunks_stored != before.0
+                || now.last_error != before.1
+                || now.changes_error != before.2
+            {
                 let line = render(archivers[index].database(), &now, output);
                 write_stdout(&format!("{line}\n"));
             }
-            shown[index] = (now.chunks_stored, now.last_error);
+            shown[index] = (now.chunks_stored, now.last_error, now.changes_error);
         }
         if stopping {
             return;
@@ -199,6 +203,10 @@ fn render(database: &str, progress: &Progress, output: OutputFormat) -> String {
                 "restarts": progress.restarts,
                 "last_error": progress.last_error,
             });
+            if let Some(changes_to) = &progress.changes_to {
+                line["changes_to"] = serde_json::json!(changes_to.to_string());
+                line["changes_error"] = serde_json::json!(progress.changes_error);
+            }
             line[progress.server_key] =
                 serde_json::json!(progress.server.as_ref().map(ToString::to_string));
             line.to_string()
@@ -220,8 +228,14 @@ fn render(database: &str, progress: &Progress, output: OutputFormat) -> String {
             if let Some(lag) = progress.lag_bytes {
                 line.push_str(&format!(", lag {}", human_bytes(lag)));
             }
+            if let Some(changes_to) = &progress.changes_to {
+                line.push_str(&format!(", change stream to {changes_to}"));
+            }
             if let Some(error) = &progress.last_error {
                 line.push_str(&format!("; last error: {error}"));
+            }
+            if let Some(error) = &progress.changes_error {
+                line.push_str(&format!("; change stream's last error: {error}"));
             }
             line
         }

@@ -33,6 +33,10 @@ pub struct ArchiveState {
     pub restarts: u32,
     pub last_chunk: Option<String>,
     pub last_error: Option<String>,
+    /// PostgreSQL with `changes = true`: how far its change stream holds every
+    /// commit, and its capture's last error.
+    pub changes_to: Option<String>,
+    pub changes_error: Option<String>,
 }
 
 /// The newest state of every archiver, by database.
@@ -152,6 +156,8 @@ async fn watch(service: &Service, archiver: &Archiver) {
             restarts: now.restarts,
             last_chunk: now.last_chunk.clone(),
             last_error: now.last_error.clone(),
+            changes_to: now.changes_to.as_ref().map(ToString::to_string),
+            changes_error: now.changes_error.clone(),
         });
         if stopping {
             return;
@@ -182,6 +188,8 @@ mod tests {
             streaming: true,
             restarts: 0,
             last_error: None,
+            changes_to: None,
+            changes_error: None,
         }
     }
 

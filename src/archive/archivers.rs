@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::mariadb::{BinlogArchiver, BinlogArchiverConfig, BinlogArchiverStatus};
-use super::pg_changes::ChangeCapture;
+use super::pg_changes::{CaptureStatus, ChangeCapture};
 use super::postgres::{ArchiverConfig, ArchiverStatus, PgArchiver};
 use super::sqlite::{SqliteArchiver, SqliteArchiverConfig, SqliteArchiverStatus};
 use super::{Archive, ArchiveError, Position};
@@ -140,7 +140,10 @@ impl Archiver {
 
     pub fn watch(&self) -> ProgressWatch {
         match self {
-            Archiver::Wal(archiver) => ProgressWatch::Wal(archiver.status()),
+            Archiver::Wal(archiver) => ProgressWatch::Wal(
+                archiver.status(),
+                archiver.changes().map(ChangeCapture::status),
+            ),
             Archiver::Binlog(archiver) => ProgressWatch::Binlog(archiver.status()),
             Archiver::Sqlite(archiver) => ProgressWatch::Sqlite(archiver.status()),
         }
@@ -149,7 +152,11 @@ impl Archiver {
 
 /// A view of one archiver's status, the same for both kinds.
 pub enum ProgressWatch {
-    Wal(watch::Receiver<ArchiverStatus>),
+    /// The WAL archiver's, and its change stream's when it has one.
+    Wal(
+        watch::Receiver<ArchiverStatus>,
+        Option<watch::Receiver<CaptureStatus>>,
+    ),
     Binlog(watch::Receiver<BinlogArchiverStatus>),
     Sqlite(watch::Receiver<SqliteArchiverStatus>),
 }
@@ -169,13 +176,21 @@ pub struct Progress {
     pub streaming: bool,
     pub restarts: u32,
     pub last_error: Option<String>,
+    /// A PostgreSQL change stream (`changes = true`): how far it holds every commit,
+    /// and its capture's last error.
+    pub changes_to: Option<Position>,
+    pub changes_error: Option<String>,
 }
 
 impl ProgressWatch {
     /// The status now, marking it seen.
     pub fn look(&mut self) -> Progress {
         match self {
-            ProgressWatch::Wal(receiver) => {
+            ProgressWatch::Wal(receiver, changes) => {
+                let (changes_to, changes_error) = changes.as_mut().map_or((None, None), |c| {
+                    let now = c.borrow_and_update();
+                    (now.captured_to.map(Position::Lsn), now.last_error.clone())
+                });
                 let now = receiver.borrow_and_update();
                 Progress {
                     archived_to: now.archived_to.map(Position::Lsn),
@@ -187,6 +202,8 @@ impl ProgressWatch {
                     streaming: now.streaming,
                     restarts: now.restarts,
                     last_error: now.last_error.clone(),
+                    changes_to,
+                    changes_error,
                 }
             }
             ProgressWatch::Binlog(receiver) => {
@@ -201,6 +218,8 @@ impl ProgressWatch {
                     streaming: now.streaming,
                     restarts: now.restarts,
                     last_error: now.last_error.clone(),
+                    changes_to: None,
+                    changes_error: None,
                 }
             }
             ProgressWatch::Sqlite(receiver) => {
@@ -215,6 +234,8 @@ impl ProgressWatch {
                     streaming: now.streaming,
                     restarts: now.restarts,
                     last_error: now.last_error.clone(),
+                    changes_to: None,
+                    changes_error: None,
                 }
             }
         }
@@ -223,7 +244,9 @@ impl ProgressWatch {
     /// Waits until the archiver is not streaming (it stopped after a cancel).
     pub async fn stopped(&mut self) {
         let _ = match self {
-            ProgressWatch::Wal(receiver) => receiver.wait_for(|s| !s.streaming).await.map(|_| ()),
+            ProgressWatch::Wal(receiver, _) => {
+                receiver.wait_for(|s| !s.streaming).await.map(|_| ())
+            }
             ProgressWatch::Binlog(receiver) => {
                 receiver.wait_for(|s| !s.streaming).await.map(|_| ())
             }

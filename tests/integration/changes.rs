@@ -719,4 +719,45 @@ fn changes_between_two_points_applied_to_a_restore_of_the_first_give_the_second(
     let after_b = String::from_utf8(output.stdout).unwrap();
     assert_eq!(after_b.lines().count(), 1, "{after_b}");
     assert!(after_b.contains("after B"), "{after_b}");
+
+    // `stillpoint archive` says how far the change stream is, beside the WAL.
+    setup.stop_archiver();
+    let archiver = std::process::Command::new(crate::util::bin("stillpoint"))
+        .args([
+            "archive",
+            "--config",
+            setup.config(),
+            "--database",
+            "ledger",
+        ])
+        .args(["--output", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let archiver = crate::util::Process::new(archiver, "stillpoint archive".to_owned());
+    // A line comes when a chunk is stored: give it something to store.
+    std::thread::sleep(Duration::from_secs(1));
+    setup.postgres.psql(
+        "ledger",
+        "INSERT INTO kinds (id, name) VALUES (5001, 'archived')",
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    archiver.signal("TERM");
+    let output = archiver.wait_output(Duration::from_secs(30));
+    let lines = String::from_utf8(output.stdout.clone()).unwrap();
+    let last: Value = serde_json::from_str(
+        lines
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("no progress line; stderr: {}", stderr(&output))),
+    )
+    .unwrap();
+    assert!(
+        last["changes_to"]
+            .as_str()
+            .is_some_and(|to| to.contains('/')),
+        "{lines}"
+    );
+    assert_eq!(last["changes_error"], Value::Null, "{lines}");
 }
