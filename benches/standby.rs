@@ -22,7 +22,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use stillpoint_testkit::{MariaDb, Postgres, PostgresOptions, free_port};
+use stillpoint_testkit::{DetachedPostgres, MariaDb, Postgres, PostgresOptions, free_port};
 use support::{Flags, Process, Row, Target, median, percentile};
 
 const SECTION: &str = "8. standby";
@@ -47,36 +47,6 @@ fn stillpoint(args: &[&str]) -> serde_json::Value {
         .unwrap();
     assert!(output.status.success(), "stillpoint {args:?} failed");
     serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null)
-}
-
-/// The standby's PostgreSQL server, stopped when dropped (it outlives its follower).
-struct StandbyServer {
-    data_dir: std::path::PathBuf,
-    bin_dir: std::path::PathBuf,
-}
-
-impl Drop for StandbyServer {
-    fn drop(&mut self) {
-        if !self.data_dir.join("postmaster.pid").exists() {
-            return;
-        }
-        let pg_ctl = self.bin_dir.join("pg_ctl");
-        let mut command = if stillpoint::pitr::running_as_root() {
-            let mut command = Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(pg_ctl);
-            command
-        } else {
-            Command::new(pg_ctl)
-        };
-        let _ = command
-            .arg("stop")
-            .arg("-D")
-            .arg(&self.data_dir)
-            .args(["-m", "immediate", "-w"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
 }
 
 /// A long-running child whose output goes nowhere (a piped stdout nobody reads
@@ -214,10 +184,8 @@ spool_dir = "{spool}"
     standby_mariadb.create_database("auditor");
     let port = free_port();
     let data_dir = dir.path().join("standby-ledger");
-    let _server = StandbyServer {
-        data_dir: data_dir.clone(),
-        bin_dir: postgres.bin_dir().to_owned(),
-    };
+    // `stillpoint standby` starts it detached, to outlive the follower.
+    let _server = DetachedPostgres::new(&data_dir, postgres.bin_dir());
     let standby = dir.path().join("standby.toml");
     std::fs::write(
         &standby,

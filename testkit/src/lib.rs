@@ -5,7 +5,8 @@
 //! Layout:
 //! - [`Postgres`] (`postgres.rs`): `initdb` + `postgres` in a temp dir, trust auth, TCP on
 //!   127.0.0.1 and a unix socket inside the temp dir; optional WAL archiving for PITR;
-//!   roles that must log in with a password, for tests of how passwords travel.
+//!   roles that must log in with a password, for tests of how passwords travel; and
+//!   [`DetachedPostgres`], a server the program under test started, stopped on drop.
 //! - [`MariaDb`] (`mariadb.rs`): `mariadb-install-db` + `mariadbd` with the binlog (and so
 //!   GTIDs) on, root without a password over TCP.
 //! - `chromium.rs`: [`rendered_dom`], a page as headless Chromium builds it.
@@ -29,7 +30,7 @@ mod process;
 
 pub use chromium::rendered_dom;
 pub use mariadb::{MariaDb, MariaDbOptions};
-pub use postgres::{Postgres, PostgresOptions};
+pub use postgres::{DetachedPostgres, Postgres, PostgresOptions};
 pub use process::{free_port, running_as_root, workspace_binary};
 
 #[cfg(test)]

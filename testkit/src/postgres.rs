@@ -1,5 +1,6 @@
 //! A throwaway PostgreSQL server: `initdb` into a temp dir, `postgres` on a free port of
 //! 127.0.0.1 with trust auth and its unix socket inside the temp dir, stopped and removed
+//! on drop. Also [`DetachedPostgres`]: a server the program under test started, stopped
 //! on drop.
 //!
 //! PostgreSQL refuses to run as root, so when the tests run as root the temp dir is given
@@ -281,6 +282,40 @@ impl Drop for Postgres {
     }
 }
 
+/// A PostgreSQL server that the program under test started detached, to outlive its
+/// own process (`stillpoint standby` does, for its standby server): stopped (immediate)
+/// when dropped, if it runs.
+#[derive(Debug)]
+pub struct DetachedPostgres {
+    data_dir: PathBuf,
+    bin_dir: PathBuf,
+}
+
+impl DetachedPostgres {
+    /// The server of `data_dir`, whose `pg_ctl` is in `bin_dir`; it need not run yet.
+    pub fn new(data_dir: impl Into<PathBuf>, bin_dir: impl Into<PathBuf>) -> DetachedPostgres {
+        DetachedPostgres {
+            data_dir: data_dir.into(),
+            bin_dir: bin_dir.into(),
+        }
+    }
+}
+
+impl Drop for DetachedPostgres {
+    fn drop(&mut self) {
+        if !self.data_dir.join("postmaster.pid").exists() {
+            return;
+        }
+        // As `Postgres`'s own: the server runs as `postgres` when the tests run as root.
+        ServerCommand {
+            bin_dir: &self.bin_dir,
+            dir: &self.data_dir,
+            as_system_user: is_root(),
+        }
+        .stop_immediately(&self.data_dir);
+    }
+}
+
 /// `-c name=value` settings for the server.
 fn setting_args(wal_archive: Option<&Path>) -> Vec<OsString> {
     let mut settings: Vec<String> = vec![
@@ -400,17 +435,21 @@ impl ServerCommand<'_> {
         // `pg_ctl stop -m immediate` makes the postmaster end all its backends before it
         // exits, and waits for that; killing the process we spawned would only kill
         // `runuser` when running as root, and would orphan the backends either way.
-        let stopped = succeeds(
+        if !self.stop_immediately(data_dir) {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+    }
+
+    /// `pg_ctl stop -m immediate`, waiting up to 30 s; whether it stopped the server.
+    fn stop_immediately(&self, data_dir: &Path) -> bool {
+        succeeds(
             self.command("pg_ctl")
                 .arg("stop")
                 .arg("--pgdata")
                 .arg(data_dir)
                 .args(["--mode=immediate", "--wait", "--timeout=30", "--silent"]),
-        );
-        if !stopped {
-            let _ = child.kill();
-        }
-        let _ = child.wait();
+        )
     }
 }
 

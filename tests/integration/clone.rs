@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use stillpoint_testkit::{MariaDb, Postgres, PostgresOptions};
+use stillpoint_testkit::{MariaDb, Postgres};
 
-use crate::cluster::{self, Cluster, Load};
+use crate::cluster::{self, Load};
 use crate::points::{start_archiver, stillpoint_json, stop_archiver, take_point};
+use crate::reference::{Reference, reference_cluster};
 use crate::util::{Database, Runbook, run, spawn_reading_stderr, stderr, wait_until};
 
 /// The clone's runbook: the point's two databases by name, on the clone's servers.
@@ -80,44 +81,16 @@ fn mariadb_has(server: &MariaDb, database: &str) -> bool {
 
 #[test]
 fn a_clone_of_a_point_under_load_is_consistent_marked_and_all_or_nothing() {
-    let postgres = Postgres::start_with(PostgresOptions { wal_archive: true });
-    postgres.create_database("ledger");
-    let mariadb = MariaDb::start();
-    mariadb.create_database("auditor");
-    let cluster = Cluster::start_on(
-        3,
-        postgres.url("ledger"),
-        mariadb.url("auditor"),
-        &[],
-        tempfile::tempdir().unwrap(),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    // The scratch PostgreSQL servers run as `postgres` and read what is staged here.
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let source = Runbook::for_cluster("clone-source", &cluster)
-        .timeouts()
-        .database(
-            Database::postgres("ledger", &postgres.url("ledger"))
-                .role("ledger")
-                .bin_dir(postgres.bin_dir())
-                .archived(),
-        )
-        .database(
-            Database::mariadb("auditor", &mariadb.url("auditor"))
-                .role("auditor")
-                .bin_dir(mariadb.bin_dir())
-                .archived(),
-        )
-        .storage_url(&format!("file://{}", dir.path().join("storage").display()))
-        .archive("partial_interval", "200ms")
-        .archive("chunk_interval", "200ms")
-        .archive_spool_dir(&dir.path().join("spool"))
-        .scratch_dir(dir.path())
-        .write_in(dir.path());
+    let Reference {
+        // The source's ledger server: it must run to the end, but nothing here asks it.
+        postgres: _postgres,
+        mariadb,
+        cluster,
+        dir,
+        runbook: source,
+    } = reference_cluster("clone-source", None, |runbook, dir| {
+        runbook.scratch_dir(dir)
+    });
     let config = source.to_str().unwrap();
     let archiver = start_archiver(config);
     let load = Load::start(&cluster.ledger_tier(), 8, &[]);

@@ -28,6 +28,7 @@ mod points_mariadb;
 mod points_scenario;
 mod points_sqlite;
 mod protocols;
+mod reference;
 mod security;
 mod serve;
 mod standby;

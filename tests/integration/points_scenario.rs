@@ -26,7 +26,7 @@ use stillpoint::manifest::DatabaseEntry;
 use stillpoint::pipeline::{Decryption, PipelineSettings};
 use stillpoint::pitr::{self, Recovery, Target};
 use stillpoint::storage::Storage;
-use stillpoint_testkit::{MariaDb, Postgres, PostgresOptions, free_port};
+use stillpoint_testkit::{MariaDb, Postgres, free_port};
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::{Orphan, children, is_running};
@@ -36,7 +36,8 @@ use crate::points::{
     assert_gap_named, chain, remove_chunk, start_archiver, stillpoint_json, stop_archiver,
     take_point,
 };
-use crate::util::{Database, Process, Runbook, run, stderr, wait_until};
+use crate::reference::{Reference, reference_cluster};
+use crate::util::{Process, run, stderr, wait_until};
 
 /// Points: one every `INTERVAL` for 3 minutes.
 const POINTS: usize = 18;
@@ -66,49 +67,18 @@ struct Scenario {
 
 impl Scenario {
     fn start() -> Scenario {
-        let postgres = Postgres::start_with(PostgresOptions { wal_archive: true });
-        postgres.create_database("ledger");
-        let mariadb = MariaDb::start();
-        mariadb.create_database("auditor");
-        let cluster = Cluster::start_on(
-            3,
-            postgres.url("ledger"),
-            mariadb.url("auditor"),
-            &[],
-            tempfile::tempdir().unwrap(),
-        );
-        let dir = tempfile::tempdir().unwrap();
-        // The scratch PostgreSQL servers run as `postgres` and read what is staged here.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
-        let storage = dir.path().join("storage");
-        let runbook = Runbook::for_cluster("points-scenario", &cluster)
-            .timeouts()
-            .database(
-                Database::postgres("ledger", &postgres.url("ledger"))
-                    .role("ledger")
-                    .bin_dir(postgres.bin_dir())
-                    .archived(),
-            )
-            .database(
-                Database::mariadb("auditor", &mariadb.url("auditor"))
-                    .role("auditor")
-                    .bin_dir(mariadb.bin_dir())
-                    .archived(),
-            )
-            .storage_url(&format!("file://{}", storage.display()))
-            .archive("partial_interval", "200ms")
-            .archive("chunk_interval", "200ms")
-            .archive_spool_dir(&dir.path().join("spool"))
-            .scratch_dir(dir.path())
-            .drill_checks(
+        let Reference {
+            postgres,
+            mariadb,
+            cluster,
+            dir,
+            runbook,
+        } = reference_cluster("points-scenario", None, |runbook, dir| {
+            runbook.scratch_dir(dir).drill_checks(
                 "[[drill.checks]]\nname = \"ledger_node_check\"\ncommand = [\"ledger-node\", \
                  \"check\", \"--ledger-db\", \"{ledger}\", \"--auditor-db\", \"{auditor}\"]",
             )
-            .write_in(dir.path());
+        });
         Scenario {
             postgres,
             mariadb,

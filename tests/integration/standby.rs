@@ -30,10 +30,11 @@ use stillpoint::adapters::{Adapter as _, MariadbConfig, PostgresConfig};
 use stillpoint::pipeline::{Decryption, PipelineSettings};
 use stillpoint::runbook::Runbook as LoadedRunbook;
 use stillpoint::standby::Standby;
-use stillpoint_testkit::{MariaDb, Postgres, PostgresOptions, free_port};
+use stillpoint_testkit::{DetachedPostgres, MariaDb, Postgres, free_port};
 
 use crate::cluster::{self, Cluster, Load};
 use crate::points::{start_archiver, take_point};
+use crate::reference::{Reference, reference_cluster};
 use crate::util::{Database, Process, Runbook, bin, run_json, stderr, wait_until};
 
 /// Points taken while the standbys follow.
@@ -91,37 +92,6 @@ fn process_running(pattern: &str) -> bool {
         .success()
 }
 
-/// A standby's PostgreSQL server, stopped (immediate) when dropped: `stillpoint
-/// standby` starts it detached, to outlive the follower.
-struct StandbyServer {
-    data_dir: PathBuf,
-    bin_dir: PathBuf,
-}
-
-impl Drop for StandbyServer {
-    fn drop(&mut self) {
-        if !self.data_dir.join("postmaster.pid").exists() {
-            return;
-        }
-        let pg_ctl = self.bin_dir.join("pg_ctl");
-        let mut command = if stillpoint::pitr::running_as_root() {
-            let mut command = Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(pg_ctl);
-            command
-        } else {
-            Command::new(pg_ctl)
-        };
-        let _ = command
-            .arg("stop")
-            .arg("-D")
-            .arg(&self.data_dir)
-            .args(["-m", "immediate", "-w"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 /// A standby runbook: the primary's storage, its own ledger (a standby server on
 /// a free port) and auditor (`auditor_url`), and a `[standby]` table.
 fn standby_runbook(
@@ -132,7 +102,7 @@ fn standby_runbook(
     mariadb: &MariaDb,
     auditor_url: &str,
     storage: &Path,
-) -> (PathBuf, String, StandbyServer) {
+) -> (PathBuf, String, DetachedPostgres) {
     let port = free_port();
     let ledger_url = format!("postgres://postgres@127.0.0.1:{port}/ledger");
     let data_dir = dir.join(format!("{name}-ledger"));
@@ -152,10 +122,7 @@ fn standby_runbook(
     (
         path,
         ledger_url,
-        StandbyServer {
-            data_dir,
-            bin_dir: postgres.bin_dir().to_owned(),
-        },
+        DetachedPostgres::new(data_dir, postgres.bin_dir()),
     )
 }
 
@@ -194,45 +161,14 @@ fn status(config: &Path) -> Value {
 
 #[test]
 fn a_standby_promoted_at_one_point_is_consistent_and_one_promoted_at_each_archive_end_is_not() {
-    let mut postgres = Postgres::start_with(PostgresOptions { wal_archive: true });
-    postgres.create_database("ledger");
-    let mut mariadb = MariaDb::start();
-    mariadb.create_database("auditor");
-    let cluster = Cluster::start_on(
-        3,
-        postgres.url("ledger"),
-        mariadb.url("auditor"),
-        &[],
-        tempfile::tempdir().unwrap(),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    // The standby servers run as `postgres`, in directories under it.
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let Reference {
+        mut postgres,
+        mut mariadb,
+        cluster,
+        dir,
+        runbook: primary,
+    } = reference_cluster("standby-primary", Some("dump"), |runbook, _| runbook);
     let storage = dir.path().join("storage");
-    let primary = Runbook::for_cluster("standby-primary", &cluster)
-        .timeouts()
-        .database(
-            Database::postgres("ledger", &postgres.url("ledger"))
-                .role("ledger")
-                .bin_dir(postgres.bin_dir())
-                .archived(),
-        )
-        .database(
-            Database::mariadb("auditor", &mariadb.url("auditor"))
-                .role("auditor")
-                .bin_dir(mariadb.bin_dir())
-                .set("base_method", "dump")
-                .archived(),
-        )
-        .storage_url(&format!("file://{}", storage.display()))
-        .archive("partial_interval", "200ms")
-        .archive("chunk_interval", "200ms")
-        .archive_spool_dir(&dir.path().join("spool"))
-        .write_in(dir.path());
     let primary = primary.to_str().unwrap();
     let mut archiver = Some(start_archiver(primary));
     let load = Load::start(&cluster.ledger_tier(), 16, &[]);
