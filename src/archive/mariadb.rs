@@ -66,7 +66,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::base::{self, BaseRecord};
 use super::binlog::{self, GtidState};
-use super::supervise::{ClientStderr, Ended, Supervised, supervise};
+use super::supervise::{ClientStderr, Ended, supervise, supervised_status};
 use super::{Archive, ArchiveError, ChunkContent, ChunkKind, NewChunk, Position, PushOutcome};
 use crate::adapters::mariadb::{connect, parse_url, shown};
 use crate::adapters::{self, Adapter, MariadbBaseMethod, MariadbConfig};
@@ -145,17 +145,7 @@ impl BinlogArchiverStatus {
     }
 }
 
-impl Supervised for BinlogArchiverStatus {
-    fn set_streaming(&mut self, streaming: bool) {
-        self.streaming = streaming;
-    }
-    fn set_last_error(&mut self, error: String) {
-        self.last_error = Some(error);
-    }
-    fn count_restart(&mut self) {
-        self.restarts += 1;
-    }
-}
+supervised_status!(BinlogArchiverStatus);
 
 /// The archiver of one MariaDB database's binlog.
 #[derive(Debug)]

@@ -42,7 +42,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::supervise::{Ended, Supervised, supervise};
+use super::supervise::{Ended, supervise, supervised_status};
 use super::{Archive, ArchiveError, ChunkContent, ChunkKind, Lsn, NewChunk, Position};
 use crate::adapters::PostgresConfig;
 use crate::adapters::postgres::conninfo::ConnString;
@@ -72,17 +72,7 @@ pub struct CaptureStatus {
     pub last_error: Option<String>,
 }
 
-impl Supervised for CaptureStatus {
-    fn set_streaming(&mut self, streaming: bool) {
-        self.streaming = streaming;
-    }
-    fn set_last_error(&mut self, error: String) {
-        self.last_error = Some(error);
-    }
-    fn count_restart(&mut self) {
-        self.restarts += 1;
-    }
-}
+supervised_status!(CaptureStatus);
 
 /// The change stream of one PostgreSQL database.
 #[derive(Debug)]

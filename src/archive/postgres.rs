@@ -58,7 +58,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::pg_changes::ChangeCapture;
-use super::supervise::{ClientStderr, Ended, Supervised, supervise};
+use super::supervise::{ClientStderr, Ended, supervise, supervised_status};
 use super::wal::{self, Segment};
 use super::{
     Archive, ArchiveError, ChunkContent, ChunkKind, ChunkRecord, Lsn, NewChunk, Position,
@@ -155,17 +155,7 @@ impl ArchiverStatus {
     }
 }
 
-impl Supervised for ArchiverStatus {
-    fn set_streaming(&mut self, streaming: bool) {
-        self.streaming = streaming;
-    }
-    fn set_last_error(&mut self, error: String) {
-        self.last_error = Some(error);
-    }
-    fn count_restart(&mut self) {
-        self.restarts += 1;
-    }
-}
+supervised_status!(ArchiverStatus);
 
 /// The archiver of one PostgreSQL database.
 #[derive(Debug)]

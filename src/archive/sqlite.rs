@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::base::{self, BaseRecord};
 use super::sqlite_wal::{self, Checksum, Committed, WalHeader, WalNow};
-use super::supervise::{Ended, Supervised, supervise};
+use super::supervise::{Ended, supervise, supervised_status};
 use super::{
     Archive, ArchiveError, Catalog, ChunkContent, ChunkKind, ChunkRecord, NewChunk, Position,
 };
@@ -104,17 +104,7 @@ pub struct SqliteArchiverStatus {
     pub last_error: Option<String>,
 }
 
-impl Supervised for SqliteArchiverStatus {
-    fn set_streaming(&mut self, streaming: bool) {
-        self.streaming = streaming;
-    }
-    fn set_last_error(&mut self, error: String) {
-        self.last_error = Some(error);
-    }
-    fn count_restart(&mut self) {
-        self.restarts += 1;
-    }
-}
+supervised_status!(SqliteArchiverStatus);
 
 /// The archiver of one SQLite database.
 #[derive(Debug)]

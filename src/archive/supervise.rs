@@ -35,6 +35,25 @@ pub(super) trait Supervised {
     fn count_restart(&mut self);
 }
 
+/// `impl Supervised` for an archiver's status with the fields `streaming: bool`,
+/// `last_error: Option<String>` and `restarts: u32`, as every one has.
+macro_rules! supervised_status {
+    ($status:ty) => {
+        impl $crate::archive::supervise::Supervised for $status {
+            fn set_streaming(&mut self, streaming: bool) {
+                self.streaming = streaming;
+            }
+            fn set_last_error(&mut self, error: String) {
+                self.last_error = Some(error);
+            }
+            fn count_restart(&mut self) {
+                self.restarts += 1;
+            }
+        }
+    };
+}
+pub(super) use supervised_status;
+
 /// Runs `session` until `cancel` fires, starting it again with backoff after it ends
 /// or fails. Returns an error only for what retrying cannot fix: a chunk that
 /// conflicts with the archive, a name that is not valid, or the server's settings on

@@ -310,23 +310,30 @@ impl<'a> Lexer<'a> {
         Ok(&rest[..length])
     }
 
+    /// What follows an opening `quote`, up to the closing one (a doubled quote stands
+    /// for itself).
+    fn quoted(&mut self, quote: char, what: &str) -> Result<String, String> {
+        let mut text = String::new();
+        loop {
+            let rest = self.rest();
+            let close = rest
+                .find(quote)
+                .ok_or_else(|| format!("{what}'s quote is not closed"))?;
+            text.push_str(&rest[..close]);
+            self.at += close + 1;
+            if self.rest().starts_with(quote) {
+                self.at += 1;
+                text.push(quote);
+            } else {
+                return Ok(text);
+            }
+        }
+    }
+
     /// An identifier, `"quoted"` (with `""` for `"`) or bare, ending at `stop`.
     fn identifier(&mut self, stop: &[char]) -> Result<String, String> {
         if self.eat("\"") {
-            let mut name = String::new();
-            loop {
-                let rest = self.rest();
-                let close = rest
-                    .find('"')
-                    .ok_or_else(|| "an identifier's quote is not closed".to_owned())?;
-                name.push_str(&rest[..close]);
-                self.at += close + 1;
-                if self.eat("\"") {
-                    name.push('"');
-                } else {
-                    return Ok(name);
-                }
-            }
+            return self.quoted('"', "an identifier");
         }
         let rest = self.rest();
         let length = rest.find(stop).unwrap_or(rest.len());
@@ -388,20 +395,7 @@ impl<'a> Lexer<'a> {
             return Ok(Some(Printed::Quoted(bits.to_owned())));
         }
         if self.eat("'") {
-            let mut text = String::new();
-            loop {
-                let rest = self.rest();
-                let close = rest
-                    .find('\'')
-                    .ok_or_else(|| "a quoted value is not closed".to_owned())?;
-                text.push_str(&rest[..close]);
-                self.at += close + 1;
-                if self.eat("'") {
-                    text.push('\'');
-                } else {
-                    return Ok(Some(Printed::Quoted(text)));
-                }
-            }
+            return Ok(Some(Printed::Quoted(self.quoted('\'', "a value")?)));
         }
         let rest = self.rest();
         let length = rest.find(' ').unwrap_or(rest.len());
