@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::points_mariadb::Setup;
-use crate::util::{Process, bin, stderr};
+use crate::util::{Process, bin, stderr, wait_until};
 
 /// Rows inserted between the points, one transaction each.
 const ROWS: i64 = 600;
@@ -40,7 +40,35 @@ fn a_second_archiver_of_a_database_waits_and_each_change_is_exported_once_with_i
         "CREATE TABLE seq (id INT PRIMARY KEY, code INT NOT NULL)",
     );
     setup.start_archiver();
-    // The same runbook on a second host: its own spool; only the ledger archived.
+    // The base backup needs the WAL archive begun before it.
+    wait_until(
+        Duration::from_secs(30),
+        "the ledger's WAL archive to hold a chunk",
+        || {
+            let (code, list) = setup.stillpoint(&[
+                "archive-list",
+                "--config",
+                setup.config(),
+                "--output",
+                "json",
+            ]);
+            code == 0
+                && list.as_array().is_some_and(|dbs| {
+                    dbs.iter()
+                        .any(|db| db["database"] == "ledger" && db["chunks"].as_u64() > Some(0))
+                })
+        },
+    );
+    let (code, bases) = setup.stillpoint(&[
+        "base-backup",
+        "--config",
+        setup.config(),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "base-backup: {bases}");
+    // The same runbook on a second host, started once the archive has begun: its
+    // own spool; only the ledger archived.
     let text = std::fs::read_to_string(setup.config()).unwrap();
     let spool = setup.dir.path().join("spool");
     let (ledger_part, auditor_part) = text.rsplit_once("archive = true\n").unwrap();
@@ -60,14 +88,6 @@ fn a_second_archiver_of_a_database_waits_and_each_change_is_exported_once_with_i
             .unwrap(),
         "the second stillpoint archive".to_owned(),
     );
-    let (code, bases) = setup.stillpoint(&[
-        "base-backup",
-        "--config",
-        setup.config(),
-        "--output",
-        "json",
-    ]);
-    assert_eq!(code, 0, "base-backup: {bases}");
     let take_point = |setup: &Setup| {
         let (code, point) =
             setup.stillpoint(&["point", "--config", setup.config(), "--output", "json"]);
