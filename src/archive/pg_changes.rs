@@ -33,7 +33,7 @@
 //! when captured; `null` for none), then one `{"lsn", "xid", "data"}` per row the
 //! plugin wrote, in commit order.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -155,6 +155,7 @@ impl ChangeCapture {
             )
             .await
             .map_err(sql)?;
+        self.lock_stream(&client).await?;
         let mut at = self.slot_position(&client).await?;
         // A push whose advance did not happen (the run was stopped between them):
         // the stream already holds up to its end.
@@ -172,9 +173,8 @@ impl ChangeCapture {
             status.streaming = true;
             status.captured_to = Some(at);
         });
-        let mut keys: HashMap<String, Option<Vec<String>>> = HashMap::new();
         loop {
-            let cut = self.capture_once(&client, &mut at, &mut keys).await?;
+            let cut = self.capture_once(&client, &mut at).await?;
             if cut {
                 continue;
             }
@@ -182,11 +182,36 @@ impl ChangeCapture {
                 () = tokio::time::sleep(self.interval) => {}
                 () = cancel.cancelled() => {
                     // What was committed until now goes into the stream before it stops.
-                    self.capture_once(&client, &mut at, &mut keys).await?;
+                    self.capture_once(&client, &mut at).await?;
                     return Ok(Ended::Cancelled);
                 }
             }
         }
+    }
+
+    /// Takes the database's change stream for this session: an advisory lock held
+    /// while the connection lives. Two captures of one slot (two archivers of the
+    /// database with different spools, on two hosts, or under two runbooks) would
+    /// each store chunks claiming what the other read: changes lost and duplicated,
+    /// silently. The second waits (retrying) until the first is gone.
+    async fn lock_stream(&self, client: &Client) -> Result<(), ArchiveError> {
+        let locked: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtext('stillpoint change stream ' || $1))",
+                &[&self.slot],
+            )
+            .await
+            .map_err(|e| self.server_error(error_text(&e)))?
+            .get(0);
+        if locked {
+            return Ok(());
+        }
+        Err(self.server_error(format!(
+            "another capture holds the change stream of slot {} (a `stillpoint archive` or \
+             `serve` of this database with another spool, or on another host): only one may \
+             read a slot, so this one waits until that one stops; stop one of them",
+            self.slot
+        )))
     }
 
     /// The slot's position, the slot made first when missing (the stream starts
@@ -256,21 +281,32 @@ impl ChangeCapture {
 
     /// Reads what the slot has up to the flush position, pushes it, moves the slot.
     /// Returns whether the read was cut short (more is waiting).
-    async fn capture_once(
-        &self,
-        client: &Client,
-        at: &mut Lsn,
-        keys: &mut HashMap<String, Option<Vec<String>>>,
-    ) -> Result<bool, ArchiveError> {
+    async fn capture_once(&self, client: &Client, at: &mut Lsn) -> Result<bool, ArchiveError> {
         let sql = |e: tokio_postgres::Error| self.server_error(error_text(&e));
-        let flush: String = client
-            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        let row = client
+            .query_one(
+                "SELECT pg_current_wal_flush_lsn()::text, (SELECT confirmed_flush_lsn::text \
+                 FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&self.slot],
+            )
             .await
-            .map_err(sql)?
-            .get(0);
+            .map_err(sql)?;
+        let (flush, slot_at): (String, Option<String>) = (row.get(0), row.get(1));
         let flush: Lsn = flush
             .parse()
             .map_err(|e| self.server_error(format!("flush position {flush}: {e}")))?;
+        // The next chunk starts at `at`: only true while the slot is where this
+        // session left it. Moved or made again by someone else, what lies between was
+        // never read here; a new session starts the stream at the slot, a visible gap.
+        if slot_at.as_deref().and_then(|text| text.parse().ok()) != Some(*at) {
+            return Err(self.server_error(format!(
+                "replication slot {} is at {}, not where this capture left it ({at}): \
+                 something else moved, dropped or made it; the change stream goes on from \
+                 the slot, with a gap",
+                self.slot,
+                slot_at.as_deref().unwrap_or("nothing: it was dropped")
+            )));
+        }
         let rows = client
             .query(
                 "SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_changes($1, \
@@ -314,7 +350,7 @@ impl ChangeCapture {
         if to <= *at {
             return Ok(false);
         }
-        let tables = self.keys_of(client, &lines, keys).await?;
+        let tables = self.keys_of(client, &lines).await?;
         let mut content = serde_json::to_vec(&StreamHeader { tables }).expect("JSON");
         content.push(b'\n');
         for line in &lines {
@@ -342,13 +378,13 @@ impl ChangeCapture {
         Ok(cut)
     }
 
-    /// The primary key columns of every table the rows name, looked up once per
-    /// session.
+    /// The primary key columns of every table the rows name, looked up for each
+    /// chunk: a session lasts weeks under `serve`, and a key changed meanwhile
+    /// (`ALTER TABLE … ADD PRIMARY KEY`) must not keep the old one's columns.
     async fn keys_of(
         &self,
         client: &Client,
         rows: &[StreamRow],
-        keys: &mut HashMap<String, Option<Vec<String>>>,
     ) -> Result<BTreeMap<String, Option<Vec<String>>>, ArchiveError> {
         let mut tables = BTreeMap::new();
         for row in rows {
@@ -358,23 +394,20 @@ impl ChangeCapture {
             if tables.contains_key(name) {
                 continue;
             }
-            if !keys.contains_key(name) {
-                let columns: Vec<String> = client
-                    .query(
-                        "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a \
+            let columns: Vec<String> = client
+                .query(
+                    "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a \
                            ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
                          WHERE i.indrelid = to_regclass($1) AND i.indisprimary \
                          ORDER BY array_position(i.indkey::int2[], a.attnum)",
-                        &[&name],
-                    )
-                    .await
-                    .map_err(|e| self.server_error(error_text(&e)))?
-                    .iter()
-                    .map(|row| row.get(0))
-                    .collect();
-                keys.insert(name.to_owned(), (!columns.is_empty()).then_some(columns));
-            }
-            tables.insert(name.to_owned(), keys[name].clone());
+                    &[&name],
+                )
+                .await
+                .map_err(|e| self.server_error(error_text(&e)))?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            tables.insert(name.to_owned(), (!columns.is_empty()).then_some(columns));
         }
         Ok(tables)
     }

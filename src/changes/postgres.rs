@@ -517,6 +517,40 @@ mod tests {
         );
     }
 
+    /// Names and values that look like the format's own words, as PostgreSQL 15
+    /// printed them: a schema and table with spaces and `: `, a key column named
+    /// `new-tuple`, a value holding ` new-tuple: ` and a newline, a TRUNCATE of
+    /// quoted tables.
+    #[test]
+    fn names_and_values_that_look_like_the_format_are_read_as_data() {
+        let keys = header(&[("\"Odd Schema\".\"Mixed: Tbl\"", Some(&["new-tuple"]))]);
+        let row = "\"Odd Schema\".\"Mixed: Tbl\": UPDATE: old-key: \"new-tuple\"[integer]:1 \
+                   new-tuple: \"new-tuple\"[integer]:2 \"a: b\"[text]:'x'' new-tuple: \
+                   y[int]:2 \"q\"' \"ünï\"[text]:'line1\nline2' arr[integer[]]:'{1,NULL,3}'";
+        let parsed = parse_change(row, &keys).unwrap();
+        assert_eq!(parsed[0].table, "Odd Schema.Mixed: Tbl");
+        assert_eq!(parsed[0].key, Some(vec![col("new-tuple", Value::Int(1))]));
+        assert_eq!(
+            parsed[0].after,
+            Some(vec![
+                col("new-tuple", Value::Int(2)),
+                col("a: b", Value::Text("x' new-tuple: y[int]:2 \"q\"".into())),
+                col("ünï", Value::Text("line1\nline2".into())),
+                col("arr", Value::Text("{1,NULL,3}".into())),
+            ])
+        );
+        let truncated = parse_change(
+            "public.k, public.\"tab.dot\", \"Odd Schema\".\"Mixed: Tbl\": TRUNCATE: (no-flags)",
+            &keys,
+        )
+        .unwrap();
+        let tables: Vec<_> = truncated.iter().map(|p| p.table.as_str()).collect();
+        assert_eq!(
+            tables,
+            ["public.k", "public.tab.dot", "Odd Schema.Mixed: Tbl"]
+        );
+    }
+
     #[test]
     fn updates_take_their_key_from_the_old_row_when_it_was_logged() {
         let keys = header(&[("public.t", Some(&["id"]))]);

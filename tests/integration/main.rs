@@ -5,6 +5,7 @@ mod archive;
 mod backup;
 mod binlog;
 mod changes;
+mod changes_breaker;
 mod cluster;
 mod dns;
 mod drill;
