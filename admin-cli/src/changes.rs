@@ -169,6 +169,13 @@ pub async fn changes(args: ChangesArgs) -> Result<u8, Failure> {
                 report.to_point,
                 report.elapsed_ms as f64 / 1000.0
             );
+            if let Some(table) = args.table.as_deref().filter(|_| report.records == 0) {
+                // A misspelt table looks like a quiet one: say which it could be.
+                crate::errln!(
+                    "  no change of table {table:?} in the range: is the name right? \
+                     (PostgreSQL: schema.table, or the table's name alone)"
+                );
+            }
             for db in &report.databases {
                 let log = if db.adapter == "postgres" {
                     "change stream"

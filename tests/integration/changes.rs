@@ -675,6 +675,29 @@ fn changes_between_two_points_applied_to_a_restore_of_the_first_give_the_second(
         assert!(!refused.exists(), "nothing may be written");
     }
 
+    // A table with no change in the range (a misspelt one, say) is no error, but
+    // the summary says so.
+    let output = setup.stillpoint_output(&[
+        "changes",
+        "--config",
+        setup.config(),
+        "--from",
+        &a,
+        "--to",
+        &b,
+        "--format",
+        "jsonl",
+        "--table",
+        "kinbs",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(output.stdout.is_empty());
+    assert!(
+        stderr(&output).contains("no change of table \"kinbs\""),
+        "{}",
+        stderr(&output)
+    );
+
     // Prune keeping B alone removes the change stream's chunks before B's marker,
     // and keeps what a range from B needs: changes from B to a new point C export.
     let (code, pruned) = setup.stillpoint(&[
