@@ -186,6 +186,13 @@ fn difference(setup: &Setup, a: &str, b: &str) -> Option<String> {
     None
 }
 
+/// `stillpoint changes` on the setup's runbook with `args`.
+fn changes(setup: &Setup, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["changes", "--config", setup.config()];
+    all.extend(args);
+    setup.stillpoint_output(&all)
+}
+
 /// A record's value as a PostgreSQL literal: the server casts it to the column's
 /// type (numbers, text, dates, arrays and JSON as their text; bytea as `\x` hex).
 fn pg_literal(value: &Value) -> String {
@@ -386,21 +393,8 @@ fn changes_between_two_points_applied_to_a_restore_of_the_first_give_the_second(
         "the load to commit transfers",
         || setup.cluster.transactions() >= 10,
     );
-    let (code, bases) = setup.stillpoint(&[
-        "base-backup",
-        "--config",
-        setup.config(),
-        "--output",
-        "json",
-    ]);
-    assert_eq!(code, 0, "base-backup: {bases}");
-    let take_point = |setup: &Setup| {
-        let (code, point) =
-            setup.stillpoint(&["point", "--config", setup.config(), "--output", "json"]);
-        assert_eq!(code, 0, "point: {point}");
-        point["point_id"].as_str().unwrap().to_owned()
-    };
-    let a = take_point(&setup);
+    setup.base_backup();
+    let a = setup.take_point();
     // Between the points: the load's transfers and audit rows, and inserts, updates
     // and deletes of the test's own in both databases, some in one transaction.
     let before = setup.cluster.transactions();
@@ -445,7 +439,7 @@ fn changes_between_two_points_applied_to_a_restore_of_the_first_give_the_second(
         "more transfers between the points",
         || setup.cluster.transactions() >= before + 10,
     );
-    let b = take_point(&setup);
+    let b = setup.take_point();
     load.stop();
 
     // Each point's whole cluster, cloned into databases named after it.
@@ -476,19 +470,19 @@ fn changes_between_two_points_applied_to_a_restore_of_the_first_give_the_second(
     assert!(pg_difference(&setup, "ledger_a", "ledger_b").is_some());
 
     let out = setup.dir.path().join("changes.jsonl");
-    let output = setup.stillpoint_output(&[
-        "changes",
-        "--config",
-        setup.config(),
-        "--from",
-        &a,
-        "--to",
-        &b,
-        "--format",
-        "jsonl",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let output = changes(
+        &setup,
+        &[
+            "--from",
+            &a,
+            "--to",
+            &b,
+            "--format",
+            "jsonl",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let said = stderr(&output);
     assert!(said.contains("change record(s) from point"), "{said}");
@@ -609,23 +603,23 @@ fn changes_between_two_points_applied_to_a_restore_of_the_first_give_the_second(
         ("auditor", "kinds", "kinds"),
         ("ledger", "kinds", "public.kinds"),
     ] {
-        let output = setup.stillpoint_output(&[
-            "changes",
-            "--config",
-            setup.config(),
-            "--from",
-            &a,
-            "--to",
-            &b,
-            "--format",
-            "csv",
-            "--database",
-            database,
-            "--table",
-            table,
-            "--output",
-            "json",
-        ]);
+        let output = changes(
+            &setup,
+            &[
+                "--from",
+                &a,
+                "--to",
+                &b,
+                "--format",
+                "csv",
+                "--database",
+                database,
+                "--table",
+                table,
+                "--output",
+                "json",
+            ],
+        );
         assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
         let csv = String::from_utf8(output.stdout.clone()).unwrap();
         let mut lines = csv.split("\r\n").filter(|l| !l.is_empty());
@@ -651,21 +645,21 @@ fn changes_between_two_points_applied_to_a_restore_of_the_first_give_the_second(
     // give; nothing is written.
     let refused = setup.dir.path().join("refused.jsonl");
     for database in ["auditor", "ledger"] {
-        let output = setup.stillpoint_output(&[
-            "changes",
-            "--config",
-            setup.config(),
-            "--format",
-            "jsonl",
-            "--from",
-            &b,
-            "--to",
-            &a,
-            "--database",
-            database,
-            "--out",
-            refused.to_str().unwrap(),
-        ]);
+        let output = changes(
+            &setup,
+            &[
+                "--format",
+                "jsonl",
+                "--from",
+                &b,
+                "--to",
+                &a,
+                "--database",
+                database,
+                "--out",
+                refused.to_str().unwrap(),
+            ],
+        );
         assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
         assert!(
             stderr(&output).contains("older point"),
@@ -677,19 +671,12 @@ fn changes_between_two_points_applied_to_a_restore_of_the_first_give_the_second(
 
     // A table with no change in the range (a misspelt one, say) is no error, but
     // the summary says so.
-    let output = setup.stillpoint_output(&[
-        "changes",
-        "--config",
-        setup.config(),
-        "--from",
-        &a,
-        "--to",
-        &b,
-        "--format",
-        "jsonl",
-        "--table",
-        "kinbs",
-    ]);
+    let output = changes(
+        &setup,
+        &[
+            "--from", &a, "--to", &b, "--format", "jsonl", "--table", "kinbs",
+        ],
+    );
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert!(output.stdout.is_empty());
     assert!(
@@ -722,22 +709,22 @@ fn changes_between_two_points_applied_to_a_restore_of_the_first_give_the_second(
         "ledger",
         "INSERT INTO kinds (id, name) VALUES (5000, 'after B')",
     );
-    let c = take_point(&setup);
-    let output = setup.stillpoint_output(&[
-        "changes",
-        "--config",
-        setup.config(),
-        "--from",
-        &b,
-        "--to",
-        &c,
-        "--database",
-        "ledger",
-        "--table",
-        "kinds",
-        "--format",
-        "jsonl",
-    ]);
+    let c = setup.take_point();
+    let output = changes(
+        &setup,
+        &[
+            "--from",
+            &b,
+            "--to",
+            &c,
+            "--database",
+            "ledger",
+            "--table",
+            "kinds",
+            "--format",
+            "jsonl",
+        ],
+    );
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let after_b = String::from_utf8(output.stdout).unwrap();
     assert_eq!(after_b.lines().count(), 1, "{after_b}");

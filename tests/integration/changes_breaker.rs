@@ -59,14 +59,7 @@ fn a_second_archiver_of_a_database_waits_and_each_change_is_exported_once_with_i
                 })
         },
     );
-    let (code, bases) = setup.stillpoint(&[
-        "base-backup",
-        "--config",
-        setup.config(),
-        "--output",
-        "json",
-    ]);
-    assert_eq!(code, 0, "base-backup: {bases}");
+    setup.base_backup();
     // The same runbook on a second host, started once the archive has begun: its
     // own spool; only the ledger archived.
     let text = std::fs::read_to_string(setup.config()).unwrap();
@@ -88,13 +81,7 @@ fn a_second_archiver_of_a_database_waits_and_each_change_is_exported_once_with_i
             .unwrap(),
         "the second stillpoint archive".to_owned(),
     );
-    let take_point = |setup: &Setup| {
-        let (code, point) =
-            setup.stillpoint(&["point", "--config", setup.config(), "--output", "json"]);
-        assert_eq!(code, 0, "point: {point}");
-        point["point_id"].as_str().unwrap().to_owned()
-    };
-    let a = take_point(&setup);
+    let a = setup.take_point();
     // One transaction per row, in rounds that span many capture intervals; half way,
     // the primary key moves from id to code, and a row's id changes under it.
     let insert = |from: i64, to: i64| {
@@ -120,7 +107,7 @@ fn a_second_archiver_of_a_database_waits_and_each_change_is_exported_once_with_i
     setup
         .postgres
         .psql("ledger", "UPDATE seq SET id = -id WHERE code = 1001");
-    let b = take_point(&setup);
+    let b = setup.take_point();
     // Not vacuous: the second archiver ran all along, kept off the slot.
     assert!(
         !second_archiver.has_exited(),

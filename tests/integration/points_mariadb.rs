@@ -170,6 +170,22 @@ command = ["ledger-node", "check", "--ledger-db", "{{ledger}}", "--auditor-db", 
         run_json_with_env("stillpoint", args, &env)
     }
 
+    /// `base-backup` of every archived database; panics unless it succeeds.
+    pub(crate) fn base_backup(&self) -> Value {
+        let (code, bases) =
+            self.stillpoint(&["base-backup", "--config", self.config(), "--output", "json"]);
+        assert_eq!(code, 0, "base-backup: {bases}");
+        bases
+    }
+
+    /// `point`: its id; panics unless it succeeds.
+    pub(crate) fn take_point(&self) -> String {
+        let (code, point) =
+            self.stillpoint(&["point", "--config", self.config(), "--output", "json"]);
+        assert_eq!(code, 0, "point: {point}");
+        point["point_id"].as_str().unwrap().to_owned()
+    }
+
     pub(crate) fn stillpoint_output(&self, args: &[&str]) -> std::process::Output {
         let env = self.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -223,14 +239,7 @@ fn points_of_postgres_and_mariadb_restore_exactly_their_cut_and_refuse_a_missing
         || setup.cluster.transactions() >= 20,
     );
 
-    let (code, bases) = setup.stillpoint(&[
-        "base-backup",
-        "--config",
-        setup.config(),
-        "--output",
-        "json",
-    ]);
-    assert_eq!(code, 0, "base-backup: {bases}");
+    let bases = setup.base_backup();
     let bases = bases.as_array().unwrap();
     assert_eq!(bases.len(), 2, "{bases:?}");
     let auditor_base = bases.iter().find(|b| b["database"] == "auditor").unwrap();
