@@ -175,7 +175,8 @@ impl ChangeCapture {
         });
         loop {
             let cut = self.capture_once(&client, &mut at).await?;
-            if cut {
+            // More is waiting: read on at once, unless asked to stop.
+            if cut && !cancel.is_cancelled() {
                 continue;
             }
             tokio::select! {
@@ -320,7 +321,8 @@ impl ChangeCapture {
         let mut lines: Vec<StreamRow> = Vec::with_capacity(rows.len());
         let mut last_commit = None;
         for row in &rows {
-            let (lsn, xid, data): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+            let (lsn, xid, data): (String, Option<String>, String) =
+                (row.get(0), row.get(1), row.get(2));
             let lsn: Lsn = lsn
                 .parse()
                 .map_err(|e| self.server_error(format!("change row lsn {lsn}: {e}")))?;
@@ -329,7 +331,8 @@ impl ChangeCapture {
             }
             lines.push(StreamRow {
                 lsn: lsn.to_string(),
-                xid: xid.parse().unwrap_or(0),
+                // A non-transactional message has none (0); the export skips it.
+                xid: xid.and_then(|xid| xid.parse().ok()).unwrap_or(0),
                 data,
             });
         }
