@@ -40,12 +40,10 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
 
 use super::supervise::{Ended, supervise, supervised_status};
 use super::{Archive, ArchiveError, ChunkContent, ChunkKind, Lsn, NewChunk, Position};
 use crate::adapters::PostgresConfig;
-use crate::adapters::postgres::conninfo::ConnString;
 use crate::adapters::postgres::error_text;
 
 /// Changes read at once: what bounds a chunk (and the memory a capture or an export
@@ -125,13 +123,9 @@ impl ChangeCapture {
     }
 
     async fn session(&self, cancel: &CancellationToken) -> Result<Ended, ArchiveError> {
-        let source = ConnString::parse(&self.postgres.url)
-            .map_err(|message| self.server_error(format!("the database's URL: {message}")))?;
-        let (client, connection) = source
-            .connect()
-            .await
-            .map_err(|message| self.server_error(message))?;
-        let _driver = AbortOnDropHandle::new(tokio::spawn(connection));
+        let (client, _, _driver) =
+            super::postgres::connect(&self.postgres.url, |message| self.server_error(message))
+                .await?;
         let sql = |e: tokio_postgres::Error| self.server_error(error_text(&e));
         let level: String = client
             .query_one("SHOW wal_level", &[])

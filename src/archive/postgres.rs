@@ -237,13 +237,10 @@ impl PgArchiver {
 
     /// One connection and one pg_receivewal, until it exits or `cancel` fires.
     async fn session(&self, cancel: &CancellationToken) -> Result<Ended, ArchiveError> {
-        let source = ConnString::parse(&self.config.postgres.url)
-            .map_err(|message| self.server_error(format!("the database's URL: {message}")))?;
-        let (client, connection) = source
-            .connect()
-            .await
-            .map_err(|message| self.server_error(message))?;
-        let _driver = AbortOnDropHandle::new(tokio::spawn(connection));
+        let (client, source, _driver) = connect(&self.config.postgres.url, |message| {
+            self.server_error(message)
+        })
+        .await?;
         let facts =
             check_connected(&client, &source)
                 .await
@@ -598,6 +595,29 @@ struct SessionState {
     partials: BTreeMap<String, Vec<ChunkRecord>>,
     /// The furthest flush position our pg_receivewal reported.
     flush: Option<Lsn>,
+}
+
+/// A client of the server `url` names (its connection driven until the handle is
+/// dropped), for an archiver's session; `error` makes its errors.
+pub(super) async fn connect(
+    url: &str,
+    error: impl Fn(String) -> ArchiveError,
+) -> Result<
+    (
+        Client,
+        ConnString,
+        AbortOnDropHandle<Result<(), tokio_postgres::Error>>,
+    ),
+    ArchiveError,
+> {
+    let source = ConnString::parse(url)
+        .map_err(|message| error(format!("the database's URL: {message}")))?;
+    let (client, connection) = source.connect().await.map_err(&error)?;
+    Ok((
+        client,
+        source,
+        AbortOnDropHandle::new(tokio::spawn(connection)),
+    ))
 }
 
 /// What the archiver learned about the server.

@@ -125,37 +125,20 @@ pub async fn holdings(
             .map_err(PointsError::from)?;
         bases.insert(database, found);
     }
-    let failed = |database: &str| {
-        let database = database.to_owned();
-        move |source| PruneError::Archive {
-            database,
-            source: Box::new(source),
-        }
-    };
-    let mut archives = BTreeMap::new();
-    for database in archive::archived_databases(storage)
-        .await
-        .map_err(failed("(all)"))?
-    {
-        let catalog = Archive::new(storage.clone(), settings.clone(), &database)
-            .map_err(failed(&database))?
-            .catalog()
-            .await
-            .map_err(failed(&database))?;
-        archives.insert(database, catalog);
-    }
-    let mut change_streams = BTreeMap::new();
-    for database in archive::change_stream_databases(storage)
-        .await
-        .map_err(failed("(all)"))?
-    {
-        let catalog = Archive::change_stream(storage.clone(), settings.clone(), &database)
-            .map_err(failed(&database))?
-            .catalog()
-            .await
-            .map_err(failed(&database))?;
-        change_streams.insert(database, catalog);
-    }
+    let archives = catalogs(
+        storage,
+        settings,
+        archive::archived_databases(storage).await,
+        Archive::new,
+    )
+    .await?;
+    let change_streams = catalogs(
+        storage,
+        settings,
+        archive::change_stream_databases(storage).await,
+        Archive::change_stream,
+    )
+    .await?;
     Ok(Holdings {
         points,
         damaged_points,
@@ -163,6 +146,33 @@ pub async fn holdings(
         archives,
         change_streams,
     })
+}
+
+/// The catalog of each of `databases`' archives (or change streams: `open` says
+/// which).
+async fn catalogs(
+    storage: &Storage,
+    settings: &PipelineSettings,
+    databases: Result<Vec<String>, archive::ArchiveError>,
+    open: fn(Storage, PipelineSettings, &str) -> Result<Archive, archive::ArchiveError>,
+) -> Result<BTreeMap<String, archive::Catalog>, PruneError> {
+    let failed = |database: &str| {
+        let database = database.to_owned();
+        move |source| PruneError::Archive {
+            database,
+            source: Box::new(source),
+        }
+    };
+    let mut catalogs = BTreeMap::new();
+    for database in databases.map_err(failed("(all)"))? {
+        let catalog = open(storage.clone(), settings.clone(), &database)
+            .map_err(failed(&database))?
+            .catalog()
+            .await
+            .map_err(failed(&database))?;
+        catalogs.insert(database, catalog);
+    }
+    Ok(catalogs)
 }
 
 /// Plans a prune of `holdings` (pure: nothing is read or removed).
