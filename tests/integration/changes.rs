@@ -732,7 +732,7 @@ fn changes_between_two_points_applied_to_a_restore_of_the_first_give_the_second(
 
     // `stillpoint archive` says how far the change stream is, beside the WAL.
     setup.stop_archiver();
-    let archiver = std::process::Command::new(crate::util::bin("stillpoint"))
+    let mut archiver = std::process::Command::new(crate::util::bin("stillpoint"))
         .args([
             "archive",
             "--config",
@@ -745,29 +745,52 @@ fn changes_between_two_points_applied_to_a_restore_of_the_first_give_the_second(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // Progress lines as they come, read beside the test.
+    let stdout = archiver.stdout.take().unwrap();
+    let (lines, progress) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
     let archiver = crate::util::Process::new(archiver, "stillpoint archive".to_owned());
-    // A line comes when a chunk is stored: give it something to store.
-    std::thread::sleep(Duration::from_secs(1));
-    setup.postgres.psql(
-        "ledger",
-        "INSERT INTO kinds (id, name) VALUES (5001, 'archived')",
-    );
-    std::thread::sleep(Duration::from_secs(2));
+    // A line comes when a chunk is stored: give it something to store (again, until
+    // a line says how far the change stream is).
+    let mut seen = Vec::new();
+    let mut line = None;
+    for round in 0..15 {
+        setup.postgres.psql(
+            "ledger",
+            &format!(
+                "INSERT INTO kinds (id, name) VALUES ({}, 'archived')",
+                5001 + round
+            ),
+        );
+        while let Ok(text) = progress.recv_timeout(Duration::from_secs(2)) {
+            let parsed: Value = serde_json::from_str(&text).unwrap();
+            seen.push(text);
+            if !parsed["changes_to"].is_null() {
+                line = Some(parsed);
+                break;
+            }
+        }
+        if line.is_some() {
+            break;
+        }
+    }
+    let line = line.unwrap_or_else(|| panic!("no progress line with changes_to: {seen:?}"));
     archiver.signal("TERM");
     let output = archiver.wait_output(Duration::from_secs(30));
-    let lines = String::from_utf8(output.stdout.clone()).unwrap();
-    let last: Value = serde_json::from_str(
-        lines
-            .lines()
-            .last()
-            .unwrap_or_else(|| panic!("no progress line; stderr: {}", stderr(&output))),
-    )
-    .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert!(
-        last["changes_to"]
+        line["changes_to"]
             .as_str()
             .is_some_and(|to| to.contains('/')),
-        "{lines}"
+        "{line}"
     );
-    assert_eq!(last["changes_error"], Value::Null, "{lines}");
+    assert_eq!(line["changes_error"], Value::Null, "{line}");
 }
